@@ -1,0 +1,316 @@
+"""One configuration mechanism for every job.
+
+Each job declares a frozen, keyword-only dataclass whose fields carry a docstring (the
+string literal on the line after the field) and validate in `__post_init__`. From it this
+module derives, with no per-job code:
+
+- command-line flags: ``--lr-drop-steps 200000 375000``; nested dataclasses use a dotted
+  prefix (``--model.width 0.25``); booleans take ``--flag`` / ``--no-flag``;
+- named presets: plain functions returning a config (``--preset smoke``);
+- ``--config FILE``: JSON or YAML (local path or storage URL) written by another job, e.g.
+  the best config of a search; it may hold the whole config or only some fields;
+- ``--dry-run``: build and validate the config, print it as JSON and exit without Ray.
+
+Precedence: dataclass defaults < preset < ``--config`` file < flags. A bad value fails with
+a clear message before any cluster resource is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import itertools
+import json
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+Presets = Mapping[str, Callable[[], Any]]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built: unknown keys, wrong types or invalid values."""
+
+
+# ---------------------------------------------------------------- plain data <-> dataclasses
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-compatible data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert plain data to the annotated type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, _where=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(
+            _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(
+    cls: type[C], data: Mapping[str, Any], *, base: C | None = None, _where: str = ""
+) -> C:
+    """Build `cls` from plain data; fields missing from `data` come from `base` (or defaults).
+
+    Unknown keys and wrongly typed values raise `ConfigError`; the dataclass's own
+    validation runs as it is constructed.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[_where + k for k in unknown]}")
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and base is not None:
+            kwargs[name] = from_dict(tp, value, base=getattr(base, name), _where=f"{_where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, _where + name)
+    try:
+        if base is not None:
+            return dataclasses.replace(base, **kwargs)
+        return cls(**kwargs)
+    except TypeError as e:  # a field without default was not given
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def load_config_file(url: str) -> dict[str, Any]:
+    """Read a JSON or YAML config written by a job or a person (path or storage URL)."""
+    from jobs import storage  # storage imports fsspec; keep `--help` light
+
+    text = storage.read_bytes(url).decode()
+    data = json.loads(text) if url.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{url}: a config file must hold a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def save_config(cfg: Any, url: str) -> None:
+    """Write the config as JSON (``.json``) or YAML (anything else), readable by ``--config``."""
+    from jobs import storage
+
+    data = to_dict(cfg)
+    text = json.dumps(data, indent=2) + "\n" if url.endswith(".json") else yaml.safe_dump(data)
+    storage.write_bytes(url, text.encode())
+
+
+# ---------------------------------------------------------------- command line
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal on the line after its annotation."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
+def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp, path = _field_types(cls)[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            _add_field_flags(parser, tp, prefix=path + ".")
+            continue
+        kwargs: dict[str, Any] = {
+            "dest": path,
+            "default": argparse.SUPPRESS,
+            "help": docs.get(f.name),
+        }
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        optional = origin in (typing.Union, types.UnionType) and type(None) in args
+        if optional:
+            tp = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            kwargs.update(nargs="*", type=args[0], metavar=args[0].__name__.upper())
+        elif origin is typing.Literal:
+            kwargs.update(choices=args + ((None,) if optional else ()), type=_none_or(str))
+        elif tp in (int, float, str):
+            kwargs["type"] = _none_or(tp) if optional else tp
+        else:  # mappings and other structured values come from --config files only
+            continue
+        parser.add_argument(_flag(path), **kwargs)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return nested
+
+
+def build_parser(
+    cls: type,
+    *,
+    presets: Presets | None = None,
+    positionals: Sequence[str] = (),
+    prog: str | None = None,
+) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=inspect.getdoc(sys.modules[cls.__module__]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    docs = field_docs(cls)
+    for name in positionals:
+        parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=docs.get(name))
+    if presets:
+        lines = [f"{n}: {(inspect.getdoc(fn) or '').splitlines()[0]}" for n, fn in presets.items()]
+        parser.add_argument(
+            "--preset", choices=sorted(presets), help="named configuration; " + "; ".join(lines)
+        )
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML config (path or URL)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and print the config, then exit"
+    )
+    group = parser.add_argument_group("config fields")
+    _add_field_flags(group, cls)  # type: ignore[arg-type]
+    return parser
+
+
+def parse_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    presets: Presets | None = None,
+    default_preset: str | None = None,
+    positionals: Sequence[str] = (),
+    prog: str | None = None,
+) -> tuple[C, argparse.Namespace]:
+    """Parse a job's command line into its validated config (exits with usage on errors)."""
+    parser = build_parser(cls, presets=presets, positionals=positionals, prog=prog)
+    ns = parser.parse_args(argv)
+    flat = {k: v for k, v in vars(ns).items() if k not in ("preset", "config", "dry_run")}
+    try:
+        preset = getattr(ns, "preset", None) or default_preset
+        base = presets[preset]() if presets and preset else None
+        if ns.config:
+            data = load_config_file(ns.config)
+            base = from_dict(cls, data, base=base)
+        cfg = from_dict(cls, _nest(flat), base=base)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    return cfg, ns
+
+
+def run_cli(
+    cls: type[C],
+    main: Callable[[C], Any],
+    argv: Sequence[str] | None = None,
+    **parse_kwargs: Any,
+) -> Any:
+    """The `python -m jobs.<name>` entry point: parse, then print (``--dry-run``) or run."""
+    cfg, ns = parse_config(cls, argv, **parse_kwargs)
+    if ns.dry_run:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return None
+    return main(cfg)
+
+
+def presets_of(*functions: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+    """Name presets by their function names."""
+    return {fn.__name__: fn for fn in functions}
+
+
+__all__ = [
+    "ConfigError",
+    "build_parser",
+    "field_docs",
+    "from_dict",
+    "load_config_file",
+    "parse_config",
+    "presets_of",
+    "run_cli",
+    "save_config",
+    "to_dict",
+]

@@ -1,0 +1,86 @@
+"""Where jobs start or join Ray, choose device and dtype, and seed.
+
+Every job goes through `init_ray` so that a laptop run, a test session and a job submitted to
+a cluster behave alike: with no address (argument or ``RAY_ADDRESS``) a private local
+instance is started; inside ``ray job submit`` the job joins its cluster; when the caller
+(a test, a notebook) already started Ray, that instance is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" rather than auto-detection: a stale address file from a dead cluster
+        # would otherwise make Ray try to join it.
+        log.info("starting a local Ray instance")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where the model runs and the autocast dtype used there (None: full fp32)."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    reason: str
+
+
+def cpu_has_bf16_units() -> bool:
+    """True on CPUs with AMX or AVX-512 BF16 instructions, where bf16 autocast pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
+    """Pick the device (CUDA when present) and the autocast dtype, and log why."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is visible")
+    if dtype == "auto":
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype, why = "bf16", "the GPU supports bf16"
+        elif dev.type == "cpu" and cpu_has_bf16_units():
+            dtype, why = "bf16", "the CPU has bf16 matrix units (AMX / AVX-512 BF16)"
+        else:
+            dtype, why = "fp32", f"no fast bf16 on this {dev.type}"
+    else:
+        why = "requested"
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    choice = Precision(dev, torch.bfloat16 if dtype == "bf16" else None, why)
+    log.info("device %s, %s autocast (%s)", dev, dtype, why)
+    return choice
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,179 @@
+"""Storage URLs -> filesystems, for fsspec and pyarrow alike.
+
+A URL is a local path (``/data/imagenet``, ``file:///data``), ``s3://bucket/key`` or
+``gs://bucket/key``. S3-compatible endpoints (MinIO, Ceph, a local test server) come from
+`S3Options.endpoint_url` or, when that is unset, the standard ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` environment variables. Credentials are never part of a config (configs
+are saved in checkpoints and search state): they come from the environment or the instance
+role, through each library's own credential chain.
+
+Reads and writes retry transient errors (connection drops, throttling, time-outs) with
+exponential backoff; missing files and permission errors fail at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow.fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError, ValueError, TypeError)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Options:
+    """How to reach S3-compatible storage (credentials come from the environment, never here)."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL_S3,
+    then $AWS_ENDPOINT_URL, else AWS itself)."""
+    region: str | None = None
+    """Bucket region (default: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            parsed = urlparse(self.endpoint_url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ValueError(
+                    f"endpoint_url must be http(s)://host[:port], got {self.endpoint_url!r}"
+                )
+            if parsed.username or parsed.password:
+                raise ValueError("endpoint_url must not carry credentials")
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or next(
+            (os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), None
+        )
+
+    def resolved_region(self) -> str:
+        env = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return self.region or env or "us-east-1"
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("file", absolute path)."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("s3", "s3a", "gs", "gcs"):
+        protocol = "s3" if parsed.scheme.startswith("s3") else "gs"
+        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        if not parsed.netloc:
+            raise ValueError(f"{url!r}: no bucket")
+        return protocol, path
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
+        path = parsed.path if parsed.scheme == "file" else url
+        return "file", os.path.abspath(os.path.expanduser(path))
+    raise ValueError(f"unsupported storage URL {url!r}: use a local path, s3:// or gs://")
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(url: str) -> bool:
+    return split_url(url)[0] == "file"
+
+
+def filesystem(url: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for `url` and the path within it."""
+    import fsspec
+
+    protocol, path = split_url(url)
+    if protocol == "s3":
+        s3 = s3 or S3Options()
+        client_kwargs = {"region_name": s3.resolved_region()}
+        return fsspec.filesystem(
+            "s3", endpoint_url=s3.resolved_endpoint(), client_kwargs=client_kwargs
+        ), path
+    if protocol == "gs":
+        return fsspec.filesystem("gcs"), path
+    return fsspec.filesystem("file", auto_mkdir=True), path
+
+
+def arrow_filesystem(url: str, s3: S3Options | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem for `url` and the path in it (as Ray Data and Ray Train take them)."""
+    import pyarrow.fs
+
+    protocol, path = split_url(url)
+    if protocol == "s3":
+        s3 = s3 or S3Options()
+        endpoint = s3.resolved_endpoint()
+        kwargs: dict = {"region": s3.resolved_region()}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+        return pyarrow.fs.S3FileSystem(**kwargs), path
+    if protocol == "gs":
+        return pyarrow.fs.GcsFileSystem(), path
+    return pyarrow.fs.LocalFileSystem(), path
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) and not isinstance(
+        error, _PERMANENT
+    )
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay_s: float = 0.25,
+    max_delay_s: float = 8.0,
+) -> T:
+    """Call `fn`, retrying transient I/O errors with exponential backoff and jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == attempts or not _transient(e):
+                raise
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
+                        attempt, attempts - 1, delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(url: str, s3: S3Options | None = None) -> bytes:
+    fs, path = filesystem(url, s3)
+    return with_retries(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Write a whole object; readers see the old or the new content, never a partial file."""
+    fs, path = filesystem(url, s3)
+    if is_local(url):
+        tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:  # an object store's PUT is atomic
+        with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+
+
+def exists(url: str, s3: S3Options | None = None) -> bool:
+    fs, path = filesystem(url, s3)
+    return with_retries(lambda: fs.exists(path), what=f"stat {url}")
+
+
+def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> list[str]:
+    """Every file below `url` (recursive), as URLs of the same scheme, sorted."""
+    fs, path = filesystem(url, s3)
+    found = with_retries(lambda: fs.find(path), what=f"list {url}")
+    scheme = split_url(url)[0]
+    out = [p if scheme == "file" else f"{scheme}://{p}" for p in found]
+    return sorted(u for u in out if u.endswith(suffix))

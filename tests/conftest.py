@@ -1,0 +1,95 @@
+"""Shared fixtures: a real S3 endpoint (moto server on loopback), one local Ray instance per
+test session, the published reference tables and tiny image trees.
+
+Tests marked `subprocess` start their own Ray cluster or job processes; `.ci/run` runs them
+in a second phase, after this phase's Ray instance has shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import reference_path, write_image_tree
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+TEST_BUCKET = "colorcore-test"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return reference_path("")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 with one bucket; its endpoint and test credentials are
+    exported through the standard AWS variables, so the code under test (and Ray workers
+    started after this fixture) reach it without any test-only switch."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket=TEST_BUCKET
+    )
+    try:
+        yield S3Server(endpoint, TEST_BUCKET)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: S3Server) -> Iterator[None]:
+    """One local Ray instance for the whole session (started after the S3 fixture so that
+    workers inherit its environment); shut down at the end."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    write_image_tree(tmp_path / "images")
+    return tmp_path / "images"

@@ -1,0 +1,49 @@
+"""Helpers for tests: the published reference tables and small real images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_path(name: str) -> Path:
+    """A published reference table; missing tables fail the test loudly (never skip)."""
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.fail(f"reference file {path} is missing: clone the project beside shared/")
+    return path
+
+
+def photo_rgb(name: str = "astronaut", size: int | None = None) -> np.ndarray:
+    """One of scikit-image's bundled colour photos as uint8 (H, W, 3), optionally resized."""
+    from PIL import Image
+    from skimage import data
+
+    rgb = getattr(data, name)()[..., :3]
+    if size is not None:
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+    return rgb
+
+
+def write_image_tree(
+    root: Path, *, classes: int = 2, per_class: int = 3, size: int = 64
+) -> list[Path]:
+    """A tiny ``<root>/<class>/<image>.jpg`` tree of crops from real photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = [photo_rgb(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    paths = []
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            photo = photos[(c + i) % len(photos)]
+            y, x = (rng.integers(0, s - size) for s in photo.shape[:2])
+            path = root / f"class{c}" / f"img{i}.jpg"
+            Image.fromarray(photo[y : y + size, x : x + size]).save(path, quality=95)
+            paths.append(path)
+    return paths

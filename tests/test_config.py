@@ -1,0 +1,152 @@
+"""The config mechanism every job uses: flags, presets, --config files, --dry-run, validation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from jobs import config as jc
+from jobs.storage import S3Options
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    width: float = 1.0
+    """Channel multiplier."""
+    frozen: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    src: str = ""
+    """Input folder."""
+    lr: float = 3e-5
+    """Base learning rate."""
+    lr_drop_steps: tuple[int, ...] = (200_000, 375_000)
+    """Steps at which the learning rate drops."""
+    decode: Literal["mode", "mean"] = "mean"
+    limit: int | None = None
+    model: InnerConfig = field(default_factory=InnerConfig)
+    s3: S3Options = field(default_factory=S3Options)
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+
+
+def fast() -> DemoConfig:
+    """A quick run: python -m demo --preset fast (seconds)."""
+    return DemoConfig(lr=1e-3, model=InnerConfig(width=0.25))
+
+
+PRESETS = jc.presets_of(fast)
+
+
+def parse(*argv: str) -> DemoConfig:
+    cfg, _ = jc.parse_config(DemoConfig, list(argv), presets=PRESETS, positionals=("src",))
+    return cfg
+
+
+def test_defaults_and_flags_of_every_kind() -> None:
+    assert parse() == DemoConfig()
+    cfg = parse(
+        "images/", "--lr", "0.1", "--lr-drop-steps", "5", "7", "--decode", "mode",
+        "--limit", "3", "--model.width", "0.5", "--no-model.frozen",
+        "--s3.endpoint-url", "http://127.0.0.1:9000",
+    )  # fmt: skip
+    assert cfg == DemoConfig(
+        src="images/", lr=0.1, lr_drop_steps=(5, 7), decode="mode", limit=3,
+        model=InnerConfig(width=0.5, frozen=False), s3=S3Options(endpoint_url="http://127.0.0.1:9000"),
+    )  # fmt: skip
+    assert parse("--limit", "none").limit is None
+    assert parse("--lr-drop-steps").lr_drop_steps == ()
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path) -> None:
+    assert parse("--preset", "fast") == DemoConfig(lr=1e-3, model=InnerConfig(width=0.25))
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.5\nmodel:\n  frozen: false\n")
+    cfg = parse("--preset", "fast", "--config", str(path), "--model.width", "2")
+    # the file overrides the preset's lr but keeps its width; the flag wins over both
+    assert cfg == DemoConfig(lr=0.5, model=InnerConfig(width=2.0, frozen=False))
+
+
+def test_saved_config_round_trips_through_config_flag(tmp_path) -> None:
+    original = parse("x", "--lr", "0.25", "--lr-drop-steps", "1", "2", "--model.width", "0.5")
+    for name in ("best.json", "best.yaml"):
+        jc.save_config(original, str(tmp_path / name))
+        assert parse("--config", str(tmp_path / name)) == original
+    assert json.loads((tmp_path / "best.json").read_text())["lr_drop_steps"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "-1"], "lr must be >= 0"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--decode", "median"], "invalid choice"),
+        (["--preset", "nope"], "invalid choice"),
+        (["--s3.endpoint-url", "ftp://x"], "endpoint_url must be http"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr: 1\nbatch: 4\n", "unknown config key(s) ['batch']"),
+        ("model:\n  depth: 3\n", "unknown config key(s) ['model.depth']"),
+        ("lr: fast\n", "lr: expected float"),
+        ("model:\n  frozen: 3\n", "model.frozen: expected true or false"),
+        ("lr_drop_steps: 5\n", "lr_drop_steps: expected a list"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        parse("--config", str(path))
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse("--config", str(tmp_path / "absent.json"))
+    assert "absent.json" in capsys.readouterr().err
+
+
+def test_dry_run_prints_config_and_does_not_run(capsys) -> None:
+    ran = []
+    result = jc.run_cli(DemoConfig, ran.append, ["--dry-run", "--lr", "0.5"], presets=PRESETS)
+    assert result is None and ran == []
+    assert json.loads(capsys.readouterr().out)["lr"] == 0.5
+    jc.run_cli(DemoConfig, ran.append, ["--lr", "0.5"], presets=PRESETS)
+    assert ran == [DemoConfig(lr=0.5)]
+
+
+def test_help_lists_field_docs_and_presets(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Steps at which the learning rate drops." in out
+    assert "--model.width" in out and "Channel multiplier." in out
+    assert "fast: A quick run" in out
+
+
+def test_from_dict_checks_types_without_argparse() -> None:
+    assert jc.from_dict(DemoConfig, {"lr": 1}) == DemoConfig(lr=1.0)
+    with pytest.raises(jc.ConfigError, match="expected int"):
+        jc.from_dict(DemoConfig, {"limit": 2.5})
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        jc.from_dict(DemoConfig, {"lr": -2})
+    assert jc.from_dict(DemoConfig, jc.to_dict(fast())) == fast()

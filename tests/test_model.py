@@ -1,0 +1,78 @@
+"""The network: released state-dict layout, shapes, gradients, bf16 agreement."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from colorcore.model import AB_SCALE, ColorizationNet, ModelConfig
+from colorcore.quantize import NUM_AB_BINS, ab_bins
+from tests.support import reference_path
+
+TINY = ModelConfig(width=1 / 16)
+
+
+def test_default_config_matches_released_state_dict() -> None:
+    expected = json.loads(reference_path("eccv16_state_dict_shapes.json").read_text())
+    model = ColorizationNet()
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+    assert list(got) == list(expected)  # same order, as the released file lists them
+    # the published count includes the fixed ab readout (313 x 2)
+    assert model.num_parameters() + model.model_out.weight.numel() == 32_236_011
+
+def test_readout_is_a_fixed_buffer_of_bin_centres() -> None:
+    model = ColorizationNet(TINY)
+    assert "model_out.weight" in dict(model.named_buffers())
+    assert "model_out.weight" not in dict(model.named_parameters())
+    readout = model.model_out.weight.reshape(2, NUM_AB_BINS).T * AB_SCALE
+    torch.testing.assert_close(readout, ab_bins())
+
+
+def test_output_shape_and_no_nan() -> None:
+    model = ColorizationNet(TINY).eval()
+    light = torch.rand(2, 1, 176, 176) * 100
+    logits = model(light)
+    assert logits.shape == (2, NUM_AB_BINS, 44, 44)
+    assert torch.isfinite(logits).all()
+    assert model(torch.rand(1, 1, 64, 96) * 100).shape == (1, NUM_AB_BINS, 16, 24)
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_bn_affine_is_frozen() -> None:
+    torch.manual_seed(0)
+    model = ColorizationNet(TINY)
+    model(torch.rand(2, 1, 64, 64) * 100).logsumexp(1).mean().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    bn_params = {f"{name}.{p}" for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")}  # fmt: skip
+    assert frozen == bn_params
+    assert len(frozen) == 14  # scale and shift of the 7 BatchNorm layers
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    bn = model.model1[4]
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
+    trained = ColorizationNet(ModelConfig(width=1 / 16, train_bn_affine=True))
+    assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_input_is_normalised_inside() -> None:
+    model = ColorizationNet(TINY).eval()
+    seen = {}
+    model.model1[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    model(torch.full((1, 1, 16, 16), 75.0))
+    torch.testing.assert_close(seen["x"], torch.full((1, 1, 16, 16), 0.25))
+
+
+def test_bf16_autocast_agrees_with_fp32() -> None:
+    torch.manual_seed(0)
+    model = ColorizationNet(ModelConfig(width=0.25)).eval()
+    light = torch.rand(2, 1, 64, 64) * 100
+    with torch.no_grad():
+        ref = model(light).softmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(light).float().softmax(1)
+    # probabilities, not raw logits, are what decoding uses
+    assert (low - ref).abs().max() < 2e-2
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9

@@ -1,0 +1,96 @@
+"""The same storage code against the moto S3 endpoint and a local folder."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_url(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    return server.url(f"storage-test-{request.node.name.split('[')[0]}")
+
+
+def test_bytes_round_trip_listing_and_exists(root_url) -> None:
+    a, b = storage.join(root_url, "x", "a.bin"), storage.join(root_url, "x/y", "b.txt")
+    storage.write_bytes(a, b"\x00\x01")
+    storage.write_bytes(b, b"hello")
+    storage.write_bytes(b, b"hello again")  # overwrite
+    assert storage.read_bytes(a) == b"\x00\x01"
+    assert storage.read_bytes(b) == b"hello again"
+    assert storage.exists(a) and not storage.exists(storage.join(root_url, "x", "nope"))
+    assert storage.list_files(root_url) == sorted([a, b])
+    assert storage.list_files(root_url, suffix=".txt") == [b]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(storage.join(root_url, "missing.bin"))
+
+
+def test_pyarrow_filesystem_reads_what_fsspec_wrote(root_url) -> None:
+    table = pa.table({"key": ["a", "b"], "v": [1, 2]})
+    fs, path = storage.arrow_filesystem(storage.join(root_url, "t.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0])
+    pq.write_table(table, path, filesystem=fs)
+    # the fsspec side sees the same object
+    data = storage.read_bytes(storage.join(root_url, "t.parquet"))
+    assert pq.read_table(pa.BufferReader(data)).equals(table)
+
+
+def test_s3_endpoint_from_options_overrides_environment(s3_server, monkeypatch) -> None:
+    url = s3_server.url("endpoint-test.bin")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")  # nothing listens there
+    options = storage.S3Options(endpoint_url=s3_server.endpoint_url)
+    storage.write_bytes(url, b"ok", options)
+    assert storage.read_bytes(url, options) == b"ok"
+    fs, path = storage.arrow_filesystem(url, options)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"ok"
+
+
+def test_split_url_forms(tmp_path) -> None:
+    assert storage.split_url("s3://bucket/a/b/") == ("s3", "bucket/a/b")
+    assert storage.split_url("gs://bucket/a") == ("gs", "bucket/a")
+    assert storage.split_url(f"file://{tmp_path}/x") == ("file", f"{tmp_path}/x")
+    assert storage.split_url("rel/x")[1].endswith("/rel/x")
+    with pytest.raises(ValueError, match="unsupported storage URL"):
+        storage.split_url("ftp://host/x")
+    with pytest.raises(ValueError, match="no bucket"):
+        storage.split_url("s3:///x")
+    with pytest.raises(ValueError, match="credentials"):
+        storage.S3Options(endpoint_url="http://user:pw@host:9000")
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("connection reset by peer")
+        return "done"
+
+    assert storage.with_retries(flaky, what="flaky", base_delay_s=0.001) == "done"
+    assert len(calls) == 3
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.with_retries(missing, what="missing", base_delay_s=0.001)
+    assert len(calls) == 1
+
+    def always_down() -> None:
+        calls.append(1)
+        raise TimeoutError("timed out")
+
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        storage.with_retries(always_down, what="down", attempts=4, base_delay_s=0.001)
+    assert len(calls) == 4

@@ -1,0 +1,177 @@
+"""Checkpoints, the released ECCV16 weights and the --model URL convention."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colorcore import weights
+from colorcore.model import AB_SCALE, ColorizationNet, ModelConfig
+from colorcore.quantize import ab_bins
+from jobs import storage
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, latest_checkpoint, load_model
+
+TINY = ModelConfig(width=1 / 16)
+
+
+def released_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict in the released file's layout with random values (BN statistics too)."""
+    torch.manual_seed(seed)
+    state = ColorizationNet().state_dict()
+    out = {}
+    for key, value in state.items():
+        if key == "model_out.weight":
+            out[key] = value.clone()
+        elif key.endswith("running_var"):
+            out[key] = torch.rand_like(value) + 0.5
+        elif value.is_floating_point():
+            fan_in = value[0].numel() if value.ndim > 1 else 1
+            out[key] = torch.randn_like(value) / fan_in**0.5
+        else:
+            out[key] = value
+    return out
+
+
+def released_forward(state: dict[str, torch.Tensor], l_N1HW: torch.Tensor) -> torch.Tensor:
+    """The released eval-mode forward restated with functional ops, up to the 313 logits."""
+    x = (l_N1HW - 50.0) / 100.0
+    plan = {
+        1: (2, 2, 1),
+        2: (2, 2, 1),
+        3: (3, 2, 1),
+        4: (3, 1, 1),
+        5: (3, 1, 2),
+        6: (3, 1, 2),
+        7: (3, 1, 1),
+    }
+    for block, (convs, stride, dil) in plan.items():
+        for i in range(convs):
+            w, b = state[f"model{block}.{2 * i}.weight"], state[f"model{block}.{2 * i}.bias"]
+            s = stride if i == convs - 1 else 1
+            x = F.relu(F.conv2d(x, w, b, stride=s, padding=dil, dilation=dil))
+        bn = f"model{block}.{2 * convs}"
+        x = F.batch_norm(
+            x,
+            state[f"{bn}.running_mean"],
+            state[f"{bn}.running_var"],
+            state[f"{bn}.weight"],
+            state[f"{bn}.bias"],
+            training=False,
+            eps=1e-5,
+        )
+    x = F.relu(F.conv_transpose2d(x, state["model8.0.weight"], state["model8.0.bias"], 2, 1))
+    x = F.relu(F.conv2d(x, state["model8.2.weight"], state["model8.2.bias"], padding=1))
+    x = F.relu(F.conv2d(x, state["model8.4.weight"], state["model8.4.bias"], padding=1))
+    return F.conv2d(x, state["model8.6.weight"], state["model8.6.bias"])
+
+
+def test_released_weights_load_and_match_an_independent_forward(tmp_path) -> None:
+    state = released_state_dict()
+    path = tmp_path / weights.RELEASED_ECCV16_FILE
+    torch.save(state, path)
+    model = weights.load_released_eccv16(str(path)).eval()
+    l_in = torch.rand(1, 1, 64, 64, dtype=torch.float64) * 100
+    with torch.no_grad():
+        ours = model.double()(l_in)
+    expected = released_forward(
+        {k: v.double() if v.is_floating_point() else v for k, v in state.items()}, l_in
+    )
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # the released readout: mean of the bins under softmax (T = 1), times 110
+    ab = torch.einsum("nqhw,qc->nchw", ours.softmax(1), ab_bins().double())
+    readout = F.conv2d(ours.softmax(1), state["model_out.weight"].double()) * AB_SCALE
+    torch.testing.assert_close(ab, readout)
+
+
+def test_released_loader_checks_the_readout(tmp_path) -> None:
+    state = released_state_dict()
+    state["model_out.weight"] = state["model_out.weight"].flip(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="ab readout"):
+        weights.load_released_eccv16(str(tmp_path / "bad.pth"))
+
+
+def test_checkpoint_round_trip() -> None:
+    torch.manual_seed(1)
+    model = ColorizationNet(TINY)
+    counts = torch.arange(313, dtype=torch.int64)
+    buffer = io.BytesIO()
+    weights.save_checkpoint(
+        buffer, model, prior_counts=counts, extra={"step": 7, "cfg": {"lr": 1.0}}
+    )
+    ckpt = weights.load_checkpoint(io.BytesIO(buffer.getvalue()))
+    assert ckpt.model_config == TINY
+    assert torch.equal(ckpt.prior_counts, counts) and torch.equal(ckpt.ab_bins, ab_bins())
+    assert ckpt.extra == {"step": 7, "cfg": {"lr": 1.0}}
+    rebuilt = ckpt.build_model()
+    for (k, a), (_, b) in zip(
+        model.state_dict().items(), rebuilt.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), k
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_loading_refuses_a_pickle_that_would_run_code() -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": weights.CHECKPOINT_FORMAT, "payload": _RunsCode()}, buffer)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        weights.load_checkpoint(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.fixture(params=["local", "s3"])
+def model_root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("s3_server").url("model-detection")
+
+
+def test_model_url_detects_all_three_forms(model_root) -> None:
+    released = storage.join(model_root, weights.RELEASED_ECCV16_FILE)
+    buffer = io.BytesIO()
+    torch.save(released_state_dict(), buffer)
+    storage.write_bytes(released, buffer.getvalue())
+
+    run = storage.join(model_root, "run")
+    models = {}
+    for step in (5, 20, 100):  # 100 is the latest although "…100" < "…20" as plain strings
+        torch.manual_seed(step)
+        models[step] = ColorizationNet(TINY)
+        buffer = io.BytesIO()
+        weights.save_checkpoint(buffer, models[step], extra={"step": step})
+        storage.write_bytes(
+            storage.join(run, checkpoint_dir_name(step), CHECKPOINT_FILE), buffer.getvalue()
+        )
+    storage.write_bytes(storage.join(run, "metrics.csv"), b"step,loss\n")
+
+    loaded = load_model(released)
+    assert loaded.kind == "released" and loaded.model.config == ModelConfig()
+    assert len(loaded.sha256) == 64
+
+    single = storage.join(run, checkpoint_dir_name(20), CHECKPOINT_FILE)
+    loaded = load_model(single)
+    assert loaded.kind == "checkpoint" and loaded.checkpoint.extra == {"step": 20}
+
+    assert latest_checkpoint(run).endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
+    loaded = load_model(run)
+    assert loaded.kind == "run" and loaded.checkpoint.extra == {"step": 100}
+    torch.testing.assert_close(loaded.model.model1[0].weight, models[100].model1[0].weight)
+
+
+def test_model_url_errors_are_clear(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_model(str(tmp_path / "absent.pt"))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ValueError, match="holds no checkpoint_"):
+        load_model(str(tmp_path / "empty_run"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a project checkpoint nor released"):
+        load_model(str(tmp_path / "other.pt"))
