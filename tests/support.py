@@ -47,3 +47,16 @@ def write_image_tree(
             Image.fromarray(photo[y : y + size, x : x + size]).save(path, quality=95)
             paths.append(path)
     return paths
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
+    """An image array encoded in memory (JPEG quality 95 unless given)."""
+    import io
+
+    from PIL import Image
+
+    if fmt == "JPEG":
+        kwargs.setdefault("quality", 95)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()

@@ -1,0 +1,74 @@
+"""From the network's bin logits to colours: mode, mean, annealed mean, full-resolution output.
+
+Legend: N batch, Q = 313 ab bins, H, W full image size, h, w network output size.
+
+The temperature T applies to the 313 logits the network returns (`model8.6`): the annealed
+mean is softmax(log z / T) with z = softmax(logits), which equals softmax(logits / T). The
+released PyTorch port decodes with T = 1 (the plain mean); the released Caffe deploy net
+multiplied the same logits by 2.606 before its softmax, i.e. T = 1 / 2.606 = 0.384.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.quantize import ab_bins
+
+ANNEALED_MEAN_T = 0.38  # paper, Sec. 2.3
+DEPLOY_LOGIT_SCALE = 2.606  # released Caffe deploy net: logits scaled before the softmax
+INFER_PX = 256  # released demo: the network sees the L channel resized to 256 x 256
+
+
+def _bins_like(logits_NQhw: torch.Tensor) -> torch.Tensor:
+    bins = ab_bins(logits_NQhw.device)
+    if logits_NQhw.shape[1] != bins.shape[0]:
+        raise ValueError(f"expected {bins.shape[0]} bin logits in dim 1, got {logits_NQhw.shape}")
+    return bins
+
+
+def mode(logits_NQhw: torch.Tensor) -> torch.Tensor:
+    """The most probable bin's centre, (N, 2, h, w)."""
+    bins = _bins_like(logits_NQhw)
+    return bins[logits_NQhw.argmax(1)].permute(0, 3, 1, 2)
+
+
+def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torch.Tensor:
+    """E[ab] under softmax(logits / T), (N, 2, h, w) in fp32. T -> 0: mode; T = 1: mean."""
+    if not T > 0:
+        raise ValueError(f"temperature must be > 0, got {T}")
+    bins = _bins_like(logits_NQhw)
+    probs_NQhw = torch.softmax(logits_NQhw.float() / T, dim=1)
+    return torch.einsum("nqhw,qc->nchw", probs_NQhw, bins)
+
+
+def mean(logits_NQhw: torch.Tensor) -> torch.Tensor:
+    """E[ab] under the predicted distribution (the released PyTorch port's output)."""
+    return annealed_mean(logits_NQhw, T=1.0)
+
+
+@torch.no_grad()
+def colorize(
+    model: torch.nn.Module,
+    rgb_N3HW: torch.Tensor,
+    *,
+    infer_px: int = INFER_PX,
+    T: float = ANNEALED_MEAN_T,
+    gamut: str = "chroma",
+) -> torch.Tensor:
+    """Colorize images (sRGB in [0, 1], (N, 3, H, W) or gray (N, 1, H, W)) at full resolution.
+
+    The network runs on the L channel resized to `infer_px` square; the predicted ab is
+    upsampled bilinearly to H x W and joined with the input's own L, which the chroma gamut
+    mapping keeps. Runs on the model's device; wrap in `torch.autocast` for bf16.
+    """
+    if rgb_N3HW.ndim != 4 or rgb_N3HW.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 3, H, W) or (N, 1, H, W) images, got {rgb_N3HW.shape}")
+    device = next(model.parameters()).device
+    rgb = rgb_N3HW.to(device=device, dtype=torch.float32).expand(-1, 3, -1, -1)
+    l_N1HW = rgb_to_lab(rgb)[:, :1]
+    l_small = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)
+    ab_small = annealed_mean(model(l_small.clamp(0, 100)), T)
+    ab_N2HW = F.interpolate(ab_small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut=gamut)

@@ -1,0 +1,391 @@
+"""Turn a raw image collection into training shards.
+
+``python -m jobs.prepare SRC DST [--short-side-px 256] [--shard-mb 256] [--labels-file FILE]``
+
+SRC (local path or storage URL), detected from its form:
+
+- an image tree ``SRC/<class>/<image>``;
+- the ILSVRC2012 train archive as distributed: a tar holding one tar per class;
+- a flat folder of images with ``--labels-file`` listing ``<relative path> <int label>`` per
+  line (the ImageNet val layout; ``ctest10k.txt`` style lines with a leading ``/`` work too).
+
+DST gets the layout of `jobs.dataset`: Parquet shards of about ``--shard-mb``, images with
+their short side reduced to ``--short-side-px`` (JPEG sources decode at reduced scale) and
+re-encoded as 4:4:4 JPEG, quality 95; JPEG sources already small enough are kept byte for
+byte. Bad inputs (empty, truncated, not images, above ``--max-pixels``) are recorded in
+``errors.json`` with their reason; rows + errors = inputs is checked at the end.
+
+The inputs are cut into groups in a fixed order; each group is one Ray Data task that writes
+its shards and then a marker. A re-run skips groups whose marker exists, so an interrupted
+run resumes without redoing or duplicating anything, and produces the same shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs import storage
+from jobs.dataset import (
+    SHARD_SCHEMA,
+    SHARDS_DIR,
+    Manifest,
+    ShardInfo,
+)
+from jobs.images import (
+    DEFAULT_MAX_PIXELS,
+    JPEG_QUALITY,
+    BadImage,
+    encode_jpeg,
+    load_rgb,
+    resize_short_side,
+)
+
+WORK_DIR = "_prepare"
+ERRORS_FILE = "errors.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareConfig:
+    src: str = ""
+    """Image tree, tar of per-class tars, or flat folder (with --labels-file)."""
+    dst: str = ""
+    """Output dataset folder (local path or storage URL)."""
+    labels_file: str | None = None
+    """For a flat folder: lines '<relative path> <int label>'."""
+    short_side_px: int = 256
+    """Images are reduced so that their short side is at most this."""
+    shard_mb: float = 256.0
+    """Target size of one Parquet shard."""
+    max_group_images: int = 2000
+    """At most this many images per task (more tasks, more parallelism)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels are refused (decompression bombs)."""
+    jpeg_quality: int = JPEG_QUALITY
+    """Quality of re-encoded JPEGs."""
+    cpus_per_task: float = 1.0
+    """CPUs reserved by each conversion task."""
+    s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+    def __post_init__(self) -> None:
+        if not self.src or not self.dst:
+            raise ValueError("SRC and DST are required")
+        if storage.join(self.dst, "") == storage.join(self.src, ""):
+            raise ValueError("DST must differ from SRC")
+        if self.short_side_px < 16:
+            raise ValueError(f"short_side_px must be >= 16, got {self.short_side_px}")
+        if self.shard_mb <= 0 or self.max_group_images < 1 or self.max_pixels < 1:
+            raise ValueError("shard_mb, max_group_images and max_pixels must be positive")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.cpus_per_task <= 0:
+            raise ValueError("cpus_per_task must be > 0")
+
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that decide the shards' content (must match on a resumed run)."""
+        return {
+            k: getattr(self, k)
+            for k in ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "jpeg_quality")
+        }
+
+
+# ---------------------------------------------------------------- planning: inputs -> groups
+
+
+def _class_index(classes: list[str]) -> dict[str, int]:
+    return {c: i for i, c in enumerate(classes)}
+
+
+def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
+    fs, root = storage.filesystem(cfg.src, cfg.s3)
+    found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
+    inputs = []
+    for path, info in sorted(found.items()):
+        rel = path[len(root) :].lstrip("/")
+        if "/" not in rel:
+            raise ValueError(f"{cfg.src}: {rel!r} is not inside a class folder <class>/<image>")
+        cls, name = rel.split("/", 1)
+        inputs.append(
+            {
+                "key": f"{cls}/{name.rsplit('.', 1)[0]}",
+                "class": cls,
+                "url": storage.join(cfg.src, rel),
+                "size": info.get("size", 0),
+            }
+        )
+    classes = sorted({i["class"] for i in inputs})
+    return classes, _chunk(inputs, cfg, _class_index(classes))
+
+
+def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
+    labels: dict[str, int] = {}
+    text = storage.read_bytes(cfg.labels_file, cfg.s3).decode()
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{cfg.labels_file}:{number}: expected '<path> <int label>'")
+        labels[parts[0].lstrip("/")] = int(parts[1])
+    if not labels:
+        raise ValueError(f"{cfg.labels_file} lists no images")
+    classes = [str(i) for i in range(max(labels.values()) + 1)]
+    inputs = [
+        {
+            "key": f"{label}/{rel.rsplit('.', 1)[0].rsplit('/', 1)[-1]}",
+            "class": str(label),
+            "url": storage.join(cfg.src, rel),
+            "size": 0,
+        }
+        for rel, label in sorted(labels.items())
+    ]
+    return classes, _chunk(inputs, cfg, _class_index(classes))
+
+
+def _chunk(inputs: list[dict], cfg: PrepareConfig, index: dict[str, int]) -> list[dict]:
+    groups, current, size = [], [], 0
+    for item in inputs:
+        item["label"] = index[item.pop("class")]
+        if current and (len(current) >= cfg.max_group_images or size >= cfg.shard_mb * 2**20):
+            groups.append({"kind": "files", "items": current})
+            current, size = [], 0
+        current.append(item)
+        size += item.pop("size")
+    if current:
+        groups.append({"kind": "files", "items": current})
+    return groups
+
+
+def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
+    """One group per inner (per-class) tar, found by reading only the outer tar's headers."""
+    fs, path = storage.filesystem(cfg.src, cfg.s3)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
+        members = [m for m in outer.getmembers() if m.isfile()]
+    inner = sorted((m for m in members if m.name.endswith(".tar")), key=lambda m: m.name)
+    if not inner:
+        raise ValueError(f"{cfg.src}: no per-class .tar members")
+    classes = [m.name.rsplit("/", 1)[-1][: -len(".tar")] for m in inner]
+    groups = [
+        {
+            "kind": "tar",
+            "url": cfg.src,
+            "offset": m.offset_data,
+            "size": m.size,
+            "class": c,
+            "label": i,
+        }
+        for i, (m, c) in enumerate(zip(inner, classes, strict=True))
+    ]
+    return classes, groups
+
+
+def plan(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
+    """(classes, groups) for SRC, in a fixed order."""
+    if cfg.labels_file:
+        return _plan_flat(cfg)
+    if cfg.src.endswith(".tar"):
+        return _plan_tar_of_tars(cfg)
+    return _plan_tree(cfg)
+
+
+# ---------------------------------------------------------------- one group -> shards
+
+
+def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
+    """Source bytes -> (jpeg, height_px, width_px, grayscale); raises BadImage."""
+    image, gray = load_rgb(data, max_pixels=cfg.max_pixels, min_side_px=cfg.short_side_px)
+    from PIL import Image
+
+    source = Image.open(io.BytesIO(data))
+    small_jpeg = (
+        source.format == "JPEG"
+        and source.mode in ("RGB", "L")
+        and source.size == image.size
+        and min(source.size) <= cfg.short_side_px
+        and source.getexif().get(0x0112, 1) == 1  # no EXIF rotation to apply
+    )
+    if small_jpeg:
+        return data, image.height, image.width, gray
+    image = resize_short_side(image, cfg.short_side_px)
+    return encode_jpeg(image, cfg.jpeg_quality), image.height, image.width, gray
+
+
+def _group_inputs(group: dict, cfg: PrepareConfig):
+    """Yield (key, label, source, bytes or an exception) for every input of the group."""
+    if group["kind"] == "files":
+        for item in group["items"]:
+            try:
+                data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
+            except FileNotFoundError:
+                data = BadImage("missing file")
+            yield item["key"], item["label"], item["url"], data
+        return
+    fs, path = storage.filesystem(group["url"], cfg.s3)
+
+    def read_inner() -> bytes:
+        with fs.open(path, "rb") as f:
+            f.seek(group["offset"])
+            return f.read(group["size"])
+
+    blob = storage.with_retries(read_inner, what=f"read {group['class']} from {group['url']}")
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as inner:
+        for member in sorted((m for m in inner.getmembers() if m.isfile()), key=lambda m: m.name):
+            stem = member.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            source = f"{group['url']}!{group['class']}.tar/{member.name}"
+            yield (
+                f"{group['class']}/{stem}",
+                group["label"],
+                source,
+                inner.extractfile(member).read(),
+            )
+
+
+def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(
+        table,
+        buffer,
+        compression={
+            "jpeg": "none",
+            "key": "zstd",
+            "src_sha256": "zstd",
+            "label": "zstd",
+            "height_px": "zstd",
+            "width_px": "zstd",
+            "grayscale": "zstd",
+        },
+    )
+    data = buffer.getvalue()
+    storage.write_bytes(storage.join(cfg.dst, name), data, cfg.s3)
+    return {"name": name, "num_rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
+    """Convert one group's inputs, write its shards, then its marker; returns the marker."""
+    parts, rows, errors, size, inputs, gray = [], [], [], 0, 0, 0
+    shard_bytes = cfg.shard_mb * 2**20
+    for key, label, source, data in _group_inputs(group, cfg):
+        inputs += 1
+        try:
+            if isinstance(data, Exception):
+                raise data
+            jpeg, h, w, is_gray = convert(data, cfg)
+        except BadImage as e:
+            errors.append({"key": key, "source": source, "reason": str(e)})
+            continue
+        gray += is_gray
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "jpeg": jpeg,
+                "height_px": h,
+                "width_px": w,
+                "src_sha256": hashlib.sha256(data).hexdigest(),
+                "grayscale": is_gray,
+            }
+        )
+        size += len(jpeg)
+        if size >= shard_bytes:
+            parts.append(_write_part(rows, _part_name(index, len(parts)), cfg))
+            rows, size = [], 0
+    if rows:
+        parts.append(_write_part(rows, _part_name(index, len(parts)), cfg))
+    marker = {"group": index, "inputs": inputs, "grayscale": gray, "parts": parts, "errors": errors}
+    storage.write_bytes(_marker_url(cfg, index), json.dumps(marker).encode(), cfg.s3)
+    return marker
+
+
+def _part_name(group: int, part: int) -> str:
+    return f"{SHARDS_DIR}/part-{group:05d}-{part:03d}.parquet"
+
+
+def _marker_url(cfg: PrepareConfig, group: int) -> str:
+    return storage.join(cfg.dst, WORK_DIR, f"group-{group:05d}.json")
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _check_resumable(cfg: PrepareConfig) -> None:
+    """Record the output-deciding config on the first run; refuse a mismatching re-run."""
+    url = storage.join(cfg.dst, WORK_DIR, "config.json")
+    wanted = {"src": cfg.src, **cfg.output_fields()}
+    if storage.exists(url, cfg.s3):
+        found = json.loads(storage.read_bytes(url, cfg.s3))
+        if found != wanted:
+            raise ValueError(f"{cfg.dst} was prepared from other settings {found}; use a new DST")
+    else:
+        storage.write_bytes(url, json.dumps(wanted).encode(), cfg.s3)
+
+
+def main(cfg: PrepareConfig) -> Manifest:
+    import ray
+
+    from jobs.runtime import init_ray
+
+    start = time.monotonic()
+    classes, groups = plan(cfg)
+    _check_resumable(cfg)
+    todo = [i for i in range(len(groups)) if not storage.exists(_marker_url(cfg, i), cfg.s3)]
+    print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
+    if todo:
+        init_ray()
+        rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
+        (
+            ray.data.from_items(rows, override_num_blocks=len(rows))
+            .map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task)
+            .materialize()
+        )
+    manifest = _finish(cfg, classes, len(groups))
+    print(
+        f"prepare: {manifest.num_inputs} inputs -> {manifest.num_rows} images in "
+        f"{len(manifest.shards)} shards + {manifest.num_errors} errors "
+        f"({manifest.num_grayscale} grayscale) in {time.monotonic() - start:.1f}s -> {cfg.dst}"
+    )
+    return manifest
+
+
+def _process_row(row: dict, cfg: PrepareConfig) -> dict:
+    marker = process_group(row["index"], json.loads(row["group"]), cfg)
+    return {"index": row["index"], "rows": sum(p["num_rows"] for p in marker["parts"])}
+
+
+def _finish(cfg: PrepareConfig, classes: list[str], num_groups: int) -> Manifest:
+    markers = [
+        json.loads(storage.read_bytes(_marker_url(cfg, i), cfg.s3)) for i in range(num_groups)
+    ]
+    errors = [e for m in markers for e in m["errors"]]
+    manifest = Manifest(
+        classes=tuple(classes),
+        shards=tuple(ShardInfo(**p) for m in markers for p in m["parts"]),
+        num_inputs=sum(m["inputs"] for m in markers),
+        num_errors=len(errors),
+        num_grayscale=sum(m["grayscale"] for m in markers),
+        config={k: v for k, v in dataclasses.asdict(cfg).items() if k != "s3"},
+    )
+    storage.write_bytes(
+        storage.join(cfg.dst, ERRORS_FILE), json.dumps(errors, indent=1).encode(), cfg.s3
+    )
+    manifest.save(cfg.dst, cfg.s3)
+    for e in errors[:10]:
+        print(f"  skipped {e['source']}: {e['reason']}")
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more, see {storage.join(cfg.dst, ERRORS_FILE)}")
+    return manifest
+
+
+if __name__ == "__main__":
+    from jobs.config import run_cli
+
+    run_cli(PrepareConfig, main, positionals=("src", "dst"), prog="python -m jobs.prepare")

@@ -1,0 +1,157 @@
+"""Estimate the empirical ab prior of a prepared dataset, in parallel.
+
+``python -m jobs.prior DATASET [--pixel-stride 1] [--sample-fraction 1.0] [--output URL]``
+
+Every shard's colour images are decoded, converted to Lab and their pixels' nearest ab bins
+counted (`colorcore.prior.AbHistogram`, one per Ray Data batch, then merged). Grayscale
+sources are left out, as training leaves them out. The result is the raw counts, written as
+``DATASET/prior.npz``, so that any lambda and smoothing can be derived later without
+another pass over the data; beside it ``prior.png`` plots the smoothed prior over the ab
+plane in log scale. ``--pixel-stride`` and ``--sample-fraction`` (a fixed, hash-based subset
+of images) give quick estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from colorcore.color import rgb_to_lab
+from colorcore.prior import AbHistogram
+from jobs import storage
+from jobs.dataset import PRIOR_FILE, Manifest
+from jobs.images import load_rgb
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorConfig:
+    dataset: str = ""
+    """Prepared dataset folder (local path or storage URL)."""
+    output: str | None = None
+    """Where to write the counts (default: DATASET/prior.npz)."""
+    pixel_stride: int = 1
+    """Count every n-th pixel along each axis (1 = every pixel)."""
+    sample_fraction: float = 1.0
+    """Use this fixed fraction of the images (chosen by a hash of their keys)."""
+    batch_size: int = 64
+    """Images per Ray Data batch (one histogram each)."""
+    cpus_per_task: float = 1.0
+    """CPUs reserved by each counting task."""
+    s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("DATASET is required")
+        if self.pixel_stride < 1:
+            raise ValueError(f"pixel_stride must be >= 1, got {self.pixel_stride}")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.batch_size < 1 or self.cpus_per_task <= 0:
+            raise ValueError("batch_size and cpus_per_task must be positive")
+
+    @property
+    def output_url(self) -> str:
+        return self.output or storage.join(self.dataset, PRIOR_FILE)
+
+
+def in_sample(key: str, fraction: float) -> bool:
+    """A fixed subset of keys: the same keys are chosen on every run and every worker."""
+    if fraction >= 1:
+        return True
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return digest < fraction * 2**64
+
+
+def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> AbHistogram:
+    """Counts of the nearest ab bins of the images' pixels (single process)."""
+    histogram = AbHistogram()
+    for data in jpegs:
+        image, _ = load_rgb(data)
+        rgb_13HW = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        histogram.update(rgb_to_lab(rgb_13HW)[:, 1:], pixel_stride=pixel_stride)
+    return histogram
+
+
+def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np.ndarray]:
+    keep = [
+        data
+        for key, data, gray in zip(batch["key"], batch["jpeg"], batch["grayscale"], strict=True)
+        if not gray and in_sample(key, cfg.sample_fraction)
+    ]
+    counts = histogram_of(keep, pixel_stride=cfg.pixel_stride).counts_Q.numpy()
+    return {"counts_Q": counts[None], "images": np.array([len(keep)])}
+
+
+def main(cfg: PriorConfig) -> AbHistogram:
+    import ray
+
+    from jobs.runtime import init_ray
+
+    start = time.monotonic()
+    manifest = Manifest.load(cfg.dataset, cfg.s3)
+    fs, root = storage.arrow_filesystem(cfg.dataset, cfg.s3)
+    paths = [f"{root}/{s.name}" for s in manifest.shards]
+    init_ray()
+    results = (
+        ray.data.read_parquet(paths, filesystem=fs)
+        .select_columns(["key", "jpeg", "grayscale"])
+        .map_batches(
+            _count_batch,
+            fn_kwargs={"cfg": cfg},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.cpus_per_task,
+        )
+        .take_all()
+    )
+    histogram = AbHistogram(np.sum([r["counts_Q"] for r in results], axis=0).astype(np.int64))
+    images = int(sum(r["images"] for r in results))
+    buffer = io.BytesIO()
+    histogram.save(buffer)
+    storage.write_bytes(cfg.output_url, buffer.getvalue(), cfg.s3)
+    plot_url = cfg.output_url.rsplit(".", 1)[0] + ".png"
+    storage.write_bytes(plot_url, plot_prior(histogram), cfg.s3)
+    print(
+        f"prior: {histogram.num_pixels:,} pixels of {images} colour images "
+        f"({manifest.num_grayscale} grayscale skipped) in {time.monotonic() - start:.1f}s; "
+        f"{int((histogram.counts_Q > 0).sum())} of 313 bins seen -> {cfg.output_url}, {plot_url}"
+    )
+    return histogram
+
+
+def plot_prior(histogram: AbHistogram) -> bytes:
+    """PNG of the smoothed prior over the ab plane, log10 scale (as in the paper's Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from colorcore.quantize import AB_GRID, ab_bins
+
+    bins = ab_bins().numpy()
+    p = histogram.smoothed_probabilities().numpy()
+    a_idx = ((bins[:, 0] + 110) // AB_GRID).astype(int)
+    b_idx = ((bins[:, 1] + 110) // AB_GRID).astype(int)
+    grid = np.full((23, 23), np.nan)
+    grid[b_idx, a_idx] = np.log10(p)
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
+    extent = (-115, 115, -115, 115)
+    shown = ax.imshow(grid, origin="lower", extent=extent, cmap="jet", interpolation="nearest")
+    fig.colorbar(shown, ax=ax, label="log10 p(a, b)")
+    ax.set(xlabel="a", ylabel="b", title=f"ab prior ({histogram.num_pixels:,} pixels)")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    from jobs.config import run_cli
+
+    run_cli(PriorConfig, main, positionals=("dataset",), prog="python -m jobs.prior")

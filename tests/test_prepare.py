@@ -1,0 +1,183 @@
+"""Dataset preparation: layouts, bad inputs, reconciliation, resume without duplicates."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, JpegImagePlugin
+
+from jobs import prepare, storage
+from jobs.dataset import Manifest, validate_shard_table
+from tests.support import encode, photo_rgb
+
+
+def planted_corpus() -> dict[str, bytes]:
+    """Relative path -> bytes: valid images of several kinds and planted bad files."""
+    astronaut, coffee = photo_rgb("astronaut"), photo_rgb("coffee")
+    good = {
+        "cat/big.jpg": encode(astronaut),  # 512 px: reduced to the short side
+        "cat/small.jpg": encode(astronaut[:40, :60], subsampling=0),  # kept byte for byte
+        "cat/drawing.png": encode(coffee[:50, :70], "PNG"),
+        "dog/gray.jpg": encode(np.asarray(Image.fromarray(coffee).convert("L"))),
+        "dog/photo.jpg": encode(coffee[:120, :90]),
+        "dog/rgba.png": encode(
+            np.dstack([coffee[:30, :30], np.full((30, 30), 128, np.uint8)]), "PNG"
+        ),
+    }
+    truncated = encode(coffee)
+    bad = {
+        "cat/empty.jpg": b"",
+        "cat/truncated.jpg": truncated[: len(truncated) // 2],
+        "dog/notes.txt": b"not an image at all",
+        "dog/huge.png": encode(np.zeros((500, 700, 3), np.uint8), "PNG"),  # above max_pixels
+    }
+    return good | bad
+
+
+BAD_REASONS = {
+    "cat/empty": "empty file",
+    "cat/truncated": "truncated",
+    "dog/notes": "not an image",
+    "dog/huge": "too large",
+}
+
+
+def read_rows(dataset: str, manifest: Manifest) -> list[dict]:
+    rows = []
+    for shard in manifest.shards:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(dataset, shard.name))))
+        validate_shard_table(table)
+        rows += table.to_pylist()
+    return rows
+
+
+def shard_digests(dataset: str, manifest: Manifest) -> dict[str, str]:
+    return {s.name: s.sha256 for s in manifest.shards}
+
+
+def config(src: str, dst: str, **kw) -> prepare.PrepareConfig:
+    kw = {
+        "short_side_px": 64,
+        "max_group_images": 3,
+        "max_pixels": 300_000,
+        "cpus_per_task": 0.5,
+    } | kw
+    return prepare.PrepareConfig(src=src, dst=dst, **kw)
+
+
+def test_s3_to_s3_with_planted_bad_files(s3_server, ray_session) -> None:
+    corpus = planted_corpus()
+    src, dst = s3_server.url("prep-src"), s3_server.url("prep-dst")
+    for rel, data in corpus.items():
+        storage.write_bytes(storage.join(src, rel), data)
+    manifest = prepare.main(config(src, dst))
+
+    assert manifest.num_inputs == len(corpus) == manifest.num_rows + manifest.num_errors
+    assert manifest.classes == ("cat", "dog")
+    errors = json.loads(storage.read_bytes(storage.join(dst, prepare.ERRORS_FILE)))
+    assert {e["key"] for e in errors} == set(BAD_REASONS)
+    for e in errors:
+        assert BAD_REASONS[e["key"]] in e["reason"], e
+        assert e["source"].startswith(src)
+
+    rows = {r["key"]: r for r in read_rows(dst, manifest)}
+    assert set(rows) == {k.rsplit(".", 1)[0] for k in corpus} - set(BAD_REASONS)
+    assert len(manifest.shards) >= 2  # several groups ran as separate tasks
+    for key, row in rows.items():
+        image = Image.open(io.BytesIO(row["jpeg"]))
+        assert image.format == "JPEG" and image.size == (row["width_px"], row["height_px"])
+        assert min(image.size) <= 64, key
+        assert row["label"] == manifest.classes.index(key.split("/")[0])
+    small = rows["cat/small"]
+    assert small["jpeg"] == corpus["cat/small.jpg"]  # already small enough: kept as it was
+    big = Image.open(io.BytesIO(rows["cat/big"]["jpeg"]))
+    assert big.size == (64, 64) and JpegImagePlugin.get_sampling(big) == 0  # 4:4:4
+    assert rows["dog/gray"]["grayscale"] and not rows["dog/photo"]["grayscale"]
+    assert manifest.num_grayscale == 1
+    assert [r["key"] for r in rows.values()].count("cat/big") == 1
+
+
+def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> None:
+    src = tmp_path / "src"
+    for rel, data in planted_corpus().items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    clean = prepare.main(config(str(src), str(tmp_path / "clean")))
+
+    # an earlier run died after finishing group 0 and half-writing group 1 (shards, no marker)
+    cfg = config(str(src), str(tmp_path / "resumed"))
+    _, groups = prepare.plan(cfg)
+    prepare._check_resumable(cfg)
+    prepare.process_group(0, groups[0], cfg)
+    prepare.process_group(1, groups[1], cfg)
+    storage.filesystem(cfg.dst)[0].rm(prepare._marker_url(cfg, 1))
+    resumed = prepare.main(cfg)
+
+    assert shard_digests(cfg.dst, resumed) == shard_digests(str(tmp_path / "clean"), clean)
+    keys = [r["key"] for r in read_rows(cfg.dst, resumed)]
+    assert len(keys) == len(set(keys)) == clean.num_rows
+    with pytest.raises(ValueError, match="prepared from other settings"):
+        prepare.main(config(str(src), cfg.dst, short_side_px=128))
+
+
+def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
+    outer = tmp_path / "train.tar"
+    with tarfile.open(outer, "w") as out:
+        for cls, photo in (("n01", "chelsea"), ("n02", "rocket")):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as t:
+                for i in range(2):
+                    data = encode(photo_rgb(photo)[i * 50 : i * 50 + 80, :100])
+                    info = tarfile.TarInfo(f"{cls}_{i}.JPEG")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+                info = tarfile.TarInfo(f"{cls}_broken.JPEG")
+                info.size = 5
+                t.addfile(info, io.BytesIO(b"\xff\xd8\xff\x00\x00"))
+            info = tarfile.TarInfo(f"{cls}.tar")
+            info.size = inner.tell()
+            inner.seek(0)
+            out.addfile(info, inner)
+    manifest = prepare.main(config(str(outer), str(tmp_path / "ds")))
+    assert manifest.classes == ("n01", "n02")
+    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (6, 4, 2)
+    rows = read_rows(str(tmp_path / "ds"), manifest)
+    assert sorted(r["key"] for r in rows) == ["n01/n01_0", "n01/n01_1", "n02/n02_0", "n02/n02_1"]
+    assert {r["label"] for r in rows if r["key"].startswith("n02")} == {1}
+
+
+def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
+    flat = tmp_path / "val"
+    flat.mkdir()
+    lines = []
+    for i, photo in enumerate(("astronaut", "chelsea", "coffee")):
+        (flat / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(encode(photo_rgb(photo, size=70)))
+        lines.append(f"ILSVRC2012_val_{i:08d}.JPEG {i * 2}")
+    lines.append("/ILSVRC2012_val_00000009.JPEG 1")  # listed, missing on disk
+    (flat / "unlisted.JPEG").write_bytes(encode(photo_rgb("rocket", size=40)))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(lines) + "\n")
+    manifest = prepare.main(config(str(flat), str(tmp_path / "ds"), labels_file=str(labels)))
+    assert manifest.classes == tuple(str(i) for i in range(5))
+    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (4, 3, 1)
+    rows = read_rows(str(tmp_path / "ds"), manifest)
+    assert sorted((r["key"], r["label"]) for r in rows) == [
+        ("0/ILSVRC2012_val_00000000", 0),
+        ("2/ILSVRC2012_val_00000001", 2),
+        ("4/ILSVRC2012_val_00000002", 4),
+    ]
+
+
+def test_bad_configs_fail_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match="SRC and DST are required"):
+        prepare.PrepareConfig(src=str(tmp_path))
+    with pytest.raises(ValueError, match="DST must differ"):
+        prepare.PrepareConfig(src=str(tmp_path), dst=str(tmp_path) + "/")
+    (tmp_path / "loose.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not inside a class folder"):
+        prepare.plan(config(str(tmp_path), str(tmp_path / "out")))
