@@ -83,6 +83,12 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (workers run in other directories); other URLs unchanged."""
+    protocol, path = split_url(url)
+    return path if protocol == "file" else url
+
+
 def is_local(url: str) -> bool:
     return split_url(url)[0] == "file"
 

@@ -1,0 +1,88 @@
+"""Images -> training samples: random crops and flips, then the network's input and targets.
+
+Legend: N batch, H, W crop size, h, w = H/4, W/4 target size, k nearest bins.
+
+Crops and flips run where the images are decoded (CPU workers, or the GPU after nvJPEG);
+`make_targets` runs on the training device, so no nearest-neighbour search is on the CPU
+data path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from colorcore.color import rgb_to_lab
+from colorcore.loss import nongray_mask
+from colorcore.quantize import (
+    SOFT_ENCODE_K,
+    SOFT_ENCODE_SIGMA,
+    TARGET_STRIDE,
+    soft_encode,
+    subsample_targets,
+)
+
+CROP_PX = 176  # released training: random 176 x 176 crops with horizontal flips
+
+
+def crop_box(
+    height: int, width: int, crop_px: int, rng: np.random.Generator | None
+) -> tuple[int, int, bool]:
+    """(top, left, flip) of a random crop, or of the centre crop (no flip) without `rng`."""
+    if rng is None:
+        return max(height - crop_px, 0) // 2, max(width - crop_px, 0) // 2, False
+    top = int(rng.integers(0, max(height - crop_px, 0) + 1))
+    left = int(rng.integers(0, max(width - crop_px, 0) + 1))
+    return top, left, bool(rng.random() < 0.5)
+
+
+def random_crop_flip(
+    rgb_3HW: torch.Tensor, crop_px: int, rng: np.random.Generator | None
+) -> torch.Tensor:
+    """A random `crop_px` square of a (3, H, W) image, flipped left-right half of the time
+    (with `rng=None`: the centre crop, unflipped, as validation uses).
+
+    Works on any device. An image whose short side is below `crop_px` is first scaled up to
+    it (bilinear), so that small sources still give full-size crops.
+    """
+    height, width = rgb_3HW.shape[-2:]
+    if min(height, width) < crop_px:
+        scale = crop_px / min(height, width)
+        size = (max(crop_px, round(height * scale)), max(crop_px, round(width * scale)))
+        up = F.interpolate(rgb_3HW[None].float(), size=size, mode="bilinear", align_corners=False)
+        rgb_3HW = up[0].round().clamp(0, 255).to(rgb_3HW.dtype)
+        height, width = size
+    top, left, flip = crop_box(height, width, crop_px, rng)
+    crop = rgb_3HW[:, top : top + crop_px, left : left + crop_px]
+    return crop.flip(-1) if flip else crop
+
+
+@dataclass(frozen=True)
+class Targets:
+    """One training batch on the device: input, sparse soft targets and the gray-image mask."""
+
+    l_N1HW: torch.Tensor
+    bins_NkHW: torch.Tensor
+    weights_NkHW: torch.Tensor
+    nongray_N: torch.Tensor
+
+
+def make_targets(
+    rgb_N3HW: torch.Tensor,
+    *,
+    k: int = SOFT_ENCODE_K,
+    sigma: float = SOFT_ENCODE_SIGMA,
+    stride: int = TARGET_STRIDE,
+) -> Targets:
+    """uint8 (or [0, 1] float) RGB crops -> L input and soft-encoded ab targets, on their device.
+
+    Targets are every `stride`-th ab pixel (as released), matching the network's output size.
+    """
+    rgb = rgb_N3HW.float() / 255 if rgb_N3HW.dtype == torch.uint8 else rgb_N3HW.float()
+    lab = rgb_to_lab(rgb)
+    ab_N2hw = subsample_targets(lab[:, 1:], stride)
+    bins, weights = soft_encode(ab_N2hw, k=k, sigma=sigma)
+    return Targets(lab[:, :1].contiguous(), bins, weights, nongray_mask(ab_N2hw))

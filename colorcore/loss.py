@@ -1,0 +1,90 @@
+"""Class-rebalanced multinomial cross-entropy (paper Eq. 2), computed in fp32.
+
+Legend: N batch, Q = 313 ab bins, k bins kept by the soft encoding, h, w output size
+(1/4 of the input), H, W the size the ab target was taken at (equal to h, w once subsampled).
+
+The soft target is sparse (k bin indices + weights per pixel, from ``quantize.soft_encode``):
+the loss gathers k log-probabilities per pixel instead of building the dense Q-wide target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GRAY_AB_THRESHOLD = 5.0  # released training: images whose |a|, |b| never exceed 5 are gray
+REDUCTIONS = ("per_image", "per_pixel", "none")
+
+
+def nongray_mask(ab_N2hw: torch.Tensor, threshold: float = GRAY_AB_THRESHOLD) -> torch.Tensor:
+    """Bool (N,): True for images with some pixel whose |a| or |b| exceeds ``threshold``.
+
+    Give it the subsampled ab target, as the released training does; gray photos in a colour
+    dataset would otherwise teach the network to predict gray.
+    """
+    if ab_N2hw.ndim != 4 or ab_N2hw.shape[1] != 2:
+        raise ValueError(f"ab_N2hw must have shape (N, 2, h, w), got {tuple(ab_N2hw.shape)}")
+    return (ab_N2hw.abs() > threshold).flatten(1).any(dim=1)
+
+
+def _check_shapes(
+    logits_NQhw: torch.Tensor,
+    bins_NkHW: torch.Tensor,
+    weights_NkHW: torch.Tensor,
+    rebalance_Q: torch.Tensor,
+    nongray_N: torch.Tensor | None,
+) -> None:
+    if logits_NQhw.ndim != 4:
+        raise ValueError(f"logits must have shape (N, Q, h, w), got {tuple(logits_NQhw.shape)}")
+    N, Q, h, w = logits_NQhw.shape
+    if rebalance_Q.shape != (Q,):
+        raise ValueError(f"rebalance_Q must have shape ({Q},), got {tuple(rebalance_Q.shape)}")
+    if bins_NkHW.ndim != 4 or (bins_NkHW.shape[0], *bins_NkHW.shape[2:]) != (N, h, w):
+        raise ValueError(
+            f"bins must have shape (N, k, h, w) = ({N}, k, {h}, {w}) to match the logits, "
+            f"got {tuple(bins_NkHW.shape)} (subsample the target to the output size)"
+        )
+    if weights_NkHW.shape != bins_NkHW.shape:
+        raise ValueError(
+            f"weights shape {tuple(weights_NkHW.shape)} != bins shape {tuple(bins_NkHW.shape)}"
+        )
+    if nongray_N is not None and nongray_N.shape != (N,):
+        raise ValueError(f"nongray_N must have shape ({N},), got {tuple(nongray_N.shape)}")
+
+
+def rebalanced_cross_entropy(
+    logits_NQhw: torch.Tensor,
+    bins_NkHW: torch.Tensor,
+    weights_NkHW: torch.Tensor,
+    rebalance_Q: torch.Tensor,
+    *,
+    nongray_N: torch.Tensor | None = None,
+    reduction: str = "per_image",
+) -> torch.Tensor:
+    """Per pixel: v * -sum_j weights[j] * log_softmax(logits)[bins[j]], in fp32.
+
+    v = rebalance_Q[bins[:, 0]] is the rebalancing weight of the nearest bin (``bins`` are
+    ordered nearest first), times ``nongray_N`` (0 drops an image) when given. v carries no
+    gradient, so the gradient is v * (softmax - target): the released net's weighting.
+
+    reduction: "per_image" sums over pixels and divides by N (the released normalisation, which
+    the paper's learning rates assume); "per_pixel" is the mean over N*h*w; "none" gives the
+    (N, h, w) per-pixel losses.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_shapes(logits_NQhw, bins_NkHW, weights_NkHW, rebalance_Q, nongray_N)
+    # bf16 keeps 8 mantissa bits: too few for a log-softmax over Q classes summed over pixels.
+    with torch.autocast(device_type=logits_NQhw.device.type, enabled=False):
+        logp_NQhw = F.log_softmax(logits_NQhw.float(), dim=1)
+        logp_NkHW = logp_NQhw.gather(1, bins_NkHW)
+        ce_Nhw = -(weights_NkHW.float() * logp_NkHW).sum(dim=1)
+        v_Nhw = rebalance_Q.to(logits_NQhw.device, torch.float32)[bins_NkHW[:, 0]]
+        if nongray_N is not None:
+            v_Nhw = v_Nhw * nongray_N.to(logits_NQhw.device, torch.float32)[:, None, None]
+        loss_Nhw = ce_Nhw * v_Nhw
+    if reduction == "none":
+        return loss_Nhw
+    if reduction == "per_pixel":
+        return loss_Nhw.mean()
+    return loss_Nhw.sum() / loss_Nhw.shape[0]

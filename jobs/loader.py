@@ -1,0 +1,221 @@
+"""The training input pipeline: seeded epochs over a prepared dataset, split by rank.
+
+An epoch is a permutation of the dataset's colour images (grayscale sources are left out,
+as the released training left them out), built in two levels so that a worker never needs
+the whole dataset at once: the shards are shuffled, cut into windows of `window_shards`,
+and the images of each window are shuffled. Step s of an epoch uses the global positions
+[s*B, (s+1)*B) of that order, B = world_size x per-rank batch; rank r takes the r-th
+slice of b = B / world_size of them. So within an epoch no image is used twice, across all
+workers, and the state of the stream is one number, the global sample offset (epoch,
+offset), which checkpoints store: a resumed run continues with exactly the samples, crops
+and flips it would have used.
+
+The N mod B images left over at the end of an epoch's order are not used in that epoch
+(no padding with duplicates, every step has the full global batch); the next epoch's
+order is a new permutation, so a different remainder is left out each time.
+
+Workers decode with PIL in a thread pool (JPEG decoding releases the GIL) and prefetch
+batches in the background; on CUDA, `decode="nvjpeg"` decodes on the GPU instead.
+Every worker reads the shards of the current window (it needs a slice of each), which
+trades some repeated reads for exact, rank-independent sample order.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from colorcore.data import random_crop_flip
+from jobs import storage
+from jobs.dataset import Manifest
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Where each usable image of a prepared dataset is: shard URLs and kept row numbers."""
+
+    shard_urls: tuple[str, ...]
+    rows: tuple[np.ndarray, ...]  # per shard: row numbers of colour images
+    labels: tuple[np.ndarray, ...]
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    @classmethod
+    def load(
+        cls, dataset_url: str, s3: storage.S3Options | None = None, *, include_gray: bool = False
+    ) -> DatasetIndex:
+        import pyarrow.parquet as pq
+
+        manifest = Manifest.load(dataset_url, s3)
+        fs, root = storage.arrow_filesystem(dataset_url, s3)
+        urls, rows, labels = [], [], []
+        for shard in manifest.shards:
+            table = pq.read_table(
+                f"{root}/{shard.name}", filesystem=fs, columns=["label", "grayscale"]
+            )
+            gray = table.column("grayscale").to_numpy(zero_copy_only=False)
+            keep = np.arange(len(gray)) if include_gray else np.flatnonzero(~gray)
+            urls.append(storage.join(dataset_url, shard.name))
+            rows.append(keep)
+            labels.append(table.column("label").to_numpy()[keep])
+        return cls(tuple(urls), tuple(rows), tuple(labels))
+
+
+def epoch_order(index: DatasetIndex, *, epoch: int, seed: int, window_shards: int) -> np.ndarray:
+    """The epoch's order as (shard, row) pairs, shape (num_images, 2)."""
+    rng = np.random.default_rng([seed, epoch])
+    shards = rng.permutation(len(index.shard_urls))
+    parts = []
+    for start in range(0, len(shards), window_shards):
+        window = [
+            np.stack([np.full(len(index.rows[s]), s), index.rows[s]], axis=1)
+            for s in shards[start : start + window_shards]
+        ]
+        pairs = np.concatenate(window) if window else np.zeros((0, 2), np.int64)
+        parts.append(pairs[rng.permutation(len(pairs))])
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+
+
+@dataclass(frozen=True)
+class Batch:
+    rgb_N3HW: torch.Tensor
+    """uint8 crops (CPU, or CUDA with nvJPEG decoding)."""
+    epoch: int
+    next_offset: int
+    """Global sample offset in `epoch` after this step (what a checkpoint stores)."""
+    positions: np.ndarray
+    """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    from jobs.images import load_rgb
+
+    image, _ = load_rgb(data)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+class TrainLoader:
+    """This rank's batches, step after step, from (epoch, offset) on, forever."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        crop_px: int,
+        seed: int,
+        window_shards: int = 4,
+        start_epoch: int = 0,
+        start_offset: int = 0,
+        num_threads: int = 4,
+        prefetch_batches: int = 2,
+        decode: str = "pil",
+        s3: storage.S3Options | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.global_batch = batch_size * world_size
+        if index.num_images < self.global_batch:
+            raise ValueError(
+                f"dataset has {index.num_images} colour images, fewer than one global batch "
+                f"({self.global_batch})"
+            )
+        if start_offset % self.global_batch:
+            raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
+        if decode not in ("pil", "nvjpeg"):
+            raise ValueError(f"decode must be 'pil' or 'nvjpeg', got {decode!r}")
+        self.index, self.rank, self.batch_size = index, rank, batch_size
+        self.crop_px, self.seed, self.window_shards = crop_px, seed, window_shards
+        self.epoch, self.offset = start_epoch, start_offset
+        self.num_threads, self.prefetch_batches, self.decode, self.s3 = (
+            num_threads, prefetch_batches, decode, s3,
+        )  # fmt: skip
+        self._cache: dict[int, object] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.index.num_images // self.global_batch
+
+    def _shard(self, s: int):
+        """The shard's jpeg column; the last few shards are kept (a window's worth)."""
+        if s not in self._cache:
+            import pyarrow.parquet as pq
+
+            data = storage.read_bytes(self.index.shard_urls[s], self.s3)
+            self._cache[s] = pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg")
+            while len(self._cache) > 2 * self.window_shards:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[s]
+
+    def _decode(self, data: list[bytes], epoch: int, positions: np.ndarray, pool) -> torch.Tensor:
+        rngs = [np.random.default_rng([self.seed, epoch, int(p)]) for p in positions]
+        if self.decode == "nvjpeg":
+            import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
+
+            frames = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+            images = torchvision.io.decode_jpeg(
+                frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
+            )
+        else:
+            images = list(pool.map(_decode_pil, data))
+        return torch.stack(
+            [random_crop_flip(im, self.crop_px, rng) for im, rng in zip(images, rngs, strict=True)]
+        )
+
+    def _batches(self) -> Iterator[Batch]:
+        epoch, offset = self.epoch, self.offset
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            while True:
+                order = epoch_order(
+                    self.index, epoch=epoch, seed=self.seed, window_shards=self.window_shards
+                )
+                last = self.steps_per_epoch * self.global_batch
+                while offset < last:
+                    start = offset + self.rank * self.batch_size
+                    positions = np.arange(start, start + self.batch_size)
+                    data = [self._shard(int(s))[int(r)].as_py() for s, r in order[positions]]
+                    rgb = self._decode(data, epoch, positions, pool)
+                    offset += self.global_batch
+                    yield Batch(rgb, epoch, offset, positions)
+                epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches produced by a background thread, `prefetch_batches` ahead."""
+        buffer: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for batch in self._batches():
+                    while not stop.is_set():
+                        try:
+                            buffer.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # surfaced in the consumer
+                buffer.put(e)
+
+        thread = threading.Thread(target=produce, daemon=True, name="train-loader")
+        thread.start()
+        try:
+            while True:
+                item = buffer.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

@@ -1,0 +1,274 @@
+"""The training loop each Ray Train worker runs (configured by `jobs.train.TrainConfig`).
+
+Per step: the rank's micro-batches of uint8 crops come from `jobs.loader.TrainLoader`;
+Lab conversion and soft encoding run on the training device (`colorcore.data`); the loss is
+`colorcore.loss.rebalanced_cross_entropy` in fp32 under autocast; gradients are
+accumulated (DDP synchronises only on the last micro-batch) and Adam steps once.
+
+Every rank calls `ray.train.report` at every checkpoint step; rank 0 attaches the
+checkpoint directory, named ``checkpoint_<step>`` so the run folder follows the
+``--model`` convention, and rewrites ``metrics.csv`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from colorcore.data import make_targets
+from colorcore.datainit import data_dependent_init
+from colorcore.loss import rebalanced_cross_entropy
+from colorcore.model import ColorizationNet
+from colorcore.weights import load_checkpoint, save_checkpoint
+from jobs import storage
+from jobs.config import from_dict
+from jobs.loader import DatasetIndex, TrainLoader
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
+from jobs.runtime import choose_precision
+from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    run_url = config["run_url"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    precision = choose_precision(device.type, cfg.precision)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    histogram = load_prior(cfg.prior_url, cfg.s3)
+    rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma).to(
+        device
+    )
+    rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
+
+    state = _restore(ray.train.get_checkpoint())
+    torch.manual_seed(cfg.seed + rank)
+    model = ColorizationNet(cfg.model)
+    if state:
+        model.load_state_dict(state["model_state"])
+        torch.set_rng_state(state["extra"]["rng_state"][rank % len(state["extra"]["rng_state"])])
+    step = state["extra"]["step"] if state else 0
+    epoch, offset = (state["extra"]["epoch"], state["extra"]["offset"]) if state else (0, 0)
+    history: list[dict[str, float]] = state["extra"]["history"] if state else []
+
+    index = DatasetIndex.load(cfg.data, cfg.s3)
+    decode = cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
+    loader = TrainLoader(
+        index,
+        rank=rank,
+        world_size=world,
+        batch_size=cfg.micro_batch * cfg.grad_accum_steps,
+        crop_px=cfg.crop_px,
+        seed=cfg.seed,
+        window_shards=cfg.window_shards,
+        start_epoch=epoch,
+        start_offset=offset,
+        num_threads=max(2, int(cfg.cpus_per_worker)),
+        decode=decode,
+        s3=cfg.s3,
+    )
+    batches = iter(loader)
+
+    if cfg.data_init and not state:
+        first = make_targets(
+            next(
+                iter(
+                    TrainLoader(
+                        index,
+                        rank=0,
+                        world_size=1,
+                        batch_size=cfg.micro_batch,
+                        crop_px=cfg.crop_px,
+                        seed=cfg.seed + 1,
+                    )
+                )
+            ).rgb_N3HW
+        )
+        data_dependent_init(model, first.l_N1HW)  # same batch on every rank: same weights
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
+    model = ray.train.torch.prepare_model(model) if world > 1 else model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
+    if state:
+        optimizer.load_state_dict(state["extra"]["optimizer"])
+    forward = torch.compile(model) if cfg.compile else model
+
+    val_crops = None
+    if cfg.val_data:
+        from jobs.validation import load_crops
+
+        val_crops = load_crops(
+            cfg.val_data,
+            num_images=cfg.val_images,
+            crop_px=cfg.crop_px,
+            rank=rank,
+            world_size=world,
+            s3=cfg.s3,
+        )
+
+    window_start, window_images, window_loss = time.monotonic(), 0, 0.0
+    while step < cfg.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        micro = batch.rgb_N3HW.to(device, non_blocking=True).split(cfg.micro_batch)
+        for i, rgb in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+            with sync:
+                loss = _loss(forward, rgb, rebalance_Q, cfg, precision.autocast_dtype, device)
+                (loss / cfg.grad_accum_steps).backward()
+            window_loss += loss.item() / cfg.grad_accum_steps
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        epoch, offset = (batch.epoch, batch.next_offset)
+        window_images += cfg.batch_size
+
+        row: dict[str, float] = {}
+        if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
+            elapsed = time.monotonic() - window_start
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                "loss": _mean_over_ranks(
+                    window_loss / max(1, window_images // cfg.batch_size), device
+                ),
+                "img_per_s": window_images / max(elapsed, 1e-9),
+            }
+            window_start, window_images, window_loss = time.monotonic(), 0, 0.0
+        if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
+            from jobs.validation import validate
+
+            result = validate(
+                model,
+                val_crops,
+                rebalance0_Q=rebalance0_Q,
+                k=cfg.soft_encode_k,
+                sigma=cfg.soft_encode_sigma,
+                autocast_dtype=precision.autocast_dtype,
+            )
+            row = {"step": step, **row, **result.as_metrics()}
+        if row:
+            history.append(row)
+            if rank == 0:
+                print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+        if step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps:
+            _report(
+                model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
+            )
+
+
+def _loss(model, rgb, rebalance_Q, cfg: TrainConfig, autocast_dtype, device) -> torch.Tensor:
+    targets = make_targets(rgb, k=cfg.soft_encode_k, sigma=cfg.soft_encode_sigma)
+    l_in = targets.l_N1HW
+    if device.type == "cuda":
+        l_in = l_in.contiguous(memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        logits = model(l_in)
+    return rebalanced_cross_entropy(
+        logits,
+        targets.bins_NkHW,
+        targets.weights_NkHW,
+        rebalance_Q,
+        nongray_N=targets.nongray_N,
+        reduction=cfg.loss_reduction,
+    )
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size()
+
+
+def _restore(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        ckpt = load_checkpoint(os.path.join(directory, CHECKPOINT_FILE))
+    return {"model_state": ckpt.model_state, "extra": ckpt.extra}
+
+
+def _report(
+    model,
+    optimizer,
+    cfg: TrainConfig,
+    run_url,
+    histogram,
+    step,
+    epoch,
+    offset,
+    history,
+    rank,
+    world,
+) -> None:
+    import ray.train
+
+    from jobs.config import to_dict
+
+    metrics = {"step": step, "epoch": epoch, "offset": offset, **(history[-1] if history else {})}
+    rng_states: list[Any] = [torch.get_rng_state()]
+    if world > 1:
+        rng_states = [None] * world
+        torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step))
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        extra = {
+            "step": step,
+            "epoch": epoch,
+            "offset": offset,
+            "history": history,
+            "optimizer": optimizer.state_dict(),
+            "rng_state": rng_states,
+            "config": to_dict(cfg),
+        }
+        save_checkpoint(
+            os.path.join(directory, CHECKPOINT_FILE),
+            model,
+            prior_counts=histogram.counts_Q,
+            extra=extra,
+        )
+        storage.write_bytes(storage.join(run_url, METRICS_FILE), _csv(history), cfg.s3)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=checkpoint_dir_name(step),
+        )
+
+
+def _csv(history: list[dict[str, float]]) -> bytes:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue().encode()

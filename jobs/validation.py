@@ -1,0 +1,135 @@
+"""Held-out measurements shared by training (every M steps), tuning and the smoke summary.
+
+On centre crops of a prepared held-out dataset: the validation loss under lambda = 1
+weights (no rebalancing, so comparable across runs with different lambdas; summed over
+pixels, averaged over images, as the released loss) and the AuC of the annealed-mean colours
+against the ground truth at crop resolution, raw and class-rebalanced (lambda = 0 weights of
+the ground truth's nearest bin), for the model and for the gray baseline (ab = 0).
+Each rank measures its share of the images; sums are all-reduced when torch.distributed
+is initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from colorcore.color import rgb_to_lab
+from colorcore.data import make_targets, random_crop_flip
+from colorcore.decode import ANNEALED_MEAN_T, annealed_mean
+from colorcore.loss import rebalanced_cross_entropy
+from colorcore.metrics import ab_auc
+from colorcore.quantize import nearest_bin
+from jobs import storage
+from jobs.loader import DatasetIndex, _decode_pil
+
+
+def load_crops(
+    dataset_url: str,
+    *,
+    num_images: int,
+    crop_px: int,
+    rank: int = 0,
+    world_size: int = 1,
+    s3: storage.S3Options | None = None,
+) -> torch.Tensor:
+    """uint8 centre crops (n, 3, crop, crop) of this rank's share of the first `num_images`."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    index = DatasetIndex.load(dataset_url, s3)
+    pairs = [(s, r) for s, rows in enumerate(index.rows) for r in rows][:num_images]
+    mine = pairs[rank::world_size]
+    crops = []
+    for s, group in itertools.groupby(mine, key=lambda p: p[0]):
+        column = pq.read_table(
+            io.BytesIO(storage.read_bytes(index.shard_urls[s], s3)), columns=["jpeg"]
+        )
+        for _, r in group:
+            crops.append(
+                random_crop_flip(_decode_pil(column.column("jpeg")[int(r)].as_py()), crop_px, None)
+            )
+    if not crops:
+        return torch.zeros(0, 3, crop_px, crop_px, dtype=torch.uint8)
+    return torch.stack(crops)
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    images: int
+    loss: float
+    """Per image, lambda = 1 weights."""
+    auc_raw: float
+    auc_rebalanced: float
+    gray_auc_raw: float
+    gray_auc_rebalanced: float
+
+    def as_metrics(self, prefix: str = "val_") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    crops_N3HW: torch.Tensor,
+    *,
+    rebalance0_Q: torch.Tensor,
+    k: int,
+    sigma: float,
+    T: float = ANNEALED_MEAN_T,
+    batch_size: int = 32,
+    autocast_dtype: torch.dtype | None = None,
+) -> ValidationResult:
+    """Measure `model` on uint8 crops; `rebalance0_Q` are the lambda = 0 weights."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    ones_Q = torch.ones_like(rebalance0_Q, device=device)
+    rebalance0_Q = rebalance0_Q.to(device)
+    for start in range(0, len(crops_N3HW), batch_size):
+        rgb = crops_N3HW[start : start + batch_size].to(device)
+        t = make_targets(rgb, k=k, sigma=sigma)
+        autocast = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = model(t.l_N1HW)
+        loss = rebalanced_cross_entropy(
+            logits, t.bins_NkHW, t.weights_NkHW, ones_Q, nongray_N=t.nongray_N, reduction="none"
+        ).sum((1, 2))
+        ab_true = rgb_to_lab(rgb.float() / 255)[:, 1:]
+        ab_pred = F.interpolate(annealed_mean(logits, T), size=ab_true.shape[-2:], mode="bilinear")
+        w_rebal = rebalance0_Q[nearest_bin(ab_true)]
+        gray = torch.zeros_like(ab_true)
+        sums += torch.stack(
+            [
+                torch.tensor(float(len(rgb)), device=device, dtype=torch.float64),
+                loss.double().sum(),
+                ab_auc(ab_pred, ab_true)[0].double().sum(),
+                ab_auc(ab_pred, ab_true, pixel_weights=w_rebal)[0].double().sum(),
+                ab_auc(gray, ab_true)[0].double().sum(),
+                ab_auc(gray, ab_true, pixel_weights=w_rebal)[0].double().sum(),
+            ]
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[0].item(), 1.0)
+    values = (sums[1:] / n).tolist()
+    return ValidationResult(int(sums[0].item()), *values)
+
+
+def format_summary(result: ValidationResult) -> str:
+    return (
+        f"held-out ({result.images} images): rebalanced AuC model {result.auc_rebalanced:.4f} "
+        f"vs gray {result.gray_auc_rebalanced:.4f}; raw AuC model {result.auc_raw:.4f} vs gray "
+        f"{result.gray_auc_raw:.4f}; loss {result.loss:.1f} per image"
+    )

@@ -1,0 +1,112 @@
+"""The training input pipeline: exactly-once epochs across ranks, resume, shapes and ranges."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from itertools import islice
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from colorcore.data import make_targets
+from jobs import storage
+from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo
+from jobs.loader import DatasetIndex, TrainLoader, epoch_order
+from tests.support import encode, photo_rgb
+
+SHARD_SIZES = (7, 5, 6, 5)  # 23 images, two of them grayscale
+
+
+def write_dataset(root: str) -> None:
+    """A dataset written directly in the shard schema (no Ray needed)."""
+    photo = photo_rgb("astronaut")
+    shards, n = [], 0
+    for s, size in enumerate(SHARD_SIZES):
+        rows = []
+        for _ in range(size):
+            gray = n in (3, 15)
+            crop = photo[n * 10 : n * 10 + 40, n * 5 : n * 5 + 56]
+            if gray:
+                crop = np.repeat(crop.mean(2, keepdims=True).astype(np.uint8), 3, axis=2)
+            jpeg = encode(crop)
+            rows.append({"key": f"c/{n:03d}", "label": n % 2, "jpeg": jpeg, "height_px": 40,
+                         "width_px": 56, "src_sha256": hashlib.sha256(jpeg).hexdigest(),
+                         "grayscale": gray})  # fmt: skip
+            n += 1
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), buffer)
+        name = f"shards/part-{s:05d}-000.parquet"
+        storage.write_bytes(storage.join(root, name), buffer.getvalue())
+        shards.append(ShardInfo(name=name, num_rows=size, sha256="0" * 64))
+    Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0).save(root)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> DatasetIndex:
+    root = str(tmp_path_factory.mktemp("loader") / "ds")
+    write_dataset(root)
+    return DatasetIndex.load(root)
+
+
+def loader(index: DatasetIndex, rank: int, **kw) -> TrainLoader:
+    args = {"world_size": 2, "batch_size": 3, "crop_px": 32, "seed": 7, "window_shards": 2} | kw
+    return TrainLoader(index, rank=rank, **args)
+
+
+def test_index_leaves_out_grayscale(dataset) -> None:
+    assert dataset.num_images == 21
+    assert 3 not in dataset.rows[0] and 3 not in dataset.rows[2]  # global rows 3 and 15
+
+
+def test_epoch_order_is_a_seeded_permutation(dataset) -> None:
+    order = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    pairs = {tuple(p) for p in order}
+    expected = {(s, r) for s, rows in enumerate(dataset.rows) for r in rows}
+    assert len(order) == len(pairs) == 21 and pairs == expected
+    again = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    assert np.array_equal(order, again)
+    assert not np.array_equal(order, epoch_order(dataset, epoch=1, seed=7, window_shards=2))
+
+
+def test_two_ranks_see_every_sample_of_an_epoch_once(dataset) -> None:
+    steps = loader(dataset, 0).steps_per_epoch
+    assert steps == 21 // 6 == 3  # the remainder of 3 is left out of this epoch
+    seen = []
+    for rank in (0, 1):
+        batches = list(islice(iter(loader(dataset, rank)), steps))
+        assert all(b.epoch == 0 for b in batches)
+        assert [b.next_offset for b in batches] == [6, 12, 18]
+        seen += [int(p) for b in batches for p in b.positions]
+        assert batches[0].rgb_N3HW.shape == (3, 3, 32, 32)
+        assert batches[0].rgb_N3HW.dtype == torch.uint8
+    assert sorted(seen) == list(range(18))  # each position once, over both ranks
+
+
+def test_resume_from_an_offset_repeats_nothing_and_matches(dataset) -> None:
+    full = list(islice(iter(loader(dataset, 1)), 5))  # crosses into epoch 1
+    assert [(b.epoch, b.next_offset) for b in full] == [(0, 6), (0, 12), (0, 18), (1, 6), (1, 12)]
+    resumed = list(islice(iter(loader(dataset, 1, start_epoch=0, start_offset=12)), 3))
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert (a.epoch, a.next_offset) == (b.epoch, b.next_offset)
+        assert np.array_equal(a.positions, b.positions)
+        assert torch.equal(a.rgb_N3HW, b.rgb_N3HW)  # same images, crops and flips
+    with pytest.raises(ValueError, match="not a multiple of the global batch"):
+        loader(dataset, 0, start_offset=4)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        loader(dataset, 0, batch_size=11)
+
+
+def test_targets_shapes_and_ranges(dataset) -> None:
+    batch = next(iter(loader(dataset, 0, crop_px=48)))
+    t = make_targets(batch.rgb_N3HW)
+    assert t.l_N1HW.shape == (3, 1, 48, 48) and 0 <= t.l_N1HW.min() and t.l_N1HW.max() <= 100
+    assert t.bins_NkHW.shape == (3, 10, 12, 12) and t.bins_NkHW.dtype == torch.int64
+    assert 0 <= t.bins_NkHW.min() and t.bins_NkHW.max() < 313
+    torch.testing.assert_close(t.weights_NkHW.sum(1), torch.ones(3, 12, 12))
+    assert t.nongray_N.dtype == torch.bool and t.nongray_N.all()
+    gray = make_targets(batch.rgb_N3HW.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255)
+    assert not gray.nongray_N.any()

@@ -1,0 +1,122 @@
+"""Tests for colorcore.loss: the sparse rebalanced loss against a dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from colorcore import loss, quantize
+
+N, H, W = 3, 5, 6
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random logits, the soft-encoded target of random ab values, random rebalancing weights."""
+    generator = torch.Generator().manual_seed(seed)
+    ab_N2HW = torch.rand(N, 2, H, W, generator=generator) * 160.0 - 80.0
+    bins_NkHW, weights_NkHW = quantize.soft_encode(ab_N2HW)
+    return {
+        "logits_NQhw": 3.0 * torch.randn(N, quantize.NUM_AB_BINS, H, W, generator=generator),
+        "bins_NkHW": bins_NkHW,
+        "weights_NkHW": weights_NkHW,
+        "rebalance_Q": 0.1 + 5.0 * torch.rand(quantize.NUM_AB_BINS, generator=generator),
+    }
+
+
+def _dense_reference(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel losses and per-pixel weights v, from the dense (N, Q, h, w) target."""
+    target_NQhw = quantize.to_dense(batch["bins_NkHW"], batch["weights_NkHW"])
+    v_Nhw = batch["rebalance_Q"][target_NQhw.argmax(dim=1)]
+    ce_Nhw = -(target_NQhw * F.log_softmax(batch["logits_NQhw"].double(), dim=1)).sum(dim=1)
+    return ce_Nhw.float() * v_Nhw, v_Nhw
+
+
+def test_value_equals_the_dense_reference() -> None:
+    batch = _batch()
+    expected_Nhw, _ = _dense_reference(batch)
+    per_pixel_Nhw = loss.rebalanced_cross_entropy(**batch, reduction="none")
+    assert per_pixel_Nhw.shape == (N, H, W) and per_pixel_Nhw.dtype == torch.float32
+    assert_close(per_pixel_Nhw, expected_Nhw)
+    assert_close(loss.rebalanced_cross_entropy(**batch), expected_Nhw.sum() / N)
+
+
+def test_gradient_is_the_released_weighted_softmax_minus_target() -> None:
+    """The released net weighs the plain cross-entropy's gradient by v in its backward pass."""
+    batch = _batch(seed=1)
+    logits_NQhw = batch["logits_NQhw"].requires_grad_()
+    loss.rebalanced_cross_entropy(**batch).backward()
+    target_NQhw = quantize.to_dense(batch["bins_NkHW"], batch["weights_NkHW"])
+    _, v_Nhw = _dense_reference(batch)
+    plain_grad_NQhw = torch.softmax(logits_NQhw.detach(), dim=1) - target_NQhw
+    assert_close(logits_NQhw.grad, plain_grad_NQhw * v_Nhw[:, None] / N)
+
+
+def test_per_image_is_per_pixel_times_pixels_per_image() -> None:
+    batch = _batch(seed=2)
+    per_image = loss.rebalanced_cross_entropy(**batch, reduction="per_image")
+    per_pixel = loss.rebalanced_cross_entropy(**batch, reduction="per_pixel")
+    assert_close(per_image / per_pixel, torch.tensor(float(H * W)))
+
+
+def test_gray_images_give_zero_loss_and_zero_gradient() -> None:
+    batch = _batch(seed=3)
+    logits_NQhw = batch["logits_NQhw"].requires_grad_()
+    nongray_N = torch.tensor([True, False, True])
+    per_pixel_Nhw = loss.rebalanced_cross_entropy(**batch, nongray_N=nongray_N, reduction="none")
+    per_pixel_Nhw.sum().backward()
+    assert torch.all(per_pixel_Nhw[1] == 0) and torch.all(per_pixel_Nhw[[0, 2]] > 0)
+    assert torch.all(logits_NQhw.grad[1] == 0) and torch.any(logits_NQhw.grad[0] != 0)
+    without_mask_Nhw = loss.rebalanced_cross_entropy(**batch, reduction="none")
+    assert_close(per_pixel_Nhw[[0, 2]], without_mask_Nhw[[0, 2]])
+
+
+def test_nongray_mask_is_strictly_above_the_threshold_in_a_or_b() -> None:
+    ab_N2hw = torch.zeros(4, 2, 3, 3)
+    ab_N2hw[0, 0, 1, 2] = 5.5
+    ab_N2hw[1] = 5.0  # |a| = |b| = 5 everywhere: still gray
+    ab_N2hw[1, 1, 0, 0] = -5.0
+    ab_N2hw[2, 1, 2, 0] = -6.0
+    mask_N = loss.nongray_mask(ab_N2hw)
+    assert mask_N.dtype == torch.bool
+    assert mask_N.tolist() == [True, False, True, False]
+    assert loss.nongray_mask(ab_N2hw, threshold=5.6).tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="shape"):
+        loss.nongray_mask(torch.zeros(4, 3, 3))
+
+
+def test_bf16_logits_under_autocast_give_an_fp32_loss() -> None:
+    batch = _batch(seed=4)
+    logits_bf16 = batch["logits_NQhw"].bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss.rebalanced_cross_entropy(**{**batch, "logits_NQhw": logits_bf16})
+    assert value.dtype == torch.float32
+    expected = loss.rebalanced_cross_entropy(**{**batch, "logits_NQhw": logits_bf16.float()})
+    assert_close(value, expected, rtol=1e-6, atol=0)
+    value.backward()
+    assert logits_bf16.grad.dtype == torch.bfloat16
+
+
+def test_lambda_one_weights_give_the_plain_cross_entropy() -> None:
+    batch = _batch(seed=5)
+    batch["rebalance_Q"] = torch.ones(quantize.NUM_AB_BINS, dtype=torch.float64)
+    target_NQhw = quantize.to_dense(batch["bins_NkHW"], batch["weights_NkHW"])
+    plain = F.cross_entropy(batch["logits_NQhw"], target_NQhw, reduction="sum") / N
+    assert_close(loss.rebalanced_cross_entropy(**batch), plain)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"reduction": "mean"}, "reduction"),
+        ({"nongray_N": torch.ones(N + 1, dtype=torch.bool)}, "nongray_N"),
+        ({"rebalance_Q": torch.ones(quantize.NUM_AB_BINS - 1)}, "rebalance_Q"),
+        ({"logits_NQhw": torch.zeros(N, quantize.NUM_AB_BINS, H + 1, W)}, "subsample"),
+        ({"logits_NQhw": torch.zeros(quantize.NUM_AB_BINS, H, W)}, "logits"),
+        ({"weights_NkHW": torch.ones(N, 5, H, W) / 5}, "weights"),
+    ],
+)
+def test_user_errors_raise_value_error(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        loss.rebalanced_cross_entropy(**{**_batch(), **change})
