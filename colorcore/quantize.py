@@ -2,18 +2,22 @@
 ground-truth ab values over them.
 
 Legend: N batch (any number of leading dims is accepted), 2 ab channels at dim -3,
-Q = 313 bins, k nearest bins kept by the soft encoding, H, W image size,
-P pixels (leading dims, H and W flattened), C candidate bins per lookup cell,
-X lookup cells, M pixels outside the lookup table's extent.
+Q = 313 bins, k nearest bins kept by the soft encoding, H, W image size, L = H x W,
+P pixels in general, b = n x l pixels of a block (n images, l pixels of each),
+C candidate bins per lookup cell, X lookup cells, M pixels outside the lookup table.
 
 Soft encoding looks each pixel's k nearest bins up in a precomputed table over the ab plane
 instead of comparing it with all 313 bins: every table cell lists the few bins that can be
-among the k nearest of any point in that cell, so a pixel costs C distances, not Q.
+among the k nearest of any point in that cell, so a pixel costs C distances, not Q. The
+result is exact: the same bins, in the same order, as ranking all 313 fp32 squared
+distances with ties to the lower bin index.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import sys
 
 import torch
 
@@ -33,7 +37,8 @@ TARGET_STRIDE = 4  # released data layer: targets are ab[:, :, ::4, ::4], not an
 #   within Euclidean / Chebyshev / convex-hull distance r of the gamut, or some L with
 #   Lab->RGB out of [0, 1] by at most t: no r or t separates the released bins from the rest
 #   (some released bins lie 14.9 from the gamut, some left out lie 11.7 from it).
-# The floor/ceil rule comes closest; the table is therefore kept as published.
+# Restricting L only removes bins, and the released set already holds every bin of these
+# rules over all L. The floor/ceil rule comes closest; the table is kept as published.
 _BIN_COLUMNS = (  # (a, b_min, b_max)
     (-90, 50, 90), (-80, 20, 90), (-70, 0, 90), (-60, -20, 90), (-50, -30, 100),
     (-40, -40, 100), (-30, -50, 100), (-20, -50, 100), (-10, -60, 100), (0, -70, 100),
@@ -44,7 +49,7 @@ _BIN_COLUMNS = (  # (a, b_min, b_max)
 # Lookup table over the ab plane. Its extent covers every ab an sRGB image can produce
 # (a in about [-87, 99], b in about [-108, 95]) with margin; ab outside it are searched by
 # brute force, so the result is exact everywhere.
-_CELL_AB = 2.0  # cell side: C ~ 16 candidates for k = 10, a table of 14,400 cells
+_CELL_AB = 2.0  # cell side: C = 16 candidates for k = 10 over 14,400 cells
 _TABLE_LIMIT_AB = 120.0  # the table spans [-limit, limit) in a and b
 _CELLS_PER_SIDE = round(2 * _TABLE_LIMIT_AB / _CELL_AB)
 # Each cell's guarantee is built for the cell grown by this much, so a pixel that float
@@ -52,11 +57,17 @@ _CELLS_PER_SIDE = round(2 * _TABLE_LIMIT_AB / _CELL_AB)
 _CELL_MARGIN_AB = 1e-2
 _SENTINEL = NUM_AB_BINS  # padding candidate: index Q, placed far from every bin
 _SENTINEL_AB = 1e4
-# Candidates are ranked by an int64 key: the fp32 squared distance's bits (monotone for
-# non-negative floats) above the bin index, so one top-k gives nearest first and, on exact
-# ties, the lower bin index first.
-_INDEX_BITS = 9
-assert _SENTINEL < 2**_INDEX_BITS
+# Candidates are ranked by an int64 key: the bin index in the low 32 bits, the fp32 squared
+# distance's bits (monotone for non-negative floats) in the high 32, so the smallest keys
+# are the nearest bins and, on exact ties, the lower bin index comes first. The distance is
+# written straight into the high halves, which sit second in memory on little-endian hosts.
+_KEY_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+# Up to this many candidates a comparator network ranks them (elementwise min/max over whole
+# rows of pixels, several times faster on CPU than a per-pixel top-k over a short row);
+# wider sets (large k, brute force) use top-k.
+_NETWORK_MAX_WIDTH = 32
+_BRUTE_FORCE_CHUNK = 4096  # pixels outside the table compared with all Q bins at once
+_CPU_BLOCK_PIXELS = 2**15  # pixels ranked at once on CPU (see _nearest_keys)
 
 
 @functools.cache
@@ -73,8 +84,8 @@ def ab_bins(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def _axis_distances(centres_Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per table row (or column) of cells, the min and max distance along one axis from the
-    (grown) cell to each bin centre: (cells per side, Q) each, fp64."""
+    """Per table row (or column) of cells, the least and greatest distance along one axis
+    from the grown cell to each bin centre: two (cells per side, Q) fp64 tensors."""
     lo = -_TABLE_LIMIT_AB + _CELL_AB * torch.arange(_CELLS_PER_SIDE, dtype=torch.float64)
     lo, hi = lo - _CELL_MARGIN_AB, lo + _CELL_AB + _CELL_MARGIN_AB
     to_lo = centres_Q[None, :] - lo[:, None]
@@ -86,12 +97,13 @@ def _axis_distances(centres_Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 @functools.lru_cache(maxsize=32)
 def _candidate_table(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, C, 2) fp32 candidate centres and (X, C) int64 candidate indices, ascending.
+    """(C, X, 2) fp32 candidate centres and (C, X) int64 candidate bin indices; each cell's
+    candidates in ascending bin index, padded with the sentinel.
 
     A bin can be among the k nearest of a point in a cell only if its distance to the cell
-    is at most the k-th smallest distance from the cell's farthest corner to any bin: the k
+    is at most the k-th smallest distance from the cell's farthest point to any bin: the k
     bins attaining those farthest distances are at least that close to every point in the
-    cell. Ties at the k-th distance are inside the bound, so all of them are candidates.
+    cell. Bins tied at the k-th distance are within the bound, so all of them are candidates.
     """
     bins_Q2 = _ab_bins_cpu().double()
     near_a, far_a = _axis_distances(bins_Q2[:, 0])
@@ -101,97 +113,206 @@ def _candidate_table(k: int, device: torch.device) -> tuple[torch.Tensor, torch.
     bound2_X = far2_XQ.kthvalue(k, dim=1).values
     is_candidate_XQ = near2_XQ <= bound2_X[:, None]
     width = int(is_candidate_XQ.sum(dim=1).max())
-    # A stable sort of the "not a candidate" flags lists each cell's candidates first, in
-    # ascending bin index (which the tie-breaking relies on).
-    order_XQ = torch.sort((~is_candidate_XQ).to(torch.uint8), dim=1, stable=True).indices
-    index_XC = order_XQ[:, :width]
-    index_XC = torch.where(is_candidate_XQ.gather(1, index_XC), index_XC, _SENTINEL)
+    # The sentinel (index Q) sorts after every candidate. The order of candidates is free:
+    # the ranking keys carry the bin index.
+    index_XQ = torch.where(is_candidate_XQ, torch.arange(NUM_AB_BINS), _SENTINEL)
+    index_XC = index_XQ.sort(dim=1).values[:, :width]
     padded_Q2 = torch.cat([_ab_bins_cpu(), torch.full((1, 2), _SENTINEL_AB)])
-    return padded_Q2[index_XC].to(device), index_XC.to(device)
+    index_CX = index_XC.T.contiguous()
+    return padded_Q2[index_CX].to(device), index_CX.to(device)
 
 
 def candidate_width(k: int = SOFT_ENCODE_K) -> int:
     """C: how many candidate bins each lookup cell holds for this k (padding included)."""
     _check_k(k)
-    return _candidate_table(k, torch.device("cpu"))[1].shape[1]
+    return _candidate_table(k, torch.device("cpu"))[1].shape[0]
+
+
+@functools.cache
+def _selection_network(width: int, k: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """Comparators (i, j, keep_min, keep_max) that leave the k smallest of `width` values,
+    in order, on wires 0..k-1.
+
+    Batcher's odd-even merge sort over the next power of two, less the comparators that
+    touch wires past `width` (read as +inf, which a comparator never moves) and the outputs
+    that no kept wire depends on.
+    """
+    n = 1 << (width - 1).bit_length()
+    comparators = []
+    p = 1
+    while p < n:
+        step = p
+        while step >= 1:
+            for j in range(step % p, n - step, 2 * step):
+                for i in range(min(step, n - j - step)):
+                    if (i + j) // (2 * p) == (i + j + step) // (2 * p):
+                        comparators.append((i + j, i + j + step))
+            step //= 2
+        p *= 2
+    needed, kept = set(range(k)), []
+    for i, j in reversed(comparators):
+        if j < width and (i in needed or j in needed):
+            kept.append((i, j, i in needed, j in needed))
+            needed |= {i, j}
+    return tuple(reversed(kept))
+
+
+def _smallest(key_CP: torch.Tensor, out_kP: torch.Tensor) -> torch.Tensor:
+    """Writes each column's k smallest keys, ascending, into out_kP and returns it; out_kP
+    is (k, P) or any (k, ...) view holding P values per row. Overwrites key_CP."""
+    width, k = key_CP.shape[0], out_kP.shape[0]
+    if width > _NETWORK_MAX_WIDTH:
+        smallest_kP = key_CP.topk(k, dim=0, largest=False, sorted=True).values
+        return out_kP.copy_(smallest_kP.view(out_kP.shape))
+    wires = list(key_CP.unbind(0))
+    spare = torch.empty_like(wires[0])
+    for i, j, keep_min, keep_max in _selection_network(width, k):
+        lo, hi = wires[i], wires[j]
+        if keep_min:
+            torch.minimum(lo, hi, out=spare)
+        if keep_max:
+            torch.maximum(lo, hi, out=hi)
+        if keep_min:
+            wires[i], spare = spare, lo
+    for wire, out_P in zip(wires, out_kP, strict=False):
+        out_P.copy_(wire.view(out_P.shape))
+    return out_kP
+
+
+def _halves(key_KP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the keys' bin indices (int32) and squared distances (fp32)."""
+    halves_KP2 = key_KP.view(torch.int32).unflatten(-1, (-1, 2))
+    return halves_KP2[..., 1 - _KEY_HIGH_HALF], halves_KP2[..., _KEY_HIGH_HALF].view(torch.float32)
+
+
+def _keys(ab_2P: torch.Tensor, centres_CP2: torch.Tensor, key_CP: torch.Tensor) -> torch.Tensor:
+    """Completes key_CP, which holds the candidates' bin indices, with their squared
+    distances to the pixels (see _KEY_HIGH_HALF). Overwrites centres_CP2."""
+    # (a_q - a)^2 + (b_q - b)^2 in fp32, term by term as in the definition, so that bins at
+    # exactly equal distance get bitwise equal squared distances.
+    da2_CP = centres_CP2[..., 0].sub_(ab_2P[0]).square_()
+    db2_CP = centres_CP2[..., 1].sub_(ab_2P[1]).square_()
+    torch.add(da2_CP, db2_CP, out=_halves(key_CP)[1])
+    return key_CP
+
+
+def _gather_cells(table_CX: torch.Tensor, cell_P: torch.Tensor, out_CP: torch.Tensor):
+    """out_CP = table_CX[:, cell_P], one row at a time: a 1-D gather from a small table is
+    several times faster on CPU than one gather with a broadcast index."""
+    for row_X, out_P in zip(table_CX, out_CP, strict=True):
+        torch.index_select(row_X, 0, cell_P, out=out_P)
+    return out_CP
+
+
+def _blocks(num_images: int, length: int, block: int):
+    """(images, pixels) slices that cover N images of L pixels in blocks of at most `block`
+    pixels: whole images where they fit, else pieces of one image."""
+    if length >= block:
+        for n in range(num_images):
+            for start in range(0, length, block):
+                yield slice(n, n + 1), slice(start, start + block)
+    else:
+        per_block = block // length
+        for n in range(0, num_images, per_block):
+            yield slice(n, n + per_block), slice(None)
+
+
+def _nearest_keys(ab_N2L: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k, L) keys of each pixel's k nearest bins, nearest first; exact for any ab."""
+    table = _candidate_table(k, ab_N2L.device)
+    (num_images, _, length), width = ab_N2L.shape, table[1].shape[0]
+    keys_NkL = ab_N2L.new_empty((num_images, k, length), dtype=torch.int64)
+    if keys_NkL.numel() == 0:
+        return keys_NkL
+    # On CPU, blocks of pixels keep the comparator network's rows in cache (a 1M-pixel
+    # batch in one piece runs 3x slower per pixel), and every block reuses one set of
+    # buffers (fresh multi-MB buffers cost more in page faults than the work done in them).
+    # An accelerator takes the batch at once.
+    on_cpu = ab_N2L.device.type == "cpu"
+    block = min(_CPU_BLOCK_PIXELS, num_images * length) if on_cpu else num_images * length
+    centres_CB = ab_N2L.new_empty((width, block), dtype=torch.int64)
+    keys_CB = torch.empty_like(centres_CB)
+    for images, pixels in _blocks(num_images, length, block):
+        ab_2b = ab_N2L[images, :, pixels].movedim(1, 0).reshape(2, -1)
+        b = ab_2b.shape[1]
+        out_knl = keys_NkL[images, :, pixels].movedim(1, 0)
+        _block_keys(ab_2b, table, centres_CB[:, :b], keys_CB[:, :b], out_knl)
+    return keys_NkL
+
+
+def _block_keys(
+    ab_2b: torch.Tensor,
+    table: tuple[torch.Tensor, torch.Tensor],
+    centres_Cb: torch.Tensor,
+    keys_Cb: torch.Tensor,
+    out_knl: torch.Tensor,
+) -> None:
+    """Writes the keys of the k nearest bins of a block of b = n x l pixels into out_knl,
+    using centres_Cb and keys_Cb (int64) as scratch space."""
+    centres_CX2, index_CX = table
+    scaled_2b = torch.floor((ab_2b + _TABLE_LIMIT_AB) / _CELL_AB)
+    inside_b = ((scaled_2b >= 0) & (scaled_2b < _CELLS_PER_SIDE)).all(dim=0)
+    # NaN ab go to the brute-force path too (giving NaN weights); any valid cell will do here.
+    cell_2b = scaled_2b.nan_to_num_(0.0).clamp_(0, _CELLS_PER_SIDE - 1).long()
+    cell_b = cell_2b[0] * _CELLS_PER_SIDE + cell_2b[1]
+    # Both centres of a candidate travel as one 8-byte item: half the gathers.
+    _gather_cells(centres_CX2.view(torch.int64)[..., 0], cell_b, centres_Cb)
+    _gather_cells(index_CX, cell_b, keys_Cb)
+    _smallest(_keys(ab_2b, centres_Cb[..., None].view(torch.float32), keys_Cb), out_knl)
+    # Rare: ab beyond any sRGB colour. Compared with every bin, in chunks to bound memory.
+    for outside_M in (~inside_b).nonzero().squeeze(1).split(_BRUTE_FORCE_CHUNK):
+        centres_QM2 = ab_bins(ab_2b.device)[:, None, :].repeat(1, len(outside_M), 1)
+        index_QM = torch.arange(NUM_AB_BINS, device=ab_2b.device)[:, None]
+        keys_QM = _keys(ab_2b[:, outside_M], centres_QM2, index_QM.repeat(1, len(outside_M)))
+        image_M, pixel_M = outside_M // out_knl.shape[2], outside_M % out_knl.shape[2]
+        smallest_kM = _smallest(keys_QM, keys_QM.new_empty((len(out_knl), len(outside_M))))
+        out_knl[:, image_M, pixel_M] = smallest_kM
 
 
 def _check_k(k: int) -> None:
-    if not 1 <= k <= NUM_AB_BINS:
-        raise ValueError(f"k must be in [1, {NUM_AB_BINS}], got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= NUM_AB_BINS:
+        raise ValueError(f"k must be an int in [1, {NUM_AB_BINS}], got {k!r}")
 
 
-def _pixels(ab_N2HW: torch.Tensor) -> torch.Tensor:
-    """(P, 2) fp32 ab values, pixel-major."""
+def _images(ab_N2HW: torch.Tensor) -> torch.Tensor:
+    """(N, 2, L) fp32, all leading dims as N and H x W as L."""
     if ab_N2HW.ndim < 3 or ab_N2HW.shape[-3] != 2:
         raise ValueError(f"expected ab of shape (..., 2, H, W), got {tuple(ab_N2HW.shape)}")
-    return ab_N2HW.movedim(-3, -1).reshape(-1, 2).float()
+    num_images, length = math.prod(ab_N2HW.shape[:-3]), math.prod(ab_N2HW.shape[-2:])
+    return ab_N2HW.reshape(num_images, 2, length).float()
 
 
-def _rank_keys(ab_P2: torch.Tensor, centres_PC2: torch.Tensor, index_PC: torch.Tensor, k: int):
-    """Top-k keys (P, k), smallest first; see _INDEX_BITS for the key layout."""
-    # Written out as (a - a_q)^2 + (b - b_q)^2 in fp32, the definition of the distance,
-    # so that bins at exactly equal distance produce bitwise equal keys.
-    da_PC = ab_P2[:, 0:1] - centres_PC2[..., 0]
-    db_PC = ab_P2[:, 1:2] - centres_PC2[..., 1]
-    dist2_PC = da_PC * da_PC + db_PC * db_PC
-    key_PC = (dist2_PC.view(torch.int32).long() << _INDEX_BITS) | index_PC
-    return key_PC.topk(k, dim=1, largest=False, sorted=True).values
-
-
-def _nearest_keys(ab_P2: torch.Tensor, k: int) -> torch.Tensor:
-    """(P, k) keys of each pixel's k nearest bins, exact for any ab."""
-    centres_XC2, index_XC = _candidate_table(k, ab_P2.device)
-    scaled_P2 = torch.floor((ab_P2 + _TABLE_LIMIT_AB) / _CELL_AB)
-    inside_P = ((scaled_P2 >= 0) & (scaled_P2 < _CELLS_PER_SIDE)).all(dim=1)
-    cell_P = scaled_P2.clamp(0, _CELLS_PER_SIDE - 1).long()
-    cell_P = cell_P[:, 0] * _CELLS_PER_SIDE + cell_P[:, 1]
-    keys_Pk = _rank_keys(ab_P2, centres_XC2[cell_P], index_XC[cell_P], k)
-    outside_M = (~inside_P).nonzero().squeeze(1)
-    if outside_M.numel():  # rare: ab beyond any sRGB colour; compare with every bin
-        bins_Q2 = ab_bins(ab_P2.device)
-        index_MQ = torch.arange(NUM_AB_BINS, device=ab_P2.device).expand(len(outside_M), -1)
-        keys_Pk[outside_M] = _rank_keys(ab_P2[outside_M], bins_Q2[None], index_MQ, k)
-    return keys_Pk
-
-
-def _split_keys(keys_Pk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys -> (bin indices int64, squared distances fp32)."""
-    index_Pk = keys_Pk & (2**_INDEX_BITS - 1)
-    dist2_Pk = (keys_Pk >> _INDEX_BITS).int().view(torch.float32)
-    return index_Pk, dist2_Pk
-
-
-def _unflatten(values_PK: torch.Tensor, ab_N2HW: torch.Tensor) -> torch.Tensor:
-    """(P, K) -> (..., K, H, W) following ab's leading dims."""
-    shape = (*ab_N2HW.shape[:-3], *ab_N2HW.shape[-2:], values_PK.shape[1])
-    return values_PK.reshape(shape).movedim(-1, -3).contiguous()
+def _bin_indices(keys_NkL: torch.Tensor, ab_N2HW: torch.Tensor) -> torch.Tensor:
+    """The keys' bin indices, in place, as int64 (..., k, H, W) following ab's shape."""
+    shape = (*ab_N2HW.shape[:-3], keys_NkL.shape[1], *ab_N2HW.shape[-2:])
+    return keys_NkL.bitwise_and_(2**32 - 1).view(shape)
 
 
 def nearest_bin(ab_N2HW: torch.Tensor) -> torch.Tensor:
     """Index of the nearest bin per pixel, int64 (N, H, W); ties go to the lower index."""
-    index_P1, _ = _split_keys(_nearest_keys(_pixels(ab_N2HW), 1))
-    return index_P1.reshape(*ab_N2HW.shape[:-3], *ab_N2HW.shape[-2:])
+    return _bin_indices(_nearest_keys(_images(ab_N2HW), 1), ab_N2HW).squeeze(-3)
 
 
 def soft_encode(
     ab_N2HW: torch.Tensor, *, k: int = SOFT_ENCODE_K, sigma: float = SOFT_ENCODE_SIGMA
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse soft encoding of ground-truth ab: the k nearest bins per pixel, nearest first
-    (exact ties: lower bin index first), with Gaussian weights exp(-d^2 / 2 sigma^2)
-    normalised to sum 1.
+    """Sparse soft encoding of ground-truth ab (any real dtype; computed in fp32): the k
+    nearest bins per pixel, nearest first (exact ties: lower bin index first), with Gaussian
+    weights exp(-d^2 / 2 sigma^2) normalised to sum 1.
 
     Returns (bins_NkHW int64, weights_NkHW float32); `to_dense` gives the (N, Q, H, W) form.
     """
     _check_k(k)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    index_Pk, dist2_Pk = _split_keys(_nearest_keys(_pixels(ab_N2HW), k))
-    # Relative to the nearest bin, so far-away ab (all exponents hugely negative) still
-    # normalise: the nearest bin's term is exactly 1.
-    weight_Pk = torch.exp((dist2_Pk[:, :1] - dist2_Pk) / (2.0 * sigma * sigma))
-    weight_Pk = weight_Pk / weight_Pk.sum(dim=1, keepdim=True)
-    return _unflatten(index_Pk, ab_N2HW), _unflatten(weight_Pk, ab_N2HW)
+    keys_NkL = _nearest_keys(_images(ab_N2HW), k)
+    dist2_NkL = _halves(keys_NkL)[1]
+    # Relative to the nearest bin, so that ab far from every bin still normalise: the
+    # nearest bin's term is exactly 1 instead of underflowing to 0.
+    weight_NkL = (dist2_NkL[:, :1] - dist2_NkL).div_(2.0 * sigma * sigma).exp_()
+    weight_NkL /= weight_NkL.sum(dim=1, keepdim=True)
+    bins_NkHW = _bin_indices(keys_NkL, ab_N2HW)
+    return bins_NkHW, weight_NkL.view(bins_NkHW.shape)
 
 
 def to_dense(

@@ -18,9 +18,11 @@ The same (seed, class, index) always gives the same image, whatever the worker.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from jobs.storage import S3Options
 
 CLASSES = ("day", "sunset", "beach")
 
@@ -35,6 +37,7 @@ class SyntheticConfig:
     """Side of the square images."""
     seed: int = 0
     """Seed: the same seed gives the same images."""
+    s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
         if not self.dst:

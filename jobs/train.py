@@ -49,6 +49,8 @@ class TrainConfig:
     """prior.npz with the ab counts (default: DATA/prior.npz)."""
     make_sample_data: bool = False
     """Create the synthetic sample dataset at DATA / VAL_DATA (and its prior) if missing."""
+    sample_images: int = 600
+    """Training images of the synthetic sample dataset (a tenth as many held out)."""
     storage: str = "runs"
     """Where run folders (checkpoints, metrics, plots) go: local path or storage URL."""
     name: str = "colorization"
@@ -195,6 +197,7 @@ def ci() -> TrainConfig:
     return dataclasses.replace(
         smoke(),
         name="ci",
+        sample_images=300,
         model=ModelConfig(width=1 / 16),
         batch_size=16,
         max_steps=40,
@@ -351,11 +354,14 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
     """Create the synthetic sample train/val datasets and the prior where missing."""
     from jobs import prepare, prior, synthetic
 
-    for url, count, seed in ((cfg.data, 600, 0), (cfg.val_data, 60, 1)):
+    counts = (cfg.sample_images, max(3, cfg.sample_images // 10))
+    for url, count, seed in zip((cfg.data, cfg.val_data), counts, (0, 1), strict=True):
         if url is None or storage.exists(storage.join(url, "manifest.json"), cfg.s3):
             continue
-        images = url.rstrip("/") + "-images"
-        synthetic.main(synthetic.SyntheticConfig(dst=images, num_images=count, seed=seed))
+        images = url.rstrip("/") + "-images"  # beside the dataset, same storage
+        synthetic.main(
+            synthetic.SyntheticConfig(dst=images, num_images=count, seed=seed, s3=cfg.s3)
+        )
         prepare.main(
             prepare.PrepareConfig(
                 src=images, dst=url, max_group_images=200, cpus_per_task=0.5, s3=cfg.s3

@@ -65,6 +65,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = state["extra"]["step"] if state else 0
     epoch, offset = (state["extra"]["epoch"], state["extra"]["offset"]) if state else (0, 0)
     history: list[dict[str, float]] = state["extra"]["history"] if state else []
+    if state and rank == 0:
+        print(f"train: resumed from step {step} (epoch {epoch}, offset {offset})", flush=True)
 
     index = DatasetIndex.load(cfg.data, cfg.s3)
     decode = cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")

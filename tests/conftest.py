@@ -95,3 +95,30 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
 def image_tree(tmp_path: Path) -> Path:
     write_image_tree(tmp_path / "images")
     return tmp_path / "images"
+
+
+@pytest.fixture(scope="session")
+def ci_config(s3_server: S3Server, ray_session: None):
+    """The `ci` training preset pointed at the synthetic sample data in the S3 bucket
+    (created once per session)."""
+    import dataclasses
+
+    from jobs import train
+
+    cfg = dataclasses.replace(
+        train.ci(),
+        data=s3_server.url("sample-data", "train"),
+        val_data=s3_server.url("sample-data", "val"),
+        storage=s3_server.url("runs"),
+    )
+    train.ensure_sample_data(cfg)
+    return dataclasses.replace(cfg, make_sample_data=False)
+
+
+@pytest.fixture(scope="session")
+def ci_run(ci_config):
+    """One `ci` training run per session, shared by every test that needs a trained model:
+    (config, final metrics)."""
+    from jobs import train
+
+    return ci_config, train.main(ci_config)

@@ -22,6 +22,7 @@ def test_default_config_matches_released_state_dict() -> None:
     # the published count includes the fixed ab readout (313 x 2)
     assert model.num_parameters() + model.model_out.weight.numel() == 32_236_011
 
+
 def test_readout_is_a_fixed_buffer_of_bin_centres() -> None:
     model = ColorizationNet(TINY)
     assert "model_out.weight" in dict(model.named_buffers())

@@ -1,0 +1,241 @@
+"""sRGB <-> Lab against scikit-image, and the chroma gamut mapping's promises.
+
+Legend: N batch, 3 colour channels at dim -3, H, W image size, M colours laid out as an image.
+scikit-image is the oracle (channels last, float64); colorcore never imports it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import skimage.color
+import skimage.data
+import torch
+
+from colorcore.color import lab_to_rgb, rgb_to_lab
+
+# Tolerances against scikit-image (measured: rgb_to_lab 2e-4, lab_to_rgb 6e-6, round trip 7e-6).
+LAB_ATOL = 1e-3
+RGB_ATOL = 1e-3
+ROUND_TRIP_ATOL = 1e-4
+# Chroma mapping (measured on the random colours below: L 1.3e-3, hue ray 5e-3, edge 7e-4).
+KEPT_L_ATOL = 0.01
+HUE_RAY_ATOL = 0.02  # distance in ab of the output from the input's hue ray
+GAMUT_EDGE_ATOL = 2e-3  # how close to 0 or 1 a chroma-reduced colour's extreme channel is
+
+
+def _sk_rgb2lab(rgb_3HW: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(skimage.color.rgb2lab(rgb_3HW.double().movedim(-3, -1).numpy()))
+
+
+def _sk_lab2rgb(lab_3HW: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # far out-of-gamut inputs give negative Z: expected
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(skimage.color.lab2rgb(lab_3HW.double().movedim(-3, -1).numpy()))
+
+
+def _max_err(ours_3HW: torch.Tensor, ref_HW3: torch.Tensor) -> float:
+    return (ours_3HW.double().movedim(-3, -1) - ref_HW3).abs().max().item()
+
+
+def _colour_grid(values: torch.Tensor) -> torch.Tensor:
+    """(3, V*V, V): every (r, g, b) with components from values, laid out as an image."""
+    n = len(values)
+    return torch.stack(torch.meshgrid(values, values, values, indexing="ij")).reshape(3, n * n, n)
+
+
+@pytest.fixture(scope="module")
+def colour_subset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """65^3 8-bit colours (every 4th level and 255), their Lab and back, by scikit-image."""
+    levels = torch.cat([torch.arange(0, 256, 4), torch.tensor([255])]).double()
+    rgb_3HW = _colour_grid(levels / 255)
+    lab_HW3 = _sk_rgb2lab(rgb_3HW)
+    return rgb_3HW, lab_HW3, _sk_lab2rgb(lab_HW3.movedim(-1, -3))
+
+
+@pytest.fixture(scope="module")
+def random_lab() -> torch.Tensor:
+    """(3, 200, 250) Lab: L uniform in [0, 100], a and b in [-200, 200], most out of gamut."""
+    g = torch.Generator().manual_seed(0)
+    unit = torch.rand(3, 200, 250, generator=g, dtype=torch.float64)
+    return unit * torch.tensor([100.0, 400.0, 400.0]).view(3, 1, 1) - torch.tensor(
+        [0.0, 200.0, 200.0]
+    ).view(3, 1, 1)
+
+
+def test_rgb_to_lab_fp32_matches_skimage_on_every_8bit_colour() -> None:
+    # scikit-image in float32 halves the oracle's time; its own error (< 3e-5) is far below the
+    # tolerance. The fp64 test below uses a float64 oracle.
+    levels = torch.arange(256, dtype=torch.float32) / 255
+    worst = 0.0
+    for r0 in range(0, 256, 32):  # 2M colours a chunk bounds the memory
+        rgb_HW3 = torch.stack(
+            torch.meshgrid(levels[r0 : r0 + 32], levels, levels, indexing="ij"), dim=-1
+        ).reshape(32 * 256, 256, 3)
+        ref_HW3 = torch.from_numpy(skimage.color.rgb2lab(rgb_HW3.numpy()))
+        lab_HW3 = rgb_to_lab(rgb_HW3.movedim(-1, -3)).movedim(-3, -1)
+        worst = max(worst, (lab_HW3 - ref_HW3).abs().max().item())
+    assert worst <= LAB_ATOL
+
+
+def test_rgb_to_lab_fp64_matches_skimage(colour_subset) -> None:
+    rgb_3HW, lab_HW3, _ = colour_subset
+    lab_3HW = rgb_to_lab(rgb_3HW)
+    assert lab_3HW.dtype == torch.float64
+    assert _max_err(lab_3HW, lab_HW3) <= LAB_ATOL
+
+
+@pytest.mark.parametrize("gamut", ["chroma", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lab_to_rgb_matches_skimage_in_gamut(colour_subset, dtype, gamut) -> None:
+    _, lab_HW3, rgb_HW3 = colour_subset
+    assert _max_err(lab_to_rgb(lab_HW3.movedim(-1, -3).to(dtype), gamut=gamut), rgb_HW3) <= RGB_ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip(colour_subset, dtype) -> None:
+    rgb_3HW = colour_subset[0].to(dtype)
+    torch.testing.assert_close(
+        lab_to_rgb(rgb_to_lab(rgb_3HW)), rgb_3HW, rtol=0, atol=ROUND_TRIP_ATOL
+    )
+
+
+def test_real_photo_matches_skimage() -> None:
+    rgb_HW3 = skimage.data.astronaut().astype(np.float64) / 255
+    rgb_3HW = torch.from_numpy(rgb_HW3).movedim(-1, -3).float()
+    lab_HW3 = skimage.color.rgb2lab(rgb_HW3)
+    assert _max_err(rgb_to_lab(rgb_3HW), torch.from_numpy(lab_HW3)) <= LAB_ATOL
+    lab_3HW = torch.from_numpy(lab_HW3).movedim(-1, -3).float()
+    assert (
+        _max_err(lab_to_rgb(lab_3HW), torch.from_numpy(skimage.color.lab2rgb(lab_HW3))) <= RGB_ATOL
+    )
+    torch.testing.assert_close(
+        lab_to_rgb(rgb_to_lab(rgb_3HW)), rgb_3HW, rtol=0, atol=ROUND_TRIP_ATOL
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chroma_keeps_L_and_hue_and_reaches_the_gamut_edge(random_lab, dtype) -> None:
+    lab_3HW = random_lab.to(dtype)
+    rgb_3HW = lab_to_rgb(lab_3HW)
+    assert rgb_3HW.min() >= 0 and rgb_3HW.max() <= 1
+    back_3HW = rgb_to_lab(rgb_3HW)
+    torch.testing.assert_close(back_3HW[0], lab_3HW[0], rtol=0, atol=KEPT_L_ATOL)
+
+    # Hue: the output's ab lies on the input's hue ray (no further out, never across grey).
+    ab_in, ab_out = lab_3HW[1:], back_3HW[1:]
+    chroma_in = ab_in.norm(dim=0)
+    off_ray = (ab_in[0] * ab_out[1] - ab_in[1] * ab_out[0]).abs() / chroma_in
+    assert off_ray.max() <= HUE_RAY_ATOL
+    assert ((ab_in * ab_out).sum(dim=0) >= 0).all()
+    assert (ab_out.norm(dim=0) <= chroma_in + HUE_RAY_ATOL).all()
+
+    # In-gamut colours are left alone; the others get the most chroma the gamut allows, so an
+    # extreme channel sits on 0 or 1 (a too-small scale would leave them strictly inside).
+    clipped_3HW = lab_to_rgb(lab_3HW, gamut="clip")
+    unchanged_HW = (rgb_3HW == clipped_3HW).all(dim=0)
+    assert 0.02 < unchanged_HW.double().mean() < 0.2
+    edge_HW = torch.minimum(rgb_3HW.amin(dim=0), 1 - rgb_3HW.amax(dim=0))
+    assert edge_HW[~unchanged_HW].max() <= GAMUT_EDGE_ATOL
+
+
+def test_in_gamut_colours_unchanged_by_chroma(colour_subset) -> None:
+    lab_3HW = colour_subset[1].movedim(-1, -3).float()
+    torch.testing.assert_close(lab_to_rgb(lab_3HW), lab_to_rgb(lab_3HW, gamut="clip"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_matches_skimage_out_of_gamut(random_lab, dtype) -> None:
+    atol = 1e-4 if dtype == torch.float32 else 1e-5  # measured 1.2e-5 and 1.7e-6
+    rgb_3HW = lab_to_rgb(random_lab.to(dtype), gamut="clip")
+    assert _max_err(rgb_3HW, _sk_lab2rgb(random_lab)) <= atol
+
+
+def test_clip_changes_L_where_chroma_keeps_it() -> None:
+    # A saturated green, a saturated blue and a bright yellow, all outside sRGB.
+    lab_3HW = torch.tensor([[50.0, -120.0, 120.0], [30.0, 90.0, -140.0], [95.0, -10.0, 130.0]])
+    lab_3HW = lab_3HW.T.reshape(3, 1, 3)
+    L_clip = rgb_to_lab(lab_to_rgb(lab_3HW, gamut="clip"))[0]
+    L_chroma = rgb_to_lab(lab_to_rgb(lab_3HW, gamut="chroma"))[0]
+    assert ((L_clip - lab_3HW[0]).abs() > 1.0).all()
+    torch.testing.assert_close(L_chroma, lab_3HW[0], rtol=0, atol=KEPT_L_ATOL)
+
+
+def test_chroma_clamps_L() -> None:
+    lab_3HW = torch.tensor([[120.0, 150.0, 0.0], [-10.0, 0.0, -90.0]]).T.reshape(3, 1, 2)
+    rgb_3HW = lab_to_rgb(lab_3HW)
+    torch.testing.assert_close(rgb_3HW[:, 0, 0], torch.ones(3), rtol=0, atol=1e-3)
+    torch.testing.assert_close(rgb_3HW[:, 0, 1], torch.zeros(3), rtol=0, atol=1e-3)
+
+
+def test_bf16_within_rounding_of_fp32(random_lab) -> None:
+    g = torch.Generator().manual_seed(1)
+    rgb_bf16 = torch.rand(2, 3, 32, 32, generator=g).bfloat16()
+    lab_bf16 = rgb_to_lab(rgb_bf16)
+    assert lab_bf16.dtype == torch.bfloat16
+    # The docstring's bound: bf16 rounding (2^-9 relative) of the fp32 result for the same input.
+    ref = rgb_to_lab(rgb_bf16.float())
+    torch.testing.assert_close(lab_bf16.float(), ref, rtol=2**-8, atol=1e-2)
+
+    lab_in = random_lab[:, :64, :64].bfloat16()
+    rgb_out = lab_to_rgb(lab_in)
+    assert rgb_out.dtype == torch.bfloat16
+    torch.testing.assert_close(rgb_out.float(), lab_to_rgb(lab_in.float()), rtol=0, atol=2**-8)
+    assert lab_to_rgb(lab_in.half()).dtype == torch.float16
+
+
+def test_leading_dims_and_layouts() -> None:
+    g = torch.Generator().manual_seed(2)
+    rgb_N3HW = torch.rand(2, 2, 3, 5, 7, generator=g, dtype=torch.float64)
+    lab = rgb_to_lab(rgb_N3HW)
+    assert lab.shape == rgb_N3HW.shape
+    torch.testing.assert_close(rgb_to_lab(rgb_N3HW[1]), lab[1])
+    torch.testing.assert_close(rgb_to_lab(rgb_N3HW[1, 0]), lab[1, 0])
+    torch.testing.assert_close(lab_to_rgb(lab[0, 1]), lab_to_rgb(lab)[0, 1])
+    channels_last = rgb_N3HW[0].movedim(-3, -1).contiguous().movedim(-1, -3)
+    torch.testing.assert_close(rgb_to_lab(channels_last), lab[0])
+    assert rgb_to_lab(torch.rand(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("fn", [rgb_to_lab, lab_to_rgb])
+def test_bad_inputs_raise(fn) -> None:
+    with pytest.raises(ValueError, match="3 channels"):
+        fn(torch.rand(2, 4, 5, 5))
+    with pytest.raises(ValueError, match="3 channels"):
+        fn(torch.rand(5, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        fn(torch.zeros(3, 5, 5, dtype=torch.uint8))
+
+
+def test_unknown_gamut_raises() -> None:
+    with pytest.raises(ValueError, match="gamut"):
+        lab_to_rgb(torch.zeros(3, 2, 2), gamut="hull")
+
+
+def test_gradients() -> None:
+    g = torch.Generator().manual_seed(3)
+    rgb = (0.05 + 0.9 * torch.rand(1, 3, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(rgb_to_lab, (rgb,))
+    lab = rgb_to_lab(rgb).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: lab_to_rgb(x, gamut="clip"), (lab,))
+
+    # Black input and far out-of-gamut Lab still give finite gradients.
+    black = torch.zeros(3, 2, 2, requires_grad=True)
+    rgb_to_lab(black).sum().backward()
+    assert torch.isfinite(black.grad).all()
+    wild = torch.tensor([[50.0, 300.0, -300.0], [0.0, 0.0, 0.0]]).T.reshape(3, 1, 2)
+    wild.requires_grad_()
+    lab_to_rgb(wild).sum().backward()
+    assert torch.isfinite(wild.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(random_lab) -> None:
+    lab = random_lab.float()
+    # Rounding can flip a bisection step right at the gamut edge (measured 2.3e-4 on an H200).
+    torch.testing.assert_close(lab_to_rgb(lab.cuda()).cpu(), lab_to_rgb(lab), rtol=0, atol=1e-3)
+    rgb = lab_to_rgb(lab)
+    torch.testing.assert_close(rgb_to_lab(rgb.cuda()).cpu(), rgb_to_lab(rgb), rtol=0, atol=1e-3)

@@ -1,0 +1,174 @@
+"""Jobs run as their users run them: the README's main command, an interrupted run resumed by
+re-running the same command, and `ray job submit` to a `ray start --head` cluster.
+
+These start their own Ray instances, so `.ci/run` runs them in a second phase (marker
+`subprocess`), after the in-process tests' Ray instance has shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs import storage, train
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
+
+pytestmark = pytest.mark.subprocess
+ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def run(args: list[str], cwd: Path, timeout: float = 600) -> str:
+    done = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    return output
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (the job's driver and its local Ray)."""
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="colorcore-jobs-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_readme_main_command(workdir) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "bash scripts/smoke.sh" in readme and "bash scripts/test.sh" in readme
+    # scripts/smoke.sh = set-up (done: this suite runs in it) + this command
+    assert "jobs.train --preset smoke" in (ROOT / "scripts" / "smoke.sh").read_text()
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--preset",
+            "smoke",
+            "--data",
+            str(workdir / "sample" / "train"),
+            "--val-data",
+            str(workdir / "sample" / "val"),
+            "--storage",
+            str(workdir / "runs"),
+        ],
+        cwd=ROOT,
+    )
+    summary = re.search(r"rebalanced AuC model ([\d.]+) vs gray ([\d.]+)", out)
+    assert summary, out[-3000:]
+    assert float(summary[1]) > float(summary[2]) + 0.05
+    assert "the model beats the gray baseline" in out
+
+
+def ci_command(workdir: Path, name: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--preset",
+        "ci",
+        "--name",
+        name,
+        "--data",
+        str(workdir / "sample" / "train"),
+        "--val-data",
+        str(workdir / "sample" / "val"),
+        "--storage",
+        str(workdir / "runs"),
+    ]
+
+
+def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> None:
+    command = ci_command(workdir, "interrupted")
+    first = storage.join(
+        str(workdir / "runs" / "interrupted"), checkpoint_dir_name(20), CHECKPOINT_FILE
+    )
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not os.path.exists(first) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert os.path.exists(first), "no checkpoint before the deadline"
+    kill_tree(proc.pid)
+    proc.wait()
+
+    out = run(command, cwd=ROOT)
+    assert "finished at step 40" in out
+    history = train.read_metrics(str(workdir / "runs" / "interrupted"))
+    assert [int(r["step"]) for r in history] == [10, 20, 30, 40]  # nothing repeated or lost
+    resumed_at = re.search(r"train: resumed from step (\d+)", out)
+    assert resumed_at and int(resumed_at[1]) >= 20, out[-3000:]  # not from step 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_to_a_started_cluster(workdir) -> None:
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    port, dashboard = _free_port(), _free_port()
+    env_bin = str(Path(sys.executable).parent)
+    env = ENV | {"PATH": f"{env_bin}:{ENV['PATH']}"}
+    start = [
+        f"{env_bin}/ray",
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        submit = [
+            f"{env_bin}/ray",
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            *ci_command(workdir, "submitted")[1:],
+        ]
+        done = subprocess.run(
+            submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-5000:]
+        assert "succeeded" in output and "finished at step 40" in output
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(temp) in " ".join(proc.info["cmdline"] or []):
+                kill_tree(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert storage.exists(
+        storage.join(str(workdir / "runs" / "submitted"), checkpoint_dir_name(40), CHECKPOINT_FILE)
+    )

@@ -1,0 +1,150 @@
+"""The training job: a ci run to completion on S3, a killed worker, bad configs, presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from jobs import storage, train
+from jobs.config import parse_config
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
+
+
+def test_ci_run_completes_with_checkpoints_in_the_bucket(ci_run) -> None:
+    cfg, metrics = ci_run
+    assert metrics["step"] == cfg.max_steps
+    names = {u.rsplit("/", 2)[-2] for u in storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)}
+    assert names == {checkpoint_dir_name(s) for s in (20, 40)}  # keep_checkpoints=3, every 20
+    loaded = load_model(cfg.run_url)
+    assert loaded.kind == "run" and loaded.checkpoint.extra["step"] == cfg.max_steps
+    extra = loaded.checkpoint.extra
+    assert extra["config"]["max_steps"] == cfg.max_steps and "optimizer" in extra
+    assert loaded.checkpoint.prior_counts.sum() > 0
+    history = train.read_metrics(cfg.run_url)
+    assert [r["step"] for r in history] == [10, 20, 30, 40]
+    assert {"loss", "lr", "img_per_s", "val_loss", "val_auc_raw"} <= set(history[-1])
+    for name in ("curves.png", "samples.png", "model.safetensors"):
+        assert storage.exists(storage.join(cfg.run_url, name)), name
+    # even 40 steps of a tiny model colour the held-out scenes better than gray
+    assert metrics["final_auc_rebalanced"] > metrics["final_gray_auc_rebalanced"]
+
+
+def test_checkpoint_offset_matches_the_step(ci_run) -> None:
+    """The stored data offset is exactly where step s leaves the epoch: after a resume no
+    sample of the epoch is used again."""
+    from jobs.loader import DatasetIndex
+
+    cfg, _ = ci_run
+    extra = load_model(cfg.run_url).checkpoint.extra
+    steps_per_epoch = DatasetIndex.load(cfg.data).num_images // cfg.batch_size
+    assert extra["epoch"] == cfg.max_steps // steps_per_epoch
+    assert extra["offset"] == (cfg.max_steps % steps_per_epoch) * cfg.batch_size
+
+
+def test_learning_rate_schedule() -> None:
+    cfg = train.paper()
+    assert train.learning_rate(0, cfg) == pytest.approx(3e-5)
+    assert train.learning_rate(200_000, cfg) == pytest.approx(1e-5)
+    assert train.learning_rate(374_999, cfg) == pytest.approx(1e-5)
+    assert train.learning_rate(375_000, cfg) == pytest.approx(3e-6)
+    big = train.h100x8()
+    assert train.learning_rate(0, big) < big.lr / 100  # warm-up
+    assert big.max_steps * big.batch_size >= 450_000 * 40
+
+
+def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
+    import psutil
+    import ray
+
+    cfg = dataclasses.replace(
+        ci_config, name="killed-worker", max_steps=60, checkpoint_every_steps=20
+    )
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        first = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
+        deadline = time.monotonic() + 240
+        while not storage.exists(first) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        os.kill(workers[-1], signal.SIGKILL)
+        killed.append(workers[-1])
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    metrics = train.main(cfg)
+    killer.join()
+    assert killed and ray.is_initialized()
+    assert metrics["step"] == 60
+    history = train.read_metrics(cfg.run_url)
+    steps = [int(r["step"]) for r in history]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step twice, none beyond
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr", "-0.1"], "lr must be >= 0"),
+        (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
+        (["--batch-size", "15"], "must divide by num_workers"),
+        (["--lr-drop-steps", "5", "9"], "same length"),
+    ],
+)
+def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(train.TrainConfig, ["--preset", "ci", *flags], presets=train.PRESETS)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tmp_path) -> None:
+    with pytest.raises(ValueError, match="no prior at"):
+        train.main(dataclasses.replace(ci_config, prior=str(tmp_path / "absent.npz")))
+    with pytest.raises(ValueError, match="not reachable"):
+        train.main(dataclasses.replace(ci_config, storage="s3://no-such-bucket/runs"))
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        train.main(dataclasses.replace(ci_config, data=str(tmp_path)))
+
+
+@pytest.mark.parametrize("preset", sorted(train.PRESETS))
+def test_every_preset_parses_and_validates(preset, capsys) -> None:
+    from jobs.config import run_cli
+
+    run_cli(train.TrainConfig, train.main, ["--preset", preset, "--dry-run"], presets=train.PRESETS)
+    assert f'"name": "{preset}"' in capsys.readouterr().out
+
+
+def test_data_dependent_init_standardises_every_conv() -> None:
+    from colorcore.datainit import data_dependent_init
+    from colorcore.model import ColorizationNet, ModelConfig
+
+    torch.manual_seed(0)
+    model = ColorizationNet(ModelConfig(width=1 / 8))
+    batch = torch.rand(8, 1, 64, 64) * 100
+    data_dependent_init(model, batch)
+    stats = []
+    hooks = [
+        m.register_forward_hook(
+            lambda m, a, out: stats.append((out.mean((0, 2, 3)), out.std((0, 2, 3))))
+        )
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
+    with torch.no_grad():
+        model.train()(batch)
+    for h in hooks:
+        h.remove()
+    assert len(stats) == 23
+    for mean, std in stats:
+        torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-3, rtol=0)
+        alive = std > 0  # channels dead on this batch stay dead
+        torch.testing.assert_close(std[alive], torch.ones_like(std[alive]), atol=1e-3, rtol=0)
