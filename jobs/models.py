@@ -42,16 +42,24 @@ class LoadedModel:
     checkpoint: weights.Checkpoint | None = None
 
 
-def latest_checkpoint(run_url: str, s3: storage.S3Options | None = None) -> str:
-    """URL of the latest checkpoint file in a training run folder."""
+def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
+    """URLs of the checkpoint files in a training run folder, oldest first."""
+    if not storage.exists(run_url, s3):
+        return []
     found = [
         u
         for u in storage.list_files(run_url, s3, suffix="/" + CHECKPOINT_FILE)
         if u.rsplit("/", 2)[-2].startswith(CHECKPOINT_DIR_PREFIX)
     ]
+    return sorted(found, key=lambda u: u.rsplit("/", 2)[-2])
+
+
+def latest_checkpoint(run_url: str, s3: storage.S3Options | None = None) -> str:
+    """URL of the latest checkpoint file in a training run folder."""
+    found = checkpoint_files(run_url, s3)
     if not found:
         raise ValueError(f"{run_url} holds no {CHECKPOINT_DIR_PREFIX}*/{CHECKPOINT_FILE}")
-    return max(found, key=lambda u: u.rsplit("/", 2)[-2])
+    return found[-1]
 
 
 def _is_dir(url: str, s3: storage.S3Options | None) -> bool:

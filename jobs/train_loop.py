@@ -30,7 +30,7 @@ from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_files
 from jobs.runtime import choose_precision
 from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
 
@@ -56,7 +56,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
 
-    state = _restore(ray.train.get_checkpoint())
+    state = _restore(run_url, cfg.s3)
     torch.manual_seed(cfg.seed + rank)
     model = ColorizationNet(cfg.model)
     if state:
@@ -210,12 +210,21 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-def _restore(checkpoint) -> dict[str, Any] | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        ckpt = load_checkpoint(os.path.join(directory, CHECKPOINT_FILE))
-    return {"model_state": ckpt.model_state, "extra": ckpt.extra}
+def _restore(run_url: str, s3: storage.S3Options) -> dict[str, Any] | None:
+    """The newest readable checkpoint in the run folder (none for a fresh run).
+
+    Read from the folder rather than taken from `ray.train.get_checkpoint()`: a driver killed
+    just after a checkpoint was written may not have recorded it, and a re-run should not
+    repeat those steps. A checkpoint file torn by the crash is passed over for an older one.
+    """
+    for url in reversed(checkpoint_files(run_url, s3)):
+        try:
+            ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))
+        except Exception as error:  # torn by the crash: try the one before
+            print(f"train: skipping unreadable checkpoint {url}: {error}", flush=True)
+            continue
+        return {"model_state": ckpt.model_state, "extra": ckpt.extra}
+    return None
 
 
 def _report(

@@ -21,7 +21,7 @@ from jobs.train import TrainConfig, load_prior, read_metrics, rebalance_from
 from jobs.validation import format_summary, load_crops, validate
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -53,7 +53,7 @@ def plot_curves(history: list[dict[str, float]]) -> bytes:
     ax_auc.set(xlabel="step", ylabel="AuC", title="held-out AuC")
     ax_loss.legend()
     ax_auc.legend()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def sample_grid(model: torch.nn.Module, crops_N3HW: torch.Tensor, *, T: float = 0.38) -> bytes:
@@ -75,7 +75,7 @@ def sample_grid(model: torch.nn.Module, crops_N3HW: torch.Tensor, *, T: float = 
             axes[row][col].imshow(images[col].permute(1, 2, 0).clamp(0, 1).numpy())
             axes[row][col].axis("off")
         axes[row][0].set_title(title, loc="left", fontsize=9)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def export_safetensors(model: torch.nn.Module, config: dict[str, Any]) -> bytes:

@@ -69,8 +69,15 @@ class ValidationResult:
     gray_auc_raw: float
     gray_auc_rebalanced: float
 
+    @property
+    def auc_mean(self) -> float:
+        """Mean of the raw and rebalanced AuC: the search objective (the rebalanced AuC alone
+        rewards lambda -> 0, the raw alone lambda -> 1)."""
+        return (self.auc_raw + self.auc_rebalanced) / 2
+
     def as_metrics(self, prefix: str = "val_") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
+        values = self.__dict__ | {"auc_mean": self.auc_mean}
+        return {f"{prefix}{k}": float(v) for k, v in values.items()}
 
 
 @torch.no_grad()

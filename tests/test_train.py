@@ -148,3 +148,21 @@ def test_data_dependent_init_standardises_every_conv() -> None:
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-3, rtol=0)
         alive = std > 0  # channels dead on this batch stay dead
         torch.testing.assert_close(std[alive], torch.ones_like(std[alive]), atol=1e-3, rtol=0)
+
+
+def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.weights import save_checkpoint
+    from jobs.train_loop import _restore
+
+    run = tmp_path / "run"
+    assert _restore(str(run), storage.S3Options()) is None  # fresh run
+    model = ColorizationNet(ModelConfig(width=1 / 16))
+    for step in (10, 20, 30):
+        folder = run / checkpoint_dir_name(step)
+        folder.mkdir(parents=True)
+        save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": step})
+    newest = run / checkpoint_dir_name(30) / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash mid-copy
+    state = _restore(str(run), storage.S3Options())
+    assert state["extra"]["step"] == 20
