@@ -33,7 +33,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         # "local" rather than auto-detection: a stale address file from a dead cluster
         # would otherwise make Ray try to join it.
         log.info("starting a local Ray instance")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # The dashboard serves the state API, which Ray Train's placement-group cleaner
+        # polls: without it the workers' resources of a trainer whose driver was stopped
+        # (a Tune trial that ASHA ends) are never released.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
 
 
 @dataclass(frozen=True)

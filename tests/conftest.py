@@ -84,7 +84,8 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
     workers inherit its environment); shut down at the end."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the dashboard: Ray Train's placement-group cleaner needs its state API (jobs.runtime)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         yield
     finally:

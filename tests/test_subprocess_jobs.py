@@ -172,3 +172,45 @@ def test_ray_job_submit_to_a_started_cluster(workdir) -> None:
     assert storage.exists(
         storage.join(str(workdir / "runs" / "submitted"), checkpoint_dir_name(40), CHECKPOINT_FILE)
     )
+
+
+def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> None:
+    search_url = workdir / "searches" / "resumed"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.tune",
+        "--preset",
+        "ci",
+        "--name",
+        "resumed",
+        "--storage",
+        str(workdir / "searches"),
+        "--train.data",
+        str(workdir / "sample" / "train"),
+        "--train.val-data",
+        str(workdir / "sample" / "val"),
+        "--scheduler",
+        "fifo",  # every trial runs to its end: a finished trial is one at step 40
+    ]
+    finished = f"trials/*/{checkpoint_dir_name(40)}/{CHECKPOINT_FILE}"
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 400
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list(search_url.glob(finished)):
+            time.sleep(3)  # let Tune record the trial as finished
+            break
+        time.sleep(0.5)
+    kill_tree(proc.pid)
+    proc.wait()
+    done_before = {p.parts[-3] for p in search_url.glob(finished)}
+    assert done_before, "no trial finished before the deadline"
+
+    out = run(command, cwd=ROOT, timeout=900)
+    assert "continuing search resumed" in out
+    started = set(re.findall(r"tune: trial (\S+) starts", out))
+    assert started and not started & done_before, (started, done_before)
+    rows = [line for line in out.splitlines() if re.match(r"\| \w+_\d{5} \|", line)]
+    assert len(rows) == 4 and all(line.rstrip().endswith("| completed |") for line in rows), rows

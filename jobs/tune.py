@@ -1,0 +1,589 @@
+"""Hyperparameter search with Ray Tune over the learning-rate schedule and lambda.
+
+``python -m jobs.tune --preset NAME [--config FILE] [--name SEARCH] [--storage URL]
+[--max-gpus N] [overrides]``
+
+The space: the base learning rate, the drop schedule and the rebalancing lambda. A schedule
+is written ``FRACTION:FACTOR[,FRACTION:FACTOR...]`` (``0.444:0.333,0.833:0.3`` is the
+released 3e-5 -> 1e-5 at 200k -> 3e-6 at 375k of 450k steps; ``none`` keeps the rate
+constant): drops sit at fractions of a trial's step budget, so a schedule means the same
+thing whatever the budget. Grid and random search are built in; any other Tune search
+algorithm is named by ``--search-alg`` (``optuna``, ``hyperopt``, ...; its package must be
+installed).
+
+Every trial is a distributed training run built by `jobs.train.build_trainer` (the same
+loop as ``jobs.train``), launched from a Tune function and reporting through Ray's
+Train-to-Tune callback at each of its checkpoints, where it also validates. Rebalancing
+weights for a trial's lambda come from the dataset's ``prior.npz`` counts. The objective is
+the mean of the raw and class-rebalanced validation AuC (``--objective auc``), or the
+validation loss under lambda = 1 weights (``--objective val_loss``), which unlike each
+trial's own training loss compares across lambdas.
+
+ASHA stops weak trials early. A trial judged before its learning-rate drops looks worse than
+one judged after them, so by default the first rung is placed after the last drop of every
+schedule in the space (``--first-rung-fraction`` overrides it, for more pruning with that
+bias accepted).
+
+Output in ``STORAGE/SEARCH/``: ``results.csv`` and ``results.md`` (every trial, its
+config, both AuCs, its status), ``best_config.yaml`` (``python -m jobs.train --config
+FILE`` runs it), ``objective.png`` (objective against lambda and against the schedule) and
+``curves.png`` (every trial's learning curve); the trials' run folders in ``trials/``.
+Re-running the same command after the driver died continues the search; finished trials
+are not rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jobs import storage, train
+from jobs.config import ConfigError, from_dict, presets_of, save_config, to_dict
+from jobs.train import TrainConfig
+
+LAMBDA_RANGE = (0.05, 1.0)
+"""Lambda's search range: below 0.05 the rebalancing weights grow towards ~5e5."""
+TRIAL_DRIVER_CPU = 0.1
+"""CPU reserved for each trial's Tune function (it only waits on its trainer)."""
+SEARCH_ALGS = ("grid", "random", "ax", "hyperopt", "bayesopt", "bohb", "nevergrad", "optuna")
+SEARCH_CONFIG_FILE = "search_config.yaml"
+BEST_CONFIG_FILE = "best_config.yaml"
+OBJECTIVES = {"auc": ("val_auc_mean", "max"), "val_loss": ("val_loss", "min")}
+
+
+def parse_schedule(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"0.5:0.3,0.8:0.1"`` -> ((0.5, 0.8), (0.3, 0.1)); ``"none"`` -> ((), ())."""
+    if text.strip().lower() in ("none", ""):
+        return (), ()
+    try:
+        pairs = [tuple(float(v) for v in part.split(":")) for part in text.split(",")]
+        fractions, factors = zip(*pairs, strict=True)
+    except ValueError:
+        raise ConfigError(f"schedule {text!r}: expected FRACTION:FACTOR[,...] or none") from None
+    if not all(0 < f < 1 for f in fractions) or list(fractions) != sorted(set(fractions)):
+        raise ConfigError(f"schedule {text!r}: fractions must increase within (0, 1)")
+    if not all(f > 0 for f in factors):
+        raise ConfigError(f"schedule {text!r}: factors must be > 0")
+    return tuple(fractions), tuple(factors)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The base training config of every trial (its storage and name are set per trial)."""
+    name: str = "search"
+    """Search name: re-running with the same name and storage continues the search."""
+    storage: str = "runs"
+    """Where the search folder goes: local path or storage URL."""
+    lrs: tuple[float, ...] = (3e-5,)
+    """Base learning rates to try (grid, or a choice for other algorithms)."""
+    lr_range: tuple[float, ...] | None = None
+    """(low, high): sample the base rate log-uniformly instead (not for grid)."""
+    lambdas: tuple[float, ...] = (0.5,)
+    """Rebalancing lambdas to try, within [0.05, 1]."""
+    lambda_range: tuple[float, ...] | None = None
+    """(low, high) within [0.05, 1]: sample lambda uniformly instead (not for grid)."""
+    schedules: tuple[str, ...] = ("0.444:0.333,0.833:0.3",)
+    """Drop schedules to try: FRACTION:FACTOR[,...] of the step budget, or none."""
+    search_alg: str = "grid"
+    """grid, random, or a Tune search algorithm: ax, hyperopt, bayesopt, bohb, nevergrad,
+    optuna."""
+    num_samples: int = 1
+    """Trials to sample (grid: repeats of the whole grid)."""
+    objective: Literal["auc", "val_loss"] = "auc"
+    """auc: mean of raw and rebalanced validation AuC (max); val_loss: lambda = 1 validation
+    loss (min)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """asha: stop weak trials early; fifo: run every trial to its end."""
+    first_rung_fraction: float | None = None
+    """ASHA's first rung as a fraction of the budget (default: after every schedule's last
+    drop)."""
+    reduction_factor: float = 2.0
+    """ASHA keeps the best 1 / reduction_factor of the trials at each rung."""
+    reports_per_trial: int = 8
+    """Validations (and checkpoints) per trial: the points where ASHA can judge it."""
+    max_gpus: int | None = None
+    """GPUs the search may hold at once (default: the cluster's); sets concurrency."""
+    max_concurrent: int | None = None
+    """Cap on concurrent trials (default: as many as the resources allow)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.search_alg not in SEARCH_ALGS:
+            problems.append(f"search_alg {self.search_alg!r} is not one of {list(SEARCH_ALGS)}")
+        if not self.lrs and self.lr_range is None:
+            problems.append("the search space is empty: no lrs and no lr_range")
+        if not self.lambdas and self.lambda_range is None:
+            problems.append("the search space is empty: no lambdas and no lambda_range")
+        if not self.schedules:
+            problems.append("the search space is empty: no schedules")
+        if any(not lr >= 0 for lr in self.lrs):
+            problems.append(f"lrs must be >= 0, got {list(self.lrs)}")
+        lo, hi = LAMBDA_RANGE
+        if any(not lo <= lam <= hi for lam in self.lambdas):
+            problems.append(f"lambdas must lie in [{lo}, {hi}], got {list(self.lambdas)}")
+        for name, bounds, floor in (
+            ("lr_range", self.lr_range, 0.0),
+            ("lambda_range", self.lambda_range, lo),
+        ):
+            if bounds is None:
+                continue
+            if len(bounds) != 2 or not floor <= bounds[0] < bounds[1]:
+                problems.append(f"{name} must be (low, high) with {floor} <= low < high")
+            elif name == "lr_range" and bounds[0] <= 0:
+                problems.append("lr_range is sampled log-uniformly: low must be > 0")
+            elif name == "lambda_range" and bounds[1] > hi:
+                problems.append(f"lambda_range must lie in [{lo}, {hi}]")
+            if self.search_alg == "grid":
+                problems.append(f"{name} needs a sampling search_alg, not grid")
+        for text in self.schedules:
+            try:
+                parse_schedule(text)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.num_samples < 1 or self.reports_per_trial < 1 or self.reduction_factor <= 1:
+            problems.append("num_samples, reports_per_trial >= 1 and reduction_factor > 1")
+        if self.first_rung_fraction is not None and not 0 < self.first_rung_fraction <= 1:
+            problems.append("first_rung_fraction must lie in (0, 1]")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            problems.append("max_concurrent must be >= 1")
+        if self.max_gpus is not None and self.gpus_per_trial > self.max_gpus:
+            problems.append(
+                f"a trial needs {self.gpus_per_trial} GPUs (train.num_workers) but max_gpus is "
+                f"{self.max_gpus}"
+            )
+        if not self.train.val_data:
+            problems.append("the objective needs validation data: set train.val_data")
+        if not self.name or "/" in self.name:
+            problems.append(f"name must be a non-empty folder name, got {self.name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def gpus_per_trial(self) -> int:
+        return self.train.num_workers if self.train.use_gpu else 0
+
+    @property
+    def cpus_per_trial(self) -> float:
+        return self.train.num_workers * self.train.cpus_per_worker + TRIAL_DRIVER_CPU
+
+    @property
+    def url(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    @property
+    def metric(self) -> str:
+        return OBJECTIVES[self.objective][0]
+
+    @property
+    def mode(self) -> str:
+        return OBJECTIVES[self.objective][1]
+
+    def report_every(self) -> int:
+        return max(1, math.ceil(self.train.max_steps / self.reports_per_trial))
+
+    def first_rung(self) -> int:
+        """ASHA's grace period in steps, on a report step."""
+        fraction = self.first_rung_fraction
+        if fraction is None:
+            last_drops = [max(parse_schedule(s)[0], default=0.0) for s in self.schedules]
+            fraction = max(last_drops)
+        every = self.report_every()
+        steps = max(every, math.ceil(fraction * self.train.max_steps / every) * every)
+        return min(steps, self.train.max_steps)
+
+
+def trial_config(search: SearchConfig, point: dict[str, Any], *, name: str) -> TrainConfig:
+    """The training config of one trial: the base with the point's lr, lambda and schedule,
+    validating and checkpointing at every report."""
+    base = search.train
+    fractions, factors = parse_schedule(point["schedule"])
+    every = search.report_every()
+    return dataclasses.replace(
+        base,
+        name=name,
+        storage=storage.join(search.url, "trials"),
+        lr=float(point["lr"]),
+        rebalance_lambda=float(point["rebalance_lambda"]),
+        lr_drop_steps=tuple(round(f * base.max_steps) for f in fractions),
+        lr_drop_factors=factors,
+        checkpoint_every_steps=every,
+        val_every_steps=every,
+        make_sample_data=False,
+    )
+
+
+# ---------------------------------------------------------------- presets
+
+
+def ci() -> SearchConfig:
+    """Four `ci` trials on CPU in a fixed order: `python -m jobs.tune --preset ci`; about
+    2 minutes on 2 cores.
+
+    Grid over lr in (1e-3, 0) x lambda in (0.5, 1.0) with the drop at 75% of 40 steps. The
+    lr = 0 trials never learn; ASHA (first rung at step 10, before the drop, to show the
+    pruning at this scale: a deliberate choice here, not the safe default) stops them.
+    """
+    return SearchConfig(
+        train=train.ci(),
+        name="ci-search",
+        lrs=(1e-3, 0.0),
+        lambdas=(0.5, 1.0),
+        schedules=("0.75:0.3",),
+        reports_per_trial=4,
+        first_rung_fraction=0.25,
+    )
+
+
+def paper() -> SearchConfig:
+    """Lambda and the schedule around the released recipe, on GPUs: `python -m jobs.tune
+    --preset paper --max-gpus 8 --train.data URL --train.val-data URL --storage URL`.
+
+    Random search, 24 trials of 60k steps (batch 40, one GPU each): lr log-uniform in
+    [1e-5, 1e-4], lambda uniform in [0.05, 1], and three schedules (the released fractions,
+    earlier drops, one late drop). Budget-relative drops plus ASHA's first rung after the last
+    drop of every schedule (0.9 of the budget), so no trial is judged before annealing; the
+    pruning comes from the single rung there (half the trials stop before their last 10%).
+    About 2.6 GPU-hours per trial at the fp32 rate, 24 trials on 8 GPUs: under a day.
+    """
+    base = dataclasses.replace(
+        train.paper(), max_steps=60_000, val_images=2_000, name="paper-trial"
+    )
+    return SearchConfig(
+        train=base,
+        name="paper-search",
+        lrs=(),
+        lr_range=(1e-5, 1e-4),
+        lambdas=(),
+        lambda_range=LAMBDA_RANGE,
+        schedules=("0.444:0.333,0.833:0.3", "0.3:0.3,0.6:0.3", "0.9:0.1"),
+        search_alg="random",
+        num_samples=24,
+        reports_per_trial=10,
+    )
+
+
+PRESETS = presets_of(ci, paper)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def _param_space(search: SearchConfig) -> dict[str, Any]:
+    from ray import tune
+
+    if search.search_alg == "grid":
+        return {
+            "lr": tune.grid_search(list(search.lrs)),
+            "rebalance_lambda": tune.grid_search(list(search.lambdas)),
+            "schedule": tune.grid_search(list(search.schedules)),
+        }
+    return {
+        "lr": tune.loguniform(*search.lr_range) if search.lr_range else tune.choice(search.lrs),
+        "rebalance_lambda": (
+            tune.uniform(*search.lambda_range)
+            if search.lambda_range
+            else tune.choice(search.lambdas)
+        ),
+        "schedule": tune.choice(list(search.schedules)),
+    }
+
+
+def _run_trial(point: dict[str, Any], *, search: dict[str, Any]) -> None:
+    """One Tune trial: a `TorchTrainer` run whose reports reach Tune through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = from_dict(SearchConfig, search)
+    trial_id = tune.get_context().get_trial_id()
+    print(f"tune: trial {trial_id} starts", flush=True)
+    trainer = train.build_trainer(
+        trial_config(cfg, point, name=trial_id), callbacks=[TuneReportCallback()]
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+def _concurrency(search: SearchConfig) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    if search.gpus_per_trial:
+        gpus = search.max_gpus if search.max_gpus is not None else int(resources.get("GPU", 0))
+        slots = gpus // search.gpus_per_trial
+        if slots < 1:
+            raise ValueError(
+                f"a trial needs {search.gpus_per_trial} GPUs; the cluster has {gpus} for it"
+            )
+    else:
+        slots = int(resources.get("CPU", 1) // search.cpus_per_trial)
+        if slots < 1:
+            raise ValueError(
+                f"a trial needs {search.cpus_per_trial} CPUs; the cluster has "
+                f"{resources.get('CPU', 0)}"
+            )
+    return min(slots, search.max_concurrent or slots)
+
+
+def build_tuner(search: SearchConfig):
+    """The `Tuner` for `search`, restored when the search folder already holds one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, create_searcher
+
+    search = dataclasses.replace(search, train=train.with_absolute_paths(search.train))
+    search = dataclasses.replace(search, storage=storage.absolute(search.storage))
+    fs, path = storage.arrow_filesystem(search.storage, search.train.s3)
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, search=to_dict(search)),
+        {"cpu": TRIAL_DRIVER_CPU},
+    )
+    experiment = f"{path.rstrip('/')}/{search.name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        print(f"tune: continuing search {search.name} from {search.url}")
+        return tune.Tuner.restore(
+            experiment,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
+
+    concurrency = _concurrency(search)
+    if search.search_alg in ("grid", "random"):
+        searcher = BasicVariantGenerator(max_concurrent=concurrency, random_state=search.seed)
+    else:
+        searcher = ConcurrencyLimiter(
+            create_searcher(search.search_alg, metric=search.metric, mode=search.mode),
+            max_concurrent=concurrency,
+        )
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=search.train.max_steps,
+            grace_period=search.first_rung(),
+            reduction_factor=search.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(search),
+        tune_config=tune.TuneConfig(
+            metric=search.metric,
+            mode=search.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=search.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(name=search.name, storage_path=path, storage_filesystem=fs),
+    )
+
+
+# ---------------------------------------------------------------- results
+
+
+TABLE_COLUMNS = (
+    "trial",
+    "lr",
+    "lambda",
+    "schedule",
+    "steps",
+    "val_auc_raw",
+    "val_auc_rebalanced",
+    "val_auc_mean",
+    "val_loss",
+    "status",
+)
+
+
+def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
+    """One row per trial: its config, its last reported figures and how it ended."""
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        steps = int(metrics.get("step", 0))
+        if result.error is not None:
+            status = f"error: {type(result.error).__name__}"
+        elif steps >= search.train.max_steps:
+            status = "completed"
+        else:
+            status = "stopped early"
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or result.path.rsplit("/", 1)[-1],
+                "lr": result.config["lr"],
+                "lambda": result.config["rebalance_lambda"],
+                "schedule": result.config["schedule"],
+                "steps": steps,
+                **{k: metrics.get(k, math.nan) for k in TABLE_COLUMNS[5:9]},
+                "status": status,
+                "_history": (
+                    result.metrics_dataframe.to_dict("records")
+                    if result.metrics_dataframe is not None
+                    else []
+                ),
+            }
+        )
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
+    """The best trial by the objective, among completed trials where there are any."""
+    scored = [r for r in rows if not math.isnan(r[search.metric])]
+    completed = [r for r in scored if r["status"] == "completed"]
+    pool = completed or scored
+    if not pool:
+        return None
+    sign = 1 if search.mode == "max" else -1
+    return max(pool, key=lambda r: sign * r[search.metric])
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row[c]) for c in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_objective(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
+    """Objective against lambda (colour: lr) and against the schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.train_report import figure_png
+
+    fig, (ax_lam, ax_sched) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    points = ax_lam.scatter(
+        [r["lambda"] for r in rows],
+        [r[search.metric] for r in rows],
+        c=[r["lr"] for r in rows],
+        cmap="viridis",
+    )
+    fig.colorbar(points, ax=ax_lam, label="base lr")
+    schedules = sorted({r["schedule"] for r in rows})
+    ax_sched.scatter(
+        [schedules.index(r["schedule"]) for r in rows], [r[search.metric] for r in rows]
+    )
+    ax_sched.set_xticks(range(len(schedules)), schedules, rotation=15, fontsize=8)
+    ax_lam.set(xlabel="lambda", ylabel=search.metric, title="objective against lambda")
+    ax_sched.set(xlabel="schedule (fraction:factor)", title="objective against the schedule")
+    return figure_png(fig)
+
+
+def plot_curves(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
+    """Every trial's objective against the step, stopped trials dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.train_report import figure_png
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for row in rows:
+        points = [h for h in row["_history"] if search.metric in h and "step" in h]
+        style = "-" if row["status"] == "completed" else "--"
+        label = f"lr {row['lr']:.2g}, lambda {row['lambda']:.2f}, {row['schedule']}"
+        ax.plot([p["step"] for p in points], [p[search.metric] for p in points], style, label=label)
+    ax.set(xlabel="step", ylabel=search.metric, title="trials (dashed: stopped early)")
+    ax.legend(fontsize=7)
+    return figure_png(fig)
+
+
+def best_train_config(search: SearchConfig, row: dict[str, Any]) -> TrainConfig:
+    """The winning trial as a full-length training config of its own."""
+    cfg = trial_config(search, row, name=f"{search.name}-best")
+    base = search.train
+    return dataclasses.replace(
+        cfg,
+        storage=search.storage,
+        checkpoint_every_steps=base.checkpoint_every_steps,
+        val_every_steps=base.val_every_steps,
+    )
+
+
+def write_outputs(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
+    s3 = search.train.s3
+    storage.write_bytes(storage.join(search.url, "results.md"), markdown_table(rows).encode(), s3)
+    storage.write_bytes(storage.join(search.url, "results.csv"), csv_table(rows).encode(), s3)
+    storage.write_bytes(storage.join(search.url, "objective.png"), plot_objective(rows, search), s3)
+    storage.write_bytes(storage.join(search.url, "curves.png"), plot_curves(rows, search), s3)
+    best = best_row(rows, search)
+    if best is not None:
+        point = {"lr": best["lr"], "rebalance_lambda": best["lambda"], **best}
+        save_config(best_train_config(search, point), storage.join(search.url, BEST_CONFIG_FILE))
+    return best
+
+
+def _check_same_search(search: SearchConfig) -> None:
+    """A search folder belongs to one config: continuing it with another is refused."""
+    url = storage.join(search.url, SEARCH_CONFIG_FILE)
+    s3 = search.train.s3
+    if storage.exists(url, s3):
+        from jobs.config import load_config_file
+
+        if load_config_file(url) != to_dict(search):
+            raise ValueError(
+                f"{search.url} holds a search with another config; pass another --name "
+                f"(or the same options as before to continue it)"
+            )
+    else:
+        save_config(search, url)
+
+
+def main(search: SearchConfig) -> list[dict[str, Any]]:
+    """Run (or continue) the search; returns the results table."""
+    from jobs.runtime import init_ray
+
+    base = train.with_absolute_paths(search.train)
+    train.preflight(base)
+    init_ray()
+    if base.make_sample_data:
+        train.ensure_sample_data(base)
+        train.preflight(dataclasses.replace(base, make_sample_data=False))
+    _check_same_search(search)
+    start = time.monotonic()
+    result_grid = build_tuner(search).fit()
+    rows = results_table(result_grid, search)
+    best = write_outputs(rows, search)
+    print(markdown_table(rows), end="")
+    print(f"tune: {len(rows)} trials in {time.monotonic() - start:.0f}s; results in {search.url}")
+    if best is not None:
+        print(
+            f"tune: best {search.metric} {best[search.metric]:.4f} with lr {best['lr']:.3g}, "
+            f"lambda {best['lambda']:.3g}, schedule {best['schedule']}; "
+            f"python -m jobs.train --config {storage.join(search.url, BEST_CONFIG_FILE)}"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    from jobs import tune  # the importable module, so that Ray pickles trials by reference
+    from jobs.config import run_cli
+
+    run_cli(tune.SearchConfig, tune.main, presets=tune.PRESETS, prog="python -m jobs.tune")

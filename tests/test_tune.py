@@ -1,0 +1,113 @@
+"""The search job: its space and validation, and a real 4-trial ASHA search of the `ci`
+model on the S3 fixture."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import storage, tune
+from jobs.config import ConfigError, load_config_file, parse_config
+from jobs.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_schedules_parse_to_budget_fractions() -> None:
+    assert tune.parse_schedule("0.444:0.333,0.833:0.3") == ((0.444, 0.833), (0.333, 0.3))
+    assert tune.parse_schedule("none") == ((), ())
+    for bad in ("0.8:0.3,0.5:0.3", "1.2:0.3", "0.5", "0.5:-1", "half:0.3"):
+        with pytest.raises(ConfigError):
+            tune.parse_schedule(bad)
+
+
+def test_trial_config_places_drops_within_the_trial_budget() -> None:
+    search = dataclasses.replace(tune.ci(), schedules=("0.5:0.3,0.75:0.1",))
+    cfg = tune.trial_config(
+        search, {"lr": 2e-3, "rebalance_lambda": 0.25, "schedule": "0.5:0.3,0.75:0.1"}, name="t"
+    )
+    assert (cfg.lr, cfg.rebalance_lambda) == (2e-3, 0.25)
+    assert cfg.lr_drop_steps == (20, 30) and cfg.lr_drop_factors == (0.3, 0.1)
+    assert cfg.val_every_steps == cfg.checkpoint_every_steps == 10  # 40 steps, 4 reports
+    assert cfg.storage == storage.join(search.url, "trials") and cfg.name == "t"
+
+
+def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
+    search = dataclasses.replace(
+        tune.ci(), schedules=("0.3:0.3", "0.5:0.3,0.7:0.3"), first_rung_fraction=None
+    )
+    assert search.first_rung() == 30  # after 0.7 x 40 = 28, on a report step
+    assert dataclasses.replace(search, first_rung_fraction=0.25).first_rung() == 10
+    assert tune.paper().first_rung() == 54_000  # the late "0.9:0.1" schedule
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lrs"], "search space is empty"),
+        (["--schedules"], "search space is empty"),
+        (["--lambdas", "0.01"], "lambdas must lie in [0.05, 1.0]"),
+        (["--lambdas", "1.5"], "lambdas must lie in [0.05, 1.0]"),
+        (["--lambda-range", "0.01", "0.5", "--search-alg", "random"], "lambda_range"),
+        (["--lr-range", "1e-5", "1e-3"], "needs a sampling search_alg"),
+        (["--train.use-gpu", "--train.num-workers", "4", "--max-gpus", "2"], "needs 4 GPUs"),
+        (["--search-alg", "annealing"], "is not one of"),
+        (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
+    ],
+)
+def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(tune.SearchConfig, ["--preset", "ci", *flags], presets=tune.PRESETS)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", sorted(tune.PRESETS))
+def test_every_preset_parses_and_validates(preset) -> None:
+    search, _ = parse_config(tune.SearchConfig, ["--preset", preset], presets=tune.PRESETS)
+    assert search.first_rung() <= search.train.max_steps
+
+
+def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config, s3_server):
+    search = dataclasses.replace(
+        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="ci-search"
+    )
+    rows = tune.main(search)
+
+    configs = sorted((r["lr"], r["lambda"]) for r in rows)
+    assert configs == [(0.0, 0.5), (0.0, 1.0), (1e-3, 0.5), (1e-3, 1.0)]  # all accounted for
+    assert all(not r["status"].startswith("error") for r in rows), rows
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["steps"] < 40 for r in stopped)
+    assert all(r["steps"] == 40 for r in rows if r["status"] == "completed")
+    for row in rows:  # both AuCs reported, the objective their mean
+        assert row["val_auc_mean"] == pytest.approx(
+            (row["val_auc_raw"] + row["val_auc_rebalanced"]) / 2
+        )
+
+    best_url = storage.join(search.url, tune.BEST_CONFIG_FILE)
+    best = load_config_file(best_url)
+    assert best["lr"] == 1e-3 and best["name"] == "ci-search-best"
+    for name in ("results.md", "results.csv", "objective.png", "curves.png"):
+        assert storage.exists(storage.join(search.url, name)), name
+    table = storage.read_bytes(storage.join(search.url, "results.csv")).decode()
+    assert len(table.strip().splitlines()) == 1 + len(rows)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", best_url, "--dry-run"],
+        cwd=ROOT,
+        env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    cfg, _ = parse_config(TrainConfig, ["--config", best_url])
+    assert cfg.max_steps == 40 and cfg.lr_drop_steps == (30,)
+
+    with pytest.raises(ValueError, match="another config"):  # the folder belongs to one search
+        tune.main(dataclasses.replace(search, lambdas=(0.25,)))
