@@ -49,6 +49,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed crop size: autotuned kernels pay off
 
     histogram = load_prior(cfg.prior_url, cfg.s3)
     rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma).to(
@@ -178,6 +179,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(
                 model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
             )
+    if state and state["extra"]["step"] >= cfg.max_steps:
+        # Resumed at its end (the driver died after the last checkpoint): report the final
+        # figures again for whoever waits on them, such as the Tune trial running this.
+        ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
 
 
 def _loss(model, rgb, rebalance_Q, cfg: TrainConfig, autocast_dtype, device) -> torch.Tensor:
@@ -227,6 +232,10 @@ def _restore(run_url: str, s3: storage.S3Options) -> dict[str, Any] | None:
     return None
 
 
+def _metrics(step: int, epoch: int, offset: int, history: list[dict[str, float]]) -> dict:
+    return {"step": step, "epoch": epoch, "offset": offset, **(history[-1] if history else {})}
+
+
 def _report(
     model,
     optimizer,
@@ -244,7 +253,7 @@ def _report(
 
     from jobs.config import to_dict
 
-    metrics = {"step": step, "epoch": epoch, "offset": offset, **(history[-1] if history else {})}
+    metrics = _metrics(step, epoch, offset, history)
     rng_states: list[Any] = [torch.get_rng_state()]
     if world > 1:
         rng_states = [None] * world

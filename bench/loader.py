@@ -1,0 +1,168 @@
+"""Training input throughput: `jobs.loader.TrainLoader` against a plain one-thread PIL loop.
+
+    python bench/loader.py             (from the repository root; about 30 s on 2 cores)
+
+Input: a prepared dataset written into a temporary folder in the shard schema of
+`jobs.dataset` (Parquet shards + manifest, no Ray needed): windows of scikit-image's colour
+photos resized to a short side of 256 (the size `jobs.prepare` stores), JPEG 4:4:4 at
+quality 95, as `jobs.prepare` encodes them. Both sides turn the same JPEG bytes into batches
+of uint8 (N, 3, 176, 176) crops with random horizontal flips:
+
+- baseline, a plain loop on one thread over bytes already in memory: PIL decode, a random
+  crop and flip in numpy, to a torch tensor, `torch.stack` per batch;
+- `TrainLoader` with the PIL path, as a training worker runs it: shard reads, the epoch's
+  permutation, `jobs.images.load_rgb` (which also checks the image for colour) in its thread
+  pool, crops with the per-sample seeded generators, a background prefetch thread. Its time is
+  one epoch from the first request, shard reads included.
+
+Each figure is the median of several timed passes over the dataset after an untimed one.
+
+The figure of merit is images/s per core: the loader's divided by its decode threads.
+On a CUDA machine the loader's nvJPEG path (``decode="nvjpeg"``: decode and crop on the GPU,
+one producer thread) is measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import statistics
+import tempfile
+import time
+
+import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
+
+# isort: split
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from skimage import data
+
+from colorcore.data import CROP_PX
+from jobs import storage
+from jobs.dataset import SHARD_SCHEMA, SHARDS_DIR, Manifest, ShardInfo
+from jobs.images import encode_jpeg
+from jobs.loader import DatasetIndex, TrainLoader
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+SHORT_SIDE_PX = 256  # jobs.prepare's default short side
+
+
+def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """`count` different JPEGs: random windows (60-100% of each side) of the photos, resized."""
+    rng = np.random.default_rng(seed)
+    photos = [getattr(data, name)()[..., :3] for name in PHOTOS]
+    jpegs = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = (int(side * rng.uniform(0.6, 1.0)) for side in photo.shape[:2])
+        top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
+        window = Image.fromarray(photo[top : top + h, left : left + w])
+        scale = SHORT_SIDE_PX / min(h, w)
+        size = (max(SHORT_SIDE_PX, round(w * scale)), max(SHORT_SIDE_PX, round(h * scale)))
+        jpegs.append(encode_jpeg(window.resize(size, Image.Resampling.BICUBIC)))
+    return jpegs
+
+
+def write_dataset(root: str, jpegs: list[bytes], shard_images: int) -> None:
+    """The jpegs as a prepared dataset at `root` (shards + manifest)."""
+    shards = []
+    for s, start in enumerate(range(0, len(jpegs), shard_images)):
+        rows = []
+        for n, jpeg in enumerate(jpegs[start : start + shard_images], start):
+            w, h = Image.open(io.BytesIO(jpeg)).size
+            rows.append({"key": f"photos/{n:05d}", "label": 0, "jpeg": jpeg, "height_px": h,
+                         "width_px": w, "src_sha256": hashlib.sha256(jpeg).hexdigest(),
+                         "grayscale": False})  # fmt: skip
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), buffer)
+        name = f"{SHARDS_DIR}/train-{s:05d}.parquet"
+        storage.write_bytes(storage.join(root, name), buffer.getvalue())
+        sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+        shards.append(ShardInfo(name=name, num_rows=len(rows), sha256=sha))
+    Manifest(classes=("photos",), shards=tuple(shards), num_inputs=len(jpegs), num_errors=0).save(
+        root
+    )
+
+
+def plain_batches(jpegs: list[bytes], batch_size: int, rng: np.random.Generator) -> int:
+    """The baseline loop over whole batches; returns the number of images produced."""
+    used = len(jpegs) - len(jpegs) % batch_size
+    for start in range(0, used, batch_size):
+        crops = []
+        for jpeg in jpegs[start : start + batch_size]:
+            rgb_HW3 = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+            top = rng.integers(0, rgb_HW3.shape[0] - CROP_PX + 1)
+            left = rng.integers(0, rgb_HW3.shape[1] - CROP_PX + 1)
+            crop = rgb_HW3[top : top + CROP_PX, left : left + CROP_PX]
+            crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+            crops.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1))
+        torch.stack(crops)
+    return used
+
+
+def loader_epoch(index: DatasetIndex, batch_size: int, threads: int, decode: str) -> float:
+    """Images/s of one epoch of `TrainLoader`, from the first request to the last batch."""
+    loader = TrainLoader(
+        index, rank=0, world_size=1, batch_size=batch_size, crop_px=CROP_PX, seed=0,
+        num_threads=threads, decode=decode,
+    )  # fmt: skip
+    start = time.perf_counter()
+    batches = iter(loader)
+    for _ in range(loader.steps_per_epoch):
+        rgb_N3HW = next(batches).rgb_N3HW
+    if rgb_N3HW.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    batches.close()
+    return loader.steps_per_epoch * batch_size / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1024, help="images in the dataset")
+    parser.add_argument("--shard-images", type=int, default=64, help="images per shard")
+    parser.add_argument("--batch-size", type=int, default=40, help="images per batch (paper: 40)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="loader threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    jpegs = photo_jpegs(args.images)
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as root:
+        write_dataset(root, jpegs, args.shard_images)
+        index = DatasetIndex.load(root)
+        rng = np.random.default_rng(0)
+
+        def plain_ips() -> float:
+            start = time.perf_counter()
+            return plain_batches(jpegs, args.batch_size, rng) / (time.perf_counter() - start)
+
+        def median_ips(fn) -> float:
+            fn()  # warm-up: page cache, thread pools, CUDA and nvJPEG start-up
+            return statistics.median(fn() for _ in range(args.repeats))
+
+        plain = median_ips(plain_ips)
+        rows = [("plain PIL loop (decode, crop, flip)", 1, plain)]
+        pil = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "pil"))
+        rows.append(("TrainLoader, PIL threads", args.threads, pil))
+        if torch.cuda.is_available():
+            nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
+            rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))
+
+    kib = sum(map(len, jpegs)) / len(jpegs) / 1024
+    print(f"\n{len(jpegs)} JPEGs (short side {SHORT_SIDE_PX}, {kib:.0f} KiB mean) in "
+          f"{len(index.shard_urls)} shards; batch {args.batch_size} of {CROP_PX} x {CROP_PX} "
+          f"crops; {os.cpu_count()} cores; torch {torch.__version__}")  # fmt: skip
+    print(f"{'pipeline':36s} {'cores':>5s} {'images/s':>9s} {'per core':>9s} {'vs plain':>9s}")
+    for name, cores, ips in rows:
+        per_core = ips / cores
+        print(f"{name:36s} {cores:5d} {ips:9.0f} {per_core:9.0f} {per_core / plain:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

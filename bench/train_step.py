@@ -1,0 +1,203 @@
+"""Training-step throughput of the released network, with the step `jobs.train_loop` runs.
+
+    python bench/train_step.py --compile           (on a GPU machine; about 3 minutes on an H100)
+    python bench/train_step.py                     (on CPU: batch 4, about 1 minute on 2 cores)
+
+One step, as a training worker does it (`jobs.train_loop._loss` and the optimizer calls):
+`colorcore.data.make_targets` on the device from uint8 crops (Lab, sparse soft encoding with
+k = 10), the forward of `ColorizationNet(ModelConfig())` (the released ECCV16 network,
+32.2M parameters) at 176 x 176 under the chosen precision, `rebalanced_cross_entropy` in
+fp32, backward, Adam (0.9, 0.99, weight decay 1e-3), and the `loss.item()` the loop logs.
+The crops are windows of scikit-image's colour photos, already on the device (the nvJPEG
+loader delivers them there); the rebalancing weights are those of the crops' own ab prior.
+
+Modes: ``fp32`` (TF32 off: the naive port), ``tf32`` (CUDA only: what the job's fp32
+precision runs, as `jobs.train_loop` enables TF32), ``bf16_cl`` (bf16 autocast, model in
+channels_last; `_loss` makes the input channels_last on CUDA; on CPU only where
+`jobs.runtime.cpu_has_bf16_units`, as the job's precision choice: without bf16 units a step
+is ~10x slower than fp32) and, with ``--compile``, ``bf16_cl_compile`` (`torch.compile` of
+the model, as ``TrainConfig.compile``). ``--modes`` runs a given list instead. Each mode
+starts from a fresh model; the figure is the mean step time over ``--iters`` steps after
+``--warmup`` steps (cuDNN autotuning on, as in the job and the anchor; off with
+``--no-cudnn-benchmark``), with peak GPU memory (on CPU: the process's peak resident memory so far).
+TFLOP/s counts 3x the forward FLOPs. Prints one JSON document and a table; writes it to
+``$OUT/train_step.json`` when OUT is set. Run it beside ``shared_bench/gpu_anchor.py`` on the
+same machine to compare with the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
+
+# isort: split
+import numpy as np
+import torch
+from skimage import data
+from torch.utils.flop_counter import FlopCounterMode
+
+from colorcore.color import rgb_to_lab
+from colorcore.data import CROP_PX
+from colorcore.model import ColorizationNet, ModelConfig
+from colorcore.prior import AbHistogram
+from jobs.runtime import cpu_has_bf16_units
+from jobs.train import TrainConfig, rebalance_from
+from jobs.train_loop import _loss
+
+MODES = ("fp32", "tf32", "bf16_cl", "bf16_cl_compile")
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def photo_crops(batch: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (batch, 3, 176, 176) random windows of the photos, half of them flipped."""
+    rng = np.random.default_rng(seed)
+    photos = [getattr(data, name)()[..., :3] for name in PHOTOS]
+    crops = []
+    for i in range(batch):
+        photo = photos[i % len(photos)]
+        top = rng.integers(0, photo.shape[0] - CROP_PX + 1)
+        left = rng.integers(0, photo.shape[1] - CROP_PX + 1)
+        crop = photo[top : top + CROP_PX, left : left + CROP_PX]
+        crops.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+
+
+def forward_gflops(model: torch.nn.Module) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.rand(1, 1, CROP_PX, CROP_PX, device=next(model.parameters()).device) * 100)
+    return counter.get_total_flops() / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_mode(mode: str, rgb_N3HW, rebalance_Q, cfg: TrainConfig, args, device) -> dict:
+    """Mean step time of one mode, from a fresh model and optimizer."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    channels_last = mode.startswith("bf16_cl")
+    model = ColorizationNet(ModelConfig()).to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    forward = torch.compile(model) if mode.endswith("compile") else model
+    autocast_dtype = torch.bfloat16 if mode.startswith("bf16") else None
+
+    def step() -> float:
+        loss = _loss(forward, rgb_N3HW, rebalance_Q, cfg, autocast_dtype, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    start = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - start  # includes compilation and autotuning
+    for _ in range(args.warmup - 1):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    losses = [step() for _ in range(args.iters)]
+    sync(device)
+    step_s = (time.perf_counter() - start) / args.iters
+    return {"mode": mode, "batch": len(rgb_N3HW), "step_ms": 1e3 * step_s,
+            "img_s": len(rgb_N3HW) / step_s, "peak_gib": peak_gib(device),
+            "first_step_s": first_s, "loss": losses[-1]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--batch", type=int, default=256 if cuda else 4, help="images per step")
+    parser.add_argument("--iters", type=int, default=20 if cuda else 3, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5 if cuda else 1, help="untimed steps")
+    parser.add_argument("--compile", action="store_true", help="also bf16_cl with torch.compile")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let cuDNN autotune (as the job does on GPUs)",
+    )
+    parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
+    args = parser.parse_args()
+    if args.warmup < 1 or args.iters < 1:
+        parser.error("--warmup and --iters must be >= 1")
+    if args.modes:
+        modes = args.modes.split(",")
+        if unknown := set(modes) - set(MODES):
+            parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    else:
+        bf16 = cuda or cpu_has_bf16_units()
+        modes = [m for m, on in zip(MODES, (True, cuda, bf16, args.compile), strict=True) if on]
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(os.cpu_count())  # the step uses every core, unlike the other benches
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+    cfg = TrainConfig(batch_size=args.batch, crop_px=CROP_PX)
+    rgb_N3HW = photo_crops(args.batch)
+    ab_N2HW = rgb_to_lab(rgb_N3HW.float() / 255)[:, 1:]
+    histogram = AbHistogram().update(ab_N2HW, pixel_stride=4)
+    rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma)
+    rgb_N3HW, rebalance_Q = rgb_N3HW.to(device), rebalance_Q.to(device)
+
+    report = {
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "size": CROP_PX,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "params": sum(p.numel() for p in ColorizationNet(ModelConfig()).parameters()),
+        "gflops_fwd": forward_gflops(ColorizationNet(ModelConfig()).to(device)),
+        "train": [],
+    }
+    for mode in modes:
+        try:
+            row = run_mode(mode, rgb_N3HW, rebalance_Q, cfg, args, device)
+            row["tflops"] = 3 * report["gflops_fwd"] * row["img_s"] / 1e3
+        except Exception as error:  # one failing mode (e.g. compile) must not lose the others
+            row = {"mode": mode, "batch": args.batch, "error": repr(error)[:300]}
+        report["train"].append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps(report))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}; torch {report['torch']}; ColorizationNet(ModelConfig()) "
+          f"{report['params'] / 1e6:.1f}M params, {report['gflops_fwd']:.1f} GFLOPs forward at "
+          f"{report['size']} x {report['size']}")  # fmt: skip
+    print(f"{'mode':16s} {'batch':>5s} {'step ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} "
+          f"{'peak GiB':>8s} {'1st step s':>10s}")  # fmt: skip
+    for row in report["train"]:
+        if "error" in row:
+            print(f"{row['mode']:16s} {row['batch']:5d} failed: {row['error']}")
+            continue
+        print(f"{row['mode']:16s} {row['batch']:5d} {row['step_ms']:9.1f} {row['img_s']:8.1f} "
+              f"{row['tflops']:8.2f} {row['peak_gib']:8.2f} "
+              f"{row['first_step_s']:10.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

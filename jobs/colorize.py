@@ -1,0 +1,874 @@
+"""Colorize photo archives at full resolution on Ray Data: resumable, every input accounted for.
+
+``python -m jobs.colorize INPUT OUTPUT --model URL [--temperature 0.38] [options]``
+
+INPUT (local path or storage URL) is one image, a folder (recursive), a tar (``.tar``,
+``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) or zip archive, or a Parquet file of image
+bytes; a folder may hold any mix of these. Archive members and Parquet rows are inputs of their
+own. OUTPUT mirrors INPUT: ``a/b.jpg`` -> ``OUTPUT/a/b.jpg``; member ``m.png`` of ``x/y.tar`` ->
+``OUTPUT/x/y.tar/m.png``; row ``key`` of ``p.parquet`` -> ``OUTPUT/p.parquet/key.<ext>``. When
+the output format differs from what the name says, its extension is appended (``a.gif.png``).
+
+Per image: EXIF orientation applied (and the tag removed), the network sees L resized to
+``--infer-px`` square, the annealed-mean ab (T = ``--temperature``) is upsampled bilinearly to
+the full size and joined with the image's own L, and out-of-gamut colours lose chroma, never
+L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), 16-bit
+grayscale gives 16-bit RGB PNG, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP are
+copied, and a provenance string (this project, the model file's SHA-256, T) goes into EXIF
+tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs.
+
+Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (full-resolution
+L, network-size L) -> model actors (GPU when present, batched, bf16 autocast where fast) ->
+encode-and-write tasks. Every write task writes its outputs, then a manifest part with one row
+per input (source, output, status, reason, time); a re-run of the same command reads the parts
+and skips inputs already done, so a killed run resumes and each input ends up exactly once.
+Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
+leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job.
+At the end ``inputs = outputs + errors`` is printed and checked against the written files, and
+the manifest is written to ``OUTPUT/_colorize/manifest.parquet`` (or ``.csv``).
+
+One local image runs in-process, without starting Ray, through the same functions.
+
+Legend: N batch, P pages, H, W full size, S network input side, s = S / 4 network output side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import posixpath
+import re
+import stat
+import struct
+import tarfile
+import time
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
+from jobs import storage
+from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, open_image
+from jobs.runtime import Precision, choose_precision
+
+WORK_DIR = "_colorize"
+PARTS_DIR = f"{WORK_DIR}/parts"
+MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
+ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
+PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+SUFFIXES = {
+    "JPEG": (".jpg", ".jpeg", ".jpe"),
+    "PNG": (".png",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+}
+PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
+# TIFF tags that describe the photo rather than the file's layout: the ones carried over.
+_TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
+_EXIF_IFD, _ORIENTATION, _XMP_TAG, _IPTC_TAG = 0x8769, 0x0112, 700, 33723
+_STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
+MANIFEST_COLUMNS = (
+    "source",
+    "output",
+    "status",
+    "reason",
+    "time",
+    "pages",
+    "width_px",
+    "height_px",
+    "model_sha256",
+    "temperature",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColorizeConfig:
+    input: str = ""
+    """One image, a folder, a tar / zip archive or a Parquet file (local path or URL)."""
+    output: str = ""
+    """Output folder (mirrors INPUT); must not be INPUT or inside it."""
+    model: str = ""
+    """Released ECCV16 weights, a project checkpoint or a training run folder (URL)."""
+    temperature: float = ANNEALED_MEAN_T
+    """Annealed-mean temperature T (paper: 0.38; 1 = mean, -> 0 = mode)."""
+    infer_px: int = INFER_PX
+    """The network sees L resized to this square (released demo: 256)."""
+    format: Literal["keep", "jpeg", "png", "tiff", "webp"] = "keep"
+    """Output format: the input's (keep) or one for every output."""
+    quality: int = JPEG_QUALITY
+    """JPEG and WebP quality."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images (or TIFF pages) with more pixels are refused (decompression bombs)."""
+    max_file_mb: float = 1024.0
+    """Files and archive members larger than this are refused."""
+    manifest_format: Literal["parquet", "csv"] = "parquet"
+    """Format of OUTPUT/_colorize/manifest.*."""
+    retry_errors: bool = False
+    """On a re-run, try again the inputs that failed (default: skip them as done)."""
+    parquet_column: str | None = None
+    """Parquet input: the column of image bytes (default: the first binary column)."""
+    parquet_key_column: str | None = None
+    """Parquet input: the column naming each row's output (default: path/key/name, else the
+    row number)."""
+    batch_size: int = 8
+    """Images per model batch."""
+    files_per_task: int = 32
+    """Folder inputs: files per read task."""
+    model_actors: int = 0
+    """Model actors (0: one per GPU, or on CPUs enough to use 60% of them)."""
+    actor_cpus: float = 0.75
+    """CPUs per model actor (its torch threads: this rounded, at least 1)."""
+    task_cpus: float = 0.5
+    """CPUs per read, decode and write task."""
+    device: str = "auto"
+    """Model device: auto (CUDA when present), cpu or cuda."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32."""
+    s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+    def __post_init__(self) -> None:
+        if not self.input or not self.output or not self.model:
+            raise ValueError("INPUT, OUTPUT and --model are required")
+        (in_scheme, in_path), (out_scheme, out_path) = map(
+            storage.split_url, (self.input, self.output)
+        )
+        if in_scheme == out_scheme and (out_path + "/").startswith(in_path.rstrip("/") + "/"):
+            raise ValueError(f"OUTPUT {self.output} must not be INPUT or inside it")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.infer_px < 16 or self.infer_px % 8:
+            raise ValueError(f"infer_px must be a multiple of 8, >= 16, got {self.infer_px}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in [1, 100], got {self.quality}")
+        if min(self.max_pixels, self.batch_size, self.files_per_task) < 1:
+            raise ValueError("max_pixels, batch_size and files_per_task must be >= 1")
+        if self.max_file_mb <= 0 or self.actor_cpus <= 0 or self.task_cpus <= 0:
+            raise ValueError("max_file_mb, actor_cpus and task_cpus must be > 0")
+        if self.model_actors < 0:
+            raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
+
+
+# ---------------------------------------------------------------- decoding, with metadata
+
+
+@dataclass
+class Page:
+    """One colorizable picture: sRGB in [0, 1] as (1, C, H, W), C = 1 (gray) or 3."""
+
+    rgb: torch.Tensor
+    alpha: np.ndarray | None
+    bits: int
+
+
+@dataclass
+class Metadata:
+    icc: bytes | None = None
+    exif: Any = None  # PIL.Image.Exif without the orientation tag
+    xmp: bytes | None = None
+    iptc: bytes | None = None
+
+
+@dataclass
+class Decoded:
+    pages: list[Page]
+    format: str
+    meta: Metadata
+
+
+def _page(image) -> Page:
+    """A PIL frame (already upright) -> float planes, alpha and bit depth."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        scale = 1.0 if mode == "F" else 65535.0
+        values = np.asarray(image, dtype=np.float32) / scale
+        return Page(torch.from_numpy(values.clip(0, 1))[None, None], None, 16)
+    alpha = None
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"))
+        pixels, alpha = rgba[..., :3], rgba[..., 3]
+    elif mode in ("1", "L"):
+        pixels = np.asarray(image.convert("L"))[..., None]
+    else:  # RGB, P, CMYK, YCbCr, ...
+        pixels = np.asarray(image.convert("RGB"))
+    planes = torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+    return Page(planes[None].float().div_(255.0), alpha, 8)
+
+
+def _metadata(image) -> Metadata:
+    """What is carried to the output; the image's own EXIF (its orientation) stays untouched."""
+    from PIL import Image
+
+    info = image.info
+    icc = info.get("icc_profile")
+    if icc and icc[16:20] != b"RGB ":  # gray or CMYK profiles do not describe an RGB output
+        icc = None
+    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
+    iptc = (info.get("photoshop") or {}).get(0x0404)
+    source, exif = image.getexif(), Image.Exif()
+    if image.format == "TIFF":  # a TIFF's IFD holds its layout too: copy the descriptive tags
+        tags = image.tag_v2
+        xmp, iptc = tags.get(_XMP_TAG) or xmp, tags.get(_IPTC_TAG)
+        for tag in _TIFF_DESCRIPTIVE_TAGS:
+            if tag in tags:
+                exif[tag] = tags[tag]
+        exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
+    elif len(source):
+        exif.load(source.tobytes())
+    exif.pop(_ORIENTATION, None)
+    return Metadata(icc=icc, exif=exif, xmp=_as_bytes(xmp), iptc=_as_bytes(iptc))
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """Metadata blocks come as bytes, str (PNG text) or tuples of ints (TIFF tags)."""
+    if not value:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Every page of an image file, upright; raises `BadImage` with the reason."""
+    from PIL import ImageOps
+
+    image = open_image(data, max_pixels=max_pixels)
+    fmt = "JPEG" if image.format == "MPO" else image.format
+    pages = []
+    try:
+        meta = _metadata(image)
+        for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
+            image.seek(index)
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
+            image.load()
+            pages.append(_page(ImageOps.exif_transpose(image)))
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    return Decoded(pages, fmt, meta)
+
+
+# ---------------------------------------------------------------- the colour math
+
+
+def network_input(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-resolution L (N, 1, H, W), L resized for the network (N, 1, S, S))."""
+    l_N1HW = rgb_to_lab(rgb_N3HW.expand(-1, 3, -1, -1))[:, :1]
+    l_N1SS = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)
+    return l_N1HW, l_N1SS.clamp_(0.0, 100.0)
+
+
+@torch.no_grad()
+def predict_ab(
+    model: torch.nn.Module, l_N1SS: torch.Tensor, temperature: float, precision: Precision
+) -> torch.Tensor:
+    """Annealed-mean ab at the network's output size, (N, 2, s, s) fp32 on the CPU."""
+    device = precision.device
+    x = l_N1SS.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(
+        device.type,
+        dtype=precision.autocast_dtype or torch.float32,
+        enabled=precision.autocast_dtype is not None,
+    ):
+        logits_NQss = model(x)
+    return annealed_mean(logits_NQss, temperature).cpu()
+
+
+def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
+    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L."""
+    ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
+    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma")
+
+
+# ---------------------------------------------------------------- encoding, with metadata
+
+
+def _exif_bytes(meta: Metadata, provenance: str) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    if meta.exif:
+        exif.load(meta.exif.tobytes())
+    exif[PROVENANCE_EXIF_TAG] = provenance
+    return exif.tobytes()
+
+
+def _iptc_app13(iptc: bytes) -> bytes:
+    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
+    payload = iptc + b"\0" * (len(iptc) % 2)
+    body = b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
+    return b"\xff\xed" + struct.pack(">H", len(body) + 2) + body
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png16(rgb_HW3: np.ndarray, meta: Metadata, exif: bytes, provenance: str) -> bytes:
+    """A 16-bit RGB PNG (Pillow writes at most 8 bits per colour channel)."""
+    h, w, _ = rgb_HW3.shape
+    rows = np.zeros((h, 1 + w * 6), np.uint8)  # filter byte 0, then big-endian samples
+    rows[:, 1:] = np.ascontiguousarray(rgb_HW3, dtype=">u2").view(np.uint8).reshape(h, w * 6)
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))]
+    if meta.icc:
+        chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc)))
+    chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")))
+    if meta.xmp:
+        chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + meta.xmp))
+    chunks.append(_png_chunk(b"tEXt", b"Software\0" + provenance.encode("latin-1", "replace")))
+    chunks.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
+
+
+def output_format(decoded: Decoded, choice: str) -> str:
+    """JPEG, PNG, TIFF, WEBP, or PNG16 (16-bit RGB PNG)."""
+    fmt = decoded.format if choice == "keep" else choice.upper()
+    fmt = fmt if fmt in SUFFIXES else "PNG"
+    if len(decoded.pages) > 1:
+        return "TIFF"  # only TIFF carries pages
+    page = decoded.pages[0]
+    if page.bits == 16 and fmt in ("PNG", "TIFF"):
+        return "PNG16"
+    if page.alpha is not None and fmt == "JPEG":
+        return "PNG"
+    return fmt
+
+
+def encode(
+    rgb_pages: list[np.ndarray], decoded: Decoded, fmt: str, provenance: str, quality: int
+) -> bytes:
+    """Colorized pages (H, W, 3 uint8 or uint16) -> file bytes with the source's metadata."""
+    from PIL import Image, PngImagePlugin
+
+    meta, exif = decoded.meta, _exif_bytes(decoded.meta, provenance)
+    if fmt == "PNG16":
+        return encode_png16(rgb_pages[0], meta, exif, provenance)
+    images = []
+    for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
+        rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
+        image = Image.fromarray(rgb8)
+        if page.alpha is not None:
+            image.putalpha(Image.fromarray(page.alpha))
+        images.append(image)
+    kwargs: dict[str, Any] = {"exif": exif}
+    if meta.icc:
+        kwargs["icc_profile"] = meta.icc
+    if fmt == "JPEG":
+        kwargs.update(quality=quality, subsampling=0, xmp=meta.xmp)
+        if meta.iptc:
+            kwargs["extra"] = _iptc_app13(meta.iptc)
+    elif fmt == "PNG":
+        text = PngImagePlugin.PngInfo()
+        text.add_text("Software", provenance)
+        if meta.xmp:
+            text.add_itxt("XML:com.adobe.xmp", meta.xmp.decode("utf-8", "replace"))
+        kwargs["pnginfo"] = text
+    elif fmt == "WEBP":
+        kwargs.update(quality=quality, xmp=meta.xmp)
+    else:
+        tags = {_XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
+        kwargs.update(compression="tiff_deflate", save_all=True, append_images=images[1:])
+        kwargs["tiffinfo"] = {k: v for k, v in tags.items() if v}
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=fmt, **{k: v for k, v in kwargs.items() if v is not None})
+    return buffer.getvalue()
+
+
+def output_name(rel: str, fmt: str) -> str:
+    suffixes = SUFFIXES["PNG" if fmt == "PNG16" else fmt]
+    return rel if rel.lower().endswith(suffixes) else rel + suffixes[0]
+
+
+def safe_relpath(name: str) -> str:
+    """An archive member's or key's path inside OUTPUT; `BadImage` if it would leave it."""
+    path = name.replace("\\", "/")
+    normal = posixpath.normpath(path)
+    if path.startswith("/") or normal in (".", "..") or normal.startswith("../") or ":" in normal:
+        raise BadImage(f"path escapes the output folder: {name!r}")
+    return normal
+
+
+# ---------------------------------------------------------------- planning and reading
+
+
+def _kind(path: str) -> str:
+    name = path.lower()
+    if name.endswith(TAR_SUFFIXES):
+        return "tar"
+    return {".zip": "zip", ".parquet": "parquet"}.get(posixpath.splitext(name)[1], "image")
+
+
+def plan(cfg: ColorizeConfig, done: dict[str, dict]) -> tuple[list[dict], list[str], int]:
+    """(work units in a fixed order, every top-level file's source URL, inputs skipped)."""
+    fs, root = storage.filesystem(cfg.input, cfg.s3)
+    if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
+        found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.input}")
+        sizes = {p[len(root) :].lstrip("/"): info.get("size", 0) for p, info in found.items()}
+        rels = sorted(sizes)
+        urls = [storage.join(cfg.input, rel) for rel in rels]
+    elif storage.exists(cfg.input, cfg.s3):
+        rels, urls = [""], [cfg.input]
+        sizes = {"": storage.with_retries(lambda: fs.size(root), what=f"stat {cfg.input}")}
+    else:
+        raise ValueError(f"INPUT {cfg.input}: no such file or folder")
+    units, files, skipped = [], [], 0
+    for rel, url in zip(rels, urls, strict=True):
+        kind = _kind(url)
+        if kind != "image":
+            prefix = rel.rstrip("/")
+            mark = url + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
+            members = sorted(s[len(mark) :] for s in done if s.startswith(mark))
+            if url in done:  # the archive itself failed: nothing more to read in it
+                skipped += 1
+                continue
+            skipped += len(members)
+            units.append({"kind": kind, "url": url, "prefix": prefix, "done": members})
+            continue
+        if url in done:
+            skipped += 1
+            continue
+        name = rel or posixpath.basename(storage.split_url(url)[1])
+        files.append({"source": url, "rel": name, "size": sizes[rel]})
+    for start in range(0, len(files), cfg.files_per_task):
+        units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
+    return units, urls, skipped
+
+
+def _row(source: str, rel: str = "", data: bytes = b"", reason: str = "") -> dict:
+    return {
+        "source": source,
+        "rel": rel,
+        "data": data,
+        "status": "error" if reason else "pending",
+        "reason": reason,
+    }
+
+
+def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
+    limit = cfg.max_file_mb * 2**20
+    for item in unit["items"]:
+        source = item["source"]
+        if item["size"] > limit:
+            yield _row(source, reason=f"file too large: {item['size']} bytes")
+            continue
+        try:
+            yield _row(source, item["rel"], storage.read_bytes(source, cfg.s3))
+        except FileNotFoundError:
+            yield _row(source, reason="missing file")
+        except OSError as e:
+            yield _row(source, reason=f"unreadable file: {e}")
+
+
+def _member_row(source: str, name: str, prefix: str, size: int, read, cfg) -> dict:
+    try:
+        rel = posixpath.join(prefix, safe_relpath(name)) if prefix else safe_relpath(name)
+    except BadImage as e:
+        return _row(source, reason=str(e))
+    if size > cfg.max_file_mb * 2**20:
+        return _row(source, reason=f"file too large: {size} bytes")
+    return _row(source, rel, read())
+
+
+def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
+    done = set(unit["done"])
+    with tarfile.open(fileobj=f, mode="r|*") as archive:
+        for member in archive:
+            source = f"{unit['url']}{MEMBER_SEP}{member.name}"
+            if member.isdir() or member.name in done:
+                continue
+            if not member.isfile():
+                yield _row(source, reason="archive member is not a regular file (link/device)")
+                continue
+            read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
+            yield _member_row(source, member.name, unit["prefix"], member.size, read, cfg)
+
+
+def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
+    done = set(unit["done"])
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            source = f"{unit['url']}{MEMBER_SEP}{info.filename}"
+            if info.is_dir() or info.filename in done:
+                continue
+            if stat.S_ISLNK(info.external_attr >> 16):
+                yield _row(source, reason="archive member is not a regular file (link)")
+                continue
+            read = lambda i=info: archive.read(i)  # noqa: E731
+            try:
+                yield _member_row(source, info.filename, unit["prefix"], info.file_size, read, cfg)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error) as e:
+                yield _row(source, reason=f"unreadable archive member: {e}")
+
+
+def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done, table = set(unit["done"]), pq.ParquetFile(f)
+    schema = table.schema_arrow
+    column = cfg.parquet_column or next(
+        (
+            n
+            for n in schema.names
+            if pa.types.is_binary(schema.field(n).type)
+            or pa.types.is_large_binary(schema.field(n).type)
+        ),
+        None,
+    )
+    key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
+    if column not in schema.names or (key and key not in schema.names):
+        raise ValueError(f"no column {column if column not in schema.names else key!r}")
+    number = 0
+    for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
+        for row in batch.to_pylist():
+            name = str(row[key]) if key else f"{number:09d}"
+            number += 1
+            source = f"{unit['url']}{ROW_SEP}{name}"
+            if name not in done:
+                data = row[column] or b""
+                yield _member_row(source, name, unit["prefix"], len(data), lambda d=data: d, cfg)
+
+
+_ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}
+
+
+def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
+    """Every not-yet-done input of one work unit as a row (bytes, or an error)."""
+    unit = json.loads(row["unit"])
+    if unit["kind"] == "files":
+        yield from _read_files(unit, cfg)
+        return
+    url, count = unit["url"], 0
+    try:
+        fs, path = storage.filesystem(url, cfg.s3)
+        with fs.open(path, "rb") as f:
+            for item in _ARCHIVE_READERS[unit["kind"]](unit, cfg, f):
+                count += 1
+                yield item
+    except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
+        # The archive itself is an input too: recorded once, after what could be read of it.
+        yield _row(url, reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}")
+
+
+# ---------------------------------------------------------------- the pipeline stages
+
+
+def prepare_row(row: dict, cfg: ColorizeConfig) -> dict:
+    """Decode and compute the network's input: adds `l_small` (P, 1, S, S fp32 bytes)."""
+    out = {**row, "l_small": b"", "pages": 0}
+    if row["status"] != "pending":
+        return out
+    try:
+        decoded = decode(row["data"], cfg.max_pixels)
+        small = [network_input(page.rgb, cfg.infer_px)[1] for page in decoded.pages]
+    except Exception as e:  # one input's failure, whatever it is, must not stop the job
+        return {**out, "status": "error", "reason": _reason(e), "data": b""}
+    return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
+
+
+def _reason(error: Exception) -> str:
+    return str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
+
+
+class Colorizer:
+    """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`."""
+
+    def __init__(self, cfg: ColorizeConfig, model: torch.nn.Module | None = None) -> None:
+        from jobs.models import load_model
+
+        self.cfg = cfg
+        self.precision = choose_precision(cfg.device, cfg.dtype)
+        if self.precision.device.type == "cpu":
+            torch.set_num_threads(max(1, round(cfg.actor_cpus)))
+        model = model if model is not None else load_model(cfg.model, cfg.s3).model
+        self.model = model.eval().to(self.precision.device, memory_format=torch.channels_last)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pages = [int(p) for p in batch["pages"]]
+        todo = [i for i, p in enumerate(pages) if p]  # rows already failed have no pages
+        ab_small = np.empty(len(pages), dtype=object)
+        ab_small[:] = [b""] * len(pages)
+        if todo:
+            s = self.cfg.infer_px
+            stacked = [np.frombuffer(batch["l_small"][i], np.float32) for i in todo]
+            l_N1SS = torch.from_numpy(np.concatenate(stacked).reshape(-1, 1, s, s))
+            ab_N2ss = predict_ab(self.model, l_N1SS, self.cfg.temperature, self.precision)
+            parts = torch.split(ab_N2ss, [pages[i] for i in todo])
+            for index, part in zip(todo, parts, strict=True):
+                ab_small[index] = part.numpy().tobytes()
+        out = {k: v for k, v in batch.items() if k != "l_small"}
+        out["ab_small"] = ab_small
+        return out
+
+
+def colorize_file(data: bytes, ab_bytes: bytes, cfg: ColorizeConfig, provenance: str):
+    """Source bytes + predicted ab -> (output bytes, format, decoded source)."""
+    decoded = decode(data, cfg.max_pixels)
+    s = cfg.infer_px // 4
+    ab_P2ss = torch.from_numpy(np.frombuffer(ab_bytes, np.float32).reshape(-1, 2, s, s).copy())
+    fmt = output_format(decoded, cfg.format)
+    rgb_pages = []
+    for page, ab_12ss in zip(decoded.pages, ab_P2ss.split(1), strict=True):
+        l_11HW, _ = network_input(page.rgb, cfg.infer_px)
+        rgb_13HW = reassemble(l_11HW, ab_12ss)
+        top = 65535.0 if fmt == "PNG16" else 255.0
+        values = rgb_13HW[0].permute(1, 2, 0).mul_(top).round_().numpy()
+        rgb_pages.append(values.astype(np.uint16 if fmt == "PNG16" else np.uint8))
+    return encode(rgb_pages, decoded, fmt, provenance, cfg.quality), fmt, decoded
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _finish_row(row: dict, cfg: ColorizeConfig, provenance: dict) -> dict:
+    start = time.monotonic()
+    result = {
+        "source": row["source"],
+        "output": "",
+        "status": row["status"],
+        "reason": row["reason"],
+        "pages": int(row["pages"]),
+        "width_px": 0,
+        "height_px": 0,
+        "model_sha256": provenance["model_sha256"],
+        "temperature": provenance["temperature"],
+    }
+    if row["status"] == "pending":
+        try:
+            text = provenance["text"]
+            data, fmt, decoded = colorize_file(row["data"], row["ab_small"], cfg, text)
+            name = output_name(row["rel"], fmt)
+            storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
+            h, w = decoded.pages[0].rgb.shape[-2:]
+            result.update(output=name, status="ok", width_px=int(w), height_px=int(h))
+        except Exception as e:  # e.g. storage refusing the write, after its retries
+            result.update(status="error", reason=_reason(e))
+    result["seconds"] = time.monotonic() - start
+    result["time"] = _now()
+    return result
+
+
+def write_batch(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: dict) -> dict:
+    """Colorize and write a batch's outputs, then its manifest part; returns the part's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(batch)
+    rows = [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    results = [_finish_row(row, cfg, provenance) for row in rows]
+    table = pa.Table.from_pylist(results)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    part = storage.join(cfg.output, PARTS_DIR, f"part-{uuid.uuid4().hex}.parquet")
+    storage.write_bytes(part, buffer.getvalue(), cfg.s3)
+    return {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class Summary:
+    inputs: int
+    outputs: int
+    errors: int
+    skipped: int
+    """Inputs already done by an earlier run of the same command."""
+    manifest_url: str
+    rows: list[dict]
+
+
+def read_manifest_parts(cfg: ColorizeConfig) -> dict[str, dict]:
+    """Rows written by earlier runs, by source (the latest row of a source wins)."""
+    import pyarrow.parquet as pq
+
+    parts = storage.join(cfg.output, PARTS_DIR)
+    if not storage.exists(parts, cfg.s3):
+        return {}
+    fs, _ = storage.arrow_filesystem(parts, cfg.s3)
+    paths = [storage.split_url(u)[1] for u in storage.list_files(parts, cfg.s3, suffix=".parquet")]
+    rows = pq.read_table(paths, filesystem=fs).to_pylist() if paths else []
+    return {r["source"]: r for r in sorted(rows, key=lambda r: r["time"])}
+
+
+def _provenance(sha256: str, cfg: ColorizeConfig) -> dict:
+    text = (
+        f"colorized by colorcore (Zhang et al. ECCV 2016); model sha256={sha256}; "
+        f"temperature={cfg.temperature}"
+    )
+    return {"model_sha256": sha256, "temperature": cfg.temperature, "text": text}
+
+
+def _as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    batch = {}
+    for key in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [r[key] for r in rows]
+        batch[key] = column
+    return batch
+
+
+def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: dict) -> int:
+    rows = [prepare_row(r, cfg) for u in units for r in read_unit({"unit": json.dumps(u)}, cfg)]
+    if rows:
+        write_batch(Colorizer(cfg, model)(_as_batch(rows)), cfg, provenance)
+    return len(rows)
+
+
+def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
+    if cfg.model_actors:
+        return cfg.model_actors
+    return gpus or max(1, int(cpus * 0.6 / cfg.actor_cpus))  # the rest decodes and encodes
+
+
+def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int:
+    import ray
+
+    from jobs.runtime import init_ray
+
+    init_ray()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
+    actors = _model_actors(cfg, gpus, resources.get("CPU", 1))
+    print(f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}")
+    rows = [{"unit": json.dumps(u)} for u in units]
+    ds = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))
+        .flat_map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus / 2)
+        # Streaming split into batch-sized blocks: one archive or file group feeds every
+        # decode task and model actor, not one of each.
+        .repartition(target_num_rows_per_block=cfg.batch_size)
+        .map(prepare_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus)
+        .map_batches(
+            Colorizer,
+            fn_constructor_kwargs={"cfg": cfg},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.actor_cpus,
+            num_gpus=1 if gpus else 0,
+        )
+        .map_batches(
+            write_batch,
+            fn_kwargs={"cfg": cfg, "provenance": provenance},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.task_cpus,
+        )
+    )
+    done, errors, start, last = 0, 0, time.monotonic(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done += len(batch["status"])
+        errors += int(sum(s == "error" for s in batch["status"]))
+        now = time.monotonic()
+        if now - last > 2.0:
+            rate = done / max(now - start, 1e-9)
+            print(f"colorize: {done} inputs done ({errors} errors), {rate:.2f} images/s")
+            last = now
+    return done
+
+
+def main(cfg: ColorizeConfig) -> Summary:
+    from jobs.models import load_model
+
+    start = time.monotonic()
+    # Local paths made absolute: Ray workers run in other directories.
+    cfg = dataclasses.replace(
+        cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output)
+    )
+    loaded = load_model(cfg.model, cfg.s3)
+    provenance = _provenance(loaded.sha256, cfg)
+    done = read_manifest_parts(cfg)
+    if cfg.retry_errors:
+        done = {s: r for s, r in done.items() if r["status"] == "ok"}
+    units, top_level, skipped = plan(cfg, done)
+    print(
+        f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
+        f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
+    )
+    single = len(top_level) == 1 and _kind(top_level[0]) == "image"
+    if units and single:
+        processed = _run_in_process(units, cfg, loaded.model, provenance)
+    elif units:
+        processed = _run_on_ray(units, cfg, provenance)
+    else:
+        processed = 0
+    summary = _finish(cfg, top_level, skipped)
+    elapsed = time.monotonic() - start
+    print(
+        f"colorize: {processed} inputs processed in {elapsed:.1f}s "
+        f"({processed / max(elapsed, 1e-9):.2f} images/s)"
+    )
+    return summary
+
+
+def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
+    """Write the manifest and check that every input is accounted for exactly once."""
+    import pyarrow as pa
+
+    rows = list(read_manifest_parts(cfg).values())
+    ok = [r for r in rows if r["status"] == "ok"]
+    errors = [r for r in rows if r["status"] == "error"]
+    sources = {r["source"] for r in rows}
+    missing = [u for u in top_level if _kind(u) == "image" and u not in sources]
+    outputs = [r["output"] for r in ok]
+    written = set(_listed_outputs(cfg))
+    absent = sorted(set(outputs) - written)
+    print(f"colorize: {len(rows)} inputs = {len(ok)} outputs + {len(errors)} errors")
+    for r in errors[:10]:
+        print(f"  error {r['source']}: {r['reason']}")
+    if len(errors) > 10:
+        print(f"  ... and {len(errors) - 10} more, see the manifest")
+    if missing or absent or len(set(outputs)) != len(outputs) or len(rows) != len(ok) + len(errors):
+        raise RuntimeError(
+            f"accounting failed: {len(missing)} inputs without a manifest row "
+            f"{missing[:3]}, {len(absent)} outputs not on storage {absent[:3]}, "
+            f"{len(outputs) - len(set(outputs))} outputs written by two inputs"
+        )
+    table = pa.Table.from_pylist(
+        sorted(rows, key=lambda r: r["source"]),
+    ).select([*MANIFEST_COLUMNS, "seconds"])
+    url = storage.join(cfg.output, WORK_DIR, f"manifest.{cfg.manifest_format}")
+    buffer = io.BytesIO()
+    if cfg.manifest_format == "csv":
+        import pyarrow.csv
+
+        pyarrow.csv.write_csv(table, buffer)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, buffer)
+    storage.write_bytes(url, buffer.getvalue(), cfg.s3)
+    print(f"colorize: manifest {url}")
+    return Summary(len(rows), len(ok), len(errors), skipped, url, rows)
+
+
+def _listed_outputs(cfg: ColorizeConfig) -> list[str]:
+    """Relative paths of the files under OUTPUT, the job's own folder left out. Temporary
+    files of local writes cut short by a killed run are removed."""
+    base = storage.join(storage.absolute(cfg.output), "")
+    found = [u[len(base) :] for u in storage.list_files(cfg.output, cfg.s3)]
+    if storage.is_local(cfg.output):
+        for rel in [r for r in found if _STALE_TEMPORARY.search(r)]:
+            os.remove(base + rel)
+            found.remove(rel)
+    return [r for r in found if not r.startswith(WORK_DIR + "/")]
+
+
+if __name__ == "__main__":
+    from jobs.config import run_cli
+
+    run_cli(ColorizeConfig, main, positionals=("input", "output"), prog="python -m jobs.colorize")

@@ -1,0 +1,362 @@
+"""Batch colorization: planted corpora on S3 through Ray Data, accounting, resume, metadata,
+16-bit and alpha, both model formats, and bf16 against fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import struct
+import tarfile
+import zipfile
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+from colorcore.color import rgb_to_lab
+from colorcore.decode import colorize as reference_colorize
+from colorcore.model import ColorizationNet, ModelConfig
+from jobs import colorize, storage
+from jobs.config import run_cli
+from jobs.runtime import Precision
+from tests.support import encode, photo_rgb
+
+INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
+SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF>archive-42</rdf:RDF></x:xmpmeta>'
+IPTC = b"\x1c\x02\x05\x00\x0bScan no. 42"
+
+
+def gray(size: tuple[int, int], name: str = "coffee") -> np.ndarray:
+    """A real photo as 8-bit grayscale (H, W), the kind of scan the job is for."""
+    h, w = size
+    photo = Image.fromarray(photo_rgb(name)).convert("L")
+    return np.asarray(photo.resize((w, h), Image.Resampling.BICUBIC))
+
+
+def save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def jpeg_with_metadata() -> bytes:
+    """40 x 24 stored, EXIF orientation 6 (shown rotated: 24 x 40), ICC, XMP, IPTC, EXIF tags."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x013B] = 6, "A. Archivist"  # Orientation, Artist
+    exif.get_ifd(0x8769)[0x9003] = "1931:05:01 12:00:00"  # DateTimeOriginal
+    image = Image.fromarray(gray((24, 40))).convert("RGB")
+    return save(image, "JPEG", exif=exif.tobytes(), icc_profile=SRGB_ICC, xmp=XMP,
+                extra=colorize._iptc_app13(IPTC), quality=95)  # fmt: skip
+
+
+def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            link = tarfile.TarInfo(symlink)
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def parquet_bytes(rows: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    table = pa.table({"path": list(rows), "image": pa.array(list(rows.values()), pa.binary())})
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def planted_corpus() -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
+    """(files under INPUT, expected output path by source suffix, expected reason by source)."""
+    rgba = np.dstack([np.repeat(gray((20, 30))[..., None], 3, 2), np.arange(600).reshape(20, 30)])
+    palette = Image.fromarray(gray((16, 16))).convert("P", palette=Image.Palette.ADAPTIVE)
+    pages = [Image.fromarray(gray((12 + 4 * i, 20), "astronaut")) for i in range(3)]
+    gray16 = gray((18, 22)).astype(np.uint16) * 257 + np.arange(22, dtype=np.uint16)[None]
+    good_jpeg = encode(gray((32, 32)))
+    truncated = encode(gray((64, 64)))
+    files = {
+        "meta.jpg": jpeg_with_metadata(),
+        "rgba.png": encode(rgba.astype(np.uint8), "PNG"),
+        "palette.png": save(palette, "PNG"),
+        "cmyk.jpg": save(Image.fromarray(gray((20, 20))).convert("CMYK"), "JPEG"),
+        "gray16.png": save(Image.fromarray(gray16), "PNG"),
+        "one.png": encode(np.full((1, 1), 77, np.uint8), "PNG"),
+        "pages.tif": save(pages[0], "TIFF", save_all=True, append_images=pages[1:]),
+        "photo.webp": encode(gray((24, 24)), "WEBP", quality=90),
+        "old.gif": save(Image.fromarray(gray((10, 14))), "GIF"),
+        "sub/deep/x.jpg": good_jpeg,
+        "empty.jpg": b"",
+        "truncated.jpg": truncated[: len(truncated) // 2],
+        "notes.txt": b"not an image at all",
+        "huge.png": encode(np.zeros((500, 700), np.uint8), "PNG"),
+        "broken.tar": b"this is not a tar archive" * 40,
+        "box.tar": tar_bytes(
+            {"a/b.jpg": good_jpeg, "../escape.jpg": good_jpeg, "/abs.jpg": good_jpeg,
+             "bad.jpg": b"garbage"},
+            symlink="link.jpg",
+        ),
+        "box.zip": zip_bytes({"z/ok.png": encode(gray((9, 9)), "PNG"),
+                              "../../zipescape.png": good_jpeg}),
+        "table.parquet": parquet_bytes({"r/one.jpg": good_jpeg, "r/two": encode(gray((8, 12))),
+                                        "r/bad.jpg": b"\xff\xd8 not really"}),
+    }  # fmt: skip
+    outputs = {
+        "meta.jpg": "meta.jpg", "rgba.png": "rgba.png", "palette.png": "palette.png",
+        "cmyk.jpg": "cmyk.jpg", "gray16.png": "gray16.png", "one.png": "one.png",
+        "pages.tif": "pages.tif", "photo.webp": "photo.webp", "old.gif": "old.gif.png",
+        "sub/deep/x.jpg": "sub/deep/x.jpg", "box.tar!a/b.jpg": "box.tar/a/b.jpg",
+        "box.zip!z/ok.png": "box.zip/z/ok.png",
+        "table.parquet#r/one.jpg": "table.parquet/r/one.jpg",
+        "table.parquet#r/two": "table.parquet/r/two.jpg",
+    }  # fmt: skip
+    reasons = {
+        "empty.jpg": "empty file", "truncated.jpg": "truncated", "notes.txt": "not an image",
+        "huge.png": "too large", "broken.tar": "unreadable archive",
+        "box.tar!../escape.jpg": "escapes the output folder",
+        "box.tar!/abs.jpg": "escapes the output folder", "box.tar!bad.jpg": "not an image",
+        "box.tar!link.jpg": "not a regular file",
+        "box.zip!../../zipescape.png": "escapes the output folder",
+        "table.parquet#r/bad.jpg": "image",
+    }  # fmt: skip
+    return files, outputs, reasons
+
+
+def config(src: str, dst: str, model: str, **kw) -> colorize.ColorizeConfig:
+    kw = {"infer_px": INFER_PX, "max_pixels": 300_000, "batch_size": 4, "files_per_task": 4,
+          "model_actors": 1, "actor_cpus": 0.5, "task_cpus": 0.25} | kw  # fmt: skip
+    return colorize.ColorizeConfig(input=src, output=dst, model=model, **kw)
+
+
+def by_suffix(rows: list[dict], root: str) -> dict[str, dict]:
+    return {r["source"][len(root) + 1 :]: r for r in rows}
+
+
+def lightness(image: Image.Image) -> torch.Tensor:
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb_to_lab(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0, 0]
+
+
+def read_png16(data: bytes) -> np.ndarray:
+    """The pixels of a 16-bit RGB PNG written by the job (filter type 0 rows)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        (length,), kind = struct.unpack(">I", data[at : at + 4]), data[at + 4 : at + 8]
+        chunks.setdefault(kind, b"")
+        chunks[kind] += data[at + 8 : at + 8 + length]
+        at += 12 + length
+    w, h, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color_type) == (16, 2)
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 6 * w)
+    assert not rows[:, 0].any()
+    return rows[:, 1:].copy().view(">u2").reshape(h, w, 3).astype(np.uint16)
+
+
+def test_config_is_validated_and_parses(capsys) -> None:
+    with pytest.raises(ValueError, match="inside"):
+        colorize.ColorizeConfig(input="s3://b/in", output="s3://b/in/out", model="m")
+    with pytest.raises(ValueError, match="inside"):
+        colorize.ColorizeConfig(input="/data/in/", output="/data/in", model="m")
+    colorize.ColorizeConfig(input="/data/in", output="/data/in-colour", model="m")  # a sibling
+    with pytest.raises(ValueError, match="required"):
+        colorize.ColorizeConfig(input="/a", output="/b")
+    with pytest.raises(ValueError, match="temperature"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", temperature=0)
+    argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
+    run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["input"], printed["output"], printed["temperature"]) == ("in", "out", 0.5)
+    assert printed["format"] == "png"
+
+
+@pytest.mark.parametrize("name", ["../x.jpg", "/etc/x.jpg", "a/../../x.jpg", "..", "C:\\x.jpg",
+                                  "a\\..\\..\\x.jpg"])  # fmt: skip
+def test_member_paths_that_leave_the_output_folder_are_refused(name: str) -> None:
+    with pytest.raises(colorize.BadImage, match="escapes"):
+        colorize.safe_relpath(name)
+    assert colorize.safe_relpath("a/./b/../c.jpg") == "a/c.jpg"
+
+
+def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> None:
+    cfg_train, _ = ci_run
+    model_url = storage.join(cfg_train.storage, cfg_train.name)  # a run folder
+    files, outputs, reasons = planted_corpus()
+    src, dst = s3_server.url("colorize-in"), s3_server.url("colorize-out")
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(src, rel), data)
+    cfg = config(src, dst, model_url)
+    summary = colorize.main(cfg)
+
+    rows = by_suffix(summary.rows, src)
+    assert set(rows) == set(outputs) | set(reasons)  # every input once, archive members included
+    assert summary.inputs == len(rows) == summary.outputs + summary.errors
+    assert (summary.outputs, summary.errors) == (len(outputs), len(reasons))
+    for source, output in outputs.items():
+        assert (rows[source]["status"], rows[source]["output"]) == ("ok", output), rows[source]
+    for source, reason in reasons.items():
+        assert rows[source]["status"] == "error" and reason in rows[source]["reason"], rows[source]
+    listed = sorted(u[len(dst) + 1 :] for u in storage.list_files(dst) if "/_colorize/" not in u)
+    assert listed == sorted(outputs.values())  # nothing outside OUTPUT, nothing extra
+    manifest = pq.read_table(io.BytesIO(storage.read_bytes(summary.manifest_url))).to_pylist()
+    assert sorted(m["source"] for m in manifest) == sorted(r["source"] for r in rows.values())
+    assert all(m["model_sha256"] == manifest[0]["model_sha256"] != "" for m in manifest)
+
+    def out(name: str) -> Image.Image:
+        return Image.open(io.BytesIO(storage.read_bytes(storage.join(dst, name))))
+
+    def source(name: str) -> Image.Image:
+        return Image.open(io.BytesIO(files[name]))
+
+    # Orientation applied and reset; EXIF, ICC, XMP, IPTC carried; provenance written.
+    meta = out("meta.jpg")
+    assert meta.size == (24, 40) and meta.mode == "RGB"
+    exif = meta.getexif()
+    assert 0x0112 not in exif and exif[0x013B] == "A. Archivist"
+    assert exif.get_ifd(0x8769)[0x9003] == "1931:05:01 12:00:00"
+    provenance = exif[colorize.PROVENANCE_EXIF_TAG]
+    assert manifest[0]["model_sha256"] in provenance and "temperature=0.38" in provenance
+    assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
+    assert meta.info["photoshop"][0x0404] == IPTC
+    # L kept (chroma gamut mapping): within 8-bit rounding (PNG), plus JPEG's loss (JPEG).
+    upright = source("meta.jpg").transpose(Image.Transpose.ROTATE_270)
+    jpeg_error = (lightness(meta) - lightness(upright)).abs()
+    assert jpeg_error.max() < 3.0 and jpeg_error.mean() < 0.6
+    assert (lightness(out("palette.png")) - lightness(source("palette.png"))).abs().max() < 0.5
+    # Alpha kept exactly; sizes kept; pages kept; 1x1 works.
+    rgba = out("rgba.png")
+    assert rgba.mode == "RGBA" and np.array_equal(
+        np.asarray(rgba)[..., 3], np.asarray(source("rgba.png"))[..., 3]
+    )
+    assert "colorized by colorcore" in rgba.info["Software"]
+    assert out("one.png").size == (1, 1) and out("cmyk.jpg").mode == "RGB"
+    assert out("photo.webp").format == "WEBP" and out("old.gif.png").format == "PNG"
+    tiff = out("pages.tif")
+    sizes = [(tiff.seek(i), tiff.size)[1] for i in range(tiff.n_frames)]
+    assert sizes == [(20, 12), (20, 16), (20, 20)] and rows["pages.tif"]["pages"] == 3
+    # 16-bit grayscale -> 16-bit RGB whose L follows the source's at 16-bit precision.
+    pixels16 = read_png16(storage.read_bytes(storage.join(dst, "gray16.png")))
+    source16 = np.asarray(source("gray16.png"), np.float32) / 65535
+    l_in = rgb_to_lab(torch.from_numpy(source16)[None, None].expand(-1, 3, -1, -1))[0, 0]
+    l_out = rgb_to_lab(torch.from_numpy(pixels16.astype(np.float32) / 65535).permute(2, 0, 1))[0]
+    assert pixels16.shape == (18, 22, 3) and (l_out - l_in).abs().max() < 0.05
+    assert len(np.unique(pixels16[..., 1] & 0xFF)) > 4  # low bytes used: not 8-bit scaled up
+
+    # The same command again: everything is already done, nothing is redone.
+    parts_before = storage.list_files(storage.join(dst, colorize.PARTS_DIR))
+    again = colorize.main(cfg)
+    assert again.skipped == len(rows) and again.inputs == summary.inputs
+    assert storage.list_files(storage.join(dst, colorize.PARTS_DIR)) == parts_before
+
+
+def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session) -> None:
+    """A run that stopped part-way (some outputs and manifest parts missing) is completed by
+    the same command, every member exactly once."""
+    model = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    from colorcore import weights
+
+    weights.save_checkpoint(str(model), ColorizationNet(ModelConfig(width=1 / 16)))
+    members = {f"roll{i % 2}/img{i:02d}.jpg": encode(gray((16 + i, 20))) for i in range(10)}
+    members["../../outside.jpg"] = members["roll0/img00.jpg"]
+    archive = tmp_path / "roll.tar"
+    archive.write_bytes(tar_bytes(members))
+    dst = tmp_path / "out"
+    cfg = config(str(archive), str(dst), str(model), batch_size=2)
+    first = colorize.main(cfg)
+    assert (first.outputs, first.errors) == (10, 1)
+    assert sorted(r["output"] for r in first.rows if r["output"]) == sorted(
+        m for m in members if not m.startswith("..")
+    )
+    assert not (tmp_path / "outside.jpg").exists()
+    # Lose three parts (the last batches of a killed run) and one of their outputs.
+    parts = sorted((dst / colorize.PARTS_DIR).iterdir(), key=lambda p: p.stat().st_mtime)
+    lost = [r for p in parts[-3:] for r in pq.read_table(p).to_pylist()]
+    for p in parts[-3:]:
+        p.unlink()
+    lost_ok = [r for r in lost if r["status"] == "ok"]
+    (dst / lost_ok[0]["output"]).unlink()
+
+    second = colorize.main(cfg)
+    assert second.skipped == 11 - len(lost)
+    assert second.inputs == 11 and (second.outputs, second.errors) == (10, 1)
+    assert sorted(r["source"] for r in second.rows) == sorted(r["source"] for r in first.rows)
+    assert (dst / lost_ok[0]["output"]).exists()
+
+
+def released_format_model(path) -> ColorizationNet:
+    """A full-size network with random weights, saved as the authors' state dict."""
+    torch.manual_seed(1)
+    model = ColorizationNet(ModelConfig())
+    for module in model.modules():  # random but non-trivial statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_path) -> None:
+    model = released_format_model(tmp_path / "colorization_release_v2-9b330a0b.pth")
+    rgb = photo_rgb("chelsea", size=48)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cat.png").write_bytes(encode(rgb, "PNG"))
+    cfg = config(str(tmp_path / "in" / "cat.png"), str(tmp_path / "out"),
+                 str(tmp_path / "colorization_release_v2-9b330a0b.pth"), dtype="fp32")  # fmt: skip
+    summary = colorize.main(cfg)  # one local image: in-process, no Ray
+    assert (summary.inputs, summary.outputs) == (1, 1)
+    got = np.asarray(Image.open(tmp_path / "out" / "cat.png"), np.float32) / 255
+    x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
+    want = reference_colorize(model, x, infer_px=INFER_PX, T=cfg.temperature)[0].permute(1, 2, 0)
+    assert np.abs(got - want.numpy()).max() <= 1.01 / 255  # the same math, up to 8-bit rounding
+    assert np.abs(got - rgb / 255).max() > 0.05  # and it did change the colours
+
+
+def test_bf16_autocast_stays_close_to_fp32(tmp_path) -> None:
+    """Stated tolerance: bf16-autocast annealed-mean ab within 3 units max and 0.5 mean of fp32
+    (ab spans about +-110; measured here: 0.8 max, 0.17 mean), full network, random weights
+    with the logit spread of a trained model (std about 1 across bins)."""
+    model = released_format_model(tmp_path / "w.pth").to(memory_format=torch.channels_last)
+    with torch.no_grad():  # random init gives near-constant logits; spread them
+        model.model8[6].weight.mul_(30.0)
+        model.model8[6].bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    rgb = photo_rgb("astronaut", size=INFER_PX).copy()
+    _, l_small = colorize.network_input(torch.from_numpy(rgb).permute(2, 0, 1)[None] / 255.0, 64)
+    cpu = torch.device("cpu")
+    fp32 = colorize.predict_ab(model, l_small, 0.38, Precision(cpu, None, "test"))
+    bf16 = colorize.predict_ab(model, l_small, 0.38, Precision(cpu, torch.bfloat16, "test"))
+    assert bf16.dtype == torch.float32 and fp32.std() > 3  # colours, not all grey
+    difference = (bf16 - fp32).abs()
+    assert 0 < difference.max() < 3.0 and difference.mean() < 0.5, difference.max()
+
+
+def test_output_formats_and_names() -> None:
+    page8 = colorize.Page(torch.zeros(1, 1, 2, 2), None, 8)
+    page16 = dataclasses.replace(page8, bits=16)
+    alpha = dataclasses.replace(page8, alpha=np.zeros((2, 2), np.uint8))
+    meta = colorize.Metadata()
+    fmt = colorize.output_format
+    assert fmt(colorize.Decoded([page8], "JPEG", meta), "keep") == "JPEG"
+    assert fmt(colorize.Decoded([page16], "TIFF", meta), "keep") == "PNG16"
+    assert fmt(colorize.Decoded([alpha], "PNG", meta), "jpeg") == "PNG"
+    assert fmt(colorize.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
+    assert fmt(colorize.Decoded([page8], "BMP", meta), "keep") == "PNG"
+    assert colorize.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
+    assert colorize.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
+    assert json.loads(json.dumps(colorize.MANIFEST_COLUMNS))
