@@ -32,15 +32,34 @@ def ab_auc(
         )
     if pred_ab_N2HW.shape[1] != 2:
         raise ValueError(f"expected 2 ab channels, got {pred_ab_N2HW.shape[1]}")
+    return error_auc(
+        ab_error(pred_ab_N2HW, true_ab_N2HW), pixel_weights=pixel_weights, max_dist=max_dist
+    )
+
+
+def ab_error(pred_ab_N2HW: torch.Tensor, true_ab_N2HW: torch.Tensor) -> torch.Tensor:
+    """Per-pixel ab L2 distance, float64 (N, H, W).
+
+    float64 so that an error of exactly t (e.g. a 3-4-5 triangle) lands on threshold t.
+    """
+    diff_N2HW = pred_ab_N2HW.double() - true_ab_N2HW.double()
+    return torch.hypot(diff_N2HW[:, 0], diff_N2HW[:, 1])
+
+
+def error_auc(
+    err_NHW: torch.Tensor,
+    *,
+    pixel_weights: torch.Tensor | None = None,
+    max_dist: int = AUC_MAX_DIST,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ab_auc` from per-pixel errors (`ab_error`): one error map serves several weightings."""
     if isinstance(max_dist, bool) or not isinstance(max_dist, int) or max_dist < 1:
         raise ValueError(f"max_dist must be a positive int, got {max_dist!r}")
-    N, _, H, W = pred_ab_N2HW.shape
-    weights_NP = _pixel_weights(pixel_weights, N, H, W, pred_ab_N2HW.device)
-    # float64 so that an error of exactly t (e.g. a 3-4-5 triangle) lands on threshold t.
-    err_NP = (pred_ab_N2HW.double() - true_ab_N2HW.double()).norm(dim=1).flatten(1)
+    N, H, W = err_NHW.shape
+    weights_NP = _pixel_weights(pixel_weights, N, H, W, err_NHW.device)
     # error <= t  <=>  ceil(error) <= t for integer t; bucket T collects errors beyond max_dist.
-    bucket_NP = err_NP.ceil().clamp(max=max_dist + 1).long()
-    mass_NB = torch.zeros(N, max_dist + 2, dtype=torch.float64, device=err_NP.device)
+    bucket_NP = err_NHW.double().flatten(1).ceil().clamp(max=max_dist + 1).long()
+    mass_NB = torch.zeros(N, max_dist + 2, dtype=torch.float64, device=err_NHW.device)
     mass_NB.scatter_add_(1, bucket_NP, weights_NP)
     curve_NT = mass_NB[:, : max_dist + 1].cumsum(dim=1) / weights_NP.sum(dim=1, keepdim=True)
     auc_N = torch.trapezoid(curve_NT, dx=1.0, dim=1) / max_dist

@@ -1,0 +1,1031 @@
+"""Measure a colorization model the way the paper does, in parallel with Ray Data.
+
+``python -m jobs.evaluate --model URL DATA [--split LIST] [--prior URL] [--output URL]
+[--classifier vgg16 --classifier-weights URL] [--protocol resized|full]``
+
+DATA is a prepared dataset (`jobs.dataset`) or, with ``--split``, a folder of images such as
+an ImageNet val folder (flat or in class folders). The split list has one ``<path> [<label>]``
+per line (``ctest10k.txt``: 10k val images with their class index; a label is optional). A
+listed file is found by its path below DATA or, failing that, by its file name; the number
+of listed files not found is reported before any work starts. With a prepared dataset a split
+keeps the listed images (matched by file stem).
+
+Protocol, stated in every output:
+
+- ``resized`` (default, the released test): every image resized to EVAL_PX x EVAL_PX (256,
+  PIL bicubic); the network sees its L and the predicted ab (1/4 size) is upsampled
+  bilinearly to EVAL_PX; the metrics are computed on these EVAL_PX x EVAL_PX ab planes.
+- ``full``: the network still sees the EVAL_PX image; its ab is upsampled to the original
+  size and joined with the original L; the metrics are computed at full resolution.
+
+Rows, all measured on the same images in the same run: ground truth, gray (ab = 0) and the
+model decoded as annealed mean (T), mean and mode. Columns: raw AuC of the per-pixel ab error
+over thresholds 0..150; class-rebalanced AuC (each pixel weighted by the lambda = 0
+rebalancing weight of its ground truth's bin; prior from ``--prior``, default DATA/prior.npz,
+or a ``.npy`` of smoothed probabilities such as the released ``prior_probs.npy``); PSNR of
+the sRGB image; with ``--classifier``, the top-1 accuracy of an image classifier on each
+row's images (semantic interpretability). Also the model's loss per image as the released
+training reported it (lambda = 1, 10-NN soft targets, summed over the output pixels of the
+EVAL_PX image). Grayscale sources are left out (as ctest10k leaves them out); unreadable
+inputs are skipped and counted, never fatal.
+
+Written to OUTPUT: ``table.md`` and ``table.csv`` (like the paper's Table 1),
+``auc_curves.png``, ``best_worst.png`` (colorized images with the best and worst raw AuC),
+and ``results.json`` with every figure, per image too, and every skipped input.
+
+Legend: N images, M rows (METHODS), T = 151 thresholds, H, W image size, h, w network output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colorcore import metrics
+from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.data import make_targets
+from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mode
+from colorcore.loss import rebalanced_cross_entropy
+from colorcore.quantize import NUM_AB_BINS, nearest_bin
+from jobs import storage
+from jobs.config import presets_of
+from jobs.dataset import PRIOR_FILE, Manifest
+from jobs.images import BadImage, load_rgb
+from jobs.storage import S3Options
+
+METHODS = ("ground_truth", "gray", "annealed_mean", "mean", "mode")
+MODEL_METHODS = METHODS[2:]
+PRIMARY = "annealed_mean"  # the paper's decoding: ranks the best/worst grid
+NUM_THRESHOLDS = metrics.AUC_MAX_DIST + 1
+THUMB_PX = 128
+READ_THREADS = 8  # concurrent object-store reads per read task
+NO_LABEL = -1
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    data: str = ""
+    """Prepared dataset, or an image folder with --split (local path or storage URL)."""
+    model: str = ""
+    """Model to measure: released ECCV16 weights, a checkpoint or a run folder (--model URL)."""
+    split: str | None = None
+    """Split list, '<path> [<int label>]' per line (e.g. ctest10k.txt)."""
+    prior: str | None = None
+    """prior.npz of ab counts, or .npy of smoothed probabilities (default: DATA/prior.npz)."""
+    output: str = "runs/evaluate"
+    """Folder for the tables, plots and results.json (local path or storage URL)."""
+    protocol: Literal["resized", "full"] = "resized"
+    """resized: metrics on EVAL_PX x EVAL_PX images (released test); full: original size."""
+    eval_px: int = INFER_PX
+    """Side of the square image the network sees (and the resized protocol measures)."""
+    temperature: float = ANNEALED_MEAN_T
+    """T of the annealed-mean decoding."""
+    classifier: str | None = None
+    """Classifier for top-1 accuracy: vgg16, small_cnn or package.module:function."""
+    classifier_weights: str | None = None
+    """Weights of the classifier (vgg16: a torchvision state dict)."""
+    max_images: int | None = None
+    """Measure only the first this many inputs (all when unset)."""
+    batch_size: int = 16
+    """Images per evaluation batch."""
+    num_actors: int = 1
+    """Evaluation actors (one per GPU with use_gpu)."""
+    cpus_per_actor: float = 0.5
+    """CPUs reserved per actor (fractional on small machines, or reads starve)."""
+    use_gpu: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Autocast dtype of the networks; auto = bf16 where the device has fast bf16."""
+    grid_images: int = 6
+    """Best and worst images shown in best_worst.png (each)."""
+    s3: S3Options = field(default_factory=S3Options)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.data or not self.model:
+            problems.append("DATA and --model are required")
+        if self.eval_px % 8 or self.eval_px < 16:
+            problems.append(f"eval_px must be a multiple of 8 and >= 16, got {self.eval_px}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.max_images is not None and self.max_images < 1:
+            problems.append(f"max_images must be >= 1, got {self.max_images}")
+        if min(self.batch_size, self.num_actors, self.grid_images) < 1:
+            problems.append("batch_size, num_actors and grid_images must be >= 1")
+        if self.cpus_per_actor <= 0:
+            problems.append("cpus_per_actor must be > 0")
+        if self.classifier_weights and not self.classifier:
+            problems.append("classifier_weights given without --classifier")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def prior_url(self) -> str:
+        return self.prior or storage.join(self.data, PRIOR_FILE)
+
+    def protocol_text(self) -> str:
+        px = f"{self.eval_px}x{self.eval_px}"
+        where = (
+            f"metrics on the {px} ab planes"
+            if self.protocol == "resized"
+            else "ab upsampled to the original size, metrics at full resolution"
+        )
+        return (
+            f"images resized to {px} (PIL bicubic), the network sees their L; {where}; "
+            f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST}; rebalanced AuC weights "
+            f"pixels by the lambda = 0 weight of their ground-truth bin; annealed mean "
+            f"T = {self.temperature:g}; grayscale sources left out"
+        )
+
+
+# ---------------------------------------------------------------- presets
+
+
+def paper() -> EvaluateConfig:
+    """Table 1 on one GPU: `--preset paper --model URL DATA --split ctest10k.txt
+    --classifier-weights vgg16.pth`; ImageNet val at 256x256, VGG-16 top-1.
+
+    About 10 minutes for 10k images on one H100. Expected for the released model (paper,
+    Table 1): raw AuC 89.5%, rebalanced AuC 67.3% (annealed mean), VGG-16 top-1 56.0%
+    against 68.3% on ground truth and 52.7% on gray.
+    """
+    return EvaluateConfig(
+        data="s3://colorcore-data/imagenet/val-images",
+        model="colorization_release_v2-9b330a0b.pth",
+        split="ctest10k.txt",
+        prior="prior_probs.npy",
+        classifier="vgg16",
+        use_gpu=True,
+        cpus_per_actor=8,
+        batch_size=64,
+    )
+
+
+def released_val() -> EvaluateConfig:
+    """The released model's validation loss: `--preset released_val --model URL DATA --split
+    first10k.txt`, the first 10k ImageNet val images at 256x256, no classifier.
+
+    Expected: a loss of about 7,715 per image (1.88 nats per output pixel), the figure the
+    authors published for the released model.
+    """
+    return dataclasses.replace(paper(), split="first10k.txt", classifier=None)
+
+
+PRESETS = presets_of(paper, released_val)
+
+
+# ---------------------------------------------------------------- classifiers
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """An image classifier: ``module(preprocess(rgb))`` gives logits (N, classes) whose
+    indices are the dataset's labels."""
+
+    module: nn.Module
+    preprocess: Callable[[torch.Tensor], torch.Tensor]
+    """sRGB in [0, 1], (N, 3, H, W) -> the module's input."""
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG_RESIZE_PX = 256  # torchvision's VGG-16 evaluation: short side 256, centre crop 224
+VGG_CROP_PX = 224
+
+
+def imagenet_preprocess(rgb_N3HW: torch.Tensor) -> torch.Tensor:
+    """Short side to 256 (bilinear, antialiased), centre crop 224, ImageNet normalisation."""
+    h, w = rgb_N3HW.shape[-2:]
+    scale = VGG_RESIZE_PX / min(h, w)
+    size = (max(VGG_CROP_PX, round(h * scale)), max(VGG_CROP_PX, round(w * scale)))
+    x = F.interpolate(rgb_N3HW.float(), size=size, mode="bilinear", antialias=True)
+    top, left = (size[0] - VGG_CROP_PX) // 2, (size[1] - VGG_CROP_PX) // 2
+    x = x[..., top : top + VGG_CROP_PX, left : left + VGG_CROP_PX]
+    mean_ = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+    return (x - mean_) / std
+
+
+def _vgg16(weights: bytes | None) -> Classifier:
+    if weights is None:
+        raise ValueError("--classifier vgg16 needs --classifier-weights (a VGG-16 state dict)")
+    import torchvision  # only where VGG-16 runs: it does not import beside every torch build
+
+    module = torchvision.models.vgg16()
+    module.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
+    return Classifier(module, imagenet_preprocess)
+
+
+class SmallConvNet(nn.Module):
+    """A small image classifier for small datasets and tests: three strided convs, global
+    average pooling, a linear layer; it sees the image resized to INPUT_PX."""
+
+    INPUT_PX = 64
+    FORMAT = "colorcore-small-cnn-v1"
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.num_classes, self.width = num_classes, width
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+
+    @staticmethod
+    def preprocess(rgb_N3HW: torch.Tensor) -> torch.Tensor:
+        size = (SmallConvNet.INPUT_PX, SmallConvNet.INPUT_PX)
+        x = F.interpolate(rgb_N3HW.float(), size=size, mode="bilinear", antialias=True)
+        return 2 * x - 1
+
+    def forward(self, x_N3HW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x_N3HW).mean((2, 3)))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        state = {"format": self.FORMAT, "num_classes": self.num_classes, "width": self.width}
+        torch.save(state | {"state_dict": self.state_dict()}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SmallConvNet:
+        obj = torch.load(io.BytesIO(data), weights_only=True)
+        if not isinstance(obj, dict) or obj.get("format") != cls.FORMAT:
+            raise ValueError(f"not a {cls.FORMAT} file")
+        model = cls(int(obj["num_classes"]), width=int(obj["width"]))
+        model.load_state_dict(obj["state_dict"])
+        return model
+
+
+def _small_cnn(weights: bytes | None) -> Classifier:
+    if weights is None:
+        raise ValueError("--classifier small_cnn needs --classifier-weights")
+    return Classifier(SmallConvNet.from_bytes(weights), SmallConvNet.preprocess)
+
+
+CLASSIFIERS: dict[str, Callable[[bytes | None], Classifier]] = {
+    "vgg16": _vgg16,
+    "small_cnn": _small_cnn,
+}
+
+
+def load_classifier(name: str, weights_url: str | None, s3: S3Options | None = None) -> Classifier:
+    """A built-in classifier by name, or ``package.module:function`` called with the weights'
+    bytes (or None) and returning a `Classifier`."""
+    weights = storage.read_bytes(weights_url, s3) if weights_url else None
+    if name in CLASSIFIERS:
+        return CLASSIFIERS[name](weights)
+    module_name, _, attr = name.partition(":")
+    if not attr:
+        raise ValueError(f"classifier {name!r}: use {sorted(CLASSIFIERS)} or package.module:fn")
+    return getattr(importlib.import_module(module_name), attr)(weights)
+
+
+# ---------------------------------------------------------------- measuring one batch
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per image and row (METHODS order) figures of one group of same-size images."""
+
+    auc_raw_NM: torch.Tensor
+    auc_rebalanced_NM: torch.Tensor
+    psnr_db_NM: torch.Tensor
+    curve_raw_NMT: torch.Tensor
+    curve_rebalanced_NMT: torch.Tensor
+    rgb_by_method: dict[str, torch.Tensor]
+    """Each row's sRGB images (N, 3, H, W), for the classifier and the grid."""
+
+
+def _row_colours(
+    method: str, rgb: torch.Tensor, lab: torch.Tensor, ab_small: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ab, sRGB) of a row's images: ground truth, gray, or a decoding upsampled to H x W."""
+    if method == "ground_truth":
+        return lab[:, 1:], rgb
+    if method == "gray":
+        ab = torch.zeros_like(lab[:, 1:])
+    else:
+        ab = F.interpolate(ab_small[method], size=rgb.shape[-2:], mode="bilinear")
+    return ab, lab_to_rgb(torch.cat([lab[:, :1], ab], dim=1))
+
+
+@torch.no_grad()
+def measure_images(
+    rgb_N3HW: torch.Tensor, ab_small: Mapping[str, torch.Tensor], *, rebalance0_Q: torch.Tensor
+) -> Scores:
+    """AuC (raw, rebalanced) and PSNR of every row for sRGB images in [0, 1] of one size.
+
+    ``ab_small`` holds each decoding's ab (N, 2, h, w), upsampled here bilinearly to H x W;
+    ``rebalance0_Q`` are the lambda = 0 weights.
+    """
+    rgb = rgb_N3HW.float()
+    lab = rgb_to_lab(rgb)
+    ab_true = lab[:, 1:]
+    weights_NHW = rebalance0_Q.to(rgb.device)[nearest_bin(ab_true)]
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("raw", "reb", "psnr", "c_raw", "c_reb")}
+    images = {}
+    for method in METHODS:
+        ab, images[method] = _row_colours(method, rgb, lab, ab_small)
+        err_NHW = metrics.ab_error(ab, ab_true)
+        auc_raw, curve_raw = metrics.error_auc(err_NHW)
+        auc_reb, curve_reb = metrics.error_auc(err_NHW, pixel_weights=weights_NHW)
+        for key, value in zip(parts, (auc_raw, auc_reb, None, curve_raw, curve_reb), strict=True):
+            parts[key].append(metrics.psnr(images[method], rgb) if key == "psnr" else value)
+    stacked = {k: torch.stack(v, dim=1).cpu() for k, v in parts.items()}
+    return Scores(
+        stacked["raw"], stacked["reb"], stacked["psnr"], stacked["c_raw"], stacked["c_reb"], images
+    )
+
+
+@torch.no_grad()
+def top1_correct(
+    classifier: Classifier, rgb_by_method: Mapping[str, torch.Tensor], labels_N: torch.Tensor
+) -> torch.Tensor:
+    """int8 (N, M): 1 where the classifier's top-1 is the label, 0 where not, -1 unlabelled."""
+    columns = []
+    for method in METHODS:
+        logits = classifier.module(classifier.preprocess(rgb_by_method[method]))
+        columns.append((logits.argmax(1).cpu() == labels_N).to(torch.int8))
+    correct_NM = torch.stack(columns, dim=1)
+    correct_NM[labels_N < 0] = -1
+    return correct_NM
+
+
+def decode_for_eval(data: bytes, eval_px: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Source bytes -> (uint8 (3, eval, eval), uint8 (3, H, W) original, source is gray)."""
+    from PIL import Image
+
+    image, gray = load_rgb(data)
+    small = image.resize((eval_px, eval_px), Image.Resampling.BICUBIC)
+    as_tensor = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1)  # noqa: E731
+    return as_tensor(small), as_tensor(image), gray
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation actor holds: the networks on their device and the weights."""
+
+    cfg: EvaluateConfig
+    model: nn.Module
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rebalance0_Q: torch.Tensor
+    classifier: Classifier | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+@torch.no_grad()
+def _network(ctx: EvalContext, small_N3HW: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """Each decoding's ab (N, 2, h, w) and the loss per image (lambda = 1, as released)."""
+    targets = make_targets(small_N3HW.to(ctx.device))
+    with ctx.autocast():
+        logits = ctx.model(targets.l_N1HW).float()
+    ones_Q = torch.ones(NUM_AB_BINS, device=ctx.device)
+    loss_N = rebalanced_cross_entropy(
+        logits,
+        targets.bins_NkHW,
+        targets.weights_NkHW,
+        ones_Q,
+        nongray_N=targets.nongray_N,
+        reduction="none",
+    ).sum((1, 2))
+    ab_small = {
+        "annealed_mean": annealed_mean(logits, ctx.cfg.temperature),
+        "mean": mean(logits),
+        "mode": mode(logits).float(),
+    }
+    return ab_small, loss_N.double().cpu()
+
+
+def _measure_group(
+    ctx: EvalContext, images: list[torch.Tensor], ab_small: dict[str, torch.Tensor]
+) -> Scores:
+    """`measure_images` over same-size images at once, or one by one at full resolution."""
+    if ctx.cfg.protocol == "resized":
+        rgb = torch.stack(images).to(ctx.device).float() / 255
+        return measure_images(rgb, ab_small, rebalance0_Q=ctx.rebalance0_Q)
+    parts = [
+        measure_images(
+            img[None].to(ctx.device).float() / 255,
+            {k: v[i : i + 1] for k, v in ab_small.items()},
+            rebalance0_Q=ctx.rebalance0_Q,
+        )
+        for i, img in enumerate(images)
+    ]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return Scores(
+        cat("auc_raw_NM"),
+        cat("auc_rebalanced_NM"),
+        cat("psnr_db_NM"),
+        cat("curve_raw_NMT"),
+        cat("curve_rebalanced_NMT"),
+        {m: [p.rgb_by_method[m] for p in parts] for m in METHODS},  # type: ignore[misc]
+    )
+
+
+def _empty_columns(n: int) -> dict[str, np.ndarray]:
+    M = len(METHODS)
+    nan = lambda *shape: np.full(shape, np.nan)  # noqa: E731
+    return {
+        "status": np.full(n, "ok", dtype=object),
+        "reason": np.full(n, "", dtype=object),
+        "loss": nan(n),
+        "auc_raw": nan(n, M),
+        "auc_rebalanced": nan(n, M),
+        "psnr_db": nan(n, M),
+        "correct": np.full((n, M), -1, dtype=np.int8),
+        "curve_raw": np.full((n, M, NUM_THRESHOLDS), np.nan, dtype=np.float32),
+        "curve_rebalanced": np.full((n, M, NUM_THRESHOLDS), np.nan, dtype=np.float32),
+        "strip_jpeg": np.full(n, b"", dtype=object),
+    }
+
+
+def _decode_batch(batch: Mapping[str, np.ndarray], out: dict[str, np.ndarray], eval_px: int):
+    """Decode every input; failures and grayscale sources are marked in `out`."""
+    ok, small, full = [], [], []
+    reasons = batch.get("reason", [""] * len(batch["key"]))
+    for i, (data, reason) in enumerate(zip(batch["jpeg"], reasons, strict=True)):
+        try:
+            if reason:
+                raise BadImage(reason)
+            s, f, gray = decode_for_eval(bytes(data), eval_px)
+        except BadImage as e:
+            out["status"][i], out["reason"][i] = "error", str(e)
+            continue
+        if gray:
+            out["status"][i], out["reason"][i] = "grayscale", "grayscale source"
+            continue
+        ok.append(i)
+        small.append(s)
+        full.append(f)
+    return ok, small, full
+
+
+def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[str, np.ndarray]:
+    """Measure one batch of inputs (columns key, label, jpeg and optionally reason): one
+    output row per input, with status ok, grayscale or error."""
+    n = len(batch["key"])
+    out = _empty_columns(n) | {"key": np.asarray(batch["key"], dtype=object)}
+    out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    ok, small, full = _decode_batch(batch, out, ctx.cfg.eval_px)
+    if not ok:
+        return out
+    ab_small, loss_N = _network(ctx, torch.stack(small))
+    images = small if ctx.cfg.protocol == "resized" else full
+    scores = _measure_group(ctx, images, ab_small)
+    out["loss"][ok] = loss_N.numpy()
+    out["auc_raw"][ok] = scores.auc_raw_NM.numpy()
+    out["auc_rebalanced"][ok] = scores.auc_rebalanced_NM.numpy()
+    out["psnr_db"][ok] = scores.psnr_db_NM.numpy()
+    out["curve_raw"][ok] = scores.curve_raw_NMT.numpy()
+    out["curve_rebalanced"][ok] = scores.curve_rebalanced_NMT.numpy()
+    if ctx.classifier is not None:
+        labels = torch.from_numpy(out["label"][ok])
+        out["correct"][ok] = _classify(ctx, scores, labels).numpy()
+    for j in _extremes(scores.auc_raw_NM[:, METHODS.index(PRIMARY)], ctx.cfg.grid_images):
+        out["strip_jpeg"][ok[j]] = _strip(scores.rgb_by_method, j)
+    return out
+
+
+def _classify(ctx: EvalContext, scores: Scores, labels_N: torch.Tensor) -> torch.Tensor:
+    if ctx.cfg.protocol == "resized":
+        with ctx.autocast():
+            return top1_correct(ctx.classifier, scores.rgb_by_method, labels_N)
+    rows = []
+    for i in range(len(labels_N)):  # full resolution: one image at a time
+        one = {m: scores.rgb_by_method[m][i] for m in METHODS}
+        with ctx.autocast():
+            rows.append(top1_correct(ctx.classifier, one, labels_N[i : i + 1]))
+    return torch.cat(rows)
+
+
+def _extremes(values_N: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest and k lowest values (the batch's grid candidates)."""
+    order = torch.argsort(values_N, descending=True).tolist()
+    return sorted(set(order[:k] + order[-k:]))
+
+
+def _strip(rgb_by_method: Mapping[str, Any], i: int) -> bytes:
+    """JPEG of gray input | colorized | ground truth of image i, each THUMB_PX high."""
+    from PIL import Image
+
+    tiles = []
+    for method in ("gray", PRIMARY, "ground_truth"):
+        img = rgb_by_method[method][i]
+        img = img[0] if img.ndim == 4 else img
+        h, w = img.shape[-2:]
+        size = (THUMB_PX, max(1, round(w * THUMB_PX / h)))
+        tile = F.interpolate(img[None].float().cpu(), size=size, mode="bilinear", antialias=True)
+        tiles.append(tile[0])
+    strip = torch.cat(tiles, dim=-1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(strip.numpy()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Evaluator:
+    """The Ray Data actor: loads the model (and classifier) once, then measures batches."""
+
+    def __init__(self, cfg: dict[str, Any], rebalance0_Q: list[float]) -> None:
+        from jobs.config import from_dict
+        from jobs.models import load_model
+        from jobs.runtime import choose_precision
+
+        config = from_dict(EvaluateConfig, cfg)
+        precision = choose_precision("cuda" if config.use_gpu else "cpu", config.precision)
+        model = load_model(config.model, config.s3).model.eval().to(precision.device)
+        classifier = None
+        if config.classifier:
+            classifier = load_classifier(config.classifier, config.classifier_weights, config.s3)
+            classifier.module.eval().to(precision.device)
+        self.ctx = EvalContext(
+            config,
+            model,
+            precision.device,
+            precision.autocast_dtype,
+            torch.tensor(rebalance0_Q, dtype=torch.float32),
+            classifier,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return evaluate_batch(batch, self.ctx)
+
+
+# ---------------------------------------------------------------- inputs and split lists
+
+
+def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
+    """Lines '<path> [<int label>]' -> (path without a leading '/', label or -1)."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip("-").isdigit()):
+            raise ValueError(f"{name}:{number}: expected '<path> [<int label>]', got {line!r}")
+        entries.append((parts[0].lstrip("/"), int(parts[1]) if len(parts) == 2 else NO_LABEL))
+    if not entries:
+        raise ValueError(f"{name} lists no images")
+    return entries
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def resolve_split(
+    entries: Sequence[tuple[str, int]], root_url: str, file_urls: Sequence[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Match listed paths to files below `root_url`: by relative path, else by file name.
+
+    Returns (inputs as {key, label, url}, listed paths not found)."""
+    root = storage.split_url(root_url)[1].rstrip("/") + "/"
+    by_path = {storage.split_url(u)[1][len(root) :]: u for u in file_urls}
+    by_name: dict[str, str] = {}
+    for rel, url in sorted(by_path.items()):
+        by_name.setdefault(rel.rsplit("/", 1)[-1], url)
+    found, missing = [], []
+    for path, label in entries:
+        url = by_path.get(path) or by_name.get(path.rsplit("/", 1)[-1])
+        if url is None:
+            missing.append(path)
+        else:
+            found.append({"key": path.rsplit(".", 1)[0], "label": label, "url": url})
+    return found, missing
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What will be measured: file inputs, or dataset shards narrowed to some stems."""
+
+    files: list[dict[str, Any]] | None
+    shard_paths: list[str]
+    stems: frozenset[str] | None
+    listed: int
+    missing: list[str]
+
+
+def _dataset_keys(cfg: EvaluateConfig, shard_paths: list[str]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3)
+    return [
+        key
+        for p in shard_paths
+        for key in pq.read_table(p, filesystem=fs, columns=["key"]).column("key").to_pylist()
+    ]
+
+
+def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
+    """Find the inputs; a split's files that are not there are counted here, before work."""
+    entries = None
+    if cfg.split:
+        entries = read_split(storage.read_bytes(cfg.split, cfg.s3).decode(), cfg.split)
+    if storage.exists(storage.join(cfg.data, "manifest.json"), cfg.s3):
+        manifest = Manifest.load(cfg.data, cfg.s3)
+        _, root = storage.arrow_filesystem(cfg.data, cfg.s3)
+        paths = [f"{root}/{s.name}" for s in manifest.shards]
+        if entries is None:
+            return InputPlan(None, paths, None, manifest.num_rows, [])
+        have = {_stem(k) for k in _dataset_keys(cfg, paths)}
+        missing = [p for p, _ in entries if _stem(p) not in have]
+        return InputPlan(
+            None, paths, frozenset(_stem(p) for p, _ in entries), len(entries), missing
+        )
+    if entries is None:
+        raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
+    file_urls = [
+        u for u in storage.list_files(cfg.data, cfg.s3) if u.lower().endswith(IMAGE_SUFFIXES)
+    ]
+    found, missing = resolve_split(entries, cfg.data, file_urls)
+    return InputPlan(found, [], None, len(entries), missing)
+
+
+def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.ndarray]:
+    """Read the batch's files concurrently; a failed read becomes the row's reason."""
+
+    def read(url: str) -> tuple[bytes, str]:
+        try:
+            return storage.read_bytes(url, s3), ""
+        except FileNotFoundError:
+            return b"", "missing file"
+        except OSError as e:
+            return b"", f"unreadable: {e}"
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        results = list(pool.map(read, batch["url"]))
+    return {
+        "key": batch["key"],
+        "label": batch["label"],
+        "jpeg": np.array([r[0] for r in results], dtype=object),
+        "reason": np.array([r[1] for r in results], dtype=object),
+    }
+
+
+def _keep_stems(batch: dict[str, np.ndarray], stems: frozenset[str]) -> dict[str, np.ndarray]:
+    keep = np.array([_stem(k) in stems for k in batch["key"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
+    """The Ray dataset of inputs: columns key, label, jpeg (and reason for files)."""
+    import ray
+
+    if plan.files is not None:
+        files = plan.files[: cfg.max_images]
+        blocks = max(1, min(len(files), math.ceil(len(files) / cfg.batch_size)))
+        ds = ray.data.from_items(files, override_num_blocks=blocks)
+        return ds.map_batches(
+            _read_files, fn_kwargs={"s3": cfg.s3}, batch_format="numpy", num_cpus=0.25
+        )
+    fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3)
+    ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs).select_columns(
+        ["key", "label", "jpeg"]
+    )
+    if plan.stems is not None:
+        ds = ds.map_batches(
+            _keep_stems, fn_kwargs={"stems": plan.stems}, batch_format="numpy", num_cpus=0.25
+        )
+    return ds.limit(cfg.max_images) if cfg.max_images else ds
+
+
+# ---------------------------------------------------------------- the prior
+
+
+def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
+    """lambda = 0 weights from a prior.npz of counts or a .npy of smoothed probabilities."""
+    from colorcore.prior import AbHistogram, rebalance_weights
+
+    if not storage.exists(url, s3):
+        raise ValueError(f"no prior at {url}: run `python -m jobs.prior DATASET` or pass --prior")
+    data = io.BytesIO(storage.read_bytes(url, s3))
+    if url.endswith(".npy"):
+        smoothed_Q = np.load(data, allow_pickle=False).astype(np.float64)
+        smoothed_Q = smoothed_Q / smoothed_Q.sum()
+    else:
+        smoothed_Q = AbHistogram.load(data).smoothed_probabilities()
+    return rebalance_weights(smoothed_Q, lam=0.0).float()
+
+
+# ---------------------------------------------------------------- the set's figures
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def summarise(rows: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The table: one entry per row of METHODS, means over the measured images."""
+    ok = rows["status"] == "ok"
+    table = []
+    for m, method in enumerate(METHODS):
+        correct = rows["correct"][ok, m]
+        labelled = correct[correct >= 0]
+        table.append(
+            {
+                "method": method,
+                "auc_raw": _finite_mean(rows["auc_raw"][ok, m]),
+                "auc_rebalanced": _finite_mean(rows["auc_rebalanced"][ok, m]),
+                "psnr_db": _finite_mean(rows["psnr_db"][ok, m]),
+                "top1": float(labelled.mean()) if len(labelled) else None,
+                "top1_images": len(labelled),
+            }
+        )
+    return table
+
+
+def method_title(method: str, temperature: float) -> str:
+    return {
+        "ground_truth": "Ground truth",
+        "gray": "Gray (ab = 0)",
+        "annealed_mean": f"Model, annealed mean (T = {temperature:g})",
+        "mean": "Model, mean (T = 1)",
+        "mode": "Model, mode",
+    }[method]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def table_markdown(result: Mapping[str, Any]) -> str:
+    counts = result["counts"]
+    lines = [
+        f"# Evaluation of `{result['model']['url']}`",
+        "",
+        f"Data: `{result['data']}`"
+        + (f", split `{result['split']}`" if result["split"] else "")
+        + f"; {counts['measured']} images measured ({counts['grayscale']} grayscale left out, "
+        f"{counts['errors']} unreadable skipped, {counts['missing']} listed but missing).",
+        "",
+        f"Protocol: {result['protocol']}.",
+        "",
+        "| Method | AuC raw (%) | AuC rebalanced (%) | Top-1 (%) | PSNR (dB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in result["table"]:
+        lines.append(
+            f"| {method_title(row['method'], result['temperature'])} | {_pct(row['auc_raw'])} "
+            f"| {_pct(row['auc_rebalanced'])} | {_pct(row['top1'])} | {_db(row['psnr_db'])} |"
+        )
+    loss = result["loss_per_image"]
+    lines += ["", f"Model loss per image (lambda = 1, as released): {loss:,.1f}" if loss else ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def table_csv(result: Mapping[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    columns = ("auc_raw", "auc_rebalanced", "top1", "psnr_db", "top1_images")
+    writer.writerow(["method", *columns])
+    for row in result["table"]:
+        writer.writerow([row["method"], *("" if row[k] is None else row[k] for k in columns)])
+    return buffer.getvalue()
+
+
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_curves(result: Mapping[str, Any]) -> bytes:
+    """Fraction of pixels within each ab error threshold, raw and rebalanced, every row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    thresholds = np.arange(NUM_THRESHOLDS)
+    for ax, kind in zip(axes, ("raw", "rebalanced"), strict=True):
+        for row in result["table"]:
+            curve = result["curves"][kind][row["method"]]
+            if curve is None:
+                continue
+            title = method_title(row["method"], result["temperature"])
+            ax.plot(thresholds, curve, label=f"{title}: {_pct(row['auc_' + kind])}%")
+        ax.set(xlabel="ab error threshold", ylabel="fraction of pixels", ylim=(0, 1.01))
+        ax.set_title(f"{kind} AuC", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    return _figure_png(fig)
+
+
+def plot_best_worst(best: Sequence[tuple[str, float, bytes]], worst) -> bytes:
+    """Two columns of (gray input | colorized | ground truth) strips: best and worst."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = max(len(best), len(worst), 1)
+    fig, axes = plt.subplots(n, 2, figsize=(9, 1.6 * n), dpi=110, squeeze=False)
+    for col, (items, title) in enumerate(((best, "best"), (worst, "worst"))):
+        for row in range(n):
+            ax = axes[row][col]
+            ax.axis("off")
+            if row < len(items):
+                key, auc, jpeg = items[row]
+                ax.imshow(np.asarray(Image.open(io.BytesIO(jpeg))))
+                ax.set_title(f"{key}  AuC {100 * auc:.1f}%", fontsize=7)
+        axes[0][col].text(0, -0.35, f"{title} (gray | colorized | truth)",
+                          transform=axes[0][col].transAxes, fontsize=9)  # fmt: skip
+    return _figure_png(fig)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def collect(ds) -> dict[str, np.ndarray]:
+    """All output rows as columns, sorted by key (Ray Data does not keep input order)."""
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if not batches:
+        return _empty_columns(0) | {"key": np.array([], dtype=object), "label": np.array([])}
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    order = np.argsort(rows["key"].astype(str), kind="stable")
+    return {k: v[order] for k, v in rows.items()}
+
+
+def build_result(
+    cfg: EvaluateConfig, plan: InputPlan, rows: Mapping[str, np.ndarray], model_info: dict
+) -> dict[str, Any]:
+    ok = rows["status"] == "ok"
+    table = summarise(rows)
+    curves = {
+        kind: {
+            m: (rows[f"curve_{kind}"][ok, i].mean(0).tolist() if ok.any() else None)
+            for i, m in enumerate(METHODS)
+        }
+        for kind in ("raw", "rebalanced")
+    }
+    per_image = [
+        {"key": str(rows["key"][i]), "label": int(rows["label"][i]), "loss": rows["loss"][i]}
+        | {
+            f"{m}_{col}": rows[col][i, j]
+            for j, m in enumerate(METHODS)
+            for col in ("auc_raw", "auc_rebalanced", "psnr_db", "correct")
+        }
+        for i in np.flatnonzero(ok)
+    ]
+    skipped = [
+        {"key": str(rows["key"][i]), "reason": str(rows["reason"][i])}
+        for i in np.flatnonzero(rows["status"] == "error")
+    ]
+    counts = {
+        "listed": plan.listed,
+        "missing": len(plan.missing),
+        "inputs": len(rows["key"]),
+        "measured": int(ok.sum()),
+        "grayscale": int((rows["status"] == "grayscale").sum()),
+        "errors": len(skipped),
+    }
+    return {
+        "protocol": cfg.protocol_text(),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "s3"},
+        "temperature": cfg.temperature,
+        "model": model_info,
+        "data": cfg.data,
+        "split": cfg.split,
+        "prior": cfg.prior_url,
+        "counts": counts,
+        "table": table,
+        "loss_per_image": _finite_mean(rows["loss"][ok]),
+        "curves": curves,
+        "images": per_image,
+        "skipped": skipped,
+        "missing": plan.missing,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null (strict JSON); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _grid(rows: Mapping[str, np.ndarray], k: int) -> bytes:
+    has_strip = np.array([len(s) > 0 for s in rows["strip_jpeg"]], dtype=bool)
+    idx = np.flatnonzero(has_strip & (rows["status"] == "ok"))
+    auc = rows["auc_raw"][idx, METHODS.index(PRIMARY)]
+    order = idx[np.argsort(-auc, kind="stable")]
+    p = METHODS.index(PRIMARY)
+    items = [
+        (str(rows["key"][i]), float(rows["auc_raw"][i, p]), rows["strip_jpeg"][i]) for i in order
+    ]
+    return plot_best_worst(items[:k], items[::-1][:k])
+
+
+def write_outputs(cfg: EvaluateConfig, result: dict[str, Any], rows) -> None:
+    out = lambda name: storage.join(cfg.output, name)  # noqa: E731
+    text = json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n"
+    storage.write_bytes(out("results.json"), text.encode(), cfg.s3)
+    storage.write_bytes(out("table.md"), table_markdown(result).encode(), cfg.s3)
+    storage.write_bytes(out("table.csv"), table_csv(result).encode(), cfg.s3)
+    storage.write_bytes(out("auc_curves.png"), plot_curves(result), cfg.s3)
+    storage.write_bytes(out("best_worst.png"), _grid(rows, cfg.grid_images), cfg.s3)
+
+
+def _report_plan(cfg: EvaluateConfig, plan: InputPlan) -> None:
+    if cfg.split is None:
+        print(f"evaluate: {plan.listed} images in {cfg.data}")
+        return
+    print(
+        f"evaluate: split {cfg.split} lists {plan.listed} images: "
+        f"{plan.listed - len(plan.missing)} found in {cfg.data}, {len(plan.missing)} missing"
+    )
+    for path in plan.missing[:5]:
+        print(f"  missing: {path}")
+    if len(plan.missing) > 5:
+        print(f"  ... and {len(plan.missing) - 5} more (listed in results.json)")
+
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Measure the model; write the tables, plots and results.json; return the results."""
+    import ray
+
+    from jobs.models import load_model
+    from jobs.runtime import init_ray
+
+    start = time.monotonic()
+    # workers run in other directories: local paths must be absolute
+    paths = {k: storage.absolute(getattr(cfg, k)) for k in ("data", "model", "output")}
+    cfg = dataclasses.replace(cfg, **paths)
+    plan = plan_inputs(cfg)
+    _report_plan(cfg, plan)
+    rebalance0_Q = load_rebalance0(cfg.prior_url, cfg.s3)
+    loaded = load_model(cfg.model, cfg.s3)  # fail here, not in every actor
+    model_info = {"url": loaded.url, "kind": loaded.kind, "sha256": loaded.sha256}
+    if cfg.classifier:
+        load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
+    init_ray()
+    ds = input_dataset(cfg, plan).map_batches(
+        Evaluator,
+        fn_constructor_kwargs={"cfg": _config_dict(cfg), "rebalance0_Q": rebalance0_Q.tolist()},
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+    rows = collect(ds)
+    result = build_result(cfg, plan, rows, model_info)
+    elapsed = time.monotonic() - start
+    result |= {"elapsed_s": elapsed, "images_per_s": len(rows["key"]) / elapsed}
+    write_outputs(cfg, result, rows)
+    print(table_markdown(result))
+    print(f"evaluate: {len(rows['key'])} inputs in {elapsed:.1f}s -> {cfg.output}")
+    return result
+
+
+def _config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
+    from jobs.config import to_dict
+
+    return to_dict(cfg)
+
+
+if __name__ == "__main__":
+    from jobs.config import run_cli
+
+    run_cli(
+        EvaluateConfig, main, presets=PRESETS, positionals=("data",), prog="python -m jobs.evaluate"
+    )

@@ -1,0 +1,301 @@
+"""The evaluation job: exact figures on constructed images, split lists, and two runs on a
+local Ray instance against S3 (the `ci` model on its held-out dataset; a folder of held-out
+synthetic scenes with a split list, bad inputs and a classifier trained here)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from colorcore import metrics
+from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.prior import rebalance_weights
+from jobs import evaluate, storage, synthetic
+from jobs.config import parse_config
+from tests.support import encode, reference_path
+
+MAX = metrics.AUC_MAX_DIST
+COLORIZED_MARGIN = 0.10  # colorized top-1 may trail gray by at most this on 36 images
+
+
+def _closed_form_auc(error: float) -> float:
+    """Constant per-pixel error: the curve steps from 0 to 1 at ceil(error)."""
+    step = math.ceil(error)
+    return (MAX - step + (0.5 if step > 0 else 0.0)) / MAX
+
+
+def _reference_rebalance0() -> torch.Tensor:
+    prior = np.load(reference_path("prior_probs.npy"), allow_pickle=False)
+    return rebalance_weights(prior, lam=0.0).float()
+
+
+def test_rows_are_exact_on_constructed_images() -> None:
+    """Uniform colour images: every row's error is one known constant per image."""
+    rgb_N3HW = torch.tensor([[0.8, 0.3, 0.2], [0.2, 0.5, 0.7]]).reshape(2, 3, 1, 1)
+    rgb_N3HW = rgb_N3HW.expand(-1, -1, 16, 24).contiguous()
+    ab_N2 = rgb_to_lab(rgb_N3HW)[:, 1:, 0, 0]
+    # constant errors away from integers: upsampling may move a value by float rounding
+    offsets = {"annealed_mean": (1.5, 0.0), "mean": (0.0, 2.5), "mode": (-3.5, 0.0)}
+    ab_small = {
+        m: (ab_N2 + torch.tensor(o))[:, :, None, None].expand(-1, -1, 4, 6)
+        for m, o in offsets.items()
+    }
+    scores = evaluate.measure_images(rgb_N3HW, ab_small, rebalance0_Q=_reference_rebalance0())
+
+    col = {m: i for i, m in enumerate(evaluate.METHODS)}
+    gray_error_N = ab_N2.double().norm(dim=1)
+    expected_gray = torch.tensor([_closed_form_auc(e) for e in gray_error_N.tolist()])
+    torch.testing.assert_close(scores.auc_raw_NM[:, col["gray"]], expected_gray.double())
+    for m, (a, b) in offsets.items():
+        expected = _closed_form_auc(math.hypot(a, b))
+        assert scores.auc_raw_NM[:, col[m]].tolist() == pytest.approx([expected] * 2, abs=1e-12)
+    assert scores.auc_raw_NM[:, col["ground_truth"]].tolist() == [1.0, 1.0]
+    # one error value per image: weighting the pixels cannot change the curve
+    torch.testing.assert_close(scores.auc_rebalanced_NM, scores.auc_raw_NM)
+    assert scores.curve_raw_NMT.shape == (2, len(evaluate.METHODS), MAX + 1)
+
+    assert scores.psnr_db_NM[:, col["ground_truth"]].tolist() == [math.inf, math.inf]
+    lab = rgb_to_lab(rgb_N3HW)
+    gray_rgb = lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], dim=1))
+    mse_N = (gray_rgb.double() - rgb_N3HW.double()).square().mean((1, 2, 3))
+    torch.testing.assert_close(scores.psnr_db_NM[:, col["gray"]], -10 * torch.log10(mse_N))
+
+
+def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
+    M = len(evaluate.METHODS)
+    rows = evaluate._empty_columns(4)
+    rows["status"][:] = ["ok", "ok", "error", "grayscale"]
+    rows["auc_raw"][:2] = [[1.0, 0.5, 0.7, 0.6, 0.4], [1.0, 0.3, 0.9, 0.8, 0.2]]
+    rows["auc_rebalanced"][:2] = 0.25
+    rows["psnr_db"][:2] = [[math.inf, 20, 30, 30, 10]] * 2
+    rows["correct"][:2] = [[1] * M, [-1] * M]
+    rows["correct"][2] = 0  # an unreadable input counts for nothing
+    table = {r["method"]: r for r in evaluate.summarise(rows)}
+    assert table["gray"]["auc_raw"] == pytest.approx(0.4)
+    assert table["annealed_mean"]["auc_raw"] == pytest.approx(0.8)
+    assert table["ground_truth"]["psnr_db"] == math.inf
+    assert table["mode"]["psnr_db"] == pytest.approx(10.0)
+    assert table["gray"]["top1"] == 1.0 and table["gray"]["top1_images"] == 1
+    assert json.loads(json.dumps(evaluate._json_safe({"x": math.inf, "y": np.float64(2)}))) == {
+        "x": None,
+        "y": 2.0,
+    }
+
+
+def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
+    text = "/n01/ILSVRC2012_val_00000001.JPEG 3\n\nflat_00000002.JPEG\n/n02/gone.JPEG 7\n"
+    entries = evaluate.read_split(text, "list.txt")
+    assert entries == [
+        ("n01/ILSVRC2012_val_00000001.JPEG", 3),
+        ("flat_00000002.JPEG", -1),
+        ("n02/gone.JPEG", 7),
+    ]
+    with pytest.raises(ValueError, match=r"list.txt:2"):
+        evaluate.read_split("a.jpg 1\nb.jpg one\n", "list.txt")
+    with pytest.raises(ValueError, match="no images"):
+        evaluate.read_split("\n", "list.txt")
+    files = [
+        tmp_path / "n01" / "ILSVRC2012_val_00000001.JPEG",
+        tmp_path / "x" / "flat_00000002.JPEG",
+    ]
+    found, missing = evaluate.resolve_split(entries, str(tmp_path), [str(f) for f in files])
+    assert [(f["url"], f["label"]) for f in found] == [(str(files[0]), 3), (str(files[1]), -1)]
+    assert found[0]["key"] == "n01/ILSVRC2012_val_00000001"
+    assert missing == ["n02/gone.JPEG"]
+
+
+def test_bad_configs_fail_before_any_work(tmp_path) -> None:
+    with pytest.raises(ValueError, match="required"):
+        evaluate.EvaluateConfig(data="d")
+    with pytest.raises(ValueError, match="eval_px"):
+        evaluate.EvaluateConfig(data="d", model="m", eval_px=100)
+    with pytest.raises(ValueError, match="pass --split"):
+        evaluate.plan_inputs(evaluate.EvaluateConfig(data=str(tmp_path), model="m"))
+    for name in evaluate.PRESETS:
+        cfg, _ = parse_config(evaluate.EvaluateConfig, ["--preset", name], presets=evaluate.PRESETS)
+        assert cfg.protocol == "resized" and cfg.eval_px == 256
+
+
+def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float, int]:
+    """The gray row computed without the job: PIL decode, resize, Lab, ab = 0."""
+    import pyarrow.parquet as pq
+
+    from jobs.dataset import Manifest
+
+    manifest = Manifest.load(cfg.data)
+    fs, root = storage.arrow_filesystem(cfg.data)
+    w_Q = evaluate.load_rebalance0(cfg.prior_url)
+    raw, rebalanced, psnr = [], [], []
+    for shard in manifest.shards:
+        for data in pq.read_table(f"{root}/{shard.name}", filesystem=fs).column("jpeg").to_pylist():
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            small = image.resize((cfg.eval_px, cfg.eval_px), Image.Resampling.BICUBIC)
+            rgb = torch.from_numpy(np.array(small)).permute(2, 0, 1)[None].float() / 255
+            lab = rgb_to_lab(rgb)
+            gray_ab = torch.zeros_like(lab[:, 1:])
+            nearest = torch.cdist(lab[0, 1:].flatten(1).T, _bins()).argmin(1)
+            weights = w_Q[nearest].reshape(1, *rgb.shape[-2:])
+            raw.append(metrics.ab_auc(gray_ab, lab[:, 1:])[0].item())
+            rebalanced.append(metrics.ab_auc(gray_ab, lab[:, 1:], pixel_weights=weights)[0].item())
+            gray_rgb = lab_to_rgb(torch.cat([lab[:, :1], gray_ab], dim=1))
+            psnr.append(metrics.psnr(gray_rgb, rgb).item())
+    return float(np.mean(raw)), float(np.mean(rebalanced)), float(np.mean(psnr)), len(raw)
+
+
+def _bins() -> torch.Tensor:
+    return torch.from_numpy(np.load(reference_path("pts_in_hull.npy"))).float()
+
+
+def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, s3_server) -> None:
+    train_cfg, _ = ci_run
+    cfg = evaluate.EvaluateConfig(
+        data=train_cfg.val_data,
+        model=train_cfg.run_url,
+        prior=train_cfg.prior_url,
+        output=s3_server.url("eval", "ci"),
+        eval_px=96,  # the synthetic scenes' own size
+        batch_size=8,
+    )
+    result = evaluate.main(cfg)
+    table = {row["method"]: row for row in result["table"]}
+
+    raw, rebalanced, psnr, images = _direct_gray_row(cfg)
+    assert result["counts"]["measured"] == images and result["counts"]["errors"] == 0
+    assert table["gray"]["auc_raw"] == pytest.approx(raw, abs=1e-9)
+    assert table["gray"]["auc_rebalanced"] == pytest.approx(rebalanced, abs=1e-6)
+    assert table["gray"]["psnr_db"] == pytest.approx(psnr, abs=1e-6)
+    assert table["ground_truth"]["auc_raw"] == 1.0 == table["ground_truth"]["auc_rebalanced"]
+    assert table["annealed_mean"]["auc_rebalanced"] > table["gray"]["auc_rebalanced"]
+    assert result["loss_per_image"] > 0 and result["model"]["kind"] == "run"
+
+    out = lambda name: storage.join(cfg.output, name)  # noqa: E731
+    saved = json.loads(storage.read_bytes(out("results.json")))
+    assert saved["table"][1]["auc_raw"] == pytest.approx(raw, abs=1e-9)
+    assert saved["table"][0]["psnr_db"] is None  # ground truth: infinite PSNR, null in JSON
+    assert len(saved["images"]) == images and "resized to 96x96" in saved["protocol"]
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(out("table.csv")).decode())))
+    assert [r["method"] for r in rows] == list(evaluate.METHODS)
+    assert float(rows[1]["auc_rebalanced"]) == pytest.approx(rebalanced, abs=1e-6)
+    markdown = storage.read_bytes(out("table.md")).decode()
+    assert "| Gray (ab = 0) |" in markdown and result["protocol"] in markdown
+    for name in ("auc_curves.png", "best_worst.png"):
+        assert Image.open(io.BytesIO(storage.read_bytes(out(name)))).size[0] > 200
+
+
+def _scenes(seed: int, per_class: int) -> tuple[torch.Tensor, list[int]]:
+    labels = [c for _ in range(per_class) for c in range(len(synthetic.CLASSES))]
+    rgb = [synthetic.render_scene(c, i // 3, seed=seed) for i, c in enumerate(labels)]
+    return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255, labels
+
+
+def _train_classifier() -> evaluate.SmallConvNet:
+    """A small classifier of day / sunset / beach, trained on colour scenes (seed 11)."""
+    torch.manual_seed(0)
+    rgb, labels = _scenes(seed=11, per_class=20)
+    x, y = evaluate.SmallConvNet.preprocess(rgb), torch.tensor(labels)
+    model = evaluate.SmallConvNet(len(synthetic.CLASSES), width=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
+    """Held-out scenes in a folder: a listed missing file is counted before work, a corrupt
+    one is skipped; ground truth beats gray for the classifier, colorized is close to gray
+    or better."""
+    train_cfg, _ = ci_run
+    folder = s3_server.url("eval-split", "images")
+    rgb, labels = _scenes(seed=5, per_class=12)
+    lines = []
+    for i, label in enumerate(labels):
+        name = f"{synthetic.CLASSES[label]}/scene_{i:03d}.png"
+        image = (rgb[i].permute(1, 2, 0) * 255).round().byte().numpy()
+        storage.write_bytes(storage.join(folder, name), encode(image, "PNG"))
+        lines.append(f"/{name} {label}")
+    storage.write_bytes(storage.join(folder, "day", "corrupt.png"), b"\x89PNG not really")
+    lines += ["/day/corrupt.png 0", "/beach/never_written.png 2"]
+    split = s3_server.url("eval-split", "split.txt")
+    storage.write_bytes(split, "\n".join(lines).encode())
+    weights = s3_server.url("eval-split", "classifier.pt")
+    storage.write_bytes(weights, _train_classifier().to_bytes())
+
+    cfg = evaluate.EvaluateConfig(
+        data=folder,
+        split=split,
+        model=train_cfg.run_url,
+        prior=train_cfg.prior_url,
+        output=s3_server.url("eval-split", "out"),
+        protocol="full",
+        eval_px=96,
+        classifier="small_cnn",
+        classifier_weights=weights,
+        batch_size=8,
+    )
+    plan = evaluate.plan_inputs(cfg)
+    assert (plan.listed, plan.missing) == (len(labels) + 2, ["beach/never_written.png"])
+    result = evaluate.main(cfg)
+    counts = result["counts"]
+    assert (counts["measured"], counts["errors"], counts["missing"]) == (len(labels), 1, 1)
+    assert result["skipped"][0]["key"] == "day/corrupt"
+    top1 = {row["method"]: row["top1"] for row in result["table"]}
+    assert top1["ground_truth"] > top1["gray"]
+    assert top1["annealed_mean"] >= top1["gray"] - COLORIZED_MARGIN
+    assert "metrics at full resolution" in result["protocol"]
+
+
+def test_cli_dry_run_parses_the_documented_command(capsys) -> None:
+    from jobs.config import run_cli
+
+    argv = ["data/val", "--model", "m.pth", "--split", "ctest10k.txt", "--protocol", "full"]
+    ran = run_cli(
+        evaluate.EvaluateConfig, evaluate.main, [*argv, "--dry-run"], positionals=("data",)
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert ran is None  # a dry run builds and prints the config, and starts nothing
+    assert [printed[k] for k in ("data", "model", "split")] == ["data/val", "m.pth", "ctest10k.txt"]
+    assert printed["protocol"] == "full" and printed["temperature"] == 0.38
+
+
+def test_torchvision_is_imported_only_on_the_vgg16_path() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jobs.evaluate as e; "
+        "assert 'torchvision' not in sys.modules; "
+        "x = e.imagenet_preprocess(__import__('torch').rand(2, 3, 256, 300)); "
+        "assert tuple(x.shape) == (2, 3, 224, 224)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    with pytest.raises(ValueError, match="classifier-weights"):
+        evaluate.load_classifier("vgg16", None)  # refused before torchvision is needed
+    with pytest.raises(ValueError, match=r"package\.module:fn"):
+        evaluate.load_classifier("no_such_classifier", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vgg16_classifier_on_the_gpu(tmp_path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg16.pth"
+    torch.save(torchvision.models.vgg16().state_dict(), path)
+    classifier = evaluate.load_classifier("vgg16", str(path))
+    classifier.module.eval().cuda()
+    rgb = torch.rand(2, 3, 256, 256, device="cuda")
+    with torch.no_grad():
+        labels = classifier.module(classifier.preprocess(rgb)).argmax(1).cpu()
+    correct = evaluate.top1_correct(classifier, dict.fromkeys(evaluate.METHODS, rgb), labels)
+    assert correct.tolist() == [[1] * len(evaluate.METHODS)] * 2
