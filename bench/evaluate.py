@@ -121,11 +121,11 @@ def main() -> None:
 
     rebalance0_Q = rebalance_weights(histogram.smoothed_probabilities(), lam=0.0).float()
     print(f"synthetic scenes at {SIZE_PX} x {SIZE_PX}, resized protocol; torch {torch.__version__}")
-    print(f"in-process, 1 thread, batch {BATCH}: {'network':22s} {'colorize img/s':>14s} "
-          f"{'evaluate img/s':>14s} {'eval / colorize':>15s}")  # fmt: skip
+    print(f"{'in-process, 1 thread, batch 16':32s} {'colorize img/s':>14s} "
+          f"{'evaluate img/s':>14s} {'evaluate / colorize':>20s}")  # fmt: skip
     for name, width in (("ci size (width 1/16)", 1 / 16), ("released size (width 1)", 1.0)):
         base, ours = in_process(width, images, rebalance0_Q, args.repeats)
-        print(f"{'':38s} {name:22s} {base:14.1f} {ours:14.1f} {ours / base:14.2f}x")
+        print(f"  {name:30s} {base:14.1f} {ours:14.1f} {ours / base:19.2f}x")
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         rate, seconds = ray_job(images, histogram, Path(tmp))
     print(
