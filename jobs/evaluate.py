@@ -66,6 +66,7 @@ from jobs import storage
 from jobs.config import presets_of
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb
+from jobs.plots import figure_png, pyplot
 from jobs.storage import S3Options
 
 METHODS = ("ground_truth", "gray", "annealed_mean", "mean", "mode")
@@ -812,21 +813,9 @@ def table_csv(result: Mapping[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def _figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def plot_curves(result: Mapping[str, Any]) -> bytes:
     """Fraction of pixels within each ab error threshold, raw and rebalanced, every row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     thresholds = np.arange(NUM_THRESHOLDS)
@@ -840,15 +829,12 @@ def plot_curves(result: Mapping[str, Any]) -> bytes:
         ax.set(xlabel="ab error threshold", ylabel="fraction of pixels", ylim=(0, 1.01))
         ax.set_title(f"{kind} AuC", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def plot_best_worst(best: Sequence[tuple[str, float, bytes]], worst) -> bytes:
     """Two columns of (gray input | colorized | ground truth) strips: best and worst."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from PIL import Image
 
     n = max(len(best), len(worst), 1)
@@ -863,7 +849,7 @@ def plot_best_worst(best: Sequence[tuple[str, float, bytes]], worst) -> bytes:
                 ax.set_title(f"{key}  AuC {100 * auc:.1f}%", fontsize=7)
         axes[0][col].text(0, -0.35, f"{title} (gray | colorized | truth)",
                           transform=axes[0][col].transAxes, fontsize=9)  # fmt: skip
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 # ---------------------------------------------------------------- the job

@@ -27,6 +27,7 @@ from colorcore.prior import AbHistogram
 from jobs import storage
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import load_rgb
+from jobs.plots import figure_png, pyplot
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,10 +128,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
 
 def plot_prior(histogram: AbHistogram) -> bytes:
     """PNG of the smoothed prior over the ab plane, log10 scale (as in the paper's Fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from colorcore.quantize import AB_GRID, ab_bins
 
@@ -145,10 +143,7 @@ def plot_prior(histogram: AbHistogram) -> bytes:
     shown = ax.imshow(grid, origin="lower", extent=extent, cmap="jet", interpolation="nearest")
     fig.colorbar(shown, ax=ax, label="log10 p(a, b)")
     ax.set(xlabel="a", ylabel="b", title=f"ab prior ({histogram.num_pixels:,} pixels)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -17,24 +16,13 @@ import torch
 
 from jobs import storage
 from jobs.models import load_model
+from jobs.plots import figure_png, pyplot
 from jobs.train import TrainConfig, load_prior, read_metrics, rebalance_from
 from jobs.validation import format_summary, load_crops, validate
 
 
-def figure_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def plot_curves(history: list[dict[str, float]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for key, label in (("loss", "train loss"), ("val_loss", "val loss (lambda = 1)")):
@@ -58,10 +46,7 @@ def plot_curves(history: list[dict[str, float]]) -> bytes:
 
 def sample_grid(model: torch.nn.Module, crops_N3HW: torch.Tensor, *, T: float = 0.38) -> bytes:
     """Rows of gray input / colorized / ground truth for a few validation crops."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from colorcore.decode import colorize
 

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from jobs import storage, train
 from jobs.config import ConfigError, from_dict, presets_of, save_config, to_dict
+from jobs.plots import figure_png, pyplot
 from jobs.train import TrainConfig
 
 LAMBDA_RANGE = (0.05, 1.0)
@@ -470,12 +471,7 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_objective(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
     """Objective against lambda (colour: lr) and against the schedule."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jobs.train_report import figure_png
+    plt = pyplot()
 
     fig, (ax_lam, ax_sched) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     points = ax_lam.scatter(
@@ -497,12 +493,7 @@ def plot_objective(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
 
 def plot_curves(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
     """Every trial's objective against the step, stopped trials dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from jobs.train_report import figure_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for row in rows:
