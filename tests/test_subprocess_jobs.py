@@ -59,37 +59,22 @@ def test_readme_main_command(workdir) -> None:
     assert "bash scripts/smoke.sh" in readme and "bash scripts/test.sh" in readme
     # scripts/smoke.sh = set-up (done: this suite runs in it) + this command
     assert "jobs.train --preset smoke" in (ROOT / "scripts" / "smoke.sh").read_text()
-    out = run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.train",
-            "--preset",
-            "smoke",
-            "--data",
-            str(workdir / "sample" / "train"),
-            "--val-data",
-            str(workdir / "sample" / "val"),
-            "--storage",
-            str(workdir / "runs"),
-        ],
-        cwd=ROOT,
-    )
+    out = run(train_command(workdir, "smoke"), cwd=ROOT)
     summary = re.search(r"rebalanced AuC model ([\d.]+) vs gray ([\d.]+)", out)
     assert summary, out[-3000:]
     assert float(summary[1]) > float(summary[2]) + 0.05
     assert "the model beats the gray baseline" in out
 
 
-def ci_command(workdir: Path, name: str) -> list[str]:
+def train_command(workdir: Path, preset: str, *flags: str) -> list[str]:
+    """`python -m jobs.train` on the module's shared sample data and run folder."""
     return [
         sys.executable,
         "-m",
         "jobs.train",
         "--preset",
-        "ci",
-        "--name",
-        name,
+        preset,
+        *flags,
         "--data",
         str(workdir / "sample" / "train"),
         "--val-data",
@@ -97,6 +82,10 @@ def ci_command(workdir: Path, name: str) -> list[str]:
         "--storage",
         str(workdir / "runs"),
     ]
+
+
+def ci_command(workdir: Path, name: str) -> list[str]:
+    return train_command(workdir, "ci", "--name", name)
 
 
 def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> None:
