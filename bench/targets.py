@@ -15,32 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
 
 # isort: split
 import torch
+from timing import median_ms
 
 from colorcore.data import CROP_PX, make_targets
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import ab_bins
-
-
-def median_ms(fn, iters: int, device: torch.device) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -67,12 +51,17 @@ def main() -> None:
         )
         loss.backward()
 
+    sync = torch.cuda.synchronize if cuda else None
+
+    def timed(fn) -> float:
+        return median_ms(fn, args.iters, warmup=3, sync=sync)
+
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "batch": args.batch,
-        "make_targets_ms": median_ms(lambda: make_targets(rgb), args.iters, device),
-        "loss_fwd_bwd_ms": median_ms(loss_step, args.iters, device),
+        "make_targets_ms": timed(lambda: make_targets(rgb)),
+        "loss_fwd_bwd_ms": timed(loss_step),
     }
     result["total_ms"] = result["make_targets_ms"] + result["loss_fwd_bwd_ms"]
     print(json.dumps(result))

@@ -15,12 +15,25 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after one untimed warm-up call."""
-    fn()  # warm-up: lazy tables, allocator
+def median_ms(
+    fn: Callable[[], object],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    sync: Callable[[], object] | None = None,
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after `warmup` untimed calls (lazy
+    tables, allocator, autotuning). `sync` (e.g. ``torch.cuda.synchronize``) runs before and
+    after each timed call, so that queued device work is counted."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
+        if sync:
+            sync()
         start = time.perf_counter()
         fn()
+        if sync:
+            sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
