@@ -57,9 +57,19 @@ class _Matrices(NamedTuple):
     f_from_lab: torch.Tensor  # (L, a, b) -> (f_x, f_y, f_z) - 16/116
 
 
-@functools.lru_cache(maxsize=16)
+_MATRICES: dict[tuple[torch.dtype, torch.device], _Matrices] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled callers take the matrices as constants
 def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
-    """The conversion's linear maps, white point folded in, built in fp64."""
+    """The conversion's linear maps, white point folded in, built in fp64 (once per dtype
+    and device)."""
+    if (dtype, device) not in _MATRICES:
+        _MATRICES[dtype, device] = _build_matrices(dtype, device)
+    return _MATRICES[dtype, device]
+
+
+def _build_matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
     xyz_from_rgb = torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)
     white = torch.tensor(D65_WHITE_XYZ, dtype=torch.float64)
     # scikit-image inverts the rounded forward matrix rather than using the standard's inverse.
@@ -163,6 +173,20 @@ def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     lab_B3P = m.lab_from_f @ f_B3P
     lab_B3P[:, 0].sub_(16.0)
     return lab_B3P.reshape(rgb_N3HW.shape).to(rgb_N3HW.dtype)
+
+
+def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] -> CIE L* alone, shape (..., 1, H, W): the L channel of `rgb_to_lab`
+    (to fp32 rounding) at a third of its cost, since L depends on luminance Y only.
+
+    Dtypes as in `rgb_to_lab`. Made of elementwise ops and one 1 x 3 matrix product, so
+    `torch.compile` fuses it into a single pass over the image.
+    """
+    rgb_B3P = _as_planes(rgb_N3HW, "rgb_to_lightness input")
+    y_row = _matrices(rgb_B3P.dtype, rgb_B3P.device).xyzn_from_rgb[1:2]
+    f_B1P = _lab_f(y_row @ _srgb_to_linear(rgb_B3P))
+    l_B1P = f_B1P.mul_(116.0).sub_(16.0)
+    return l_B1P.reshape(*rgb_N3HW.shape[:-3], 1, *rgb_N3HW.shape[-2:]).to(rgb_N3HW.dtype)
 
 
 def _lab_to_linear(lab_B3P: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colorcore.color import rgb_to_lab
+from colorcore.color import rgb_to_lab, rgb_to_lightness
 from colorcore.loss import nongray_mask
 from colorcore.quantize import (
     SOFT_ENCODE_K,
@@ -70,6 +70,35 @@ class Targets:
     nongray_N: torch.Tensor
 
 
+def lightness_and_target_ab(
+    rgb_N3HW: torch.Tensor, stride: int = TARGET_STRIDE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (or [0, 1] float) RGB crops -> the network's L input (N, 1, H, W) and the ab
+    target at every `stride`-th pixel (N, 2, h, w), as released: a pick, not an average.
+
+    Lab is pointwise, so converting only the picked pixels gives the same ab as converting
+    the whole crop and picking after; with L computed from luminance alone, the conversion
+    costs about a third of a full-resolution `rgb_to_lab`. Elementwise work only, so
+    ``torch.compile`` turns it into a couple of fused kernels (the training job does so with
+    ``TrainConfig.compile``).
+    """
+    rgb = rgb_N3HW.float() / 255 if rgb_N3HW.dtype == torch.uint8 else rgb_N3HW.float()
+    ab_N2hw = rgb_to_lab(subsample_targets(rgb, stride))[:, 1:]
+    return rgb_to_lightness(rgb), ab_N2hw
+
+
+def encode_targets(
+    l_N1HW: torch.Tensor,
+    ab_N2hw: torch.Tensor,
+    *,
+    k: int = SOFT_ENCODE_K,
+    sigma: float = SOFT_ENCODE_SIGMA,
+) -> Targets:
+    """The L input and the subsampled ab target -> a training batch with sparse soft targets."""
+    bins, weights = soft_encode(ab_N2hw, k=k, sigma=sigma)
+    return Targets(l_N1HW, bins, weights, nongray_mask(ab_N2hw))
+
+
 def make_targets(
     rgb_N3HW: torch.Tensor,
     *,
@@ -81,8 +110,4 @@ def make_targets(
 
     Targets are every `stride`-th ab pixel (as released), matching the network's output size.
     """
-    rgb = rgb_N3HW.float() / 255 if rgb_N3HW.dtype == torch.uint8 else rgb_N3HW.float()
-    lab = rgb_to_lab(rgb)
-    ab_N2hw = subsample_targets(lab[:, 1:], stride)
-    bins, weights = soft_encode(ab_N2hw, k=k, sigma=sigma)
-    return Targets(lab[:, :1].contiguous(), bins, weights, nongray_mask(ab_N2hw))
+    return encode_targets(*lightness_and_target_ab(rgb_N3HW, stride), k=k, sigma=sigma)

@@ -52,6 +52,63 @@ def _check_shapes(
         raise ValueError(f"nongray_N must have shape ({N},), got {tuple(nongray_N.shape)}")
 
 
+class _SparseCrossEntropy(torch.autograd.Function):
+    """Per pixel v * -sum_j w_j log softmax(x)_{b_j}, in fp32 whatever the logits' dtype,
+    with the gradient written out by hand:
+    d/dx = v * (sum_j w_j softmax(x) - target), target_q = sum_{j: b_j = q} w_j.
+
+    Only the log-sum-exp (one value per pixel) is kept for the backward pass, not the
+    (N, Q, h, w) log-probabilities; autograd's own log_softmax + gather would store those and
+    then scatter the gather's gradient into a zero-filled dense tensor. Under
+    ``torch.compile`` the forward pass is one reduction over the logits and, on GPUs, the
+    backward pass one elementwise kernel (`_gradient_by_comparison`: the target is built from
+    k comparisons per element, cheap where memory bandwidth is the limit); otherwise the
+    target is scattered into the softmax in place (`_gradient_by_scatter`).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw):
+        logits = logits_NQhw.float()
+        logp_NQhw = F.log_softmax(logits, dim=1)
+        picked_NkHW = logp_NQhw.gather(1, bins_NkHW)
+        loss_Nhw = -v_Nhw * (weights_NkHW * picked_NkHW).sum(dim=1)
+        lse_Nhw = logits[:, 0] - logp_NQhw[:, 0]
+        ctx.save_for_backward(logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw, lse_Nhw)
+        return loss_Nhw
+
+    @staticmethod
+    def backward(ctx, grad_Nhw):
+        logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw, lse_Nhw = ctx.saved_tensors
+        scale_N1hw = (grad_Nhw * v_Nhw)[:, None]
+        if torch.compiler.is_compiling() and logits_NQhw.device.type != "cpu":
+            grad = _gradient_by_comparison(
+                logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw
+            )
+        else:
+            grad = _gradient_by_scatter(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw)
+        return grad.to(logits_NQhw.dtype), None, None, None
+
+
+def _gradient_by_comparison(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw):
+    """scale * (sum_j w_j softmax(x) - target) in fp32, as one elementwise expression (for
+    compilers)."""
+    q_Q11 = torch.arange(logits_NQhw.shape[1], device=logits_NQhw.device)[:, None, None]
+    target_NQhw = sum(
+        torch.where(bins_NkHW[:, j, None] == q_Q11, weights_NkHW[:, j, None], 0.0)
+        for j in range(bins_NkHW.shape[1])
+    )
+    softmax_NQhw = (logits_NQhw.float() - lse_Nhw[:, None]).exp()
+    return scale_N1hw * (weights_NkHW.sum(dim=1, keepdim=True) * softmax_NQhw - target_NQhw)
+
+
+def _gradient_by_scatter(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw):
+    """scale * (sum_j w_j softmax(x) - target) in fp32, the target scattered in place into
+    the scaled softmax (for eager runs)."""
+    grad_NQhw = torch.softmax(logits_NQhw, dim=1, dtype=torch.float32)
+    grad_NQhw.mul_(scale_N1hw * weights_NkHW.sum(dim=1, keepdim=True))
+    return grad_NQhw.scatter_add_(1, bins_NkHW, -scale_N1hw * weights_NkHW)
+
+
 def rebalanced_cross_entropy(
     logits_NQhw: torch.Tensor,
     bins_NkHW: torch.Tensor,
@@ -76,13 +133,10 @@ def rebalanced_cross_entropy(
     _check_shapes(logits_NQhw, bins_NkHW, weights_NkHW, rebalance_Q, nongray_N)
     # bf16 keeps 8 mantissa bits: too few for a log-softmax over Q classes summed over pixels.
     with torch.autocast(device_type=logits_NQhw.device.type, enabled=False):
-        logp_NQhw = F.log_softmax(logits_NQhw.float(), dim=1)
-        logp_NkHW = logp_NQhw.gather(1, bins_NkHW)
-        ce_Nhw = -(weights_NkHW.float() * logp_NkHW).sum(dim=1)
         v_Nhw = rebalance_Q.to(logits_NQhw.device, torch.float32)[bins_NkHW[:, 0]]
         if nongray_N is not None:
             v_Nhw = v_Nhw * nongray_N.to(logits_NQhw.device, torch.float32)[:, None, None]
-        loss_Nhw = ce_Nhw * v_Nhw
+        loss_Nhw = _SparseCrossEntropy.apply(logits_NQhw, bins_NkHW, weights_NkHW.float(), v_Nhw)
     if reduction == "none":
         return loss_Nhw
     if reduction == "per_pixel":

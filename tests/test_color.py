@@ -14,7 +14,8 @@ import skimage.color
 import skimage.data
 import torch
 
-from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.color import lab_to_rgb, rgb_to_lab, rgb_to_lightness
+from colorcore.data import lightness_and_target_ab
 
 # Tolerances against scikit-image (measured: rgb_to_lab 2e-4, lab_to_rgb 6e-6, round trip 7e-6).
 LAB_ATOL = 1e-3
@@ -239,3 +240,29 @@ def test_cuda_matches_cpu(random_lab) -> None:
     torch.testing.assert_close(lab_to_rgb(lab.cuda()).cpu(), lab_to_rgb(lab), rtol=0, atol=1e-3)
     rgb = lab_to_rgb(lab)
     torch.testing.assert_close(rgb_to_lab(rgb.cuda()).cpu(), rgb_to_lab(rgb), rtol=0, atol=1e-3)
+
+
+def test_lightness_alone_is_the_l_of_the_full_conversion() -> None:
+    g = torch.Generator().manual_seed(3)
+    for dtype, atol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        rgb_N3HW = torch.rand(2, 3, 9, 11, generator=g, dtype=dtype)
+        lightness = rgb_to_lightness(rgb_N3HW)
+        assert lightness.shape == (2, 1, 9, 11) and lightness.dtype == dtype
+        torch.testing.assert_close(lightness, rgb_to_lab(rgb_N3HW)[:, :1], rtol=0, atol=atol)
+    assert rgb_to_lightness(torch.rand(3, 4, 5)).shape == (1, 4, 5)
+
+
+def test_network_input_and_targets_equal_converting_everything_then_picking() -> None:
+    """L at full size and ab at every 4th pixel (the released target) without converting the
+    pixels in between, eagerly and traced whole by torch.compile."""
+    rgb_N3HW = torch.randint(0, 256, (2, 3, 18, 23), dtype=torch.uint8)
+    lab_N3HW = rgb_to_lab(rgb_N3HW.float() / 255)
+    expected = (lab_N3HW[:, :1], lab_N3HW[:, 1:, ::4, ::4])
+    for fn in (
+        lightness_and_target_ab,
+        torch.compile(lightness_and_target_ab, backend="aot_eager", fullgraph=True),
+    ):
+        l_N1HW, ab_N2hw = fn(rgb_N3HW, 4)
+        assert ab_N2hw.shape == (2, 2, 5, 6)
+        torch.testing.assert_close(l_N1HW, expected[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(ab_N2hw, expected[1], rtol=0, atol=1e-4)

@@ -120,3 +120,36 @@ def test_lambda_one_weights_give_the_plain_cross_entropy() -> None:
 def test_user_errors_raise_value_error(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         loss.rebalanced_cross_entropy(**{**_batch(), **change})
+
+
+def test_the_fused_and_the_scattered_gradient_agree() -> None:
+    """The backward pass compilers get (target from comparisons) equals the eager one."""
+    batch = _batch(seed=6)
+    logits = batch["logits_NQhw"]
+    scale_N1hw = torch.rand(N, 1, H, W)
+    lse_Nhw = torch.logsumexp(logits, dim=1)
+    fused = loss._gradient_by_comparison(
+        logits, batch["bins_NkHW"], batch["weights_NkHW"], scale_N1hw, lse_Nhw
+    )
+    scattered = loss._gradient_by_scatter(
+        logits, batch["bins_NkHW"], batch["weights_NkHW"], scale_N1hw
+    )
+    assert_close(fused, scattered, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_loss_equals_the_eager_loss() -> None:
+    """The training job compiles the loss whole (no graph breaks) with ``TrainConfig.compile``."""
+    batch = _batch(seed=7)
+    nongray_N = torch.tensor([True, False, True])
+    compiled = torch.compile(loss.rebalanced_cross_entropy, backend="aot_eager", fullgraph=True)
+    for logits_dtype in (torch.float32, torch.bfloat16):
+        values, grads = [], []
+        for fn in (loss.rebalanced_cross_entropy, compiled):
+            logits = batch["logits_NQhw"].to(logits_dtype, copy=True).requires_grad_()
+            value = fn(**{**batch, "logits_NQhw": logits}, nongray_N=nongray_N)
+            value.backward()
+            values.append(value)
+            grads.append(logits.grad)
+        assert_close(values[1], values[0])
+        assert_close(grads[1], grads[0])
+        assert grads[1].dtype == logits_dtype and grads[1][1].abs().max() == 0  # gray image
