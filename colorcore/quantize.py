@@ -62,9 +62,10 @@ _SENTINEL_AB = 1e4
 # are the nearest bins and, on exact ties, the lower bin index comes first. The distance is
 # written straight into the high halves, which sit second in memory on little-endian hosts.
 _KEY_HIGH_HALF = 1 if sys.byteorder == "little" else 0
-# Up to this many candidates a comparator network ranks them (elementwise min/max over whole
-# rows of pixels, several times faster on CPU than a per-pixel top-k over a short row);
-# wider sets (large k, brute force) use top-k.
+# On CPU, up to this many candidates a comparator network ranks them (elementwise min/max over
+# whole rows of pixels, several times faster on CPU than a per-pixel top-k over a short row);
+# wider sets (large k, brute force) use top-k. Accelerators sort each pixel's candidates in
+# one kernel instead: the network's hundred-odd small kernels would cost more in launches.
 _NETWORK_MAX_WIDTH = 32
 _BRUTE_FORCE_CHUNK = 4096  # pixels outside the table compared with all Q bins at once
 _CPU_BLOCK_PIXELS = 2**15  # pixels ranked at once on CPU (see _nearest_keys)
@@ -157,10 +158,13 @@ def _selection_network(width: int, k: int) -> tuple[tuple[int, int, bool, bool],
     return tuple(reversed(kept))
 
 
-def _smallest(key_CP: torch.Tensor, out_kP: torch.Tensor) -> torch.Tensor:
+def _smallest(key_CP: torch.Tensor, out_kP: torch.Tensor, *, cpu_kernels: bool) -> torch.Tensor:
     """Writes each column's k smallest keys, ascending, into out_kP and returns it; out_kP
     is (k, P) or any (k, ...) view holding P values per row. Overwrites key_CP."""
     width, k = key_CP.shape[0], out_kP.shape[0]
+    if not cpu_kernels:
+        smallest_kP = key_CP.T.sort(dim=1).values[:, :k].T
+        return out_kP.copy_(smallest_kP.reshape(out_kP.shape))
     if width > _NETWORK_MAX_WIDTH:
         smallest_kP = key_CP.topk(k, dim=0, largest=False, sorted=True).values
         return out_kP.copy_(smallest_kP.view(out_kP.shape))
@@ -196,9 +200,13 @@ def _keys(ab_2P: torch.Tensor, centres_CP2: torch.Tensor, key_CP: torch.Tensor) 
     return key_CP
 
 
-def _gather_cells(table_CX: torch.Tensor, cell_P: torch.Tensor, out_CP: torch.Tensor):
-    """out_CP = table_CX[:, cell_P], one row at a time: a 1-D gather from a small table is
-    several times faster on CPU than one gather with a broadcast index."""
+def _gather_cells(
+    table_CX: torch.Tensor, cell_P: torch.Tensor, out_CP: torch.Tensor, *, cpu_kernels: bool
+):
+    """out_CP = table_CX[:, cell_P]; on CPU one row at a time: a 1-D gather from a small
+    table is several times faster there than one gather with a broadcast index."""
+    if not cpu_kernels:
+        return torch.index_select(table_CX, 1, cell_P, out=out_CP)
     for row_X, out_P in zip(table_CX, out_CP, strict=True):
         torch.index_select(row_X, 0, cell_P, out=out_P)
     return out_CP
@@ -217,8 +225,11 @@ def _blocks(num_images: int, length: int, block: int):
             yield slice(n, n + per_block), slice(None)
 
 
-def _nearest_keys(ab_N2L: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k, L) keys of each pixel's k nearest bins, nearest first; exact for any ab."""
+def _nearest_keys(ab_N2L: torch.Tensor, k: int, *, cpu_kernels: bool | None = None) -> torch.Tensor:
+    """(N, k, L) keys of each pixel's k nearest bins, nearest first; exact for any ab.
+
+    `cpu_kernels` picks the CPU or the accelerator way of gathering and ranking (default:
+    by the device); both give the same keys."""
     table = _candidate_table(k, ab_N2L.device)
     (num_images, _, length), width = ab_N2L.shape, table[1].shape[0]
     keys_NkL = ab_N2L.new_empty((num_images, k, length), dtype=torch.int64)
@@ -228,15 +239,16 @@ def _nearest_keys(ab_N2L: torch.Tensor, k: int) -> torch.Tensor:
     # batch in one piece runs 3x slower per pixel), and every block reuses one set of
     # buffers (fresh multi-MB buffers cost more in page faults than the work done in them).
     # An accelerator takes the batch at once.
-    on_cpu = ab_N2L.device.type == "cpu"
-    block = min(_CPU_BLOCK_PIXELS, num_images * length) if on_cpu else num_images * length
+    if cpu_kernels is None:
+        cpu_kernels = ab_N2L.device.type == "cpu"
+    block = min(_CPU_BLOCK_PIXELS, num_images * length) if cpu_kernels else num_images * length
     centres_CB = ab_N2L.new_empty((width, block), dtype=torch.int64)
     keys_CB = torch.empty_like(centres_CB)
     for images, pixels in _blocks(num_images, length, block):
         ab_2b = ab_N2L[images, :, pixels].movedim(1, 0).reshape(2, -1)
         b = ab_2b.shape[1]
         out_knl = keys_NkL[images, :, pixels].movedim(1, 0)
-        _block_keys(ab_2b, table, centres_CB[:, :b], keys_CB[:, :b], out_knl)
+        _block_keys(ab_2b, table, centres_CB[:, :b], keys_CB[:, :b], out_knl, cpu_kernels)
     return keys_NkL
 
 
@@ -246,6 +258,7 @@ def _block_keys(
     centres_Cb: torch.Tensor,
     keys_Cb: torch.Tensor,
     out_knl: torch.Tensor,
+    cpu_kernels: bool,
 ) -> None:
     """Writes the keys of the k nearest bins of a block of b = n x l pixels into out_knl,
     using centres_Cb and keys_Cb (int64) as scratch space."""
@@ -256,16 +269,20 @@ def _block_keys(
     cell_2b = scaled_2b.nan_to_num_(0.0).clamp_(0, _CELLS_PER_SIDE - 1).long()
     cell_b = cell_2b[0] * _CELLS_PER_SIDE + cell_2b[1]
     # Both centres of a candidate travel as one 8-byte item: half the gathers.
-    _gather_cells(centres_CX2.view(torch.int64)[..., 0], cell_b, centres_Cb)
-    _gather_cells(index_CX, cell_b, keys_Cb)
-    _smallest(_keys(ab_2b, centres_Cb[..., None].view(torch.float32), keys_Cb), out_knl)
+    _gather_cells(
+        centres_CX2.view(torch.int64)[..., 0], cell_b, centres_Cb, cpu_kernels=cpu_kernels
+    )
+    _gather_cells(index_CX, cell_b, keys_Cb, cpu_kernels=cpu_kernels)
+    keys_Cb = _keys(ab_2b, centres_Cb[..., None].view(torch.float32), keys_Cb)
+    _smallest(keys_Cb, out_knl, cpu_kernels=cpu_kernels)
     # Rare: ab beyond any sRGB colour. Compared with every bin, in chunks to bound memory.
     for outside_M in (~inside_b).nonzero().squeeze(1).split(_BRUTE_FORCE_CHUNK):
         centres_QM2 = ab_bins(ab_2b.device)[:, None, :].repeat(1, len(outside_M), 1)
         index_QM = torch.arange(NUM_AB_BINS, device=ab_2b.device)[:, None]
         keys_QM = _keys(ab_2b[:, outside_M], centres_QM2, index_QM.repeat(1, len(outside_M)))
         image_M, pixel_M = outside_M // out_knl.shape[2], outside_M % out_knl.shape[2]
-        smallest_kM = _smallest(keys_QM, keys_QM.new_empty((len(out_knl), len(outside_M))))
+        smallest_kM = keys_QM.new_empty((len(out_knl), len(outside_M)))
+        _smallest(keys_QM, smallest_kM, cpu_kernels=cpu_kernels)
         out_knl[:, image_M, pixel_M] = smallest_kM
 
 

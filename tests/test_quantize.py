@@ -307,7 +307,9 @@ def test_selection_network_sorts_every_binary_input(width: int) -> None:
     inputs_CP = (codes[None, :] >> torch.arange(width)[:, None]) & 1
     expected_CP = inputs_CP.sort(dim=0).values
     for k in range(1, width + 1):
-        smallest_kP = quantize._smallest(inputs_CP.clone(), inputs_CP.new_empty(k, 2**width))
+        smallest_kP = quantize._smallest(
+            inputs_CP.clone(), inputs_CP.new_empty(k, 2**width), cpu_kernels=True
+        )
         assert torch.equal(smallest_kP, expected_CP[:k]), (width, k)
 
 
@@ -318,8 +320,29 @@ def test_selection_network_on_wider_inputs(width: int) -> None:
     inputs_CP[:, :25_000] = torch.randint(0, 10**6, (width, 25_000), generator=generator)
     expected_CP = inputs_CP.sort(dim=0).values
     for k in (1, width // 2, width):
-        smallest_kP = quantize._smallest(inputs_CP.clone(), inputs_CP.new_empty(k, 50_000))
+        smallest_kP = quantize._smallest(
+            inputs_CP.clone(), inputs_CP.new_empty(k, 50_000), cpu_kernels=True
+        )
         assert torch.equal(smallest_kP, expected_CP[:k]), (width, k)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_accelerator_lookup_equals_the_cpu_lookup(k: int) -> None:
+    """GPUs gather with one index_select and sort each pixel's candidates instead of running
+    the comparator network; run here on CPU, both ways give the same keys: ab in the sRGB
+    range, exact ties on the grid, and ab beyond the table (brute force) in one call."""
+    axis = torch.arange(-140.0, 140.5, 2.5)
+    ab_2P = torch.cat(
+        [
+            _random_ab(2, 50_000, seed=k),
+            torch.cartesian_prod(axis, axis).T,
+            _random_ab(2, 1000, low=-1000, high=1000, seed=k),
+        ],
+        dim=1,
+    )
+    ab_N2L = ab_2P[:, : ab_2P.shape[1] // 4 * 4].reshape(2, 4, -1).movedim(1, 0)
+    expected_NkL = quantize._nearest_keys(ab_N2L, k, cpu_kernels=True)
+    assert torch.equal(quantize._nearest_keys(ab_N2L, k, cpu_kernels=False), expected_NkL)
 
 
 def test_soft_encode_passes_nan_through_and_takes_empty_inputs() -> None:
