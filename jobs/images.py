@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
+EXIF_ORIENTATION = 0x0112  # 1: upright; 2-8: mirrored and/or rotated (EXIF 2.32, 4.6.4)
 JPEG_QUALITY = 95
 
 
@@ -58,7 +59,9 @@ def load_rgb(
             if scale < 1:
                 image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # exif_transpose copies even an upright image: call it only when there is a turn
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
     gray_mode = image.mode in ("1", "L", "LA", "I", "I;16", "F")

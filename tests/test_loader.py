@@ -1,4 +1,5 @@
-"""The training input pipeline: exactly-once epochs across ranks, resume, shapes and ranges."""
+"""The training input pipeline: decoding (EXIF orientation), exactly-once epochs across ranks,
+resume, shapes and ranges."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from colorcore.data import make_targets
 from jobs import storage
 from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo
+from jobs.images import EXIF_ORIENTATION, load_rgb
 from jobs.loader import DatasetIndex, TrainLoader, epoch_order
 from tests.support import encode, photo_rgb
 
@@ -110,3 +112,27 @@ def test_targets_shapes_and_ranges(dataset) -> None:
     assert t.nongray_N.dtype == torch.bool and t.nongray_N.all()
     gray = make_targets(batch.rgb_N3HW.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255)
     assert not gray.nongray_N.any()
+
+
+@pytest.mark.parametrize(
+    ("orientation", "turns"),
+    [(None, 0), (1, 0), (6, -1), (8, 1)],  # 6: shown turned clockwise, 8: anticlockwise
+)
+def test_decoding_turns_the_image_upright_only_when_exif_says_so(orientation, turns) -> None:
+    from PIL import Image
+
+    stored = np.zeros((32, 64, 3), np.uint8)  # four solid blocks: any turn or flip shows
+    stored[:16, :32], stored[:16, 32:], stored[16:, :32] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    stored[16:, 32:] = 255
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[EXIF_ORIENTATION] = orientation
+    image, gray = load_rgb(encode(stored, exif=exif.tobytes(), subsampling=0))
+    shown = np.asarray(image).astype(int)
+    expected = np.rot90(stored, k=turns).astype(int)
+    assert shown.shape == expected.shape and not gray
+    assert np.abs(shown - expected).mean() < 3  # JPEG noise; a wrong turn is ~100 off
+    if turns:
+        assert EXIF_ORIENTATION not in image.getexif()  # applied, so no longer claimed
+    else:
+        assert image.format == "JPEG"  # the decoded image itself, not a copy of it
