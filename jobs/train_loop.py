@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import os
 import tempfile
 import time
@@ -33,6 +34,10 @@ from jobs.loader import DatasetIndex, TrainLoader
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_files
 from jobs.runtime import choose_precision
 from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
+
+# Progress goes through logging, never print: in a Ray Train worker, `print` both writes to
+# the worker's stdout and logs the line, and the driver shows each of the two.
+log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -67,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch, offset = (state["extra"]["epoch"], state["extra"]["offset"]) if state else (0, 0)
     history: list[dict[str, float]] = state["extra"]["history"] if state else []
     if state and rank == 0:
-        print(f"train: resumed from step {step} (epoch {epoch}, offset {offset})", flush=True)
+        log.info("train: resumed from step %d (epoch %d, offset %d)", step, epoch, offset)
 
     index = DatasetIndex.load(cfg.data, cfg.s3)
     decode = cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
@@ -174,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if row:
             history.append(row)
             if rank == 0:
-                print(" ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+                log.info(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
         if step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps:
             _report(
                 model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
@@ -226,7 +231,7 @@ def _restore(run_url: str, s3: storage.S3Options) -> dict[str, Any] | None:
         try:
             ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))
         except Exception as error:  # torn by the crash: try the one before
-            print(f"train: skipping unreadable checkpoint {url}: {error}", flush=True)
+            log.warning("train: skipping unreadable checkpoint %s: %s", url, error)
             continue
         return {"model_state": ckpt.model_state, "extra": ckpt.extra}
     return None

@@ -64,6 +64,8 @@ def test_readme_main_command(workdir) -> None:
     assert summary, out[-3000:]
     assert float(summary[1]) > float(summary[2]) + 0.05
     assert "the model beats the gray baseline" in out
+    progress = re.findall(r"(?<![\w'])step=(\d+) ", out)  # the workers' progress lines
+    assert progress and len(progress) == len(set(progress)), progress  # each shown once
 
 
 def train_command(workdir: Path, preset: str, *flags: str) -> list[str]:
