@@ -8,8 +8,10 @@ with the class-rebalanced loss; the prior comes from ``--prior`` (default: the d
 ``--model`` convention) with the optimizer, the step, the RNG state, the data offset, the
 resolved config and the prior; re-running the same command with the same ``--name``
 resumes from the latest one, and Ray restarts dead workers up to ``--max-failures`` times.
-Metrics go to ``metrics.csv`` beside the checkpoints; at the end come loss and AuC curves,
-a grid of colorized validation images and ``model.safetensors`` for distribution.
+Metrics go to ``metrics.csv`` beside the checkpoints and, through a Ray Train callback, to
+TensorBoard (``RUN/tensorboard/``) and MLflow (``--tracking``, see `jobs.tracking`); at the
+end come loss and AuC curves, a grid of colorized validation images and ``model.safetensors``
+for distribution.
 
 On a cluster: ``ray job submit --working-dir . -- python -m jobs.train --preset h100x8``.
 """
@@ -37,6 +39,7 @@ from jobs.dataset import PRIOR_FILE
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
+TRACKERS = ("tensorboard", "mlflow")  # where jobs.tracking can send the metrics table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +111,9 @@ class TrainConfig:
     log_every_steps: int = 100
     max_failures: int = 3
     """Worker restarts Ray Train may make before the run fails."""
+    tracking: str = "auto"
+    """Where the metrics table also goes: none, tensorboard, mlflow or tensorboard,mlflow;
+    auto: TensorBoard, plus MLflow when installed and MLFLOW_TRACKING_URI is set."""
     s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
@@ -141,6 +147,13 @@ class TrainConfig:
             problems.append("checkpoint, validation and log intervals must be >= 1")
         if self.keep_checkpoints < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             problems.append("keep_checkpoints >= 1, cpus_per_worker > 0, max_failures >= 0")
+        if self.tracking not in ("auto", "none") and not set(self.tracking.split(",")) <= set(
+            TRACKERS
+        ):
+            problems.append(
+                f"tracking must be auto, none or a comma list of {', '.join(TRACKERS)}; "
+                f"got {self.tracking!r}"
+            )
         if not self.name or "/" in self.name:
             problems.append(f"name must be a non-empty folder name, got {self.name!r}")
         if problems:
@@ -300,19 +313,18 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.tracking import tracking_callbacks
     from jobs.train_loop import train_loop_per_worker
 
     run_name = run_name or cfg.name
+    run_url = storage.join(storage_url or cfg.storage, run_name)
     fs, path = storage.arrow_filesystem(storage_url or cfg.storage, cfg.s3)
     if storage.is_local(storage_url or cfg.storage):
         os.makedirs(path, exist_ok=True)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "run_url": storage.join(storage_url or cfg.storage, run_name),
-        },
+        train_loop_config={"cfg": to_dict(cfg), "run_url": run_url},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
@@ -322,7 +334,17 @@ def build_trainer(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[
+                *callbacks,
+                *tracking_callbacks(
+                    cfg.tracking,
+                    run_url=run_url,
+                    run_name=run_name,
+                    final_step=cfg.max_steps,
+                    config=to_dict(cfg),
+                    s3=cfg.s3,
+                ),
+            ],
         ),
     )
 
@@ -335,6 +357,9 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def preflight(cfg: TrainConfig) -> None:
     """Checks that fail fast, before any worker starts."""
+    from jobs.tracking import trackers
+
+    trackers(cfg.tracking)  # a tracker asked for but not installed
     if cfg.make_sample_data:
         return  # the data (and its prior) are created next if missing
     from jobs.dataset import Manifest

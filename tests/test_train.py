@@ -1,10 +1,13 @@
-"""The training job: a ci run to completion on S3, a killed worker, bad configs, presets."""
+"""The training job: a ci run to completion on S3 (with its TensorBoard events), a killed
+worker, bad configs, presets."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -33,6 +36,95 @@ def test_ci_run_completes_with_checkpoints_in_the_bucket(ci_run) -> None:
         assert storage.exists(storage.join(cfg.run_url, name)), name
     # even 40 steps of a tiny model colour the held-out scenes better than gray
     assert metrics["final_auc_rebalanced"] > metrics["final_gray_auc_rebalanced"]
+
+
+def tensorboard_events(event_file: bytes) -> list:
+    """The `Event`s of a TensorBoard event file (TFRecord framing: length, its CRC, the
+    serialized event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events, position = [], 0
+    while position < len(event_file):
+        (length,) = struct.unpack_from("<Q", event_file, position)
+        events.append(Event.FromString(event_file[position + 12 : position + 12 + length]))
+        position += 12 + length + 4
+    return events
+
+
+def tensorboard_scalars(event_file: bytes) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of an event file."""
+    scalars: dict[str, dict[int, float]] = {}
+    for event in tensorboard_events(event_file):
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def tensorboard_run(run_url: str) -> list[dict[str, dict[int, float]]]:
+    """The scalars of each event file of a run folder, in TensorBoard's reading order."""
+    files = storage.list_files(storage.join(run_url, "tensorboard"))
+    assert all(".tfevents." in f for f in files)
+    return [tensorboard_scalars(storage.read_bytes(f)) for f in files]
+
+
+def test_tensorboard_events_hold_the_metrics_table(ci_run) -> None:
+    """The tracking callback sent every row of metrics.csv, every column, to TensorBoard
+    event files uploaded to the run folder in the bucket."""
+    cfg, _ = ci_run
+    files = tensorboard_run(cfg.run_url)
+    assert len(files) == 2  # one per checkpoint (steps 20 and 40)
+    scalars: dict[str, dict[int, float]] = {}
+    for file in files:
+        for tag, by_step in file.items():
+            assert not set(by_step) & set(scalars.get(tag, {})), tag  # no row sent twice
+            scalars.setdefault(tag, {}).update(by_step)
+    history = train.read_metrics(cfg.run_url)
+    assert set(scalars) == {k for row in history for k in row} - {"step"}
+    for tag, by_step in scalars.items():
+        table = {int(r["step"]): r[tag] for r in history if tag in r}
+        assert by_step == pytest.approx(table, rel=1e-6), tag  # float32 in the events
+    assert sorted(scalars["loss"]) == [10, 20, 30, 40]  # rows between checkpoints too
+    assert sorted(scalars["val_loss"]) == [20, 40]
+
+
+def test_tensorboard_in_a_local_run_folder_across_a_driver_restart(tmp_path) -> None:
+    """Events go straight into a local run folder, each checkpointed row once per driver run;
+    a restarted driver resends the table in a new file that purges the old one's steps."""
+    from ray.train import Checkpoint
+
+    from jobs.tracking import tracking_callbacks
+    from jobs.train_loop import _csv
+
+    run = tmp_path / "run"
+    rows = [{"step": 10, "loss": 5.0}, {"step": 20, "loss": 4.0, "val_loss": 7.5}]
+    tb = run / "tensorboard"
+
+    def report(tracker, table, step, checkpoint=True) -> None:
+        storage.write_bytes(str(run / train.METRICS_FILE), _csv(table))
+        metrics = [{"step": step}] * 2  # what each rank reported
+        tracker.after_report(None, metrics, Checkpoint(str(run)) if checkpoint else None)
+
+    def tracker():
+        args = {"run_url": str(run), "run_name": "run", "final_step": 40, "config": {}}
+        [callback] = tracking_callbacks("tensorboard", **args, s3=storage.S3Options())
+        return callback
+
+    first = tracker()
+    report(first, rows, 20)
+    report(first, [*rows, {"step": 30, "loss": 3.0}], 30, checkpoint=False)  # no checkpoint
+    # rank 0 already wrote the next checkpoint's table when the controller handles step 30
+    report(first, [*rows, {"step": 30, "loss": 3.0}, {"step": 40, "loss": 2.5}], 30)
+    files = sorted(tb.iterdir())
+    assert len(files) == 2  # one per checkpointed report
+    assert [tensorboard_scalars(f.read_bytes()) for f in files] == [
+        {"loss": {10: 5.0, 20: 4.0}, "val_loss": {20: 7.5}},
+        {"loss": {30: 3.0}},  # rows already sent are not sent again, later ones not yet
+    ]
+    report(tracker(), [*rows, {"step": 30, "loss": 3.5}, {"step": 40, "loss": 2.0}], 40)
+    [resent] = sorted(tb.iterdir())[2:]  # names order the files as TensorBoard reads them
+    events = tensorboard_events(resent.read_bytes())
+    assert [e.step for e in events if e.HasField("session_log")] == [10]  # hides older steps
+    assert tensorboard_scalars(resent.read_bytes())["loss"] == {10: 5.0, 20: 4.0, 30: 3.5, 40: 2.0}
 
 
 def test_checkpoint_offset_matches_the_step(ci_run) -> None:
@@ -89,6 +181,8 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     history = train.read_metrics(cfg.run_url)
     steps = [int(r["step"]) for r in history]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # no step twice, none beyond
+    # TensorBoard got the table, not the lost attempt's rows: each step once, in order
+    assert [s for file in tensorboard_run(cfg.run_url) for s in file["loss"]] == steps
 
 
 @pytest.mark.parametrize(
@@ -98,6 +192,7 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
         (["--batch-size", "15"], "must divide by num_workers"),
         (["--lr-drop-steps", "5", "9"], "same length"),
+        (["--tracking", "tensorboard,wandb"], "tracking must be auto, none or a comma list"),
     ],
 )
 def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> None:
@@ -113,6 +208,13 @@ def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tm
         train.main(dataclasses.replace(ci_config, storage="s3://no-such-bucket/runs"))
     with pytest.raises(ValueError, match="not a prepared dataset"):
         train.main(dataclasses.replace(ci_config, data=str(tmp_path)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow installed")
+def test_asking_for_mlflow_without_it_fails_before_ray() -> None:
+    with pytest.raises(ValueError, match="mlflow is not installed"):
+        train.preflight(dataclasses.replace(train.ci(), tracking="mlflow"))
+    assert train.preflight(dataclasses.replace(train.ci(), tracking="auto")) is None
 
 
 @pytest.mark.parametrize("preset", sorted(train.PRESETS))

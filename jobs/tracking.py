@@ -1,0 +1,281 @@
+"""Experiment tracking: a training run's metrics table sent to TensorBoard and MLflow.
+
+`MetricsTracker` is a Ray Train `UserCallback`, so it runs in the run's Train controller
+(not in the workers). After every report that carries a checkpoint it reads ``metrics.csv``,
+which rank 0 rewrites beside each checkpoint, and sends the rows up to the reported step that
+it has not sent yet: one scalar per column (``loss``, ``lr``, ``img_per_s``, ``val_loss``,
+``val_auc_raw``, ...) at the row's step. The trackers therefore hold exactly the table: rows
+logged after the last checkpoint of a failed attempt, which the resumed run computes again,
+are never sent.
+
+- TensorBoard: event files in ``RUN/tensorboard/`` (``tensorboard --logdir RUN/tensorboard``),
+  one per report. On a local run folder they are written there directly; on object storage
+  they are written to a temporary folder on the controller's node and uploaded at once. A
+  driver that re-runs the command resends the whole table, starting with a purge marker, so
+  TensorBoard shows each step once. Written with `torch.utils.tensorboard` when the
+  ``tensorboard`` package is installed, with tensorboardX (which ``ray[tune]`` installs)
+  otherwise.
+- MLflow: one MLflow run per training run, named after it, with the config as parameters;
+  the tracking URI and experiment come from the standard ``MLFLOW_TRACKING_URI`` and
+  ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` variables, read where the trainer is
+  built (the driver). Its id is kept in ``RUN/mlflow_run_id`` so that a resumed run logs
+  into the same MLflow run. Credentials variables (``MLFLOW_TRACKING_TOKEN``, ...) must reach
+  the Ray workers' environment.
+
+A tracker that fails (a tracking server down) logs a warning and retries its unsent rows at
+the next report: tracking never stops training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from ray.train import UserCallback
+
+from jobs import storage
+from jobs.train import TRACKERS, read_metrics
+
+log = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_FILE = "mlflow_run_id"
+DEFAULT_MLFLOW_EXPERIMENT = "colorcore"
+MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+Row = dict[str, float]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def trackers(tracking: str) -> tuple[str, ...]:
+    """The trackers `tracking` (a validated `TrainConfig.tracking`) asks for, on this machine.
+
+    ``auto``: TensorBoard when a writer is installed, MLflow when mlflow is installed and
+    ``MLFLOW_TRACKING_URI`` is set. A tracker named explicitly must be installed.
+    """
+    tensorboard = _installed("tensorboard") or _installed("tensorboardX")
+    if tracking == "none":
+        return ()
+    if tracking == "auto":
+        mlflow = _installed("mlflow") and bool(os.environ.get("MLFLOW_TRACKING_URI"))
+        return tuple(t for t, on in zip(TRACKERS, (tensorboard, mlflow), strict=True) if on)
+    names = tuple(tracking.split(","))
+    if "tensorboard" in names and not tensorboard:
+        raise ValueError("tracking=tensorboard needs tensorboardX or tensorboard: pip install it")
+    if "mlflow" in names and not _installed("mlflow"):
+        raise ValueError("tracking=mlflow but mlflow is not installed: pip install mlflow")
+    return names
+
+
+def tracking_callbacks(
+    tracking: str,
+    *,
+    run_url: str,
+    run_name: str,
+    final_step: int,
+    config: dict[str, Any],
+    s3: storage.S3Options,
+) -> list[UserCallback]:
+    """The callbacks that send a run's metrics table to the trackers `tracking` asks for."""
+    sinks: list[TensorBoardSink | MLflowSink] = []
+    for name in trackers(tracking):
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(storage.join(run_url, TENSORBOARD_DIR), s3))
+        else:
+            sinks.append(MLflowSink.from_environment(run_url, run_name, final_step, config, s3))
+    if not sinks:
+        return []
+    return [MetricsTracker(sinks, run_url=run_url, s3=s3)]
+
+
+class MetricsTracker(UserCallback):
+    """Sends the rows of the run's metrics table to each sink, each row once per sink."""
+
+    def __init__(self, sinks: list, *, run_url: str, s3: storage.S3Options) -> None:
+        self.sinks = sinks
+        self.run_url = run_url
+        self.s3 = s3
+        self.sent_step = [-1.0] * len(sinks)  # per sink: the last step it holds
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if checkpoint is None:  # the table is rewritten with every checkpoint only
+            return
+        # Rows up to the reported step only: by the time the controller handles a report,
+        # rank 0 may already have rewritten the table for its next checkpoint.
+        reported = metrics[0]["step"]
+        rows = [r for r in read_metrics(self.run_url, self.s3) if r["step"] <= reported]
+        for i, sink in enumerate(self.sinks):
+            new = [r for r in rows if r["step"] > self.sent_step[i]]
+            if not new:
+                continue
+            try:
+                sink.write(new)
+            except Exception as error:  # a tracker must not stop training: retry next time
+                log.warning("tracking: %s failed, retrying at the next report: %s", sink, error)
+                continue
+            self.sent_step[i] = new[-1]["step"]
+
+
+def _scalars(row: Row) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k != "step"}
+
+
+class TensorBoardSink:
+    """Event files in `logdir` (a run folder's ``tensorboard/``, local or on storage).
+
+    Each write is a new event file, closed at once: closing is the one call that both
+    TensorBoard writers guarantee puts every event on disk (tensorboardX's flush does not
+    wait for its queue).
+    """
+
+    def __init__(self, logdir: str, s3: storage.S3Options) -> None:
+        self.logdir = logdir
+        self.s3 = s3
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"TensorBoard({self.logdir})"
+
+    def write(self, rows: list[Row]) -> None:
+        if _installed("tensorboard"):
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            from tensorboardX import SummaryWriter
+
+        local = storage.is_local(self.logdir)
+        with tempfile.TemporaryDirectory(prefix="colorcore-tensorboard-") as scratch:
+            folder = storage.filesystem(self.logdir)[1] if local else scratch
+            # The first file of a driver starts with a purge marker: TensorBoard hides what
+            # earlier files hold from that step on, so a resumed run, which sends the whole
+            # table again, shows each step once. The suffix keeps names unique and in order
+            # (tensorboardX's own names only count seconds).
+            purge_step = None if self._started else int(rows[0]["step"])
+            suffix = f".{time.time_ns()}.{os.getpid()}"
+            writer = SummaryWriter(folder, purge_step=purge_step, filename_suffix=suffix)
+            for row in rows:
+                for tag, value in _scalars(row).items():
+                    writer.add_scalar(tag, value, global_step=int(row["step"]))
+            writer.close()
+            if not local:
+                for name in os.listdir(scratch):
+                    with open(os.path.join(scratch, name), "rb") as f:
+                        storage.write_bytes(storage.join(self.logdir, name), f.read(), self.s3)
+        self._started = True
+
+
+class MLflowSink:
+    """One MLflow run per training run; its id is kept in the run folder. The MLflow run is
+    marked finished once the row of `final_step` is sent."""
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        experiment: str | None,
+        experiment_id: str | None,
+        run_name: str,
+        run_url: str,
+        final_step: int,
+        params: dict[str, str],
+        s3: storage.S3Options,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.experiment_id = experiment_id
+        self.run_name = run_name
+        self.run_url = run_url
+        self.final_step = final_step
+        self.params = params
+        self.s3 = s3
+        self._run_id: str | None = None
+
+    @classmethod
+    def from_environment(
+        cls,
+        run_url: str,
+        run_name: str,
+        final_step: int,
+        config: dict[str, Any],
+        s3: storage.S3Options,
+    ) -> MLflowSink:
+        """Tracking URI and experiment resolved here (the driver), as MLflow resolves them."""
+        import mlflow
+
+        return cls(
+            tracking_uri=mlflow.get_tracking_uri(),
+            experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_MLFLOW_EXPERIMENT),
+            experiment_id=os.environ.get("MLFLOW_EXPERIMENT_ID"),
+            run_name=run_name,
+            run_url=run_url,
+            final_step=final_step,
+            params=_flatten(config),
+            s3=s3,
+        )
+
+    def __repr__(self) -> str:
+        return f"MLflow({self.tracking_uri}, run {self.run_name})"
+
+    def write(self, rows: list[Row]) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        client = MlflowClient(self.tracking_uri)
+        run_id, done_step = self._run(client)
+        now_ms = int(time.time() * 1000)
+        metrics = [
+            Metric(key, value, now_ms, int(row["step"]))
+            for row in rows
+            if row["step"] > done_step
+            for key, value in _scalars(row).items()
+        ]
+        for start in range(0, len(metrics), MLFLOW_BATCH):
+            client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH])
+        client.set_tag(run_id, "colorcore.step", str(int(rows[-1]["step"])))
+        if rows[-1]["step"] >= self.final_step:
+            client.set_terminated(run_id, "FINISHED")
+
+    def _run(self, client) -> tuple[str, float]:
+        """(run id, last step it holds): the run recorded in the run folder, or a new one."""
+        if self._run_id is None:
+            record = storage.join(self.run_url, MLFLOW_RUN_FILE)
+            if storage.exists(record, self.s3):
+                self._run_id = storage.read_bytes(record, self.s3).decode().strip()
+                tags = client.get_run(self._run_id).data.tags
+                return self._run_id, float(tags.get("colorcore.step", -1))
+            self._run_id = self._create(client)
+            storage.write_bytes(record, self._run_id.encode(), self.s3)
+        return self._run_id, -1.0
+
+    def _create(self, client) -> str:
+        from mlflow.entities import Param
+
+        experiment_id = self.experiment_id
+        if experiment_id is None:
+            found = client.get_experiment_by_name(self.experiment)
+            experiment_id = (
+                found.experiment_id if found else client.create_experiment(self.experiment)
+            )
+        run = client.create_run(
+            experiment_id, run_name=self.run_name, tags={"colorcore.run_url": self.run_url}
+        )
+        params = [Param(k, v) for k, v in self.params.items()]
+        for start in range(0, len(params), 100):  # MLflow's limit on params per call
+            client.log_batch(run.info.run_id, params=params[start : start + 100])
+        return run.info.run_id
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow parameters: ``model.width`` -> ``"0.125"``."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
