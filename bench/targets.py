@@ -1,13 +1,17 @@
 """Target construction and loss on the training device, as a share of a training step.
 
-    python bench/targets.py                     (GPU: batch 256, a few seconds)
-    python bench/targets.py --batch 8           (CPU)
+    python bench/targets.py                     (GPU: batch 256, about a minute with compilation)
+    python bench/targets.py --batch 8 --no-compile    (CPU)
 
-Times what each step spends outside the network: `colorcore.data.make_targets` on uint8
-176 x 176 crops already on the device (Lab conversion, every 4th ab pixel, sparse soft
-encoding with k = 10), and `colorcore.loss.rebalanced_cross_entropy` forward and backward on
-(N, 313, 44, 44) logits. Compare with the step time of `bench/train_step.py` or the anchor
-(``shared_bench/gpu_anchor.py``) run in the same call: the target is under 5% of the step.
+Times what each step spends outside the network, as `jobs.train_loop.step_loss` runs it, on
+uint8 176 x 176 crops already on the device: the Lab conversion
+(`colorcore.data.lightness_and_target_ab`: L at full size, ab at every 4th pixel), the sparse
+soft encoding with k = 10 and the gray mask (`colorcore.data.encode_targets`), and
+`colorcore.loss.rebalanced_cross_entropy` forward and backward on (N, 313, 44, 44) logits in
+the autocast dtype (bf16 on CUDA). Both ways the job runs them: eager, and with
+``TrainConfig.compile`` (the Lab conversion and the loss compiled, the table lookup eager).
+Compare the total with the step time of `bench/train_step.py` or of the anchor
+(``shared_bench/gpu_anchor.py``) run in the same call: the goal is under 5% of the step.
 Each figure is the median of ``--iters`` timed runs after warm-up, synchronised on CUDA.
 """
 
@@ -22,9 +26,31 @@ import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and tor
 import torch
 from timing import median_ms
 
-from colorcore.data import CROP_PX, make_targets
+from colorcore.data import CROP_PX, encode_targets, lightness_and_target_ab
 from colorcore.loss import rebalanced_cross_entropy
-from colorcore.quantize import ab_bins
+from colorcore.quantize import TARGET_STRIDE, ab_bins
+
+
+def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> dict[str, float]:
+    compile_ = torch.compile if compiled else (lambda fn, **_: fn)
+    lab = compile_(lightness_and_target_ab, fullgraph=True)
+    loss_fn = compile_(rebalanced_cross_entropy, fullgraph=True)
+    l_N1HW, ab_N2hw = lab(rgb, TARGET_STRIDE)
+    t = encode_targets(l_N1HW, ab_N2hw)
+
+    def loss_step() -> None:
+        loss_fn(logits, t.bins_NkHW, t.weights_NkHW, rebalance_Q, nongray_N=t.nongray_N).backward()
+
+    def timed(fn) -> float:
+        return median_ms(fn, iters, warmup=3, sync=sync)
+
+    row = {
+        "lab_ms": timed(lambda: lab(rgb, TARGET_STRIDE)),
+        "encode_ms": timed(lambda: encode_targets(l_N1HW, ab_N2hw)),
+        "loss_fwd_bwd_ms": timed(loss_step),
+    }
+    row["total_ms"] = sum(row.values())
+    return row
 
 
 def main() -> None:
@@ -32,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256 if cuda else 8)
     parser.add_argument("--iters", type=int, default=20 if cuda else 5)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
 
@@ -41,35 +68,31 @@ def main() -> None:
     rgb = torch.nn.functional.interpolate(base.float(), size=(CROP_PX, CROP_PX), mode="bilinear")
     rgb = rgb.clamp(0, 255).to(torch.uint8).to(device)
     rebalance_Q = torch.ones(len(ab_bins()), device=device)
-    t = make_targets(rgb)
-    h = t.bins_NkHW.shape[-1]
-    logits = torch.randn(args.batch, len(ab_bins()), h, h, device=device, requires_grad=True)
-
-    def loss_step() -> None:
-        loss = rebalanced_cross_entropy(
-            logits, t.bins_NkHW, t.weights_NkHW, rebalance_Q, nongray_N=t.nongray_N
-        )
-        loss.backward()
-
+    h = CROP_PX // TARGET_STRIDE
+    logits = torch.randn(args.batch, len(ab_bins()), h, h, generator=g)
+    logits = logits.to(device, torch.bfloat16 if cuda else torch.float32).requires_grad_()
     sync = torch.cuda.synchronize if cuda else None
-
-    def timed(fn) -> float:
-        return median_ms(fn, args.iters, warmup=3, sync=sync)
 
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "batch": args.batch,
-        "make_targets_ms": timed(lambda: make_targets(rgb)),
-        "loss_fwd_bwd_ms": timed(loss_step),
+        "logits_dtype": str(logits.dtype),
     }
-    result["total_ms"] = result["make_targets_ms"] + result["loss_fwd_bwd_ms"]
+    for name in ("eager", "compiled") if args.compile else ("eager",):
+        result[name] = measure(
+            rgb, logits, rebalance_Q, compiled=name == "compiled", iters=args.iters, sync=sync
+        )
     print(json.dumps(result))
-    print(
-        f"{result['device']}, batch {args.batch} of {CROP_PX} x {CROP_PX}: targets "
-        f"{result['make_targets_ms']:.2f} ms + loss fwd/bwd {result['loss_fwd_bwd_ms']:.2f} ms "
-        f"= {result['total_ms']:.2f} ms per step"
-    )
+    print(f"{result['device']}, batch {args.batch} of {CROP_PX} x {CROP_PX}, {logits.dtype} logits")
+    print(f"{'':9} {'Lab ms':>8} {'encode ms':>10} {'loss f+b ms':>12} {'total ms':>9}")
+    for name in ("eager", "compiled"):
+        if name in result:
+            r = result[name]
+            print(
+                f"{name:9} {r['lab_ms']:8.2f} {r['encode_ms']:10.2f} "
+                f"{r['loss_fwd_bwd_ms']:12.2f} {r['total_ms']:9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ folder first (on the same local Ray instance; not timed against either side).
 - in-process, after Ray is shut down: the pieces `jobs.train_loop` builds (prior, dataset
   index, `TrainLoader`, data-dependent init, validation crops, Adam) for one worker holding
   the whole global batch, with as many torch threads as the fit's workers together, the same
-  step (`jobs.train_loop._loss`), validation at the same steps and the same checkpoints
+  step (`jobs.train_loop.step_loss`), validation at the same steps and the same checkpoints
   written with `colorcore.weights.save_checkpoint`.
 
 Printed: both wall times, their difference (what Ray Train adds to a run this short), and the
@@ -54,7 +54,7 @@ from jobs.train import (
     read_metrics,
     rebalance_from,
 )
-from jobs.train_loop import _loss
+from jobs.train_loop import step_loss
 from jobs.validation import load_crops, validate
 
 
@@ -100,12 +100,13 @@ def in_process(cfg: TrainConfig, run_dir: str) -> tuple[float, float]:
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
     )  # fmt: skip
     val_crops = load_crops(cfg.val_data, num_images=cfg.val_images, crop_px=cfg.crop_px)
+    loss_of = step_loss(model, rebalance_Q, cfg, precision.autocast_dtype, device)
     window_start, img_per_s, logged = time.perf_counter(), [], []
     for step in range(1, cfg.max_steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, cfg)
         rgb = next(batches).rgb_N3HW
-        loss = _loss(model, rgb, rebalance_Q, cfg, precision.autocast_dtype, device)
+        loss = loss_of(rgb)
         loss.backward()
         loss.item()
         optimizer.step()

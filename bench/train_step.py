@@ -3,31 +3,31 @@
     python bench/train_step.py --compile           (on a GPU machine; about 3 minutes on an H100)
     python bench/train_step.py                     (on CPU: batch 4, about 1 minute on 2 cores)
 
-One step, as a training worker does it (`jobs.train_loop._loss` and the optimizer calls):
-`colorcore.data.make_targets` on the device from uint8 crops (Lab, sparse soft encoding with
-k = 10), the forward of `ColorizationNet(ModelConfig())` (the released ECCV16 network,
-32.2M parameters) at 176 x 176 under the chosen precision, `rebalanced_cross_entropy` in
-fp32, backward, Adam (0.9, 0.99, weight decay 1e-3), and the `loss.item()` the loop logs.
-The crops are windows of scikit-image's colour photos, already on the device (the nvJPEG
-loader delivers them there); the rebalancing weights are those of the crops' own ab prior.
+One step, as a training worker does it (`jobs.train_loop.step_loss` and the optimizer calls):
+Lab conversion and `colorcore.data.encode_targets` (sparse soft encoding with k = 10) on the
+device from uint8 crops, the forward of `ColorizationNet(ModelConfig())` (the released ECCV16
+network, 32.2M parameters) at 176 x 176 under the chosen precision, `rebalanced_cross_entropy`
+in fp32, backward, Adam (0.9, 0.99, weight decay 1e-3), and the `loss.item()` the loop logs. The
+crops are windows of scikit-image's colour photos, already on the device (the nvJPEG loader
+delivers them there); the rebalancing weights are those of the crops' own ab prior.
 
-Modes: ``fp32`` (TF32 off: the naive port), ``tf32`` (CUDA only: what the job's fp32
-precision runs, as `jobs.train_loop` enables TF32), ``bf16_cl`` (bf16 autocast, model in
-channels_last; `_loss` makes the input channels_last on CUDA; on CPU only where
-`jobs.runtime.cpu_has_bf16_units`, as the job's precision choice: without bf16 units a step
-is ~10x slower than fp32) and, with ``--compile``, ``bf16_cl_compile`` (`torch.compile` of
-the model, as ``TrainConfig.compile``). ``--modes`` runs a given list instead. Each mode
-starts from a fresh model; the figure is the mean step time over ``--iters`` steps after
-``--warmup`` steps (cuDNN autotuning on, as in the job and the anchor; off with
-``--no-cudnn-benchmark``), with peak GPU memory (on CPU: the process's peak resident memory so far).
-TFLOP/s counts 3x the forward FLOPs. Prints one JSON document and a table; writes it to
-``$OUT/train_step.json`` when OUT is set. Run it beside ``shared_bench/gpu_anchor.py`` on the
-same machine to compare with the anchor.
+Modes: ``fp32`` (TF32 off: the naive port), ``tf32`` (CUDA only: what the job's fp32 precision runs,
+as `jobs.train_loop` enables TF32), ``bf16_cl`` (bf16 autocast, model in channels_last; `step_loss`
+makes the input channels_last on CUDA; on CPU only where `jobs.runtime.cpu_has_bf16_units`, as the
+job's precision choice: without bf16 units a step is ~10x slower than fp32) and, with ``--compile``,
+``bf16_cl_compile`` (`torch.compile` of the model, the Lab conversion and the loss, as
+``TrainConfig.compile``). ``--modes`` runs a given list instead. Each mode starts from a fresh
+model; the figure is the mean step time over ``--iters`` steps after ``--warmup`` steps (cuDNN
+autotuning on, as in the job and the anchor; off with ``--no-cudnn-benchmark``), with peak GPU
+memory (on CPU: the process's peak resident memory so far). TFLOP/s counts 3x the forward FLOPs.
+Prints one JSON document and a table; writes it to ``$OUT/train_step.json`` when OUT is set. Run it
+beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the anchor.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -47,7 +47,7 @@ from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import AbHistogram
 from jobs.runtime import cpu_has_bf16_units
 from jobs.train import TrainConfig, rebalance_from
-from jobs.train_loop import _loss
+from jobs.train_loop import step_loss
 
 MODES = ("fp32", "tf32", "bf16_cl", "bf16_cl_compile")
 
@@ -99,11 +99,12 @@ def run_mode(mode: str, rgb_N3HW, rebalance_Q, cfg: TrainConfig, args, device) -
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
     )  # fmt: skip
-    forward = torch.compile(model) if mode.endswith("compile") else model
     autocast_dtype = torch.bfloat16 if mode.startswith("bf16") else None
+    compiled = dataclasses.replace(cfg, compile=mode.endswith("compile"))
+    loss_of = step_loss(model, rebalance_Q, compiled, autocast_dtype, device)
 
     def step() -> float:
-        loss = _loss(forward, rgb_N3HW, rebalance_Q, cfg, autocast_dtype, device)
+        loss = loss_of(rgb_N3HW)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

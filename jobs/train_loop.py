@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from colorcore.data import make_targets
+from colorcore.data import encode_targets, lightness_and_target_ab, make_targets
 from colorcore.datainit import data_dependent_init
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.model import ColorizationNet
+from colorcore.quantize import TARGET_STRIDE
 from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
@@ -116,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if state:
         optimizer.load_state_dict(state["extra"]["optimizer"])
-    forward = torch.compile(model) if cfg.compile else model
+    loss_of = step_loss(model, rebalance_Q, cfg, precision.autocast_dtype, device)
 
     val_crops = None
     if cfg.val_data:
@@ -142,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
             with sync:
-                loss = _loss(forward, rgb, rebalance_Q, cfg, precision.autocast_dtype, device)
+                loss = loss_of(rgb)
                 (loss / cfg.grad_accum_steps).backward()
             window_loss += loss.item() / cfg.grad_accum_steps
         optimizer.step()
@@ -190,26 +193,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
 
 
-def _loss(model, rgb, rebalance_Q, cfg: TrainConfig, autocast_dtype, device) -> torch.Tensor:
-    targets = make_targets(rgb, k=cfg.soft_encode_k, sigma=cfg.soft_encode_sigma)
-    l_in = targets.l_N1HW
-    if device.type == "cuda":
-        l_in = l_in.contiguous(memory_format=torch.channels_last)
+def step_loss(
+    model: torch.nn.Module,
+    rebalance_Q: torch.Tensor,
+    cfg: TrainConfig,
+    autocast_dtype: torch.dtype | None,
+    device: torch.device,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss of one micro-batch of uint8 crops on the device: Lab and sparse targets,
+    forward under autocast, rebalanced cross-entropy.
+
+    With ``cfg.compile``, the model, the Lab conversion and the loss are each compiled; the
+    soft encoding's table lookup stays eager (its rare brute-force path has data-dependent
+    shapes). Compiled, the work outside the network is a handful of fused kernels.
+    """
+    compiled = functools.partial(torch.compile, fullgraph=True) if cfg.compile else None
+    forward = torch.compile(model) if compiled else model
+    lab = compiled(lightness_and_target_ab) if compiled else lightness_and_target_ab
+    loss_fn = compiled(rebalanced_cross_entropy) if compiled else rebalanced_cross_entropy
     autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype)
+        functools.partial(torch.autocast, device.type, dtype=autocast_dtype)
         if autocast_dtype
-        else contextlib.nullcontext()
+        else contextlib.nullcontext
     )
-    with autocast:
-        logits = model(l_in)
-    return rebalanced_cross_entropy(
-        logits,
-        targets.bins_NkHW,
-        targets.weights_NkHW,
-        rebalance_Q,
-        nongray_N=targets.nongray_N,
-        reduction=cfg.loss_reduction,
-    )
+
+    def loss(rgb_N3HW: torch.Tensor) -> torch.Tensor:
+        l_N1HW, ab_N2hw = lab(rgb_N3HW, TARGET_STRIDE)
+        targets = encode_targets(l_N1HW, ab_N2hw, k=cfg.soft_encode_k, sigma=cfg.soft_encode_sigma)
+        l_in = targets.l_N1HW
+        if device.type == "cuda":
+            l_in = l_in.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = forward(l_in)
+        return loss_fn(
+            logits,
+            targets.bins_NkHW,
+            targets.weights_NkHW,
+            rebalance_Q,
+            nongray_N=targets.nongray_N,
+            reduction=cfg.loss_reduction,
+        )
+
+    return loss
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
