@@ -136,6 +136,11 @@ class ColorizeConfig:
     """Model device: auto (CUDA when present), cpu or cuda."""
     dtype: str = "auto"
     """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32."""
+    jpeg_path: Literal["auto", "device", "cpu"] = "auto"
+    """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
+    `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
+    compile: bool = False
+    """torch.compile the model (GPU runs: pays off on large archives of few image sizes)."""
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
@@ -565,12 +570,20 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
 # ---------------------------------------------------------------- the pipeline stages
 
 
-def prepare_row(row: dict, cfg: ColorizeConfig) -> dict:
-    """Decode and compute the network's input: adds `l_small` (P, 1, S, S fp32 bytes)."""
-    out = {**row, "l_small": b"", "pages": 0}
+def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
+    """Decode and compute the network's input: adds `l_small` (P, 1, S, S fp32 bytes).
+
+    A JPEG bound for the device path (``cfg.jpeg_path == "device"``, see `_device_jpeg`)
+    is not decoded: only its header is read, and its metadata is prepared as the APP
+    segments the model actor splices into its output (`segments`)."""
+    out = {**row, "l_small": b"", "pages": 0, "route": "cpu", "segments": b""}
     if row["status"] != "pending":
         return out
     try:
+        if cfg.jpeg_path == "device" and cfg.format in ("keep", "jpeg"):
+            segments = _device_jpeg(row["data"], cfg, provenance)
+            if segments is not None:
+                return {**out, "pages": 1, "route": "device", "segments": segments}
         decoded = decode(row["data"], cfg.max_pixels)
         small = [network_input(page.rgb, cfg.infer_px)[1] for page in decoded.pages]
     except Exception as e:  # one input's failure, whatever it is, must not stop the job
@@ -578,12 +591,25 @@ def prepare_row(row: dict, cfg: ColorizeConfig) -> dict:
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
+def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> bytes | None:
+    """The APP segments of a JPEG the device path can take, or None (CPU path)."""
+    from jobs.colorize_jpeg import app_segments, eligible
+
+    image = open_image(data, max_pixels=cfg.max_pixels)
+    if not eligible(image):
+        return None
+    meta = _metadata(image)
+    iptc = _iptc_app13(meta.iptc) if meta.iptc else None
+    return app_segments(_exif_bytes(meta, provenance), icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc)
+
+
 def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
 
 
 class Colorizer:
-    """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`."""
+    """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`;
+    rows routed to the device path come out colorized and encoded (`encoded`)."""
 
     def __init__(self, cfg: ColorizeConfig, model: torch.nn.Module | None = None) -> None:
         from jobs.models import load_model
@@ -594,23 +620,59 @@ class Colorizer:
             torch.set_num_threads(max(1, round(cfg.actor_cpus)))
         model = model if model is not None else load_model(cfg.model, cfg.s3).model
         self.model = model.eval().to(self.precision.device, memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.jpeg = None
+        if cfg.jpeg_path == "device":
+            from jobs.colorize_jpeg import JpegColorizer
+
+            self.jpeg = JpegColorizer(
+                self.forward,
+                self.precision,
+                infer_px=cfg.infer_px,
+                temperature=cfg.temperature,
+                quality=cfg.quality,
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = {k: v.copy() for k, v in batch.items()}
+        encoded = self._device_path(batch)
         pages = [int(p) for p in batch["pages"]]
-        todo = [i for i, p in enumerate(pages) if p]  # rows already failed have no pages
+        # rows already failed have no pages; device-path rows are done
+        todo = [i for i, p in enumerate(pages) if p and not encoded[i]]
         ab_small = np.empty(len(pages), dtype=object)
         ab_small[:] = [b""] * len(pages)
         if todo:
             s = self.cfg.infer_px
             stacked = [np.frombuffer(batch["l_small"][i], np.float32) for i in todo]
             l_N1SS = torch.from_numpy(np.concatenate(stacked).reshape(-1, 1, s, s))
-            ab_N2ss = predict_ab(self.model, l_N1SS, self.cfg.temperature, self.precision)
+            ab_N2ss = predict_ab(self.forward, l_N1SS, self.cfg.temperature, self.precision)
             parts = torch.split(ab_N2ss, [pages[i] for i in todo])
             for index, part in zip(todo, parts, strict=True):
                 ab_small[index] = part.numpy().tobytes()
-        out = {k: v for k, v in batch.items() if k != "l_small"}
+        out = {k: v for k, v in batch.items() if k not in ("l_small", "segments")}
         out["ab_small"] = ab_small
+        out["encoded"] = encoded
         return out
+
+    def _device_path(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Colorizes the batch's device-path rows; a row the codec fails on is prepared
+        for the CPU path here instead (which colorizes it or records why it cannot)."""
+        encoded = np.empty(len(batch["route"]), dtype=object)
+        encoded[:] = [b""] * len(encoded)
+        rows = [i for i, route in enumerate(batch["route"]) if route == "device"]
+        if not rows:
+            return encoded
+        results = self.jpeg([batch["data"][i] for i in rows], [batch["segments"][i] for i in rows])
+        cpu = dataclasses.replace(self.cfg, jpeg_path="cpu")
+        for i, data in zip(rows, results, strict=True):
+            if data is not None:
+                encoded[i] = data
+                continue
+            row = {k: batch[k][i] for k in ("source", "rel", "data", "status", "reason")}
+            redo = prepare_row(row, cpu)
+            for key in ("l_small", "pages", "route", "status", "reason", "data"):
+                batch[key][i] = redo[key]
+        return encoded
 
 
 def colorize_file(data: bytes, ab_bytes: bytes, cfg: ColorizeConfig, provenance: str):
@@ -648,11 +710,15 @@ def _finish_row(row: dict, cfg: ColorizeConfig, provenance: dict) -> dict:
     }
     if row["status"] == "pending":
         try:
-            text = provenance["text"]
-            data, fmt, decoded = colorize_file(row["data"], row["ab_small"], cfg, text)
+            if row.get("encoded"):  # colorized and encoded on the model's device
+                data, fmt = row["encoded"], "JPEG"
+                w, h = open_image(data, max_pixels=cfg.max_pixels).size
+            else:
+                text = provenance["text"]
+                data, fmt, decoded = colorize_file(row["data"], row["ab_small"], cfg, text)
+                h, w = decoded.pages[0].rgb.shape[-2:]
             name = output_name(row["rel"], fmt)
             storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
-            h, w = decoded.pages[0].rgb.shape[-2:]
             result.update(output=name, status="ok", width_px=int(w), height_px=int(h))
         except Exception as e:  # e.g. storage refusing the write, after its retries
             result.update(status="error", reason=_reason(e))
@@ -721,8 +787,19 @@ def _as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
+def _resolve_jpeg_path(cfg: ColorizeConfig, model_on_gpu: bool) -> ColorizeConfig:
+    if cfg.jpeg_path != "auto":
+        return cfg
+    return dataclasses.replace(cfg, jpeg_path="device" if model_on_gpu else "cpu")
+
+
 def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: dict) -> int:
-    rows = [prepare_row(r, cfg) for u in units for r in read_unit({"unit": json.dumps(u)}, cfg)]
+    on_gpu = choose_precision(cfg.device, cfg.dtype).device.type == "cuda"
+    cfg = _resolve_jpeg_path(cfg, on_gpu)
+    text = provenance["text"]
+    rows = [
+        prepare_row(r, cfg, text) for u in units for r in read_unit({"unit": json.dumps(u)}, cfg)
+    ]
     if rows:
         write_batch(Colorizer(cfg, model)(_as_batch(rows)), cfg, provenance)
     return len(rows)
@@ -743,7 +820,9 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))
-    print(f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}")
+    cfg = _resolve_jpeg_path(cfg, gpus > 0)
+    where = "on the model's device" if cfg.jpeg_path == "device" else "on CPUs"
+    print(f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}; JPEGs coded {where}")
     rows = [{"unit": json.dumps(u)} for u in units]
     ds = (
         ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -751,7 +830,11 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
         # Streaming split into batch-sized blocks: one archive or file group feeds every
         # decode task and model actor, not one of each.
         .repartition(target_num_rows_per_block=cfg.batch_size)
-        .map(prepare_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus)
+        .map(
+            prepare_row,
+            fn_kwargs={"cfg": cfg, "provenance": provenance["text"]},
+            num_cpus=cfg.task_cpus,
+        )
         .map_batches(
             Colorizer,
             fn_constructor_kwargs={"cfg": cfg},

@@ -360,3 +360,105 @@ def test_output_formats_and_names() -> None:
     assert colorize.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
     assert colorize.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
     assert json.loads(json.dumps(colorize.MANIFEST_COLUMNS))
+
+
+def _jpeg_corpus() -> dict[str, bytes]:
+    colour = photo_rgb("chelsea", size=40)
+    truncated = encode(gray((64, 48)))
+    return {
+        "meta.jpg": jpeg_with_metadata(),
+        "gray.jpg": encode(gray((30, 44))),
+        "colour.jpg": encode(colour),
+        "same/size.jpg": encode(gray((30, 44), "astronaut")),
+        "cmyk.jpg": save(Image.fromarray(gray((20, 20))).convert("CMYK"), "JPEG"),
+        "truncated.jpg": truncated[: len(truncated) // 2],
+        "scan.png": encode(gray((16, 16)), "PNG"),
+    }
+
+
+def _run_local(files: dict[str, bytes], root, model, **kw) -> dict[str, dict]:
+    """The job's stages in this process (read, prepare, model, write), as for one image."""
+    for rel, data in files.items():
+        (root / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "in" / rel).write_bytes(data)
+    out = root / f"out-{kw['jpeg_path']}"
+    cfg = config(str(root / "in"), str(out), str(root / "model.pt"), dtype="fp32", **kw)
+    provenance = colorize._provenance("f" * 64, cfg)
+    units, _, _ = colorize.plan(cfg, {})
+    colorize._run_in_process(units, cfg, model, provenance)
+    rows = colorize.read_manifest_parts(cfg).values()
+    return {r["source"][len(str(root / "in")) + 1 :]: r | {"root": out} for r in rows}
+
+
+def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
+    """The device path (nvJPEG on GPUs; Pillow as its codec here) gives the CPU path's
+    result: same accounting, same sizes and metadata, pixels within JPEG rounding; CMYK,
+    non-JPEG and undecodable files go the CPU way and are colorized or recorded as before."""
+    torch.manual_seed(3)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    files = _jpeg_corpus()
+    (tmp_path / "in").mkdir()
+    cfg = config("in", "out", "m", jpeg_path="device")
+    routes = {rel: colorize.prepare_row(colorize._row(rel, rel, data), cfg)["route"]
+              for rel, data in files.items()}  # fmt: skip
+    assert routes == {"meta.jpg": "device", "gray.jpg": "device", "colour.jpg": "device",
+                      "same/size.jpg": "device", "cmyk.jpg": "cpu", "truncated.jpg": "device",
+                      "scan.png": "cpu"}  # fmt: skip
+    on_device = _run_local(files, tmp_path, model, jpeg_path="device")
+    on_cpu = _run_local(files, tmp_path, model, jpeg_path="cpu")
+    assert set(on_device) == set(on_cpu) == set(files)
+    for rel, row in on_device.items():
+        other = on_cpu[rel]
+        assert (row["status"], row["output"]) == (other["status"], other["output"]), rel
+        assert (row["width_px"], row["height_px"]) == (other["width_px"], other["height_px"])
+    assert on_device["truncated.jpg"]["status"] == "error"
+    assert "truncated" in on_device["truncated.jpg"]["reason"]
+    for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg"):
+        device_image = Image.open(on_device[rel]["root"] / rel)
+        cpu_image = Image.open(on_cpu[rel]["root"] / rel)
+        assert device_image.size == cpu_image.size and device_image.format == "JPEG"
+        a, b = (np.asarray(i.convert("RGB"), np.float32) for i in (device_image, cpu_image))
+        assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 12, rel
+        assert np.abs(a - a.mean(axis=2, keepdims=True)).max() > 2  # colour was added
+    meta = Image.open(on_device["meta.jpg"]["root"] / "meta.jpg")
+    exif = meta.getexif()
+    assert meta.size == (24, 40) and 0x0112 not in exif and exif[0x013B] == "A. Archivist"
+    assert exif.get_ifd(0x8769)[0x9003] == "1931:05:01 12:00:00"
+    assert "f" * 64 in exif[colorize.PROVENANCE_EXIF_TAG]
+    assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
+    assert meta.info["photoshop"][0x0404] == IPTC
+
+
+def test_app_segments_split_large_icc_profiles_and_keep_jfif_first() -> None:
+    from jobs.colorize_jpeg import app_segments, with_segments
+
+    icc = bytes(range(256)) * 600  # 153,600 bytes: three APP2 chunks
+    segments = app_segments(b"", icc=icc, xmp=None, iptc_app13=None)
+    plain = encode(gray((8, 8)))
+    image = Image.open(io.BytesIO(with_segments(plain, segments)))
+    assert image.info["icc_profile"] == icc and "jfif" in image.info
+    assert segments.count(b"ICC_PROFILE\x00") == 3
+    with pytest.raises(ValueError, match="SOI"):
+        with_segments(b"GIF89a", segments)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_path_matches_the_pillow_codec() -> None:
+    from jobs.colorize_jpeg import JpegColorizer, pil_codec
+
+    torch.manual_seed(4)
+    model = ColorizationNet(ModelConfig(width=1 / 4)).eval().cuda()
+    files = [
+        f for name, f in _jpeg_corpus().items() if name.endswith(".jpg") and "cmyk" not in name
+    ]
+    cuda = Precision(torch.device("cuda"), torch.bfloat16, "test")
+    kwargs = {"infer_px": INFER_PX, "temperature": 0.38, "quality": 95}
+    nv = JpegColorizer(model, cuda, **kwargs)(files, [b""] * len(files))
+    pil = JpegColorizer(model, cuda, codec=pil_codec(cuda.device), **kwargs)(
+        files, [b""] * len(files)
+    )
+    assert nv[-1] is None and pil[-1] is None  # the truncated file: back to the CPU path
+    for a, b in zip(nv[:-1], pil[:-1], strict=True):
+        x, y = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32) for d in (a, b))
+        assert x.shape == y.shape and np.abs(x - y).mean() < 3.0

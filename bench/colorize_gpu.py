@@ -1,0 +1,97 @@
+"""End-to-end JPEG colorization per GPU: `jobs.colorize_jpeg.JpegColorizer`, bytes to bytes.
+
+    python bench/colorize_gpu.py                  (GPU: about 2 minutes with compilation)
+    python bench/colorize_gpu.py --small          (CPU: Pillow as the codec, tiny sizes)
+
+What the colorize job's model actor does with a batch of JPEG files on a GPU: nvJPEG decode
+(EXIF orientation applied), L at full size, L resized to 256 for the released network
+(32.2M parameters, random weights) in bf16 autocast and channels_last, annealed mean
+(T = 0.38), bilinear upsampling of ab to full size, Lab -> sRGB with the chroma gamut
+mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the workloads of
+``shared_bench/gpu_colorize_anchor.py``: gray JPEGs (quality 90) of 256 x 256 in batches of
+256, and 1024 x 768 in batches of 64, each timed over one untimed and one timed pass over the
+files, eager and with the model compiled. Run the anchor in the same call to compare.
+Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from colorcore.model import ColorizationNet, ModelConfig
+from jobs.colorize_jpeg import JpegColorizer
+from jobs.runtime import Precision
+
+QUALITY = 90
+WORKLOADS = ((256, 256, 512, 256), (1024, 768, 256, 64))  # width, height, files, batch
+SMALL_WORKLOADS = ((64, 64, 8, 4), (96, 72, 8, 4))
+
+
+def gray_jpegs(count: int, width: int, height: int) -> list[bytes]:
+    """Smooth gray patterns with grain, as scans look to a JPEG codec."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    files = []
+    for i in range(count):
+        noise = np.random.default_rng(i).normal(0, 8, (height, width))
+        pixels = np.sin(xx / (17 + i)) * 60 + np.cos(yy / 23) * 50 + 128 + noise
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert("RGB").save(
+            buffer, "JPEG", quality=QUALITY
+        )
+        files.append(buffer.getvalue())
+    return files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny sizes (CPU check)")
+    parser.add_argument("--modes", default="eager,compiled")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = Precision(device, torch.bfloat16 if cuda else None, "benchmark")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = ColorizationNet(ModelConfig()).eval().to(device, memory_format=torch.channels_last)
+    result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                    "torch": torch.__version__}  # fmt: skip
+    for width, height, count, batch in SMALL_WORKLOADS if args.small else WORKLOADS:
+        files = gray_jpegs(count, width, height)
+        for mode in args.modes.split(","):
+            colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
+                                      quality=QUALITY, compile=mode == "compiled")  # fmt: skip
+            out_bytes = 0
+            for timed in (False, True):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for i in range(0, count, batch):
+                    chunk = files[i : i + batch]
+                    out = colorizer(chunk, [b""] * len(chunk))
+                    assert all(o is not None for o in out)
+                    out_bytes += sum(len(o) for o in out) if timed else 0
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+            key = f"{width}x{height}_{mode}"
+            result[key + "_img_s"] = count / seconds
+            result[key + "_kb_out"] = out_bytes / count / 1024
+            print(json.dumps({key: result[key + "_img_s"]}), flush=True)
+    if cuda:
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(result))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "colorize_gpu.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
