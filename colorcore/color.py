@@ -57,19 +57,24 @@ class _Matrices(NamedTuple):
     f_from_lab: torch.Tensor  # (L, a, b) -> (f_x, f_y, f_z) - 16/116
 
 
-_MATRICES: dict[tuple[torch.dtype, torch.device], _Matrices] = {}
+def _constant_per_dtype_and_device(build):
+    """Caches build(dtype, device); compiled callers (torch.compile) take the result as a
+    constant instead of tracing how it was built."""
+    cache = {}
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(build)
+    def cached(dtype: torch.dtype, device: torch.device):
+        if (dtype, device) not in cache:
+            cache[dtype, device] = build(dtype, device)
+        return cache[dtype, device]
+
+    return cached
 
 
-@torch.compiler.assume_constant_result  # compiled callers take the matrices as constants
+@_constant_per_dtype_and_device
 def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
-    """The conversion's linear maps, white point folded in, built in fp64 (once per dtype
-    and device)."""
-    if (dtype, device) not in _MATRICES:
-        _MATRICES[dtype, device] = _build_matrices(dtype, device)
-    return _MATRICES[dtype, device]
-
-
-def _build_matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
+    """The conversion's linear maps, white point folded in, built in fp64."""
     xyz_from_rgb = torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)
     white = torch.tensor(D65_WHITE_XYZ, dtype=torch.float64)
     # scikit-image inverts the rounded forward matrix rather than using the standard's inverse.
@@ -199,7 +204,7 @@ def _lab_to_linear(lab_B3P: torch.Tensor) -> torch.Tensor:
     return m.rgb_from_xyzn @ _lab_f_inverse(f_B3P)
 
 
-@functools.lru_cache(maxsize=16)
+@_constant_per_dtype_and_device
 def _gamut_box(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(centre, half-width), each (3, 1): the linear-RGB box counted as in gamut by "chroma".
 
@@ -238,6 +243,19 @@ def _max_in_gamut_chroma(lab_3K: torch.Tensor) -> torch.Tensor:
     return lo_K
 
 
+def _map_chroma_everywhere(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> torch.Tensor:
+    """`_map_chroma_into_gamut` without gathering the out-of-gamut pixels: every pixel's
+    scale is searched, and kept only where the colour is outside. No host sync and no
+    data-dependent shapes, so under ``torch.compile`` the search is one fused kernel: the
+    way to run it on GPUs, where the extra arithmetic is free and the gather is not."""
+    outside_B1P = ~_in_gamut(linear_B3P)[:, None]
+    L, a, b = lab_B3P[:, 0].clamp(0.0, L_MAX), lab_B3P[:, 1], lab_B3P[:, 2]
+    with torch.no_grad():
+        scale_BP = _max_in_gamut_chroma(torch.stack([L, a, b]).flatten(1)).view_as(L)
+    mapped_B3P = _lab_to_linear(torch.stack([L, a * scale_BP, b * scale_BP], dim=1))
+    return torch.where(outside_B1P, mapped_B3P, linear_B3P)
+
+
 def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> None:
     """Overwrite the out-of-gamut pixels of linear_B3P with their chroma-reduced colours."""
     outside_BP = ~_in_gamut(linear_B3P)
@@ -251,7 +269,9 @@ def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> N
     linear_B3P.transpose(1, 2)[outside_BP] = _lab_to_linear(mapped_13K)[0].T
 
 
-def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor:
+def lab_to_rgb(
+    lab_N3HW: torch.Tensor, *, gamut: str = "chroma", dense: bool = False
+) -> torch.Tensor:
     """CIE L*a*b* (D65) -> sRGB in [0, 1], channels at dim -3, any leading dims.
 
     gamut="chroma" (default): a colour outside the sRGB gamut keeps its L (clamped to [0, 100])
@@ -261,12 +281,18 @@ def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor
     changes L of out-of-gamut colours. Dtypes as in ``rgb_to_lab`` (a bf16 result is within
     2^-9 of the fp32 result for the same input). Differentiable; with "chroma" the scale s is a
     constant for the gradient.
+
+    dense=True searches the chroma scale at every pixel instead of gathering the out-of-gamut
+    ones first: the same result, without a host sync, and compiled (``torch.compile``) into
+    a few fused kernels. For GPUs; on CPUs the gather is cheaper.
     """
     if gamut not in GAMUTS:
         raise ValueError(f"gamut must be one of {GAMUTS}, got {gamut!r}")
     lab_B3P = _as_planes(lab_N3HW, "lab_to_rgb input")
     linear_B3P = _lab_to_linear(lab_B3P)
-    if gamut == "chroma":
+    if gamut == "chroma" and dense:
+        linear_B3P = _map_chroma_everywhere(lab_B3P, linear_B3P)
+    elif gamut == "chroma":
         _map_chroma_into_gamut(lab_B3P, linear_B3P)
     rgb_B3P = _linear_to_srgb(linear_B3P)
     # The encoding is monotone, so clipping here equals clipping linear light, as scikit-image

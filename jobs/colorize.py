@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
 from jobs import storage
 from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, open_image
@@ -270,7 +270,9 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
 
 def network_input(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(full-resolution L (N, 1, H, W), L resized for the network (N, 1, S, S))."""
-    l_N1HW = rgb_to_lab(rgb_N3HW.expand(-1, 3, -1, -1))[:, :1]
+    l_N1HW = rgb_to_lightness(rgb_N3HW.expand(-1, 3, -1, -1))
+    if l_N1HW.shape[-2:] == (infer_px, infer_px):  # a resize to the same size is the identity
+        return l_N1HW, l_N1HW
     l_N1SS = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)
     return l_N1HW, l_N1SS.clamp_(0.0, 100.0)
 
@@ -291,10 +293,11 @@ def predict_ab(
     return annealed_mean(logits_NQss, temperature).cpu()
 
 
-def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
-    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L."""
+def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
+    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L
+    (``dense``: see `colorcore.color.lab_to_rgb`)."""
     ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
-    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma")
+    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma", dense=dense)
 
 
 # ---------------------------------------------------------------- encoding, with metadata
@@ -596,7 +599,7 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> bytes | N
     from jobs.colorize_jpeg import app_segments, eligible
 
     image = open_image(data, max_pixels=cfg.max_pixels)
-    if not eligible(image):
+    if not eligible(data, image):
         return None
     meta = _metadata(image)
     iptc = _iptc_app13(meta.iptc) if meta.iptc else None

@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from colorcore.color import rgb_to_lightness
 from colorcore.decode import annealed_mean
+from jobs.colorize import network_input, reassemble
 from jobs.runtime import Precision
 
 _SOI = b"\xff\xd8"
@@ -44,10 +43,16 @@ _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 # ---------------------------------------------------------------- JPEG structure
 
 
-def eligible(image) -> bool:
-    """Whether a (lazily opened) PIL image can take the device path: an 8-bit JPEG in gray
-    or YCbCr colour (CMYK and YCCK JPEGs, and multi-picture MPO files, are the CPU path's)."""
-    return image.format == "JPEG" and image.mode in ("L", "RGB")
+def eligible(data: bytes, image) -> bool:
+    """Whether a JPEG file (its bytes and the lazily opened PIL image) can take the device
+    path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker. CMYK and YCCK
+    JPEGs and multi-picture MPO files are the CPU path's; so are files cut short, which
+    nvJPEG would decode without complaint (gray below the cut) and the CPU path reports."""
+    return (
+        image.format == "JPEG"
+        and image.mode in ("L", "RGB")
+        and data.rstrip(b"\0").endswith(b"\xff\xd9")
+    )
 
 
 def _segment(marker: int, payload: bytes) -> bytes:
@@ -173,6 +178,8 @@ class JpegColorizer:
         self.codec = codec or default_codec(self.device)
         self.model = model
         self.forward = torch.compile(model) if compile else model
+        self.prepare = torch.compile(_prepare) if compile else _prepare
+        self.finish = torch.compile(_finish) if compile else _finish
 
     def __call__(self, files: Sequence[bytes], segments: Sequence[bytes]) -> list[bytes | None]:
         tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
@@ -202,22 +209,15 @@ class JpegColorizer:
     @torch.inference_mode()
     def _colorize(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Upright (3, H, W) uint8 images on the device -> colorized ones, same sizes."""
-        from jobs.colorize import reassemble
-
         S = self.infer_px
         # Images of one size go through the full-size steps together.
         order = sorted(range(len(images)), key=lambda i: tuple(images[i].shape))
         groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: images[i].shape)]
         lightness, small = [], []
         for group in groups:
-            rgb_N3HW = torch.stack([images[i] for i in group]).float().div_(255.0)
-            l_N1HW = rgb_to_lightness(rgb_N3HW)
-            if l_N1HW.shape[-2:] != (S, S):
-                l_N1SS = F.interpolate(l_N1HW, size=(S, S), mode="bilinear", antialias=True)
-            else:  # a resize to the same size is the identity
-                l_N1SS = l_N1HW
+            l_N1HW, l_N1SS = self.prepare(torch.stack([images[i] for i in group]), S)
             lightness.append(l_N1HW)
-            small.append(l_N1SS.clamp(0.0, 100.0))
+            small.append(l_N1SS)
         with torch.autocast(
             self.device.type,
             dtype=self.precision.autocast_dtype or torch.float32,
@@ -230,8 +230,15 @@ class JpegColorizer:
         for group, l_N1HW, ab_n2ss in zip(
             groups, lightness, ab_N2ss.split([len(g) for g in groups]), strict=True
         ):
-            rgb_N3HW = reassemble(l_N1HW, ab_n2ss)
-            rgb_N3HW = rgb_N3HW.mul_(255.0).round_().to(torch.uint8)
+            rgb_N3HW = self.finish(l_N1HW, ab_n2ss, self.device.type != "cpu")
             for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
                 out[i] = rgb_3HW
         return out
+
+
+def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return network_input(rgb_N3HW.float() / 255.0, infer_px)
+
+
+def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, dense: bool) -> torch.Tensor:
+    return reassemble(l_N1HW, ab_N2ss, dense=dense).mul(255.0).round().to(torch.uint8)

@@ -365,6 +365,9 @@ def test_output_formats_and_names() -> None:
 def _jpeg_corpus() -> dict[str, bytes]:
     colour = photo_rgb("chelsea", size=40)
     truncated = encode(gray((64, 48)))
+    broken = bytearray(encode(gray((40, 40))))
+    tables = broken.index(b"\xff\xc4")  # garbled Huffman tables: the header still reads
+    broken[tables + 5 : tables + 21] = b"\xff" * 16
     return {
         "meta.jpg": jpeg_with_metadata(),
         "gray.jpg": encode(gray((30, 44))),
@@ -373,6 +376,7 @@ def _jpeg_corpus() -> dict[str, bytes]:
         "cmyk.jpg": save(Image.fromarray(gray((20, 20))).convert("CMYK"), "JPEG"),
         "truncated.jpg": truncated[: len(truncated) // 2],
         "scan.png": encode(gray((16, 16)), "PNG"),
+        "broken.jpg": bytes(broken),
     }
 
 
@@ -402,8 +406,8 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     routes = {rel: colorize.prepare_row(colorize._row(rel, rel, data), cfg)["route"]
               for rel, data in files.items()}  # fmt: skip
     assert routes == {"meta.jpg": "device", "gray.jpg": "device", "colour.jpg": "device",
-                      "same/size.jpg": "device", "cmyk.jpg": "cpu", "truncated.jpg": "device",
-                      "scan.png": "cpu"}  # fmt: skip
+                      "same/size.jpg": "device", "cmyk.jpg": "cpu", "truncated.jpg": "cpu",
+                      "broken.jpg": "device", "scan.png": "cpu"}  # fmt: skip
     on_device = _run_local(files, tmp_path, model, jpeg_path="device")
     on_cpu = _run_local(files, tmp_path, model, jpeg_path="cpu")
     assert set(on_device) == set(on_cpu) == set(files)
@@ -413,6 +417,9 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
         assert (row["width_px"], row["height_px"]) == (other["width_px"], other["height_px"])
     assert on_device["truncated.jpg"]["status"] == "error"
     assert "truncated" in on_device["truncated.jpg"]["reason"]
+    # The codec failed on it in the batch: the CPU path took it over and recorded why.
+    assert on_device["broken.jpg"]["status"] == "error"
+    assert on_device["broken.jpg"]["reason"] == on_cpu["broken.jpg"]["reason"] != ""
     for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg"):
         device_image = Image.open(on_device[rel]["root"] / rel)
         cpu_image = Image.open(on_cpu[rel]["root"] / rel)
@@ -449,16 +456,14 @@ def test_nvjpeg_path_matches_the_pillow_codec() -> None:
 
     torch.manual_seed(4)
     model = ColorizationNet(ModelConfig(width=1 / 4)).eval().cuda()
-    files = [
-        f for name, f in _jpeg_corpus().items() if name.endswith(".jpg") and "cmyk" not in name
-    ]
+    corpus = _jpeg_corpus()  # the files the device path takes and can decode
+    files = [corpus[n] for n in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg")]
     cuda = Precision(torch.device("cuda"), torch.bfloat16, "test")
     kwargs = {"infer_px": INFER_PX, "temperature": 0.38, "quality": 95}
     nv = JpegColorizer(model, cuda, **kwargs)(files, [b""] * len(files))
     pil = JpegColorizer(model, cuda, codec=pil_codec(cuda.device), **kwargs)(
         files, [b""] * len(files)
     )
-    assert nv[-1] is None and pil[-1] is None  # the truncated file: back to the CPU path
-    for a, b in zip(nv[:-1], pil[:-1], strict=True):
+    for a, b in zip(nv, pil, strict=True):
         x, y = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32) for d in (a, b))
         assert x.shape == y.shape and np.abs(x - y).mean() < 3.0
