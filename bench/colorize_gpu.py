@@ -10,7 +10,8 @@ What the colorize job's model actor does with a batch of JPEG files on a GPU: nv
 mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the workloads of
 ``shared_bench/gpu_colorize_anchor.py``: gray JPEGs (quality 90) of 256 x 256 in batches of
 256, and 1024 x 768 in batches of 64, each timed over one untimed and one timed pass over the
-files, eager and with the model compiled. Run the anchor in the same call to compare.
+files, eager and compiled (the model, and the Lab steps before and after it). Run the anchor
+in the same call to compare.
 Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set.
 """
 

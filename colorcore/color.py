@@ -243,19 +243,6 @@ def _max_in_gamut_chroma(lab_3K: torch.Tensor) -> torch.Tensor:
     return lo_K
 
 
-def _map_chroma_everywhere(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> torch.Tensor:
-    """`_map_chroma_into_gamut` without gathering the out-of-gamut pixels: every pixel's
-    scale is searched, and kept only where the colour is outside. No host sync and no
-    data-dependent shapes, so under ``torch.compile`` the search is one fused kernel: the
-    way to run it on GPUs, where the extra arithmetic is free and the gather is not."""
-    outside_B1P = ~_in_gamut(linear_B3P)[:, None]
-    L, a, b = lab_B3P[:, 0].clamp(0.0, L_MAX), lab_B3P[:, 1], lab_B3P[:, 2]
-    with torch.no_grad():
-        scale_BP = _max_in_gamut_chroma(torch.stack([L, a, b]).flatten(1)).view_as(L)
-    mapped_B3P = _lab_to_linear(torch.stack([L, a * scale_BP, b * scale_BP], dim=1))
-    return torch.where(outside_B1P, mapped_B3P, linear_B3P)
-
-
 def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> None:
     """Overwrite the out-of-gamut pixels of linear_B3P with their chroma-reduced colours."""
     outside_BP = ~_in_gamut(linear_B3P)
@@ -269,9 +256,7 @@ def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> N
     linear_B3P.transpose(1, 2)[outside_BP] = _lab_to_linear(mapped_13K)[0].T
 
 
-def lab_to_rgb(
-    lab_N3HW: torch.Tensor, *, gamut: str = "chroma", dense: bool = False
-) -> torch.Tensor:
+def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor:
     """CIE L*a*b* (D65) -> sRGB in [0, 1], channels at dim -3, any leading dims.
 
     gamut="chroma" (default): a colour outside the sRGB gamut keeps its L (clamped to [0, 100])
@@ -281,18 +266,12 @@ def lab_to_rgb(
     changes L of out-of-gamut colours. Dtypes as in ``rgb_to_lab`` (a bf16 result is within
     2^-9 of the fp32 result for the same input). Differentiable; with "chroma" the scale s is a
     constant for the gradient.
-
-    dense=True searches the chroma scale at every pixel instead of gathering the out-of-gamut
-    ones first: the same result, without a host sync, and compiled (``torch.compile``) into
-    a few fused kernels. For GPUs; on CPUs the gather is cheaper.
     """
     if gamut not in GAMUTS:
         raise ValueError(f"gamut must be one of {GAMUTS}, got {gamut!r}")
     lab_B3P = _as_planes(lab_N3HW, "lab_to_rgb input")
     linear_B3P = _lab_to_linear(lab_B3P)
-    if gamut == "chroma" and dense:
-        linear_B3P = _map_chroma_everywhere(lab_B3P, linear_B3P)
-    elif gamut == "chroma":
+    if gamut == "chroma":
         _map_chroma_into_gamut(lab_B3P, linear_B3P)
     rgb_B3P = _linear_to_srgb(linear_B3P)
     # The encoding is monotone, so clipping here equals clipping linear light, as scikit-image

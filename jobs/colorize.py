@@ -293,11 +293,10 @@ def predict_ab(
     return annealed_mean(logits_NQss, temperature).cpu()
 
 
-def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
-    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L
-    (``dense``: see `colorcore.color.lab_to_rgb`)."""
+def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
+    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L."""
     ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
-    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma", dense=dense)
+    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma")
 
 
 # ---------------------------------------------------------------- encoding, with metadata
@@ -579,14 +578,16 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
     A JPEG bound for the device path (``cfg.jpeg_path == "device"``, see `_device_jpeg`)
     is not decoded: only its header is read, and its metadata is prepared as the APP
     segments the model actor splices into its output (`segments`)."""
-    out = {**row, "l_small": b"", "pages": 0, "route": "cpu", "segments": b""}
+    out = {**row, "l_small": b"", "pages": 0, "route": "cpu", "segments": b"", "orientation": 1}
     if row["status"] != "pending":
         return out
     try:
         if cfg.jpeg_path == "device" and cfg.format in ("keep", "jpeg"):
-            segments = _device_jpeg(row["data"], cfg, provenance)
-            if segments is not None:
-                return {**out, "pages": 1, "route": "device", "segments": segments}
+            header = _device_jpeg(row["data"], cfg, provenance)
+            if header is not None:
+                segments, turn = header
+                device = {"route": "device", "segments": segments, "orientation": turn}
+                return {**out, "pages": 1, **device}
         decoded = decode(row["data"], cfg.max_pixels)
         small = [network_input(page.rgb, cfg.infer_px)[1] for page in decoded.pages]
     except Exception as e:  # one input's failure, whatever it is, must not stop the job
@@ -594,16 +595,17 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
-def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> bytes | None:
-    """The APP segments of a JPEG the device path can take, or None (CPU path)."""
-    from jobs.colorize_jpeg import app_segments, eligible
+def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[bytes, int] | None:
+    """(APP segments, EXIF orientation) of a JPEG the device path can take, or None (CPU path)."""
+    from jobs.colorize_jpeg import app_segments, eligible, orientation
 
     image = open_image(data, max_pixels=cfg.max_pixels)
     if not eligible(data, image):
         return None
     meta = _metadata(image)
     iptc = _iptc_app13(meta.iptc) if meta.iptc else None
-    return app_segments(_exif_bytes(meta, provenance), icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc)
+    exif = _exif_bytes(meta, provenance)
+    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc), orientation(image)
 
 
 def _reason(error: Exception) -> str:
@@ -652,7 +654,7 @@ class Colorizer:
             parts = torch.split(ab_N2ss, [pages[i] for i in todo])
             for index, part in zip(todo, parts, strict=True):
                 ab_small[index] = part.numpy().tobytes()
-        out = {k: v for k, v in batch.items() if k not in ("l_small", "segments")}
+        out = {k: v for k, v in batch.items() if k not in ("l_small", "segments", "orientation")}
         out["ab_small"] = ab_small
         out["encoded"] = encoded
         return out
@@ -665,7 +667,11 @@ class Colorizer:
         rows = [i for i, route in enumerate(batch["route"]) if route == "device"]
         if not rows:
             return encoded
-        results = self.jpeg([batch["data"][i] for i in rows], [batch["segments"][i] for i in rows])
+        results = self.jpeg(
+            [batch["data"][i] for i in rows],
+            [batch["segments"][i] for i in rows],
+            [int(batch["orientation"][i]) for i in rows],
+        )
         cpu = dataclasses.replace(self.cfg, jpeg_path="cpu")
         for i, data in zip(rows, results, strict=True):
             if data is not None:

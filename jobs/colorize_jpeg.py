@@ -96,13 +96,28 @@ def with_segments(jpeg: bytes, segments: bytes) -> bytes:
     return jpeg[:at] + segments + jpeg[at:]
 
 
+def orientation(image) -> int:
+    """The EXIF orientation tag of a (lazily opened) PIL image: 1 (upright) to 8."""
+    turn = image.getexif().get(0x0112, 1)
+    return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
+
+
+def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:
+    """An image stored with EXIF orientation `turn`, as it is meant to be seen."""
+    if turn in (5, 6, 7, 8):  # stored on its side: transpose first
+        image_CHW = image_CHW.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(turn)
+    return image_CHW.flip(flips).contiguous() if flips else image_CHW.contiguous()
+
+
 # ---------------------------------------------------------------- codecs
 
 
 @dataclass(frozen=True)
 class Codec:
-    """decode: JPEG files (uint8 1-D tensors) -> upright (3, H, W) uint8 images on the device,
-    raising if any file fails; encode: such images -> JPEG bytes at a quality."""
+    """decode: JPEG files (uint8 1-D tensors) -> (3, H, W) uint8 images on the device, as
+    stored (EXIF orientation not applied), raising if any file fails; encode: such images ->
+    JPEG bytes at a quality."""
 
     name: str
     decode: Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -110,13 +125,14 @@ class Codec:
 
 
 def nvjpeg_codec(device: torch.device) -> Codec:
-    """nvJPEG through torchvision (CUDA only): batched decode with EXIF orientation applied,
-    batched encode."""
+    """nvJPEG through torchvision (CUDA only): batched decode and encode. torchvision 0.26
+    ignores ``apply_exif_orientation`` when decoding on the GPU (seen on an H200), so the
+    orientation is applied by `JpegColorizer`, the same way for every codec."""
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     def decode(files: list[torch.Tensor]) -> list[torch.Tensor]:
         return decode_jpeg(
-            files, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+            files, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False
         )
 
     def encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
@@ -129,12 +145,12 @@ def pil_codec(device: torch.device) -> Codec:
     """The same contract with Pillow on the CPU, images moved to ``device``: for machines
     without nvJPEG, and for checking the device path's orchestration anywhere."""
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     def decode(files: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for data in files:
-            image = ImageOps.exif_transpose(Image.open(io.BytesIO(data.numpy().tobytes())))
+            image = Image.open(io.BytesIO(data.numpy().tobytes()))
             rgb = np.asarray(image.convert("RGB")).transpose(2, 0, 1).copy()
             out.append(torch.from_numpy(rgb).to(device))
         return out
@@ -181,9 +197,20 @@ class JpegColorizer:
         self.prepare = torch.compile(_prepare) if compile else _prepare
         self.finish = torch.compile(_finish) if compile else _finish
 
-    def __call__(self, files: Sequence[bytes], segments: Sequence[bytes]) -> list[bytes | None]:
+    def __call__(
+        self,
+        files: Sequence[bytes],
+        segments: Sequence[bytes],
+        orientations: Sequence[int] | None = None,
+    ) -> list[bytes | None]:
+        """Colorized files, each with its `segments` spliced in; `orientations` are the
+        files' EXIF orientation tags (1 to 8; `orientation` reads one), applied after
+        decoding so that outputs are upright."""
         tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
         images = self._decode(tensors)
+        for i, turn in enumerate(orientations or ()):
+            if images[i] is not None:
+                images[i] = upright(images[i], turn)
         ok = [i for i, image in enumerate(images) if image is not None]
         out: list[bytes | None] = [None] * len(files)
         if not ok:
@@ -230,7 +257,7 @@ class JpegColorizer:
         for group, l_N1HW, ab_n2ss in zip(
             groups, lightness, ab_N2ss.split([len(g) for g in groups]), strict=True
         ):
-            rgb_N3HW = self.finish(l_N1HW, ab_n2ss, self.device.type != "cpu")
+            rgb_N3HW = self.finish(l_N1HW, ab_n2ss)
             for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
                 out[i] = rgb_3HW
         return out
@@ -240,5 +267,5 @@ def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch
     return network_input(rgb_N3HW.float() / 255.0, infer_px)
 
 
-def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, dense: bool) -> torch.Tensor:
-    return reassemble(l_N1HW, ab_N2ss, dense=dense).mul(255.0).round().to(torch.uint8)
+def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
+    return reassemble(l_N1HW, ab_N2ss).mul(255.0).round().to(torch.uint8)
