@@ -157,7 +157,8 @@ def save_config(cfg: Any, url: str) -> None:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's docstring: the string literal on the line after its annotation."""
+    """Each field's docstring, as argparse help: the string literal on the line after its
+    annotation."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -172,7 +173,8 @@ def field_docs(cls: type) -> dict[str, str]:
             and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
         ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+            # argparse formats help with %: a literal one ("60% of them") must be doubled
+            docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
     return docs
 
 

@@ -150,3 +150,18 @@ def test_from_dict_checks_types_without_argparse() -> None:
     with pytest.raises(ValueError, match="lr must be >= 0"):
         jc.from_dict(DemoConfig, {"lr": -2})
     assert jc.from_dict(DemoConfig, jc.to_dict(fast())) == fast()
+
+
+@pytest.mark.parametrize(
+    "module", ["colorize", "evaluate", "prepare", "prior", "synthetic", "train", "tune"]
+)
+def test_every_job_prints_its_help(module: str) -> None:
+    """Field docs are free text (a literal % among them): every job's --help renders."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", f"jobs.{module}", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"python -m jobs.{module}" in done.stdout and "--dry-run" in done.stdout
