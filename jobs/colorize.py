@@ -59,7 +59,14 @@ import torch.nn.functional as F
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
 from jobs import storage
-from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, open_image
+from jobs.images import (
+    DEFAULT_MAX_PIXELS,
+    EXIF_ORIENTATION,
+    JPEG_QUALITY,
+    BadImage,
+    exif_orientation,
+    open_image,
+)
 from jobs.runtime import Precision, choose_precision
 
 WORK_DIR = "_colorize"
@@ -77,7 +84,7 @@ SUFFIXES = {
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 # TIFF tags that describe the photo rather than the file's layout: the ones carried over.
 _TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
-_EXIF_IFD, _ORIENTATION, _XMP_TAG, _IPTC_TAG = 0x8769, 0x0112, 700, 33723
+_EXIF_IFD, _XMP_TAG, _IPTC_TAG = 0x8769, 700, 33723
 _STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
 MANIFEST_COLUMNS = (
     "source",
@@ -231,7 +238,7 @@ def _metadata(image) -> Metadata:
         exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
     elif len(source):
         exif.load(source.tobytes())
-    exif.pop(_ORIENTATION, None)
+    exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_as_bytes(xmp), iptc=_as_bytes(iptc))
 
 
@@ -597,7 +604,7 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
 
 def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[bytes, int] | None:
     """(APP segments, EXIF orientation) of a JPEG the device path can take, or None (CPU path)."""
-    from jobs.colorize_jpeg import app_segments, eligible, orientation
+    from jobs.colorize_jpeg import app_segments, eligible
 
     image = open_image(data, max_pixels=cfg.max_pixels)
     if not eligible(data, image):
@@ -605,7 +612,7 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
     meta = _metadata(image)
     iptc = _iptc_app13(meta.iptc) if meta.iptc else None
     exif = _exif_bytes(meta, provenance)
-    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc), orientation(image)
+    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc), exif_orientation(image)
 
 
 def _reason(error: Exception) -> str:

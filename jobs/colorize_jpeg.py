@@ -96,12 +96,6 @@ def with_segments(jpeg: bytes, segments: bytes) -> bytes:
     return jpeg[:at] + segments + jpeg[at:]
 
 
-def orientation(image) -> int:
-    """The EXIF orientation tag of a (lazily opened) PIL image: 1 (upright) to 8."""
-    turn = image.getexif().get(0x0112, 1)
-    return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
-
-
 def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:
     """An image stored with EXIF orientation `turn`, as it is meant to be seen."""
     if turn in (5, 6, 7, 8):  # stored on its side: transpose first
@@ -204,7 +198,7 @@ class JpegColorizer:
         orientations: Sequence[int] | None = None,
     ) -> list[bytes | None]:
         """Colorized files, each with its `segments` spliced in; `orientations` are the
-        files' EXIF orientation tags (1 to 8; `orientation` reads one), applied after
+        files' EXIF orientation tags (1 to 8; `jobs.images.exif_orientation`), applied after
         decoding so that outputs are upright."""
         tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
         images = self._decode(tensors)

@@ -43,6 +43,13 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of a (lazily opened) image: 1 (upright) to 8; 1 when the
+    tag is missing or not a valid value."""
+    turn = image.getexif().get(EXIF_ORIENTATION, 1)
+    return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
+
+
 def load_rgb(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: int | None = None
 ) -> tuple[Image.Image, bool]:
@@ -60,7 +67,7 @@ def load_rgb(
                 image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
         image.load()
         # exif_transpose copies even an upright image: call it only when there is a turn
-        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        if exif_orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None

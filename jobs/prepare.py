@@ -43,6 +43,7 @@ from jobs.images import (
     JPEG_QUALITY,
     BadImage,
     encode_jpeg,
+    exif_orientation,
     load_rgb,
     resize_short_side,
 )
@@ -208,7 +209,7 @@ def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
         and source.mode in ("RGB", "L")
         and source.size == image.size
         and min(source.size) <= cfg.short_side_px
-        and source.getexif().get(0x0112, 1) == 1  # no EXIF rotation to apply
+        and exif_orientation(source) == 1  # no EXIF rotation to apply
     )
     if small_jpeg:
         return data, image.height, image.width, gray

@@ -440,13 +440,14 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
 def test_exif_orientation_on_the_device_path_equals_pillows(turn: int) -> None:
     from PIL import ImageOps
 
-    from jobs.colorize_jpeg import orientation, upright
+    from jobs.colorize_jpeg import upright
+    from jobs.images import exif_orientation
 
     pixels = np.random.default_rng(turn).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = turn
     stored = Image.open(io.BytesIO(save(Image.fromarray(pixels), "PNG", exif=exif.tobytes())))
-    assert orientation(stored) == turn
+    assert exif_orientation(stored) == turn
     expected = np.asarray(ImageOps.exif_transpose(stored))
     got = upright(torch.from_numpy(pixels).permute(2, 0, 1), turn).permute(1, 2, 0).numpy()
     assert np.array_equal(got, expected)
@@ -468,7 +469,8 @@ def test_app_segments_split_large_icc_profiles_and_keep_jfif_first() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_path_matches_the_pillow_codec() -> None:
-    from jobs.colorize_jpeg import JpegColorizer, orientation, pil_codec
+    from jobs.colorize_jpeg import JpegColorizer, pil_codec
+    from jobs.images import exif_orientation
 
     torch.manual_seed(4)
     model = ColorizationNet(ModelConfig(width=1 / 4)).eval().cuda()
@@ -476,7 +478,7 @@ def test_nvjpeg_path_matches_the_pillow_codec() -> None:
     files = [corpus[n] for n in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg")]
     cuda = Precision(torch.device("cuda"), torch.bfloat16, "test")
     kwargs = {"infer_px": INFER_PX, "temperature": 0.38, "quality": 95}
-    turns = [orientation(Image.open(io.BytesIO(f))) for f in files]
+    turns = [exif_orientation(Image.open(io.BytesIO(f))) for f in files]
     assert turns == [6, 1, 1, 1]
     nv = JpegColorizer(model, cuda, **kwargs)(files, [b""] * len(files), turns)
     pil = JpegColorizer(model, cuda, codec=pil_codec(cuda.device), **kwargs)(
