@@ -319,13 +319,6 @@ def _exif_bytes(meta: Metadata, provenance: str) -> bytes:
     return exif.tobytes()
 
 
-def _iptc_app13(iptc: bytes) -> bytes:
-    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
-    payload = iptc + b"\0" * (len(iptc) % 2)
-    body = b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
-    return b"\xff\xed" + struct.pack(">H", len(body) + 2) + body
-
-
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -382,7 +375,9 @@ def encode(
     if fmt == "JPEG":
         kwargs.update(quality=quality, subsampling=0, xmp=meta.xmp)
         if meta.iptc:
-            kwargs["extra"] = _iptc_app13(meta.iptc)
+            from jobs.colorize_jpeg import iptc_segment
+
+            kwargs["extra"] = iptc_segment(meta.iptc)
     elif fmt == "PNG":
         text = PngImagePlugin.PngInfo()
         text.add_text("Software", provenance)
@@ -610,9 +605,8 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
     if not eligible(data, image):
         return None
     meta = _metadata(image)
-    iptc = _iptc_app13(meta.iptc) if meta.iptc else None
     exif = _exif_bytes(meta, provenance)
-    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc_app13=iptc), exif_orientation(image)
+    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc), exif_orientation(image)
 
 
 def _reason(error: Exception) -> str:

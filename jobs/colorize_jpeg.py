@@ -61,12 +61,18 @@ def _segment(marker: int, payload: bytes) -> bytes:
     return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
 
 
-def app_segments(
-    exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc_app13: bytes | None
-) -> bytes:
+def iptc_segment(iptc: bytes) -> bytes:
+    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
+    payload = iptc + b"\0" * (len(iptc) % 2)
+    return _segment(
+        0xED, b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
+    )
+
+
+def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: bytes | None) -> bytes:
     """The APP segments that carry a source's metadata into a JPEG, in the usual order:
     APP1 EXIF (``exif`` as PIL's ``Exif.tobytes()`` gives it), APP1 XMP, APP2 ICC (split
-    into numbered chunks as the ICC spec requires), then a ready APP13 IPTC segment."""
+    into numbered chunks as the ICC spec requires), APP13 IPTC."""
     parts = []
     if exif:
         body = exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
@@ -80,8 +86,8 @@ def app_segments(
             for number, chunk in enumerate(chunks, start=1):
                 header = b"ICC_PROFILE\x00" + bytes((number, len(chunks)))
                 parts.append(_segment(0xE2, header + chunk))
-    if iptc_app13:
-        parts.append(iptc_app13)
+    if iptc:
+        parts.append(iptc_segment(iptc))
     return b"".join(parts)
 
 

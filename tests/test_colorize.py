@@ -22,6 +22,7 @@ from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs import colorize, storage
+from jobs.colorize_jpeg import iptc_segment
 from jobs.config import run_cli
 from jobs.runtime import Precision
 from tests.support import encode, photo_rgb
@@ -52,7 +53,7 @@ def jpeg_with_metadata() -> bytes:
     exif.get_ifd(0x8769)[0x9003] = "1931:05:01 12:00:00"  # DateTimeOriginal
     image = Image.fromarray(gray((24, 40))).convert("RGB")
     return save(image, "JPEG", exif=exif.tobytes(), icc_profile=SRGB_ICC, xmp=XMP,
-                extra=colorize._iptc_app13(IPTC), quality=95)  # fmt: skip
+                extra=iptc_segment(IPTC), quality=95)  # fmt: skip
 
 
 def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
@@ -457,7 +458,7 @@ def test_app_segments_split_large_icc_profiles_and_keep_jfif_first() -> None:
     from jobs.colorize_jpeg import app_segments, with_segments
 
     icc = bytes(range(256)) * 600  # 153,600 bytes: three APP2 chunks
-    segments = app_segments(b"", icc=icc, xmp=None, iptc_app13=None)
+    segments = app_segments(b"", icc=icc, xmp=None, iptc=None)
     plain = encode(gray((8, 8)))
     image = Image.open(io.BytesIO(with_segments(plain, segments)))
     assert image.info["icc_profile"] == icc and "jfif" in image.info
