@@ -147,7 +147,8 @@ class ColorizeConfig:
     """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
     `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
     compile: bool = False
-    """torch.compile the model (GPU runs: pays off on large archives of few image sizes)."""
+    """torch.compile the model, and on the device JPEG path the Lab steps around it (GPU
+    runs: pays off on large archives of few image sizes)."""
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
@@ -288,7 +289,8 @@ def network_input(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, 
 def predict_ab(
     model: torch.nn.Module, l_N1SS: torch.Tensor, temperature: float, precision: Precision
 ) -> torch.Tensor:
-    """Annealed-mean ab at the network's output size, (N, 2, s, s) fp32 on the CPU."""
+    """Annealed-mean ab at the network's output size, (N, 2, s, s) fp32 on the model's
+    device."""
     device = precision.device
     x = l_N1SS.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(
@@ -297,7 +299,7 @@ def predict_ab(
         enabled=precision.autocast_dtype is not None,
     ):
         logits_NQss = model(x)
-    return annealed_mean(logits_NQss, temperature).cpu()
+    return annealed_mean(logits_NQss, temperature)
 
 
 def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
@@ -626,18 +628,21 @@ class Colorizer:
             torch.set_num_threads(max(1, round(cfg.actor_cpus)))
         model = model if model is not None else load_model(cfg.model, cfg.s3).model
         self.model = model.eval().to(self.precision.device, memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.jpeg = None
         if cfg.jpeg_path == "device":
             from jobs.colorize_jpeg import JpegColorizer
 
             self.jpeg = JpegColorizer(
-                self.forward,
+                self.model,
                 self.precision,
                 infer_px=cfg.infer_px,
                 temperature=cfg.temperature,
                 quality=cfg.quality,
+                compile=cfg.compile,
             )
+            self.forward = self.jpeg.forward  # one compiled model for both paths
+        else:
+            self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = {k: v.copy() for k, v in batch.items()}
@@ -651,7 +656,7 @@ class Colorizer:
             s = self.cfg.infer_px
             stacked = [np.frombuffer(batch["l_small"][i], np.float32) for i in todo]
             l_N1SS = torch.from_numpy(np.concatenate(stacked).reshape(-1, 1, s, s))
-            ab_N2ss = predict_ab(self.forward, l_N1SS, self.cfg.temperature, self.precision)
+            ab_N2ss = predict_ab(self.forward, l_N1SS, self.cfg.temperature, self.precision).cpu()
             parts = torch.split(ab_N2ss, [pages[i] for i in todo])
             for index, part in zip(todo, parts, strict=True):
                 ab_small[index] = part.numpy().tobytes()

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from colorcore.decode import annealed_mean
-from jobs.colorize import network_input, reassemble
+from jobs.colorize import network_input, predict_ab, reassemble
 from jobs.runtime import Precision
 
 _SOI = b"\xff\xd8"
@@ -119,7 +118,6 @@ class Codec:
     stored (EXIF orientation not applied), raising if any file fails; encode: such images ->
     JPEG bytes at a quality."""
 
-    name: str
     decode: Callable[[list[torch.Tensor]], list[torch.Tensor]]
     encode: Callable[[list[torch.Tensor], int], list[bytes]]
 
@@ -138,7 +136,7 @@ def nvjpeg_codec(device: torch.device) -> Codec:
     def encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
         return [t.cpu().numpy().tobytes() for t in encode_jpeg(images, quality=quality)]
 
-    return Codec("nvjpeg", decode, encode)
+    return Codec(decode, encode)
 
 
 def pil_codec(device: torch.device) -> Codec:
@@ -164,7 +162,7 @@ def pil_codec(device: torch.device) -> Codec:
             out.append(buffer.getvalue())
         return out
 
-    return Codec("pil", decode, encode)
+    return Codec(decode, encode)
 
 
 def default_codec(device: torch.device) -> Codec:
@@ -189,10 +187,8 @@ class JpegColorizer:
         compile: bool = False,
     ) -> None:
         self.precision = precision
-        self.device = precision.device
         self.infer_px, self.temperature, self.quality = infer_px, temperature, quality
-        self.codec = codec or default_codec(self.device)
-        self.model = model
+        self.codec = codec or default_codec(precision.device)
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
         self.finish = torch.compile(_finish) if compile else _finish
@@ -245,14 +241,7 @@ class JpegColorizer:
             l_N1HW, l_N1SS = self.prepare(torch.stack([images[i] for i in group]), S)
             lightness.append(l_N1HW)
             small.append(l_N1SS)
-        with torch.autocast(
-            self.device.type,
-            dtype=self.precision.autocast_dtype or torch.float32,
-            enabled=self.precision.autocast_dtype is not None,
-        ):
-            x = torch.cat(small).contiguous(memory_format=torch.channels_last)
-            logits_NQss = self.forward(x)
-        ab_N2ss = annealed_mean(logits_NQss, self.temperature)
+        ab_N2ss = predict_ab(self.forward, torch.cat(small), self.temperature, self.precision)
         out: list[torch.Tensor | None] = [None] * len(images)
         for group, l_N1HW, ab_n2ss in zip(
             groups, lightness, ab_N2ss.split([len(g) for g in groups]), strict=True
