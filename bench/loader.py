@@ -10,10 +10,11 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
 
 - baseline, a plain loop on one thread over bytes already in memory: PIL decode, a random
   crop and flip in numpy, to a torch tensor, `torch.stack` per batch;
-- `TrainLoader` with the PIL path, as a training worker runs it: shard reads, the epoch's
-  permutation, `jobs.images.load_rgb` (which also checks the image for colour) in its thread
-  pool, crops with the per-sample seeded generators, a background prefetch thread. Its time is
-  one epoch from the first request, shard reads included.
+- `TrainLoader` with the PIL path, as a training worker runs it: shard reads (ahead, in
+  their own threads), the epoch's permutation, decoding (the checked `jobs.images.decode_rgb`,
+  EXIF orientation included), crop and flip with the per-sample seeded generators in its
+  thread pool, steps started ahead, a background prefetch thread. Its time is one epoch from
+  the first request, shard reads included.
 
 Each figure is the median of several timed passes over the dataset after an untimed one.
 

@@ -50,6 +50,16 @@ def exif_orientation(image: Image.Image) -> int:
     return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
 
 
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def decode_rgb(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: int | None = None
+) -> Image.Image:
+    """Decode to an upright RGB image (alpha dropped); see `load_rgb`."""
+    return _to_rgb(_decode_upright(data, max_pixels, min_side_px))
+
+
 def load_rgb(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: int | None = None
 ) -> tuple[Image.Image, bool]:
@@ -58,6 +68,12 @@ def load_rgb(
     With `min_side_px`, JPEG sources decode at a reduced scale (DCT scaling) that still
     keeps the short side >= min_side_px: much cheaper for large photos.
     """
+    image = _decode_upright(data, max_pixels, min_side_px)
+    rgb = _to_rgb(image)
+    return rgb, image.mode in GRAY_MODES or is_gray(np.asarray(rgb))
+
+
+def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:
     image = open_image(data, max_pixels=max_pixels)
     try:
         if min_side_px and image.format == "JPEG":
@@ -71,12 +87,13 @@ def load_rgb(
             image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
-    gray_mode = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGBA" or image.mode == "LA" or "transparency" in image.info:
-        image = image.convert("RGBA").convert("RGB")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
-    return image, gray_mode or is_gray(np.asarray(image))
+        return image.convert("RGBA").convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:

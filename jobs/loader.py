@@ -22,17 +22,20 @@ trades some repeated reads for exact, rank-independent sample order.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import queue
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
-from colorcore.data import random_crop_flip
+from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
 
@@ -96,11 +99,32 @@ class Batch:
     """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
 
 
-def _decode_pil(data: bytes) -> torch.Tensor:
-    from jobs.images import load_rgb
+def decode_3hw(data: bytes) -> torch.Tensor:
+    """A JPEG of a prepared dataset as an upright uint8 (3, H, W) tensor, decoded by PIL."""
+    from jobs.images import decode_rgb
 
-    image, _ = load_rgb(data)
+    return _as_3hw(decode_rgb(data))
+
+
+def _as_3hw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _crop_into(out_3HW: torch.Tensor, data: bytes, rng: np.random.Generator) -> None:
+    """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
+    and flipped by PIL before the pixels are copied (once), when no upscaling is needed."""
+    from jobs.images import decode_rgb
+
+    image, crop_px = decode_rgb(data), out_3HW.shape[-1]
+    width, height = image.size
+    if min(height, width) < crop_px:
+        out_3HW.copy_(random_crop_flip(_as_3hw(image), crop_px, rng))
+        return
+    top, left, flip = crop_box(height, width, crop_px, rng)
+    crop = image.crop((left, top, left + crop_px, top + crop_px))
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out_3HW.numpy()[...] = np.asarray(crop).transpose(2, 0, 1)
 
 
 class TrainLoader:
@@ -141,24 +165,36 @@ class TrainLoader:
         self.num_threads, self.prefetch_batches, self.decode, self.s3 = (
             num_threads, prefetch_batches, decode, s3,
         )  # fmt: skip
-        self._cache: dict[int, object] = {}
 
     @property
     def steps_per_epoch(self) -> int:
         return self.index.num_images // self.global_batch
 
-    def _shard(self, s: int):
-        """The shard's jpeg column; the last few shards are kept (a window's worth)."""
-        if s not in self._cache:
-            import pyarrow.parquet as pq
+    def _read_ahead(
+        self, shards: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
+    ) -> None:
+        """Starts reading the shards of this step and of the next `prefetch_batches` steps
+        that `shards` (shard -> its jpeg column, read or being read) lacks; drops the oldest
+        shards no such step needs beyond two windows' worth."""
+        ahead = order[offset : offset + (self.prefetch_batches + 2) * self.global_batch, 0]
+        needed = dict.fromkeys(ahead.tolist())
+        for s in needed:
+            if s not in shards:
+                shards[s] = io_pool.submit(self._read_shard, s)
+        spare = len(shards) - max(2 * self.window_shards, len(needed))
+        for s in [s for s in shards if s not in needed][: max(0, spare)]:
+            del shards[s]
 
-            data = storage.read_bytes(self.index.shard_urls[s], self.s3)
-            self._cache[s] = pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg")
-            while len(self._cache) > 2 * self.window_shards:
-                self._cache.pop(next(iter(self._cache)))
-        return self._cache[s]
+    def _read_shard(self, s: int):
+        import pyarrow.parquet as pq
 
-    def _decode(self, data: list[bytes], epoch: int, positions: np.ndarray, pool) -> torch.Tensor:
+        data = storage.read_bytes(self.index.shard_urls[s], self.s3)
+        return pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg")
+
+    def _start(
+        self, data: list[bytes], epoch: int, positions: np.ndarray, pool: ThreadPoolExecutor
+    ) -> Callable[[], torch.Tensor]:
+        """Starts decoding and cropping a batch; returns the call that waits for its crops."""
         rngs = [np.random.default_rng([self.seed, epoch, int(p)]) for p in positions]
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
@@ -167,47 +203,76 @@ class TrainLoader:
             images = torchvision.io.decode_jpeg(
                 frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
             )
-        else:
-            images = list(pool.map(_decode_pil, data))
-        return torch.stack(
-            [random_crop_flip(im, self.crop_px, rng) for im, rng in zip(images, rngs, strict=True)]
-        )
+            crops = torch.stack(
+                [random_crop_flip(im, self.crop_px, g) for im, g in zip(images, rngs, strict=True)]
+            )
+            return lambda: crops
+        crops = torch.empty((len(data), 3, self.crop_px, self.crop_px), dtype=torch.uint8)
+        done = [
+            pool.submit(_crop_into, crops[i], d, g)
+            for i, (d, g) in enumerate(zip(data, rngs, strict=True))
+        ]
+
+        def wait() -> torch.Tensor:
+            for future in done:
+                future.result()
+            return crops
+
+        return wait
 
     def _batches(self) -> Iterator[Batch]:
+        """Steps are started `prefetch_batches` ahead of the one handed out, so that the
+        decoding threads always have a queue of images; shards are read ahead likewise."""
         epoch, offset = self.epoch, self.offset
-        with ThreadPoolExecutor(self.num_threads) as pool:
+        started: collections.deque = collections.deque()
+        shards: dict[int, Future] = {}
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
+        io_pool = ThreadPoolExecutor(self.window_shards, thread_name_prefix="shard-read")
+        try:
             while True:
                 order = epoch_order(
                     self.index, epoch=epoch, seed=self.seed, window_shards=self.window_shards
                 )
                 last = self.steps_per_epoch * self.global_batch
                 while offset < last:
+                    self._read_ahead(shards, order, offset, io_pool)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
-                    data = [self._shard(int(s))[int(r)].as_py() for s, r in order[positions]]
-                    rgb = self._decode(data, epoch, positions, pool)
+                    data = [shards[int(s)].result()[int(r)].as_py() for s, r in order[positions]]
                     offset += self.global_batch
-                    yield Batch(rgb, epoch, offset, positions)
+                    wait = self._start(data, epoch, positions, pool)
+                    started.append((wait, epoch, offset, positions))
+                    if len(started) > self.prefetch_batches:
+                        wait, *step = started.popleft()
+                        yield Batch(wait(), *step)
                 epoch, offset = epoch + 1, 0
+        finally:
+            pool.shutdown(cancel_futures=True)
+            io_pool.shutdown(cancel_futures=True)
 
     def __iter__(self) -> Iterator[Batch]:
-        """Batches produced by a background thread, `prefetch_batches` ahead."""
+        """Batches produced by a background thread, `prefetch_batches` ahead. Closing the
+        iterator stops that thread and waits for it (at most the batch it is finishing)."""
         buffer: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
 
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    buffer.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce() -> None:
             try:
-                for batch in self._batches():
-                    while not stop.is_set():
-                        try:
-                            buffer.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
+                with contextlib.closing(self._batches()) as batches:
+                    for batch in batches:
+                        put(batch)
+                        if stop.is_set():
+                            return
             except BaseException as e:  # surfaced in the consumer
-                buffer.put(e)
+                put(e)
 
         thread = threading.Thread(target=produce, daemon=True, name="train-loader")
         thread.start()
@@ -219,3 +284,4 @@ class TrainLoader:
                 yield item
         finally:
             stop.set()
+            thread.join()

@@ -25,7 +25,7 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.metrics import ab_auc
 from colorcore.quantize import nearest_bin
 from jobs import storage
-from jobs.loader import DatasetIndex, _decode_pil
+from jobs.loader import DatasetIndex, decode_3hw
 
 
 def load_crops(
@@ -52,7 +52,7 @@ def load_crops(
         )
         for _, r in group:
             crops.append(
-                random_crop_flip(_decode_pil(column.column("jpeg")[int(r)].as_py()), crop_px, None)
+                random_crop_flip(decode_3hw(column.column("jpeg")[int(r)].as_py()), crop_px, None)
             )
     if not crops:
         return torch.zeros(0, 3, crop_px, crop_px, dtype=torch.uint8)

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from colorcore.data import make_targets
+from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
 from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo
 from jobs.images import EXIF_ORIENTATION, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, epoch_order
+from jobs.loader import DatasetIndex, TrainLoader, decode_3hw, epoch_order
 from tests.support import encode, photo_rgb
 
 SHARD_SIZES = (7, 5, 6, 5)  # 23 images, two of them grayscale
@@ -136,3 +136,38 @@ def test_decoding_turns_the_image_upright_only_when_exif_says_so(orientation, tu
         assert EXIF_ORIENTATION not in image.getexif()  # applied, so no longer claimed
     else:
         assert image.format == "JPEG"  # the decoded image itself, not a copy of it
+
+
+@pytest.mark.parametrize("crop_px", [32, 48])  # 48 > the 40-pixel short side: scaled up first
+def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) -> None:
+    """Each sample is `random_crop_flip` of the decoded image with its own seeded generator,
+    whichever thread decodes it (the exact-resume contract rests on this)."""
+    import pyarrow.parquet as pq
+
+    train = loader(dataset, 1, crop_px=crop_px, num_threads=3)
+    order = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
+    flips = set()
+    for batch in islice(iter(train), train.steps_per_epoch):
+        for position, crop in zip(batch.positions, batch.rgb_N3HW, strict=True):
+            s, r = order[position]
+            rng = np.random.default_rng([7, 0, int(position)])
+            flips.add(crop_box(40, 56, crop_px, np.random.default_rng([7, 0, int(position)]))[2])
+            image = decode_3hw(columns[s][int(r)].as_py())
+            assert torch.equal(crop, random_crop_flip(image, crop_px, rng))
+    assert flips == {False, True}
+
+
+def test_closing_the_iterator_stops_its_threads(dataset) -> None:
+    import threading
+
+    def loader_threads() -> set[threading.Thread]:
+        names = ("train-loader", "decode", "shard-read")
+        return {t for t in threading.enumerate() if t.name.startswith(names)}
+
+    before = loader_threads()
+    batches = iter(loader(dataset, 0, num_threads=2))
+    next(batches)
+    assert loader_threads() - before
+    batches.close()
+    assert not loader_threads() - before
