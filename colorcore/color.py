@@ -91,15 +91,16 @@ def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
     return _Matrices(*(t.to(device, dtype) for t in maps))
 
 
-def _as_planes(x: torch.Tensor, name: str) -> torch.Tensor:
-    """(..., 3, H, W) -> (B, 3, P) in the compute dtype: fp32/fp64 as given, else fp32."""
-    if x.dim() < 3 or x.shape[-3] != 3:
-        raise ValueError(f"{name} needs 3 channels at dim -3, got shape {tuple(x.shape)}")
+def _as_planes(x: torch.Tensor, name: str, channels: tuple[int, ...] = (3,)) -> torch.Tensor:
+    """(..., C, H, W) -> (B, C, P) in the compute dtype: fp32/fp64 as given, else fp32."""
+    if x.dim() < 3 or x.shape[-3] not in channels:
+        wanted = " or ".join(map(str, channels))
+        raise ValueError(f"{name} needs {wanted} channels at dim -3, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     batch = math.prod(x.shape[:-3])
-    return x.to(dtype).reshape(batch, 3, x.shape[-2] * x.shape[-1])
+    return x.to(dtype).reshape(batch, x.shape[-3], x.shape[-2] * x.shape[-1])
 
 
 def _power_with_linear_toe(
@@ -182,15 +183,19 @@ def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] -> CIE L* alone, shape (..., 1, H, W): the L channel of `rgb_to_lab`
-    (to fp32 rounding) at a third of its cost, since L depends on luminance Y only.
+    (to fp32 rounding) at a third of its cost, since L depends on luminance Y only. A gray
+    image may come as one channel (..., 1, H, W), read as R = G = B, for a third of that again.
 
     Dtypes as in `rgb_to_lab`. Made of elementwise ops and one 1 x 3 matrix product, so
     `torch.compile` fuses it into a single pass over the image.
     """
-    rgb_B3P = _as_planes(rgb_N3HW, "rgb_to_lightness input")
-    y_row = _matrices(rgb_B3P.dtype, rgb_B3P.device).xyzn_from_rgb[1:2]
-    f_B1P = _lab_f(y_row @ _srgb_to_linear(rgb_B3P))
-    l_B1P = f_B1P.mul_(116.0).sub_(16.0)
+    rgb_BCP = _as_planes(rgb_N3HW, "rgb_to_lightness input", channels=(3, 1))
+    y_row = _matrices(rgb_BCP.dtype, rgb_BCP.device).xyzn_from_rgb[1:2]
+    if rgb_BCP.shape[1] == 1:  # Y of a gray is its linear value times the row's sum
+        y_B1P = _srgb_to_linear(rgb_BCP).mul_(y_row.sum())
+    else:
+        y_B1P = y_row @ _srgb_to_linear(rgb_BCP)
+    l_B1P = _lab_f(y_B1P).mul_(116.0).sub_(16.0)
     return l_B1P.reshape(*rgb_N3HW.shape[:-3], 1, *rgb_N3HW.shape[-2:]).to(rgb_N3HW.dtype)
 
 

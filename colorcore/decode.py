@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.quantize import ab_bins
 
 ANNEALED_MEAN_T = 0.38  # paper, Sec. 2.3
@@ -66,9 +66,8 @@ def colorize(
     if rgb_N3HW.ndim != 4 or rgb_N3HW.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 3, H, W) or (N, 1, H, W) images, got {rgb_N3HW.shape}")
     device = next(model.parameters()).device
-    rgb = rgb_N3HW.to(device=device, dtype=torch.float32).expand(-1, 3, -1, -1)
-    l_N1HW = rgb_to_lab(rgb)[:, :1]
+    l_N1HW = rgb_to_lightness(rgb_N3HW.to(device=device, dtype=torch.float32))
     l_small = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)
     ab_small = annealed_mean(model(l_small.clamp(0, 100)), T)
-    ab_N2HW = F.interpolate(ab_small, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+    ab_N2HW = F.interpolate(ab_small, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
     return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut=gamut)

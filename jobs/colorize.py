@@ -277,8 +277,9 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
 
 
 def network_input(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(full-resolution L (N, 1, H, W), L resized for the network (N, 1, S, S))."""
-    l_N1HW = rgb_to_lightness(rgb_N3HW.expand(-1, 3, -1, -1))
+    """(full-resolution L (N, 1, H, W), L resized for the network (N, 1, S, S)) of colour
+    (N, 3, H, W) or gray (N, 1, H, W) images."""
+    l_N1HW = rgb_to_lightness(rgb_N3HW)
     if l_N1HW.shape[-2:] == (infer_px, infer_px):  # a resize to the same size is the identity
         return l_N1HW, l_N1HW
     l_N1SS = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)
@@ -698,8 +699,7 @@ def colorize_file(data: bytes, ab_bytes: bytes, cfg: ColorizeConfig, provenance:
     fmt = output_format(decoded, cfg.format)
     rgb_pages = []
     for page, ab_12ss in zip(decoded.pages, ab_P2ss.split(1), strict=True):
-        l_11HW, _ = network_input(page.rgb, cfg.infer_px)
-        rgb_13HW = reassemble(l_11HW, ab_12ss)
+        rgb_13HW = reassemble(rgb_to_lightness(page.rgb), ab_12ss)
         top = 65535.0 if fmt == "PNG16" else 255.0
         values = rgb_13HW[0].permute(1, 2, 0).mul_(top).round_().numpy()
         rgb_pages.append(values.astype(np.uint16 if fmt == "PNG16" else np.uint8))

@@ -266,3 +266,16 @@ def test_network_input_and_targets_equal_converting_everything_then_picking() ->
         assert ab_N2hw.shape == (2, 2, 5, 6)
         torch.testing.assert_close(l_N1HW, expected[0], rtol=0, atol=1e-4)
         torch.testing.assert_close(ab_N2hw, expected[1], rtol=0, atol=1e-4)
+
+
+def test_lightness_of_one_gray_channel_equals_its_three_channel_form() -> None:
+    g = torch.Generator().manual_seed(4)
+    for dtype, atol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):
+        gray_N1HW = torch.rand(2, 1, 7, 5, generator=g, dtype=dtype)
+        gray_N1HW[0, 0, 0] = torch.tensor([0.0, 1.0, 0.02, 0.04045, 0.5])  # ends and the knee
+        lightness = rgb_to_lightness(gray_N1HW)
+        expected = rgb_to_lightness(gray_N1HW.expand(-1, 3, -1, -1))
+        assert lightness.shape == (2, 1, 7, 5) and lightness.dtype == dtype
+        torch.testing.assert_close(lightness, expected, rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="3 or 1 channels"):
+        rgb_to_lightness(torch.rand(1, 2, 4, 4))
