@@ -14,8 +14,8 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
   actors with the precision `jobs.runtime.choose_precision` picks (bf16 autocast only on
   CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
-  Its steady rate leaves out that start-up: the outputs after the first, over the time from
-  the first output to the last (from the manifest's per-input finish times).
+  Its steady rate leaves out that start-up and the ramp after it: the later half of the
+  outputs over the time they took (from the manifest's per-input finish times).
 
 The figure of merit is images/s per core, the job's divided by the number of cores it used.
 """
@@ -116,7 +116,8 @@ def main() -> None:
         job_ips = summary.outputs / (time.perf_counter() - start)
         assert summary.outputs == args.images and summary.errors == 0
         finished = sorted(datetime.fromisoformat(row["time"]).timestamp() for row in summary.rows)
-        steady_ips = (len(finished) - 1) / (finished[-1] - finished[0])
+        half = len(finished) // 2
+        steady_ips = (len(finished) - 1 - half) / (finished[-1] - finished[half])
 
     dtype = "bf16" if precision.autocast_dtype == torch.bfloat16 else "fp32"
     w, h = SIZE_WH

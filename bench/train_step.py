@@ -22,22 +22,34 @@ autotuning on, as in the job and the anchor; off with ``--no-cudnn-benchmark``),
 memory (on CPU: the process's peak resident memory so far). TFLOP/s counts 3x the forward FLOPs.
 Prints one JSON document and a table; writes it to ``$OUT/train_step.json`` when OUT is set. Run it
 beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the anchor.
+
+``--shards`` also runs each mode end to end: the batches come from `jobs.loader.TrainLoader`
+over a prepared dataset of JPEG shards in a temporary folder (``--shard-images`` JPEGs of the
+same photos at a short side of 256, as `bench/loader.py` writes them), decoded as the job
+decodes them (nvJPEG on the GPU on CUDA, else PIL threads, one per core), instead of one batch
+already on the device. Its row is named ``MODE+shards``; the table gives its rate as a share of
+the same mode's synthetic rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import resource
+import tempfile
 import time
+from collections.abc import Iterator
 
 import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
 
 # isort: split
 import numpy as np
 import torch
+from loader import photo_jpegs, write_dataset
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,6 +57,7 @@ from colorcore.color import rgb_to_lab
 from colorcore.data import CROP_PX
 from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import AbHistogram
+from jobs.loader import DatasetIndex, TrainLoader
 from jobs.runtime import cpu_has_bf16_units
 from jobs.train import TrainConfig, rebalance_from
 from jobs.train_loop import step_loss
@@ -85,8 +98,21 @@ def peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_mode(mode: str, rgb_N3HW, rebalance_Q, cfg: TrainConfig, args, device) -> dict:
-    """Mean step time of one mode, from a fresh model and optimizer."""
+def shard_batches(root: str, batch: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Batches of the job's loader over the dataset at `root`, on `device`."""
+    decode = "nvjpeg" if device.type == "cuda" else "pil"
+    loader = TrainLoader(
+        DatasetIndex.load(root), rank=0, world_size=1, batch_size=batch, crop_px=CROP_PX,
+        seed=0, num_threads=os.cpu_count(), decode=decode,
+    )  # fmt: skip
+    with contextlib.closing(iter(loader)) as batches:
+        for b in batches:
+            yield b.rgb_N3HW.to(device, non_blocking=True)
+
+
+def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) -> dict:
+    """Mean step time of one mode on `batches` (an iterator of uint8 crops on the device),
+    from a fresh model and optimizer."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode != "fp32"
         torch.cuda.reset_peak_memory_stats()
@@ -104,7 +130,7 @@ def run_mode(mode: str, rgb_N3HW, rebalance_Q, cfg: TrainConfig, args, device) -
     loss_of = step_loss(model, rebalance_Q, compiled, autocast_dtype, device)
 
     def step() -> float:
-        loss = loss_of(rgb_N3HW)
+        loss = loss_of(next(batches))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -120,9 +146,18 @@ def run_mode(mode: str, rgb_N3HW, rebalance_Q, cfg: TrainConfig, args, device) -
     losses = [step() for _ in range(args.iters)]
     sync(device)
     step_s = (time.perf_counter() - start) / args.iters
-    return {"mode": mode, "batch": len(rgb_N3HW), "step_ms": 1e3 * step_s,
-            "img_s": len(rgb_N3HW) / step_s, "peak_gib": peak_gib(device),
+    return {"mode": mode, "batch": cfg.batch_size, "step_ms": 1e3 * step_s,
+            "img_s": cfg.batch_size / step_s, "peak_gib": peak_gib(device),
             "first_step_s": first_s, "loss": losses[-1]}  # fmt: skip
+
+
+def measure(mode: str, batches, rebalance_Q, cfg, args, device, report: dict) -> dict:
+    try:
+        row = run_mode(mode, batches, rebalance_Q, cfg, args, device)
+        row["tflops"] = 3 * report["gflops_fwd"] * row["img_s"] / 1e3
+    except Exception as error:  # one failing mode (e.g. compile) must not lose the others
+        row = {"mode": mode, "batch": args.batch, "error": repr(error)[:300]}
+    return row
 
 
 def main() -> None:
@@ -139,6 +174,8 @@ def main() -> None:
         help="let cuDNN autotune (as the job does on GPUs)",
     )
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--shards", action="store_true", help="also end to end from JPEG shards")
+    parser.add_argument("--shard-images", type=int, default=2048, help="JPEGs in the shards")
     args = parser.parse_args()
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be >= 1")
@@ -170,14 +207,18 @@ def main() -> None:
         "gflops_fwd": forward_gflops(ColorizationNet(ModelConfig()).to(device)),
         "train": [],
     }
-    for mode in modes:
-        try:
-            row = run_mode(mode, rgb_N3HW, rebalance_Q, cfg, args, device)
-            row["tflops"] = 3 * report["gflops_fwd"] * row["img_s"] / 1e3
-        except Exception as error:  # one failing mode (e.g. compile) must not lose the others
-            row = {"mode": mode, "batch": args.batch, "error": repr(error)[:300]}
-        report["train"].append(row)
-        print(json.dumps(row), flush=True)
+    with tempfile.TemporaryDirectory(prefix="train-step-shards-") as root:
+        if args.shards:
+            write_dataset(root, photo_jpegs(args.shard_images), shard_images=256)
+        for mode in modes:
+            inputs = {"": lambda: (rgb_N3HW for _ in itertools.count())}
+            if args.shards:
+                inputs["+shards"] = lambda: shard_batches(root, args.batch, device)
+            for suffix, batches in inputs.items():
+                with contextlib.closing(batches()) as stream:
+                    row = measure(mode, stream, rebalance_Q, cfg, args, device, report)
+                report["train"].append({**row, "mode": mode + suffix})
+                print(json.dumps(report["train"][-1]), flush=True)
     print(json.dumps(report))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
@@ -189,15 +230,22 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']}; torch {report['torch']}; ColorizationNet(ModelConfig()) "
           f"{report['params'] / 1e6:.1f}M params, {report['gflops_fwd']:.1f} GFLOPs forward at "
           f"{report['size']} x {report['size']}")  # fmt: skip
-    print(f"{'mode':16s} {'batch':>5s} {'step ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} "
+    print(f"{'mode':23s} {'batch':>5s} {'step ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} "
           f"{'peak GiB':>8s} {'1st step s':>10s}")  # fmt: skip
+    synthetic = {r["mode"]: r.get("img_s") for r in report["train"]}
     for row in report["train"]:
         if "error" in row:
-            print(f"{row['mode']:16s} {row['batch']:5d} failed: {row['error']}")
+            print(f"{row['mode']:23s} {row['batch']:5d} failed: {row['error']}")
             continue
-        print(f"{row['mode']:16s} {row['batch']:5d} {row['step_ms']:9.1f} {row['img_s']:8.1f} "
+        base = synthetic.get(row["mode"].removesuffix("+shards"))
+        share = (
+            f"  {row['img_s'] / base:.2f}x synthetic"
+            if row["mode"].endswith("+shards") and base
+            else ""
+        )
+        print(f"{row['mode']:23s} {row['batch']:5d} {row['step_ms']:9.1f} {row['img_s']:8.1f} "
               f"{row['tflops']:8.2f} {row['peak_gib']:8.2f} "
-              f"{row['first_step_s']:10.1f}")  # fmt: skip
+              f"{row['first_step_s']:10.1f}{share}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The README's GPU figures and GPU tests in one call on a CUDA machine, each benchmark beside
+# its plain baseline from shared/bench, run in the same call:
+#
+#   bash bench/gpu_suite.sh ANCHORS [PART ...]
+#
+# ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
+# the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
+# checkout). PARTS (default: all, in this order, about 6 minutes on an H200):
+#   tests      the tests marked gpu (nvJPEG codec, CUDA vs CPU colour maths and encoding)
+#   targets    bench/targets.py: Lab, soft encoding and loss of a batch of 256
+#   train      bench/train_step.py compiled bf16, synthetic and from JPEG shards (nvJPEG),
+#              then the anchor's compiled bf16 step
+#   colorize   bench/colorize_gpu.py compiled, then gpu_colorize_anchor.py
+# Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.
+# JSON results go to $OUT (default: a temporary folder) when the scripts write any.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+anchors=$(cd "${1:?usage: bash bench/gpu_suite.sh ANCHORS [PART ...]}" && pwd)
+shift
+parts=${*:-tests targets train colorize}
+export PYTHONPATH=. OUT=${OUT:-$(mktemp -d)}
+status=0
+run() {  # one step: its time and exit status are printed, a failure does not stop the rest
+  local start=$SECONDS
+  echo "=== $*"
+  "$@" || { echo "=== FAILED ($?): $*"; status=1; }
+  echo "=== $((SECONDS - start)) s"
+}
+for part in $parts; do
+  case $part in tests | targets | train | colorize) ;; *)
+    echo "unknown part $part (tests, targets, train, colorize)"; exit 2 ;;
+  esac
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for part in $parts; do
+  case $part in
+    tests) run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
+      tests/test_quantize.py tests/test_color.py tests/test_colorize.py ;;
+    targets) run python3 bench/targets.py ;;
+    train)
+      run python3 bench/train_step.py --modes bf16_cl_compile --shards
+      run python3 -c "import json, sys; sys.path.insert(0, '$anchors'); import gpu_anchor as a; \
+print(json.dumps(a.train_bench(256, 176, 'bf16_cl_compile')))" ;;
+    colorize)
+      run python3 bench/colorize_gpu.py --modes compiled
+      run python3 "$anchors/gpu_colorize_anchor.py" ;;
+  esac
+done
+exit $status
