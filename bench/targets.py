@@ -4,20 +4,21 @@
     python bench/targets.py --batch 8 --no-compile    (CPU)
 
 Times what each step spends outside the network, as `jobs.train_loop.step_loss` runs it, on
-uint8 176 x 176 crops already on the device: the Lab conversion
-(`colorcore.data.lightness_and_target_ab`: L at full size, ab at every 4th pixel), the sparse
-soft encoding with k = 10 and the gray mask (`colorcore.data.encode_targets`), and
+uint8 176 x 176 crops already on the device: the targets (`colorcore.data.make_targets`: L at
+full size, ab at every 4th pixel, sparse soft encoding with k = 10 and the gray mask; on CUDA
+or compiled with the in-table encoding, which needs no host sync) and
 `colorcore.loss.rebalanced_cross_entropy` forward and backward on (N, 313, 44, 44) logits in
 the autocast dtype (bf16 on CUDA). Both ways the job runs them: eager, and with
-``TrainConfig.compile`` (the Lab conversion and the loss compiled, the table lookup eager).
-Compare the total with the step time of `bench/train_step.py` or of the anchor
-(``shared_bench/gpu_anchor.py``) run in the same call: the goal is under 5% of the step.
-Each figure is the median of ``--iters`` timed runs after warm-up, synchronised on CUDA.
+``TrainConfig.compile`` (targets and loss each compiled whole). Compare the total with the
+step time of `bench/train_step.py` or of the anchor (``shared_bench/gpu_anchor.py``) run in
+the same call: the goal is under 5% of the step. Each figure is the median of ``--iters``
+timed runs after warm-up, synchronised on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
@@ -26,17 +27,18 @@ import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and tor
 import torch
 from timing import median_ms
 
-from colorcore.data import CROP_PX, encode_targets, lightness_and_target_ab
+from colorcore.data import CROP_PX, make_targets
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import TARGET_STRIDE, ab_bins
 
 
 def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> dict[str, float]:
+    in_table = compiled or rgb.is_cuda
+    targets_of = functools.partial(make_targets, in_table=in_table)
     compile_ = torch.compile if compiled else (lambda fn, **_: fn)
-    lab = compile_(lightness_and_target_ab, fullgraph=True)
+    targets_fn = compile_(targets_of, fullgraph=True)
     loss_fn = compile_(rebalanced_cross_entropy, fullgraph=True)
-    l_N1HW, ab_N2hw = lab(rgb, TARGET_STRIDE)
-    t = encode_targets(l_N1HW, ab_N2hw)
+    t = targets_fn(rgb)
 
     def loss_step() -> None:
         loss_fn(logits, t.bins_NkHW, t.weights_NkHW, rebalance_Q, nongray_N=t.nongray_N).backward()
@@ -44,11 +46,7 @@ def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> di
     def timed(fn) -> float:
         return median_ms(fn, iters, warmup=3, sync=sync)
 
-    row = {
-        "lab_ms": timed(lambda: lab(rgb, TARGET_STRIDE)),
-        "encode_ms": timed(lambda: encode_targets(l_N1HW, ab_N2hw)),
-        "loss_fwd_bwd_ms": timed(loss_step),
-    }
+    row = {"targets_ms": timed(lambda: targets_fn(rgb)), "loss_fwd_bwd_ms": timed(loss_step)}
     row["total_ms"] = sum(row.values())
     return row
 
@@ -85,13 +83,13 @@ def main() -> None:
         )
     print(json.dumps(result))
     print(f"{result['device']}, batch {args.batch} of {CROP_PX} x {CROP_PX}, {logits.dtype} logits")
-    print(f"{'':9} {'Lab ms':>8} {'encode ms':>10} {'loss f+b ms':>12} {'total ms':>9}")
+    print(f"{'':9} {'targets ms':>11} {'loss f+b ms':>12} {'total ms':>9}")
     for name in ("eager", "compiled"):
         if name in result:
             r = result[name]
             print(
-                f"{name:9} {r['lab_ms']:8.2f} {r['encode_ms']:10.2f} "
-                f"{r['loss_fwd_bwd_ms']:12.2f} {r['total_ms']:9.2f}"
+                f"{name:9} {r['targets_ms']:11.2f} {r['loss_fwd_bwd_ms']:12.2f} "
+                f"{r['total_ms']:9.2f}"
             )
 
 

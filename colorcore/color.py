@@ -57,22 +57,22 @@ class _Matrices(NamedTuple):
     f_from_lab: torch.Tensor  # (L, a, b) -> (f_x, f_y, f_z) - 16/116
 
 
-def _constant_per_dtype_and_device(build):
-    """Caches build(dtype, device); compiled callers (torch.compile) take the result as a
-    constant instead of tracing how it was built."""
+def compile_constant(build):
+    """Caches build(*args) (hashable args, e.g. dtype and device); compiled callers
+    (torch.compile) take the result as a constant instead of tracing how it was built."""
     cache = {}
 
     @torch.compiler.assume_constant_result
     @functools.wraps(build)
-    def cached(dtype: torch.dtype, device: torch.device):
-        if (dtype, device) not in cache:
-            cache[dtype, device] = build(dtype, device)
-        return cache[dtype, device]
+    def cached(*args):
+        if args not in cache:
+            cache[args] = build(*args)
+        return cache[args]
 
     return cached
 
 
-@_constant_per_dtype_and_device
+@compile_constant
 def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
     """The conversion's linear maps, white point folded in, built in fp64."""
     xyz_from_rgb = torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)
@@ -209,7 +209,7 @@ def _lab_to_linear(lab_B3P: torch.Tensor) -> torch.Tensor:
     return m.rgb_from_xyzn @ _lab_f_inverse(f_B3P)
 
 
-@_constant_per_dtype_and_device
+@compile_constant
 def _gamut_box(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(centre, half-width), each (3, 1): the linear-RGB box counted as in gamut by "chroma".
 

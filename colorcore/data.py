@@ -22,6 +22,7 @@ from colorcore.quantize import (
     SOFT_ENCODE_SIGMA,
     TARGET_STRIDE,
     soft_encode,
+    soft_encode_in_table,
     subsample_targets,
 )
 
@@ -93,9 +94,16 @@ def encode_targets(
     *,
     k: int = SOFT_ENCODE_K,
     sigma: float = SOFT_ENCODE_SIGMA,
+    in_table: bool = False,
 ) -> Targets:
-    """The L input and the subsampled ab target -> a training batch with sparse soft targets."""
-    bins, weights = soft_encode(ab_N2hw, k=k, sigma=sigma)
+    """The L input and the subsampled ab target -> a training batch with sparse soft targets.
+
+    `in_table`: the ab are sRGB colours' (as `lightness_and_target_ab` gives them), so the
+    encoding is `soft_encode_in_table`: no host sync, traceable whole by ``torch.compile``;
+    the way for accelerators. Otherwise `soft_encode`, exact for any ab, fastest on CPU.
+    """
+    encode = soft_encode_in_table if in_table else soft_encode
+    bins, weights = encode(ab_N2hw, k=k, sigma=sigma)
     return Targets(l_N1HW, bins, weights, nongray_mask(ab_N2hw))
 
 
@@ -105,9 +113,13 @@ def make_targets(
     k: int = SOFT_ENCODE_K,
     sigma: float = SOFT_ENCODE_SIGMA,
     stride: int = TARGET_STRIDE,
+    in_table: bool = False,
 ) -> Targets:
     """uint8 (or [0, 1] float) RGB crops -> L input and soft-encoded ab targets, on their device.
 
     Targets are every `stride`-th ab pixel (as released), matching the network's output size.
+    `in_table` as in `encode_targets` (the crops' ab are sRGB colours', so it applies): the
+    way for accelerators and ``torch.compile``, which then takes the whole function.
     """
-    return encode_targets(*lightness_and_target_ab(rgb_N3HW, stride), k=k, sigma=sigma)
+    l_N1HW, ab_N2hw = lightness_and_target_ab(rgb_N3HW, stride)
+    return encode_targets(l_N1HW, ab_N2hw, k=k, sigma=sigma, in_table=in_table)

@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from colorcore.color import compile_constant
+
 NUM_AB_BINS = 313  # paper, Sec. 2.1: Q = 313 in-gamut values on a grid of size 10
 AB_GRID = 10
 SOFT_ENCODE_K = 10  # released training (the paper's "5" is a typo, per the authors)
@@ -64,8 +66,7 @@ _SENTINEL_AB = 1e4
 _KEY_HIGH_HALF = 1 if sys.byteorder == "little" else 0
 # On CPU, up to this many candidates a comparator network ranks them (elementwise min/max over
 # whole rows of pixels, several times faster on CPU than a per-pixel top-k over a short row);
-# wider sets (large k, brute force) use top-k. Accelerators sort each pixel's candidates in
-# one kernel instead: the network's hundred-odd small kernels would cost more in launches.
+# wider sets (large k) use top-k. Accelerators sort each pixel's candidates (`_table_keys`).
 _NETWORK_MAX_WIDTH = 32
 _BRUTE_FORCE_CHUNK = 4096  # pixels outside the table compared with all Q bins at once
 _CPU_BLOCK_PIXELS = 2**15  # pixels ranked at once on CPU (see _nearest_keys)
@@ -123,6 +124,13 @@ def _candidate_table(k: int, device: torch.device) -> tuple[torch.Tensor, torch.
     return padded_Q2[index_CX].to(device), index_CX.to(device)
 
 
+@compile_constant
+def _candidate_rows(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_candidate_table` with a row per cell: (X, C, 2) centres and (X, C) bin indices."""
+    centres_CX2, index_CX = _candidate_table(k, device)
+    return centres_CX2.movedim(0, 1).contiguous(), index_CX.T.contiguous()
+
+
 def candidate_width(k: int = SOFT_ENCODE_K) -> int:
     """C: how many candidate bins each lookup cell holds for this k (padding included)."""
     _check_k(k)
@@ -158,13 +166,11 @@ def _selection_network(width: int, k: int) -> tuple[tuple[int, int, bool, bool],
     return tuple(reversed(kept))
 
 
-def _smallest(key_CP: torch.Tensor, out_kP: torch.Tensor, *, cpu_kernels: bool) -> torch.Tensor:
+def _smallest(key_CP: torch.Tensor, out_kP: torch.Tensor) -> torch.Tensor:
     """Writes each column's k smallest keys, ascending, into out_kP and returns it; out_kP
-    is (k, P) or any (k, ...) view holding P values per row. Overwrites key_CP."""
+    is (k, P) or any (k, ...) view holding P values per row. Overwrites key_CP. CPU code:
+    whole rows of pixels at a time."""
     width, k = key_CP.shape[0], out_kP.shape[0]
-    if not cpu_kernels:
-        smallest_kP = key_CP.T.sort(dim=1).values[:, :k].T
-        return out_kP.copy_(smallest_kP.reshape(out_kP.shape))
     if width > _NETWORK_MAX_WIDTH:
         smallest_kP = key_CP.topk(k, dim=0, largest=False, sorted=True).values
         return out_kP.copy_(smallest_kP.view(out_kP.shape))
@@ -200,13 +206,51 @@ def _keys(ab_2P: torch.Tensor, centres_CP2: torch.Tensor, key_CP: torch.Tensor) 
     return key_CP
 
 
-def _gather_cells(
-    table_CX: torch.Tensor, cell_P: torch.Tensor, out_CP: torch.Tensor, *, cpu_kernels: bool
-):
-    """out_CP = table_CX[:, cell_P]; on CPU one row at a time: a 1-D gather from a small
-    table is several times faster there than one gather with a broadcast index."""
-    if not cpu_kernels:
-        return torch.index_select(table_CX, 1, cell_P, out=out_CP)
+def _cells(ab_2P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P,) int64 lookup cell of each pixel (clamped into the table) and (P,) bool: whether
+    the pixel lies inside the table. NaN ab count as outside; their cell is any valid one."""
+    scaled_2P = torch.floor((ab_2P + _TABLE_LIMIT_AB) / _CELL_AB)
+    inside_P = ((scaled_2P >= 0) & (scaled_2P < _CELLS_PER_SIDE)).all(dim=0)
+    cell_2P = scaled_2P.nan_to_num_(0.0).clamp_(0, _CELLS_PER_SIDE - 1).long()
+    return cell_2P[0] * _CELLS_PER_SIDE + cell_2P[1], inside_P
+
+
+def _table_keys(ab_2P: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, k) keys of each pixel's k nearest candidates of its cell, nearest first, and (P,)
+    whether the pixel lies inside the table (where those are its k nearest bins of all).
+
+    The accelerators' way: one gather of each pixel's row of candidates and one sort per
+    pixel (the comparator network's hundred-odd small kernels would cost more in launches).
+    Data-independent shapes throughout, so ``torch.compile(fullgraph=True)`` takes it whole.
+    """
+    centres_XC2, index_XC = _candidate_rows(k, ab_2P.device)
+    cell_P, inside_P = _cells(ab_2P)
+    centres_PC2 = centres_XC2[cell_P]
+    # Squared distances as in _keys (same terms, same order); their bits above the index.
+    da2_PC = (centres_PC2[..., 0] - ab_2P[0, :, None]).square()
+    db2_PC = (centres_PC2[..., 1] - ab_2P[1, :, None]).square()
+    dist2_bits_PC = (da2_PC + db2_PC).view(torch.int32).long()
+    keys_PC = dist2_bits_PC.bitwise_left_shift(32).bitwise_or_(index_XC[cell_P])
+    return keys_PC.sort(dim=1).values[:, :k], inside_P
+
+
+def _brute_force_keys(ab_2M: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, M) keys of the k nearest of all Q bins: for the rare ab beyond every sRGB colour."""
+    num_pixels = ab_2M.shape[1]
+    centres_QM2 = ab_bins(ab_2M.device)[:, None, :].repeat(1, num_pixels, 1)
+    index_QM = torch.arange(NUM_AB_BINS, device=ab_2M.device)[:, None].repeat(1, num_pixels)
+    keys_QM = _keys(ab_2M, centres_QM2, index_QM)
+    return keys_QM.topk(k, dim=0, largest=False, sorted=True).values
+
+
+def _outside(inside_P: torch.Tensor):
+    """Indices of the pixels outside the table, in chunks that bound the brute force's memory."""
+    return (~inside_P).nonzero().squeeze(1).split(_BRUTE_FORCE_CHUNK)
+
+
+def _gather_cells(table_CX: torch.Tensor, cell_P: torch.Tensor, out_CP: torch.Tensor):
+    """out_CP = table_CX[:, cell_P], one row at a time: on CPU a 1-D gather from a small table
+    is several times faster than one gather with a broadcast index."""
     for row_X, out_P in zip(table_CX, out_CP, strict=True):
         torch.index_select(row_X, 0, cell_P, out=out_P)
     return out_CP
@@ -228,27 +272,32 @@ def _blocks(num_images: int, length: int, block: int):
 def _nearest_keys(ab_N2L: torch.Tensor, k: int, *, cpu_kernels: bool | None = None) -> torch.Tensor:
     """(N, k, L) keys of each pixel's k nearest bins, nearest first; exact for any ab.
 
-    `cpu_kernels` picks the CPU or the accelerator way of gathering and ranking (default:
-    by the device); both give the same keys."""
-    table = _candidate_table(k, ab_N2L.device)
-    (num_images, _, length), width = ab_N2L.shape, table[1].shape[0]
-    keys_NkL = ab_N2L.new_empty((num_images, k, length), dtype=torch.int64)
-    if keys_NkL.numel() == 0:
-        return keys_NkL
-    # On CPU, blocks of pixels keep the comparator network's rows in cache (a 1M-pixel
-    # batch in one piece runs 3x slower per pixel), and every block reuses one set of
-    # buffers (fresh multi-MB buffers cost more in page faults than the work done in them).
-    # An accelerator takes the batch at once.
+    `cpu_kernels` picks the CPU way (row-wise gathers, comparator network) or the
+    accelerators' (`_table_keys`); default: by the device. Both give the same keys."""
+    (num_images, _, length) = ab_N2L.shape
+    if num_images * length == 0:
+        return ab_N2L.new_empty((num_images, k, length), dtype=torch.int64)
     if cpu_kernels is None:
         cpu_kernels = ab_N2L.device.type == "cpu"
-    block = min(_CPU_BLOCK_PIXELS, num_images * length) if cpu_kernels else num_images * length
-    centres_CB = ab_N2L.new_empty((width, block), dtype=torch.int64)
+    if not cpu_kernels:
+        ab_2P = ab_N2L.movedim(1, 0).reshape(2, -1)
+        keys_Pk, inside_P = _table_keys(ab_2P, k)
+        for outside_M in _outside(inside_P):
+            keys_Pk[outside_M] = _brute_force_keys(ab_2P[:, outside_M], k).T
+        return keys_Pk.view(num_images, length, k).transpose(1, 2).contiguous()
+    table = _candidate_table(k, ab_N2L.device)
+    keys_NkL = ab_N2L.new_empty((num_images, k, length), dtype=torch.int64)
+    # Blocks of pixels keep the comparator network's rows in cache (a 1M-pixel batch in one
+    # piece runs 3x slower per pixel), and every block reuses one set of buffers (fresh
+    # multi-MB buffers cost more in page faults than the work done in them).
+    block = min(_CPU_BLOCK_PIXELS, num_images * length)
+    centres_CB = ab_N2L.new_empty((table[1].shape[0], block), dtype=torch.int64)
     keys_CB = torch.empty_like(centres_CB)
     for images, pixels in _blocks(num_images, length, block):
         ab_2b = ab_N2L[images, :, pixels].movedim(1, 0).reshape(2, -1)
         b = ab_2b.shape[1]
         out_knl = keys_NkL[images, :, pixels].movedim(1, 0)
-        _block_keys(ab_2b, table, centres_CB[:, :b], keys_CB[:, :b], out_knl, cpu_kernels)
+        _block_keys(ab_2b, table, centres_CB[:, :b], keys_CB[:, :b], out_knl)
     return keys_NkL
 
 
@@ -258,37 +307,30 @@ def _block_keys(
     centres_Cb: torch.Tensor,
     keys_Cb: torch.Tensor,
     out_knl: torch.Tensor,
-    cpu_kernels: bool,
 ) -> None:
     """Writes the keys of the k nearest bins of a block of b = n x l pixels into out_knl,
-    using centres_Cb and keys_Cb (int64) as scratch space."""
+    using centres_Cb and keys_Cb (int64) as scratch space (CPU)."""
     centres_CX2, index_CX = table
-    scaled_2b = torch.floor((ab_2b + _TABLE_LIMIT_AB) / _CELL_AB)
-    inside_b = ((scaled_2b >= 0) & (scaled_2b < _CELLS_PER_SIDE)).all(dim=0)
-    # NaN ab go to the brute-force path too (giving NaN weights); any valid cell will do here.
-    cell_2b = scaled_2b.nan_to_num_(0.0).clamp_(0, _CELLS_PER_SIDE - 1).long()
-    cell_b = cell_2b[0] * _CELLS_PER_SIDE + cell_2b[1]
+    cell_b, inside_b = _cells(ab_2b)
     # Both centres of a candidate travel as one 8-byte item: half the gathers.
-    _gather_cells(
-        centres_CX2.view(torch.int64)[..., 0], cell_b, centres_Cb, cpu_kernels=cpu_kernels
-    )
-    _gather_cells(index_CX, cell_b, keys_Cb, cpu_kernels=cpu_kernels)
+    _gather_cells(centres_CX2.view(torch.int64)[..., 0], cell_b, centres_Cb)
+    _gather_cells(index_CX, cell_b, keys_Cb)
     keys_Cb = _keys(ab_2b, centres_Cb[..., None].view(torch.float32), keys_Cb)
-    _smallest(keys_Cb, out_knl, cpu_kernels=cpu_kernels)
-    # Rare: ab beyond any sRGB colour. Compared with every bin, in chunks to bound memory.
-    for outside_M in (~inside_b).nonzero().squeeze(1).split(_BRUTE_FORCE_CHUNK):
-        centres_QM2 = ab_bins(ab_2b.device)[:, None, :].repeat(1, len(outside_M), 1)
-        index_QM = torch.arange(NUM_AB_BINS, device=ab_2b.device)[:, None]
-        keys_QM = _keys(ab_2b[:, outside_M], centres_QM2, index_QM.repeat(1, len(outside_M)))
+    _smallest(keys_Cb, out_knl)
+    for outside_M in _outside(inside_b):
         image_M, pixel_M = outside_M // out_knl.shape[2], outside_M % out_knl.shape[2]
-        smallest_kM = keys_QM.new_empty((len(out_knl), len(outside_M)))
-        _smallest(keys_QM, smallest_kM, cpu_kernels=cpu_kernels)
-        out_knl[:, image_M, pixel_M] = smallest_kM
+        out_knl[:, image_M, pixel_M] = _brute_force_keys(ab_2b[:, outside_M], len(out_knl))
 
 
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= NUM_AB_BINS:
         raise ValueError(f"k must be an int in [1, {NUM_AB_BINS}], got {k!r}")
+
+
+def _check_k_and_sigma(k: int, sigma: float) -> None:
+    _check_k(k)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
 
 
 def _images(ab_N2HW: torch.Tensor) -> torch.Tensor:
@@ -319,17 +361,45 @@ def soft_encode(
 
     Returns (bins_NkHW int64, weights_NkHW float32); `to_dense` gives the (N, Q, H, W) form.
     """
-    _check_k(k)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    _check_k_and_sigma(k, sigma)
     keys_NkL = _nearest_keys(_images(ab_N2HW), k)
-    dist2_NkL = _halves(keys_NkL)[1]
-    # Relative to the nearest bin, so that ab far from every bin still normalise: the
-    # nearest bin's term is exactly 1 instead of underflowing to 0.
-    weight_NkL = (dist2_NkL[:, :1] - dist2_NkL).div_(2.0 * sigma * sigma).exp_()
-    weight_NkL /= weight_NkL.sum(dim=1, keepdim=True)
+    weight_NkL = _gaussian_weights(_halves(keys_NkL)[1], sigma)
     bins_NkHW = _bin_indices(keys_NkL, ab_N2HW)
     return bins_NkHW, weight_NkL.view(bins_NkHW.shape)
+
+
+def soft_encode_in_table(
+    ab_N2HW: torch.Tensor, *, k: int = SOFT_ENCODE_K, sigma: float = SOFT_ENCODE_SIGMA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`soft_encode` for ab inside the lookup table (|a|, |b| < 120: the ab of every sRGB
+    colour, so of every training target), written as one traceable computation: no
+    brute-force branch, hence no host sync on accelerators, and ``torch.compile(fullgraph=
+    True)`` takes it whole (with Lab and the loss, the training step's targets become a few
+    fused kernels). Same bins and weights as `soft_encode` (on GPUs, compiled code may round
+    distances with fused multiply-adds, which can swap bins at exactly equal distance);
+    pixels beyond the table get NaN weights rather than wrong bins.
+    """
+    _check_k_and_sigma(k, sigma)
+    ab_N2L = _images(ab_N2HW)
+    keys_Pk, inside_P = _table_keys(ab_N2L.movedim(1, 0).reshape(2, -1), k)
+    dist2_Pk = keys_Pk.bitwise_right_shift(32).int().view(torch.float32)
+    weights_Pk = _gaussian_weights(dist2_Pk.T, sigma).T
+    weights_Pk = weights_Pk.masked_fill(~inside_P[:, None], float("nan"))
+    num_images, length = ab_N2L.shape[0], ab_N2L.shape[2]
+    shape = (*ab_N2HW.shape[:-3], k, *ab_N2HW.shape[-2:])
+
+    def as_images(x_Pk: torch.Tensor) -> torch.Tensor:
+        return x_Pk.view(num_images, length, k).movedim(2, 1).reshape(shape)
+
+    return as_images(keys_Pk.bitwise_and(2**32 - 1)), as_images(weights_Pk)
+
+
+def _gaussian_weights(dist2_kP: torch.Tensor, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) over the k nearest (dim 0 or 1 of (N, k, L) / (k, P): the
+    second-last dim), normalised to sum 1, relative to the nearest bin so that ab far
+    from every bin still normalise: its term is exactly 1 instead of underflowing to 0."""
+    weight = (dist2_kP.narrow(-2, 0, 1) - dist2_kP).div_(2.0 * sigma * sigma).exp_()
+    return weight.div_(weight.sum(dim=-2, keepdim=True))
 
 
 def to_dense(

@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
-from colorcore.data import encode_targets, lightness_and_target_ab, make_targets
+from colorcore.data import make_targets
 from colorcore.datainit import data_dependent_init
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.model import ColorizationNet
-from colorcore.quantize import TARGET_STRIDE
 from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
@@ -203,13 +202,20 @@ def step_loss(
     """The loss of one micro-batch of uint8 crops on the device: Lab and sparse targets,
     forward under autocast, rebalanced cross-entropy.
 
-    With ``cfg.compile``, the model, the Lab conversion and the loss are each compiled; the
-    soft encoding's table lookup stays eager (its rare brute-force path has data-dependent
-    shapes). Compiled, the work outside the network is a handful of fused kernels.
+    With ``cfg.compile``, the model, the targets (Lab conversion and soft encoding) and the
+    loss are each compiled whole, so the work outside the network is a handful of fused
+    kernels. Off the CPU the targets are encoded without a host sync (the crops are sRGB, so
+    `colorcore.quantize.soft_encode_in_table` applies), compiled or not.
     """
     compiled = functools.partial(torch.compile, fullgraph=True) if cfg.compile else None
     forward = torch.compile(model) if compiled else model
-    lab = compiled(lightness_and_target_ab) if compiled else lightness_and_target_ab
+    targets_of = functools.partial(
+        make_targets,
+        k=cfg.soft_encode_k,
+        sigma=cfg.soft_encode_sigma,
+        in_table=compiled is not None or device.type != "cpu",
+    )
+    targets_fn = compiled(targets_of) if compiled else targets_of
     loss_fn = compiled(rebalanced_cross_entropy) if compiled else rebalanced_cross_entropy
     autocast = (
         functools.partial(torch.autocast, device.type, dtype=autocast_dtype)
@@ -218,8 +224,7 @@ def step_loss(
     )
 
     def loss(rgb_N3HW: torch.Tensor) -> torch.Tensor:
-        l_N1HW, ab_N2hw = lab(rgb_N3HW, TARGET_STRIDE)
-        targets = encode_targets(l_N1HW, ab_N2hw, k=cfg.soft_encode_k, sigma=cfg.soft_encode_sigma)
+        targets = targets_fn(rgb_N3HW)
         l_in = targets.l_N1HW
         if device.type == "cuda":
             l_in = l_in.contiguous(memory_format=torch.channels_last)

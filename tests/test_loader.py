@@ -3,6 +3,7 @@ resume, shapes and ranges."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from itertools import islice
@@ -112,6 +113,19 @@ def test_targets_shapes_and_ranges(dataset) -> None:
     assert t.nongray_N.dtype == torch.bool and t.nongray_N.all()
     gray = make_targets(batch.rgb_N3HW.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255)
     assert not gray.nongray_N.any()
+
+
+def test_targets_traced_whole_equal_the_exact_targets(dataset) -> None:
+    """What the training step compiles (`make_targets` with the in-table encoding, no graph
+    break) gives the targets of the exact encoding."""
+    rgb_N3HW = next(iter(loader(dataset, 0, crop_px=32))).rgb_N3HW
+    exact = make_targets(rgb_N3HW)
+    traced = functools.partial(make_targets, in_table=True)
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)(rgb_N3HW)
+    assert torch.equal(compiled.l_N1HW, exact.l_N1HW)
+    assert torch.equal(compiled.bins_NkHW, exact.bins_NkHW)
+    torch.testing.assert_close(compiled.weights_NkHW, exact.weights_NkHW, rtol=0, atol=1e-6)
+    assert torch.equal(compiled.nongray_N, exact.nongray_N)
 
 
 @pytest.mark.parametrize(

@@ -307,9 +307,7 @@ def test_selection_network_sorts_every_binary_input(width: int) -> None:
     inputs_CP = (codes[None, :] >> torch.arange(width)[:, None]) & 1
     expected_CP = inputs_CP.sort(dim=0).values
     for k in range(1, width + 1):
-        smallest_kP = quantize._smallest(
-            inputs_CP.clone(), inputs_CP.new_empty(k, 2**width), cpu_kernels=True
-        )
+        smallest_kP = quantize._smallest(inputs_CP.clone(), inputs_CP.new_empty(k, 2**width))
         assert torch.equal(smallest_kP, expected_CP[:k]), (width, k)
 
 
@@ -320,9 +318,7 @@ def test_selection_network_on_wider_inputs(width: int) -> None:
     inputs_CP[:, :25_000] = torch.randint(0, 10**6, (width, 25_000), generator=generator)
     expected_CP = inputs_CP.sort(dim=0).values
     for k in (1, width // 2, width):
-        smallest_kP = quantize._smallest(
-            inputs_CP.clone(), inputs_CP.new_empty(k, 50_000), cpu_kernels=True
-        )
+        smallest_kP = quantize._smallest(inputs_CP.clone(), inputs_CP.new_empty(k, 50_000))
         assert torch.equal(smallest_kP, expected_CP[:k]), (width, k)
 
 
@@ -343,6 +339,41 @@ def test_accelerator_lookup_equals_the_cpu_lookup(k: int) -> None:
     ab_N2L = ab_2P[:, : ab_2P.shape[1] // 4 * 4].reshape(2, 4, -1).movedim(1, 0)
     expected_NkL = quantize._nearest_keys(ab_N2L, k, cpu_kernels=True)
     assert torch.equal(quantize._nearest_keys(ab_N2L, k, cpu_kernels=False), expected_NkL)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_in_table_encoding_equals_soft_encode_on_srgb_ab(k: int) -> None:
+    """The training step's traceable encoding: the same bins (ties included) and weights as
+    `soft_encode` for ab of sRGB colours and exact ties across the table; eager, and traced
+    whole by torch.compile."""
+    shuffle = torch.randperm(256**3, generator=torch.Generator().manual_seed(k))[:100_000]
+    axis = torch.arange(-115.0, 115.5, 2.5)
+    ab_2P = torch.cat([_every_srgb_ab()[:, shuffle], torch.cartesian_prod(axis, axis).T], dim=1)
+    ab_N2HW = ab_2P[:, : ab_2P.shape[1] // 60 * 60].reshape(2, 3, 4, -1, 5).movedim(0, 2)
+    bins, weights = quantize.soft_encode(ab_N2HW, k=k, sigma=4.0)
+    # k must stay a constant for the tables (dynamic=False: not traced as a symbol after the
+    # second k; the training step passes its k as a constant of the compiled function).
+    compiled = torch.compile(
+        quantize.soft_encode_in_table, backend="aot_eager", fullgraph=True, dynamic=False
+    )
+    for encode in (quantize.soft_encode_in_table, compiled):
+        bins_in_table, weights_in_table = encode(ab_N2HW, k=k, sigma=4.0)
+        assert bins_in_table.shape == bins.shape == (3, 4, k, ab_N2HW.shape[-2], 5)
+        assert torch.equal(bins_in_table, bins)
+        assert_close(weights_in_table, weights, rtol=0, atol=1e-6)
+
+
+def test_in_table_encoding_marks_ab_beyond_the_table_with_nan_weights() -> None:
+    ab_N2HW = _random_ab(2, 2, 4, 5, low=-100, high=100)
+    ab_N2HW[0, 0, 1, 1], ab_N2HW[1, 1, 2, 3], ab_N2HW[1, 0, 0, 0] = 121.0, -500.0, float("nan")
+    bins_NkHW, weights_NkHW = quantize.soft_encode_in_table(ab_N2HW)
+    nan_NHW = weights_NkHW.isnan().any(dim=1)
+    assert nan_NHW.sum() == 3 and nan_NHW[0, 1, 1] and nan_NHW[1, 2, 3] and nan_NHW[1, 0, 0]
+    assert weights_NkHW.isnan().all(dim=1).sum() == 3
+    inside = ~nan_NHW[:, None].expand_as(bins_NkHW)
+    assert torch.equal(bins_NkHW[inside], quantize.soft_encode(ab_N2HW)[0][inside])
+    with pytest.raises(ValueError, match="sigma"):
+        quantize.soft_encode_in_table(ab_N2HW, sigma=0.0)
 
 
 def test_soft_encode_passes_nan_through_and_takes_empty_inputs() -> None:
