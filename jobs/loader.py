@@ -14,8 +14,10 @@ The N mod B images left over at the end of an epoch's order are not used in that
 (no padding with duplicates, every step has the full global batch); the next epoch's
 order is a new permutation, so a different remainder is left out each time.
 
-Workers decode with PIL in a thread pool (JPEG decoding releases the GIL) and prefetch
-batches in the background; on CUDA, `decode="nvjpeg"` decodes on the GPU instead.
+Workers decode, crop and flip with PIL in a thread pool (JPEG decoding releases the GIL),
+with the next steps' images queued behind the current one's so the threads never wait on a
+batch boundary, and read the coming steps' shards in threads of their own; a background
+thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the GPU instead.
 Every worker reads the shards of the current window (it needs a slice of each), which
 trades some repeated reads for exact, rank-independent sample order.
 """
@@ -38,6 +40,7 @@ from PIL import Image
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
+from jobs.images import decode_rgb
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,6 @@ class Batch:
 
 def decode_3hw(data: bytes) -> torch.Tensor:
     """A JPEG of a prepared dataset as an upright uint8 (3, H, W) tensor, decoded by PIL."""
-    from jobs.images import decode_rgb
-
     return _as_3hw(decode_rgb(data))
 
 
@@ -113,8 +114,6 @@ def _as_3hw(image: Image.Image) -> torch.Tensor:
 def _crop_into(out_3HW: torch.Tensor, data: bytes, rng: np.random.Generator) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
     and flipped by PIL before the pixels are copied (once), when no upscaling is needed."""
-    from jobs.images import decode_rgb
-
     image, crop_px = decode_rgb(data), out_3HW.shape[-1]
     width, height = image.size
     if min(height, width) < crop_px:
