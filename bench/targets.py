@@ -32,7 +32,9 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import TARGET_STRIDE, ab_bins
 
 
-def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> dict[str, float]:
+def measure(
+    rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync, profile: bool = False
+) -> dict[str, float]:
     in_table = compiled or rgb.is_cuda
     targets_of = functools.partial(make_targets, in_table=in_table)
     compile_ = torch.compile if compiled else (lambda fn, **_: fn)
@@ -41,6 +43,7 @@ def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> di
     t = targets_fn(rgb)
 
     def loss_step() -> None:
+        logits.grad = None  # as in a step: the gradient flows on, nothing accumulates here
         loss_fn(logits, t.bins_NkHW, t.weights_NkHW, rebalance_Q, nongray_N=t.nongray_N).backward()
 
     def timed(fn) -> float:
@@ -48,7 +51,25 @@ def measure(rgb, logits, rebalance_Q, *, compiled: bool, iters: int, sync) -> di
 
     row = {"targets_ms": timed(lambda: targets_fn(rgb)), "loss_fwd_bwd_ms": timed(loss_step)}
     row["total_ms"] = sum(row.values())
+    if profile:
+        print_profile(lambda: (targets_fn(rgb), loss_step()), sync)
     return row
+
+
+def print_profile(step, sync) -> None:
+    """The kernels (CUDA) or operators (CPU) of five runs of `step`, most time first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profiler(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        if sync:
+            sync()
+    by = "cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=by, row_limit=15, max_name_column_width=60))
 
 
 def main() -> None:
@@ -57,6 +78,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256 if cuda else 8)
     parser.add_argument("--iters", type=int, default=20 if cuda else 5)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--profile", action="store_true", help="print the compiled run's kernels, most time first"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
 
@@ -78,9 +102,11 @@ def main() -> None:
         "logits_dtype": str(logits.dtype),
     }
     for name in ("eager", "compiled") if args.compile else ("eager",):
+        compiled = name == "compiled"
         result[name] = measure(
-            rgb, logits, rebalance_Q, compiled=name == "compiled", iters=args.iters, sync=sync
-        )
+            rgb, logits, rebalance_Q, compiled=compiled, iters=args.iters, sync=sync,
+            profile=args.profile and compiled,
+        )  # fmt: skip
     print(json.dumps(result))
     print(f"{result['device']}, batch {args.batch} of {CROP_PX} x {CROP_PX}, {logits.dtype} logits")
     print(f"{'':9} {'targets ms':>11} {'loss f+b ms':>12} {'total ms':>9}")
