@@ -397,3 +397,20 @@ def test_soft_encode_on_gpu_equals_cpu() -> None:
     bins_gpu, weights_gpu = quantize.soft_encode(ab_N2HW.cuda())
     assert torch.equal(bins_gpu.cpu(), bins_cpu)
     assert_close(weights_gpu.cpu(), weights_cpu, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_in_table_encoding_on_gpu_eager_and_compiled_equals_cpu() -> None:
+    """The training step's encoding on the GPU: eager it equals the CPU's exactly; compiled
+    (Inductor), fused multiply-adds may round a distance differently and swap bins tied at
+    exactly equal distance, so only those may differ."""
+    ab_N2HW = _random_ab(16, 2, 44, 44, low=-100, high=100)
+    bins_cpu, weights_cpu = quantize.soft_encode(ab_N2HW)
+    bins, weights = quantize.soft_encode_in_table(ab_N2HW.cuda())
+    assert torch.equal(bins.cpu(), bins_cpu)
+    assert_close(weights.cpu(), weights_cpu, rtol=0, atol=1e-6)
+    compiled = torch.compile(quantize.soft_encode_in_table, fullgraph=True)
+    bins, weights = compiled(ab_N2HW.cuda())
+    assert (bins.cpu() != bins_cpu).float().mean() < 1e-4
+    assert_close(weights.cpu(), weights_cpu, rtol=0, atol=1e-5)
