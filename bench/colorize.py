@@ -10,8 +10,9 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
   of the full image, PIL bicubic resize to 256, rgb2lab again, one fp32 forward at batch 1,
   the mean ab (the released port's readout), bilinear upsampling to full size, scikit-image
   lab2rgb, PIL JPEG encode;
-- this job: `jobs.colorize.main` on a local Ray instance with every core, batched model
-  actors with the precision `jobs.runtime.choose_precision` picks (bf16 autocast only on
+- this job: `jobs.colorize.main` on a local Ray instance with every core and the job's
+  defaults (on CPUs: one model actor per core, each decoding, colorizing, encoding and
+  writing its batches), with the precision `jobs.runtime.choose_precision` picks (bf16 autocast only on
   CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
   Its steady rate leaves out that start-up and the ramp after it: the later half of the
@@ -107,10 +108,7 @@ def main() -> None:
             output=str(root / "job"),
             model=weights,
             batch_size=args.batch_size,
-            model_actors=args.cores,  # the forward pass dominates on CPUs: one per core
-            actor_cpus=0.5,  # Ray's share; half the CPUs stay free for the tasks' scheduling
-            task_cpus=0.25,
-        )
+        )  # the job's defaults otherwise: on CPUs one whole-stage model actor per core
         start = time.perf_counter()
         summary = colorize.main(cfg)
         job_ips = summary.outputs / (time.perf_counter() - start)

@@ -134,8 +134,9 @@ class ColorizeConfig:
     files_per_task: int = 32
     """Folder inputs: files per read task."""
     model_actors: int = 0
-    """Model actors (0: one per GPU, or on CPUs enough to use 60% of them)."""
-    actor_cpus: float = 0.75
+    """Model actors (0: one per GPU; on CPUs, where they decode and encode too, as many as
+    half the CPUs hold: one per core at the default actor_cpus)."""
+    actor_cpus: float = 0.5
     """CPUs per model actor (its torch threads: this rounded, at least 1)."""
     task_cpus: float = 0.5
     """CPUs per read, decode and write task."""
@@ -146,6 +147,10 @@ class ColorizeConfig:
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
     """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
     `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
+    stages: Literal["auto", "fused", "split"] = "auto"
+    """fused: each model actor decodes, colorizes, encodes and writes its batches (best when
+    the model runs on CPUs, which every stage shares); split: decode and write tasks around
+    the model actors (best with GPUs); auto: fused on CPUs, split with GPUs."""
     compile: bool = False
     """torch.compile the model, and on the device JPEG path the Lab steps around it (GPU
     runs: pays off on large archives of few image sizes)."""
@@ -808,22 +813,44 @@ def _resolve_jpeg_path(cfg: ColorizeConfig, model_on_gpu: bool) -> ColorizeConfi
     return dataclasses.replace(cfg, jpeg_path="device" if model_on_gpu else "cpu")
 
 
+class WholeStage:
+    """Every stage after reading in one process: decode, model, reassemble, encode, write.
+    On CPUs, where every stage competes for the same cores, a model actor that does its
+    rows' whole work saves the hand-offs between stages (each row's bytes and network input
+    through the object store, a task per block) and keeps its cores busy."""
+
+    def __init__(
+        self, cfg: ColorizeConfig, provenance: dict, model: torch.nn.Module | None = None
+    ) -> None:
+        self.cfg, self.provenance = cfg, provenance
+        self.colorizer = Colorizer(cfg, model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = list(batch)
+        rows = [
+            dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        prepared = [prepare_row(row, self.cfg, self.provenance["text"]) for row in rows]
+        return write_batch(self.colorizer(_as_batch(prepared)), self.cfg, self.provenance)
+
+
 def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: dict) -> int:
     on_gpu = choose_precision(cfg.device, cfg.dtype).device.type == "cuda"
     cfg = _resolve_jpeg_path(cfg, on_gpu)
-    text = provenance["text"]
-    rows = [
-        prepare_row(r, cfg, text) for u in units for r in read_unit({"unit": json.dumps(u)}, cfg)
-    ]
+    rows = [r for u in units for r in read_unit({"unit": json.dumps(u)}, cfg)]
     if rows:
-        write_batch(Colorizer(cfg, model)(_as_batch(rows)), cfg, provenance)
+        WholeStage(cfg, provenance, model)(_as_batch(rows))
     return len(rows)
 
 
 def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
+    """One per GPU; on CPUs, where the actors do every stage but reading (`WholeStage`),
+    as many as half the CPUs hold in Ray's accounting: with more, Ray Data starves the read
+    tasks and the pipeline stalls. At the default actor_cpus (0.5), one actor per core, each
+    running one torch thread."""
     if cfg.model_actors:
         return cfg.model_actors
-    return gpus or max(1, int(cpus * 0.6 / cfg.actor_cpus))  # the rest decodes and encodes
+    return gpus or max(1, int(cpus / 2 / cfg.actor_cpus))
 
 
 def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int:
@@ -836,8 +863,12 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))
     cfg = _resolve_jpeg_path(cfg, gpus > 0)
+    fused = cfg.stages == "fused" or (cfg.stages == "auto" and not gpus)
     where = "on the model's device" if cfg.jpeg_path == "device" else "on CPUs"
-    print(f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}; JPEGs coded {where}")
+    print(
+        f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}"
+        f"{', each doing every stage' if fused else ''}; JPEGs coded {where}"
+    )
     rows = [{"unit": json.dumps(u)} for u in units]
     ds = (
         ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -845,28 +876,34 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
         # Streaming split into batch-sized blocks: one archive or file group feeds every
         # decode task and model actor, not one of each.
         .repartition(target_num_rows_per_block=cfg.batch_size)
-        .map(
-            prepare_row,
-            fn_kwargs={"cfg": cfg, "provenance": provenance["text"]},
-            num_cpus=cfg.task_cpus,
-        )
-        .map_batches(
-            Colorizer,
-            fn_constructor_kwargs={"cfg": cfg},
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            num_cpus=cfg.actor_cpus,
-            num_gpus=1 if gpus else 0,
-        )
-        .map_batches(
-            write_batch,
-            fn_kwargs={"cfg": cfg, "provenance": provenance},
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            num_cpus=cfg.task_cpus,
-        )
     )
+    model_stage = {
+        "compute": ray.data.ActorPoolStrategy(size=actors),
+        "batch_size": cfg.batch_size,
+        "batch_format": "numpy",
+        "num_cpus": cfg.actor_cpus,
+        "num_gpus": 1 if gpus else 0,
+    }
+    if fused:
+        ds = ds.map_batches(
+            WholeStage, fn_constructor_kwargs={"cfg": cfg, "provenance": provenance}, **model_stage
+        )
+    else:
+        ds = (
+            ds.map(
+                prepare_row,
+                fn_kwargs={"cfg": cfg, "provenance": provenance["text"]},
+                num_cpus=cfg.task_cpus,
+            )
+            .map_batches(Colorizer, fn_constructor_kwargs={"cfg": cfg}, **model_stage)
+            .map_batches(
+                write_batch,
+                fn_kwargs={"cfg": cfg, "provenance": provenance},
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                num_cpus=cfg.task_cpus,
+            )
+        )
     done, errors, start, last = 0, 0, time.monotonic(), 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         done += len(batch["status"])

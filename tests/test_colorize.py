@@ -267,9 +267,11 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     assert storage.list_files(storage.join(dst, colorize.PARTS_DIR)) == parts_before
 
 
-def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session) -> None:
+@pytest.mark.parametrize("stages", ["auto", "split"])  # auto: fused here (no GPU)
+def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) -> None:
     """A run that stopped part-way (some outputs and manifest parts missing) is completed by
-    the same command, every member exactly once."""
+    the same command, every member exactly once; with the stages fused into the model actors
+    and split around them."""
     model = tmp_path / "tiny.pt"
     torch.manual_seed(0)
     from colorcore import weights
@@ -280,7 +282,7 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session) -> None:
     archive = tmp_path / "roll.tar"
     archive.write_bytes(tar_bytes(members))
     dst = tmp_path / "out"
-    cfg = config(str(archive), str(dst), str(model), batch_size=2)
+    cfg = config(str(archive), str(dst), str(model), batch_size=2, stages=stages)
     first = colorize.main(cfg)
     assert (first.outputs, first.errors) == (10, 1)
     assert sorted(r["output"] for r in first.rows if r["output"]) == sorted(
