@@ -12,8 +12,9 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
   lab2rgb, PIL JPEG encode;
 - this job: `jobs.colorize.main` on a local Ray instance with every core and the job's
   defaults (on CPUs: one model actor per core, each decoding, colorizing, encoding and
-  writing its batches), with the precision `jobs.runtime.choose_precision` picks (bf16 autocast only on
-  CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed mean. Its time counts
+  writing its batches), with the precision `jobs.runtime.choose_precision` picks (bf16
+  autocast only on CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed
+  mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
   Its steady rate leaves out that start-up and the ramp after it: the later half of the
   outputs over the time they took (from the manifest's per-input finish times).
