@@ -7,7 +7,8 @@
 # ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
 # the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
 # checkout). PARTS (default: all, in this order, about 6 minutes on an H200):
-#   tests      the tests marked gpu (nvJPEG codec, CUDA vs CPU colour maths and encoding)
+#   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
+#              encoding)
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
 #   train      bench/train_step.py compiled bf16, synthetic and from JPEG shards (nvJPEG),
@@ -37,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 for part in $parts; do
   case $part in
     tests) run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
-      tests/test_quantize.py tests/test_color.py tests/test_colorize.py ;;
+      tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py ;;
     targets) run python3 bench/targets.py --profile ;;
     train)
       run python3 bench/train_step.py --modes bf16_cl_compile --shards

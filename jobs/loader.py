@@ -191,40 +191,56 @@ class TrainLoader:
         return pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg")
 
     def _start(
-        self, data: list[bytes], epoch: int, positions: np.ndarray, pool: ThreadPoolExecutor
-    ) -> Callable[[], torch.Tensor]:
-        """Starts decoding and cropping a batch; returns the call that waits for its crops."""
+        self,
+        data: list[bytes],
+        epoch: int,
+        positions: np.ndarray,
+        pool: ThreadPoolExecutor,
+        stream: torch.cuda.Stream | None,
+    ) -> Callable[[], tuple[torch.Tensor, torch.cuda.Event | None]]:
+        """Starts decoding and cropping a batch; returns the call that waits for its crops
+        (and, on CUDA, the event of `stream` after which they are ready)."""
         rngs = [np.random.default_rng([self.seed, epoch, int(p)]) for p in positions]
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
 
             frames = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
-            images = torchvision.io.decode_jpeg(
-                frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
-            )
-            crops = torch.stack(
-                [random_crop_flip(im, self.crop_px, g) for im, g in zip(images, rngs, strict=True)]
-            )
-            return lambda: crops
+            # On the loader's own stream: torchvision makes the caller's current stream wait
+            # for its decoder, which on the training stream would stall the step in flight.
+            with torch.cuda.stream(stream):
+                images = torchvision.io.decode_jpeg(
+                    frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
+                )
+                crops = torch.stack(
+                    [
+                        random_crop_flip(im, self.crop_px, g)
+                        for im, g in zip(images, rngs, strict=True)
+                    ]
+                )
+                ready = torch.cuda.Event()
+                ready.record()
+            return lambda: (crops, ready)
         crops = torch.empty((len(data), 3, self.crop_px, self.crop_px), dtype=torch.uint8)
         done = [
             pool.submit(_crop_into, crops[i], d, g)
             for i, (d, g) in enumerate(zip(data, rngs, strict=True))
         ]
 
-        def wait() -> torch.Tensor:
+        def wait() -> tuple[torch.Tensor, None]:
             for future in done:
                 future.result()
-            return crops
+            return crops, None
 
         return wait
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[tuple[Batch, torch.cuda.Event | None]]:
         """Steps are started `prefetch_batches` ahead of the one handed out, so that the
-        decoding threads always have a queue of images; shards are read ahead likewise."""
+        decoding threads always have a queue of images; shards are read ahead likewise.
+        Yields each batch with the CUDA event its crops are ready at (nvJPEG), or None."""
         epoch, offset = self.epoch, self.offset
         started: collections.deque = collections.deque()
         shards: dict[int, Future] = {}
+        stream = torch.cuda.Stream() if self.decode == "nvjpeg" else None
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(self.window_shards, thread_name_prefix="shard-read")
         try:
@@ -239,11 +255,12 @@ class TrainLoader:
                     positions = np.arange(start, start + self.batch_size)
                     data = [shards[int(s)].result()[int(r)].as_py() for s, r in order[positions]]
                     offset += self.global_batch
-                    wait = self._start(data, epoch, positions, pool)
+                    wait = self._start(data, epoch, positions, pool, stream)
                     started.append((wait, epoch, offset, positions))
                     if len(started) > self.prefetch_batches:
                         wait, *step = started.popleft()
-                        yield Batch(wait(), *step)
+                        crops, ready = wait()
+                        yield Batch(crops, *step), ready
                 epoch, offset = epoch + 1, 0
         finally:
             pool.shutdown(cancel_futures=True)
@@ -280,7 +297,12 @@ class TrainLoader:
                 item = buffer.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                batch, ready = item
+                if ready is not None:  # made on the loader's CUDA stream: wait for it there
+                    consumer = torch.cuda.current_stream()
+                    consumer.wait_event(ready)
+                    batch.rgb_N3HW.record_stream(consumer)  # freed for reuse after its use here
+                yield batch
         finally:
             stop.set()
             thread.join()

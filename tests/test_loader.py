@@ -185,3 +185,16 @@ def test_closing_the_iterator_stops_its_threads(dataset) -> None:
     assert loader_threads() - before
     batches.close()
     assert not loader_threads() - before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_batches_match_the_pil_batches(dataset) -> None:
+    """Decoded and cropped on the loader's own CUDA stream, used on the consumer's: the same
+    samples, crops and flips as with PIL, within the two JPEG decoders' rounding."""
+    pil = islice(iter(loader(dataset, 0)), 4)
+    nv = islice(iter(loader(dataset, 0, decode="nvjpeg")), 4)
+    for a, b in zip(pil, nv, strict=True):
+        assert np.array_equal(a.positions, b.positions) and b.rgb_N3HW.is_cuda
+        difference = (b.rgb_N3HW.float() - a.rgb_N3HW.cuda().float()).abs()
+        assert difference.mean() < 3, float(difference.mean())  # a wrong crop or flip: ~20
