@@ -134,7 +134,13 @@ def nvjpeg_codec(device: torch.device) -> Codec:
         )
 
     def encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
-        return [t.cpu().numpy().tobytes() for t in encode_jpeg(images, quality=quality)]
+        # torchvision encodes on a stream of its own that does not wait for the stream the
+        # images were computed on: they must be finished before it starts.
+        torch.cuda.current_stream(device).synchronize()
+        files = encode_jpeg(images, quality=quality)
+        data = torch.cat(files).cpu().numpy().tobytes()  # one copy to the host, not one a file
+        ends = itertools.accumulate(len(f) for f in files)
+        return [data[end - len(f) : end] for f, end in zip(files, ends, strict=True)]
 
     return Codec(decode, encode)
 
