@@ -11,8 +11,9 @@
 #              encoding)
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
-#   train      bench/train_step.py compiled bf16, synthetic and from JPEG shards (nvJPEG),
-#              then the anchor's compiled bf16 step
+#   train      bench/loader.py (nvJPEG and PIL threads on every core), bench/train_step.py
+#              compiled bf16, synthetic and from JPEG shards (nvJPEG), then the anchor's
+#              compiled bf16 step
 #   colorize   bench/colorize_gpu.py compiled, then gpu_colorize_anchor.py
 # Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.
 # JSON results go to $OUT (default: a temporary folder) when the scripts write any.
@@ -41,6 +42,7 @@ for part in $parts; do
       tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py ;;
     targets) run python3 bench/targets.py --profile ;;
     train)
+      run python3 bench/loader.py
       run python3 bench/train_step.py --modes bf16_cl_compile --shards
       run python3 -c "import json, sys; sys.path.insert(0, '$anchors'); import gpu_anchor as a; \
 print(json.dumps(a.train_bench(256, 176, 'bf16_cl_compile')))" ;;
