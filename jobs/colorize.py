@@ -752,9 +752,7 @@ def write_batch(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    keys = list(batch)
-    rows = [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    results = [_finish_row(row, cfg, provenance) for row in rows]
+    results = [_finish_row(row, cfg, provenance) for row in _as_rows(batch)]
     table = pa.Table.from_pylist(results)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -798,6 +796,11 @@ def _provenance(sha256: str, cfg: ColorizeConfig) -> dict:
     return {"model_sha256": sha256, "temperature": cfg.temperature, "text": text}
 
 
+def _as_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    keys = list(batch)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
 def _as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     batch = {}
     for key in rows[0]:
@@ -826,11 +829,8 @@ class WholeStage:
         self.colorizer = Colorizer(cfg, model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = list(batch)
-        rows = [
-            dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)
-        ]
-        prepared = [prepare_row(row, self.cfg, self.provenance["text"]) for row in rows]
+        text = self.provenance["text"]
+        prepared = [prepare_row(row, self.cfg, text) for row in _as_rows(batch)]
         return write_batch(self.colorizer(_as_batch(prepared)), self.cfg, self.provenance)
 
 
