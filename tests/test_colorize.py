@@ -171,6 +171,19 @@ def read_png16(data: bytes) -> np.ndarray:
     return rows[:, 1:].copy().view(">u2").reshape(h, w, 3).astype(np.uint16)
 
 
+def test_model_actor_count_leaves_ray_data_room_for_the_reads() -> None:
+    """One actor per GPU; on CPUs one per core at the default actor_cpus, and never more than
+    half the CPUs in Ray's accounting (2 actors of 0.75 CPU on 2 cores stalled the reads)."""
+    defaults = colorize.ColorizeConfig(input="in", output="out", model="m")
+    assert colorize._model_actors(defaults, gpus=4, cpus=64) == 4
+    for cpus in (1, 2, 16, 96):
+        actors = colorize._model_actors(defaults, gpus=0, cpus=cpus)
+        assert actors == cpus and actors * defaults.actor_cpus <= max(cpus / 2, 0.5)
+    wide = dataclasses.replace(defaults, actor_cpus=0.75)
+    assert colorize._model_actors(wide, gpus=0, cpus=2) == 1
+    assert colorize._model_actors(dataclasses.replace(wide, model_actors=3), 0, 2) == 3
+
+
 def test_config_is_validated_and_parses(capsys) -> None:
     with pytest.raises(ValueError, match="inside"):
         colorize.ColorizeConfig(input="s3://b/in", output="s3://b/in/out", model="m")
