@@ -13,13 +13,15 @@ Per image: EXIF orientation applied (and the tag removed), the network sees L re
 ``--infer-px`` square, the annealed-mean ab (T = ``--temperature``) is upsampled bilinearly to
 the full size and joined with the image's own L, and out-of-gamut colours lose chroma, never
 L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), 16-bit
-grayscale gives 16-bit RGB PNG, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP are
+grayscale and 16-bit colour (PNG, single-page TIFF; read with OpenCV, as Pillow reads them
+at 8 bits) give 16-bit PNG, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP are
 copied, and a provenance string (this project, the model file's SHA-256, T) goes into EXIF
 tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (full-resolution
 L, network-size L) -> model actors (GPU when present, batched, bf16 autocast where fast) ->
-encode-and-write tasks. Every write task writes its outputs, then a manifest part with one row
+encode-and-write tasks; on CPUs the model actors decode, encode and write their batches
+themselves (`WholeStage`). Every write writes its outputs, then a manifest part with one row
 per input (source, output, status, reason, time); a re-run of the same command reads the parts
 and skips inputs already done, so a killed run resumes and each input ends up exactly once.
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
@@ -255,6 +257,33 @@ def _as_bytes(value: Any) -> bytes | None:
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+def _is_16bit_colour(data: bytes, image) -> bool:
+    """A single-picture PNG or TIFF with 16 bits per colour channel (RGB or RGBA), which
+    Pillow would decode to 8 bits."""
+    if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
+        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
+    if image.format == "TIFF" and getattr(image, "n_frames", 1) == 1:
+        bits = image.tag_v2.get(258)  # BitsPerSample
+        return isinstance(bits, tuple) and len(bits) in (3, 4) and set(bits) == {16}
+    return False
+
+
+def _16bit_colour_page(data: bytes, image) -> Page:
+    """A 16-bit colour picture decoded at full depth (OpenCV), upright, alpha kept."""
+    import cv2
+
+    from jobs.colorize_jpeg import upright
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
+        raise BadImage("unreadable 16-bit colour image")
+    turn = exif_orientation(image)  # IMREAD_UNCHANGED leaves the orientation to us
+    planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
+    rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
+    alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
+    return Page(rgb_3HW[None], alpha, 16)
+
+
 def decode(data: bytes, max_pixels: int) -> Decoded:
     """Every page of an image file, upright; raises `BadImage` with the reason."""
     from PIL import ImageOps
@@ -264,6 +293,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     pages = []
     try:
         meta = _metadata(image)
+        if _is_16bit_colour(data, image):
+            return Decoded([_16bit_colour_page(data, image)], fmt, meta)
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
@@ -331,12 +362,24 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def encode_png16(rgb_HW3: np.ndarray, meta: Metadata, exif: bytes, provenance: str) -> bytes:
-    """A 16-bit RGB PNG (Pillow writes at most 8 bits per colour channel)."""
+def encode_png16(
+    rgb_HW3: np.ndarray,
+    meta: Metadata,
+    exif: bytes,
+    provenance: str,
+    alpha_HW: np.ndarray | None = None,
+) -> bytes:
+    """A 16-bit RGB or RGBA PNG (Pillow writes at most 8 bits per colour channel)."""
     h, w, _ = rgb_HW3.shape
-    rows = np.zeros((h, 1 + w * 6), np.uint8)  # filter byte 0, then big-endian samples
-    rows[:, 1:] = np.ascontiguousarray(rgb_HW3, dtype=">u2").view(np.uint8).reshape(h, w * 6)
-    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))]
+    pixels = rgb_HW3
+    if alpha_HW is not None:  # 8-bit alpha spread over 16 bits (x 257)
+        alpha16 = alpha_HW if alpha_HW.dtype == np.uint16 else alpha_HW.astype(np.uint16) * 257
+        pixels = np.dstack([rgb_HW3, alpha16])
+    row_bytes = w * 2 * pixels.shape[2]
+    rows = np.zeros((h, 1 + row_bytes), np.uint8)  # filter byte 0, then big-endian samples
+    rows[:, 1:] = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(h, row_bytes)
+    colour_type = 2 if alpha_HW is None else 6
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
     if meta.icc:
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc)))
     chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")))
@@ -369,7 +412,7 @@ def encode(
 
     meta, exif = decoded.meta, _exif_bytes(decoded.meta, provenance)
     if fmt == "PNG16":
-        return encode_png16(rgb_pages[0], meta, exif, provenance)
+        return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
     images = []
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
         rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)

@@ -328,6 +328,46 @@ def released_format_model(path) -> ColorizationNet:
     return model.eval()
 
 
+def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> None:
+    """A 16-bit RGB PNG stored turned (EXIF orientation 6 in an eXIf chunk) and a 16-bit RGBA
+    TIFF: 16-bit PNG outputs, upright, whose L follows the source's at 16-bit precision,
+    alpha kept to the bit. Written and read back with OpenCV (BGR order), not the job's code."""
+    import cv2
+
+    torch.manual_seed(5)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    rng = np.random.default_rng(5)
+    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
+    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
+    alpha16 = rng.integers(0, 65536, (24, 36), dtype=np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown after a quarter turn clockwise
+    png = cv2.imencode(".png", rgb16[..., ::-1])[1].tobytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, then IHDR's length, type, data and CRC
+    body = b"eXIf" + exif.tobytes()
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    turned_png = png[:ihdr_end] + chunk + png[ihdr_end:]
+    rgba_tif = cv2.imencode(".tiff", np.dstack([rgb16[..., ::-1], alpha16]))[1].tobytes()
+    files = {"rgb16.png": turned_png, "rgba16.tif": rgba_tif}
+    rows = _run_local(files, tmp_path, model, jpeg_path="cpu")
+    for rel, shown in (("rgb16.png", np.rot90(rgb16, k=-1)), ("rgba16.tif", rgb16)):
+        row = rows[rel]
+        assert row["status"] == "ok" and row["output"].endswith(".png"), row
+        data = (row["root"] / row["output"]).read_bytes()
+        out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert out.dtype == np.uint16 and out.shape[:2] == shown.shape[:2], rel
+        l_in, l_out = (
+            rgb_to_lab(torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))[0]
+            for rgb in (np.ascontiguousarray(shown), out[..., 2::-1])
+        )
+        assert (l_out - l_in).abs().max() < 0.05, rel  # 8 bits would be off by ~0.2
+        assert len(np.unique(out[..., 1] & 0xFF)) > 8  # the low bytes carry information
+    row = rows["rgba16.tif"]
+    data = (row["root"] / row["output"]).read_bytes()
+    rgba = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert rgba.shape[2] == 4 and np.array_equal(rgba[..., 3], alpha16)
+
+
 def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_path) -> None:
     model = released_format_model(tmp_path / "colorization_release_v2-9b330a0b.pth")
     rgb = photo_rgb("chelsea", size=48)
