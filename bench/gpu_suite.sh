@@ -6,7 +6,7 @@
 #
 # ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
 # the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
-# checkout). PARTS (default: all, in this order, about 6 minutes on an H200):
+# checkout). PARTS (default: all, in this order, about 7 minutes on an H200):
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
 #              encoding)
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
