@@ -10,6 +10,7 @@ import io
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
@@ -58,6 +59,16 @@ def decode_rgb(
 ) -> Image.Image:
     """Decode to an upright RGB image (alpha dropped); see `load_rgb`."""
     return _to_rgb(_decode_upright(data, max_pixels, min_side_px))
+
+
+def decode_3hw(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """`decode_rgb` as a uint8 (3, H, W) tensor."""
+    return as_3hw(decode_rgb(data, max_pixels=max_pixels))
+
+
+def as_3hw(image: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 (3, H, W) tensor (a copy, writable)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def load_rgb(

@@ -40,7 +40,7 @@ from PIL import Image
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import decode_rgb
+from jobs.images import as_3hw, decode_rgb
 
 
 @dataclass(frozen=True)
@@ -102,22 +102,13 @@ class Batch:
     """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
 
 
-def decode_3hw(data: bytes) -> torch.Tensor:
-    """A JPEG of a prepared dataset as an upright uint8 (3, H, W) tensor, decoded by PIL."""
-    return _as_3hw(decode_rgb(data))
-
-
-def _as_3hw(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
 def _crop_into(out_3HW: torch.Tensor, data: bytes, rng: np.random.Generator) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
     and flipped by PIL before the pixels are copied (once), when no upscaling is needed."""
     image, crop_px = decode_rgb(data), out_3HW.shape[-1]
     width, height = image.size
     if min(height, width) < crop_px:
-        out_3HW.copy_(random_crop_flip(_as_3hw(image), crop_px, rng))
+        out_3HW.copy_(random_crop_flip(as_3hw(image), crop_px, rng))
         return
     top, left, flip = crop_box(height, width, crop_px, rng)
     crop = image.crop((left, top, left + crop_px, top + crop_px))

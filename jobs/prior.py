@@ -20,13 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from colorcore.color import rgb_to_lab
 from colorcore.prior import AbHistogram
 from jobs import storage
 from jobs.dataset import PRIOR_FILE, Manifest
-from jobs.images import decode_rgb
+from jobs.images import decode_3hw
 from jobs.plots import figure_png, pyplot
 
 
@@ -73,8 +72,7 @@ def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> AbHistogra
     """Counts of the nearest ab bins of the images' pixels (single process)."""
     histogram = AbHistogram()
     for data in jpegs:
-        image = decode_rgb(data)
-        rgb_13HW = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        rgb_13HW = decode_3hw(data)[None].float() / 255
         histogram.update(rgb_to_lab(rgb_13HW)[:, 1:], pixel_stride=pixel_stride)
     return histogram
 

@@ -25,7 +25,8 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.metrics import ab_auc
 from colorcore.quantize import nearest_bin
 from jobs import storage
-from jobs.loader import DatasetIndex, decode_3hw
+from jobs.images import decode_3hw
+from jobs.loader import DatasetIndex
 
 
 def load_crops(

@@ -17,8 +17,8 @@ import torch
 from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
 from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo
-from jobs.images import EXIF_ORIENTATION, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, decode_3hw, epoch_order
+from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
+from jobs.loader import DatasetIndex, TrainLoader, epoch_order
 from tests.support import encode, photo_rgb
 
 SHARD_SIZES = (7, 5, 6, 5)  # 23 images, two of them grayscale
