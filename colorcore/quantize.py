@@ -381,25 +381,22 @@ def soft_encode_in_table(
     """
     _check_k_and_sigma(k, sigma)
     ab_N2L = _images(ab_N2HW)
+    (num_images, _, length) = ab_N2L.shape
     keys_Pk, inside_P = _table_keys(ab_N2L.movedim(1, 0).reshape(2, -1), k)
-    dist2_Pk = keys_Pk.bitwise_right_shift(32).int().view(torch.float32)
-    weights_Pk = _gaussian_weights(dist2_Pk.T, sigma).T
-    weights_Pk = weights_Pk.masked_fill(~inside_P[:, None], float("nan"))
-    num_images, length = ab_N2L.shape[0], ab_N2L.shape[2]
-    shape = (*ab_N2HW.shape[:-3], k, *ab_N2HW.shape[-2:])
-
-    def as_images(x_Pk: torch.Tensor) -> torch.Tensor:
-        return x_Pk.view(num_images, length, k).movedim(2, 1).reshape(shape)
-
-    return as_images(keys_Pk.bitwise_and(2**32 - 1)), as_images(weights_Pk)
+    keys_NkL = keys_Pk.view(num_images, length, k).transpose(1, 2)
+    dist2_NkL = keys_NkL.bitwise_right_shift(32).int().view(torch.float32)
+    weight_NkL = _gaussian_weights(dist2_NkL, sigma)
+    weight_NkL = weight_NkL.masked_fill(~inside_P.view(num_images, 1, length), float("nan"))
+    bins_NkHW = _bin_indices(keys_NkL.contiguous(), ab_N2HW)
+    return bins_NkHW, weight_NkL.reshape(bins_NkHW.shape)
 
 
-def _gaussian_weights(dist2_kP: torch.Tensor, sigma: float) -> torch.Tensor:
-    """exp(-d^2 / 2 sigma^2) over the k nearest (dim 0 or 1 of (N, k, L) / (k, P): the
-    second-last dim), normalised to sum 1, relative to the nearest bin so that ab far
-    from every bin still normalise: its term is exactly 1 instead of underflowing to 0."""
-    weight = (dist2_kP.narrow(-2, 0, 1) - dist2_kP).div_(2.0 * sigma * sigma).exp_()
-    return weight.div_(weight.sum(dim=-2, keepdim=True))
+def _gaussian_weights(dist2_NkL: torch.Tensor, sigma: float) -> torch.Tensor:
+    """exp(-d^2 / 2 sigma^2) over the k nearest, normalised to sum 1, relative to the nearest
+    bin so that ab far from every bin still normalise: its term is exactly 1 instead of
+    underflowing to 0."""
+    weight_NkL = (dist2_NkL[:, :1] - dist2_NkL).div_(2.0 * sigma * sigma).exp_()
+    return weight_NkL.div_(weight_NkL.sum(dim=1, keepdim=True))
 
 
 def to_dense(
