@@ -91,6 +91,20 @@ def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
     return _Matrices(*(t.to(device, dtype) for t in maps))
 
 
+def _mix(
+    matrix_OI: torch.Tensor, x_BIP: torch.Tensor, bias_OP: torch.Tensor | None = None
+) -> torch.Tensor:
+    """matrix @ x (+ bias) over the channels: I in, O out, x (..., I, P); a bias only with a
+    2-D x. Eager, one matmul or addmm. Under torch.compile, written out as products summed
+    over I (at most 3 terms), which inductor unrolls into the elementwise kernel around it:
+    a conversion compiles to one pass over the image instead of a kernel, a batched matmul
+    and another kernel, each through memory."""
+    if torch.compiler.is_compiling():
+        out = (matrix_OI[:, :, None] * x_BIP.unsqueeze(-3)).sum(-2)
+        return out if bias_OP is None else out + bias_OP
+    return matrix_OI @ x_BIP if bias_OP is None else torch.addmm(bias_OP, matrix_OI, x_BIP)
+
+
 def _as_planes(x: torch.Tensor, name: str, channels: tuple[int, ...] = (3,)) -> torch.Tensor:
     """(..., C, H, W) -> (B, C, P) in the compute dtype: fp32/fp64 as given, else fp32."""
     if x.dim() < 3 or x.shape[-3] not in channels:
@@ -175,8 +189,8 @@ def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     """
     rgb_B3P = _as_planes(rgb_N3HW, "rgb_to_lab input")
     m = _matrices(rgb_B3P.dtype, rgb_B3P.device)
-    f_B3P = _lab_f(m.xyzn_from_rgb @ _srgb_to_linear(rgb_B3P))
-    lab_B3P = m.lab_from_f @ f_B3P
+    f_B3P = _lab_f(_mix(m.xyzn_from_rgb, _srgb_to_linear(rgb_B3P)))
+    lab_B3P = _mix(m.lab_from_f, f_B3P)
     lab_B3P[:, 0].sub_(16.0)
     return lab_B3P.reshape(rgb_N3HW.shape).to(rgb_N3HW.dtype)
 
@@ -194,7 +208,7 @@ def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     if rgb_BCP.shape[1] == 1:  # Y of a gray is its linear value times the row's sum
         y_B1P = _srgb_to_linear(rgb_BCP).mul_(y_row.sum())
     else:
-        y_B1P = y_row @ _srgb_to_linear(rgb_BCP)
+        y_B1P = _mix(y_row, _srgb_to_linear(rgb_BCP))
     l_B1P = _lab_f(y_B1P).mul_(116.0).sub_(16.0)
     return l_B1P.reshape(*rgb_N3HW.shape[:-3], 1, *rgb_N3HW.shape[-2:]).to(rgb_N3HW.dtype)
 
@@ -202,11 +216,11 @@ def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
 def _lab_to_linear(lab_B3P: torch.Tensor) -> torch.Tensor:
     """Lab -> linear sRGB, unclipped."""
     m = _matrices(lab_B3P.dtype, lab_B3P.device)
-    f_B3P = (m.f_from_lab @ lab_B3P).add_(LAB_F_OFFSET)
+    f_B3P = _mix(m.f_from_lab, lab_B3P).add_(LAB_F_OFFSET)
     # scikit-image clips negative f_z (Z far below zero), kept so that "clip" matches it. Such
     # colours are out of gamut with or without the clip, so "chroma" is unaffected.
     f_B3P[:, 2].clamp_min_(0.0)
-    return m.rgb_from_xyzn @ _lab_f_inverse(f_B3P)
+    return _mix(m.rgb_from_xyzn, _lab_f_inverse(f_B3P))
 
 
 @compile_constant
@@ -244,21 +258,44 @@ def _max_in_gamut_chroma(lab_3K: torch.Tensor) -> torch.Tensor:
     lo_K = torch.zeros_like(L)
     for step in (0.5**i for i in range(1, _CHROMA_BISECTION_STEPS + 1)):
         xzn_2K = _lab_f_inverse(torch.addcmul(fy_K.expand(2, -1), f_step_2K, lo_K + step))
-        lo_K.add_(_in_gamut(torch.addmm(grey_linear_3K, rgb_from_xzn_32, xzn_2K)), alpha=step)
+        lo_K.add_(_in_gamut(_mix(rgb_from_xzn_32, xzn_2K, grey_linear_3K)), alpha=step)
     return lo_K
 
 
-def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> None:
-    """Overwrite the out-of-gamut pixels of linear_B3P with their chroma-reduced colours."""
+def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> torch.Tensor:
+    """linear_B3P with its out-of-gamut pixels replaced by their chroma-reduced colours.
+
+    Eager, and compiled for CPUs, the search runs on the out-of-gamut pixels only, gathered
+    (the gather waits for the device to count them). Compiled for an accelerator, it runs on
+    every pixel: no host sync, and with `_mix` all of `lab_to_rgb` becomes one kernel, cheaper
+    there than a gather and sixteen passes over the rest. (On CPUs the gathered search is
+    faster compiled too, and inductor's CPU code generation of torch 2.13 fails on the
+    every-pixel graph for some image sizes.)
+    """
     outside_BP = ~_in_gamut(linear_B3P)
+    if torch.compiler.is_compiling() and linear_B3P.device.type != "cpu":
+        return _chroma_mapped_everywhere(lab_B3P, linear_B3P, outside_BP)
     if not bool(outside_BP.any()):
-        return
+        return linear_B3P
     L, a, b = lab_B3P.transpose(1, 2)[outside_BP].T
     L = L.clamp(0.0, L_MAX)
     with torch.no_grad():  # s is the result of a search: a constant for gradients
         scale_K = _max_in_gamut_chroma(torch.stack([L, a, b]))
     mapped_13K = torch.stack([L, a * scale_K, b * scale_K])[None]
     linear_B3P.transpose(1, 2)[outside_BP] = _lab_to_linear(mapped_13K)[0].T
+    return linear_B3P
+
+
+def _chroma_mapped_everywhere(
+    lab_B3P: torch.Tensor, linear_B3P: torch.Tensor, outside_BP: torch.Tensor
+) -> torch.Tensor:
+    """`_map_chroma_into_gamut` without data-dependent shapes: every pixel searched, the
+    result kept where outside_BP."""
+    L, a, b = lab_B3P[:, 0].clamp(0.0, L_MAX), lab_B3P[:, 1], lab_B3P[:, 2]
+    with torch.no_grad():
+        scale_BP = _max_in_gamut_chroma(torch.stack([L, a, b]).flatten(1)).view_as(L)
+    mapped_B3P = _lab_to_linear(torch.stack([L, a * scale_BP, b * scale_BP], dim=1))
+    return torch.where(outside_BP[:, None], mapped_B3P, linear_B3P)
 
 
 def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor:
@@ -277,7 +314,7 @@ def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor
     lab_B3P = _as_planes(lab_N3HW, "lab_to_rgb input")
     linear_B3P = _lab_to_linear(lab_B3P)
     if gamut == "chroma":
-        _map_chroma_into_gamut(lab_B3P, linear_B3P)
+        linear_B3P = _map_chroma_into_gamut(lab_B3P, linear_B3P)
     rgb_B3P = _linear_to_srgb(linear_B3P)
     # The encoding is monotone, so clipping here equals clipping linear light, as scikit-image
     # does; it is the whole of "clip" and removes rounding slack after "chroma".

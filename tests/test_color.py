@@ -6,6 +6,8 @@ scikit-image is the oracle (channels last, float64); colorcore never imports it.
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 
 import numpy as np
@@ -240,6 +242,53 @@ def test_cuda_matches_cpu(random_lab) -> None:
     torch.testing.assert_close(lab_to_rgb(lab.cuda()).cpu(), lab_to_rgb(lab), rtol=0, atol=1e-3)
     rgb = lab_to_rgb(lab)
     torch.testing.assert_close(rgb_to_lab(rgb.cuda()).cpu(), rgb_to_lab(rgb), rtol=0, atol=1e-3)
+
+
+def _compiled_whole(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) compiled by inductor as one graph (no host sync breaks it), checked to call no
+    matrix product between its kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True), x)
+    assert not re.search(r"extern_kernels\.\w+\(", "".join(code)), "a kernel outside the fusion"
+    return out
+
+
+def test_compiled_conversions_are_one_graph_of_elementwise_kernels(random_lab) -> None:
+    lab_23HW = random_lab[:, :40, :100].reshape(3, 2, 40, 50).transpose(0, 1).float()
+    rgb_23HW = lab_to_rgb(lab_23HW, gamut="clip")
+    for fn, x, atol in (
+        (rgb_to_lab, rgb_23HW, 1e-4),
+        (rgb_to_lightness, rgb_23HW, 1e-4),
+        (functools.partial(lab_to_rgb, gamut="clip"), lab_23HW, 1e-5),
+    ):
+        torch.testing.assert_close(_compiled_whole(fn, x), fn(x), rtol=0, atol=atol)
+
+
+def test_chroma_search_of_every_pixel_equals_the_gathered_one(random_lab) -> None:
+    """The form compiled for accelerators searches every pixel instead of syncing to gather
+    the out-of-gamut ones: the same mapping, and one graph of elementwise kernels."""
+    from colorcore.color import (
+        _chroma_mapped_everywhere,
+        _in_gamut,
+        _lab_to_linear,
+        _linear_to_srgb,
+    )
+
+    def chroma_everywhere(lab_N3HW: torch.Tensor) -> torch.Tensor:  # lab_to_rgb's steps
+        lab_N3P = lab_N3HW.flatten(2)
+        linear_N3P = _lab_to_linear(lab_N3P)
+        mapped = _chroma_mapped_everywhere(lab_N3P, linear_N3P, ~_in_gamut(linear_N3P))
+        return _linear_to_srgb(mapped).clamp(0.0, 1.0).view_as(lab_N3HW)
+
+    lab_23HW = random_lab[:, :40, :100].reshape(3, 2, 40, 50).transpose(0, 1).float()
+    expected = lab_to_rgb(lab_23HW)
+    assert not torch.allclose(expected, lab_to_rgb(lab_23HW, gamut="clip"))  # colours mapped
+    torch.testing.assert_close(chroma_everywhere(lab_23HW), expected, rtol=0, atol=1e-4)
+    # Rounding can flip a bisection step at the gamut edge, as between devices (test_cuda_...)
+    compiled = _compiled_whole(chroma_everywhere, lab_23HW)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-3)
 
 
 def test_lightness_alone_is_the_l_of_the_full_conversion() -> None:
