@@ -10,8 +10,9 @@ What the colorize job's model actor does with a batch of JPEG files on a GPU: nv
 mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the workloads of
 ``shared_bench/gpu_colorize_anchor.py``: gray JPEGs (quality 90) of 256 x 256 in batches of
 256, and 1024 x 768 in batches of 64, each timed over one untimed and one timed pass over the
-files, eager and compiled (the model, and the Lab steps before and after it). Run the anchor
-in the same call to compare.
+files, eager and compiled (the model, and the Lab steps before and after it), each batch in
+one piece and in pipelined pieces (`--chunks`, see `JpegColorizer`). Run the anchor in the
+same call to compare.
 Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import time
@@ -55,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU check)")
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--chunks", default="1,4", help="pieces per batch, to compare")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -66,9 +69,10 @@ def main() -> None:
                     "torch": torch.__version__}  # fmt: skip
     for width, height, count, batch in SMALL_WORKLOADS if args.small else WORKLOADS:
         files = gray_jpegs(count, width, height)
-        for mode in args.modes.split(","):
+        for mode, chunks in itertools.product(args.modes.split(","), args.chunks.split(",")):
             colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
-                                      quality=QUALITY, compile=mode == "compiled")  # fmt: skip
+                                      quality=QUALITY, compile=mode == "compiled",
+                                      chunks=int(chunks))  # fmt: skip
             out_bytes = 0
             for timed in (False, True):
                 if cuda:
@@ -82,7 +86,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-            key = f"{width}x{height}_{mode}"
+            key = f"{width}x{height}_{mode}_chunks{chunks}"
             result[key + "_img_s"] = count / seconds
             result[key + "_kb_out"] = out_bytes / count / 1024
             print(json.dumps({key: result[key + "_img_s"]}), flush=True)

@@ -14,7 +14,8 @@
 #   train      bench/loader.py (nvJPEG and PIL threads on every core), bench/train_step.py
 #              compiled bf16, synthetic and from JPEG shards (nvJPEG), then the anchor's
 #              compiled bf16 step
-#   colorize   bench/colorize_gpu.py compiled, then gpu_colorize_anchor.py
+#   colorize   bench/colorize_gpu.py compiled, batches whole and in 4 pipelined pieces,
+#              then gpu_colorize_anchor.py
 # Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.
 # JSON results go to $OUT (default: a temporary folder) when the scripts write any.
 set -uo pipefail

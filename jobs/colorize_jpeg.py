@@ -25,6 +25,7 @@ import io
 import itertools
 import struct
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,15 @@ def default_codec(device: torch.device) -> Codec:
 
 
 class JpegColorizer:
-    """A batch of JPEG files -> colorized JPEG files (None where the codec failed)."""
+    """A batch of JPEG files -> colorized JPEG files (None where the codec failed).
+
+    A batch goes through in `chunks` pieces, pipelined: while the network works on one piece,
+    the next one is decoded and the one before is encoded (a thread of its own; torchvision's
+    codec calls release the GIL). On a GPU that hides most of the codecs' time, which the
+    JPEG hardware decoder and nvJPEG's encoder, syncing the host once a file, would
+    otherwise add to the network's. Decoding runs on a CUDA stream of its own and the colour
+    work on another, so that neither waits for the other's queue; the encoder waits for each
+    piece's event."""
 
     def __init__(
         self,
@@ -191,13 +200,21 @@ class JpegColorizer:
         quality: int,
         codec: Codec | None = None,
         compile: bool = False,
+        chunks: int = 4,
     ) -> None:
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {chunks}")
         self.precision = precision
         self.infer_px, self.temperature, self.quality = infer_px, temperature, quality
+        self.chunks = chunks
         self.codec = codec or default_codec(precision.device)
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
         self.finish = torch.compile(_finish) if compile else _finish
+        cuda = precision.device.type == "cuda"
+        self.decode_stream = torch.cuda.Stream(precision.device) if cuda else None
+        self.compute_stream = torch.cuda.Stream(precision.device) if cuda else None
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode")
 
     def __call__(
         self,
@@ -208,20 +225,53 @@ class JpegColorizer:
         """Colorized files, each with its `segments` spliced in; `orientations` are the
         files' EXIF orientation tags (1 to 8; `jobs.images.exif_orientation`), applied after
         decoding so that outputs are upright."""
-        tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
-        images = self._decode(tensors)
-        for i, turn in enumerate(orientations or ()):
-            if images[i] is not None:
-                images[i] = upright(images[i], turn)
-        ok = [i for i, image in enumerate(images) if image is not None]
+        turns = list(orientations) if orientations else [1] * len(files)
         out: list[bytes | None] = [None] * len(files)
-        if not ok:
-            return out
-        colorized = self._colorize([images[i] for i in ok])
-        encoded = self.codec.encode(colorized, self.quality)
-        for i, data in zip(ok, encoded, strict=True):
-            out[i] = with_segments(data, segments[i]) if segments[i] else data
+        encoding: list[tuple[list[int], Future]] = []
+        for part in _pieces(len(files), self.chunks):
+            ok, colorized, ready = self._colorize_piece(
+                [files[i] for i in part], [turns[i] for i in part]
+            )
+            if ok:
+                job = self.encoder.submit(self._encode, colorized, ready)
+                encoding.append(([part[i] for i in ok], job))
+        for rows, job in encoding:
+            for i, data in zip(rows, job.result(), strict=True):
+                out[i] = with_segments(data, segments[i]) if segments[i] else data
         return out
+
+    def _colorize_piece(
+        self, files: list[bytes], turns: list[int]
+    ) -> tuple[list[int], list[torch.Tensor], torch.cuda.Event | None]:
+        """(positions decoded, their colorized images, the CUDA event they are ready at):
+        everything queued on the device, nothing waited for but the decoder."""
+        tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+        with torch.cuda.stream(self.decode_stream):
+            if self.decode_stream is not None:
+                # The decoder writes on a stream of its own, into blocks this stream may
+                # have freed with reads still queued (the last piece's flips): finish those.
+                self.decode_stream.synchronize()
+            images = self._decode(tensors)
+            ok = [i for i, image in enumerate(images) if image is not None]
+            upright_images = [upright(images[i], turns[i]) for i in ok]
+        if not ok:
+            return ok, [], None
+        with torch.cuda.stream(self.compute_stream):
+            ready = None
+            if self.compute_stream is not None:
+                self.compute_stream.wait_stream(self.decode_stream)
+                for image in upright_images:
+                    image.record_stream(self.compute_stream)  # reused after its use there
+            colorized = self._colorize(upright_images)
+            if self.compute_stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.compute_stream)
+        return ok, colorized, ready
+
+    def _encode(self, images: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[bytes]:
+        if ready is not None:
+            ready.synchronize()  # the encoder's stream does not wait for the compute stream
+        return self.codec.encode(images, self.quality)
 
     def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:
@@ -256,6 +306,16 @@ class JpegColorizer:
             for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
                 out[i] = rgb_3HW
         return out
+
+
+def _pieces(count: int, pieces: int) -> list[list[int]]:
+    """range(count) in at most `pieces` consecutive parts whose sizes differ by at most one
+    (two sizes at most: a compiled model sees few shapes)."""
+    size, extra = divmod(count, pieces)
+    bounds = [0]
+    for k in range(pieces):
+        bounds.append(bounds[-1] + size + (k < extra))
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:

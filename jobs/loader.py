@@ -199,6 +199,9 @@ class TrainLoader:
             # On the loader's own stream: torchvision makes the caller's current stream wait
             # for its decoder, which on the training stream would stall the step in flight.
             with torch.cuda.stream(stream):
+                # The decoder writes on a stream of its own, into blocks this stream may have
+                # freed with reads still queued (the last batch's crops): finish those.
+                stream.synchronize()
                 images = torchvision.io.decode_jpeg(
                     frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
                 )

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageOps
 
 from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
@@ -490,6 +490,39 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     assert "f" * 64 in exif[colorize.PROVENANCE_EXIF_TAG]
     assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
     assert meta.info["photoshop"][0x0404] == IPTC
+
+
+def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
+    """A batch colorized in pipelined pieces (Pillow as the codec here): every file's output
+    at its place, failures where they were, pixels as when the batch goes through whole."""
+    from jobs.colorize_jpeg import JpegColorizer, _pieces, pil_codec
+    from jobs.images import exif_orientation
+
+    assert _pieces(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert _pieces(2, 4) == [[0], [1]] and _pieces(0, 4) == []
+    torch.manual_seed(5)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    corpus = _jpeg_corpus()
+    names = ["meta.jpg", "broken.jpg", "gray.jpg", "colour.jpg", "same/size.jpg"]
+    files = [corpus[n] for n in names] + [encode(gray((20 + i, 30 - i))) for i in range(4)]
+    turns = [exif_orientation(Image.open(io.BytesIO(f))) for f in files]
+    cpu = Precision(torch.device("cpu"), None, "test")
+    kwargs = {
+        "infer_px": INFER_PX,
+        "temperature": 0.38,
+        "quality": 95,
+        "codec": pil_codec(cpu.device),
+    }
+    whole = JpegColorizer(model, cpu, chunks=1, **kwargs)(files, [b""] * len(files), turns)
+    pieces = JpegColorizer(model, cpu, chunks=4, **kwargs)(files, [b""] * len(files), turns)
+    assert [out is None for out in pieces] == [n == "broken.jpg" for n in names] + [False] * 4
+    for source, a, b in zip(files, whole, pieces, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        x, y = (np.asarray(Image.open(io.BytesIO(d)), np.float32) for d in (a, b))
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(source))).size
+        assert Image.open(io.BytesIO(b)).size == expected and np.abs(x - y).max() <= 2
 
 
 @pytest.mark.parametrize("turn", range(1, 9))
