@@ -264,7 +264,7 @@ class JpegColorizer:
                     image.record_stream(self.compute_stream)  # reused after its use there
             colorized = self._colorize(upright_images)
             if self.compute_stream is not None:
-                ready = torch.cuda.Event()
+                ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it
                 ready.record(self.compute_stream)
         return ok, colorized, ready
 
