@@ -25,6 +25,18 @@ def test_annealed_mean_is_the_mean_of_the_reweighted_distribution() -> None:
     annealed = annealed / annealed.sum(1, keepdim=True)
     expected = torch.einsum("nqhw,qc->nchw", annealed, ab_bins())
     torch.testing.assert_close(decode.annealed_mean(z, T), expected, rtol=1e-4, atol=1e-4)
+    # The network's layout (channels_last) and dtype (bf16 under autocast) give the same, in
+    # fp32, and the caller's logits are left as they were.
+    z_last = (z * 20).contiguous(memory_format=torch.channels_last)  # large: needs the max
+    before = z_last.clone()
+    wide = decode.annealed_mean(z_last, T)
+    assert torch.equal(z_last, before) and torch.isfinite(wide).all()
+    torch.testing.assert_close(wide, decode.annealed_mean(z * 20, T), rtol=0, atol=1e-4)
+    half = decode.annealed_mean(z.bfloat16().contiguous(memory_format=torch.channels_last), T)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(
+        half, decode.annealed_mean(z.bfloat16().float(), T), rtol=0, atol=1e-4
+    )
 
 
 def test_temperature_limits() -> None:
