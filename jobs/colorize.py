@@ -625,13 +625,25 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
 # ---------------------------------------------------------------- the pipeline stages
 
 
-def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
-    """Decode and compute the network's input: adds `l_small` (P, 1, S, S fp32 bytes).
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare_row` decoded and computed, kept for `colorize_file` when both run in
+    one process (`WholeStage`): the source is then decoded once."""
+
+    decoded: Decoded
+    lightness: list[torch.Tensor]  # each page's full-size L, (1, 1, H, W)
+
+
+def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool = False) -> dict:
+    """Decode and compute the network's input: adds `l_small` (P, 1, S, S fp32 bytes), and
+    with `keep` the `Prepared` source as `prepared` (in-process use only).
 
     A JPEG bound for the device path (``cfg.jpeg_path == "device"``, see `_device_jpeg`)
     is not decoded: only its header is read, and its metadata is prepared as the APP
     segments the model actor splices into its output (`segments`)."""
     out = {**row, "l_small": b"", "pages": 0, "route": "cpu", "segments": b"", "orientation": 1}
+    if keep:  # every row of a batch has the same columns
+        out["prepared"] = None
     if row["status"] != "pending":
         return out
     try:
@@ -642,9 +654,12 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "") -> dict:
                 device = {"route": "device", "segments": segments, "orientation": turn}
                 return {**out, "pages": 1, **device}
         decoded = decode(row["data"], cfg.max_pixels)
-        small = [network_input(page.rgb, cfg.infer_px)[1] for page in decoded.pages]
+        inputs = [network_input(page.rgb, cfg.infer_px) for page in decoded.pages]
     except Exception as e:  # one input's failure, whatever it is, must not stop the job
         return {**out, "status": "error", "reason": _reason(e), "data": b""}
+    small = [l_small for _, l_small in inputs]
+    if keep:
+        out["prepared"] = Prepared(decoded, [l_full for l_full, _ in inputs])
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
@@ -739,15 +754,26 @@ class Colorizer:
         return encoded
 
 
-def colorize_file(data: bytes, ab_bytes: bytes, cfg: ColorizeConfig, provenance: str):
-    """Source bytes + predicted ab -> (output bytes, format, decoded source)."""
-    decoded = decode(data, cfg.max_pixels)
+def colorize_file(
+    data: bytes,
+    ab_bytes: bytes,
+    cfg: ColorizeConfig,
+    provenance: str,
+    prepared: Prepared | None = None,
+):
+    """Source bytes (or what `prepare_row` kept of them) + predicted ab -> (output bytes,
+    format, decoded source)."""
+    if prepared is None:
+        decoded = decode(data, cfg.max_pixels)
+        lightness = [rgb_to_lightness(page.rgb) for page in decoded.pages]
+    else:
+        decoded, lightness = prepared.decoded, prepared.lightness
     s = cfg.infer_px // 4
     ab_P2ss = torch.from_numpy(np.frombuffer(ab_bytes, np.float32).reshape(-1, 2, s, s).copy())
     fmt = output_format(decoded, cfg.format)
     rgb_pages = []
-    for page, ab_12ss in zip(decoded.pages, ab_P2ss.split(1), strict=True):
-        rgb_13HW = reassemble(rgb_to_lightness(page.rgb), ab_12ss)
+    for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True):
+        rgb_13HW = reassemble(l_11HW, ab_12ss)
         top = 65535.0 if fmt == "PNG16" else 255.0
         values = rgb_13HW[0].permute(1, 2, 0).mul_(top).round_().numpy()
         rgb_pages.append(values.astype(np.uint16 if fmt == "PNG16" else np.uint8))
@@ -778,7 +804,9 @@ def _finish_row(row: dict, cfg: ColorizeConfig, provenance: dict) -> dict:
                 w, h = open_image(data, max_pixels=cfg.max_pixels).size
             else:
                 text = provenance["text"]
-                data, fmt, decoded = colorize_file(row["data"], row["ab_small"], cfg, text)
+                data, fmt, decoded = colorize_file(
+                    row["data"], row["ab_small"], cfg, text, row.get("prepared")
+                )
                 h, w = decoded.pages[0].rgb.shape[-2:]
             name = output_name(row["rel"], fmt)
             storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
@@ -873,7 +901,7 @@ class WholeStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         text = self.provenance["text"]
-        prepared = [prepare_row(row, self.cfg, text) for row in _as_rows(batch)]
+        prepared = [prepare_row(row, self.cfg, text, keep=True) for row in _as_rows(batch)]
         return write_batch(self.colorizer(_as_batch(prepared)), self.cfg, self.provenance)
 
 
