@@ -86,7 +86,7 @@ SUFFIXES = {
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 # TIFF tags that describe the photo rather than the file's layout: the ones carried over.
 _TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
-_EXIF_IFD, _XMP_TAG, _IPTC_TAG = 0x8769, 700, 33723
+_EXIF_IFD, _XMP_TAG, _IPTC_TAG, _ICC_TAG = 0x8769, 700, 33723, 34675
 _STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
 MANIFEST_COLUMNS = (
     "source",
@@ -258,26 +258,38 @@ def _as_bytes(value: Any) -> bytes | None:
 
 
 def _is_16bit_colour(data: bytes, image) -> bool:
-    """A single-picture PNG or TIFF with 16 bits per colour channel (RGB or RGBA), which
-    Pillow would decode to 8 bits."""
+    """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
+    RGBA), which Pillow would decode to 8 bits."""
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
         return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
-    if image.format == "TIFF" and getattr(image, "n_frames", 1) == 1:
-        bits = image.tag_v2.get(258)  # BitsPerSample
-        return isinstance(bits, tuple) and len(bits) in (3, 4) and set(bits) == {16}
+    if image.format == "TIFF":
+        bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)  # and RGB?
+        return (
+            isinstance(bits, tuple)
+            and len(bits) in (3, 4)
+            and set(bits) == {16}
+            and photometric == 2
+        )
     return False
 
 
-def _16bit_colour_page(data: bytes, image) -> Page:
-    """A 16-bit colour picture decoded at full depth (OpenCV), upright, alpha kept."""
+def _full_depth_pictures(data: bytes) -> list[np.ndarray]:
+    """Every picture of a PNG or TIFF as stored, at full depth (OpenCV: BGR(A) order, EXIF
+    orientation not applied), one per page in Pillow's page order."""
     import cv2
 
+    ok, pictures = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok:
+        raise BadImage("unreadable 16-bit colour image")
+    return list(pictures)
+
+
+def _16bit_colour_page(pixels: np.ndarray, turn: int) -> Page:
+    """A 16-bit colour picture from `_full_depth_pictures` -> an upright page, alpha kept."""
     from jobs.colorize_jpeg import upright
 
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise BadImage("unreadable 16-bit colour image")
-    turn = exif_orientation(image)  # IMREAD_UNCHANGED leaves the orientation to us
     planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
     rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
     alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
@@ -293,13 +305,18 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     pages = []
     try:
         meta = _metadata(image)
-        if _is_16bit_colour(data, image):
-            return Decoded([_16bit_colour_page(data, image)], fmt, meta)
+        full_depth: list[np.ndarray] | None = None  # decoded when a page needs it
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
             if w * h > max_pixels:
                 raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
+            if _is_16bit_colour(data, image):
+                full_depth = full_depth or _full_depth_pictures(data)
+                if index >= len(full_depth):
+                    raise BadImage(f"page {index} unreadable at 16 bits")
+                pages.append(_16bit_colour_page(full_depth[index], exif_orientation(image)))
+                continue
             image.load()
             pages.append(_page(ImageOps.exif_transpose(image)))
     except BadImage:
@@ -390,12 +407,39 @@ def encode_png16(
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
 
 
+def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str) -> bytes:
+    """A TIFF of pages at 16 bits per channel (Pillow writes at most 8), deflate-compressed,
+    with the source's ICC profile, XMP, IPTC and descriptive tags and the provenance tag.
+    The EXIF sub-IFD (capture date and the like) is not carried: tifffile writes none."""
+    import tifffile
+
+    meta = decoded.meta
+    text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
+    text[PROVENANCE_EXIF_TAG] = provenance
+    tags = [(t, "s", 0, v, True) for t, v in text.items() if isinstance(v, str) and v.isascii()]
+    for tag, block in ((_ICC_TAG, meta.icc), (_XMP_TAG, meta.xmp), (_IPTC_TAG, meta.iptc)):
+        if block:
+            tags.append((tag, "B", len(block), block, True))
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tiff:
+        for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
+            pixels = rgb if rgb.dtype == np.uint16 else rgb.astype(np.uint16) * 257
+            extra = None
+            if page.alpha is not None:
+                alpha = page.alpha
+                alpha = alpha if alpha.dtype == np.uint16 else alpha.astype(np.uint16) * 257
+                pixels, extra = np.dstack([pixels, alpha]), ["unassalpha"]
+            tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
+                       extratags=tags, metadata=None, software=False)  # fmt: skip
+    return buffer.getvalue()
+
+
 def output_format(decoded: Decoded, choice: str) -> str:
-    """JPEG, PNG, TIFF, WEBP, or PNG16 (16-bit RGB PNG)."""
+    """JPEG, PNG, TIFF, WEBP, PNG16 (a 16-bit picture) or TIFF16 (pages, one at 16 bits)."""
     fmt = decoded.format if choice == "keep" else choice.upper()
     fmt = fmt if fmt in SUFFIXES else "PNG"
-    if len(decoded.pages) > 1:
-        return "TIFF"  # only TIFF carries pages
+    if len(decoded.pages) > 1:  # only TIFF carries pages
+        return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
     page = decoded.pages[0]
     if page.bits == 16 and fmt in ("PNG", "TIFF"):
         return "PNG16"
@@ -413,6 +457,8 @@ def encode(
     meta, exif = decoded.meta, _exif_bytes(decoded.meta, provenance)
     if fmt == "PNG16":
         return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
+    if fmt == "TIFF16":
+        return encode_tiff16(rgb_pages, decoded, provenance)
     images = []
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
         rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
@@ -447,7 +493,7 @@ def encode(
 
 
 def output_name(rel: str, fmt: str) -> str:
-    suffixes = SUFFIXES["PNG" if fmt == "PNG16" else fmt]
+    suffixes = SUFFIXES[fmt.removesuffix("16")]
     return rel if rel.lower().endswith(suffixes) else rel + suffixes[0]
 
 
@@ -774,9 +820,9 @@ def colorize_file(
     rgb_pages = []
     for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True):
         rgb_13HW = reassemble(l_11HW, ab_12ss)
-        top = 65535.0 if fmt == "PNG16" else 255.0
+        top = 65535.0 if fmt.endswith("16") else 255.0
         values = rgb_13HW[0].permute(1, 2, 0).mul_(top).round_().numpy()
-        rgb_pages.append(values.astype(np.uint16 if fmt == "PNG16" else np.uint8))
+        rgb_pages.append(values.astype(np.uint16 if fmt.endswith("16") else np.uint8))
     return encode(rgb_pages, decoded, fmt, provenance, cfg.quality), fmt, decoded
 
 

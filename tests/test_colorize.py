@@ -368,6 +368,50 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
     assert rgba.shape[2] == 4 and np.array_equal(rgba[..., 3], alpha16)
 
 
+def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> None:
+    """A TIFF of a 16-bit RGB page, a 16-bit RGBA page and an 8-bit gray page, with ICC,
+    XMP and an Artist tag: a TIFF of three pages at 16 bits, L kept at 16-bit precision,
+    alpha to the bit, the metadata and the provenance tag carried. The source is written
+    with tifffile and the output read with OpenCV and Pillow, not with the job's code."""
+    import cv2
+    import tifffile
+
+    torch.manual_seed(6)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    rng = np.random.default_rng(6)
+    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
+    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
+    alpha16 = rng.integers(0, 65536, (24, 36), dtype=np.uint16)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tiff:
+        tags = [(315, "s", 0, "A. Archivist", True), (34675, "B", len(SRGB_ICC), SRGB_ICC, True),
+                (700, "B", len(XMP), XMP, True)]  # fmt: skip
+        tiff.write(rgb16, photometric="rgb", compression="zlib", extratags=tags, metadata=None)
+        tiff.write(np.dstack([rgb16, alpha16]), photometric="rgb", extrasamples=["unassalpha"],
+                   metadata=None)  # fmt: skip
+        tiff.write(gray((20, 30)), photometric="minisblack", metadata=None)
+    row = _run_local({"pages.tif": buffer.getvalue()}, tmp_path, model, jpeg_path="cpu")[
+        "pages.tif"
+    ]
+    assert (row["status"], row["output"], row["pages"]) == ("ok", "pages.tif", 3), row
+    data = (row["root"] / row["output"]).read_bytes()
+    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert ok and [p.shape for p in pages] == [(24, 36, 3), (24, 36, 4), (20, 30, 3)]
+    assert all(p.dtype == np.uint16 for p in pages)
+    for page in pages[:2]:
+        l_in, l_out = (
+            rgb_to_lab(torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))[0]
+            for rgb in (rgb16, page[..., 2::-1])
+        )
+        assert (l_out - l_in).abs().max() < 0.05  # 8 bits would be off by ~0.2
+        assert len(np.unique(page[..., 1] & 0xFF)) > 8  # the low bytes carry information
+    assert np.array_equal(pages[1][..., 3], alpha16)
+    image = Image.open(io.BytesIO(data))
+    assert image.n_frames == 3 and image.tag_v2[315] == "A. Archivist"
+    assert "f" * 64 in image.tag_v2[colorize.PROVENANCE_EXIF_TAG]
+    assert image.info["icc_profile"] == SRGB_ICC and b"archive-42" in bytes(image.tag_v2[700])
+
+
 def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_path) -> None:
     model = released_format_model(tmp_path / "colorization_release_v2-9b330a0b.pth")
     rgb = photo_rgb("chelsea", size=48)
@@ -412,8 +456,10 @@ def test_output_formats_and_names() -> None:
     assert fmt(colorize.Decoded([page16], "TIFF", meta), "keep") == "PNG16"
     assert fmt(colorize.Decoded([alpha], "PNG", meta), "jpeg") == "PNG"
     assert fmt(colorize.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
+    assert fmt(colorize.Decoded([page8, page16], "TIFF", meta), "keep") == "TIFF16"
     assert fmt(colorize.Decoded([page8], "BMP", meta), "keep") == "PNG"
     assert colorize.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
+    assert colorize.output_name("a/b.tif", "TIFF16") == "a/b.tif"
     assert colorize.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
     assert json.loads(json.dumps(colorize.MANIFEST_COLUMNS))
 
