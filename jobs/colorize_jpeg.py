@@ -226,52 +226,41 @@ class JpegColorizer:
         files' EXIF orientation tags (1 to 8; `jobs.images.exif_orientation`), applied after
         decoding so that outputs are upright."""
         turns = list(orientations) if orientations else [1] * len(files)
+        parts = _pieces(len(files), self.chunks)
         out: list[bytes | None] = [None] * len(files)
         encoding: list[tuple[list[int], Future]] = []
-        for part in _pieces(len(files), self.chunks):
-            ok, colorized, ready = self._colorize_piece(
-                [files[i] for i in part], [turns[i] for i in part]
-            )
-            if ok:
-                job = self.encoder.submit(self._encode, colorized, ready)
-                encoding.append(([part[i] for i in ok], job))
+        decoded = self._decode_piece(files, turns, parts[0]) if parts else []
+        for k, part in enumerate(parts):
+            rows = [part[i] for i, image in enumerate(decoded) if image is not None]
+            images = [image for image in decoded if image is not None]
+            predicted = self._predict(images) if images else None
+            # The next piece is decoded while the network works on this one: the rest of
+            # this piece's steps may wait for the device (eager chroma search).
+            if k + 1 < len(parts):
+                decoded = self._decode_piece(files, turns, parts[k + 1])
+            if predicted is not None:
+                colorized, ready = self._finish_piece(images, *predicted)
+                encoding.append((rows, self.encoder.submit(self._encode, colorized, ready)))
         for rows, job in encoding:
             for i, data in zip(rows, job.result(), strict=True):
                 out[i] = with_segments(data, segments[i]) if segments[i] else data
         return out
 
-    def _colorize_piece(
-        self, files: list[bytes], turns: list[int]
-    ) -> tuple[list[int], list[torch.Tensor], torch.cuda.Event | None]:
-        """(positions decoded, their colorized images, the CUDA event they are ready at):
-        everything queued on the device, nothing waited for but the decoder."""
-        tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    def _decode_piece(
+        self, files: Sequence[bytes], turns: list[int], part: list[int]
+    ) -> list[torch.Tensor | None]:
+        """The piece's images, upright, on the decode stream (None where decoding failed)."""
+        tensors = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in part]
         with torch.cuda.stream(self.decode_stream):
             if self.decode_stream is not None:
                 # The decoder writes on a stream of its own, into blocks this stream may
                 # have freed with reads still queued (the last piece's flips): finish those.
                 self.decode_stream.synchronize()
             images = self._decode(tensors)
-            ok = [i for i, image in enumerate(images) if image is not None]
-            upright_images = [upright(images[i], turns[i]) for i in ok]
-        if not ok:
-            return ok, [], None
-        with torch.cuda.stream(self.compute_stream):
-            ready = None
-            if self.compute_stream is not None:
-                self.compute_stream.wait_stream(self.decode_stream)
-                for image in upright_images:
-                    image.record_stream(self.compute_stream)  # reused after its use there
-            colorized = self._colorize(upright_images)
-            if self.compute_stream is not None:
-                ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it
-                ready.record(self.compute_stream)
-        return ok, colorized, ready
-
-    def _encode(self, images: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[bytes]:
-        if ready is not None:
-            ready.synchronize()  # the encoder's stream does not wait for the compute stream
-        return self.codec.encode(images, self.quality)
+            return [
+                None if image is None else upright(image, turns[i])
+                for i, image in zip(part, images, strict=True)
+            ]
 
     def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:
@@ -286,26 +275,56 @@ class JpegColorizer:
             return images
 
     @torch.inference_mode()
-    def _colorize(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Upright (3, H, W) uint8 images on the device -> colorized ones, same sizes."""
-        S = self.infer_px
-        # Images of one size go through the full-size steps together.
-        order = sorted(range(len(images)), key=lambda i: tuple(images[i].shape))
-        groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: images[i].shape)]
-        lightness, small = [], []
-        for group in groups:
-            l_N1HW, l_N1SS = self.prepare(torch.stack([images[i] for i in group]), S)
-            lightness.append(l_N1HW)
-            small.append(l_N1SS)
-        ab_N2ss = predict_ab(self.forward, torch.cat(small), self.temperature, self.precision)
-        out: list[torch.Tensor | None] = [None] * len(images)
-        for group, l_N1HW, ab_n2ss in zip(
-            groups, lightness, ab_N2ss.split([len(g) for g in groups]), strict=True
-        ):
-            rgb_N3HW = self.finish(l_N1HW, ab_n2ss)
-            for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
-                out[i] = rgb_3HW
-        return out
+    def _predict(
+        self, images: list[torch.Tensor]
+    ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
+        """Queues the network for upright (3, H, W) uint8 images on the compute stream:
+        (groups of images of one size, each group's full-size L, annealed-mean ab)."""
+        with torch.cuda.stream(self.compute_stream):
+            if self.compute_stream is not None:
+                self.compute_stream.wait_stream(self.decode_stream)
+                for image in images:
+                    image.record_stream(self.compute_stream)  # reused after its use there
+            # Images of one size go through the full-size steps together.
+            order = sorted(range(len(images)), key=lambda i: tuple(images[i].shape))
+            by_size = itertools.groupby(order, key=lambda i: images[i].shape)
+            groups = [list(group) for _, group in by_size]
+            lightness, small = [], []
+            for group in groups:
+                stacked = torch.stack([images[i] for i in group])
+                l_N1HW, l_N1SS = self.prepare(stacked, self.infer_px)
+                lightness.append(l_N1HW)
+                small.append(l_N1SS)
+            ab_N2ss = predict_ab(self.forward, torch.cat(small), self.temperature, self.precision)
+        return groups, lightness, ab_N2ss
+
+    @torch.inference_mode()
+    def _finish_piece(
+        self,
+        images: list[torch.Tensor],
+        groups: list[list[int]],
+        lightness: list[torch.Tensor],
+        ab_N2ss: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """The colorized images, same sizes and order as `images`, and the CUDA event they
+        are ready at."""
+        out: list[torch.Tensor] = list(images)
+        with torch.cuda.stream(self.compute_stream):
+            sizes = [len(g) for g in groups]
+            for group, l_N1HW, ab_n2ss in zip(groups, lightness, ab_N2ss.split(sizes), strict=True):
+                rgb_N3HW = self.finish(l_N1HW, ab_n2ss)
+                for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
+                    out[i] = rgb_3HW
+            if self.compute_stream is None:
+                return out, None
+            ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it
+            ready.record(self.compute_stream)
+        return out, ready
+
+    def _encode(self, images: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[bytes]:
+        if ready is not None:
+            ready.synchronize()  # the encoder's stream does not wait for the compute stream
+        return self.codec.encode(images, self.quality)
 
 
 def _pieces(count: int, pieces: int) -> list[list[int]]:
