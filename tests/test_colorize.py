@@ -328,6 +328,25 @@ def released_format_model(path) -> ColorizationNet:
     return model.eval()
 
 
+def scan16(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 24 x 36 16-bit gray ramp with grain as RGB (H, W, 3), and a 16-bit alpha (H, W)."""
+    rng = np.random.default_rng(seed)
+    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
+    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
+    return rgb16, rng.integers(0, 65536, (24, 36), dtype=np.uint16)
+
+
+def assert_lightness_kept_at_16_bits(source_rgb16: np.ndarray, output_bgr16: np.ndarray) -> None:
+    """The output (as OpenCV reads it: BGR, 16 bits) has the source's L to 16-bit precision."""
+    assert output_bgr16.dtype == np.uint16 and output_bgr16.shape[:2] == source_rgb16.shape[:2]
+    l_in, l_out = (
+        rgb_to_lab(torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))[0]
+        for rgb in (np.ascontiguousarray(source_rgb16), output_bgr16[..., 2::-1])
+    )
+    assert (l_out - l_in).abs().max() < 0.05  # 8 bits would be off by ~0.2
+    assert len(np.unique(output_bgr16[..., 1] & 0xFF)) > 8  # the low bytes carry information
+
+
 def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> None:
     """A 16-bit RGB PNG stored turned (EXIF orientation 6 in an eXIf chunk) and a 16-bit RGBA
     TIFF: 16-bit PNG outputs, upright, whose L follows the source's at 16-bit precision,
@@ -336,10 +355,7 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
 
     torch.manual_seed(5)
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
-    rng = np.random.default_rng(5)
-    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
-    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
-    alpha16 = rng.integers(0, 65536, (24, 36), dtype=np.uint16)
+    rgb16, alpha16 = scan16(5)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned: shown after a quarter turn clockwise
     png = cv2.imencode(".png", rgb16[..., ::-1])[1].tobytes()
@@ -354,14 +370,9 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
         row = rows[rel]
         assert row["status"] == "ok" and row["output"].endswith(".png"), row
         data = (row["root"] / row["output"]).read_bytes()
-        out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        assert out.dtype == np.uint16 and out.shape[:2] == shown.shape[:2], rel
-        l_in, l_out = (
-            rgb_to_lab(torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))[0]
-            for rgb in (np.ascontiguousarray(shown), out[..., 2::-1])
+        assert_lightness_kept_at_16_bits(
+            shown, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         )
-        assert (l_out - l_in).abs().max() < 0.05, rel  # 8 bits would be off by ~0.2
-        assert len(np.unique(out[..., 1] & 0xFF)) > 8  # the low bytes carry information
     row = rows["rgba16.tif"]
     data = (row["root"] / row["output"]).read_bytes()
     rgba = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -378,10 +389,7 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
 
     torch.manual_seed(6)
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
-    rng = np.random.default_rng(6)
-    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
-    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
-    alpha16 = rng.integers(0, 65536, (24, 36), dtype=np.uint16)
+    rgb16, alpha16 = scan16(6)
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer) as tiff:
         tags = [(315, "s", 0, "A. Archivist", True), (34675, "B", len(SRGB_ICC), SRGB_ICC, True),
@@ -390,21 +398,15 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
         tiff.write(np.dstack([rgb16, alpha16]), photometric="rgb", extrasamples=["unassalpha"],
                    metadata=None)  # fmt: skip
         tiff.write(gray((20, 30)), photometric="minisblack", metadata=None)
-    row = _run_local({"pages.tif": buffer.getvalue()}, tmp_path, model, jpeg_path="cpu")[
-        "pages.tif"
-    ]
+    rows = _run_local({"pages.tif": buffer.getvalue()}, tmp_path, model, jpeg_path="cpu")
+    row = rows["pages.tif"]
     assert (row["status"], row["output"], row["pages"]) == ("ok", "pages.tif", 3), row
     data = (row["root"] / row["output"]).read_bytes()
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert ok and [p.shape for p in pages] == [(24, 36, 3), (24, 36, 4), (20, 30, 3)]
-    assert all(p.dtype == np.uint16 for p in pages)
+    assert pages[2].dtype == np.uint16
     for page in pages[:2]:
-        l_in, l_out = (
-            rgb_to_lab(torch.from_numpy(rgb.astype(np.float32) / 65535).permute(2, 0, 1))[0]
-            for rgb in (rgb16, page[..., 2::-1])
-        )
-        assert (l_out - l_in).abs().max() < 0.05  # 8 bits would be off by ~0.2
-        assert len(np.unique(page[..., 1] & 0xFF)) > 8  # the low bytes carry information
+        assert_lightness_kept_at_16_bits(rgb16, page)
     assert np.array_equal(pages[1][..., 3], alpha16)
     image = Image.open(io.BytesIO(data))
     assert image.n_frames == 3 and image.tag_v2[315] == "A. Archivist"
