@@ -291,6 +291,15 @@ def test_chroma_search_of_every_pixel_equals_the_gathered_one(random_lab) -> Non
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_chroma_search_matches_eager(random_lab) -> None:
+    """Compiled for a GPU, lab_to_rgb searches every pixel in one graph (no host sync)."""
+    lab = random_lab[None].float().cuda()
+    compiled = _compiled_whole(lab_to_rgb, lab)
+    torch.testing.assert_close(compiled, lab_to_rgb(lab), rtol=0, atol=1e-3)
+
+
 def test_lightness_alone_is_the_l_of_the_full_conversion() -> None:
     g = torch.Generator().manual_seed(3)
     for dtype, atol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
