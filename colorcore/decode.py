@@ -51,7 +51,7 @@ def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torc
     e_PQ = (z_PQ - z_PQ.amax(dim=1, keepdim=True).float()).mul_(1.0 / T).exp_()
     sums_P3 = e_PQ @ torch.cat([bins, bins.new_ones(q, 1)], dim=1)
     ab_P2 = sums_P3[:, :2] / sums_P3[:, 2:]
-    return ab_P2.reshape(n, h, w, 2).permute(0, 3, 1, 2)
+    return ab_P2.reshape(n, h, w, 2).permute(0, 3, 1, 2).contiguous()  # 2 small planes
 
 
 def mean(logits_NQhw: torch.Tensor) -> torch.Tensor:
