@@ -37,6 +37,7 @@ Legend: N batch, P pages, H, W full size, S network input side, s = S / 4 networ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -83,6 +84,7 @@ SUFFIXES = {
     "TIFF": (".tif", ".tiff"),
     "WEBP": (".webp",),
 }
+REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 # TIFF tags that describe the photo rather than the file's layout: the ones carried over.
 _TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
@@ -360,6 +362,28 @@ def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
     """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L."""
     ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
     return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma")
+
+
+def reassemble_pixels(
+    l_11HW: torch.Tensor, ab_12ss: torch.Tensor, bits: int, band_px: int = REASSEMBLY_BAND_PX
+) -> np.ndarray:
+    """`reassemble` of one page as (H, W, 3) uint8 or uint16 pixels, a band of rows at a
+    time: the Lab steps' memory stays bounded whatever the image's size (a 100-megapixel scan
+    would otherwise hold several 1.2 GB planes at once). Bilinear upsampling is separable:
+    ab is upsampled along the height once (s columns wide), then along the width band by band.
+    """
+    H, W = l_11HW.shape[-2:]
+    upsample = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
+    ab_12Hs = upsample(ab_12ss, size=(H, ab_12ss.shape[-1]))
+    top, dtype = (65535.0, np.uint16) if bits == 16 else (255.0, np.uint8)
+    pixels_HW3 = np.empty((H, W, 3), dtype)
+    rows = max(1, band_px // W)
+    for r in range(0, H, rows):
+        ab_band = ab_12Hs[..., r : r + rows, :]
+        ab_band = upsample(ab_band, size=(ab_band.shape[-2], W))
+        rgb_13hW = lab_to_rgb(torch.cat([l_11HW[..., r : r + rows, :], ab_band], dim=1))
+        pixels_HW3[r : r + rows] = rgb_13hW[0].permute(1, 2, 0).mul_(top).round_().numpy()
+    return pixels_HW3
 
 
 # ---------------------------------------------------------------- encoding, with metadata
@@ -817,12 +841,11 @@ def colorize_file(
     s = cfg.infer_px // 4
     ab_P2ss = torch.from_numpy(np.frombuffer(ab_bytes, np.float32).reshape(-1, 2, s, s).copy())
     fmt = output_format(decoded, cfg.format)
-    rgb_pages = []
-    for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True):
-        rgb_13HW = reassemble(l_11HW, ab_12ss)
-        top = 65535.0 if fmt.endswith("16") else 255.0
-        values = rgb_13HW[0].permute(1, 2, 0).mul_(top).round_().numpy()
-        rgb_pages.append(values.astype(np.uint16 if fmt.endswith("16") else np.uint8))
+    bits = 16 if fmt.endswith("16") else 8
+    rgb_pages = [
+        reassemble_pixels(l_11HW, ab_12ss, bits)
+        for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True)
+    ]
     return encode(rgb_pages, decoded, fmt, provenance, cfg.quality), fmt, decoded
 
 
