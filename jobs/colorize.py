@@ -12,11 +12,11 @@ the output format differs from what the name says, its extension is appended (``
 Per image: EXIF orientation applied (and the tag removed), the network sees L resized to
 ``--infer-px`` square, the annealed-mean ab (T = ``--temperature``) is upsampled bilinearly to
 the full size and joined with the image's own L, and out-of-gamut colours lose chroma, never
-L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), 16-bit
-grayscale and 16-bit colour (PNG, single-page TIFF; read with OpenCV, as Pillow reads them
-at 8 bits) give 16-bit PNG, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP are
+L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), a 16-bit
+picture gives a 16-bit PNG, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP are
 copied, and a provenance string (this project, the model file's SHA-256, T) goes into EXIF
-tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs.
+tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs, at
+16 bits when a page has 16. The files themselves: `jobs.picture_files`.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (full-resolution
 L, network-size L) -> model actors (GPU when present, batched, bf16 autocast where fast) ->
@@ -44,7 +44,6 @@ import os
 import posixpath
 import re
 import stat
-import struct
 import tarfile
 import time
 import uuid
@@ -53,7 +52,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -62,13 +61,16 @@ import torch.nn.functional as F
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
 from jobs import storage
-from jobs.images import (
-    DEFAULT_MAX_PIXELS,
-    EXIF_ORIENTATION,
-    JPEG_QUALITY,
-    BadImage,
-    exif_orientation,
-    open_image,
+from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
+from jobs.picture_files import (
+    Decoded,
+    app_segments,
+    decode,
+    encode,
+    exif_bytes,
+    output_format,
+    output_name,
+    read_metadata,
 )
 from jobs.runtime import Precision, choose_precision
 
@@ -76,19 +78,9 @@ WORK_DIR = "_colorize"
 PARTS_DIR = f"{WORK_DIR}/parts"
 MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
 ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
-PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-SUFFIXES = {
-    "JPEG": (".jpg", ".jpeg", ".jpe"),
-    "PNG": (".png",),
-    "TIFF": (".tif", ".tiff"),
-    "WEBP": (".webp",),
-}
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
-# TIFF tags that describe the photo rather than the file's layout: the ones carried over.
-_TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
-_EXIF_IFD, _XMP_TAG, _IPTC_TAG, _ICC_TAG = 0x8769, 700, 33723, 34675
 _STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
 MANIFEST_COLUMNS = (
     "source",
@@ -182,152 +174,6 @@ class ColorizeConfig:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
 
 
-# ---------------------------------------------------------------- decoding, with metadata
-
-
-@dataclass
-class Page:
-    """One colorizable picture: sRGB in [0, 1] as (1, C, H, W), C = 1 (gray) or 3."""
-
-    rgb: torch.Tensor
-    alpha: np.ndarray | None
-    bits: int
-
-
-@dataclass
-class Metadata:
-    icc: bytes | None = None
-    exif: Any = None  # PIL.Image.Exif without the orientation tag
-    xmp: bytes | None = None
-    iptc: bytes | None = None
-
-
-@dataclass
-class Decoded:
-    pages: list[Page]
-    format: str
-    meta: Metadata
-
-
-def _page(image) -> Page:
-    """A PIL frame (already upright) -> float planes, alpha and bit depth."""
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        scale = 1.0 if mode == "F" else 65535.0
-        values = np.asarray(image, dtype=np.float32) / scale
-        return Page(torch.from_numpy(values.clip(0, 1))[None, None], None, 16)
-    alpha = None
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"))
-        pixels, alpha = rgba[..., :3], rgba[..., 3]
-    elif mode in ("1", "L"):
-        pixels = np.asarray(image.convert("L"))[..., None]
-    else:  # RGB, P, CMYK, YCbCr, ...
-        pixels = np.asarray(image.convert("RGB"))
-    planes = torch.from_numpy(pixels.transpose(2, 0, 1).copy())
-    return Page(planes[None].float().div_(255.0), alpha, 8)
-
-
-def _metadata(image) -> Metadata:
-    """What is carried to the output; the image's own EXIF (its orientation) stays untouched."""
-    from PIL import Image
-
-    info = image.info
-    icc = info.get("icc_profile")
-    if icc and icc[16:20] != b"RGB ":  # gray or CMYK profiles do not describe an RGB output
-        icc = None
-    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
-    iptc = (info.get("photoshop") or {}).get(0x0404)
-    source, exif = image.getexif(), Image.Exif()
-    if image.format == "TIFF":  # a TIFF's IFD holds its layout too: copy the descriptive tags
-        tags = image.tag_v2
-        xmp, iptc = tags.get(_XMP_TAG) or xmp, tags.get(_IPTC_TAG)
-        for tag in _TIFF_DESCRIPTIVE_TAGS:
-            if tag in tags:
-                exif[tag] = tags[tag]
-        exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
-    elif len(source):
-        exif.load(source.tobytes())
-    exif.pop(EXIF_ORIENTATION, None)
-    return Metadata(icc=icc, exif=exif, xmp=_as_bytes(xmp), iptc=_as_bytes(iptc))
-
-
-def _as_bytes(value: Any) -> bytes | None:
-    """Metadata blocks come as bytes, str (PNG text) or tuples of ints (TIFF tags)."""
-    if not value:
-        return None
-    return value.encode() if isinstance(value, str) else bytes(value)
-
-
-def _is_16bit_colour(data: bytes, image) -> bool:
-    """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
-    RGBA), which Pillow would decode to 8 bits."""
-    if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
-        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
-    if image.format == "TIFF":
-        bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)  # and RGB?
-        return (
-            isinstance(bits, tuple)
-            and len(bits) in (3, 4)
-            and set(bits) == {16}
-            and photometric == 2
-        )
-    return False
-
-
-def _full_depth_pictures(data: bytes) -> list[np.ndarray]:
-    """Every picture of a PNG or TIFF as stored, at full depth (OpenCV: BGR(A) order, EXIF
-    orientation not applied), one per page in Pillow's page order."""
-    import cv2
-
-    ok, pictures = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if not ok:
-        raise BadImage("unreadable 16-bit colour image")
-    return list(pictures)
-
-
-def _16bit_colour_page(pixels: np.ndarray, turn: int) -> Page:
-    """A 16-bit colour picture from `_full_depth_pictures` -> an upright page, alpha kept."""
-    from jobs.colorize_jpeg import upright
-
-    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
-        raise BadImage("unreadable 16-bit colour image")
-    planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
-    rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
-    alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
-    return Page(rgb_3HW[None], alpha, 16)
-
-
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Every page of an image file, upright; raises `BadImage` with the reason."""
-    from PIL import ImageOps
-
-    image = open_image(data, max_pixels=max_pixels)
-    fmt = "JPEG" if image.format == "MPO" else image.format
-    pages = []
-    try:
-        meta = _metadata(image)
-        full_depth: list[np.ndarray] | None = None  # decoded when a page needs it
-        for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
-            image.seek(index)
-            w, h = image.size
-            if w * h > max_pixels:
-                raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
-            if _is_16bit_colour(data, image):
-                full_depth = full_depth or _full_depth_pictures(data)
-                if index >= len(full_depth):
-                    raise BadImage(f"page {index} unreadable at 16 bits")
-                pages.append(_16bit_colour_page(full_depth[index], exif_orientation(image)))
-                continue
-            image.load()
-            pages.append(_page(ImageOps.exif_transpose(image)))
-    except BadImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise BadImage(f"corrupt or truncated image: {e}") from None
-    return Decoded(pages, fmt, meta)
-
-
 # ---------------------------------------------------------------- the colour math
 
 
@@ -386,139 +232,7 @@ def reassemble_pixels(
     return pixels_HW3
 
 
-# ---------------------------------------------------------------- encoding, with metadata
-
-
-def _exif_bytes(meta: Metadata, provenance: str) -> bytes:
-    from PIL import Image
-
-    exif = Image.Exif()
-    if meta.exif:
-        exif.load(meta.exif.tobytes())
-    exif[PROVENANCE_EXIF_TAG] = provenance
-    return exif.tobytes()
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png16(
-    rgb_HW3: np.ndarray,
-    meta: Metadata,
-    exif: bytes,
-    provenance: str,
-    alpha_HW: np.ndarray | None = None,
-) -> bytes:
-    """A 16-bit RGB or RGBA PNG (Pillow writes at most 8 bits per colour channel)."""
-    h, w, _ = rgb_HW3.shape
-    pixels = rgb_HW3
-    if alpha_HW is not None:  # 8-bit alpha spread over 16 bits (x 257)
-        alpha16 = alpha_HW if alpha_HW.dtype == np.uint16 else alpha_HW.astype(np.uint16) * 257
-        pixels = np.dstack([rgb_HW3, alpha16])
-    row_bytes = w * 2 * pixels.shape[2]
-    rows = np.zeros((h, 1 + row_bytes), np.uint8)  # filter byte 0, then big-endian samples
-    rows[:, 1:] = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(h, row_bytes)
-    colour_type = 2 if alpha_HW is None else 6
-    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
-    if meta.icc:
-        chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc)))
-    chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")))
-    if meta.xmp:
-        chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + meta.xmp))
-    chunks.append(_png_chunk(b"tEXt", b"Software\0" + provenance.encode("latin-1", "replace")))
-    chunks.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
-
-
-def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str) -> bytes:
-    """A TIFF of pages at 16 bits per channel (Pillow writes at most 8), deflate-compressed,
-    with the source's ICC profile, XMP, IPTC and descriptive tags and the provenance tag.
-    The EXIF sub-IFD (capture date and the like) is not carried: tifffile writes none."""
-    import tifffile
-
-    meta = decoded.meta
-    text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
-    text[PROVENANCE_EXIF_TAG] = provenance
-    tags = [(t, "s", 0, v, True) for t, v in text.items() if isinstance(v, str) and v.isascii()]
-    for tag, block in ((_ICC_TAG, meta.icc), (_XMP_TAG, meta.xmp), (_IPTC_TAG, meta.iptc)):
-        if block:
-            tags.append((tag, "B", len(block), block, True))
-    buffer = io.BytesIO()
-    with tifffile.TiffWriter(buffer) as tiff:
-        for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-            pixels = rgb if rgb.dtype == np.uint16 else rgb.astype(np.uint16) * 257
-            extra = None
-            if page.alpha is not None:
-                alpha = page.alpha
-                alpha = alpha if alpha.dtype == np.uint16 else alpha.astype(np.uint16) * 257
-                pixels, extra = np.dstack([pixels, alpha]), ["unassalpha"]
-            tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
-                       extratags=tags, metadata=None, software=False)  # fmt: skip
-    return buffer.getvalue()
-
-
-def output_format(decoded: Decoded, choice: str) -> str:
-    """JPEG, PNG, TIFF, WEBP, PNG16 (a 16-bit picture) or TIFF16 (pages, one at 16 bits)."""
-    fmt = decoded.format if choice == "keep" else choice.upper()
-    fmt = fmt if fmt in SUFFIXES else "PNG"
-    if len(decoded.pages) > 1:  # only TIFF carries pages
-        return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
-    page = decoded.pages[0]
-    if page.bits == 16 and fmt in ("PNG", "TIFF"):
-        return "PNG16"
-    if page.alpha is not None and fmt == "JPEG":
-        return "PNG"
-    return fmt
-
-
-def encode(
-    rgb_pages: list[np.ndarray], decoded: Decoded, fmt: str, provenance: str, quality: int
-) -> bytes:
-    """Colorized pages (H, W, 3 uint8 or uint16) -> file bytes with the source's metadata."""
-    from PIL import Image, PngImagePlugin
-
-    meta, exif = decoded.meta, _exif_bytes(decoded.meta, provenance)
-    if fmt == "PNG16":
-        return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
-    if fmt == "TIFF16":
-        return encode_tiff16(rgb_pages, decoded, provenance)
-    images = []
-    for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-        rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
-        image = Image.fromarray(rgb8)
-        if page.alpha is not None:
-            image.putalpha(Image.fromarray(page.alpha))
-        images.append(image)
-    kwargs: dict[str, Any] = {"exif": exif}
-    if meta.icc:
-        kwargs["icc_profile"] = meta.icc
-    if fmt == "JPEG":
-        kwargs.update(quality=quality, subsampling=0, xmp=meta.xmp)
-        if meta.iptc:
-            from jobs.colorize_jpeg import iptc_segment
-
-            kwargs["extra"] = iptc_segment(meta.iptc)
-    elif fmt == "PNG":
-        text = PngImagePlugin.PngInfo()
-        text.add_text("Software", provenance)
-        if meta.xmp:
-            text.add_itxt("XML:com.adobe.xmp", meta.xmp.decode("utf-8", "replace"))
-        kwargs["pnginfo"] = text
-    elif fmt == "WEBP":
-        kwargs.update(quality=quality, xmp=meta.xmp)
-    else:
-        tags = {_XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
-        kwargs.update(compression="tiff_deflate", save_all=True, append_images=images[1:])
-        kwargs["tiffinfo"] = {k: v for k, v in tags.items() if v}
-    buffer = io.BytesIO()
-    images[0].save(buffer, format=fmt, **{k: v for k, v in kwargs.items() if v is not None})
-    return buffer.getvalue()
-
-
-def output_name(rel: str, fmt: str) -> str:
-    suffixes = SUFFIXES[fmt.removesuffix("16")]
-    return rel if rel.lower().endswith(suffixes) else rel + suffixes[0]
+# ---------------------------------------------------------------- output paths
 
 
 def safe_relpath(name: str) -> str:
@@ -735,13 +449,13 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
 
 def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[bytes, int] | None:
     """(APP segments, EXIF orientation) of a JPEG the device path can take, or None (CPU path)."""
-    from jobs.colorize_jpeg import app_segments, eligible
+    from jobs.colorize_jpeg import eligible
 
     image = open_image(data, max_pixels=cfg.max_pixels)
     if not eligible(data, image):
         return None
-    meta = _metadata(image)
-    exif = _exif_bytes(meta, provenance)
+    meta = read_metadata(image)
+    exif = exif_bytes(meta, provenance)
     return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc), exif_orientation(image)
 
 

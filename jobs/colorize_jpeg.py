@@ -12,7 +12,7 @@ paths differ only by their JPEG codecs' rounding.
 8-bit JPEG in gray or YCbCr colour, within the pixel limit. CMYK / YCCK JPEGs, 12-bit ones
 and everything that is not a JPEG take the CPU path. Metadata (EXIF without orientation,
 with the provenance tag; ICC; XMP; IPTC) is prepared from the header on the CPU as ready
-APP segments (`app_segments`) and spliced into the encoded file (`with_segments`). A batch
+APP segments (`jobs.picture_files.app_segments`) and spliced into the encoded file. A batch
 that the codec refuses as a whole is decoded image by image, and an image that still fails
 is handed back (None) for the CPU path to colorize or to record with its reason.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,16 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from jobs.colorize import network_input, predict_ab, reassemble
+from jobs.picture_files import upright, with_segments
 from jobs.runtime import Precision
 
-_SOI = b"\xff\xd8"
-_APP_PAYLOAD_MAX = 65533  # a segment's length field (2 bytes) counts itself
-_ICC_CHUNK = _APP_PAYLOAD_MAX - 14  # "ICC_PROFILE\0" + sequence number + count
-_EXIF_HEADER = b"Exif\x00\x00"
-_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
-
-
-# ---------------------------------------------------------------- JPEG structure
+# ---------------------------------------------------------------- routing
 
 
 def eligible(data: bytes, image) -> bool:
@@ -53,61 +46,6 @@ def eligible(data: bytes, image) -> bool:
         and image.mode in ("L", "RGB")
         and data.rstrip(b"\0").endswith(b"\xff\xd9")
     )
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    if len(payload) > _APP_PAYLOAD_MAX:
-        raise ValueError(f"APP{marker - 0xE0} payload of {len(payload)} bytes is too long")
-    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
-
-
-def iptc_segment(iptc: bytes) -> bytes:
-    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
-    payload = iptc + b"\0" * (len(iptc) % 2)
-    return _segment(
-        0xED, b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
-    )
-
-
-def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: bytes | None) -> bytes:
-    """The APP segments that carry a source's metadata into a JPEG, in the usual order:
-    APP1 EXIF (``exif`` as PIL's ``Exif.tobytes()`` gives it), APP1 XMP, APP2 ICC (split
-    into numbered chunks as the ICC spec requires), APP13 IPTC."""
-    parts = []
-    if exif:
-        body = exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
-        if len(body) <= _APP_PAYLOAD_MAX:  # a larger EXIF cannot be carried by APP1: dropped
-            parts.append(_segment(0xE1, body))
-    if xmp and len(_XMP_HEADER) + len(xmp) <= _APP_PAYLOAD_MAX:
-        parts.append(_segment(0xE1, _XMP_HEADER + xmp))
-    if icc:
-        chunks = [icc[i : i + _ICC_CHUNK] for i in range(0, len(icc), _ICC_CHUNK)]
-        if len(chunks) <= 255:
-            for number, chunk in enumerate(chunks, start=1):
-                header = b"ICC_PROFILE\x00" + bytes((number, len(chunks)))
-                parts.append(_segment(0xE2, header + chunk))
-    if iptc:
-        parts.append(iptc_segment(iptc))
-    return b"".join(parts)
-
-
-def with_segments(jpeg: bytes, segments: bytes) -> bytes:
-    """``jpeg`` with ``segments`` inserted after its SOI and the JFIF APP0 an encoder writes
-    first (JFIF requires APP0 right after SOI); any APP1 / APP2 the encoder wrote stays."""
-    if not jpeg.startswith(_SOI):
-        raise ValueError("not a JPEG stream (no SOI marker)")
-    at = len(_SOI)
-    if jpeg[at : at + 2] == b"\xff\xe0":
-        at += 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
-    return jpeg[:at] + segments + jpeg[at:]
-
-
-def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:
-    """An image stored with EXIF orientation `turn`, as it is meant to be seen."""
-    if turn in (5, 6, 7, 8):  # stored on its side: transpose first
-        image_CHW = image_CHW.transpose(-1, -2)
-    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(turn)
-    return image_CHW.flip(flips).contiguous() if flips else image_CHW.contiguous()
 
 
 # ---------------------------------------------------------------- codecs

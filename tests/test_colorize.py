@@ -21,8 +21,7 @@ from PIL import Image, ImageCms, ImageOps
 from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
-from jobs import colorize, storage
-from jobs.colorize_jpeg import iptc_segment
+from jobs import colorize, picture_files, storage
 from jobs.config import run_cli
 from jobs.runtime import Precision
 from tests.support import encode, photo_rgb
@@ -53,7 +52,7 @@ def jpeg_with_metadata() -> bytes:
     exif.get_ifd(0x8769)[0x9003] = "1931:05:01 12:00:00"  # DateTimeOriginal
     image = Image.fromarray(gray((24, 40))).convert("RGB")
     return save(image, "JPEG", exif=exif.tobytes(), icc_profile=SRGB_ICC, xmp=XMP,
-                extra=iptc_segment(IPTC), quality=95)  # fmt: skip
+                extra=picture_files.iptc_segment(IPTC), quality=95)  # fmt: skip
 
 
 def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
@@ -245,7 +244,7 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     exif = meta.getexif()
     assert 0x0112 not in exif and exif[0x013B] == "A. Archivist"
     assert exif.get_ifd(0x8769)[0x9003] == "1931:05:01 12:00:00"
-    provenance = exif[colorize.PROVENANCE_EXIF_TAG]
+    provenance = exif[picture_files.PROVENANCE_EXIF_TAG]
     assert manifest[0]["model_sha256"] in provenance and "temperature=0.38" in provenance
     assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
     assert meta.info["photoshop"][0x0404] == IPTC
@@ -410,7 +409,7 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
     assert np.array_equal(pages[1][..., 3], alpha16)
     image = Image.open(io.BytesIO(data))
     assert image.n_frames == 3 and image.tag_v2[315] == "A. Archivist"
-    assert "f" * 64 in image.tag_v2[colorize.PROVENANCE_EXIF_TAG]
+    assert "f" * 64 in image.tag_v2[picture_files.PROVENANCE_EXIF_TAG]
     assert image.info["icc_profile"] == SRGB_ICC and b"archive-42" in bytes(image.tag_v2[700])
 
 
@@ -465,20 +464,20 @@ def test_reassembly_in_bands_of_rows_equals_the_whole_image() -> None:
 
 
 def test_output_formats_and_names() -> None:
-    page8 = colorize.Page(torch.zeros(1, 1, 2, 2), None, 8)
+    page8 = picture_files.Page(torch.zeros(1, 1, 2, 2), None, 8)
     page16 = dataclasses.replace(page8, bits=16)
     alpha = dataclasses.replace(page8, alpha=np.zeros((2, 2), np.uint8))
-    meta = colorize.Metadata()
-    fmt = colorize.output_format
-    assert fmt(colorize.Decoded([page8], "JPEG", meta), "keep") == "JPEG"
-    assert fmt(colorize.Decoded([page16], "TIFF", meta), "keep") == "PNG16"
-    assert fmt(colorize.Decoded([alpha], "PNG", meta), "jpeg") == "PNG"
-    assert fmt(colorize.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
-    assert fmt(colorize.Decoded([page8, page16], "TIFF", meta), "keep") == "TIFF16"
-    assert fmt(colorize.Decoded([page8], "BMP", meta), "keep") == "PNG"
-    assert colorize.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
-    assert colorize.output_name("a/b.tif", "TIFF16") == "a/b.tif"
-    assert colorize.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
+    meta = picture_files.Metadata()
+    fmt = picture_files.output_format
+    assert fmt(picture_files.Decoded([page8], "JPEG", meta), "keep") == "JPEG"
+    assert fmt(picture_files.Decoded([page16], "TIFF", meta), "keep") == "PNG16"
+    assert fmt(picture_files.Decoded([alpha], "PNG", meta), "jpeg") == "PNG"
+    assert fmt(picture_files.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
+    assert fmt(picture_files.Decoded([page8, page16], "TIFF", meta), "keep") == "TIFF16"
+    assert fmt(picture_files.Decoded([page8], "BMP", meta), "keep") == "PNG"
+    assert picture_files.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
+    assert picture_files.output_name("a/b.tif", "TIFF16") == "a/b.tif"
+    assert picture_files.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
     assert json.loads(json.dumps(colorize.MANIFEST_COLUMNS))
 
 
@@ -551,7 +550,7 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     exif = meta.getexif()
     assert meta.size == (24, 40) and 0x0112 not in exif and exif[0x013B] == "A. Archivist"
     assert exif.get_ifd(0x8769)[0x9003] == "1931:05:01 12:00:00"
-    assert "f" * 64 in exif[colorize.PROVENANCE_EXIF_TAG]
+    assert "f" * 64 in exif[picture_files.PROVENANCE_EXIF_TAG]
     assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
     assert meta.info["photoshop"][0x0404] == IPTC
 
@@ -593,8 +592,8 @@ def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
 def test_exif_orientation_on_the_device_path_equals_pillows(turn: int) -> None:
     from PIL import ImageOps
 
-    from jobs.colorize_jpeg import upright
     from jobs.images import exif_orientation
+    from jobs.picture_files import upright
 
     pixels = np.random.default_rng(turn).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     exif = Image.Exif()
@@ -607,7 +606,7 @@ def test_exif_orientation_on_the_device_path_equals_pillows(turn: int) -> None:
 
 
 def test_app_segments_split_large_icc_profiles_and_keep_jfif_first() -> None:
-    from jobs.colorize_jpeg import app_segments, with_segments
+    from jobs.picture_files import app_segments, with_segments
 
     icc = bytes(range(256)) * 600  # 153,600 bytes: three APP2 chunks
     segments = app_segments(b"", icc=icc, xmp=None, iptc=None)

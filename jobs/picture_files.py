@@ -1,0 +1,379 @@
+"""Picture files in and out of the colorize job: every page upright at full depth with its
+metadata in, colorized pages out in the source's format where it can carry them.
+
+Decoding (`decode`) gives each page as float planes (gray or RGB), its alpha and bit depth,
+and the file's metadata: RGB ICC profile, EXIF (orientation applied and removed), XMP, IPTC.
+Pillow reads 16-bit colour PNG and TIFF at 8 bits, so those pages are read with OpenCV.
+Encoding (`encode`) writes the colorized pages with that metadata and a provenance string in
+EXIF tag 0x000B: JPEG, PNG, WebP and 8-bit TIFF through Pillow, a 16-bit picture as a 16-bit
+PNG (`encode_png16`), pages of which one has 16 bits as a 16-bit TIFF (`encode_tiff16`).
+JPEG APP segments (`app_segments`, `with_segments`) carry the metadata into files encoded
+elsewhere (nvJPEG); `upright` applies an EXIF orientation to a (C, H, W) tensor.
+
+Untrusted bytes: every failure to decode is a `BadImage` with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.images import EXIF_ORIENTATION, BadImage, exif_orientation, open_image
+
+PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
+SUFFIXES = {
+    "JPEG": (".jpg", ".jpeg", ".jpe"),
+    "PNG": (".png",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+}
+# TIFF tags that describe the photo rather than the file's layout: the ones carried over.
+_TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
+_EXIF_IFD, _XMP_TAG, _IPTC_TAG, _ICC_TAG = 0x8769, 700, 33723, 34675
+_SOI = b"\xff\xd8"
+_APP_PAYLOAD_MAX = 65533  # a segment's length field (2 bytes) counts itself
+_ICC_CHUNK = _APP_PAYLOAD_MAX - 14  # "ICC_PROFILE\0" + sequence number + count
+_EXIF_HEADER = b"Exif\x00\x00"
+_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass
+class Page:
+    """One colorizable picture: sRGB in [0, 1] as (1, C, H, W), C = 1 (gray) or 3."""
+
+    rgb: torch.Tensor
+    alpha: np.ndarray | None
+    bits: int
+
+
+@dataclass
+class Metadata:
+    icc: bytes | None = None
+    exif: Any = None  # PIL.Image.Exif without the orientation tag
+    xmp: bytes | None = None
+    iptc: bytes | None = None
+
+
+@dataclass
+class Decoded:
+    pages: list[Page]
+    format: str
+    meta: Metadata
+
+
+def _page(image) -> Page:
+    """A PIL frame (already upright) -> float planes, alpha and bit depth."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        scale = 1.0 if mode == "F" else 65535.0
+        values = np.asarray(image, dtype=np.float32) / scale
+        return Page(torch.from_numpy(values.clip(0, 1))[None, None], None, 16)
+    alpha = None
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"))
+        pixels, alpha = rgba[..., :3], rgba[..., 3]
+    elif mode in ("1", "L"):
+        pixels = np.asarray(image.convert("L"))[..., None]
+    else:  # RGB, P, CMYK, YCbCr, ...
+        pixels = np.asarray(image.convert("RGB"))
+    planes = torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+    return Page(planes[None].float().div_(255.0), alpha, 8)
+
+
+def read_metadata(image) -> Metadata:
+    """What is carried to the output; the image's own EXIF (its orientation) stays untouched."""
+    from PIL import Image
+
+    info = image.info
+    icc = info.get("icc_profile")
+    if icc and icc[16:20] != b"RGB ":  # gray or CMYK profiles do not describe an RGB output
+        icc = None
+    xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
+    iptc = (info.get("photoshop") or {}).get(0x0404)
+    source, exif = image.getexif(), Image.Exif()
+    if image.format == "TIFF":  # a TIFF's IFD holds its layout too: copy the descriptive tags
+        tags = image.tag_v2
+        xmp, iptc = tags.get(_XMP_TAG) or xmp, tags.get(_IPTC_TAG)
+        for tag in _TIFF_DESCRIPTIVE_TAGS:
+            if tag in tags:
+                exif[tag] = tags[tag]
+        exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
+    elif len(source):
+        exif.load(source.tobytes())
+    exif.pop(EXIF_ORIENTATION, None)
+    return Metadata(icc=icc, exif=exif, xmp=_as_bytes(xmp), iptc=_as_bytes(iptc))
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    """Metadata blocks come as bytes, str (PNG text) or tuples of ints (TIFF tags)."""
+    if not value:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _is_16bit_colour(data: bytes, image) -> bool:
+    """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
+    RGBA), which Pillow would decode to 8 bits."""
+    if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
+        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
+    if image.format == "TIFF":
+        bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)  # and RGB?
+        return (
+            isinstance(bits, tuple)
+            and len(bits) in (3, 4)
+            and set(bits) == {16}
+            and photometric == 2
+        )
+    return False
+
+
+def _full_depth_pictures(data: bytes) -> list[np.ndarray]:
+    """Every picture of a PNG or TIFF as stored, at full depth (OpenCV: BGR(A) order, EXIF
+    orientation not applied), one per page in Pillow's page order."""
+    import cv2
+
+    ok, pictures = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok:
+        raise BadImage("unreadable 16-bit colour image")
+    return list(pictures)
+
+
+def _16bit_colour_page(pixels: np.ndarray, turn: int) -> Page:
+    """A 16-bit colour picture from `_full_depth_pictures` -> an upright page, alpha kept."""
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise BadImage("unreadable 16-bit colour image")
+    planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
+    rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
+    alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
+    return Page(rgb_3HW[None], alpha, 16)
+
+
+def decode(data: bytes, max_pixels: int) -> Decoded:
+    """Every page of an image file, upright; raises `BadImage` with the reason."""
+    from PIL import ImageOps
+
+    image = open_image(data, max_pixels=max_pixels)
+    fmt = "JPEG" if image.format == "MPO" else image.format
+    pages = []
+    try:
+        meta = read_metadata(image)
+        full_depth: list[np.ndarray] | None = None  # decoded when a page needs it
+        for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
+            image.seek(index)
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
+            if _is_16bit_colour(data, image):
+                full_depth = full_depth or _full_depth_pictures(data)
+                if index >= len(full_depth):
+                    raise BadImage(f"page {index} unreadable at 16 bits")
+                pages.append(_16bit_colour_page(full_depth[index], exif_orientation(image)))
+                continue
+            image.load()
+            pages.append(_page(ImageOps.exif_transpose(image)))
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    return Decoded(pages, fmt, meta)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def exif_bytes(meta: Metadata, provenance: str) -> bytes:
+    """The EXIF block written with an output: the source's, with the provenance tag."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    if meta.exif:
+        exif.load(meta.exif.tobytes())
+    exif[PROVENANCE_EXIF_TAG] = provenance
+    return exif.tobytes()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png16(
+    rgb_HW3: np.ndarray,
+    meta: Metadata,
+    exif: bytes,
+    provenance: str,
+    alpha_HW: np.ndarray | None = None,
+) -> bytes:
+    """A 16-bit RGB or RGBA PNG (Pillow writes at most 8 bits per colour channel)."""
+    h, w, _ = rgb_HW3.shape
+    pixels = rgb_HW3
+    if alpha_HW is not None:  # 8-bit alpha spread over 16 bits (x 257)
+        alpha16 = alpha_HW if alpha_HW.dtype == np.uint16 else alpha_HW.astype(np.uint16) * 257
+        pixels = np.dstack([rgb_HW3, alpha16])
+    row_bytes = w * 2 * pixels.shape[2]
+    rows = np.zeros((h, 1 + row_bytes), np.uint8)  # filter byte 0, then big-endian samples
+    rows[:, 1:] = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(h, row_bytes)
+    colour_type = 2 if alpha_HW is None else 6
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
+    if meta.icc:
+        chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc)))
+    chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")))
+    if meta.xmp:
+        chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + meta.xmp))
+    chunks.append(_png_chunk(b"tEXt", b"Software\0" + provenance.encode("latin-1", "replace")))
+    chunks.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
+
+
+def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str) -> bytes:
+    """A TIFF of pages at 16 bits per channel (Pillow writes at most 8), deflate-compressed,
+    with the source's ICC profile, XMP, IPTC and descriptive tags and the provenance tag.
+    The EXIF sub-IFD (capture date and the like) is not carried: tifffile writes none."""
+    import tifffile
+
+    meta = decoded.meta
+    text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
+    text[PROVENANCE_EXIF_TAG] = provenance
+    tags = [(t, "s", 0, v, True) for t, v in text.items() if isinstance(v, str) and v.isascii()]
+    for tag, block in ((_ICC_TAG, meta.icc), (_XMP_TAG, meta.xmp), (_IPTC_TAG, meta.iptc)):
+        if block:
+            tags.append((tag, "B", len(block), block, True))
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tiff:
+        for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
+            pixels = rgb if rgb.dtype == np.uint16 else rgb.astype(np.uint16) * 257
+            extra = None
+            if page.alpha is not None:
+                alpha = page.alpha
+                alpha = alpha if alpha.dtype == np.uint16 else alpha.astype(np.uint16) * 257
+                pixels, extra = np.dstack([pixels, alpha]), ["unassalpha"]
+            tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
+                       extratags=tags, metadata=None, software=False)  # fmt: skip
+    return buffer.getvalue()
+
+
+def output_format(decoded: Decoded, choice: str) -> str:
+    """JPEG, PNG, TIFF, WEBP, PNG16 (a 16-bit picture) or TIFF16 (pages, one at 16 bits)."""
+    fmt = decoded.format if choice == "keep" else choice.upper()
+    fmt = fmt if fmt in SUFFIXES else "PNG"
+    if len(decoded.pages) > 1:  # only TIFF carries pages
+        return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
+    page = decoded.pages[0]
+    if page.bits == 16 and fmt in ("PNG", "TIFF"):
+        return "PNG16"
+    if page.alpha is not None and fmt == "JPEG":
+        return "PNG"
+    return fmt
+
+
+def encode(
+    rgb_pages: list[np.ndarray], decoded: Decoded, fmt: str, provenance: str, quality: int
+) -> bytes:
+    """Colorized pages (H, W, 3 uint8 or uint16) -> file bytes with the source's metadata."""
+    from PIL import Image, PngImagePlugin
+
+    meta, exif = decoded.meta, exif_bytes(decoded.meta, provenance)
+    if fmt == "PNG16":
+        return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
+    if fmt == "TIFF16":
+        return encode_tiff16(rgb_pages, decoded, provenance)
+    images = []
+    for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
+        rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
+        image = Image.fromarray(rgb8)
+        if page.alpha is not None:
+            image.putalpha(Image.fromarray(page.alpha))
+        images.append(image)
+    kwargs: dict[str, Any] = {"exif": exif}
+    if meta.icc:
+        kwargs["icc_profile"] = meta.icc
+    if fmt == "JPEG":
+        kwargs.update(quality=quality, subsampling=0, xmp=meta.xmp)
+        if meta.iptc:
+            kwargs["extra"] = iptc_segment(meta.iptc)
+    elif fmt == "PNG":
+        text = PngImagePlugin.PngInfo()
+        text.add_text("Software", provenance)
+        if meta.xmp:
+            text.add_itxt("XML:com.adobe.xmp", meta.xmp.decode("utf-8", "replace"))
+        kwargs["pnginfo"] = text
+    elif fmt == "WEBP":
+        kwargs.update(quality=quality, xmp=meta.xmp)
+    else:
+        tags = {_XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
+        kwargs.update(compression="tiff_deflate", save_all=True, append_images=images[1:])
+        kwargs["tiffinfo"] = {k: v for k, v in tags.items() if v}
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=fmt, **{k: v for k, v in kwargs.items() if v is not None})
+    return buffer.getvalue()
+
+
+def output_name(rel: str, fmt: str) -> str:
+    suffixes = SUFFIXES[fmt.removesuffix("16")]
+    return rel if rel.lower().endswith(suffixes) else rel + suffixes[0]
+
+
+# ---------------------------------------------------------------- JPEG segments, orientation
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    if len(payload) > _APP_PAYLOAD_MAX:
+        raise ValueError(f"APP{marker - 0xE0} payload of {len(payload)} bytes is too long")
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def iptc_segment(iptc: bytes) -> bytes:
+    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
+    payload = iptc + b"\0" * (len(iptc) % 2)
+    return _segment(
+        0xED, b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
+    )
+
+
+def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: bytes | None) -> bytes:
+    """The APP segments that carry a source's metadata into a JPEG, in the usual order:
+    APP1 EXIF (``exif`` as PIL's ``Exif.tobytes()`` gives it), APP1 XMP, APP2 ICC (split
+    into numbered chunks as the ICC spec requires), APP13 IPTC."""
+    parts = []
+    if exif:
+        body = exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
+        if len(body) <= _APP_PAYLOAD_MAX:  # a larger EXIF cannot be carried by APP1: dropped
+            parts.append(_segment(0xE1, body))
+    if xmp and len(_XMP_HEADER) + len(xmp) <= _APP_PAYLOAD_MAX:
+        parts.append(_segment(0xE1, _XMP_HEADER + xmp))
+    if icc:
+        chunks = [icc[i : i + _ICC_CHUNK] for i in range(0, len(icc), _ICC_CHUNK)]
+        if len(chunks) <= 255:
+            for number, chunk in enumerate(chunks, start=1):
+                header = b"ICC_PROFILE\x00" + bytes((number, len(chunks)))
+                parts.append(_segment(0xE2, header + chunk))
+    if iptc:
+        parts.append(iptc_segment(iptc))
+    return b"".join(parts)
+
+
+def with_segments(jpeg: bytes, segments: bytes) -> bytes:
+    """``jpeg`` with ``segments`` inserted after its SOI and the JFIF APP0 an encoder writes
+    first (JFIF requires APP0 right after SOI); any APP1 / APP2 the encoder wrote stays."""
+    if not jpeg.startswith(_SOI):
+        raise ValueError("not a JPEG stream (no SOI marker)")
+    at = len(_SOI)
+    if jpeg[at : at + 2] == b"\xff\xe0":
+        at += 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
+    return jpeg[:at] + segments + jpeg[at:]
+
+
+def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:
+    """An image stored with EXIF orientation `turn`, as it is meant to be seen."""
+    if turn in (5, 6, 7, 8):  # stored on its side: transpose first
+        image_CHW = image_CHW.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(turn)
+    return image_CHW.flip(flips).contiguous() if flips else image_CHW.contiguous()
