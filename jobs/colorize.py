@@ -232,7 +232,7 @@ def reassemble_pixels(
     return pixels_HW3
 
 
-# ---------------------------------------------------------------- output paths
+# ---------------------------------------------------------------- planning and reading
 
 
 def safe_relpath(name: str) -> str:
@@ -242,9 +242,6 @@ def safe_relpath(name: str) -> str:
     if path.startswith("/") or normal in (".", "..") or normal.startswith("../") or ":" in normal:
         raise BadImage(f"path escapes the output folder: {name!r}")
     return normal
-
-
-# ---------------------------------------------------------------- planning and reading
 
 
 def _kind(path: str) -> str:
