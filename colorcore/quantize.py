@@ -81,8 +81,15 @@ def _ab_bins_cpu() -> torch.Tensor:
 
 
 def ab_bins(device: torch.device | str | None = None) -> torch.Tensor:
-    """The (313, 2) float32 bin centres (a, b), sorted by a then b."""
-    return _ab_bins_cpu().to(device) if device is not None else _ab_bins_cpu().clone()
+    """The (313, 2) float32 bin centres (a, b), sorted by a then b: a copy of one's own without
+    a device; with one, a copy kept there for every caller (read-only), so that decoding on
+    an accelerator does not copy the bins over, and wait for the copy, at every call."""
+    return _ab_bins_on(torch.device(device)) if device is not None else _ab_bins_cpu().clone()
+
+
+@compile_constant
+def _ab_bins_on(device: torch.device) -> torch.Tensor:
+    return _ab_bins_cpu().to(device)
 
 
 def _axis_distances(centres_Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

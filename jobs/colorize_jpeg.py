@@ -21,9 +21,11 @@ Legend: N batch, H, W full size, S network input side, s = S / 4 network output 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -54,8 +56,9 @@ def eligible(data: bytes, image) -> bool:
 @dataclass(frozen=True)
 class Codec:
     """decode: JPEG files (uint8 1-D tensors) -> (3, H, W) uint8 images on the device, as
-    stored (EXIF orientation not applied), raising if any file fails; encode: such images ->
-    JPEG bytes at a quality."""
+    stored (EXIF orientation not applied), raising if any file fails; encode: such images,
+    contiguous and finished on the device (the caller waits for them: nvJPEG encodes on a
+    stream of its own that does not wait for theirs), -> JPEG bytes at a quality."""
 
     decode: Callable[[list[torch.Tensor]], list[torch.Tensor]]
     encode: Callable[[list[torch.Tensor], int], list[bytes]]
@@ -73,9 +76,6 @@ def nvjpeg_codec(device: torch.device) -> Codec:
         )
 
     def encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
-        # torchvision encodes on a stream of its own that does not wait for the stream the
-        # images were computed on: they must be finished before it starts.
-        torch.cuda.current_stream(device).synchronize()
         files = encode_jpeg(images, quality=quality)
         data = torch.cat(files).cpu().numpy().tobytes()  # one copy to the host, not one a file
         ends = itertools.accumulate(len(f) for f in files)
@@ -179,9 +179,11 @@ class JpegColorizer:
             if predicted is not None:
                 colorized, ready = self._finish_piece(images, *predicted)
                 encoding.append((rows, self.encoder.submit(self._encode, colorized, ready)))
+        futures.wait([job for _, job in encoding])  # none left running on this call's images
         for rows, job in encoding:
             for i, data in zip(rows, job.result(), strict=True):
-                out[i] = with_segments(data, segments[i]) if segments[i] else data
+                if data is not None:
+                    out[i] = with_segments(data, segments[i]) if segments[i] else data
         return out
 
     def _decode_piece(
@@ -189,7 +191,7 @@ class JpegColorizer:
     ) -> list[torch.Tensor | None]:
         """The piece's images, upright, on the decode stream (None where decoding failed)."""
         tensors = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in part]
-        with torch.cuda.stream(self.decode_stream):
+        with _on(self.decode_stream):
             if self.decode_stream is not None:
                 # The decoder writes on a stream of its own, into blocks this stream may
                 # have freed with reads still queued (the last piece's flips): finish those.
@@ -203,11 +205,15 @@ class JpegColorizer:
     def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
         try:
             return list(self.codec.decode(tensors))
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception:  # one bad file fails the batch: find it
             images: list[torch.Tensor | None] = []
             for t in tensors:
                 try:
                     images.append(self.codec.decode([t])[0])
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except Exception:
                     images.append(None)
             return images
@@ -218,7 +224,7 @@ class JpegColorizer:
     ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
         """Queues the network for upright (3, H, W) uint8 images on the compute stream:
         (groups of images of one size, each group's full-size L, annealed-mean ab)."""
-        with torch.cuda.stream(self.compute_stream):
+        with _on(self.compute_stream):
             if self.compute_stream is not None:
                 self.compute_stream.wait_stream(self.decode_stream)
                 for image in images:
@@ -247,10 +253,10 @@ class JpegColorizer:
         """The colorized images, same sizes and order as `images`, and the CUDA event they
         are ready at."""
         out: list[torch.Tensor] = list(images)
-        with torch.cuda.stream(self.compute_stream):
+        with _on(self.compute_stream):
             sizes = [len(g) for g in groups]
             for group, l_N1HW, ab_n2ss in zip(groups, lightness, ab_N2ss.split(sizes), strict=True):
-                rgb_N3HW = self.finish(l_N1HW, ab_n2ss)
+                rgb_N3HW = self.finish(l_N1HW, ab_n2ss).contiguous()  # nvJPEG reads it as is
                 for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
                     out[i] = rgb_3HW
             if self.compute_stream is None:
@@ -259,10 +265,32 @@ class JpegColorizer:
             ready.record(self.compute_stream)
         return out, ready
 
-    def _encode(self, images: list[torch.Tensor], ready: torch.cuda.Event | None) -> list[bytes]:
+    def _encode(
+        self, images: list[torch.Tensor], ready: torch.cuda.Event | None
+    ) -> list[bytes | None]:
+        """The images' JPEG files once they are finished; where the codec fails, file by
+        file, and None for a file that still fails (the CPU path takes it over)."""
         if ready is not None:
             ready.synchronize()  # the encoder's stream does not wait for the compute stream
-        return self.codec.encode(images, self.quality)
+        try:
+            return list(self.codec.encode(images, self.quality))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:
+            files: list[bytes | None] = []
+            for image in images:
+                try:
+                    files.append(self.codec.encode([image], self.quality)[0])
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception:
+                    files.append(None)
+            return files
+
+
+def _on(stream: torch.cuda.Stream | None):
+    """The stream's context; none at all without a stream (CPU codecs touch no CUDA state)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _pieces(count: int, pieces: int) -> list[list[int]]:

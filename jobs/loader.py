@@ -265,6 +265,8 @@ class TrainLoader:
         iterator stops that thread and waits for it (at most the batch it is finishing)."""
         buffer: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
+        # The CUDA device is set per thread: decode on the consumer's (a worker's local rank).
+        device = torch.cuda.current_device() if self.decode == "nvjpeg" else None
 
         def put(item: object) -> None:
             while not stop.is_set():
@@ -275,6 +277,8 @@ class TrainLoader:
                     continue
 
         def produce() -> None:
+            if device is not None:
+                torch.cuda.set_device(device)
             try:
                 with contextlib.closing(self._batches()) as batches:
                     for batch in batches:

@@ -587,6 +587,26 @@ def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
         expected = ImageOps.exif_transpose(Image.open(io.BytesIO(source))).size
         assert Image.open(io.BytesIO(b)).size == expected and np.abs(x - y).max() <= 2
 
+    # An encoder that fails on one image (27 px wide) fails that file alone: None, for the
+    # CPU path to take over, and the rest of its piece is encoded file by file.
+    def failing_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
+        if any(image.shape[-1] == 27 for image in images):
+            raise RuntimeError("encoder failure")
+        return kwargs["codec"].encode(images, quality)
+
+    failing = dataclasses.replace(kwargs["codec"], encode=failing_encode)
+    colorizer = JpegColorizer(model, cpu, chunks=4, **(kwargs | {"codec": failing}))
+    partial = colorizer(files, [b""] * len(files), turns)
+    sizes = [Image.open(io.BytesIO(f)).size for f in files]  # stored; shown turned for 5-8
+    widths = [h if turn > 4 else w for (w, h), turn in zip(sizes, turns, strict=True)]
+    assert widths.count(27) == 1
+    assert [out is None for out in partial] == [
+        a is None or w == 27 for a, w in zip(pieces, widths, strict=True)
+    ]
+    assert [out for out, w in zip(partial, widths, strict=True) if w != 27] == [
+        out for out, w in zip(pieces, widths, strict=True) if w != 27
+    ]
+
 
 @pytest.mark.parametrize("turn", range(1, 9))
 def test_exif_orientation_on_the_device_path_equals_pillows(turn: int) -> None:
