@@ -7,9 +7,10 @@ One step, as a training worker does it (`jobs.train_loop.step_loss` and the opti
 Lab conversion and `colorcore.data.encode_targets` (sparse soft encoding with k = 10) on the
 device from uint8 crops, the forward of `ColorizationNet(ModelConfig())` (the released ECCV16
 network, 32.2M parameters) at 176 x 176 under the chosen precision, `rebalanced_cross_entropy`
-in fp32, backward, Adam (0.9, 0.99, weight decay 1e-3), and the `loss.item()` the loop logs. The
-crops are windows of scikit-image's colour photos, already on the device (the nvJPEG loader
-delivers them there); the rebalancing weights are those of the crops' own ab prior.
+in fp32, backward, Adam (0.9, 0.99, weight decay 1e-3); the loss stays on the device, as the
+loop sums it there and reads it only when it logs. The crops are windows of scikit-image's
+colour photos, already on the device (the nvJPEG loader delivers them there); the rebalancing
+weights are those of the crops' own ab prior.
 
 Modes: ``fp32`` (TF32 off: the naive port), ``tf32`` (CUDA only: what the job's fp32 precision runs,
 as `jobs.train_loop` enables TF32), ``bf16_cl`` (bf16 autocast, model in channels_last; `step_loss`
@@ -129,12 +130,12 @@ def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) ->
     compiled = dataclasses.replace(cfg, compile=mode.endswith("compile"))
     loss_of = step_loss(model, rebalance_Q, compiled, autocast_dtype, device)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         loss = loss_of(next(batches))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     start = time.perf_counter()
     step()
@@ -148,7 +149,7 @@ def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) ->
     step_s = (time.perf_counter() - start) / args.iters
     return {"mode": mode, "batch": cfg.batch_size, "step_ms": 1e3 * step_s,
             "img_s": cfg.batch_size / step_s, "peak_gib": peak_gib(device),
-            "first_step_s": first_s, "loss": losses[-1]}  # fmt: skip
+            "first_step_s": first_s, "loss": losses[-1].item()}  # fmt: skip
 
 
 def measure(mode: str, batches, rebalance_Q, cfg, args, device, report: dict) -> dict:

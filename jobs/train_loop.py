@@ -133,7 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             s3=cfg.s3,
         )
 
-    window_start, window_images, window_loss = time.monotonic(), 0, 0.0
+    # The loss is summed on the device and read when logged: no host sync in a step.
+    window_start, window_images, window_loss = time.monotonic(), 0, torch.zeros((), device=device)
     while step < cfg.max_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -146,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with sync:
                 loss = loss_of(rgb)
                 (loss / cfg.grad_accum_steps).backward()
-            window_loss += loss.item() / cfg.grad_accum_steps
+            window_loss += loss.detach() / cfg.grad_accum_steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -161,11 +162,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "epoch": epoch,
                 "lr": lr,
                 "loss": _mean_over_ranks(
-                    window_loss / max(1, window_images // cfg.batch_size), device
+                    window_loss.item() / max(1, window_images // cfg.batch_size), device
                 ),
                 "img_per_s": window_images / max(elapsed, 1e-9),
             }
-            window_start, window_images, window_loss = time.monotonic(), 0, 0.0
+            window_start, window_images = time.monotonic(), 0
+            window_loss = torch.zeros((), device=device)
         if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
             from jobs.validation import validate
 
