@@ -196,27 +196,11 @@ class JpegColorizer:
                 # The decoder writes on a stream of its own, into blocks this stream may
                 # have freed with reads still queued (the last piece's flips): finish those.
                 self.decode_stream.synchronize()
-            images = self._decode(tensors)
+            images = _each_or_none(self.codec.decode, tensors)  # a bad file fails the batch
             return [
                 None if image is None else upright(image, turns[i])
                 for i, image in zip(part, images, strict=True)
             ]
-
-    def _decode(self, tensors: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        try:
-            return list(self.codec.decode(tensors))
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:  # one bad file fails the batch: find it
-            images: list[torch.Tensor | None] = []
-            for t in tensors:
-                try:
-                    images.append(self.codec.decode([t])[0])
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception:
-                    images.append(None)
-            return images
 
     @torch.inference_mode()
     def _predict(
@@ -272,20 +256,26 @@ class JpegColorizer:
         file, and None for a file that still fails (the CPU path takes it over)."""
         if ready is not None:
             ready.synchronize()  # the encoder's stream does not wait for the compute stream
-        try:
-            return list(self.codec.encode(images, self.quality))
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception:
-            files: list[bytes | None] = []
-            for image in images:
-                try:
-                    files.append(self.codec.encode([image], self.quality)[0])
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception:
-                    files.append(None)
-            return files
+        return _each_or_none(lambda some: self.codec.encode(some, self.quality), images)
+
+
+def _each_or_none(call: Callable[[list], list], items: list) -> list:
+    """call(items); where that fails, call([item])[0] item by item, None for an item that
+    still fails. Running out of device memory is not the items' fault: that is raised."""
+    try:
+        return list(call(items))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception:
+        results = []
+        for item in items:
+            try:
+                results.append(call([item])[0])
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:
+                results.append(None)
+        return results
 
 
 def _on(stream: torch.cuda.Stream | None):
