@@ -125,8 +125,9 @@ class ColorizeConfig:
     parquet_key_column: str | None = None
     """Parquet input: the column naming each row's output (default: path/key/name, else the
     row number)."""
-    batch_size: int = 8
-    """Images per model batch."""
+    batch_size: int = 0
+    """Images per model batch (0: 8 on CPUs, 64 per GPU, which the device JPEG path splits
+    into pipelined pieces)."""
     files_per_task: int = 32
     """Folder inputs: files per read task."""
     model_actors: int = 0
@@ -166,8 +167,8 @@ class ColorizeConfig:
             raise ValueError(f"infer_px must be a multiple of 8, >= 16, got {self.infer_px}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
-        if min(self.max_pixels, self.batch_size, self.files_per_task) < 1:
-            raise ValueError("max_pixels, batch_size and files_per_task must be >= 1")
+        if min(self.max_pixels, self.files_per_task) < 1 or self.batch_size < 0:
+            raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
         if self.max_file_mb <= 0 or self.actor_cpus <= 0 or self.task_cpus <= 0:
             raise ValueError("max_file_mb, actor_cpus and task_cpus must be > 0")
         if self.model_actors < 0:
@@ -714,6 +715,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))
     cfg = _resolve_jpeg_path(cfg, gpus > 0)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or (64 if gpus else 8))
     fused = cfg.stages == "fused" or (cfg.stages == "auto" and not gpus)
     where = "on the model's device" if cfg.jpeg_path == "device" else "on CPUs"
     print(

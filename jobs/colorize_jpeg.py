@@ -117,6 +117,11 @@ def default_codec(device: torch.device) -> Codec:
 # ---------------------------------------------------------------- the batch
 
 
+# Pixels through the full-size steps at once: their fp32 planes and temporaries (a few GB
+# at this size) stay well inside a GPU's memory whatever the scans' sizes.
+GROUP_PX = 1 << 25
+
+
 class JpegColorizer:
     """A batch of JPEG files -> colorized JPEG files (None where the codec failed).
 
@@ -139,12 +144,13 @@ class JpegColorizer:
         codec: Codec | None = None,
         compile: bool = False,
         chunks: int = 4,
+        group_px: int = GROUP_PX,
     ) -> None:
-        if chunks < 1:
-            raise ValueError(f"chunks must be >= 1, got {chunks}")
+        if chunks < 1 or group_px < 1:
+            raise ValueError(f"chunks and group_px must be >= 1, got {chunks}, {group_px}")
         self.precision = precision
         self.infer_px, self.temperature, self.quality = infer_px, temperature, quality
-        self.chunks = chunks
+        self.chunks, self.group_px = chunks, group_px
         self.codec = codec or default_codec(precision.device)
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
@@ -213,10 +219,14 @@ class JpegColorizer:
                 self.compute_stream.wait_stream(self.decode_stream)
                 for image in images:
                     image.record_stream(self.compute_stream)  # reused after its use there
-            # Images of one size go through the full-size steps together.
+            # Images of one size go through the full-size steps together, at most
+            # `group_px` pixels at a time: large scans must not exhaust device memory.
             order = sorted(range(len(images)), key=lambda i: tuple(images[i].shape))
-            by_size = itertools.groupby(order, key=lambda i: images[i].shape)
-            groups = [list(group) for _, group in by_size]
+            groups = []
+            for shape, same in itertools.groupby(order, key=lambda i: images[i].shape):
+                same = list(same)
+                per_group = max(1, self.group_px // (shape[-2] * shape[-1]))
+                groups += [same[i : i + per_group] for i in range(0, len(same), per_group)]
             lightness, small = [], []
             for group in groups:
                 stacked = torch.stack([images[i] for i in group])

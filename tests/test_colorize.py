@@ -193,6 +193,8 @@ def test_config_is_validated_and_parses(capsys) -> None:
         colorize.ColorizeConfig(input="/a", output="/b")
     with pytest.raises(ValueError, match="temperature"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", temperature=0)
+    with pytest.raises(ValueError, match="batch_size >= 0"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", batch_size=-1)
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)
@@ -556,8 +558,9 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
 
 
 def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
-    """A batch colorized in pipelined pieces (Pillow as the codec here): every file's output
-    at its place, failures where they were, pixels as when the batch goes through whole."""
+    """A batch colorized in pipelined pieces, or with its full-size steps split by a pixel
+    budget (Pillow as the codec here): every file's output at its place, failures where they
+    were, pixels as when the batch goes through whole."""
     from jobs.colorize_jpeg import JpegColorizer, _pieces, pil_codec
     from jobs.images import exif_orientation
 
@@ -578,14 +581,16 @@ def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
     }
     whole = JpegColorizer(model, cpu, chunks=1, **kwargs)(files, [b""] * len(files), turns)
     pieces = JpegColorizer(model, cpu, chunks=4, **kwargs)(files, [b""] * len(files), turns)
-    assert [out is None for out in pieces] == [n == "broken.jpg" for n in names] + [False] * 4
-    for source, a, b in zip(files, whole, pieces, strict=True):
-        if a is None:
-            assert b is None
-            continue
-        x, y = (np.asarray(Image.open(io.BytesIO(d)), np.float32) for d in (a, b))
-        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(source))).size
-        assert Image.open(io.BytesIO(b)).size == expected and np.abs(x - y).max() <= 2
+    # and with the full-size steps one image at a time (two files share a size)
+    single = JpegColorizer(model, cpu, chunks=1, group_px=1, **kwargs)
+    for other in (pieces, single(files, [b""] * len(files), turns)):
+        assert [out is None for out in other] == [n == "broken.jpg" for n in names] + [False] * 4
+        for source, a, b in zip(files, whole, other, strict=True):
+            if a is None:
+                continue
+            x, y = (np.asarray(Image.open(io.BytesIO(d)), np.float32) for d in (a, b))
+            expected = ImageOps.exif_transpose(Image.open(io.BytesIO(source))).size
+            assert Image.open(io.BytesIO(b)).size == expected and np.abs(x - y).max() <= 2
 
     # An encoder that fails on one image (27 px wide) fails that file alone: None, for the
     # CPU path to take over, and the rest of its piece is encoded file by file.
