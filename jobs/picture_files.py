@@ -136,21 +136,22 @@ def _is_16bit_colour(data: bytes, image) -> bool:
     return False
 
 
-def _full_depth_pictures(data: bytes) -> list[np.ndarray]:
-    """Every picture of a PNG or TIFF as stored, at full depth (OpenCV: BGR(A) order, EXIF
-    orientation not applied), one per page in Pillow's page order."""
+def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | None:
+    """Page `index` of a PNG or TIFF at 16 bits per channel, upright, alpha kept, read with
+    OpenCV (that page alone); None when OpenCV cannot read it (Pillow then does, at 8 bits).
+    OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG."""
     import cv2
 
-    ok, pictures = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if not ok:
-        raise BadImage("unreadable 16-bit colour image")
-    return list(pictures)
-
-
-def _16bit_colour_page(pixels: np.ndarray, turn: int) -> Page:
-    """A 16-bit colour picture from `_full_depth_pictures` -> an upright page, alpha kept."""
-    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
-        raise BadImage("unreadable 16-bit colour image")
+    buffer = np.frombuffer(data, np.uint8)
+    if fmt == "PNG":
+        pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    else:
+        ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
+        pixels, turn = (found[0] if ok and len(found) == 1 else None), 1
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
+        return None
+    if pixels.shape[2] not in (3, 4):
+        return None
     planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
     rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
     alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
@@ -166,18 +167,16 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     pages = []
     try:
         meta = read_metadata(image)
-        full_depth: list[np.ndarray] | None = None  # decoded when a page needs it
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
             if w * h > max_pixels:
                 raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
             if _is_16bit_colour(data, image):
-                full_depth = full_depth or _full_depth_pictures(data)
-                if index >= len(full_depth):
-                    raise BadImage(f"page {index} unreadable at 16 bits")
-                pages.append(_16bit_colour_page(full_depth[index], exif_orientation(image)))
-                continue
+                page = _16bit_colour_page(data, fmt, index, exif_orientation(image))
+                if page is not None:
+                    pages.append(page)
+                    continue
             image.load()
             pages.append(_page(ImageOps.exif_transpose(image)))
     except BadImage:
@@ -201,6 +200,11 @@ def exif_bytes(meta: Metadata, provenance: str) -> bytes:
     return exif.tobytes()
 
 
+def _as_16bit(values: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 samples as uint16 (8-bit ones spread over 16 bits: x 257)."""
+    return values if values.dtype == np.uint16 else values.astype(np.uint16) * 257
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -214,10 +218,7 @@ def encode_png16(
 ) -> bytes:
     """A 16-bit RGB or RGBA PNG (Pillow writes at most 8 bits per colour channel)."""
     h, w, _ = rgb_HW3.shape
-    pixels = rgb_HW3
-    if alpha_HW is not None:  # 8-bit alpha spread over 16 bits (x 257)
-        alpha16 = alpha_HW if alpha_HW.dtype == np.uint16 else alpha_HW.astype(np.uint16) * 257
-        pixels = np.dstack([rgb_HW3, alpha16])
+    pixels = rgb_HW3 if alpha_HW is None else np.dstack([rgb_HW3, _as_16bit(alpha_HW)])
     row_bytes = w * 2 * pixels.shape[2]
     rows = np.zeros((h, 1 + row_bytes), np.uint8)  # filter byte 0, then big-endian samples
     rows[:, 1:] = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(h, row_bytes)
@@ -242,19 +243,21 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
     meta = decoded.meta
     text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
     text[PROVENANCE_EXIF_TAG] = provenance
-    tags = [(t, "s", 0, v, True) for t, v in text.items() if isinstance(v, str) and v.isascii()]
+    # TIFF text is 7-bit ASCII: other characters become "?", as Pillow writes them too
+    tags = [
+        (tag, "s", 0, value.encode("ascii", "replace"), True)
+        for tag, value in text.items()
+        if isinstance(value, str)
+    ]
     for tag, block in ((_ICC_TAG, meta.icc), (_XMP_TAG, meta.xmp), (_IPTC_TAG, meta.iptc)):
         if block:
             tags.append((tag, "B", len(block), block, True))
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer) as tiff:
         for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-            pixels = rgb if rgb.dtype == np.uint16 else rgb.astype(np.uint16) * 257
-            extra = None
+            pixels, extra = _as_16bit(rgb), None
             if page.alpha is not None:
-                alpha = page.alpha
-                alpha = alpha if alpha.dtype == np.uint16 else alpha.astype(np.uint16) * 257
-                pixels, extra = np.dstack([pixels, alpha]), ["unassalpha"]
+                pixels, extra = np.dstack([pixels, _as_16bit(page.alpha)]), ["unassalpha"]
             tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
                        extratags=tags, metadata=None, software=False)  # fmt: skip
     return buffer.getvalue()

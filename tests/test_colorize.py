@@ -381,8 +381,9 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
 
 
 def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> None:
-    """A TIFF of a 16-bit RGB page, a 16-bit RGBA page and an 8-bit gray page, with ICC,
-    XMP and an Artist tag: a TIFF of three pages at 16 bits, L kept at 16-bit precision,
+    """A TIFF of a 16-bit RGB page stored turned (orientation 6), a 16-bit RGBA page and an
+    8-bit gray page, with ICC, XMP and an Artist tag: a TIFF of three pages at 16 bits, the
+    first shown upright, L kept at 16-bit precision,
     alpha to the bit, the metadata and the provenance tag carried. The source is written
     with tifffile and the output read with OpenCV and Pillow, not with the job's code."""
     import cv2
@@ -393,8 +394,12 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
     rgb16, alpha16 = scan16(6)
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer) as tiff:
-        tags = [(315, "s", 0, "A. Archivist", True), (34675, "B", len(SRGB_ICC), SRGB_ICC, True),
-                (700, "B", len(XMP), XMP, True)]  # fmt: skip
+        tags = [
+            (315, "s", 0, "A. Archivist", True),
+            (34675, "B", len(SRGB_ICC), SRGB_ICC, True),
+            (700, "B", len(XMP), XMP, True),
+            (274, "H", 1, 6, True),
+        ]  # stored turned
         tiff.write(rgb16, photometric="rgb", compression="zlib", extratags=tags, metadata=None)
         tiff.write(np.dstack([rgb16, alpha16]), photometric="rgb", extrasamples=["unassalpha"],
                    metadata=None)  # fmt: skip
@@ -404,10 +409,10 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
     assert (row["status"], row["output"], row["pages"]) == ("ok", "pages.tif", 3), row
     data = (row["root"] / row["output"]).read_bytes()
     ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert ok and [p.shape for p in pages] == [(24, 36, 3), (24, 36, 4), (20, 30, 3)]
+    assert ok and [p.shape for p in pages] == [(36, 24, 3), (24, 36, 4), (20, 30, 3)]
     assert pages[2].dtype == np.uint16
-    for page in pages[:2]:
-        assert_lightness_kept_at_16_bits(rgb16, page)
+    assert_lightness_kept_at_16_bits(np.rot90(rgb16, k=-1), pages[0])  # shown upright
+    assert_lightness_kept_at_16_bits(rgb16, pages[1])
     assert np.array_equal(pages[1][..., 3], alpha16)
     image = Image.open(io.BytesIO(data))
     assert image.n_frames == 3 and image.tag_v2[315] == "A. Archivist"
