@@ -59,14 +59,17 @@ class _Matrices(NamedTuple):
 
 def compile_constant(build):
     """Caches build(*args) (hashable args, e.g. dtype and device); compiled callers
-    (torch.compile) take the result as a constant instead of tracing how it was built."""
+    (torch.compile) take the result as a constant instead of tracing how it was built. Built
+    outside inference mode, so that a first call under it does not leave every later caller
+    an inference tensor that autograd refuses."""
     cache = {}
 
     @torch.compiler.assume_constant_result
     @functools.wraps(build)
     def cached(*args):
         if args not in cache:
-            cache[args] = build(*args)
+            with torch.inference_mode(False):
+                cache[args] = build(*args)
         return cache[args]
 
     return cached

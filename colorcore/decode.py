@@ -47,8 +47,10 @@ def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torc
     bins = _bins_like(logits_NQhw)
     n, q, h, w = logits_NQhw.shape
     z_PQ = logits_NQhw.permute(0, 2, 3, 1).reshape(-1, q)
-    # in fp32 whatever the logits' dtype; out of place, so a caller's fp32 logits are kept
-    e_PQ = (z_PQ - z_PQ.amax(dim=1, keepdim=True).float()).mul_(1.0 / T).exp_()
+    # One pass into a new fp32 tensor whatever the logits' dtype (a bf16 difference is
+    # computed in fp32, not rounded to bf16); the caller's logits are left as they are.
+    e_PQ = torch.empty(z_PQ.shape, dtype=torch.float32, device=z_PQ.device)
+    torch.sub(z_PQ, z_PQ.amax(dim=1, keepdim=True).float(), out=e_PQ).mul_(1.0 / T).exp_()
     sums_P3 = e_PQ @ torch.cat([bins, bins.new_ones(q, 1)], dim=1)
     ab_P2 = sums_P3[:, :2] / sums_P3[:, 2:]
     return ab_P2.reshape(n, h, w, 2).permute(0, 3, 1, 2).contiguous()  # 2 small planes

@@ -173,19 +173,21 @@ class JpegColorizer:
         parts = _pieces(len(files), self.chunks)
         out: list[bytes | None] = [None] * len(files)
         encoding: list[tuple[list[int], Future]] = []
-        decoded = self._decode_piece(files, turns, parts[0]) if parts else []
-        for k, part in enumerate(parts):
-            rows = [part[i] for i, image in enumerate(decoded) if image is not None]
-            images = [image for image in decoded if image is not None]
-            predicted = self._predict(images) if images else None
-            # The next piece is decoded while the network works on this one: the rest of
-            # this piece's steps may wait for the device (eager chroma search).
-            if k + 1 < len(parts):
-                decoded = self._decode_piece(files, turns, parts[k + 1])
-            if predicted is not None:
-                colorized, ready = self._finish_piece(images, *predicted)
-                encoding.append((rows, self.encoder.submit(self._encode, colorized, ready)))
-        futures.wait([job for _, job in encoding])  # none left running on this call's images
+        try:
+            decoded = self._decode_piece(files, turns, parts[0]) if parts else []
+            for k, part in enumerate(parts):
+                rows = [part[i] for i, image in enumerate(decoded) if image is not None]
+                images = [image for image in decoded if image is not None]
+                predicted = self._predict(images) if images else None
+                # The next piece is decoded while the network works on this one: the rest
+                # of this piece's steps may wait for the device (eager chroma search).
+                if k + 1 < len(parts):
+                    decoded = self._decode_piece(files, turns, parts[k + 1])
+                if predicted is not None:
+                    colorized, ready = self._finish_piece(images, *predicted)
+                    encoding.append((rows, self.encoder.submit(self._encode, colorized, ready)))
+        finally:  # none left running on this call's images, whatever happened
+            futures.wait([job for _, job in encoding])
         for rows, job in encoding:
             for i, data in zip(rows, job.result(), strict=True):
                 if data is not None:

@@ -300,6 +300,17 @@ def test_cuda_compiled_chroma_search_matches_eager(random_lab) -> None:
     torch.testing.assert_close(compiled, lab_to_rgb(lab), rtol=0, atol=1e-3)
 
 
+def test_constants_first_built_under_inference_mode_serve_autograd() -> None:
+    from colorcore.color import compile_constant
+
+    ones = compile_constant(lambda n: torch.ones(n))
+    with torch.inference_mode():
+        ones(3)  # e.g. a colorize run before training in the same process
+    x = torch.full((3,), 2.0, requires_grad=True)
+    (x * ones(3)).sum().backward()  # an inference tensor cannot be saved for backward
+    assert torch.equal(x.grad, torch.ones(3))
+
+
 def test_lightness_alone_is_the_l_of_the_full_conversion() -> None:
     g = torch.Generator().manual_seed(3)
     for dtype, atol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):

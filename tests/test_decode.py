@@ -32,6 +32,9 @@ def test_annealed_mean_is_the_mean_of_the_reweighted_distribution() -> None:
     wide = decode.annealed_mean(z_last, T)
     assert torch.equal(z_last, before) and torch.isfinite(wide).all()
     torch.testing.assert_close(wide, decode.annealed_mean(z * 20, T), rtol=0, atol=1e-4)
+    double = decode.annealed_mean(z.double(), T)
+    assert double.dtype == torch.float32
+    torch.testing.assert_close(double, decode.annealed_mean(z, T), rtol=0, atol=1e-4)
     half = decode.annealed_mean(z.bfloat16().contiguous(memory_format=torch.channels_last), T)
     assert half.dtype == torch.float32
     torch.testing.assert_close(
