@@ -410,9 +410,10 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
 @dataclass(frozen=True)
 class Prepared:
     """What `prepare_row` decoded and computed, kept for `colorize_file` when both run in
-    one process (`WholeStage`): the source is then decoded once."""
+    one process (`WholeStage`): the source is then decoded once. Only each page's L is kept
+    of its pixels (4 bytes a pixel, against 12 more for its RGB planes)."""
 
-    decoded: Decoded
+    decoded: Decoded  # pages without their planes (rgb None)
     lightness: list[torch.Tensor]  # each page's full-size L, (1, 1, H, W)
 
 
@@ -441,7 +442,9 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
         return {**out, "status": "error", "reason": _reason(e), "data": b""}
     small = [l_small for _, l_small in inputs]
     if keep:
-        out["prepared"] = Prepared(decoded, [l_full for l_full, _ in inputs])
+        pages = [dataclasses.replace(page, rgb=None) for page in decoded.pages]
+        lightness = [l_full for l_full, _ in inputs]
+        out["prepared"] = Prepared(dataclasses.replace(decoded, pages=pages), lightness)
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
@@ -544,7 +547,7 @@ def colorize_file(
     prepared: Prepared | None = None,
 ):
     """Source bytes (or what `prepare_row` kept of them) + predicted ab -> (output bytes,
-    format, decoded source)."""
+    format, (H, W) of the first page)."""
     if prepared is None:
         decoded = decode(data, cfg.max_pixels)
         lightness = [rgb_to_lightness(page.rgb) for page in decoded.pages]
@@ -558,7 +561,8 @@ def colorize_file(
         reassemble_pixels(l_11HW, ab_12ss, bits)
         for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True)
     ]
-    return encode(rgb_pages, decoded, fmt, provenance, cfg.quality), fmt, decoded
+    size = tuple(lightness[0].shape[-2:])
+    return encode(rgb_pages, decoded, fmt, provenance, cfg.quality), fmt, size
 
 
 def _now() -> str:
@@ -585,10 +589,9 @@ def _finish_row(row: dict, cfg: ColorizeConfig, provenance: dict) -> dict:
                 w, h = open_image(data, max_pixels=cfg.max_pixels).size
             else:
                 text = provenance["text"]
-                data, fmt, decoded = colorize_file(
+                data, fmt, (h, w) = colorize_file(
                     row["data"], row["ab_small"], cfg, text, row.get("prepared")
                 )
-                h, w = decoded.pages[0].rgb.shape[-2:]
             name = output_name(row["rel"], fmt)
             storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
             result.update(output=name, status="ok", width_px=int(w), height_px=int(h))

@@ -48,9 +48,10 @@ _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 
 @dataclass
 class Page:
-    """One colorizable picture: sRGB in [0, 1] as (1, C, H, W), C = 1 (gray) or 3."""
+    """One colorizable picture: sRGB in [0, 1] as (1, C, H, W), C = 1 (gray) or 3; None
+    once only its L is kept (`jobs.colorize.Prepared`)."""
 
-    rgb: torch.Tensor
+    rgb: torch.Tensor | None
     alpha: np.ndarray | None
     bits: int
 
