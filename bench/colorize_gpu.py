@@ -13,7 +13,8 @@ mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the wor
 files, eager and compiled (the model, and the Lab steps before and after it), each batch in
 one piece and in pipelined pieces (`--chunks`, see `JpegColorizer`). Run the anchor in the
 same call to compare.
-Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set.
+Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set, after every
+measurement (a run cut short by a time limit keeps what it measured).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU check)")
     parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--chunks", default="1,4", help="pieces per batch, to compare")
+    parser.add_argument("--chunks", default="4,1", help="pieces per batch, to compare")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -90,9 +91,14 @@ def main() -> None:
             result[key + "_img_s"] = count / seconds
             result[key + "_kb_out"] = out_bytes / count / 1024
             print(json.dumps({key: result[key + "_img_s"]}), flush=True)
+            save(result)
     if cuda:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(result))
+    save(result)
+
+
+def save(result: dict) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "colorize_gpu.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -6,23 +6,24 @@
 #
 # ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
 # the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
-# checkout). PARTS (default: all, in this order, about 7 minutes on an H200):
+# checkout). PARTS (default: all, in this order; 10 to 12 minutes on an H200 by estimate,
+# more than one device call allows: run "colorize tests" and "train targets" as two calls):
+#   colorize   bench/colorize_gpu.py compiled, batches in 4 pipelined pieces and whole,
+#              then gpu_colorize_anchor.py (about 5 minutes, most of it compiling)
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
-#              encoding)
-#   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
-#              run's kernels listed (--profile)
+#              encoding, compiled Lab steps)
 #   train      bench/loader.py (nvJPEG and PIL threads on every core), bench/train_step.py
 #              compiled bf16, synthetic and from JPEG shards (nvJPEG), then the anchor's
 #              compiled bf16 step
-#   colorize   bench/colorize_gpu.py compiled, batches whole and in 4 pipelined pieces,
-#              then gpu_colorize_anchor.py
+#   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
+#              run's kernels listed (--profile)
 # Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.
 # JSON results go to $OUT (default: a temporary folder) when the scripts write any.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 anchors=$(cd "${1:?usage: bash bench/gpu_suite.sh ANCHORS [PART ...]}" && pwd)
 shift
-parts=${*:-tests targets train colorize}
+parts=${*:-colorize tests train targets}
 export PYTHONPATH=. OUT=${OUT:-$(mktemp -d)}
 status=0
 run() {  # one step: its time and exit status are printed, a failure does not stop the rest
