@@ -18,12 +18,14 @@ copied, and a provenance string (this project, the model file's SHA-256, T) goes
 tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs, at
 16 bits when a page has 16. The files themselves: `jobs.picture_files`.
 
-Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (full-resolution
-L, network-size L) -> model actors (GPU when present, batched, bf16 autocast where fast) ->
-encode-and-write tasks; on CPUs the model actors decode, encode and write their batches
-themselves (`WholeStage`). Every write writes its outputs, then a manifest part with one row
-per input (source, output, status, reason, time); a re-run of the same command reads the parts
-and skips inputs already done, so a killed run resumes and each input ends up exactly once.
+Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (network-size L;
+of a JPEG bound for the GPU only its header and metadata) -> model actors (GPU when present,
+batched, bf16 autocast where fast; JPEGs decoded, colorized and encoded on the GPU,
+`jobs.colorize_jpeg`) -> encode-and-write tasks; on CPUs the model actors decode, encode and
+write their batches themselves (`WholeStage`). Every write writes its outputs, then a manifest
+part with one row per input (source, output, status, reason, time); a re-run of the same
+command reads the parts and skips inputs already done, so a killed run resumes and each input
+ends up exactly once.
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
 leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job.
 At the end ``inputs = outputs + errors`` is printed and checked against the written files, and
