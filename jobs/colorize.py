@@ -39,7 +39,6 @@ Legend: N batch, P pages, H, W full size, S network input side, s = S / 4 networ
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -219,18 +218,18 @@ def reassemble_pixels(
     """`reassemble` of one page as (H, W, 3) uint8 or uint16 pixels, a band of rows at a
     time: the Lab steps' memory stays bounded whatever the image's size (a 100-megapixel scan
     would otherwise hold several 1.2 GB planes at once). Bilinear upsampling is separable:
-    ab is upsampled along the height once (s columns wide), then along the width band by band.
+    ab is upsampled along the height once (s columns wide), then `reassemble` upsamples each
+    band along the width.
     """
     H, W = l_11HW.shape[-2:]
-    upsample = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
-    ab_12Hs = upsample(ab_12ss, size=(H, ab_12ss.shape[-1]))
+    ab_12Hs = F.interpolate(
+        ab_12ss, size=(H, ab_12ss.shape[-1]), mode="bilinear", align_corners=False
+    )
     top, dtype = (65535.0, np.uint16) if bits == 16 else (255.0, np.uint8)
     pixels_HW3 = np.empty((H, W, 3), dtype)
     rows = max(1, band_px // W)
     for r in range(0, H, rows):
-        ab_band = ab_12Hs[..., r : r + rows, :]
-        ab_band = upsample(ab_band, size=(ab_band.shape[-2], W))
-        rgb_13hW = lab_to_rgb(torch.cat([l_11HW[..., r : r + rows, :], ab_band], dim=1))
+        rgb_13hW = reassemble(l_11HW[..., r : r + rows, :], ab_12Hs[..., r : r + rows, :])
         pixels_HW3[r : r + rows] = rgb_13hW[0].permute(1, 2, 0).mul_(top).round_().numpy()
     return pixels_HW3
 

@@ -138,9 +138,9 @@ def _is_16bit_colour(data: bytes, image) -> bool:
 
 
 def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | None:
-    """Page `index` of a PNG or TIFF at 16 bits per channel, upright, alpha kept, read with
-    OpenCV (that page alone); None when OpenCV cannot read it (Pillow then does, at 8 bits).
-    OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG."""
+    """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
+    (that page alone) and turned by `turn`; None when OpenCV cannot read it (Pillow then
+    does, at 8 bits)."""
     import cv2
 
     buffer = np.frombuffer(data, np.uint8)
@@ -148,7 +148,7 @@ def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | N
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     else:
         ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
-        pixels, turn = (found[0] if ok and len(found) == 1 else None), 1
+        pixels = found[0] if ok and len(found) == 1 else None
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
         return None
     if pixels.shape[2] not in (3, 4):
@@ -174,7 +174,9 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
             if w * h > max_pixels:
                 raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
             if _is_16bit_colour(data, image):
-                page = _16bit_colour_page(data, fmt, index, exif_orientation(image))
+                # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
+                turn = exif_orientation(image) if fmt == "PNG" else 1
+                page = _16bit_colour_page(data, fmt, index, turn)
                 if page is not None:
                     pages.append(page)
                     continue
