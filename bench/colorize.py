@@ -114,7 +114,8 @@ def main() -> None:
         summary = colorize.main(cfg)
         job_ips = summary.outputs / (time.perf_counter() - start)
         assert summary.outputs == args.images and summary.errors == 0
-        finished = sorted(datetime.fromisoformat(row["time"]).timestamp() for row in summary.rows)
+        times = summary.table.column("time").to_pylist()
+        finished = sorted(datetime.fromisoformat(t).timestamp() for t in times)
         half = len(finished) // 2
         steady_ips = (len(finished) - 1 - half) / (finished[-1] - finished[half])
 

@@ -23,7 +23,8 @@ of a JPEG bound for the GPU only its header and metadata) -> model actors (GPU w
 batched, bf16 autocast where fast; JPEGs decoded, colorized and encoded on the GPU,
 `jobs.colorize_jpeg`) -> encode-and-write tasks; on CPUs the model actors decode, encode and
 write their batches themselves (`WholeStage`). Every write writes its outputs, then a manifest
-part with one row per input (source, output, status, reason, time); a re-run of the same
+part with one row per input (source, output, status, reason, time), which the driver folds
+into a few larger parts as the job goes (`jobs.colorize_manifest`); a re-run of the same
 command reads the parts and skips inputs already done, so a killed run resumes and each input
 ends up exactly once.
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
@@ -38,8 +39,10 @@ Legend: N batch, P pages, H, W full size, S network input side, s = S / 4 networ
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -47,21 +50,24 @@ import re
 import stat
 import tarfile
 import time
-import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
+from jobs import colorize_manifest as manifest
 from jobs import storage
+from jobs.colorize_manifest import WORK_DIR
 from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
 from jobs.picture_files import (
     Decoded,
@@ -75,26 +81,12 @@ from jobs.picture_files import (
 )
 from jobs.runtime import Precision, choose_precision
 
-WORK_DIR = "_colorize"
-PARTS_DIR = f"{WORK_DIR}/parts"
 MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
 ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 _STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
-MANIFEST_COLUMNS = (
-    "source",
-    "output",
-    "status",
-    "reason",
-    "time",
-    "pages",
-    "width_px",
-    "height_px",
-    "model_sha256",
-    "temperature",
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,8 +245,9 @@ def _kind(path: str) -> str:
     return {".zip": "zip", ".parquet": "parquet"}.get(posixpath.splitext(name)[1], "image")
 
 
-def plan(cfg: ColorizeConfig, done: dict[str, dict]) -> tuple[list[dict], list[str], int]:
-    """(work units in a fixed order, every top-level file's source URL, inputs skipped)."""
+def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str], int]:
+    """(work units in a fixed order, every top-level file's source URL, inputs skipped), for
+    the sources in `done` being done already."""
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
         found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.input}")
@@ -267,19 +260,21 @@ def plan(cfg: ColorizeConfig, done: dict[str, dict]) -> tuple[list[dict], list[s
     else:
         raise ValueError(f"INPUT {cfg.input}: no such file or folder")
     units, files, skipped = [], [], 0
+    done_set, done_sorted = set(done), sorted(done)
     for rel, url in zip(rels, urls, strict=True):
         kind = _kind(url)
         if kind != "image":
             prefix = rel.rstrip("/")
-            mark = url + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
-            members = sorted(s[len(mark) :] for s in done if s.startswith(mark))
-            if url in done:  # the archive itself failed: nothing more to read in it
+            members = _starting_with(
+                done_sorted, url + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
+            )
+            if url in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
                 continue
             skipped += len(members)
             units.append({"kind": kind, "url": url, "prefix": prefix, "done": members})
             continue
-        if url in done:
+        if url in done_set:
             skipped += 1
             continue
         name = rel or posixpath.basename(storage.split_url(url)[1])
@@ -287,6 +282,17 @@ def plan(cfg: ColorizeConfig, done: dict[str, dict]) -> tuple[list[dict], list[s
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
     return units, urls, skipped
+
+
+def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
+    """The rest of each source that starts with `mark`, found in a sorted list in log time."""
+    start = bisect.bisect_left(sorted_sources, mark)
+    return [
+        s[len(mark) :]
+        for s in itertools.takewhile(
+            lambda s: s.startswith(mark), itertools.islice(sorted_sources, start, None)
+        )
+    ]
 
 
 def _row(source: str, rel: str = "", data: bytes = b"", reason: str = "") -> dict:
@@ -604,17 +610,10 @@ def _finish_row(row: dict, cfg: ColorizeConfig, provenance: dict) -> dict:
 
 
 def write_batch(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: dict) -> dict:
-    """Colorize and write a batch's outputs, then its manifest part; returns the part's rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Colorize and write a batch's outputs, then its manifest part; returns the part's rows
+    (with `manifest.PART_COLUMNS`)."""
     results = [_finish_row(row, cfg, provenance) for row in _as_rows(batch)]
-    table = pa.Table.from_pylist(results)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    part = storage.join(cfg.output, PARTS_DIR, f"part-{uuid.uuid4().hex}.parquet")
-    storage.write_bytes(part, buffer.getvalue(), cfg.s3)
-    return {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+    return manifest.with_part(*manifest.write_part(results, cfg.output, cfg.s3))
 
 
 # ---------------------------------------------------------------- the job
@@ -628,20 +627,8 @@ class Summary:
     skipped: int
     """Inputs already done by an earlier run of the same command."""
     manifest_url: str
-    rows: list[dict]
-
-
-def read_manifest_parts(cfg: ColorizeConfig) -> dict[str, dict]:
-    """Rows written by earlier runs, by source (the latest row of a source wins)."""
-    import pyarrow.parquet as pq
-
-    parts = storage.join(cfg.output, PARTS_DIR)
-    if not storage.exists(parts, cfg.s3):
-        return {}
-    fs, _ = storage.arrow_filesystem(parts, cfg.s3)
-    paths = [storage.split_url(u)[1] for u in storage.list_files(parts, cfg.s3, suffix=".parquet")]
-    rows = pq.read_table(paths, filesystem=fs).to_pylist() if paths else []
-    return {r["source"]: r for r in sorted(rows, key=lambda r: r["time"])}
+    table: pa.Table
+    """The manifest: one row per input (`manifest.SCHEMA`), by source."""
 
 
 def _provenance(sha256: str, cfg: ColorizeConfig) -> dict:
@@ -762,7 +749,9 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
             )
         )
     done, errors, start, last = 0, 0, time.monotonic(), 0.0
+    compactor = manifest.Compactor(cfg.output, cfg.s3)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        compactor.add(batch)
         done += len(batch["status"])
         errors += int(sum(s == "error" for s in batch["status"]))
         now = time.monotonic()
@@ -770,6 +759,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
             rate = done / max(now - start, 1e-9)
             print(f"colorize: {done} inputs done ({errors} errors), {rate:.2f} images/s")
             last = now
+    compactor.fold()
     return done
 
 
@@ -783,10 +773,10 @@ def main(cfg: ColorizeConfig) -> Summary:
     )
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
-    done = read_manifest_parts(cfg)
+    done = manifest.read(cfg.output, cfg.s3)
     if cfg.retry_errors:
-        done = {s: r for s, r in done.items() if r["status"] == "ok"}
-    units, top_level, skipped = plan(cfg, done)
+        done = done.filter(pc.equal(done.column("status"), "ok"))
+    units, top_level, skipped = plan(cfg, done.column("source").to_pylist())
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
@@ -808,31 +798,28 @@ def main(cfg: ColorizeConfig) -> Summary:
 
 
 def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
-    """Write the manifest and check that every input is accounted for exactly once."""
-    import pyarrow as pa
-
-    rows = list(read_manifest_parts(cfg).values())
-    ok = [r for r in rows if r["status"] == "ok"]
-    errors = [r for r in rows if r["status"] == "error"]
-    sources = {r["source"] for r in rows}
-    missing = [u for u in top_level if _kind(u) == "image" and u not in sources]
-    outputs = [r["output"] for r in ok]
-    written = set(_listed_outputs(cfg))
-    absent = sorted(set(outputs) - written)
-    print(f"colorize: {len(rows)} inputs = {len(ok)} outputs + {len(errors)} errors")
-    for r in errors[:10]:
-        print(f"  error {r['source']}: {r['reason']}")
-    if len(errors) > 10:
-        print(f"  ... and {len(errors) - 10} more, see the manifest")
-    if missing or absent or len(set(outputs)) != len(outputs) or len(rows) != len(ok) + len(errors):
+    """Compact the manifest parts, check that every input is accounted for exactly once and
+    write the manifest."""
+    table = manifest.compact(cfg.output, cfg.s3)
+    status = table.column("status")
+    ok, errors = (int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in ("ok", "error"))
+    images = pa.array([u for u in top_level if _kind(u) == "image"], pa.string())
+    missing = images.filter(pc.invert(pc.is_in(images, table.column("source")))).to_pylist()
+    outputs = table.column("output").filter(pc.equal(status, "ok"))
+    written = pa.array(_listed_outputs(cfg), pa.string())
+    absent = outputs.filter(pc.invert(pc.is_in(outputs, written))).to_pylist()
+    repeated = len(outputs) - pc.count_distinct(outputs).as_py()
+    print(f"colorize: {table.num_rows} inputs = {ok} outputs + {errors} errors")
+    for row in table.filter(pc.equal(status, "error")).slice(0, 10).to_pylist():
+        print(f"  error {row['source']}: {row['reason']}")
+    if errors > 10:
+        print(f"  ... and {errors - 10} more, see the manifest")
+    if missing or absent or repeated or table.num_rows != ok + errors:
         raise RuntimeError(
             f"accounting failed: {len(missing)} inputs without a manifest row "
-            f"{missing[:3]}, {len(absent)} outputs not on storage {absent[:3]}, "
-            f"{len(outputs) - len(set(outputs))} outputs written by two inputs"
+            f"{missing[:3]}, {len(absent)} outputs not on storage {sorted(absent)[:3]}, "
+            f"{repeated} outputs written by two inputs"
         )
-    table = pa.Table.from_pylist(
-        sorted(rows, key=lambda r: r["source"]),
-    ).select([*MANIFEST_COLUMNS, "seconds"])
     url = storage.join(cfg.output, WORK_DIR, f"manifest.{cfg.manifest_format}")
     buffer = io.BytesIO()
     if cfg.manifest_format == "csv":
@@ -845,7 +832,7 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
         pq.write_table(table, buffer)
     storage.write_bytes(url, buffer.getvalue(), cfg.s3)
     print(f"colorize: manifest {url}")
-    return Summary(len(rows), len(ok), len(errors), skipped, url, rows)
+    return Summary(table.num_rows, ok, errors, skipped, url, table)
 
 
 def _listed_outputs(cfg: ColorizeConfig) -> list[str]:

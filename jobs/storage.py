@@ -13,11 +13,12 @@ exponential backoff; missing files and permission errors fail at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
@@ -169,6 +170,21 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
         os.replace(tmp, path)
     else:  # an object store's PUT is atomic
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+
+
+def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
+    """Delete files of one filesystem (an object store's in requests of up to 1,000 keys);
+    files already gone are not an error."""
+    if not urls:
+        return
+    fs, _ = filesystem(urls[0], s3)
+    paths = [split_url(u)[1] for u in urls]
+    if is_local(urls[0]):
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    else:
+        with_retries(lambda: fs.rm(paths), what=f"remove {len(paths)} files like {urls[0]}")
 
 
 def exists(url: str, s3: S3Options | None = None) -> bool:

@@ -21,7 +21,7 @@ from PIL import Image, ImageCms, ImageOps
 from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
-from jobs import colorize, picture_files, storage
+from jobs import colorize, colorize_manifest, picture_files, storage
 from jobs.config import run_cli
 from jobs.runtime import Precision
 from tests.support import encode, photo_rgb
@@ -220,7 +220,7 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     cfg = config(src, dst, model_url)
     summary = colorize.main(cfg)
 
-    rows = by_suffix(summary.rows, src)
+    rows = by_suffix(summary.table.to_pylist(), src)
     assert set(rows) == set(outputs) | set(reasons)  # every input once, archive members included
     assert summary.inputs == len(rows) == summary.outputs + summary.errors
     assert (summary.outputs, summary.errors) == (len(outputs), len(reasons))
@@ -275,10 +275,13 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     assert len(np.unique(pixels16[..., 1] & 0xFF)) > 4  # low bytes used: not 8-bit scaled up
 
     # The same command again: everything is already done, nothing is redone.
-    parts_before = storage.list_files(storage.join(dst, colorize.PARTS_DIR))
+    # The batches' parts are compacted into one at the end; a re-run has nothing to change.
+    parts = storage.list_files(colorize_manifest.parts_url(dst))
+    compacted = pq.read_table(io.BytesIO(storage.read_bytes(parts[0])))
+    assert len(parts) == 1 and compacted.num_rows == summary.inputs
     again = colorize.main(cfg)
     assert again.skipped == len(rows) and again.inputs == summary.inputs
-    assert storage.list_files(storage.join(dst, colorize.PARTS_DIR)) == parts_before
+    assert storage.list_files(colorize_manifest.parts_url(dst)) == parts
 
 
 @pytest.mark.parametrize("stages", ["auto", "split"])  # auto: fused here (no GPU)
@@ -299,22 +302,22 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) ->
     cfg = config(str(archive), str(dst), str(model), batch_size=2, stages=stages)
     first = colorize.main(cfg)
     assert (first.outputs, first.errors) == (10, 1)
-    assert sorted(r["output"] for r in first.rows if r["output"]) == sorted(
+    assert sorted(o for o in first.table.column("output").to_pylist() if o) == sorted(
         m for m in members if not m.startswith("..")
     )
     assert not (tmp_path / "outside.jpg").exists()
-    # Lose three parts (the last batches of a killed run) and one of their outputs.
-    parts = sorted((dst / colorize.PARTS_DIR).iterdir(), key=lambda p: p.stat().st_mtime)
-    lost = [r for p in parts[-3:] for r in pq.read_table(p).to_pylist()]
-    for p in parts[-3:]:
-        p.unlink()
+    # Lose the rows of the last batches of a killed run, and one of their outputs.
+    (part,) = (dst / colorize_manifest.PARTS_DIR).iterdir()
+    table = pq.read_table(part).sort_by("time")
+    lost = table.slice(table.num_rows - 5).to_pylist()
+    pq.write_table(table.slice(0, table.num_rows - 5), part)
     lost_ok = [r for r in lost if r["status"] == "ok"]
     (dst / lost_ok[0]["output"]).unlink()
 
     second = colorize.main(cfg)
     assert second.skipped == 11 - len(lost)
     assert second.inputs == 11 and (second.outputs, second.errors) == (10, 1)
-    assert sorted(r["source"] for r in second.rows) == sorted(r["source"] for r in first.rows)
+    assert second.table.column("source").equals(first.table.column("source"))
     assert (dst / lost_ok[0]["output"]).exists()
 
 
@@ -485,7 +488,6 @@ def test_output_formats_and_names() -> None:
     assert picture_files.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
     assert picture_files.output_name("a/b.tif", "TIFF16") == "a/b.tif"
     assert picture_files.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
-    assert json.loads(json.dumps(colorize.MANIFEST_COLUMNS))
 
 
 def _jpeg_corpus() -> dict[str, bytes]:
@@ -516,7 +518,7 @@ def _run_local(files: dict[str, bytes], root, model, **kw) -> dict[str, dict]:
     provenance = colorize._provenance("f" * 64, cfg)
     units, _, _ = colorize.plan(cfg, {})
     colorize._run_in_process(units, cfg, model, provenance)
-    rows = colorize.read_manifest_parts(cfg).values()
+    rows = colorize_manifest.read(cfg.output, cfg.s3).to_pylist()
     return {r["source"][len(str(root / "in")) + 1 :]: r | {"root": out} for r in rows}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from colorcore import weights
 from colorcore.model import ColorizationNet, ModelConfig
-from jobs import colorize
+from jobs import colorize_manifest
 from tests.support import encode, photo_rgb
 from tests.test_colorize import gray, tar_bytes
 from tests.test_subprocess_jobs import ENV, ROOT, kill_tree, run
@@ -47,7 +47,7 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
         "--files-per-task", "2", "--model-actors", "1", "--actor-cpus", "0.5",
         "--task-cpus", "0.25",
     ]  # fmt: skip
-    parts = dst / colorize.PARTS_DIR
+    parts = dst / colorize_manifest.PARTS_DIR
     proc = subprocess.Popen(
         command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -59,7 +59,7 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
     assert proc.poll() is None, "the job finished before it could be killed"
     kill_tree(proc.pid)
     proc.wait()
-    done_before = sum(pq.read_table(p).num_rows for p in parts.glob("*.parquet"))
+    done_before = len(colorize_manifest.read(str(dst), None))
     assert 0 < done_before < expected_inputs
 
     out = run(command, cwd=ROOT, timeout=300)

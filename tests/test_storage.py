@@ -31,6 +31,16 @@ def test_bytes_round_trip_listing_and_exists(root_url) -> None:
         storage.read_bytes(storage.join(root_url, "missing.bin"))
 
 
+def test_remove_deletes_the_files_named_and_no_other(root_url) -> None:
+    urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
+    for url in urls:
+        storage.write_bytes(url, b"x")
+    storage.remove([*urls[1:], storage.join(root_url, "r", "never-written.bin")])
+    assert storage.list_files(root_url) == urls[:1]
+    storage.remove(urls[1:3])  # gone already: not an error
+    storage.remove([])
+
+
 def test_pyarrow_filesystem_reads_what_fsspec_wrote(root_url) -> None:
     table = pa.table({"key": ["a", "b"], "v": [1, 2]})
     fs, path = storage.arrow_filesystem(storage.join(root_url, "t.parquet"))

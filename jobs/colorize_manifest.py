@@ -1,0 +1,181 @@
+"""The colorize job's manifest: one row per input, recorded as the job goes, read to resume.
+
+Every write of outputs (`jobs.colorize.write_batch`) is followed by a part of its own: a
+Parquet file under ``OUTPUT/_colorize/parts`` with one row per input of the batch, the record
+that its outputs exist. A re-run reads every part and skips the inputs they list.
+
+One part per batch would leave 125,000 small objects for a million inputs, each a request to
+list and to read on the next run. So the driver, which sees every batch's rows, folds the
+parts it has seen whole into compacted parts as the job goes (`Compactor`), and the end of the
+job folds everything into one (`compact`). A compacted part is written before the parts it
+replaces are removed: a job killed at any moment leaves every row at least once, and readers
+keep each source's latest row (`latest`).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs import storage
+from jobs.storage import S3Options
+
+WORK_DIR = "_colorize"
+PARTS_DIR = f"{WORK_DIR}/parts"
+SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),  # input URL; archive members and Parquet rows: see jobs.colorize
+        ("output", pa.string()),  # path under OUTPUT; "" for an error
+        ("status", pa.string()),  # "ok" or "error"
+        ("reason", pa.string()),  # why an input failed; "" when it did not
+        ("time", pa.string()),  # when the row was finished (UTC, ISO 8601, ms)
+        ("pages", pa.int64()),
+        ("width_px", pa.int64()),
+        ("height_px", pa.int64()),
+        ("model_sha256", pa.string()),
+        ("temperature", pa.float64()),
+        ("seconds", pa.float64()),  # time spent finishing the row (colorize, encode, write)
+    ]
+)
+PART_COLUMNS = ("part", "part_rows")
+"""Columns `write_part`'s caller hands back to the driver beside the rows: which part holds
+each row and how many rows that part has (`Compactor`)."""
+COMPACT_ROWS = 10_000
+COMPACT_S = 60.0
+MERGE_AT = 16
+
+
+def parts_url(output: str) -> str:
+    return storage.join(output, PARTS_DIR)
+
+
+def write_part(rows: Sequence[Mapping], output: str, s3: S3Options | None) -> tuple[pa.Table, str]:
+    """A part with `rows` (`SCHEMA`'s columns); returns the rows as a table and its URL."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    url = storage.join(parts_url(output), f"part-{uuid.uuid4().hex}.parquet")
+    _write(table, url, s3)
+    return table, url
+
+
+def with_part(table: pa.Table, url: str) -> dict[str, np.ndarray]:
+    """The part's rows as numpy columns, with the `PART_COLUMNS` the driver compacts by."""
+    columns = {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+    columns["part"] = np.full(table.num_rows, url, dtype=object)
+    columns["part_rows"] = np.full(table.num_rows, table.num_rows, dtype=np.int64)
+    return columns
+
+
+def list_parts(output: str, s3: S3Options | None) -> list[str]:
+    url = parts_url(output)
+    if not storage.exists(url, s3):
+        return []
+    return storage.list_files(url, s3, suffix=".parquet")
+
+
+def read(output: str, s3: S3Options | None) -> pa.Table:
+    """Every source's latest row, sorted by source."""
+    return latest(_read(list_parts(output, s3), s3))
+
+
+def latest(table: pa.Table) -> pa.Table:
+    """Each source's latest row (by `time`; equal times: the later in `table`), by source."""
+    if table.num_rows < 2:
+        return table
+    table = table.sort_by([("source", "ascending"), ("time", "ascending")])  # a stable sort
+    source = table.column("source").combine_chunks()
+    last = pc.not_equal(source.slice(0, len(source) - 1), source.slice(1))
+    return table.filter(pa.concat_arrays([last, pa.array([True])]))
+
+
+def compact(output: str, s3: S3Options | None) -> pa.Table:
+    """Folds every part into one; returns `read`'s table. Nothing is written when the parts
+    are one already, without repeated sources."""
+    urls = list_parts(output, s3)
+    table = _read(urls, s3)
+    rows = latest(table)
+    if len(urls) > 1 or rows.num_rows < table.num_rows:
+        _write(rows, _compacted_url(output), s3)
+        storage.remove(urls, s3)
+    return rows
+
+
+class Compactor:
+    """Folds a running job's parts into compacted ones, from the rows the driver receives
+    (`write_part`'s rows with `PART_COLUMNS`): every `every_rows` rows or `every_s` seconds,
+    the rows received since the last fold are written as one compacted part, then the parts
+    whose rows have all been received are removed. Once there are `merge_at` compacted parts
+    of this run, the next fold merges them into its own, so a long run leaves a bounded number
+    of files: at most `merge_at` compacted parts and the parts of the rows since the last fold.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        s3: S3Options | None,
+        *,
+        every_rows: int = COMPACT_ROWS,
+        every_s: float = COMPACT_S,
+        merge_at: int = MERGE_AT,
+    ) -> None:
+        self.output, self.s3 = output, s3
+        self.every_rows, self.every_s, self.merge_at = every_rows, every_s, merge_at
+        self.pending: list[pa.Table] = []
+        self.received: Counter[str] = Counter()  # rows received, by part
+        self.part_rows: dict[str, int] = {}
+        self.compacted: list[str] = []  # this run's compacted parts
+        self.last_fold = time.monotonic()
+
+    def add(self, batch: Mapping[str, np.ndarray]) -> None:
+        self.pending.append(pa.table({k: batch[k] for k in SCHEMA.names}, schema=SCHEMA))
+        for part, rows in zip(batch["part"], batch["part_rows"], strict=True):
+            self.received[part] += 1
+            self.part_rows[part] = int(rows)
+        due = time.monotonic() - self.last_fold >= self.every_s
+        if due or sum(t.num_rows for t in self.pending) >= self.every_rows:
+            self.fold()
+
+    def fold(self) -> None:
+        """Writes the rows received since the last fold as a compacted part (merged with this
+        run's earlier ones once there are `merge_at`), then removes what it replaces."""
+        self.last_fold = time.monotonic()
+        if not self.pending:
+            return
+        merged = self.compacted if len(self.compacted) >= self.merge_at else []
+        tables = [_read(merged, self.s3), *self.pending] if merged else self.pending
+        url = _compacted_url(self.output)
+        _write(pa.concat_tables(tables), url, self.s3)
+        whole = [p for p, n in self.received.items() if n >= self.part_rows[p]]
+        storage.remove([*merged, *whole], self.s3)
+        self.compacted = [*(c for c in self.compacted if c not in merged), url]
+        self.pending = []
+        for part in whole:
+            del self.received[part], self.part_rows[part]
+
+
+def _compacted_url(output: str) -> str:
+    return storage.join(parts_url(output), f"compacted-{uuid.uuid4().hex}.parquet")
+
+
+def _write(table: pa.Table, url: str, s3: S3Options | None) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(url, buffer.getvalue(), s3)
+
+
+def _read(urls: Sequence[str], s3: S3Options | None) -> pa.Table:
+    if not urls:
+        return SCHEMA.empty_table()
+    fs, _ = storage.arrow_filesystem(urls[0], s3)
+    paths = [storage.split_url(u)[1] for u in urls]
+    return storage.with_retries(
+        lambda: pq.read_table(paths, filesystem=fs, schema=SCHEMA),
+        what=f"read {len(urls)} manifest parts",
+    )
