@@ -42,7 +42,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import io
-import itertools
 import json
 import os
 import posixpath
@@ -285,14 +284,12 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
 
 
 def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
-    """The rest of each source that starts with `mark`, found in a sorted list in log time."""
-    start = bisect.bisect_left(sorted_sources, mark)
-    return [
-        s[len(mark) :]
-        for s in itertools.takewhile(
-            lambda s: s.startswith(mark), itertools.islice(sorted_sources, start, None)
-        )
-    ]
+    """The rest of each source that starts with `mark`, found by bisection in a sorted list."""
+    found, i = [], bisect.bisect_left(sorted_sources, mark)
+    while i < len(sorted_sources) and sorted_sources[i].startswith(mark):
+        found.append(sorted_sources[i][len(mark) :])
+        i += 1
+    return found
 
 
 def _row(source: str, rel: str = "", data: bytes = b"", reason: str = "") -> dict:

@@ -321,6 +321,25 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) ->
     assert (dst / lost_ok[0]["output"]).exists()
 
 
+def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
+    """Done members are handed to their own archive's read task only (an archive whose name
+    begins another's included); a done file or failed archive is skipped whole."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.tar", "a.tar.gz", "b.zip", "c.jpg", "d.jpg", "e.tar"):
+        (src / name).write_bytes(b"")
+    url = lambda name: str(src / name)  # noqa: E731
+    done = [url("a.tar!x/1.jpg"), url("a.tar.gz!2.jpg"), url("a.tar!0.jpg"), url("c.jpg"),
+            url("b.zip!x/3.png"), url("e.tar"), url("a.tar.gz") + "2!9.jpg"]  # fmt: skip
+    units, top_level, skipped = colorize.plan(config(str(src), str(tmp_path / "o"), "m.pt"), done)
+    assert top_level == [url(n) for n in ("a.tar", "a.tar.gz", "b.zip", "c.jpg", "d.jpg", "e.tar")]
+    members = {u["url"]: u["done"] for u in units if u["kind"] != "files"}
+    assert members == {url("a.tar"): ["0.jpg", "x/1.jpg"], url("a.tar.gz"): ["2.jpg"],
+                       url("b.zip"): ["x/3.png"]}  # fmt: skip
+    files = [i["source"] for u in units if u["kind"] == "files" for i in u["items"]]
+    assert files == [url("d.jpg")] and skipped == 6
+
+
 def released_format_model(path) -> ColorizationNet:
     """A full-size network with random weights, saved as the authors' state dict."""
     torch.manual_seed(1)
@@ -516,7 +535,7 @@ def _run_local(files: dict[str, bytes], root, model, **kw) -> dict[str, dict]:
     out = root / f"out-{kw['jpeg_path']}"
     cfg = config(str(root / "in"), str(out), str(root / "model.pt"), dtype="fp32", **kw)
     provenance = colorize._provenance("f" * 64, cfg)
-    units, _, _ = colorize.plan(cfg, {})
+    units, _, _ = colorize.plan(cfg, [])
     colorize._run_in_process(units, cfg, model, provenance)
     rows = colorize_manifest.read(cfg.output, cfg.s3).to_pylist()
     return {r["source"][len(str(root / "in")) + 1 :]: r | {"root": out} for r in rows}
