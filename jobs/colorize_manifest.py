@@ -15,6 +15,7 @@ keep each source's latest row (`latest`).
 from __future__ import annotations
 
 import io
+import logging
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,8 @@ each row and how many rows that part has (`Compactor`)."""
 COMPACT_ROWS = 10_000
 COMPACT_S = 60.0
 MERGE_AT = 16
+
+log = logging.getLogger(__name__)
 
 
 def parts_url(output: str) -> str:
@@ -144,16 +147,24 @@ class Compactor:
 
     def fold(self) -> None:
         """Writes the rows received since the last fold as a compacted part (merged with this
-        run's earlier ones once there are `merge_at`), then removes what it replaces."""
+        run's earlier ones once there are `merge_at`), then removes what it replaces. Storage
+        that fails it (after its retries) costs a warning, not the job: the parts stay, and
+        the next fold or the end of the job tries again."""
         self.last_fold = time.monotonic()
         if not self.pending:
             return
         merged = self.compacted if len(self.compacted) >= self.merge_at else []
-        tables = [_read(merged, self.s3), *self.pending] if merged else self.pending
-        url = _compacted_url(self.output)
-        _write(pa.concat_tables(tables), url, self.s3)
         whole = [p for p, n in self.received.items() if n >= self.part_rows[p]]
-        storage.remove([*merged, *whole], self.s3)
+        url, written = _compacted_url(self.output), False
+        try:
+            tables = [_read(merged, self.s3), *self.pending] if merged else self.pending
+            _write(pa.concat_tables(tables), url, self.s3)
+            written = True
+            storage.remove([*merged, *whole], self.s3)
+        except OSError as e:
+            log.warning("manifest parts not compacted this time: %s: %s", type(e).__name__, e)
+            if not written:
+                return
         self.compacted = [*(c for c in self.compacted if c not in merged), url]
         self.pending = []
         for part in whole:

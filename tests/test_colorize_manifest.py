@@ -90,3 +90,19 @@ def test_a_compacted_part_and_the_parts_it_replaced_read_as_one(output) -> None:
     assert manifest.read(output, None).to_pylist() == rows
     assert manifest.compact(output, None).to_pylist() == rows
     assert len(manifest.list_parts(output, None)) == 1
+
+
+def test_storage_refusing_a_fold_costs_a_warning_not_the_job(tmp_path, caplog) -> None:
+    output = tmp_path / "out"
+    table, url = manifest.write_part([row("img0", "00.000")], str(output), None)
+    broken = tmp_path / "broken"  # its parts folder is a file: nothing can be written there
+    (broken / manifest.WORK_DIR).mkdir(parents=True)
+    (broken / manifest.PARTS_DIR).write_bytes(b"")
+    compactor = manifest.Compactor(str(broken), None, every_rows=1)
+    compactor.add(manifest.with_part(table, url))
+    assert "not compacted" in caplog.text
+    assert manifest.list_parts(str(output), None) == [url]  # the part is kept
+    (broken / manifest.PARTS_DIR).unlink()  # storage is back: the next fold takes the part
+    compactor.fold()
+    assert manifest.list_parts(str(output), None) == []
+    assert manifest.read(str(broken), None).equals(table)
