@@ -770,7 +770,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     )
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
-    done = manifest.read(cfg.output, cfg.s3)
+    done = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
     if cfg.retry_errors:
         done = done.filter(pc.equal(done.column("status"), "ok"))
     units, top_level, skipped = plan(cfg, done.column("source").to_pylist())

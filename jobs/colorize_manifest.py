@@ -6,10 +6,10 @@ that its outputs exist. A re-run reads every part and skips the inputs they list
 
 One part per batch would leave 125,000 small objects for a million inputs, each a request to
 list and to read on the next run. So the driver, which sees every batch's rows, folds the
-parts it has seen whole into compacted parts as the job goes (`Compactor`), and the end of the
-job folds everything into one (`compact`). A compacted part is written before the parts it
-replaces are removed: a job killed at any moment leaves every row at least once, and readers
-keep each source's latest row (`latest`).
+parts it has seen whole into compacted parts as the job goes (`Compactor`); the start of a
+re-run and the end of the job fold everything into one (`compact`). A compacted part is
+written before the parts it replaces are removed: a job killed at any moment leaves every row
+at least once, and readers keep each source's latest row (`latest`).
 """
 
 from __future__ import annotations

@@ -77,3 +77,4 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
     )
     outputs = sorted(o for o in manifest.column("output").to_pylist() if o)
     assert files == outputs and len(outputs) == expected_inputs - 1  # no strays, no duplicates
+    assert len(list(parts.glob("*.parquet"))) == 1  # the parts of both runs folded into one
