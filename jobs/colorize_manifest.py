@@ -51,7 +51,6 @@ PART_COLUMNS = ("part", "part_rows")
 each row and how many rows that part has (`Compactor`)."""
 COMPACT_ROWS = 10_000
 COMPACT_S = 60.0
-MERGE_AT = 16
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def compact(output: str, s3: S3Options | None) -> pa.Table:
     rows = latest(table)
     if len(urls) > 1 or rows.num_rows < table.num_rows:
         _write(rows, _compacted_url(output), s3)
-        storage.remove(urls, s3)
+        _remove(urls, s3)
     return rows
 
 
@@ -114,9 +113,13 @@ class Compactor:
     """Folds a running job's parts into compacted ones, from the rows the driver receives
     (`write_part`'s rows with `PART_COLUMNS`): every `every_rows` rows or `every_s` seconds,
     the rows received since the last fold are written as one compacted part, then the parts
-    whose rows have all been received are removed. Once there are `merge_at` compacted parts
-    of this run, the next fold merges them into its own, so a long run leaves a bounded number
-    of files: at most `merge_at` compacted parts and the parts of the rows since the last fold.
+    whose rows have all been received are removed.
+
+    A fold merges this run's newest compacted parts into its own while they hold no more
+    rows than it does, as a binary counter carries: a run leaves about log2(rows / fold)
+    compacted parts, and each row is rewritten about as many times. Storage that fails a
+    fold (after its retries) costs a warning, not the job: the parts stay, and the next fold,
+    tried `every_s` later, or the end of the job takes them.
     """
 
     def __init__(
@@ -126,15 +129,14 @@ class Compactor:
         *,
         every_rows: int = COMPACT_ROWS,
         every_s: float = COMPACT_S,
-        merge_at: int = MERGE_AT,
     ) -> None:
         self.output, self.s3 = output, s3
-        self.every_rows, self.every_s, self.merge_at = every_rows, every_s, merge_at
+        self.every_rows, self.every_s = every_rows, every_s
         self.pending: list[pa.Table] = []
         self.received: Counter[str] = Counter()  # rows received, by part
         self.part_rows: dict[str, int] = {}
-        self.compacted: list[str] = []  # this run's compacted parts
-        self.last_fold = time.monotonic()
+        self.compacted: list[tuple[str, int]] = []  # this run's compacted parts and their rows
+        self.last_fold, self.failing = time.monotonic(), False
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         self.pending.append(pa.table({k: batch[k] for k in SCHEMA.names}, schema=SCHEMA))
@@ -142,33 +144,44 @@ class Compactor:
             self.received[part] += 1
             self.part_rows[part] = int(rows)
         due = time.monotonic() - self.last_fold >= self.every_s
-        if due or sum(t.num_rows for t in self.pending) >= self.every_rows:
+        full = sum(t.num_rows for t in self.pending) >= self.every_rows
+        if due or (full and not self.failing):
             self.fold()
 
     def fold(self) -> None:
-        """Writes the rows received since the last fold as a compacted part (merged with this
-        run's earlier ones once there are `merge_at`), then removes what it replaces. Storage
-        that fails it (after its retries) costs a warning, not the job: the parts stay, and
-        the next fold or the end of the job tries again."""
+        """Writes the rows received since the last fold as a compacted part, with the
+        compacted parts it merges, then removes what it replaces."""
         self.last_fold = time.monotonic()
         if not self.pending:
             return
-        merged = self.compacted if len(self.compacted) >= self.merge_at else []
+        rows, merged = sum(t.num_rows for t in self.pending), []
+        while len(merged) < len(self.compacted) and self.compacted[-1 - len(merged)][1] <= rows:
+            rows += self.compacted[-1 - len(merged)][1]
+            merged.append(self.compacted[-1 - len(merged)][0])
         whole = [p for p, n in self.received.items() if n >= self.part_rows[p]]
-        url, written = _compacted_url(self.output), False
+        url = _compacted_url(self.output)
         try:
             tables = [_read(merged, self.s3), *self.pending] if merged else self.pending
             _write(pa.concat_tables(tables), url, self.s3)
-            written = True
-            storage.remove([*merged, *whole], self.s3)
-        except OSError as e:
+        except Exception as e:  # storage, whatever its client raises
             log.warning("manifest parts not compacted this time: %s: %s", type(e).__name__, e)
-            if not written:
-                return
-        self.compacted = [*(c for c in self.compacted if c not in merged), url]
+            self.failing = True
+            return
+        self.failing = False
+        _remove([*merged, *whole], self.s3)
+        self.compacted = [*self.compacted[: len(self.compacted) - len(merged)], (url, rows)]
         self.pending = []
         for part in whole:
             del self.received[part], self.part_rows[part]
+
+
+def _remove(urls: Sequence[str], s3: S3Options | None) -> None:
+    """Removes parts whose rows are in a compacted part written already; storage refusing it
+    leaves rows twice, which readers take once: a warning, not the job's end."""
+    try:
+        storage.remove(urls, s3)
+    except Exception as e:
+        log.warning("%d manifest parts not removed: %s: %s", len(urls), type(e).__name__, e)
 
 
 def _compacted_url(output: str) -> str:
@@ -182,11 +195,26 @@ def _write(table: pa.Table, url: str, s3: S3Options | None) -> None:
 
 
 def _read(urls: Sequence[str], s3: S3Options | None) -> pa.Table:
+    """The parts' rows. A part that is not Parquet (cut short, e.g. by a power loss between
+    its write and its folder's) is skipped with a warning: its inputs are done again."""
     if not urls:
         return SCHEMA.empty_table()
     fs, _ = storage.arrow_filesystem(urls[0], s3)
-    paths = [storage.split_url(u)[1] for u in urls]
-    return storage.with_retries(
-        lambda: pq.read_table(paths, filesystem=fs, schema=SCHEMA),
-        what=f"read {len(urls)} manifest parts",
-    )
+
+    def read(urls: Sequence[str]) -> pa.Table:
+        paths = [storage.split_url(u)[1] for u in urls]
+        return storage.with_retries(  # no partitioning: OUTPUT may have folders named k=v
+            lambda: pq.read_table(paths, filesystem=fs, schema=SCHEMA, partitioning=None),
+            what=f"read {len(urls)} manifest parts",
+        )
+
+    try:
+        return read(urls)
+    except pa.ArrowInvalid:
+        tables = []
+        for url in urls:
+            try:
+                tables.append(read([url]))
+            except pa.ArrowInvalid as e:
+                log.warning("manifest part %s unreadable, its inputs are done again: %s", url, e)
+        return pa.concat_tables([SCHEMA.empty_table(), *tables])

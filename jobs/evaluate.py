@@ -702,7 +702,7 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
             _read_files, fn_kwargs={"s3": cfg.s3}, batch_format="numpy", num_cpus=0.25
         )
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3)
-    ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs).select_columns(
+    ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs, partitioning=None).select_columns(
         ["key", "label", "jpeg"]
     )
     if plan.stems is not None:

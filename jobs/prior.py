@@ -98,7 +98,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     paths = [f"{root}/{s.name}" for s in manifest.shards]
     init_ray()
     results = (
-        ray.data.read_parquet(paths, filesystem=fs)
+        ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
         .select_columns(["key", "jpeg", "grayscale"])
         .map_batches(
             _count_batch,

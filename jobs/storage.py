@@ -14,6 +14,7 @@ exponential backoff; missing files and permission errors fail at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -129,9 +130,19 @@ def arrow_filesystem(url: str, s3: S3Options | None = None) -> tuple[pyarrow.fs.
 
 
 def _transient(error: BaseException) -> bool:
-    return isinstance(error, (OSError, ConnectionError, TimeoutError)) and not isinstance(
-        error, _PERMANENT
-    )
+    kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
+    return isinstance(error, kinds) and not isinstance(error, _PERMANENT)
+
+
+@functools.cache
+def _botocore_connection_errors() -> tuple[type[BaseException], ...]:
+    """botocore's failures without an HTTP response (endpoint unreachable, connection
+    closed, read time-out): s3fs passes them on as they are, not as OSError."""
+    try:
+        from botocore.exceptions import ConnectionError, HTTPClientError
+    except ImportError:
+        return ()
+    return (ConnectionError, HTTPClientError)
 
 
 def with_retries(
@@ -173,8 +184,8 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
 
 
 def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
-    """Delete files of one filesystem (an object store's in requests of up to 1,000 keys);
-    files already gone are not an error."""
+    """Delete files of one filesystem; those already gone are not an error. Names are taken
+    as they are, never as glob patterns (``[``, ``*`` and ``?`` are valid in keys)."""
     if not urls:
         return
     fs, _ = filesystem(urls[0], s3)
@@ -183,8 +194,37 @@ def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+    elif split_url(urls[0])[0] == "s3":
+        _delete_s3_objects(fs, paths)
     else:
-        with_retries(lambda: fs.rm(paths), what=f"remove {len(paths)} files like {urls[0]}")
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                with_retries(lambda path=path: fs.rm_file(path), what=f"remove {path}")
+
+
+def _delete_s3_objects(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
+    """S3 DeleteObjects in requests of up to 1,000 keys, failing on any key it could not
+    delete (s3fs's own bulk delete drops those errors)."""
+    by_bucket: dict[str, list[str]] = {}
+    for path in paths:
+        bucket, key = path.split("/", 1)
+        by_bucket.setdefault(bucket, []).append(key)
+    for bucket, keys in by_bucket.items():
+        for start in range(0, len(keys), 1000):
+            objects = [{"Key": k} for k in keys[start : start + 1000]]
+            request = {"Bucket": bucket, "Delete": {"Objects": objects, "Quiet": True}}
+            response = with_retries(
+                lambda request=request: fs.call_s3("delete_objects", **request),
+                what=f"delete {len(objects)} objects in s3://{bucket}",
+            )
+            failed = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if failed:
+                first = failed[0]
+                raise PermissionError(
+                    f"{len(failed)} of {len(objects)} objects in s3://{bucket} not deleted, "
+                    f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
+                )
+    fs.invalidate_cache()  # listings s3fs keeps would still show the keys
 
 
 def exists(url: str, s3: S3Options | None = None) -> bool:

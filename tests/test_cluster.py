@@ -495,6 +495,10 @@ def test_dockerfile_pins_base_image_and_packages() -> None:
     assert f"ray[default,train,tune,data]=={pyproject_pin('ray')}" in requirements
     copied = " ".join(arg for op, arg in instructions if op == "COPY")
     assert all(p in copied for p in ("pyproject.toml", "colorcore/", "jobs/"))
+    # The project's dependencies at the versions the suite passes with, not the newest.
+    assert "scripts/constraints.txt" in copied
+    runs = [arg for op, arg in instructions if op == "RUN"]
+    assert any(re.search(r"pip install -c constraints\.txt \.( |$)", arg) for arg in runs)
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image runs as an ordinary user"
 

@@ -44,24 +44,26 @@ def test_latest_keeps_each_sources_latest_row_sorted_by_source() -> None:
 
 def test_compactor_folds_parts_it_has_seen_whole(output) -> None:
     """Parts are removed once all their rows are folded into a compacted part, never before;
-    this run's compacted parts are merged when there are `merge_at`; `read` sees every row at
-    every moment; the end of the job leaves one file."""
+    this run's compacted parts are merged as a binary counter carries (after n equal folds,
+    as many parts as n has ones in binary); `read` sees every row at every moment; the end of
+    the job leaves one file."""
     rows = [row(f"img{i:03d}", f"{i // 10:02d}.{i % 10:03d}") for i in range(60)]
     parts = [manifest.write_part(rows[i : i + 4], output, None) for i in range(0, 60, 4)]
-    compactor = manifest.Compactor(output, None, every_rows=10, every_s=1e9, merge_at=2)
+    compactor = manifest.Compactor(output, None, every_rows=10, every_s=1e9)
     # The driver may receive a part's rows in pieces, and parts in any order.
     pieces = []
     for table, url in parts:
         columns = manifest.with_part(table, url)
         pieces += [{k: v[:2] for k, v in columns.items()}, {k: v[2:] for k, v in columns.items()}]
-    all_parts, whole = {u for _, u in parts}, set()
+    all_parts, whole, folds = {u for _, u in parts}, set(), 0
     for i, piece in enumerate(pieces):
         compactor.add(piece)
         if i % 2:
             whole.add(piece["part"][0])
         names = [u.rsplit("/", 1)[1] for u in manifest.list_parts(output, None)]
         compacted = [n for n in names if n.startswith("compacted-")]
-        assert len(compacted) <= 3  # merge_at, and the one merging them
+        folds += not compactor.pending
+        assert len(compacted) == bin(folds).count("1"), (folds, compacted)
         assert manifest.read(output, None).num_rows == 60
         left = all_parts & set(manifest.list_parts(output, None))
         assert left >= all_parts - whole  # a part is never removed before its last row
@@ -106,3 +108,18 @@ def test_storage_refusing_a_fold_costs_a_warning_not_the_job(tmp_path, caplog) -
     compactor.fold()
     assert manifest.list_parts(str(output), None) == []
     assert manifest.read(str(broken), None).equals(table)
+
+
+def test_output_folders_named_like_partitions_and_unreadable_parts(tmp_path, caplog) -> None:
+    """Folders named key=value in OUTPUT's path are not columns; a part cut short is skipped
+    with a warning (its inputs are done again), and the next compaction removes it."""
+    output = str(tmp_path / "status=old" / "time=9" / "out")
+    rows = [row("a", "01.000"), row("b", "02.000", "error")]
+    manifest.write_part(rows[:1], output, None)
+    manifest.write_part(rows[1:], output, None)
+    cut = tmp_path / "status=old" / "time=9" / "out" / manifest.PARTS_DIR / "part-cut.parquet"
+    cut.write_bytes(b"PAR1")
+    assert manifest.read(output, None).to_pylist() == rows
+    assert "part-cut.parquet unreadable" in caplog.text
+    assert manifest.compact(output, None).to_pylist() == rows
+    assert not cut.exists() and len(manifest.list_parts(output, None)) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 from jobs import storage
 
@@ -33,10 +34,12 @@ def test_bytes_round_trip_listing_and_exists(root_url) -> None:
 
 def test_remove_deletes_the_files_named_and_no_other(root_url) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
+    urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
     for url in urls:
         storage.write_bytes(url, b"x")
-    storage.remove([*urls[1:], storage.join(root_url, "r", "never-written.bin")])
-    assert storage.list_files(root_url) == urls[:1]
+    assert storage.list_files(root_url) == sorted(urls)
+    storage.remove([*urls[1:-1], storage.join(root_url, "r", "never-written.bin")])
+    assert storage.list_files(root_url) == [urls[0], urls[-1]]  # names are not patterns
     storage.remove(urls[1:3])  # gone already: not an error
     storage.remove([])
 
@@ -99,6 +102,15 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
     def always_down() -> None:
         calls.append(1)
         raise TimeoutError("timed out")
+
+    def endpoint_unreachable() -> str:  # what s3fs passes on from botocore as it is
+        calls.append(1)
+        if len(calls) < 2:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return "done"
+
+    calls.clear()
+    assert storage.with_retries(endpoint_unreachable, what="s3", base_delay_s=0.001) == "done"
 
     calls.clear()
     with pytest.raises(TimeoutError):
