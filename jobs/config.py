@@ -231,6 +231,11 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def _first_paragraph(fn: Callable[[], Any]) -> str:
+    """A preset's summary for --help: its docstring's first paragraph, on one line."""
+    return " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split()).rstrip(".")
+
+
 def build_parser(
     cls: type,
     *,
@@ -247,7 +252,7 @@ def build_parser(
     for name in positionals:
         parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=docs.get(name))
     if presets:
-        lines = [f"{n}: {(inspect.getdoc(fn) or '').splitlines()[0]}" for n, fn in presets.items()]
+        lines = [f"{n}: {_first_paragraph(fn)}" for n, fn in presets.items()]
         parser.add_argument(
             "--preset", choices=sorted(presets), help="named configuration; " + "; ".join(lines)
         )

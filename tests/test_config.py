@@ -38,7 +38,10 @@ class DemoConfig:
 
 
 def fast() -> DemoConfig:
-    """A quick run: python -m demo --preset fast (seconds)."""
+    """A quick run: python -m demo --preset fast
+    (seconds).
+
+    Details that --help leaves out."""
     return DemoConfig(lr=1e-3, model=InnerConfig(width=0.25))
 
 
@@ -140,6 +143,8 @@ def test_help_lists_field_docs_and_presets(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "Steps at which the learning rate drops." in out
     assert "--model.width" in out and "Channel multiplier." in out
+    assert "fast: A quick run: python -m demo --preset fast (seconds)" in out  # 1st paragraph
+    assert "Details" not in out
     assert "fast: A quick run" in out
 
 
