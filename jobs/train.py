@@ -176,7 +176,7 @@ class TrainConfig:
 
 
 def smoke() -> TrainConfig:
-    """CPU demo: `python -m jobs.train --preset smoke`; about 2 minutes on 2 cores.
+    """CPU demo: `python -m jobs.train --preset smoke`; 1 to 2.5 minutes on 2 cores.
 
     Creates the synthetic sample dataset under runs/sample-data on first use, trains a
     tiny model with 2 workers, and prints the held-out rebalanced and raw AuC of the model
