@@ -72,7 +72,7 @@ def measure(output: str, rows: int, batch: int) -> None:
     assert table.num_rows == rows
     print(
         f"driver folds: {fold_s:.2f}s for {rows} rows ({fold_s / rows * 1e6:.1f} us a row, "
-        f"{fold_s / write_s:.2f}x the writes' time); leaves {len(left)} files, read back in "
+        f"{fold_s / write_s:.2f}x the writes' time); leaves {len(left)} file(s), read back in "
         f"{read_folded_s:.3f}s ({read_parts_s / read_folded_s:.0f}x faster than the parts)"
     )
     table, compact_s = timed(lambda: manifest.compact(output, None))
