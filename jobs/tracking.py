@@ -34,6 +34,7 @@ import os
 import tempfile
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from ray.train import UserCallback
 
@@ -219,7 +220,7 @@ class MLflowSink:
         )
 
     def __repr__(self) -> str:
-        return f"MLflow({self.tracking_uri}, run {self.run_name})"
+        return f"MLflow({_without_password(self.tracking_uri)}, run {self.run_name})"
 
     def write(self, rows: list[Row]) -> None:
         from mlflow import MlflowClient
@@ -279,3 +280,12 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = str(value)
     return out
+
+
+def _without_password(uri: str) -> str:
+    """`uri` fit for a log line: a database tracking URI may carry a password."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import math
 import os
 import time
@@ -39,6 +41,11 @@ from jobs.dataset import PRIOR_FILE
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
+RUN_FILE = "run.json"  # what a resumed run must keep: `check_resumable`
+RESUME_FIELDS = (
+    "model", "batch_size", "crop_px", "seed", "window_shards", "soft_encode_k",
+    "soft_encode_sigma", "rebalance_lambda", "prior_sigma", "loss_reduction",
+)  # fmt: skip
 TRACKERS = ("tensorboard", "mlflow")  # where jobs.tracking can send the metrics table
 
 
@@ -147,6 +154,10 @@ class TrainConfig:
             problems.append("checkpoint, validation and log intervals must be >= 1")
         if self.keep_checkpoints < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
             problems.append("keep_checkpoints >= 1, cpus_per_worker > 0, max_failures >= 0")
+        if self.window_shards < 1 or self.warmup_steps < 0:
+            problems.append("window_shards must be >= 1 and warmup_steps >= 0")
+        if self.decode == "nvjpeg" and not self.use_gpu:
+            problems.append("decode nvjpeg decodes on the GPU: it needs use_gpu")
         if self.tracking not in ("auto", "none") and not set(self.tracking.split(",")) <= set(
             TRACKERS
         ):
@@ -364,7 +375,12 @@ def preflight(cfg: TrainConfig) -> None:
         return  # the data (and its prior) are created next if missing
     from jobs.dataset import Manifest
 
-    Manifest.load(cfg.data, cfg.s3)
+    manifest = Manifest.load(cfg.data, cfg.s3)
+    colour = manifest.num_rows - manifest.num_grayscale
+    if colour < cfg.batch_size:
+        raise ValueError(
+            f"{cfg.data} has {colour} colour images, fewer than one batch ({cfg.batch_size})"
+        )
     load_prior(cfg.prior_url, cfg.s3)
     if cfg.val_data:
         Manifest.load(cfg.val_data, cfg.s3)
@@ -373,6 +389,26 @@ def preflight(cfg: TrainConfig) -> None:
         bucket = path.split("/", 1)[0]
         if not storage.with_retries(lambda: fs.exists(bucket), what=f"reach {cfg.storage}"):
             raise ValueError(f"storage {cfg.storage} is not reachable (no bucket {bucket!r})")
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """A run resumed under its name must go on training the way it started: its network,
+    batches, targets and prior (the schedule and step count may change). Recorded in the run
+    folder at the start, compared on every re-run, before any worker starts."""
+    record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
+    record["prior_sha256"] = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
+    record = json.loads(json.dumps(record))
+    url = storage.join(cfg.run_url, RUN_FILE)
+    if not storage.exists(url, cfg.s3):
+        storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
+        return
+    started = json.loads(storage.read_bytes(url, cfg.s3))
+    changed = [k for k in record if started.get(k) != record[k]]
+    if changed:
+        raise ValueError(
+            f"run {cfg.name} started with other {', '.join(changed)} (see {url}): resume it "
+            "with the same values, or train under another --name"
+        )
 
 
 def ensure_sample_data(cfg: TrainConfig) -> None:
@@ -404,10 +440,15 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg = with_absolute_paths(cfg)
     preflight(cfg)
+    data_ready = not cfg.make_sample_data or storage.exists(cfg.prior_url, cfg.s3)
+    if data_ready:
+        check_resumable(cfg)
     init_ray()
     if cfg.make_sample_data:
         ensure_sample_data(cfg)
         preflight(dataclasses.replace(cfg, make_sample_data=False))
+    if not data_ready:
+        check_resumable(cfg)
     start = time.monotonic()
     result = build_trainer(cfg).fit()
     if result.error:

@@ -18,6 +18,7 @@ import functools
 import io
 import logging
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
 
-    state = _restore(run_url, cfg.s3)
+    state = _restore(run_url, cfg.s3, rank, world)
     torch.manual_seed(cfg.seed + rank)
     model = ColorizationNet(cfg.model)
     if state:
@@ -168,11 +169,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             window_start, window_images = time.monotonic(), 0
             window_loss = torch.zeros((), device=device)
+        paused = time.monotonic()  # validation and checkpoints are not training time
         if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
             from jobs.validation import validate
 
+            # The module, not DDP's wrapper: its forward syncs buffers across ranks, and a
+            # rank with fewer validation batches than another would wait for it forever.
             result = validate(
-                model,
+                getattr(model, "module", model),
                 val_crops,
                 rebalance0_Q=rebalance0_Q,
                 k=cfg.soft_encode_k,
@@ -188,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(
                 model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
             )
+        window_start += time.monotonic() - paused
     if state and state["extra"]["step"] >= cfg.max_steps:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
@@ -252,21 +257,43 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-def _restore(run_url: str, s3: storage.S3Options) -> dict[str, Any] | None:
-    """The newest readable checkpoint in the run folder (none for a fresh run).
+def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict[str, Any] | None:
+    """The newest readable checkpoint in the run folder (none for a fresh run), the same on
+    every rank: rank 0 chooses it and tells the others.
 
     Read from the folder rather than taken from `ray.train.get_checkpoint()`: a driver killed
     just after a checkpoint was written may not have recorded it, and a re-run should not
-    repeat those steps. A checkpoint file torn by the crash is passed over for an older one.
+    repeat those steps. A checkpoint whose file does not load (torn by a crash) is passed
+    over for an older one; storage that cannot be read fails the worker, which Ray restarts,
+    rather than starting the run over. When checkpoints exist and none loads, the run fails:
+    starting over would let checkpoint retention delete them.
     """
-    for url in reversed(checkpoint_files(run_url, s3)):
-        try:
-            ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))
-        except Exception as error:  # torn by the crash: try the one before
-            log.warning("train: skipping unreadable checkpoint %s: %s", url, error)
-            continue
-        return {"model_state": ckpt.model_state, "extra": ckpt.extra}
-    return None
+    chosen: list[Any] = [None, None]  # url, checkpoint
+    if rank == 0:
+        urls = checkpoint_files(run_url, s3)
+        for url in reversed(urls):
+            try:
+                chosen = [url, load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))]
+                break
+            except _TORN as error:
+                log.warning("train: skipping unreadable checkpoint %s: %s", url, error)
+        if urls and chosen[0] is None:
+            raise RuntimeError(
+                f"none of the {len(urls)} checkpoints in {run_url} loads; move them away to "
+                "start the run over, or train under another --name"
+            )
+    if world > 1:
+        names = [chosen[0]]
+        torch.distributed.broadcast_object_list(names, src=0)
+        if rank != 0 and names[0] is not None:
+            chosen = [names[0], load_checkpoint(io.BytesIO(storage.read_bytes(names[0], s3)))]
+    if chosen[1] is None:
+        return None
+    return {"model_state": chosen[1].model_state, "extra": chosen[1].extra}
+
+
+_TORN = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+"""What loading a checkpoint file cut short raises (torch's zip reader: RuntimeError)."""
 
 
 def _metrics(step: int, epoch: int, offset: int, history: list[dict[str, float]]) -> dict:

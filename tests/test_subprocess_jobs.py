@@ -112,6 +112,13 @@ def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> No
     resumed_at = re.search(r"train: resumed from step (\d+)", out)
     assert resumed_at and int(resumed_at[1]) >= 20, out[-3000:]  # not from step 0
 
+    # The same run with other batches is refused before Ray starts.
+    changed = subprocess.run(
+        [*command, "--seed", "7"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert changed.returncode != 0 and "started with other seed" in changed.stderr
+    assert "Started a local Ray instance" not in changed.stderr
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -193,6 +193,9 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         (["--batch-size", "15"], "must divide by num_workers"),
         (["--lr-drop-steps", "5", "9"], "same length"),
         (["--tracking", "tensorboard,wandb"], "tracking must be auto, none or a comma list"),
+        (["--window-shards", "0"], "window_shards must be >= 1"),
+        (["--warmup-steps", "-1"], "warmup_steps >= 0"),
+        (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
 )
 def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> None:
@@ -208,6 +211,18 @@ def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tm
         train.main(dataclasses.replace(ci_config, storage="s3://no-such-bucket/runs"))
     with pytest.raises(ValueError, match="not a prepared dataset"):
         train.main(dataclasses.replace(ci_config, data=str(tmp_path)))
+    with pytest.raises(ValueError, match="colour images, fewer than one batch"):
+        train.main(dataclasses.replace(ci_config, batch_size=10_000))
+
+
+def test_tracking_uris_lose_their_password_in_logs() -> None:
+    from jobs.tracking import _without_password
+
+    assert (
+        _without_password("postgresql://ml:s3cret@db:5432/runs")
+        == "postgresql://ml:***@db:5432/runs"
+    )
+    assert _without_password("http://mlflow:5000") == "http://mlflow:5000"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow installed")
@@ -257,8 +272,8 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
     from colorcore.weights import save_checkpoint
     from jobs.train_loop import _restore
 
-    run = tmp_path / "run"
-    assert _restore(str(run), storage.S3Options()) is None  # fresh run
+    run, s3 = tmp_path / "run", storage.S3Options()
+    assert _restore(str(run), s3, 0, 1) is None  # fresh run
     model = ColorizationNet(ModelConfig(width=1 / 16))
     for step in (10, 20, 30):
         folder = run / checkpoint_dir_name(step)
@@ -266,5 +281,11 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
         save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": step})
     newest = run / checkpoint_dir_name(30) / CHECKPOINT_FILE
     newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash mid-copy
-    state = _restore(str(run), storage.S3Options())
+    state = _restore(str(run), s3, 0, 1)
     assert state["extra"]["step"] == 20
+
+    # Checkpoints that all fail to load stop the run rather than start it over.
+    for step in (10, 20):
+        (run / checkpoint_dir_name(step) / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04")
+    with pytest.raises(RuntimeError, match="none of the 3 checkpoints"):
+        _restore(str(run), s3, 0, 1)
