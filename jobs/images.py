@@ -7,13 +7,16 @@ record these reasons and go on; nothing here stops a job.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
+JPEG_MAX_SIDE_PX = 65_500  # the JPEG format's largest width or height
+# Every open checks its caller's pixel limit before decoding (`open_image`); Pillow's own,
+# fixed at 89.5 MP and enforced through a process-wide warnings filter, would override it.
+Image.MAX_IMAGE_PIXELS = None
 EXIF_ORIENTATION = 0x0112  # 1: upright; 2-8: mirrored and/or rotated (EXIF 2.32, 4.6.4)
 JPEG_QUALITY = 95
 
@@ -27,21 +30,23 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     if not data:
         raise BadImage("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_safe_formats())
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise BadImage("image above the decoder's pixel limit") from None
-    except OSError as e:
-        raise BadImage(f"unreadable image: {e}") from None
+    except Exception as e:  # a garbled header: each format's parser fails its own way
+        raise BadImage(f"unreadable image: {type(e).__name__}: {e}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise BadImage(f"image too large: {width}x{height} pixels > limit {max_pixels}")
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     return image
+
+
+def _safe_formats() -> list[str]:
+    """Every format Pillow reads but EPS, whose reader runs Ghostscript on the file."""
+    Image.init()
+    return [f for f in Image.OPEN if f != "EPS"]
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -96,15 +101,28 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
         # exif_transpose copies even an upright image: call it only when there is a turn
         if exif_orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # decoders fail their own ways on corrupt data
+        raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _gray_to_8bit(image)
     if image.mode == "RGBA" or image.mode == "LA" or "transparency" in image.info:
         return image.convert("RGBA").convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    """Integer gray (16-bit, or 32-bit holding 16-bit values) scaled to 8 bits, and float
+    gray in [0, 1] (or [0, 255] when larger), where Pillow's conversion would clip."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if pixels.max(initial=0) <= 1 else 255.0
+    else:
+        top = max(65535.0, float(pixels.max(initial=0)))
+    return Image.fromarray(np.clip(pixels * (255 / top) + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:
@@ -128,6 +146,8 @@ def resize_short_side(image: Image.Image, short_side_px: int) -> Image.Image:
 
 def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     """JPEG with 4:4:4 chroma: colour is the training target, so no chroma subsampling."""
+    if max(image.size) > JPEG_MAX_SIDE_PX:
+        raise BadImage(f"{image.size[0]}x{image.size[1]} pixels: JPEG sides end at 65,500")
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()

@@ -77,8 +77,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.src or not self.dst:
             raise ValueError("SRC and DST are required")
-        if storage.join(self.dst, "") == storage.join(self.src, ""):
-            raise ValueError("DST must differ from SRC")
+        if storage.join(self.dst, "").startswith(storage.join(self.src, "")):
+            raise ValueError("DST must not be SRC or inside it (a re-run would read it)")
         if self.short_side_px < 16:
             raise ValueError(f"short_side_px must be >= 16, got {self.short_side_px}")
         if self.shard_mb <= 0 or self.max_group_images < 1 or self.max_pixels < 1:
@@ -166,7 +166,8 @@ def _chunk(inputs: list[dict], cfg: PrepareConfig, index: dict[str, int]) -> lis
 def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     """One group per inner (per-class) tar, found by reading only the outer tar's headers."""
     fs, path = storage.filesystem(cfg.src, cfg.s3)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
+    # Small blocks: reading each header should not fetch megabytes of the images after it.
+    with fs.open(path, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as outer:
         members = [m for m in outer.getmembers() if m.isfile()]
     inner = sorted((m for m in members if m.name.endswith(".tar")), key=lambda m: m.name)
     if not inner:
@@ -225,6 +226,8 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
                 data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
             except FileNotFoundError:
                 data = BadImage("missing file")
+            except OSError as e:  # refused, or storage failing after its retries
+                data = BadImage(f"unreadable file: {type(e).__name__}: {e}")
             yield item["key"], item["label"], item["url"], data
         return
     fs, path = storage.filesystem(group["url"], cfg.s3)
@@ -235,16 +238,23 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             return f.read(group["size"])
 
     blob = storage.with_retries(read_inner, what=f"read {group['class']} from {group['url']}")
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as inner:
-        for member in sorted((m for m in inner.getmembers() if m.isfile()), key=lambda m: m.name):
-            stem = member.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-            source = f"{group['url']}!{group['class']}.tar/{member.name}"
-            yield (
-                f"{group['class']}/{stem}",
-                group["label"],
-                source,
-                inner.extractfile(member).read(),
-            )
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as inner:
+            files = sorted((m for m in inner.getmembers() if m.isfile()), key=lambda m: m.name)
+            members = [(m.name, inner.extractfile(m).read()) for m in files]
+    except (tarfile.TarError, EOFError) as e:  # the class's tar is corrupt: one error row
+        source = f"{group['url']}!{group['class']}.tar"
+        yield f"{group['class']}/", group["label"], source, BadImage(f"unreadable tar: {e}")
+        return
+    del blob
+    for name, data in members:
+        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        yield (
+            f"{group['class']}/{stem}",
+            group["label"],
+            f"{group['url']}!{group['class']}.tar/{name}",
+            data,
+        )
 
 
 def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:
@@ -281,8 +291,9 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
             if isinstance(data, Exception):
                 raise data
             jpeg, h, w, is_gray = convert(data, cfg)
-        except BadImage as e:
-            errors.append({"key": key, "source": source, "reason": str(e)})
+        except Exception as e:  # one input's failure, whatever raised it, is its own
+            reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+            errors.append({"key": key, "source": source, "reason": reason})
             continue
         gray += is_gray
         rows.append(
@@ -318,14 +329,24 @@ def _marker_url(cfg: PrepareConfig, group: int) -> str:
 # ---------------------------------------------------------------- the job
 
 
-def _check_resumable(cfg: PrepareConfig) -> None:
-    """Record the output-deciding config on the first run; refuse a mismatching re-run."""
+def _plan_digest(classes: list[str], groups: list[dict]) -> str:
+    """Groups are matched to their done-markers by index: a re-run must plan the same."""
+    return hashlib.sha256(json.dumps([classes, groups], sort_keys=True).encode()).hexdigest()
+
+
+def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict]) -> None:
+    """Record the output-deciding config and the plan on the first run; refuse a re-run
+    whose settings or inputs differ."""
     url = storage.join(cfg.dst, WORK_DIR, "config.json")
-    wanted = {"src": cfg.src, **cfg.output_fields()}
+    wanted = {"src": cfg.src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
     if storage.exists(url, cfg.s3):
         found = json.loads(storage.read_bytes(url, cfg.s3))
         if found != wanted:
-            raise ValueError(f"{cfg.dst} was prepared from other settings {found}; use a new DST")
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            raise ValueError(
+                f"{cfg.dst} was prepared from other {', '.join(changed)} (SRC changed, or other "
+                "settings); use a new DST"
+            )
     else:
         storage.write_bytes(url, json.dumps(wanted).encode(), cfg.s3)
 
@@ -337,7 +358,7 @@ def main(cfg: PrepareConfig) -> Manifest:
 
     start = time.monotonic()
     classes, groups = plan(cfg)
-    _check_resumable(cfg)
+    _check_resumable(cfg, classes, groups)
     todo = [i for i in range(len(groups)) if not storage.exists(_marker_url(cfg, i), cfg.s3)]
     print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
     if todo:

@@ -135,7 +135,9 @@ def main(cfg: SyntheticConfig) -> list[str]:
         label, index = item
         url = storage.join(cfg.dst, CLASSES[label], f"{CLASSES[label]}_{index:05d}.png")
         storage.write_bytes(
-            url, encode_png(render_scene(label, index, size_px=cfg.size_px, seed=cfg.seed))
+            url,
+            encode_png(render_scene(label, index, size_px=cfg.size_px, seed=cfg.seed)),
+            cfg.s3,
         )
         return url
 

@@ -28,6 +28,8 @@ def planted_corpus() -> dict[str, bytes]:
         "dog/rgba.png": encode(
             np.dstack([coffee[:30, :30], np.full((30, 30), 128, np.uint8)]), "PNG"
         ),
+        # 16-bit gray at half scale: stored as mid-gray, not clipped to white
+        "dog/gray16.png": encode(np.full((20, 24), 32768, np.uint16), "PNG"),
     }
     truncated = encode(coffee)
     bad = {
@@ -35,6 +37,8 @@ def planted_corpus() -> dict[str, bytes]:
         "cat/truncated.jpg": truncated[: len(truncated) // 2],
         "dog/notes.txt": b"not an image at all",
         "dog/huge.png": encode(np.zeros((500, 700, 3), np.uint8), "PNG"),  # above max_pixels
+        "dog/wide.png": encode(np.zeros((4, 66_000), np.uint8), "PNG"),  # too wide for JPEG
+        "cat/garbled.ppm": b"P6\n4 4\n255\xa9\n" + bytes(48),  # PPM header the parser chokes on
     }
     return good | bad
 
@@ -44,6 +48,8 @@ BAD_REASONS = {
     "cat/truncated": "truncated",
     "dog/notes": "not an image",
     "dog/huge": "too large",
+    "dog/wide": "JPEG sides end at 65,500",
+    "cat/garbled": "unreadable image",
 }
 
 
@@ -98,7 +104,9 @@ def test_s3_to_s3_with_planted_bad_files(s3_server, ray_session) -> None:
     big = Image.open(io.BytesIO(rows["cat/big"]["jpeg"]))
     assert big.size == (64, 64) and JpegImagePlugin.get_sampling(big) == 0  # 4:4:4
     assert rows["dog/gray"]["grayscale"] and not rows["dog/photo"]["grayscale"]
-    assert manifest.num_grayscale == 1
+    gray16 = np.asarray(Image.open(io.BytesIO(rows["dog/gray16"]["jpeg"])))
+    assert rows["dog/gray16"]["grayscale"] and abs(gray16.mean() - 128) < 2
+    assert manifest.num_grayscale == 2
     assert [r["key"] for r in rows.values()].count("cat/big") == 1
 
 
@@ -111,8 +119,8 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> N
 
     # an earlier run died after finishing group 0 and half-writing group 1 (shards, no marker)
     cfg = config(str(src), str(tmp_path / "resumed"))
-    _, groups = prepare.plan(cfg)
-    prepare._check_resumable(cfg)
+    classes, groups = prepare.plan(cfg)
+    prepare._check_resumable(cfg, classes, groups)
     prepare.process_group(0, groups[0], cfg)
     prepare.process_group(1, groups[1], cfg)
     storage.filesystem(cfg.dst)[0].rm(prepare._marker_url(cfg, 1))
@@ -121,8 +129,11 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> N
     assert shard_digests(cfg.dst, resumed) == shard_digests(str(tmp_path / "clean"), clean)
     keys = [r["key"] for r in read_rows(cfg.dst, resumed)]
     assert len(keys) == len(set(keys)) == clean.num_rows
-    with pytest.raises(ValueError, match="prepared from other settings"):
+    with pytest.raises(ValueError, match="prepared from other short_side_px"):
         prepare.main(config(str(src), cfg.dst, short_side_px=128))
+    (src / "cat" / "late.png").write_bytes(encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
+    with pytest.raises(ValueError, match="prepared from other plan_sha256"):
+        prepare.main(cfg)
 
 
 def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
@@ -143,9 +154,14 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
             info.size = inner.tell()
             inner.seek(0)
             out.addfile(info, inner)
+        info = tarfile.TarInfo("n03.tar")  # a class's tar that is not a tar
+        info.size = 1024
+        out.addfile(info, io.BytesIO(b"\x01" * 1024))
     manifest = prepare.main(config(str(outer), str(tmp_path / "ds")))
-    assert manifest.classes == ("n01", "n02")
-    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (6, 4, 2)
+    assert manifest.classes == ("n01", "n02", "n03")
+    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (7, 4, 3)
+    errors = json.loads(storage.read_bytes(storage.join(str(tmp_path / "ds"), prepare.ERRORS_FILE)))
+    assert any(e["key"] == "n03/" and "unreadable tar" in e["reason"] for e in errors), errors
     rows = read_rows(str(tmp_path / "ds"), manifest)
     assert sorted(r["key"] for r in rows) == ["n01/n01_0", "n01/n01_1", "n02/n02_0", "n02/n02_1"]
     assert {r["label"] for r in rows if r["key"].startswith("n02")} == {1}
@@ -176,8 +192,9 @@ def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="SRC and DST are required"):
         prepare.PrepareConfig(src=str(tmp_path))
-    with pytest.raises(ValueError, match="DST must differ"):
-        prepare.PrepareConfig(src=str(tmp_path), dst=str(tmp_path) + "/")
+    for dst in (str(tmp_path) + "/", str(tmp_path / "out")):
+        with pytest.raises(ValueError, match="DST must not be SRC or inside it"):
+            prepare.PrepareConfig(src=str(tmp_path), dst=dst)
     (tmp_path / "loose.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="not inside a class folder"):
-        prepare.plan(config(str(tmp_path), str(tmp_path / "out")))
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
