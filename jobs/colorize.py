@@ -51,6 +51,7 @@ import tarfile
 import time
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -234,6 +235,8 @@ def safe_relpath(name: str) -> str:
     normal = posixpath.normpath(path)
     if path.startswith("/") or normal in (".", "..") or normal.startswith("../") or ":" in normal:
         raise BadImage(f"path escapes the output folder: {name!r}")
+    if normal.split("/", 1)[0] == WORK_DIR:
+        raise BadImage(f"path inside the job's own folder {WORK_DIR}/: {name!r}")
     return normal
 
 
@@ -306,6 +309,9 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
     limit = cfg.max_file_mb * 2**20
     for item in unit["items"]:
         source = item["source"]
+        if item["rel"].split("/", 1)[0] == WORK_DIR:
+            yield _row(source, reason=f"path inside the job's own folder {WORK_DIR}/")
+            continue
         if item["size"] > limit:
             yield _row(source, reason=f"file too large: {item['size']} bytes")
             continue
@@ -317,45 +323,66 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
             yield _row(source, reason=f"unreadable file: {e}")
 
 
-def _member_row(source: str, name: str, prefix: str, size: int, read, cfg) -> dict:
+class _Names:
+    """Names met in one archive or Parquet file. Tar and zip allow a name twice, and `./a`
+    is `a`: a later member must not overwrite an earlier one's output, and a repeated name
+    gets a source of its own so that the manifest tells the two apart."""
+
+    def __init__(self) -> None:
+        self.outputs: set[str] = set()
+        self.sources: Counter[str] = Counter()
+
+    def source(self, source: str) -> str:
+        self.sources[source] += 1
+        copy = self.sources[source]
+        return source if copy == 1 else f"{source} (copy {copy})"
+
+
+def _member_row(source: str, name: str, prefix: str, size: int, read, cfg, names: _Names) -> dict:
     try:
         rel = posixpath.join(prefix, safe_relpath(name)) if prefix else safe_relpath(name)
     except BadImage as e:
         return _row(source, reason=str(e))
+    if rel in names.outputs:
+        return _row(source, reason=f"an earlier member has the same output path {rel!r}")
+    names.outputs.add(rel)
     if size > cfg.max_file_mb * 2**20:
         return _row(source, reason=f"file too large: {size} bytes")
-    return _row(source, rel, read())
+    try:
+        data = read()
+    except Exception as e:  # a corrupt member (bad compressed data, CRC): its own error
+        return _row(source, reason=f"unreadable archive member: {type(e).__name__}: {e}")
+    return _row(source, rel, data)
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done = set(unit["done"])
+    done, names = set(unit["done"]), _Names()
     with tarfile.open(fileobj=f, mode="r|*") as archive:
         for member in archive:
-            source = f"{unit['url']}{MEMBER_SEP}{member.name}"
             if member.isdir() or member.name in done:
                 continue
+            source = names.source(f"{unit['url']}{MEMBER_SEP}{member.name}")
             if not member.isfile():
                 yield _row(source, reason="archive member is not a regular file (link/device)")
                 continue
             read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
-            yield _member_row(source, member.name, unit["prefix"], member.size, read, cfg)
+            yield _member_row(source, member.name, unit["prefix"], member.size, read, cfg, names)
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done = set(unit["done"])
+    done, names = set(unit["done"]), _Names()
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            source = f"{unit['url']}{MEMBER_SEP}{info.filename}"
             if info.is_dir() or info.filename in done:
                 continue
+            source = names.source(f"{unit['url']}{MEMBER_SEP}{info.filename}")
             if stat.S_ISLNK(info.external_attr >> 16):
                 yield _row(source, reason="archive member is not a regular file (link)")
                 continue
             read = lambda i=info: archive.read(i)  # noqa: E731
-            try:
-                yield _member_row(source, info.filename, unit["prefix"], info.file_size, read, cfg)
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error) as e:
-                yield _row(source, reason=f"unreadable archive member: {e}")
+            yield _member_row(
+                source, info.filename, unit["prefix"], info.file_size, read, cfg, names
+            )
 
 
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
@@ -376,15 +403,16 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
-    number = 0
+    number, names = 0, _Names()
     for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
         for row in batch.to_pylist():
             name = str(row[key]) if key else f"{number:09d}"
             number += 1
-            source = f"{unit['url']}{ROW_SEP}{name}"
             if name not in done:
+                source = names.source(f"{unit['url']}{ROW_SEP}{name}")
                 data = row[column] or b""
-                yield _member_row(source, name, unit["prefix"], len(data), lambda d=data: d, cfg)
+                read = lambda d=data: d  # noqa: E731
+                yield _member_row(source, name, unit["prefix"], len(data), read, cfg, names)
 
 
 _ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}

@@ -16,6 +16,7 @@ Untrusted bytes: every failure to decode is a `BadImage` with the reason.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def read_metadata(image) -> Metadata:
     source, exif = image.getexif(), Image.Exif()
     if image.format == "TIFF":  # a TIFF's IFD holds its layout too: copy the descriptive tags
         tags = image.tag_v2
-        xmp, iptc = tags.get(_XMP_TAG) or xmp, tags.get(_IPTC_TAG)
+        xmp, iptc = _tiff_block(image, _XMP_TAG) or xmp, _tiff_block(image, _IPTC_TAG)
         for tag in _TIFF_DESCRIPTIVE_TAGS:
             if tag in tags:
                 exif[tag] = tags[tag]
@@ -111,14 +112,50 @@ def read_metadata(image) -> Metadata:
     elif len(source):
         exif.load(source.tobytes())
     exif.pop(EXIF_ORIENTATION, None)
-    return Metadata(icc=icc, exif=exif, xmp=_as_bytes(xmp), iptc=_as_bytes(iptc))
+    return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc))
 
 
 def _as_bytes(value: Any) -> bytes | None:
-    """Metadata blocks come as bytes, str (PNG text) or tuples of ints (TIFF tags)."""
+    """Metadata blocks come as bytes or str (PNG text)."""
     if not value:
         return None
     return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _tiff_block(image, tag: int) -> bytes | None:
+    """A TIFF tag holding a metadata block, as its bytes. Writers store them as BYTE or
+    UNDEFINED; Photoshop stores IPTC as LONG, of which Pillow keeps only the first value
+    (it expects one), so those are read with tifffile."""
+    value = image.tag_v2.get(tag)
+    if value is None or image.tag_v2.tagtype.get(tag) != 4:  # not LONG
+        return _as_bytes(value)
+    import tifffile
+
+    where = image.fp.tell()
+    try:
+        image.fp.seek(0)
+        with tifffile.TiffFile(image.fp) as tif:
+            found = tif.pages.first.tags.get(tag)
+            value = None if found is None else found.value
+            if value is None or isinstance(value, bytes):
+                return value or None
+            values = (value,) if isinstance(value, int) else tuple(value)
+            return struct.pack(f"{tif.byteorder}{len(values)}I", *values)
+    except (tifffile.TiffFileError, OSError, ValueError, struct.error):
+        return None  # the block is left out, the picture is not
+    finally:
+        image.fp.seek(where)  # Pillow reads on from where it was
+
+
+_XMP_ORIENTATION = re.compile(
+    rb'\s*tiff:Orientation=["\'][1-8]["\']|<tiff:Orientation>[1-8]</tiff:Orientation>'
+)
+
+
+def _upright_xmp(xmp: bytes | None) -> bytes | None:
+    """XMP without its orientation, as the output is upright: readers (Pillow's `getexif`
+    among them) take XMP's orientation when EXIF has none, and would turn it again."""
+    return _XMP_ORIENTATION.sub(b"", xmp) if xmp else xmp
 
 
 def _is_16bit_colour(data: bytes, image) -> bool:
@@ -160,19 +197,23 @@ def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | N
 
 
 def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Every page of an image file, upright; raises `BadImage` with the reason."""
+    """Every page of an image file, upright; raises `BadImage` with the reason. `max_pixels`
+    bounds the pages together: a small file of many large blank pages is a bomb too."""
     from PIL import ImageOps
 
     image = open_image(data, max_pixels=max_pixels)
     fmt = "JPEG" if image.format == "MPO" else image.format
-    pages = []
+    pages, total = [], 0
     try:
         meta = read_metadata(image)
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
-            if w * h > max_pixels:
-                raise BadImage(f"page {index} too large: {w}x{h} pixels > limit {max_pixels}")
+            total += w * h
+            if total > max_pixels:
+                raise BadImage(
+                    f"image too large: pages 0-{index} hold {total} pixels > limit {max_pixels}"
+                )
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
                 turn = exif_orientation(image) if fmt == "PNG" else 1
@@ -184,8 +225,8 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
             pages.append(_page(ImageOps.exif_transpose(image)))
     except BadImage:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise BadImage(f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # decoders fail their own ways on corrupt data
+        raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, fmt, meta)
 
 

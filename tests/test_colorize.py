@@ -28,7 +28,8 @@ from tests.support import encode, photo_rgb
 
 INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-XMP = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF>archive-42</rdf:RDF></x:xmpmeta>'
+XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6">'
+       b"archive-42</rdf:Description></rdf:RDF></x:xmpmeta>")  # fmt: skip
 IPTC = b"\x1c\x02\x05\x00\x0bScan no. 42"
 
 
@@ -91,6 +92,7 @@ def planted_corpus() -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
     pages = [Image.fromarray(gray((12 + 4 * i, 20), "astronaut")) for i in range(3)]
     gray16 = gray((18, 22)).astype(np.uint16) * 257 + np.arange(22, dtype=np.uint16)[None]
     good_jpeg = encode(gray((32, 32)))
+    stored = encode(gray((7, 7), "coffee"), "PNG")  # zip stores it as is: its CRC is broken
     truncated = encode(gray((64, 64)))
     files = {
         "meta.jpg": jpeg_with_metadata(),
@@ -110,11 +112,13 @@ def planted_corpus() -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
         "broken.tar": b"this is not a tar archive" * 40,
         "box.tar": tar_bytes(
             {"a/b.jpg": good_jpeg, "../escape.jpg": good_jpeg, "/abs.jpg": good_jpeg,
-             "bad.jpg": b"garbage"},
+             "bad.jpg": b"garbage", "./a/b.jpg": good_jpeg},
             symlink="link.jpg",
         ),
         "box.zip": zip_bytes({"z/ok.png": encode(gray((9, 9)), "PNG"),
-                              "../../zipescape.png": good_jpeg}),
+                              "../../zipescape.png": good_jpeg, "_colorize/x.jpg": good_jpeg,
+                              "z/crc.png": stored}).replace(stored, stored[:-8] + bytes(8)),
+        "_colorize/top.jpg": good_jpeg,
         "table.parquet": parquet_bytes({"r/one.jpg": good_jpeg, "r/two": encode(gray((8, 12))),
                                         "r/bad.jpg": b"\xff\xd8 not really"}),
     }  # fmt: skip
@@ -134,6 +138,8 @@ def planted_corpus() -> tuple[dict[str, bytes], dict[str, str], dict[str, str]]:
         "box.tar!/abs.jpg": "escapes the output folder", "box.tar!bad.jpg": "not an image",
         "box.tar!link.jpg": "not a regular file",
         "box.zip!../../zipescape.png": "escapes the output folder",
+        "box.tar!./a/b.jpg": "same output path", "box.zip!_colorize/x.jpg": "job's own folder",
+        "box.zip!z/crc.png": "unreadable archive member", "_colorize/top.jpg": "job's own folder",
         "table.parquet#r/bad.jpg": "image",
     }  # fmt: skip
     return files, outputs, reasons
@@ -249,6 +255,7 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     provenance = exif[picture_files.PROVENANCE_EXIF_TAG]
     assert manifest[0]["model_sha256"] in provenance and "temperature=0.38" in provenance
     assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
+    assert b"Orientation" not in meta.info["xmp"]  # XMP's would turn it again
     assert meta.info["photoshop"][0x0404] == IPTC
     # L kept (chroma gamut mapping): within 8-bit rounding (PNG), plus JPEG's loss (JPEG).
     upright = source("meta.jpg").transpose(Image.Transpose.ROTATE_270)
@@ -400,6 +407,28 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
     data = (row["root"] / row["output"]).read_bytes()
     rgba = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert rgba.shape[2] == 4 and np.array_equal(rgba[..., 3], alpha16)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_tiff_iptc_stored_as_long_is_read_as_its_bytes(byteorder) -> None:
+    """Photoshop stores IPTC as LONG values, of which Pillow keeps the first: the block is
+    read whole, in the file's byte order (a misread once made a 470 MB block of zeros)."""
+    import tifffile
+
+    block = IPTC + bytes(-len(IPTC) % 4)
+    values = struct.unpack(f"{byteorder}{len(block) // 4}I", block)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, gray((4, 6)), byteorder=byteorder,
+                     extratags=[(33723, "I", len(values), values, True)])  # fmt: skip
+    assert picture_files.decode(buffer.getvalue(), 10**6).meta.iptc == block
+
+
+def test_pixel_limit_bounds_all_pages_together() -> None:
+    pages = [Image.fromarray(gray((100, 100))) for _ in range(5)]
+    data = save(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert len(picture_files.decode(data, 50_000).pages) == 5
+    with pytest.raises(colorize.BadImage, match="pages 0-4 hold 50000 pixels"):
+        picture_files.decode(data, 49_999)
 
 
 def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> None:
