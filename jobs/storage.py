@@ -67,14 +67,16 @@ class S3Options:
 
 
 def split_url(url: str) -> tuple[str, str]:
-    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("file", absolute path)."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("s3", "s3a", "gs", "gcs"):
-        protocol = "s3" if parsed.scheme.startswith("s3") else "gs"
-        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
-        if not parsed.netloc:
+    """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("file", absolute path). Keys are
+    taken whole: ``#`` and ``?`` are characters of a key, not a fragment or query."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("s3", "s3a", "gs", "gcs"):
+        protocol = "s3" if scheme.startswith("s3") else "gs"
+        bucket, _, key = rest.partition("/")
+        if not bucket:
             raise ValueError(f"{url!r}: no bucket")
-        return protocol, path
+        return protocol, f"{bucket}/{key.lstrip('/')}".rstrip("/")
+    parsed = urlparse(url)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
         path = parsed.path if parsed.scheme == "file" else url
         return "file", os.path.abspath(os.path.expanduser(path))

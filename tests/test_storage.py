@@ -23,6 +23,10 @@ def test_bytes_round_trip_listing_and_exists(root_url) -> None:
     storage.write_bytes(a, b"\x00\x01")
     storage.write_bytes(b, b"hello")
     storage.write_bytes(b, b"hello again")  # overwrite
+    odd = storage.join(root_url, "x", "scan #3?v=2.png")  # characters of a name, not a URL's
+    storage.write_bytes(odd, b"odd")
+    assert storage.read_bytes(odd) == b"odd" and odd in storage.list_files(root_url)
+    storage.remove([odd])
     assert storage.read_bytes(a) == b"\x00\x01"
     assert storage.read_bytes(b) == b"hello again"
     assert storage.exists(a) and not storage.exists(storage.join(root_url, "x", "nope"))
@@ -68,6 +72,7 @@ def test_s3_endpoint_from_options_overrides_environment(s3_server, monkeypatch) 
 def test_split_url_forms(tmp_path) -> None:
     assert storage.split_url("s3://bucket/a/b/") == ("s3", "bucket/a/b")
     assert storage.split_url("gs://bucket/a") == ("gs", "bucket/a")
+    assert storage.split_url("s3://b/photo #3?v=2.png") == ("s3", "b/photo #3?v=2.png")
     assert storage.split_url(f"file://{tmp_path}/x") == ("file", f"{tmp_path}/x")
     assert storage.split_url("rel/x")[1].endswith("/rel/x")
     with pytest.raises(ValueError, match="unsupported storage URL"):
