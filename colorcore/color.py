@@ -94,6 +94,19 @@ def _matrices(dtype: torch.dtype, device: torch.device) -> _Matrices:
     return _Matrices(*(t.to(device, dtype) for t in maps))
 
 
+def outside_autocast(fn):
+    """Run `fn` (whose first argument is a tensor) with autocast off on that tensor's device:
+    the colour maths keeps its own precision inside a caller's bf16 region, where autocast
+    would round its 3 x 3 products to bf16 (errors up to 3 in a and b)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
 def _mix(
     matrix_OI: torch.Tensor, x_BIP: torch.Tensor, bias_OP: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -182,6 +195,7 @@ def _lab_f_inverse(f: torch.Tensor) -> torch.Tensor:
     return _power_with_linear_toe(f, LAB_F_KNEE, 1 / LAB_SLOPE, 3)
 
 
+@outside_autocast
 def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] -> CIE L*a*b* (D65), channels at dim -3, any leading dims.
 
@@ -198,6 +212,7 @@ def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     return lab_B3P.reshape(rgb_N3HW.shape).to(rgb_N3HW.dtype)
 
 
+@outside_autocast
 def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] -> CIE L* alone, shape (..., 1, H, W): the L channel of `rgb_to_lab`
     (to fp32 rounding) at a third of its cost, since L depends on luminance Y only. A gray
@@ -301,6 +316,7 @@ def _chroma_mapped_everywhere(
     return torch.where(outside_BP[:, None], mapped_B3P, linear_B3P)
 
 
+@outside_autocast
 def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor:
     """CIE L*a*b* (D65) -> sRGB in [0, 1], channels at dim -3, any leading dims.
 

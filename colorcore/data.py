@@ -54,7 +54,9 @@ def random_crop_flip(
         scale = crop_px / min(height, width)
         size = (max(crop_px, round(height * scale)), max(crop_px, round(width * scale)))
         up = F.interpolate(rgb_3HW[None].float(), size=size, mode="bilinear", align_corners=False)
-        rgb_3HW = up[0].round().clamp(0, 255).to(rgb_3HW.dtype)
+        if not rgb_3HW.is_floating_point():  # uint8 levels stay levels; floats keep [0, 1]
+            up = up.round_().clamp_(0, 255)
+        rgb_3HW = up[0].to(rgb_3HW.dtype)
         height, width = size
     top, left, flip = crop_box(height, width, crop_px, rng)
     crop = rgb_3HW[:, top : top + crop_px, left : left + crop_px]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from colorcore.color import lab_to_rgb, rgb_to_lightness
+from colorcore.color import lab_to_rgb, outside_autocast, rgb_to_lightness
 from colorcore.quantize import ab_bins
 
 ANNEALED_MEAN_T = 0.38  # paper, Sec. 2.3
@@ -34,6 +34,7 @@ def mode(logits_NQhw: torch.Tensor) -> torch.Tensor:
     return bins[logits_NQhw.argmax(1)].permute(0, 3, 1, 2)
 
 
+@outside_autocast
 def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torch.Tensor:
     """E[ab] under softmax(logits / T), (N, 2, h, w) in fp32. T -> 0: mode; T = 1: mean.
 
@@ -74,7 +75,8 @@ def colorize(
 
     The network runs on the L channel resized to `infer_px` square; the predicted ab is
     upsampled bilinearly to H x W and joined with the input's own L, which the chroma gamut
-    mapping keeps. Runs on the model's device; wrap in `torch.autocast` for bf16.
+    mapping keeps. Runs on the model's device; wrap in `torch.autocast` for a bf16 network
+    (the colour maths and the annealed mean keep fp32).
     """
     if rgb_N3HW.ndim != 4 or rgb_N3HW.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 3, H, W) or (N, 1, H, W) images, got {rgb_N3HW.shape}")

@@ -189,6 +189,18 @@ def test_bf16_within_rounding_of_fp32(random_lab) -> None:
     assert lab_to_rgb(lab_in.half()).dtype == torch.float16
 
 
+def test_conversions_keep_their_precision_inside_an_autocast_region(random_lab) -> None:
+    """A caller's bf16 autocast (around a network) does not round the 3 x 3 colour products."""
+    rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    lab = random_lab[:, :16, :16].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = rgb_to_lab(rgb), lab_to_rgb(lab), rgb_to_lightness(rgb)
+    outside = rgb_to_lab(rgb), lab_to_rgb(lab), rgb_to_lightness(rgb)
+    for a, b in zip(inside, outside, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_leading_dims_and_layouts() -> None:
     g = torch.Generator().manual_seed(2)
     rgb_N3HW = torch.rand(2, 2, 3, 5, 7, generator=g, dtype=torch.float64)

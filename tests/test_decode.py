@@ -99,3 +99,10 @@ def test_colorize_accepts_gray_and_matches_a_manual_pipeline() -> None:
     torch.testing.assert_close(out, lab_to_rgb(torch.cat([l_full, ab], 1)))
     with pytest.raises(ValueError, match="expected"):
         decode.colorize(model, torch.rand(1, 2, 8, 8))
+
+
+def test_annealed_mean_keeps_fp32_inside_autocast() -> None:
+    logits = torch.randn(2, 313, 4, 4, generator=torch.Generator().manual_seed(4)) * 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = decode.annealed_mean(logits)
+    torch.testing.assert_close(inside, decode.annealed_mean(logits), rtol=0, atol=1e-5)

@@ -198,3 +198,14 @@ def test_nvjpeg_batches_match_the_pil_batches(dataset) -> None:
         assert np.array_equal(a.positions, b.positions) and b.rgb_N3HW.is_cuda
         difference = (b.rgb_N3HW.float() - a.rgb_N3HW.cuda().float()).abs()
         assert difference.mean() < 3, float(difference.mean())  # a wrong crop or flip: ~20
+
+
+def test_small_images_are_scaled_up_to_the_crop_in_their_own_range() -> None:
+    from colorcore.data import random_crop_flip
+
+    levels = torch.arange(48, dtype=torch.uint8).reshape(3, 4, 4) * 5
+    up = random_crop_flip(levels, 8, None)
+    assert up.dtype == torch.uint8 and up.shape == (3, 8, 8)
+    unit = random_crop_flip(levels.float() / 255, 8, None)  # floats in [0, 1] are not rounded
+    assert unit.dtype == torch.float32 and len(unit.unique()) > 20 and unit.max() < 1
+    torch.testing.assert_close(unit * 255, up.float(), rtol=0, atol=0.5)
