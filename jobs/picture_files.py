@@ -278,6 +278,12 @@ def encode_png16(
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
 
 
+def _tiff_text(meta: Metadata, provenance: str) -> dict[int, str]:
+    """A TIFF output's text tags: the source's descriptive ones and the provenance."""
+    text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
+    return {**{t: v for t, v in text.items() if v is not None}, PROVENANCE_EXIF_TAG: provenance}
+
+
 def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str) -> bytes:
     """A TIFF of pages at 16 bits per channel (Pillow writes at most 8), deflate-compressed,
     with the source's ICC profile, XMP, IPTC and descriptive tags and the provenance tag.
@@ -285,8 +291,7 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
     import tifffile
 
     meta = decoded.meta
-    text = {tag: meta.exif.get(tag) for tag in _TIFF_DESCRIPTIVE_TAGS} if meta.exif else {}
-    text[PROVENANCE_EXIF_TAG] = provenance
+    text = _tiff_text(meta, provenance)
     # TIFF text is 7-bit ASCII: other characters become "?", as Pillow writes them too
     tags = [
         (tag, "s", 0, value.encode("ascii", "replace"), True)
@@ -354,10 +359,10 @@ def encode(
         kwargs["pnginfo"] = text
     elif fmt == "WEBP":
         kwargs.update(quality=quality, xmp=meta.xmp)
-    else:
-        tags = {_XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
+    else:  # TIFF: Pillow writes `tiffinfo` or `exif`, and libtiff no EXIF sub-IFD
+        tags = {**_tiff_text(meta, provenance), _XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
         kwargs.update(compression="tiff_deflate", save_all=True, append_images=images[1:])
-        kwargs["tiffinfo"] = {k: v for k, v in tags.items() if v}
+        kwargs.update(exif=None, tiffinfo={k: v for k, v in tags.items() if v})
     buffer = io.BytesIO()
     images[0].save(buffer, format=fmt, **{k: v for k, v in kwargs.items() if v is not None})
     return buffer.getvalue()

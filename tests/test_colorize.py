@@ -423,6 +423,16 @@ def test_tiff_iptc_stored_as_long_is_read_as_its_bytes(byteorder) -> None:
     assert picture_files.decode(buffer.getvalue(), 10**6).meta.iptc == block
 
 
+def test_8bit_tiff_outputs_carry_provenance_and_metadata() -> None:
+    decoded = picture_files.decode(jpeg_with_metadata(), 10**6)
+    rgb = [np.full((40, 24, 3), 120, np.uint8)]
+    tiff = Image.open(io.BytesIO(picture_files.encode(rgb, decoded, "TIFF", "made by us", 95)))
+    tags = tiff.tag_v2
+    assert tags[picture_files.PROVENANCE_EXIF_TAG] == "made by us"
+    assert tags[0x013B] == "A. Archivist" and b"archive-42" in tags[700]
+    assert tags[33723] == IPTC and tiff.info["icc_profile"] == SRGB_ICC
+
+
 def test_pixel_limit_bounds_all_pages_together() -> None:
     pages = [Image.fromarray(gray((100, 100))) for _ in range(5)]
     data = save(pages[0], "TIFF", save_all=True, append_images=pages[1:])
