@@ -320,7 +320,7 @@ def output_format(decoded: Decoded, choice: str) -> str:
         return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
     page = decoded.pages[0]
     if page.bits == 16 and fmt in ("PNG", "TIFF"):
-        return "PNG16"
+        return fmt + "16"
     if page.alpha is not None and fmt == "JPEG":
         return "PNG"
     return fmt

@@ -398,7 +398,7 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
     rows = _run_local(files, tmp_path, model, jpeg_path="cpu")
     for rel, shown in (("rgb16.png", np.rot90(rgb16, k=-1)), ("rgba16.tif", rgb16)):
         row = rows[rel]
-        assert row["status"] == "ok" and row["output"].endswith(".png"), row
+        assert row["status"] == "ok" and row["output"] == rel, row  # format kept
         data = (row["root"] / row["output"]).read_bytes()
         assert_lightness_kept_at_16_bits(
             shown, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -538,7 +538,8 @@ def test_output_formats_and_names() -> None:
     meta = picture_files.Metadata()
     fmt = picture_files.output_format
     assert fmt(picture_files.Decoded([page8], "JPEG", meta), "keep") == "JPEG"
-    assert fmt(picture_files.Decoded([page16], "TIFF", meta), "keep") == "PNG16"
+    assert fmt(picture_files.Decoded([page16], "TIFF", meta), "keep") == "TIFF16"
+    assert fmt(picture_files.Decoded([page16], "JPEG", meta), "png") == "PNG16"
     assert fmt(picture_files.Decoded([alpha], "PNG", meta), "jpeg") == "PNG"
     assert fmt(picture_files.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
     assert fmt(picture_files.Decoded([page8, page16], "TIFF", meta), "keep") == "TIFF16"
