@@ -150,9 +150,12 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
 
 
 def _chunk(inputs: list[dict], cfg: PrepareConfig, index: dict[str, int]) -> list[dict]:
-    groups, current, size = [], [], 0
+    groups, current, size, keys = [], [], 0, set()
     for item in inputs:
         item["label"] = index[item.pop("class")]
+        if item["key"] in keys:  # a.jpg beside a.png: a key names one image
+            item["error"] = f"another input has the key {item['key']!r}"
+        keys.add(item["key"])
         if current and (len(current) >= cfg.max_group_images or size >= cfg.shard_mb * 2**20):
             groups.append({"kind": "files", "items": current})
             current, size = [], 0
@@ -222,6 +225,9 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
     """Yield (key, label, source, bytes or an exception) for every input of the group."""
     if group["kind"] == "files":
         for item in group["items"]:
+            if "error" in item:
+                yield item["key"], item["label"], item["url"], BadImage(item["error"])
+                continue
             try:
                 data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
             except FileNotFoundError:
@@ -247,14 +253,13 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
         yield f"{group['class']}/", group["label"], source, BadImage(f"unreadable tar: {e}")
         return
     del blob
+    keys: set[str] = set()
     for name, data in members:
-        stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        yield (
-            f"{group['class']}/{stem}",
-            group["label"],
-            f"{group['url']}!{group['class']}.tar/{name}",
-            data,
-        )
+        key = f"{group['class']}/{name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+        source = f"{group['url']}!{group['class']}.tar/{name}"
+        duplicate = BadImage(f"another member has the key {key!r}") if key in keys else None
+        keys.add(key)
+        yield key, group["label"], source, duplicate or data
 
 
 def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:

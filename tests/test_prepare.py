@@ -150,6 +150,10 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
                 info = tarfile.TarInfo(f"{cls}_broken.JPEG")
                 info.size = 5
                 t.addfile(info, io.BytesIO(b"\xff\xd8\xff\x00\x00"))
+                if cls == "n01":  # the key n01/n01_0 again
+                    info = tarfile.TarInfo(f"{cls}_0.png")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
             info = tarfile.TarInfo(f"{cls}.tar")
             info.size = inner.tell()
             inner.seek(0)
@@ -159,9 +163,10 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
         out.addfile(info, io.BytesIO(b"\x01" * 1024))
     manifest = prepare.main(config(str(outer), str(tmp_path / "ds")))
     assert manifest.classes == ("n01", "n02", "n03")
-    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (7, 4, 3)
+    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (8, 4, 4)
     errors = json.loads(storage.read_bytes(storage.join(str(tmp_path / "ds"), prepare.ERRORS_FILE)))
     assert any(e["key"] == "n03/" and "unreadable tar" in e["reason"] for e in errors), errors
+    assert any(e["source"].endswith("n01_0.png") and "key" in e["reason"] for e in errors)
     rows = read_rows(str(tmp_path / "ds"), manifest)
     assert sorted(r["key"] for r in rows) == ["n01/n01_0", "n01/n01_1", "n02/n02_0", "n02/n02_1"]
     assert {r["label"] for r in rows if r["key"].startswith("n02")} == {1}
