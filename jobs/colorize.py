@@ -70,6 +70,7 @@ from jobs import storage
 from jobs.colorize_manifest import WORK_DIR
 from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
 from jobs.picture_files import (
+    SUFFIXES,
     Decoded,
     app_segments,
     decode,
@@ -262,7 +263,7 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
     else:
         raise ValueError(f"INPUT {cfg.input}: no such file or folder")
     units, files, skipped = [], [], 0
-    done_set, done_sorted = set(done), sorted(done)
+    done_set, done_sorted, inputs = set(done), sorted(done), set(sizes)
     for rel, url in zip(rels, urls, strict=True):
         kind = _kind(url)
         if kind != "image":
@@ -280,10 +281,23 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
             skipped += 1
             continue
         name = rel or posixpath.basename(storage.split_url(url)[1])
-        files.append({"source": url, "rel": name, "size": sizes[rel]})
+        item = {"source": url, "rel": name, "size": sizes[rel]}
+        taken = _output_taken(name, inputs, cfg.format)
+        files.append(
+            item | ({"error": f"its output name {taken!r} is another input's"} if taken else {})
+        )
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
     return units, urls, skipped
+
+
+def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
+    """The name an input's output may get that another input has: a name without the output
+    format's suffix gets it appended (`a.gif` -> `a.gif.png`), and a folder may hold both."""
+    formats = list(SUFFIXES) if choice == "keep" else [choice.upper()]
+    if rel.lower().endswith(tuple(s for f in formats for s in SUFFIXES[f])):
+        return None
+    return next((rel + SUFFIXES[f][0] for f in formats if rel + SUFFIXES[f][0] in inputs), None)
 
 
 def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
@@ -309,6 +323,9 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
     limit = cfg.max_file_mb * 2**20
     for item in unit["items"]:
         source = item["source"]
+        if "error" in item:
+            yield _row(source, reason=item["error"])
+            continue
         if item["rel"].split("/", 1)[0] == WORK_DIR:
             yield _row(source, reason=f"path inside the job's own folder {WORK_DIR}/")
             continue

@@ -347,6 +347,23 @@ def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
     assert files == [url("d.jpg")] and skipped == 6
 
 
+@pytest.mark.parametrize(
+    ("choice", "refused"), [("keep", ["a.gif", "c"]), ("png", ["a.gif", "d.jpg"])]
+)
+def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice, refused):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.gif", "a.gif.png", "b.gif", "c", "c.jpg", "d.jpg", "d.jpg.png"):
+        (src / name).write_bytes(b"")
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt", format=choice)
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    errors = sorted(
+        r["rel"] or r["source"].rsplit("/", 1)[1] for r in rows if "is another" in r["reason"]
+    )
+    assert errors == refused
+
+
 def released_format_model(path) -> ColorizationNet:
     """A full-size network with random weights, saved as the authors' state dict."""
     torch.manual_seed(1)
