@@ -105,10 +105,10 @@ class MetricsTracker(UserCallback):
         self.sent_step = [-1.0] * len(sinks)  # per sink: the last step it holds
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if checkpoint is None:  # the table is rewritten with every checkpoint only
-            return
-        # Rows up to the reported step only: by the time the controller handles a report,
-        # rank 0 may already have rewritten the table for its next checkpoint.
+        # Rank 0 rewrites the table before each checkpoint's report; a report without one is
+        # a run resumed at its end repeating its final figures, its table complete. Rows up
+        # to the reported step only: by the time the controller handles a report, rank 0 may
+        # already have rewritten the table for its next checkpoint.
         reported = metrics[0]["step"]
         rows = [r for r in read_metrics(self.run_url, self.s3) if r["step"] <= reported]
         for i, sink in enumerate(self.sinks):

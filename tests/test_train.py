@@ -88,8 +88,9 @@ def test_tensorboard_events_hold_the_metrics_table(ci_run) -> None:
 
 
 def test_tensorboard_in_a_local_run_folder_across_a_driver_restart(tmp_path) -> None:
-    """Events go straight into a local run folder, each checkpointed row once per driver run;
-    a restarted driver resends the table in a new file that purges the old one's steps."""
+    """Events go straight into a local run folder, each row once per driver run; a restarted
+    driver resends the table in a new file that purges the old one's steps, also when the run
+    was already at its end and reports its final figures without a checkpoint."""
     from ray.train import Checkpoint
 
     from jobs.tracking import tracking_callbacks
@@ -111,16 +112,17 @@ def test_tensorboard_in_a_local_run_folder_across_a_driver_restart(tmp_path) -> 
 
     first = tracker()
     report(first, rows, 20)
-    report(first, [*rows, {"step": 30, "loss": 3.0}], 30, checkpoint=False)  # no checkpoint
     # rank 0 already wrote the next checkpoint's table when the controller handles step 30
     report(first, [*rows, {"step": 30, "loss": 3.0}, {"step": 40, "loss": 2.5}], 30)
+    report(first, [*rows, {"step": 30, "loss": 3.0}, {"step": 40, "loss": 2.5}], 30)
     files = sorted(tb.iterdir())
-    assert len(files) == 2  # one per checkpointed report
+    assert len(files) == 2  # one per report with rows not sent yet
     assert [tensorboard_scalars(f.read_bytes()) for f in files] == [
         {"loss": {10: 5.0, 20: 4.0}, "val_loss": {20: 7.5}},
         {"loss": {30: 3.0}},  # rows already sent are not sent again, later ones not yet
     ]
-    report(tracker(), [*rows, {"step": 30, "loss": 3.5}, {"step": 40, "loss": 2.0}], 40)
+    table = [*rows, {"step": 30, "loss": 3.5}, {"step": 40, "loss": 2.0}]
+    report(tracker(), table, 40, checkpoint=False)  # a driver restarted at the run's end
     [resent] = sorted(tb.iterdir())[2:]  # names order the files as TensorBoard reads them
     events = tensorboard_events(resent.read_bytes())
     assert [e.step for e in events if e.HasField("session_log")] == [10]  # hides older steps
