@@ -68,6 +68,24 @@ def test_rows_are_exact_on_constructed_images() -> None:
     torch.testing.assert_close(scores.psnr_db_NM[:, col["gray"]], -10 * torch.log10(mse_N))
 
 
+def test_the_loss_counts_near_gray_colour_photos_as_released() -> None:
+    """The released loss layer only weights the gradient: a colour photo whose ab stays
+    within 5 of gray still has its loss."""
+    from colorcore.model import ColorizationNet, ModelConfig
+
+    torch.manual_seed(0)
+    ctx = evaluate.EvalContext(
+        cfg=evaluate.EvaluateConfig(data="d", model="m"),
+        model=ColorizationNet(ModelConfig(width=1 / 16)).eval(),
+        device=torch.device("cpu"),
+        autocast_dtype=None,
+        rebalance0_Q=torch.ones(313),
+    )
+    tinted = torch.tensor([126, 120, 116], dtype=torch.uint8)[:, None, None].expand(3, 64, 64)
+    _, loss_N = evaluate._network(ctx, tinted[None].contiguous())
+    assert loss_N.item() > 0
+
+
 def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
     M = len(evaluate.METHODS)
     rows = evaluate._empty_columns(4)
