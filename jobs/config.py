@@ -132,24 +132,25 @@ def from_dict(
         raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
-def load_config_file(url: str) -> dict[str, Any]:
-    """Read a JSON or YAML config written by a job or a person (path or storage URL)."""
+def load_config_file(url: str, s3: Any = None) -> dict[str, Any]:
+    """Read a JSON or YAML config written by a job or a person (path or storage URL; `s3`:
+    the `jobs.storage.S3Options` to reach it, default from the environment)."""
     from jobs import storage  # storage imports fsspec; keep `--help` light
 
-    text = storage.read_bytes(url).decode()
+    text = storage.read_bytes(url, s3).decode()
     data = json.loads(text) if url.endswith(".json") else yaml.safe_load(text)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{url}: a config file must hold a mapping, got {type(data).__name__}")
     return dict(data)
 
 
-def save_config(cfg: Any, url: str) -> None:
+def save_config(cfg: Any, url: str, s3: Any = None) -> None:
     """Write the config as JSON (``.json``) or YAML (anything else), readable by ``--config``."""
     from jobs import storage
 
     data = to_dict(cfg)
     text = json.dumps(data, indent=2) + "\n" if url.endswith(".json") else yaml.safe_dump(data)
-    storage.write_bytes(url, text.encode())
+    storage.write_bytes(url, text.encode(), s3)
 
 
 # ---------------------------------------------------------------- command line

@@ -42,8 +42,11 @@ def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
         tune.ci(), schedules=("0.3:0.3", "0.5:0.3,0.7:0.3"), first_rung_fraction=None
     )
     assert search.first_rung() == 30  # after 0.7 x 40 = 28, on a report step
+    on_report = dataclasses.replace(search, schedules=("0.5:0.3",))  # drop at 20, a report step
+    assert on_report.first_rung() == 30  # the report at 20 has no step at the lowered rate
     assert dataclasses.replace(search, first_rung_fraction=0.25).first_rung() == 10
-    assert tune.paper().first_rung() == 54_000  # the late "0.9:0.1" schedule
+    # the first report after the late "0.9:0.1" schedule's drop at step 54k
+    assert tune.paper().first_rung() == 57_000
 
 
 @pytest.mark.parametrize(
@@ -58,6 +61,9 @@ def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
         (["--train.use-gpu", "--train.num-workers", "4", "--max-gpus", "2"], "needs 4 GPUs"),
         (["--search-alg", "annealing"], "is not one of"),
         (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
+        (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
+        (["--schedules", "0.5:inf"], "factors must be finite"),
+        (["--reports-per-trial", "1"], "ASHA's first rung falls at the budget's end"),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None:
