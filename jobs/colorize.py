@@ -132,7 +132,9 @@ class ColorizeConfig:
     task_cpus: float = 0.5
     """CPUs per read, decode and write task."""
     device: str = "auto"
-    """Model device: auto (CUDA when present), cpu or cuda."""
+    """Model device: auto (CUDA when the cluster has GPUs at the start), cpu or cuda (GPU
+    actors, model_actors of them or one per GPU, which an autoscaling cluster starts GPU
+    nodes for)."""
     dtype: str = "auto"
     """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32."""
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
@@ -728,6 +730,15 @@ def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: d
     return len(rows)
 
 
+def _gpus(cfg: ColorizeConfig, cluster_gpus: int) -> int:
+    """GPUs for the model actors: with device cuda, model_actors of them (at least one) even
+    when the cluster has none yet, for an autoscaler to start GPU nodes; with auto, the
+    cluster's at the start; with cpu, none."""
+    if cfg.device == "cuda":
+        return max(cluster_gpus, cfg.model_actors, 1)
+    return cluster_gpus if cfg.device == "auto" else 0
+
+
 def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
     """One per GPU; on CPUs, where the actors do every stage but reading (`WholeStage`),
     as many as half the CPUs hold in Ray's accounting: with more, Ray Data starves the read
@@ -745,7 +756,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
 
     init_ray()
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if cfg.device != "cpu" else 0
+    gpus = _gpus(cfg, int(resources.get("GPU", 0)))
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))
     cfg = _resolve_jpeg_path(cfg, gpus > 0)
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or (64 if gpus else 8))

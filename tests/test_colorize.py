@@ -364,6 +364,16 @@ def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice
     assert errors == refused
 
 
+def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
+    """An autoscaling cluster starts GPU nodes only for actors that ask for GPUs."""
+    cfg = config("in", "out", "m.pt")
+    for device, actors, cluster, wanted in [("cuda", 4, 0, 4), ("cuda", 0, 0, 1),
+                                            ("cuda", 0, 2, 2), ("auto", 4, 0, 0),
+                                            ("auto", 0, 3, 3), ("cpu", 0, 3, 0)]:  # fmt: skip
+        case = dataclasses.replace(cfg, device=device, model_actors=actors)
+        assert colorize._gpus(case, cluster) == wanted, (device, actors, cluster)
+
+
 def released_format_model(path) -> ColorizationNet:
     """A full-size network with random weights, saved as the authors' state dict."""
     torch.manual_seed(1)
