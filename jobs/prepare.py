@@ -52,6 +52,10 @@ WORK_DIR = "_prepare"
 ERRORS_FILE = "errors.json"
 
 
+OUTPUT_FIELDS = ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "max_file_mb",
+                 "jpeg_quality")  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrepareConfig:
     src: str = ""
@@ -68,6 +72,8 @@ class PrepareConfig:
     """At most this many images per task (more tasks, more parallelism)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels are refused (decompression bombs)."""
+    max_file_mb: float = 256.0
+    """Files (and tar members) larger than this are refused before they are read."""
     jpeg_quality: int = JPEG_QUALITY
     """Quality of re-encoded JPEGs."""
     cpus_per_task: float = 1.0
@@ -81,8 +87,8 @@ class PrepareConfig:
             raise ValueError("DST must not be SRC or inside it (a re-run would read it)")
         if self.short_side_px < 16:
             raise ValueError(f"short_side_px must be >= 16, got {self.short_side_px}")
-        if self.shard_mb <= 0 or self.max_group_images < 1 or self.max_pixels < 1:
-            raise ValueError("shard_mb, max_group_images and max_pixels must be positive")
+        if min(self.shard_mb, self.max_group_images, self.max_pixels, self.max_file_mb) <= 0:
+            raise ValueError("shard_mb, max_group_images, max_pixels and max_file_mb must be > 0")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.cpus_per_task <= 0:
@@ -90,10 +96,7 @@ class PrepareConfig:
 
     def output_fields(self) -> dict[str, Any]:
         """The fields that decide the shards' content (must match on a resumed run)."""
-        return {
-            k: getattr(self, k)
-            for k in ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "jpeg_quality")
-        }
+        return {k: getattr(self, k) for k in OUTPUT_FIELDS}
 
 
 # ---------------------------------------------------------------- planning: inputs -> groups
@@ -160,7 +163,7 @@ def _chunk(inputs: list[dict], cfg: PrepareConfig, index: dict[str, int]) -> lis
             groups.append({"kind": "files", "items": current})
             current, size = [], 0
         current.append(item)
-        size += item.pop("size")
+        size += item["size"]
     if current:
         groups.append({"kind": "files", "items": current})
     return groups
@@ -228,6 +231,10 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             if "error" in item:
                 yield item["key"], item["label"], item["url"], BadImage(item["error"])
                 continue
+            if item["size"] > cfg.max_file_mb * 2**20:
+                reason = f"file too large: {item['size']} bytes"
+                yield item["key"], item["label"], item["url"], BadImage(reason)
+                continue
             try:
                 data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
             except FileNotFoundError:
@@ -247,7 +254,7 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
     try:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as inner:
             files = sorted((m for m in inner.getmembers() if m.isfile()), key=lambda m: m.name)
-            members = [(m.name, inner.extractfile(m).read()) for m in files]
+            members = [(m.name, _member_bytes(inner, m, cfg)) for m in files]
     except (tarfile.TarError, EOFError) as e:  # the class's tar is corrupt: one error row
         source = f"{group['url']}!{group['class']}.tar"
         yield f"{group['class']}/", group["label"], source, BadImage(f"unreadable tar: {e}")
@@ -260,6 +267,13 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
         duplicate = BadImage(f"another member has the key {key!r}") if key in keys else None
         keys.add(key)
         yield key, group["label"], source, duplicate or data
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, cfg: PrepareConfig):
+    """A class tar member's bytes, or a `BadImage` for one above the size limit (unread)."""
+    if member.size > cfg.max_file_mb * 2**20:
+        return BadImage(f"file too large: {member.size} bytes")
+    return tar.extractfile(member).read()
 
 
 def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:

@@ -39,6 +39,9 @@ def planted_corpus() -> dict[str, bytes]:
         "dog/huge.png": encode(np.zeros((500, 700, 3), np.uint8), "PNG"),  # above max_pixels
         "dog/wide.png": encode(np.zeros((4, 66_000), np.uint8), "PNG"),  # too wide for JPEG
         "cat/garbled.ppm": b"P6\n4 4\n255\xa9\n" + bytes(48),  # PPM header the parser chokes on
+        "dog/heavy.png": encode(  # above max_file_mb (noise does not compress)
+            np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8), "PNG"
+        ),
     }
     return good | bad
 
@@ -50,6 +53,7 @@ BAD_REASONS = {
     "dog/huge": "too large",
     "dog/wide": "JPEG sides end at 65,500",
     "cat/garbled": "unreadable image",
+    "dog/heavy": "file too large",
 }
 
 
@@ -71,6 +75,7 @@ def config(src: str, dst: str, **kw) -> prepare.PrepareConfig:
         "short_side_px": 64,
         "max_group_images": 3,
         "max_pixels": 300_000,
+        "max_file_mb": 0.1,
         "cpus_per_task": 0.5,
     } | kw
     return prepare.PrepareConfig(src=src, dst=dst, **kw)
@@ -154,6 +159,10 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
                     info = tarfile.TarInfo(f"{cls}_0.png")
                     info.size = len(data)
                     t.addfile(info, io.BytesIO(data))
+                else:  # above max_file_mb: refused unread
+                    info = tarfile.TarInfo(f"{cls}_big.JPEG")
+                    info.size = 200_000
+                    t.addfile(info, io.BytesIO(bytes(200_000)))
             info = tarfile.TarInfo(f"{cls}.tar")
             info.size = inner.tell()
             inner.seek(0)
@@ -163,10 +172,11 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
         out.addfile(info, io.BytesIO(b"\x01" * 1024))
     manifest = prepare.main(config(str(outer), str(tmp_path / "ds")))
     assert manifest.classes == ("n01", "n02", "n03")
-    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (8, 4, 4)
+    assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (9, 4, 5)
     errors = json.loads(storage.read_bytes(storage.join(str(tmp_path / "ds"), prepare.ERRORS_FILE)))
     assert any(e["key"] == "n03/" and "unreadable tar" in e["reason"] for e in errors), errors
     assert any(e["source"].endswith("n01_0.png") and "key" in e["reason"] for e in errors)
+    assert any(e["key"] == "n02/n02_big" and "too large" in e["reason"] for e in errors)
     rows = read_rows(str(tmp_path / "ds"), manifest)
     assert sorted(r["key"] for r in rows) == ["n01/n01_0", "n01/n01_1", "n02/n02_0", "n02/n02_1"]
     assert {r["label"] for r in rows if r["key"].startswith("n02")} == {1}
