@@ -40,6 +40,7 @@ Legend: N batch, P pages, H, W full size, S network input side, s = S / 4 networ
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import io
 import json
@@ -344,10 +345,12 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
 
 class _Names:
     """Names met in one archive or Parquet file. Tar and zip allow a name twice, and `./a`
-    is `a`: a later member must not overwrite an earlier one's output, and a repeated name
-    gets a source of its own so that the manifest tells the two apart."""
+    is `a`: a later member must not overwrite an earlier one's output (nor `a.gif.png` the
+    output of `a.gif`), and a repeated name gets a source of its own so that the manifest
+    tells the two apart. Members done by an earlier run keep their paths taken."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str, choice: str) -> None:
+        self.prefix, self.choice = prefix, choice
         self.outputs: set[str] = set()
         self.sources: Counter[str] = Counter()
 
@@ -356,15 +359,39 @@ class _Names:
         copy = self.sources[source]
         return source if copy == 1 else f"{source} (copy {copy})"
 
+    def rel(self, name: str) -> str:
+        """The member's path under OUTPUT; `BadImage` if it would leave it."""
+        rel = safe_relpath(name)
+        return posixpath.join(self.prefix, rel) if self.prefix else rel
 
-def _member_row(source: str, name: str, prefix: str, size: int, read, cfg, names: _Names) -> dict:
+    def done(self, name: str) -> None:
+        with contextlib.suppress(BadImage):
+            self.outputs.add(self.rel(name))
+
+    def clash(self, rel: str) -> str | None:
+        """Why `rel` may not be written beside the earlier members, or None (and it is
+        taken from now on)."""
+        suffixes = [x for f in SUFFIXES.values() for x in f if rel.lower().endswith(x)]
+        shorter = {rel[: -len(x)] for x in suffixes} & self.outputs
+        if rel in self.outputs:
+            reason = f"an earlier member has the same output path {rel!r}"
+        elif taken := _output_taken(rel, self.outputs, self.choice):
+            reason = f"its output name {taken!r} is an earlier member's"
+        elif any(_output_taken(x, {rel}, self.choice) for x in shorter):
+            reason = f"an earlier member's output is named {rel!r}"
+        else:
+            self.outputs.add(rel)
+            return None
+        return reason
+
+
+def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> dict:
     try:
-        rel = posixpath.join(prefix, safe_relpath(name)) if prefix else safe_relpath(name)
+        rel = names.rel(name)
     except BadImage as e:
         return _row(source, reason=str(e))
-    if rel in names.outputs:
-        return _row(source, reason=f"an earlier member has the same output path {rel!r}")
-    names.outputs.add(rel)
+    if reason := names.clash(rel):
+        return _row(source, reason=reason)
     if size > cfg.max_file_mb * 2**20:
         return _row(source, reason=f"file too large: {size} bytes")
     try:
@@ -375,33 +402,33 @@ def _member_row(source: str, name: str, prefix: str, size: int, read, cfg, names
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done, names = set(unit["done"]), _Names()
+    done, names = set(unit["done"]), _Names(unit["prefix"], cfg.format)
     with tarfile.open(fileobj=f, mode="r|*") as archive:
         for member in archive:
             if member.isdir() or member.name in done:
+                names.done(member.name)
                 continue
             source = names.source(f"{unit['url']}{MEMBER_SEP}{member.name}")
             if not member.isfile():
                 yield _row(source, reason="archive member is not a regular file (link/device)")
                 continue
             read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
-            yield _member_row(source, member.name, unit["prefix"], member.size, read, cfg, names)
+            yield _member_row(source, member.name, member.size, read, cfg, names)
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done, names = set(unit["done"]), _Names()
+    done, names = set(unit["done"]), _Names(unit["prefix"], cfg.format)
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
             if info.is_dir() or info.filename in done:
+                names.done(info.filename)
                 continue
             source = names.source(f"{unit['url']}{MEMBER_SEP}{info.filename}")
             if stat.S_ISLNK(info.external_attr >> 16):
                 yield _row(source, reason="archive member is not a regular file (link)")
                 continue
             read = lambda i=info: archive.read(i)  # noqa: E731
-            yield _member_row(
-                source, info.filename, unit["prefix"], info.file_size, read, cfg, names
-            )
+            yield _member_row(source, info.filename, info.file_size, read, cfg, names)
 
 
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
@@ -422,16 +449,18 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
-    number, names = 0, _Names()
+    number, names = 0, _Names(unit["prefix"], cfg.format)
     for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
         for row in batch.to_pylist():
             name = str(row[key]) if key else f"{number:09d}"
             number += 1
-            if name not in done:
-                source = names.source(f"{unit['url']}{ROW_SEP}{name}")
-                data = row[column] or b""
-                read = lambda d=data: d  # noqa: E731
-                yield _member_row(source, name, unit["prefix"], len(data), read, cfg, names)
+            if name in done:
+                names.done(name)
+                continue
+            source = names.source(f"{unit['url']}{ROW_SEP}{name}")
+            data = row[column] or b""
+            read = lambda d=data: d  # noqa: E731
+            yield _member_row(source, name, len(data), read, cfg, names)
 
 
 _ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}

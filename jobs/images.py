@@ -117,12 +117,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _gray_to_8bit(image: Image.Image) -> Image.Image:
     """Integer gray (16-bit, or 32-bit holding 16-bit values) scaled to 8 bits, and float
     gray in [0, 1] (or [0, 255] when larger), where Pillow's conversion would clip."""
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.array(image, dtype=np.float32)  # a copy, written in place below
     if image.mode == "F":
         top = 1.0 if pixels.max(initial=0) <= 1 else 255.0
     else:
         top = max(65535.0, float(pixels.max(initial=0)))
-    return Image.fromarray(np.clip(pixels * (255 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    pixels *= 255 / top
+    pixels += 0.5
+    return Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "L")
 
 
 def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:

@@ -313,7 +313,8 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
 
 
 def output_format(decoded: Decoded, choice: str) -> str:
-    """JPEG, PNG, TIFF, WEBP, PNG16 (a 16-bit picture) or TIFF16 (pages, one at 16 bits)."""
+    """JPEG, PNG, TIFF, WEBP, PNG16 or TIFF16 (a 16-bit picture, or pages of which one has
+    16 bits: a TIFF)."""
     fmt = decoded.format if choice == "keep" else choice.upper()
     fmt = fmt if fmt in SUFFIXES else "PNG"
     if len(decoded.pages) > 1:  # only TIFF carries pages

@@ -83,7 +83,11 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.src or not self.dst:
             raise ValueError("SRC and DST are required")
-        if storage.join(self.dst, "").startswith(storage.join(self.src, "")):
+        (src_scheme, src), (dst_scheme, dst) = (
+            storage.split_url(self.src),
+            storage.split_url(self.dst),
+        )
+        if src_scheme == dst_scheme and (dst + "/").startswith(src + "/"):
             raise ValueError("DST must not be SRC or inside it (a re-run would read it)")
         if self.short_side_px < 16:
             raise ValueError(f"short_side_px must be >= 16, got {self.short_side_px}")
@@ -140,12 +144,15 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     if not labels:
         raise ValueError(f"{cfg.labels_file} lists no images")
     classes = [str(i) for i in range(max(labels.values()) + 1)]
+    fs, root = storage.filesystem(cfg.src, cfg.s3)
+    found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
+    sizes = {p[len(root) :].lstrip("/"): info.get("size", 0) for p, info in found.items()}
     inputs = [
         {
             "key": f"{label}/{rel.rsplit('.', 1)[0].rsplit('/', 1)[-1]}",
             "class": str(label),
             "url": storage.join(cfg.src, rel),
-            "size": 0,
+            "size": sizes.get(rel, 0),  # listed but missing: its read reports it
         }
         for rel, label in sorted(labels.items())
     ]
@@ -239,7 +246,9 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
                 data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
             except FileNotFoundError:
                 data = BadImage("missing file")
-            except OSError as e:  # refused, or storage failing after its retries
+            except (PermissionError, IsADirectoryError) as e:  # refused for good
+                # Other storage errors, left after the retries, fail the task: a re-run of
+                # the job reads the group again, where an error row would be final.
                 data = BadImage(f"unreadable file: {type(e).__name__}: {e}")
             yield item["key"], item["label"], item["url"], data
         return
@@ -259,7 +268,7 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
         source = f"{group['url']}!{group['class']}.tar"
         yield f"{group['class']}/", group["label"], source, BadImage(f"unreadable tar: {e}")
         return
-    del blob
+    del blob, inner  # the tar's buffer: only the members' bytes are needed now
     keys: set[str] = set()
     for name, data in members:
         key = f"{group['class']}/{name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
@@ -360,8 +369,8 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
     wanted = {"src": cfg.src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
     if storage.exists(url, cfg.s3):
         found = json.loads(storage.read_bytes(url, cfg.s3))
-        if found != wanted:
-            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+        changed = sorted(k for k in found if found[k] != wanted.get(k))  # keys it recorded
+        if changed:
             raise ValueError(
                 f"{cfg.dst} was prepared from other {', '.join(changed)} (SRC changed, or other "
                 "settings); use a new DST"

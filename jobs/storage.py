@@ -70,6 +70,9 @@ def split_url(url: str) -> tuple[str, str]:
     """``s3://b/k`` -> ("s3", "b/k"); a local path -> ("file", absolute path). Keys are
     taken whole: ``#`` and ``?`` are characters of a key, not a fragment or query."""
     scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme == "file":
+        return "file", os.path.abspath(os.path.expanduser(rest))
     if sep and scheme in ("s3", "s3a", "gs", "gcs"):
         protocol = "s3" if scheme.startswith("s3") else "gs"
         bucket, _, key = rest.partition("/")

@@ -395,11 +395,15 @@ def check_resumable(cfg: TrainConfig) -> None:
     """A run resumed under its name must go on training the way it started: its network,
     batches, targets and prior (the schedule and step count may change). Recorded in the run
     folder at the start, compared on every re-run, before any worker starts."""
+    from jobs.models import checkpoint_files
+
     record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
     record["prior_sha256"] = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
-    if not storage.exists(url, cfg.s3):
+    # Before its first checkpoint a run has nothing to keep: it may start over differently
+    # (say with a smaller batch after running out of memory).
+    if not storage.exists(url, cfg.s3) or not checkpoint_files(cfg.run_url, cfg.s3):
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
     started = json.loads(storage.read_bytes(url, cfg.s3))

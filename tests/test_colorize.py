@@ -364,6 +364,27 @@ def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice
     assert errors == refused
 
 
+def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> None:
+    """Within an archive, `./a.jpg` after `a.jpg` (done by an earlier run too) and `b.gif.png`
+    after `b.gif` (whose output it would be) are refused; the first of each pair is kept."""
+    data = encode(gray((8, 8)))
+    archive = tmp_path / "z.zip"
+    archive.write_bytes(zip_bytes({"a.jpg": data, "./a.jpg": data, "b.gif": data,
+                                   "b.gif.png": data, "c.png": data}))  # fmt: skip
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    for done in ([], ["a.jpg"]):
+        unit = {"kind": "zip", "url": str(archive), "prefix": "z.zip", "done": done}
+        rows = {
+            r["source"].split("!")[1]: r
+            for r in colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+        }
+        refused = sorted(k for k, r in rows.items() if r["status"] == "error")
+        assert refused == ["./a.jpg", "b.gif.png"], rows
+        assert sorted(rows) == sorted(
+            {"a.jpg", "./a.jpg", "b.gif", "b.gif.png", "c.png"} - set(done)
+        )
+
+
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
     """An autoscaling cluster starts GPU nodes only for actors that ask for GPUs."""
     cfg = config("in", "out", "m.pt")

@@ -207,7 +207,7 @@ def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="SRC and DST are required"):
         prepare.PrepareConfig(src=str(tmp_path))
-    for dst in (str(tmp_path) + "/", str(tmp_path / "out")):
+    for dst in (str(tmp_path) + "/", str(tmp_path / "out"), str(tmp_path) + "/x/../out"):
         with pytest.raises(ValueError, match="DST must not be SRC or inside it"):
             prepare.PrepareConfig(src=str(tmp_path), dst=dst)
     (tmp_path / "loose.jpg").write_bytes(b"x")

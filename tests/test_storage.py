@@ -73,6 +73,8 @@ def test_split_url_forms(tmp_path) -> None:
     assert storage.split_url("s3://bucket/a/b/") == ("s3", "bucket/a/b")
     assert storage.split_url("gs://bucket/a") == ("gs", "bucket/a")
     assert storage.split_url("s3://b/photo #3?v=2.png") == ("s3", "b/photo #3?v=2.png")
+    assert storage.split_url("S3://b/k") == ("s3", "b/k")
+    assert storage.split_url(f"file://{tmp_path}/p #3.png") == ("file", f"{tmp_path}/p #3.png")
     assert storage.split_url(f"file://{tmp_path}/x") == ("file", f"{tmp_path}/x")
     assert storage.split_url("rel/x")[1].endswith("/rel/x")
     with pytest.raises(ValueError, match="unsupported storage URL"):

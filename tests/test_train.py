@@ -291,3 +291,21 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
         (run / checkpoint_dir_name(step) / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04")
     with pytest.raises(RuntimeError, match="none of the 3 checkpoints"):
         _restore(str(run), s3, 0, 1)
+
+
+def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
+    prior = tmp_path / "prior.npz"
+    prior.write_bytes(b"counts")
+    cfg = dataclasses.replace(train.ci(), storage=str(tmp_path / "runs"), prior=str(prior))
+    train.check_resumable(cfg)
+    other = dataclasses.replace(cfg, seed=7)
+    train.check_resumable(other)  # nothing trained yet: it may start over differently
+    folder = tmp_path / "runs" / cfg.name / checkpoint_dir_name(10)
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_FILE).write_bytes(b"x")
+    train.check_resumable(other)
+    with pytest.raises(ValueError, match="started with other seed"):
+        train.check_resumable(cfg)
+    prior.write_bytes(b"other counts")
+    with pytest.raises(ValueError, match="prior_sha256"):
+        train.check_resumable(other)
