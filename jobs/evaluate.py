@@ -711,7 +711,12 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
         ds = ds.map_batches(
             _keep_stems, fn_kwargs={"stems": plan.stems}, batch_format="numpy", num_cpus=0.25
         )
-    return ds.limit(cfg.max_images) if cfg.max_images else ds
+    if not cfg.max_images:
+        return ds
+    # The first images in shard order, the same on every run: without preserved order, the
+    # limit would take whichever blocks arrive first.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ds.limit(cfg.max_images)
 
 
 # ---------------------------------------------------------------- the prior
