@@ -714,9 +714,11 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
     if not cfg.max_images:
         return ds
     # The first images in shard order, the same on every run: without preserved order, the
-    # limit would take whichever blocks arrive first.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ds.limit(cfg.max_images)
+    # limit would take whichever blocks arrive first. (The dataset's own copy of the context:
+    # the stages built on it share it; other datasets of the process keep theirs.)
+    limited = ds.limit(cfg.max_images)
+    limited.context.execution_options.preserve_order = True
+    return limited
 
 
 # ---------------------------------------------------------------- the prior

@@ -5,6 +5,7 @@ synthetic scenes with a split list, bad inputs and a classifier trained here).""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -198,6 +199,22 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
     assert saved["table"][1]["auc_raw"] == pytest.approx(raw, abs=1e-9)
     assert saved["table"][0]["psnr_db"] is None  # ground truth: infinite PSNR, null in JSON
     assert len(saved["images"]) == images and "resized to 96x96" in saved["protocol"]
+
+    # --max-images: the first images in shard order, whichever blocks are read first
+    import pyarrow.parquet as pq
+
+    from jobs.dataset import Manifest
+
+    fs, root = storage.arrow_filesystem(cfg.data)
+    tables = [
+        pq.read_table(f"{root}/{s.name}", filesystem=fs) for s in Manifest.load(cfg.data).shards
+    ]
+    keys = [k for table in tables for k in table.column("key").to_pylist()]
+    limited = evaluate.main(
+        dataclasses.replace(cfg, max_images=5, output=s3_server.url("eval", "ci-first5"))
+    )
+    assert limited["counts"]["measured"] + limited["counts"]["grayscale"] == 5
+    assert {r["key"] for r in limited["images"]} <= set(keys[:5])
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(out("table.csv")).decode())))
     assert [r["method"] for r in rows] == list(evaluate.METHODS)
     assert float(rows[1]["auc_rebalanced"]) == pytest.approx(rebalanced, abs=1e-6)
