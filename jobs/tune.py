@@ -75,6 +75,11 @@ def parse_schedule(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(fractions), tuple(factors)
 
 
+def drop_steps(fractions: tuple[float, ...], budget: int) -> tuple[int, ...]:
+    """A schedule's drop fractions as the steps a trial of `budget` steps drops at."""
+    return tuple(round(f * budget) for f in fractions)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -150,7 +155,7 @@ class SearchConfig:
             except ConfigError as e:
                 problems.append(str(e))
                 continue
-            steps = [round(f * self.train.max_steps) for f in fractions]
+            steps = list(drop_steps(fractions, self.train.max_steps))
             if not all(0 < s < self.train.max_steps for s in steps) or len(set(steps)) < len(steps):
                 problems.append(
                     f"schedule {text!r}: drops at steps {steps} of {self.train.max_steps}"
@@ -209,7 +214,7 @@ class SearchConfig:
         before s, and a drop at step d applies from step d on: s > d)."""
         every, budget = self.report_every(), self.train.max_steps
         if self.first_rung_fraction is None:
-            drops = [round(f * budget) for s in self.schedules for f in parse_schedule(s)[0]]
+            drops = [d for s in self.schedules for d in drop_steps(parse_schedule(s)[0], budget)]
             steps = (max(drops, default=0) // every + 1) * every
         else:
             steps = max(every, math.ceil(self.first_rung_fraction * budget / every) * every)
@@ -228,7 +233,7 @@ def trial_config(search: SearchConfig, point: dict[str, Any], *, name: str) -> T
         storage=storage.join(search.url, "trials"),
         lr=float(point["lr"]),
         rebalance_lambda=float(point["rebalance_lambda"]),
-        lr_drop_steps=tuple(round(f * base.max_steps) for f in fractions),
+        lr_drop_steps=drop_steps(fractions, base.max_steps),
         lr_drop_factors=factors,
         checkpoint_every_steps=every,
         val_every_steps=every,
@@ -558,13 +563,13 @@ def _check_same_search(search: SearchConfig) -> None:
     if storage.exists(url, s3):
         from jobs.config import load_config_file
 
-        if load_config_file(url, search.train.s3) != to_dict(search):
+        if load_config_file(url, s3) != to_dict(search):
             raise ValueError(
                 f"{search.url} holds a search with another config; pass another --name "
                 f"(or the same options as before to continue it)"
             )
     else:
-        save_config(search, url, search.train.s3)
+        save_config(search, url, s3)
 
 
 def main(search: SearchConfig) -> list[dict[str, Any]]:
