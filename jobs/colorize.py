@@ -239,9 +239,16 @@ def safe_relpath(name: str) -> str:
     normal = posixpath.normpath(path)
     if path.startswith("/") or normal in (".", "..") or normal.startswith("../") or ":" in normal:
         raise BadImage(f"path escapes the output folder: {name!r}")
-    if normal.split("/", 1)[0] == WORK_DIR:
-        raise BadImage(f"path inside the job's own folder {WORK_DIR}/: {name!r}")
+    if reason := _in_work_dir(normal):
+        raise BadImage(reason)
     return normal
+
+
+def _in_work_dir(rel: str) -> str | None:
+    """Why an output at `rel` is refused: inside the job's own folder (its manifest)."""
+    if rel.split("/", 1)[0] == WORK_DIR:
+        return f"path inside the job's own folder {WORK_DIR}/: {rel!r}"
+    return None
 
 
 def _kind(path: str) -> str:
@@ -286,9 +293,8 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
         name = rel or posixpath.basename(storage.split_url(url)[1])
         item = {"source": url, "rel": name, "size": sizes[rel]}
         taken = _output_taken(name, inputs, cfg.format)
-        files.append(
-            item | ({"error": f"its output name {taken!r} is another input's"} if taken else {})
-        )
+        reason = _in_work_dir(name) or (taken and f"its output name {taken!r} is another input's")
+        files.append(item | ({"error": reason} if reason else {}))
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
     return units, urls, skipped
@@ -328,9 +334,6 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
         source = item["source"]
         if "error" in item:
             yield _row(source, reason=item["error"])
-            continue
-        if item["rel"].split("/", 1)[0] == WORK_DIR:
-            yield _row(source, reason=f"path inside the job's own folder {WORK_DIR}/")
             continue
         if item["size"] > limit:
             yield _row(source, reason=f"file too large: {item['size']} bytes")
