@@ -154,10 +154,11 @@ class Compactor:
         self.last_fold = time.monotonic()
         if not self.pending:
             return
-        rows, merged = sum(t.num_rows for t in self.pending), []
-        while len(merged) < len(self.compacted) and self.compacted[-1 - len(merged)][1] <= rows:
-            rows += self.compacted[-1 - len(merged)][1]
-            merged.append(self.compacted[-1 - len(merged)][0])
+        rows, kept, merged = sum(t.num_rows for t in self.pending), list(self.compacted), []
+        while kept and kept[-1][1] <= rows:
+            part, part_rows = kept.pop()
+            merged.append(part)
+            rows += part_rows
         whole = [p for p, n in self.received.items() if n >= self.part_rows[p]]
         url = _compacted_url(self.output)
         try:
@@ -169,7 +170,7 @@ class Compactor:
             return
         self.failing = False
         _remove([*merged, *whole], self.s3)
-        self.compacted = [*self.compacted[: len(self.compacted) - len(merged)], (url, rows)]
+        self.compacted = [*kept, (url, rows)]
         self.pending = []
         for part in whole:
             del self.received[part], self.part_rows[part]
