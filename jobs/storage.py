@@ -194,12 +194,12 @@ def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
     if not urls:
         return
     fs, _ = filesystem(urls[0], s3)
-    paths = [split_url(u)[1] for u in urls]
-    if is_local(urls[0]):
+    protocol, paths = split_url(urls[0])[0], [split_url(u)[1] for u in urls]
+    if protocol == "file":
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-    elif split_url(urls[0])[0] == "s3":
+    elif protocol == "s3":
         _delete_s3_objects(fs, paths)
     else:
         for path in paths:
