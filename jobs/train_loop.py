@@ -268,28 +268,30 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     rather than starting the run over. When checkpoints exist and none loads, the run fails:
     starting over would let checkpoint retention delete them.
     """
-    chosen: list[Any] = [None, None]  # url, checkpoint
+    chosen, ckpt = None, None
     if rank == 0:
         urls = checkpoint_files(run_url, s3)
         for url in reversed(urls):
             try:
-                chosen = [url, load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))]
-                break
+                ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))
             except _TORN as error:
                 log.warning("train: skipping unreadable checkpoint %s: %s", url, error)
-        if urls and chosen[0] is None:
+                continue
+            chosen = url
+            break
+        if urls and chosen is None:
             raise RuntimeError(
                 f"none of the {len(urls)} checkpoints in {run_url} loads; move them away to "
                 "start the run over, or train under another --name"
             )
     if world > 1:
-        names = [chosen[0]]
+        names = [chosen]
         torch.distributed.broadcast_object_list(names, src=0)
         if rank != 0 and names[0] is not None:
-            chosen = [names[0], load_checkpoint(io.BytesIO(storage.read_bytes(names[0], s3)))]
-    if chosen[1] is None:
+            ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(names[0], s3)))
+    if ckpt is None:
         return None
-    return {"model_state": chosen[1].model_state, "extra": chosen[1].extra}
+    return {"model_state": ckpt.model_state, "extra": ckpt.extra}
 
 
 _TORN = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
