@@ -13,6 +13,12 @@ mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the wor
 files, eager and compiled (the model, and the Lab steps before and after it), each batch in
 one piece and in pipelined pieces (`--chunks`, see `JpegColorizer`). Run the anchor in the
 same call to compare.
+
+``--stages`` also times one batch's steps apart (median of 5, synchronised): nvJPEG decode,
+L and its resize (`_prepare`), the network with the annealed mean, the full-size
+reassembly (`_finish`, chroma gamut search) and the same with RGB clipping instead (what
+the anchor does), nvJPEG encode, and the encode again while the network runs on another
+stream (the overlap the pieces rely on). Compiled where the mode list has "compiled".
 Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set, after every
 measurement (a run cut short by a time limit keeps what it measured).
 """
@@ -24,14 +30,23 @@ import io
 import itertools
 import json
 import os
+import threading
 import time
+
+import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
+
+# isort: split
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from timing import median_ms
 
+from colorcore.color import lab_to_rgb
 from colorcore.model import ColorizationNet, ModelConfig
-from jobs.colorize_jpeg import JpegColorizer
+from jobs.colorize import predict_ab
+from jobs.colorize_jpeg import JpegColorizer, _finish, _prepare, default_codec
 from jobs.runtime import Precision
 
 QUALITY = 90
@@ -59,6 +74,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU check)")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--chunks", default="4,1", help="pieces per batch, to compare")
+    parser.add_argument("--stages", action="store_true", help="also each step of a batch apart")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -70,6 +86,12 @@ def main() -> None:
                     "torch": torch.__version__}  # fmt: skip
     for width, height, count, batch in SMALL_WORKLOADS if args.small else WORKLOADS:
         files = gray_jpegs(count, width, height)
+        if args.stages:
+            compiled = "compiled" in args.modes.split(",")
+            stages = stage_ms(model, precision, files[:batch], compiled=compiled)
+            result[f"{width}x{height}_stages_ms"] = stages
+            print(json.dumps({f"{width}x{height}_stages_ms": stages}), flush=True)
+            save(result)
         for mode, chunks in itertools.product(args.modes.split(","), args.chunks.split(",")):
             colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
                                       quality=QUALITY, compile=mode == "compiled",
@@ -96,6 +118,60 @@ def main() -> None:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(result))
     save(result)
+
+
+def _finish_clipped(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
+    """`_finish` with RGB clipping instead of the chroma gamut search."""
+    ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
+    lab_N3HW = torch.cat([l_N1HW, ab_N2HW], dim=1)
+    return lab_to_rgb(lab_N3HW, gamut="clip").mul(255.0).round().to(torch.uint8)
+
+
+@torch.inference_mode()
+def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool) -> dict:
+    """Milliseconds of each step of `JpegColorizer` for one batch of `files`, run apart."""
+    device = precision.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    compile_ = torch.compile if compiled else (lambda fn: fn)
+    forward, prepare = compile_(model), compile_(_prepare)
+    finish, finish_clipped = compile_(_finish), compile_(_finish_clipped)
+    codec = default_codec(device)
+    tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    rgb_N3HW = torch.stack(codec.decode(tensors))
+    l_N1HW, l_N1SS = prepare(rgb_N3HW, 256)
+    ab_N2ss = predict_ab(forward, l_N1SS, 0.38, precision)
+    images = list(finish(l_N1HW, ab_N2ss))
+
+    def network() -> torch.Tensor:
+        return predict_ab(forward, l_N1SS, 0.38, precision)
+
+    out = {
+        "decode": median_ms(lambda: codec.decode(tensors), 5, sync=sync),
+        "prepare": median_ms(lambda: prepare(rgb_N3HW, 256), 5, sync=sync),
+        "network": median_ms(network, 5, sync=sync),
+        "finish_chroma": median_ms(lambda: finish(l_N1HW, ab_N2ss), 5, sync=sync),
+        "finish_clip": median_ms(lambda: finish_clipped(l_N1HW, ab_N2ss), 5, sync=sync),
+        "encode": median_ms(lambda: codec.encode(images, QUALITY), 5, sync=sync),
+    }
+    if device.type == "cuda":  # the encoder in a thread while the network runs 3 times
+        stream = torch.cuda.Stream(device)
+
+        def networks() -> None:
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(3):
+                    network()
+            stream.synchronize()
+
+        out["network_x3"] = median_ms(networks, 3, sync=sync)
+        thread = threading.Thread(target=networks)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        thread.start()
+        codec.encode(images, QUALITY)
+        out["encode_beside_network"] = 1e3 * (time.perf_counter() - start)
+        thread.join()
+        out["network_x3_beside_encode"] = 1e3 * (time.perf_counter() - start)
+    return out
 
 
 def save(result: dict) -> None:

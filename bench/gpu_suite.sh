@@ -6,10 +6,10 @@
 #
 # ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
 # the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
-# checkout). PARTS (default: all, in this order; 10 to 12 minutes on an H200 by estimate,
-# more than one device call allows: run "colorize tests" and "train targets" as two calls):
-#   colorize   bench/colorize_gpu.py compiled, batches in 4 pipelined pieces and whole,
-#              then gpu_colorize_anchor.py (about 5 minutes, most of it compiling)
+# checkout). PARTS (default: all, in this order; on an H200, 2026-11-29, "colorize tests"
+# took 3 minutes and "train targets" 3 minutes, plus a minute of machine start):
+#   colorize   bench/colorize_gpu.py compiled, each batch's steps timed apart (--stages),
+#              batches in 4 pipelined pieces and whole, then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
 #              encoding, compiled Lab steps)
 #   train      bench/loader.py (nvJPEG and PIL threads on every core), bench/train_step.py
@@ -49,7 +49,7 @@ for part in $parts; do
       run python3 -c "import json, sys; sys.path.insert(0, '$anchors'); import gpu_anchor as a; \
 print(json.dumps(a.train_bench(256, 176, 'bf16_cl_compile')))" ;;
     colorize)
-      run python3 bench/colorize_gpu.py --modes compiled
+      run python3 bench/colorize_gpu.py --modes compiled --stages
       run python3 "$anchors/gpu_colorize_anchor.py" ;;
   esac
 done

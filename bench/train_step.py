@@ -29,7 +29,8 @@ over a prepared dataset of JPEG shards in a temporary folder (``--shard-images``
 same photos at a short side of 256, as `bench/loader.py` writes them), decoded as the job
 decodes them (nvJPEG on the GPU on CUDA, else PIL threads, one per core), instead of one batch
 already on the device. Its row is named ``MODE+shards``; the table gives its rate as a share of
-the same mode's synthetic rate.
+the same mode's synthetic rate, and the loader's own rate (batches taken, no step) is printed
+above the table.
 """
 
 from __future__ import annotations
@@ -109,6 +110,19 @@ def shard_batches(root: str, batch: int, device: torch.device) -> Iterator[torch
     with contextlib.closing(iter(loader)) as batches:
         for b in batches:
             yield b.rgb_N3HW.to(device, non_blocking=True)
+
+
+def loader_rate(root: str, args, device: torch.device) -> float:
+    """Images/s of the loader alone at the step's batch size: the most a step can take."""
+    with contextlib.closing(shard_batches(root, args.batch, device)) as batches:
+        for _ in range(args.warmup):
+            next(batches)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            next(batches)
+        sync(device)
+    return args.iters * args.batch / (time.perf_counter() - start)
 
 
 def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) -> dict:
@@ -211,6 +225,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-step-shards-") as root:
         if args.shards:
             write_dataset(root, photo_jpegs(args.shard_images), shard_images=256)
+            report["loader_img_s"] = loader_rate(root, args, device)
         for mode in modes:
             inputs = {"": lambda: (rgb_N3HW for _ in itertools.count())}
             if args.shards:
@@ -231,6 +246,8 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']}; torch {report['torch']}; ColorizationNet(ModelConfig()) "
           f"{report['params'] / 1e6:.1f}M params, {report['gflops_fwd']:.1f} GFLOPs forward at "
           f"{report['size']} x {report['size']}")  # fmt: skip
+    if "loader_img_s" in report:
+        print(f"the loader alone over the shards: {report['loader_img_s']:.1f} img/s")
     print(f"{'mode':23s} {'batch':>5s} {'step ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} "
           f"{'peak GiB':>8s} {'1st step s':>10s}")  # fmt: skip
     synthetic = {r["mode"]: r.get("img_s") for r in report["train"]}

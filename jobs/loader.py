@@ -117,6 +117,35 @@ def _crop_into(out_3HW: torch.Tensor, data: bytes, rng: np.random.Generator) -> 
     out_3HW.numpy()[...] = np.asarray(crop).transpose(2, 0, 1)
 
 
+def _device_crops(
+    images: list[torch.Tensor], crop_px: int, rngs: list[np.random.Generator]
+) -> torch.Tensor:
+    """torch.stack of `random_crop_flip` of each image with its generator, in a few kernels
+    instead of one or two an image: the crops are gathered unflipped, then the flipped ones
+    are flipped together."""
+    crops, flipped = [], []
+    for i, (image, rng) in enumerate(zip(images, rngs, strict=True)):
+        height, width = image.shape[-2:]
+        if min(height, width) < crop_px:  # scaled up first: rare, done whole
+            crops.append(random_crop_flip(image, crop_px, rng))
+            continue
+        top, left, flip = crop_box(height, width, crop_px, rng)
+        crops.append(image[:, top : top + crop_px, left : left + crop_px])
+        flipped += [i] if flip else []
+    out = torch.stack(crops)
+    if flipped:
+        rows = torch.tensor(flipped).to(out.device, non_blocking=True)
+        out[rows] = out[rows].flip(-1)
+    return out
+
+
+def _loader_stream() -> torch.cuda.Stream:
+    """The nvJPEG loader's stream, of the highest priority: its few small kernels (crops)
+    run between the training step's, instead of queueing behind them while the decoder
+    waits."""
+    return torch.cuda.Stream(priority=-1)  # lower numbers run first; 0 is the default
+
+
 class TrainLoader:
     """This rank's batches, step after step, from (epoch, offset) on, forever."""
 
@@ -205,12 +234,7 @@ class TrainLoader:
                 images = torchvision.io.decode_jpeg(
                     frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
                 )
-                crops = torch.stack(
-                    [
-                        random_crop_flip(im, self.crop_px, g)
-                        for im, g in zip(images, rngs, strict=True)
-                    ]
-                )
+                crops = _device_crops(images, self.crop_px, rngs)
                 ready = torch.cuda.Event()
                 ready.record()
             return lambda: (crops, ready)
@@ -234,7 +258,7 @@ class TrainLoader:
         epoch, offset = self.epoch, self.offset
         started: collections.deque = collections.deque()
         shards: dict[int, Future] = {}
-        stream = torch.cuda.Stream() if self.decode == "nvjpeg" else None
+        stream = _loader_stream() if self.decode == "nvjpeg" else None
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(self.window_shards, thread_name_prefix="shard-read")
         try:

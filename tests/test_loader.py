@@ -172,6 +172,26 @@ def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) ->
     assert flips == {False, True}
 
 
+def test_device_crops_equal_the_crops_taken_one_by_one() -> None:
+    """The nvJPEG path crops a batch at once (flips gathered into one kernel): the same crops
+    and flips as `random_crop_flip` image by image, small images scaled up included."""
+    from jobs.loader import _device_crops
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(60 + 7 * i, 40 + 11 * (i % 4)) for i in range(30)] + [(20, 90), (40, 40)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
+
+    def rngs() -> list[np.random.Generator]:
+        return [np.random.default_rng([3, 1, i]) for i in range(len(images))]
+
+    together = _device_crops(images, 40, rngs())
+    one_by_one = torch.stack(
+        [random_crop_flip(im, 40, g) for im, g in zip(images, rngs(), strict=True)]
+    )
+    assert torch.equal(together, one_by_one)
+    assert {crop_box(60, 40, 40, g)[2] for g in rngs()} == {False, True}  # both kinds occur
+
+
 def test_closing_the_iterator_stops_its_threads(dataset) -> None:
     import threading
 
