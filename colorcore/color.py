@@ -261,23 +261,45 @@ def _in_gamut(linear_3P: torch.Tensor) -> torch.Tensor:
     return linear_3P.sub(centre_31).abs_().sub_(half_width_31).amax(dim=-2) <= 0.0
 
 
-def _max_in_gamut_chroma(lab_3K: torch.Tensor) -> torch.Tensor:
-    """(3, K) Lab with L in [0, 100] -> (K,) chroma scale s in [0, 1], by bisection.
+def _chroma_search_constants() -> tuple[tuple[float, float, float, float, float], ...]:
+    """Per linear-RGB channel: its row of the XYZ/white -> RGB matrix (x, y, z terms) and its
+    gamut box (centre, half-width), as Python numbers that compiled code takes as literals."""
+    cpu = torch.device("cpu")
+    rows = _matrices(torch.float64, cpu).rgb_from_xyzn.tolist()
+    centre, half_width = (t.flatten().tolist() for t in _gamut_box(torch.float64, cpu))
+    return tuple((*row, c, h) for row, c, h in zip(rows, centre, half_width, strict=True))
+
+
+_CHROMA_SEARCH_CONSTANTS = _chroma_search_constants()
+
+
+def _max_in_gamut_chroma(L: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Lab planes of one shape, L in [0, 100] -> the chroma scale s in [0, 1] of each pixel,
+    by bisection.
 
     Invariant: s = lo is in gamut (s = 0 is a grey, in gamut for L in [0, 100]). Y depends on L
-    only, so every candidate keeps the input's L; s only trades chroma.
+    only, so every candidate keeps the input's L; s only trades chroma. Written plane by plane
+    (no stacked channels): every step then has the pixels' shape, and torch.compile fuses the
+    whole search into one pass over memory, where stacked (2, K) and (3, K) steps each took a
+    pass of their own.
     """
-    L, a, b = lab_3K
-    rgb_from_xyzn = _matrices(lab_3K.dtype, lab_3K.device).rgb_from_xyzn
-    fy_K = L.mul(1 / 116).add_(LAB_F_OFFSET)
-    grey_linear_3K = rgb_from_xyzn[:, 1:2] * _lab_f_inverse(fy_K)
-    rgb_from_xzn_32 = rgb_from_xyzn[:, [0, 2]]
-    f_step_2K = torch.stack([a / 500, b / -200])  # d(f_x, f_z) / ds
-    lo_K = torch.zeros_like(L)
+    channels = _CHROMA_SEARCH_CONSTANTS
+    fy = L.mul(1 / 116).add_(LAB_F_OFFSET)
+    y = _lab_f_inverse(fy)
+    x_per_s, z_per_s = a * (1 / 500), b * (-1 / 200)  # d f_x / ds, d f_z / ds
+    greys = [y * y_term for _, y_term, _, _, _ in channels]
+    lo = torch.zeros_like(L)
     for step in (0.5**i for i in range(1, _CHROMA_BISECTION_STEPS + 1)):
-        xzn_2K = _lab_f_inverse(torch.addcmul(fy_K.expand(2, -1), f_step_2K, lo_K + step))
-        lo_K.add_(_in_gamut(_mix(rgb_from_xzn_32, xzn_2K, grey_linear_3K)), alpha=step)
-    return lo_K
+        s = lo + step
+        x = _lab_f_inverse(torch.addcmul(fy, x_per_s, s))
+        z = _lab_f_inverse(torch.addcmul(fy, z_per_s, s))
+        worst = None
+        for grey, (x_term, _, z_term, centre, half_width) in zip(greys, channels, strict=True):
+            linear = torch.mul(x, x_term).add_(z, alpha=z_term).add_(grey)
+            outside_by = linear.sub_(centre).abs_().sub_(half_width)
+            worst = outside_by if worst is None else torch.maximum(worst, outside_by)
+        lo.add_(worst <= 0.0, alpha=step)
+    return lo
 
 
 def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> torch.Tensor:
@@ -285,10 +307,11 @@ def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> t
 
     Eager, and compiled for CPUs, the search runs on the out-of-gamut pixels only, gathered
     (the gather waits for the device to count them). Compiled for an accelerator, it runs on
-    every pixel: no host sync, and with `_mix` all of `lab_to_rgb` becomes one kernel, cheaper
-    there than a gather and sixteen passes over the rest. (On CPUs the gathered search is
-    faster compiled too, and inductor's CPU code generation of torch 2.13 fails on the
-    every-pixel graph for some image sizes.)
+    every pixel: no host sync, and `lab_to_rgb` compiles to a few passes over memory (nine
+    for the colorize job's reassembly, the whole search in one of them), where a gather
+    waits for the device. (On CPUs the gathered search is faster compiled too, since
+    inductor's CPU code for the every-pixel search is scalar, and its code generation of
+    torch 2.13 failed on the every-pixel graph for some image sizes.)
     """
     outside_BP = ~_in_gamut(linear_B3P)
     if torch.compiler.is_compiling() and linear_B3P.device.type != "cpu":
@@ -298,7 +321,7 @@ def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> t
     L, a, b = lab_B3P.transpose(1, 2)[outside_BP].T
     L = L.clamp(0.0, L_MAX)
     with torch.no_grad():  # s is the result of a search: a constant for gradients
-        scale_K = _max_in_gamut_chroma(torch.stack([L, a, b]))
+        scale_K = _max_in_gamut_chroma(L, a, b)
     mapped_13K = torch.stack([L, a * scale_K, b * scale_K])[None]
     linear_B3P.transpose(1, 2)[outside_BP] = _lab_to_linear(mapped_13K)[0].T
     return linear_B3P
@@ -311,7 +334,7 @@ def _chroma_mapped_everywhere(
     result kept where outside_BP."""
     L, a, b = lab_B3P[:, 0].clamp(0.0, L_MAX), lab_B3P[:, 1], lab_B3P[:, 2]
     with torch.no_grad():
-        scale_BP = _max_in_gamut_chroma(torch.stack([L, a, b]).flatten(1)).view_as(L)
+        scale_BP = _max_in_gamut_chroma(L, a, b)
     mapped_B3P = _lab_to_linear(torch.stack([L, a * scale_BP, b * scale_BP], dim=1))
     return torch.where(outside_BP[:, None], mapped_B3P, linear_B3P)
 
