@@ -34,6 +34,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -102,7 +103,28 @@ class Batch:
     """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
 
 
-def _crop_into(out_3HW: torch.Tensor, data: bytes, rng: np.random.Generator) -> None:
+class JpegFiles:
+    """A shard's JPEG column in one writable buffer of its own: file r is a memoryview into
+    it, so a batch's files reach the decoders without a copy each (from Arrow to bytes, and
+    again to a writable buffer for torch)."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        array = column.combine_chunks()
+        width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+        _, offsets, values = array.buffers()
+        ends = np.frombuffer(offsets, width)[array.offset : array.offset + len(array) + 1]
+        stored = np.frombuffer(values, np.uint8) if values is not None else np.empty(0, np.uint8)
+        self._values = stored[ends[0] : ends[-1]].copy()
+        self._ends = (ends - ends[0]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def __getitem__(self, row: int) -> memoryview:
+        return memoryview(self._values[self._ends[row] : self._ends[row + 1]])
+
+
+def _crop_into(out_3HW: torch.Tensor, data: memoryview, rng: np.random.Generator) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
     and flipped by PIL before the pixels are copied (once), when no upscaling is needed."""
     image, crop_px = decode_rgb(data), out_3HW.shape[-1]
@@ -193,7 +215,7 @@ class TrainLoader:
         self, shards: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
     ) -> None:
         """Starts reading the shards of this step and of the next `prefetch_batches` steps
-        that `shards` (shard -> its jpeg column, read or being read) lacks; drops the oldest
+        that `shards` (shard -> its `JpegFiles`, read or being read) lacks; drops the oldest
         shards no such step needs beyond two windows' worth."""
         ahead = order[offset : offset + (self.prefetch_batches + 2) * self.global_batch, 0]
         needed = dict.fromkeys(ahead.tolist())
@@ -204,15 +226,15 @@ class TrainLoader:
         for s in [s for s in shards if s not in needed][: max(0, spare)]:
             del shards[s]
 
-    def _read_shard(self, s: int):
+    def _read_shard(self, s: int) -> JpegFiles:
         import pyarrow.parquet as pq
 
         data = storage.read_bytes(self.index.shard_urls[s], self.s3)
-        return pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg")
+        return JpegFiles(pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg"))
 
     def _start(
         self,
-        data: list[bytes],
+        data: list[memoryview],
         epoch: int,
         positions: np.ndarray,
         pool: ThreadPoolExecutor,
@@ -224,7 +246,7 @@ class TrainLoader:
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
 
-            frames = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+            frames = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
             # On the loader's own stream: torchvision makes the caller's current stream wait
             # for its decoder, which on the training stream would stall the step in flight.
             with torch.cuda.stream(stream):
@@ -271,7 +293,7 @@ class TrainLoader:
                     self._read_ahead(shards, order, offset, io_pool)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
-                    data = [shards[int(s)].result()[int(r)].as_py() for s, r in order[positions]]
+                    data = [shards[int(s)].result()[int(r)] for s, r in order[positions]]
                     offset += self.global_batch
                     wait = self._start(data, epoch, positions, pool, stream)
                     started.append((wait, epoch, offset, positions))

@@ -172,6 +172,29 @@ def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) ->
     assert flips == {False, True}
 
 
+@pytest.mark.parametrize("kind", ["binary", "large_binary"])
+def test_jpeg_files_are_the_column_values_without_copies_each(kind) -> None:
+    """Rows of a shard's column, chunked and sliced as Arrow may hand them over: each file
+    is its own bytes, in a buffer torch can take without a copy or a warning."""
+    import warnings
+
+    import pyarrow as pa
+
+    from jobs.loader import JpegFiles
+
+    values = [b"first", b"", b"\xff\xd8third", b"4" * 1000, b"fifth"]
+    kind_type = getattr(pa, kind)()
+    chunks = [pa.array(values[:2], kind_type), pa.array([b"x", *values[2:]], kind_type).slice(1)]
+    files = JpegFiles(pa.chunked_array(chunks))
+    assert len(files) == len(values)
+    assert [bytes(files[r]) for r in range(len(files))] == values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a read-only buffer would warn here
+        frame = torch.frombuffer(files[3], dtype=torch.uint8)
+    assert frame.numel() == 1000 and not files[1]  # an empty file reads as empty
+    assert JpegFiles(pa.chunked_array([pa.array([b""], kind_type)]))[0].nbytes == 0
+
+
 def test_device_crops_equal_the_crops_taken_one_by_one() -> None:
     """The nvJPEG path crops a batch at once (flips gathered into one kernel): the same crops
     and flips as `random_crop_flip` image by image, small images scaled up included."""
