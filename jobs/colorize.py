@@ -784,8 +784,9 @@ def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
 def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int:
     import ray
 
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_gpus, init_ray
 
+    check_gpus((cfg.model_actors or 1) if cfg.device == "cuda" else 0, "--device cuda")
     init_ray()
     resources = ray.cluster_resources()
     gpus = _gpus(cfg, int(resources.get("GPU", 0)))

@@ -979,8 +979,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     import ray
 
     from jobs.models import load_model
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_gpus, init_ray
 
+    check_gpus(cfg.num_actors if cfg.use_gpu else 0, "evaluation with use_gpu (one per actor)")
     start = time.monotonic()
     # workers run in other directories: local paths must be absolute
     local = ("data", "model", "output", "classifier_weights", "split", "prior")

@@ -39,6 +39,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
 
 
+def check_gpus(needed: int, what: str, address: str | None = None) -> None:
+    """Fails now when `what` needs `needed` GPUs and would start a private local Ray instance
+    (no address, Ray not started) on a machine where torch sees fewer: that instance has no
+    autoscaler, so the job would wait for them forever. A cluster may start GPU nodes on
+    demand: joining one, nothing is checked."""
+    import ray
+
+    if needed <= 0 or ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = torch.cuda.device_count()
+    if have < needed:
+        build = "" if torch.version.cuda else " (a build without CUDA)"
+        raise ValueError(
+            f"{what} needs {needed} GPU(s), but torch sees {have} on this machine{build}, and "
+            "the local Ray instance the job would start cannot add any: run it on a machine "
+            "with the GPUs, or on a cluster that has or starts GPU nodes (RAY_ADDRESS)"
+        )
+
+
 @dataclass(frozen=True)
 class Precision:
     """Where the model runs and the autocast dtype used there (None: full fp32)."""

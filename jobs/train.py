@@ -440,9 +440,10 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run; returns the final metrics."""
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_gpus, init_ray
 
     cfg = with_absolute_paths(cfg)
+    check_gpus(cfg.num_workers if cfg.use_gpu else 0, "training with use_gpu")
     preflight(cfg)
     data_ready = not cfg.make_sample_data or storage.exists(cfg.prior_url, cfg.s3)
     if data_ready:

@@ -574,9 +574,10 @@ def _check_same_search(search: SearchConfig) -> None:
 
 def main(search: SearchConfig) -> list[dict[str, Any]]:
     """Run (or continue) the search; returns the results table."""
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_gpus, init_ray
 
     base = train.with_absolute_paths(search.train)
+    check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
     init_ray()
     if base.make_sample_data:

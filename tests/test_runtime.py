@@ -49,3 +49,36 @@ def test_seed_everything_is_reproducible() -> None:
     assert torch.equal(
         torch.rand(2, generator=g), torch.rand(2, generator=torch.Generator().manual_seed(3))
     )
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the machine has the GPUs")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["jobs.train", "--preset", "ci", "--use-gpu"], "training with use_gpu needs 2 GPU(s)"),
+        (["jobs.tune", "--preset", "ci", "--train.use-gpu"], "a trial (train.use_gpu) needs 2"),
+        (["jobs.evaluate", "--use-gpu", "--model", "m.pt", "--data", "d"], "needs 1 GPU(s)"),
+    ],
+)
+def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, message) -> None:
+    """Run on a private local Ray instance (no RAY_ADDRESS), a job asking for GPUs the machine
+    lacks stops before Ray starts and before it writes anything, instead of waiting forever
+    for resources no autoscaler will add."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    outputs = ["--storage", str(tmp_path / "runs")] if argv[0] != "jobs.evaluate" else []
+    outputs += ["--output", str(tmp_path / "eval")] if argv[0] == "jobs.evaluate" else []
+    done = subprocess.run(
+        [sys.executable, "-m", *argv, *outputs],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert "cannot add any" in done.stderr and not list(tmp_path.iterdir())
