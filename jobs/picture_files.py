@@ -160,9 +160,9 @@ def _upright_xmp(xmp: bytes | None) -> bytes | None:
 
 def _is_16bit_colour(data: bytes, image) -> bool:
     """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
-    RGBA), which Pillow would decode to 8 bits."""
+    RGBA, or for PNG gray with alpha), which Pillow would decode to 8 bits."""
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
-        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 6)
+        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
         bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)  # and RGB?
         return (
@@ -176,8 +176,8 @@ def _is_16bit_colour(data: bytes, image) -> bool:
 
 def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | None:
     """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
-    (that page alone) and turned by `turn`; None when OpenCV cannot read it (Pillow then
-    does, at 8 bits)."""
+    (that page alone; gray with alpha comes as BGRA) and turned by `turn`; None when OpenCV
+    cannot read it (Pillow then does, at 8 bits)."""
     import cv2
 
     buffer = np.frombuffer(data, np.uint8)

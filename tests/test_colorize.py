@@ -457,6 +457,28 @@ def test_16bit_colour_sources_keep_16_bits_alpha_and_orientation(tmp_path) -> No
     assert rgba.shape[2] == 4 and np.array_equal(rgba[..., 3], alpha16)
 
 
+def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
+    """PNG colour type 4 at 16 bits (Pillow reads it at 8): its gray and alpha to the bit."""
+    rng = np.random.default_rng(4)
+    gray16, alpha16 = (rng.integers(0, 65536, (5, 7), dtype=np.uint16) for _ in range(2))
+    rows = np.dstack([gray16, alpha16]).astype(">u2").reshape(5, -1).view(np.uint8)
+    raw = np.hstack([np.zeros((5, 1), np.uint8), rows]).tobytes()  # filter 0 a row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 7, 5, 16, 4, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+    decoded = picture_files.decode(png + chunk(b"IEND", b""), 10**6)
+    (page,) = decoded.pages
+    assert page.bits == 16 and np.array_equal(page.alpha, alpha16)
+    expected = torch.from_numpy(gray16.astype(np.float32) / 65535).expand(3, -1, -1)
+    torch.testing.assert_close(page.rgb[0], expected, rtol=0, atol=1e-7)
+    assert picture_files.output_format(decoded, "png") == "PNG16"
+
+
 @pytest.mark.parametrize("byteorder", ["<", ">"])
 def test_tiff_iptc_stored_as_long_is_read_as_its_bytes(byteorder) -> None:
     """Photoshop stores IPTC as LONG values, of which Pillow keeps the first: the block is
