@@ -8,7 +8,7 @@ an ImageNet val folder (flat or in class folders). The split list has one ``<pat
 per line (``ctest10k.txt``: 10k val images with their class index; a label is optional). A
 listed file is found by its path below DATA or, failing that, by its file name; the number
 of listed files not found is reported before any work starts. With a prepared dataset a split
-keeps the listed images (matched by file stem).
+keeps the listed images (matched by file stem), with the split's labels where it has them.
 
 Protocol, stated in every output:
 
@@ -621,11 +621,12 @@ def resolve_split(
 
 @dataclass(frozen=True)
 class InputPlan:
-    """What will be measured: file inputs, or dataset shards narrowed to some stems."""
+    """What will be measured: file inputs, or dataset shards narrowed to the split's stems
+    (`split_labels`: stem -> the split's label, NO_LABEL where it gives none)."""
 
     files: list[dict[str, Any]] | None
     shard_paths: list[str]
-    stems: frozenset[str] | None
+    split_labels: dict[str, int] | None
     listed: int
     missing: list[str]
 
@@ -655,7 +656,7 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         have = {_stem(k) for k in _dataset_keys(cfg, paths)}
         missing = [p for p, _ in entries if _stem(p) not in have]
         return InputPlan(
-            None, paths, frozenset(_stem(p) for p, _ in entries), len(entries), missing
+            None, paths, {_stem(p): label for p, label in entries}, len(entries), missing
         )
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
@@ -687,9 +688,18 @@ def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.nda
     }
 
 
-def _keep_stems(batch: dict[str, np.ndarray], stems: frozenset[str]) -> dict[str, np.ndarray]:
-    keep = np.array([_stem(k) in stems for k in batch["key"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+def _keep_listed(
+    batch: dict[str, np.ndarray], split_labels: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """The rows of listed stems, labelled as the split labels them (the dataset's own label
+    where the split gives none): a dataset's labels index its own class list, which need not
+    be the classifier's."""
+    stems = [_stem(k) for k in batch["key"]]
+    keep = np.array([stem in split_labels for stem in stems], dtype=bool)
+    out = {k: v[keep] for k, v in batch.items()}
+    labels = np.array([split_labels[s] for s in stems if s in split_labels], dtype=np.int64)
+    out["label"] = np.where(labels != NO_LABEL, labels, out["label"])
+    return out
 
 
 def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
@@ -707,9 +717,12 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
     ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs, partitioning=None).select_columns(
         ["key", "label", "jpeg"]
     )
-    if plan.stems is not None:
+    if plan.split_labels is not None:
         ds = ds.map_batches(
-            _keep_stems, fn_kwargs={"stems": plan.stems}, batch_format="numpy", num_cpus=0.25
+            _keep_listed,
+            fn_kwargs={"split_labels": plan.split_labels},
+            batch_format="numpy",
+            num_cpus=0.25,
         )
     if not cfg.max_images:
         return ds

@@ -130,6 +130,27 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
     assert missing == ["n02/gone.JPEG"]
 
 
+def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_path) -> None:
+    """The listed stems are kept, labelled by the split where it gives a label (a dataset's
+    labels index its own classes, not the classifier's); unlisted images are left out."""
+    import pyarrow.parquet as pq
+
+    from tests.support import write_dataset
+
+    write_dataset(str(tmp_path / "ds"))
+    split = tmp_path / "split.txt"
+    split.write_text("val/001.JPEG 7\n004.JPEG\nval/gone.JPEG 3\n")
+    cfg = evaluate.EvaluateConfig(data=str(tmp_path / "ds"), model="m", split=str(split))
+    plan = evaluate.plan_inputs(cfg)
+    assert plan.split_labels == {"001": 7, "004": evaluate.NO_LABEL, "gone": 3}
+    assert plan.missing == ["val/gone.JPEG"] and plan.listed == 3
+    table = pq.read_table(plan.shard_paths[0], columns=["key", "label", "jpeg"])
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    kept = evaluate._keep_listed(batch, plan.split_labels)
+    assert kept["key"].tolist() == ["c/001", "c/004"]
+    assert kept["label"].tolist() == [7, 0]  # the split's 7; the dataset's own 4 % 2 = 0
+
+
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="required"):
         evaluate.EvaluateConfig(data="d")

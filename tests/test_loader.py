@@ -4,8 +4,6 @@ resume, shapes and ranges."""
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
 from itertools import islice
 
 import numpy as np
@@ -15,37 +13,9 @@ import pytest
 import torch
 
 from colorcore.data import crop_box, make_targets, random_crop_flip
-from jobs import storage
-from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
 from jobs.loader import DatasetIndex, TrainLoader, epoch_order
-from tests.support import encode, photo_rgb
-
-SHARD_SIZES = (7, 5, 6, 5)  # 23 images, two of them grayscale
-
-
-def write_dataset(root: str) -> None:
-    """A dataset written directly in the shard schema (no Ray needed)."""
-    photo = photo_rgb("astronaut")
-    shards, n = [], 0
-    for s, size in enumerate(SHARD_SIZES):
-        rows = []
-        for _ in range(size):
-            gray = n in (3, 15)
-            crop = photo[n * 10 : n * 10 + 40, n * 5 : n * 5 + 56]
-            if gray:
-                crop = np.repeat(crop.mean(2, keepdims=True).astype(np.uint8), 3, axis=2)
-            jpeg = encode(crop)
-            rows.append({"key": f"c/{n:03d}", "label": n % 2, "jpeg": jpeg, "height_px": 40,
-                         "width_px": 56, "src_sha256": hashlib.sha256(jpeg).hexdigest(),
-                         "grayscale": gray})  # fmt: skip
-            n += 1
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), buffer)
-        name = f"shards/part-{s:05d}-000.parquet"
-        storage.write_bytes(storage.join(root, name), buffer.getvalue())
-        shards.append(ShardInfo(name=name, num_rows=size, sha256="0" * 64))
-    Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0).save(root)
+from tests.support import encode, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +126,6 @@ def test_decoding_turns_the_image_upright_only_when_exif_says_so(orientation, tu
 def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) -> None:
     """Each sample is `random_crop_flip` of the decoded image with its own seeded generator,
     whichever thread decodes it (the exact-resume contract rests on this)."""
-    import pyarrow.parquet as pq
 
     train = loader(dataset, 1, crop_px=crop_px, num_threads=3)
     order = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
@@ -177,8 +146,6 @@ def test_jpeg_files_are_the_column_values_without_copies_each(kind) -> None:
     """Rows of a shard's column, chunked and sliced as Arrow may hand them over: each file
     is its own bytes, in a buffer torch can take without a copy or a warning."""
     import warnings
-
-    import pyarrow as pa
 
     from jobs.loader import JpegFiles
 
