@@ -16,7 +16,9 @@ Protocol, stated in every output:
   PIL bicubic); the network sees its L and the predicted ab (1/4 size) is upsampled
   bilinearly to EVAL_PX; the metrics are computed on these EVAL_PX x EVAL_PX ab planes.
 - ``full``: the network still sees the EVAL_PX image; its ab is upsampled to the original
-  size and joined with the original L; the metrics are computed at full resolution.
+  size and joined with the original L; the metrics are computed at full resolution. For a
+  prepared dataset that is the resolution it stores (short side 256, `jobs.prepare`), not the
+  source's: evaluate an image folder with ``--split`` for the sources' own sizes.
 
 Rows, all measured on the same images in the same run: ground truth, gray (ab = 0) and the
 model decoded as annealed mean (T), mean and mode. Columns: raw AuC of the per-pixel ab error
