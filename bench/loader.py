@@ -20,7 +20,9 @@ Each figure is the median of several timed passes over the dataset after an unti
 
 The figure of merit is images/s per core: the loader's divided by its decode threads.
 On a CUDA machine the loader's nvJPEG path (``decode="nvjpeg"``: decode and crop on the GPU,
-one producer thread) is measured too.
+one producer thread) is measured too, and nvJPEG's decode of one batch of 256 alone, as
+stored (4:4:4) and at 4:2:0, each on an idle GPU and beside matrix products on another
+stream (`nvjpeg_decode_ms`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,47 @@ def loader_epoch(index: DatasetIndex, batch_size: int, threads: int, decode: str
     return loader.steps_per_epoch * batch_size / elapsed
 
 
+def nvjpeg_decode_ms(jpegs: list[bytes], batch: int = 256) -> dict[str, float]:
+    """ms for torchvision's nvJPEG to decode one batch of the files as stored (4:4:4) and
+    re-encoded with 4:2:0 chroma, each alone and while bf16 matrix products fill the GPU
+    from another stream (as a training step does): nvJPEG decodes baseline JPEGs on the
+    hardware decoder where it supports their layout, else partly on the host with a
+    synchronisation an image, which a busy GPU delays."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    files = {"444": jpegs[:batch]}
+    files["420"] = [
+        encode_jpeg_420(Image.open(io.BytesIO(jpeg)).convert("RGB")) for jpeg in files["444"]
+    ]
+    side = torch.cuda.Stream()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, batch_files in files.items():
+        frames = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in batch_files]
+
+        def decode(frames=frames) -> None:  # this stream waits for the decoder's
+            decode_jpeg(frames, mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.current_stream().synchronize()
+
+        decode()  # warm-up
+        for busy in (False, True):
+            if busy:  # about 0.3 s of products queued ahead of the decode
+                with torch.cuda.stream(side):
+                    for _ in range(200):
+                        a @ a
+            start = time.perf_counter()
+            decode()
+            out[f"{name}{'_busy' if busy else ''}"] = 1e3 * (time.perf_counter() - start)
+            side.synchronize()
+    return out
+
+
+def encode_jpeg_420(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, subsampling=2)
+    return buffer.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1024, help="images in the dataset")
@@ -154,6 +197,11 @@ def main() -> None:
         if torch.cuda.is_available():
             nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
             rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))
+            try:
+                decode_ms = nvjpeg_decode_ms(jpegs)
+            except Exception as error:  # a diagnostic: it must not lose the table
+                decode_ms = {"failed": 0.0}
+                print(f"nvjpeg_decode_ms failed: {error!r}")
 
     kib = sum(map(len, jpegs)) / len(jpegs) / 1024
     print(f"\n{len(jpegs)} JPEGs (short side {SHORT_SIDE_PX}, {kib:.0f} KiB mean) in "
@@ -163,6 +211,9 @@ def main() -> None:
     for name, cores, ips in rows:
         per_core = ips / cores
         print(f"{name:36s} {cores:5d} {ips:9.0f} {per_core:9.0f} {per_core / plain:8.2f}x")
+    if torch.cuda.is_available():
+        print("nvJPEG decode of 256 files, ms (alone / beside matrix products): "
+              + "; ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))  # fmt: skip
 
 
 if __name__ == "__main__":
