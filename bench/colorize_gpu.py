@@ -140,7 +140,7 @@ def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool)
     rgb_N3HW = torch.stack(codec.decode(tensors))
     l_N1HW, l_N1SS = prepare(rgb_N3HW, 256)
     ab_N2ss = predict_ab(forward, l_N1SS, 0.38, precision)
-    images = list(finish(l_N1HW, ab_N2ss))
+    images = list(finish(l_N1HW, ab_N2ss).contiguous())  # as `JpegColorizer` hands them over
 
     def network() -> torch.Tensor:
         return predict_ab(forward, l_N1SS, 0.38, precision)
@@ -149,7 +149,7 @@ def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool)
         "decode": median_ms(lambda: codec.decode(tensors), 5, sync=sync),
         "prepare": median_ms(lambda: prepare(rgb_N3HW, 256), 5, sync=sync),
         "network": median_ms(network, 5, sync=sync),
-        "finish_chroma": median_ms(lambda: finish(l_N1HW, ab_N2ss), 5, sync=sync),
+        "finish_chroma": median_ms(lambda: finish(l_N1HW, ab_N2ss).contiguous(), 5, sync=sync),
         "finish_clip": median_ms(lambda: finish_clipped(l_N1HW, ab_N2ss), 5, sync=sync),
         "encode": median_ms(lambda: codec.encode(images, QUALITY), 5, sync=sync),
     }

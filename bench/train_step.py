@@ -113,16 +113,19 @@ def shard_batches(root: str, batch: int, device: torch.device) -> Iterator[torch
 
 
 def loader_rate(root: str, args, device: torch.device) -> float:
-    """Images/s of the loader alone at the step's batch size: the most a step can take."""
+    """Images/s of the loader alone at the step's batch size: the most a step can take.
+    Timed over 4x the steps' count, so that the few batches it prefetched during the warm-up
+    weigh little."""
+    count = 4 * args.iters
     with contextlib.closing(shard_batches(root, args.batch, device)) as batches:
         for _ in range(args.warmup):
             next(batches)
         sync(device)
         start = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(count):
             next(batches)
         sync(device)
-    return args.iters * args.batch / (time.perf_counter() - start)
+    return count * args.batch / (time.perf_counter() - start)
 
 
 def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) -> dict:

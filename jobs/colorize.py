@@ -784,9 +784,8 @@ def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
 def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int:
     import ray
 
-    from jobs.runtime import check_gpus, init_ray
+    from jobs.runtime import init_ray
 
-    check_gpus((cfg.model_actors or 1) if cfg.device == "cuda" else 0, "--device cuda")
     init_ray()
     resources = ray.cluster_resources()
     gpus = _gpus(cfg, int(resources.get("GPU", 0)))
@@ -851,7 +850,9 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
 
 def main(cfg: ColorizeConfig) -> Summary:
     from jobs.models import load_model
+    from jobs.runtime import check_gpus
 
+    check_gpus(1 if cfg.device == "cuda" else 0, "--device cuda")  # actors start as GPUs allow
     start = time.monotonic()
     # Local paths made absolute: Ray workers run in other directories.
     cfg = dataclasses.replace(

@@ -8,7 +8,7 @@ an ImageNet val folder (flat or in class folders). The split list has one ``<pat
 per line (``ctest10k.txt``: 10k val images with their class index; a label is optional). A
 listed file is found by its path below DATA or, failing that, by its file name; the number
 of listed files not found is reported before any work starts. With a prepared dataset a split
-keeps the listed images (matched by file stem), with the split's labels where it has them.
+keeps the listed images (matched by file stem), labelled by the split if it has labels.
 
 Protocol, stated in every output:
 
@@ -624,11 +624,12 @@ def resolve_split(
 @dataclass(frozen=True)
 class InputPlan:
     """What will be measured: file inputs, or dataset shards narrowed to the split's stems
-    (`split_labels`: stem -> the split's label, NO_LABEL where it gives none)."""
+    (`split_labels`: stem -> the split's label, NO_LABEL for a line without one; None for
+    every stem of a split without labels, whose images keep the dataset's)."""
 
     files: list[dict[str, Any]] | None
     shard_paths: list[str]
-    split_labels: dict[str, int] | None
+    split_labels: dict[str, int | None] | None
     listed: int
     missing: list[str]
 
@@ -657,9 +658,9 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
             return InputPlan(None, paths, None, manifest.num_rows, [])
         have = {_stem(k) for k in _dataset_keys(cfg, paths)}
         missing = [p for p, _ in entries if _stem(p) not in have]
-        return InputPlan(
-            None, paths, {_stem(p): label for p, label in entries}, len(entries), missing
-        )
+        labelled = any(label != NO_LABEL for _, label in entries)
+        split_labels = {_stem(p): label if labelled else None for p, label in entries}
+        return InputPlan(None, paths, split_labels, len(entries), missing)
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
     file_urls = [
@@ -691,16 +692,19 @@ def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.nda
 
 
 def _keep_listed(
-    batch: dict[str, np.ndarray], split_labels: dict[str, int]
+    batch: dict[str, np.ndarray], split_labels: dict[str, int | None]
 ) -> dict[str, np.ndarray]:
-    """The rows of listed stems, labelled as the split labels them (the dataset's own label
-    where the split gives none): a dataset's labels index its own class list, which need not
-    be the classifier's."""
+    """The rows of listed stems, labelled as the split labels them: a dataset's labels index
+    its own class list, which need not be the classifier's. A split without labels (None)
+    keeps the dataset's."""
     stems = [_stem(k) for k in batch["key"]]
     keep = np.array([stem in split_labels for stem in stems], dtype=bool)
     out = {k: v[keep] for k, v in batch.items()}
-    labels = np.array([split_labels[s] for s in stems if s in split_labels], dtype=np.int64)
-    out["label"] = np.where(labels != NO_LABEL, labels, out["label"])
+    labels = [split_labels[s] for s in stems if s in split_labels]
+    out["label"] = np.array(
+        [own if label is None else label for label, own in zip(labels, out["label"], strict=True)],
+        dtype=np.int64,
+    )
     return out
 
 
@@ -996,7 +1000,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     from jobs.models import load_model
     from jobs.runtime import check_gpus, init_ray
 
-    check_gpus(cfg.num_actors if cfg.use_gpu else 0, "evaluation with use_gpu (one per actor)")
+    check_gpus(1 if cfg.use_gpu else 0, "evaluation with use_gpu")  # actors start as GPUs allow
     start = time.monotonic()
     # workers run in other directories: local paths must be absolute
     local = ("data", "model", "output", "classifier_weights", "split", "prior")

@@ -110,6 +110,10 @@ class JpegFiles:
 
     def __init__(self, column: pa.ChunkedArray) -> None:
         array = column.combine_chunks()
+        if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
+            raise ValueError(f"a shard's jpeg column must be binary, not {array.type}")
+        if array.null_count:
+            raise ValueError(f"a shard's jpeg column has {array.null_count} nulls")
         width = np.int64 if pa.types.is_large_binary(array.type) else np.int32
         _, offsets, values = array.buffers()
         ends = np.frombuffer(offsets, width)[array.offset : array.offset + len(array) + 1]

@@ -131,8 +131,9 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
 
 
 def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_path) -> None:
-    """The listed stems are kept, labelled by the split where it gives a label (a dataset's
-    labels index its own classes, not the classifier's); unlisted images are left out."""
+    """The listed stems are kept, labelled by the split (a dataset's labels index its own
+    classes, not the classifier's), or by the dataset when the split has no labels at all;
+    unlisted images are left out."""
     import pyarrow.parquet as pq
 
     from tests.support import write_dataset
@@ -148,7 +149,11 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     kept = evaluate._keep_listed(batch, plan.split_labels)
     assert kept["key"].tolist() == ["c/001", "c/004"]
-    assert kept["label"].tolist() == [7, 0]  # the split's 7; the dataset's own 4 % 2 = 0
+    assert kept["label"].tolist() == [7, evaluate.NO_LABEL]
+
+    split.write_text("001.JPEG\n004.JPEG\n")  # no labels: the dataset's (n % 2)
+    plan = evaluate.plan_inputs(cfg)
+    assert evaluate._keep_listed(batch, plan.split_labels)["label"].tolist() == [1, 0]
 
 
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:

@@ -160,6 +160,10 @@ def test_jpeg_files_are_the_column_values_without_copies_each(kind) -> None:
         frame = torch.frombuffer(files[3], dtype=torch.uint8)
     assert frame.numel() == 1000 and not files[1]  # an empty file reads as empty
     assert JpegFiles(pa.chunked_array([pa.array([b""], kind_type)]))[0].nbytes == 0
+    with pytest.raises(ValueError, match="1 nulls"):
+        JpegFiles(pa.chunked_array([pa.array([b"a", None], kind_type)]))
+    with pytest.raises(ValueError, match="must be binary"):
+        JpegFiles(pa.chunked_array([pa.array(["text"])]))
 
 
 def test_device_crops_equal_the_crops_taken_one_by_one() -> None:

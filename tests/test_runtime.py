@@ -51,16 +51,16 @@ def test_seed_everything_is_reproducible() -> None:
     )
 
 
-@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the machine has the GPUs")
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "gpus", "message"),
     [
-        (["jobs.train", "--preset", "ci", "--use-gpu"], "training with use_gpu needs 2 GPU(s)"),
-        (["jobs.tune", "--preset", "ci", "--train.use-gpu"], "a trial (train.use_gpu) needs 2"),
-        (["jobs.evaluate", "--use-gpu", "--model", "m.pt", "--data", "d"], "needs 1 GPU(s)"),
+        (["jobs.train", "--preset", "ci", "--use-gpu"], 2, "training with use_gpu needs 2 GPU(s)"),
+        (["jobs.tune", "--preset", "ci", "--train.use-gpu"], 2, "a trial (train.use_gpu) needs 2"),
+        (["jobs.evaluate", "--use-gpu", "--model", "m.pt", "--data", "d"], 1, "needs 1 GPU(s)"),
+        (["jobs.colorize", "--model", "m.pt", "--device", "cuda"], 1, "--device cuda needs 1"),
     ],
 )
-def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, message) -> None:
+def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, gpus, message) -> None:
     """Run on a private local Ray instance (no RAY_ADDRESS), a job asking for GPUs the machine
     lacks stops before Ray starts and before it writes anything, instead of waiting forever
     for resources no autoscaler will add."""
@@ -68,9 +68,15 @@ def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, messag
     import subprocess
     import sys
 
+    if torch.cuda.device_count() >= gpus:
+        pytest.skip("the machine has the GPUs")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    outputs = ["--storage", str(tmp_path / "runs")] if argv[0] != "jobs.evaluate" else []
-    outputs += ["--output", str(tmp_path / "eval")] if argv[0] == "jobs.evaluate" else []
+    outputs = {
+        "jobs.train": ["--storage", str(tmp_path / "runs")],
+        "jobs.tune": ["--storage", str(tmp_path / "runs")],
+        "jobs.evaluate": ["--output", str(tmp_path / "eval")],
+        "jobs.colorize": ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+    }[argv[0]]
     done = subprocess.run(
         [sys.executable, "-m", *argv, *outputs],
         env=env,
