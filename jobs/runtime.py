@@ -78,7 +78,9 @@ def cpu_has_bf16_units() -> bool:
 
 
 def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
-    """Pick the device (CUDA when present) and the autocast dtype, and log why."""
+    """Pick the device (CUDA when present) and the autocast dtype, and log why. On CUDA,
+    cuDNN autotuning is turned on: the jobs' networks see few input shapes, for which the
+    fastest convolution kernels are worth a trial each."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -97,6 +99,8 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
         raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
     choice = Precision(dev, torch.bfloat16 if dtype == "bf16" else None, why)
     log.info("device %s, %s autocast (%s)", dev, dtype, why)
+    if dev.type == "cuda":  # every job's network sees fixed sizes (crops, infer_px, eval_px)
+        torch.backends.cudnn.benchmark = True
     return choice
 
 
