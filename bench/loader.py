@@ -10,11 +10,11 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
 
 - baseline, a plain loop on one thread over bytes already in memory: PIL decode, a random
   crop and flip in numpy, to a torch tensor, `torch.stack` per batch;
-- `TrainLoader` with the PIL path, as a training worker runs it: shard reads (ahead, in
-  their own threads), the epoch's permutation, decoding (the checked `jobs.images.decode_rgb`,
-  EXIF orientation included), crop and flip with the per-sample seeded generators in its
-  thread pool, steps started ahead, a background prefetch thread. Its time is one epoch from
-  the first request, shard reads included.
+- `TrainLoader` with CPU threads (``decode="pil"``), as a training worker runs it: shard reads
+  (ahead, in their own threads), the epoch's permutation, decoding (OpenCV, the pixels of
+  `jobs.images.decode_rgb`, EXIF orientation included), crop and flip with the per-sample
+  seeded generators in its thread pool, steps started ahead, a background prefetch thread.
+  Its time is one epoch from the first request, shard reads included.
 
 Each figure is the median of several timed passes over the dataset after an untimed one.
 
@@ -193,7 +193,7 @@ def main() -> None:
         plain = median_ips(plain_ips)
         rows = [("plain PIL loop (decode, crop, flip)", 1, plain)]
         pil = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "pil"))
-        rows.append(("TrainLoader, PIL threads", args.threads, pil))
+        rows.append(("TrainLoader, CPU threads", args.threads, pil))
         if torch.cuda.is_available():
             nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
             rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))

@@ -14,7 +14,8 @@ The N mod B images left over at the end of an epoch's order are not used in that
 (no padding with duplicates, every step has the full global batch); the next epoch's
 order is a new permutation, so a different remainder is left out each time.
 
-Workers decode, crop and flip with PIL in a thread pool (JPEG decoding releases the GIL),
+Workers decode, crop and flip in a thread pool (JPEGs with OpenCV, which holds the GIL for
+none of it and gives Pillow's pixels; anything else with Pillow),
 with the next steps' images queued behind the current one's so the threads never wait on a
 batch boundary, and read the coming steps' shards in threads of their own; a background
 thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the GPU instead.
@@ -36,12 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import as_3hw, decode_rgb
+from jobs.images import decode_rgb
 
 
 @dataclass(frozen=True)
@@ -130,17 +130,34 @@ class JpegFiles:
 
 def _crop_into(out_3HW: torch.Tensor, data: memoryview, rng: np.random.Generator) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
-    and flipped by PIL before the pixels are copied (once), when no upscaling is needed."""
-    image, crop_px = decode_rgb(data), out_3HW.shape[-1]
-    width, height = image.size
+    and flipped as views before the pixels are copied (once), when no upscaling is needed."""
+    rgb_HW3 = _decode_jpeg(data)
+    if rgb_HW3 is None:  # not a JPEG OpenCV reads: the checked decoder, and its error
+        rgb_HW3 = np.asarray(decode_rgb(data))
+    crop_px = out_3HW.shape[-1]
+    height, width = rgb_HW3.shape[:2]
     if min(height, width) < crop_px:
-        out_3HW.copy_(random_crop_flip(as_3hw(image), crop_px, rng))
+        image_3HW = torch.from_numpy(np.ascontiguousarray(rgb_HW3.transpose(2, 0, 1)))
+        out_3HW.copy_(random_crop_flip(image_3HW, crop_px, rng))
         return
     top, left, flip = crop_box(height, width, crop_px, rng)
-    crop = image.crop((left, top, left + crop_px, top + crop_px))
-    if flip:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    out_3HW.numpy()[...] = np.asarray(crop).transpose(2, 0, 1)
+    crop = rgb_HW3[top : top + crop_px, left : left + crop_px]
+    out_3HW.numpy()[...] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
+
+
+def _decode_jpeg(data: memoryview) -> np.ndarray | None:
+    """A shard's JPEG as (H, W, 3) uint8 RGB, upright, through OpenCV: the pixels of
+    `decode_rgb` (the same libjpeg-turbo decoding, EXIF orientation applied), from one call
+    that holds the GIL for none of it, where Pillow parses the headers in Python; decoding
+    threads then scale with the cores. None for anything else, and for a JPEG without its
+    end marker (Pillow decodes those, and refuses a truncated one). Shards hold gray or YCbCr
+    JPEGs (`jobs.prepare` re-encodes the rest), for which the two agree."""
+    import cv2
+
+    if bytes(data[:2]) != b"\xff\xd8" or bytes(data[-2:]) != b"\xff\xd9":
+        return None  # not a JPEG, or one cut short: OpenCV would fill in what is missing
+    bgr_HW3 = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr_HW3 is None else bgr_HW3[..., ::-1]
 
 
 def _device_crops(

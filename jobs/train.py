@@ -109,7 +109,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (GPU runs)."""
     decode: Literal["auto", "pil", "nvjpeg"] = "auto"
-    """JPEG decoding: PIL threads on CPU, or nvJPEG on the GPU (auto: nvJPEG with use_gpu)."""
+    """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
+    same pixels), or nvJPEG on the GPU (auto: nvJPEG with use_gpu)."""
     checkpoint_every_steps: int = 2_000
     keep_checkpoints: int = 3
     val_every_steps: int = 2_000

@@ -15,7 +15,7 @@ import torch
 from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
 from jobs.loader import DatasetIndex, TrainLoader, epoch_order
-from tests.support import encode, write_dataset
+from tests.support import encode, photo_rgb, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,43 @@ def test_decoding_turns_the_image_upright_only_when_exif_says_so(orientation, tu
         assert EXIF_ORIENTATION not in image.getexif()  # applied, so no longer claimed
     else:
         assert image.format == "JPEG"  # the decoded image itself, not a copy of it
+
+
+@pytest.mark.parametrize(
+    "kind", ["ycbcr", "gray", "progressive", "orientation 6", "trailing bytes", "png"]
+)
+def test_training_crops_decode_as_the_checked_decoder_does(kind) -> None:
+    """The loader's CPU path decodes JPEGs with OpenCV, other files with Pillow: either way
+    the crop is `random_crop_flip` of `decode_3hw`'s pixels, to the bit."""
+    from PIL import Image
+
+    from jobs.loader import _crop_into
+
+    rgb = photo_rgb("coffee")[:60, :90]
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    data = {
+        "ycbcr": lambda: encode(rgb, subsampling=0),
+        "gray": lambda: encode(rgb[..., 0]),
+        "progressive": lambda: encode(rgb, progressive=True),
+        "orientation 6": lambda: encode(rgb, exif=exif.tobytes()),
+        "trailing bytes": lambda: encode(rgb) + b"\0" * 7,
+        "png": lambda: encode(rgb, "PNG"),
+    }[kind]()
+    for seed in range(6):  # flips and no flips
+        out = torch.empty((3, 48, 48), dtype=torch.uint8)
+        _crop_into(out, memoryview(data), np.random.default_rng(seed))
+        expected = random_crop_flip(decode_3hw(data), 48, np.random.default_rng(seed))
+        assert torch.equal(out, expected)
+
+
+def test_a_truncated_training_jpeg_is_refused_not_filled_in() -> None:
+    from jobs.images import BadImage
+    from jobs.loader import _crop_into
+
+    data = encode(photo_rgb("coffee")[:60, :90])
+    with pytest.raises(BadImage, match="truncated"):
+        _crop_into(torch.empty((3, 48, 48), dtype=torch.uint8), memoryview(data[:-400]), None)
 
 
 @pytest.mark.parametrize("crop_px", [32, 48])  # 48 > the 40-pixel short side: scaled up first
