@@ -26,6 +26,7 @@ measurement (a run cut short by a time limit keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import json
@@ -39,11 +40,9 @@ import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and tor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timing import median_ms
 
-from colorcore.color import lab_to_rgb
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs.colorize import predict_ab
 from jobs.colorize_jpeg import JpegColorizer, _finish, _prepare, default_codec
@@ -120,13 +119,6 @@ def main() -> None:
     save(result)
 
 
-def _finish_clipped(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
-    """`_finish` with RGB clipping instead of the chroma gamut search."""
-    ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
-    lab_N3HW = torch.cat([l_N1HW, ab_N2HW], dim=1)
-    return lab_to_rgb(lab_N3HW, gamut="clip").mul(255.0).round().to(torch.uint8)
-
-
 @torch.inference_mode()
 def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool) -> dict:
     """Milliseconds of each step of `JpegColorizer` for one batch of `files`, run apart."""
@@ -134,7 +126,7 @@ def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     compile_ = torch.compile if compiled else (lambda fn: fn)
     forward, prepare = compile_(model), compile_(_prepare)
-    finish, finish_clipped = compile_(_finish), compile_(_finish_clipped)
+    finish, finish_clipped = compile_(_finish), compile_(functools.partial(_finish, gamut="clip"))
     codec = default_codec(device)
     tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
     rgb_N3HW = torch.stack(codec.decode(tensors))

@@ -202,10 +202,11 @@ def predict_ab(
     return annealed_mean(logits_NQss, temperature)
 
 
-def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
-    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L."""
+def reassemble(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, gamut: str = "chroma") -> torch.Tensor:
+    """Full-resolution sRGB in [0, 1]: upsampled ab joined with the image's own L (`gamut`:
+    see `lab_to_rgb`; the job keeps L with "chroma")."""
     ab_N2HW = F.interpolate(ab_N2ss, size=l_N1HW.shape[-2:], mode="bilinear", align_corners=False)
-    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut="chroma")
+    return lab_to_rgb(torch.cat([l_N1HW, ab_N2HW], dim=1), gamut=gamut)
 
 
 def reassemble_pixels(

@@ -309,5 +309,5 @@ def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch
     return network_input(rgb_N3HW.float() / 255.0, infer_px)
 
 
-def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor) -> torch.Tensor:
-    return reassemble(l_N1HW, ab_N2ss).mul(255.0).round().to(torch.uint8)
+def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, gamut: str = "chroma") -> torch.Tensor:
+    return reassemble(l_N1HW, ab_N2ss, gamut).mul(255.0).round().to(torch.uint8)
