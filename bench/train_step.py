@@ -27,7 +27,7 @@ beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the an
 ``--shards`` also runs each mode end to end: the batches come from `jobs.loader.TrainLoader`
 over a prepared dataset of JPEG shards in a temporary folder (``--shard-images`` JPEGs of the
 same photos at a short side of 256, as `bench/loader.py` writes them), decoded as the job
-decodes them (nvJPEG on the GPU on CUDA, else PIL threads, one per core), instead of one batch
+decodes them (nvJPEG on the GPU on CUDA, else CPU threads, one per core), instead of one batch
 already on the device. Its row is named ``MODE+shards``; the table gives its rate as a share of
 the same mode's synthetic rate, and the loader's own rate (batches taken, no step) is printed
 above the table.

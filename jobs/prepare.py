@@ -238,9 +238,8 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             if "error" in item:
                 yield item["key"], item["label"], item["url"], BadImage(item["error"])
                 continue
-            if item["size"] > cfg.max_file_mb * 2**20:
-                reason = f"file too large: {item['size']} bytes"
-                yield item["key"], item["label"], item["url"], BadImage(reason)
+            if refused := _too_large(item["size"], cfg):
+                yield item["key"], item["label"], item["url"], refused
                 continue
             try:
                 data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
@@ -280,9 +279,12 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, cfg: PrepareConfig):
     """A class tar member's bytes, or a `BadImage` for one above the size limit (unread)."""
-    if member.size > cfg.max_file_mb * 2**20:
-        return BadImage(f"file too large: {member.size} bytes")
-    return tar.extractfile(member).read()
+    return _too_large(member.size, cfg) or tar.extractfile(member).read()
+
+
+def _too_large(size: int, cfg: PrepareConfig) -> BadImage | None:
+    """The refusal of an input of `size` bytes above ``max_file_mb``, before it is read."""
+    return BadImage(f"file too large: {size} bytes") if size > cfg.max_file_mb * 2**20 else None
 
 
 def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:
