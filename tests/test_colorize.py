@@ -463,12 +463,7 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
     gray16, alpha16 = (rng.integers(0, 65536, (5, 7), dtype=np.uint16) for _ in range(2))
     rows = np.dstack([gray16, alpha16]).astype(">u2").reshape(5, -1).view(np.uint8)
     raw = np.hstack([np.zeros((5, 1), np.uint8), rows]).tobytes()  # filter 0 a row
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
+    chunk = picture_files._png_chunk
     ihdr = struct.pack(">IIBBBBB", 7, 5, 16, 4, 0, 0, 0)
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
     decoded = picture_files.decode(png + chunk(b"IEND", b""), 10**6)
