@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from colorcore.quantize import NUM_AB_BINS, ab_bins
 
@@ -44,10 +45,15 @@ class ModelConfig:
     """Channel multiplier for every conv (1.0 = released; 1/16 gives a tiny CPU model)."""
     train_bn_affine: bool = False
     """Train BatchNorm scale and shift (the released Caffe training had none: frozen at 1, 0)."""
+    bn_moving_average: float = 0.999
+    """Decay of BatchNorm's running statistics, Caffe's `moving_average_fraction` (see
+    `CaffeBatchNorm2d`); 0.999 is the released training's, an average over ~1,000 steps."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 4.0:
             raise ValueError(f"model width must be in (0, 4], got {self.width}")
+        if not 0.0 <= self.bn_moving_average < 1.0:
+            raise ValueError(f"bn_moving_average must be in [0, 1), got {self.bn_moving_average}")
 
     def channels(self, base: int) -> int:
         return max(1, round(base * self.width))
@@ -61,7 +67,45 @@ class _AbReadout(nn.Module):
         self.register_buffer("weight", (ab_bins() / AB_SCALE).T.reshape(2, NUM_AB_BINS, 1, 1))
 
 
-def _conv_block(c_in: int, c_out: int, convs: int, stride: int, dilation: int) -> nn.Sequential:
+class CaffeBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running statistics follow Caffe's rule, as in the released training.
+
+    Caffe keeps decayed sums of the batch statistics and of their weights, so after t training
+    batches the running mean is sum_i f^(t-i) m_i / sum_i f^(t-i), f = `moving_average_fraction`:
+    an exponential average with its start-up bias removed. Batch t enters with weight
+    (1 - f) / (1 - f^t), so the first is taken whole. PyTorch's `momentum` is the same average
+    with a fixed weight and no correction. The count t is the module's `num_batches_tracked`:
+    the state dict keeps BatchNorm2d's keys, and a resumed run continues the same average.
+    The variance is the unbiased batch variance, in both frameworks.
+    """
+
+    def __init__(self, num_features: int, *, moving_average_fraction: float) -> None:
+        super().__init__(num_features)
+        self.moving_average_fraction = moving_average_fraction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        # momentum 1 makes F.batch_norm write the batch's own statistics into these two.
+        batch_mean = torch.zeros_like(self.running_mean)
+        batch_var = torch.ones_like(self.running_var)
+        y = F.batch_norm(x, batch_mean, batch_var, self.weight, self.bias, True, 1.0, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            decayed = self.moving_average_fraction ** self.num_batches_tracked.double()
+            weight = ((1.0 - self.moving_average_fraction) / (1.0 - decayed)).float()
+            self.running_mean.lerp_(batch_mean, weight)
+            self.running_var.lerp_(batch_var, weight)
+        return y
+
+    def extra_repr(self) -> str:
+        fraction = self.moving_average_fraction
+        return f"{self.num_features}, eps={self.eps}, moving_average_fraction={fraction}"
+
+
+def _conv_block(
+    c_in: int, c_out: int, convs: int, stride: int, dilation: int, bn_moving_average: float
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(convs):
         last = i == convs - 1
@@ -76,7 +120,7 @@ def _conv_block(c_in: int, c_out: int, convs: int, stride: int, dilation: int) -
             ),
             nn.ReLU(inplace=True),
         ]
-    layers.append(nn.BatchNorm2d(c_out))
+    layers.append(CaffeBatchNorm2d(c_out, moving_average_fraction=bn_moving_average))
     return nn.Sequential(*layers)
 
 
@@ -92,7 +136,8 @@ class ColorizationNet(nn.Module):
         c_in = 1
         for index, (base, convs, stride, dilation) in enumerate(_ENCODER, start=1):
             c_out = self.config.channels(base)
-            setattr(self, f"model{index}", _conv_block(c_in, c_out, convs, stride, dilation))
+            block = _conv_block(c_in, c_out, convs, stride, dilation, self.config.bn_moving_average)
+            setattr(self, f"model{index}", block)
             c_in = c_out
         c_mid = self.config.channels(_DECODER_CHANNELS)
         self.model8 = nn.Sequential(

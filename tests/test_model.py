@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from colorcore.model import AB_SCALE, ColorizationNet, ModelConfig
+from colorcore.model import AB_SCALE, CaffeBatchNorm2d, ColorizationNet, ModelConfig
 from colorcore.quantize import NUM_AB_BINS, ab_bins
 from tests.support import reference_path
 
@@ -56,6 +57,51 @@ def test_every_trainable_parameter_gets_a_gradient_and_bn_affine_is_frozen() -> 
     assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
     trained = ColorizationNet(ModelConfig(width=1 / 16, train_bn_affine=True))
     assert all(p.requires_grad for p in trained.parameters())
+
+
+@pytest.mark.parametrize("fraction", [0.999, 0.9, 0.0])
+def test_batchnorm_running_statistics_follow_caffe(fraction: float) -> None:
+    """After t batches: the f-weighted mean of the batch means and unbiased variances."""
+    torch.manual_seed(0)
+    bn = CaffeBatchNorm2d(3, moving_average_fraction=fraction)
+    batches = [torch.randn(4, 3, 5, 5) * (t + 1) + 2 * t for t in range(6)]
+    for x in batches[:3]:
+        torch.testing.assert_close(
+            bn(x), torch.nn.functional.batch_norm(x, None, None, training=True)
+        )
+    resumed = CaffeBatchNorm2d(3, moving_average_fraction=fraction)
+    resumed.load_state_dict(bn.state_dict())  # the count travels with the state dict
+    for x in batches[3:]:
+        resumed(x)
+    decay = torch.tensor([fraction ** (5 - t) for t in range(6)], dtype=torch.float64)[:, None]
+    means = torch.stack([x.mean((0, 2, 3)) for x in batches]).double()
+    variances = torch.stack([x.var((0, 2, 3)) for x in batches]).double()
+    expected_mean = (decay * means).sum(0) / decay.sum()
+    torch.testing.assert_close(resumed.running_mean, expected_mean.float())
+    torch.testing.assert_close(
+        resumed.running_var, ((decay * variances).sum(0) / decay.sum()).float()
+    )
+    assert int(resumed.num_batches_tracked) == 6
+    # the released decay keeps early batches: far from the last batch's statistics alone
+    if fraction == 0.999:
+        assert (resumed.running_mean - means[-1].float()).abs().min() > 1.0
+    resumed.eval()  # inference normalises with the running statistics
+    x = batches[0]
+    running = (x - resumed.running_mean[:, None, None]) / (
+        resumed.running_var[:, None, None] + 1e-5
+    ).sqrt()
+    torch.testing.assert_close(resumed(x), running)
+
+
+def test_network_batchnorm_takes_the_configured_decay() -> None:
+    model = ColorizationNet(ModelConfig(width=1 / 16, bn_moving_average=0.5))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 7 and all(isinstance(m, CaffeBatchNorm2d) for m in bns)
+    assert {m.moving_average_fraction for m in bns} == {0.5}
+    assert ColorizationNet(TINY).model1[4].moving_average_fraction == 0.999
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="bn_moving_average"):
+            ModelConfig(bn_moving_average=bad)
 
 
 def test_input_is_normalised_inside() -> None:
