@@ -12,9 +12,9 @@
 #              batches in 4 pipelined pieces and whole, then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
 #              encoding, compiled Lab steps)
-#   train      bench/loader.py (nvJPEG and PIL threads on every core), bench/train_step.py
-#              compiled bf16, synthetic and from JPEG shards (nvJPEG), then the anchor's
-#              compiled bf16 step
+#   train      bench/loader.py (nvJPEG and CPU threads on every core), bench/train_step.py
+#              compiled bf16, synthetic and from JPEG shards (decoded by nvJPEG, then by the
+#              CPU threads), then the anchor's compiled bf16 step
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
 # Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.

@@ -26,11 +26,12 @@ beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the an
 
 ``--shards`` also runs each mode end to end: the batches come from `jobs.loader.TrainLoader`
 over a prepared dataset of JPEG shards in a temporary folder (``--shard-images`` JPEGs of the
-same photos at a short side of 256, as `bench/loader.py` writes them), decoded as the job
-decodes them (nvJPEG on the GPU on CUDA, else CPU threads, one per core), instead of one batch
-already on the device. Its row is named ``MODE+shards``; the table gives its rate as a share of
-the same mode's synthetic rate, and the loader's own rate (batches taken, no step) is printed
-above the table.
+same photos at a short side of 256, as `bench/loader.py` writes them), decoded by each of
+``--decode`` (default on CUDA: nvJPEG on the GPU, the job's choice there, and the CPU threads,
+one per core; on CPU the threads), instead of one batch already on the device. Its rows are
+named ``MODE+shards:DECODE``; the table gives their rates as a share of the same mode's
+synthetic rate, and the loader's own rate with each decoder (batches taken, no step) is
+printed above the table.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -100,9 +102,10 @@ def peak_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def shard_batches(root: str, batch: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Batches of the job's loader over the dataset at `root`, on `device`."""
-    decode = "nvjpeg" if device.type == "cuda" else "pil"
+def shard_batches(
+    root: str, batch: int, device: torch.device, decode: str
+) -> Iterator[torch.Tensor]:
+    """Batches of the job's loader over the dataset at `root`, decoded by `decode`, on `device`."""
     loader = TrainLoader(
         DatasetIndex.load(root), rank=0, world_size=1, batch_size=batch, crop_px=CROP_PX,
         seed=0, num_threads=os.cpu_count(), decode=decode,
@@ -112,12 +115,12 @@ def shard_batches(root: str, batch: int, device: torch.device) -> Iterator[torch
             yield b.rgb_N3HW.to(device, non_blocking=True)
 
 
-def loader_rate(root: str, args, device: torch.device) -> float:
+def loader_rate(root: str, args, device: torch.device, decode: str) -> float:
     """Images/s of the loader alone at the step's batch size: the most a step can take.
     Timed over 4x the steps' count, so that the few batches it prefetched during the warm-up
     weigh little."""
     count = 4 * args.iters
-    with contextlib.closing(shard_batches(root, args.batch, device)) as batches:
+    with contextlib.closing(shard_batches(root, args.batch, device, decode)) as batches:
         for _ in range(args.warmup):
             next(batches)
         sync(device)
@@ -194,7 +197,15 @@ def main() -> None:
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--shards", action="store_true", help="also end to end from JPEG shards")
     parser.add_argument("--shard-images", type=int, default=2048, help="JPEGs in the shards")
+    parser.add_argument(
+        "--decode",
+        default="nvjpeg,pil" if cuda else "pil",
+        help="comma-separated decoders for --shards: nvjpeg (GPU), pil (CPU threads)",
+    )
     args = parser.parse_args()
+    decoders = args.decode.split(",")
+    if set(decoders) - {"nvjpeg", "pil"} or ("nvjpeg" in decoders and not cuda):
+        parser.error(f"--decode {args.decode}: choose from nvjpeg (CUDA only) and pil")
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be >= 1")
     if args.modes:
@@ -228,11 +239,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="train-step-shards-") as root:
         if args.shards:
             write_dataset(root, photo_jpegs(args.shard_images), shard_images=256)
-            report["loader_img_s"] = loader_rate(root, args, device)
+            report["loader_img_s"] = {d: loader_rate(root, args, device, d) for d in decoders}
         for mode in modes:
             inputs = {"": lambda: (rgb_N3HW for _ in itertools.count())}
-            if args.shards:
-                inputs["+shards"] = lambda: shard_batches(root, args.batch, device)
+            for decode in decoders if args.shards else ():
+                inputs[f"+shards:{decode}"] = functools.partial(
+                    shard_batches, root, args.batch, device, decode
+                )
             for suffix, batches in inputs.items():
                 with contextlib.closing(batches()) as stream:
                     row = measure(mode, stream, rebalance_Q, cfg, args, device, report)
@@ -249,8 +262,8 @@ def print_table(report: dict) -> None:
     print(f"\n{report['device']}; torch {report['torch']}; ColorizationNet(ModelConfig()) "
           f"{report['params'] / 1e6:.1f}M params, {report['gflops_fwd']:.1f} GFLOPs forward at "
           f"{report['size']} x {report['size']}")  # fmt: skip
-    if "loader_img_s" in report:
-        print(f"the loader alone over the shards: {report['loader_img_s']:.1f} img/s")
+    for decode, rate in report.get("loader_img_s", {}).items():
+        print(f"the loader alone over the shards, {decode}: {rate:.1f} img/s")
     print(f"{'mode':23s} {'batch':>5s} {'step ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} "
           f"{'peak GiB':>8s} {'1st step s':>10s}")  # fmt: skip
     synthetic = {r["mode"]: r.get("img_s") for r in report["train"]}
@@ -258,11 +271,9 @@ def print_table(report: dict) -> None:
         if "error" in row:
             print(f"{row['mode']:23s} {row['batch']:5d} failed: {row['error']}")
             continue
-        base = synthetic.get(row["mode"].removesuffix("+shards"))
+        base = synthetic.get(row["mode"].partition("+")[0])
         share = (
-            f"  {row['img_s'] / base:.2f}x synthetic"
-            if row["mode"].endswith("+shards") and base
-            else ""
+            f"  {row['img_s'] / base:.2f}x synthetic" if "+shards" in row["mode"] and base else ""
         )
         print(f"{row['mode']:23s} {row['batch']:5d} {row['step_ms']:9.1f} {row['img_s']:8.1f} "
               f"{row['tflops']:8.2f} {row['peak_gib']:8.2f} "
