@@ -61,9 +61,9 @@ class _SparseCrossEntropy(torch.autograd.Function):
     (N, Q, h, w) log-probabilities; autograd's own log_softmax + gather would store those and
     then scatter the gather's gradient into a zero-filled dense tensor. Under
     ``torch.compile`` the forward pass is one reduction over the logits and, on GPUs, the
-    backward pass one elementwise kernel (`_gradient_by_comparison`: the target is built from
-    k comparisons per element, cheap where memory bandwidth is the limit); otherwise the
-    target is scattered into the softmax in place (`_gradient_by_scatter`).
+    backward pass one elementwise pass that writes the gradient in the logits' dtype, then
+    the k target entries of each pixel written over (`_gradient_by_overwrite`); otherwise the
+    target is scattered into the fp32 softmax in place (`_gradient_by_scatter`).
     """
 
     @staticmethod
@@ -81,24 +81,30 @@ class _SparseCrossEntropy(torch.autograd.Function):
         logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw, lse_Nhw = ctx.saved_tensors
         scale_N1hw = (grad_Nhw * v_Nhw)[:, None]
         if torch.compiler.is_compiling() and logits_NQhw.device.type != "cpu":
-            grad = _gradient_by_comparison(
-                logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw
-            )
+            grad = _gradient_by_overwrite(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw)
         else:
             grad = _gradient_by_scatter(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw)
         return grad.to(logits_NQhw.dtype), None, None, None
 
 
-def _gradient_by_comparison(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw):
-    """scale * (sum_j w_j softmax(x) - target) in fp32, as one elementwise expression (for
-    compilers)."""
-    q_Q11 = torch.arange(logits_NQhw.shape[1], device=logits_NQhw.device)[:, None, None]
-    target_NQhw = sum(
-        torch.where(bins_NkHW[:, j, None] == q_Q11, weights_NkHW[:, j, None], 0.0)
+def _gradient_by_overwrite(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw, lse_Nhw):
+    """scale * (sum_j w_j softmax(x) - target), computed in fp32 and returned in the logits'
+    dtype, for compilers: one elementwise pass writes every element as if its target were 0,
+    then each pixel's k target entries are recomputed and written over theirs (a bin listed
+    twice gets the sum of its weights, written twice). Each element costs a read and a write
+    at the logits' width; building the target in place instead would compare every element
+    with its pixel's k bins, re-reading k indices and weights per element."""
+    w_sum_N1hw = weights_NkHW.sum(dim=1, keepdim=True)
+    lse_N1hw = lse_Nhw[:, None]
+    softmax_NQhw = (logits_NQhw.float() - lse_N1hw).exp()
+    grad_NQhw = (scale_N1hw * (w_sum_N1hw * softmax_NQhw)).to(logits_NQhw.dtype)
+    softmax_NkHW = (logits_NQhw.gather(1, bins_NkHW).float() - lse_N1hw).exp()
+    target_NkHW = sum(
+        torch.where(bins_NkHW[:, j, None] == bins_NkHW, weights_NkHW[:, j, None], 0.0)
         for j in range(bins_NkHW.shape[1])
     )
-    softmax_NQhw = (logits_NQhw.float() - lse_Nhw[:, None]).exp()
-    return scale_N1hw * (weights_NkHW.sum(dim=1, keepdim=True) * softmax_NQhw - target_NQhw)
+    at_bins_NkHW = scale_N1hw * (w_sum_N1hw * softmax_NkHW - target_NkHW)
+    return grad_NQhw.scatter(1, bins_NkHW, at_bins_NkHW.to(logits_NQhw.dtype))
 
 
 def _gradient_by_scatter(logits_NQhw, bins_NkHW, weights_NkHW, scale_N1hw):

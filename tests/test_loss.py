@@ -122,19 +122,23 @@ def test_user_errors_raise_value_error(change: dict, message: str) -> None:
         loss.rebalanced_cross_entropy(**{**_batch(), **change})
 
 
-def test_the_fused_and_the_scattered_gradient_agree() -> None:
-    """The backward pass compilers get (target from comparisons) equals the eager one."""
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+def test_the_overwritten_and_the_scattered_gradient_agree(logits_dtype: torch.dtype) -> None:
+    """The backward pass compilers get equals the eager one, bins listed twice included."""
     batch = _batch(seed=6)
-    logits = batch["logits_NQhw"]
+    logits = batch["logits_NQhw"].to(logits_dtype)
+    bins_NkHW = batch["bins_NkHW"].clone()
+    bins_NkHW[0, 3] = bins_NkHW[0, 1]  # the first image's pixels list their second bin twice
     scale_N1hw = torch.rand(N, 1, H, W)
-    lse_Nhw = torch.logsumexp(logits, dim=1)
-    fused = loss._gradient_by_comparison(
-        logits, batch["bins_NkHW"], batch["weights_NkHW"], scale_N1hw, lse_Nhw
-    )
-    scattered = loss._gradient_by_scatter(
-        logits, batch["bins_NkHW"], batch["weights_NkHW"], scale_N1hw
-    )
-    assert_close(fused, scattered, rtol=1e-5, atol=1e-6)
+    lse_Nhw = torch.logsumexp(logits.float(), dim=1)
+    args = (logits, bins_NkHW, batch["weights_NkHW"], scale_N1hw)
+    scattered = loss._gradient_by_scatter(*args)
+    overwritten = loss._gradient_by_overwrite(*args, lse_Nhw)
+    assert overwritten.dtype == logits_dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if logits_dtype == torch.float32 else {}
+    assert_close(overwritten, scattered.to(logits_dtype), **tolerance)
+    compiled = torch.compile(loss._gradient_by_overwrite, fullgraph=True)  # Inductor's code
+    assert_close(compiled(*args, lse_Nhw), overwritten, **tolerance)
 
 
 def test_compiled_loss_equals_the_eager_loss() -> None:
