@@ -126,18 +126,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.lr >= 0:
-            problems.append(f"lr must be >= 0, got {self.lr}")
+        if not 0 <= self.lr < math.inf:
+            problems.append(f"lr must be finite and >= 0, got {self.lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            problems.append(
+                f"adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}"
+            )
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         if not 0 <= self.rebalance_lambda <= 1:
             problems.append(f"rebalance_lambda must be in [0, 1], got {self.rebalance_lambda}")
         if len(self.lr_drop_steps) != len(self.lr_drop_factors):
             problems.append("lr_drop_steps and lr_drop_factors must have the same length")
-        if list(self.lr_drop_steps) != sorted(self.lr_drop_steps) or any(
-            f <= 0 for f in self.lr_drop_factors
+        if list(self.lr_drop_steps) != sorted(self.lr_drop_steps) or not all(
+            0 < f < math.inf for f in self.lr_drop_factors
         ):
-            problems.append("lr_drop_steps must increase and lr_drop_factors be > 0")
-        if self.num_workers < 1 or self.grad_accum_steps < 1 or self.max_steps < 1:
-            problems.append("num_workers, grad_accum_steps and max_steps must be >= 1")
+            problems.append("lr_drop_steps must increase and lr_drop_factors be finite and > 0")
+        if min(self.num_workers, self.grad_accum_steps, self.max_steps, self.batch_size) < 1:
+            problems.append("num_workers, grad_accum_steps, max_steps and batch_size must be >= 1")
         if self.batch_size % (self.num_workers * self.grad_accum_steps):
             problems.append(
                 f"batch_size {self.batch_size} must divide by num_workers x grad_accum_steps "
@@ -145,16 +151,24 @@ class TrainConfig:
             )
         if self.crop_px % 8 or self.crop_px < 16:
             problems.append(f"crop_px must be a multiple of 8 and >= 16, got {self.crop_px}")
-        if (
-            not 1 <= self.soft_encode_k <= 313
-            or self.soft_encode_sigma <= 0
-            or self.prior_sigma <= 0
+        if not (
+            1 <= self.soft_encode_k <= 313
+            and 0 < self.soft_encode_sigma < math.inf
+            and 0 < self.prior_sigma < math.inf
         ):
-            problems.append("soft_encode_k must be in [1, 313]; sigmas must be > 0")
+            problems.append("soft_encode_k must be in [1, 313]; sigmas must be finite and > 0")
         if min(self.checkpoint_every_steps, self.val_every_steps, self.log_every_steps) < 1:
             problems.append("checkpoint, validation and log intervals must be >= 1")
-        if self.keep_checkpoints < 1 or self.cpus_per_worker <= 0 or self.max_failures < 0:
-            problems.append("keep_checkpoints >= 1, cpus_per_worker > 0, max_failures >= 0")
+        if (
+            self.keep_checkpoints < 1
+            or not 0 < self.cpus_per_worker < math.inf
+            or self.max_failures < 0
+        ):
+            problems.append(
+                "keep_checkpoints >= 1, cpus_per_worker finite and > 0, max_failures >= 0"
+            )
+        if self.val_data and self.val_images < 1:
+            problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")
         if self.window_shards < 1 or self.warmup_steps < 0:
             problems.append("window_shards must be >= 1 and warmup_steps >= 0")
         if self.decode == "nvjpeg" and not self.use_gpu:
@@ -166,7 +180,7 @@ class TrainConfig:
                 f"tracking must be auto, none or a comma list of {', '.join(TRACKERS)}; "
                 f"got {self.tracking!r}"
             )
-        if not self.name or "/" in self.name:
+        if self.name in ("", ".", "..") or "/" in self.name:
             problems.append(f"name must be a non-empty folder name, got {self.name!r}")
         if problems:
             raise ValueError("; ".join(problems))
@@ -257,7 +271,7 @@ def paper() -> TrainConfig:
 def h100x8() -> TrainConfig:
     """The paper's 18M samples on 8 GPUs: `python -m jobs.train --preset h100x8 --data URL`.
 
-    Global batch 2048 (256 per GPU, the size at which one H100 is efficient), so 8,789 steps
+    Global batch 2048 (256 per GPU, the size at which one H100 is efficient), so 8,790 steps
     with the drops at the same fractions of the samples (200k/450k, 375k/450k). Learning
     rate: square-root scaling, lr = 3e-5 x sqrt(2048 / 40) = 2.15e-4. The loss is a mean
     over images, so a larger batch does not enlarge the gradient, it only lowers its noise;

@@ -95,20 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(loader)
 
     if cfg.data_init and not state:
-        first = make_targets(
-            next(
-                iter(
-                    TrainLoader(
-                        index,
-                        rank=0,
-                        world_size=1,
-                        batch_size=cfg.micro_batch,
-                        crop_px=cfg.crop_px,
-                        seed=cfg.seed + 1,
-                    )
-                )
-            ).rgb_N3HW
-        )
+        first = make_targets(init_batch(cfg, index))
         data_dependent_init(model, first.l_N1HW)  # same batch on every rank: same weights
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
     model = ray.train.torch.prepare_model(model) if world > 1 else model
@@ -196,6 +183,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
         ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
+
+
+def init_batch(cfg: TrainConfig, index: DatasetIndex) -> torch.Tensor:
+    """uint8 (micro_batch, 3, crop, crop) on the CPU: the batch of the data-dependent
+    initialisation, the same on every rank (its own seed), read as the training data is."""
+    loader = TrainLoader(
+        index,
+        rank=0,
+        world_size=1,
+        batch_size=cfg.micro_batch,
+        crop_px=cfg.crop_px,
+        seed=cfg.seed + 1,
+        window_shards=cfg.window_shards,
+        s3=cfg.s3,
+    )
+    with contextlib.closing(iter(loader)) as batches:
+        return next(batches).rgb_N3HW
 
 
 def step_loss(

@@ -190,7 +190,18 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--lr", "-0.1"], "lr must be >= 0"),
+        (["--lr", "-0.1"], "lr must be finite and >= 0"),
+        (["--lr", "inf"], "lr must be finite and >= 0"),
+        (["--adam-beta1", "1.0"], "adam betas must be in [0, 1)"),
+        (["--weight-decay", "nan"], "weight_decay must be finite"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--soft-encode-sigma", "nan"], "sigmas must be finite and > 0"),
+        (["--prior-sigma", "inf"], "sigmas must be finite and > 0"),
+        (["--lr-drop-factors", "inf"], "lr_drop_factors be finite and > 0"),
+        (["--cpus-per-worker", "inf"], "cpus_per_worker finite and > 0"),
+        (["--val-images", "0"], "val_images must be >= 1"),
+        (["--name", ".."], "name must be a non-empty folder name"),
+        (["--model.bn-moving-average", "1"], "bn_moving_average must be in [0, 1)"),
         (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
         (["--batch-size", "15"], "must divide by num_workers"),
         (["--lr-drop-steps", "5", "9"], "same length"),
@@ -267,6 +278,22 @@ def test_data_dependent_init_standardises_every_conv() -> None:
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-3, rtol=0)
         alive = std > 0  # channels dead on this batch stay dead
         torch.testing.assert_close(std[alive], torch.ones_like(std[alive]), atol=1e-3, rtol=0)
+
+
+def test_the_data_init_batch_is_read_with_the_run_s3_options(s3_server, monkeypatch) -> None:
+    """An endpoint given in the config, not the environment, reaches the init batch's reads."""
+    from jobs.loader import DatasetIndex
+    from jobs.train_loop import init_batch
+    from tests.support import write_dataset
+
+    root = s3_server.url("data-init-dataset")
+    write_dataset(root)
+    s3 = storage.S3Options(endpoint_url=s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    cfg = dataclasses.replace(train.ci(), data=root, s3=s3, crop_px=32)
+    batch = init_batch(cfg, DatasetIndex.load(root, s3))
+    assert batch.shape == (cfg.micro_batch, 3, 32, 32) and batch.dtype == torch.uint8
+    assert torch.equal(batch, init_batch(cfg, DatasetIndex.load(root, s3)))  # same on every rank
 
 
 def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:
