@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
 from jobs import colorize_manifest as manifest
-from jobs import storage
+from jobs import storage, tars
 from jobs.colorize_manifest import WORK_DIR
 from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
 from jobs.picture_files import (
@@ -407,7 +407,7 @@ def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     done, names = set(unit["done"]), _Names(unit["prefix"], cfg.format)
-    with tarfile.open(fileobj=f, mode="r|*") as archive:
+    with tars.open_tar(f, "r|*") as archive:
         for member in archive:
             if member.isdir() or member.name in done:
                 names.done(member.name)
@@ -418,6 +418,8 @@ def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
                 continue
             read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
             yield _member_row(source, member.name, member.size, read, cfg, names)
+        if damage := tars.damage(archive):  # the members after it are lost: the archive's row
+            raise tarfile.ReadError(damage)
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:

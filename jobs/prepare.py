@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs import storage
+from jobs import storage, tars
 from jobs.dataset import (
     SHARD_SCHEMA,
     SHARDS_DIR,
@@ -259,27 +259,48 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             return f.read(group["size"])
 
     blob = storage.with_retries(read_inner, what=f"read {group['class']} from {group['url']}")
+    tar_source = f"{group['url']}!{group['class']}.tar"
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as inner:
-            files = sorted((m for m in inner.getmembers() if m.isfile()), key=lambda m: m.name)
-            members = [(m.name, _member_bytes(inner, m, cfg)) for m in files]
-    except (tarfile.TarError, EOFError) as e:  # the class's tar is corrupt: one error row
-        source = f"{group['url']}!{group['class']}.tar"
-        yield f"{group['class']}/", group["label"], source, BadImage(f"unreadable tar: {e}")
+        inner = tars.open_tar(io.BytesIO(blob))  # in memory: nothing to close
+    except (tarfile.TarError, EOFError) as e:  # not a tar at all: one error row for the class
+        yield f"{group['class']}/", group["label"], tar_source, BadImage(f"unreadable tar: {e}")
         return
-    del blob, inner  # the tar's buffer: only the members' bytes are needed now
+    listed: list[tarfile.TarInfo] = []
+    try:
+        listed.extend(inner)
+        damage = tars.damage(inner)
+    except (tarfile.TarError, EOFError) as e:
+        # Data that stops inside the last member listed is that member's own error below.
+        last = listed[-1] if listed else None
+        damage = None if last and last.offset_data + last.size > len(blob) else str(e)
+    files = sorted((m for m in listed if m.isfile()), key=lambda m: m.name)
     keys: set[str] = set()
-    for name, data in members:
-        key = f"{group['class']}/{name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
-        source = f"{group['url']}!{group['class']}.tar/{name}"
-        duplicate = BadImage(f"another member has the key {key!r}") if key in keys else None
+    for member in files:  # each read apart: a damaged member costs only itself
+        key = f"{group['class']}/{member.name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+        if key in keys:
+            data: bytes | Exception = BadImage(f"another member has the key {key!r}")
+        else:
+            data = _member_bytes(inner, member, cfg)
         keys.add(key)
-        yield key, group["label"], source, duplicate or data
+        yield key, group["label"], f"{tar_source}/{member.name}", data
+    if damage:  # the members after it, if any, are lost: the class tar is an error row too
+        after = f"after {listed[-1].name}" if listed else "at its start"
+        lost = BadImage(f"unreadable tar {after}: {damage}")
+        yield f"{group['class']}/", group["label"], tar_source, lost
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, cfg: PrepareConfig):
-    """A class tar member's bytes, or a `BadImage` for one above the size limit (unread)."""
-    return _too_large(member.size, cfg) or tar.extractfile(member).read()
+    """A class tar member's bytes, or a `BadImage` for one above the size limit (unread) or
+    one whose bytes are cut short or unreadable."""
+    if refused := _too_large(member.size, cfg):
+        return refused
+    try:
+        data = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        return BadImage(f"unreadable tar member: {e}")
+    if len(data) != member.size:
+        return BadImage(f"unreadable tar member: {len(data)} of {member.size} bytes")
+    return data
 
 
 def _too_large(size: int, cfg: PrepareConfig) -> BadImage | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import json
 import struct
@@ -383,6 +384,28 @@ def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> Non
         assert sorted(rows) == sorted(
             {"a.jpg", "./a.jpg", "b.gif", "b.gif.png", "c.png"} - set(done)
         )
+
+
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
+def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -> None:
+    """tarfile stops quietly at a bad header after the first: the members before it are
+    read, and the archive gets an error row, so the members lost after it are accounted for."""
+    whole = tar_bytes({f"{i}.jpg": encode(gray((8, 8))) for i in range(4)})
+    damaged = bytearray(whole)
+    damaged[whole.index(b"2.jpg") + 150] ^= 0xFF  # member 2's header no longer parses
+    archive = tmp_path / f"t.{suffix}"
+    archive.write_bytes(gzip.compress(damaged) if suffix == "tar.gz" else damaged)
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "tar", "url": str(archive), "prefix": archive.name, "done": []}
+    rows = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+    assert [r["source"].rsplit("!", 1)[-1] for r in rows[:2]] == ["0.jpg", "1.jpg"]
+    assert all(r["status"] != "error" for r in rows[:2])
+    [last] = rows[2:]
+    assert last["source"] == str(archive) and last["status"] == "error"
+    assert (
+        "unreadable archive after 2 members" in last["reason"]
+        and "damaged header" in last["reason"]
+    )
 
 
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:

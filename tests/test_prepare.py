@@ -182,6 +182,45 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
     assert {r["label"] for r in rows if r["key"].startswith("n02")} == {1}
 
 
+def test_a_damaged_class_tar_keeps_its_good_members(tmp_path) -> None:
+    """A class tar cut inside a member's bytes: that member is an error row. Cut inside a
+    header, or between members without the end-of-archive marker: the members before are
+    kept and the class tar gets an error row for what may follow (tarfile ends quietly)."""
+    jpegs = [encode(photo_rgb("chelsea")[i * 20 : i * 20 + 60, :80]) for i in range(4)]
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as t:
+        for i, data in enumerate(jpegs):
+            info = tarfile.TarInfo(f"img_{i}.JPEG")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    whole = whole.getvalue()
+    last_header = whole.index(b"img_3.JPEG")
+    cuts = {
+        "n01": whole[: last_header + 512 + 100],  # inside img_3's bytes
+        "n02": whole[: last_header + 200],  # inside img_3's header
+        "n03": whole[:last_header],  # before img_3's header
+    }
+    outer = tmp_path / "train.tar"
+    with tarfile.open(outer, "w") as out:
+        for cls, data in cuts.items():
+            info = tarfile.TarInfo(f"{cls}.tar")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    cfg = config(str(outer), str(tmp_path / "ds"))
+    _, groups = prepare.plan(cfg)
+    for cls, group in zip(cuts, groups, strict=True):
+        rows = list(prepare._group_inputs(group, cfg))
+        assert [r[0] for r in rows[:3]] == [f"{cls}/img_{i}" for i in range(3)]
+        assert [r[3] for r in rows[:3]] == jpegs[:3]
+        [(key, _, source, error)] = rows[3:]
+        if cls == "n01":
+            assert key == "n01/img_3" and "unreadable tar member" in str(error)
+        else:
+            assert key == f"{cls}/" and source.endswith(f"!{cls}.tar")
+            assert "unreadable tar after img_2.JPEG" in str(error)
+    assert "end-of-archive marker" in str(error)
+
+
 def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
     flat = tmp_path / "val"
     flat.mkdir()

@@ -1,0 +1,40 @@
+"""Tar archives read without losing members in silence.
+
+Past the first header, `tarfile` ends an archive's listing quietly at a header it cannot
+read: a damaged checksum, a block cut short, or data that stops where the next header should
+be, with no end-of-archive marker. Every member after that point would be lost without a
+trace. `open_tar` opens an archive whose headers note the reason (`damage`) instead.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from typing import IO
+
+
+class _NotedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose failed header reads leave their reason on the archive."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:  # a block of zeros: the end-of-archive marker
+            raise
+        except tarfile.EmptyHeaderError:
+            archive.damage = "the archive stops without its end-of-archive marker"
+            raise
+        except tarfile.HeaderError as e:
+            archive.damage = f"damaged header ({e})"
+            raise
+
+
+def open_tar(fileobj: IO[bytes], mode: str = "r:") -> tarfile.TarFile:
+    """`tarfile.open` on `fileobj`; after a listing, `damage(archive)` says whether it ended
+    early (raises `tarfile.ReadError` where the first header is unreadable)."""
+    return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_NotedTarInfo)
+
+
+def damage(archive: tarfile.TarFile) -> str | None:
+    """Why the listing of `archive` ended before its end-of-archive marker, if it did."""
+    return getattr(archive, "damage", None)
