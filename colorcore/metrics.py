@@ -5,6 +5,8 @@ Legend: N batch, H, W image size, P = H*W pixels, T = max_dist + 1 integer thres
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AUC_MAX_DIST = 150  # paper, Sec. 3.1: AuC of the ab error curve over thresholds 0..150
@@ -57,8 +59,10 @@ def error_auc(
         raise ValueError(f"max_dist must be a positive int, got {max_dist!r}")
     N, H, W = err_NHW.shape
     weights_NP = _pixel_weights(pixel_weights, N, H, W, err_NHW.device)
-    # error <= t  <=>  ceil(error) <= t for integer t; bucket T collects errors beyond max_dist.
-    bucket_NP = err_NHW.double().flatten(1).ceil().clamp(max=max_dist + 1).long()
+    # error <= t  <=>  ceil(error) <= t for integer t; bucket T collects errors beyond max_dist,
+    # and NaN errors (a diverged model's output), which are within no threshold.
+    err_NP = err_NHW.double().flatten(1).nan_to_num(nan=math.inf)
+    bucket_NP = err_NP.ceil().clamp(max=max_dist + 1).long()
     mass_NB = torch.zeros(N, max_dist + 2, dtype=torch.float64, device=err_NHW.device)
     mass_NB.scatter_add_(1, bucket_NP, weights_NP)
     curve_NT = mass_NB[:, : max_dist + 1].cumsum(dim=1) / weights_NP.sum(dim=1, keepdim=True)

@@ -44,6 +44,13 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------- plain data <-> dataclasses
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run's folder under a storage root, if it cannot."""
+    if name in ("", ".", "..") or "/" in name:
+        return f"name must be a non-empty folder name, got {name!r}"
+    return None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON-compatible data (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

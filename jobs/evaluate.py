@@ -766,6 +766,14 @@ def _finite_mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def _mean_psnr(values: np.ndarray) -> float | None:
+    """Mean PSNR without the images reproduced exactly (+inf dB); +inf where all were."""
+    values = values[~np.isnan(values)]
+    if len(finite := values[np.isfinite(values)]):
+        return float(finite.mean())
+    return math.inf if len(values) else None
+
+
 def summarise(rows: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     """The table: one entry per row of METHODS, means over the measured images."""
     ok = rows["status"] == "ok"
@@ -778,7 +786,7 @@ def summarise(rows: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
                 "method": method,
                 "auc_raw": _finite_mean(rows["auc_raw"][ok, m]),
                 "auc_rebalanced": _finite_mean(rows["auc_rebalanced"][ok, m]),
-                "psnr_db": _finite_mean(rows["psnr_db"][ok, m]),
+                "psnr_db": _mean_psnr(rows["psnr_db"][ok, m]),
                 "top1": float(labelled.mean()) if len(labelled) else None,
                 "top1_images": len(labelled),
             }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     buffer = io.BytesIO()
     histogram.save(buffer)
     storage.write_bytes(cfg.output_url, buffer.getvalue(), cfg.s3)
-    plot_url = cfg.output_url.rsplit(".", 1)[0] + ".png"
+    plot_url = posixpath.splitext(cfg.output_url)[0] + ".png"
     storage.write_bytes(plot_url, plot_prior(histogram), cfg.s3)
     print(
         f"prior: {histogram.num_pixels:,} pixels of {images} colour images "

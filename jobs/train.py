@@ -36,7 +36,7 @@ from colorcore.model import ModelConfig
 from colorcore.prior import PRIOR_SMOOTHING_SIGMA, REBALANCE_LAMBDA, AbHistogram, rebalance_weights
 from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import storage
-from jobs.config import presets_of, to_dict
+from jobs.config import presets_of, run_name_problem, to_dict
 from jobs.dataset import PRIOR_FILE
 from jobs.storage import S3Options
 
@@ -180,8 +180,8 @@ class TrainConfig:
                 f"tracking must be auto, none or a comma list of {', '.join(TRACKERS)}; "
                 f"got {self.tracking!r}"
             )
-        if self.name in ("", ".", "..") or "/" in self.name:
-            problems.append(f"name must be a non-empty folder name, got {self.name!r}")
+        if problem := run_name_problem(self.name):
+            problems.append(problem)
         if problems:
             raise ValueError("; ".join(problems))
 

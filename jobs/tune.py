@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jobs import storage, train
-from jobs.config import ConfigError, from_dict, presets_of, save_config, to_dict
+from jobs.config import ConfigError, from_dict, presets_of, run_name_problem, save_config, to_dict
 from jobs.plots import figure_png, pyplot
 from jobs.train import TrainConfig
 
@@ -130,8 +130,8 @@ class SearchConfig:
             problems.append("the search space is empty: no lambdas and no lambda_range")
         if not self.schedules:
             problems.append("the search space is empty: no schedules")
-        if any(not lr >= 0 for lr in self.lrs):
-            problems.append(f"lrs must be >= 0, got {list(self.lrs)}")
+        if any(not 0 <= lr < math.inf for lr in self.lrs):
+            problems.append(f"lrs must be finite and >= 0, got {list(self.lrs)}")
         lo, hi = LAMBDA_RANGE
         if any(not lo <= lam <= hi for lam in self.lambdas):
             problems.append(f"lambdas must lie in [{lo}, {hi}], got {list(self.lambdas)}")
@@ -141,8 +141,8 @@ class SearchConfig:
         ):
             if bounds is None:
                 continue
-            if len(bounds) != 2 or not floor <= bounds[0] < bounds[1]:
-                problems.append(f"{name} must be (low, high) with {floor} <= low < high")
+            if len(bounds) != 2 or not floor <= bounds[0] < bounds[1] < math.inf:
+                problems.append(f"{name} must be (low, high) with {floor} <= low < high < inf")
             elif name == "lr_range" and bounds[0] <= 0:
                 problems.append("lr_range is sampled log-uniformly: low must be > 0")
             elif name == "lambda_range" and bounds[1] > hi:
@@ -162,8 +162,12 @@ class SearchConfig:
                 )
             if not all(math.isfinite(f) for f in factors):
                 problems.append(f"schedule {text!r}: factors must be finite")
-        if self.num_samples < 1 or self.reports_per_trial < 1 or self.reduction_factor <= 1:
-            problems.append("num_samples, reports_per_trial >= 1 and reduction_factor > 1")
+        if (
+            self.num_samples < 1
+            or self.reports_per_trial < 1
+            or not 1 < self.reduction_factor < math.inf
+        ):
+            problems.append("num_samples, reports_per_trial >= 1 and reduction_factor > 1, finite")
         if self.first_rung_fraction is not None and not 0 < self.first_rung_fraction <= 1:
             problems.append("first_rung_fraction must lie in (0, 1]")
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -175,8 +179,8 @@ class SearchConfig:
             )
         if not self.train.val_data:
             problems.append("the objective needs validation data: set train.val_data")
-        if not self.name or "/" in self.name:
-            problems.append(f"name must be a non-empty folder name, got {self.name!r}")
+        if problem := run_name_problem(self.name):
+            problems.append(problem)
         if not problems and self.scheduler == "asha" and self.first_rung() >= self.train.max_steps:
             problems.append(
                 f"ASHA's first rung falls at the budget's end (step {self.first_rung()}): it "

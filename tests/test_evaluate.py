@@ -93,7 +93,7 @@ def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
     rows["status"][:] = ["ok", "ok", "error", "grayscale"]
     rows["auc_raw"][:2] = [[1.0, 0.5, 0.7, 0.6, 0.4], [1.0, 0.3, 0.9, 0.8, 0.2]]
     rows["auc_rebalanced"][:2] = 0.25
-    rows["psnr_db"][:2] = [[math.inf, 20, 30, 30, 10]] * 2
+    rows["psnr_db"][:2] = [[math.inf, 20, 30, 30, 10], [math.inf, 20, math.inf, 30, 10]]
     rows["correct"][:2] = [[1] * M, [-1] * M]
     rows["correct"][2] = 0  # an unreadable input counts for nothing
     table = {r["method"]: r for r in evaluate.summarise(rows)}
@@ -101,6 +101,7 @@ def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
     assert table["annealed_mean"]["auc_raw"] == pytest.approx(0.8)
     assert table["ground_truth"]["psnr_db"] == math.inf
     assert table["mode"]["psnr_db"] == pytest.approx(10.0)
+    assert table["annealed_mean"]["psnr_db"] == pytest.approx(30.0)  # exact image left out
     assert table["gray"]["top1"] == 1.0 and table["gray"]["top1_images"] == 1
     assert json.loads(json.dumps(evaluate._json_safe({"x": math.inf, "y": np.float64(2)}))) == {
         "x": None,

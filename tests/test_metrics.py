@@ -59,6 +59,16 @@ def test_exact_cases_zero_error_and_error_beyond_the_range() -> None:
     assert _closed_form_auc(4.0, 10) == pytest.approx(0.65)
 
 
+def test_nan_predictions_are_within_no_threshold() -> None:
+    """A diverged model's NaN ab scores like an error beyond the range, image by image."""
+    pred_N2HW, true_N2HW = _pair_with_offset(0.0, 0.0)
+    pred_N2HW = torch.cat([pred_N2HW, pred_N2HW])
+    pred_N2HW[1, :, 0] = math.nan  # the second image's first row
+    auc_N, _ = metrics.ab_auc(pred_N2HW, torch.cat([true_N2HW, true_N2HW]))
+    H = pred_N2HW.shape[2]
+    assert auc_N.tolist() == [1.0, pytest.approx(1 - 1 / H)]
+
+
 def _half_good_half_bad() -> tuple[torch.Tensor, torch.Tensor]:
     true_N2HW = torch.zeros(1, 2, 2, 4)
     pred_N2HW = true_N2HW.clone()

@@ -64,6 +64,10 @@ def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
         (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
         (["--schedules", "0.5:inf"], "factors must be finite"),
         (["--reports-per-trial", "1"], "ASHA's first rung falls at the budget's end"),
+        (["--lrs", "inf"], "lrs must be finite and >= 0"),
+        (["--lr-range", "1e-5", "inf", "--search-alg", "random"], "low < high < inf"),
+        (["--reduction-factor", "nan"], "reduction_factor > 1, finite"),
+        (["--name", ".."], "name must be a non-empty folder name"),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None:
