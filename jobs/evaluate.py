@@ -1010,10 +1010,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     check_gpus(1 if cfg.use_gpu else 0, "evaluation with use_gpu")  # actors start as GPUs allow
     start = time.monotonic()
-    # workers run in other directories: local paths must be absolute
-    local = ("data", "model", "output", "classifier_weights", "split", "prior")
-    paths = {k: storage.absolute(getattr(cfg, k)) for k in local if getattr(cfg, k)}
-    cfg = dataclasses.replace(cfg, **paths)
+    cfg = storage.with_absolute_paths(
+        cfg, "data", "model", "output", "classifier_weights", "split", "prior"
+    )
     plan = plan_inputs(cfg)
     _report_plan(cfg, plan)
     rebalance0_Q = load_rebalance0(cfg.prior_url, cfg.s3)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -138,15 +139,21 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{cfg.labels_file}:{number}: expected '<path> <int label>'")
-        labels[parts[0].lstrip("/")] = int(parts[1])
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ValueError(f"{cfg.labels_file}:{number}: expected '<path> <label >= 0>'")
+        rel = posixpath.normpath(parts[0].lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            raise ValueError(f"{cfg.labels_file}:{number}: {parts[0]!r} is outside SRC")
+        labels[rel] = int(parts[1])
     if not labels:
         raise ValueError(f"{cfg.labels_file} lists no images")
     classes = [str(i) for i in range(max(labels.values()) + 1)]
     fs, root = storage.filesystem(cfg.src, cfg.s3)
     found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
-    sizes = {p[len(root) :].lstrip("/"): info.get("size", 0) for p, info in found.items()}
+    sizes = {
+        posixpath.normpath(p[len(root) :].lstrip("/")): info.get("size", 0)
+        for p, info in found.items()
+    }
     inputs = [
         {
             "key": f"{label}/{rel.rsplit('.', 1)[0].rsplit('/', 1)[-1]}",
@@ -408,6 +415,7 @@ def main(cfg: PrepareConfig) -> Manifest:
     from jobs.runtime import init_ray
 
     start = time.monotonic()
+    cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
     _check_resumable(cfg, classes, groups)
     todo = [i for i in range(len(groups)) if not storage.exists(_marker_url(cfg, i), cfg.s3)]

@@ -14,6 +14,7 @@ exponential backoff; missing files and permission errors fail at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+C = TypeVar("C")
 
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
@@ -48,22 +50,29 @@ class S3Options:
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
-            parsed = urlparse(self.endpoint_url)
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise ValueError(
-                    f"endpoint_url must be http(s)://host[:port], got {self.endpoint_url!r}"
-                )
-            if parsed.username or parsed.password:
-                raise ValueError("endpoint_url must not carry credentials")
+            _check_endpoint(self.endpoint_url, "endpoint_url")
 
     def resolved_endpoint(self) -> str | None:
-        return self.endpoint_url or next(
-            (os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), None
-        )
+        if self.endpoint_url:
+            return self.endpoint_url
+        for variable in _ENDPOINT_ENV:
+            if endpoint := os.environ.get(variable):
+                return _check_endpoint(endpoint, f"${variable}")
+        return None
 
     def resolved_region(self) -> str:
         env = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         return self.region or env or "us-east-1"
+
+
+def _check_endpoint(endpoint: str, where: str) -> str:
+    """`endpoint` if it is http(s)://host[:port] without credentials (never echoed if not)."""
+    parsed = urlparse(endpoint)
+    if parsed.username or parsed.password:
+        raise ValueError(f"{where} must not carry credentials: give them in the environment")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"{where} must be http(s)://host[:port], got {endpoint!r}")
+    return endpoint
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -72,10 +81,16 @@ def split_url(url: str) -> tuple[str, str]:
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if sep and scheme == "file":
+        if rest.startswith("localhost/"):  # file://localhost/data is /data
+            rest = rest[len("localhost") :]
         return "file", os.path.abspath(os.path.expanduser(rest))
     if sep and scheme in ("s3", "s3a", "gs", "gcs"):
         protocol = "s3" if scheme.startswith("s3") else "gs"
         bucket, _, key = rest.partition("/")
+        if "@" in bucket:  # user:secret@bucket: refused without echoing it
+            raise ValueError(
+                f"a {scheme}:// URL must not carry credentials: give them in the environment"
+            )
         if not bucket:
             raise ValueError(f"{url!r}: no bucket")
         return protocol, f"{bucket}/{key.lstrip('/')}".rstrip("/")
@@ -94,6 +109,12 @@ def absolute(url: str) -> str:
     """Local paths made absolute (workers run in other directories); other URLs unchanged."""
     protocol, path = split_url(url)
     return path if protocol == "file" else url
+
+
+def with_absolute_paths(cfg: C, *fields: str) -> C:
+    """The config with the local paths in `fields` made absolute (Ray workers run in other
+    directories); empty fields and other URLs unchanged."""
+    return dataclasses.replace(cfg, **{k: absolute(v) for k in fields if (v := getattr(cfg, k))})
 
 
 def is_local(url: str) -> bool:

@@ -382,8 +382,7 @@ def build_trainer(
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The config with local paths made absolute, as workers need them."""
-    paths = {k: getattr(cfg, k) for k in ("data", "val_data", "prior", "storage")}
-    return dataclasses.replace(cfg, **{k: v and storage.absolute(v) for k, v in paths.items()})
+    return storage.with_absolute_paths(cfg, "data", "val_data", "prior", "storage")
 
 
 def preflight(cfg: TrainConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -252,3 +253,17 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     (tmp_path / "loose.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="not inside a class folder"):
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
+    labels = tmp_path.parent / f"{tmp_path.name}-labels.txt"
+    bad_lines = {
+        "loose.jpg -1": "labels.txt:2: expected '<path> <label >= 0>'",
+        "sub/../../secret.jpg 1": "'sub/../../secret.jpg' is outside SRC",
+    }
+    for line, message in bad_lines.items():
+        labels.write_text(f"./loose.jpg 0\n{line}\n")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))
+    labels.write_text("./loose.jpg 0\n")  # the listed spelling need not be the stored one
+    [group] = prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))[
+        1
+    ]
+    assert [(i["key"], i["size"]) for i in group["items"]] == [("0/loose", 1)]

@@ -81,8 +81,22 @@ def test_split_url_forms(tmp_path) -> None:
         storage.split_url("ftp://host/x")
     with pytest.raises(ValueError, match="no bucket"):
         storage.split_url("s3:///x")
+    assert storage.split_url(f"file://localhost{tmp_path}/x") == ("file", f"{tmp_path}/x")
     with pytest.raises(ValueError, match="credentials"):
         storage.S3Options(endpoint_url="http://user:pw@host:9000")
+
+
+def test_credentials_in_urls_are_refused_without_echoing_them(monkeypatch) -> None:
+    secret = "wJalrXUtnFEMI"
+    with pytest.raises(ValueError, match="must not carry credentials") as refused:
+        storage.split_url(f"s3://AKIAEXAMPLE:{secret}@bucket/key")
+    assert secret not in str(refused.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://user:{secret}@127.0.0.1:9000")
+    with pytest.raises(ValueError, match=r"\$AWS_ENDPOINT_URL_S3 must not carry") as refused:
+        storage.S3Options().resolved_endpoint()
+    assert secret not in str(refused.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")
+    assert storage.S3Options().resolved_endpoint() == "http://127.0.0.1:9000"
 
 
 def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
