@@ -71,6 +71,7 @@ from jobs import storage, tars
 from jobs.colorize_manifest import WORK_DIR
 from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
 from jobs.picture_files import (
+    EXIF_SEGMENT_MAX,
     SUFFIXES,
     Decoded,
     app_segments,
@@ -252,6 +253,21 @@ def _in_work_dir(rel: str) -> str | None:
     return None
 
 
+def _text_name(name: str) -> str:
+    """`name` as text that UTF-8 can encode, for sources and output paths (files are read by
+    their own names). Python keeps the bytes of a name that is not UTF-8 (an old tar's, a
+    file system's in another encoding) as surrogates; such a name is read as Latin-1, the
+    usual encoding of those, which gives every byte a character of its own."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates of another origin
+        return name.encode("utf-8", "replace").decode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _kind(path: str) -> str:
     name = path.lower()
     if name.endswith(TAR_SUFFIXES):
@@ -276,38 +292,45 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
     units, files, skipped = [], [], 0
     done_set, done_sorted, inputs = set(done), sorted(done), set(sizes)
     for rel, url in zip(rels, urls, strict=True):
-        kind = _kind(url)
+        kind, source = _kind(url), _text_name(url)
         if kind != "image":
-            prefix = rel.rstrip("/")
+            prefix = _text_name(rel).rstrip("/")
             members = _starting_with(
-                done_sorted, url + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
+                done_sorted, source + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
             )
-            if url in done_set:  # the archive itself failed: nothing more to read in it
+            if source in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
                 continue
             skipped += len(members)
             units.append({"kind": kind, "url": url, "prefix": prefix, "done": members})
             continue
-        if url in done_set:
+        if source in done_set:
             skipped += 1
             continue
-        name = rel or posixpath.basename(storage.split_url(url)[1])
-        item = {"source": url, "rel": name, "size": sizes[rel]}
+        name = _text_name(rel or posixpath.basename(storage.split_url(url)[1]))
+        item = {"source": source, "rel": name, "size": sizes[rel]}
+        if source != url:
+            item["url"] = url  # read by its own name
         taken = _output_taken(name, inputs, cfg.format)
         reason = _in_work_dir(name) or (taken and f"its output name {taken!r} is another input's")
         files.append(item | ({"error": reason} if reason else {}))
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
-    return units, urls, skipped
+    return units, [_text_name(url) for url in urls], skipped
 
 
 def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
-    """The name an input's output may get that another input has: a name without the output
-    format's suffix gets it appended (`a.gif` -> `a.gif.png`), and a folder may hold both."""
-    formats = list(SUFFIXES) if choice == "keep" else [choice.upper()]
-    if rel.lower().endswith(tuple(s for f in formats for s in SUFFIXES[f])):
-        return None
-    return next((rel + SUFFIXES[f][0] for f in formats if rel + SUFFIXES[f][0] in inputs), None)
+    """A name the output of the input at `rel` may get that is another input's: `rel` with
+    the format's suffix appended where it has not got it (`a.gif` -> `a.gif.png`). Its format
+    is the chosen one, or TIFF for pages, or PNG for a picture with alpha where JPEG was
+    chosen; kept formats follow a known suffix, else they may be any."""
+    if choice == "keep":
+        known = rel.lower().endswith(tuple(x for f in SUFFIXES.values() for x in f))
+        formats = [] if known else list(SUFFIXES)
+    else:
+        formats = [choice.upper(), "TIFF"] + (["PNG"] if choice == "jpeg" else [])
+    names = (output_name(rel, fmt) for fmt in formats)
+    return next((name for name in names if name != rel and name in inputs), None)
 
 
 def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
@@ -340,7 +363,7 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
             yield _row(source, reason=f"file too large: {item['size']} bytes")
             continue
         try:
-            yield _row(source, item["rel"], storage.read_bytes(source, cfg.s3))
+            yield _row(source, item["rel"], storage.read_bytes(item.get("url", source), cfg.s3))
         except FileNotFoundError:
             yield _row(source, reason="missing file")
         except OSError as e:
@@ -353,8 +376,8 @@ class _Names:
     output of `a.gif`), and a repeated name gets a source of its own so that the manifest
     tells the two apart. Members done by an earlier run keep their paths taken."""
 
-    def __init__(self, prefix: str, choice: str) -> None:
-        self.prefix, self.choice = prefix, choice
+    def __init__(self, unit: dict, choice: str) -> None:
+        self.prefix, self.choice, self.finished = unit["prefix"], choice, set(unit["done"])
         self.outputs: set[str] = set()
         self.sources: Counter[str] = Counter()
 
@@ -362,6 +385,15 @@ class _Names:
         self.sources[source] += 1
         copy = self.sources[source]
         return source if copy == 1 else f"{source} (copy {copy})"
+
+    def member(self, base: str, name: str) -> str | None:
+        """The source of the member `name` (`base`: its archive's source and separator),
+        numbered where the name repeats; None where an earlier run did it."""
+        source = self.source(base + _text_name(name))
+        if source[len(base) :] in self.finished:
+            self.done(_text_name(name))
+            return None
+        return source
 
     def rel(self, name: str) -> str:
         """The member's path under OUTPUT; `BadImage` if it would leave it."""
@@ -406,30 +438,32 @@ def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> 
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done, names = set(unit["done"]), _Names(unit["prefix"], cfg.format)
+    base, names = _text_name(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
     with tars.open_tar(f, "r|*") as archive:
         for member in archive:
-            if member.isdir() or member.name in done:
-                names.done(member.name)
+            if member.isdir():
+                names.done(_text_name(member.name))
                 continue
-            source = names.source(f"{unit['url']}{MEMBER_SEP}{member.name}")
+            if (source := names.member(base, member.name)) is None:
+                continue
             if not member.isfile():
                 yield _row(source, reason="archive member is not a regular file (link/device)")
                 continue
             read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
-            yield _member_row(source, member.name, member.size, read, cfg, names)
+            yield _member_row(source, _text_name(member.name), member.size, read, cfg, names)
         if damage := tars.damage(archive):  # the members after it are lost: the archive's row
             raise tarfile.ReadError(damage)
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    done, names = set(unit["done"]), _Names(unit["prefix"], cfg.format)
+    base, names = _text_name(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            if info.is_dir() or info.filename in done:
+            if info.is_dir():
                 names.done(info.filename)
                 continue
-            source = names.source(f"{unit['url']}{MEMBER_SEP}{info.filename}")
+            if (source := names.member(base, info.filename)) is None:
+                continue
             if stat.S_ISLNK(info.external_attr >> 16):
                 yield _row(source, reason="archive member is not a regular file (link)")
                 continue
@@ -441,7 +475,7 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    done, table = set(unit["done"]), pq.ParquetFile(f)
+    table = pq.ParquetFile(f)
     schema = table.schema_arrow
     column = cfg.parquet_column or next(
         (
@@ -455,15 +489,14 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
-    number, names = 0, _Names(unit["prefix"], cfg.format)
+    number, names = 0, _Names(unit, cfg.format)
+    base = _text_name(unit["url"]) + ROW_SEP
     for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
         for row in batch.to_pylist():
             name = str(row[key]) if key else f"{number:09d}"
             number += 1
-            if name in done:
-                names.done(name)
+            if (source := names.member(base, name)) is None:
                 continue
-            source = names.source(f"{unit['url']}{ROW_SEP}{name}")
             data = row[column] or b""
             read = lambda d=data: d  # noqa: E731
             yield _member_row(source, name, len(data), read, cfg, names)
@@ -487,7 +520,10 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                 yield item
     except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
         # The archive itself is an input too: recorded once, after what could be read of it.
-        yield _row(url, reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}")
+        yield _row(
+            _text_name(url),
+            reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}",
+        )
 
 
 # ---------------------------------------------------------------- the pipeline stages
@@ -542,7 +578,7 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
     if not eligible(data, image):
         return None
     meta = read_metadata(image)
-    exif = exif_bytes(meta, provenance)
+    exif = exif_bytes(meta, provenance, EXIF_SEGMENT_MAX)
     return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc), exif_orientation(image)
 
 
@@ -857,10 +893,7 @@ def main(cfg: ColorizeConfig) -> Summary:
 
     check_gpus(1 if cfg.device == "cuda" else 0, "--device cuda")  # actors start as GPUs allow
     start = time.monotonic()
-    # Local paths made absolute: Ray workers run in other directories.
-    cfg = dataclasses.replace(
-        cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output)
-    )
+    cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
     done = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once

@@ -41,6 +41,7 @@ _SOI = b"\xff\xd8"
 _APP_PAYLOAD_MAX = 65533  # a segment's length field (2 bytes) counts itself
 _ICC_CHUNK = _APP_PAYLOAD_MAX - 14  # "ICC_PROFILE\0" + sequence number + count
 _EXIF_HEADER = b"Exif\x00\x00"
+EXIF_SEGMENT_MAX = _APP_PAYLOAD_MAX  # the most EXIF (its header included) a JPEG carries
 _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
@@ -233,15 +234,23 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
 # ---------------------------------------------------------------- encoding
 
 
-def exif_bytes(meta: Metadata, provenance: str) -> bytes:
-    """The EXIF block written with an output: the source's, with the provenance tag."""
-    from PIL import Image
+def exif_bytes(meta: Metadata, provenance: str, limit: int | None = None) -> bytes:
+    """The EXIF block written with an output: the source's, with the provenance tag. Above
+    `limit` bytes (a JPEG segment's room), the maker's note goes first, then the whole
+    source block: the provenance tag is always written."""
+    from PIL import ExifTags, Image
 
     exif = Image.Exif()
     if meta.exif:
         exif.load(meta.exif.tobytes())
     exif[PROVENANCE_EXIF_TAG] = provenance
-    return exif.tobytes()
+    body = exif.tobytes()
+    if limit is not None and len(body) > limit:
+        exif.get_ifd(ExifTags.IFD.Exif).pop(ExifTags.Base.MakerNote, None)
+        body = exif.tobytes()
+    if limit is not None and len(body) > limit:
+        return exif_bytes(Metadata(), provenance)
+    return body
 
 
 def _as_16bit(values: np.ndarray) -> np.ndarray:
@@ -333,7 +342,8 @@ def encode(
     """Colorized pages (H, W, 3 uint8 or uint16) -> file bytes with the source's metadata."""
     from PIL import Image, PngImagePlugin
 
-    meta, exif = decoded.meta, exif_bytes(decoded.meta, provenance)
+    limit = EXIF_SEGMENT_MAX if fmt == "JPEG" else None
+    meta, exif = decoded.meta, exif_bytes(decoded.meta, provenance, limit)
     if fmt == "PNG16":
         return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
     if fmt == "TIFF16":
@@ -342,14 +352,18 @@ def encode(
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
         rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
         image = Image.fromarray(rgb8)
-        if page.alpha is not None:
-            image.putalpha(Image.fromarray(page.alpha))
+        if page.alpha is not None:  # 8 bits here, as the colour: a 16-bit one keeps its top
+            alpha = page.alpha if page.alpha.dtype == np.uint8 else page.alpha >> 8
+            image.putalpha(Image.fromarray(alpha.astype(np.uint8)))
         images.append(image)
     kwargs: dict[str, Any] = {"exif": exif}
     if meta.icc:
         kwargs["icc_profile"] = meta.icc
-    if fmt == "JPEG":
-        kwargs.update(quality=quality, subsampling=0, xmp=meta.xmp)
+    if fmt == "JPEG":  # an XMP packet too large for its segment is left out, as on GPUs
+        xmp = (
+            meta.xmp if meta.xmp and len(_XMP_HEADER) + len(meta.xmp) <= _APP_PAYLOAD_MAX else None
+        )
+        kwargs.update(quality=quality, subsampling=0, xmp=xmp)
         if meta.iptc:
             kwargs["extra"] = iptc_segment(meta.iptc)
     elif fmt == "PNG":
@@ -384,8 +398,11 @@ def _segment(marker: int, payload: bytes) -> bytes:
 
 
 def iptc_segment(iptc: bytes) -> bytes:
-    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404)."""
+    """A JPEG APP13 segment holding IPTC-IIM records (Photoshop resource 0x0404); nothing
+    for records too large for one segment."""
     payload = iptc + b"\0" * (len(iptc) % 2)
+    if len(payload) > _APP_PAYLOAD_MAX - 26:  # "Photoshop 3.0\0", resource header, length
+        return b""
     return _segment(
         0xED, b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iptc)) + payload
     )

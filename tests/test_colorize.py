@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import struct
 import tarfile
 import zipfile
@@ -349,7 +350,8 @@ def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("choice", "refused"), [("keep", ["a.gif", "c"]), ("png", ["a.gif", "d.jpg"])]
+    ("choice", "refused"),
+    [("keep", ["a.gif", "c"]), ("png", ["a.gif", "d.jpg"]), ("jpeg", ["a.gif", "c", "d.jpg"])],
 )
 def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice, refused):
     src = tmp_path / "in"
@@ -406,6 +408,52 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
         "unreadable archive after 2 members" in last["reason"]
         and "damaged header" in last["reason"]
     )
+
+
+def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> None:
+    """An old tar's Latin-1 member name and a file system name in another encoding: both
+    read, with sources and output paths read as Latin-1, which the manifest can store."""
+    data = encode(gray((8, 8)))
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ok.jpg").write_bytes(data)
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.jpg"), "wb") as f:
+        f.write(data)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        info = tarfile.TarInfo("\u00e9t\u00e9.jpg")  # stored as the Latin-1 bytes e9 74 e9
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    (src / "old.tar").write_bytes(buffer.getvalue())
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt")
+    units, top_level, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    assert {r["rel"] for r in rows} == {"ok.jpg", "caf\u00e9.jpg", "old.tar/\u00e9t\u00e9.jpg"}
+    assert all(r["status"] == "pending" and r["data"] == data for r in rows)
+    assert f"{src}/caf\u00e9.jpg" in top_level
+    for text in top_level + [r["source"] for r in rows]:
+        text.encode("utf-8")  # what Arrow needs of the manifest's strings
+
+
+def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
+    """A tar holding `a.png` twice: with only the first copy done, the second is still read."""
+    data = encode(gray((8, 8)), "PNG")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as t:
+        for name in ("a.png", "b.png", "a.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "t.tar"
+    archive.write_bytes(buffer.getvalue())
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": []}
+    first = [r["source"] for r in colorize.read_unit({"unit": json.dumps(unit)}, cfg)]
+    assert first == [f"{archive}!a.png", f"{archive}!b.png", f"{archive}!a.png (copy 2)"]
+    unit["done"] = ["a.png"]
+    rows = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+    assert [r["source"] for r in rows] == first[1:]
+    assert "same output path" in rows[1]["reason"]  # the copy's output is the first's
 
 
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
@@ -519,6 +567,44 @@ def test_8bit_tiff_outputs_carry_provenance_and_metadata() -> None:
     assert tags[picture_files.PROVENANCE_EXIF_TAG] == "made by us"
     assert tags[0x013B] == "A. Archivist" and b"archive-42" in tags[700]
     assert tags[33723] == IPTC and tiff.info["icc_profile"] == SRGB_ICC
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_16bit_alpha_goes_into_8bit_formats_as_its_top_byte(fmt: str) -> None:
+    rgb16, alpha16 = scan16(3)
+    png = picture_files.encode_png16(rgb16, picture_files.Metadata(), b"", "p", alpha16)
+    decoded = picture_files.decode(png, 10**6)
+    chosen = picture_files.output_format(decoded, fmt.lower())
+    assert chosen == ("PNG" if fmt == "JPEG" else "WEBP")  # a JPEG cannot keep the alpha
+    out = picture_files.encode([rgb16], decoded, chosen, "p", 100)
+    alpha = np.asarray(Image.open(io.BytesIO(out)).getchannel("A"))
+    assert np.array_equal(alpha, (alpha16 >> 8).astype(np.uint8))
+
+
+def test_metadata_too_large_for_a_jpeg_is_left_out_not_the_picture() -> None:
+    """A maker's note past a JPEG segment's 64 KB goes, then the rest of an EXIF too large;
+    an XMP packet or IPTC records too large are left out. The provenance tag stays, and the
+    CPU and device paths write the same."""
+    from PIL import ExifTags
+
+    decoded = picture_files.decode(jpeg_with_metadata(), 10**6)
+    exif = decoded.meta.exif
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.MakerNote] = bytes(70_000)
+    rgb = [np.full((40, 24, 3), 120, np.uint8)]
+    image = Image.open(io.BytesIO(picture_files.encode(rgb, decoded, "JPEG", "us", 95)))
+    kept = image.getexif()
+    assert kept[picture_files.PROVENANCE_EXIF_TAG] == "us" and kept[0x013B] == "A. Archivist"
+    assert ExifTags.Base.MakerNote not in kept.get_ifd(ExifTags.IFD.Exif)
+    exif[0x010E] = "x" * 70_000  # ImageDescription: too large even without the note
+    decoded.meta.xmp, decoded.meta.iptc = b"<x/>" * 20_000, IPTC * (70_000 // len(IPTC))
+    image = Image.open(io.BytesIO(picture_files.encode(rgb, decoded, "JPEG", "us", 95)))
+    assert dict(image.getexif()) == {picture_files.PROVENANCE_EXIF_TAG: "us"}
+    assert "xmp" not in image.info and "photoshop" not in image.info
+    on_device = picture_files.app_segments(
+        picture_files.exif_bytes(decoded.meta, "us", picture_files.EXIF_SEGMENT_MAX),
+        icc=None, xmp=decoded.meta.xmp, iptc=decoded.meta.iptc,
+    )  # fmt: skip
+    assert on_device.count(b"\xff\xe1") == 1 and b"\xff\xed" not in on_device
 
 
 def test_pixel_limit_bounds_all_pages_together() -> None:
