@@ -53,7 +53,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -275,9 +275,12 @@ def _kind(path: str) -> str:
     return {".zip": "zip", ".parquet": "parquet"}.get(posixpath.splitext(name)[1], "image")
 
 
-def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str], int]:
+def plan(
+    cfg: ColorizeConfig, done: Sequence[str], failed: Collection[str] = ()
+) -> tuple[list[dict], list[str], int]:
     """(work units in a fixed order, every top-level file's source URL, inputs skipped), for
-    the sources in `done` being done already."""
+    the sources in `done` being done already; archives in `failed` have an error row to
+    clear if they are read through this time."""
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
         found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.input}")
@@ -302,7 +305,8 @@ def plan(cfg: ColorizeConfig, done: Sequence[str]) -> tuple[list[dict], list[str
                 skipped += 1
                 continue
             skipped += len(members)
-            units.append({"kind": kind, "url": url, "prefix": prefix, "done": members})
+            unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
+            units.append(unit | ({"retry": True} if source in failed else {}))
             continue
         if source in done_set:
             skipped += 1
@@ -518,6 +522,8 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
             for item in _ARCHIVE_READERS[unit["kind"]](unit, cfg, f):
                 count += 1
                 yield item
+        if unit.get("retry"):  # read through this time: its earlier error row is cleared
+            yield {**_row(_text_name(url)), "status": manifest.RESOLVED}
     except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
         # The archive itself is an input too: recorded once, after what could be read of it.
         yield _row(
@@ -876,7 +882,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     compactor = manifest.Compactor(cfg.output, cfg.s3)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         compactor.add(batch)
-        done += len(batch["status"])
+        done += int(sum(s != manifest.RESOLVED for s in batch["status"]))
         errors += int(sum(s == "error" for s in batch["status"]))
         now = time.monotonic()
         if now - last > 2.0:
@@ -896,10 +902,14 @@ def main(cfg: ColorizeConfig) -> Summary:
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
-    done = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
+    rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
+    status, failed = rows.column("status"), []
     if cfg.retry_errors:
-        done = done.filter(pc.equal(done.column("status"), "ok"))
-    units, top_level, skipped = plan(cfg, done.column("source").to_pylist())
+        failed = rows.filter(pc.equal(status, "error")).column("source").to_pylist()
+    done = rows.filter(
+        pc.equal(status, "ok") if cfg.retry_errors else pc.not_equal(status, manifest.RESOLVED)
+    )
+    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), set(failed))
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
@@ -924,6 +934,7 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     """Compact the manifest parts, check that every input is accounted for exactly once and
     write the manifest."""
     table = manifest.compact(cfg.output, cfg.s3)
+    table = table.filter(pc.not_equal(table.column("status"), manifest.RESOLVED))  # no inputs
     status = table.column("status")
     ok, errors = (int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in ("ok", "error"))
     images = pa.array([u for u in top_level if _kind(u) == "image"], pa.string())

@@ -35,7 +35,7 @@ SCHEMA = pa.schema(
     [
         ("source", pa.string()),  # input URL; archive members and Parquet rows: see jobs.colorize
         ("output", pa.string()),  # path under OUTPUT; "" for an error
-        ("status", pa.string()),  # "ok" or "error"
+        ("status", pa.string()),  # "ok", "error" or RESOLVED
         ("reason", pa.string()),  # why an input failed; "" when it did not
         ("time", pa.string()),  # when the row was finished (UTC, ISO 8601, ms)
         ("pages", pa.int64()),
@@ -46,6 +46,9 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),  # time spent finishing the row (colorize, encode, write)
     ]
 )
+RESOLVED = "resolved"
+"""The status of an archive's row once a retry has read through the archive whose reading
+had failed: its error row is cleared. Not an input: the job's manifest leaves it out."""
 PART_COLUMNS = ("part", "part_rows")
 """Columns `write_part`'s caller hands back to the driver beside the rows: which part holds
 each row and how many rows that part has (`Compactor`)."""

@@ -456,6 +456,38 @@ def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
     assert "same output path" in rows[1]["reason"]  # the copy's output is the first's
 
 
+def test_a_retried_archive_read_through_clears_its_error_row(tmp_path) -> None:
+    """An archive whose read failed half-way (a storage error) has an error row; a retry of
+    the errors that reads it through clears that row: it counts as no input after."""
+    data = encode(gray((8, 8)))
+    archive = tmp_path / "in" / "t.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(tar_bytes({"0.jpg": data, "1.jpg": data}))
+    cfg = config(str(archive.parent), str(tmp_path / "o"), "m.pt", retry_errors=True)
+    first = {"source": f"{archive}!0.jpg", "output": "t.tar/0.jpg", "status": "ok"}
+    failed = {"source": str(archive), "output": "", "status": "error", "reason": "timeout"}
+    units, _, skipped = colorize.plan(cfg, [first["source"]], {failed["source"]})
+    assert skipped == 1 and [u.get("retry") for u in units] == [True]
+    rows = list(colorize.read_unit({"unit": json.dumps(units[0])}, cfg))
+    assert [(r["source"], r["status"]) for r in rows] == [
+        (f"{archive}!1.jpg", "pending"),
+        (str(archive), colorize_manifest.RESOLVED),
+    ]
+    (tmp_path / "o" / "t.tar").mkdir(parents=True)
+    for name in ("0.jpg", "1.jpg"):
+        (tmp_path / "o" / "t.tar" / name).write_bytes(data)
+    second = first | {"source": f"{archive}!1.jpg", "output": "t.tar/1.jpg"}
+    resolved = failed | {"status": colorize_manifest.RESOLVED, "reason": ""}
+    common = {"reason": "", "pages": 1, "width_px": 8, "height_px": 8, "model_sha256": "0",
+              "temperature": 0.38, "seconds": 0.1}  # fmt: skip
+    for time, batch in (("1", [first, failed]), ("2", [second, resolved])):
+        rows = [common | row | {"time": time} for row in batch]
+        colorize_manifest.write_part(rows, cfg.output, None)
+    summary = colorize._finish(cfg, [str(archive)], skipped=0)
+    assert (summary.inputs, summary.outputs, summary.errors) == (2, 2, 0)
+    assert colorize_manifest.RESOLVED not in summary.table.column("status").to_pylist()
+
+
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
     """An autoscaling cluster starts GPU nodes only for actors that ask for GPUs."""
     cfg = config("in", "out", "m.pt")
