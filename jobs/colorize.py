@@ -13,9 +13,10 @@ Per image: EXIF orientation applied (and the tag removed), the network sees L re
 ``--infer-px`` square, the annealed-mean ab (T = ``--temperature``) is upsampled bilinearly to
 the full size and joined with the image's own L, and out-of-gamut colours lose chroma, never
 L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), a 16-bit
-picture gives a 16-bit PNG or TIFF, alpha is kept, RGB ICC profiles and EXIF / IPTC / XMP
-are copied, and a provenance string (this project, the model file's SHA-256, T) goes into EXIF
-tag 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs, at
+picture gives a 16-bit PNG or TIFF, alpha is kept, RGB ICC profiles and EXIF / XMP are
+copied (IPTC into JPEG and TIFF, which have a place for it), and a provenance string (this
+project, the model file's SHA-256, T) goes into EXIF tag 0x000B (ProcessingSoftware) and the
+manifest. Multi-page TIFFs give multi-page TIFFs, at
 16 bits when a page has 16. The files themselves: `jobs.picture_files`.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (network-size L;

@@ -114,17 +114,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _gray_to_8bit(image: Image.Image) -> Image.Image:
-    """Integer gray (16-bit, or 32-bit holding 16-bit values) scaled to 8 bits, and float
-    gray in [0, 1] (or [0, 255] when larger), where Pillow's conversion would clip."""
+def gray_in_unit_range(image: Image.Image) -> np.ndarray:
+    """float32 (H, W) in [0, 1] of an integer gray image (16-bit, or 32-bit: 16-bit values,
+    or larger ones up to its maximum) or a float one (in [0, 1], or [0, 255] when larger),
+    where Pillow's conversions would clip."""
     pixels = np.array(image, dtype=np.float32)  # a copy, written in place below
     if image.mode == "F":
         top = 1.0 if pixels.max(initial=0) <= 1 else 255.0
     else:
         top = max(65535.0, float(pixels.max(initial=0)))
-    pixels *= 255 / top
+    pixels /= top
+    return np.clip(pixels, 0, 1, out=pixels)
+
+
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    pixels = gray_in_unit_range(image)
+    pixels *= 255
     pixels += 0.5
-    return Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "L")
+    return Image.fromarray(pixels.astype(np.uint8), "L")
 
 
 def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:

@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.images import EXIF_ORIENTATION, BadImage, exif_orientation, open_image
+from jobs.images import (
+    EXIF_ORIENTATION,
+    BadImage,
+    exif_orientation,
+    gray_in_unit_range,
+    open_image,
+)
 
 PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
 SUFFIXES = {
@@ -77,9 +83,10 @@ def _page(image) -> Page:
     """A PIL frame (already upright) -> float planes, alpha and bit depth."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        scale = 1.0 if mode == "F" else 65535.0
-        values = np.asarray(image, dtype=np.float32) / scale
-        return Page(torch.from_numpy(values.clip(0, 1))[None, None], None, 16)
+        alpha, transparent = None, image.info.get("transparency")
+        if isinstance(transparent, int):  # PNG tRNS: the one gray level that is see-through
+            alpha = np.where(np.asarray(image) == transparent, 0, 65535).astype(np.uint16)
+        return Page(torch.from_numpy(gray_in_unit_range(image))[None, None], alpha, 16)
     alpha = None
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"))

@@ -577,6 +577,26 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
     assert picture_files.output_format(decoded, "png") == "PNG16"
 
 
+def test_16bit_gray_png_transparency_becomes_its_alpha() -> None:
+    gray16 = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000).astype(np.uint16)
+    png = save(Image.fromarray(gray16), "PNG", transparency=4000)  # tRNS: level 4000 clear
+    (page,) = picture_files.decode(png, 10**6).pages
+    assert page.bits == 16 and page.alpha.dtype == np.uint16
+    assert np.array_equal(page.alpha, np.where(gray16 == 4000, 0, 65535))
+
+
+@pytest.mark.parametrize(
+    ("values", "top"),
+    [(np.linspace(0, 232, 30, dtype=np.float32), 255.0),  # float gray in [0, 255]
+     (np.linspace(0, 0.8, 30, dtype=np.float32), 1.0),  # float gray in [0, 1]
+     (np.linspace(0, 2**20, 30).astype(np.int32), 2.0**20)],  # 32-bit gray past 16 bits
+)  # fmt: skip
+def test_32bit_gray_tiffs_keep_their_range(values: np.ndarray, top: float) -> None:
+    (page,) = picture_files.decode(save(Image.fromarray(values.reshape(5, 6)), "TIFF"), 10**6).pages
+    expected = torch.from_numpy((values / top).astype(np.float32)).reshape(1, 1, 5, 6)
+    torch.testing.assert_close(page.rgb, expected)
+
+
 @pytest.mark.parametrize("byteorder", ["<", ">"])
 def test_tiff_iptc_stored_as_long_is_read_as_its_bytes(byteorder) -> None:
     """Photoshop stores IPTC as LONG values, of which Pillow keeps the first: the block is
