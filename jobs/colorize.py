@@ -16,8 +16,8 @@ L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG
 picture gives a 16-bit PNG or TIFF, alpha is kept, RGB ICC profiles and EXIF / XMP are
 copied (IPTC into JPEG and TIFF, which have a place for it), and a provenance string (this
 project, the model file's SHA-256, T) goes into EXIF tag 0x000B (ProcessingSoftware) and the
-manifest. Multi-page TIFFs give multi-page TIFFs, at
-16 bits when a page has 16. The files themselves: `jobs.picture_files`.
+manifest. Multi-page TIFFs give multi-page TIFFs, at 16 bits when a page has 16. The files
+themselves: `jobs.picture_files`.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (network-size L;
 of a JPEG bound for the GPU only its header and metadata) -> model actors (GPU when present,
