@@ -37,7 +37,7 @@ from colorcore.prior import PRIOR_SMOOTHING_SIGMA, REBALANCE_LAMBDA, AbHistogram
 from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import storage
 from jobs.config import presets_of, run_name_problem, to_dict
-from jobs.dataset import PRIOR_FILE
+from jobs.dataset import MANIFEST_FILE, PRIOR_FILE
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
@@ -412,12 +412,18 @@ def preflight(cfg: TrainConfig) -> None:
 
 def check_resumable(cfg: TrainConfig) -> None:
     """A run resumed under its name must go on training the way it started: its network,
-    batches, targets and prior (the schedule and step count may change). Recorded in the run
-    folder at the start, compared on every re-run, before any worker starts."""
+    batches, targets, prior and data (its manifest: the same shards in the same order, which
+    the data offset counts in, wherever they have moved; the schedule and step count may
+    change). Recorded in the run folder at the start, compared on every re-run, before any
+    worker starts."""
     from jobs.models import checkpoint_files
 
+    def sha256(url: str) -> str:
+        return hashlib.sha256(storage.read_bytes(url, cfg.s3)).hexdigest()
+
     record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
-    record["prior_sha256"] = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
+    record["prior_sha256"] = sha256(cfg.prior_url)
+    record["data_manifest_sha256"] = sha256(storage.join(cfg.data, MANIFEST_FILE))
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
     # Before its first checkpoint a run has nothing to keep: it may start over differently
@@ -426,7 +432,7 @@ def check_resumable(cfg: TrainConfig) -> None:
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
     started = json.loads(storage.read_bytes(url, cfg.s3))
-    changed = [k for k in record if started.get(k) != record[k]]
+    changed = [k for k in record if k in started and started[k] != record[k]]  # (newer keys)
     if changed:
         raise ValueError(
             f"run {cfg.name} started with other {', '.join(changed)} (see {url}): resume it "
@@ -464,7 +470,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     cfg = with_absolute_paths(cfg)
     check_gpus(cfg.num_workers if cfg.use_gpu else 0, "training with use_gpu")
     preflight(cfg)
-    data_ready = not cfg.make_sample_data or storage.exists(cfg.prior_url, cfg.s3)
+    needed = (cfg.prior_url, storage.join(cfg.data, MANIFEST_FILE))
+    data_ready = not cfg.make_sample_data or all(storage.exists(u, cfg.s3) for u in needed)
     if data_ready:
         check_resumable(cfg)
     init_ray()

@@ -321,9 +321,14 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
 
 
 def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
-    prior = tmp_path / "prior.npz"
+    prior, data, moved = tmp_path / "prior.npz", tmp_path / "data", tmp_path / "moved"
     prior.write_bytes(b"counts")
-    cfg = dataclasses.replace(train.ci(), storage=str(tmp_path / "runs"), prior=str(prior))
+    for folder in (data, moved):
+        folder.mkdir()
+        (folder / "manifest.json").write_bytes(b"shards")
+    cfg = dataclasses.replace(
+        train.ci(), storage=str(tmp_path / "runs"), prior=str(prior), data=str(data)
+    )
     train.check_resumable(cfg)
     other = dataclasses.replace(cfg, seed=7)
     train.check_resumable(other)  # nothing trained yet: it may start over differently
@@ -333,6 +338,10 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     train.check_resumable(other)
     with pytest.raises(ValueError, match="started with other seed"):
         train.check_resumable(cfg)
+    train.check_resumable(dataclasses.replace(other, data=str(moved)))  # the same shards
+    (moved / "manifest.json").write_bytes(b"other shards")
+    with pytest.raises(ValueError, match="data_manifest_sha256"):
+        train.check_resumable(dataclasses.replace(other, data=str(moved)))
     prior.write_bytes(b"other counts")
     with pytest.raises(ValueError, match="prior_sha256"):
         train.check_resumable(other)
