@@ -108,7 +108,7 @@ def shard_batches(
     """Batches of the job's loader over the dataset at `root`, decoded by `decode`, on `device`."""
     loader = TrainLoader(
         DatasetIndex.load(root), rank=0, world_size=1, batch_size=batch, crop_px=CROP_PX,
-        seed=0, num_threads=os.cpu_count(), decode=decode,
+        seed=0, num_threads=os.cpu_count(), decode=decode, pin_memory=device.type == "cuda",
     )  # fmt: skip
     with contextlib.closing(iter(loader)) as batches:
         for b in batches:

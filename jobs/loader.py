@@ -207,6 +207,7 @@ class TrainLoader:
         num_threads: int = 4,
         prefetch_batches: int = 2,
         decode: str = "pil",
+        pin_memory: bool = False,
         s3: storage.S3Options | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -227,6 +228,9 @@ class TrainLoader:
         self.num_threads, self.prefetch_batches, self.decode, self.s3 = (
             num_threads, prefetch_batches, decode, s3,
         )  # fmt: skip
+        # CPU crops bound for a GPU: in page-locked memory, whose copies to the device run
+        # asynchronously (from pageable memory the copy would hold up the training thread).
+        self.pin_memory = pin_memory and decode == "pil"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -281,7 +285,11 @@ class TrainLoader:
                 ready = torch.cuda.Event()
                 ready.record()
             return lambda: (crops, ready)
-        crops = torch.empty((len(data), 3, self.crop_px, self.crop_px), dtype=torch.uint8)
+        crops = torch.empty(
+            (len(data), 3, self.crop_px, self.crop_px),
+            dtype=torch.uint8,
+            pin_memory=self.pin_memory,
+        )
         done = [
             pool.submit(_crop_into, crops[i], d, g)
             for i, (d, g) in enumerate(zip(data, rngs, strict=True))

@@ -90,6 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_offset=offset,
         num_threads=max(2, int(cfg.cpus_per_worker)),
         decode=decode,
+        pin_memory=device.type == "cuda",
         s3=cfg.s3,
     )
     batches = iter(loader)

@@ -251,6 +251,16 @@ def test_nvjpeg_batches_match_the_pil_batches(dataset) -> None:
         assert difference.mean() < 3, float(difference.mean())  # a wrong crop or flip: ~20
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_crops_for_a_gpu_are_pinned_and_the_same(dataset) -> None:
+    pageable = islice(iter(loader(dataset, 0)), 3)
+    pinned = islice(iter(loader(dataset, 0, pin_memory=True)), 3)
+    for a, b in zip(pageable, pinned, strict=True):
+        assert b.rgb_N3HW.is_pinned() and not a.rgb_N3HW.is_pinned()
+        assert torch.equal(a.rgb_N3HW, b.rgb_N3HW.cuda(non_blocking=True).cpu())
+
+
 def test_small_images_are_scaled_up_to_the_crop_in_their_own_range() -> None:
     from colorcore.data import random_crop_flip
 
