@@ -169,4 +169,6 @@ class ColorizationNet(nn.Module):
         return x
 
     def num_parameters(self, *, trainable_only: bool = False) -> int:
+        """Parameters (the released count, 32,236,011, also counts the ab readout's 626
+        values, a fixed buffer here)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
