@@ -832,7 +832,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
 
     from jobs.runtime import init_ray
 
-    init_ray()
+    init_ray(outputs=[cfg.output])
     resources = ray.cluster_resources()
     gpus = _gpus(cfg, int(resources.get("GPU", 0)))
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))

@@ -421,7 +421,7 @@ def main(cfg: PrepareConfig) -> Manifest:
     todo = [i for i in range(len(groups)) if not storage.exists(_marker_url(cfg, i), cfg.s3)]
     print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
     if todo:
-        init_ray()
+        init_ray(outputs=[cfg.dst])
         rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
         (
             ray.data.from_items(rows, override_num_blocks=len(rows))

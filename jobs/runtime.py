@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +21,26 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process."""
+def init_ray(
+    address: str | None = None, *, num_cpus: int | None = None, outputs: Sequence[str] = ()
+) -> None:
+    """Start or join Ray once per process. Joining a cluster, local paths among the job's
+    `outputs` get a warning: work on other nodes would write to those nodes' own disks."""
     import ray
+
+    from jobs import storage
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        for url in (u for u in outputs if u and storage.is_local(u)):
+            print(
+                f"warning: {url} is a local path and this job joins the Ray cluster at "
+                f"{address}: workers on other nodes would write to their own disks (lost when "
+                "the node goes); give shared storage (s3://...) unless the cluster is one node",
+                file=sys.stderr,
+            )
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:

@@ -474,7 +474,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     data_ready = not cfg.make_sample_data or all(storage.exists(u, cfg.s3) for u in needed)
     if data_ready:
         check_resumable(cfg)
-    init_ray()
+    init_ray(outputs=[cfg.storage])
     if cfg.make_sample_data:
         ensure_sample_data(cfg)
         preflight(dataclasses.replace(cfg, make_sample_data=False))

@@ -583,7 +583,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     base = train.with_absolute_paths(search.train)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
-    init_ray()
+    init_ray(outputs=[search.storage])
     if base.make_sample_data:
         train.ensure_sample_data(base)
         train.preflight(dataclasses.replace(base, make_sample_data=False))

@@ -8,9 +8,11 @@ VENV=${VENV:-.venv}
 stamp="$VENV/.colorcore-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/constraints.txt -nt "$stamp" ]; then
   echo "installing into $VENV (first time: about 5 minutes)"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c scripts/constraints.txt -e ".[test]" \
-    2>&1 | grep -v "^WARNING: Location" || true
+  pip_install() {  # pip's own exit status stops the script; its install-location warnings are left out
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2)
+  }
+  pip_install "torch==2.13.0"
+  pip_install -c scripts/constraints.txt -e ".[test]"
   "$VENV/bin/python" -c "import torch, ray, s3fs, moto, skimage" # fails loudly if an install step failed
   touch "$stamp"
 fi

@@ -501,6 +501,10 @@ def test_dockerfile_pins_base_image_and_packages() -> None:
     assert any(re.search(r"pip install -c constraints\.txt \.( |$)", arg) for arg in runs)
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image runs as an ordinary user"
+    # The launcher starts GPU containers with --runtime=nvidia only: without these in the
+    # image (NVIDIA's CUDA images set them, a slim Python image does not), torch sees no GPU.
+    env = " ".join(arg for op, arg in instructions if op == "ENV")
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env and "compute" in env
 
 
 # ---------------------------------------------------------------- security

@@ -162,6 +162,8 @@ def test_ray_job_submit_to_a_started_cluster(workdir) -> None:
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-5000:]
         assert "succeeded" in output and "finished at step 40" in output
+        # a one-node cluster may keep runs on its disk, but the job says what that risks
+        assert "is a local path and this job joins the Ray cluster" in output
     finally:
         for proc in psutil.process_iter(["cmdline"]):
             if str(temp) in " ".join(proc.info["cmdline"] or []):
