@@ -13,7 +13,9 @@ TensorBoard (``RUN/tensorboard/``) and MLflow (``--tracking``, see `jobs.trackin
 end come loss and AuC curves, a grid of colorized validation images and ``model.safetensors``
 for distribution.
 
-On a cluster: ``ray job submit --working-dir . -- python -m jobs.train --preset h100x8``.
+On a cluster: ``ray job submit --working-dir . -- python -m jobs.train --preset h100x8
+--data s3://BUCKET/imagenet/train --val-data s3://BUCKET/imagenet/val --storage s3://BUCKET/runs``
+(shared storage: workers on other nodes write the checkpoints).
 """
 
 from __future__ import annotations
