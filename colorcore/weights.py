@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -118,6 +119,44 @@ def checkpoint_from_object(obj: Any) -> Checkpoint:
         prior_counts=obj["prior_counts"],
         extra=obj["extra"],
     )
+
+
+SAFETENSORS_FORMAT = "colorcore-eccv16"
+
+
+def to_safetensors(model: torch.nn.Module) -> bytes:
+    """`model`'s weights as a safetensors file, with its `ModelConfig` in the metadata: a
+    file for distribution, which loads without running code (`model_from_safetensors`)."""
+    from safetensors.torch import save
+
+    net = _unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    config = json.dumps(dataclasses.asdict(net.config))
+    return save(state, metadata={"format": SAFETENSORS_FORMAT, "model_config": config})
+
+
+def is_safetensors(data: bytes) -> bool:
+    """Whether `data` starts as a safetensors file does: a little-endian header length,
+    then that many bytes of JSON."""
+    if len(data) < 10:
+        return False
+    size = int.from_bytes(data[:8], "little")
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
+def model_from_safetensors(data: bytes) -> ColorizationNet:
+    """The network a `to_safetensors` file holds, built from its metadata's config."""
+    from safetensors.torch import load
+
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise ValueError(
+            f"not a {SAFETENSORS_FORMAT} safetensors file (format {metadata.get('format')!r})"
+        )
+    model = ColorizationNet(ModelConfig(**json.loads(metadata["model_config"])))
+    model.load_state_dict(load(data))
+    return model
 
 
 def load_checkpoint(source: Source) -> Checkpoint:

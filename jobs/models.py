@@ -4,18 +4,25 @@ A URL (local path, ``s3://``, ``gs://``) names one of, detected automatically:
 
 - the authors' released ECCV16 weights (``colorization_release_v2-9b330a0b.pth``);
 - a project checkpoint file (`colorcore.weights.save_checkpoint`);
-- a training run folder: its latest checkpoint, ``<run>/checkpoint_<step>/checkpoint.pt``
-  with zero-padded steps, so that the last name in sorted order is the latest.
+- a training run folder: its latest checkpoint that loads, ``<run>/checkpoint_<step>/
+  checkpoint.pt`` with zero-padded steps, so that the last name in sorted order is the
+  latest (runs in folders below it, such as a search's trials, are not its own);
+- a ``model.safetensors`` export of a training run (`colorcore.weights.to_safetensors`).
 
-Every file is read with ``torch.load(..., weights_only=True)``.
+Checkpoints are read with ``torch.load(..., weights_only=True)``, exports by safetensors:
+neither can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import pickle
+import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from colorcore import weights
 from colorcore.model import ColorizationNet
@@ -24,7 +31,12 @@ from jobs import storage
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_DIR_PREFIX = "checkpoint_"
 
-ModelKind = Literal["released", "checkpoint", "run"]
+ModelKind = Literal["released", "checkpoint", "run", "export"]
+TORN = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+"""What loading a checkpoint file cut short raises (torch's zip reader: RuntimeError)."""
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -43,23 +55,37 @@ class LoadedModel:
 
 
 def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
-    """URLs of the checkpoint files in a training run folder, oldest first."""
+    """URLs of the checkpoint files of a training run folder, oldest first: its own
+    ``checkpoint_<step>/checkpoint.pt``, not those of runs in folders below it."""
     if not storage.exists(run_url, s3):
         return []
-    found = [
-        u
-        for u in storage.list_files(run_url, s3, suffix="/" + CHECKPOINT_FILE)
-        if u.rsplit("/", 2)[-2].startswith(CHECKPOINT_DIR_PREFIX)
-    ]
+    root = storage.split_url(run_url)[1].rstrip("/")
+    found = []
+    for url in storage.list_files(run_url, s3, suffix="/" + CHECKPOINT_FILE):
+        folder = posixpath.dirname(storage.split_url(url)[1])
+        if posixpath.dirname(folder) == root and posixpath.basename(folder).startswith(
+            CHECKPOINT_DIR_PREFIX
+        ):
+            found.append(url)
     return sorted(found, key=lambda u: u.rsplit("/", 2)[-2])
 
 
-def latest_checkpoint(run_url: str, s3: storage.S3Options | None = None) -> str:
-    """URL of the latest checkpoint file in a training run folder."""
-    found = checkpoint_files(run_url, s3)
-    if not found:
-        raise ValueError(f"{run_url} holds no {CHECKPOINT_DIR_PREFIX}*/{CHECKPOINT_FILE}")
-    return found[-1]
+def newest_loadable(
+    run_url: str, s3: storage.S3Options | None, load: Callable[[bytes], T]
+) -> tuple[str, bytes, T] | None:
+    """(URL, bytes, `load` of them) of the newest checkpoint in the run folder that loads;
+    one torn by a crash is passed over, with a warning. None for a folder without
+    checkpoints; an error when there are some and none loads."""
+    urls = checkpoint_files(run_url, s3)
+    for url in reversed(urls):
+        data = storage.read_bytes(url, s3)  # storage that cannot be read: raised
+        try:
+            return url, data, load(data)
+        except TORN as error:
+            log.warning("skipping unreadable checkpoint %s: %s", url, error)
+    if urls:
+        raise RuntimeError(f"none of the {len(urls)} checkpoints in {run_url} loads")
+    return None
 
 
 def _is_dir(url: str, s3: storage.S3Options | None) -> bool:
@@ -71,16 +97,26 @@ def load_model(url: str, s3: storage.S3Options | None = None) -> LoadedModel:
     """Load whatever `url` names (see the module docstring) as a `ColorizationNet` on CPU."""
     kind: ModelKind = "checkpoint"
     if _is_dir(url, s3):
-        url, kind = latest_checkpoint(url, s3), "run"
+        read = lambda data: weights.load_weights_file(io.BytesIO(data))  # noqa: E731
+        found = newest_loadable(url, s3, read)
+        if found is None:
+            raise ValueError(f"{url} holds no {CHECKPOINT_DIR_PREFIX}*/{CHECKPOINT_FILE}")
+        url, data, obj = found
+        kind = "run"
     elif not storage.exists(url, s3):
         raise ValueError(f"--model {url}: no such file or folder")
-    data = storage.read_bytes(url, s3)
+    else:
+        data = storage.read_bytes(url, s3)
+        if weights.is_safetensors(data):
+            model = weights.model_from_safetensors(data)
+            return LoadedModel(model, "export", url, hashlib.sha256(data).hexdigest())
+        obj = weights.load_weights_file(io.BytesIO(data))
     digest = hashlib.sha256(data).hexdigest()
-
-    obj = weights.load_weights_file(io.BytesIO(data))
     if weights.is_checkpoint(obj):
         ckpt = weights.checkpoint_from_object(obj)
         return LoadedModel(ckpt.build_model(), kind, url, digest, ckpt)
     if weights.is_released_state_dict(obj):
         return LoadedModel(weights.model_from_released_state_dict(obj), "released", url, digest)
-    raise ValueError(f"--model {url}: neither a project checkpoint nor released ECCV16 weights")
+    raise ValueError(
+        f"--model {url}: neither a project checkpoint or export nor released ECCV16 weights"
+    )

@@ -18,7 +18,6 @@ import functools
 import io
 import logging
 import os
-import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_files
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
 from jobs.runtime import choose_precision
 from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
 
@@ -274,20 +273,14 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     """
     chosen, ckpt = None, None
     if rank == 0:
-        urls = checkpoint_files(run_url, s3)
-        for url in reversed(urls):
-            try:
-                ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(url, s3)))
-            except _TORN as error:
-                log.warning("train: skipping unreadable checkpoint %s: %s", url, error)
-                continue
-            chosen = url
-            break
-        if urls and chosen is None:
+        try:
+            found = newest_loadable(run_url, s3, lambda data: load_checkpoint(io.BytesIO(data)))
+        except RuntimeError as error:  # checkpoints, none of them loads
             raise RuntimeError(
-                f"none of the {len(urls)} checkpoints in {run_url} loads; move them away to "
-                "start the run over, or train under another --name"
-            )
+                f"{error}; move them away to start the run over, or train under another --name"
+            ) from None
+        if found is not None:
+            chosen, _, ckpt = found
     if world > 1:
         names = [chosen]
         torch.distributed.broadcast_object_list(names, src=0)
@@ -296,10 +289,6 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     if ckpt is None:
         return None
     return {"model_state": ckpt.model_state, "extra": ckpt.extra}
-
-
-_TORN = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
-"""What loading a checkpoint file cut short raises (torch's zip reader: RuntimeError)."""
 
 
 def _metrics(step: int, epoch: int, offset: int, history: list[dict[str, float]]) -> dict:

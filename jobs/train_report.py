@@ -9,11 +9,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import torch
 
+from colorcore import weights
 from jobs import storage
 from jobs.models import load_model
 from jobs.plots import figure_png, pyplot
@@ -63,16 +61,8 @@ def sample_grid(model: torch.nn.Module, crops_N3HW: torch.Tensor, *, T: float = 
     return figure_png(fig)
 
 
-def export_safetensors(model: torch.nn.Module, config: dict[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return save(state, metadata={"format": "colorcore-eccv16", "model_config": json.dumps(config)})
-
-
 def write_report(cfg: TrainConfig, run_url: str | None = None) -> dict[str, float]:
     """Measure the final model, write plots and the export; returns the held-out figures."""
-    import dataclasses
 
     run_url = run_url or cfg.run_url
     loaded = load_model(run_url, cfg.s3)
@@ -81,7 +71,7 @@ def write_report(cfg: TrainConfig, run_url: str | None = None) -> dict[str, floa
     storage.write_bytes(storage.join(run_url, "curves.png"), plot_curves(history), cfg.s3)
     storage.write_bytes(
         storage.join(run_url, "model.safetensors"),
-        export_safetensors(model, dataclasses.asdict(model.config)),
+        weights.to_safetensors(model),
         cfg.s3,
     )
     if not cfg.val_data:

@@ -14,7 +14,7 @@ from colorcore import weights
 from colorcore.model import AB_SCALE, ColorizationNet, ModelConfig
 from colorcore.quantize import ab_bins
 from jobs import storage
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, latest_checkpoint, load_model
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_files, load_model
 
 TINY = ModelConfig(width=1 / 16)
 
@@ -160,10 +160,43 @@ def test_model_url_detects_all_three_forms(model_root) -> None:
     loaded = load_model(single)
     assert loaded.kind == "checkpoint" and loaded.checkpoint.extra == {"step": 20}
 
-    assert latest_checkpoint(run).endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
+    assert checkpoint_files(run)[-1].endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
     loaded = load_model(run)
     assert loaded.kind == "run" and loaded.checkpoint.extra == {"step": 100}
     torch.testing.assert_close(loaded.model.model1[0].weight, models[100].model1[0].weight)
+
+    # A run below this one (a search's trial) is not this run's; a torn newest file is
+    # passed over for the one before it.
+    trial = storage.join(run, "trials", "t1", checkpoint_dir_name(900), CHECKPOINT_FILE)
+    storage.write_bytes(trial, storage.read_bytes(single))
+    storage.write_bytes(
+        storage.join(run, checkpoint_dir_name(200), CHECKPOINT_FILE), buffer.getvalue()[:1000]
+    )
+    assert len(checkpoint_files(run)) == 4
+    loaded = load_model(run)
+    assert loaded.checkpoint.extra == {"step": 100}
+    assert loaded.url.endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
+    with pytest.raises(ValueError, match="holds no checkpoint_"):
+        load_model(model_root)  # the runs' parent is no run
+
+
+def test_a_safetensors_export_loads_back_with_its_config(tmp_path) -> None:
+    config = ModelConfig(width=1 / 16, bn_moving_average=0.9)
+    torch.manual_seed(3)
+    model = ColorizationNet(config)
+    model.train()(torch.rand(2, 1, 32, 32) * 100)  # running statistics of their own
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(weights.to_safetensors(model))
+    loaded = load_model(str(path))
+    assert loaded.kind == "export" and loaded.model.config == config
+    x = torch.rand(1, 1, 32, 32) * 100
+    torch.testing.assert_close(loaded.model.eval()(x), model.eval()(x))
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save
+
+    other.write_bytes(save({"w": torch.zeros(2)}, metadata={"format": "someone-else"}))
+    with pytest.raises(ValueError, match="not a colorcore-eccv16 safetensors file"):
+        load_model(str(other))
 
 
 def test_model_url_errors_are_clear(tmp_path) -> None:
@@ -173,5 +206,5 @@ def test_model_url_errors_are_clear(tmp_path) -> None:
     with pytest.raises(ValueError, match="holds no checkpoint_"):
         load_model(str(tmp_path / "empty_run"))
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="neither a project checkpoint nor released"):
+    with pytest.raises(ValueError, match="neither a project checkpoint or export nor released"):
         load_model(str(tmp_path / "other.pt"))
