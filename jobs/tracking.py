@@ -31,10 +31,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from ray.train import UserCallback
 
@@ -109,16 +109,22 @@ class MetricsTracker(UserCallback):
         # a run resumed at its end repeating its final figures, its table complete. Rows up
         # to the reported step only: by the time the controller handles a report, rank 0 may
         # already have rewritten the table for its next checkpoint.
-        reported = metrics[0]["step"]
-        rows = [r for r in read_metrics(self.run_url, self.s3) if r["step"] <= reported]
+        # Nothing here may stop training: what fails is sent again at the next report.
+        try:
+            reported = metrics[0]["step"]
+            rows = [r for r in read_metrics(self.run_url, self.s3) if r["step"] <= reported]
+        except Exception as error:
+            log.warning("tracking: reading the metrics table failed, retrying later: %s", error)
+            return
         for i, sink in enumerate(self.sinks):
             new = [r for r in rows if r["step"] > self.sent_step[i]]
             if not new:
                 continue
             try:
                 sink.write(new)
-            except Exception as error:  # a tracker must not stop training: retry next time
-                log.warning("tracking: %s failed, retrying at the next report: %s", sink, error)
+            except Exception as error:
+                message = sink.scrub(str(error))
+                log.warning("tracking: %s failed, retrying at the next report: %s", sink, message)
                 continue
             self.sent_step[i] = new[-1]["step"]
 
@@ -142,6 +148,9 @@ class TensorBoardSink:
 
     def __repr__(self) -> str:
         return f"TensorBoard({self.logdir})"
+
+    def scrub(self, text: str) -> str:
+        return text
 
     def write(self, rows: list[Row]) -> None:
         if _installed("tensorboard"):
@@ -195,6 +204,8 @@ class MLflowSink:
         self.params = params
         self.s3 = s3
         self._run_id: str | None = None
+        self._done_step = -1.0  # the last step the MLflow run holds
+        self._params_logged = True
 
     @classmethod
     def from_environment(
@@ -222,40 +233,61 @@ class MLflowSink:
     def __repr__(self) -> str:
         return f"MLflow({_without_password(self.tracking_uri)}, run {self.run_name})"
 
+    def scrub(self, text: str) -> str:
+        """`text` (an MLflow error, which may quote the tracking URI) without its password."""
+        found = re.match(r"[A-Za-z][\w+.-]*://([^@]*)@", self.tracking_uri)
+        return text.replace(found[1], "***") if found and found[1] else text
+
     def write(self, rows: list[Row]) -> None:
+        """Logs the rows past the last step the run holds, a batch of whole rows at a time,
+        each batch with the step it reaches as the run's `colorcore.step` tag (in the same
+        request): a driver that restarts resends only what no batch holds."""
         from mlflow import MlflowClient
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         client = MlflowClient(self.tracking_uri)
-        run_id, done_step = self._run(client)
+        run_id = self._run(client)
         now_ms = int(time.time() * 1000)
-        metrics = [
-            Metric(key, value, now_ms, int(row["step"]))
-            for row in rows
-            if row["step"] > done_step
-            for key, value in _scalars(row).items()
-        ]
-        for start in range(0, len(metrics), MLFLOW_BATCH):
-            client.log_batch(run_id, metrics=metrics[start : start + MLFLOW_BATCH])
-        client.set_tag(run_id, "colorcore.step", str(int(rows[-1]["step"])))
+        batch: list[Metric] = []
+        pending = [row for row in rows if row["step"] > self._done_step]
+        for k, row in enumerate(pending):
+            batch += [
+                Metric(key, value, now_ms, int(row["step"])) for key, value in _scalars(row).items()
+            ]
+            last = k + 1 == len(pending)
+            if last or len(batch) + len(_scalars(pending[k + 1])) > MLFLOW_BATCH:
+                step = RunTag("colorcore.step", str(int(row["step"])))
+                client.log_batch(run_id, metrics=batch, tags=[step])
+                self._done_step, batch = row["step"], []
         if rows[-1]["step"] >= self.final_step:
             client.set_terminated(run_id, "FINISHED")
 
-    def _run(self, client) -> tuple[str, float]:
-        """(run id, last step it holds): the run recorded in the run folder, or a new one."""
+    def _run(self, client) -> str:
+        """The id of the run recorded in the run folder, or of a new one (recorded at once,
+        so that a retry after a failed first write does not make another)."""
         if self._run_id is None:
             record = storage.join(self.run_url, MLFLOW_RUN_FILE)
             if storage.exists(record, self.s3):
-                self._run_id = storage.read_bytes(record, self.s3).decode().strip()
-                tags = client.get_run(self._run_id).data.tags
-                return self._run_id, float(tags.get("colorcore.step", -1))
-            self._run_id = self._create(client)
-            storage.write_bytes(record, self._run_id.encode(), self.s3)
-        return self._run_id, -1.0
+                run_id = storage.read_bytes(record, self.s3).decode().strip()
+                run = client.get_run(run_id)  # before anything is kept: a retry reads again
+                self._done_step = float(run.data.tags.get("colorcore.step", -1))
+                if run.info.status == "FINISHED" and self._done_step < self.final_step:
+                    client.update_run(run_id, status="RUNNING")  # resumed past its old end
+                self._run_id = run_id
+            else:
+                run_id = self._create(client)
+                storage.write_bytes(record, run_id.encode(), self.s3)
+                self._run_id, self._done_step, self._params_logged = run_id, -1.0, False
+        if not self._params_logged:
+            from mlflow.entities import Param
+
+            params = [Param(k, v) for k, v in self.params.items()]
+            for start in range(0, len(params), 100):  # MLflow's limit on params per call
+                client.log_batch(self._run_id, params=params[start : start + 100])
+            self._params_logged = True
+        return self._run_id
 
     def _create(self, client) -> str:
-        from mlflow.entities import Param
-
         experiment_id = self.experiment_id
         if experiment_id is None:
             found = client.get_experiment_by_name(self.experiment)
@@ -265,9 +297,6 @@ class MLflowSink:
         run = client.create_run(
             experiment_id, run_name=self.run_name, tags={"colorcore.run_url": self.run_url}
         )
-        params = [Param(k, v) for k, v in self.params.items()]
-        for start in range(0, len(params), 100):  # MLflow's limit on params per call
-            client.log_batch(run.info.run_id, params=params[start : start + 100])
         return run.info.run_id
 
 
@@ -283,9 +312,9 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _without_password(uri: str) -> str:
-    """`uri` fit for a log line: a database tracking URI may carry a password."""
-    parts = urlsplit(uri)
-    if not parts.password:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+    """`uri` fit for a log line: a database tracking URI may carry a password, in forms a
+    URL parser does not always split (``p/ss``, ``p#ss``)."""
+    masked = re.sub(r"^([A-Za-z][\w+.-]*://[^:@/]*):[^@]*@", r"\1:***@", uri)
+    if masked == uri:  # user info without a colon: a token
+        masked = re.sub(r"^([A-Za-z][\w+.-]*://)[^@/]+@", r"\1***@", uri)
+    return masked

@@ -236,6 +236,10 @@ def test_tracking_uris_lose_their_password_in_logs() -> None:
         == "postgresql://ml:***@db:5432/runs"
     )
     assert _without_password("http://mlflow:5000") == "http://mlflow:5000"
+    # forms a URL parser splits wrongly, and a token as the whole user part
+    assert _without_password("postgresql://bob:p/ss@db/x") == "postgresql://bob:***@db/x"
+    assert _without_password("postgresql://bob:p#ss@db") == "postgresql://bob:***@db"
+    assert _without_password("https://tok3n@host/x") == "https://***@host/x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow installed")

@@ -1,0 +1,99 @@
+"""The MLflow sink against MLflow's own client and a file store: each step once across
+driver restarts and failures, one MLflow run per training run, no password in the logs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jobs.tracking import MetricsTracker, MLflowSink
+from jobs.train_loop import _csv
+
+mlflow = pytest.importorskip("mlflow")
+
+DOWN = "http://colorcore:s3cret-pw@127.0.0.1:9"  # nothing listens there
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a server-less store for tests
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server down fails at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    return f"file://{tmp_path}/mlruns"
+
+
+def sink(uri: str, run_url: str, final_step: int = 40) -> MLflowSink:
+    return MLflowSink(
+        tracking_uri=uri,
+        experiment="colorcore-tests",
+        experiment_id=None,
+        run_name="run",
+        run_url=run_url,
+        final_step=final_step,
+        params={"lr": "0.001", "model.width": "0.0625"},
+        s3=None,
+    )
+
+
+def rows(*steps: int) -> list[dict[str, float]]:
+    return [{"step": float(s), "loss": 100.0 - s} for s in steps]
+
+
+def history(uri: str) -> tuple[list[int], str, dict[str, str]]:
+    client = mlflow.MlflowClient(uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == "colorcore-tests"]
+    [run] = client.search_runs([experiment.experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    return sorted(steps), run.info.status, run.data.params
+
+
+def test_a_restarted_driver_resends_nothing_the_run_holds(store, tmp_path) -> None:
+    run_url = str(tmp_path / "run")
+    first = sink(store, run_url)
+    first.write(rows(10, 20))
+    restarted = sink(store, run_url)  # a new driver: it knows only the run folder
+    restarted.write(rows(10, 20, 30, 40))
+    steps, status, params = history(store)
+    assert steps == [10, 20, 30, 40] and status == "FINISHED"
+    assert params == {"lr": "0.001", "model.width": "0.0625"}
+    # Resumed past its end with more steps: running again, and finished at the new end.
+    longer = sink(store, run_url, final_step=60)
+    longer.write(rows(10, 20, 30, 40, 50))
+    assert history(store)[1] == "RUNNING"
+    longer.write(rows(60))
+    assert history(store)[:2] == ([10, 20, 30, 40, 50, 60], "FINISHED")
+
+
+def test_a_server_down_at_restart_costs_no_duplicate_and_no_second_run(store, tmp_path) -> None:
+    run_url = str(tmp_path / "run")
+    sink(store, run_url).write(rows(10, 20))
+    restarted = sink(DOWN, run_url)
+    with pytest.raises(Exception):  # noqa: B017 (whatever MLflow raises for a refused connection)
+        restarted.write(rows(10, 20, 30))
+    restarted.tracking_uri = store  # the server is back
+    restarted.write(rows(10, 20, 30))
+    assert history(store)[0] == [10, 20, 30]
+
+    fresh = sink(DOWN, str(tmp_path / "other"))
+    with pytest.raises(Exception):  # noqa: B017
+        fresh.write(rows(10))
+    assert not (tmp_path / "other" / "mlflow_run_id").exists()  # no run made, none recorded
+
+
+def test_a_failing_tracker_warns_without_its_password_and_never_raises(
+    store, tmp_path, caplog
+) -> None:
+    run_url = tmp_path / "run"
+    run_url.mkdir()
+    (run_url / "metrics.csv").write_bytes(_csv(rows(10, 20)))
+    tracker = MetricsTracker([sink(DOWN, str(run_url))], run_url=str(run_url), s3=None)
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        tracker.after_report(None, [{"step": 20}], None)
+    assert "retrying at the next report" in caplog.text
+    assert "s3cret-pw" not in caplog.text and "colorcore:***@" in caplog.text
+    (run_url / "metrics.csv").write_bytes(b"not,a\ntable")  # a table that does not read
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        tracker.after_report(None, [{"step": 30}], None)
+    assert "reading the metrics table failed" in caplog.text
