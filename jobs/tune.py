@@ -101,7 +101,8 @@ class SearchConfig:
     search_alg: str = "grid"
     """grid, random, or a Tune search algorithm: ax, hyperopt, nevergrad, optuna."""
     num_samples: int = 1
-    """Trials to sample (grid: repeats of the whole grid)."""
+    """Trials to sample (grid: repeats of the whole grid, each repeat with seed + its
+    number: initialisation and data order of its own)."""
     objective: Literal["auc", "val_loss"] = "auc"
     """auc: mean of raw and rebalanced validation AuC (max); val_loss: lambda = 1 validation
     loss (min)."""
@@ -221,7 +222,8 @@ class SearchConfig:
             drops = [d for s in self.schedules for d in drop_steps(parse_schedule(s)[0], budget)]
             steps = (max(drops, default=0) // every + 1) * every
         else:
-            steps = max(every, math.ceil(self.first_rung_fraction * budget / every) * every)
+            reports = round(self.first_rung_fraction * budget / every, 9)  # not 11.000000000002
+            steps = max(every, math.ceil(reports) * every)
         return min(steps, budget)
 
 
@@ -239,6 +241,7 @@ def trial_config(search: SearchConfig, point: dict[str, Any], *, name: str) -> T
         rebalance_lambda=float(point["rebalance_lambda"]),
         lr_drop_steps=drop_steps(fractions, base.max_steps),
         lr_drop_factors=factors,
+        seed=int(point.get("seed", base.seed)),
         checkpoint_every_steps=every,
         val_every_steps=every,
         make_sample_data=False,
@@ -308,11 +311,15 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
     from ray import tune
 
     if search.search_alg == "grid":
-        return {
+        space = {
             "lr": tune.grid_search(list(search.lrs)),
             "rebalance_lambda": tune.grid_search(list(search.lambdas)),
             "schedule": tune.grid_search(list(search.schedules)),
         }
+        if search.num_samples > 1:  # repeats differ by their seed, or they would be copies
+            seeds = [search.train.seed + r for r in range(search.num_samples)]
+            space["seed"] = tune.grid_search(seeds)
+        return space
     return {
         "lr": tune.loguniform(*search.lr_range) if search.lr_range else tune.choice(search.lrs),
         "rebalance_lambda": (
@@ -410,7 +417,7 @@ def build_tuner(search: SearchConfig):
             mode=search.mode,
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=search.num_samples,
+            num_samples=1 if search.search_alg == "grid" else search.num_samples,
             max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=search.name, storage_path=path, storage_filesystem=fs),
@@ -420,18 +427,8 @@ def build_tuner(search: SearchConfig):
 # ---------------------------------------------------------------- results
 
 
-TABLE_COLUMNS = (
-    "trial",
-    "lr",
-    "lambda",
-    "schedule",
-    "steps",
-    "val_auc_raw",
-    "val_auc_rebalanced",
-    "val_auc_mean",
-    "val_loss",
-    "status",
-)
+METRIC_COLUMNS = ("val_auc_raw", "val_auc_rebalanced", "val_auc_mean", "val_loss")
+TABLE_COLUMNS = ("trial", "lr", "lambda", "schedule", "seed", "steps", *METRIC_COLUMNS, "status")
 
 
 def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
@@ -452,8 +449,9 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
                 "lr": result.config["lr"],
                 "lambda": result.config["rebalance_lambda"],
                 "schedule": result.config["schedule"],
+                "seed": result.config.get("seed", search.train.seed),
                 "steps": steps,
-                **{k: metrics.get(k, math.nan) for k in TABLE_COLUMNS[5:9]},
+                **{k: metrics.get(k, math.nan) for k in METRIC_COLUMNS},
                 "status": status,
                 "_history": (
                     result.metrics_dataframe.to_dict("records")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,9 @@ def validate(
         loss = rebalanced_cross_entropy(
             logits, t.bins_NkHW, t.weights_NkHW, ones_Q, nongray_N=t.nongray_N, reduction="none"
         ).sum((1, 2))
+        # A diverged model's NaN loss counts as the worst, +inf: searches minimising the
+        # loss stop such a trial (NaN compares false with every cut-off, so it would stay).
+        loss = loss.nan_to_num(nan=math.inf)
         ab_true = rgb_to_lab(rgb.float() / 255)[:, 1:]
         ab_pred = F.interpolate(annealed_mean(logits, T), size=ab_true.shape[-2:], mode="bilinear")
         w_rebal = rebalance0_Q[nearest_bin(ab_true)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import signal
 import struct
@@ -298,6 +299,24 @@ def test_the_data_init_batch_is_read_with_the_run_s3_options(s3_server, monkeypa
     batch = init_batch(cfg, DatasetIndex.load(root, s3))
     assert batch.shape == (cfg.micro_batch, 3, 32, 32) and batch.dtype == torch.uint8
     assert torch.equal(batch, init_batch(cfg, DatasetIndex.load(root, s3)))  # same on every rank
+
+
+def test_a_diverged_model_validates_as_the_worst_not_as_nan() -> None:
+    """NaN logits: loss +inf and AuC 0, which a search minimising the loss or maximising the
+    AuC prunes (a NaN objective passes every cut-off)."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from jobs.validation import validate
+    from tests.support import photo_rgb
+
+    model = ColorizationNet(ModelConfig(width=1 / 16))
+    with torch.no_grad():
+        model.model8[-1].bias.fill_(math.nan)
+    crops = torch.from_numpy(photo_rgb("coffee")[:64, :64].copy()).permute(2, 0, 1)[None]
+    result = validate(
+        model, crops.expand(2, -1, -1, -1), rebalance0_Q=torch.ones(313), k=5, sigma=5.0
+    )
+    assert result.images == 2 and result.loss == math.inf
+    assert result.auc_raw == 0 and result.auc_rebalanced == 0 and result.gray_auc_raw > 0
 
 
 def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:

@@ -47,6 +47,22 @@ def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
     assert dataclasses.replace(search, first_rung_fraction=0.25).first_rung() == 10
     # the first report after the late "0.9:0.1" schedule's drop at step 54k
     assert tune.paper().first_rung() == 57_000
+    # 0.55 x 450k / 22.5k is 11.000000000000002 in floating point: still the 11th report
+    paper = tune.paper()
+    released = dataclasses.replace(paper.train, max_steps=450_000)
+    late = dataclasses.replace(paper, train=released, first_rung_fraction=0.55)
+    assert late.first_rung() == 11 * late.report_every() == 247_500
+
+
+def test_grid_repeats_differ_by_their_seed() -> None:
+    from ray.tune.search.variant_generator import generate_variants
+
+    search = dataclasses.replace(tune.ci(), lrs=(1e-3, 2e-3), lambdas=(0.5,), num_samples=2)
+    points = [spec for _, spec in generate_variants(tune._param_space(search))]
+    configs = [tune.trial_config(search, p, name=f"t{i}") for i, p in enumerate(points)]
+    assert sorted((c.lr, c.seed) for c in configs) == [(1e-3, 0), (1e-3, 1), (2e-3, 0), (2e-3, 1)]
+    single = dataclasses.replace(search, num_samples=1)
+    assert "seed" not in tune._param_space(single)
 
 
 @pytest.mark.parametrize(
