@@ -597,7 +597,13 @@ def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
 
 
 def _stem(path: str) -> str:
+    """A listed path's file name without its extension (a prepared dataset's key's name)."""
     return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def _key_name(key: str) -> str:
+    """A prepared dataset's key's file name: its extension is gone already (`photo.2019`)."""
+    return key.rsplit("/", 1)[-1]
 
 
 def resolve_split(
@@ -605,18 +611,20 @@ def resolve_split(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Match listed paths to files below `root_url`: by relative path, else by file name.
 
-    Returns (inputs as {key, label, url}, listed paths not found)."""
+    Returns (inputs as {key, label, url}, listed paths not found); a path naming a file
+    listed already (by its path or its name) is left out."""
     root = storage.split_url(root_url)[1].rstrip("/") + "/"
     by_path = {storage.split_url(u)[1][len(root) :]: u for u in file_urls}
     by_name: dict[str, str] = {}
     for rel, url in sorted(by_path.items()):
         by_name.setdefault(rel.rsplit("/", 1)[-1], url)
-    found, missing = [], []
+    found, missing, seen = [], [], set()
     for path, label in entries:
         url = by_path.get(path) or by_name.get(path.rsplit("/", 1)[-1])
         if url is None:
             missing.append(path)
-        else:
+        elif url not in seen:
+            seen.add(url)
             found.append({"key": path.rsplit(".", 1)[0], "label": label, "url": url})
     return found, missing
 
@@ -631,7 +639,10 @@ class InputPlan:
     shard_paths: list[str]
     split_labels: dict[str, int | None] | None
     listed: int
+    """Images listed (a split's lines naming one image more than once count once)."""
     missing: list[str]
+    repeated: int = 0
+    """A split's lines naming an image an earlier line names (measured once)."""
 
 
 def _dataset_keys(cfg: EvaluateConfig, shard_paths: list[str]) -> list[str]:
@@ -656,18 +667,23 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         paths = [f"{root}/{s.name}" for s in manifest.shards]
         if entries is None:
             return InputPlan(None, paths, None, manifest.num_rows, [])
-        have = {_stem(k) for k in _dataset_keys(cfg, paths)}
-        missing = [p for p, _ in entries if _stem(p) not in have]
+        have = {_key_name(k) for k in _dataset_keys(cfg, paths)}
         labelled = any(label != NO_LABEL for _, label in entries)
-        split_labels = {_stem(p): label if labelled else None for p, label in entries}
-        return InputPlan(None, paths, split_labels, len(entries), missing)
+        first = {}  # stem -> the first line's (path, label)
+        for path, label in entries:
+            first.setdefault(_stem(path), (path, label))
+        missing = [path for stem, (path, _) in first.items() if stem not in have]
+        split_labels = {stem: label if labelled else None for stem, (_, label) in first.items()}
+        repeated = len(entries) - len(first)
+        return InputPlan(None, paths, split_labels, len(first), missing, repeated)
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
     file_urls = [
         u for u in storage.list_files(cfg.data, cfg.s3) if u.lower().endswith(IMAGE_SUFFIXES)
     ]
     found, missing = resolve_split(entries, cfg.data, file_urls)
-    return InputPlan(found, [], None, len(entries), missing)
+    listed = len(found) + len(missing)
+    return InputPlan(found, [], None, listed, missing, len(entries) - listed)
 
 
 def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.ndarray]:
@@ -697,7 +713,7 @@ def _keep_listed(
     """The rows of listed stems, labelled as the split labels them: a dataset's labels index
     its own class list, which need not be the classifier's. A split without labels (None)
     keeps the dataset's."""
-    stems = [_stem(k) for k in batch["key"]]
+    stems = [_key_name(k) for k in batch["key"]]
     keep = np.array([stem in split_labels for stem in stems], dtype=bool)
     out = {k: v[keep] for k, v in batch.items()}
     labels = [split_labels[s] for s in stems if s in split_labels]
@@ -994,6 +1010,11 @@ def _report_plan(cfg: EvaluateConfig, plan: InputPlan) -> None:
     print(
         f"evaluate: split {cfg.split} lists {plan.listed} images: "
         f"{plan.listed - len(plan.missing)} found in {cfg.data}, {len(plan.missing)} missing"
+        + (
+            f" ({plan.repeated} lines name an image listed before: measured once)"
+            if plan.repeated
+            else ""
+        )
     )
     for path in plan.missing[:5]:
         print(f"  missing: {path}")

@@ -125,7 +125,9 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
         tmp_path / "n01" / "ILSVRC2012_val_00000001.JPEG",
         tmp_path / "x" / "flat_00000002.JPEG",
     ]
-    found, missing = evaluate.resolve_split(entries, str(tmp_path), [str(f) for f in files])
+    repeat = ("ILSVRC2012_val_00000001.JPEG", 3)  # the first file again, by its name
+    urls = [str(f) for f in files]
+    found, missing = evaluate.resolve_split([*entries, repeat], str(tmp_path), urls)
     assert [(f["url"], f["label"]) for f in found] == [(str(files[0]), 3), (str(files[1]), -1)]
     assert found[0]["key"] == "n01/ILSVRC2012_val_00000001"
     assert missing == ["n02/gone.JPEG"]
@@ -141,11 +143,11 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
 
     write_dataset(str(tmp_path / "ds"))
     split = tmp_path / "split.txt"
-    split.write_text("val/001.JPEG 7\n004.JPEG\nval/gone.JPEG 3\n")
+    split.write_text("val/001.JPEG 7\n004.JPEG\nval/gone.JPEG 3\n001.JPEG 2\n")
     cfg = evaluate.EvaluateConfig(data=str(tmp_path / "ds"), model="m", split=str(split))
     plan = evaluate.plan_inputs(cfg)
-    assert plan.split_labels == {"001": 7, "004": evaluate.NO_LABEL, "gone": 3}
-    assert plan.missing == ["val/gone.JPEG"] and plan.listed == 3
+    assert plan.split_labels == {"001": 7, "004": evaluate.NO_LABEL, "gone": 3}  # first line
+    assert plan.missing == ["val/gone.JPEG"] and (plan.listed, plan.repeated) == (3, 1)
     table = pq.read_table(plan.shard_paths[0], columns=["key", "label", "jpeg"])
     batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     kept = evaluate._keep_listed(batch, plan.split_labels)
@@ -155,6 +157,11 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     split.write_text("001.JPEG\n004.JPEG\n")  # no labels: the dataset's (n % 2)
     plan = evaluate.plan_inputs(cfg)
     assert evaluate._keep_listed(batch, plan.split_labels)["label"].tolist() == [1, 0]
+
+    # Keys have lost their extension already: a dot left in one is part of the name.
+    dotted = {"key": np.array(["c/photo.2019", "c/photo"]), "label": np.array([1, 2])}
+    kept = evaluate._keep_listed(dotted, {evaluate._stem("val/photo.2019.JPEG"): 5})
+    assert kept["key"].tolist() == ["c/photo.2019"] and kept["label"].tolist() == [5]
 
 
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
