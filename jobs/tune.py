@@ -54,6 +54,8 @@ TRIAL_DRIVER_CPU = 0.1
 SEARCH_ALGS = ("grid", "random", "ax", "hyperopt", "nevergrad", "optuna")
 """Searchers that take the categorical schedule choice and learn under ASHA (bayesopt has no
 categorical parameters; bohb learns only beside its own HyperBand scheduler)."""
+SEED_ARGUMENTS = {"optuna": "seed", "hyperopt": "random_state_seed"}
+"""How the named searchers take `SearchConfig.seed` (ax and nevergrad take none)."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"auc": ("val_auc_mean", "max"), "val_loss": ("val_loss", "min")}
@@ -120,6 +122,7 @@ class SearchConfig:
     max_concurrent: int | None = None
     """Cap on concurrent trials (default: as many as the resources allow)."""
     seed: int = 0
+    """Seed of the sampling searchers (random, optuna, hyperopt; ax and nevergrad take none)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -397,7 +400,12 @@ def build_tuner(search: SearchConfig):
         searcher = BasicVariantGenerator(max_concurrent=concurrency, random_state=search.seed)
     else:
         searcher = ConcurrencyLimiter(
-            create_searcher(search.search_alg, metric=search.metric, mode=search.mode),
+            create_searcher(
+                search.search_alg,
+                metric=search.metric,
+                mode=search.mode,
+                **{k: search.seed for k in [SEED_ARGUMENTS.get(search.search_alg)] if k},
+            ),
             max_concurrent=concurrency,
         )
     if search.scheduler == "asha":
