@@ -281,8 +281,8 @@ def h100x8() -> TrainConfig:
     that keeps the same noise-to-signal ratio grows with the square root of the batch (the
     rule for adaptive methods; linear scaling is for SGD). 2% linear warm-up steadies the
     first steps at the larger rate. BatchNorm's running statistics average over the same
-    share of the run as the released 0.999 does over 450k steps (about 40,000 images, so
-    about 20 steps here). Expect about 15 minutes at ~20k img/s.
+    share of the run as the released 0.999 does over 450k steps (about 1,000 of them): about
+    20 steps here. Expect about 15 minutes at ~20k img/s.
     """
     samples = 450_000 * 40
     batch = 2048
@@ -414,18 +414,18 @@ def preflight(cfg: TrainConfig) -> None:
 
 def check_resumable(cfg: TrainConfig) -> None:
     """A run resumed under its name must go on training the way it started: its network,
-    batches, targets, prior and data (its manifest: the same shards in the same order, which
-    the data offset counts in, wherever they have moved; the schedule and step count may
+    batches, targets, prior and data (its shards, by name, size and checksum: the order the
+    data offset counts in, wherever they have moved; the schedule and step count may
     change). Recorded in the run folder at the start, compared on every re-run, before any
     worker starts."""
+    from jobs.dataset import Manifest
     from jobs.models import checkpoint_files
 
-    def sha256(url: str) -> str:
-        return hashlib.sha256(storage.read_bytes(url, cfg.s3)).hexdigest()
-
     record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
-    record["prior_sha256"] = sha256(cfg.prior_url)
-    record["data_manifest_sha256"] = sha256(storage.join(cfg.data, MANIFEST_FILE))
+    prior = storage.read_bytes(cfg.prior_url, cfg.s3)
+    record["prior_sha256"] = hashlib.sha256(prior).hexdigest()
+    shards = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(cfg.data, cfg.s3).shards]
+    record["data_shards_sha256"] = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
     # Before its first checkpoint a run has nothing to keep: it may start over differently
@@ -434,12 +434,20 @@ def check_resumable(cfg: TrainConfig) -> None:
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
     started = json.loads(storage.read_bytes(url, cfg.s3))
-    changed = [k for k in record if k in started and started[k] != record[k]]  # (newer keys)
+    changed = [k for k in record if k in started and not _kept(started[k], record[k])]
     if changed:
         raise ValueError(
             f"run {cfg.name} started with other {', '.join(changed)} (see {url}): resume it "
             "with the same values, or train under another --name"
         )
+
+
+def _kept(started: Any, now: Any) -> bool:
+    """Whether a recorded value is kept by the current one; keys the record lacks (fields
+    added since the run started, such as ``model.bn_moving_average``) are not compared."""
+    if isinstance(started, dict) and isinstance(now, dict):
+        return all(k not in started or _kept(started[k], v) for k, v in now.items())
+    return started == now
 
 
 def ensure_sample_data(cfg: TrainConfig) -> None:

@@ -344,11 +344,20 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
 
 
 def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
+    import json
+
+    from colorcore.model import ModelConfig
+    from jobs.dataset import Manifest, ShardInfo
+
+    def dataset(folder, sha256: str, source: str) -> None:
+        shards = (ShardInfo(name="shards/part-0.parquet", num_rows=9, sha256=sha256),)
+        Manifest(classes=("a",), shards=shards, num_inputs=9, num_errors=0,
+                 config={"src": source}).save(str(folder))  # fmt: skip
+
     prior, data, moved = tmp_path / "prior.npz", tmp_path / "data", tmp_path / "moved"
     prior.write_bytes(b"counts")
-    for folder in (data, moved):
-        folder.mkdir()
-        (folder / "manifest.json").write_bytes(b"shards")
+    dataset(data, "a" * 64, "s3://raw/train")
+    dataset(moved, "a" * 64, "/elsewhere/train")  # the same shards, prepared elsewhere
     cfg = dataclasses.replace(
         train.ci(), storage=str(tmp_path / "runs"), prior=str(prior), data=str(data)
     )
@@ -362,9 +371,20 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     with pytest.raises(ValueError, match="started with other seed"):
         train.check_resumable(cfg)
     train.check_resumable(dataclasses.replace(other, data=str(moved)))  # the same shards
-    (moved / "manifest.json").write_bytes(b"other shards")
-    with pytest.raises(ValueError, match="data_manifest_sha256"):
+    dataset(moved, "b" * 64, "/elsewhere/train")
+    with pytest.raises(ValueError, match="data_shards_sha256"):
         train.check_resumable(dataclasses.replace(other, data=str(moved)))
     prior.write_bytes(b"other counts")
     with pytest.raises(ValueError, match="prior_sha256"):
         train.check_resumable(other)
+
+    # A record written before fields existed (no data checksum, no BatchNorm decay): those
+    # are not compared, the rest is.
+    prior.write_bytes(b"counts")
+    record = tmp_path / "runs" / cfg.name / "run.json"
+    old = json.loads(record.read_text())
+    del old["data_shards_sha256"], old["model"]["bn_moving_average"]
+    record.write_text(json.dumps(old))
+    train.check_resumable(other)
+    with pytest.raises(ValueError, match="started with other model"):
+        train.check_resumable(dataclasses.replace(other, model=ModelConfig(width=1 / 8)))
