@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow_run_id"
 DEFAULT_MLFLOW_EXPERIMENT = "colorcore"
-MLFLOW_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+MLFLOW_BATCH = 999  # metrics per log_batch call: with the step tag, MLflow's 1,000 entries
 Row = dict[str, float]
 
 
@@ -235,8 +235,7 @@ class MLflowSink:
 
     def scrub(self, text: str) -> str:
         """`text` (an MLflow error, which may quote the tracking URI) without its password."""
-        found = re.match(r"[A-Za-z][\w+.-]*://([^@]*)@", self.tracking_uri)
-        return text.replace(found[1], "***") if found and found[1] else text
+        return _without_password(text, self.tracking_uri)
 
     def write(self, rows: list[Row]) -> None:
         """Logs the rows past the last step the run holds, a batch of whole rows at a time,
@@ -271,6 +270,7 @@ class MLflowSink:
                 run_id = storage.read_bytes(record, self.s3).decode().strip()
                 run = client.get_run(run_id)  # before anything is kept: a retry reads again
                 self._done_step = float(run.data.tags.get("colorcore.step", -1))
+                self._params_logged = bool(run.data.params)  # a driver may die before them
                 if run.info.status == "FINISHED" and self._done_step < self.final_step:
                     client.update_run(run_id, status="RUNNING")  # resumed past its old end
                 self._run_id = run_id
@@ -311,10 +311,13 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _without_password(uri: str) -> str:
-    """`uri` fit for a log line: a database tracking URI may carry a password, in forms a
-    URL parser does not always split (``p/ss``, ``p#ss``)."""
-    masked = re.sub(r"^([A-Za-z][\w+.-]*://[^:@/]*):[^@]*@", r"\1:***@", uri)
-    if masked == uri:  # user info without a colon: a token
-        masked = re.sub(r"^([A-Za-z][\w+.-]*://)[^@/]+@", r"\1***@", uri)
-    return masked
+def _without_password(text: str, uri: str | None = None) -> str:
+    """`text` fit for a log line: where `uri` (default: `text` itself, a tracking URI) has
+    user info, its password, or a token given as the user, is masked wherever it appears.
+    The user info runs to the URI's last ``@``: a raw ``@``, ``/`` or ``#`` in a password
+    is masked with it (and an ``@`` in a path masks more than it needs, never less)."""
+    found = re.match(r"[A-Za-z][\w+.-]*://(.*)@", uri or text)
+    if not found or not found[1]:
+        return text
+    user, colon, _ = found[1].partition(":")
+    return text.replace(found[1], f"{user}:***" if colon else "***")

@@ -97,3 +97,34 @@ def test_a_failing_tracker_warns_without_its_password_and_never_raises(
     with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
         tracker.after_report(None, [{"step": 30}], None)
     assert "reading the metrics table failed" in caplog.text
+
+
+def test_a_run_recorded_without_its_params_gets_them(store, tmp_path) -> None:
+    """A driver that died between making the MLflow run and logging its params."""
+    client = mlflow.MlflowClient(store)
+    run = client.create_run(client.create_experiment("colorcore-tests"), run_name="run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mlflow_run_id").write_text(run.info.run_id)
+    sink(store, str(tmp_path / "run")).write(rows(10))
+    assert history(store)[2] == {"lr": "0.001", "model.width": "0.0625"}
+
+
+def test_a_full_batch_and_its_step_go_in_one_request(store, tmp_path) -> None:
+    """999 metrics and the step tag make MLflow's 1,000 entries: a batch of whole rows
+    never spills a metric into a second request that a dying driver would not send."""
+    wide = [{"step": float(s), **{f"m{i}": 1.0 for i in range(250)}} for s in (1, 2, 3, 4)]
+    target = sink(store, str(tmp_path / "run"))
+    calls = []
+    client_class = mlflow.MlflowClient
+
+    class Counting(client_class):
+        def log_batch(self, run_id, metrics=(), params=(), tags=(), **kw):
+            calls.append(len(metrics) + len(params) + len(tags))
+            return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+    mlflow.MlflowClient = Counting
+    try:
+        target.write(wide)
+    finally:
+        mlflow.MlflowClient = client_class
+    assert calls == [2, 751, 251]  # the params, then rows 1 to 3 and row 4, each with its tag

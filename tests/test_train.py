@@ -241,6 +241,7 @@ def test_tracking_uris_lose_their_password_in_logs() -> None:
     assert _without_password("postgresql://bob:p/ss@db/x") == "postgresql://bob:***@db/x"
     assert _without_password("postgresql://bob:p#ss@db") == "postgresql://bob:***@db"
     assert _without_password("https://tok3n@host/x") == "https://***@host/x"
+    assert _without_password("https://user:p@ss@host/x") == "https://user:***@host/x"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow installed")
