@@ -187,8 +187,17 @@ def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     """One group per inner (per-class) tar, found by reading only the outer tar's headers."""
     fs, path = storage.filesystem(cfg.src, cfg.s3)
     # Small blocks: reading each header should not fetch megabytes of the images after it.
-    with fs.open(path, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as outer:
-        members = [m for m in outer.getmembers() if m.isfile()]
+    with fs.open(path, "rb", block_size=1 << 16) as f, tars.open_tar(f) as outer:
+        listed: list[tarfile.TarInfo] = []
+        try:
+            listed.extend(outer)
+            damage = tars.damage(outer)
+        except (tarfile.TarError, EOFError) as e:
+            damage = str(e)
+    if damage:  # the classes after the damage would be lost, and the labels after them shift
+        after = f"after {listed[-1].name}" if listed else "at its start"
+        raise ValueError(f"{cfg.src}: the tar is damaged {after} ({damage})")
+    members = [m for m in listed if m.isfile()]
     inner = sorted((m for m in members if m.name.endswith(".tar")), key=lambda m: m.name)
     if not inner:
         raise ValueError(f"{cfg.src}: no per-class .tar members")

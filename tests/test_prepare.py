@@ -209,6 +209,11 @@ def test_a_damaged_class_tar_keeps_its_good_members(tmp_path) -> None:
             out.addfile(info, io.BytesIO(data))
     cfg = config(str(outer), str(tmp_path / "ds"))
     _, groups = prepare.plan(cfg)
+    whole = outer.read_bytes()
+    cut_outer = tmp_path / "cut.tar"  # the outer tar itself cut inside n03's header
+    cut_outer.write_bytes(whole[: whole.index(b"n03.tar") + 100])
+    with pytest.raises(ValueError, match=r"the tar is damaged after n02\.tar"):
+        prepare.plan(config(str(cut_outer), str(tmp_path / "ds")))
     for cls, group in zip(cuts, groups, strict=True):
         rows = list(prepare._group_inputs(group, cfg))
         assert [r[0] for r in rows[:3]] == [f"{cls}/img_{i}" for i in range(3)]
