@@ -472,14 +472,22 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
 
 
 def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
-    """The best trial by the objective, among completed trials where there are any."""
+    """The best trial by the objective, among completed trials where there are any. Trials
+    of one point (lr, lambda, schedule) with other seeds, a grid's repeats, count by their
+    mean: the point is chosen, not the luckiest seed; its best trial stands for it."""
     scored = [r for r in rows if not math.isnan(r[search.metric])]
     completed = [r for r in scored if r["status"] == "completed"]
     pool = completed or scored
     if not pool:
         return None
     sign = 1 if search.mode == "max" else -1
-    return max(pool, key=lambda r: sign * r[search.metric])
+    points: dict[tuple, list[dict[str, Any]]] = {}
+    for row in pool:
+        points.setdefault((row["lr"], row["lambda"], row["schedule"]), []).append(row)
+    best = max(
+        points.values(), key=lambda same: sign * sum(r[search.metric] for r in same) / len(same)
+    )
+    return max(best, key=lambda r: sign * r[search.metric])
 
 
 def _format(value: Any) -> str:
@@ -546,6 +554,7 @@ def best_train_config(search: SearchConfig, row: dict[str, Any]) -> TrainConfig:
     base = search.train
     return dataclasses.replace(
         cfg,
+        seed=base.seed,  # the point was chosen over its seeds: the search's own
         storage=search.storage,
         checkpoint_every_steps=base.checkpoint_every_steps,
         val_every_steps=base.val_every_steps,

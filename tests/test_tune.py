@@ -54,6 +54,23 @@ def test_first_rung_defaults_to_after_every_schedules_last_drop() -> None:
     assert late.first_rung() == 11 * late.report_every() == 247_500
 
 
+def test_the_best_point_is_chosen_by_the_mean_of_its_seeds() -> None:
+    """Repeats of a point with other seeds count by their mean, not by the luckiest one."""
+    search = dataclasses.replace(tune.ci(), num_samples=2)
+
+    def row(lr: float, seed: int, auc: float, status: str = "completed") -> dict:
+        return {"lr": lr, "lambda": 0.5, "schedule": "0.5:0.3", "seed": seed,
+                "val_auc_mean": auc, "status": status}  # fmt: skip
+
+    rows = [row(1e-3, 0, 0.90), row(1e-3, 1, 0.60), row(2e-3, 0, 0.80), row(2e-3, 1, 0.78),
+            row(3e-3, 0, 0.99, "stopped early")]  # fmt: skip
+    best = tune.best_row(rows, search)
+    assert (best["lr"], best["seed"]) == (2e-3, 0)  # mean 0.79 beats 0.75; completed first
+    assert tune.best_train_config(search, {**best, "rebalance_lambda": 0.5}).seed == 0
+    lucky = {**best, "seed": 1, "rebalance_lambda": 0.5}
+    assert tune.best_train_config(search, lucky).seed == search.train.seed
+
+
 def test_grid_repeats_differ_by_their_seed() -> None:
     from ray.tune.search.variant_generator import generate_variants
 
