@@ -254,15 +254,17 @@ def _in_work_dir(rel: str) -> str | None:
     return None
 
 
-def _text_name(name: str) -> str:
-    """`name` as text that UTF-8 can encode, for sources and output paths (files are read by
-    their own names). Python keeps the bytes of a name that is not UTF-8 (an old tar's, a
-    file system's in another encoding) as surrogates; such a name is read as Latin-1, the
-    usual encoding of those, which gives every byte a character of its own."""
-    try:
-        raw = name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # surrogates of another origin
-        return name.encode("utf-8", "replace").decode("utf-8")
+def _source_text(name: str) -> str:
+    """`name` as text UTF-8 can encode, one to one, for sources (the manifest's keys): bytes
+    that were not UTF-8, which Python keeps as surrogates (an old tar's names, a file
+    system's in another encoding), become \\x escapes. Files are read by their own names."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _output_text(name: str) -> str:
+    """`name` as text for an output path: a name that is not UTF-8 is read as Latin-1, the
+    usual encoding of such names, which gives every byte a character of its own."""
+    raw = name.encode("utf-8", "surrogateescape")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -293,12 +295,12 @@ def plan(
         sizes = {"": storage.with_retries(lambda: fs.size(root), what=f"stat {cfg.input}")}
     else:
         raise ValueError(f"INPUT {cfg.input}: no such file or folder")
-    units, files, skipped = [], [], 0
-    done_set, done_sorted, inputs = set(done), sorted(done), set(sizes)
+    units, files, skipped, named = [], [], 0, set()
+    done_set, done_sorted, inputs = set(done), sorted(done), {_output_text(r) for r in sizes}
     for rel, url in zip(rels, urls, strict=True):
-        kind, source = _kind(url), _text_name(url)
+        kind, source = _kind(url), _source_text(url)
         if kind != "image":
-            prefix = _text_name(rel).rstrip("/")
+            prefix = _output_text(rel).rstrip("/")
             members = _starting_with(
                 done_sorted, source + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
             )
@@ -312,16 +314,19 @@ def plan(
         if source in done_set:
             skipped += 1
             continue
-        name = _text_name(rel or posixpath.basename(storage.split_url(url)[1]))
+        name = _output_text(rel or posixpath.basename(storage.split_url(url)[1]))
         item = {"source": source, "rel": name, "size": sizes[rel]}
         if source != url:
             item["url"] = url  # read by its own name
         taken = _output_taken(name, inputs, cfg.format)
         reason = _in_work_dir(name) or (taken and f"its output name {taken!r} is another input's")
+        if name in named:  # a name that is not UTF-8, read as Latin-1, equals another's
+            reason = f"another input's name reads as {name!r} too"
+        named.add(name)
         files.append(item | ({"error": reason} if reason else {}))
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
-    return units, [_text_name(url) for url in urls], skipped
+    return units, [_source_text(url) for url in urls], skipped
 
 
 def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
@@ -394,9 +399,9 @@ class _Names:
     def member(self, base: str, name: str) -> str | None:
         """The source of the member `name` (`base`: its archive's source and separator),
         numbered where the name repeats; None where an earlier run did it."""
-        source = self.source(base + _text_name(name))
+        source = self.source(base + _source_text(name))
         if source[len(base) :] in self.finished:
-            self.done(_text_name(name))
+            self.done(_output_text(name))
             return None
         return source
 
@@ -443,11 +448,11 @@ def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> 
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    base, names = _text_name(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
+    base, names = _source_text(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
     with tars.open_tar(f, "r|*") as archive:
         for member in archive:
             if member.isdir():
-                names.done(_text_name(member.name))
+                names.done(_output_text(member.name))
                 continue
             if (source := names.member(base, member.name)) is None:
                 continue
@@ -455,13 +460,13 @@ def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
                 yield _row(source, reason="archive member is not a regular file (link/device)")
                 continue
             read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
-            yield _member_row(source, _text_name(member.name), member.size, read, cfg, names)
+            yield _member_row(source, _output_text(member.name), member.size, read, cfg, names)
         if damage := tars.damage(archive):  # the members after it are lost: the archive's row
             raise tarfile.ReadError(damage)
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    base, names = _text_name(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
+    base, names = _source_text(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
     with zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
             if info.is_dir():
@@ -495,7 +500,7 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
     number, names = 0, _Names(unit, cfg.format)
-    base = _text_name(unit["url"]) + ROW_SEP
+    base = _source_text(unit["url"]) + ROW_SEP
     for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
         for row in batch.to_pylist():
             name = str(row[key]) if key else f"{number:09d}"
@@ -524,11 +529,11 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                 count += 1
                 yield item
         if unit.get("retry"):  # read through this time: its earlier error row is cleared
-            yield {**_row(_text_name(url)), "status": manifest.RESOLVED}
+            yield {**_row(_source_text(url)), "status": manifest.RESOLVED}
     except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
         # The archive itself is an input too: recorded once, after what could be read of it.
         yield _row(
-            _text_name(url),
+            _source_text(url),
             reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}",
         )
 

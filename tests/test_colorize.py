@@ -412,7 +412,8 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
 
 def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> None:
     """An old tar's Latin-1 member name and a file system name in another encoding: both
-    read, with sources and output paths read as Latin-1, which the manifest can store."""
+    read, their outputs named as Latin-1 reads them and their sources (the manifest's keys)
+    with \\x escapes, text the manifest can store. A name reading as another's is refused."""
     data = encode(gray((8, 8)))
     src = tmp_path / "in"
     src.mkdir()
@@ -430,9 +431,17 @@ def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> N
     rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
     assert {r["rel"] for r in rows} == {"ok.jpg", "caf\u00e9.jpg", "old.tar/\u00e9t\u00e9.jpg"}
     assert all(r["status"] == "pending" and r["data"] == data for r in rows)
-    assert f"{src}/caf\u00e9.jpg" in top_level
-    for text in top_level + [r["source"] for r in rows]:
+    sources = {r["source"] for r in rows}
+    assert f"{src}/caf\\xe9.jpg" in top_level and f"{src}/old.tar!\\xe9t\\xe9.jpg" in sources
+    for text in top_level + list(sources):
         text.encode("utf-8")  # what Arrow needs of the manifest's strings
+
+    (src / "caf\u00e9.jpg").write_bytes(data)  # the same name in UTF-8
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    refused = [r for r in rows if r["status"] == "error"]
+    assert len(refused) == 1 and "reads as 'caf\u00e9.jpg' too" in refused[0]["reason"]
+    assert len({r["source"] for r in rows}) == len(rows) == 4  # each input a row of its own
 
 
 def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
