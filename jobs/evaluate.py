@@ -597,8 +597,10 @@ def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
 
 
 def _stem(path: str) -> str:
-    """A listed path's file name without its extension (a prepared dataset's key's name)."""
-    return path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    """A listed path's file name without its image extension, as a prepared dataset's key
+    names it (`photo.2019.jpg` and `photo.2019` are both `photo.2019`)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
 
 
 def _key_name(key: str) -> str:
@@ -622,7 +624,8 @@ def resolve_split(
     for path, label in entries:
         url = by_path.get(path) or by_name.get(path.rsplit("/", 1)[-1])
         if url is None:
-            missing.append(path)
+            if path not in missing:
+                missing.append(path)
         elif url not in seen:
             seen.add(url)
             found.append({"key": path.rsplit(".", 1)[0], "label": label, "url": url})

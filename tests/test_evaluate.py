@@ -127,7 +127,8 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
     ]
     repeat = ("ILSVRC2012_val_00000001.JPEG", 3)  # the first file again, by its name
     urls = [str(f) for f in files]
-    found, missing = evaluate.resolve_split([*entries, repeat], str(tmp_path), urls)
+    again = [*entries, repeat, entries[-1]]  # and the missing one listed twice
+    found, missing = evaluate.resolve_split(again, str(tmp_path), urls)
     assert [(f["url"], f["label"]) for f in found] == [(str(files[0]), 3), (str(files[1]), -1)]
     assert found[0]["key"] == "n01/ILSVRC2012_val_00000001"
     assert missing == ["n02/gone.JPEG"]
@@ -162,6 +163,7 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     dotted = {"key": np.array(["c/photo.2019", "c/photo"]), "label": np.array([1, 2])}
     kept = evaluate._keep_listed(dotted, {evaluate._stem("val/photo.2019.JPEG"): 5})
     assert kept["key"].tolist() == ["c/photo.2019"] and kept["label"].tolist() == [5]
+    assert evaluate._stem("photo.2019") == "photo.2019"  # listed without an extension
 
 
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
