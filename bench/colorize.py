@@ -16,8 +16,8 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
   autocast only on CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed
   mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
-  Its steady rate leaves out that start-up and the ramp after it: the later half of the
-  outputs over the time they took (from the manifest's per-input finish times).
+  Its steady rate leaves out that start-up and the ramp after it: the slope of the later
+  half of the outputs' finish times (the manifest's per-input times), outputs per second.
 
 The figure of merit is images/s per core, the job's divided by the number of cores it used.
 """
@@ -116,8 +116,11 @@ def main() -> None:
         assert summary.outputs == args.images and summary.errors == 0
         times = summary.table.column("time").to_pylist()
         finished = sorted(datetime.fromisoformat(t).timestamp() for t in times)
-        half = len(finished) // 2
-        steady_ips = (len(finished) - 1 - half) / (finished[-1] - finished[half])
+        # Rows finish in bursts, a batch at a time: the slope of a straight line through the
+        # later half's finish times, not the count between two of them, whose edges may cut
+        # a batch whose network ran before the window.
+        later = np.array(finished[len(finished) // 2 :])
+        steady_ips = float(np.polyfit(later - later[0], np.arange(len(later)), 1)[0])
 
     dtype = "bf16" if precision.autocast_dtype == torch.bfloat16 else "fp32"
     w, h = SIZE_WH

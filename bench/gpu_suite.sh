@@ -17,7 +17,8 @@
 #              CPU threads), then the anchor's compiled bf16 step
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
-# Needs python3 with torch, torchvision, pillow, scikit-image, pyarrow and pytest; not Ray.
+# Needs python3 with torch, torchvision, pillow, opencv-python-headless, scikit-image, pyarrow,
+# pyyaml and pytest; not Ray.
 # JSON results go to $OUT (default: a temporary folder) when the scripts write any.
 set -uo pipefail
 cd "$(dirname "$0")/.."

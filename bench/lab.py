@@ -4,7 +4,8 @@
 
 Input: scikit-image's photos resized to 1024 x 768 (the size of a typical archive scan
 preview), as float32 RGB in [0, 1]. Both libraries convert the same pixels; skimage works on
-(H, W, 3) float64 numpy, colorcore on (N, 3, H, W) torch tensors. The error columns compare
+(H, W, 3) float32 numpy (it keeps the input's float type), colorcore on (N, 3, H, W) torch
+tensors. The error columns compare
 colorcore's output with skimage's on these photos (fp32 and bf16 inputs). Each figure is the
 median of several timed repeats after a warm-up, single-threaded.
 """

@@ -1,6 +1,8 @@
 """Soft-encoding speed on one CPU core: colorcore's table-driven soft_encode against the
-released code's way (a scikit-learn ball tree over the 313 bins, 10 neighbours, Gaussian
-weights normalised), with a plain torch cdist + top-k over all 313 bins for reference.
+released code's way (its NNEncode: scikit-learn's NearestNeighbors with a ball tree over the
+313 bins, 10 neighbours, Gaussian weights normalised, written into a dense (P, 313) array),
+with the ball tree's bare queries and a plain torch cdist + top-k over all 313 bins for
+reference.
 
     python bench/soft_encode.py            (from the repository root; about 20 s)
 
@@ -72,6 +74,15 @@ def main() -> None:
         dist_Pk, _ = ball_tree.query(ab_P2_np, k=k)
         return gaussian_weights(dist_Pk, sigma)
 
+    dense_PQ = np.zeros((len(ab_P2_np), len(bins_Q2_np)))  # the released encoder reuses it
+    rows_P1 = np.arange(len(ab_P2_np))[:, None]
+
+    def released_nnencode() -> np.ndarray:
+        dist_Pk, bins_Pk = neighbours.kneighbors(ab_P2_np)
+        dense_PQ[...] = 0
+        dense_PQ[rows_P1, bins_Pk] = gaussian_weights(dist_Pk, sigma)
+        return dense_PQ
+
     def sklearn_kneighbors() -> np.ndarray:
         dist_Pk, _ = neighbours.kneighbors(ab_P2_np)
         return gaussian_weights(dist_Pk, sigma)
@@ -94,6 +105,7 @@ def main() -> None:
     print(f"max |weight difference| soft_encode vs ball tree: {gap:.1e}")
     timings = {
         "colorcore soft_encode": median_ms(ours, args.repeats),
+        "released NNEncode (kneighbors, dense 313)": median_ms(released_nnencode, args.repeats),
         "sklearn BallTree.query + weights": median_ms(sklearn_ball_tree, args.repeats),
         "sklearn NearestNeighbors(ball_tree) + weights": median_ms(
             sklearn_kneighbors, args.repeats
