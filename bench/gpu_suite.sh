@@ -11,7 +11,7 @@
 #   colorize   bench/colorize_gpu.py compiled, each batch's steps timed apart (--stages),
 #              batches in 4 pipelined pieces and whole, then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
-#              encoding, compiled Lab steps)
+#              encoding, compiled Lab steps, the compiled loss backward and BatchNorm averages)
 #   train      bench/loader.py (nvJPEG and CPU threads on every core), bench/train_step.py
 #              compiled bf16, synthetic and from JPEG shards (decoded by nvJPEG, then by the
 #              CPU threads), then the anchor's compiled bf16 step
@@ -42,7 +42,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 for part in $parts; do
   case $part in
     tests) run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
-      tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py ;;
+      tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py \
+      tests/test_loss.py tests/test_model.py ;;
     targets) run python3 bench/targets.py --profile ;;
     train)
       run python3 bench/loader.py

@@ -157,3 +157,25 @@ def test_compiled_loss_equals_the_eager_loss() -> None:
         assert_close(values[1], values[0])
         assert_close(grads[1], grads[0])
         assert grads[1].dtype == logits_dtype and grads[1][1].abs().max() == 0  # gray image
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_loss_on_gpu_takes_the_overwrite_backward_and_equals_cpu() -> None:
+    """Inductor on CUDA: the backward the training step runs (`_gradient_by_overwrite`)."""
+    batch = _batch(seed=8)
+    nongray_N = torch.tensor([True, False, True])
+    compiled = torch.compile(loss.rebalanced_cross_entropy, fullgraph=True)
+    for logits_dtype in (torch.float32, torch.bfloat16):
+        results = []
+        for fn, device in ((loss.rebalanced_cross_entropy, "cpu"), (compiled, "cuda")):
+            moved = {k: v.to(device) for k, v in batch.items()}
+            logits = moved.pop("logits_NQhw").to(logits_dtype).requires_grad_()
+            value = fn(logits, **moved, nongray_N=nongray_N.to(device))
+            value.backward()
+            results.append((value.cpu(), logits.grad.cpu()))
+        (value_cpu, grad_cpu), (value_gpu, grad_gpu) = results
+        assert_close(value_gpu, value_cpu, rtol=1e-5, atol=1e-4)
+        assert grad_gpu.dtype == logits_dtype and grad_gpu[1].abs().max() == 0  # gray image
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if logits_dtype == torch.float32 else {}
+        assert_close(grad_gpu, grad_cpu, **tolerance)

@@ -123,3 +123,24 @@ def test_bf16_autocast_agrees_with_fp32() -> None:
     # probabilities, not raw logits, are what decoding uses
     assert (low - ref).abs().max() < 2e-2
     assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batchnorm_averages_on_gpu_compiled_under_bf16_equal_the_cpu() -> None:
+    """The training step's setting: channels_last, bf16 autocast, Inductor on CUDA."""
+    torch.manual_seed(0)
+    cpu = ColorizationNet(TINY)
+    gpu = ColorizationNet(TINY)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda().to(memory_format=torch.channels_last)
+    step = torch.compile(gpu)
+    for _ in range(3):
+        x = torch.rand(4, 1, 32, 32) * 100
+        cpu(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            step(x.cuda().contiguous(memory_format=torch.channels_last))
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers(), strict=True):
+        if "running" in name or "num_batches" in name:
+            torch.testing.assert_close(b.cpu().float(), a.float(), rtol=0.05, atol=0.05)
+    assert int(gpu.model1[4].num_batches_tracked) == 3
