@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from jobs.colorize import network_input, predict_ab, reassemble
+from jobs.images import each_or_none
 from jobs.picture_files import upright, with_segments
 from jobs.runtime import Precision
 
@@ -204,7 +205,7 @@ class JpegColorizer:
                 # The decoder writes on a stream of its own, into blocks this stream may
                 # have freed with reads still queued (the last piece's flips): finish those.
                 self.decode_stream.synchronize()
-            images = _each_or_none(self.codec.decode, tensors)  # a bad file fails the batch
+            images = each_or_none(self.codec.decode, tensors)  # a bad file fails the batch
             return [
                 None if image is None else upright(image, turns[i])
                 for i, image in zip(part, images, strict=True)
@@ -268,26 +269,7 @@ class JpegColorizer:
         file, and None for a file that still fails (the CPU path takes it over)."""
         if ready is not None:
             ready.synchronize()  # the encoder's stream does not wait for the compute stream
-        return _each_or_none(lambda some: self.codec.encode(some, self.quality), images)
-
-
-def _each_or_none(call: Callable[[list], list], items: list) -> list:
-    """call(items); where that fails, call([item])[0] item by item, None for an item that
-    still fails. Running out of device memory is not the items' fault: that is raised."""
-    try:
-        return list(call(items))
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception:
-        results = []
-        for item in items:
-            try:
-                results.append(call([item])[0])
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception:
-                results.append(None)
-        return results
+        return each_or_none(lambda some: self.codec.encode(some, self.quality), images)
 
 
 def _on(stream: torch.cuda.Stream | None):

@@ -7,6 +7,7 @@ record these reasons and go on; nothing here stops a job.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -160,3 +161,22 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()
+
+
+def each_or_none(call: Callable[[list], list], items: list) -> list:
+    """call(items); where that fails, call([item])[0] item by item, None for an item that
+    still fails. Running out of device memory is not the items' fault: that is raised."""
+    try:
+        return list(call(items))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception:
+        results = []
+        for item in items:
+            try:
+                results.append(call([item])[0])
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:
+                results.append(None)
+        return results

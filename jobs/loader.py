@@ -20,7 +20,9 @@ with the next steps' images queued behind the current one's so the threads never
 batch boundary, and read the coming steps' shards in threads of their own; a background
 thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the GPU instead.
 Every worker reads the shards of the current window (it needs a slice of each), which
-trades some repeated reads for exact, rank-independent sample order.
+trades some repeated reads for exact, rank-independent sample order. An image that does not
+decode (a shard damaged since `jobs.prepare` checked it) becomes a black crop, with a warning
+naming its shard and row: grey, so the loss gives it no weight, and the order stays.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -41,7 +44,9 @@ import torch
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import decode_rgb
+from jobs.images import decode_rgb, each_or_none
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,12 +133,28 @@ class JpegFiles:
         return memoryview(self._values[self._ends[row] : self._ends[row + 1]])
 
 
-def _crop_into(out_3HW: torch.Tensor, data: memoryview, rng: np.random.Generator) -> None:
+def _undecodable(where: str, error: object) -> None:
+    log.warning(
+        "loader: %s does not decode (%s): its crop is black, a grey image, which the loss "
+        "leaves out", where, error,
+    )  # fmt: skip
+
+
+def _crop_into(
+    out_3HW: torch.Tensor, data: memoryview, rng: np.random.Generator, where: str
+) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
-    and flipped as views before the pixels are copied (once), when no upscaling is needed."""
-    rgb_HW3 = _decode_jpeg(data)
-    if rgb_HW3 is None:  # not a JPEG OpenCV reads: the checked decoder, and its error
-        rgb_HW3 = np.asarray(decode_rgb(data))
+    and flipped as views before the pixels are copied (once), when no upscaling is needed.
+    An image that does not decode (a shard damaged since it was prepared) gives a black
+    crop: grey, so it has no weight in the loss, and the run goes on with the same order."""
+    try:
+        rgb_HW3 = _decode_jpeg(data)
+        if rgb_HW3 is None:  # not a JPEG OpenCV reads: the checked decoder, and its error
+            rgb_HW3 = np.asarray(decode_rgb(data))
+    except Exception as error:
+        _undecodable(where, error)
+        out_3HW.zero_()
+        return
     crop_px = out_3HW.shape[-1]
     height, width = rgb_HW3.shape[:2]
     if min(height, width) < crop_px:
@@ -161,13 +182,20 @@ def _decode_jpeg(data: memoryview) -> np.ndarray | None:
 
 
 def _device_crops(
-    images: list[torch.Tensor], crop_px: int, rngs: list[np.random.Generator]
+    images: list[torch.Tensor | None],
+    crop_px: int,
+    rngs: list[np.random.Generator],
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """torch.stack of `random_crop_flip` of each image with its generator, in a few kernels
     instead of one or two an image: the crops are gathered unflipped, then the flipped ones
-    are flipped together."""
+    are flipped together. An image that did not decode (None) gives a black crop."""
     crops, flipped = [], []
+    device = next((image.device for image in images if image is not None), device)
     for i, (image, rng) in enumerate(zip(images, rngs, strict=True)):
+        if image is None:
+            crops.append(torch.zeros((3, crop_px, crop_px), dtype=torch.uint8, device=device))
+            continue
         height, width = image.shape[-2:]
         if min(height, width) < crop_px:  # scaled up first: rare, done whole
             crops.append(random_crop_flip(image, crop_px, rng))
@@ -260,13 +288,15 @@ class TrainLoader:
     def _start(
         self,
         data: list[memoryview],
+        where: list[str],
         epoch: int,
         positions: np.ndarray,
         pool: ThreadPoolExecutor,
         stream: torch.cuda.Stream | None,
     ) -> Callable[[], tuple[torch.Tensor, torch.cuda.Event | None]]:
-        """Starts decoding and cropping a batch; returns the call that waits for its crops
-        (and, on CUDA, the event of `stream` after which they are ready)."""
+        """Starts decoding and cropping a batch (`where`: each file's shard and row, for
+        warnings); returns the call that waits for its crops (and, on CUDA, the event of
+        `stream` after which they are ready)."""
         rngs = [np.random.default_rng([self.seed, epoch, int(p)]) for p in positions]
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
@@ -278,10 +308,17 @@ class TrainLoader:
                 # The decoder writes on a stream of its own, into blocks this stream may have
                 # freed with reads still queued (the last batch's crops): finish those.
                 stream.synchronize()
-                images = torchvision.io.decode_jpeg(
-                    frames, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
-                )
-                crops = _device_crops(images, self.crop_px, rngs)
+                images = each_or_none(
+                    lambda some: torchvision.io.decode_jpeg(
+                        some, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
+                    ),
+                    frames,
+                )  # a file that does not decode fails the batch: then file by file
+                for image, place in zip(images, where, strict=True):
+                    if image is None:
+                        _undecodable(place, "nvJPEG refuses it")
+                device = torch.device("cuda", torch.cuda.current_device())
+                crops = _device_crops(images, self.crop_px, rngs, device)
                 ready = torch.cuda.Event()
                 ready.record()
             return lambda: (crops, ready)
@@ -291,8 +328,8 @@ class TrainLoader:
             pin_memory=self.pin_memory,
         )
         done = [
-            pool.submit(_crop_into, crops[i], d, g)
-            for i, (d, g) in enumerate(zip(data, rngs, strict=True))
+            pool.submit(_crop_into, crops[i], d, g, w)
+            for i, (d, g, w) in enumerate(zip(data, rngs, where, strict=True))
         ]
 
         def wait() -> tuple[torch.Tensor, None]:
@@ -322,9 +359,11 @@ class TrainLoader:
                     self._read_ahead(shards, order, offset, io_pool)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
-                    data = [shards[int(s)].result()[int(r)] for s, r in order[positions]]
+                    picked = order[positions]
+                    data = [shards[int(s)].result()[int(r)] for s, r in picked]
+                    where = [f"{self.index.shard_urls[s]} row {r}" for s, r in picked]
                     offset += self.global_batch
-                    wait = self._start(data, epoch, positions, pool, stream)
+                    wait = self._start(data, where, epoch, positions, pool, stream)
                     started.append((wait, epoch, offset, positions))
                     if len(started) > self.prefetch_batches:
                         wait, *step = started.popleft()

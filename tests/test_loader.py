@@ -4,6 +4,7 @@ resume, shapes and ranges."""
 from __future__ import annotations
 
 import functools
+import logging
 from itertools import islice
 
 import numpy as np
@@ -145,18 +146,60 @@ def test_training_crops_decode_as_the_checked_decoder_does(kind) -> None:
     }[kind]()
     for seed in range(6):  # flips and no flips
         out = torch.empty((3, 48, 48), dtype=torch.uint8)
-        _crop_into(out, memoryview(data), np.random.default_rng(seed))
+        _crop_into(out, memoryview(data), np.random.default_rng(seed), "test")
         expected = random_crop_flip(decode_3hw(data), 48, np.random.default_rng(seed))
         assert torch.equal(out, expected)
 
 
-def test_a_truncated_training_jpeg_is_refused_not_filled_in() -> None:
-    from jobs.images import BadImage
+def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None:
+    """Pillow refuses it (OpenCV would fill in what is missing); the crop is black, a grey
+    image, which the loss leaves out, and a warning names the file's place."""
+    from colorcore.data import make_targets
     from jobs.loader import _crop_into
 
     data = encode(photo_rgb("coffee")[:60, :90])
-    with pytest.raises(BadImage, match="truncated"):
-        _crop_into(torch.empty((3, 48, 48), dtype=torch.uint8), memoryview(data[:-400]), None)
+    out = torch.full((3, 48, 48), 7, dtype=torch.uint8)
+    with caplog.at_level(logging.WARNING, logger="jobs.loader"):
+        _crop_into(out, memoryview(data[:-400]), None, "shard-7 row 3")
+    assert not out.any() and "shard-7 row 3 does not decode" in caplog.text
+    assert "truncated" in caplog.text
+    assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
+
+
+def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog) -> None:
+    """The run goes on with the same order: the damaged row's crop is black, the others are
+    the crops of an intact copy of the dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    intact, damaged = str(tmp_path / "intact"), str(tmp_path / "damaged")
+    write_dataset(intact)
+    write_dataset(damaged)
+    index = DatasetIndex.load(damaged)
+    table = pq.read_table(index.shard_urls[0])
+    jpegs = table.column("jpeg").to_pylist()
+    jpegs[0] = jpegs[0][: len(jpegs[0]) // 2]
+    column = table.schema.get_field_index("jpeg")
+    pq.write_table(
+        table.set_column(column, "jpeg", pa.array(jpegs, pa.binary())), index.shard_urls[0]
+    )
+    with caplog.at_level(logging.WARNING, logger="jobs.loader"):
+        batches = [
+            pair
+            for rank in (0, 1)  # three epochs on both ranks
+            for pair in zip(
+                islice(loader(DatasetIndex.load(intact), rank), 9),
+                islice(loader(index, rank), 9),
+                strict=True,
+            )
+        ]
+    black = 0
+    for good, bad in batches:
+        assert np.array_equal(good.positions, bad.positions)
+        same = (good.rgb_N3HW == bad.rgb_N3HW).flatten(1).all(1)
+        assert same.all() or (same.sum() == len(same) - 1 and not bad.rgb_N3HW[~same].any())
+        black += int((~same).sum())
+    assert black >= 1 and f"{index.shard_urls[0]} row 0 does not decode" in caplog.text
 
 
 @pytest.mark.parametrize("crop_px", [32, 48])  # 48 > the 40-pixel short side: scaled up first
@@ -221,6 +264,11 @@ def test_device_crops_equal_the_crops_taken_one_by_one() -> None:
     )
     assert torch.equal(together, one_by_one)
     assert {crop_box(60, 40, 40, g)[2] for g in rngs()} == {False, True}  # both kinds occur
+    # an image that did not decode (None) is a black crop, the others as before
+    images[3] = None
+    with_gap = _device_crops(images, 40, rngs())
+    assert not with_gap[3].any() and torch.equal(with_gap[4:], one_by_one[4:])
+    assert not _device_crops([None], 40, rngs()[:1], torch.device("cpu")).any()
 
 
 def test_closing_the_iterator_stops_its_threads(dataset) -> None:
