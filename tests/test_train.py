@@ -142,6 +142,28 @@ def test_checkpoint_offset_matches_the_step(ci_run) -> None:
     assert extra["offset"] == (cfg.max_steps % steps_per_epoch) * cfg.batch_size
 
 
+def test_gradient_accumulation_on_two_workers(ci_config) -> None:
+    """Two micro-batches a step on each of two DDP workers (gradients synchronised on the
+    last only): the run ends at its step count, its loss finite, and the stored offset
+    counts whole global batches."""
+    from jobs.loader import DatasetIndex
+
+    cfg = dataclasses.replace(
+        ci_config, name="accumulated", grad_accum_steps=2, max_steps=10, lr_drop_steps=(5,),
+        checkpoint_every_steps=10, val_every_steps=10, log_every_steps=5,
+    )  # fmt: skip
+    assert cfg.micro_batch * cfg.grad_accum_steps * cfg.num_workers == cfg.batch_size == 16
+    metrics = train.main(cfg)
+    assert metrics["step"] == 10 and math.isfinite(metrics["loss"])
+    extra = load_model(cfg.run_url).checkpoint.extra
+    steps_per_epoch = DatasetIndex.load(cfg.data).num_images // cfg.batch_size
+    assert (extra["epoch"], extra["offset"]) == (
+        10 // steps_per_epoch,
+        (10 % steps_per_epoch) * cfg.batch_size,
+    )
+    assert [int(r["step"]) for r in train.read_metrics(cfg.run_url)] == [5, 10]
+
+
 def test_learning_rate_schedule() -> None:
     cfg = train.paper()
     assert train.learning_rate(0, cfg) == pytest.approx(3e-5)
