@@ -265,6 +265,16 @@ def _as_16bit(values: np.ndarray) -> np.ndarray:
     return values if values.dtype == np.uint16 else values.astype(np.uint16) * 257
 
 
+def _as_8bit(values: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 samples as uint8 (16-bit ones keep their top byte)."""
+    return values if values.dtype == np.uint8 else (values >> 8).astype(np.uint8)
+
+
+def _jpeg_xmp(xmp: bytes | None) -> bytes | None:
+    """`xmp` where it fits one JPEG segment, else None: a larger packet is left out."""
+    return xmp if xmp and len(_XMP_HEADER) + len(xmp) <= _APP_PAYLOAD_MAX else None
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -357,20 +367,15 @@ def encode(
         return encode_tiff16(rgb_pages, decoded, provenance)
     images = []
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-        rgb8 = rgb if rgb.dtype == np.uint8 else (rgb >> 8).astype(np.uint8)
-        image = Image.fromarray(rgb8)
-        if page.alpha is not None:  # 8 bits here, as the colour: a 16-bit one keeps its top
-            alpha = page.alpha if page.alpha.dtype == np.uint8 else page.alpha >> 8
-            image.putalpha(Image.fromarray(alpha.astype(np.uint8)))
+        image = Image.fromarray(_as_8bit(rgb))
+        if page.alpha is not None:  # 8 bits here, as the colour
+            image.putalpha(Image.fromarray(_as_8bit(page.alpha)))
         images.append(image)
     kwargs: dict[str, Any] = {"exif": exif}
     if meta.icc:
         kwargs["icc_profile"] = meta.icc
-    if fmt == "JPEG":  # an XMP packet too large for its segment is left out, as on GPUs
-        xmp = (
-            meta.xmp if meta.xmp and len(_XMP_HEADER) + len(meta.xmp) <= _APP_PAYLOAD_MAX else None
-        )
-        kwargs.update(quality=quality, subsampling=0, xmp=xmp)
+    if fmt == "JPEG":
+        kwargs.update(quality=quality, subsampling=0, xmp=_jpeg_xmp(meta.xmp))
         if meta.iptc:
             kwargs["extra"] = iptc_segment(meta.iptc)
     elif fmt == "PNG":
@@ -424,7 +429,7 @@ def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: byt
         body = exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
         if len(body) <= _APP_PAYLOAD_MAX:  # a larger EXIF cannot be carried by APP1: dropped
             parts.append(_segment(0xE1, body))
-    if xmp and len(_XMP_HEADER) + len(xmp) <= _APP_PAYLOAD_MAX:
+    if xmp := _jpeg_xmp(xmp):
         parts.append(_segment(0xE1, _XMP_HEADER + xmp))
     if icc:
         chunks = [icc[i : i + _ICC_CHUNK] for i in range(0, len(icc), _ICC_CHUNK)]
