@@ -188,15 +188,9 @@ def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     fs, path = storage.filesystem(cfg.src, cfg.s3)
     # Small blocks: reading each header should not fetch megabytes of the images after it.
     with fs.open(path, "rb", block_size=1 << 16) as f, tars.open_tar(f) as outer:
-        listed: list[tarfile.TarInfo] = []
-        try:
-            listed.extend(outer)
-            damage = tars.damage(outer)
-        except (tarfile.TarError, EOFError) as e:
-            damage = str(e)
+        listed, damage = tars.listing(outer)
     if damage:  # the classes after the damage would be lost, and the labels after them shift
-        after = f"after {listed[-1].name}" if listed else "at its start"
-        raise ValueError(f"{cfg.src}: the tar is damaged {after} ({damage})")
+        raise ValueError(f"{cfg.src}: the tar is damaged {tars.after(listed)} ({damage})")
     members = [m for m in listed if m.isfile()]
     inner = sorted((m for m in members if m.name.endswith(".tar")), key=lambda m: m.name)
     if not inner:
@@ -281,14 +275,9 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
     except (tarfile.TarError, EOFError) as e:  # not a tar at all: one error row for the class
         yield f"{group['class']}/", group["label"], tar_source, BadImage(f"unreadable tar: {e}")
         return
-    listed: list[tarfile.TarInfo] = []
-    try:
-        listed.extend(inner)
-        damage = tars.damage(inner)
-    except (tarfile.TarError, EOFError) as e:
-        # Data that stops inside the last member listed is that member's own error below.
-        last = listed[-1] if listed else None
-        damage = None if last and last.offset_data + last.size > len(blob) else str(e)
+    listed, damage = tars.listing(inner)
+    if listed and listed[-1].offset_data + listed[-1].size > len(blob):
+        damage = None  # data that stops inside the last member: that member's own error below
     files = sorted((m for m in listed if m.isfile()), key=lambda m: m.name)
     keys: set[str] = set()
     for member in files:  # each read apart: a damaged member costs only itself
@@ -300,8 +289,7 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
         keys.add(key)
         yield key, group["label"], f"{tar_source}/{member.name}", data
     if damage:  # the members after it, if any, are lost: the class tar is an error row too
-        after = f"after {listed[-1].name}" if listed else "at its start"
-        lost = BadImage(f"unreadable tar {after}: {damage}")
+        lost = BadImage(f"unreadable tar {tars.after(listed)}: {damage}")
         yield f"{group['class']}/", group["label"], tar_source, lost
 
 

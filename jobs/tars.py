@@ -38,3 +38,19 @@ def open_tar(fileobj: IO[bytes], mode: str = "r:") -> tarfile.TarFile:
 def damage(archive: tarfile.TarFile) -> str | None:
     """Why the listing of `archive` ended before its end-of-archive marker, if it did."""
     return getattr(archive, "damage", None)
+
+
+def listing(archive: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None]:
+    """(the members `archive` lists, why the listing ended before its end-of-archive marker,
+    or None): a damaged header, or data that stops inside a member."""
+    listed: list[tarfile.TarInfo] = []
+    try:
+        listed.extend(archive)
+    except (tarfile.TarError, EOFError) as e:
+        return listed, str(e)
+    return listed, damage(archive)
+
+
+def after(listed: list[tarfile.TarInfo]) -> str:
+    """Where a listing broke off, for messages."""
+    return f"after {listed[-1].name}" if listed else "at its start"
