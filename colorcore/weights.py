@@ -135,20 +135,23 @@ def to_safetensors(model: torch.nn.Module) -> bytes:
     return save(state, metadata={"format": SAFETENSORS_FORMAT, "model_config": config})
 
 
+def _safetensors_header_size(data: bytes) -> int:
+    return int.from_bytes(data[:8], "little")  # a safetensors file starts with it
+
+
 def is_safetensors(data: bytes) -> bool:
     """Whether `data` starts as a safetensors file does: a little-endian header length,
     then that many bytes of JSON."""
     if len(data) < 10:
         return False
-    size = int.from_bytes(data[:8], "little")
-    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+    return 2 <= _safetensors_header_size(data) <= len(data) - 8 and data[8:9] == b"{"
 
 
 def model_from_safetensors(data: bytes) -> ColorizationNet:
     """The network a `to_safetensors` file holds, built from its metadata's config."""
     from safetensors.torch import load
 
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + _safetensors_header_size(data)])
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != SAFETENSORS_FORMAT:
         raise ValueError(

@@ -297,8 +297,9 @@ def plan(
         raise ValueError(f"INPUT {cfg.input}: no such file or folder")
     units, files, skipped, named = [], [], 0, set()
     done_set, done_sorted, inputs = set(done), sorted(done), {_output_text(r) for r in sizes}
-    for rel, url in zip(rels, urls, strict=True):
-        kind, source = _kind(url), _source_text(url)
+    sources = [_source_text(url) for url in urls]
+    for rel, url, source in zip(rels, urls, sources, strict=True):
+        kind = _kind(url)
         if kind != "image":
             prefix = _output_text(rel).rstrip("/")
             members = _starting_with(
@@ -326,7 +327,7 @@ def plan(
         files.append(item | ({"error": reason} if reason else {}))
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
-    return units, [_source_text(url) for url in urls], skipped
+    return units, sources, skipped
 
 
 def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
@@ -909,13 +910,13 @@ def main(cfg: ColorizeConfig) -> Summary:
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
-    status, failed = rows.column("status"), []
+    status, failed = rows.column("status"), set()
     if cfg.retry_errors:
-        failed = rows.filter(pc.equal(status, "error")).column("source").to_pylist()
+        failed = set(rows.filter(pc.equal(status, "error")).column("source").to_pylist())
     done = rows.filter(
         pc.equal(status, "ok") if cfg.retry_errors else pc.not_equal(status, manifest.RESOLVED)
     )
-    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), set(failed))
+    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), failed)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"

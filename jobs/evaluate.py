@@ -620,16 +620,15 @@ def resolve_split(
     by_name: dict[str, str] = {}
     for rel, url in sorted(by_path.items()):
         by_name.setdefault(rel.rsplit("/", 1)[-1], url)
-    found, missing, seen = [], [], set()
+    found, missing, seen = [], {}, set()  # missing: a dict, ordered and without repeats
     for path, label in entries:
         url = by_path.get(path) or by_name.get(path.rsplit("/", 1)[-1])
         if url is None:
-            if path not in missing:
-                missing.append(path)
+            missing[path] = None
         elif url not in seen:
             seen.add(url)
             found.append({"key": path.rsplit(".", 1)[0], "label": label, "url": url})
-    return found, missing
+    return found, list(missing)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,6 @@ def sample_grid(model: torch.nn.Module, crops_N3HW: torch.Tensor, *, T: float = 
 
 def write_report(cfg: TrainConfig, run_url: str | None = None) -> dict[str, float]:
     """Measure the final model, write plots and the export; returns the held-out figures."""
-
     run_url = run_url or cfg.run_url
     loaded = load_model(run_url, cfg.s3)
     model = loaded.model.eval()

@@ -399,13 +399,11 @@ def build_tuner(search: SearchConfig):
     if search.search_alg in ("grid", "random"):
         searcher = BasicVariantGenerator(max_concurrent=concurrency, random_state=search.seed)
     else:
+        seeded = {}
+        if search.search_alg in SEED_ARGUMENTS:
+            seeded[SEED_ARGUMENTS[search.search_alg]] = search.seed
         searcher = ConcurrencyLimiter(
-            create_searcher(
-                search.search_alg,
-                metric=search.metric,
-                mode=search.mode,
-                **{k: search.seed for k in [SEED_ARGUMENTS.get(search.search_alg)] if k},
-            ),
+            create_searcher(search.search_alg, metric=search.metric, mode=search.mode, **seeded),
             max_concurrent=concurrency,
         )
     if search.scheduler == "asha":
