@@ -115,11 +115,14 @@ def shard_batches(
             yield b.rgb_N3HW.to(device, non_blocking=True)
 
 
+SHARD_ITERS_FACTOR = 4
+"""From shards, SHARD_ITERS_FACTOR x --iters batches are timed, so that the few the loader
+stocked ahead (while the first step compiled) weigh little in the rate."""
+
+
 def loader_rate(root: str, args, device: torch.device, decode: str) -> float:
-    """Images/s of the loader alone at the step's batch size: the most a step can take.
-    Timed over 4x the steps' count, so that the few batches it prefetched during the warm-up
-    weigh little."""
-    count = 4 * args.iters
+    """Images/s of the loader alone at the step's batch size: the most a step can take."""
+    count = SHARD_ITERS_FACTOR * args.iters
     with contextlib.closing(shard_batches(root, args.batch, device, decode)) as batches:
         for _ in range(args.warmup):
             next(batches)
@@ -247,9 +250,10 @@ def main() -> None:
                     shard_batches, root, args.batch, device, decode
                 )
             for suffix, batches in inputs.items():
-                # From shards, 4x the steps: batches the loader stocked while the first step
+                # From shards, more steps: batches the loader stocked while the first step
                 # compiled would otherwise make a loader-bound step look faster.
-                timed = argparse.Namespace(**{**vars(args), "iters": 4 * args.iters})
+                iters = SHARD_ITERS_FACTOR * args.iters
+                timed = argparse.Namespace(**{**vars(args), "iters": iters})
                 with contextlib.closing(batches()) as stream:
                     row = measure(mode, stream, rebalance_Q, cfg, timed if suffix else args,
                                   device, report)  # fmt: skip
