@@ -97,3 +97,21 @@ def write_dataset(root: str) -> None:
         storage.write_bytes(storage.join(root, name), buffer.getvalue())
         shards.append(ShardInfo(name=name, num_rows=size, sha256="0" * 64))
     Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0).save(root)
+
+
+def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    """A tar of `members` (name -> bytes), and a symlink member named `symlink` if given."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            link = tarfile.TarInfo(symlink)
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+    return buffer.getvalue()

@@ -26,7 +26,7 @@ from colorcore.model import ColorizationNet, ModelConfig
 from jobs import colorize, colorize_manifest, picture_files, storage
 from jobs.config import run_cli
 from jobs.runtime import Precision
-from tests.support import encode, photo_rgb
+from tests.support import encode, photo_rgb, tar_bytes
 
 INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -56,20 +56,6 @@ def jpeg_with_metadata() -> bytes:
     image = Image.fromarray(gray((24, 40))).convert("RGB")
     return save(image, "JPEG", exif=exif.tobytes(), icc_profile=SRGB_ICC, xmp=XMP,
                 extra=picture_files.iptc_segment(IPTC), quality=95)  # fmt: skip
-
-
-def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if symlink:
-            link = tarfile.TarInfo(symlink)
-            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tar.addfile(link)
-    return buffer.getvalue()
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

@@ -20,8 +20,8 @@ import torch
 from colorcore import weights
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs import colorize_manifest
-from tests.support import encode, photo_rgb
-from tests.test_colorize import gray, tar_bytes
+from tests.support import encode, photo_rgb, tar_bytes
+from tests.test_colorize import gray
 from tests.test_subprocess_jobs import ENV, ROOT, kill_tree, run
 
 pytestmark = pytest.mark.subprocess

@@ -14,7 +14,7 @@ from PIL import Image, JpegImagePlugin
 
 from jobs import prepare, storage
 from jobs.dataset import Manifest, validate_shard_table
-from tests.support import encode, photo_rgb
+from tests.support import encode, photo_rgb, tar_bytes
 
 
 def planted_corpus() -> dict[str, bytes]:
@@ -188,13 +188,7 @@ def test_a_damaged_class_tar_keeps_its_good_members(tmp_path) -> None:
     header, or between members without the end-of-archive marker: the members before are
     kept and the class tar gets an error row for what may follow (tarfile ends quietly)."""
     jpegs = [encode(photo_rgb("chelsea")[i * 20 : i * 20 + 60, :80]) for i in range(4)]
-    whole = io.BytesIO()
-    with tarfile.open(fileobj=whole, mode="w") as t:
-        for i, data in enumerate(jpegs):
-            info = tarfile.TarInfo(f"img_{i}.JPEG")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    whole = whole.getvalue()
+    whole = tar_bytes({f"img_{i}.JPEG": data for i, data in enumerate(jpegs)})
     last_header = whole.index(b"img_3.JPEG")
     cuts = {
         "n01": whole[: last_header + 512 + 100],  # inside img_3's bytes
@@ -202,11 +196,7 @@ def test_a_damaged_class_tar_keeps_its_good_members(tmp_path) -> None:
         "n03": whole[:last_header],  # before img_3's header
     }
     outer = tmp_path / "train.tar"
-    with tarfile.open(outer, "w") as out:
-        for cls, data in cuts.items():
-            info = tarfile.TarInfo(f"{cls}.tar")
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))
+    outer.write_bytes(tar_bytes({f"{cls}.tar": data for cls, data in cuts.items()}))
     cfg = config(str(outer), str(tmp_path / "ds"))
     _, groups = prepare.plan(cfg)
     whole = outer.read_bytes()
