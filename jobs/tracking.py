@@ -6,7 +6,9 @@ which rank 0 rewrites beside each checkpoint, and sends the rows up to the repor
 it has not sent yet: one scalar per column (``loss``, ``lr``, ``img_per_s``, ``val_loss``,
 ``val_auc_raw``, ...) at the row's step. The trackers therefore hold exactly the table: rows
 logged after the last checkpoint of a failed attempt, which the resumed run computes again,
-are never sent.
+are never sent. Where a failed attempt resumes from an older checkpoint than one already
+reported (the newest could not be loaded), the steps it computes again are sent again, and
+TensorBoard hides the earlier figures of those steps.
 
 - TensorBoard: event files in ``RUN/tensorboard/`` (``tensorboard --logdir RUN/tensorboard``),
   one per report. On a local run folder they are written there directly; on object storage
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 import tempfile
@@ -102,7 +105,7 @@ class MetricsTracker(UserCallback):
         self.sinks = sinks
         self.run_url = run_url
         self.s3 = s3
-        self.sent_step = [-1.0] * len(sinks)  # per sink: the last step it holds
+        self.held: list[dict[float, Row]] = [{} for _ in sinks]  # per sink: its rows by step
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         # Rank 0 rewrites the table before each checkpoint's report; a report without one is
@@ -116,17 +119,31 @@ class MetricsTracker(UserCallback):
         except Exception as error:
             log.warning("tracking: reading the metrics table failed, retrying later: %s", error)
             return
-        for i, sink in enumerate(self.sinks):
-            new = [r for r in rows if r["step"] > self.sent_step[i]]
+        for sink, held in zip(self.sinks, self.held, strict=True):
+            # A row the sink holds with other figures: the run went back to an older
+            # checkpoint than one already reported (the newest could not be loaded) and
+            # computed that step again. Everything from there on is sent again.
+            redo = next((r["step"] for r in rows if not _same(held.get(r["step"], r), r)), None)
+            last = max(held, default=-1.0)
+            new = [r for r in rows if r["step"] > last or (redo is not None and r["step"] >= redo)]
             if not new:
                 continue
             try:
-                sink.write(new)
+                sink.write(new, purge=not held or redo is not None)
             except Exception as error:
                 message = sink.scrub(str(error))
                 log.warning("tracking: %s failed, retrying at the next report: %s", sink, message)
                 continue
-            self.sent_step[i] = new[-1]["step"]
+            for step in [s for s in held if s >= new[0]["step"]]:
+                del held[step]
+            held.update((r["step"], r) for r in new)
+
+
+def _same(a: Row, b: Row) -> bool:
+    """Whether two rows hold the same figures (a diverged run's NaN equal to itself)."""
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a
+    )
 
 
 def _scalars(row: Row) -> dict[str, float]:
@@ -144,7 +161,6 @@ class TensorBoardSink:
     def __init__(self, logdir: str, s3: storage.S3Options) -> None:
         self.logdir = logdir
         self.s3 = s3
-        self._started = False
 
     def __repr__(self) -> str:
         return f"TensorBoard({self.logdir})"
@@ -152,7 +168,9 @@ class TensorBoardSink:
     def scrub(self, text: str) -> str:
         return text
 
-    def write(self, rows: list[Row]) -> None:
+    def write(self, rows: list[Row], *, purge: bool = False) -> None:
+        """One event file of `rows`; with `purge`, it starts with a marker that hides what
+        earlier files hold from its first step on."""
         if _installed("tensorboard"):
             from torch.utils.tensorboard import SummaryWriter
         else:
@@ -161,11 +179,9 @@ class TensorBoardSink:
         local = storage.is_local(self.logdir)
         with tempfile.TemporaryDirectory(prefix="colorcore-tensorboard-") as scratch:
             folder = storage.filesystem(self.logdir)[1] if local else scratch
-            # The first file of a driver starts with a purge marker: TensorBoard hides what
-            # earlier files hold from that step on, so a resumed run, which sends the whole
-            # table again, shows each step once. The suffix keeps names unique and in order
-            # (tensorboardX's own names only count seconds).
-            purge_step = None if self._started else int(rows[0]["step"])
+            # The suffix keeps names unique and in order (tensorboardX's own names only count
+            # seconds), which is the order TensorBoard reads them and applies their purges.
+            purge_step = int(rows[0]["step"]) if purge else None
             suffix = f".{time.time_ns()}.{os.getpid()}"
             writer = SummaryWriter(folder, purge_step=purge_step, filename_suffix=suffix)
             for row in rows:
@@ -176,7 +192,6 @@ class TensorBoardSink:
                 for name in os.listdir(scratch):
                     with open(os.path.join(scratch, name), "rb") as f:
                         storage.write_bytes(storage.join(self.logdir, name), f.read(), self.s3)
-        self._started = True
 
 
 class MLflowSink:
@@ -237,8 +252,9 @@ class MLflowSink:
         """`text` (an MLflow error, which may quote the tracking URI) without its password."""
         return _without_password(text, self.tracking_uri)
 
-    def write(self, rows: list[Row]) -> None:
-        """Logs the rows past the last step the run holds, a batch of whole rows at a time,
+    def write(self, rows: list[Row], *, purge: bool = False) -> None:
+        """Logs the rows past the last step the run holds (MLflow cannot take back what it
+        holds: `purge` is not for it), a batch of whole rows at a time,
         each batch with the step it reaches as the run's `colorcore.step` tag (in the same
         request): a driver that restarts resends only what no batch holds."""
         from mlflow import MlflowClient

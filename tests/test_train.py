@@ -130,6 +130,46 @@ def test_tensorboard_in_a_local_run_folder_across_a_driver_restart(tmp_path) -> 
     assert tensorboard_scalars(resent.read_bytes())["loss"] == {10: 5.0, 20: 4.0, 30: 3.5, 40: 2.0}
 
 
+def test_tensorboard_gets_the_steps_of_a_restart_from_an_older_checkpoint_again(tmp_path) -> None:
+    """Within one driver, an attempt that resumes from an older checkpoint than one already
+    reported (the newest unloadable) computes some steps again: they are sent again from the
+    first step whose figures changed, behind a purge marker at that step; a diverged run's
+    NaN rows, the same in each table, are not."""
+    from ray.train import Checkpoint
+
+    from jobs.tracking import tracking_callbacks
+    from jobs.train_loop import _csv
+
+    run = tmp_path / "run"
+    args = {"run_url": str(run), "run_name": "run", "final_step": 60, "config": {}}
+    [tracker] = tracking_callbacks("tensorboard", **args, s3=storage.S3Options())
+
+    def report(table, step) -> list[dict]:
+        storage.write_bytes(str(run / train.METRICS_FILE), _csv(table))
+        tracker.after_report(None, [{"step": step}], Checkpoint(str(run)))
+        return [tensorboard_events(f.read_bytes()) for f in sorted((run / "tensorboard").iterdir())]
+
+    nan = float("nan")
+    rows = [{"step": 10, "loss": 5.0}, {"step": 20, "loss": nan}]
+    report(rows, 20)
+    files = report([*rows, {"step": 30, "loss": 3.0}, {"step": 40, "loss": 2.5}], 40)
+    assert len(files) == 2 and not any(e.HasField("session_log") for e in files[1])
+    assert sorted({e.step for e in files[1] if e.summary.value}) == [30, 40]  # NaN at 20 kept
+    # the attempt that failed after step 40 resumes from step 20: step 30 comes out otherwise
+    files = report([*rows, {"step": 30, "loss": 3.25}], 30)
+    assert len(files) == 3
+    [purge] = [e.step for e in files[2] if e.HasField("session_log")]
+    assert purge == 30  # hides the old 30 and 40
+    assert [(e.step, e.summary.value[0].simple_value) for e in files[2] if e.summary.value] == [
+        (30, 3.25)
+    ]
+    files = report([*rows, {"step": 30, "loss": 3.25}, {"step": 40, "loss": 2.75}], 40)
+    assert len(files) == 4 and not any(e.HasField("session_log") for e in files[3])
+    assert [(e.step, e.summary.value[0].simple_value) for e in files[3] if e.summary.value] == [
+        (40, 2.75)
+    ]
+
+
 def test_checkpoint_offset_matches_the_step(ci_run) -> None:
     """The stored data offset is exactly where step s leaves the epoch: after a resume no
     sample of the epoch is used again."""
