@@ -40,14 +40,13 @@ import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and tor
 # isort: split
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from skimage import data
 
 from colorcore.data import CROP_PX
 from jobs import storage
-from jobs.dataset import SHARD_SCHEMA, SHARDS_DIR, Manifest, ShardInfo
+from jobs.dataset import SHARD_SCHEMA, SHARDS_DIR, Manifest, ShardInfo, shard_parquet
 from jobs.images import encode_jpeg
 from jobs.loader import DatasetIndex, TrainLoader
 
@@ -81,11 +80,10 @@ def write_dataset(root: str, jpegs: list[bytes], shard_images: int) -> None:
             rows.append({"key": f"photos/{n:05d}", "label": 0, "jpeg": jpeg, "height_px": h,
                          "width_px": w, "src_sha256": hashlib.sha256(jpeg).hexdigest(),
                          "grayscale": False})  # fmt: skip
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), buffer)
+        data = shard_parquet(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))  # as prepare's
         name = f"{SHARDS_DIR}/train-{s:05d}.parquet"
-        storage.write_bytes(storage.join(root, name), buffer.getvalue())
-        sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+        storage.write_bytes(storage.join(root, name), data)
+        sha = hashlib.sha256(data).hexdigest()
         shards.append(ShardInfo(name=name, num_rows=len(rows), sha256=sha))
     Manifest(classes=("photos",), shards=tuple(shards), num_inputs=len(jpegs), num_errors=0).save(
         root

@@ -91,7 +91,7 @@ def in_process(cfg: TrainConfig, run_dir: str) -> tuple[float, float]:
         first = TrainLoader(index, **shape, batch_size=cfg.micro_batch, seed=cfg.seed + 1)
         data_dependent_init(model, make_targets(next(iter(first)).rgb_N3HW).l_N1HW)
     loader = TrainLoader(
-        index, **shape, batch_size=cfg.batch_size, seed=cfg.seed, window_shards=cfg.window_shards,
+        index, **shape, batch_size=cfg.batch_size, seed=cfg.seed, window_images=cfg.window_images,
         num_threads=max(2, torch.get_num_threads()),
     )  # fmt: skip
     batches = iter(loader)

@@ -24,6 +24,7 @@ the consumers smooth with; see `colorcore.prior.AbHistogram`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,28 @@ SHARD_SCHEMA = pa.schema(
         pa.field("grayscale", pa.bool_(), nullable=False),
     ]
 )
+
+
+SHARD_ROW_GROUP_ROWS = 64
+"""Rows per Parquet row group of a shard: the unit the training loader reads, so that a
+window of its shuffle mixes the images of many shards (an ImageNet shard holds one class)."""
+
+
+def shard_parquet(table: pa.Table, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> bytes:
+    """A shard table as a Parquet file: the JPEG bytes stored as they are (neither compressed
+    nor dictionary-encoded), the small columns compressed with zstd."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    small = [name for name in table.column_names if name != "jpeg"]
+    pq.write_table(
+        table,
+        buffer,
+        row_group_size=row_group_rows,
+        use_dictionary=small,
+        compression={name: "zstd" for name in small} | {"jpeg": "none"},
+    )
+    return buffer.getvalue()
 
 
 def validate_shard_table(table: pa.Table) -> None:

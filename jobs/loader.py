@@ -2,13 +2,18 @@
 
 An epoch is a permutation of the dataset's colour images (grayscale sources are left out,
 as the released training left them out), built in two levels so that a worker never needs
-the whole dataset at once: the shards are shuffled, cut into windows of `window_shards`,
-and the images of each window are shuffled. Step s of an epoch uses the global positions
-[s*B, (s+1)*B) of that order, B = world_size x per-rank batch; rank r takes the r-th
-slice of b = B / world_size of them. So within an epoch no image is used twice, across all
-workers, and the state of the stream is one number, the global sample offset (epoch,
-offset), which checkpoints store: a resumed run continues with exactly the samples, crops
-and flips it would have used.
+the whole dataset at once. The unit is a shard's Parquet row group (`jobs.prepare` writes
+them of `jobs.dataset.SHARD_ROW_GROUP_ROWS` images): the row groups of all shards are
+shuffled and cut into windows of about `window_images` images, and the images of each
+window are shuffled.
+A window thus mixes images of as many shards as it has row groups: an ImageNet shard holds
+one class, and windows of whole shards would give each batch a handful of classes (and
+batch statistics to match). Step s of an epoch uses the global positions [s*B, (s+1)*B) of
+that order, B = world_size x per-rank batch; rank r takes the r-th slice of b = B /
+world_size of them. So within an epoch no image is used twice, across all workers, and the
+state of the stream is one number, the global sample offset (epoch, offset), which
+checkpoints store: a resumed run continues with exactly the samples, crops and flips it
+would have used.
 
 The N mod B images left over at the end of an epoch's order are not used in that epoch
 (no padding with duplicates, every step has the full global batch); the next epoch's
@@ -17,19 +22,23 @@ order is a new permutation, so a different remainder is left out each time.
 Workers decode, crop and flip in a thread pool (JPEGs with OpenCV, which holds the GIL for
 none of it and gives Pillow's pixels; anything else with Pillow),
 with the next steps' images queued behind the current one's so the threads never wait on a
-batch boundary, and read the coming steps' shards in threads of their own; a background
-thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the GPU instead.
-Every worker reads the shards of the current window (it needs a slice of each), which
-trades some repeated reads for exact, rank-independent sample order. An image that does not
-decode (a shard damaged since `jobs.prepare` checked it) becomes a black crop, with a warning
-naming its shard and row: grey, so the loss gives it no weight, and the order stays.
+batch boundary, and read the coming steps' row groups in threads of their own, each in one
+ranged read of its JPEG column (the shards' footers, read once at the start, say where);
+a background thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the
+GPU instead. Every worker reads the row groups of the current window (it needs a slice of
+each): W workers read the data W times over, the price of an exact, rank-independent
+sample order. An image that does not decode (a shard damaged since `jobs.prepare` checked
+it) becomes a black crop, with a warning naming its shard and row: grey, so the loss gives
+it no weight, and the order stays.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
+import itertools
 import logging
 import queue
 import threading
@@ -39,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from colorcore.data import crop_box, random_crop_flip
@@ -48,53 +58,131 @@ from jobs.images import decode_rgb, each_or_none
 
 log = logging.getLogger(__name__)
 
+WINDOW_IMAGES = 16384  # images shuffled together: see epoch_order
+READ_THREADS = 8  # row groups read at once by a worker
+INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
+
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    """Where each usable image of a prepared dataset is: shard URLs and kept row numbers."""
+    """Where each usable image of a prepared dataset is: shard URLs, kept row numbers, and
+    the shards' Parquet row groups, the unit the loader reads."""
 
     shard_urls: tuple[str, ...]
     rows: tuple[np.ndarray, ...]  # per shard: row numbers of colour images
     labels: tuple[np.ndarray, ...]
+    metadata: tuple[pq.FileMetaData, ...]  # per shard: its Parquet footer
+    sizes: tuple[int, ...]  # per shard: its size in bytes
 
     @property
     def num_images(self) -> int:
         return sum(len(r) for r in self.rows)
 
+    @functools.cached_property
+    def units(self) -> Units:
+        return Units.of(self)
+
     @classmethod
     def load(
         cls, dataset_url: str, s3: storage.S3Options | None = None, *, include_gray: bool = False
     ) -> DatasetIndex:
-        import pyarrow.parquet as pq
-
+        """Reads each shard's footer and its label and grayscale columns, a few shards at
+        a time (a dataset of a thousand shards read one by one would keep a run's workers
+        waiting minutes at every start)."""
         manifest = Manifest.load(dataset_url, s3)
         fs, root = storage.arrow_filesystem(dataset_url, s3)
-        urls, rows, labels = [], [], []
-        for shard in manifest.shards:
-            table = pq.read_table(
-                f"{root}/{shard.name}", filesystem=fs, columns=["label", "grayscale"]
-            )
+
+        def shard(name: str) -> tuple[np.ndarray, np.ndarray, pq.FileMetaData, int]:
+            def read() -> tuple[pa.Table, pq.FileMetaData, int]:
+                with fs.open_input_file(f"{root}/{name}") as f:
+                    file = pq.ParquetFile(f)
+                    return file.read(columns=["label", "grayscale"]), file.metadata, f.size()
+
+            table, metadata, size = storage.with_retries(read, what=f"read {name} of {dataset_url}")
             gray = table.column("grayscale").to_numpy(zero_copy_only=False)
             keep = np.arange(len(gray)) if include_gray else np.flatnonzero(~gray)
-            urls.append(storage.join(dataset_url, shard.name))
-            rows.append(keep)
-            labels.append(table.column("label").to_numpy()[keep])
-        return cls(tuple(urls), tuple(rows), tuple(labels))
+            return keep, table.column("label").to_numpy()[keep], metadata, size
+
+        with ThreadPoolExecutor(INDEX_READ_THREADS, thread_name_prefix="index-read") as pool:
+            read = list(pool.map(shard, [s.name for s in manifest.shards]))
+        return (
+            cls(
+                tuple(storage.join(dataset_url, s.name) for s in manifest.shards),
+                *(tuple(column) for column in zip(*read, strict=True)),
+            )
+            if read
+            else cls((), (), (), (), ())
+        )
 
 
-def epoch_order(index: DatasetIndex, *, epoch: int, seed: int, window_shards: int) -> np.ndarray:
-    """The epoch's order as (shard, row) pairs, shape (num_images, 2)."""
+@dataclass(frozen=True)
+class Units:
+    """The dataset's row groups as units of reading, numbered shard by shard."""
+
+    shard: np.ndarray  # per unit: its shard
+    group: np.ndarray  # per unit: its row group in the shard
+    first_row: np.ndarray  # per unit: the shard row its row group starts at
+    kept: tuple[np.ndarray, ...]  # per unit: its kept rows (shard row numbers)
+    first_unit: np.ndarray  # per shard: its first unit, then the number of units
+
+    @classmethod
+    def of(cls, index: DatasetIndex) -> Units:
+        shard, group, first_row, kept, first_unit = [], [], [], [], [0]
+        for s, metadata in enumerate(index.metadata):
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            cuts = np.searchsorted(index.rows[s], starts)
+            shard += [s] * len(sizes)
+            group += range(len(sizes))
+            first_row.append(starts[:-1])
+            kept += [index.rows[s][a:b] for a, b in itertools.pairwise(cuts)]
+            first_unit.append(first_unit[-1] + len(sizes))
+        as_array = functools.partial(np.asarray, dtype=np.int64)
+        rows = np.concatenate(first_row) if first_row else np.zeros(0, np.int64)
+        return cls(as_array(shard), as_array(group), rows, tuple(kept), as_array(first_unit))
+
+    def of_rows(self, shard_row_N2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit, row within the unit's row group) of each (shard, row) pair."""
+        shards, rows = shard_row_N2[:, 0], shard_row_N2[:, 1]
+        units = np.empty(len(shards), np.int64)
+        for s in np.unique(shards):  # each shard's row groups, searched for its rows
+            at = shards == s
+            first, end = self.first_unit[s], self.first_unit[s + 1]
+            units[at] = first + np.searchsorted(self.first_row[first:end], rows[at], "right") - 1
+        return units, rows - self.first_row[units]
+
+
+def epoch_windows(
+    index: DatasetIndex, rng: np.random.Generator, window_images: int
+) -> list[np.ndarray]:
+    """The row groups (units) of all shards shuffled with `rng` and cut into windows of
+    whole units, each closed once it holds `window_images` images (the last may hold fewer)."""
+    units = index.units
+    order = rng.permutation(len(units.shard))
+    cuts, held = [], 0
+    for i, u in enumerate(order.tolist()):
+        held += len(units.kept[u])
+        if held >= window_images:
+            cuts.append(i + 1)
+            held = 0
+    return [w for w in np.split(order, cuts) if len(w)]
+
+
+def epoch_order(index: DatasetIndex, *, epoch: int, seed: int, window_images: int) -> np.ndarray:
+    """The epoch's order as (shard, row) pairs, shape (num_images, 2): the images of each of
+    the epoch's windows (`epoch_windows`) shuffled, window after window."""
     rng = np.random.default_rng([seed, epoch])
-    shards = rng.permutation(len(index.shard_urls))
-    parts = []
-    for start in range(0, len(shards), window_shards):
-        window = [
-            np.stack([np.full(len(index.rows[s]), s), index.rows[s]], axis=1)
-            for s in shards[start : start + window_shards]
-        ]
-        pairs = np.concatenate(window) if window else np.zeros((0, 2), np.int64)
+    units = index.units
+    parts = [np.zeros((0, 2), np.int64)]
+    for window in epoch_windows(index, rng, window_images):
+        pairs = np.concatenate(
+            [
+                np.stack([np.full_like(units.kept[u], units.shard[u]), units.kept[u]], 1)
+                for u in window
+            ]
+        )
         parts.append(pairs[rng.permutation(len(pairs))])
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+    return np.concatenate(parts).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -106,6 +194,39 @@ class Batch:
     """Global sample offset in `epoch` after this step (what a checkpoint stores)."""
     positions: np.ndarray
     """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
+
+
+class _Slice(io.RawIOBase):
+    """A file of which only the bytes from `start` on are at hand, `data`: all a Parquet
+    reader that has the footer needs to read one column chunk."""
+
+    def __init__(self, data: bytes, start: int, size: int) -> None:
+        super().__init__()
+        self._data, self._start, self._size = memoryview(data), start, size
+        self._position = start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = base + position
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        at = self._position - self._start
+        if at < 0:
+            raise ValueError(f"read at byte {self._position}, before the slice's {self._start}")
+        piece = self._data[at : at + len(buffer)]
+        buffer[: len(piece)] = piece
+        self._position += len(piece)
+        return len(piece)
 
 
 class JpegFiles:
@@ -229,7 +350,7 @@ class TrainLoader:
         batch_size: int,
         crop_px: int,
         seed: int,
-        window_shards: int = 4,
+        window_images: int = WINDOW_IMAGES,
         start_epoch: int = 0,
         start_offset: int = 0,
         num_threads: int = 4,
@@ -251,7 +372,7 @@ class TrainLoader:
         if decode not in ("pil", "nvjpeg"):
             raise ValueError(f"decode must be 'pil' or 'nvjpeg', got {decode!r}")
         self.index, self.rank, self.batch_size = index, rank, batch_size
-        self.crop_px, self.seed, self.window_shards = crop_px, seed, window_shards
+        self.crop_px, self.seed, self.window_images = crop_px, seed, window_images
         self.epoch, self.offset = start_epoch, start_offset
         self.num_threads, self.prefetch_batches, self.decode, self.s3 = (
             num_threads, prefetch_batches, decode, s3,
@@ -265,25 +386,38 @@ class TrainLoader:
         return self.index.num_images // self.global_batch
 
     def _read_ahead(
-        self, shards: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
+        self, units: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
     ) -> None:
-        """Starts reading the shards of this step and of the next `prefetch_batches` steps
-        that `shards` (shard -> its `JpegFiles`, read or being read) lacks; drops the oldest
-        shards no such step needs beyond two windows' worth."""
-        ahead = order[offset : offset + (self.prefetch_batches + 2) * self.global_batch, 0]
-        needed = dict.fromkeys(ahead.tolist())
-        for s in needed:
-            if s not in shards:
-                shards[s] = io_pool.submit(self._read_shard, s)
-        spare = len(shards) - max(2 * self.window_shards, len(needed))
-        for s in [s for s in shards if s not in needed][: max(0, spare)]:
-            del shards[s]
+        """Starts reading the row groups of this step and of the next `prefetch_batches`
+        steps that `units` (unit -> its `JpegFiles`, read or being read) lacks; drops the
+        oldest ones no such step needs beyond two windows' worth of images."""
+        ahead = order[offset : offset + (self.prefetch_batches + 2) * self.global_batch]
+        needed = dict.fromkeys(self.index.units.of_rows(ahead)[0].tolist())
+        for u in needed:
+            if u not in units:
+                units[u] = io_pool.submit(self._read_unit, u)
+        kept = self.index.units.kept
+        held = sum(len(kept[u]) for u in units)
+        limit = max(2 * self.window_images, sum(len(kept[u]) for u in needed))
+        for u in [u for u in units if u not in needed]:
+            if held <= limit:
+                break
+            held -= len(kept[u])
+            del units[u]
 
-    def _read_shard(self, s: int) -> JpegFiles:
-        import pyarrow.parquet as pq
-
-        data = storage.read_bytes(self.index.shard_urls[s], self.s3)
-        return JpegFiles(pq.read_table(io.BytesIO(data), columns=["jpeg"]).column("jpeg"))
+    def _read_unit(self, u: int) -> JpegFiles:
+        """The JPEG column of one row group, in one ranged read of its bytes."""
+        units = self.index.units
+        s, g = int(units.shard[u]), int(units.group[u])
+        metadata = self.index.metadata[s]
+        column = metadata.row_group(g).column(metadata.schema.names.index("jpeg"))
+        start = column.data_page_offset
+        if column.has_dictionary_page and column.dictionary_page_offset is not None:
+            start = min(start, column.dictionary_page_offset)
+        url = self.index.shard_urls[s]
+        data = storage.read_range(url, start, column.total_compressed_size, self.s3)
+        file = pq.ParquetFile(_Slice(data, start, self.index.sizes[s]), metadata=metadata)
+        return JpegFiles(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
 
     def _start(
         self,
@@ -345,22 +479,23 @@ class TrainLoader:
         Yields each batch with the CUDA event its crops are ready at (nvJPEG), or None."""
         epoch, offset = self.epoch, self.offset
         started: collections.deque = collections.deque()
-        shards: dict[int, Future] = {}
+        units: dict[int, Future] = {}
         stream = _loader_stream() if self.decode == "nvjpeg" else None
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
-        io_pool = ThreadPoolExecutor(self.window_shards, thread_name_prefix="shard-read")
+        io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
         try:
             while True:
                 order = epoch_order(
-                    self.index, epoch=epoch, seed=self.seed, window_shards=self.window_shards
+                    self.index, epoch=epoch, seed=self.seed, window_images=self.window_images
                 )
                 last = self.steps_per_epoch * self.global_batch
                 while offset < last:
-                    self._read_ahead(shards, order, offset, io_pool)
+                    self._read_ahead(units, order, offset, io_pool)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
                     picked = order[positions]
-                    data = [shards[int(s)].result()[int(r)] for s, r in picked]
+                    in_units = zip(*self.index.units.of_rows(picked), strict=True)
+                    data = [units[u].result()[r] for u, r in in_units]
                     where = [f"{self.index.shard_urls[s]} row {r}" for s, r in picked]
                     offset += self.global_batch
                     wait = self._start(data, where, epoch, positions, pool, stream)

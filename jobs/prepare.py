@@ -38,6 +38,7 @@ from jobs.dataset import (
     SHARDS_DIR,
     Manifest,
     ShardInfo,
+    shard_parquet,
 )
 from jobs.images import (
     DEFAULT_MAX_PIXELS,
@@ -261,14 +262,7 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
                 data = BadImage(f"unreadable file: {type(e).__name__}: {e}")
             yield item["key"], item["label"], item["url"], data
         return
-    fs, path = storage.filesystem(group["url"], cfg.s3)
-
-    def read_inner() -> bytes:
-        with fs.open(path, "rb") as f:
-            f.seek(group["offset"])
-            return f.read(group["size"])
-
-    blob = storage.with_retries(read_inner, what=f"read {group['class']} from {group['url']}")
+    blob = storage.read_range(group["url"], group["offset"], group["size"], cfg.s3)
     tar_source = f"{group['url']}!{group['class']}.tar"
     try:
         inner = tars.open_tar(io.BytesIO(blob))  # in memory: nothing to close
@@ -314,24 +308,8 @@ def _too_large(size: int, cfg: PrepareConfig) -> BadImage | None:
 
 def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(
-        table,
-        buffer,
-        compression={
-            "jpeg": "none",
-            "key": "zstd",
-            "src_sha256": "zstd",
-            "label": "zstd",
-            "height_px": "zstd",
-            "width_px": "zstd",
-            "grayscale": "zstd",
-        },
-    )
-    data = buffer.getvalue()
+    data = shard_parquet(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
     storage.write_bytes(storage.join(cfg.dst, name), data, cfg.s3)
     return {"name": name, "num_rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
 

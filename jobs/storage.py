@@ -155,7 +155,9 @@ def arrow_filesystem(url: str, s3: S3Options | None = None) -> tuple[pyarrow.fs.
     return pyarrow.fs.LocalFileSystem(), path
 
 
-def _transient(error: BaseException) -> bool:
+def is_transient(error: BaseException) -> bool:
+    """Whether an I/O error may pass if the call is made again (not a missing file, nor a
+    refusal)."""
     kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
     return isinstance(error, kinds) and not isinstance(error, _PERMANENT)
 
@@ -184,7 +186,7 @@ def with_retries(
         try:
             return fn()
         except Exception as e:
-            if attempt == attempts or not _transient(e):
+            if attempt == attempts or not is_transient(e):
                 raise
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__, e,
@@ -196,6 +198,15 @@ def with_retries(
 def read_bytes(url: str, s3: S3Options | None = None) -> bytes:
     fs, path = filesystem(url, s3)
     return with_retries(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+def read_range(url: str, start: int, size: int, s3: S3Options | None = None) -> bytes:
+    """`size` bytes of a file from byte `start` (fewer where the file ends first), in one
+    ranged read through no read-ahead cache (which on S3 would fetch a block more)."""
+    fs, path = filesystem(url, s3)
+    return with_retries(
+        lambda: fs.cat_file(path, start=start, end=start + size), what=f"read {url}"
+    )
 
 
 def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:

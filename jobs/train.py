@@ -40,14 +40,16 @@ from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import storage
 from jobs.config import presets_of, run_name_problem, to_dict
 from jobs.dataset import MANIFEST_FILE, PRIOR_FILE
+from jobs.loader import WINDOW_IMAGES
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
 RUN_FILE = "run.json"  # what a resumed run must keep: `check_resumable`
 RESUME_FIELDS = (
-    "model", "batch_size", "crop_px", "seed", "window_shards", "soft_encode_k",
+    "model", "batch_size", "crop_px", "seed", "window_images", "soft_encode_k",
     "soft_encode_sigma", "rebalance_lambda", "prior_sigma", "loss_reduction",
 )  # fmt: skip
+RETIRED_RESUME_FIELDS = ("window_shards",)  # windows of whole shards: the order before row groups
 TRACKERS = ("tensorboard", "mlflow")  # where jobs.tracking can send the metrics table
 
 
@@ -104,8 +106,9 @@ class TrainConfig:
     data_init: bool = False
     """Data-dependent initialisation on the first batch (fresh runs only)."""
     seed: int = 0
-    window_shards: int = 4
-    """Shards shuffled together (see jobs.loader)."""
+    window_images: int = WINDOW_IMAGES
+    """Images shuffled together, whole row groups drawn from across the shards (see
+    jobs.loader); each worker holds about two windows of JPEGs in memory."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Autocast dtype; auto = bf16 where the device has fast bf16."""
     compile: bool = False
@@ -171,8 +174,8 @@ class TrainConfig:
             )
         if self.val_data and self.val_images < 1:
             problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")
-        if self.window_shards < 1 or self.warmup_steps < 0:
-            problems.append("window_shards must be >= 1 and warmup_steps >= 0")
+        if self.window_images < 1 or self.warmup_steps < 0:
+            problems.append("window_images must be >= 1 and warmup_steps >= 0")
         if self.decode == "nvjpeg" and not self.use_gpu:
             problems.append("decode nvjpeg decodes on the GPU: it needs use_gpu")
         if self.tracking not in ("auto", "none") and not set(self.tracking.split(",")) <= set(
@@ -434,6 +437,11 @@ def check_resumable(cfg: TrainConfig) -> None:
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
     started = json.loads(storage.read_bytes(url, cfg.s3))
+    if retired := [k for k in RETIRED_RESUME_FIELDS if k in started]:
+        raise ValueError(
+            f"run {cfg.name} started with {', '.join(retired)} (see {url}), an input order "
+            "this version does not make: train under another --name"
+        )
     changed = [k for k in record if k in started and not _kept(started[k], record[k])]
     if changed:
         raise ValueError(

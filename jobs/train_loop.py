@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch_size=cfg.micro_batch * cfg.grad_accum_steps,
         crop_px=cfg.crop_px,
         seed=cfg.seed,
-        window_shards=cfg.window_shards,
+        window_images=cfg.window_images,
         start_epoch=epoch,
         start_offset=offset,
         num_threads=max(2, int(cfg.cpus_per_worker)),
@@ -195,7 +195,7 @@ def init_batch(cfg: TrainConfig, index: DatasetIndex) -> torch.Tensor:
         batch_size=cfg.micro_batch,
         crop_px=cfg.crop_px,
         seed=cfg.seed + 1,
-        window_shards=cfg.window_shards,
+        window_images=cfg.window_images,
         s3=cfg.s3,
     )
     with contextlib.closing(iter(loader)) as batches:

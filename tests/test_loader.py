@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from colorcore.data import crop_box, make_targets, random_crop_flip
+from jobs import storage
+from jobs.dataset import shard_parquet
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, epoch_order
-from tests.support import encode, photo_rgb, write_dataset
+from jobs.loader import DatasetIndex, TrainLoader, epoch_order, epoch_windows
+from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def dataset(tmp_path_factory) -> DatasetIndex:
 
 
 def loader(index: DatasetIndex, rank: int, **kw) -> TrainLoader:
-    args = {"world_size": 2, "batch_size": 3, "crop_px": 32, "seed": 7, "window_shards": 2} | kw
+    args = {"world_size": 2, "batch_size": 3, "crop_px": 32, "seed": 7, "window_images": 6} | kw
     return TrainLoader(index, rank=rank, **args)
 
 
@@ -37,13 +39,46 @@ def test_index_leaves_out_grayscale(dataset) -> None:
 
 
 def test_epoch_order_is_a_seeded_permutation(dataset) -> None:
-    order = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
     pairs = {tuple(p) for p in order}
     expected = {(s, r) for s, rows in enumerate(dataset.rows) for r in rows}
     assert len(order) == len(pairs) == 21 and pairs == expected
-    again = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    again = epoch_order(dataset, epoch=0, seed=7, window_images=6)
     assert np.array_equal(order, again)
-    assert not np.array_equal(order, epoch_order(dataset, epoch=1, seed=7, window_shards=2))
+    assert not np.array_equal(order, epoch_order(dataset, epoch=1, seed=7, window_images=6))
+
+
+def test_windows_are_whole_row_groups_of_many_shards(dataset) -> None:
+    """The order is cut into windows of whole row groups (at least `window_images` images
+    each but the last), each window's images shuffled among themselves; the row groups of a
+    window come from across the shards, which is what mixes the classes of a dataset whose
+    shards each hold one."""
+    units = dataset.units
+    assert len(units.shard) == 9 and [len(k) for k in units.kept] == [3, 2, 1, 3, 2, 3, 2, 3, 2]
+    order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
+    windows = epoch_windows(dataset, np.random.default_rng([7, 0]), 6)
+    assert sorted(np.concatenate(windows).tolist()) == list(range(9))  # each unit once
+    sizes = [sum(len(units.kept[u]) for u in w) for w in windows]
+    assert all(size >= 6 for size in sizes[:-1]) and sum(sizes) == 21
+    start = 0
+    for window, size in zip(windows, sizes, strict=True):
+        rows = {(int(units.shard[u]), int(r)) for u in window for r in units.kept[u]}
+        assert {tuple(pair) for pair in order[start : start + size].tolist()} == rows
+        start += size
+    assert max(len({int(units.shard[u]) for u in w}) for w in windows) >= 3
+    unit_of, row_in_group = units.of_rows(order)
+    assert np.array_equal(units.first_row[unit_of] + row_in_group, order[:, 1])
+    assert np.array_equal(units.shard[unit_of], order[:, 0])
+
+
+def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset) -> None:
+    """Each unit's files are its row group's rows of the shard's jpeg column."""
+    train = loader(dataset, 0)
+    for u in range(len(dataset.units.shard)):
+        s, g = int(dataset.units.shard[u]), int(dataset.units.group[u])
+        expected = pq.ParquetFile(dataset.shard_urls[s]).read_row_group(g, columns=["jpeg"])
+        files = train._read_unit(u)
+        assert [bytes(files[i]) for i in range(len(files))] == expected.column(0).to_pylist()
 
 
 def test_two_ranks_see_every_sample_of_an_epoch_once(dataset) -> None:
@@ -175,14 +210,14 @@ def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog) -> None:
     intact, damaged = str(tmp_path / "intact"), str(tmp_path / "damaged")
     write_dataset(intact)
     write_dataset(damaged)
-    index = DatasetIndex.load(damaged)
-    table = pq.read_table(index.shard_urls[0])
+    shard = DatasetIndex.load(damaged).shard_urls[0]
+    table = pq.read_table(shard)
     jpegs = table.column("jpeg").to_pylist()
     jpegs[0] = jpegs[0][: len(jpegs[0]) // 2]
     column = table.schema.get_field_index("jpeg")
-    pq.write_table(
-        table.set_column(column, "jpeg", pa.array(jpegs, pa.binary())), index.shard_urls[0]
-    )
+    damaged_table = table.set_column(column, "jpeg", pa.array(jpegs, pa.binary()))
+    storage.write_bytes(shard, shard_parquet(damaged_table, ROW_GROUP_ROWS))
+    index = DatasetIndex.load(damaged)
     with caplog.at_level(logging.WARNING, logger="jobs.loader"):
         batches = [
             pair
@@ -208,7 +243,7 @@ def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) ->
     whichever thread decodes it (the exact-resume contract rests on this)."""
 
     train = loader(dataset, 1, crop_px=crop_px, num_threads=3)
-    order = epoch_order(dataset, epoch=0, seed=7, window_shards=2)
+    order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
     columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
     flips = set()
     for batch in islice(iter(train), train.steps_per_epoch):

@@ -269,7 +269,7 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         (["--batch-size", "15"], "must divide by num_workers"),
         (["--lr-drop-steps", "5", "9"], "same length"),
         (["--tracking", "tensorboard,wandb"], "tracking must be auto, none or a comma list"),
-        (["--window-shards", "0"], "window_shards must be >= 1"),
+        (["--window-images", "0"], "window_images must be >= 1"),
         (["--warmup-steps", "-1"], "warmup_steps >= 0"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
@@ -451,3 +451,8 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     train.check_resumable(other)
     with pytest.raises(ValueError, match="started with other model"):
         train.check_resumable(dataclasses.replace(other, model=ModelConfig(width=1 / 8)))
+    # A record of the order by whole shards (before row groups): that order is not made now
+    del old["window_images"]
+    record.write_text(json.dumps(old | {"window_shards": 4}))
+    with pytest.raises(ValueError, match=r"started with window_shards .* another --name"):
+        train.check_resumable(other)
