@@ -43,8 +43,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import gzip
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -90,6 +92,9 @@ ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
+ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
+ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
+log = logging.getLogger(__name__)
 _STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
 
 
@@ -444,6 +449,8 @@ def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> 
     try:
         data = read()
     except Exception as e:  # a corrupt member (bad compressed data, CRC): its own error
+        if _storage_error(e):  # the archive's to read on (`read_unit`), not the member's
+            raise
         return _row(source, reason=f"unreadable archive member: {type(e).__name__}: {e}")
     return _row(source, rel, data)
 
@@ -514,29 +521,59 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
 
 
 _ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}
+_ARCHIVE_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error)
 
 
 def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
-    """Every not-yet-done input of one work unit as a row (bytes, or an error)."""
+    """Every not-yet-done input of one work unit as a row (bytes, or an error).
+
+    An archive whose reading breaks off with a storage error (a connection reset deep into
+    a large tar, after the storage client's own retries) is opened again and read on from
+    where it broke off, up to `ARCHIVE_READ_ATTEMPTS` times in all; its members then keep
+    their names and numbering. A damaged archive is not read again: what could be read of
+    it was, and the archive gets an error row of its own."""
     unit = json.loads(row["unit"])
     if unit["kind"] == "files":
         yield from _read_files(unit, cfg)
         return
     url, count = unit["url"], 0
-    try:
-        fs, path = storage.filesystem(url, cfg.s3)
-        with fs.open(path, "rb") as f:
-            for item in _ARCHIVE_READERS[unit["kind"]](unit, cfg, f):
-                count += 1
-                yield item
-        if unit.get("retry"):  # read through this time: its earlier error row is cleared
-            yield {**_row(_source_text(url)), "status": manifest.RESOLVED}
-    except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
-        # The archive itself is an input too: recorded once, after what could be read of it.
-        yield _row(
-            _source_text(url),
-            reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}",
-        )
+    for attempt in range(1, ARCHIVE_READ_ATTEMPTS + 1):
+        try:
+            fs, path = storage.filesystem(url, cfg.s3)
+            with fs.open(path, "rb") as f:
+                for i, item in enumerate(_ARCHIVE_READERS[unit["kind"]](unit, cfg, f)):
+                    if i >= count:  # the rows before were given out before the break
+                        count += 1
+                        yield item
+            if unit.get("retry"):  # read through this time: its earlier error row is cleared
+                yield {**_row(_source_text(url)), "status": manifest.RESOLVED}
+            return
+        except _ARCHIVE_ERRORS as e:
+            if attempt < ARCHIVE_READ_ATTEMPTS and _storage_error(e):
+                log.warning("colorize: reading %s broke off after %d members (%s: %s); "
+                            "reading on, attempt %d of %d", url, count, type(e).__name__, e,
+                            attempt + 1, ARCHIVE_READ_ATTEMPTS)  # fmt: skip
+                time.sleep(ARCHIVE_RETRY_DELAY_S * attempt)
+                continue
+            # The archive itself is an input too: recorded once, after what could be read.
+            yield _row(
+                _source_text(url),
+                reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}",
+            )
+            return
+
+
+def _storage_error(error: BaseException | None) -> bool:
+    """Whether an archive read failed in the storage rather than in the archive's bytes:
+    an I/O error, or an archive error raised on one (zipfile reports a failed read of the
+    directory as a bad zip). The decompressors of gzip and bz2 report damaged data as
+    OSError too, with no errno."""
+    while error is not None:
+        plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
+        if not plain and storage.is_transient(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # ---------------------------------------------------------------- the pipeline stages

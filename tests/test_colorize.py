@@ -396,6 +396,88 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
     )
 
 
+class _BreakingFile(io.RawIOBase):
+    """A file whose reads fail with `error` once `limit` bytes have been read from it."""
+
+    def __init__(self, data: bytes, limit: int, error: Exception) -> None:
+        self._file, self._left, self._error = io.BytesIO(data), limit, error
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(position, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer) -> int:
+        if self._left <= 0:
+            raise self._error
+        read = self._file.readinto(memoryview(buffer)[: self._left])
+        self._left -= read
+        return read
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_an_archive_read_broken_off_by_storage_is_read_on(tmp_path, monkeypatch, kind) -> None:
+    """A connection reset half-way through an archive: it is opened again and read on, each
+    member given out once, in order; when the storage keeps failing, the archive gets its
+    error row after the members read. Damaged bytes (a bad gzip stream) are not read again."""
+    tail = np.random.default_rng(0).bytes  # after the PNG's end: no decoder reads it
+    data = {f"{i}.png": encode(gray((8, 8)), "PNG") + tail(i * 20_000) for i in range(5)}
+    if kind == "zip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            for name, member in data.items():
+                z.writestr(name, member)
+        whole = buffer.getvalue()
+    else:
+        whole = tar_bytes(data)
+        whole = gzip.compress(whole) if kind == "tar.gz" else whole
+    archive = tmp_path / f"t.{kind}"
+    archive.write_bytes(whole)
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": kind.split(".")[0], "url": str(archive), "prefix": archive.name, "done": []}
+    breaks: list[Exception] = []
+    monkeypatch.setattr(colorize, "ARCHIVE_RETRY_DELAY_S", 0.0)
+    real = storage.filesystem
+
+    class Flaky:  # the real file system, whose opened files break while `breaks` lasts
+        def __init__(self, fs) -> None:
+            self.fs = fs
+
+        def open(self, path, mode="rb"):
+            if not breaks:
+                return self.fs.open(path, mode)
+            return io.BufferedReader(_BreakingFile(whole, len(whole) // 2, breaks.pop(0)))
+
+    monkeypatch.setattr(
+        storage, "filesystem", lambda url, s3=None: (Flaky(real(url, s3)[0]), real(url, s3)[1])
+    )
+
+    def read() -> list[dict]:
+        return list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+
+    expected = [f"{archive}!{name}" for name in data]
+    breaks[:] = [ConnectionResetError(104, "Connection reset by peer")]
+    rows = read()
+    assert [(r["source"], r["reason"]) for r in rows] == [(x, "") for x in expected]
+    breaks[:] = [OSError(5, "I/O error")] * colorize.ARCHIVE_READ_ATTEMPTS
+    rows = read()
+    *members, last = rows
+    assert [r["source"] for r in members] == expected[: len(members)] and 0 < len(members) < 5
+    assert last["source"] == str(archive) and last["status"] == "error"
+    assert f"unreadable archive after {len(members)} members: OSError" in last["reason"]
+    if kind == "tar.gz":  # a gzip stream damaged half-way: read once
+        breaks[:] = [gzip.BadGzipFile("damaged")] * 2
+        rows = read()
+        assert "BadGzipFile" in rows[-1]["reason"] and len(breaks) == 1
+
+
 def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> None:
     """An old tar's Latin-1 member name and a file system name in another encoding: both
     read, their outputs named as Latin-1 reads them and their sources (the manifest's keys)
