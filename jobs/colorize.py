@@ -370,20 +370,28 @@ def _row(source: str, rel: str = "", data: bytes = b"", reason: str = "") -> dic
 
 def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
     limit = cfg.max_file_mb * 2**20
-    for item in unit["items"]:
+    items = unit["items"]
+    refusals = [
+        item.get("error")
+        or (f"file too large: {item['size']} bytes" if item["size"] > limit else "")
+        for item in items
+    ]
+    urls = [
+        None if refused else item.get("url", item["source"])
+        for item, refused in zip(items, refusals, strict=True)
+    ]
+    for item, refused, data in zip(items, refusals, storage.read_each(urls, cfg.s3), strict=True):
         source = item["source"]
-        if "error" in item:
-            yield _row(source, reason=item["error"])
-            continue
-        if item["size"] > limit:
-            yield _row(source, reason=f"file too large: {item['size']} bytes")
-            continue
-        try:
-            yield _row(source, item["rel"], storage.read_bytes(item.get("url", source), cfg.s3))
-        except FileNotFoundError:
+        if refused:
+            yield _row(source, reason=refused)
+        elif isinstance(data, FileNotFoundError):
             yield _row(source, reason="missing file")
-        except OSError as e:
-            yield _row(source, reason=f"unreadable file: {e}")
+        elif isinstance(data, OSError):
+            yield _row(source, reason=f"unreadable file: {data}")
+        elif isinstance(data, Exception):
+            raise data
+        else:
+            yield _row(source, item["rel"], data)
 
 
 class _Names:

@@ -245,22 +245,25 @@ def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
 def _group_inputs(group: dict, cfg: PrepareConfig):
     """Yield (key, label, source, bytes or an exception) for every input of the group."""
     if group["kind"] == "files":
-        for item in group["items"]:
-            if "error" in item:
-                yield item["key"], item["label"], item["url"], BadImage(item["error"])
-                continue
-            if refused := _too_large(item["size"], cfg):
-                yield item["key"], item["label"], item["url"], refused
-                continue
-            try:
-                data: bytes | Exception = storage.read_bytes(item["url"], cfg.s3)
-            except FileNotFoundError:
+        refusals = [
+            BadImage(item["error"]) if "error" in item else _too_large(item["size"], cfg)
+            for item in group["items"]
+        ]
+        urls = [
+            None if refused else item["url"]
+            for item, refused in zip(group["items"], refusals, strict=True)
+        ]
+        read = storage.read_each(urls, cfg.s3)
+        for item, refused, data in zip(group["items"], refusals, read, strict=True):
+            if isinstance(data, FileNotFoundError):
                 data = BadImage("missing file")
-            except (PermissionError, IsADirectoryError) as e:  # refused for good
+            elif isinstance(data, (PermissionError, IsADirectoryError)):  # refused for good
+                data = BadImage(f"unreadable file: {type(data).__name__}: {data}")
+            elif isinstance(data, Exception):
                 # Other storage errors, left after the retries, fail the task: a re-run of
                 # the job reads the group again, where an error row would be final.
-                data = BadImage(f"unreadable file: {type(e).__name__}: {e}")
-            yield item["key"], item["label"], item["url"], data
+                raise data
+            yield item["key"], item["label"], item["url"], refused or data
         return
     blob = storage.read_range(group["url"], group["offset"], group["size"], cfg.s3)
     tar_source = f"{group['url']}!{group['class']}.tar"

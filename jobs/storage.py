@@ -13,6 +13,7 @@ exponential backoff; missing files and permission errors fail at once.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -20,7 +21,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
@@ -198,6 +200,32 @@ def with_retries(
 def read_bytes(url: str, s3: S3Options | None = None) -> bytes:
     fs, path = filesystem(url, s3)
     return with_retries(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+def read_each(
+    urls: Iterable[str | None], s3: S3Options | None = None, *, ahead: int = 8
+) -> Iterator[bytes | Exception | None]:
+    """`read_bytes` of each URL, in order, up to `ahead` reads at once (one read at a time
+    leaves a task waiting on the network for most of its time with small files on object
+    storage); a read that failed gives its exception, a None URL gives None."""
+    pending: collections.deque[Future | None] = collections.deque()
+    pool = ThreadPoolExecutor(ahead, thread_name_prefix="read-each")
+    try:
+        for url in urls:
+            pending.append(None if url is None else pool.submit(read_bytes, url, s3))
+            if len(pending) > ahead:
+                yield _outcome(pending.popleft())
+        while pending:
+            yield _outcome(pending.popleft())
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _outcome(future: Future | None) -> bytes | Exception | None:
+    if future is None:
+        return None
+    error = future.exception()
+    return error if isinstance(error, Exception) else future.result()
 
 
 def read_range(url: str, start: int, size: int, s3: S3Options | None = None) -> bytes:

@@ -36,6 +36,20 @@ def test_bytes_round_trip_listing_and_exists(root_url) -> None:
         storage.read_bytes(storage.join(root_url, "missing.bin"))
 
 
+def test_read_each_and_read_range_give_each_file_in_order(root_url) -> None:
+    """Reads overlap, results keep their order; a missing file gives its error in its place,
+    a None URL gives None; a range read past the end gives the bytes there are."""
+    urls = [storage.join(root_url, "many", f"{i:03d}.bin") for i in range(30)]
+    for i, url in enumerate(urls):
+        storage.write_bytes(url, bytes([i]) * (i + 1))
+    asked = [*urls[:12], None, storage.join(root_url, "many", "missing.bin"), *urls[12:]]
+    got = list(storage.read_each(asked, ahead=4))
+    assert got[:12] + got[14:] == [bytes([i]) * (i + 1) for i in range(30)]
+    assert got[12] is None and isinstance(got[13], FileNotFoundError)
+    assert storage.read_range(urls[29], 10, 5) == bytes([29]) * 5
+    assert storage.read_range(urls[29], 25, 100) == bytes([29]) * 5
+
+
 def test_remove_deletes_the_files_named_and_no_other(root_url) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
     urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
