@@ -1034,6 +1034,6 @@ def _listed_outputs(cfg: ColorizeConfig) -> list[str]:
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(ColorizeConfig, main, positionals=("input", "output"), prog="python -m jobs.colorize")
+    run_job("jobs.colorize", "ColorizeConfig", positionals=("input", "output"))

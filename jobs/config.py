@@ -312,6 +312,31 @@ def run_cli(
     return main(cfg)
 
 
+def run_job(module: str, config: str, **parse_kwargs: Any) -> None:
+    """``python -m <module>``: `run_cli` on the module's config class `config`, its `main`
+    and its ``PRESETS`` (if it has any), taken from the module imported by its name, not from
+    ``__main__``: Ray then pickles the config and the functions it sends to workers by
+    reference (by value, a dataclass's annotations would be resolved in a worker's own
+    ``__main__``, where they are not defined).
+
+    A user's error the job reports (a ValueError: a missing input, a bad model URL, no GPUs)
+    ends in one line, ``python -m <module>: error: ...``, and exit status 2, as a command-line
+    error does; ``COLORCORE_TRACEBACK=1`` shows the traceback instead."""
+    import importlib
+    import os
+
+    job = importlib.import_module(module)
+    prog = f"python -m {module}"
+    presets = getattr(job, "PRESETS", None)
+    try:
+        run_cli(getattr(job, config), job.main, presets=presets, prog=prog, **parse_kwargs)
+    except ValueError as error:
+        if os.environ.get("COLORCORE_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def presets_of(*functions: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
     """Name presets by their function names."""
     return {fn.__name__: fn for fn in functions}
@@ -326,6 +351,7 @@ __all__ = [
     "parse_config",
     "presets_of",
     "run_cli",
+    "run_job",
     "save_config",
     "to_dict",
 ]

@@ -1070,8 +1070,6 @@ def _config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(
-        EvaluateConfig, main, presets=PRESETS, positionals=("data",), prog="python -m jobs.evaluate"
-    )
+    run_job("jobs.evaluate", "EvaluateConfig", positionals=("data",))

@@ -115,6 +115,9 @@ def _class_index(classes: list[str]) -> dict[str, int]:
 def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     fs, root = storage.filesystem(cfg.src, cfg.s3)
     found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
+    if not found:  # find() lists nothing, not an error, for a folder that is not there
+        there = storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.src}")
+        raise ValueError(f"SRC {cfg.src}: {'no files in it' if there else 'no such folder'}")
     inputs = []
     for path, info in sorted(found.items()):
         rel = path[len(root) :].lstrip("/")
@@ -445,6 +448,6 @@ def _finish(cfg: PrepareConfig, classes: list[str], num_groups: int) -> Manifest
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(PrepareConfig, main, positionals=("src", "dst"), prog="python -m jobs.prepare")
+    run_job("jobs.prepare", "PrepareConfig", positionals=("src", "dst"))

@@ -146,6 +146,6 @@ def plot_prior(histogram: AbHistogram) -> bytes:
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(PriorConfig, main, positionals=("dataset",), prog="python -m jobs.prior")
+    run_job("jobs.prior", "PriorConfig", positionals=("dataset",))

@@ -148,6 +148,6 @@ def main(cfg: SyntheticConfig) -> list[str]:
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(SyntheticConfig, main, positionals=("dst",), prog="python -m jobs.synthetic")
+    run_job("jobs.synthetic", "SyntheticConfig", positionals=("dst",))

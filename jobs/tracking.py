@@ -68,13 +68,36 @@ def trackers(tracking: str) -> tuple[str, ...]:
         return ()
     if tracking == "auto":
         mlflow = _installed("mlflow") and bool(os.environ.get("MLFLOW_TRACKING_URI"))
+        if mlflow and (problem := _mlflow_problem()):
+            log.warning("tracking: leaving MLflow out: %s", problem)
+            mlflow = False
         return tuple(t for t, on in zip(TRACKERS, (tensorboard, mlflow), strict=True) if on)
     names = tuple(tracking.split(","))
     if "tensorboard" in names and not tensorboard:
         raise ValueError("tracking=tensorboard needs tensorboardX or tensorboard: pip install it")
     if "mlflow" in names and not _installed("mlflow"):
         raise ValueError("tracking=mlflow but mlflow is not installed: pip install mlflow")
+    if "mlflow" in names and (problem := _mlflow_problem()):
+        raise ValueError(f"tracking=mlflow: {problem}")
     return names
+
+
+def _mlflow_problem() -> str | None:
+    """Why the installed MLflow cannot use its tracking URI, or None. Its client checks the
+    URI's scheme when it is made, without contacting a server: mlflow-skinny, for one, takes
+    no database URI (``sqlite:``, MLflow's default), which needs the full package."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.MlflowClient(uri)
+    except Exception as error:
+        reason = _without_password(str(error).strip().split(". ")[0], uri)
+        return (
+            f"MLflow cannot use the tracking URI {_without_password(uri)} ({reason}); set "
+            "MLFLOW_TRACKING_URI to a server (http://...), or pip install mlflow for a database"
+        )
+    return None
 
 
 def tracking_callbacks(

@@ -523,6 +523,6 @@ def read_metrics(run_url: str, s3: storage.S3Options | None = None) -> list[dict
 
 
 if __name__ == "__main__":
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(TrainConfig, main, presets=PRESETS, default_preset=None, prog="python -m jobs.train")
+    run_job("jobs.train", "TrainConfig")

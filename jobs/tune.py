@@ -617,7 +617,6 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    from jobs import tune  # the importable module, so that Ray pickles trials by reference
-    from jobs.config import run_cli
+    from jobs.config import run_job
 
-    run_cli(tune.SearchConfig, tune.main, presets=tune.PRESETS, prog="python -m jobs.tune")
+    run_job("jobs.tune", "SearchConfig")

@@ -245,6 +245,10 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     for dst in (str(tmp_path) + "/", str(tmp_path / "out"), str(tmp_path) + "/x/../out"):
         with pytest.raises(ValueError, match="DST must not be SRC or inside it"):
             prepare.PrepareConfig(src=str(tmp_path), dst=dst)
+    with pytest.raises(ValueError, match=r"SRC .*nope: no such folder"):
+        prepare.plan(config(str(tmp_path / "nope"), str(tmp_path) + "-out"))
+    with pytest.raises(ValueError, match="no files in it"):
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
     (tmp_path / "loose.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="not inside a class folder"):
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))

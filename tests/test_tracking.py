@@ -128,3 +128,17 @@ def test_a_full_batch_and_its_step_go_in_one_request(store, tmp_path) -> None:
     finally:
         mlflow.MlflowClient = client_class
     assert calls == [2, 751, 251]  # the params, then rows 1 to 3 and row 4, each with its tag
+
+
+def test_a_tracking_uri_mlflow_cannot_use_fails_before_training(monkeypatch, caplog) -> None:
+    """Named, the tracker stops the job before Ray starts; under auto it is left out with a
+    warning. Neither message shows the URI's password."""
+    from jobs.tracking import trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchstore://colorcore:s3cret-pw@host/x")
+    with pytest.raises(ValueError, match="cannot use the tracking URI nosuchstore://") as error:
+        trackers("mlflow")
+    assert "s3cret-pw" not in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        assert "mlflow" not in trackers("auto")
+    assert "leaving MLflow out" in caplog.text and "s3cret-pw" not in caplog.text
