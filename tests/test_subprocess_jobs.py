@@ -8,6 +8,7 @@ These start their own Ray instances, so `.ci/run` runs them in a second phase (m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -118,6 +119,38 @@ def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> No
     )
     assert changed.returncode != 0 and "started with other seed" in changed.stderr
     assert "Started a local Ray instance" not in changed.stderr
+
+
+def test_data_jobs_as_commands_prepare_prior_and_evaluate(workdir) -> None:
+    """prepare, prior and evaluate run as their users run them, `python -m` (a job's classes
+    are then pickled for its Ray workers from the importable module, not from __main__), on a
+    tree of photos with a broken file; a user's mistake ends in one line, not a traceback."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.weights import to_safetensors
+    from tests.support import encode, photo_rgb
+
+    src, data, report = workdir / "photos", workdir / "photos-data", workdir / "photos-eval"
+    for i, name in enumerate(("astronaut", "chelsea", "coffee", "rocket")):
+        folder = src / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jpg").write_bytes(encode(photo_rgb(name, 300)))
+    (src / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
+    job = [sys.executable, "-m"]
+    out = run([*job, "jobs.prepare", str(src), str(data)], cwd=ROOT)
+    assert "5 inputs -> 4 images in 1 shards + 1 errors" in out, out[-3000:]
+    run([*job, "jobs.prior", str(data)], cwd=ROOT)
+    model = workdir / "tiny.safetensors"
+    model.write_bytes(to_safetensors(ColorizationNet(ModelConfig(width=1 / 16))))
+    run([*job, "jobs.evaluate", "--model", str(model), str(data), "--output", str(report)], ROOT)
+    result = json.loads((report / "results.json").read_text())
+    assert result["counts"]["measured"] == 4 and len(result["images"]) == 4
+    for name in ("table.md", "auc_curves.png", "best_worst.png"):
+        assert (report / name).stat().st_size > 0, name
+
+    missing = [*job, "jobs.evaluate", "--model", str(workdir / "nope"), str(data)]
+    done = subprocess.run(missing, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("python -m jobs.evaluate: error: ")
 
 
 def _free_port() -> int:
