@@ -208,7 +208,7 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
         kwargs: dict[str, Any] = {
             "dest": path,
             "default": argparse.SUPPRESS,
-            "help": docs.get(f.name),
+            "help": _with_default(docs.get(f.name), f),
         }
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         optional = origin in (typing.Union, types.UnionType) and type(None) in args
@@ -226,6 +226,22 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
         else:  # mappings and other structured values come from --config files only
             continue
         parser.add_argument(_flag(path), **kwargs)
+
+
+def _with_default(doc: str | None, f: dataclasses.Field) -> str:
+    """A flag's help: the field's docstring and its default (a preset may set another),
+    unless the docstring speaks of its default itself."""
+    if doc and "default" in doc.lower():
+        return doc
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return doc or ""
+    if isinstance(default, tuple):
+        default = " ".join(map(str, default)) or "()"
+    return f"{doc + ' ' if doc else ''}(default: {'none' if default is None else default})"
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

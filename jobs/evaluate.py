@@ -112,6 +112,7 @@ class EvaluateConfig:
     cpus_per_actor: float = 0.5
     """CPUs reserved per actor (fractional on small machines, or reads starve)."""
     use_gpu: bool = False
+    """One GPU per actor."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Autocast dtype of the networks; auto = bf16 where the device has fast bf16."""
     grid_images: int = 6
@@ -766,7 +767,10 @@ def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
     from colorcore.prior import AbHistogram, rebalance_weights
 
     if not storage.exists(url, s3):
-        raise ValueError(f"no prior at {url}: run `python -m jobs.prior DATASET` or pass --prior")
+        raise ValueError(
+            f"no prior at {url}: pass --prior (a prepared dataset's prior.npz, made by "
+            "`python -m jobs.prior DATASET`, or the released prior_probs.npy)"
+        )
     data = io.BytesIO(storage.read_bytes(url, s3))
     if url.endswith(".npy"):
         smoothed_Q = np.load(data, allow_pickle=False).astype(np.float64)

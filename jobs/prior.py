@@ -139,7 +139,12 @@ def plot_prior(histogram: AbHistogram) -> bytes:
     grid[b_idx, a_idx] = np.log10(p)
     fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
     extent = (-115, 115, -115, 115)
-    shown = ax.imshow(grid, origin="lower", extent=extent, cmap="jet", interpolation="nearest")
+    # Six decades below the peak: the smoothed tails reach 1e-60, which would wash out the rest.
+    top = float(np.nanmax(grid))
+    shown = ax.imshow(
+        grid, origin="lower", extent=extent, cmap="jet", interpolation="nearest",
+        vmin=top - 6, vmax=top,
+    )  # fmt: skip
     fig.colorbar(shown, ax=ax, label="log10 p(a, b)")
     ax.set(xlabel="a", ylabel="b", title=f"ab prior ({histogram.num_pixels:,} pixels)")
     return figure_png(fig)

@@ -73,6 +73,7 @@ class TrainConfig:
     num_workers: int = 1
     """Data-parallel workers (one per GPU with use_gpu)."""
     use_gpu: bool = False
+    """One GPU per worker (NCCL, bf16 autocast, nvJPEG decoding by default)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (fractions allowed; decode threads follow it)."""
     batch_size: int = 40
@@ -92,11 +93,15 @@ class TrainConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many steps."""
     adam_beta1: float = 0.9
+    """Adam's decay of its gradient average."""
     adam_beta2: float = 0.99
+    """Adam's decay of its squared-gradient average."""
     weight_decay: float = 1e-3
     """L2 penalty added to the gradient (Adam's coupled weight decay, as Caffe's)."""
     soft_encode_k: int = SOFT_ENCODE_K
+    """Nearest ab bins each pixel's soft target spreads over."""
     soft_encode_sigma: float = SOFT_ENCODE_SIGMA
+    """Gaussian width (ab units) of the soft targets' weights."""
     rebalance_lambda: float = REBALANCE_LAMBDA
     """Mix of the prior with uniform in the rebalancing weights (1: no rebalancing)."""
     prior_sigma: float = PRIOR_SMOOTHING_SIGMA
@@ -106,6 +111,7 @@ class TrainConfig:
     data_init: bool = False
     """Data-dependent initialisation on the first batch (fresh runs only)."""
     seed: int = 0
+    """Seed of the initial weights, the data order, the crops and the flips."""
     window_images: int = WINDOW_IMAGES
     """Images shuffled together, whole row groups drawn from across the shards (see
     jobs.loader); each worker holds about two windows of JPEGs in memory."""
@@ -117,11 +123,15 @@ class TrainConfig:
     """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
     same pixels), or nvJPEG on the GPU (auto: nvJPEG with use_gpu)."""
     checkpoint_every_steps: int = 2_000
+    """Steps between checkpoints (a preempted worker loses at most this many)."""
     keep_checkpoints: int = 3
+    """Newest checkpoints kept in the run folder."""
     val_every_steps: int = 2_000
+    """Steps between validations on the held-out data."""
     val_images: int = 1_000
     """Held-out images measured at each validation."""
     log_every_steps: int = 100
+    """Steps between rows of loss, lr and img/s in the metrics table."""
     max_failures: int = 3
     """Worker restarts Ray Train may make before the run fails."""
     tracking: str = "auto"

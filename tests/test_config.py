@@ -141,8 +141,10 @@ def test_help_lists_field_docs_and_presets(capsys) -> None:
     with pytest.raises(SystemExit):
         parse("--help")
     out = " ".join(capsys.readouterr().out.split())
-    assert "Steps at which the learning rate drops." in out
+    assert "Steps at which the learning rate drops. (default: 200000 375000)" in out
     assert "--model.width" in out and "Channel multiplier." in out
+    assert "Base learning rate. (default: 3e-05)" in out and "--limit LIMIT (default: none)" in out
+    assert "AWS itself). (default" not in out  # a docstring that gives its default keeps it
     assert "fast: A quick run: python -m demo --preset fast (seconds)" in out  # 1st paragraph
     assert "Details" not in out
     assert "fast: A quick run" in out
