@@ -56,7 +56,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -284,11 +284,12 @@ def _kind(path: str) -> str:
 
 
 def plan(
-    cfg: ColorizeConfig, done: Sequence[str], failed: Collection[str] = ()
+    cfg: ColorizeConfig, done: Sequence[str], read: Mapping[str, int] | None = None
 ) -> tuple[list[dict], list[str], int]:
     """(work units in a fixed order, every top-level file's source URL, inputs skipped), for
-    the sources in `done` being done already; archives in `failed` have an error row to
-    clear if they are read through this time."""
+    the sources in `done` being done already; an archive in `read` (source -> members) was
+    read through, and is skipped unopened when `done` has each of its members."""
+    read = read or {}
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
         found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.input}")
@@ -314,8 +315,10 @@ def plan(
                 skipped += 1
                 continue
             skipped += len(members)
+            if len(members) >= read.get(source, len(members) + 1):  # all of them done
+                continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
-            units.append(unit | ({"retry": True} if source in failed else {}))
+            units.append(unit)
             continue
         if source in done_set:
             skipped += 1
@@ -553,8 +556,10 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                     if i >= count:  # the rows before were given out before the break
                         count += 1
                         yield item
-            if unit.get("retry"):  # read through this time: its earlier error row is cleared
-                yield {**_row(_source_text(url)), "status": manifest.RESOLVED}
+            # Read through: a re-run that has a row for each of its members skips it, and an
+            # earlier error row of it (when its reading broke off) is cleared.
+            reason = manifest.read_through_reason(count + len(unit["done"]))
+            yield {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
             return
         except _ARCHIVE_ERRORS as e:
             if attempt < ARCHIVE_READ_ATTEMPTS and _storage_error(e):
@@ -934,7 +939,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     compactor = manifest.Compactor(cfg.output, cfg.s3)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         compactor.add(batch)
-        done += int(sum(s != manifest.RESOLVED for s in batch["status"]))
+        done += int(sum(s not in manifest.NOT_INPUTS for s in batch["status"]))
         errors += int(sum(s == "error" for s in batch["status"]))
         now = time.monotonic()
         if now - last > 2.0:
@@ -955,13 +960,13 @@ def main(cfg: ColorizeConfig) -> Summary:
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
-    status, failed = rows.column("status"), set()
-    if cfg.retry_errors:
-        failed = set(rows.filter(pc.equal(status, "error")).column("source").to_pylist())
-    done = rows.filter(
-        pc.equal(status, "ok") if cfg.retry_errors else pc.not_equal(status, manifest.RESOLVED)
-    )
-    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), failed)
+    status = rows.column("status")
+    not_input = pc.is_in(status, pa.array(manifest.NOT_INPUTS))
+    done = rows.filter(pc.equal(status, "ok") if cfg.retry_errors else pc.invert(not_input))
+    through = rows.filter(pc.equal(status, manifest.READ)).select(["source", "reason"])
+    counted = ((r["source"], manifest.members_read(r["reason"])) for r in through.to_pylist())
+    read = {source: members for source, members in counted if members is not None}
+    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
@@ -986,7 +991,8 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     """Compact the manifest parts, check that every input is accounted for exactly once and
     write the manifest."""
     table = manifest.compact(cfg.output, cfg.s3)
-    table = table.filter(pc.not_equal(table.column("status"), manifest.RESOLVED))  # no inputs
+    inputs = pc.invert(pc.is_in(table.column("status"), pa.array(manifest.NOT_INPUTS)))
+    table = table.filter(inputs)
     status = table.column("status")
     ok, errors = (int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in ("ok", "error"))
     images = pa.array([u for u in top_level if _kind(u) == "image"], pa.string())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -35,7 +36,7 @@ SCHEMA = pa.schema(
     [
         ("source", pa.string()),  # input URL; archive members and Parquet rows: see jobs.colorize
         ("output", pa.string()),  # path under OUTPUT; "" for an error
-        ("status", pa.string()),  # "ok", "error" or RESOLVED
+        ("status", pa.string()),  # "ok", "error", or READ (not an input)
         ("reason", pa.string()),  # why an input failed; "" when it did not
         ("time", pa.string()),  # when the row was finished (UTC, ISO 8601, ms)
         ("pages", pa.int64()),
@@ -46,9 +47,28 @@ SCHEMA = pa.schema(
         ("seconds", pa.float64()),  # time spent finishing the row (colorize, encode, write)
     ]
 )
+READ = "read"
+"""The status of an archive's own row once it has been read to its end, with the number of
+its members in the reason (`read_through_reason`): a re-run that finds a row for each of
+them skips the archive without opening it, and an earlier error row of the archive (its
+reading broke off) is cleared. Not an input: the job's manifest leaves it out."""
 RESOLVED = "resolved"
-"""The status of an archive's row once a retry has read through the archive whose reading
-had failed: its error row is cleared. Not an input: the job's manifest leaves it out."""
+"""READ's forerunner, in manifests of earlier versions: an archive read through by a retry,
+without its count of members. Not an input either."""
+NOT_INPUTS = (READ, RESOLVED)
+_READ_THROUGH = re.compile(r"read through: (\d+) members")
+
+
+def read_through_reason(members: int) -> str:
+    return f"read through: {members} members"
+
+
+def members_read(reason: str) -> int | None:
+    """The number of members a READ row's reason gives, or None."""
+    found = _READ_THROUGH.fullmatch(reason)
+    return int(found[1]) if found else None
+
+
 PART_COLUMNS = ("part", "part_rows")
 """Columns `write_part`'s caller hands back to the driver beside the rows: which part holds
 each row and how many rows that part has (`Compactor`)."""

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 import zipfile
@@ -15,6 +16,7 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -273,7 +275,14 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     # The batches' parts are compacted into one at the end; a re-run has nothing to change.
     parts = storage.list_files(colorize_manifest.parts_url(dst))
     compacted = pq.read_table(io.BytesIO(storage.read_bytes(parts[0])))
-    assert len(parts) == 1 and compacted.num_rows == summary.inputs
+    read = compacted.filter(pc.equal(compacted.column("status"), colorize_manifest.READ))
+    assert len(parts) == 1 and compacted.num_rows == summary.inputs + read.num_rows
+    sources = summary.table.column("source").to_pylist()
+    archives = sorted(re.split("[!#]", s)[0] for s in sources if re.search("[!#]", s))
+    assert read.column("source").to_pylist() == sorted(set(archives))  # each read through once
+    assert read.column("reason").to_pylist() == [
+        colorize_manifest.read_through_reason(archives.count(a)) for a in sorted(set(archives))
+    ]
     again = colorize.main(cfg)
     assert again.skipped == len(rows) and again.inputs == summary.inputs
     assert storage.list_files(colorize_manifest.parts_url(dst)) == parts
@@ -308,12 +317,18 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) ->
     pq.write_table(table.slice(0, table.num_rows - 5), part)
     lost_ok = [r for r in lost if r["status"] == "ok"]
     (dst / lost_ok[0]["output"]).unlink()
+    lost_inputs = [r for r in lost if r["status"] in ("ok", "error")]  # not the tar's own row
 
     second = colorize.main(cfg)
-    assert second.skipped == 11 - len(lost)
+    assert second.skipped == 11 - len(lost_inputs)
     assert second.inputs == 11 and (second.outputs, second.errors) == (10, 1)
     assert second.table.column("source").equals(first.table.column("source"))
     assert (dst / lost_ok[0]["output"]).exists()
+    # Once every member has its row, the tar read through is not opened again: no work.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(colorize, "read_unit", None)  # calling it would fail
+        third = colorize.main(cfg)
+    assert third.skipped == 11 and (third.outputs, third.errors) == (10, 1)
 
 
 def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
@@ -353,6 +368,19 @@ def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice
     assert errors == refused
 
 
+def read_members(unit: dict, cfg: colorize.ColorizeConfig) -> list[dict]:
+    """The rows `read_unit` gives for an archive's members, after checking that it ends with
+    the archive's own row saying it was read through, counting them and those done before."""
+    *members, last = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    read = colorize_manifest.read_through_reason(len(members) + len(unit["done"]))
+    assert (last["source"], last["status"], last["reason"]) == (
+        colorize._source_text(unit["url"]),
+        colorize_manifest.READ,
+        read,
+    )
+    return members
+
+
 def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> None:
     """Within an archive, `./a.jpg` after `a.jpg` (done by an earlier run too) and `b.gif.png`
     after `b.gif` (whose output it would be) are refused; the first of each pair is kept."""
@@ -363,10 +391,7 @@ def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> Non
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
     for done in ([], ["a.jpg"]):
         unit = {"kind": "zip", "url": str(archive), "prefix": "z.zip", "done": done}
-        rows = {
-            r["source"].split("!")[1]: r
-            for r in colorize.read_unit({"unit": json.dumps(unit)}, cfg)
-        }
+        rows = {r["source"].split("!")[1]: r for r in read_members(unit, cfg)}
         refused = sorted(k for k, r in rows.items() if r["status"] == "error")
         assert refused == ["./a.jpg", "b.gif.png"], rows
         assert sorted(rows) == sorted(
@@ -465,7 +490,10 @@ def test_an_archive_read_broken_off_by_storage_is_read_on(tmp_path, monkeypatch,
     expected = [f"{archive}!{name}" for name in data]
     breaks[:] = [ConnectionResetError(104, "Connection reset by peer")]
     rows = read()
-    assert [(r["source"], r["reason"]) for r in rows] == [(x, "") for x in expected]
+    read_through = (str(archive), colorize_manifest.read_through_reason(5))
+    assert [(r["source"], r["reason"]) for r in rows] == [(x, "") for x in expected] + [
+        read_through
+    ]
     breaks[:] = [OSError(5, "I/O error")] * colorize.ARCHIVE_READ_ATTEMPTS
     rows = read()
     *members, last = rows
@@ -497,6 +525,7 @@ def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> N
     cfg = config(str(src), str(tmp_path / "o"), "m.pt")
     units, top_level, _ = colorize.plan(cfg, [])
     rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    rows = [r for r in rows if r["status"] != colorize_manifest.READ]  # old.tar's own row
     assert {r["rel"] for r in rows} == {"ok.jpg", "caf\u00e9.jpg", "old.tar/\u00e9t\u00e9.jpg"}
     assert all(r["status"] == "pending" and r["data"] == data for r in rows)
     sources = {r["source"] for r in rows}
@@ -507,6 +536,7 @@ def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> N
     (src / "caf\u00e9.jpg").write_bytes(data)  # the same name in UTF-8
     units, _, _ = colorize.plan(cfg, [])
     rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    rows = [r for r in rows if r["status"] != colorize_manifest.READ]
     refused = [r for r in rows if r["status"] == "error"]
     assert len(refused) == 1 and "reads as 'caf\u00e9.jpg' too" in refused[0]["reason"]
     assert len({r["source"] for r in rows}) == len(rows) == 4  # each input a row of its own
@@ -525,17 +555,18 @@ def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
     archive.write_bytes(buffer.getvalue())
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
     unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": []}
-    first = [r["source"] for r in colorize.read_unit({"unit": json.dumps(unit)}, cfg)]
+    first = [r["source"] for r in read_members(unit, cfg)]
     assert first == [f"{archive}!a.png", f"{archive}!b.png", f"{archive}!a.png (copy 2)"]
     unit["done"] = ["a.png"]
-    rows = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+    rows = read_members(unit, cfg)
     assert [r["source"] for r in rows] == first[1:]
     assert "same output path" in rows[1]["reason"]  # the copy's output is the first's
 
 
 def test_a_retried_archive_read_through_clears_its_error_row(tmp_path) -> None:
     """An archive whose read failed half-way (a storage error) has an error row; a retry of
-    the errors that reads it through clears that row: it counts as no input after."""
+    the errors that reads it through leaves its `read` row instead, which counts as no
+    input."""
     data = encode(gray((8, 8)))
     archive = tmp_path / "in" / "t.tar"
     archive.parent.mkdir()
@@ -543,26 +574,46 @@ def test_a_retried_archive_read_through_clears_its_error_row(tmp_path) -> None:
     cfg = config(str(archive.parent), str(tmp_path / "o"), "m.pt", retry_errors=True)
     first = {"source": f"{archive}!0.jpg", "output": "t.tar/0.jpg", "status": "ok"}
     failed = {"source": str(archive), "output": "", "status": "error", "reason": "timeout"}
-    units, _, skipped = colorize.plan(cfg, [first["source"]], {failed["source"]})
-    assert skipped == 1 and [u.get("retry") for u in units] == [True]
+    units, _, skipped = colorize.plan(cfg, [first["source"]])
+    assert skipped == 1 and [u["done"] for u in units] == [["0.jpg"]]
     rows = list(colorize.read_unit({"unit": json.dumps(units[0])}, cfg))
-    assert [(r["source"], r["status"]) for r in rows] == [
-        (f"{archive}!1.jpg", "pending"),
-        (str(archive), colorize_manifest.RESOLVED),
+    read = colorize_manifest.read_through_reason(2)  # the member done before counts too
+    assert [(r["source"], r["status"], r["reason"]) for r in rows] == [
+        (f"{archive}!1.jpg", "pending", ""),
+        (str(archive), colorize_manifest.READ, read),
     ]
     (tmp_path / "o" / "t.tar").mkdir(parents=True)
     for name in ("0.jpg", "1.jpg"):
         (tmp_path / "o" / "t.tar" / name).write_bytes(data)
     second = first | {"source": f"{archive}!1.jpg", "output": "t.tar/1.jpg"}
-    resolved = failed | {"status": colorize_manifest.RESOLVED, "reason": ""}
+    through = failed | {"status": colorize_manifest.READ, "reason": read}
     common = {"reason": "", "pages": 1, "width_px": 8, "height_px": 8, "model_sha256": "0",
               "temperature": 0.38, "seconds": 0.1}  # fmt: skip
-    for time, batch in (("1", [first, failed]), ("2", [second, resolved])):
+    for time, batch in (("1", [first, failed]), ("2", [second, through])):
         rows = [common | row | {"time": time} for row in batch]
         colorize_manifest.write_part(rows, cfg.output, None)
     summary = colorize._finish(cfg, [str(archive)], skipped=0)
     assert (summary.inputs, summary.outputs, summary.errors) == (2, 2, 0)
-    assert colorize_manifest.RESOLVED not in summary.table.column("status").to_pylist()
+    assert colorize_manifest.READ not in summary.table.column("status").to_pylist()
+
+
+def test_an_archive_read_through_is_skipped_unopened_once_each_member_has_a_row(
+    tmp_path,
+) -> None:
+    """A re-run opens an archive read through before only where a member of it has no row
+    (the run was killed before that row was written), or, retrying errors, an error row."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.tar", "b.zip", "c.tar"):
+        (src / name).write_bytes(b"")
+    url = lambda name: str(src / name)  # noqa: E731
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt")
+    done = [url("a.tar!0.jpg"), url("a.tar!1.jpg"), url("b.zip!0.jpg"), url("c.tar!0.jpg")]
+    read = {url("a.tar"): 2, url("b.zip"): 2}  # c.tar was never read through
+    units, _, skipped = colorize.plan(cfg, done, read)
+    assert [u["url"] for u in units] == [url("b.zip"), url("c.tar")] and skipped == 4
+    units, _, skipped = colorize.plan(cfg, done[1:], read)  # a.tar's member 0 now an error
+    assert [u["url"] for u in units] == [url("a.tar"), url("b.zip"), url("c.tar")]
 
 
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
