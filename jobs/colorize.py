@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import gzip
 import io
 import json
@@ -284,11 +285,12 @@ def _kind(path: str) -> str:
 
 
 def plan(
-    cfg: ColorizeConfig, done: Sequence[str], read: Mapping[str, int] | None = None
+    cfg: ColorizeConfig, done: Sequence[str], read: Mapping[str, tuple[int, int]] | None = None
 ) -> tuple[list[dict], list[str], int]:
     """(work units in a fixed order, every top-level file's source URL, inputs skipped), for
-    the sources in `done` being done already; an archive in `read` (source -> members) was
-    read through, and is skipped unopened when `done` has each of its members."""
+    the sources in `done` being done already; an archive in `read` (source -> its members
+    and its size then) was read through, and is skipped unopened when it has that size and
+    `done` has a row for as many members."""
     read = read or {}
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
@@ -304,21 +306,24 @@ def plan(
     units, files, skipped, named = [], [], 0, set()
     done_set, done_sorted, inputs = set(done), sorted(done), {_output_text(r) for r in sizes}
     sources = [_source_text(url) for url in urls]
+    sources_sorted = sorted(sources)
     for rel, url, source in zip(rels, urls, sources, strict=True):
         kind = _kind(url)
         if kind != "image":
             prefix = _output_text(rel).rstrip("/")
-            members = _starting_with(
-                done_sorted, source + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
-            )
+            mark = source + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
+            members = _starting_with(done_sorted, mark)
+            if others := _starting_with(sources_sorted, mark):  # files named "<archive>!..."
+                members = [m for m in members if not _within(m, others)]
             if source in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
                 continue
             skipped += len(members)
-            if len(members) >= read.get(source, len(members) + 1):  # all of them done
+            through = read.get(source)
+            if through and through == (len(members), sizes[rel]):  # every member done
                 continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
-            units.append(unit)
+            units.append(unit | {"size": sizes[rel]})
             continue
         if source in done_set:
             skipped += 1
@@ -352,6 +357,12 @@ def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
     return next((name for name in names if name != rel and name in inputs), None)
 
 
+def _within(member: str, others: list[str]) -> bool:
+    """Whether `member` (a done source, relative to an archive's mark) is one of `others`
+    (top-level sources named like its members, relative likewise) or inside one of them."""
+    return any(member == o or member.startswith((o + MEMBER_SEP, o + ROW_SEP)) for o in others)
+
+
 def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
     """The rest of each source that starts with `mark`, found by bisection in a sorted list."""
     found, i = [], bisect.bisect_left(sorted_sources, mark)
@@ -383,7 +394,8 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
         None if refused else item.get("url", item["source"])
         for item, refused in zip(items, refusals, strict=True)
     ]
-    for item, refused, data in zip(items, refusals, storage.read_each(urls, cfg.s3), strict=True):
+    read = storage.read_each(urls, cfg.s3, sizes=[item["size"] for item in items])
+    for item, refused, data in zip(items, refusals, read, strict=True):
         source = item["source"]
         if refused:
             yield _row(source, reason=refused)
@@ -409,9 +421,14 @@ class _Names:
         self.sources: Counter[str] = Counter()
 
     def source(self, source: str) -> str:
-        self.sources[source] += 1
-        copy = self.sources[source]
-        return source if copy == 1 else f"{source} (copy {copy})"
+        """`source`, or where it was met before, `source (copy n)` with the first n not met
+        (a member may itself be named like a copy)."""
+        numbered = source
+        while numbered in self.sources:
+            self.sources[source] += 1
+            numbered = f"{source} (copy {self.sources[source]})"
+        self.sources[numbered] += 1
+        return numbered
 
     def member(self, base: str, name: str) -> str | None:
         """The source of the member `name` (`base`: its archive's source and separator),
@@ -558,11 +575,14 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                         yield item
             # Read through: a re-run that has a row for each of its members skips it, and an
             # earlier error row of it (when its reading broke off) is cleared.
-            reason = manifest.read_through_reason(count + len(unit["done"]))
+            reason = manifest.read_through_reason(count + len(unit["done"]), unit["size"])
             yield {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
             return
-        except _ARCHIVE_ERRORS as e:
-            if attempt < ARCHIVE_READ_ATTEMPTS and _storage_error(e):
+        except Exception as e:
+            storage_error = _storage_error(e)
+            if not storage_error and not isinstance(e, _ARCHIVE_ERRORS):
+                raise  # neither the storage nor the archive's bytes: a bug to see
+            if storage_error and attempt < ARCHIVE_READ_ATTEMPTS:
                 log.warning("colorize: reading %s broke off after %d members (%s: %s); "
                             "reading on, attempt %d of %d", url, count, type(e).__name__, e,
                             attempt + 1, ARCHIVE_READ_ATTEMPTS)  # fmt: skip
@@ -583,10 +603,21 @@ def _storage_error(error: BaseException | None) -> bool:
     OSError too, with no errno."""
     while error is not None:
         plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
-        if not plain and storage.is_transient(error):
+        if isinstance(error, _read_errors()) or (not plain and storage.is_transient(error)):
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+@functools.cache
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """The errors s3fs raises as they are once its own retries of a read run out (a cut
+    response body, a parser or payload error, a time-out)."""
+    try:
+        from s3fs.core import S3_RETRYABLE_ERRORS
+    except ImportError:
+        return ()
+    return tuple(S3_RETRYABLE_ERRORS)
 
 
 # ---------------------------------------------------------------- the pipeline stages
@@ -965,7 +996,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     done = rows.filter(pc.equal(status, "ok") if cfg.retry_errors else pc.invert(not_input))
     through = rows.filter(pc.equal(status, manifest.READ)).select(["source", "reason"])
     counted = ((r["source"], manifest.members_read(r["reason"])) for r in through.to_pylist())
-    read = {source: members for source, members in counted if members is not None}
+    read = {source: found for source, found in counted if found is not None}
     units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "

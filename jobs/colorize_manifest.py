@@ -49,24 +49,25 @@ SCHEMA = pa.schema(
 )
 READ = "read"
 """The status of an archive's own row once it has been read to its end, with the number of
-its members in the reason (`read_through_reason`): a re-run that finds a row for each of
-them skips the archive without opening it, and an earlier error row of the archive (its
-reading broke off) is cleared. Not an input: the job's manifest leaves it out."""
+its members and its size in the reason (`read_through_reason`): a re-run that finds a row
+for each of them, the archive's size unchanged, skips the archive without opening it, and
+an earlier error row of the archive (its reading broke off) is cleared. Not an input: the
+job's manifest leaves it out."""
 RESOLVED = "resolved"
 """READ's forerunner, in manifests of earlier versions: an archive read through by a retry,
 without its count of members. Not an input either."""
 NOT_INPUTS = (READ, RESOLVED)
-_READ_THROUGH = re.compile(r"read through: (\d+) members")
+_READ_THROUGH = re.compile(r"read through: (\d+) members of (\d+) bytes")
 
 
-def read_through_reason(members: int) -> str:
-    return f"read through: {members} members"
+def read_through_reason(members: int, size: int) -> str:
+    return f"read through: {members} members of {size} bytes"
 
 
-def members_read(reason: str) -> int | None:
-    """The number of members a READ row's reason gives, or None."""
+def members_read(reason: str) -> tuple[int, int] | None:
+    """(members, size in bytes) of the archive a READ row's reason speaks of, or None."""
     found = _READ_THROUGH.fullmatch(reason)
-    return int(found[1]) if found else None
+    return (int(found[1]), int(found[2])) if found else None
 
 
 PART_COLUMNS = ("part", "part_rows")

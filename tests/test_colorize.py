@@ -280,8 +280,10 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     sources = summary.table.column("source").to_pylist()
     archives = sorted(re.split("[!#]", s)[0] for s in sources if re.search("[!#]", s))
     assert read.column("source").to_pylist() == sorted(set(archives))  # each read through once
+    sizes = {a: len(storage.read_bytes(a)) for a in archives}
     assert read.column("reason").to_pylist() == [
-        colorize_manifest.read_through_reason(archives.count(a)) for a in sorted(set(archives))
+        colorize_manifest.read_through_reason(archives.count(a), sizes[a])
+        for a in sorted(set(archives))
     ]
     again = colorize.main(cfg)
     assert again.skipped == len(rows) and again.inputs == summary.inputs
@@ -372,7 +374,7 @@ def read_members(unit: dict, cfg: colorize.ColorizeConfig) -> list[dict]:
     """The rows `read_unit` gives for an archive's members, after checking that it ends with
     the archive's own row saying it was read through, counting them and those done before."""
     *members, last = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
-    read = colorize_manifest.read_through_reason(len(members) + len(unit["done"]))
+    read = colorize_manifest.read_through_reason(len(members) + len(unit["done"]), unit["size"])
     assert (last["source"], last["status"], last["reason"]) == (
         colorize._source_text(unit["url"]),
         colorize_manifest.READ,
@@ -390,7 +392,7 @@ def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> Non
                                    "b.gif.png": data, "c.png": data}))  # fmt: skip
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
     for done in ([], ["a.jpg"]):
-        unit = {"kind": "zip", "url": str(archive), "prefix": "z.zip", "done": done}
+        unit = {"kind": "zip", "url": str(archive), "prefix": "z.zip", "done": done, "size": 1}
         rows = {r["source"].split("!")[1]: r for r in read_members(unit, cfg)}
         refused = sorted(k for k, r in rows.items() if r["status"] == "error")
         assert refused == ["./a.jpg", "b.gif.png"], rows
@@ -409,7 +411,7 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
     archive = tmp_path / f"t.{suffix}"
     archive.write_bytes(gzip.compress(damaged) if suffix == "tar.gz" else damaged)
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
-    unit = {"kind": "tar", "url": str(archive), "prefix": archive.name, "done": []}
+    unit = {"kind": "tar", "url": str(archive), "prefix": archive.name, "done": [], "size": 1}
     rows = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
     assert [r["source"].rsplit("!", 1)[-1] for r in rows[:2]] == ["0.jpg", "1.jpg"]
     assert all(r["status"] != "error" for r in rows[:2])
@@ -466,7 +468,8 @@ def test_an_archive_read_broken_off_by_storage_is_read_on(tmp_path, monkeypatch,
     archive = tmp_path / f"t.{kind}"
     archive.write_bytes(whole)
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
-    unit = {"kind": kind.split(".")[0], "url": str(archive), "prefix": archive.name, "done": []}
+    kind_of = kind.split(".")[0]
+    unit = {"kind": kind_of, "url": str(archive), "prefix": archive.name, "done": [], "size": 1}
     breaks: list[Exception] = []
     monkeypatch.setattr(colorize, "ARCHIVE_RETRY_DELAY_S", 0.0)
     real = storage.filesystem
@@ -490,10 +493,15 @@ def test_an_archive_read_broken_off_by_storage_is_read_on(tmp_path, monkeypatch,
     expected = [f"{archive}!{name}" for name in data]
     breaks[:] = [ConnectionResetError(104, "Connection reset by peer")]
     rows = read()
-    read_through = (str(archive), colorize_manifest.read_through_reason(5))
+    read_through = (str(archive), colorize_manifest.read_through_reason(5, 1))
     assert [(r["source"], r["reason"]) for r in rows] == [(x, "") for x in expected] + [
         read_through
     ]
+    # What s3fs raises as it is once its own retries run out: read on as well.
+    from aiohttp.client_exceptions import ClientPayloadError
+
+    breaks[:] = [ClientPayloadError("Response payload is not completed")]
+    assert [r["source"] for r in read()] == [*expected, str(archive)]
     breaks[:] = [OSError(5, "I/O error")] * colorize.ARCHIVE_READ_ATTEMPTS
     rows = read()
     *members, last = rows
@@ -554,7 +562,7 @@ def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
     archive = tmp_path / "t.tar"
     archive.write_bytes(buffer.getvalue())
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
-    unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": []}
+    unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": [], "size": 1}
     first = [r["source"] for r in read_members(unit, cfg)]
     assert first == [f"{archive}!a.png", f"{archive}!b.png", f"{archive}!a.png (copy 2)"]
     unit["done"] = ["a.png"]
@@ -577,7 +585,8 @@ def test_a_retried_archive_read_through_clears_its_error_row(tmp_path) -> None:
     units, _, skipped = colorize.plan(cfg, [first["source"]])
     assert skipped == 1 and [u["done"] for u in units] == [["0.jpg"]]
     rows = list(colorize.read_unit({"unit": json.dumps(units[0])}, cfg))
-    read = colorize_manifest.read_through_reason(2)  # the member done before counts too
+    # the member done before counts too
+    read = colorize_manifest.read_through_reason(2, archive.stat().st_size)
     assert [(r["source"], r["status"], r["reason"]) for r in rows] == [
         (f"{archive}!1.jpg", "pending", ""),
         (str(archive), colorize_manifest.READ, read),
@@ -601,19 +610,43 @@ def test_an_archive_read_through_is_skipped_unopened_once_each_member_has_a_row(
     tmp_path,
 ) -> None:
     """A re-run opens an archive read through before only where a member of it has no row
-    (the run was killed before that row was written), or, retrying errors, an error row."""
+    (the run was killed before that row was written; or, retrying errors, an error row), or
+    where the archive's size has changed since. A file named like a member of it
+    (`a.tar!x.jpg`) is not counted as one."""
     src = tmp_path / "in"
     src.mkdir()
-    for name in ("a.tar", "b.zip", "c.tar"):
-        (src / name).write_bytes(b"")
+    for name in ("a.tar", "b.zip", "c.tar", "a.tar!x.jpg"):
+        (src / name).write_bytes(b"12345")
     url = lambda name: str(src / name)  # noqa: E731
     cfg = config(str(src), str(tmp_path / "o"), "m.pt")
     done = [url("a.tar!0.jpg"), url("a.tar!1.jpg"), url("b.zip!0.jpg"), url("c.tar!0.jpg")]
-    read = {url("a.tar"): 2, url("b.zip"): 2}  # c.tar was never read through
+    read = {url("a.tar"): (2, 5), url("b.zip"): (2, 5)}  # c.tar was never read through
     units, _, skipped = colorize.plan(cfg, done, read)
-    assert [u["url"] for u in units] == [url("b.zip"), url("c.tar")] and skipped == 4
-    units, _, skipped = colorize.plan(cfg, done[1:], read)  # a.tar's member 0 now an error
-    assert [u["url"] for u in units] == [url("a.tar"), url("b.zip"), url("c.tar")]
+    archives = [u["url"] for u in units if u["kind"] != "files"]
+    assert archives == [url("b.zip"), url("c.tar")] and skipped == 4
+    units, _, skipped = colorize.plan(cfg, [*done[1:], url("a.tar!x.jpg")], read)
+    archives = [u["url"] for u in units if u["kind"] != "files"]
+    assert archives == [url("a.tar"), url("b.zip"), url("c.tar")]  # a.tar's 0.jpg lacks a row
+    (src / "a.tar").write_bytes(b"123456")  # appended to since it was read
+    units, _, _ = colorize.plan(cfg, done, read)
+    assert next(u["url"] for u in units if u["kind"] != "files") == url("a.tar")
+
+
+def test_members_named_like_numbered_copies_keep_sources_of_their_own(tmp_path) -> None:
+    """`a.jpg`, `a.jpg` and a member named `a.jpg (copy 2)`: three sources, three rows."""
+    data = encode(gray((8, 8)))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as t:
+        for name in ("a.jpg", "a.jpg", "a.jpg (copy 2)"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "t.tar"
+    archive.write_bytes(buffer.getvalue())
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": [], "size": 1}
+    sources = [r["source"] for r in read_members(unit, cfg)]
+    assert len(set(sources)) == 3, sources
 
 
 def test_device_cuda_asks_for_gpu_actors_before_the_cluster_has_gpus() -> None:
@@ -638,10 +671,12 @@ def released_format_model(path) -> ColorizationNet:
 
 
 def scan16(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A 24 x 36 16-bit gray ramp with grain as RGB (H, W, 3), and a 16-bit alpha (H, W)."""
+    """A 24 x 36 16-bit ramp with grain, tinted orange (R > G > B, so that channels read in
+    the wrong order move L by tens), as RGB (H, W, 3), and a 16-bit alpha (H, W)."""
     rng = np.random.default_rng(seed)
-    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36).astype(np.uint16)
-    rgb16 = np.dstack([scan, scan, scan]) + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
+    scan = np.linspace(500, 65000, 24 * 36).reshape(24, 36)
+    tint = np.dstack([scan, scan * 0.6, scan * 0.25]).astype(np.uint16)
+    rgb16 = tint + rng.integers(0, 200, (24, 36, 3), dtype=np.uint16)
     return rgb16, rng.integers(0, 65536, (24, 36), dtype=np.uint16)
 
 
