@@ -58,7 +58,7 @@ window of its shuffle mixes the images of many shards (an ImageNet shard holds o
 
 def shard_parquet(table: pa.Table, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -> bytes:
     """A shard table as a Parquet file: the JPEG bytes stored as they are (neither compressed
-    nor dictionary-encoded), the small columns compressed with zstd."""
+    nor dictionary-encoded, no statistics), the small columns compressed with zstd."""
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
@@ -68,6 +68,7 @@ def shard_parquet(table: pa.Table, row_group_rows: int = SHARD_ROW_GROUP_ROWS) -
         buffer,
         row_group_size=row_group_rows,
         use_dictionary=small,
+        write_statistics=small,  # a JPEG column's min and max would be two whole files a page
         compression={name: "zstd" for name in small} | {"jpeg": "none"},
     )
     return buffer.getvalue()

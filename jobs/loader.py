@@ -95,7 +95,7 @@ class DatasetIndex:
         def shard(name: str) -> tuple[np.ndarray, np.ndarray, pq.FileMetaData, int]:
             def read() -> tuple[pa.Table, pq.FileMetaData, int]:
                 with fs.open_input_file(f"{root}/{name}") as f:
-                    file = pq.ParquetFile(f)
+                    file = pq.ParquetFile(f, pre_buffer=True)  # row groups' ranges merged
                     return file.read(columns=["label", "grayscale"]), file.metadata, f.size()
 
             table, metadata, size = storage.with_retries(read, what=f"read {name} of {dataset_url}")
@@ -123,11 +123,11 @@ class Units:
     group: np.ndarray  # per unit: its row group in the shard
     first_row: np.ndarray  # per unit: the shard row its row group starts at
     kept: tuple[np.ndarray, ...]  # per unit: its kept rows (shard row numbers)
-    first_unit: np.ndarray  # per shard: its first unit, then the number of units
+    shard_start: np.ndarray  # per shard: its first row counted over all shards
 
     @classmethod
     def of(cls, index: DatasetIndex) -> Units:
-        shard, group, first_row, kept, first_unit = [], [], [], [], [0]
+        shard, group, first_row, kept, shard_rows = [], [], [], [], []
         for s, metadata in enumerate(index.metadata):
             sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
             starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -136,20 +136,21 @@ class Units:
             group += range(len(sizes))
             first_row.append(starts[:-1])
             kept += [index.rows[s][a:b] for a, b in itertools.pairwise(cuts)]
-            first_unit.append(first_unit[-1] + len(sizes))
+            shard_rows.append(metadata.num_rows)
         as_array = functools.partial(np.asarray, dtype=np.int64)
         rows = np.concatenate(first_row) if first_row else np.zeros(0, np.int64)
-        return cls(as_array(shard), as_array(group), rows, tuple(kept), as_array(first_unit))
+        shard_start = np.concatenate([[0], np.cumsum(shard_rows)[:-1]]) if shard_rows else []
+        return cls(as_array(shard), as_array(group), rows, tuple(kept), as_array(shard_start))
+
+    @functools.cached_property
+    def _global_first_row(self) -> np.ndarray:
+        return self.shard_start[self.shard] + self.first_row  # ascending: shard by shard
 
     def of_rows(self, shard_row_N2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(unit, row within the unit's row group) of each (shard, row) pair."""
-        shards, rows = shard_row_N2[:, 0], shard_row_N2[:, 1]
-        units = np.empty(len(shards), np.int64)
-        for s in np.unique(shards):  # each shard's row groups, searched for its rows
-            at = shards == s
-            first, end = self.first_unit[s], self.first_unit[s + 1]
-            units[at] = first + np.searchsorted(self.first_row[first:end], rows[at], "right") - 1
-        return units, rows - self.first_row[units]
+        rows = self.shard_start[shard_row_N2[:, 0]] + shard_row_N2[:, 1]
+        units = np.searchsorted(self._global_first_row, rows, "right") - 1
+        return units, rows - self._global_first_row[units]
 
 
 def epoch_windows(
@@ -388,10 +389,14 @@ class TrainLoader:
     def _read_ahead(
         self, units: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
     ) -> None:
-        """Starts reading the row groups of this step and of the next `prefetch_batches`
-        steps that `units` (unit -> its `JpegFiles`, read or being read) lacks; drops the
-        oldest ones no such step needs beyond two windows' worth of images."""
-        ahead = order[offset : offset + (self.prefetch_batches + 2) * self.global_batch]
+        """Starts reading the row groups of this step, of the next `prefetch_batches` steps
+        and of a window's images beyond them that `units` (unit -> its `JpegFiles`, read or
+        being read) lacks; drops the oldest ones none of those needs beyond two windows'
+        worth of images."""
+        # A window's first steps need nearly all its row groups: reading them a window
+        # ahead spreads the reads over the window before instead of a burst at its start.
+        horizon = self.window_images + (self.prefetch_batches + 2) * self.global_batch
+        ahead = order[offset : offset + horizon]
         needed = dict.fromkeys(self.index.units.of_rows(ahead)[0].tolist())
         for u in needed:
             if u not in units:

@@ -71,14 +71,28 @@ def test_windows_are_whole_row_groups_of_many_shards(dataset) -> None:
     assert np.array_equal(units.shard[unit_of], order[:, 0])
 
 
-def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset) -> None:
-    """Each unit's files are its row group's rows of the shard's jpeg column."""
+def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset, monkeypatch) -> None:
+    """Each unit's files are its row group's rows of the shard's jpeg column, read in one
+    ranged read of no more than that column chunk (never the whole shard)."""
+    import jobs.loader
+
+    reads: list[int] = []
+    real = storage.read_range
+
+    def counted(url, start, size, s3=None):
+        reads.append(size)
+        return real(url, start, size, s3)
+
+    monkeypatch.setattr(jobs.loader.storage, "read_range", counted)
+    monkeypatch.setattr(jobs.loader.storage, "read_bytes", None)  # a whole-file read fails
     train = loader(dataset, 0)
     for u in range(len(dataset.units.shard)):
+        reads.clear()
         s, g = int(dataset.units.shard[u]), int(dataset.units.group[u])
         expected = pq.ParquetFile(dataset.shard_urls[s]).read_row_group(g, columns=["jpeg"])
         files = train._read_unit(u)
         assert [bytes(files[i]) for i in range(len(files))] == expected.column(0).to_pylist()
+        assert len(reads) == 1 and reads[0] < sum(len(f) for f in files) + 1024
 
 
 def test_two_ranks_see_every_sample_of_an_epoch_once(dataset) -> None:
@@ -353,3 +367,49 @@ def test_small_images_are_scaled_up_to_the_crop_in_their_own_range() -> None:
     unit = random_crop_flip(levels.float() / 255, 8, None)  # floats in [0, 1] are not rounded
     assert unit.dtype == torch.float32 and len(unit.unique()) > 20 and unit.max() < 1
     torch.testing.assert_close(unit * 255, up.float(), rtol=0, atol=0.5)
+
+
+def test_eps_files_are_not_opened() -> None:
+    """Pillow's EPS reader runs Ghostscript on the file: an archive's EPS is not an image."""
+    from jobs.images import BadImage, open_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    with pytest.raises(BadImage, match="not an image"):
+        open_image(eps)
+
+
+@pytest.mark.parametrize(
+    ("pixel", "gray"),
+    [
+        ((0, 255, 255), False),  # int8 arithmetic would wrap around
+        ((100, 100, 103), False),  # only B off, by 3
+        ((100, 102, 100), True),  # within 2 levels
+        ((100, 102, 104), False),  # R and B 4 apart, each 2 from G
+        ((7, 7, 7), True),
+    ],
+)
+def test_gray_means_every_pair_of_channels_within_two_levels(pixel, gray) -> None:
+    """`load_rgb`'s grayscale flag (training leaves gray sources out) on an RGB PNG that is
+    mid-gray but for one pixel."""
+    rgb = np.full((6, 5, 3), 128, np.uint8)
+    rgb[2, 3] = pixel
+    assert load_rgb(encode(rgb, "PNG"))[1] is gray
+
+
+@pytest.mark.parametrize("size", [(300, 200), (257, 513)])
+def test_draft_decoding_keeps_the_short_side_asked_for(size) -> None:
+    """A large JPEG is decoded at a reduced scale (libjpeg's draft mode), never below the
+    short side asked for, and close to the full decode resized."""
+    from PIL import Image
+
+    from jobs.images import resize_short_side
+
+    rgb = photo_rgb("coffee")[: size[1], : size[0]]
+    data = encode(rgb)
+    small, _ = load_rgb(data, min_side_px=64)
+    assert min(small.size) >= 64
+    full, _ = load_rgb(data)
+    reduced = resize_short_side(small, 64)  # the draft may round a side up by a pixel
+    a = np.asarray(reduced, np.float64)
+    b = np.asarray(full.resize(reduced.size, Image.Resampling.BICUBIC, reducing_gap=3.0), float)
+    assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 30
