@@ -256,7 +256,8 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             None if refused else item["url"]
             for item, refused in zip(group["items"], refusals, strict=True)
         ]
-        read = storage.read_each(urls, cfg.s3)
+        sizes = [item.get("size", 0) for item in group["items"]]
+        read = storage.read_each(urls, cfg.s3, sizes=sizes)
         for item, refused, data in zip(group["items"], refusals, read, strict=True):
             if isinstance(data, FileNotFoundError):
                 data = BadImage("missing file")

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import random
@@ -203,20 +204,32 @@ def read_bytes(url: str, s3: S3Options | None = None) -> bytes:
 
 
 def read_each(
-    urls: Iterable[str | None], s3: S3Options | None = None, *, ahead: int = 8
+    urls: Iterable[str | None],
+    s3: S3Options | None = None,
+    *,
+    sizes: Iterable[int] | None = None,
+    ahead: int = 8,
+    max_bytes: int = 256 * 2**20,
 ) -> Iterator[bytes | Exception | None]:
-    """`read_bytes` of each URL, in order, up to `ahead` reads at once (one read at a time
+    """`read_bytes` of each URL, in order, up to `ahead` reads at once and, where `sizes`
+    (from a listing) are given, up to `max_bytes` of files at once (one read at a time
     leaves a task waiting on the network for most of its time with small files on object
     storage); a read that failed gives its exception, a None URL gives None."""
-    pending: collections.deque[Future | None] = collections.deque()
+    pending: collections.deque[tuple[Future | None, int]] = collections.deque()
+    held = 0
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="read-each")
     try:
-        for url in urls:
-            pending.append(None if url is None else pool.submit(read_bytes, url, s3))
-            if len(pending) > ahead:
-                yield _outcome(pending.popleft())
+        known = sizes if sizes is not None else itertools.repeat(0)
+        for url, size in zip(urls, known, strict=False):  # sizes, when given, one a URL
+            while pending and (len(pending) >= ahead or held + size > max_bytes):
+                future, done_size = pending.popleft()
+                held -= done_size
+                yield _outcome(future)
+            future = None if url is None else pool.submit(read_bytes, url, s3)
+            pending.append((future, 0 if url is None else size))
+            held += pending[-1][1]
         while pending:
-            yield _outcome(pending.popleft())
+            yield _outcome(pending.popleft()[0])
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -231,6 +244,8 @@ def _outcome(future: Future | None) -> bytes | Exception | None:
 def read_range(url: str, start: int, size: int, s3: S3Options | None = None) -> bytes:
     """`size` bytes of a file from byte `start` (fewer where the file ends first), in one
     ranged read through no read-ahead cache (which on S3 would fetch a block more)."""
+    if size <= 0:  # an empty range would read as no range: the whole file
+        return b""
     fs, path = filesystem(url, s3)
     return with_retries(
         lambda: fs.cat_file(path, start=start, end=start + size), what=f"read {url}"
@@ -242,8 +257,13 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
     fs, path = filesystem(url, s3)
     if is_local(url):
         tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
-        fs.pipe_file(tmp, data)
-        os.replace(tmp, path)
+        try:
+            fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:  # an object store's PUT is atomic
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
 

@@ -48,18 +48,56 @@ def test_read_each_and_read_range_give_each_file_in_order(root_url) -> None:
     assert got[12] is None and isinstance(got[13], FileNotFoundError)
     assert storage.read_range(urls[29], 10, 5) == bytes([29]) * 5
     assert storage.read_range(urls[29], 25, 100) == bytes([29]) * 5
+    assert storage.read_range(urls[29], 5, 0) == b""  # not the whole file
+    sizes = [i + 1 for i in range(30)]  # from a listing: at most 40 bytes of files at once
+    assert list(storage.read_each(urls, sizes=sizes, max_bytes=40)) == [
+        bytes([i]) * (i + 1) for i in range(30)
+    ]
 
 
-def test_remove_deletes_the_files_named_and_no_other(root_url) -> None:
+def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
     urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
     for url in urls:
         storage.write_bytes(url, b"x")
     assert storage.list_files(root_url) == sorted(urls)
+    assert storage.exists(urls[1])  # s3fs now holds the listing in its cache
+    fs, _ = storage.filesystem(root_url)
+    deletes: list[int] = []
+    if hasattr(fs, "call_s3"):  # S3's DeleteObjects takes 1,000 keys (moto takes more)
+        call = fs.call_s3
+
+        def counting(method, *args, **kwargs):
+            if method == "delete_objects":
+                deletes.append(len(kwargs["Delete"]["Objects"]))
+            return call(method, *args, **kwargs)
+
+        monkeypatch.setattr(fs, "call_s3", counting)
     storage.remove([*urls[1:-1], storage.join(root_url, "r", "never-written.bin")])
+    assert not deletes or (max(deletes) <= 1000 and sum(deletes) == 1204)
+    assert not storage.exists(urls[1])  # not from a stale cached listing
     assert storage.list_files(root_url) == [urls[0], urls[-1]]  # names are not patterns
     storage.remove(urls[1:3])  # gone already: not an error
     storage.remove([])
+
+
+def test_a_local_write_that_fails_half_way_leaves_the_old_file(tmp_path, monkeypatch) -> None:
+    """Readers see the old content or the new, never part of it, and no stray file stays."""
+    import fsspec.implementations.local as local
+
+    url = str(tmp_path / "f.bin")
+    storage.write_bytes(url, b"old")
+    real = local.LocalFileSystem.pipe_file
+
+    def half_then_fail(self, path, value, **kwargs):
+        real(self, path, value[: len(value) // 2], **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(local.LocalFileSystem, "pipe_file", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        storage.write_bytes(url, b"new content")
+    assert storage.read_bytes(url) == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def test_pyarrow_filesystem_reads_what_fsspec_wrote(root_url) -> None:
