@@ -335,7 +335,8 @@ def run_job(module: str, config: str, **parse_kwargs: Any) -> None:
     reference (by value, a dataclass's annotations would be resolved in a worker's own
     ``__main__``, where they are not defined).
 
-    A user's error the job reports (a ValueError: a missing input, a bad model URL, no GPUs)
+    A user's error the job reports (a plain ValueError: a missing input, a bad model URL, no
+    GPUs)
     ends in one line, ``python -m <module>: error: ...``, and exit status 2, as a command-line
     error does; ``COLORCORE_TRACEBACK=1`` shows the traceback instead."""
     import importlib
@@ -347,7 +348,9 @@ def run_job(module: str, config: str, **parse_kwargs: Any) -> None:
     try:
         run_cli(getattr(job, config), job.main, presets=presets, prog=prog, **parse_kwargs)
     except ValueError as error:
-        if os.environ.get("COLORCORE_TRACEBACK"):
+        # Plain ValueError is what the jobs raise for a user's error; subclasses (a Ray task
+        # error, Arrow's, JSON's, a codec's) come from deeper down: their traceback stays.
+        if type(error) is not ValueError or os.environ.get("COLORCORE_TRACEBACK"):
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)

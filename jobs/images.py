@@ -137,11 +137,8 @@ def _gray_to_8bit(image: Image.Image) -> Image.Image:
 
 def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:
     """True when no pixel's channels differ by more than `tolerance` (8-bit levels)."""
-    channels = rgb_HW3.astype(np.int16)
-    return bool(
-        np.abs(channels[..., 0] - channels[..., 1]).max() <= tolerance
-        and np.abs(channels[..., 1] - channels[..., 2]).max() <= tolerance
-    )
+    spread = rgb_HW3.max(axis=-1).astype(np.int16) - rgb_HW3.min(axis=-1)
+    return bool(spread.max(initial=0) <= tolerance)
 
 
 def resize_short_side(image: Image.Image, short_side_px: int) -> Image.Image:

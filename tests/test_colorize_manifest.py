@@ -94,6 +94,27 @@ def test_a_compacted_part_and_the_parts_it_replaced_read_as_one(output) -> None:
     assert len(manifest.list_parts(output, None)) == 1
 
 
+def test_a_compaction_whose_write_fails_loses_no_row(output, monkeypatch) -> None:
+    """The compacted part is written before the parts it replaces are removed: a write that
+    fails leaves every part, and every row reads back."""
+    from jobs import storage
+
+    rows = [row(f"img{i}", f"0{i}.000") for i in range(4)]
+    manifest.write_part(rows[:2], output, None)
+    manifest.write_part(rows[2:], output, None)
+    parts = manifest.list_parts(output, None)
+
+    def refuse(url, data, s3=None):
+        raise PermissionError(f"refused: {url}")
+
+    monkeypatch.setattr(storage, "write_bytes", refuse)
+    with pytest.raises(PermissionError):
+        manifest.compact(output, None)
+    monkeypatch.undo()
+    assert manifest.list_parts(output, None) == parts
+    assert manifest.read(output, None).to_pylist() == rows
+
+
 def test_storage_refusing_a_fold_costs_a_warning_not_the_job(tmp_path, caplog) -> None:
     output = tmp_path / "out"
     table, url = manifest.write_part([row("img0", "00.000")], str(output), None)

@@ -112,6 +112,9 @@ def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
         ("model:\n  frozen: 3\n", "model.frozen: expected true or false"),
         ("lr_drop_steps: 5\n", "lr_drop_steps: expected a list"),
         ("- 1\n- 2\n", "must hold a mapping"),
+        ("decode: median\n", "decode: "),  # not one of the Literal's values
+        ("lr: null\n", "lr: expected float"),  # null only where a field is optional
+        ("limit: true\n", "limit: expected int"),  # a bool is not an int
     ],
 )
 def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:

@@ -106,3 +106,38 @@ def test_annealed_mean_keeps_fp32_inside_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = decode.annealed_mean(logits)
     torch.testing.assert_close(inside, decode.annealed_mean(logits), rtol=0, atol=1e-5)
+
+
+class _Recorder(torch.nn.Module):
+    """Records the network's input; predicts uniform logits (ab of 0 for every pixel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, l_N1SS: torch.Tensor) -> torch.Tensor:
+        self.seen.append(l_N1SS.detach().clone())
+        n, _, s, _ = l_N1SS.shape
+        return torch.zeros(n, 313, s // 4, s // 4) * self.scale
+
+
+def test_the_network_sees_the_images_lightness_resized_with_antialiasing() -> None:
+    """The input is L (0-100) of the whole image resized to infer_px square, bilinear with
+    antialiasing (a plain bilinear downscale by 3 would alias the photo's fine texture),
+    clamped to L's range; values just above 1 in the RGB input stay inside it."""
+    import torch.nn.functional as F
+
+    from colorcore.color import rgb_to_lightness
+
+    rgb = torch.from_numpy(photo_rgb("chelsea", 200).copy()).permute(2, 0, 1)[None].float() / 255
+    rgb[..., :4, :4] = 1.02
+    model = _Recorder()
+    decode.colorize(model, rgb, infer_px=64)
+    [seen] = model.seen
+    lightness = rgb_to_lightness(rgb)
+    expected = F.interpolate(lightness, size=(64, 64), mode="bilinear", antialias=True)
+    torch.testing.assert_close(seen, expected.clamp(0, 100), rtol=0, atol=1e-4)
+    aliased = F.interpolate(lightness, size=(64, 64), mode="bilinear")
+    assert (seen - aliased).abs().max() > 1.0  # the two differ on this photo
+    assert seen.max() <= 100.0
