@@ -92,6 +92,7 @@ MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
 ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
+WHOLE_STAGE_PIXELS = 1 << 26  # full-size pixels (4 bytes each) a fused stage holds at once
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
@@ -881,9 +882,23 @@ class WholeStage:
         self.colorizer = Colorizer(cfg, model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        text = self.provenance["text"]
-        prepared = [prepare_row(row, self.cfg, text, keep=True) for row in _as_rows(batch)]
-        return write_batch(self.colorizer(_as_batch(prepared)), self.cfg, self.provenance)
+        """Each row's full-size L waits for the network: once the rows so far hold
+        `WHOLE_STAGE_PIXELS`, they are colorized and written before the next is decoded, so
+        an actor's memory stays bounded however large the scans of a batch."""
+        text, groups, pending, pixels = self.provenance["text"], [], [], 0
+        for row in _as_rows(batch):
+            pending.append(prepare_row(row, self.cfg, text, keep=True))
+            if (kept := pending[-1]["prepared"]) is not None:
+                pixels += sum(l_11HW.numel() for l_11HW in kept.lightness)
+            if pixels >= WHOLE_STAGE_PIXELS:
+                groups.append(self._finish(pending))
+                pending, pixels = [], 0
+        if pending:
+            groups.append(self._finish(pending))
+        return {k: np.concatenate([g[k] for g in groups]) for k in groups[0]}
+
+    def _finish(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        return write_batch(self.colorizer(_as_batch(rows)), self.cfg, self.provenance)
 
 
 def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: dict) -> int:

@@ -970,6 +970,25 @@ def _run_local(files: dict[str, bytes], root, model, **kw) -> dict[str, dict]:
     return {r["source"][len(str(root / "in")) + 1 :]: r | {"root": out} for r in rows}
 
 
+def test_a_batch_of_large_scans_is_colorized_a_few_at_a_time(tmp_path, monkeypatch) -> None:
+    """The fused stage holds a bounded number of full-size pixels (each image's L waits for
+    the network): past the bound, the rows so far are colorized and written, each group with
+    its manifest part, and the rest follow; every input comes out as with one group."""
+    torch.manual_seed(4)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    files = {f"scan{i}.png": encode(gray((48, 64)), "PNG") for i in range(5)}
+    whole = _run_local(files, tmp_path / "whole", model, jpeg_path="cpu")
+    monkeypatch.setattr(colorize, "WHOLE_STAGE_PIXELS", 2 * 48 * 64)
+    grouped = _run_local(files, tmp_path / "grouped", model, jpeg_path="cpu")
+    parts = colorize_manifest.list_parts(str(tmp_path / "grouped" / "out-cpu"), None)
+    assert len(parts) == 3  # 2 + 2 + 1 scans
+    assert sorted(grouped) == sorted(whole) == sorted(files)
+    for rel in files:
+        assert grouped[rel]["status"] == whole[rel]["status"] == "ok"
+        a, b = (np.asarray(Image.open(r["root"] / r["output"])) for r in (whole[rel], grouped[rel]))
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
 def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     """The device path (nvJPEG on GPUs; Pillow as its codec here) gives the CPU path's
     result: same accounting, same sizes and metadata, pixels within JPEG rounding; CMYK,
