@@ -97,14 +97,17 @@ def write_dataset(root: str) -> None:
     Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0).save(root)
 
 
-def tar_bytes(members: dict[str, bytes], symlink: str | None = None) -> bytes:
-    """A tar of `members` (name -> bytes), and a symlink member named `symlink` if given."""
+def tar_bytes(
+    members: dict[str, bytes] | list[tuple[str, bytes]], symlink: str | None = None
+) -> bytes:
+    """A tar of `members` (name -> bytes, or (name, bytes) pairs, where a name may repeat),
+    and a symlink member named `symlink` if given."""
     import io
     import tarfile
 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
+        for name, data in members.items() if isinstance(members, dict) else members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

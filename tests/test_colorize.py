@@ -553,14 +553,8 @@ def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> N
 def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
     """A tar holding `a.png` twice: with only the first copy done, the second is still read."""
     data = encode(gray((8, 8)), "PNG")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as t:
-        for name in ("a.png", "b.png", "a.png"):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
     archive = tmp_path / "t.tar"
-    archive.write_bytes(buffer.getvalue())
+    archive.write_bytes(tar_bytes([(name, data) for name in ("a.png", "b.png", "a.png")]))
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
     unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": [], "size": 1}
     first = [r["source"] for r in read_members(unit, cfg)]
@@ -635,14 +629,8 @@ def test_an_archive_read_through_is_skipped_unopened_once_each_member_has_a_row(
 def test_members_named_like_numbered_copies_keep_sources_of_their_own(tmp_path) -> None:
     """`a.jpg`, `a.jpg` and a member named `a.jpg (copy 2)`: three sources, three rows."""
     data = encode(gray((8, 8)))
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as t:
-        for name in ("a.jpg", "a.jpg", "a.jpg (copy 2)"):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
     archive = tmp_path / "t.tar"
-    archive.write_bytes(buffer.getvalue())
+    archive.write_bytes(tar_bytes([(name, data) for name in ("a.jpg", "a.jpg", "a.jpg (copy 2)")]))
     cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
     unit = {"kind": "tar", "url": str(archive), "prefix": "t.tar", "done": [], "size": 1}
     sources = [r["source"] for r in read_members(unit, cfg)]
