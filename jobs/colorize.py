@@ -27,7 +27,9 @@ write their batches themselves (`WholeStage`). Every write writes its outputs, t
 part with one row per input (source, output, status, reason, time), which the driver folds
 into a few larger parts as the job goes (`jobs.colorize_manifest`); a re-run of the same
 command reads the parts and skips inputs already done, so a killed run resumes and each input
-ends up exactly once.
+ends up exactly once. An archive read to its end also leaves a row of its own (status
+``read``, not an input) that lets a re-run skip it unopened; one whose reading a storage
+error breaks off is opened again and read on (`read_unit`).
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
 leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job.
 At the end ``inputs = outputs + errors`` is printed and checked against the written files, and
