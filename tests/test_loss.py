@@ -53,6 +53,23 @@ def test_gradient_is_the_released_weighted_softmax_minus_target() -> None:
     assert_close(logits_NQhw.grad, plain_grad_NQhw * v_Nhw[:, None] / N)
 
 
+def test_gradient_equals_autograd_of_the_dense_loss_for_weights_of_any_sum() -> None:
+    """The hand-written backward against autograd through the dense loss (v held constant),
+    with target weights that do not sum to 1 (each pixel's scaled differently), where the
+    softmax term is weighted by their sum."""
+    batch = _batch(seed=2)
+    scale_N1HW = 0.25 + 2.0 * torch.rand(N, 1, H, W, generator=torch.Generator().manual_seed(3))
+    batch["weights_NkHW"] = batch["weights_NkHW"] * scale_N1HW
+    _, v_Nhw = _dense_reference(batch)
+    dense_NQhw = batch["logits_NQhw"].double().requires_grad_()
+    target_NQhw = quantize.to_dense(batch["bins_NkHW"], batch["weights_NkHW"]).double()
+    ce_Nhw = -(target_NQhw * F.log_softmax(dense_NQhw, dim=1)).sum(dim=1)
+    ((ce_Nhw * v_Nhw.double()).sum() / N).backward()
+    logits_NQhw = batch["logits_NQhw"].requires_grad_()
+    loss.rebalanced_cross_entropy(**batch).backward()
+    assert_close(logits_NQhw.grad, dense_NQhw.grad.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_per_image_is_per_pixel_times_pixels_per_image() -> None:
     batch = _batch(seed=2)
     per_image = loss.rebalanced_cross_entropy(**batch, reduction="per_image")

@@ -51,6 +51,12 @@ def test_constant_error_gives_the_closed_form(offset: tuple[float, float], error
     assert auc_N.item() == pytest.approx(_closed_form_auc(error), abs=1e-12)
 
 
+def test_the_curve_has_the_papers_thresholds_0_to_150() -> None:
+    """Sec. 3.1: the AuC of the ab error curve over thresholds 0 to 150 (151 of them)."""
+    _, curve_NT = metrics.ab_auc(*_pair_with_offset(0.0, 0.0))
+    assert curve_NT.shape == (1, 151)
+
+
 def test_exact_cases_zero_error_and_error_beyond_the_range() -> None:
     assert metrics.ab_auc(*_pair_with_offset(0.0, 0.0))[0].item() == 1.0
     assert metrics.ab_auc(*_pair_with_offset(MAX + 0.125, 0.0))[0].item() == 0.0

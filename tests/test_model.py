@@ -102,6 +102,7 @@ def test_network_batchnorm_takes_the_configured_decay() -> None:
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="bn_moving_average"):
             ModelConfig(bn_moving_average=bad)
+    assert ModelConfig(bn_moving_average=0.0).bn_moving_average == 0.0  # the last batch only
 
 
 def test_input_is_normalised_inside() -> None:

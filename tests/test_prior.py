@@ -152,6 +152,18 @@ def test_smooth_spreads_a_delta_symmetrically_over_the_grid() -> None:
     assert_close(diagonal / smoothed_Q[gray], torch.full_like(diagonal, math.exp(-4.0)))
 
 
+def test_a_histograms_default_smoothing_is_the_papers_sigma_of_5() -> None:
+    """Sec. 3.1 smooths the empirical prior with a Gaussian of sigma 5 (ab units): a histogram
+    of gray pixels only gives its on-axis neighbours, 10 away, exp(-10^2 / (2 * 5^2)) =
+    exp(-2) of the centre's probability."""
+    counts_Q = torch.zeros(313, dtype=torch.int64)
+    counts_Q[120] = 1000  # bin (0, 0)
+    smoothed_Q = prior.AbHistogram(counts_Q).smoothed_probabilities()
+    dist_Q = quantize.ab_bins().double().norm(dim=1)
+    on_axis = smoothed_Q[(dist_Q - 10.0).abs() < 1e-6]
+    assert_close(on_axis / smoothed_Q[120], torch.full_like(on_axis, math.exp(-2.0)))
+
+
 def test_smooth_with_a_tiny_sigma_is_the_identity_and_validates() -> None:
     p_Q = torch.from_numpy(_reference("prior_probs.npy"))
     assert_close(prior.smooth(p_Q, sigma=0.1), p_Q, rtol=1e-12, atol=0)
