@@ -115,9 +115,8 @@ def _class_index(classes: list[str]) -> dict[str, int]:
 def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     fs, root = storage.filesystem(cfg.src, cfg.s3)
     found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
-    if not found:  # find() lists nothing, not an error, for a folder that is not there
-        there = storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.src}")
-        raise ValueError(f"SRC {cfg.src}: {'no files in it' if there else 'no such folder'}")
+    if not found:
+        raise ValueError(f"SRC {cfg.src}: no files in it")
     inputs = []
     for path, info in sorted(found.items()):
         rel = path[len(root) :].lstrip("/")
@@ -216,6 +215,9 @@ def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
 
 def plan(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     """(classes, groups) for SRC, in a fixed order."""
+    for flag, url in (("SRC", cfg.src), ("--labels-file", cfg.labels_file)):
+        if url and not storage.exists(url, cfg.s3):
+            raise ValueError(f"{flag} {url}: no such file or folder")
     if cfg.labels_file:
         return _plan_flat(cfg)
     if cfg.src.endswith(".tar"):

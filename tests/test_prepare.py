@@ -245,8 +245,12 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     for dst in (str(tmp_path) + "/", str(tmp_path / "out"), str(tmp_path) + "/x/../out"):
         with pytest.raises(ValueError, match="DST must not be SRC or inside it"):
             prepare.PrepareConfig(src=str(tmp_path), dst=dst)
-    with pytest.raises(ValueError, match=r"SRC .*nope: no such folder"):
-        prepare.plan(config(str(tmp_path / "nope"), str(tmp_path) + "-out"))
+    for src in ("nope", "nope.tar"):  # a folder, and an ILSVRC tar of tars
+        with pytest.raises(ValueError, match=r"SRC .*nope(\.tar)?: no such file or folder"):
+            prepare.plan(config(str(tmp_path / src), str(tmp_path) + "-out"))
+    absent = str(tmp_path / "labels.txt")
+    with pytest.raises(ValueError, match=r"--labels-file .*labels.txt: no such file"):
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=absent))
     with pytest.raises(ValueError, match="no files in it"):
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
     (tmp_path / "loose.jpg").write_bytes(b"x")
