@@ -402,7 +402,8 @@ def main(cfg: PrepareConfig) -> Manifest:
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
     _check_resumable(cfg, classes, groups)
-    todo = [i for i in range(len(groups)) if not storage.exists(_marker_url(cfg, i), cfg.s3)]
+    marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))  # one listing
+    todo = [i for i in range(len(groups)) if _marker_url(cfg, i) not in marked]
     print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
     if todo:
         init_ray(outputs=[cfg.dst])
@@ -427,9 +428,12 @@ def _process_row(row: dict, cfg: PrepareConfig) -> dict:
 
 
 def _finish(cfg: PrepareConfig, classes: list[str], num_groups: int) -> Manifest:
-    markers = [
-        json.loads(storage.read_bytes(_marker_url(cfg, i), cfg.s3)) for i in range(num_groups)
-    ]
+    urls = [_marker_url(cfg, i) for i in range(num_groups)]
+    markers = []
+    for url, data in zip(urls, storage.read_each(urls, cfg.s3, ahead=16), strict=True):
+        if isinstance(data, Exception):
+            raise OSError(f"reading the marker {url} failed: {data}") from data
+        markers.append(json.loads(data))
     errors = [e for m in markers for e in m["errors"]]
     manifest = Manifest(
         classes=tuple(classes),

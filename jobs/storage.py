@@ -318,9 +318,15 @@ def exists(url: str, s3: S3Options | None = None) -> bool:
 
 
 def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> list[str]:
-    """Every file below `url` (recursive), as URLs of the same scheme, sorted."""
+    """Every file below `url` (recursive), as URLs of the same scheme, sorted. Listed anew,
+    and not kept: s3fs would answer later listings, and reads of files written by other
+    processes since, from the listing it keeps (a file missing from it reads as missing)."""
     fs, path = filesystem(url, s3)
-    found = with_retries(lambda: fs.find(path), what=f"list {url}")
+    fs.invalidate_cache(path)
+    try:
+        found = with_retries(lambda: fs.find(path), what=f"list {url}")
+    finally:
+        fs.invalidate_cache(path)
     scheme = split_url(url)[0]
     out = [p if scheme == "file" else f"{scheme}://{p}" for p in found]
     return sorted(u for u in out if u.endswith(suffix))
