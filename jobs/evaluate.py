@@ -913,24 +913,70 @@ def plot_best_worst(best: Sequence[tuple[str, float, bytes]], worst) -> bytes:
 # ---------------------------------------------------------------- the job
 
 
-def collect(ds) -> dict[str, np.ndarray]:
-    """All output rows as columns, sorted by key (Ray Data does not keep input order)."""
-    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    if not batches:
-        return _empty_columns(0) | {"key": np.array([], dtype=object), "label": np.array([])}
-    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+CURVES = ("curve_raw", "curve_rebalanced")
+
+
+def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(every output row's columns but the curves, sorted by key (Ray Data does not keep
+    input order); each curve column summed over the measured rows). What the driver holds
+    stays small however many images: the curves (12 KB an image) are summed batch by batch,
+    and only the strips that may still make the best / worst grid are kept."""
+    kept: list[dict[str, np.ndarray]] = []
+    grid: list[tuple[float, str, int, int]] = []  # strips kept: (AuC, key, batch, row)
+    sums = {c: np.zeros((len(METHODS), NUM_THRESHOLDS)) for c in CURVES}
+    p = METHODS.index(PRIMARY)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = batch["status"] == "ok"
+        for c in CURVES:
+            sums[c] += batch[c][ok].sum(0, dtype=np.float64)
+        kept.append({k: v for k, v in batch.items() if k not in CURVES})
+        kept[-1]["strip_jpeg"] = batch["strip_jpeg"].copy()  # emptied below where not needed
+        strips = ok & np.array([len(x) > 0 for x in batch["strip_jpeg"]], bool)
+        grid += [
+            (float(batch["auc_raw"][i, p]), str(batch["key"][i]), len(kept) - 1, int(i))
+            for i in np.flatnonzero(strips)
+        ]
+        grid = _within_the_grid(grid, kept, grid_images)
+    if not kept:
+        rows = _empty_columns(0) | {"key": np.array([], dtype=object), "label": np.array([])}
+        return {k: v for k, v in rows.items() if k not in CURVES}, sums
+    rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
     order = np.argsort(rows["key"].astype(str), kind="stable")
-    return {k: v[order] for k, v in rows.items()}
+    return {k: v[order] for k, v in rows.items()}, sums
+
+
+def _within_the_grid(
+    grid: list[tuple[float, str, int, int]], batches: list[dict[str, np.ndarray]], k: int
+) -> list[tuple[float, str, int, int]]:
+    """The k best and k worst of `grid` by the primary AuC, in `_grid`'s order (ties by
+    key); the strips of the others are emptied in `batches`: they can no longer make it."""
+    if len(grid) <= 2 * k:
+        return grid
+    best = sorted(grid, key=lambda c: (-c[0], c[1]))[:k]
+    worst = sorted(grid, key=lambda c: (c[0], _descending(c[1])))[:k]
+    keep = set(best + worst)
+    for _, _, j, i in set(grid) - keep:
+        batches[j]["strip_jpeg"][i] = b""
+    return list(keep)
+
+
+def _descending(text: str) -> tuple[int, ...]:
+    """A sort key that orders strings in reverse."""
+    return (*(-ord(ch) for ch in text), 1)
 
 
 def build_result(
-    cfg: EvaluateConfig, plan: InputPlan, rows: Mapping[str, np.ndarray], model_info: dict
+    cfg: EvaluateConfig,
+    plan: InputPlan,
+    rows: Mapping[str, np.ndarray],
+    curve_sums: Mapping[str, np.ndarray],
+    model_info: dict,
 ) -> dict[str, Any]:
     ok = rows["status"] == "ok"
     table = summarise(rows)
     curves = {
         kind: {
-            m: (rows[f"curve_{kind}"][ok, i].mean(0).tolist() if ok.any() else None)
+            m: ((curve_sums[f"curve_{kind}"][i] / ok.sum()).tolist() if ok.any() else None)
             for i, m in enumerate(METHODS)
         }
         for kind in ("raw", "rebalanced")
@@ -1057,8 +1103,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else 0,
     )
-    rows = collect(ds)
-    result = build_result(cfg, plan, rows, model_info)
+    rows, curve_sums = collect(ds, cfg.grid_images)
+    result = build_result(cfg, plan, rows, curve_sums, model_info)
     elapsed = time.monotonic() - start
     result |= {"elapsed_s": elapsed, "images_per_s": len(rows["key"]) / elapsed}
     write_outputs(cfg, result, rows)

@@ -370,3 +370,47 @@ def test_vgg16_classifier_on_the_gpu(tmp_path) -> None:
         labels = classifier.module(classifier.preprocess(rgb)).argmax(1).cpu()
     correct = evaluate.top1_correct(classifier, dict.fromkeys(evaluate.METHODS, rgb), labels)
     assert correct.tolist() == [[1] * len(evaluate.METHODS)] * 2
+
+
+class _Batches:
+    """What `collect` reads of a Ray dataset: its batches, as numpy columns."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.batches = batches
+
+    def iter_batches(self, **_) -> list[dict[str, np.ndarray]]:
+        return [{k: v.copy() for k, v in b.items()} for b in self.batches]
+
+
+def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -> None:
+    """The driver keeps no per-image curves and at most 2k strips, and the grid it draws and
+    the mean curves it reports are those of every row kept whole."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for b in range(6):
+        columns = evaluate._empty_columns(5)
+        columns["key"] = np.array([f"img{b}{i}" for i in range(5)], dtype=object)
+        columns["label"] = np.zeros(5, np.int64)
+        columns["status"][1] = "error"  # no strip, no curve
+        columns["auc_raw"][:] = rng.random((5, len(evaluate.METHODS)))
+        p = evaluate.METHODS.index(evaluate.PRIMARY)
+        columns["auc_raw"][[0, 4], p] = 0.99  # ties at the top and at the bottom, which the
+        columns["auc_raw"][[2, 3], p] = 0.01  # grid breaks by key
+        for c in evaluate.CURVES:
+            columns[c][:] = rng.random(columns[c].shape).astype(np.float32)
+        strip = Image.fromarray(rng.integers(0, 255, (8, 24, 3), np.uint8))
+        for i in range(5):
+            buffer = io.BytesIO()
+            strip.save(buffer, "JPEG")
+            columns["strip_jpeg"][i] = buffer.getvalue() if i != 1 else b""
+        batches.append(columns)
+    rows, sums = evaluate.collect(_Batches(batches), grid_images=3)
+    assert not set(evaluate.CURVES) & set(rows) and len(rows["key"]) == 30
+    assert sum(len(s) > 0 for s in rows["strip_jpeg"]) <= 6
+    whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    order = np.argsort(whole["key"].astype(str), kind="stable")
+    whole = {k: v[order] for k, v in whole.items()}
+    assert evaluate._grid(rows, 3) == evaluate._grid(whole, 3)
+    ok = whole["status"] == "ok"
+    for c in evaluate.CURVES:
+        np.testing.assert_allclose(sums[c], whole[c][ok].sum(0, dtype=np.float64), rtol=1e-6)
