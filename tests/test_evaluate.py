@@ -396,6 +396,7 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
         p = evaluate.METHODS.index(evaluate.PRIMARY)
         columns["auc_raw"][[0, 4], p] = 0.99  # ties at the top and at the bottom, which the
         columns["auc_raw"][[2, 3], p] = 0.01  # grid breaks by key
+        columns["auc_raw"][3, p] = np.nan if b in (2, 4) else 0.01  # NaN: worst of all
         for c in evaluate.CURVES:
             columns[c][:] = rng.random(columns[c].shape).astype(np.float32)
         strip = Image.fromarray(rng.integers(0, 255, (8, 24, 3), np.uint8))
