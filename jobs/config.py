@@ -241,7 +241,8 @@ def _with_default(doc: str | None, f: dataclasses.Field) -> str:
         return doc or ""
     if isinstance(default, tuple):
         default = " ".join(map(str, default)) or "()"
-    return f"{doc + ' ' if doc else ''}(default: {'none' if default is None else default})"
+    shown = "none" if default is None else str(default).replace("%", "%%")  # as in field_docs
+    return f"{doc + ' ' if doc else ''}(default: {shown})"
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -153,6 +153,27 @@ def test_help_lists_field_docs_and_presets(capsys) -> None:
     assert "fast: A quick run" in out
 
 
+@dataclass(frozen=True)
+class _Percent:
+    share: float = 0.6
+    """Share of the images (60% by default) held out."""
+    pattern: str = "%d.png"
+
+
+def test_help_keeps_percent_signs_in_docs_and_defaults(capsys) -> None:
+    """argparse formats help with %: a literal one in a docstring or a default is shown."""
+    with pytest.raises(SystemExit):
+        jc.parse_config(_Percent, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(60% by default)" in out and "(default: %d.png)" in out
+
+
+def test_to_dict_gives_plain_json_data() -> None:
+    """Tuples become lists: a config compares equal to itself read back from its file."""
+    data = jc.to_dict(DemoConfig())
+    assert isinstance(data["lr_drop_steps"], list) and json.loads(json.dumps(data)) == data
+
+
 def test_from_dict_checks_types_without_argparse() -> None:
     assert jc.from_dict(DemoConfig, {"lr": 1}) == DemoConfig(lr=1.0)
     with pytest.raises(jc.ConfigError, match="expected int"):
