@@ -529,7 +529,8 @@ def _classify(ctx: EvalContext, scores: Scores, labels_N: torch.Tensor) -> torch
 
 def _extremes(values_N: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest and k lowest values (the batch's grid candidates)."""
-    order = torch.argsort(values_N, descending=True).tolist()
+    # NaN last among the best, as _grid ranks it (argsort would put it first)
+    order = torch.argsort(values_N.nan_to_num(nan=-math.inf), descending=True).tolist()
     return sorted(set(order[:k] + order[-k:]))
 
 
@@ -929,8 +930,9 @@ def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.n
         ok = batch["status"] == "ok"
         for c in CURVES:
             sums[c] += batch[c][ok].sum(0, dtype=np.float64)
-        kept.append({k: v for k, v in batch.items() if k not in CURVES})
-        kept[-1]["strip_jpeg"] = batch["strip_jpeg"].copy()  # emptied below where not needed
+        # Copies: Ray's arrays are views that would keep each whole block (curves and strips
+        # too) in memory; the strips are emptied below where the grid cannot show them.
+        kept.append({k: np.array(v) for k, v in batch.items() if k not in CURVES})
         strips = ok & np.array([len(x) > 0 for x in batch["strip_jpeg"]], bool)
         grid += [
             (float(batch["auc_raw"][i, p]), str(batch["key"][i]), len(kept) - 1, int(i))

@@ -220,7 +220,7 @@ def read_each(
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="read-each")
     try:
         known = sizes if sizes is not None else itertools.repeat(0)
-        for url, size in zip(urls, known, strict=False):  # sizes, when given, one a URL
+        for url, size in zip(urls, known, strict=sizes is not None):
             while pending and (len(pending) >= ahead or held + size > max_bytes):
                 future, done_size = pending.popleft()
                 held -= done_size
@@ -318,15 +318,29 @@ def exists(url: str, s3: S3Options | None = None) -> bool:
 
 
 def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> list[str]:
-    """Every file below `url` (recursive), as URLs of the same scheme, sorted. Listed anew,
-    and not kept: s3fs would answer later listings, and reads of files written by other
-    processes since, from the listing it keeps (a file missing from it reads as missing)."""
+    """Every file below `url` (recursive), sorted, as URLs spelled as `url` is (``s3a://``
+    stays ``s3a://``, so that they equal `join` of it). Listed anew, and not kept: s3fs would
+    answer later listings, and reads of files other processes wrote since, from the listings
+    it keeps (a file missing from one reads as missing)."""
     fs, path = filesystem(url, s3)
-    fs.invalidate_cache(path)
+    _forget_listings(fs, path)
     try:
         found = with_retries(lambda: fs.find(path), what=f"list {url}")
     finally:
-        fs.invalidate_cache(path)
-    scheme = split_url(url)[0]
-    out = [p if scheme == "file" else f"{scheme}://{p}" for p in found]
+        _forget_listings(fs, path)
+    if split_url(url)[0] == "file":
+        out = list(found)
+    else:
+        prefix = url.rstrip("/")
+        out = [prefix + p[len(path) :] for p in found if p.startswith(path)]
     return sorted(u for u in out if u.endswith(suffix))
+
+
+def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drops the listings s3fs keeps of `path`, its parents and every folder below it
+    (`invalidate_cache` drops the first two only)."""
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    below = path.rstrip("/") + "/"
+    for key in [k for k in cache or () if k.startswith(below)]:
+        cache.pop(key, None)

@@ -13,6 +13,7 @@ import struct
 import tarfile
 import zipfile
 import zlib
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -970,6 +971,16 @@ def test_a_batch_of_large_scans_is_colorized_a_few_at_a_time(tmp_path, monkeypat
     grouped = _run_local(files, tmp_path / "grouped", model, jpeg_path="cpu")
     parts = colorize_manifest.list_parts(str(tmp_path / "grouped" / "out-cpu"), None)
     assert len(parts) == 3  # 2 + 2 + 1 scans
+    # What the stage hands the driver: every row once, each with its own part's name and size
+    cfg = config(str(tmp_path / "whole" / "in"), str(tmp_path / "direct"), "m.pt", dtype="fp32")
+    provenance = colorize._provenance("f" * 64, cfg)
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    out = colorize.WholeStage(cfg, provenance, model)(colorize._as_batch(rows))
+    assert sorted(out["source"]) == sorted(r["source"] for r in rows)
+    sizes = Counter(out["part"])
+    assert sorted(sizes.values()) == [1, 2, 2]
+    assert all(out["part_rows"][i] == sizes[out["part"][i]] for i in range(len(rows)))
     assert sorted(grouped) == sorted(whole) == sorted(files)
     for rel in files:
         assert grouped[rel]["status"] == whole[rel]["status"] == "ok"

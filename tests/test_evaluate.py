@@ -379,7 +379,10 @@ class _Batches:
         self.batches = batches
 
     def iter_batches(self, **_) -> list[dict[str, np.ndarray]]:
-        return [{k: v.copy() for k, v in b.items()} for b in self.batches]
+        batches = [{k: v.copy() for k, v in b.items()} for b in self.batches]
+        for column in (v for b in batches for v in b.values()):
+            column.flags.writeable = False  # as Ray's views of its blocks are
+        return batches
 
 
 def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -> None:
@@ -415,3 +418,8 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
     ok = whole["status"] == "ok"
     for c in evaluate.CURVES:
         np.testing.assert_allclose(sums[c], whole[c][ok].sum(0, dtype=np.float64), rtol=1e-6)
+
+
+def test_a_batchs_grid_candidates_rank_nan_as_the_grid_does() -> None:
+    """The best of a batch is its highest AuC, a NaN counting below every number."""
+    assert evaluate._extremes(torch.tensor([0.5, math.nan, 0.9, 0.1, 0.7]), 1) == [1, 2]
