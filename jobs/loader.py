@@ -58,7 +58,7 @@ from jobs.images import decode_rgb, each_or_none
 
 log = logging.getLogger(__name__)
 
-WINDOW_IMAGES = 16384  # images shuffled together: see epoch_order
+WINDOW_IMAGES = 16384  # images shuffled together: see epoch_windows
 READ_THREADS = 8  # row groups read at once by a worker
 INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
 
@@ -105,14 +105,8 @@ class DatasetIndex:
 
         with ThreadPoolExecutor(INDEX_READ_THREADS, thread_name_prefix="index-read") as pool:
             read = list(pool.map(shard, [s.name for s in manifest.shards]))
-        return (
-            cls(
-                tuple(storage.join(dataset_url, s.name) for s in manifest.shards),
-                *(tuple(column) for column in zip(*read, strict=True)),
-            )
-            if read
-            else cls((), (), (), (), ())
-        )
+        columns = [tuple(column) for column in zip(*read, strict=True)] or [()] * 4
+        return cls(tuple(storage.join(dataset_url, s.name) for s in manifest.shards), *columns)
 
 
 @dataclass(frozen=True)
@@ -387,17 +381,16 @@ class TrainLoader:
         return self.index.num_images // self.global_batch
 
     def _read_ahead(
-        self, units: dict[int, Future], order: np.ndarray, offset: int, io_pool: Executor
+        self, units: dict[int, Future], unit_of: np.ndarray, offset: int, io_pool: Executor
     ) -> None:
-        """Starts reading the row groups of this step, of the next `prefetch_batches` steps
-        and of a window's images beyond them that `units` (unit -> its `JpegFiles`, read or
-        being read) lacks; drops the oldest ones none of those needs beyond two windows'
-        worth of images."""
+        """Starts reading the row groups (`unit_of`: the unit of each position of the
+        epoch's order) of this step, of the next `prefetch_batches` steps and of a window's
+        images beyond them that `units` (unit -> its `JpegFiles`, read or being read) lacks;
+        drops the oldest ones none of those needs beyond two windows' worth of images."""
         # A window's first steps need nearly all its row groups: reading them a window
         # ahead spreads the reads over the window before instead of a burst at its start.
         horizon = self.window_images + (self.prefetch_batches + 2) * self.global_batch
-        ahead = order[offset : offset + horizon]
-        needed = dict.fromkeys(self.index.units.of_rows(ahead)[0].tolist())
+        needed = dict.fromkeys(unit_of[offset : offset + horizon].tolist())
         for u in needed:
             if u not in units:
                 units[u] = io_pool.submit(self._read_unit, u)
@@ -493,15 +486,15 @@ class TrainLoader:
                 order = epoch_order(
                     self.index, epoch=epoch, seed=self.seed, window_images=self.window_images
                 )
+                unit_of, row_in_unit = self.index.units.of_rows(order)  # once an epoch
                 last = self.steps_per_epoch * self.global_batch
                 while offset < last:
-                    self._read_ahead(units, order, offset, io_pool)
+                    self._read_ahead(units, unit_of, offset, io_pool)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
-                    picked = order[positions]
-                    in_units = zip(*self.index.units.of_rows(picked), strict=True)
+                    in_units = zip(unit_of[positions], row_in_unit[positions], strict=True)
                     data = [units[u].result()[r] for u, r in in_units]
-                    where = [f"{self.index.shard_urls[s]} row {r}" for s, r in picked]
+                    where = [f"{self.index.shard_urls[s]} row {r}" for s, r in order[positions]]
                     offset += self.global_batch
                     wait = self._start(data, where, epoch, positions, pool, stream)
                     started.append((wait, epoch, offset, positions))
