@@ -322,8 +322,7 @@ def plan(
                 skipped += 1
                 continue
             skipped += len(members)
-            through = read.get(source)
-            if through and through == (len(members), sizes[rel]):  # every member done
+            if read.get(source) == (len(members), sizes[rel]):  # every member done, unchanged
                 continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
             units.append(unit | {"size": sizes[rel]})
@@ -1008,12 +1007,9 @@ def main(cfg: ColorizeConfig) -> Summary:
     loaded = load_model(cfg.model, cfg.s3)
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
-    status = rows.column("status")
-    not_input = pc.is_in(status, pa.array(manifest.NOT_INPUTS))
-    done = rows.filter(pc.equal(status, "ok") if cfg.retry_errors else pc.invert(not_input))
-    through = rows.filter(pc.equal(status, manifest.READ)).select(["source", "reason"])
-    counted = ((r["source"], manifest.members_read(r["reason"])) for r in through.to_pylist())
-    read = {source: found for source, found in counted if found is not None}
+    inputs = manifest.inputs_only(rows)
+    done = inputs.filter(pc.equal(inputs.column("status"), "ok")) if cfg.retry_errors else inputs
+    read = manifest.archives_read(rows)
     units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
@@ -1038,9 +1034,7 @@ def main(cfg: ColorizeConfig) -> Summary:
 def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     """Compact the manifest parts, check that every input is accounted for exactly once and
     write the manifest."""
-    table = manifest.compact(cfg.output, cfg.s3)
-    inputs = pc.invert(pc.is_in(table.column("status"), pa.array(manifest.NOT_INPUTS)))
-    table = table.filter(inputs)
+    table = manifest.inputs_only(manifest.compact(cfg.output, cfg.s3))
     status = table.column("status")
     ok, errors = (int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in ("ok", "error"))
     images = pa.array([u for u in top_level if _kind(u) == "image"], pa.string())

@@ -70,6 +70,18 @@ def members_read(reason: str) -> tuple[int, int] | None:
     return (int(found[1]), int(found[2])) if found else None
 
 
+def inputs_only(rows: pa.Table) -> pa.Table:
+    """`rows` without the rows that are no input (archives' own READ and RESOLVED rows)."""
+    return rows.filter(pc.invert(pc.is_in(rows.column("status"), pa.array(NOT_INPUTS))))
+
+
+def archives_read(rows: pa.Table) -> dict[str, tuple[int, int]]:
+    """Source -> (members, size in bytes) of every archive `rows` have a READ row of."""
+    read = rows.filter(pc.equal(rows.column("status"), READ)).select(["source", "reason"])
+    counted = ((r["source"], members_read(r["reason"])) for r in read.to_pylist())
+    return {source: found for source, found in counted if found is not None}
+
+
 PART_COLUMNS = ("part", "part_rows")
 """Columns `write_part`'s caller hands back to the driver beside the rows: which part holds
 each row and how many rows that part has (`Compactor`)."""
