@@ -954,22 +954,13 @@ def _within_the_grid(
     key); the strips of the others are emptied in `batches`: they can no longer make it."""
     if len(grid) <= 2 * k:
         return grid
-    # _grid's order: by AuC, highest first, a NaN after every number, ties by key; worst is
-    # that order reversed.
-    best = sorted(grid, key=lambda c: (math.isnan(c[0]), -c[0] if c[0] == c[0] else 0, c[1]))
-    worst = sorted(
-        grid, key=lambda c: (not math.isnan(c[0]), c[0] if c[0] == c[0] else 0, _descending(c[1]))
-    )
-    best, worst = best[:k], worst[:k]
-    keep = set(best + worst)
+    # _grid's order: by AuC, highest first, a NaN after every number, ties by key; its worst
+    # are that order reversed.
+    ranked = sorted(grid, key=lambda c: (math.isnan(c[0]), -c[0] if c[0] == c[0] else 0, c[1]))
+    keep = set(ranked[:k] + ranked[::-1][:k])
     for _, _, j, i in set(grid) - keep:
         batches[j]["strip_jpeg"][i] = b""
     return list(keep)
-
-
-def _descending(text: str) -> tuple[int, ...]:
-    """A sort key that orders strings in reverse."""
-    return (*(-ord(ch) for ch in text), 1)
 
 
 def build_result(
