@@ -337,9 +337,8 @@ def run_job(module: str, config: str, **parse_kwargs: Any) -> None:
     ``__main__``, where they are not defined).
 
     A user's error the job reports (a plain ValueError: a missing input, a bad model URL, no
-    GPUs)
-    ends in one line, ``python -m <module>: error: ...``, and exit status 2, as a command-line
-    error does; ``COLORCORE_TRACEBACK=1`` shows the traceback instead."""
+    GPUs) ends in one line, ``python -m <module>: error: ...``, and exit status 2, as a
+    command-line error does; ``COLORCORE_TRACEBACK=1`` shows the traceback instead."""
     import importlib
     import os
 

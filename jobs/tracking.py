@@ -276,10 +276,10 @@ class MLflowSink:
         return _without_password(text, self.tracking_uri)
 
     def write(self, rows: list[Row], *, purge: bool = False) -> None:
-        """Logs the rows past the last step the run holds (MLflow cannot take back what it
-        holds: `purge` is not for it), a batch of whole rows at a time,
+        """Logs the rows past the last step the run holds, a batch of whole rows at a time,
         each batch with the step it reaches as the run's `colorcore.step` tag (in the same
-        request): a driver that restarts resends only what no batch holds."""
+        request): a driver that restarts resends only what no batch holds. MLflow cannot take
+        back what it holds: `purge` is not for it."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric, RunTag
 
