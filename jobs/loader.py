@@ -26,10 +26,11 @@ batch boundary, and read the coming steps' row groups in threads of their own, e
 ranged read of its JPEG column (the shards' footers, read once at the start, say where);
 a background thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the
 GPU instead. Every worker reads the row groups of the current window (it needs a slice of
-each): W workers read the data W times over, the price of an exact, rank-independent
-sample order. An image that does not decode (a shard damaged since `jobs.prepare` checked
-it) becomes a black crop, with a warning naming its shard and row: grey, so the loss gives
-it no weight, and the order stays.
+each), the price of an exact, rank-independent sample order: the workers of one machine
+share them through a `jobs.node_cache.NodeCache`, which reads each from storage once, and
+without one W workers read the data W times over. An image that does not decode (a shard
+damaged since `jobs.prepare` checked it) becomes a black crop, with a warning naming its
+shard and row: grey, so the loss gives it no weight, and the order stays.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import io
 import itertools
 import logging
@@ -45,6 +47,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +58,9 @@ from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
 from jobs.images import decode_rgb, each_or_none
+
+if TYPE_CHECKING:
+    from jobs.node_cache import NodeCache
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,17 @@ class DatasetIndex:
     @property
     def num_images(self) -> int:
         return sum(len(r) for r in self.rows)
+
+    @functools.cached_property
+    def jpeg_bytes_per_image(self) -> float:
+        """The mean stored size of a JPEG, over all the shards' rows."""
+        total, rows = 0, 0
+        for metadata in self.metadata:
+            column = metadata.schema.names.index("jpeg")
+            for g in range(metadata.num_row_groups):
+                total += metadata.row_group(g).column(column).total_compressed_size
+            rows += metadata.num_rows
+        return total / max(rows, 1)
 
     @functools.cached_property
     def units(self) -> Units:
@@ -225,11 +242,19 @@ class _Slice(io.RawIOBase):
 
 
 class JpegFiles:
-    """A shard's JPEG column in one writable buffer of its own: file r is a memoryview into
-    it, so a batch's files reach the decoders without a copy each (from Arrow to bytes, and
-    again to a writable buffer for torch)."""
+    """A row group's JPEGs in one writable buffer, `values`, file r its bytes
+    `values[ends[r]:ends[r + 1]]`: file r is a memoryview into it, so a batch's files reach
+    the decoders without a copy each (from Arrow to bytes, and again to a writable buffer
+    for torch). The buffer may be a file of a `jobs.node_cache.NodeCache`, mapped."""
 
-    def __init__(self, column: pa.ChunkedArray) -> None:
+    _HEADER = np.dtype("<i8")  # the saved form: count, ends (count + 1), values
+
+    def __init__(self, values: np.ndarray, ends: np.ndarray) -> None:
+        self._values, self._ends = values, ends
+
+    @classmethod
+    def of_column(cls, column: pa.ChunkedArray) -> JpegFiles:
+        """The files of a shard's jpeg column, copied once into a buffer of their own."""
         array = column.combine_chunks()
         if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
             raise ValueError(f"a shard's jpeg column must be binary, not {array.type}")
@@ -239,14 +264,36 @@ class JpegFiles:
         _, offsets, values = array.buffers()
         ends = np.frombuffer(offsets, width)[array.offset : array.offset + len(array) + 1]
         stored = np.frombuffer(values, np.uint8) if values is not None else np.empty(0, np.uint8)
-        self._values = stored[ends[0] : ends[-1]].copy()
-        self._ends = (ends - ends[0]).astype(np.int64)
+        return cls(stored[ends[0] : ends[-1]].copy(), (ends - ends[0]).astype(np.int64))
+
+    def save(self, file: BinaryIO) -> None:
+        file.write(np.asarray([len(self)], self._HEADER).tobytes())
+        file.write(self._ends.astype(self._HEADER).tobytes())
+        file.write(memoryview(self._values))
+
+    @classmethod
+    def load(cls, buffer: memoryview) -> JpegFiles:
+        """The files `save` wrote, from a writable buffer of its bytes (not copied); a
+        ValueError if the buffer is not one."""
+        size = buffer.nbytes
+        count = int(np.frombuffer(buffer, cls._HEADER, 1)[0]) if size >= 8 else -1
+        if not 0 <= count <= (size - 16) // 8:
+            raise ValueError(f"not saved JPEG files: {size} bytes holding {count} files")
+        ends = np.frombuffer(buffer, cls._HEADER, count + 1, 8)
+        start = 8 * (count + 2)
+        if ends[0] != 0 or np.any(np.diff(ends) < 0) or start + ends[-1] != size:
+            raise ValueError(f"not saved JPEG files: {count} files in {size} bytes")
+        return cls(np.frombuffer(buffer, np.uint8, size - start, start), ends)
 
     def __len__(self) -> int:
         return len(self._ends) - 1
 
     def __getitem__(self, row: int) -> memoryview:
         return memoryview(self._values[self._ends[row] : self._ends[row + 1]])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._ends[-1])
 
 
 def _undecodable(where: str, error: object) -> None:
@@ -353,6 +400,7 @@ class TrainLoader:
         decode: str = "pil",
         pin_memory: bool = False,
         s3: storage.S3Options | None = None,
+        cache: NodeCache | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -369,8 +417,8 @@ class TrainLoader:
         self.index, self.rank, self.batch_size = index, rank, batch_size
         self.crop_px, self.seed, self.window_images = crop_px, seed, window_images
         self.epoch, self.offset = start_epoch, start_offset
-        self.num_threads, self.prefetch_batches, self.decode, self.s3 = (
-            num_threads, prefetch_batches, decode, s3,
+        self.num_threads, self.prefetch_batches, self.decode, self.s3, self.cache = (
+            num_threads, prefetch_batches, decode, s3, cache,
         )  # fmt: skip
         # CPU crops bound for a GPU: in page-locked memory, whose copies to the device run
         # asynchronously (from pageable memory the copy would hold up the training thread).
@@ -391,9 +439,9 @@ class TrainLoader:
         # ahead spreads the reads over the window before instead of a burst at its start.
         horizon = self.window_images + (self.prefetch_batches + 2) * self.global_batch
         needed = dict.fromkeys(unit_of[offset : offset + horizon].tolist())
-        for u in needed:
-            if u not in units:
-                units[u] = io_pool.submit(self._read_unit, u)
+        fresh = [u for u in needed if u not in units]
+        for u in self.cache.spread(fresh) if self.cache else fresh:
+            units[u] = io_pool.submit(self._read_unit, u)
         kept = self.index.units.kept
         held = sum(len(kept[u]) for u in units)
         limit = max(2 * self.window_images, sum(len(kept[u]) for u in needed))
@@ -401,9 +449,26 @@ class TrainLoader:
             if held <= limit:
                 break
             held -= len(kept[u])
-            del units[u]
+            self._drop(units, u)
+
+    def _drop(self, units: dict[int, Future], u: int) -> None:
+        del units[u]
+        if self.cache is not None:
+            self.cache.drop(self._unit_key(u))
+
+    def _unit_key(self, u: int) -> str:
+        """A row group's name in the node cache: its shard's URL and size, and its number."""
+        s = int(self.index.units.shard[u])
+        shard = f"{self.index.shard_urls[s]}\n{self.index.sizes[s]}".encode()
+        return f"{hashlib.blake2b(shard, digest_size=8).hexdigest()}-{self.index.units.group[u]}"
 
     def _read_unit(self, u: int) -> JpegFiles:
+        """The JPEG column of one row group: from the node cache, or read from storage."""
+        if self.cache is None:
+            return self._fetch_unit(u)
+        return self.cache.get(self._unit_key(u), lambda: self._fetch_unit(u))
+
+    def _fetch_unit(self, u: int) -> JpegFiles:
         """The JPEG column of one row group, in one ranged read of its bytes."""
         units = self.index.units
         s, g = int(units.shard[u]), int(units.group[u])
@@ -415,7 +480,7 @@ class TrainLoader:
         url = self.index.shard_urls[s]
         data = storage.read_range(url, start, column.total_compressed_size, self.s3)
         file = pq.ParquetFile(_Slice(data, start, self.index.sizes[s]), metadata=metadata)
-        return JpegFiles(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
+        return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
 
     def _start(
         self,

@@ -114,7 +114,11 @@ class TrainConfig:
     """Seed of the initial weights, the data order, the crops and the flips."""
     window_images: int = WINDOW_IMAGES
     """Images shuffled together, whole row groups drawn from across the shards (see
-    jobs.loader); each worker holds about two windows of JPEGs in memory."""
+    jobs.loader); each machine holds about two windows of JPEGs in memory (each worker,
+    without share_reads)."""
+    share_reads: bool = True
+    """The workers of a machine read each row group from storage once, and share it through
+    a folder in /dev/shm (jobs.node_cache); else each reads every row group it needs."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Autocast dtype; auto = bf16 where the device has fast bf16."""
     compile: bool = False

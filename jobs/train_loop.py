@@ -34,6 +34,7 @@ from jobs import storage
 from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
+from jobs.node_cache import NodeCache
 from jobs.runtime import choose_precision
 from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
 
@@ -76,6 +77,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("train: resumed from step %d (epoch %d, offset %d)", step, epoch, offset)
 
     index = DatasetIndex.load(cfg.data, cfg.s3)
+    cache = (
+        NodeCache.open(
+            run_url,
+            local_rank=ctx.get_local_rank(),
+            local_world_size=ctx.get_local_world_size(),
+            need_bytes=int(3 * cfg.window_images * index.jpeg_bytes_per_image),
+        )
+        if cfg.share_reads
+        else None
+    )
     decode = cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
     loader = TrainLoader(
         index,
@@ -91,6 +102,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         decode=decode,
         pin_memory=device.type == "cuda",
         s3=cfg.s3,
+        cache=cache,
     )
     batches = iter(loader)
 
@@ -179,6 +191,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
             )
         window_start += time.monotonic() - paused
+    batches.close()  # its reads end before the folder they share goes
+    if cache is not None:
+        cache.close()
     if state and state["extra"]["step"] >= cfg.max_steps:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.

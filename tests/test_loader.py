@@ -281,18 +281,18 @@ def test_jpeg_files_are_the_column_values_without_copies_each(kind) -> None:
     values = [b"first", b"", b"\xff\xd8third", b"4" * 1000, b"fifth"]
     kind_type = getattr(pa, kind)()
     chunks = [pa.array(values[:2], kind_type), pa.array([b"x", *values[2:]], kind_type).slice(1)]
-    files = JpegFiles(pa.chunked_array(chunks))
+    files = JpegFiles.of_column(pa.chunked_array(chunks))
     assert len(files) == len(values)
     assert [bytes(files[r]) for r in range(len(files))] == values
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a read-only buffer would warn here
         frame = torch.frombuffer(files[3], dtype=torch.uint8)
     assert frame.numel() == 1000 and not files[1]  # an empty file reads as empty
-    assert JpegFiles(pa.chunked_array([pa.array([b""], kind_type)]))[0].nbytes == 0
+    assert JpegFiles.of_column(pa.chunked_array([pa.array([b""], kind_type)]))[0].nbytes == 0
     with pytest.raises(ValueError, match="1 nulls"):
-        JpegFiles(pa.chunked_array([pa.array([b"a", None], kind_type)]))
+        JpegFiles.of_column(pa.chunked_array([pa.array([b"a", None], kind_type)]))
     with pytest.raises(ValueError, match="must be binary"):
-        JpegFiles(pa.chunked_array([pa.array(["text"])]))
+        JpegFiles.of_column(pa.chunked_array([pa.array(["text"])]))
 
 
 def test_device_crops_equal_the_crops_taken_one_by_one() -> None:

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from jobs import storage, train
+from jobs import node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
 
@@ -223,6 +223,8 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         ci_config, name="killed-worker", max_steps=60, checkpoint_every_steps=20
     )
     killed: list[int] = []
+    shared: list[bool] = []  # whether the workers shared their row groups (jobs.node_cache)
+    folder = node_cache.folder_name(cfg.run_url)
 
     def kill_a_worker() -> None:
         first = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
@@ -234,6 +236,7 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
             for p in psutil.process_iter(["cmdline"])
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
         ]
+        shared.append(any(os.path.isdir(os.path.join(r, folder)) for r in node_cache.ROOTS))
         os.kill(workers[-1], signal.SIGKILL)
         killed.append(workers[-1])
 
@@ -242,6 +245,8 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     metrics = train.main(cfg)
     killer.join()
     assert killed and ray.is_initialized()
+    assert shared == [True]  # and the last of the restarted workers deleted their folder:
+    assert not any(os.path.exists(os.path.join(r, folder)) for r in node_cache.ROOTS)
     assert metrics["step"] == 60
     history = train.read_metrics(cfg.run_url)
     steps = [int(r["step"]) for r in history]

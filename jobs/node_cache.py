@@ -1,0 +1,244 @@
+"""Row groups read once per machine and shared by its training workers.
+
+Every worker of a run reads the row groups of the window it takes a slice of (see
+`jobs.loader`): the W workers of an 8-GPU machine would read each row group eight times
+from storage, and hold eight copies of two windows in memory. A `NodeCache` reads it once.
+The first worker to want a row group reads it from storage, under a file lock, and saves its
+JPEGs to a file in a folder of the machine's shared memory (``/dev/shm``); the others find
+the file there and map it. The page cache holds one copy, and every worker's files are
+views into it.
+
+The files only ever speed up reading, never decide what is read, so no failure is worse
+than the reads it saves:
+- a file is written under a temporary name and renamed, so none is ever seen half written;
+- a worker that dies while reading releases its lock with its process, and the next one
+  reads the row group itself;
+- a file deleted before a worker mapped it (its window ended for the others) is read again;
+- a full folder turns the cache off for that worker, which then reads as without one.
+
+A worker deletes the file of a row group when its loader drops it (all workers step
+together, so the others have mapped it by then; a mapped file lives on until unmapped).
+Workers hold a shared lock on the folder's ``.users`` file while they use it: the last to
+close it deletes the folder, and a folder no live process holds (its run was killed) is
+deleted by the next run that starts on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from jobs.loader import JpegFiles
+
+log = logging.getLogger(__name__)
+
+FOLDER_PREFIX = "colorcore-rowgroups-"
+USERS_FILE = ".users"
+LOCK_STRIPES = 256  # lock files: row groups whose keys share one wait for each other
+ROOTS = ("/dev/shm", tempfile.gettempdir())  # shared memory, else the temporary folder
+
+T = TypeVar("T")
+
+
+class NodeCache:
+    """The row-group files of one run on this machine, in `folder`; `local_rank` of
+    `local_world_size` workers here (it staggers which row groups each reads first)."""
+
+    def __init__(self, folder: str, users_fd: int, local_rank: int, local_world_size: int):
+        self.folder, self._users_fd = folder, users_fd
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+        self._saving = True
+
+    @classmethod
+    def open(
+        cls,
+        run: str,
+        *,
+        local_rank: int,
+        local_world_size: int,
+        need_bytes: int,
+        roots: Sequence[str] = ROOTS,
+    ) -> NodeCache | None:
+        """The cache of run `run` (any string naming it, such as its URL) for a worker;
+        None where there is nothing to share (one worker here) or no root of `roots` has a
+        size of at least `need_bytes` (a root's size, not its free space: every worker of a
+        machine must choose the same one)."""
+        if local_world_size < 2:
+            return None
+        root = next((r for r in roots if _size(r) >= need_bytes), None)
+        if root is None:
+            log.warning(
+                "loader: no folder of %s holds %.1f GB: the %d workers here read every row "
+                "group each", ", ".join(roots), need_bytes / 1e9, local_world_size,
+            )  # fmt: skip
+            return None
+        name = folder_name(run)
+        folder = os.path.join(root, name)
+        sweep(root, keep=name)
+        _raise_descriptor_limit()
+        cache = cls(folder, _join(folder), local_rank, local_world_size)
+        log.info(
+            "loader: row groups read once for the %d workers here, in %s", local_world_size, folder
+        )
+        return cache
+
+    def spread(self, items: Sequence[T]) -> list[T]:
+        """`items` (row groups about to be read, the same on every worker) rotated by this
+        worker's share: the workers start on different ones instead of queueing on one lock."""
+        cut = self.local_rank * len(items) // self.local_world_size
+        return [*items[cut:], *items[:cut]]
+
+    def get(self, key: str, read: Callable[[], JpegFiles]) -> JpegFiles:
+        """The files saved as `key`, mapped; else `read()`'s, saved as `key` for the others
+        (and mapped, so that this worker's copy is the shared one)."""
+        path = os.path.join(self.folder, key)
+        if (files := _mapped(path)) is not None:
+            return files
+        with self._locked(key):
+            if (files := _mapped(path)) is not None:  # read by another while this waited
+                return files
+            files = read()
+            if self._saving and self._save(path, files):
+                return _mapped(path) or files
+            return files
+
+    def drop(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.folder, key))
+
+    def close(self) -> None:
+        """Stops using the folder; the last worker to close it deletes it."""
+        if self._users_fd < 0:
+            return
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(self.folder, ignore_errors=True)
+        except BlockingIOError:
+            pass  # others still use it
+        finally:
+            os.close(self._users_fd)
+            self._users_fd = -1
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        stripe = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % LOCK_STRIPES
+        fd = os.open(os.path.join(self.folder, f".lock-{stripe}"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released on close, or with the process
+            yield
+        finally:
+            os.close(fd)
+
+    def _save(self, path: str, files: JpegFiles) -> bool:
+        """Whether `files` could be saved at `path`; after a first failure (the folder is
+        full) this worker stops saving, and says so once."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                files.save(f)
+            os.replace(tmp, path)
+            return True
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            self._saving = False
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.warning(
+                "loader: %s %s (%s): this worker now reads row groups from storage only",
+                self.folder, "is full" if full else "cannot be written", error,
+            )  # fmt: skip
+            return False
+
+
+def folder_name(run: str) -> str:
+    """The name of run `run`'s folder, in the root each machine chooses."""
+    return FOLDER_PREFIX + hashlib.blake2b(run.encode(), digest_size=8).hexdigest()
+
+
+def _size(root: str) -> int:
+    try:
+        return shutil.disk_usage(root).total if os.access(root, os.W_OK) else 0
+    except OSError:
+        return 0
+
+
+def _mapped(path: str) -> JpegFiles | None:
+    """The files saved at `path`, mapped copy-on-write (writable for torch, and shared with
+    every other mapping until written), or read where they cannot be mapped; None where there
+    is no such file, or a damaged one (then deleted, to be read again)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # out of mappings or descriptors; an empty file
+                buffer = bytearray(f.read())
+    except FileNotFoundError:
+        return None
+    try:
+        return JpegFiles.load(memoryview(buffer))
+    except ValueError as error:
+        log.warning("loader: %s is damaged (%s): read again from storage", path, error)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return None
+
+
+def _raise_descriptor_limit() -> None:
+    """Each mapped file holds a descriptor (Python's mmap keeps one) and a worker maps the
+    row groups of two windows and more: the soft limit is raised to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _join(folder: str) -> int:
+    """A descriptor holding a shared lock on `folder`'s users file (made if need be); a
+    folder deleted by a sweep while this joined it is made again."""
+    users = os.path.join(folder, USERS_FILE)
+    while True:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the folder was swept in between
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(users).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)  # locked a users file a sweep had deleted: join the folder made anew
+
+
+def sweep(root: str, *, keep: str = "") -> list[str]:
+    """Deletes the cache folders in `root` that no live process uses (but `keep`); returns
+    their names. A folder whose users file is not there yet is being made: it stays."""
+    swept = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not name.startswith(FOLDER_PREFIX) or name == keep:
+            continue
+        try:
+            fd = os.open(os.path.join(root, name, USERS_FILE), os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            swept.append(name)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+    if swept:
+        log.info("loader: deleted %d row-group folders of ended runs in %s", len(swept), root)
+    return swept

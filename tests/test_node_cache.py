@@ -1,0 +1,279 @@
+"""Row groups shared by the training workers of one machine: read from storage once, the
+same batches as without sharing, and folders that go away with their runs."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from itertools import islice
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import jobs.loader
+from jobs import node_cache
+from jobs.loader import DatasetIndex, JpegFiles, TrainLoader
+from jobs.node_cache import FOLDER_PREFIX, NodeCache, sweep
+from tests.support import write_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> DatasetIndex:
+    root = str(tmp_path_factory.mktemp("node-cache") / "ds")
+    write_dataset(root)
+    return DatasetIndex.load(root)
+
+
+@pytest.fixture
+def reads(monkeypatch) -> collections.Counter:
+    """(shard URL, first byte) of each ranged read the loader makes from storage."""
+    counted: collections.Counter = collections.Counter()
+    real = jobs.loader.storage.read_range
+
+    def read_range(url, start, size, s3=None):
+        counted[url, start] += 1
+        return real(url, start, size, s3)
+
+    monkeypatch.setattr(jobs.loader.storage, "read_range", read_range)
+    return counted
+
+
+def open_cache(root, run="run", *, rank=0, workers=2) -> NodeCache:
+    cache = NodeCache.open(
+        run, local_rank=rank, local_world_size=workers, need_bytes=1, roots=(str(root),)
+    )
+    assert cache is not None
+    return cache
+
+
+def files_of(*values: bytes) -> JpegFiles:
+    return JpegFiles.of_column(pa.chunked_array([pa.array(list(values), pa.binary())]))
+
+
+def contents(files: JpegFiles) -> list[bytes]:
+    return [bytes(files[r]) for r in range(len(files))]
+
+
+def batches(index, rank, steps, cache=None, **kw) -> list[torch.Tensor]:
+    args = {"world_size": 2, "batch_size": 3, "crop_px": 32, "seed": 7, "window_images": 6} | kw
+    loader = TrainLoader(index, rank=rank, cache=cache, **args)
+    iterator = iter(loader)
+    try:
+        return [b.rgb_N3HW for b in islice(iterator, steps)]
+    finally:
+        iterator.close()
+
+
+def run_ranks(index, caches, steps, **kw) -> list[list[torch.Tensor]]:
+    """The batches of both ranks, their loaders running at once, as a machine's workers do."""
+    out: list = [None, None]
+
+    def rank(r: int) -> None:
+        out[r] = batches(index, r, steps, caches[r], **kw)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_the_workers_of_a_machine_read_each_row_group_once(dataset, reads, tmp_path) -> None:
+    """Two workers' loaders over the same windows: without sharing each reads every row group
+    it needs; with it each row group is read once, and the batches are the same crops."""
+    kw = {"window_images": 100}  # one window: nothing is dropped, so counts are exact
+    alone = run_ranks(dataset, [None, None], 6, **kw)
+    alone_reads = dict(reads)
+    assert set(alone_reads.values()) == {2}  # every row group, by both workers
+    reads.clear()
+    caches = [open_cache(tmp_path, rank=r) for r in (0, 1)]
+    shared = run_ranks(dataset, caches, 6, **kw)
+    for cache in caches:
+        cache.close()
+    assert set(reads.values()) == {1} and set(reads) == set(alone_reads)
+    for a, b in zip(alone, shared, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not os.listdir(tmp_path)  # the last worker to close deleted the folder
+
+
+def test_windows_dropped_and_read_again_give_the_same_batches(dataset, reads, tmp_path) -> None:
+    """Small windows over three epochs: row groups are dropped (their files deleted) and read
+    again the next epoch; the crops stay those of loaders without sharing, in fewer reads."""
+    kw = {"batch_size": 1}  # a horizon of 14 images, in a dataset of 21
+    steps = 3 * 10
+    alone = run_ranks(dataset, [None, None], steps, **kw)
+    alone_reads = sum(reads.values())
+    reads.clear()
+    caches = [open_cache(tmp_path, rank=r) for r in (0, 1)]
+    shared = run_ranks(dataset, caches, steps, **kw)
+    for cache in caches:
+        cache.close()
+    for a, b in zip(alone, shared, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert max(reads.values()) > 1  # dropped, deleted and read again for a later epoch
+    assert sum(reads.values()) < alone_reads
+
+
+def test_one_row_group_wanted_by_many_at_once_is_read_once(tmp_path) -> None:
+    caches = [open_cache(tmp_path, rank=r, workers=4) for r in range(4)]
+    calls = []
+
+    def read() -> JpegFiles:
+        calls.append(1)
+        time.sleep(0.2)  # the others ask meanwhile, and wait for this read
+        return files_of(b"\xff\xd8one", b"", b"two")
+
+    got: list = [None] * 4
+    threads = [
+        threading.Thread(target=lambda r=r: got.__setitem__(r, caches[r].get("k-0", read)))
+        for r in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert all(contents(files) == [b"\xff\xd8one", b"", b"two"] for files in got)
+    frame = torch.frombuffer(got[1][0], dtype=torch.uint8)  # writable: no copy, no warning
+    frame[0] = 0  # copy-on-write: the others' files are untouched
+    assert contents(got[2])[0] == b"\xff\xd8one"
+    caches[0].drop("k-0")
+    assert caches[1].get("k-0", read) is not None and len(calls) == 2  # dropped: read again
+    for cache in caches:
+        cache.close()
+
+
+def test_a_damaged_file_is_read_again(tmp_path, caplog) -> None:
+    cache = open_cache(tmp_path)
+    for damage in (b"", b"\x05" + b"\0" * 7 + b"short"):
+        with open(os.path.join(cache.folder, "k-1"), "wb") as f:
+            f.write(damage)
+        with caplog.at_level(logging.WARNING, "jobs.node_cache"):
+            files = cache.get("k-1", lambda: files_of(b"good"))
+        assert contents(files) == [b"good"] and "damaged" in caplog.text
+        assert contents(cache.get("k-1", lambda: files_of(b"not read"))) == [b"good"]
+        caplog.clear()
+    cache.close()
+
+
+def test_a_full_folder_turns_saving_off_and_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
+    cache = open_cache(tmp_path)
+    saves = []
+
+    def full(self, f) -> None:
+        saves.append(1)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(JpegFiles, "save", full)
+    with caplog.at_level(logging.WARNING, "jobs.node_cache"):
+        first = cache.get("k-2", lambda: files_of(b"a"))
+        second = cache.get("k-3", lambda: files_of(b"b"))
+    assert contents(first) == [b"a"] and contents(second) == [b"b"]
+    assert len(saves) == 1 and caplog.text.count("is full") == 1
+    assert not [n for n in os.listdir(cache.folder) if not n.startswith(".")]  # none partial
+    cache.close()
+
+
+def test_saved_files_load_back_and_damaged_ones_are_refused() -> None:
+    import io
+
+    for values in ([b"x", b"", b"yz" * 100], [], [b""]):
+        buffer = io.BytesIO()
+        files_of(*values).save(buffer)
+        data = bytearray(buffer.getvalue())
+        assert contents(JpegFiles.load(memoryview(data))) == values
+        for cut in (data[:-1], data + b"!", data[:7]):
+            if values or len(cut) < len(data):
+                with pytest.raises(ValueError, match="not saved JPEG files"):
+                    JpegFiles.load(memoryview(cut))
+
+
+def test_workers_start_on_different_row_groups(tmp_path) -> None:
+    caches = [open_cache(tmp_path, rank=r, workers=3) for r in range(3)]
+    firsts = [cache.spread(list(range(7)))[0] for cache in caches]
+    assert firsts == [0, 2, 4]
+    assert all(sorted(cache.spread(list(range(7)))) == list(range(7)) for cache in caches)
+    for cache in caches:
+        cache.close()
+
+
+def test_no_cache_for_one_worker_or_without_room(tmp_path, caplog) -> None:
+    assert NodeCache.open("r", local_rank=0, local_world_size=1, need_bytes=1) is None
+    with caplog.at_level(logging.WARNING, "jobs.node_cache"):
+        huge = NodeCache.open(
+            "r", local_rank=0, local_world_size=2, need_bytes=1 << 60, roots=(str(tmp_path),)
+        )
+    assert huge is None and "read every row group each" in caplog.text
+    roots = (str(tmp_path / "not-there"), str(tmp_path))
+    cache = NodeCache.open("r", local_rank=1, local_world_size=2, need_bytes=1, roots=roots)
+    assert cache is not None and cache.folder.startswith(str(tmp_path))  # the missing one passed
+    cache.close()
+
+
+def test_folders_of_runs_that_died_are_swept_and_live_ones_kept(tmp_path) -> None:
+    """A worker killed outright leaves its folder behind; the next run on the machine deletes
+    it, but never the folder of a run whose workers still hold it."""
+    script = (
+        "import os, signal, sys\n"
+        "from jobs.node_cache import NodeCache\n"
+        "c = NodeCache.open('dead', local_rank=0, local_world_size=2, need_bytes=1,"
+        " roots=(sys.argv[1],))\n"
+        "open(os.path.join(c.folder, 'k-0'), 'wb').write(b'x' * 100)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert done.returncode == -9
+    (dead,) = os.listdir(tmp_path)
+    live = open_cache(tmp_path, "live")
+    assert os.listdir(tmp_path) == [os.path.basename(live.folder)]  # the dead one swept
+    other = open_cache(tmp_path, "other")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(c.folder) for c in (live, other)
+    )  # the live one kept
+    assert sweep(str(tmp_path)) == [] and dead.startswith(FOLDER_PREFIX)
+    making = tmp_path / f"{FOLDER_PREFIX}being-made"
+    making.mkdir()  # no users file yet: kept
+    assert sweep(str(tmp_path)) == [] and making.exists()
+    for cache in (live, other):
+        cache.close()
+    assert sorted(os.listdir(tmp_path)) == [making.name]
+
+
+def test_a_folder_swept_while_joining_is_made_again(tmp_path, monkeypatch) -> None:
+    """The sweep of another run may delete a folder between a worker making it and locking
+    its users file: the worker makes it again instead of using a deleted folder."""
+    real_flock = node_cache.fcntl.flock
+    swept = []
+
+    def flock(fd, operation):
+        if operation == node_cache.fcntl.LOCK_SH and not swept:
+            swept.append(sweep(str(tmp_path)))  # before this worker holds its lock
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(node_cache.fcntl, "flock", flock)
+    cache = open_cache(tmp_path)
+    assert swept == [[os.path.basename(cache.folder)]]
+    assert os.path.isdir(cache.folder) and sweep(str(tmp_path)) == []
+    assert contents(cache.get("k-0", lambda: files_of(b"a"))) == [b"a"]
+    cache.close()
+
+
+def test_the_mean_jpeg_size_is_the_stored_bytes_per_row(dataset) -> None:
+    import pyarrow.parquet as pq
+
+    sizes = [
+        len(v)
+        for url in dataset.shard_urls
+        for v in pq.read_table(url, columns=["jpeg"]).column(0).to_pylist()
+    ]
+    assert dataset.jpeg_bytes_per_image == pytest.approx(np.mean(sizes), rel=0.05)
