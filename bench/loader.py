@@ -1,6 +1,6 @@
 """Training input throughput: `jobs.loader.TrainLoader` against a plain one-thread PIL loop.
 
-    python bench/loader.py             (from the repository root; about 30 s on 2 cores)
+    python bench/loader.py             (from the repository root; about a minute on 2 cores)
 
 Input: a prepared dataset written into a temporary folder in the shard schema of
 `jobs.dataset` (Parquet shards + manifest, no Ray needed): windows of scikit-image's colour
@@ -18,6 +18,11 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
 
 Each figure is the median of several timed passes over the dataset after an untimed one.
 
+Then the storage reads of a machine's workers (``--workers``, the ranks of one node, each
+with its own `TrainLoader` and its share of the batch): the bytes read from storage over one
+epoch with each worker reading every row group it needs, and with the row groups shared
+through a `jobs.node_cache.NodeCache`, against the bytes of the shards' JPEG columns.
+
 The figure of merit is images/s per core: the loader's divided by its decode threads.
 On a CUDA machine the loader's nvJPEG path (``decode="nvjpeg"``: decode and crop on the GPU,
 one producer thread) is measured too, and nvJPEG's decode of one batch of 256 alone, as
@@ -34,6 +39,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and torch load)
 
@@ -49,6 +55,7 @@ from jobs import storage
 from jobs.dataset import SHARD_SCHEMA, SHARDS_DIR, Manifest, ShardInfo, shard_parquet
 from jobs.images import encode_jpeg
 from jobs.loader import DatasetIndex, TrainLoader
+from jobs.node_cache import NodeCache
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 SHORT_SIDE_PX = 256  # jobs.prepare's default short side
@@ -123,6 +130,53 @@ def loader_epoch(index: DatasetIndex, batch_size: int, threads: int, decode: str
     return loader.steps_per_epoch * batch_size / elapsed
 
 
+def machine_epoch(
+    index: DatasetIndex, workers: int, batch_size: int, threads: int, share: bool
+) -> tuple[int, float]:
+    """(bytes read from storage, seconds) of one epoch of `workers` loaders run at once, as
+    the ranks of one machine, each with `threads` decoding threads; with `share` through a
+    `NodeCache` in a temporary folder."""
+    read = [0]
+    real = storage.read_range
+
+    def counted(url, start, size, s3=None):
+        data = real(url, start, size, s3)
+        read[0] += len(data)
+        return data
+
+    def epoch(rank: int, cache: NodeCache | None) -> None:
+        loader = TrainLoader(
+            index, rank=rank, world_size=workers, batch_size=batch_size // workers,
+            crop_px=CROP_PX, seed=0, num_threads=threads, cache=cache,
+        )  # fmt: skip
+        batches = iter(loader)
+        for _ in range(loader.steps_per_epoch):
+            next(batches)
+        batches.close()
+
+    with tempfile.TemporaryDirectory(prefix="loader-bench-shm-") as root:
+        caches = [
+            NodeCache.open(
+                "bench", local_rank=r, local_world_size=workers, need_bytes=1, roots=(root,)
+            )
+            if share
+            else None
+            for r in range(workers)
+        ]
+        storage.read_range = counted
+        try:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(epoch, range(workers), caches))
+            elapsed = time.perf_counter() - start
+        finally:
+            storage.read_range = real
+            for cache in caches:
+                if cache is not None:
+                    cache.close()
+    return read[0], elapsed
+
+
 def nvjpeg_decode_ms(jpegs: list[bytes], batch: int = 256) -> dict[str, float]:
     """ms for torchvision's nvJPEG to decode one batch of the files as stored (4:4:4) and
     re-encoded with 4:2:0 chroma, each alone and while bf16 matrix products fill the GPU
@@ -171,6 +225,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40, help="images per batch (paper: 40)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="loader threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline")
+    parser.add_argument("--workers", type=int, default=4, help="workers of one machine")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -200,6 +255,12 @@ def main() -> None:
             except Exception as error:  # a diagnostic: it must not lose the table
                 decode_ms = {"failed": 0.0}
                 print(f"nvjpeg_decode_ms failed: {error!r}")
+        threads = max(1, args.threads // args.workers)
+        machine = {
+            share: machine_epoch(index, args.workers, args.batch_size, threads, share)
+            for share in (False, True)
+        }
+        column_bytes = index.jpeg_bytes_per_image * index.num_images
 
     kib = sum(map(len, jpegs)) / len(jpegs) / 1024
     print(f"\n{len(jpegs)} JPEGs (short side {SHORT_SIDE_PX}, {kib:.0f} KiB mean) in "
@@ -212,6 +273,12 @@ def main() -> None:
     if torch.cuda.is_available():
         print("nvJPEG decode of 256 files, ms (alone / beside matrix products): "
               + "; ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))  # fmt: skip
+    print(f"\n{args.workers} workers of one machine, one epoch ({column_bytes / 1e6:.1f} MB "
+          f"of JPEG column chunks), {threads} decoding threads each:")  # fmt: skip
+    for share, (read, seconds) in machine.items():
+        name = "row groups shared (NodeCache)" if share else "each worker reads its own"
+        print(f"  {name:32s} {read / 1e6:8.1f} MB read from storage "
+              f"({read / column_bytes:.2f}x the data) in {seconds:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
