@@ -297,8 +297,7 @@ def plan(
     read = read or {}
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
-        found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.input}")
-        sizes = {p[len(root) :].lstrip("/"): info.get("size", 0) for p, info in found.items()}
+        sizes = storage.file_sizes(cfg.input, cfg.s3)
         rels = sorted(sizes)
         urls = [storage.join(cfg.input, rel) for rel in rels]
     elif storage.exists(cfg.input, cfg.s3):

@@ -113,13 +113,11 @@ def _class_index(classes: list[str]) -> dict[str, int]:
 
 
 def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
-    fs, root = storage.filesystem(cfg.src, cfg.s3)
-    found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
+    found = storage.file_sizes(cfg.src, cfg.s3)
     if not found:
         raise ValueError(f"SRC {cfg.src}: no files in it")
     inputs = []
-    for path, info in sorted(found.items()):
-        rel = path[len(root) :].lstrip("/")
+    for rel, size in sorted(found.items()):
         if "/" not in rel:
             raise ValueError(f"{cfg.src}: {rel!r} is not inside a class folder <class>/<image>")
         cls, name = rel.split("/", 1)
@@ -128,7 +126,7 @@ def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
                 "key": f"{cls}/{name.rsplit('.', 1)[0]}",
                 "class": cls,
                 "url": storage.join(cfg.src, rel),
-                "size": info.get("size", 0),
+                "size": size,
             }
         )
     classes = sorted({i["class"] for i in inputs})
@@ -151,12 +149,7 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     if not labels:
         raise ValueError(f"{cfg.labels_file} lists no images")
     classes = [str(i) for i in range(max(labels.values()) + 1)]
-    fs, root = storage.filesystem(cfg.src, cfg.s3)
-    found = storage.with_retries(lambda: fs.find(root, detail=True), what=f"list {cfg.src}")
-    sizes = {
-        posixpath.normpath(p[len(root) :].lstrip("/")): info.get("size", 0)
-        for p, info in found.items()
-    }
+    sizes = {posixpath.normpath(r): n for r, n in storage.file_sizes(cfg.src, cfg.s3).items()}
     inputs = [
         {
             "key": f"{label}/{rel.rsplit('.', 1)[0].rsplit('/', 1)[-1]}",

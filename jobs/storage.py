@@ -323,17 +323,31 @@ def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> li
     answer later listings, and reads of files other processes wrote since, from the listings
     it keeps (a file missing from one reads as missing)."""
     fs, path = filesystem(url, s3)
-    _forget_listings(fs, path)
-    try:
-        found = with_retries(lambda: fs.find(path), what=f"list {url}")
-    finally:
-        _forget_listings(fs, path)
+    found = _find(fs, path, url, detail=False)
     if split_url(url)[0] == "file":
         out = list(found)
     else:
         prefix = url.rstrip("/")
         out = [prefix + p[len(path) :] for p in found if p.startswith(path)]
     return sorted(u for u in out if u.endswith(suffix))
+
+
+def file_sizes(url: str, s3: S3Options | None = None) -> dict[str, int]:
+    """Every file below `url` (recursive): its path relative to `url` -> its size in bytes.
+    Listed anew and not kept, as by `list_files` (the listings s3fs keeps would hold a
+    folder of a million files in memory for as long as the process lives)."""
+    fs, path = filesystem(url, s3)
+    root = path.rstrip("/")
+    found = _find(fs, path, url, detail=True)
+    return {p[len(root) :].lstrip("/"): info.get("size") or 0 for p, info in found.items()}
+
+
+def _find(fs: fsspec.AbstractFileSystem, path: str, url: str, *, detail: bool):
+    _forget_listings(fs, path)
+    try:
+        return with_retries(lambda: fs.find(path, detail=detail), what=f"list {url}")
+    finally:
+        _forget_listings(fs, path)
 
 
 def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -82,12 +82,18 @@ def test_listings_are_not_kept_and_spell_urls_as_given(root_url) -> None:
     files = [storage.join(root_url, "d", "sub", f"{i}.bin") for i in range(3)]
     for url in files:
         storage.write_bytes(url, b"x")
+    storage.write_bytes(storage.join(root_url, "d", "top.bin"), b"xyz")
     fs, path = storage.filesystem(root_url)
-    assert storage.list_files(storage.join(root_url, "d")) == files
+    assert storage.list_files(storage.join(root_url, "d")) == sorted(
+        [*files, storage.join(root_url, "d", "top.bin")]
+    )
+    assert not [k for k in getattr(fs, "dircache", {}) if k.startswith(path)]
+    sizes = storage.file_sizes(storage.join(root_url, "d") + "/")
+    assert sizes == {"sub/0.bin": 1, "sub/1.bin": 1, "sub/2.bin": 1, "top.bin": 3}
     assert not [k for k in getattr(fs, "dircache", {}) if k.startswith(path)]
     if root_url.startswith("s3://"):
         other = "s3a://" + root_url[len("s3://") :]
-        assert storage.list_files(storage.join(other, "d")) == [
+        assert storage.list_files(storage.join(other, "d", "sub")) == [
             storage.join(other, "d", "sub", f"{i}.bin") for i in range(3)
         ]
 
