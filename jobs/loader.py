@@ -429,12 +429,19 @@ class TrainLoader:
         return self.index.num_images // self.global_batch
 
     def _read_ahead(
-        self, units: dict[int, Future], unit_of: np.ndarray, offset: int, io_pool: Executor
+        self,
+        units: dict[int, Future],
+        unit_of: np.ndarray,
+        offset: int,
+        io_pool: Executor,
+        dropped: collections.deque,
+        position: int,
     ) -> None:
         """Starts reading the row groups (`unit_of`: the unit of each position of the
         epoch's order) of this step, of the next `prefetch_batches` steps and of a window's
         images beyond them that `units` (unit -> its `JpegFiles`, read or being read) lacks;
-        drops the oldest ones none of those needs beyond two windows' worth of images."""
+        drops the oldest ones none of those needs beyond two windows' worth of images.
+        `position` counts the samples of every epoch so far (for `_delete_dropped`)."""
         # A window's first steps need nearly all its row groups: reading them a window
         # ahead spreads the reads over the window before instead of a burst at its start.
         horizon = self.window_images + (self.prefetch_batches + 2) * self.global_batch
@@ -449,36 +456,56 @@ class TrainLoader:
             if held <= limit:
                 break
             held -= len(kept[u])
-            self._drop(units, u)
-
-    def _drop(self, units: dict[int, Future], u: int) -> None:
-        del units[u]
+            future = units.pop(u)
+            if self.cache is not None:
+                future.cancel()  # if not started yet: then never read
+                dropped.append((position, future, self._unit_key(u)))
         if self.cache is not None:
-            self.cache.drop(self._unit_key(u))
+            self._delete_dropped(dropped, position)
+
+    def _delete_dropped(self, dropped: collections.deque, position: int) -> None:
+        """Deletes the node-cache files of the row groups `dropped` (position, read, key)
+        a few steps before `position` whose reads are over. The loaders of a machine's
+        workers run up to about 2 x prefetch_batches steps apart (each runs ahead of its
+        training steps), so a file deleted at once could still be wanted by another; and a
+        read still going would save it again after the delete."""
+        lag = (2 * self.prefetch_batches + 4) * self.global_batch
+        while dropped and dropped[0][0] <= position - lag and dropped[0][1].done():
+            self.cache.drop(dropped.popleft()[2])
 
     def _unit_key(self, u: int) -> str:
-        """A row group's name in the node cache: its shard's URL and size, and its number."""
-        s = int(self.index.units.shard[u])
-        shard = f"{self.index.shard_urls[s]}\n{self.index.sizes[s]}".encode()
-        return f"{hashlib.blake2b(shard, digest_size=8).hexdigest()}-{self.index.units.group[u]}"
-
-    def _read_unit(self, u: int) -> JpegFiles:
-        """The JPEG column of one row group: from the node cache, or read from storage."""
-        if self.cache is None:
-            return self._fetch_unit(u)
-        return self.cache.get(self._unit_key(u), lambda: self._fetch_unit(u))
-
-    def _fetch_unit(self, u: int) -> JpegFiles:
-        """The JPEG column of one row group, in one ranged read of its bytes."""
+        """A row group's name in the node cache: its shard's URL and size, and its number,
+        first byte and size in the shard."""
         units = self.index.units
         s, g = int(units.shard[u]), int(units.group[u])
+        start, size = self._column_range(s, g)
+        shard = f"{self.index.shard_urls[s]}\n{self.index.sizes[s]}\n{start}\n{size}".encode()
+        return f"{hashlib.blake2b(shard, digest_size=10).hexdigest()}-{g}"
+
+    def _column_range(self, s: int, g: int) -> tuple[int, int]:
+        """(first byte, size) of row group `g`'s JPEG column chunk in shard `s`."""
         metadata = self.index.metadata[s]
         column = metadata.row_group(g).column(metadata.schema.names.index("jpeg"))
         start = column.data_page_offset
         if column.has_dictionary_page and column.dictionary_page_offset is not None:
             start = min(start, column.dictionary_page_offset)
-        url = self.index.shard_urls[s]
-        data = storage.read_range(url, start, column.total_compressed_size, self.s3)
+        return start, column.total_compressed_size
+
+    def _read_unit(self, u: int) -> JpegFiles:
+        """The JPEG column of one row group: from the node cache, or read from storage."""
+        if self.cache is None:
+            return self._fetch_unit(u)
+        units = self.index.units
+        rows = self.index.metadata[units.shard[u]].row_group(int(units.group[u])).num_rows
+        return self.cache.get(self._unit_key(u), lambda: self._fetch_unit(u), rows)
+
+    def _fetch_unit(self, u: int) -> JpegFiles:
+        """The JPEG column of one row group, in one ranged read of its bytes."""
+        units = self.index.units
+        s, g = int(units.shard[u]), int(units.group[u])
+        start, size = self._column_range(s, g)
+        data = storage.read_range(self.index.shard_urls[s], start, size, self.s3)
+        metadata = self.index.metadata[s]
         file = pq.ParquetFile(_Slice(data, start, self.index.sizes[s]), metadata=metadata)
         return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
 
@@ -543,6 +570,7 @@ class TrainLoader:
         epoch, offset = self.epoch, self.offset
         started: collections.deque = collections.deque()
         units: dict[int, Future] = {}
+        dropped: collections.deque = collections.deque()  # see _delete_dropped
         stream = _loader_stream() if self.decode == "nvjpeg" else None
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
@@ -554,7 +582,8 @@ class TrainLoader:
                 unit_of, row_in_unit = self.index.units.of_rows(order)  # once an epoch
                 last = self.steps_per_epoch * self.global_batch
                 while offset < last:
-                    self._read_ahead(units, unit_of, offset, io_pool)
+                    position = epoch * last + offset
+                    self._read_ahead(units, unit_of, offset, io_pool, dropped, position)
                     start = offset + self.rank * self.batch_size
                     positions = np.arange(start, start + self.batch_size)
                     in_units = zip(unit_of[positions], row_in_unit[positions], strict=True)

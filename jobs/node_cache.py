@@ -14,13 +14,19 @@ than the reads it saves:
 - a worker that dies while reading releases its lock with its process, and the next one
   reads the row group itself;
 - a file deleted before a worker mapped it (its window ended for the others) is read again;
-- a full folder turns the cache off for that worker, which then reads as without one.
+- a folder short of space (less than a quarter of it free: Ray's object store shares
+  /dev/shm, and dies of a full one) is not written to until it has room again;
+- a folder that cannot be used at all (not this user's, not writable, out of descriptors)
+  leaves the worker reading as without one.
 
-A worker deletes the file of a row group when its loader drops it (all workers step
-together, so the others have mapped it by then; a mapped file lives on until unmapped).
-Workers hold a shared lock on the folder's ``.users`` file while they use it: the last to
-close it deletes the folder, and a folder no live process holds (its run was killed) is
-deleted by the next run that starts on the machine.
+A worker deletes the file of a row group a few steps after its loader dropped it: every
+worker of the machine has mapped it by then (workers step together, their loaders within a
+few steps of each other), and a mapped file lives on until unmapped. A file is keyed by its
+shard's URL and size and its row group's place in it, and must hold the row group's number
+of rows: a file left by an earlier run of the same name is used only if it is the same row
+group. Workers hold a shared lock on the folder's ``.users`` file while they use it: the
+last to close it deletes the folder, and a folder no live process holds (its run was
+killed) is deleted by the next run that starts on the machine.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import mmap
 import os
 import resource
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from jobs.loader import JpegFiles
@@ -44,7 +52,9 @@ log = logging.getLogger(__name__)
 
 FOLDER_PREFIX = "colorcore-rowgroups-"
 USERS_FILE = ".users"
-LOCK_STRIPES = 256  # lock files: row groups whose keys share one wait for each other
+LOCK_STRIPES = 4096  # lock files: row groups whose keys share one wait for each other
+DESCRIPTORS = 1 << 16  # the soft limit of open files a worker raises itself to
+FREE_FLOOR = 0.25  # of the folder's filesystem kept free (Ray's object store lives there too)
 ROOTS = ("/dev/shm", tempfile.gettempdir())  # shared memory, else the temporary folder
 
 T = TypeVar("T")
@@ -57,7 +67,9 @@ class NodeCache:
     def __init__(self, folder: str, users_fd: int, local_rank: int, local_world_size: int):
         self.folder, self._users_fd = folder, users_fd
         self.local_rank, self.local_world_size = local_rank, local_world_size
-        self._saving = True
+        self._saving = True  # until a write fails for a reason other than space
+        self._floor = FREE_FLOOR * shutil.disk_usage(folder).total
+        self._said: set[str] = set()  # troubles already logged
 
     @classmethod
     def open(
@@ -84,9 +96,16 @@ class NodeCache:
             return None
         name = folder_name(run)
         folder = os.path.join(root, name)
-        sweep(root, keep=name)
-        _raise_descriptor_limit()
-        cache = cls(folder, _join(folder), local_rank, local_world_size)
+        try:
+            sweep(root, keep=name)
+            _raise_descriptor_limit()
+            cache = cls(folder, _join(folder), local_rank, local_world_size)
+        except OSError as error:  # not this user's folder, or none can be made
+            log.warning(
+                "loader: %s cannot hold shared row groups (%s): the workers here read every "
+                "row group each", folder, error,
+            )  # fmt: skip
+            return None
         log.info(
             "loader: row groups read once for the %d workers here, in %s", local_world_size, folder
         )
@@ -98,19 +117,26 @@ class NodeCache:
         cut = self.local_rank * len(items) // self.local_world_size
         return [*items[cut:], *items[:cut]]
 
-    def get(self, key: str, read: Callable[[], JpegFiles]) -> JpegFiles:
+    def get(self, key: str, read: Callable[[], JpegFiles], rows: int) -> JpegFiles:
         """The files saved as `key`, mapped; else `read()`'s, saved as `key` for the others
-        (and mapped, so that this worker's copy is the shared one)."""
+        (and mapped, so that this worker's copy is the shared one). A saved file of other
+        than `rows` files is not this row group's: it is read again."""
         path = os.path.join(self.folder, key)
-        if (files := _mapped(path)) is not None:
+        if (files := self._mapped(path, rows)) is not None:
             return files
-        with self._locked(key):
-            if (files := _mapped(path)) is not None:  # read by another while this waited
+        try:
+            lock = self._lock(key)
+        except OSError as error:  # the folder is gone, or no descriptor is left
+            self._say("cannot be locked", error)
+            return read()
+        try:
+            if (files := self._mapped(path, rows)) is not None:  # read by another meanwhile
                 return files
             files = read()
-            if self._saving and self._save(path, files):
-                return _mapped(path) or files
-            return files
+            shared = self._mapped(path, rows) if self._save(path, files) else None
+            return files if shared is None else shared
+        finally:
+            os.close(lock)  # and with it the lock
 
     def drop(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -129,20 +155,28 @@ class NodeCache:
             os.close(self._users_fd)
             self._users_fd = -1
 
-    @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
+    def _lock(self, key: str) -> int:
+        """A descriptor holding the lock of `key`'s stripe; closing it releases the lock, as
+        the end of the process does."""
         stripe = int(hashlib.blake2b(key.encode(), digest_size=4).hexdigest(), 16) % LOCK_STRIPES
         fd = os.open(os.path.join(self.folder, f".lock-{stripe}"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released on close, or with the process
-            yield
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _save(self, path: str, files: JpegFiles) -> bool:
-        """Whether `files` could be saved at `path`; after a first failure (the folder is
-        full) this worker stops saving, and says so once."""
-        tmp = f"{path}.tmp-{os.getpid()}"
+        """Whether `files` could be saved at `path`. Not while the folder's filesystem is
+        short of space (then the next row group tries again); never again after a failure
+        for another reason."""
+        if not self._saving:
+            return False
+        if shutil.disk_usage(self.folder).free - files.nbytes < self._floor:
+            self._say("is short of space", "less than a quarter free")
+            return False
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as f:
                 files.save(f)
@@ -151,13 +185,48 @@ class NodeCache:
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            self._saving = False
             full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-            log.warning(
-                "loader: %s %s (%s): this worker now reads row groups from storage only",
-                self.folder, "is full" if full else "cannot be written", error,
-            )  # fmt: skip
+            self._saving = full
+            self._say("is full" if full else "cannot be written", error)
             return False
+
+    def _mapped(self, path: str, rows: int) -> JpegFiles | None:
+        """The files saved at `path`, mapped copy-on-write (writable for torch, and shared
+        with every other mapping until written; each worker's mappings count in full toward
+        the kernel's commit limit, without using memory of their own), or read where they
+        cannot be mapped; None where there is no such file, it cannot be opened, or it is
+        damaged or not of `rows` files (then deleted, to be read again)."""
+        try:
+            with open(path, "rb") as f:
+                try:
+                    buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):  # out of mappings or descriptors; an empty file
+                    buffer = bytearray(f.read())
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self._say("cannot be read", error)
+            return None
+        try:
+            files = JpegFiles.load(memoryview(buffer))
+            if len(files) == rows:
+                return files
+            problem = f"{len(files)} files, not {rows}"
+        except ValueError as error:
+            problem = str(error)
+        log.warning("loader: %s is damaged (%s): read again from storage", path, problem)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return None
+
+    def _say(self, trouble: str, why: object) -> None:
+        """Logs each kind of trouble with the folder once."""
+        if trouble not in self._said:
+            self._said.add(trouble)
+            log.warning(
+                "loader: %s %s (%s): some row groups are read from storage by each worker",
+                self.folder, trouble, why,
+            )  # fmt: skip
 
 
 def folder_name(run: str) -> str:
@@ -172,32 +241,12 @@ def _size(root: str) -> int:
         return 0
 
 
-def _mapped(path: str) -> JpegFiles | None:
-    """The files saved at `path`, mapped copy-on-write (writable for torch, and shared with
-    every other mapping until written), or read where they cannot be mapped; None where there
-    is no such file, or a damaged one (then deleted, to be read again)."""
-    try:
-        with open(path, "rb") as f:
-            try:
-                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError):  # out of mappings or descriptors; an empty file
-                buffer = bytearray(f.read())
-    except FileNotFoundError:
-        return None
-    try:
-        return JpegFiles.load(memoryview(buffer))
-    except ValueError as error:
-        log.warning("loader: %s is damaged (%s): read again from storage", path, error)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    return None
-
-
 def _raise_descriptor_limit() -> None:
     """Each mapped file holds a descriptor (Python's mmap keeps one) and a worker maps the
-    row groups of two windows and more: the soft limit is raised to the hard one."""
+    row groups of two windows and more: the soft limit is raised towards the hard one (not
+    beyond `DESCRIPTORS`: some code loops over every possible descriptor)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    want = DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTORS)
     if soft != resource.RLIM_INFINITY and soft < want:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -209,6 +258,9 @@ def _join(folder: str) -> int:
     users = os.path.join(folder, USERS_FILE)
     while True:
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        made = os.lstat(folder)
+        if made.st_uid != os.getuid() or made.st_mode & 0o077 or not stat.S_ISDIR(made.st_mode):
+            raise PermissionError(f"{folder} is not a folder of this user's alone")
         try:
             fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:  # the folder was swept in between

@@ -125,18 +125,21 @@ def test_windows_dropped_and_read_again_give_the_same_batches(dataset, reads, tm
 
 def test_one_row_group_wanted_by_many_at_once_is_read_once(tmp_path) -> None:
     caches = [open_cache(tmp_path, rank=r, workers=4) for r in range(4)]
-    calls = []
+    calls, asking = [], threading.Semaphore(0)
 
     def read() -> JpegFiles:
         calls.append(1)
-        time.sleep(0.2)  # the others ask meanwhile, and wait for this read
+        for _ in range(4 if len(calls) == 1 else 0):  # the others asked too, and wait
+            asking.acquire(timeout=10)
+        time.sleep(0.05)
         return files_of(b"\xff\xd8one", b"", b"two")
 
+    def ask(r: int) -> None:
+        asking.release()
+        got[r] = caches[r].get("k-0", read, 3)
+
     got: list = [None] * 4
-    threads = [
-        threading.Thread(target=lambda r=r: got.__setitem__(r, caches[r].get("k-0", read)))
-        for r in range(4)
-    ]
+    threads = [threading.Thread(target=ask, args=(r,)) for r in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -147,41 +150,128 @@ def test_one_row_group_wanted_by_many_at_once_is_read_once(tmp_path) -> None:
     frame[0] = 0  # copy-on-write: the others' files are untouched
     assert contents(got[2])[0] == b"\xff\xd8one"
     caches[0].drop("k-0")
-    assert caches[1].get("k-0", read) is not None and len(calls) == 2  # dropped: read again
-    for cache in caches:
+    assert caches[1].get("k-0", read, 3) is not None and len(calls) == 2  # dropped: read again
+    caches[0].close()  # others still use the folder: it stays, and serves them
+    assert contents(caches[2].get("k-0", read, 3))[2] == b"two" and len(calls) == 2
+    for cache in caches[1:]:
         cache.close()
+    assert not os.listdir(tmp_path)
 
 
-def test_a_damaged_file_is_read_again(tmp_path, caplog) -> None:
+def test_a_row_group_dropped_while_being_read_is_deleted_after_its_read(dataset, tmp_path):
+    """A dropped row group's file is deleted a few steps later (the other workers' loaders
+    may be that far behind), and only once its read is over: a read still going would save
+    it again after the delete."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cache = open_cache(tmp_path)
-    for damage in (b"", b"\x05" + b"\0" * 7 + b"short"):
+    train = TrainLoader(
+        dataset, rank=0, world_size=2, batch_size=1, crop_px=32, seed=7, window_images=6,
+        cache=cache,
+    )  # fmt: skip
+    gate, fetch = threading.Event(), train._fetch_unit
+    train._fetch_unit = lambda u: gate.wait(10) and fetch(u)
+    key, lag = train._unit_key(0), (2 * train.prefetch_batches + 4) * train.global_batch
+    saved = os.path.join(cache.folder, key)
+    dropped: collections.deque = collections.deque()
+    with ThreadPoolExecutor(1) as pool:
+        dropped.append((0, pool.submit(train._read_unit, 0), key))
+        train._delete_dropped(dropped, lag)
+        assert len(dropped) == 1  # still being read
+        gate.set()
+    assert os.path.exists(saved)
+    train._delete_dropped(dropped, lag - 1)
+    assert os.path.exists(saved) and len(dropped) == 1  # too recent yet
+    train._delete_dropped(dropped, lag)
+    assert not os.path.exists(saved) and not dropped
+    cache.close()
+
+
+def test_a_damaged_or_foreign_file_is_read_again(tmp_path, caplog) -> None:
+    """A file that is not saved JPEG files, or not of the row group's number of rows (left by
+    an earlier run of the same name over another dataset), is read again and replaced."""
+    import io
+
+    cache = open_cache(tmp_path)
+    other = io.BytesIO()
+    files_of(b"a", b"b").save(other)
+    for damage in (b"", b"\x05" + b"\0" * 7 + b"short", other.getvalue()):
         with open(os.path.join(cache.folder, "k-1"), "wb") as f:
             f.write(damage)
         with caplog.at_level(logging.WARNING, "jobs.node_cache"):
-            files = cache.get("k-1", lambda: files_of(b"good"))
+            files = cache.get("k-1", lambda: files_of(b"good"), 1)
         assert contents(files) == [b"good"] and "damaged" in caplog.text
-        assert contents(cache.get("k-1", lambda: files_of(b"not read"))) == [b"good"]
+        assert contents(cache.get("k-1", lambda: files_of(b"not read"), 1)) == [b"good"]
         caplog.clear()
     cache.close()
 
 
-def test_a_full_folder_turns_saving_off_and_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
+def test_a_full_folder_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
+    """Out of space, a row group is not saved and the next one tries again; a folder that
+    cannot be written for another reason is not tried again. Nothing partial is left."""
     cache = open_cache(tmp_path)
     saves = []
+    real_save = JpegFiles.save
 
-    def full(self, f) -> None:
-        saves.append(1)
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def failing(code):
+        def save(self, f) -> None:
+            saves.append(code)
+            f.write(b"partial")
+            raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(JpegFiles, "save", full)
+        return save
+
     with caplog.at_level(logging.WARNING, "jobs.node_cache"):
-        first = cache.get("k-2", lambda: files_of(b"a"))
-        second = cache.get("k-3", lambda: files_of(b"b"))
-    assert contents(first) == [b"a"] and contents(second) == [b"b"]
-    assert len(saves) == 1 and caplog.text.count("is full") == 1
-    assert not [n for n in os.listdir(cache.folder) if not n.startswith(".")]  # none partial
+        monkeypatch.setattr(JpegFiles, "save", failing(errno.ENOSPC))
+        assert contents(cache.get("k-2", lambda: files_of(b"a"), 1)) == [b"a"]
+        assert contents(cache.get("k-3", lambda: files_of(b"b"), 1)) == [b"b"]
+        assert saves == [errno.ENOSPC] * 2 and caplog.text.count("is full") == 1
+        monkeypatch.setattr(JpegFiles, "save", real_save)
+        cache.get("k-4", lambda: files_of(b"c"), 1)  # room again: saved
+        assert os.path.exists(os.path.join(cache.folder, "k-4"))
+        monkeypatch.setattr(JpegFiles, "save", failing(errno.EROFS))
+        for key in ("k-5", "k-6"):
+            assert contents(cache.get(key, lambda: files_of(b"d"), 1)) == [b"d"]
+    assert saves[2:] == [errno.EROFS] and "cannot be written" in caplog.text
+    assert [n for n in os.listdir(cache.folder) if not n.startswith(".")] == ["k-4"]
     cache.close()
+
+
+def test_a_quarter_of_the_folder_is_kept_free(tmp_path, monkeypatch, caplog) -> None:
+    """Ray's object store lives in /dev/shm too, and dies of a full one: row groups are not
+    saved while less than a quarter of it would stay free, and are again once there is."""
+    free = [1000]
+    monkeypatch.setattr(
+        node_cache.shutil, "disk_usage", lambda _: shutil_usage(1000, 1000 - free[0], free[0])
+    )
+    cache = open_cache(tmp_path)
+    big = files_of(b"x" * 100)
+    for room, saved in ((340, False), (350, True)):  # 100 bytes to save, 250 kept free
+        free[0] = room
+        with caplog.at_level(logging.WARNING, "jobs.node_cache"):
+            cache.get(f"k-{room}", lambda: big, 1)
+        assert os.path.exists(os.path.join(cache.folder, f"k-{room}")) == saved
+    assert "short of space" in caplog.text
+    cache.close()
+
+
+def shutil_usage(total: int, used: int, free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total, used, free)
+
+
+def test_a_folder_not_of_this_user_alone_is_not_used(tmp_path, caplog) -> None:
+    """/dev/shm is writable by everyone and the folder's name is known: one made by another
+    user (or open to others) is not used, nor are files planted in it."""
+    folder = tmp_path / node_cache.folder_name("run")
+    folder.mkdir(mode=0o777)
+    os.chmod(folder, 0o777)
+    with caplog.at_level(logging.WARNING, "jobs.node_cache"):
+        cache = NodeCache.open(
+            "run", local_rank=0, local_world_size=2, need_bytes=1, roots=(str(tmp_path),)
+        )
+    assert cache is None and "not a folder of this user's alone" in caplog.text
 
 
 def test_saved_files_load_back_and_damaged_ones_are_refused() -> None:
@@ -264,7 +354,7 @@ def test_a_folder_swept_while_joining_is_made_again(tmp_path, monkeypatch) -> No
     cache = open_cache(tmp_path)
     assert swept == [[os.path.basename(cache.folder)]]
     assert os.path.isdir(cache.folder) and sweep(str(tmp_path)) == []
-    assert contents(cache.get("k-0", lambda: files_of(b"a"))) == [b"a"]
+    assert contents(cache.get("k-0", lambda: files_of(b"a"), 1)) == [b"a"]
     cache.close()
 
 
