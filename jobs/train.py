@@ -456,7 +456,7 @@ def check_resumable(cfg: TrainConfig) -> None:
             f"run {cfg.name} started with {', '.join(retired)} (see {url}), an input order "
             "this version does not make: train under another --name"
         )
-    changed = [k for k in record if k in started and not _kept(started[k], record[k])]
+    changed = [k for k in record if k in started and not kept(started[k], record[k])]
     if changed:
         raise ValueError(
             f"run {cfg.name} started with other {', '.join(changed)} (see {url}): resume it "
@@ -464,11 +464,11 @@ def check_resumable(cfg: TrainConfig) -> None:
         )
 
 
-def _kept(started: Any, now: Any) -> bool:
+def kept(started: Any, now: Any) -> bool:
     """Whether a recorded value is kept by the current one; keys the record lacks (fields
     added since the run started, such as ``model.bn_moving_average``) are not compared."""
     if isinstance(started, dict) and isinstance(now, dict):
-        return all(k not in started or _kept(started[k], v) for k, v in now.items())
+        return all(k not in started or kept(started[k], v) for k, v in now.items())
     return started == now
 
 

@@ -51,11 +51,22 @@ LAMBDA_RANGE = (0.05, 1.0)
 """Lambda's search range: below 0.05 the rebalancing weights grow towards ~5e5."""
 TRIAL_DRIVER_CPU = 0.1
 """CPU reserved for each trial's Tune function (it only waits on its trainer)."""
-SEARCH_ALGS = ("grid", "random", "ax", "hyperopt", "nevergrad", "optuna")
+SEARCH_ALGS = ("grid", "random", "ax", "hyperopt", "optuna")
 """Searchers that take the categorical schedule choice and learn under ASHA (bayesopt has no
-categorical parameters; bohb learns only beside its own HyperBand scheduler)."""
+categorical parameters; bohb learns only beside its own HyperBand scheduler; nevergrad
+needs an optimizer chosen for the space)."""
+SEARCHER_PACKAGES = {"ax": ("ax", "ax-platform"), "hyperopt": ("hyperopt", "hyperopt"),
+                     "optuna": ("optuna", "optuna")}  # fmt: skip
+"""The module each named searcher imports, and the package that installs it."""
 SEED_ARGUMENTS = {"optuna": "seed", "hyperopt": "random_state_seed"}
-"""How the named searchers take `SearchConfig.seed` (ax and nevergrad take none)."""
+"""How the named searchers take `SearchConfig.seed` (ax takes none)."""
+RESUME_FREE_FIELDS = ("max_gpus", "max_concurrent", "final_steps")
+"""Search fields a continued search may change: they change no trial's result (a restored
+search keeps its concurrency; the best config is written anew)."""
+RESUME_FREE_TRAIN_FIELDS = (
+    "tracking", "max_failures", "share_reads", "keep_checkpoints", "make_sample_data",
+)  # fmt: skip
+"""Training fields of the trials a continued search may change likewise."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"auc": ("val_auc_mean", "max"), "val_loss": ("val_loss", "min")}
@@ -101,7 +112,7 @@ class SearchConfig:
     schedules: tuple[str, ...] = ("0.444:0.333,0.833:0.3",)
     """Drop schedules to try: FRACTION:FACTOR[,...] of the step budget, or none."""
     search_alg: str = "grid"
-    """grid, random, or a Tune search algorithm: ax, hyperopt, nevergrad, optuna."""
+    """grid, random, or a Tune search algorithm: ax, hyperopt, optuna (installed)."""
     num_samples: int = 1
     """Trials to sample (grid: repeats of the whole grid, each repeat with seed + its
     number: initialisation and data order of its own)."""
@@ -122,7 +133,10 @@ class SearchConfig:
     max_concurrent: int | None = None
     """Cap on concurrent trials (default: as many as the resources allow)."""
     seed: int = 0
-    """Seed of the sampling searchers (random, optuna, hyperopt; ax and nevergrad take none)."""
+    """Seed of the sampling searchers (random, optuna, hyperopt; ax takes none)."""
+    final_steps: int | None = None
+    """Step budget of best_config.yaml, its drops at the same fractions of it (default: the
+    trials' budget, train.max_steps)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -176,6 +190,8 @@ class SearchConfig:
             problems.append("first_rung_fraction must lie in (0, 1]")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             problems.append("max_concurrent must be >= 1")
+        if self.final_steps is not None and self.final_steps < 1:
+            problems.append("final_steps must be >= 1")
         if self.max_gpus is not None and self.gpus_per_trial > self.max_gpus:
             problems.append(
                 f"a trial needs {self.gpus_per_trial} GPUs (train.num_workers) but max_gpus is "
@@ -285,6 +301,7 @@ def paper() -> SearchConfig:
     report after the last drop of every schedule (step 57k, after the drop at 0.9 of the
     budget), so no trial is judged before annealing; the pruning comes from the single rung
     there (half the trials stop before their last 5%). 20 reports, one every 3k steps.
+    best_config.yaml trains the winner for the released 450k steps.
     About 2.6 GPU-hours per trial at the fp32 rate, 24 trials on 8 GPUs: under a day.
     """
     base = dataclasses.replace(
@@ -292,6 +309,7 @@ def paper() -> SearchConfig:
     )
     return SearchConfig(
         train=base,
+        final_steps=train.paper().max_steps,
         name="paper-search",
         lrs=(),
         lr_range=(1e-5, 1e-4),
@@ -386,7 +404,10 @@ def build_tuner(search: SearchConfig):
     )
     experiment = f"{path.rstrip('/')}/{search.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        print(f"tune: continuing search {search.name} from {search.url}")
+        print(
+            f"tune: continuing search {search.name} from {search.url} (at the concurrency "
+            "it started with: max_gpus and max_concurrent are not changed)"
+        )
         return tune.Tuner.restore(
             experiment,
             trainable=trainable,
@@ -426,7 +447,14 @@ def build_tuner(search: SearchConfig):
             num_samples=1 if search.search_alg == "grid" else search.num_samples,
             max_concurrent_trials=concurrency,
         ),
-        run_config=tune.RunConfig(name=search.name, storage_path=path, storage_filesystem=fs),
+        run_config=tune.RunConfig(
+            name=search.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            # A trial whose function died with its node (its trainer's controller runs
+            # there) starts again, and its trainer resumes from its last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=search.train.max_failures),
+        ),
     )
 
 
@@ -437,18 +465,26 @@ METRIC_COLUMNS = ("val_auc_raw", "val_auc_rebalanced", "val_auc_mean", "val_loss
 TABLE_COLUMNS = ("trial", "lr", "lambda", "schedule", "seed", "steps", *METRIC_COLUMNS, "status")
 
 
+def trial_status(error: BaseException | None, state: str, steps: int, budget: int) -> str:
+    """How a trial ended: an error, completed (its whole budget), stopped early (by the
+    scheduler), or unfinished (the search was interrupted: Tune's `state` is not TERMINATED;
+    re-running the search continues it)."""
+    if error is not None:
+        return f"error: {type(error).__name__}"
+    if state != "TERMINATED":
+        return "unfinished"
+    return "completed" if steps >= budget else "stopped early"
+
+
 def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
     """One row per trial: its config, its last reported figures and how it ended."""
+    # Tune's own state of each trial, in the order of the grid's results (no public API).
+    trials = getattr(getattr(result_grid, "_experiment_analysis", None), "trials", None)
+    states = [t.status for t in trials] if trials else ["TERMINATED"] * len(result_grid)
     rows = []
-    for result in result_grid:
+    for result, state in zip(result_grid, states, strict=True):
         metrics = result.metrics or {}
         steps = int(metrics.get("step", 0))
-        if result.error is not None:
-            status = f"error: {type(result.error).__name__}"
-        elif steps >= search.train.max_steps:
-            status = "completed"
-        else:
-            status = "stopped early"
         rows.append(
             {
                 "trial": metrics.get("trial_id") or result.path.rsplit("/", 1)[-1],
@@ -458,7 +494,7 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
                 "seed": result.config.get("seed", search.train.seed),
                 "steps": steps,
                 **{k: metrics.get(k, math.nan) for k in METRIC_COLUMNS},
-                "status": status,
+                "status": trial_status(result.error, state, steps, search.train.max_steps),
                 "_history": (
                     result.metrics_dataframe.to_dict("records")
                     if result.metrics_dataframe is not None
@@ -470,21 +506,24 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
 
 
 def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
-    """The best trial by the objective, among completed trials where there are any. Trials
-    of one point (lr, lambda, schedule) with other seeds, a grid's repeats, count by their
-    mean: the point is chosen, not the luckiest seed; its best trial stands for it."""
-    scored = [r for r in rows if not math.isnan(r[search.metric])]
-    completed = [r for r in scored if r["status"] == "completed"]
-    pool = completed or scored
+    """The best trial by the objective. Trials of one point (lr, lambda, schedule) with
+    other seeds, a grid's repeats, count by their mean: the point is chosen, not the
+    luckiest seed; its best trial stands for it. Points all of whose trials completed come
+    first: the mean of the seeds a scheduler let through would be a mean of the lucky ones."""
+    points: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        points.setdefault((row["lr"], row["lambda"], row["schedule"]), []).append(row)
+    scored = [[r for r in same if not math.isnan(r[search.metric])] for same in points.values()]
+    completed = [
+        same
+        for same, every in zip(scored, points.values(), strict=True)
+        if same and all(r["status"] == "completed" for r in every)
+    ]
+    pool = completed or [same for same in scored if same]
     if not pool:
         return None
     sign = 1 if search.mode == "max" else -1
-    points: dict[tuple, list[dict[str, Any]]] = {}
-    for row in pool:
-        points.setdefault((row["lr"], row["lambda"], row["schedule"]), []).append(row)
-    best = max(
-        points.values(), key=lambda same: sign * sum(r[search.metric] for r in same) / len(same)
-    )
+    best = max(pool, key=lambda same: sign * sum(r[search.metric] for r in same) / len(same))
     return max(best, key=lambda r: sign * r[search.metric])
 
 
@@ -547,24 +586,31 @@ def plot_curves(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
 
 
 def best_train_config(search: SearchConfig, row: dict[str, Any]) -> TrainConfig:
-    """The winning trial as a full-length training config of its own."""
+    """The winning trial as a training config of its own, of `final_steps` steps (the
+    schedule's drops at the same fractions of them)."""
     cfg = trial_config(search, row, name=f"{search.name}-best")
     base = search.train
+    steps = search.final_steps or base.max_steps
     return dataclasses.replace(
         cfg,
         seed=base.seed,  # the point was chosen over its seeds: the search's own
         storage=search.storage,
+        max_steps=steps,
+        lr_drop_steps=drop_steps(parse_schedule(row["schedule"])[0], steps),
         checkpoint_every_steps=base.checkpoint_every_steps,
         val_every_steps=base.val_every_steps,
     )
 
 
 def write_outputs(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
+    """The results table and plots; and the best config, once no trial is unfinished."""
     s3 = search.train.s3
     storage.write_bytes(storage.join(search.url, "results.md"), markdown_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "results.csv"), csv_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "objective.png"), plot_objective(rows, search), s3)
     storage.write_bytes(storage.join(search.url, "curves.png"), plot_curves(rows, search), s3)
+    if any(r["status"] == "unfinished" for r in rows):
+        return None
     best = best_row(rows, search)
     if best is not None:
         point = {"lr": best["lr"], "rebalance_lambda": best["lambda"], **best}
@@ -573,41 +619,87 @@ def write_outputs(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str,
     return best
 
 
-def _check_same_search(search: SearchConfig) -> None:
-    """A search folder belongs to one config: continuing it with another is refused."""
+def search_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields (dotted) in which the search config `now` differs from the one a search
+    folder was started with, `saved`. Fields the record lacks (added to the code since)
+    are not compared, nor those that change no trial's result (`RESUME_FREE_FIELDS`,
+    `RESUME_FREE_TRAIN_FIELDS`)."""
+    changed = []
+    for key, value in now.items():
+        if key in RESUME_FREE_FIELDS or key not in saved:
+            continue
+        if key == "train":
+            changed += [
+                f"train.{k}"
+                for k, v in value.items()
+                if k in saved[key]
+                and k not in RESUME_FREE_TRAIN_FIELDS
+                and not train.kept(saved[key][k], v)
+            ]
+        elif not train.kept(saved[key], value):
+            changed.append(key)
+    return changed
+
+
+def _check_same_search(search: SearchConfig) -> bool:
+    """Whether the search folder holds this search already: continuing it with a config
+    that would change its trials' results is refused."""
     url = storage.join(search.url, SEARCH_CONFIG_FILE)
     s3 = search.train.s3
-    if storage.exists(url, s3):
-        from jobs.config import load_config_file
+    if not storage.exists(url, s3):
+        return False
+    from jobs.config import load_config_file
 
-        if load_config_file(url, s3) != to_dict(search):
+    if changed := search_changes(load_config_file(url, s3), to_dict(search)):
+        raise ValueError(
+            f"{search.url} holds a search with other {', '.join(changed)} (see {url}); pass "
+            "another --name, or the same values to continue it"
+        )
+    return True
+
+
+def _check_searcher(search: SearchConfig) -> None:
+    """A named searcher's package must be installed (checked before Ray starts)."""
+    import importlib.util
+
+    if search.search_alg in SEARCHER_PACKAGES:
+        module, package = SEARCHER_PACKAGES[search.search_alg]
+        if importlib.util.find_spec(module) is None:
             raise ValueError(
-                f"{search.url} holds a search with another config; pass another --name "
-                f"(or the same options as before to continue it)"
+                f"search_alg {search.search_alg} needs the {package} package: pip install {package}"
             )
-    else:
-        save_config(search, url, s3)
 
 
 def main(search: SearchConfig) -> list[dict[str, Any]]:
-    """Run (or continue) the search; returns the results table."""
+    """Run (or continue) the search; returns the results table. An interrupted search
+    (Ctrl-C) writes the table of what it has, marks the trials it had not finished, and
+    writes no best config: the same command continues it."""
     from jobs.runtime import check_gpus, init_ray
 
     base = train.with_absolute_paths(search.train)
+    _check_searcher(search)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
     init_ray(outputs=[search.storage])
     if base.make_sample_data:
         train.ensure_sample_data(base)
         train.preflight(dataclasses.replace(base, make_sample_data=False))
-    _check_same_search(search)
+    started = _check_same_search(search)
     start = time.monotonic()
-    result_grid = build_tuner(search).fit()
+    tuner = build_tuner(search)
+    if not started:  # recorded once the search could be set up, not by a failed start
+        save_config(search, storage.join(search.url, SEARCH_CONFIG_FILE), search.train.s3)
+    result_grid = tuner.fit()
     rows = results_table(result_grid, search)
     best = write_outputs(rows, search)
     print(markdown_table(rows), end="")
     print(f"tune: {len(rows)} trials in {time.monotonic() - start:.0f}s; results in {search.url}")
-    if best is not None:
+    if unfinished := sum(r["status"] == "unfinished" for r in rows):
+        print(
+            f"tune: the search was interrupted with {unfinished} trials unfinished; run the "
+            "same command again to continue it"
+        )
+    elif best is not None:
         print(
             f"tune: best {search.metric} {best[search.metric]:.4f} with lr {best['lr']:.3g}, "
             f"lambda {best['lambda']:.3g}, schedule {best['schedule']}; "

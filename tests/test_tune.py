@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs import storage, tune
-from jobs.config import ConfigError, load_config_file, parse_config
+from jobs.config import ConfigError, load_config_file, parse_config, save_config, to_dict
 from jobs.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +63,63 @@ def test_the_best_point_is_chosen_by_the_mean_of_its_seeds() -> None:
                 "val_auc_mean": auc, "status": status}  # fmt: skip
 
     rows = [row(1e-3, 0, 0.90), row(1e-3, 1, 0.60), row(2e-3, 0, 0.80), row(2e-3, 1, 0.78),
-            row(3e-3, 0, 0.99, "stopped early")]  # fmt: skip
+            row(3e-3, 0, 0.99, "stopped early"),
+            row(4e-3, 0, 0.95), row(4e-3, 1, 0.50, "stopped early")]  # fmt: skip
     best = tune.best_row(rows, search)
-    assert (best["lr"], best["seed"]) == (2e-3, 0)  # mean 0.79 beats 0.75; completed first
+    # mean 0.79 beats 0.75; points whose every seed completed first: 4e-3's surviving seed
+    # alone is not its mean
+    assert (best["lr"], best["seed"]) == (2e-3, 0)
+    stopped = [r for r in rows if r["lr"] >= 3e-3]
+    assert tune.best_row(stopped, search)["lr"] == 3e-3  # none completed: the scored ones
     assert tune.best_train_config(search, {**best, "rebalance_lambda": 0.5}).seed == 0
     lucky = {**best, "seed": 1, "rebalance_lambda": 0.5}
     assert tune.best_train_config(search, lucky).seed == search.train.seed
+
+
+def test_the_best_config_trains_for_the_final_budget_with_the_same_fractions() -> None:
+    search = dataclasses.replace(tune.ci(), final_steps=400)
+    point = {"lr": 1e-3, "rebalance_lambda": 0.5, "schedule": "0.75:0.3", "seed": 3}
+    cfg = tune.best_train_config(search, point)
+    assert (cfg.max_steps, cfg.lr_drop_steps, cfg.lr_drop_factors) == (400, (300,), (0.3,))
+    trial = tune.best_train_config(dataclasses.replace(search, final_steps=None), point)
+    assert (trial.max_steps, trial.lr_drop_steps) == (40, (30,))  # the trials' own budget
+    paper = tune.paper()
+    assert paper.final_steps == 450_000 and paper.train.max_steps == 60_000
+
+
+def test_trial_status_tells_unfinished_trials_from_stopped_ones() -> None:
+    assert tune.trial_status(None, "TERMINATED", 40, 40) == "completed"
+    assert tune.trial_status(None, "TERMINATED", 10, 40) == "stopped early"
+    for state in ("RUNNING", "PENDING", "PAUSED"):  # a search interrupted
+        assert tune.trial_status(None, state, 10, 40) == "unfinished"
+    assert tune.trial_status(OSError("x"), "ERROR", 10, 40) == "error: OSError"
+
+
+def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> None:
+    save_config(tune.ci(), str(tmp_path / "search.yaml"))  # as a search folder records it
+    saved = load_config_file(str(tmp_path / "search.yaml"))
+    same = tune.search_changes(saved, to_dict(tune.ci()))
+    assert same == []
+    free = dataclasses.replace(
+        tune.ci(), max_concurrent=1, max_gpus=3, final_steps=100,
+        train=dataclasses.replace(tune.ci().train, tracking="none", max_failures=0),
+    )  # fmt: skip
+    assert tune.search_changes(saved, to_dict(free)) == []
+    changed = dataclasses.replace(
+        tune.ci(), lambdas=(0.25,), train=dataclasses.replace(tune.ci().train, batch_size=8)
+    )
+    assert tune.search_changes(saved, to_dict(changed)) == ["train.batch_size", "lambdas"]
+    older = {k: v for k, v in saved.items() if k != "reduction_factor"}  # a field added since
+    older["train"] = {k: v for k, v in saved["train"].items() if k != "share_reads"}
+    newer = dataclasses.replace(tune.ci(), reduction_factor=3.0)
+    assert tune.search_changes(older, to_dict(newer)) == []
+
+
+def test_a_searcher_not_installed_fails_before_ray(monkeypatch) -> None:
+    monkeypatch.setitem(tune.SEARCHER_PACKAGES, "optuna", ("no_such_searcher", "no-such"))
+    search = dataclasses.replace(tune.ci(), search_alg="optuna")
+    with pytest.raises(ValueError, match="needs the no-such package: pip install no-such"):
+        tune.main(search)
 
 
 def test_grid_repeats_differ_by_their_seed() -> None:
@@ -152,5 +203,27 @@ def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config
     cfg, _ = parse_config(TrainConfig, ["--config", best_url])
     assert cfg.max_steps == 40 and cfg.lr_drop_steps == (30,)
 
-    with pytest.raises(ValueError, match="another config"):  # the folder belongs to one search
+    with pytest.raises(ValueError, match="other lambdas"):  # the folder belongs to one search
         tune.main(dataclasses.replace(search, lambdas=(0.25,)))
+
+    # The same command again continues the search: every trial kept as it ended, none rerun
+    # (a concurrency cap, which changes no result, may differ).
+    again = tune.main(dataclasses.replace(search, max_concurrent=1))
+    key = ("trial", "lr", "lambda", "steps", "status", "val_auc_mean")
+    assert sorted(tuple(r[k] for k in key) for r in again) == sorted(
+        tuple(r[k] for k in key) for r in rows
+    )
+
+
+def test_a_search_that_fails_to_start_leaves_its_name_free(ci_config, s3_server, monkeypatch):
+    search = dataclasses.replace(
+        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="failed-start"
+    )
+
+    def fails(_search):
+        raise ValueError("a trial needs 1 GPUs; the cluster has 0 for it")
+
+    monkeypatch.setattr(tune, "build_tuner", fails)
+    with pytest.raises(ValueError, match="cluster has 0"):
+        tune.main(search)
+    assert not storage.exists(storage.join(search.url, tune.SEARCH_CONFIG_FILE))
