@@ -147,6 +147,9 @@ class ColorizeConfig:
     """Model device: auto (CUDA when the cluster has GPUs at the start), cpu or cuda (GPU
     actors, model_actors of them or one per GPU, which an autoscaling cluster starts GPU
     nodes for)."""
+    accelerator_type: str | None = None
+    """GPU model the model actors run on, as Ray names it (L40S, H100, A10G, ...): on a
+    cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     dtype: str = "auto"
     """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32."""
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
@@ -181,6 +184,8 @@ class ColorizeConfig:
             raise ValueError("max_file_mb, actor_cpus and task_cpus must be > 0")
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
+        if self.accelerator_type and self.device == "cpu":
+            raise ValueError("accelerator_type names a GPU: it needs device cuda (or auto)")
 
 
 # ---------------------------------------------------------------- the colour math
@@ -911,10 +916,10 @@ def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: d
 
 
 def _gpus(cfg: ColorizeConfig, cluster_gpus: int) -> int:
-    """GPUs for the model actors: with device cuda, model_actors of them (at least one) even
-    when the cluster has none yet, for an autoscaler to start GPU nodes; with auto, the
-    cluster's at the start; with cpu, none."""
-    if cfg.device == "cuda":
+    """GPUs for the model actors: with device cuda (or an accelerator type named),
+    model_actors of them (at least one) even when the cluster has none yet, for an
+    autoscaler to start GPU nodes; with auto, the cluster's at the start; with cpu, none."""
+    if cfg.device == "cuda" or cfg.accelerator_type:
         return max(cluster_gpus, cfg.model_actors, 1)
     return cluster_gpus if cfg.device == "auto" else 0
 
@@ -960,6 +965,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
         "batch_format": "numpy",
         "num_cpus": cfg.actor_cpus,
         "num_gpus": 1 if gpus else 0,
+        "accelerator_type": cfg.accelerator_type if gpus else None,
     }
     if fused:
         ds = ds.map_batches(

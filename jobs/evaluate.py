@@ -113,6 +113,9 @@ class EvaluateConfig:
     """CPUs reserved per actor (fractional on small machines, or reads starve)."""
     use_gpu: bool = False
     """One GPU per actor."""
+    accelerator_type: str | None = None
+    """GPU model the actors run on, as Ray names it (L40S, H100, ...; needs use_gpu): on a
+    cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Autocast dtype of the networks; auto = bf16 where the device has fast bf16."""
     grid_images: int = 6
@@ -133,6 +136,8 @@ class EvaluateConfig:
             problems.append("batch_size, num_actors and grid_images must be >= 1")
         if self.cpus_per_actor <= 0:
             problems.append("cpus_per_actor must be > 0")
+        if self.accelerator_type and not self.use_gpu:
+            problems.append("accelerator_type names a GPU: it needs use_gpu")
         if self.classifier_weights and not self.classifier:
             problems.append("classifier_weights given without --classifier")
         if problems:
@@ -1100,6 +1105,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         batch_format="numpy",
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else 0,
+        accelerator_type=cfg.accelerator_type,
     )
     rows, curve_sums = collect(ds, cfg.grid_images)
     result = build_result(cfg, plan, rows, curve_sums, model_info)

@@ -14,8 +14,9 @@ than the reads it saves:
 - a worker that dies while reading releases its lock with its process, and the next one
   reads the row group itself;
 - a file deleted before a worker mapped it (its window ended for the others) is read again;
-- a folder short of space (less than a quarter of it free: Ray's object store shares
-  /dev/shm, and dies of a full one) is not written to until it has room again;
+- a folder short of space is not written to until it has room again: Ray's object store
+  shares /dev/shm, allocates its pages as it fills, and dies of a full one, so the cache
+  keeps free the larger of a quarter of the filesystem and the object store's size;
 - a folder that cannot be used at all (not this user's, not writable, out of descriptors)
   leaves the worker reading as without one.
 
@@ -54,7 +55,7 @@ FOLDER_PREFIX = "colorcore-rowgroups-"
 USERS_FILE = ".users"
 LOCK_STRIPES = 4096  # lock files: row groups whose keys share one wait for each other
 DESCRIPTORS = 1 << 16  # the soft limit of open files a worker raises itself to
-FREE_FLOOR = 0.25  # of the folder's filesystem kept free (Ray's object store lives there too)
+FREE_FLOOR = 0.25  # of the folder's filesystem kept free at least (see reserve_bytes)
 ROOTS = ("/dev/shm", tempfile.gettempdir())  # shared memory, else the temporary folder
 
 T = TypeVar("T")
@@ -64,11 +65,18 @@ class NodeCache:
     """The row-group files of one run on this machine, in `folder`; `local_rank` of
     `local_world_size` workers here (it staggers which row groups each reads first)."""
 
-    def __init__(self, folder: str, users_fd: int, local_rank: int, local_world_size: int):
+    def __init__(
+        self,
+        folder: str,
+        users_fd: int,
+        local_rank: int,
+        local_world_size: int,
+        reserve_bytes: int = 0,
+    ):
         self.folder, self._users_fd = folder, users_fd
         self.local_rank, self.local_world_size = local_rank, local_world_size
         self._saving = True  # until a write fails for a reason other than space
-        self._floor = FREE_FLOOR * shutil.disk_usage(folder).total
+        self._floor = max(FREE_FLOOR * shutil.disk_usage(folder).total, reserve_bytes)
         self._said: set[str] = set()  # troubles already logged
 
     @classmethod
@@ -79,12 +87,14 @@ class NodeCache:
         local_rank: int,
         local_world_size: int,
         need_bytes: int,
+        reserve_bytes: int = 0,
         roots: Sequence[str] = ROOTS,
     ) -> NodeCache | None:
         """The cache of run `run` (any string naming it, such as its URL) for a worker;
         None where there is nothing to share (one worker here) or no root of `roots` has a
         size of at least `need_bytes` (a root's size, not its free space: every worker of a
-        machine must choose the same one)."""
+        machine must choose the same one). `reserve_bytes` (the size of the machine's Ray
+        object store) is kept free, if more than a quarter of the root."""
         if local_world_size < 2:
             return None
         root = next((r for r in roots if _size(r) >= need_bytes), None)
@@ -99,7 +109,7 @@ class NodeCache:
         try:
             sweep(root, keep=name)
             _raise_descriptor_limit()
-            cache = cls(folder, _join(folder), local_rank, local_world_size)
+            cache = cls(folder, _join(folder), local_rank, local_world_size, reserve_bytes)
         except OSError as error:  # not this user's folder, or none can be made
             log.warning(
                 "loader: %s cannot hold shared row groups (%s): the workers here read every "
@@ -174,7 +184,7 @@ class NodeCache:
         if not self._saving:
             return False
         if shutil.disk_usage(self.folder).free - files.nbytes < self._floor:
-            self._say("is short of space", "less than a quarter free")
+            self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
             return False
         tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:

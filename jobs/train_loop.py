@@ -83,6 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_rank=ctx.get_local_rank(),
             local_world_size=ctx.get_local_world_size(),
             need_bytes=int(3 * cfg.window_images * index.jpeg_bytes_per_image),
+            reserve_bytes=_object_store_bytes(),
         )
         if cfg.share_reads
         else None
@@ -198,6 +199,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
         ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
+
+
+def _object_store_bytes() -> int:
+    """The size of this machine's Ray object store (which lives in /dev/shm where it fits)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for info in ray.nodes():
+        if info.get("NodeID") == node:
+            return int(info.get("Resources", {}).get("object_store_memory", 0))
+    return 0
 
 
 def init_batch(cfg: TrainConfig, index: DatasetIndex) -> torch.Tensor:

@@ -51,6 +51,11 @@ LAMBDA_RANGE = (0.05, 1.0)
 """Lambda's search range: below 0.05 the rebalancing weights grow towards ~5e5."""
 TRIAL_DRIVER_CPU = 0.1
 """CPU reserved for each trial's Tune function (it only waits on its trainer)."""
+DRIVER_RESOURCE = "colorcore_driver"
+"""A resource the cluster definitions give the head node: where the cluster has it, each
+trial's function takes one of it and no CPU, and so runs on the head (on demand, and up for
+the whole search) instead of keeping a CPU node up, whose loss would end every trial on it
+(a trial's trainer runs its controller where the trial's function runs)."""
 SEARCH_ALGS = ("grid", "random", "ax", "hyperopt", "optuna")
 """Searchers that take the categorical schedule choice and learn under ASHA (bayesopt has no
 categorical parameters; bohb learns only beside its own HyperBand scheduler; nevergrad
@@ -389,6 +394,14 @@ def _concurrency(search: SearchConfig) -> int:
     return min(slots, search.max_concurrent or slots)
 
 
+def _trial_driver_resources() -> dict[str, float]:
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE):
+        return {"cpu": 0, DRIVER_RESOURCE: 1}
+    return {"cpu": TRIAL_DRIVER_CPU}
+
+
 def build_tuner(search: SearchConfig):
     """The `Tuner` for `search`, restored when the search folder already holds one."""
     from ray import tune
@@ -399,8 +412,7 @@ def build_tuner(search: SearchConfig):
     search = dataclasses.replace(search, storage=storage.absolute(search.storage))
     fs, path = storage.arrow_filesystem(search.storage, search.train.s3)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, search=to_dict(search)),
-        {"cpu": TRIAL_DRIVER_CPU},
+        tune.with_parameters(_run_trial, search=to_dict(search)), _trial_driver_resources()
     )
     experiment = f"{path.rstrip('/')}/{search.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):

@@ -84,8 +84,17 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
     workers inherit its environment); shut down at the end."""
     import ray
 
-    # the dashboard: Ray Train's placement-group cleaner needs its state API (jobs.runtime)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    from jobs.tune import DRIVER_RESOURCE
+
+    # the dashboard: Ray Train's placement-group cleaner needs its state API (jobs.runtime);
+    # the resource of the cluster definitions' head, on which Tune trials' functions run
+    ray.init(
+        address="local",
+        num_cpus=2,
+        resources={DRIVER_RESOURCE: 100},
+        include_dashboard=True,
+        log_to_driver=False,
+    )
     try:
         yield
     finally:

@@ -38,6 +38,7 @@ DOCKERFILE = CLUSTER_DIR / "Dockerfile"
 CLUSTER_README = CLUSTER_DIR / "README.md"
 READMES = [ROOT / "README.md", CLUSTER_README]
 MANIFESTS = sorted((CLUSTER_DIR / "kuberay").glob("*.yaml"))
+SECRET_EXAMPLE = CLUSTER_DIR / "kuberay" / "ray-auth-secret.yaml.example"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CONTROL_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "client"}
 WORLD = {"0.0.0.0/0", "::/0"}
@@ -436,6 +437,136 @@ def test_every_gpu_training_preset_fits_the_launcher(path: Path) -> None:
         ), f"{name} fits no node type"
 
 
+# ---------------------------------------------------------------- shared memory
+
+NODE_CACHE_BYTES = 3 * 16_384 * 128_000
+"""What jobs.node_cache holds for ImageNet: three windows of JPEGs of at most 128 KB."""
+
+
+def byte_quantity(value: str | int) -> float:
+    """A Kubernetes memory quantity ("64Gi", "20G", 1024) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    text = str(value)
+    unit = next((u for u in sorted(units, key=len, reverse=True) if text.endswith(u)), "")
+    return float(text[: len(text) - len(unit)]) * units.get(unit, 1)
+
+
+def shared_memory(template: dict[str, Any]) -> float | None:
+    """Bytes of the memory-backed volume the pod's Ray container mounts at /dev/shm."""
+    mounts = template["spec"]["containers"][0].get("volumeMounts", [])
+    name = next((m["name"] for m in mounts if m["mountPath"] == "/dev/shm"), None)
+    volume = next((v for v in template["spec"].get("volumes", []) if v["name"] == name), {})
+    empty = volume.get("emptyDir", {})
+    return byte_quantity(empty["sizeLimit"]) if empty.get("medium") == "Memory" else None
+
+
+def node_cache_room(shm: float, object_store: float) -> float:
+    """What jobs.node_cache may fill of a /dev/shm of `shm` bytes beside an object store."""
+    from jobs.node_cache import FREE_FLOOR
+
+    return shm - max(FREE_FLOOR * shm, object_store)
+
+
+@pytest.mark.parametrize("where, spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
+def test_every_ray_pod_has_shared_memory_and_multi_gpu_pods_room_for_the_node_cache(
+    where: str, spec: dict[str, Any]
+) -> None:
+    """Without a memory volume at /dev/shm a pod has Docker's 64 MB, and Ray puts its object
+    store on disk. A pod of several GPUs runs training workers that share row groups there
+    too (jobs.node_cache): its object store is sized to leave them room."""
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for group in groups:
+        shm = shared_memory(group["template"])
+        assert shm and shm >= 4 * 2**30, f"{where} {group.get('groupName', 'head')}: {shm}"
+        gpus = quantity(
+            group["template"]["spec"]["containers"][0]["resources"]["limits"].get(
+                "nvidia.com/gpu", 0
+            )
+        )
+        if gpus > 1:
+            store = byte_quantity(group["rayStartParams"]["object-store-memory"])
+            assert node_cache_room(shm, store) >= NODE_CACHE_BYTES, where
+
+
+@pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
+def test_launcher_multi_gpu_nodes_have_room_for_the_node_cache(path: Path) -> None:
+    config = prepared_launcher_config(path)
+    for name, node_type in config["available_node_types"].items():
+        if node_type["resources"].get("GPU", 0) <= 1:
+            continue
+        options = " ".join(node_type["docker"]["worker_run_options"])
+        shm = byte_quantity(re.search(r"--shm-size[= ](\d+)g", options)[1] + "G")
+        store = float(re.search(r"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES=(\d+)", options)[1])
+        assert node_cache_room(shm, store) >= NODE_CACHE_BYTES, name
+
+
+@pytest.mark.parametrize("where, spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
+def test_only_gpu_pods_see_gpus_and_only_the_head_gets_an_api_token(where, spec) -> None:
+    """The image makes every GPU of a node visible: a pod that asks for none says it has none
+    (a head or CPU pod landing on a GPU node would offer them to Ray). Only the head's
+    autoscaler talks to the Kubernetes API; the workers, which decode untrusted archives,
+    carry no token for it."""
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("num-gpus") == "0", where
+    assert head["template"]["spec"].get("automountServiceAccountToken") is not False, where
+    for group in spec.get("workerGroupSpecs", []):
+        template = group["template"]["spec"]
+        limits = template["containers"][0]["resources"]["limits"]
+        if not quantity(limits.get("nvidia.com/gpu", 0)):
+            assert group["rayStartParams"].get("num-gpus") == "0", (where, group["groupName"])
+        assert template.get("automountServiceAccountToken") is False, (where, group["groupName"])
+
+
+@pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
+def test_launcher_head_offers_the_tune_driver_resource(path: Path) -> None:
+    from jobs.tune import DRIVER_RESOURCE
+
+    config = prepared_launcher_config(path)
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get(DRIVER_RESOURCE, 0) >= 64  # a search's trials at once
+
+
+def kuberay_resources(params: dict[str, Any]) -> dict[str, float]:
+    """The custom resources of a group's rayStartParams (a JSON object, quoted)."""
+    text = params.get("resources")
+    return json.loads(json.loads(text)) if text else {}
+
+
+def test_kuberay_tune_clusters_offer_the_tune_driver_resource_on_the_head() -> None:
+    from jobs.tune import DRIVER_RESOURCE
+
+    for where, spec in cluster_specs():
+        runs_tune = "rayjob-tune" in where or "raycluster" in where
+        head = kuberay_resources(spec["headGroupSpec"]["rayStartParams"])
+        assert (head.get(DRIVER_RESOURCE, 0) >= 64) == runs_tune, where
+
+
+def test_accelerator_types_asked_for_are_offered() -> None:
+    """A command asking for a GPU model (`--accelerator-type`) waits forever where no node
+    type offers it: every model a manifest's or README's command names, the clusters it may
+    run on offer."""
+    offered_kuberay = {
+        key.split(":", 1)[1]
+        for _, spec in cluster_specs()
+        for group in spec.get("workerGroupSpecs", [])
+        for key in kuberay_resources(group["rayStartParams"])
+        if key.startswith("accelerator_type:")
+    }
+    offered_launcher = {
+        key.split(":", 1)[1]
+        for path in launcher_files()
+        for t in prepared_launcher_config(path)["available_node_types"].values()
+        for key in t["resources"]
+        if key.startswith("accelerator_type:")
+    }
+    asked = {
+        config["accelerator_type"]
+        for _, module, args in job_commands()
+        if (config := dry_run(module, args)).get("accelerator_type")
+    }
+    assert asked and asked <= offered_kuberay and asked <= offered_launcher
+
+
 # ---------------------------------------------------------------- one image, the pinned versions
 
 
@@ -592,12 +723,7 @@ def test_launcher_token_auth_from_ssm(path: Path) -> None:
 
 
 def test_kuberay_token_auth_from_a_secret() -> None:
-    secrets = {
-        d["metadata"]["name"]
-        for path in MANIFESTS
-        for d in _yaml_documents(path)
-        if d["kind"] == "Secret"
-    }
+    secrets = {d["metadata"]["name"] for d in _yaml_documents(SECRET_EXAMPLE)}
     accounts = {
         d["metadata"]["name"]
         for path in MANIFESTS
@@ -640,7 +766,7 @@ def literal_credentials(text: str) -> list[str]:
 
 
 def cluster_files() -> list[Path]:
-    return sorted({*launcher_files(), DOCKERFILE, CLUSTER_README, *MANIFESTS})
+    return sorted({*launcher_files(), DOCKERFILE, CLUSTER_README, *MANIFESTS, SECRET_EXAMPLE})
 
 
 @pytest.mark.parametrize("path", cluster_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -659,8 +785,14 @@ def test_credential_scan_catches_keys_and_tokens() -> None:
     assert literal_credentials("aws_secret_access_key: ${SECRET}") == []
 
 
+def test_applying_the_manifest_folder_leaves_the_secret_alone() -> None:
+    """`kubectl apply -f cluster/kuberay/` takes the .yaml files: none may hold the token's
+    Secret, or it would overwrite the real one with the placeholder."""
+    assert not [p.name for p in MANIFESTS for d in _yaml_documents(p) if d["kind"] == "Secret"]
+
+
 def test_secret_example_holds_a_placeholder_only() -> None:
-    secrets = [d for path in MANIFESTS for d in _yaml_documents(path) if d["kind"] == "Secret"]
+    secrets = [d for d in _yaml_documents(SECRET_EXAMPLE) if d["kind"] == "Secret"]
     assert secrets
     for secret in secrets:
         assert not secret.get("data"), "no encoded values in the repository"

@@ -178,6 +178,9 @@ def test_model_actor_count_leaves_ray_data_room_for_the_reads() -> None:
     wide = dataclasses.replace(defaults, actor_cpus=0.75)
     assert colorize._model_actors(wide, gpus=0, cpus=2) == 1
     assert colorize._model_actors(dataclasses.replace(wide, model_actors=3), 0, 2) == 3
+    # a GPU model named: GPU actors, as with device cuda, on a cluster with no GPU node yet
+    named = dataclasses.replace(defaults, accelerator_type="L40S", model_actors=6)
+    assert colorize._gpus(named, cluster_gpus=0) == 6 and colorize._gpus(defaults, 0) == 0
 
 
 def test_config_is_validated_and_parses(capsys) -> None:
@@ -192,6 +195,9 @@ def test_config_is_validated_and_parses(capsys) -> None:
         colorize.ColorizeConfig(input="/a", output="/b", model="m", temperature=0)
     with pytest.raises(ValueError, match="batch_size >= 0"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", batch_size=-1)
+    with pytest.raises(ValueError, match="accelerator_type names a GPU"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", device="cpu",
+                                accelerator_type="L40S")  # fmt: skip
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)

@@ -171,6 +171,8 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         evaluate.EvaluateConfig(data="d")
     with pytest.raises(ValueError, match="eval_px"):
         evaluate.EvaluateConfig(data="d", model="m", eval_px=100)
+    with pytest.raises(ValueError, match="accelerator_type names a GPU"):
+        evaluate.EvaluateConfig(data="d", model="m", accelerator_type="L40S")
     with pytest.raises(ValueError, match="pass --split"):
         evaluate.plan_inputs(evaluate.EvaluateConfig(data=str(tmp_path), model="m"))
     for name in evaluate.PRESETS:

@@ -237,9 +237,10 @@ def test_a_full_folder_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
     cache.close()
 
 
-def test_a_quarter_of_the_folder_is_kept_free(tmp_path, monkeypatch, caplog) -> None:
+def test_a_quarter_of_the_folder_or_the_object_store_is_kept_free(tmp_path, monkeypatch, caplog):
     """Ray's object store lives in /dev/shm too, and dies of a full one: row groups are not
-    saved while less than a quarter of it would stay free, and are again once there is."""
+    saved while less than a quarter of it (or the object store's size, where larger) would
+    stay free, and are again once there is."""
     free = [1000]
     monkeypatch.setattr(
         node_cache.shutil, "disk_usage", lambda _: shutil_usage(1000, 1000 - free[0], free[0])
@@ -253,6 +254,20 @@ def test_a_quarter_of_the_folder_is_kept_free(tmp_path, monkeypatch, caplog) -> 
         assert os.path.exists(os.path.join(cache.folder, f"k-{room}")) == saved
     assert "short of space" in caplog.text
     cache.close()
+    reserved = NodeCache.open(
+        "r",
+        local_rank=0,
+        local_world_size=2,
+        need_bytes=1,
+        reserve_bytes=600,
+        roots=(str(tmp_path),),
+    )  # the object store's 600 of the 1000 bytes kept free, more than a quarter
+    free[0] = 690
+    reserved.get("k-690", lambda: big, 1)
+    free[0] = 700
+    reserved.get("k-700", lambda: big, 1)
+    assert sorted(n for n in os.listdir(reserved.folder) if n.startswith("k-")) == ["k-700"]
+    reserved.close()
 
 
 def shutil_usage(total: int, used: int, free: int):

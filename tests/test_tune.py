@@ -166,6 +166,15 @@ def test_every_preset_parses_and_validates(preset) -> None:
     assert search.first_rung() <= search.train.max_steps
 
 
+def test_trial_functions_run_on_the_driver_resource_where_the_cluster_has_it(ray_session):
+    """The test session's Ray has the head's resource of the cluster definitions: the ci
+    search's trials run on it (0 CPUs each), as on a cluster."""
+    import ray
+
+    assert ray.cluster_resources().get(tune.DRIVER_RESOURCE)
+    assert tune._trial_driver_resources() == {"cpu": 0, tune.DRIVER_RESOURCE: 1}
+
+
 def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config, s3_server):
     search = dataclasses.replace(
         tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="ci-search"
