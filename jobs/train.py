@@ -44,6 +44,7 @@ from jobs.loader import WINDOW_IMAGES
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
+DIVERGED_FILE = "diverged.json"  # where a run whose loss went non-finite stopped (train_loop)
 RUN_FILE = "run.json"  # what a resumed run must keep: `check_resumable`
 RESUME_FIELDS = (
     "model", "batch_size", "crop_px", "seed", "window_images", "soft_encode_k",
@@ -513,10 +514,19 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if not data_ready:
         check_resumable(cfg)
     start = time.monotonic()
+    diverged = storage.join(cfg.run_url, DIVERGED_FILE)
+    storage.remove([diverged], cfg.s3)  # an earlier attempt's, resumed now
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
+    if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
+        where = json.loads(storage.read_bytes(diverged, cfg.s3))
+        raise ValueError(
+            f"run {cfg.name} diverged: its loss was {where['loss']} at step {where['step']} "
+            f"(lr {where['lr']:.3g}); run the same command with a lower --lr to go on from "
+            "its last checkpoint, or train under another --name"
+        )
     print(
         f"train: run {cfg.name} finished at step {metrics.get('step')} "
         f"in {time.monotonic() - start:.0f}s"

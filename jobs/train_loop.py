@@ -16,7 +16,9 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,7 +38,14 @@ from jobs.loader import DatasetIndex, TrainLoader
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
 from jobs.node_cache import NodeCache
 from jobs.runtime import choose_precision
-from jobs.train import METRICS_FILE, TrainConfig, learning_rate, load_prior, rebalance_from
+from jobs.train import (
+    DIVERGED_FILE,
+    METRICS_FILE,
+    TrainConfig,
+    learning_rate,
+    load_prior,
+    rebalance_from,
+)
 
 # Progress goes through logging, never print: in a Ray Train worker, `print` both writes to
 # the worker's stdout and logs the line, and the driver shows each of the two.
@@ -168,6 +177,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             window_start, window_images = time.monotonic(), 0
             window_loss = torch.zeros((), device=device)
+            if not math.isfinite(row["loss"]):  # the same on every rank: all stop here
+                _diverged(row, step, epoch, offset, history, rank, run_url, cfg.s3)
+                break
         paused = time.monotonic()  # validation and checkpoints are not training time
         if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
             from jobs.validation import validate
@@ -316,6 +328,26 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     if ckpt is None:
         return None
     return {"model_state": ckpt.model_state, "extra": ckpt.extra}
+
+
+def _diverged(
+    row: dict, step: int, epoch: int, offset: int, history: list, rank: int, run_url: str, s3
+) -> None:
+    """Ends a run whose loss is no longer finite: every step after would be wasted, and its
+    weights are not checkpointed. Says where in the run folder (`DIVERGED_FILE`, for the
+    driver, which sees only checkpointed reports) and in a last report (`diverged`: the
+    step, for a search to tell the trial from one stopped early)."""
+    import ray.train
+
+    history.append(row)
+    if rank == 0:
+        log.error(
+            "train: the loss is %s at step %d (lr %.3g): the run diverged and stops; its last "
+            "checkpoint is the one before", row["loss"], step, row["lr"],
+        )  # fmt: skip
+        record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"]}
+        storage.write_bytes(storage.join(run_url, DIVERGED_FILE), json.dumps(record).encode(), s3)
+    ray.train.report(_metrics(step, epoch, offset, history) | {"diverged": step}, checkpoint=None)
 
 
 def _metrics(step: int, epoch: int, offset: int, history: list[dict[str, float]]) -> dict:

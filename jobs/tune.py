@@ -477,14 +477,19 @@ METRIC_COLUMNS = ("val_auc_raw", "val_auc_rebalanced", "val_auc_mean", "val_loss
 TABLE_COLUMNS = ("trial", "lr", "lambda", "schedule", "seed", "steps", *METRIC_COLUMNS, "status")
 
 
-def trial_status(error: BaseException | None, state: str, steps: int, budget: int) -> str:
-    """How a trial ended: an error, completed (its whole budget), stopped early (by the
-    scheduler), or unfinished (the search was interrupted: Tune's `state` is not TERMINATED;
-    re-running the search continues it)."""
+def trial_status(
+    error: BaseException | None, state: str, steps: int, budget: int, diverged: bool = False
+) -> str:
+    """How a trial ended: an error, diverged (its loss no longer finite: the training loop
+    stopped it), completed (its whole budget), stopped early (by the scheduler), or
+    unfinished (the search was interrupted: Tune's `state` is not TERMINATED; re-running
+    the search continues it)."""
     if error is not None:
         return f"error: {type(error).__name__}"
     if state != "TERMINATED":
         return "unfinished"
+    if diverged:
+        return "diverged"
     return "completed" if steps >= budget else "stopped early"
 
 
@@ -506,7 +511,9 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
                 "seed": result.config.get("seed", search.train.seed),
                 "steps": steps,
                 **{k: metrics.get(k, math.nan) for k in METRIC_COLUMNS},
-                "status": trial_status(result.error, state, steps, search.train.max_steps),
+                "status": trial_status(
+                    result.error, state, steps, search.train.max_steps, "diverged" in metrics
+                ),
                 "_history": (
                     result.metrics_dataframe.to_dict("records")
                     if result.metrics_dataframe is not None

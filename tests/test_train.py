@@ -255,6 +255,18 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     assert [s for file in tensorboard_run(cfg.run_url) for s in file["loss"]] == steps
 
 
+def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
+    """A loss that is no longer finite ends the run at the step it is logged: no step after
+    it, no checkpoint of its weights, and an error that says what to do."""
+    cfg = dataclasses.replace(
+        ci_config, name="diverged", lr=1e30, max_steps=40, log_every_steps=5,
+        checkpoint_every_steps=20, val_every_steps=20,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"diverged: its loss was nan at step 5 .*lower --lr"):
+        train.main(cfg)
+    assert not storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -93,6 +93,7 @@ def test_trial_status_tells_unfinished_trials_from_stopped_ones() -> None:
     for state in ("RUNNING", "PENDING", "PAUSED"):  # a search interrupted
         assert tune.trial_status(None, state, 10, 40) == "unfinished"
     assert tune.trial_status(OSError("x"), "ERROR", 10, 40) == "error: OSError"
+    assert tune.trial_status(None, "TERMINATED", 10, 40, diverged=True) == "diverged"
 
 
 def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> None:
