@@ -572,11 +572,15 @@ def plot_objective(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
     plt = pyplot()
 
     fig, (ax_lam, ax_sched) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    from matplotlib.colors import LogNorm
+
+    lrs = [r["lr"] for r in rows]
     points = ax_lam.scatter(
         [r["lambda"] for r in rows],
         [r[search.metric] for r in rows],
-        c=[r["lr"] for r in rows],
+        c=lrs,
         cmap="viridis",
+        norm=LogNorm() if lrs and min(lrs) > 0 else None,  # rates are searched log-uniformly
     )
     fig.colorbar(points, ax=ax_lam, label="base lr")
     schedules = sorted({r["schedule"] for r in rows})
