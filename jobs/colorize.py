@@ -186,6 +186,11 @@ class ColorizeConfig:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
         if self.accelerator_type and self.device == "cpu":
             raise ValueError("accelerator_type names a GPU: it needs device cuda (or auto)")
+        if self.accelerator_type and not self.model_actors:
+            raise ValueError(
+                "accelerator_type needs model_actors, the number of such GPUs to use (the "
+                "cluster's GPU count mixes every type)"
+            )
 
 
 # ---------------------------------------------------------------- the colour math

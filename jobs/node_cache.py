@@ -16,7 +16,8 @@ than the reads it saves:
 - a file deleted before a worker mapped it (its window ended for the others) is read again;
 - a folder short of space is not written to until it has room again: Ray's object store
   shares /dev/shm, allocates its pages as it fills, and dies of a full one, so the cache
-  keeps free the larger of a quarter of the filesystem and the object store's size;
+  keeps free the larger of a quarter of the filesystem and the object store's size (free
+  space already lacks what the store holds: this errs on the safe side);
 - a folder that cannot be used at all (not this user's, not writable, out of descriptors)
   leaves the worker reading as without one.
 

@@ -164,7 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window_images += cfg.batch_size
 
         row: dict[str, float] = {}
-        if step % cfg.log_every_steps == 0 or step == cfg.max_steps:
+        # Rows at checkpoints too: a loss gone non-finite is caught before it is saved.
+        checkpoint = step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps
+        if step % cfg.log_every_steps == 0 or checkpoint:
             elapsed = time.monotonic() - window_start
             row = {
                 "step": step,
@@ -178,6 +180,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_start, window_images = time.monotonic(), 0
             window_loss = torch.zeros((), device=device)
             if not math.isfinite(row["loss"]):  # the same on every rank: all stop here
+                if val_crops is not None:  # a search's objective must be in every report
+                    from jobs.validation import ValidationResult
+
+                    row |= ValidationResult.worst().as_metrics()
                 _diverged(row, step, epoch, offset, history, rank, run_url, cfg.s3)
                 break
         paused = time.monotonic()  # validation and checkpoints are not training time
@@ -199,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history.append(row)
             if rank == 0:
                 log.info(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        if step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps:
+        if checkpoint:
             _report(
                 model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
             )

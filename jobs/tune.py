@@ -70,8 +70,16 @@ RESUME_FREE_FIELDS = ("max_gpus", "max_concurrent", "final_steps")
 search keeps its concurrency; the best config is written anew)."""
 RESUME_FREE_TRAIN_FIELDS = (
     "tracking", "max_failures", "share_reads", "keep_checkpoints", "make_sample_data",
+    # set per trial by `trial_config`:
+    "name", "storage", "lr", "rebalance_lambda", "lr_drop_steps", "lr_drop_factors",
+    "checkpoint_every_steps", "val_every_steps",
 )  # fmt: skip
 """Training fields of the trials a continued search may change likewise."""
+TRIAL_RESTARTS = 1
+"""Tune's restarts of a trial whose function died (with its node, where it does not run on
+the head): its trainer resumes from its last checkpoint. Ray Train restarts the workers of a
+trial up to train.max_failures times itself; Tune restarting a trial that failed after
+those would multiply the attempts."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"auc": ("val_auc_mean", "max"), "val_loss": ("val_loss", "min")}
@@ -463,9 +471,7 @@ def build_tuner(search: SearchConfig):
             name=search.name,
             storage_path=path,
             storage_filesystem=fs,
-            # A trial whose function died with its node (its trainer's controller runs
-            # there) starts again, and its trainer resumes from its last checkpoint.
-            failure_config=tune.FailureConfig(max_failures=search.train.max_failures),
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RESTARTS),
         ),
     )
 
@@ -484,8 +490,8 @@ def trial_status(
     stopped it), completed (its whole budget), stopped early (by the scheduler), or
     unfinished (the search was interrupted: Tune's `state` is not TERMINATED; re-running
     the search continues it)."""
-    if error is not None:
-        return f"error: {type(error).__name__}"
+    if error is not None or state == "ERROR":  # (its error file may be unreadable)
+        return f"error: {type(error).__name__}" if error is not None else "error"
     if state != "TERMINATED":
         return "unfinished"
     if diverged:
@@ -528,18 +534,24 @@ def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any]
     """The best trial by the objective. Trials of one point (lr, lambda, schedule) with
     other seeds, a grid's repeats, count by their mean: the point is chosen, not the
     luckiest seed; its best trial stands for it. Points all of whose trials completed come
-    first: the mean of the seeds a scheduler let through would be a mean of the lucky ones."""
+    first (the mean of the seeds a scheduler let through would be a mean of the lucky ones),
+    then the completed trials of the others (figures at one budget), then any scored."""
     points: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         points.setdefault((row["lr"], row["lambda"], row["schedule"]), []).append(row)
-    scored = [[r for r in same if not math.isnan(r[search.metric])] for same in points.values()]
-    completed = [
+    scored = [
+        [r for r in same if not math.isnan(r[search.metric]) and r["status"] != "diverged"]
+        for same in points.values()
+    ]
+    every_completed = [
         same
         for same, every in zip(scored, points.values(), strict=True)
         if same and all(r["status"] == "completed" for r in every)
     ]
-    pool = completed or [same for same in scored if same]
-    if not pool:
+    completed = [[r for r in same if r["status"] == "completed"] for same in scored]
+    tiers = (every_completed, [same for same in completed if same], [s for s in scored if s])
+    pool = next((tier for tier in tiers if tier), None)
+    if pool is None:
         return None
     sign = 1 if search.mode == "max" else -1
     best = max(pool, key=lambda same: sign * sum(r[search.metric] for r in same) / len(same))

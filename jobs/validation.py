@@ -77,6 +77,13 @@ class ValidationResult:
         rewards lambda -> 0, the raw alone lambda -> 1)."""
         return (self.auc_raw + self.auc_rebalanced) / 2
 
+    @classmethod
+    def worst(cls) -> ValidationResult:
+        """The figures of a model that no longer computes (its loss not finite), each the
+        worst, as `validate` would give them, without running it; the gray baseline's are
+        unknown (NaN)."""
+        return cls(0, math.inf, 0.0, 0.0, math.nan, math.nan)
+
     def as_metrics(self, prefix: str = "val_") -> dict[str, float]:
         values = self.__dict__ | {"auc_mean": self.auc_mean}
         return {f"{prefix}{k}": float(v) for k, v in values.items()}

@@ -197,7 +197,9 @@ def test_config_is_validated_and_parses(capsys) -> None:
         colorize.ColorizeConfig(input="/a", output="/b", model="m", batch_size=-1)
     with pytest.raises(ValueError, match="accelerator_type names a GPU"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", device="cpu",
-                                accelerator_type="L40S")  # fmt: skip
+                                accelerator_type="L40S", model_actors=2)  # fmt: skip
+    with pytest.raises(ValueError, match="accelerator_type needs model_actors"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", accelerator_type="L40S")
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)

@@ -70,7 +70,11 @@ def test_the_best_point_is_chosen_by_the_mean_of_its_seeds() -> None:
     # alone is not its mean
     assert (best["lr"], best["seed"]) == (2e-3, 0)
     stopped = [r for r in rows if r["lr"] >= 3e-3]
-    assert tune.best_row(stopped, search)["lr"] == 3e-3  # none completed: the scored ones
+    # no point whose every repeat completed: the completed trials (one budget) first
+    assert tune.best_row(stopped, search)["lr"] == 4e-3
+    assert tune.best_row(stopped[:1], search)["lr"] == 3e-3  # none completed: the scored
+    diverged = [row(5e-3, 0, 0.0, "diverged")]  # its worst figures are not a score
+    assert tune.best_row(diverged, search) is None
     assert tune.best_train_config(search, {**best, "rebalance_lambda": 0.5}).seed == 0
     lucky = {**best, "seed": 1, "rebalance_lambda": 0.5}
     assert tune.best_train_config(search, lucky).seed == search.train.seed
@@ -94,6 +98,7 @@ def test_trial_status_tells_unfinished_trials_from_stopped_ones() -> None:
         assert tune.trial_status(None, state, 10, 40) == "unfinished"
     assert tune.trial_status(OSError("x"), "ERROR", 10, 40) == "error: OSError"
     assert tune.trial_status(None, "TERMINATED", 10, 40, diverged=True) == "diverged"
+    assert tune.trial_status(None, "ERROR", 10, 40) == "error"  # its error file unread
 
 
 def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> None:
@@ -223,6 +228,20 @@ def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config
     assert sorted(tuple(r[k] for k in key) for r in again) == sorted(
         tuple(r[k] for k in key) for r in rows
     )
+
+
+def test_a_diverging_trial_ends_at_once_and_the_search_with_it(ci_config, s3_server) -> None:
+    """A trial whose loss stops being finite reports its objective as the worst (Tune
+    refuses a report without it, and the whole search would fail), ends, and is listed as
+    diverged; it is nobody's best."""
+    search = dataclasses.replace(
+        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="diverging",
+        lrs=(1e30,), lambdas=(0.5,), scheduler="fifo",
+    )  # fmt: skip
+    (row,) = tune.main(search)
+    assert row["status"] == "diverged" and row["steps"] == search.report_every()
+    assert row["val_auc_mean"] == 0.0 and row["val_loss"] == float("inf")
+    assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
 def test_a_search_that_fails_to_start_leaves_its_name_free(ci_config, s3_server, monkeypatch):
