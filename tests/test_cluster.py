@@ -634,6 +634,9 @@ def test_dockerfile_pins_base_image_and_packages() -> None:
     assert all(r == "." or re.search(r"==[\w.]+$", r) for r in requirements), requirements
     assert f"torch=={pyproject_pin('torch')}" in requirements
     assert f"ray[default,train,tune,data]=={pyproject_pin('ray')}" in requirements
+    # torchvision (nvJPEG on GPU nodes) is the release built for that torch: 0.(minor + 15)
+    torch_minor = int(pyproject_pin("torch").split(".")[1])
+    assert f"torchvision==0.{torch_minor + 15}.0" in requirements
     copied = " ".join(arg for op, arg in instructions if op == "COPY")
     assert all(p in copied for p in ("pyproject.toml", "colorcore/", "jobs/"))
     # The project's dependencies at the versions the suite passes with, not the newest.
