@@ -373,9 +373,11 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any]) -> None:
     cfg = from_dict(SearchConfig, search)
     trial_id = tune.get_context().get_trial_id()
     print(f"tune: trial {trial_id} starts", flush=True)
-    trainer = train.build_trainer(
-        trial_config(cfg, point, name=trial_id), callbacks=[TuneReportCallback()]
-    )
+    trial = trial_config(cfg, point, name=trial_id)
+    # A trial that resumes (the search continued, or the trial restarted) goes on with the
+    # data and prior it started with, as a training run must.
+    train.check_resumable(trial)
+    trainer = train.build_trainer(trial, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error:
         raise result.error

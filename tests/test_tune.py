@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import storage, tune
+from jobs import storage, train, tune
 from jobs.config import ConfigError, load_config_file, parse_config, save_config, to_dict
 from jobs.train import TrainConfig
 
@@ -203,6 +203,8 @@ def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config
     assert best["lr"] == 1e-3 and best["name"] == "ci-search-best"
     for name in ("results.md", "results.csv", "objective.png", "curves.png"):
         assert storage.exists(storage.join(search.url, name)), name
+    for row in rows:  # each trial recorded what a resumed trial must keep (its data, prior)
+        assert storage.exists(storage.join(search.url, "trials", row["trial"], train.RUN_FILE))
     table = storage.read_bytes(storage.join(search.url, "results.csv")).decode()
     assert len(table.strip().splitlines()) == 1 + len(rows)
 
