@@ -158,6 +158,45 @@ def test_one_row_group_wanted_by_many_at_once_is_read_once(tmp_path) -> None:
     assert not os.listdir(tmp_path)
 
 
+def test_the_reader_keeps_the_shared_copy_written_whole(tmp_path, monkeypatch) -> None:
+    """The worker that read a row group gets the mapped file too (its own copy is freed),
+    and the file appears only once written whole (under a temporary name until then)."""
+    cache = open_cache(tmp_path)
+    path = os.path.join(cache.folder, "k-0")
+    seen, real_save = [], JpegFiles.save
+
+    def save(self, f) -> None:
+        seen.append(os.path.exists(path))
+        real_save(self, f)
+
+    monkeypatch.setattr(JpegFiles, "save", save)
+    mine = files_of(b"a", b"bc")
+    got = cache.get("k-0", lambda: mine, 2)
+    assert got is not mine and contents(got) == [b"a", b"bc"] and seen == [False]
+    cache.close()
+
+
+def test_a_root_of_exactly_the_size_needed_is_used(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(node_cache, "_size", lambda root: 1000)
+    cache = NodeCache.open(
+        "r", local_rank=0, local_world_size=2, need_bytes=1000, roots=(str(tmp_path),)
+    )
+    assert cache is not None
+    cache.close()
+
+
+def test_the_descriptor_limit_is_raised_towards_the_hard_one(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(node_cache.resource, "getrlimit", lambda _: (1024, 1 << 20))
+    monkeypatch.setattr(node_cache.resource, "setrlimit", lambda _, limits: calls.append(limits))
+    node_cache._raise_descriptor_limit()
+    assert calls == [(node_cache.DESCRIPTORS, 1 << 20)]
+    calls.clear()
+    monkeypatch.setattr(node_cache.resource, "getrlimit", lambda _: (1 << 17, 1 << 20))
+    node_cache._raise_descriptor_limit()  # already above: left alone
+    assert calls == []
+
+
 def test_a_row_group_dropped_while_being_read_is_deleted_after_its_read(dataset, tmp_path):
     """A dropped row group's file is deleted a few steps later (the other workers' loaders
     may be that far behind), and only once its read is over: a read still going would save
@@ -203,6 +242,10 @@ def test_a_damaged_or_foreign_file_is_read_again(tmp_path, caplog) -> None:
         assert contents(files) == [b"good"] and "damaged" in caplog.text
         assert contents(cache.get("k-1", lambda: files_of(b"not read"), 1)) == [b"good"]
         caplog.clear()
+    path = os.path.join(cache.folder, "k-9")
+    with open(path, "wb") as f:
+        f.write(b"junk")
+    assert cache._mapped(path, 1) is None and not os.path.exists(path)  # deleted at once
     cache.close()
 
 
@@ -226,6 +269,9 @@ def test_a_full_folder_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
         assert contents(cache.get("k-2", lambda: files_of(b"a"), 1)) == [b"a"]
         assert contents(cache.get("k-3", lambda: files_of(b"b"), 1)) == [b"b"]
         assert saves == [errno.ENOSPC] * 2 and caplog.text.count("is full") == 1
+        monkeypatch.setattr(JpegFiles, "save", failing(errno.EDQUOT))  # out of quota: the same
+        cache.get("k-quota", lambda: files_of(b"q"), 1)
+        saves.pop()
         monkeypatch.setattr(JpegFiles, "save", real_save)
         cache.get("k-4", lambda: files_of(b"c"), 1)  # room again: saved
         assert os.path.exists(os.path.join(cache.folder, "k-4"))
@@ -276,7 +322,7 @@ def shutil_usage(total: int, used: int, free: int):
     return shutil._ntuple_diskusage(total, used, free)
 
 
-def test_a_folder_not_of_this_user_alone_is_not_used(tmp_path, caplog) -> None:
+def test_a_folder_not_of_this_user_alone_is_not_used(tmp_path, caplog, monkeypatch) -> None:
     """/dev/shm is writable by everyone and the folder's name is known: one made by another
     user (or open to others) is not used, nor are files planted in it."""
     folder = tmp_path / node_cache.folder_name("run")
@@ -287,6 +333,14 @@ def test_a_folder_not_of_this_user_alone_is_not_used(tmp_path, caplog) -> None:
             "run", local_rank=0, local_world_size=2, need_bytes=1, roots=(str(tmp_path),)
         )
     assert cache is None and "not a folder of this user's alone" in caplog.text
+    os.chmod(folder, 0o700)  # private, but another user's
+    monkeypatch.setattr(node_cache.os, "getuid", lambda: 12345)
+    assert (
+        NodeCache.open(
+            "run", local_rank=0, local_world_size=2, need_bytes=1, roots=(str(tmp_path),)
+        )
+        is None
+    )
 
 
 def test_saved_files_load_back_and_damaged_ones_are_refused() -> None:
@@ -301,6 +355,10 @@ def test_saved_files_load_back_and_damaged_ones_are_refused() -> None:
             if values or len(cut) < len(data):
                 with pytest.raises(ValueError, match="not saved JPEG files"):
                     JpegFiles.load(memoryview(cut))
+    for ends in ([1, 2, 3], [0, 3, 1, 3]):  # not from 0, or going back: the right total size
+        header = np.asarray([len(ends) - 1, *ends], "<i8").tobytes()
+        with pytest.raises(ValueError, match="not saved JPEG files"):
+            JpegFiles.load(memoryview(bytearray(header + b"x" * 3)))
 
 
 def test_workers_start_on_different_row_groups(tmp_path) -> None:
@@ -339,6 +397,11 @@ def test_folders_of_runs_that_died_are_swept_and_live_ones_kept(tmp_path) -> Non
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
     assert done.returncode == -9
     (dead,) = os.listdir(tmp_path)
+    again = open_cache(tmp_path, "dead")  # the same run again: its folder and files kept
+    assert os.path.exists(os.path.join(again.folder, "k-0")) and os.listdir(tmp_path) == [dead]
+    again.close()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert done.returncode == -9 and os.listdir(tmp_path) == [dead]
     live = open_cache(tmp_path, "live")
     assert os.listdir(tmp_path) == [os.path.basename(live.folder)]  # the dead one swept
     other = open_cache(tmp_path, "other")
@@ -371,6 +434,35 @@ def test_a_folder_swept_while_joining_is_made_again(tmp_path, monkeypatch) -> No
     assert os.path.isdir(cache.folder) and sweep(str(tmp_path)) == []
     assert contents(cache.get("k-0", lambda: files_of(b"a"), 1)) == [b"a"]
     cache.close()
+
+
+def test_every_dropped_row_group_due_is_deleted_at_once(dataset, tmp_path) -> None:
+    from concurrent.futures import Future
+
+    cache = open_cache(tmp_path)
+    train = TrainLoader(dataset, rank=0, world_size=2, batch_size=1, crop_px=32, seed=7,
+                        cache=cache)  # fmt: skip
+    dropped: collections.deque = collections.deque()
+    for u in range(3):
+        cache.get(train._unit_key(u), lambda u=u: files_of(b"x"), 1)
+        done: Future = Future()
+        done.set_result(None)
+        dropped.append((u, done, train._unit_key(u)))
+    train._delete_dropped(dropped, 10**6)
+    assert not dropped and not [n for n in os.listdir(cache.folder) if not n.startswith(".")]
+    cache.close()
+
+
+def test_a_row_groups_key_changes_with_its_shard(dataset) -> None:
+    """A shard rewritten at the same URL (another size) gives its row groups other keys."""
+    import dataclasses
+
+    train = TrainLoader(dataset, rank=0, world_size=2, batch_size=1, crop_px=32, seed=7)
+    grown = dataclasses.replace(dataset, sizes=tuple(n + 1 for n in dataset.sizes))
+    again = TrainLoader(grown, rank=0, world_size=2, batch_size=1, crop_px=32, seed=7)
+    assert train._unit_key(0) != again._unit_key(0)
+    keys = {train._unit_key(u) for u in range(len(dataset.units.shard))}
+    assert len(keys) == len(dataset.units.shard)  # one per row group
 
 
 def test_the_mean_jpeg_size_is_the_stored_bytes_per_row(dataset) -> None:

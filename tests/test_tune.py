@@ -64,7 +64,7 @@ def test_the_best_point_is_chosen_by_the_mean_of_its_seeds() -> None:
 
     rows = [row(1e-3, 0, 0.90), row(1e-3, 1, 0.60), row(2e-3, 0, 0.80), row(2e-3, 1, 0.78),
             row(3e-3, 0, 0.99, "stopped early"),
-            row(4e-3, 0, 0.95), row(4e-3, 1, 0.50, "stopped early")]  # fmt: skip
+            row(4e-3, 0, 0.95), row(4e-3, 1, 0.90, "stopped early")]  # fmt: skip
     best = tune.best_row(rows, search)
     # mean 0.79 beats 0.75; points whose every seed completed first: 4e-3's surviving seed
     # alone is not its mean
@@ -75,6 +75,15 @@ def test_the_best_point_is_chosen_by_the_mean_of_its_seeds() -> None:
     assert tune.best_row(stopped[:1], search)["lr"] == 3e-3  # none completed: the scored
     diverged = [row(5e-3, 0, 0.0, "diverged")]  # its worst figures are not a score
     assert tune.best_row(diverged, search) is None
+    assert tune.best_row([row(5e-3, 0, float("nan"))], search) is None
+    # the mean, not the sum (more seeds do not make a point better); its best seed stands
+    rows = [row(1e-3, 0, 0.70), row(2e-3, 0, 0.50), row(2e-3, 1, 0.50), row(2e-3, 2, 0.55)]
+    assert tune.best_row(rows, search)["lr"] == 1e-3
+    rows = [row(1e-3, 0, 0.78), row(1e-3, 1, 0.80)]
+    assert tune.best_row(rows, search)["seed"] == 1
+    losses = dataclasses.replace(search, objective="val_loss")  # minimised
+    rows = [{**row(1e-3, 0, 0.0), "val_loss": 2.0}, {**row(2e-3, 0, 0.0), "val_loss": 1.0}]
+    assert tune.best_row(rows, losses)["lr"] == 2e-3
     assert tune.best_train_config(search, {**best, "rebalance_lambda": 0.5}).seed == 0
     lucky = {**best, "seed": 1, "rebalance_lambda": 0.5}
     assert tune.best_train_config(search, lucky).seed == search.train.seed
@@ -87,6 +96,12 @@ def test_the_best_config_trains_for_the_final_budget_with_the_same_fractions() -
     assert (cfg.max_steps, cfg.lr_drop_steps, cfg.lr_drop_factors) == (400, (300,), (0.3,))
     trial = tune.best_train_config(dataclasses.replace(search, final_steps=None), point)
     assert (trial.max_steps, trial.lr_drop_steps) == (40, (30,))  # the trials' own budget
+    # its own run beside the search, checkpointed and validated as the base config says
+    assert cfg.storage == search.storage and cfg.name == f"{search.name}-best"
+    assert cfg.checkpoint_every_steps == search.train.checkpoint_every_steps
+    assert cfg.val_every_steps == search.train.val_every_steps
+    with pytest.raises(ValueError, match="final_steps must be >= 1"):
+        dataclasses.replace(search, final_steps=0)
     paper = tune.paper()
     assert paper.final_steps == 450_000 and paper.train.max_steps == 60_000
 
@@ -116,9 +131,25 @@ def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> 
     )
     assert tune.search_changes(saved, to_dict(changed)) == ["train.batch_size", "lambdas"]
     older = {k: v for k, v in saved.items() if k != "reduction_factor"}  # a field added since
-    older["train"] = {k: v for k, v in saved["train"].items() if k != "share_reads"}
+    older["train"] = {k: v for k, v in saved["train"].items() if k != "batch_size"}
     newer = dataclasses.replace(tune.ci(), reduction_factor=3.0)
     assert tune.search_changes(older, to_dict(newer)) == []
+
+
+def test_an_interrupted_search_writes_its_table_and_no_best_config(tmp_path) -> None:
+    search = dataclasses.replace(tune.ci(), storage=str(tmp_path))
+    rows = [
+        {"trial": f"t{i}", "lr": 1e-3 * (i + 1), "lambda": 0.5, "schedule": "0.75:0.3",
+         "seed": 0, "steps": steps, "val_auc_raw": 0.8, "val_auc_rebalanced": 0.8,
+         "val_auc_mean": 0.8, "val_loss": 1.0, "status": status, "_history": []}
+        for i, (steps, status) in enumerate([(40, "completed"), (20, "unfinished")])
+    ]  # fmt: skip
+    assert tune.write_outputs(rows, search) is None
+    assert storage.exists(storage.join(search.url, "results.csv"))
+    assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+    rows[1]["status"] = "stopped early"  # the same table, finished: a best config
+    assert tune.write_outputs(rows, search)["trial"] == "t0"
+    assert storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
 def test_a_searcher_not_installed_fails_before_ray(monkeypatch) -> None:
