@@ -75,6 +75,9 @@ class TrainConfig:
     """Data-parallel workers (one per GPU with use_gpu)."""
     use_gpu: bool = False
     """One GPU per worker (NCCL, bf16 autocast, nvJPEG decoding by default)."""
+    accelerator_type: str | None = None
+    """GPU model the workers run on, as Ray names it (L40S, H100, ...; needs use_gpu): on a
+    cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (fractions allowed; decode threads follow it)."""
     batch_size: int = 40
@@ -193,6 +196,8 @@ class TrainConfig:
             problems.append("window_images must be >= 1 and warmup_steps >= 0")
         if self.decode == "nvjpeg" and not self.use_gpu:
             problems.append("decode nvjpeg decodes on the GPU: it needs use_gpu")
+        if self.accelerator_type and not self.use_gpu:
+            problems.append("accelerator_type names a GPU: it needs use_gpu")
         if self.tracking not in ("auto", "none") and not set(self.tracking.split(",")) <= set(
             TRACKERS
         ):
@@ -377,7 +382,10 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_url": run_url},
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=cfg.accelerator_type,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -521,11 +529,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         raise result.error
     metrics = dict(result.metrics or {})
     if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
+        from jobs.models import checkpoint_files
+
         where = json.loads(storage.read_bytes(diverged, cfg.s3))
+        restart = (
+            "go on from its last checkpoint"
+            if checkpoint_files(cfg.run_url, cfg.s3)
+            else "start it again (it has no checkpoint yet)"
+        )
         raise ValueError(
             f"run {cfg.name} diverged: its loss was {where['loss']} at step {where['step']} "
-            f"(lr {where['lr']:.3g}); run the same command with a lower --lr to go on from "
-            "its last checkpoint, or train under another --name"
+            f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "
+            "or train under another --name"
         )
     print(
         f"train: run {cfg.name} finished at step {metrics.get('step')} "

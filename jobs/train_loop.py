@@ -348,8 +348,8 @@ def _diverged(
     history.append(row)
     if rank == 0:
         log.error(
-            "train: the loss is %s at step %d (lr %.3g): the run diverged and stops; its last "
-            "checkpoint is the one before", row["loss"], step, row["lr"],
+            "train: the loss is %s at step %d (lr %.3g): the run diverged and stops, and "
+            "nothing of it since the last checkpoint is saved", row["loss"], step, row["lr"],
         )  # fmt: skip
         record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"]}
         storage.write_bytes(storage.join(run_url, DIVERGED_FILE), json.dumps(record).encode(), s3)

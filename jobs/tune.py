@@ -467,8 +467,7 @@ def build_tuner(search: SearchConfig):
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=1 if search.search_alg == "grid" else search.num_samples,
-            max_concurrent_trials=concurrency,
-        ),
+        ),  # concurrency: the searcher's own limit (Tune's max_concurrent_trials beside it warns)
         run_config=tune.RunConfig(
             name=search.name,
             storage_path=path,
@@ -486,15 +485,22 @@ TABLE_COLUMNS = ("trial", "lr", "lambda", "schedule", "seed", "steps", *METRIC_C
 
 
 def trial_status(
-    error: BaseException | None, state: str, steps: int, budget: int, diverged: bool = False
+    error: BaseException | None,
+    state: str,
+    steps: int,
+    budget: int,
+    diverged: bool = False,
+    done: bool = True,
 ) -> str:
     """How a trial ended: an error, diverged (its loss no longer finite: the training loop
     stopped it), completed (its whole budget), stopped early (by the scheduler), or
-    unfinished (the search was interrupted: Tune's `state` is not TERMINATED; re-running
-    the search continues it)."""
+    unfinished: the search was interrupted (Tune's `state` is not TERMINATED, or it is but
+    its last result is not `done`: Tune stops the trials it was running when interrupted,
+    while a trial that ended or that the scheduler stopped has a last result marked done).
+    Re-running the search continues it."""
     if error is not None or state == "ERROR":  # (its error file may be unreadable)
         return f"error: {type(error).__name__}" if error is not None else "error"
-    if state != "TERMINATED":
+    if state != "TERMINATED" or not done:
         return "unfinished"
     if diverged:
         return "diverged"
@@ -510,6 +516,16 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
     for result, state in zip(result_grid, states, strict=True):
         metrics = result.metrics or {}
         steps = int(metrics.get("step", 0))
+        status = trial_status(
+            result.error,
+            state,
+            steps,
+            search.train.max_steps,
+            diverged="diverged" in metrics,
+            done=bool(metrics.get("done")),
+        )
+        if status == "diverged":  # its worst figures were for Tune's sake: no score
+            metrics = {k: v for k, v in metrics.items() if k not in METRIC_COLUMNS}
         rows.append(
             {
                 "trial": metrics.get("trial_id") or result.path.rsplit("/", 1)[-1],
@@ -519,9 +535,7 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
                 "seed": result.config.get("seed", search.train.seed),
                 "steps": steps,
                 **{k: metrics.get(k, math.nan) for k in METRIC_COLUMNS},
-                "status": trial_status(
-                    result.error, state, steps, search.train.max_steps, "diverged" in metrics
-                ),
+                "status": status,
                 "_history": (
                     result.metrics_dataframe.to_dict("records")
                     if result.metrics_dataframe is not None
@@ -529,7 +543,7 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
                 ),
             }
         )
-    return rows
+    return sorted(rows, key=lambda row: row["trial"])  # a continued search lists them anew
 
 
 def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
@@ -582,24 +596,27 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_objective(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
-    """Objective against lambda (colour: lr) and against the schedule."""
-    plt = pyplot()
-
-    fig, (ax_lam, ax_sched) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    """Objective against lambda (colour: lr, on a log scale as it is searched, where every
+    rate is > 0) and against the schedule, for the trials that have one."""
     from matplotlib.colors import LogNorm
 
-    lrs = [r["lr"] for r in rows]
+    plt = pyplot()
+    fig, (ax_lam, ax_sched) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    scored = [r for r in rows if math.isfinite(r[search.metric])]
+    lrs = [r["lr"] for r in scored]
+    log_scale = lrs and min(lrs) > 0 and max(lrs) > min(lrs)
     points = ax_lam.scatter(
-        [r["lambda"] for r in rows],
-        [r[search.metric] for r in rows],
+        [r["lambda"] for r in scored],
+        [r[search.metric] for r in scored],
         c=lrs,
         cmap="viridis",
-        norm=LogNorm() if lrs and min(lrs) > 0 else None,  # rates are searched log-uniformly
+        norm=LogNorm() if log_scale else None,
     )
-    fig.colorbar(points, ax=ax_lam, label="base lr")
+    if scored:
+        fig.colorbar(points, ax=ax_lam, label="base lr")
     schedules = sorted({r["schedule"] for r in rows})
     ax_sched.scatter(
-        [schedules.index(r["schedule"]) for r in rows], [r[search.metric] for r in rows]
+        [schedules.index(r["schedule"]) for r in scored], [r[search.metric] for r in scored]
     )
     ax_sched.set_xticks(range(len(schedules)), schedules, rotation=15, fontsize=8)
     ax_lam.set(xlabel="lambda", ylabel=search.metric, title="objective against lambda")
@@ -639,14 +656,28 @@ def best_train_config(search: SearchConfig, row: dict[str, Any]) -> TrainConfig:
     )
 
 
+def planned_trials(search: SearchConfig) -> int:
+    """How many trials the search makes: the grid's points times its repeats, or the
+    samples of the other searchers."""
+    if search.search_alg == "grid":
+        return len(search.lrs) * len(search.lambdas) * len(search.schedules) * search.num_samples
+    return search.num_samples
+
+
+def unfinished(rows: list[dict[str, Any]], search: SearchConfig) -> int:
+    """Trials of the search not finished: started and interrupted, or not started."""
+    started = sum(r["status"] == "unfinished" for r in rows)
+    return started + max(0, planned_trials(search) - len(rows))
+
+
 def write_outputs(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
-    """The results table and plots; and the best config, once no trial is unfinished."""
+    """The results table and plots; and the best config, once every trial has finished."""
     s3 = search.train.s3
     storage.write_bytes(storage.join(search.url, "results.md"), markdown_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "results.csv"), csv_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "objective.png"), plot_objective(rows, search), s3)
     storage.write_bytes(storage.join(search.url, "curves.png"), plot_curves(rows, search), s3)
-    if any(r["status"] == "unfinished" for r in rows):
+    if unfinished(rows, search):
         return None
     best = best_row(rows, search)
     if best is not None:
@@ -717,11 +748,11 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     _check_searcher(search)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
+    started = _check_same_search(search)  # a refused change fails before Ray starts
     init_ray(outputs=[search.storage])
     if base.make_sample_data:
         train.ensure_sample_data(base)
         train.preflight(dataclasses.replace(base, make_sample_data=False))
-    started = _check_same_search(search)
     start = time.monotonic()
     tuner = build_tuner(search)
     if not started:  # recorded once the search could be set up, not by a failed start
@@ -731,10 +762,10 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     best = write_outputs(rows, search)
     print(markdown_table(rows), end="")
     print(f"tune: {len(rows)} trials in {time.monotonic() - start:.0f}s; results in {search.url}")
-    if unfinished := sum(r["status"] == "unfinished" for r in rows):
+    if left := unfinished(rows, search):
         print(
-            f"tune: the search was interrupted with {unfinished} trials unfinished; run the "
-            "same command again to continue it"
+            f"tune: the search was interrupted with {left} of its {planned_trials(search)} "
+            "trials unfinished (no best config yet); run the same command again to continue it"
         )
     elif best is not None:
         print(

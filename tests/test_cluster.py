@@ -555,7 +555,9 @@ def test_accelerator_types_asked_for_are_offered() -> None:
         }
 
     def asked(module: str, args: list[str]) -> set[str]:
-        return {t} if (t := dry_run(module, args).get("accelerator_type")) else set()
+        config = dry_run(module, args)
+        named = (config.get("accelerator_type"), config.get("train", {}).get("accelerator_type"))
+        return {t for t in named if t}
 
     for path, job in rayjobs():
         wanted = asked(*entrypoint(job["spec"]["entrypoint"]))

@@ -262,7 +262,9 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
         ci_config, name="diverged", lr=1e30, max_steps=40, log_every_steps=5,
         checkpoint_every_steps=20, val_every_steps=20,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"diverged: its loss was nan at step 5 .*lower --lr"):
+    with pytest.raises(
+        ValueError, match=r"diverged: its loss was nan at step 5 .*lower --lr to start it again"
+    ):  # it has no checkpoint yet
         train.main(cfg)
     assert not storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)
 
@@ -284,6 +286,7 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
         (["--model.bn-moving-average", "1"], "bn_moving_average must be in [0, 1)"),
         (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
         (["--batch-size", "15"], "must divide by num_workers"),
+        (["--accelerator-type", "L40S"], "accelerator_type names a GPU: it needs use_gpu"),
         (["--lr-drop-steps", "5", "9"], "same length"),
         (["--tracking", "tensorboard,wandb"], "tracking must be auto, none or a comma list"),
         (["--window-images", "0"], "window_images must be >= 1"),

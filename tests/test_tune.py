@@ -4,6 +4,7 @@ model on the S3 fixture."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def test_trial_status_tells_unfinished_trials_from_stopped_ones() -> None:
     assert tune.trial_status(OSError("x"), "ERROR", 10, 40) == "error: OSError"
     assert tune.trial_status(None, "TERMINATED", 10, 40, diverged=True) == "diverged"
     assert tune.trial_status(None, "ERROR", 10, 40) == "error"  # its error file unread
+    # Tune stops the trials it was running when interrupted: TERMINATED, last result not done
+    assert tune.trial_status(None, "TERMINATED", 20, 40, done=False) == "unfinished"
 
 
 def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> None:
@@ -137,7 +140,7 @@ def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> 
 
 
 def test_an_interrupted_search_writes_its_table_and_no_best_config(tmp_path) -> None:
-    search = dataclasses.replace(tune.ci(), storage=str(tmp_path))
+    search = dataclasses.replace(tune.ci(), storage=str(tmp_path), lrs=(1e-3, 2e-3), lambdas=(0.5,))
     rows = [
         {"trial": f"t{i}", "lr": 1e-3 * (i + 1), "lambda": 0.5, "schedule": "0.75:0.3",
          "seed": 0, "steps": steps, "val_auc_raw": 0.8, "val_auc_rebalanced": 0.8,
@@ -150,6 +153,21 @@ def test_an_interrupted_search_writes_its_table_and_no_best_config(tmp_path) -> 
     rows[1]["status"] = "stopped early"  # the same table, finished: a best config
     assert tune.write_outputs(rows, search)["trial"] == "t0"
     assert storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+    # a grid point not started yet (interrupted before it) is unfinished too
+    assert tune.unfinished(rows[:1], search) == 1 and tune.unfinished(rows, search) == 0
+    bigger = dataclasses.replace(search, num_samples=2)
+    assert tune.planned_trials(bigger) == 4 and tune.write_outputs(rows, bigger) is None
+
+
+def test_the_objective_plot_draws_any_table() -> None:
+    """Diverged trials (no score), a single rate, a rate of 0 (no log scale), no trial."""
+    nan = float("nan")
+
+    def row(lr: float, auc: float) -> dict:
+        return {"lr": lr, "lambda": 0.5, "schedule": "0.75:0.3", "val_auc_mean": auc}
+
+    for rows in ([row(1e30, nan)], [row(1e-3, 0.8)], [row(0.0, 0.8), row(1e-3, 0.7)], []):
+        assert tune.plot_objective(rows, tune.ci()).startswith(b"\x89PNG")
 
 
 def test_a_searcher_not_installed_fails_before_ray(monkeypatch) -> None:
@@ -266,15 +284,53 @@ def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config
 def test_a_diverging_trial_ends_at_once_and_the_search_with_it(ci_config, s3_server) -> None:
     """A trial whose loss stops being finite reports its objective as the worst (Tune
     refuses a report without it, and the whole search would fail), ends, and is listed as
-    diverged; it is nobody's best."""
+    diverged, without a score; it is nobody's best."""
     search = dataclasses.replace(
         tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="diverging",
         lrs=(1e30,), lambdas=(0.5,), scheduler="fifo",
     )  # fmt: skip
     (row,) = tune.main(search)
     assert row["status"] == "diverged" and row["steps"] == search.report_every()
-    assert row["val_auc_mean"] == 0.0 and row["val_loss"] == float("inf")
+    # its worst figures were reported for Tune's sake; the table shows no score
+    assert math.isnan(row["val_auc_mean"]) and math.isnan(row["val_loss"])
     assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+
+
+def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server) -> None:
+    """Interrupted (SIGUSR1, as Ctrl-C) during its first trial, a search lists that trial as
+    unfinished and writes no best config; the same command then finishes it and the next."""
+    import signal
+    import threading
+    import time
+
+    search = dataclasses.replace(
+        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="interrupted",
+        lrs=(1e-3,), lambdas=(0.5, 1.0), scheduler="fifo", max_concurrent=1,
+    )  # fmt: skip
+    trials = storage.join(search.url, "trials")
+
+    def interrupt() -> None:  # once the first trial has its first checkpoint
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(u.endswith("checkpoint.pt") for u in storage.list_files(trials)):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # what Tune restores after
+    try:
+        thread = threading.Thread(target=interrupt, daemon=True)
+        thread.start()
+        rows = tune.main(search)
+        thread.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert [r["status"] for r in rows] == ["unfinished"] and rows[0]["steps"] < 40
+    assert tune.unfinished(rows, search) == 2
+    assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+    rows = tune.main(search)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
 def test_a_search_that_fails_to_start_leaves_its_name_free(ci_config, s3_server, monkeypatch):
