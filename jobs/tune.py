@@ -494,17 +494,19 @@ def trial_status(
 ) -> str:
     """How a trial ended: an error, diverged (its loss no longer finite: the training loop
     stopped it), completed (its whole budget), stopped early (by the scheduler), or
-    unfinished: the search was interrupted (Tune's `state` is not TERMINATED, or it is but
-    its last result is not `done`: Tune stops the trials it was running when interrupted,
-    while a trial that ended or that the scheduler stopped has a last result marked done).
+    unfinished: the search was interrupted (Tune's `state` is not TERMINATED, or it is short
+    of its budget and its last result is not `done`: Tune stops the trials it was running
+    when interrupted, while one the scheduler stopped has a last result marked done).
     Re-running the search continues it."""
     if error is not None or state == "ERROR":  # (its error file may be unreadable)
         return f"error: {type(error).__name__}" if error is not None else "error"
-    if state != "TERMINATED" or not done:
+    if state != "TERMINATED":
         return "unfinished"
     if diverged:
         return "diverged"
-    return "completed" if steps >= budget else "stopped early"
+    if steps >= budget:  # (a search continued after its driver died may not say done)
+        return "completed"
+    return "stopped early" if done else "unfinished"
 
 
 def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:

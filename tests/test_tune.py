@@ -117,6 +117,7 @@ def test_trial_status_tells_unfinished_trials_from_stopped_ones() -> None:
     assert tune.trial_status(None, "ERROR", 10, 40) == "error"  # its error file unread
     # Tune stops the trials it was running when interrupted: TERMINATED, last result not done
     assert tune.trial_status(None, "TERMINATED", 20, 40, done=False) == "unfinished"
+    assert tune.trial_status(None, "TERMINATED", 40, 40, done=False) == "completed"
 
 
 def test_a_continued_search_may_change_only_what_changes_no_result(tmp_path) -> None:
