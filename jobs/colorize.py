@@ -970,7 +970,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
         "batch_format": "numpy",
         "num_cpus": cfg.actor_cpus,
         "num_gpus": 1 if gpus else 0,
-        "accelerator_type": cfg.accelerator_type if gpus else None,
+        "accelerator_type": cfg.accelerator_type,  # (named, gpus >= 1: see _gpus)
     }
     if fused:
         ds = ds.map_batches(

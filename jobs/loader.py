@@ -84,16 +84,24 @@ class DatasetIndex:
     def num_images(self) -> int:
         return sum(len(r) for r in self.rows)
 
+    def jpeg_range(self, s: int, g: int) -> tuple[int, int]:
+        """(first byte, size) of row group `g`'s JPEG column chunk in shard `s`."""
+        metadata = self.metadata[s]
+        column = metadata.row_group(g).column(metadata.schema.names.index("jpeg"))
+        start = column.data_page_offset
+        if column.has_dictionary_page and column.dictionary_page_offset is not None:
+            start = min(start, column.dictionary_page_offset)
+        return start, column.total_compressed_size
+
     @functools.cached_property
     def jpeg_bytes_per_image(self) -> float:
         """The mean stored size of a JPEG, over all the shards' rows."""
-        total, rows = 0, 0
-        for metadata in self.metadata:
-            column = metadata.schema.names.index("jpeg")
-            for g in range(metadata.num_row_groups):
-                total += metadata.row_group(g).column(column).total_compressed_size
-            rows += metadata.num_rows
-        return total / max(rows, 1)
+        total = sum(
+            self.jpeg_range(s, g)[1]
+            for s, metadata in enumerate(self.metadata)
+            for g in range(metadata.num_row_groups)
+        )
+        return total / max(sum(m.num_rows for m in self.metadata), 1)
 
     @functools.cached_property
     def units(self) -> Units:
@@ -478,18 +486,9 @@ class TrainLoader:
         first byte and size in the shard."""
         units = self.index.units
         s, g = int(units.shard[u]), int(units.group[u])
-        start, size = self._column_range(s, g)
+        start, size = self.index.jpeg_range(s, g)
         shard = f"{self.index.shard_urls[s]}\n{self.index.sizes[s]}\n{start}\n{size}".encode()
         return f"{hashlib.blake2b(shard, digest_size=10).hexdigest()}-{g}"
-
-    def _column_range(self, s: int, g: int) -> tuple[int, int]:
-        """(first byte, size) of row group `g`'s JPEG column chunk in shard `s`."""
-        metadata = self.index.metadata[s]
-        column = metadata.row_group(g).column(metadata.schema.names.index("jpeg"))
-        start = column.data_page_offset
-        if column.has_dictionary_page and column.dictionary_page_offset is not None:
-            start = min(start, column.dictionary_page_offset)
-        return start, column.total_compressed_size
 
     def _read_unit(self, u: int) -> JpegFiles:
         """The JPEG column of one row group: from the node cache, or read from storage."""
@@ -503,7 +502,7 @@ class TrainLoader:
         """The JPEG column of one row group, in one ranged read of its bytes."""
         units = self.index.units
         s, g = int(units.shard[u]), int(units.group[u])
-        start, size = self._column_range(s, g)
+        start, size = self.index.jpeg_range(s, g)
         data = storage.read_range(self.index.shard_urls[s], start, size, self.s3)
         metadata = self.index.metadata[s]
         file = pq.ParquetFile(_Slice(data, start, self.index.sizes[s]), metadata=metadata)
