@@ -13,7 +13,8 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
 - this job: `jobs.colorize.main` on a local Ray instance with every core and the job's
   defaults (on CPUs: one model actor per core, each decoding, colorizing, encoding and
   writing its batches), with the precision `jobs.runtime.choose_precision` picks (bf16
-  autocast only on CPUs with bf16 units), torch Lab with chroma gamut mapping, annealed
+  autocast only on CPUs with bf16 units; ``--dtype int8``: the 3x3 convs in int8, the rest
+  so), torch Lab with chroma gamut mapping, annealed
   mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
   Its steady rate leaves out that start-up and the ramp after it: the slope of the later
@@ -82,6 +83,9 @@ def main() -> None:
     parser.add_argument("--model", help="weights URL (default: random released-format weights)")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores for the job")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp32", "int8"), help="the job's"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -102,13 +106,14 @@ def main() -> None:
             demo_colorize(model, path, root / "demo" / path.name)
         demo_ips = len(baseline) / (time.perf_counter() - start)
 
-        precision = choose_precision()
+        precision = choose_precision("auto", args.dtype)
         init_ray(num_cpus=args.cores)
         cfg = colorize.ColorizeConfig(
             input=str(root / "scans"),
             output=str(root / "job"),
             model=weights,
             batch_size=args.batch_size,
+            dtype=args.dtype,
         )  # the job's defaults otherwise: on CPUs one whole-stage model actor per core
         start = time.perf_counter()
         summary = colorize.main(cfg)
@@ -123,6 +128,7 @@ def main() -> None:
         steady_ips = float(np.polyfit(later - later[0], np.arange(len(later)), 1)[0])
 
     dtype = "bf16" if precision.autocast_dtype == torch.bfloat16 else "fp32"
+    dtype = f"int8 and {dtype}" if precision.int8 else dtype
     w, h = SIZE_WH
     print(f"\n{args.images} grayscale JPEGs at {w} x {h}; torch {torch.__version__}; "
           f"job precision {dtype} ({precision.reason})")  # fmt: skip

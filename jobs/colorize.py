@@ -72,6 +72,8 @@ import torch.nn.functional as F
 
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
+from colorcore.int8 import AbError, Int8ColorizationNet, quantize
+from colorcore.model import ColorizationNet
 from jobs import colorize_manifest as manifest
 from jobs import storage, tars
 from jobs.colorize_manifest import WORK_DIR
@@ -150,8 +152,14 @@ class ColorizeConfig:
     accelerator_type: str | None = None
     """GPU model the model actors run on, as Ray names it (L40S, H100, A10G, ...): on a
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
-    dtype: str = "auto"
-    """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32."""
+    dtype: Literal["auto", "bf16", "fp32", "int8"] = "auto"
+    """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32; or int8,
+    CPU inference with the 3x3 convs in int8 (`colorcore.int8`: about twice bf16's rate on
+    CPUs with VNNI but no AMX), checked against fp32 before the job starts."""
+    int8_max_ab_error: float = 1.0
+    """With dtype int8: the largest mean distance in ab (Lab units) int8 may put between this
+    model's colours and fp32's on the calibration photos; above it the job refuses to start.
+    Just noticeable is about 2."""
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
     """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
     `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
@@ -184,8 +192,12 @@ class ColorizeConfig:
             raise ValueError("max_file_mb, actor_cpus and task_cpus must be > 0")
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
-        if self.accelerator_type and self.device == "cpu":
+        if self.accelerator_type and (self.device == "cpu" or self.dtype == "int8"):
             raise ValueError("accelerator_type names a GPU: it needs device cuda (or auto)")
+        if self.dtype == "int8" and self.device == "cuda":
+            raise ValueError("dtype int8 runs the model on CPUs: it needs device cpu (or auto)")
+        if not self.int8_max_ab_error > 0:
+            raise ValueError(f"int8_max_ab_error must be > 0, got {self.int8_max_ab_error}")
         if self.accelerator_type and not self.model_actors:
             raise ValueError(
                 "accelerator_type needs model_actors, the number of such GPUs to use (the "
@@ -693,17 +705,32 @@ def _reason(error: Exception) -> str:
 
 class Colorizer:
     """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`;
-    rows routed to the device path come out colorized and encoded (`encoded`)."""
+    rows routed to the device path come out colorized and encoded (`encoded`). With dtype
+    int8 the model is quantised with `int8_ranges` (calibrated by the driver's `check_int8`)
+    or, without them, calibrated here."""
 
-    def __init__(self, cfg: ColorizeConfig, model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ColorizeConfig,
+        model: torch.nn.Module | None = None,
+        int8_ranges: Sequence[tuple[float, float]] | None = None,
+    ) -> None:
         from jobs.models import load_model
 
         self.cfg = cfg
         self.precision = choose_precision(cfg.device, cfg.dtype)
         if self.precision.device.type == "cpu":
             torch.set_num_threads(max(1, round(cfg.actor_cpus)))
-        model = model if model is not None else load_model(cfg.model, cfg.s3).model
-        self.model = model.eval().to(self.precision.device, memory_format=torch.channels_last)
+        model = (model if model is not None else load_model(cfg.model, cfg.s3).model).eval()
+        if self.precision.int8 and not isinstance(model, Int8ColorizationNet):
+            # calibrated as loaded, as the driver's check was (channels_last moves fp32 sums)
+            if int8_ranges is not None:
+                float_dtype = self.precision.autocast_dtype
+                model = Int8ColorizationNet(model, int8_ranges, float_dtype=float_dtype)
+            else:
+                model, error = quantize_int8(model, self.precision, cfg.temperature)
+                log.info("int8 model, ab distance from fp32 on the calibration photos: %s", error)
+        self.model = model.to(self.precision.device, memory_format=torch.channels_last)
         self.jpeg = None
         if cfg.jpeg_path == "device":
             from jobs.colorize_jpeg import JpegColorizer
@@ -718,7 +745,8 @@ class Colorizer:
             )
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:
-            self.forward = torch.compile(self.model) if cfg.compile else self.model
+            compiled = cfg.compile and not self.precision.int8  # int8: oneDNN's kernels as they are
+            self.forward = torch.compile(self.model) if compiled else self.model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = {k: v.copy() for k, v in batch.items()}
@@ -854,7 +882,7 @@ class Summary:
 def _provenance(sha256: str, cfg: ColorizeConfig) -> dict:
     text = (
         f"colorized by colorcore (Zhang et al. ECCV 2016); model sha256={sha256}; "
-        f"temperature={cfg.temperature}"
+        f"temperature={cfg.temperature}{'; int8' if cfg.dtype == 'int8' else ''}"
     )
     return {"model_sha256": sha256, "temperature": cfg.temperature, "text": text}
 
@@ -886,10 +914,14 @@ class WholeStage:
     through the object store, a task per block) and keeps its cores busy."""
 
     def __init__(
-        self, cfg: ColorizeConfig, provenance: dict, model: torch.nn.Module | None = None
+        self,
+        cfg: ColorizeConfig,
+        provenance: dict,
+        model: torch.nn.Module | None = None,
+        int8_ranges: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         self.cfg, self.provenance = cfg, provenance
-        self.colorizer = Colorizer(cfg, model)
+        self.colorizer = Colorizer(cfg, model, int8_ranges)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each row's full-size L waits for the network: once the rows so far hold
@@ -911,6 +943,29 @@ class WholeStage:
         return write_batch(self.colorizer(_as_batch(rows)), self.cfg, self.provenance)
 
 
+def quantize_int8(
+    model: torch.nn.Module, precision: Precision, temperature: float
+) -> tuple[Int8ColorizationNet, AbError]:
+    """The model with its 3x3 convs in int8, and its distance from fp32 (`colorcore.int8`)."""
+    if not isinstance(model, ColorizationNet):
+        raise ValueError(f"dtype int8 needs the colorization network, not {type(model).__name__}")
+    return quantize(model, float_dtype=precision.autocast_dtype, temperature=temperature)
+
+
+def check_int8(model: torch.nn.Module, cfg: ColorizeConfig) -> Int8ColorizationNet:
+    """`model` in int8 if its colours stay within `int8_max_ab_error` of fp32's on the
+    calibration photos; a ValueError saying by how much they do not otherwise."""
+    int8, error = quantize_int8(model.eval(), choose_precision("cpu", "int8"), cfg.temperature)
+    print(f"colorize: int8 moves the colours of the calibration photos by {error} ab units")
+    if error.mean > cfg.int8_max_ab_error:
+        raise ValueError(
+            f"int8 moves this model's colours by {error.mean:.2f} ab units on average on the "
+            f"calibration photos, more than --int8-max-ab-error {cfg.int8_max_ab_error}: "
+            "run it in bf16 or fp32 (--dtype auto), or accept more"
+        )
+    return int8
+
+
 def _run_in_process(units: list[dict], cfg: ColorizeConfig, model, provenance: dict) -> int:
     on_gpu = choose_precision(cfg.device, cfg.dtype).device.type == "cuda"
     cfg = _resolve_jpeg_path(cfg, on_gpu)
@@ -926,7 +981,7 @@ def _gpus(cfg: ColorizeConfig, cluster_gpus: int) -> int:
     autoscaler to start GPU nodes; with auto, the cluster's at the start; with cpu, none."""
     if cfg.device == "cuda" or cfg.accelerator_type:
         return max(cluster_gpus, cfg.model_actors, 1)
-    return cluster_gpus if cfg.device == "auto" else 0
+    return cluster_gpus if cfg.device == "auto" and cfg.dtype != "int8" else 0
 
 
 def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
@@ -939,7 +994,12 @@ def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
     return gpus or max(1, int(cpus / 2 / cfg.actor_cpus))
 
 
-def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int:
+def _run_on_ray(
+    units: list[dict],
+    cfg: ColorizeConfig,
+    provenance: dict,
+    int8_ranges: Sequence[tuple[float, float]] | None = None,
+) -> int:
     import ray
 
     from jobs.runtime import init_ray
@@ -964,6 +1024,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
         # decode task and model actor, not one of each.
         .repartition(target_num_rows_per_block=cfg.batch_size)
     )
+    model_kwargs = {"cfg": cfg, "int8_ranges": int8_ranges}
     model_stage = {
         "compute": ray.data.ActorPoolStrategy(size=actors),
         "batch_size": cfg.batch_size,
@@ -974,7 +1035,9 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
     }
     if fused:
         ds = ds.map_batches(
-            WholeStage, fn_constructor_kwargs={"cfg": cfg, "provenance": provenance}, **model_stage
+            WholeStage,
+            fn_constructor_kwargs={**model_kwargs, "provenance": provenance},
+            **model_stage,
         )
     else:
         ds = (
@@ -983,7 +1046,7 @@ def _run_on_ray(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> int
                 fn_kwargs={"cfg": cfg, "provenance": provenance["text"]},
                 num_cpus=cfg.task_cpus,
             )
-            .map_batches(Colorizer, fn_constructor_kwargs={"cfg": cfg}, **model_stage)
+            .map_batches(Colorizer, fn_constructor_kwargs=model_kwargs, **model_stage)
             .map_batches(
                 write_batch,
                 fn_kwargs={"cfg": cfg, "provenance": provenance},
@@ -1015,6 +1078,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)
+    model = check_int8(loaded.model, cfg) if cfg.dtype == "int8" else loaded.model
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
     inputs = manifest.inputs_only(rows)
@@ -1027,9 +1091,10 @@ def main(cfg: ColorizeConfig) -> Summary:
     )
     single = len(top_level) == 1 and _kind(top_level[0]) == "image"
     if units and single:
-        processed = _run_in_process(units, cfg, loaded.model, provenance)
+        processed = _run_in_process(units, cfg, model, provenance)
     elif units:
-        processed = _run_on_ray(units, cfg, provenance)
+        ranges = model.input_ranges if isinstance(model, Int8ColorizationNet) else None
+        processed = _run_on_ray(units, cfg, provenance, ranges)
     else:
         processed = 0
     summary = _finish(cfg, top_level, skipped)

@@ -1,8 +1,9 @@
 """Batch colorization: planted corpora on S3 through Ray Data, accounting, resume, metadata,
-16-bit and alpha, both model formats, and bf16 against fp32."""
+16-bit and alpha, both model formats, and bf16 and int8 against fp32."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import io
@@ -181,6 +182,8 @@ def test_model_actor_count_leaves_ray_data_room_for_the_reads() -> None:
     # a GPU model named: GPU actors, as with device cuda, on a cluster with no GPU node yet
     named = dataclasses.replace(defaults, accelerator_type="L40S", model_actors=6)
     assert colorize._gpus(named, cluster_gpus=0) == 6 and colorize._gpus(defaults, 0) == 0
+    assert colorize._gpus(defaults, 4) == 4
+    assert colorize._gpus(dataclasses.replace(defaults, dtype="int8"), 4) == 0  # CPU actors
 
 
 def test_config_is_validated_and_parses(capsys) -> None:
@@ -200,6 +203,13 @@ def test_config_is_validated_and_parses(capsys) -> None:
                                 accelerator_type="L40S", model_actors=2)  # fmt: skip
     with pytest.raises(ValueError, match="accelerator_type needs model_actors"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", accelerator_type="L40S")
+    with pytest.raises(ValueError, match="int8 runs the model on CPUs"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8", device="cuda")
+    with pytest.raises(ValueError, match="accelerator_type names a GPU"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8",
+                                accelerator_type="L40S", model_actors=2)  # fmt: skip
+    with pytest.raises(ValueError, match="int8_max_ab_error"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", int8_max_ab_error=0)
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)
@@ -887,10 +897,7 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path) -> None:
     """Stated tolerance: bf16-autocast annealed-mean ab within 3 units max and 0.5 mean of fp32
     (ab spans about +-110; measured here: 0.8 max, 0.17 mean), full network, random weights
     with the logit spread of a trained model (std about 1 across bins)."""
-    model = released_format_model(tmp_path / "w.pth").to(memory_format=torch.channels_last)
-    with torch.no_grad():  # random init gives near-constant logits; spread them
-        model.model8[6].weight.mul_(30.0)
-        model.model8[6].bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    model = spread_logits_model(tmp_path / "w.pth").to(memory_format=torch.channels_last)
     rgb = photo_rgb("astronaut", size=INFER_PX).copy()
     _, l_small = colorize.network_input(torch.from_numpy(rgb).permute(2, 0, 1)[None] / 255.0, 64)
     cpu = torch.device("cpu")
@@ -899,6 +906,65 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path) -> None:
     assert bf16.dtype == torch.float32 and fp32.std() > 3  # colours, not all grey
     difference = (bf16 - fp32).abs()
     assert 0 < difference.max() < 3.0 and difference.mean() < 0.5, difference.max()
+
+
+def spread_logits_model(path) -> ColorizationNet:
+    """`released_format_model` with the logit spread of a trained model (std about 1 across
+    bins; random init gives near-constant logits), saved as the authors' state dict."""
+    model = released_format_model(path)
+    with torch.no_grad():
+        model.model8[6].weight.mul_(30.0)
+        model.model8[6].bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def test_int8_job_checks_the_model_then_colorizes_near_fp32(tmp_path, capsys) -> None:
+    """dtype int8: the job measures the model's int8 colours against fp32 on the calibration
+    photos and prints it, colorizes with it (pixels within 3 levels of the fp32 job's here),
+    and names int8 in each file's provenance."""
+    spread_logits_model(tmp_path / "w.pth")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(gray((48, 64), "chelsea")).save(tmp_path / "in" / "cat.png")
+    outputs = {}
+    for dtype in ("fp32", "int8"):
+        cfg = config(str(tmp_path / "in" / "cat.png"), str(tmp_path / dtype),
+                     str(tmp_path / "w.pth"), dtype=dtype)  # fmt: skip
+        assert colorize.main(cfg).outputs == 1
+        outputs[dtype] = Image.open(tmp_path / dtype / "cat.png")
+    assert re.search(
+        r"int8 moves the colours of the calibration photos by mean \d", capsys.readouterr().out
+    )
+    fp32, int8 = (np.asarray(outputs[d], np.int16) for d in ("fp32", "int8"))
+    assert fp32.std(axis=2).mean() > 2  # colours, not grey
+    assert 0 < np.abs(int8 - fp32).max() <= 3, np.abs(int8 - fp32).max()
+    assert outputs["int8"].text["Software"].endswith("; int8")
+    assert "int8" not in outputs["fp32"].text["Software"]
+
+
+def test_int8_beyond_its_tolerance_is_refused_before_any_work(tmp_path) -> None:
+    spread_logits_model(tmp_path / "w.pth")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(gray((48, 64))).save(tmp_path / "in" / "a.png")
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "w.pth"),
+                 dtype="int8", int8_max_ab_error=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"int8 moves this model's colours by [\d.]+ ab units"):
+        colorize.main(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_model_actors_build_the_drivers_network(tmp_path) -> None:
+    """Actors handed the driver's calibration build the int8 network it checked, without
+    calibrating again; without it they calibrate to the same one."""
+    torch.manual_seed(4)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    cfg = config("/in", "/out", "m", dtype="int8")
+    checked = colorize.check_int8(copy.deepcopy(model), cfg)
+    handed = colorize.Colorizer(cfg, copy.deepcopy(model), checked.input_ranges)
+    alone = colorize.Colorizer(cfg, copy.deepcopy(model))
+    assert handed.model.input_ranges == alone.model.input_ranges == checked.input_ranges
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 100
+    assert torch.equal(handed.forward(x), checked(x)) and torch.equal(alone.forward(x), checked(x))
 
 
 def test_reassembly_in_bands_of_rows_equals_the_whole_image() -> None:

@@ -33,6 +33,11 @@ def test_choose_precision_on_cpu() -> None:
     assert runtime.choose_precision("cpu", "fp32").autocast_dtype is None
     with pytest.raises(ValueError, match="dtype must be"):
         runtime.choose_precision("cpu", "fp8")
+    int8 = runtime.choose_precision("auto", "int8")  # the CPU, whatever GPUs there are
+    assert int8.int8 and int8.device == torch.device("cpu") and int8.autocast_dtype == expected
+    assert not choice.int8
+    with pytest.raises(ValueError, match="int8 runs on CPUs"):
+        runtime.choose_precision("cuda", "int8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
