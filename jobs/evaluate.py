@@ -116,8 +116,10 @@ class EvaluateConfig:
     accelerator_type: str | None = None
     """GPU model the actors run on, as Ray names it (L40S, H100, ...; needs use_gpu): on a
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Autocast dtype of the networks; auto = bf16 where the device has fast bf16."""
+    precision: Literal["auto", "bf16", "fp32", "int8"] = "auto"
+    """Autocast dtype of the networks; auto = bf16 where the device has fast bf16; int8 (on
+    CPUs): the colorization network's 3x3 convs in int8, as `jobs.colorize --dtype int8`
+    runs them (`colorcore.int8`), to measure what int8 costs a model."""
     grid_images: int = 6
     """Best and worst images shown in best_worst.png (each)."""
     s3: S3Options = field(default_factory=S3Options)
@@ -138,6 +140,8 @@ class EvaluateConfig:
             problems.append("cpus_per_actor must be > 0")
         if self.accelerator_type and not self.use_gpu:
             problems.append("accelerator_type names a GPU: it needs use_gpu")
+        if self.precision == "int8" and self.use_gpu:
+            problems.append("precision int8 runs on CPUs: it cannot go with use_gpu")
         if self.classifier_weights and not self.classifier:
             problems.append("classifier_weights given without --classifier")
         if problems:
@@ -567,7 +571,12 @@ class Evaluator:
 
         config = from_dict(EvaluateConfig, cfg)
         precision = choose_precision("cuda" if config.use_gpu else "cpu", config.precision)
-        model = load_model(config.model, config.s3).model.eval().to(precision.device)
+        model = load_model(config.model, config.s3).model.eval()
+        if precision.int8:
+            from colorcore.int8 import quantize
+
+            model, _ = quantize(model, float_dtype=precision.autocast_dtype)
+        model = model.to(precision.device)
         classifier = None
         if config.classifier:
             classifier = load_classifier(config.classifier, config.classifier_weights, config.s3)

@@ -17,10 +17,12 @@ from PIL import Image
 
 from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
+from colorcore.int8 import Int8ColorizationNet
+from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import rebalance_weights
 from jobs import evaluate, storage, synthetic
 from jobs.config import parse_config
-from tests.support import encode, reference_path
+from tests.support import encode, photo_rgb, reference_path
 
 MAX = metrics.AUC_MAX_DIST
 COLORIZED_MARGIN = 0.10  # colorized top-1 may trail gray by at most this on 36 images
@@ -72,8 +74,6 @@ def test_rows_are_exact_on_constructed_images() -> None:
 def test_the_loss_counts_near_gray_colour_photos_as_released() -> None:
     """The released loss layer only weights the gradient: a colour photo whose ab stays
     within 5 of gray still has its loss."""
-    from colorcore.model import ColorizationNet, ModelConfig
-
     torch.manual_seed(0)
     ctx = evaluate.EvalContext(
         cfg=evaluate.EvaluateConfig(data="d", model="m"),
@@ -178,6 +178,31 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     for name in evaluate.PRESETS:
         cfg, _ = parse_config(evaluate.EvaluateConfig, ["--preset", name], presets=evaluate.PRESETS)
         assert cfg.protocol == "resized" and cfg.eval_px == 256
+
+
+def test_int8_precision_measures_the_int8_network(tmp_path) -> None:
+    """precision int8 evaluates the network `jobs.colorize --dtype int8` runs: its loss on a
+    batch moves from fp32's, a little. CPUs only."""
+    with pytest.raises(ValueError, match="int8 runs on CPUs"):
+        evaluate.EvaluateConfig(data="d", model="m", precision="int8", use_gpu=True)
+    torch.manual_seed(3)
+    torch.save(ColorizationNet().state_dict(), tmp_path / "w.pth")  # the released format
+    jpegs = []
+    for name in ("astronaut", "coffee"):
+        buffer = io.BytesIO()
+        Image.fromarray(photo_rgb(name, size=64)).save(buffer, format="JPEG")
+        jpegs.append(buffer.getvalue())
+    batch = {"key": np.array(["a", "b"]), "label": np.array([-1, -1]), "jpeg": np.array(jpegs)}
+    losses = {}
+    for precision in ("fp32", "int8"):
+        cfg = evaluate.EvaluateConfig(data="d", model=str(tmp_path / "w.pth"), eval_px=64,
+                                      precision=precision)  # fmt: skip
+        evaluator = evaluate.Evaluator(evaluate._config_dict(cfg), [1.0] * 313)
+        assert isinstance(evaluator.ctx.model, Int8ColorizationNet) == (precision == "int8")
+        out = evaluator(batch)
+        assert list(out["status"]) == ["ok", "ok"]
+        losses[precision] = out["loss"]
+    assert 0 < np.abs(losses["int8"] - losses["fp32"]).max() < 0.01 * losses["fp32"].min()
 
 
 def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float, int]:
