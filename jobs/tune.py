@@ -180,6 +180,21 @@ class SearchConfig:
                 problems.append(f"lambda_range must lie in [{lo}, {hi}]")
             if self.search_alg == "grid":
                 problems.append(f"{name} needs a sampling search_alg, not grid")
+        for values, name, bounds in (
+            ("lrs", "lr_range", self.lr_range),
+            ("lambdas", "lambda_range", self.lambda_range),
+        ):
+            given = getattr(self, values)
+            if (
+                bounds is not None
+                and given
+                and given != SearchConfig.__dataclass_fields__[values].default
+            ):
+                problems.append(
+                    f"{values} {list(given)} and {name} {list(bounds)} both given, and the "
+                    f"search draws from {name} only: drop one (--{values.replace('_', '-')} "
+                    "with no values clears the list)"
+                )
         for text in self.schedules:
             try:
                 fractions, factors = parse_schedule(text)
