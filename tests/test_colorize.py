@@ -203,11 +203,12 @@ def test_config_is_validated_and_parses(capsys) -> None:
                                 accelerator_type="L40S", model_actors=2)  # fmt: skip
     with pytest.raises(ValueError, match="accelerator_type needs model_actors"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", accelerator_type="L40S")
-    with pytest.raises(ValueError, match="int8 runs the model on CPUs"):
-        colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8", device="cuda")
-    with pytest.raises(ValueError, match="accelerator_type names a GPU"):
-        colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8",
-                                accelerator_type="L40S", model_actors=2)  # fmt: skip
+    for gpu_only in ({"device": "cuda"}, {"device": "cuda:1"}, {"jpeg_path": "device"},
+                     {"accelerator_type": "L40S", "model_actors": 2}):  # fmt: skip
+        with pytest.raises(ValueError, match="int8 runs the model on CPUs"):
+            colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8", **gpu_only)
+    with pytest.raises(ValueError, match="drop compile"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8", compile=True)
     with pytest.raises(ValueError, match="int8_max_ab_error"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", int8_max_ab_error=0)
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
@@ -942,6 +943,25 @@ def test_int8_job_checks_the_model_then_colorizes_near_fp32(tmp_path, capsys) ->
     assert "int8" not in outputs["fp32"].text["Software"]
 
 
+def test_int8_through_ray_data_runs_the_network_the_driver_checked(tmp_path, ray_session) -> None:
+    """The model actors build the driver's int8 network (its plan through Ray): a folder's
+    outputs equal, pixel for pixel, what the in-process path gives the same file."""
+    spread_logits_model(tmp_path / "w.pth")
+    (tmp_path / "in").mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(gray((40, 56), name)).save(tmp_path / "in" / f"{name}.png")
+    weights = str(tmp_path / "w.pth")
+    folder = colorize.main(
+        config(str(tmp_path / "in"), str(tmp_path / "ray"), weights, dtype="int8")
+    )
+    alone = colorize.main(config(str(tmp_path / "in" / "chelsea.png"), str(tmp_path / "alone"),
+                                 weights, dtype="int8"))  # fmt: skip
+    assert (folder.outputs, alone.outputs) == (2, 1)
+    via_ray = np.asarray(Image.open(tmp_path / "ray" / "chelsea.png"))
+    assert np.array_equal(via_ray, np.asarray(Image.open(tmp_path / "alone" / "chelsea.png")))
+    assert via_ray.std(axis=2).mean() > 2  # colours, not grey
+
+
 def test_int8_beyond_its_tolerance_is_refused_before_any_work(tmp_path) -> None:
     spread_logits_model(tmp_path / "w.pth")
     (tmp_path / "in").mkdir()
@@ -954,17 +974,32 @@ def test_int8_beyond_its_tolerance_is_refused_before_any_work(tmp_path) -> None:
 
 
 def test_int8_model_actors_build_the_drivers_network(tmp_path) -> None:
-    """Actors handed the driver's calibration build the int8 network it checked, without
-    calibrating again; without it they calibrate to the same one."""
+    """Actors handed the driver's plan build the int8 network it checked, float parts'
+    dtype included, without calibrating again; without it they check one themselves; and an
+    actor whose model file changed since the driver hashed it refuses to run."""
     torch.manual_seed(4)
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     cfg = config("/in", "/out", "m", dtype="int8")
     checked = colorize.check_int8(copy.deepcopy(model), cfg)
-    handed = colorize.Colorizer(cfg, copy.deepcopy(model), checked.input_ranges)
+    plan = colorize.Int8Plan.of(checked)
+    assert plan.input_ranges == checked.input_ranges and len(plan.input_ranges) == 21
+    handed = colorize.Colorizer(cfg, copy.deepcopy(model), plan)
     alone = colorize.Colorizer(cfg, copy.deepcopy(model))
     assert handed.model.input_ranges == alone.model.input_ranges == checked.input_ranges
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 100
     assert torch.equal(handed.forward(x), checked(x)) and torch.equal(alone.forward(x), checked(x))
+    fp32_rest = colorize.Colorizer(
+        cfg, copy.deepcopy(model), dataclasses.replace(plan, float_dtype=None)
+    )
+    assert fp32_rest.model.float_dtype is None  # the driver's choice, not this CPU's
+    strict = dataclasses.replace(cfg, int8_max_ab_error=1e-9)
+    with pytest.raises(ValueError, match="more than --int8-max-ab-error"):
+        colorize.Colorizer(strict, copy.deepcopy(model))
+
+    released_format_model(tmp_path / "w.pth")
+    file_cfg = dataclasses.replace(cfg, model=str(tmp_path / "w.pth"), dtype="fp32")
+    with pytest.raises(RuntimeError, match="changed since the job started"):
+        colorize.Colorizer(file_cfg, model_sha256="0" * 64)
 
 
 def test_reassembly_in_bands_of_rows_equals_the_whole_image() -> None:

@@ -106,6 +106,15 @@ def test_error_figure_is_the_distance_of_the_annealed_means(net, calibration) ->
 def test_bad_uses_are_refused(net) -> None:
     with pytest.raises(ValueError, match="20 input ranges for 21"):
         Int8ColorizationNet(net, [(0.0, 1.0)] * 20)
-    trained = copy.deepcopy(net).train()
+    training = copy.deepcopy(net).train()
+    before = {k: v.clone() for k, v in training.state_dict().items()}
     with pytest.raises(ValueError, match="eval mode"):
-        Int8ColorizationNet(trained, [(0.0, 1.0)] * 21)
+        Int8ColorizationNet(training, [(0.0, 1.0)] * 21)
+    with pytest.raises(ValueError, match="eval mode"):
+        quantize(training)
+    assert all(torch.equal(v, before[k]) for k, v in training.state_dict().items())
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        broken.model3[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        quantize(broken)
