@@ -72,13 +72,34 @@ class _Quant:
         return cls(scale, int(np.clip(round(-lo / scale), 0, 255)))
 
 
-def _to_uint8(
-    x: torch.Tensor, mul: torch.Tensor | float, add: torch.Tensor | float
-) -> torch.Tensor:
-    """round(x * mul + add) clamped to uint8, channels_last (`x` is left as it is; `mul` and
-    `add` are scalars or per-channel (1, C, 1, 1))."""
-    y = x.float().mul(mul).add_(add).round_().clamp_(0.0, 255.0)
-    return y.to(torch.uint8, memory_format=torch.channels_last)
+Tensorish = torch.Tensor | float
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """x -> round(x * mul + add) clamped to uint8: a quantisation, with whatever per-channel
+    affine map comes before it folded in. `mul` and `add` are fp32, 0-d or (1, C, 1, 1).
+
+    Halves round up, in three passes over memory (a truncation of the clamped x * mul + add
+    + 0.5), or, with `ties_to_even`, to even in four: for inputs on a grid that puts them on
+    halves, where rounding them all up would shift them all, such as 8-bit L, which lands
+    on k + 0.5 with the L quantisation's zero point of 128."""
+
+    mul: torch.Tensor
+    add: torch.Tensor
+    ties_to_even: bool = False
+
+    @classmethod
+    def of(cls, mul: Tensorish, add: Tensorish, *, ties_to_even: bool = False) -> _Affine:
+        add = torch.as_tensor(add, dtype=torch.float32) + (0.0 if ties_to_even else 0.5)
+        return cls(torch.as_tensor(mul, dtype=torch.float32), add, ties_to_even)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (fp32 or bf16, left as it is) quantised: uint8, channels_last."""
+        y = torch.addcmul(self.add, x, self.mul)
+        if self.ties_to_even:
+            y.round_()
+        return y.clamp_(0.0, 255.0).to(torch.uint8, memory_format=torch.channels_last)
 
 
 class _Int8Conv:
@@ -121,10 +142,10 @@ class _Int8Conv:
 
 class Int8ColorizationNet(nn.Module):
     """`ColorizationNet` in eval mode with its 3x3 convs in int8: L (N, 1, H, W) in [0, 100]
-    -> fp32 logits (N, Q, h, w). Built from a float net, which it shares the float parts
-    with, and the (min, max) of each 3x3 conv's input in forward order (`input_ranges`, which
+    -> logits (N, Q, h, w). Built from a float net, which it shares the float parts with,
+    and the (min, max) of each 3x3 conv's input in forward order (`input_ranges`, which
     `quantize` calibrates); `float_dtype` (bf16, or None for fp32) is the autocast dtype of
-    the parts kept in float."""
+    the parts kept in float, and the logits' dtype, as the float net's under autocast."""
 
     def __init__(
         self,
@@ -155,10 +176,22 @@ class Int8ColorizationNet(nn.Module):
             scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
             shift = bn.bias.detach() - bn.running_mean * scale
             self.blocks.append((convs, scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)))
+        # Each block's BatchNorm folded into the quantisation of the next block's input; the
+        # L input's centring and scaling into its own.
+        self.requantise = []
+        for (_, scale, shift), ((following, *_), _, _) in itertools.pairwise(self.blocks):
+            q_in = following.quant_in
+            mul, add = scale / q_in.scale, shift / q_in.scale + q_in.zero_point
+            self.requantise.append(_Affine.of(mul, add))
+        first = self.blocks[0][0][0].quant_in
+        mul = 1.0 / (L_SCALE * first.scale)
+        self.quantise_l = _Affine.of(mul, first.zero_point - L_CENTER * mul, ties_to_even=True)
         # model8: transposed conv, relu, [conv, relu] * 2 (int8), 1x1 conv to the logits.
         self.upsample = net.model8[0]
         self.head = [int8(net.model8[2]), int8(net.model8[4])]
         self.logits = net.model8[6]
+        head_in = self.head[0].quant_in
+        self.quantise_head = _Affine.of(1.0 / head_in.scale, float(head_in.zero_point))
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -169,26 +202,21 @@ class Int8ColorizationNet(nn.Module):
     def forward(self, l_N1HW: torch.Tensor) -> torch.Tensor:
         if l_N1HW.ndim != 4 or l_N1HW.shape[1] != 1:
             raise ValueError(f"expected L as (N, 1, H, W), got {tuple(l_N1HW.shape)}")
-        first = self.blocks[0][0][0].quant_in
-        # (L - 50) / 100 quantised: one pass of x * mul + add.
-        mul = 1.0 / (L_SCALE * first.scale)
-        q = _to_uint8(l_N1HW, mul, first.zero_point - L_CENTER * mul)
+        q = self.quantise_l(l_N1HW)
         for index, (convs, bn_scale, bn_shift) in enumerate(self.blocks):
             for conv, following in itertools.pairwise(convs):
                 q = conv(q, following.quant_in)
             y = convs[-1](q, None)
-            if index + 1 < len(self.blocks):  # BatchNorm folded into the next quantisation
-                nxt = self.blocks[index + 1][0][0].quant_in
-                q = _to_uint8(y, bn_scale / nxt.scale, bn_shift / nxt.scale + nxt.zero_point)
+            if index < len(self.requantise):
+                q = self.requantise[index](y)
             else:
                 x = y.mul_(bn_scale).add_(bn_shift)
         with self._autocast():
             x = F.relu(self.upsample(x))
-        first = self.head[0].quant_in
-        q = _to_uint8(x, 1.0 / first.scale, float(first.zero_point))
+        q = self.quantise_head(x)
         y = self.head[1](self.head[0](q, self.head[1].quant_in), None)
         with self._autocast():
-            return self.logits(y).float()
+            return self.logits(y)
 
 
 def _check_quantisable(net: ColorizationNet) -> None:
