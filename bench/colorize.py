@@ -84,7 +84,10 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="cores for the job")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--dtype", default="auto", choices=("auto", "bf16", "fp32", "int8"), help="the job's"
+        "--dtype",
+        default="auto",
+        choices=("auto", "bf16", "fp32", "int8"),
+        help="the job's --dtype",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)

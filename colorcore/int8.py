@@ -18,8 +18,8 @@ autocast when asked):
 Activation ranges are calibrated once, on fixed photos (`calibration_l`): the same inputs
 give the same outputs on every machine and every run. `quantize` also measures what int8
 costs the weights there (`AbError`), which `jobs.colorize` checks before it uses them. The
-figure is taken on the photos the ranges were fitted to, where nothing saturates: other
-inputs may fare worse (`jobs.evaluate --precision int8` measures a dataset).
+figure is taken on the photos the ranges were fitted to: other inputs may fare worse
+(`jobs.evaluate --precision int8` measures a dataset).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ Tensorish = torch.Tensor | float
 @dataclass(frozen=True)
 class _Affine:
     """x -> round(x * mul + add) clamped to uint8: a quantisation, with whatever per-channel
-    affine map comes before it folded in. `mul` and `add` are fp32, 0-d or (1, C, 1, 1).
+    affine map comes before it folded in. `mul` and `add` are fp32 (1, C, 1, 1), C = 1 for a
+    scalar: 4-d, so that a bf16 x is promoted to fp32 (a 0-d tensor takes no part in type
+    promotion: the sum would be rounded to bf16, whose steps reach 1 above 128).
 
     Halves round up, in three passes over memory (a truncation of the clamped x * mul + add
     + 0.5), or, with `ties_to_even`, to even in four: for inputs on a grid that puts them on
@@ -91,8 +93,10 @@ class _Affine:
 
     @classmethod
     def of(cls, mul: Tensorish, add: Tensorish, *, ties_to_even: bool = False) -> _Affine:
-        add = torch.as_tensor(add, dtype=torch.float32) + (0.0 if ties_to_even else 0.5)
-        return cls(torch.as_tensor(mul, dtype=torch.float32), add, ties_to_even)
+        def planes(v: Tensorish) -> torch.Tensor:
+            return torch.as_tensor(v, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+        return cls(planes(mul), planes(add) + (0.0 if ties_to_even else 0.5), ties_to_even)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x` (fp32 or bf16, left as it is) quantised: uint8, channels_last."""

@@ -115,11 +115,13 @@ class SearchConfig:
     storage: str = "runs"
     """Where the search folder goes: local path or storage URL."""
     lrs: tuple[float, ...] = (3e-5,)
-    """Base learning rates to try (grid, or a choice for other algorithms)."""
+    """Base learning rates to try (grid, or a choice for other algorithms). With lr_range,
+    leave it at its default or empty: other values are refused, never ignored."""
     lr_range: tuple[float, ...] | None = None
     """(low, high): sample the base rate log-uniformly instead (not for grid)."""
     lambdas: tuple[float, ...] = (0.5,)
-    """Rebalancing lambdas to try, within [0.05, 1]."""
+    """Rebalancing lambdas to try, within [0.05, 1]. With lambda_range, leave it at its
+    default or empty: other values are refused, never ignored."""
     lambda_range: tuple[float, ...] | None = None
     """(low, high) within [0.05, 1]: sample lambda uniformly instead (not for grid)."""
     schedules: tuple[str, ...] = ("0.444:0.333,0.833:0.3",)
@@ -185,15 +187,12 @@ class SearchConfig:
             ("lambdas", "lambda_range", self.lambda_range),
         ):
             given = getattr(self, values)
-            if (
-                bounds is not None
-                and given
-                and given != SearchConfig.__dataclass_fields__[values].default
-            ):
+            default = next(f.default for f in dataclasses.fields(self) if f.name == values)
+            if bounds is not None and given and given != default:
                 problems.append(
-                    f"{values} {list(given)} and {name} {list(bounds)} both given, and the "
-                    f"search draws from {name} only: drop one (--{values.replace('_', '-')} "
-                    "with no values clears the list)"
+                    f"{values} {list(given)} (given, or a preset's) and {name} {list(bounds)}: "
+                    f"the search draws from {name} only: drop one (--{values} with no values "
+                    "clears the list)"
                 )
         for text in self.schedules:
             try:

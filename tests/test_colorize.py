@@ -973,7 +973,7 @@ def test_int8_beyond_its_tolerance_is_refused_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_int8_model_actors_build_the_drivers_network(tmp_path) -> None:
+def test_int8_model_actors_build_the_drivers_network(tmp_path, monkeypatch) -> None:
     """Actors handed the driver's plan build the int8 network it checked, float parts'
     dtype included, without calibrating again; without it they check one themselves; and an
     actor whose model file changed since the driver hashed it refuses to run."""
@@ -983,15 +983,20 @@ def test_int8_model_actors_build_the_drivers_network(tmp_path) -> None:
     checked = colorize.check_int8(copy.deepcopy(model), cfg)
     plan = colorize.Int8Plan.of(checked)
     assert plan.input_ranges == checked.input_ranges and len(plan.input_ranges) == 21
-    handed = colorize.Colorizer(cfg, copy.deepcopy(model), plan)
     alone = colorize.Colorizer(cfg, copy.deepcopy(model))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("an actor handed a plan calibrated again")
+
+    monkeypatch.setattr(colorize, "quantize", no_calibration)
+    handed = colorize.Colorizer(cfg, copy.deepcopy(model), plan)
     assert handed.model.input_ranges == alone.model.input_ranges == checked.input_ranges
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 100
     assert torch.equal(handed.forward(x), checked(x)) and torch.equal(alone.forward(x), checked(x))
-    fp32_rest = colorize.Colorizer(
-        cfg, copy.deepcopy(model), dataclasses.replace(plan, float_dtype=None)
-    )
-    assert fp32_rest.model.float_dtype is None  # the driver's choice, not this CPU's
+    for float_dtype in (None, torch.bfloat16):  # the driver's choice, not this CPU's
+        other = dataclasses.replace(plan, float_dtype=float_dtype)
+        assert colorize.Colorizer(cfg, copy.deepcopy(model), other).model.float_dtype == float_dtype
+    monkeypatch.undo()
     strict = dataclasses.replace(cfg, int8_max_ab_error=1e-9)
     with pytest.raises(ValueError, match="more than --int8-max-ab-error"):
         colorize.Colorizer(strict, copy.deepcopy(model))

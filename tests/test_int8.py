@@ -84,6 +84,19 @@ def test_int8_kernels_compute_the_quantisation_scheme(net, calibration) -> None:
 
 
 @torch.no_grad()
+def test_quantising_bf16_rounds_the_fp32_value_half_up(net, calibration) -> None:
+    """The transposed conv's bf16 output, quantised for the head: the fp32 value x * mul +
+    add rounded, not that value rounded to bf16 first (whose steps reach 1 above 128)."""
+    int8, _ = quantize(net, calibration, float_dtype=torch.bfloat16)
+    affine = int8.quantise_head
+    x = (torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
+    want = torch.floor(x.float() * affine.mul + affine.add).clamp(0, 255)  # add holds the 0.5
+    got = affine(x)
+    assert got.dtype == torch.uint8 and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.float(), want) and (want > 128).float().mean() > 0.05
+
+
+@torch.no_grad()
 def test_int8_leaves_its_input_and_repeats_itself_at_any_size(net, calibration) -> None:
     int8, _ = quantize(net, calibration)
     x = torch.rand(3, 1, 40, 72, generator=torch.Generator().manual_seed(3)) * 100

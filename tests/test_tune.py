@@ -198,10 +198,13 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         (["--lambdas", "1.5"], "lambdas must lie in [0.05, 1.0]"),
         (["--lambda-range", "0.01", "0.5", "--search-alg", "random"], "lambda_range"),
         (["--lr-range", "1e-5", "1e-3"], "needs a sampling search_alg"),
-        (["--lr-range", "1e-5", "1e-3", "--search-alg", "random"], "lrs [0.001, 0.0] and"),
+        (
+            ["--lr-range", "1e-5", "1e-3", "--search-alg", "random"],
+            "lrs [0.001, 0.0] (given, or a preset's)",
+        ),
         (
             ["--lambdas", "0.3", "--lambda-range", "0.1", "0.5", "--search-alg", "random"],
-            "lambdas [0.3] and lambda_range [0.1, 0.5] both given",
+            "lambdas [0.3] (given, or a preset's) and lambda_range [0.1, 0.5]",
         ),
         (["--train.use-gpu", "--train.num-workers", "4", "--max-gpus", "2"], "needs 4 GPUs"),
         (["--search-alg", "annealing"], "is not one of"),
