@@ -171,23 +171,21 @@ class Int8ColorizationNet(nn.Module):
         def int8(conv: nn.Conv2d) -> _Int8Conv:
             return _Int8Conv(conv, quant[conv])
 
-        # Blocks model1..model7: [conv, relu] * n, BatchNorm.
-        self.blocks: list[tuple[list[_Int8Conv], torch.Tensor, torch.Tensor]] = []
-        for index in range(1, 8):
-            block = getattr(net, f"model{index}")
-            convs = [int8(m) for m in block if isinstance(m, nn.Conv2d)]
-            bn = block[-1]
-            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias.detach() - bn.running_mean * scale
-            self.blocks.append((convs, scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)))
-        # Each block's BatchNorm folded into the quantisation of the next block's input; the
-        # L input's centring and scaling into its own.
-        self.requantise = []
-        for (_, scale, shift), ((following, *_), _, _) in itertools.pairwise(self.blocks):
-            q_in = following.quant_in
-            mul, add = scale / q_in.scale, shift / q_in.scale + q_in.zero_point
-            self.requantise.append(_Affine.of(mul, add))
-        first = self.blocks[0][0][0].quant_in
+        # Blocks model1..model7: [conv, relu] * n, BatchNorm (as scale, shift per channel).
+        blocks = [getattr(net, f"model{index}") for index in range(1, 8)]
+        self.blocks = [[int8(m) for m in block if isinstance(m, nn.Conv2d)] for block in blocks]
+        batchnorms = [_affine_of_batchnorm(block[-1]) for block in blocks]
+        # Each block's BatchNorm folded into the quantisation of the next block's input (the
+        # last one's goes to the float transposed conv); the L input's centring and scaling
+        # into its own.
+        self.requantise = [
+            _Affine.of(scale / q_in.scale, shift / q_in.scale + q_in.zero_point)
+            for (scale, shift), q_in in zip(
+                batchnorms[:-1], [convs[0].quant_in for convs in self.blocks[1:]], strict=True
+            )
+        ]
+        self.last_batchnorm = batchnorms[-1]
+        first = self.blocks[0][0].quant_in
         mul = 1.0 / (L_SCALE * first.scale)
         self.quantise_l = _Affine.of(mul, first.zero_point - L_CENTER * mul, ties_to_even=True)
         # model8: transposed conv, relu, [conv, relu] * 2 (int8), 1x1 conv to the logits.
@@ -207,20 +205,27 @@ class Int8ColorizationNet(nn.Module):
         if l_N1HW.ndim != 4 or l_N1HW.shape[1] != 1:
             raise ValueError(f"expected L as (N, 1, H, W), got {tuple(l_N1HW.shape)}")
         q = self.quantise_l(l_N1HW)
-        for index, (convs, bn_scale, bn_shift) in enumerate(self.blocks):
+        for convs, requantise in zip(self.blocks, [*self.requantise, None], strict=True):
             for conv, following in itertools.pairwise(convs):
                 q = conv(q, following.quant_in)
             y = convs[-1](q, None)
-            if index < len(self.requantise):
-                q = self.requantise[index](y)
-            else:
-                x = y.mul_(bn_scale).add_(bn_shift)
+            if requantise is not None:
+                q = requantise(y)
+        scale, shift = self.last_batchnorm
+        x = y.mul_(scale).add_(shift)
         with self._autocast():
             x = F.relu(self.upsample(x))
         q = self.quantise_head(x)
         y = self.head[1](self.head[0](q, self.head[1].quant_in), None)
         with self._autocast():
             return self.logits(y)
+
+
+def _affine_of_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1): eval-mode BatchNorm as x * scale + shift."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() - bn.running_mean * scale
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 def _check_quantisable(net: ColorizationNet) -> None:
