@@ -48,10 +48,12 @@ def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torc
     bins = _bins_like(logits_NQhw)
     n, q, h, w = logits_NQhw.shape
     z_PQ = logits_NQhw.permute(0, 2, 3, 1).reshape(-1, q)
-    # One pass into a new fp32 tensor whatever the logits' dtype (a bf16 difference is
-    # computed in fp32, not rounded to bf16); the caller's logits are left as they are.
-    e_PQ = torch.empty(z_PQ.shape, dtype=torch.float32, device=z_PQ.device)
-    torch.sub(z_PQ, z_PQ.amax(dim=1, keepdim=True).float(), out=e_PQ).mul_(1.0 / T).exp_()
+    # The logits copied into a new fp32 tensor whatever their dtype (the caller's are left as
+    # they are), where the rest runs in place: e = exp(z / T - max z / T). Every step in one
+    # dtype: a bf16 max, or a difference of bf16 and fp32, takes slow paths on CPUs.
+    e_PQ = torch.empty(z_PQ.shape, dtype=torch.float32, device=z_PQ.device).copy_(z_PQ)
+    shift_P1 = e_PQ.amax(dim=1, keepdim=True).mul_(-1.0 / T)
+    torch.add(shift_P1, e_PQ, alpha=1.0 / T, out=e_PQ).exp_()
     sums_P3 = e_PQ @ torch.cat([bins, bins.new_ones(q, 1)], dim=1)
     ab_P2 = sums_P3[:, :2] / sums_P3[:, 2:]
     return ab_P2.reshape(n, h, w, 2).permute(0, 3, 1, 2).contiguous()  # 2 small planes

@@ -90,7 +90,7 @@ from jobs.picture_files import (
     output_name,
     read_metadata,
 )
-from jobs.runtime import Precision, choose_precision
+from jobs.runtime import Precision, choose_precision, keep_freed_memory
 
 MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
 ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
@@ -748,6 +748,7 @@ class Colorizer:
         self.precision = choose_precision(cfg.device, cfg.dtype)
         if self.precision.device.type == "cpu":
             torch.set_num_threads(max(1, round(cfg.actor_cpus)))
+            keep_freed_memory()
         if model is None:
             loaded = load_model(cfg.model, cfg.s3)
             if model_sha256 and loaded.sha256 != model_sha256:

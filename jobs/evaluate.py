@@ -568,10 +568,12 @@ class Evaluator:
     def __init__(self, cfg: dict[str, Any], rebalance0_Q: list[float]) -> None:
         from jobs.config import from_dict
         from jobs.models import load_model
-        from jobs.runtime import choose_precision
+        from jobs.runtime import choose_precision, keep_freed_memory
 
         config = from_dict(EvaluateConfig, cfg)
         precision = choose_precision("cuda" if config.use_gpu else "cpu", config.precision)
+        if precision.device.type == "cpu":
+            keep_freed_memory()
         model = load_model(config.model, config.s3).model.eval()
         if precision.int8:
             from colorcore.int8 import quantize

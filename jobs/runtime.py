@@ -8,6 +8,7 @@ instance is started; inside ``ray job submit`` the job joins its cluster; when t
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -140,6 +141,32 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
     if dev.type == "cuda":  # every job's network sees fixed sizes (crops, infer_px, eval_px)
         torch.backends.cudnn.benchmark = True
     return choice
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+FREED_MEMORY_KEPT = 1 << 30
+"""Bytes of free heap that `keep_freed_memory` lets a process keep mapped."""
+
+
+def keep_freed_memory(kept: int = FREED_MEMORY_KEPT) -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back
+    to the kernel: every block comes from the heap (none from its own mmap), and up to `kept`
+    bytes of free heap stay mapped. For processes that run the same tensor work batch after
+    batch on CPUs, whose buffers are plain malloc: by default a block over 32 MB (a batch's
+    fp32 logits, 41 MB for 8 x 313 x 64 x 64) is a fresh mmap, and a smaller one freed at the
+    heap's top is trimmed, so every batch pays a page fault for each 4 KB page it writes.
+    Measured on one core of a 2-core VM, the colorize job's CPU work per 1024x768 image:
+    147 -> 132 ms in int8, 214 -> 206 ms in bf16. Returns whether it was set (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, kept))
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -37,7 +37,7 @@ from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
 from jobs.node_cache import NodeCache
-from jobs.runtime import choose_precision
+from jobs.runtime import choose_precision, keep_freed_memory
 from jobs.train import (
     DIVERGED_FILE,
     METRICS_FILE,
@@ -63,6 +63,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     precision = choose_precision(device.type, cfg.precision)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -44,6 +48,36 @@ def test_choose_precision_on_cpu() -> None:
 def test_cuda_request_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no CUDA device"):
         runtime.choose_precision("cuda")
+
+
+_FREED_BLOCK = """
+import os, sys
+import numpy as np
+from jobs.runtime import keep_freed_memory
+
+def resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = resident()
+block = np.ones(1 << 27, np.uint8)  # 128 MB, every page written
+del block
+print(resident() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_keeps_a_large_block_for_reuse() -> None:
+    def resident_after_free(mode: str) -> int:
+        run = [sys.executable, "-c", _FREED_BLOCK, mode]
+        return int(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
+
+    # By default the block is an mmap of its own, unmapped when freed; kept, it stays mapped
+    # for the next allocation.
+    assert resident_after_free("default") < 16 << 20
+    assert resident_after_free("keep") > 120 << 20
 
 
 def test_seed_everything_is_reproducible() -> None:
