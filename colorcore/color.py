@@ -255,22 +255,36 @@ def _gamut_box(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, 
     return ((top + bottom) / 2).to(device, dtype), ((top - bottom) / 2).to(device, dtype)
 
 
-def _in_gamut(linear_3P: torch.Tensor) -> torch.Tensor:
-    """Mask over pixels (channels at dim -2): all of R, G, B inside the gamut box."""
+def _gamut_excess(linear_3P: torch.Tensor) -> torch.Tensor:
+    """Over pixels (channels at dim -2): how far the farthest of R, G, B lies outside the
+    gamut box (<= 0 inside)."""
     centre_31, half_width_31 = _gamut_box(linear_3P.dtype, linear_3P.device)
-    return linear_3P.sub(centre_31).abs_().sub_(half_width_31).amax(dim=-2) <= 0.0
+    return linear_3P.sub(centre_31).abs_().sub_(half_width_31).amax(dim=-2)
 
 
-def _chroma_search_constants() -> tuple[tuple[float, float, float, float, float], ...]:
-    """Per linear-RGB channel: its row of the XYZ/white -> RGB matrix (x, y, z terms) and its
-    gamut box (centre, half-width), as Python numbers that compiled code takes as literals."""
+def _chroma_search_constants() -> tuple[tuple[float, float, float, float], ...]:
+    """Per linear-RGB channel, the gamut test |x X + y Y + z Z - centre| <= half-width in
+    half-widths, X, Y, Z relative to the white: (x, y, z, centre) / half-width. Python numbers,
+    which compiled code takes as literals."""
     cpu = torch.device("cpu")
     rows = _matrices(torch.float64, cpu).rgb_from_xyzn.tolist()
     centre, half_width = (t.flatten().tolist() for t in _gamut_box(torch.float64, cpu))
-    return tuple((*row, c, h) for row, c, h in zip(rows, centre, half_width, strict=True))
+    return tuple(
+        (x / h, y / h, z / h, c / h)
+        for (x, y, z), c, h in zip(rows, centre, half_width, strict=True)
+    )
 
 
 _CHROMA_SEARCH_CONSTANTS = _chroma_search_constants()
+# _lab_f_inverse(f) = _CUBE_AND_TOE(f) - _TOE_SHIFT: the search folds the shift into its
+# per-pixel constants, a pass less per candidate for each of X and Z.
+_TOE_SLOPE = 1 / LAB_SLOPE
+_TOE_SHIFT = LAB_F_KNEE * _TOE_SLOPE
+
+
+def _cube_and_toe(f: torch.Tensor) -> torch.Tensor:
+    """_lab_f_inverse(f) + _TOE_SHIFT, in four passes (`_power_with_linear_toe`'s pieces)."""
+    return f.clamp_min(LAB_F_KNEE).pow_(3).add_(f.clamp_max(LAB_F_KNEE), alpha=_TOE_SLOPE)
 
 
 def _max_in_gamut_chroma(L: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -281,24 +295,28 @@ def _max_in_gamut_chroma(L: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     only, so every candidate keeps the input's L; s only trades chroma. Written plane by plane
     (no stacked channels): every step then has the pixels' shape, and torch.compile fuses the
     whole search into one pass over memory, where stacked (2, K) and (3, K) steps each took a
-    pass of their own.
+    pass of their own. Eager, a candidate costs 24 passes over the pixels: everything that
+    does not depend on s (Y's terms, the box's centre, the toe's shift) is summed once per
+    channel beforehand.
     """
     channels = _CHROMA_SEARCH_CONSTANTS
     fy = L.mul(1 / 116).add_(LAB_F_OFFSET)
     y = _lab_f_inverse(fy)
     x_per_s, z_per_s = a * (1 / 500), b * (-1 / 200)  # d f_x / ds, d f_z / ds
-    greys = [y * y_term for _, y_term, _, _, _ in channels]
+    fixed = [
+        torch.mul(y, y_term).sub_(centre + _TOE_SHIFT * (x_term + z_term))
+        for x_term, y_term, z_term, centre in channels
+    ]
     lo = torch.zeros_like(L)
     for step in (0.5**i for i in range(1, _CHROMA_BISECTION_STEPS + 1)):
         s = lo + step
-        x = _lab_f_inverse(torch.addcmul(fy, x_per_s, s))
-        z = _lab_f_inverse(torch.addcmul(fy, z_per_s, s))
+        x = _cube_and_toe(torch.addcmul(fy, x_per_s, s))
+        z = _cube_and_toe(torch.addcmul(fy, z_per_s, s))
         worst = None
-        for grey, (x_term, _, z_term, centre, half_width) in zip(greys, channels, strict=True):
-            linear = torch.mul(x, x_term).add_(z, alpha=z_term).add_(grey)
-            outside_by = linear.sub_(centre).abs_().sub_(half_width)
-            worst = outside_by if worst is None else torch.maximum(worst, outside_by)
-        lo.add_(worst <= 0.0, alpha=step)
+        for rest, (x_term, _, z_term, _) in zip(fixed, channels, strict=True):
+            off_centre = torch.add(rest, x, alpha=x_term).add_(z, alpha=z_term).abs_()
+            worst = off_centre if worst is None else torch.maximum(worst, off_centre)
+        lo.add_(worst.le_(1.0), alpha=step)  # worst becomes 1.0 where s is in gamut, else 0.0
     return lo
 
 
@@ -313,18 +331,23 @@ def _map_chroma_into_gamut(lab_B3P: torch.Tensor, linear_B3P: torch.Tensor) -> t
     inductor's CPU code for the every-pixel search is scalar, and its code generation of
     torch 2.13 failed on the every-pixel graph for some image sizes.)
     """
-    outside_BP = ~_in_gamut(linear_B3P)
+    outside_BP = _gamut_excess(linear_B3P) > 0.0
     if torch.compiler.is_compiling() and linear_B3P.device.type != "cpu":
         return _chroma_mapped_everywhere(lab_B3P, linear_B3P, outside_BP)
     if not bool(outside_BP.any()):
         return linear_B3P
-    L, a, b = lab_B3P.transpose(1, 2)[outside_BP].T
+    # Flat positions in (B, 3, P) of each outside pixel's three channels: one gather of
+    # (3, K) and one scatter back, both through the same index.
+    P = lab_B3P.shape[-1]
+    pixel_K = outside_BP.flatten().nonzero().squeeze(1)  # b * P + p
+    at_3K = pixel_K.add(pixel_K.div(P, rounding_mode="floor"), alpha=2 * P)
+    at_3K = at_3K + torch.arange(0, 3 * P, P, device=at_3K.device)[:, None]
+    L, a, b = lab_B3P.take(at_3K)
     L = L.clamp(0.0, L_MAX)
     with torch.no_grad():  # s is the result of a search: a constant for gradients
         scale_K = _max_in_gamut_chroma(L, a, b)
     mapped_13K = torch.stack([L, a * scale_K, b * scale_K])[None]
-    linear_B3P.transpose(1, 2)[outside_BP] = _lab_to_linear(mapped_13K)[0].T
-    return linear_B3P
+    return linear_B3P.put_(at_3K, _lab_to_linear(mapped_13K)[0])
 
 
 def _chroma_mapped_everywhere(
