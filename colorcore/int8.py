@@ -1,19 +1,20 @@
 """Int8 inference of `ColorizationNet` on x86 CPUs with VNNI (u8 x s8 dot products).
 
-The 3x3 convolutions, 94% of the released network's 83.5 GFLOP at 256x256, run in oneDNN's
-int8 kernels: weights quantised per output channel (symmetric, int8), activations per tensor
-(uint8, affine), with the ReLU after every one of them fused and each conv writing the
-quantised input of the next. On a CPU core with AVX-512 VNNI but no AMX the network runs
-1.7 times as fast as in bf16 (0.096 s against 0.166 s an image at 256x256; the int8 convs
-reach about 1,000 GOPS, the unit's peak). The rest stays in floating point (fp32, or bf16
-autocast when asked):
+The 3x3 convolutions and the transposed conv, 99% of the released network's 83.5 GFLOP at
+256x256, run in oneDNN's int8 kernels: weights quantised per output channel (symmetric,
+int8), activations per tensor (uint8, affine), with the ReLU after every one of them fused
+and each layer writing the quantised input of the next. oneDNN has no int8 transposed conv
+here, so model8's runs as four 2x2 convs, one per output phase (`_Int8Upsample`). On a CPU
+core with AVX-512 VNNI but no AMX the network and the annealed mean run 1.9 times as fast
+as in bf16 (0.091 s against 0.171 s an image at 256x256, batch 4; the int8 convs reach about
+1,000 GOPS, the unit's peak). The rest stays in floating point:
 
-- the transposed conv of model8, for which oneDNN has no int8 kernel here (5% of the FLOPs);
-- the final 1x1 conv to the 313 logits: they are divided by T = 0.38 before the annealed
-  mean's softmax, which would magnify an 8-bit rounding 2.6 times;
+- the final 1x1 conv to the 313 logits (fp32, or bf16 autocast when asked): they are
+  divided by T = 0.38 before the annealed mean's softmax, which would magnify an 8-bit
+  rounding 2.6 times;
 - each block's BatchNorm, which follows the ReLU in the released net and so cannot be folded
   into the conv before it: the block's last conv writes fp32, and BatchNorm's per-channel
-  scale and shift are folded into the quantisation of the next block's input.
+  scale and shift are folded into the quantisation of the next layer's input.
 
 Activation ranges are calibrated once, on fixed photos (`calibration_l`): the same inputs
 give the same outputs on every machine and every run. `quantize` also measures what int8
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from colorcore.decode import ANNEALED_MEAN_T, annealed_mean
 from colorcore.model import L_CENTER, L_SCALE, ColorizationNet
@@ -79,8 +79,8 @@ Tensorish = torch.Tensor | float
 class _Affine:
     """x -> round(x * mul + add) clamped to uint8: a quantisation, with whatever per-channel
     affine map comes before it folded in. `mul` and `add` are fp32 (1, C, 1, 1), C = 1 for a
-    scalar: 4-d, so that a bf16 x is promoted to fp32 (a 0-d tensor takes no part in type
-    promotion: the sum would be rounded to bf16, whose steps reach 1 above 128).
+    scalar, and so is x (a bf16 x would be promoted to fp32 by these 4-d factors, where 0-d
+    ones would leave the sum in bf16, whose steps reach 1 above 128).
 
     Halves round up, in three passes over memory (a truncation of the clamped x * mul + add
     + 0.5), or, with `ties_to_even`, to even in four: for inputs on a grid that puts them on
@@ -99,7 +99,7 @@ class _Affine:
         return cls(planes(mul), planes(add) + (0.0 if ties_to_even else 0.5), ties_to_even)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` (fp32 or bf16, left as it is) quantised: uint8, channels_last."""
+        """`x` (left as it is) quantised: uint8, channels_last."""
         y = torch.addcmul(self.add, x, self.mul)
         if self.ties_to_even:
             y.round_()
@@ -107,20 +107,35 @@ class _Affine:
 
 
 class _Int8Conv:
-    """A Conv2d + ReLU as one oneDNN int8 kernel: uint8 in (quantised as `quant_in`), uint8
-    out (as `quant_out`) or fp32 out (quant_out None)."""
+    """A convolution + ReLU as one oneDNN int8 kernel: uint8 in (quantised as `quant_in`),
+    uint8 out (as `quant_out`) or fp32 out (quant_out None). Weights (O, I, kh, kw) are
+    quantised per output channel, by `w_scale` (default: max |w| / 127 of each)."""
 
-    def __init__(self, conv: nn.Conv2d, quant_in: _Quant) -> None:
-        w = conv.weight.detach().float()
-        self.w_scale = (w.abs().amax(dim=(1, 2, 3)) / 127.0).clamp_min(1e-12)
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        quant_in: _Quant,
+        geometry: tuple[list[int], list[int], list[int], int],
+        w_scale: torch.Tensor | None = None,
+    ) -> None:
+        w = weight.detach().float()
+        if w_scale is None:
+            w_scale = w.abs().amax(dim=(1, 2, 3)) / 127.0
+        self.w_scale = w_scale.float().clamp_min(1e-12)
         w_q = torch.round(w / self.w_scale.view(-1, 1, 1, 1)).clamp_(-128, 127).to(torch.int8)
         self.w_zero_point = torch.zeros(w.shape[0], dtype=torch.int32)
         self.quant_in = quant_in
-        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        self.geometry = geometry
         self.packed = torch.ops.onednn.qconv_prepack(
             w_q, self.w_scale, quant_in.scale, quant_in.zero_point, *self.geometry, None
         )
-        self.bias = conv.bias.detach().float() if conv.bias is not None else None
+        self.bias = bias.detach().float() if bias is not None else None
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, quant_in: _Quant) -> _Int8Conv:
+        geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        return cls(conv.weight, conv.bias, quant_in, geometry)
 
     def __call__(self, q_in: torch.Tensor, quant_out: _Quant | None) -> torch.Tensor:
         out_scale, out_zero_point, out_dtype = (
@@ -144,12 +159,54 @@ class _Int8Conv:
         )
 
 
+class _Int8Upsample:
+    """model8's ConvTranspose2d(kernel 4, stride 2, padding 1) + ReLU in oneDNN's int8 conv,
+    which has no transposed form here. Each of the output's four phases (row and column
+    parity) is a 2x2 conv of the input: output row 2i takes input rows i - 1 and i with
+    kernel rows 3 and 1, row 2i + 1 rows i and i + 1 with kernel rows 2 and 0, and so for
+    columns. The four run as one conv with four times the output channels, padded by one
+    on every side, whose (h + 1) x (w + 1) output holds phase (r, c) in the window starting
+    at (r, c); a strided copy interleaves them. Weights are quantised per output channel of
+    the transposed conv (max |w| / 127 over its 16 taps and every input), as every phase's."""
+
+    TAPS = ((3, 1), (2, 0))  # kernel rows (columns) of even and odd output rows (columns)
+
+    def __init__(self, up: nn.ConvTranspose2d, quant_in: _Quant) -> None:
+        geometry = (up.kernel_size, up.stride, up.padding, up.output_padding, up.dilation)
+        if geometry != ((4, 4), (2, 2), (1, 1), (0, 0), (1, 1)) or up.groups != 1:
+            raise ValueError(f"int8 upsampling takes model8's transposed conv, not {up}")
+        w_IOkk = up.weight.detach().float()
+        phases = [
+            w_IOkk[:, :, list(rows)][:, :, :, list(cols)].transpose(0, 1)
+            for rows in self.TAPS
+            for cols in self.TAPS
+        ]
+        w_scale = w_IOkk.abs().amax(dim=(0, 2, 3)) / 127.0
+        bias = up.bias.repeat(4) if up.bias is not None else None
+        self.conv = _Int8Conv(
+            torch.cat(phases), bias, quant_in, ([1, 1], [1, 1], [1, 1], 1), w_scale.repeat(4)
+        )
+        self.quant_in = quant_in
+
+    def __call__(self, q_in: torch.Tensor, quant_out: _Quant) -> torch.Tensor:
+        """uint8 (N, C, h, w) channels_last -> uint8 (N, C', 2h, 2w) channels_last."""
+        n, _, h, w = q_in.shape
+        phases_NHWC = self.conv(q_in, quant_out).permute(0, 2, 3, 1)
+        c = phases_NHWC.shape[-1] // 4
+        out = torch.empty((n, h, 2, w, 2, c), dtype=torch.uint8)
+        for phase, (r, col) in enumerate(itertools.product((0, 1), repeat=2)):
+            window = phases_NHWC[:, r : r + h, col : col + w, phase * c : (phase + 1) * c]
+            out[:, :, r, :, col].copy_(window)
+        return out.view(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
 class Int8ColorizationNet(nn.Module):
-    """`ColorizationNet` in eval mode with its 3x3 convs in int8: L (N, 1, H, W) in [0, 100]
-    -> logits (N, Q, h, w). Built from a float net, which it shares the float parts with,
-    and the (min, max) of each 3x3 conv's input in forward order (`input_ranges`, which
-    `quantize` calibrates); `float_dtype` (bf16, or None for fp32) is the autocast dtype of
-    the parts kept in float, and the logits' dtype, as the float net's under autocast."""
+    """`ColorizationNet` in eval mode with its 3x3 convs and its transposed conv in int8: L
+    (N, 1, H, W) in [0, 100] -> logits (N, Q, h, w). Built from a float net, which it shares
+    the logits' conv with, and the (min, max) of each int8 layer's input in forward order
+    (`input_ranges`, which `quantize` calibrates); `float_dtype` (bf16, or None for fp32) is
+    the autocast dtype of the logits' conv, and so the logits' dtype, as the float net's
+    under autocast."""
 
     def __init__(
         self,
@@ -160,64 +217,52 @@ class Int8ColorizationNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_quantisable(net)
-        convs = _convs3x3(net)
-        if len(input_ranges) != len(convs):
-            raise ValueError(f"{len(input_ranges)} input ranges for {len(convs)} 3x3 convs")
+        layers = _int8_layers(net)
+        if len(input_ranges) != len(layers):
+            raise ValueError(f"{len(input_ranges)} input ranges for {len(layers)} int8 layers")
         self.float_dtype = float_dtype
         self.input_ranges = tuple((float(lo), float(hi)) for lo, hi in input_ranges)
         quants = [_Quant.covering(lo, hi) for lo, hi in self.input_ranges]
-        quant = dict(zip(convs, quants, strict=True))
+        quant = dict(zip(layers, quants, strict=True))
 
         def int8(conv: nn.Conv2d) -> _Int8Conv:
-            return _Int8Conv(conv, quant[conv])
+            return _Int8Conv.of(conv, quant[conv])
 
         # Blocks model1..model7: [conv, relu] * n, BatchNorm (as scale, shift per channel).
         blocks = [getattr(net, f"model{index}") for index in range(1, 8)]
         self.blocks = [[int8(m) for m in block if isinstance(m, nn.Conv2d)] for block in blocks]
-        batchnorms = [_affine_of_batchnorm(block[-1]) for block in blocks]
+        # model8: transposed conv, relu, [conv, relu] * 2, 1x1 conv to the logits (float).
+        self.upsample = _Int8Upsample(net.model8[0], quant[net.model8[0]])
+        self.head = [int8(net.model8[2]), int8(net.model8[4])]
+        self.logits = net.model8[6]
         # Each block's BatchNorm folded into the quantisation of the next block's input (the
-        # last one's goes to the float transposed conv); the L input's centring and scaling
-        # into its own.
+        # last one's into the transposed conv's); the L input's centring and scaling into
+        # its own.
+        following = [convs[0].quant_in for convs in self.blocks[1:]] + [self.upsample.quant_in]
         self.requantise = [
             _Affine.of(scale / q_in.scale, shift / q_in.scale + q_in.zero_point)
             for (scale, shift), q_in in zip(
-                batchnorms[:-1], [convs[0].quant_in for convs in self.blocks[1:]], strict=True
+                (_affine_of_batchnorm(block[-1]) for block in blocks), following, strict=True
             )
         ]
-        self.last_batchnorm = batchnorms[-1]
         first = self.blocks[0][0].quant_in
         mul = 1.0 / (L_SCALE * first.scale)
         self.quantise_l = _Affine.of(mul, first.zero_point - L_CENTER * mul, ties_to_even=True)
-        # model8: transposed conv, relu, [conv, relu] * 2 (int8), 1x1 conv to the logits.
-        self.upsample = net.model8[0]
-        self.head = [int8(net.model8[2]), int8(net.model8[4])]
-        self.logits = net.model8[6]
-        head_in = self.head[0].quant_in
-        self.quantise_head = _Affine.of(1.0 / head_in.scale, float(head_in.zero_point))
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(
-            "cpu", dtype=self.float_dtype or torch.float32, enabled=self.float_dtype is not None
-        )
 
     @torch.no_grad()
     def forward(self, l_N1HW: torch.Tensor) -> torch.Tensor:
         if l_N1HW.ndim != 4 or l_N1HW.shape[1] != 1:
             raise ValueError(f"expected L as (N, 1, H, W), got {tuple(l_N1HW.shape)}")
         q = self.quantise_l(l_N1HW)
-        for convs, requantise in zip(self.blocks, [*self.requantise, None], strict=True):
+        for convs, requantise in zip(self.blocks, self.requantise, strict=True):
             for conv, following in itertools.pairwise(convs):
                 q = conv(q, following.quant_in)
-            y = convs[-1](q, None)
-            if requantise is not None:
-                q = requantise(y)
-        scale, shift = self.last_batchnorm
-        x = y.mul_(scale).add_(shift)
-        with self._autocast():
-            x = F.relu(self.upsample(x))
-        q = self.quantise_head(x)
+            q = requantise(convs[-1](q, None))
+        q = self.upsample(q, self.head[0].quant_in)
         y = self.head[1](self.head[0](q, self.head[1].quant_in), None)
-        with self._autocast():
+        with torch.autocast(
+            "cpu", dtype=self.float_dtype or torch.float32, enabled=self.float_dtype is not None
+        ):
             return self.logits(y)
 
 
@@ -235,8 +280,14 @@ def _check_quantisable(net: ColorizationNet) -> None:
         raise ValueError("int8 inference needs the network in eval mode")
 
 
-def _convs3x3(net: ColorizationNet) -> list[nn.Conv2d]:
-    return [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+def _int8_layers(net: ColorizationNet) -> list[nn.Module]:
+    """The layers run in int8, in forward order: every 3x3 conv and the transposed conv."""
+    return [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.ConvTranspose2d)
+        or (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    ]
 
 
 @dataclass(frozen=True)
@@ -277,16 +328,16 @@ def quantize(
         lo, hi = ranges.get(module, (float("inf"), float("-inf")))
         ranges[module] = (min(lo, x.min().item()), max(hi, x.max().item()))
 
-    convs = _convs3x3(net)
-    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+    layers = _int8_layers(net)
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
         parts = calibration_L.float().split(CALIBRATION_BATCH)
         want = torch.cat([annealed_mean(net(part), temperature) for part in parts])
     finally:
         for hook in hooks:
             hook.remove()
-    if not all(np.isfinite(ranges[c]).all() for c in convs):
+    if not all(np.isfinite(ranges[layer]).all() for layer in layers):
         raise ValueError("the network's activations on the calibration photos are not finite")
-    int8 = Int8ColorizationNet(net, [ranges[c] for c in convs], float_dtype=float_dtype)
+    int8 = Int8ColorizationNet(net, [ranges[layer] for layer in layers], float_dtype=float_dtype)
     got = torch.cat([annealed_mean(int8(part), temperature) for part in parts])
     return int8, AbError.between(want, got)

@@ -154,8 +154,8 @@ class ColorizeConfig:
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     dtype: Literal["auto", "bf16", "fp32", "int8"] = "auto"
     """Autocast dtype: auto (bf16 where the device has fast bf16), bf16 or fp32; or int8,
-    CPU inference with the 3x3 convs in int8 (`colorcore.int8`: 1.7x the bf16 network on
-    CPUs with VNNI but no AMX), checked against fp32 before the job starts."""
+    CPU inference with the convs but the last in int8 (`colorcore.int8`: 1.9x the bf16
+    network on CPUs with VNNI but no AMX), checked against fp32 before the job starts."""
     int8_max_ab_error: float = 1.0
     """With dtype int8: the largest mean distance in ab (Lab units) int8 may put between this
     model's colours and fp32's on the calibration photos; above it the job refuses to start.
@@ -713,7 +713,7 @@ def _reason(error: Exception) -> str:
 @dataclass(frozen=True)
 class Int8Plan:
     """What the driver's `check_int8` settled, for the model actors to build the very network
-    it checked: each 3x3 conv's calibrated input range and the float parts' autocast dtype
+    it checked: each int8 layer's calibrated input range and the logits conv's autocast dtype
     (the driver's choice, whatever the actors' CPUs would pick)."""
 
     input_ranges: tuple[tuple[float, float], ...]

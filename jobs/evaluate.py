@@ -118,9 +118,9 @@ class EvaluateConfig:
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     precision: Literal["auto", "bf16", "fp32", "int8"] = "auto"
     """Autocast dtype of the networks; auto = bf16 where the device has fast bf16; int8 (on
-    CPUs): the colorization network's 3x3 convs in int8, as `jobs.colorize --dtype int8`
-    runs them (`colorcore.int8`), to measure what int8 costs a model in AuC (the classifier
-    then runs in bf16 where the CPU has it, as with auto)."""
+    CPUs): the colorization network's convs but the last in int8, as `jobs.colorize --dtype
+    int8` runs them (`colorcore.int8`), to measure what int8 costs a model in AuC (the
+    classifier then runs in bf16 where the CPU has it, as with auto)."""
     grid_images: int = 6
     """Best and worst images shown in best_worst.png (each)."""
     s3: S3Options = field(default_factory=S3Options)

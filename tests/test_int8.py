@@ -41,13 +41,17 @@ def test_calibration_photos_are_real_l_at_the_inference_size(calibration) -> Non
 
 
 def _fake_quantised(net: ColorizationNet, input_ranges) -> nn.Module:
-    """`net` in fp32 with every 3x3 conv seeing what the int8 scheme lets it see: its input
-    rounded to 256 levels spanning [min(lo, 0), max(hi, 0)] with zero exact, its weights to
-    int8 per output channel (scale max |w| / 127)."""
+    """`net` in fp32 with every int8 layer (the 3x3 convs and the transposed conv) seeing what
+    the int8 scheme lets it see: its input rounded to 256 levels spanning [min(lo, 0),
+    max(hi, 0)] with zero exact, its weights to int8 per output channel (scale max |w| / 127)."""
     sim = copy.deepcopy(net)
-    convs = [m for m in sim.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
-    assert len(convs) == len(input_ranges) == 21
-    for conv, (lo, hi) in zip(convs, input_ranges, strict=True):
+    layers = [
+        m
+        for m in sim.modules()
+        if isinstance(m, nn.ConvTranspose2d) or (isinstance(m, nn.Conv2d) and m.kernel_size[0] == 3)
+    ]
+    assert len(layers) == len(input_ranges) == 22 and isinstance(layers[19], nn.ConvTranspose2d)
+    for layer, (lo, hi) in zip(layers, input_ranges, strict=True):
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = (hi - lo) / 255
         zero = round(-lo / scale)
@@ -56,17 +60,20 @@ def _fake_quantised(net: ColorizationNet, input_ranges) -> nn.Module:
             q = torch.clamp(torch.round(args[0] / scale) + zero, 0, 255)
             return ((q - zero) * scale,)
 
-        conv.register_forward_pre_hook(quantise_input)
+        layer.register_forward_pre_hook(quantise_input)
+        out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+        others = [d for d in range(4) if d != out_dim]
         with torch.no_grad():
-            w_scale = conv.weight.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
-            conv.weight.copy_(torch.round(conv.weight / w_scale).clamp(-128, 127) * w_scale)
+            w_scale = layer.weight.abs().amax(dim=others, keepdim=True) / 127
+            layer.weight.copy_(torch.round(layer.weight / w_scale).clamp(-128, 127) * w_scale)
     return sim
 
 
 @torch.no_grad()
 def test_int8_kernels_compute_the_quantisation_scheme(net, calibration) -> None:
     """oneDNN's int8 network gives the logits of an fp32 simulation of its rounding, block
-    boundaries (BatchNorm folded into the requantisation), strides and dilations included.
+    boundaries (BatchNorm folded into the requantisation), strides, dilations and the
+    transposed conv's phases included (its kernel taps swapped: a gap of 1.3).
     Only rounding ties differ, which this network (as chaotic as a random one is: a change
     grows about 1.6 times a block) amplifies: measured 0.11 of the logits' spread, against
     0.85 between int8 and fp32."""
@@ -81,19 +88,6 @@ def test_int8_kernels_compute_the_quantisation_scheme(net, calibration) -> None:
     simulation_gap = ((got - want).pow(2).mean().sqrt() / scale).item()
     int8_gap = ((got - fp32).pow(2).mean().sqrt() / scale).item()
     assert simulation_gap < 0.2 and int8_gap > 4 * simulation_gap, (simulation_gap, int8_gap)
-
-
-@torch.no_grad()
-def test_quantising_bf16_rounds_the_fp32_value_half_up(net, calibration) -> None:
-    """The transposed conv's bf16 output, quantised for the head: the fp32 value x * mul +
-    add rounded, not that value rounded to bf16 first (whose steps reach 1 above 128)."""
-    int8, _ = quantize(net, calibration, float_dtype=torch.bfloat16)
-    affine = int8.quantise_head
-    x = (torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
-    want = torch.floor(x.float() * affine.mul + affine.add).clamp(0, 255)  # add holds the 0.5
-    got = affine(x)
-    assert got.dtype == torch.uint8 and got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got.float(), want) and (want > 128).float().mean() > 0.05
 
 
 @torch.no_grad()
@@ -117,12 +111,12 @@ def test_error_figure_is_the_distance_of_the_annealed_means(net, calibration) ->
 
 
 def test_bad_uses_are_refused(net) -> None:
-    with pytest.raises(ValueError, match="20 input ranges for 21"):
-        Int8ColorizationNet(net, [(0.0, 1.0)] * 20)
+    with pytest.raises(ValueError, match="21 input ranges for 22 int8 layers"):
+        Int8ColorizationNet(net, [(0.0, 1.0)] * 21)
     training = copy.deepcopy(net).train()
     before = {k: v.clone() for k, v in training.state_dict().items()}
     with pytest.raises(ValueError, match="eval mode"):
-        Int8ColorizationNet(training, [(0.0, 1.0)] * 21)
+        Int8ColorizationNet(training, [(0.0, 1.0)] * 22)
     with pytest.raises(ValueError, match="eval mode"):
         quantize(training)
     assert all(torch.equal(v, before[k]) for k, v in training.state_dict().items())
