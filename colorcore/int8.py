@@ -249,6 +249,10 @@ class Int8ColorizationNet(nn.Module):
         mul = 1.0 / (L_SCALE * first.scale)
         self.quantise_l = _Affine.of(mul, first.zero_point - L_CENTER * mul, ties_to_even=True)
 
+    @property
+    def plan(self) -> Int8Plan:
+        return Int8Plan(self.input_ranges, self.float_dtype)
+
     @torch.no_grad()
     def forward(self, l_N1HW: torch.Tensor) -> torch.Tensor:
         if l_N1HW.ndim != 4 or l_N1HW.shape[1] != 1:
@@ -264,6 +268,20 @@ class Int8ColorizationNet(nn.Module):
             "cpu", dtype=self.float_dtype or torch.float32, enabled=self.float_dtype is not None
         ):
             return self.logits(y)
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """What an `Int8ColorizationNet` is built from besides its float net: each int8 layer's
+    calibrated input range and the logits conv's autocast dtype. A driver that calibrated
+    (`quantize`) hands it to its workers, which build the very network it measured from the
+    same weights without calibrating again, whatever their own CPUs would pick."""
+
+    input_ranges: tuple[tuple[float, float], ...]
+    float_dtype: torch.dtype | None
+
+    def build(self, net: ColorizationNet) -> Int8ColorizationNet:
+        return Int8ColorizationNet(net, self.input_ranges, float_dtype=self.float_dtype)
 
 
 def _affine_of_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

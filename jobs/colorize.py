@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
-from colorcore.int8 import Int8ColorizationNet, quantize
+from colorcore.int8 import Int8ColorizationNet, Int8Plan, quantize
 from colorcore.model import ColorizationNet
 from jobs import colorize_manifest as manifest
 from jobs import storage, tars
@@ -710,25 +710,6 @@ def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
 
 
-@dataclass(frozen=True)
-class Int8Plan:
-    """What the driver's `check_int8` settled, for the model actors to build the very network
-    it checked: each int8 layer's calibrated input range and the logits conv's autocast dtype
-    (the driver's choice, whatever the actors' CPUs would pick)."""
-
-    input_ranges: tuple[tuple[float, float], ...]
-    float_dtype: torch.dtype | None
-
-    @classmethod
-    def of(cls, int8: Int8ColorizationNet) -> Int8Plan:
-        return cls(int8.input_ranges, int8.float_dtype)
-
-    def build(self, model: torch.nn.Module) -> Int8ColorizationNet:
-        return Int8ColorizationNet(
-            _colorization_net(model), self.input_ranges, float_dtype=self.float_dtype
-        )
-
-
 class Colorizer:
     """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`;
     rows routed to the device path come out colorized and encoded (`encoded`). Without
@@ -760,7 +741,7 @@ class Colorizer:
         model = model.eval()
         if self.precision.int8 and not isinstance(model, Int8ColorizationNet):
             # built as loaded, as the driver's check was (channels_last moves fp32 sums)
-            model = int8.build(model) if int8 else check_int8(model, cfg)
+            model = int8.build(_colorization_net(model)) if int8 else check_int8(model, cfg)
         self.model = model.to(self.precision.device, memory_format=torch.channels_last)
         self.jpeg = None
         if cfg.jpeg_path == "device":
@@ -1129,7 +1110,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     if units and single:
         processed = _run_in_process(units, cfg, model, provenance)
     elif units:
-        int8 = Int8Plan.of(model) if isinstance(model, Int8ColorizationNet) else None
+        int8 = model.plan if isinstance(model, Int8ColorizationNet) else None
         processed = _run_on_ray(units, cfg, provenance, int8, loaded.sha256)
     else:
         processed = 0

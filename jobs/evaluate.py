@@ -62,7 +62,9 @@ from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.data import make_targets
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mode
+from colorcore.int8 import Int8Plan, quantize
 from colorcore.loss import rebalanced_cross_entropy
+from colorcore.model import ColorizationNet
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import storage
 from jobs.config import presets_of
@@ -562,10 +564,34 @@ def _strip(rgb_by_method: Mapping[str, Any], i: int) -> bytes:
     return buffer.getvalue()
 
 
-class Evaluator:
-    """The Ray Data actor: loads the model (and classifier) once, then measures batches."""
+def int8_plan(model: torch.nn.Module) -> Int8Plan:
+    """Calibrates `model` for int8 (`colorcore.int8.quantize`, the logits conv in bf16 where
+    the CPU has bf16 units) and prints what int8 costs its colours on the calibration
+    photos."""
+    from jobs.runtime import choose_precision
 
-    def __init__(self, cfg: dict[str, Any], rebalance0_Q: list[float]) -> None:
+    if not isinstance(model, ColorizationNet):
+        raise ValueError(
+            f"precision int8 needs the colorization network, not {type(model).__name__}"
+        )
+    int8, error = quantize(model, float_dtype=choose_precision("cpu", "int8").autocast_dtype)
+    print(f"evaluate: int8 moves the colours of the calibration photos by {error} ab units")
+    return int8.plan
+
+
+class Evaluator:
+    """The Ray Data actor: loads the model (and classifier) once, then measures batches. With
+    precision int8 it builds the network of `int8` (the driver's calibration, `int8_plan`),
+    or calibrates one itself; `model_sha256`, when given, is what the model file must hash
+    to (the file the driver measured)."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        rebalance0_Q: list[float],
+        int8: Int8Plan | None = None,
+        model_sha256: str | None = None,
+    ) -> None:
         from jobs.config import from_dict
         from jobs.models import load_model
         from jobs.runtime import choose_precision, keep_freed_memory
@@ -574,12 +600,15 @@ class Evaluator:
         precision = choose_precision("cuda" if config.use_gpu else "cpu", config.precision)
         if precision.device.type == "cpu":
             keep_freed_memory()
-        model = load_model(config.model, config.s3).model.eval()
+        loaded = load_model(config.model, config.s3)
+        if model_sha256 and loaded.sha256 != model_sha256:
+            raise RuntimeError(
+                f"the model {config.model} changed since the evaluation started: sha256 "
+                f"{loaded.sha256[:12]}, not {model_sha256[:12]}"
+            )
+        model = loaded.model.eval()
         if precision.int8:
-            from colorcore.int8 import quantize
-
-            model, error = quantize(model, float_dtype=precision.autocast_dtype)
-            print(f"evaluate: int8 moves the colours of the calibration photos by {error} ab units")
+            model = int8.build(model) if int8 else int8_plan(model).build(model)
         model = model.to(precision.device)
         classifier = None
         if config.classifier:
@@ -1106,13 +1135,21 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     _report_plan(cfg, plan)
     rebalance0_Q = load_rebalance0(cfg.prior_url, cfg.s3)
     loaded = load_model(cfg.model, cfg.s3)  # fail here, not in every actor
+    # the actors load this very file (a run folder's newest checkpoint, fixed now)
+    cfg = dataclasses.replace(cfg, model=loaded.url)
     model_info = {"url": loaded.url, "kind": loaded.kind, "sha256": loaded.sha256}
+    int8 = int8_plan(loaded.model.eval()) if cfg.precision == "int8" else None
     if cfg.classifier:
         load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
     init_ray()
     ds = input_dataset(cfg, plan).map_batches(
         Evaluator,
-        fn_constructor_kwargs={"cfg": _config_dict(cfg), "rebalance0_Q": rebalance0_Q.tolist()},
+        fn_constructor_kwargs={
+            "cfg": _config_dict(cfg),
+            "rebalance0_Q": rebalance0_Q.tolist(),
+            "int8": int8,
+            "model_sha256": loaded.sha256,
+        },
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -981,7 +981,7 @@ def test_int8_model_actors_build_the_drivers_network(tmp_path, monkeypatch) -> N
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     cfg = config("/in", "/out", "m", dtype="int8")
     checked = colorize.check_int8(copy.deepcopy(model), cfg)
-    plan = colorize.Int8Plan.of(checked)
+    plan = checked.plan
     assert plan.input_ranges == checked.input_ranges and len(plan.input_ranges) == 22
     alone = colorize.Colorizer(cfg, copy.deepcopy(model))
 

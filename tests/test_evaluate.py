@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -180,9 +181,11 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         assert cfg.protocol == "resized" and cfg.eval_px == 256
 
 
-def test_int8_precision_measures_the_int8_network(tmp_path) -> None:
+def test_int8_precision_measures_the_int8_network(tmp_path, monkeypatch) -> None:
     """precision int8 evaluates the network `jobs.colorize --dtype int8` runs: its loss on a
-    batch moves from fp32's, a little. CPUs only."""
+    batch moves from fp32's, a little. CPUs only. Actors handed the driver's calibration
+    build its network without calibrating again, and refuse a model file that changed since
+    the driver hashed it."""
     with pytest.raises(ValueError, match="int8 runs on CPUs"):
         evaluate.EvaluateConfig(data="d", model="m", precision="int8", use_gpu=True)
     torch.manual_seed(3)
@@ -203,6 +206,18 @@ def test_int8_precision_measures_the_int8_network(tmp_path) -> None:
         assert list(out["status"]) == ["ok", "ok"]
         losses[precision] = out["loss"]
     assert 0 < np.abs(losses["int8"] - losses["fp32"]).max() < 0.01 * losses["fp32"].min()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("an actor handed a plan calibrated again")
+
+    monkeypatch.setattr(evaluate, "quantize", no_calibration)
+    plan, settings = evaluator.ctx.model.plan, evaluate._config_dict(cfg)
+    sha256 = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
+    handed = evaluate.Evaluator(settings, [1.0] * 313, plan, sha256)
+    assert handed.ctx.model.plan == plan
+    assert np.array_equal(handed(batch)["loss"], losses["int8"])
+    with pytest.raises(RuntimeError, match="changed since the evaluation started"):
+        evaluate.Evaluator(settings, [1.0] * 313, plan, "0" * 64)
 
 
 def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float, int]:
