@@ -13,9 +13,8 @@ values unless ``--model`` names a weights file) and the same images, file in -> 
 - this job: `jobs.colorize.main` on a local Ray instance with every core and the job's
   defaults (on CPUs: one model actor per core, each decoding, colorizing, encoding and
   writing its batches), with the precision `jobs.runtime.choose_precision` picks (bf16
-  autocast only on CPUs with bf16 units; ``--dtype int8``: the 3x3 convs in int8, the rest
-  so), torch Lab with chroma gamut mapping, annealed
-  mean. Its time counts
+  autocast only on CPUs with bf16 units; ``--dtype int8``: every conv but the logits' in
+  int8, that one so), torch Lab with chroma gamut mapping, annealed mean. Its time counts
   everything after Ray has started: planning, model loading, actor start, reading, writing.
   Its steady rate leaves out that start-up and the ramp after it: the slope of the later
   half of the outputs' finish times (the manifest's per-input times), outputs per second.

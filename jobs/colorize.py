@@ -714,7 +714,8 @@ class Colorizer:
     """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`;
     rows routed to the device path come out colorized and encoded (`encoded`). Without
     `model` it loads cfg.model, which must hash to `model_sha256` when given. With dtype int8
-    it builds the network of `int8` (the driver's `check_int8`), or checks one itself."""
+    it builds the network of `int8` (the driver's `check_int8`), or checks one itself. On CPUs
+    it has the process keep freed memory for its next batches (`keep_freed_memory`)."""
 
     def __init__(
         self,

@@ -583,7 +583,8 @@ class Evaluator:
     """The Ray Data actor: loads the model (and classifier) once, then measures batches. With
     precision int8 it builds the network of `int8` (the driver's calibration, `int8_plan`),
     or calibrates one itself; `model_sha256`, when given, is what the model file must hash
-    to (the file the driver measured)."""
+    to (the file the driver measured). On CPUs it has the process keep freed memory for its
+    next batches (`jobs.runtime.keep_freed_memory`)."""
 
     def __init__(
         self,

@@ -81,8 +81,8 @@ class Precision:
     autocast_dtype: torch.dtype | None
     reason: str
     int8: bool = False
-    """The 3x3 convs in int8 (`colorcore.int8`; CPU only), the rest under the autocast
-    dtype."""
+    """Every conv but the logits' in int8 (`colorcore.int8`; CPU only), the logits' under the
+    autocast dtype."""
 
 
 def _cpu_flags() -> set[str]:
@@ -100,7 +100,7 @@ def cpu_has_bf16_units() -> bool:
 
 def cpu_has_int8_units() -> bool:
     """True on CPUs with u8 x s8 dot products (AVX-512 VNNI, AVX-VNNI or AMX), where int8
-    convolutions run fast (1.7x the bf16 network on AVX-512 VNNI without AMX)."""
+    convolutions run fast (1.9x the bf16 network on AVX-512 VNNI without AMX)."""
     return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
@@ -145,20 +145,26 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-FREED_MEMORY_KEPT = 1 << 30
-"""Bytes of free heap that `keep_freed_memory` lets a process keep mapped."""
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for it on 64-bit systems
+FREED_MEMORY_KEPT = 256 << 20
+"""Bytes of free heap at its top that `keep_freed_memory` lets a process keep mapped."""
 
 
 def keep_freed_memory(kept: int = FREED_MEMORY_KEPT) -> bool:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back
-    to the kernel: every block comes from the heap (none from its own mmap), and up to `kept`
-    bytes of free heap stay mapped. For processes that run the same tensor work batch after
-    batch on CPUs, whose buffers are plain malloc: by default a block over 32 MB (a batch's
-    fp32 logits, 41 MB for 8 x 313 x 64 x 64) is a fresh mmap, and a smaller one freed at the
-    heap's top is trimmed, so every batch pays a page fault for each 4 KB page it writes.
-    Measured on one core of a 2-core VM, the colorize job's CPU work per 1024x768 image:
-    147 -> 132 ms in int8, 214 -> 206 ms in bf16. Returns whether it was set (glibc only)."""
+    to the kernel, for processes that run the same tensor work batch after batch on CPUs (CPU
+    tensors are plain malloc). By default a freed block at the heap's top is trimmed once 64 MB
+    or so are free there, and blocks from 128 KB up are mmaps of their own until one of their
+    size has been freed, so every batch pays a page fault for each 4 KB page it writes. Here
+    blocks up to 32 MB (glibc's ceiling) always come from the heap, and up to `kept` bytes of
+    free heap top stay mapped. Larger blocks (a big scan's planes) are still mmaps, handed
+    back when freed; what stays resident is about the largest batch's working set of smaller
+    blocks, plus `kept`. Measured on one core of a 2-core VM, the colorize job's CPU work per
+    1024x768 image in int8: 129 -> 117 ms. Process-wide; returns whether it was set (glibc
+    only)."""
+    if not 0 <= kept < 2**31:
+        raise ValueError(f"kept must be in [0, 2**31), got {kept}")
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -166,7 +172,8 @@ def keep_freed_memory(kept: int = FREED_MEMORY_KEPT) -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, kept))
+    trimmed = mallopt(_M_TRIM_THRESHOLD, kept)
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(trimmed)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -8,10 +8,18 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from colorcore.datainit import data_dependent_init
 from colorcore.decode import annealed_mean
-from colorcore.int8 import AbError, Int8ColorizationNet, calibration_l, quantize
+from colorcore.int8 import (
+    AbError,
+    Int8ColorizationNet,
+    _Int8Upsample,
+    _Quant,
+    calibration_l,
+    quantize,
+)
 from colorcore.model import ColorizationNet, ModelConfig
 
 pytestmark = pytest.mark.skipif(
@@ -88,6 +96,30 @@ def test_int8_kernels_compute_the_quantisation_scheme(net, calibration) -> None:
     simulation_gap = ((got - want).pow(2).mean().sqrt() / scale).item()
     int8_gap = ((got - fp32).pow(2).mean().sqrt() / scale).item()
     assert simulation_gap < 0.2 and int8_gap > 4 * simulation_gap, (simulation_gap, int8_gap)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 6, 5, 9), (1, 3, 1, 1), (3, 4, 4, 7)])
+def test_int8_upsampling_is_the_transposed_conv_exactly(shape) -> None:
+    """On integers the quantisation keeps exact (weights k / 64 with max |k| = 127 in every
+    output channel, input scale 1 with zero point 7, output scale 1 / 64 with zero point 3),
+    the four phase convs interleaved equal the transposed conv, its ReLU and the clamp to
+    uint8, at odd, non-square and 1x1 sizes."""
+    n, c_in, h, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    k = torch.randint(-2, 3, (c_in, 5, 4, 4), generator=g).float()
+    k[0, :, 1, 2] = 127.0
+    bias = torch.randint(-40, 41, (5,), generator=g).float()
+    up = nn.ConvTranspose2d(c_in, 5, kernel_size=4, stride=2, padding=1)
+    up.weight.copy_(k / 64)
+    up.bias.copy_(bias / 64)
+    x = torch.randint(-2, 3, (n, c_in, h, w), generator=g).float()
+    q_in = (x + 7).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    got = _Int8Upsample(up, _Quant(1.0, 7))(q_in, _Quant(1 / 64, 3))
+    want = F.conv_transpose2d(x, k, bias, stride=2, padding=1).relu().add(3).clamp(0, 255)
+    assert got.shape == (n, 5, 2 * h, 2 * w) and got.dtype == torch.uint8
+    assert torch.equal(got.float(), want)
+    assert 0.2 < (want == 3).float().mean() < 0.8 and (want == 255).float().mean() < 0.2
 
 
 @torch.no_grad()
