@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -310,6 +312,21 @@ def test_cuda_compiled_chroma_search_matches_eager(random_lab) -> None:
     lab = random_lab[None].float().cuda()
     compiled = _compiled_whole(lab_to_rgb, lab)
     torch.testing.assert_close(compiled, lab_to_rgb(lab), rtol=0, atol=1e-3)
+
+
+def test_constants_carry_the_compilers_mark_without_importing_it() -> None:
+    from colorcore.color import compile_constant
+
+    def build() -> torch.Tensor:
+        return torch.ones(1)
+
+    mark = vars(torch.compiler.assume_constant_result(lambda: None))
+    cached = compile_constant(build)
+    assert mark and all(getattr(cached, k, None) == v for k, v in mark.items())
+    jobs = "jobs.colorize, jobs.evaluate, jobs.train, jobs.tune"
+    code = f"import sys, {jobs}; print('torch._dynamo' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False"]
 
 
 def test_constants_first_built_under_inference_mode_serve_autograd() -> None:
