@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.data import make_targets
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mode
-from colorcore.int8 import Int8Plan, quantize
+from colorcore.int8 import AbError, Int8ColorizationNet, Int8Plan, quantize
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.model import ColorizationNet
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
@@ -72,6 +72,9 @@ from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb
 from jobs.plots import figure_png, pyplot
 from jobs.storage import S3Options
+
+if TYPE_CHECKING:
+    from jobs.models import LoadedModel
 
 METHODS = ("ground_truth", "gray", "annealed_mean", "mean", "mode")
 MODEL_METHODS = METHODS[2:]
@@ -564,27 +567,54 @@ def _strip(rgb_by_method: Mapping[str, Any], i: int) -> bytes:
     return buffer.getvalue()
 
 
-def int8_plan(model: torch.nn.Module) -> Int8Plan:
-    """Calibrates `model` for int8 (`colorcore.int8.quantize`, the logits conv in bf16 where
-    the CPU has bf16 units) and prints what int8 costs its colours on the calibration
-    photos."""
+def int8_network(model: torch.nn.Module, temperature: float) -> tuple[Int8ColorizationNet, AbError]:
+    """`model` in int8 (`colorcore.int8.quantize`, the logits conv in bf16 where the CPU has
+    bf16 units) and what int8 costs its colours on the calibration photos at `temperature`,
+    which it prints."""
     from jobs.runtime import choose_precision
 
     if not isinstance(model, ColorizationNet):
         raise ValueError(
             f"precision int8 needs the colorization network, not {type(model).__name__}"
         )
-    int8, error = quantize(model, float_dtype=choose_precision("cpu", "int8").autocast_dtype)
+    float_dtype = choose_precision("cpu", "int8").autocast_dtype
+    int8, error = quantize(model, float_dtype=float_dtype, temperature=temperature)
     print(f"evaluate: int8 moves the colours of the calibration photos by {error} ab units")
-    return int8.plan
+    return int8, error
+
+
+def evaluator_arguments(
+    cfg: EvaluateConfig, loaded: LoadedModel, rebalance0_Q: torch.Tensor
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the `Evaluator` actors' constructor arguments, the model's entry in results.json) for
+    `cfg` with its model loaded: the actors load the very file the driver did (a run
+    folder's newest checkpoint is fixed now) and check its SHA-256; with precision int8 the
+    driver calibrates once and hands them the plan."""
+    model_info = {"given": cfg.model, "url": loaded.url, "kind": loaded.kind}
+    model_info["sha256"] = loaded.sha256
+    int8 = None
+    if cfg.precision == "int8":
+        net, error = int8_network(loaded.model.eval(), cfg.temperature)
+        int8, dtype = net.plan, net.plan.float_dtype
+        model_info["int8"] = {
+            "logits_dtype": {None: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype)),
+            "calibration_ab_error": dataclasses.asdict(error),
+        }
+    kwargs = {
+        "cfg": _config_dict(dataclasses.replace(cfg, model=loaded.url)),
+        "rebalance0_Q": rebalance0_Q.tolist(),
+        "int8": int8,
+        "model_sha256": loaded.sha256,
+    }
+    return kwargs, model_info
 
 
 class Evaluator:
     """The Ray Data actor: loads the model (and classifier) once, then measures batches. With
-    precision int8 it builds the network of `int8` (the driver's calibration, `int8_plan`),
-    or calibrates one itself; `model_sha256`, when given, is what the model file must hash
-    to (the file the driver measured). On CPUs it has the process keep freed memory for its
-    next batches (`jobs.runtime.keep_freed_memory`)."""
+    precision int8 it builds the network of `int8` (the driver's calibration,
+    `evaluator_arguments`), or calibrates one itself; `model_sha256`, when given, is what
+    the model file must hash to (the file the driver measured). On CPUs it has the process
+    keep freed memory for its next batches (`jobs.runtime.keep_freed_memory`)."""
 
     def __init__(
         self,
@@ -609,7 +639,7 @@ class Evaluator:
             )
         model = loaded.model.eval()
         if precision.int8:
-            model = int8.build(model) if int8 else int8_plan(model).build(model)
+            model = int8.build(model) if int8 else int8_network(model, config.temperature)[0]
         model = model.to(precision.device)
         classifier = None
         if config.classifier:
@@ -897,6 +927,7 @@ def table_markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Protocol: {result['protocol']}.",
         "",
+        *_int8_lines(result["model"].get("int8")),
         "| Method | AuC raw (%) | AuC rebalanced (%) | Top-1 (%) | PSNR (dB) |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -908,6 +939,18 @@ def table_markdown(result: Mapping[str, Any]) -> str:
     loss = result["loss_per_image"]
     lines += ["", f"Model loss per image (lambda = 1, as released): {loss:,.1f}" if loss else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _int8_lines(int8: Mapping[str, Any] | None) -> list[str]:
+    if not int8:
+        return []
+    error = int8["calibration_ab_error"]
+    return [
+        f"Int8 network (`--precision int8`, logits conv in {int8['logits_dtype']}): on the "
+        f"calibration photos it moves the colours by {error['mean']:.2f} ab units on average "
+        f"(99th percentile {error['p99']:.2f}).",
+        "",
+    ]
 
 
 def table_csv(result: Mapping[str, Any]) -> str:
@@ -1136,21 +1179,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     _report_plan(cfg, plan)
     rebalance0_Q = load_rebalance0(cfg.prior_url, cfg.s3)
     loaded = load_model(cfg.model, cfg.s3)  # fail here, not in every actor
-    # the actors load this very file (a run folder's newest checkpoint, fixed now)
-    cfg = dataclasses.replace(cfg, model=loaded.url)
-    model_info = {"url": loaded.url, "kind": loaded.kind, "sha256": loaded.sha256}
-    int8 = int8_plan(loaded.model.eval()) if cfg.precision == "int8" else None
+    actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
     if cfg.classifier:
         load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
     init_ray()
     ds = input_dataset(cfg, plan).map_batches(
         Evaluator,
-        fn_constructor_kwargs={
-            "cfg": _config_dict(cfg),
-            "rebalance0_Q": rebalance0_Q.tolist(),
-            "int8": int8,
-            "model_sha256": loaded.sha256,
-        },
+        fn_constructor_kwargs=actor_arguments,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size,
         batch_format="numpy",

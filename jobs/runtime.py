@@ -146,7 +146,7 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for it on 64-bit systems
+_MMAP_THRESHOLD_MAX = 32 << 20  # its documented maximum on 64-bit systems (mallopt(3))
 FREED_MEMORY_KEPT = 256 << 20
 """Bytes of free heap at its top that `keep_freed_memory` lets a process keep mapped."""
 
@@ -154,11 +154,12 @@ FREED_MEMORY_KEPT = 256 << 20
 def keep_freed_memory(kept: int = FREED_MEMORY_KEPT) -> bool:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back
     to the kernel, for processes that run the same tensor work batch after batch on CPUs (CPU
-    tensors are plain malloc). By default a freed block at the heap's top is trimmed once 64 MB
-    or so are free there, and blocks from 128 KB up are mmaps of their own until one of their
-    size has been freed, so every batch pays a page fault for each 4 KB page it writes. Here
-    blocks up to 32 MB (glibc's ceiling) always come from the heap, and up to `kept` bytes of
-    free heap top stay mapped. Larger blocks (a big scan's planes) are still mmaps, handed
+    tensors are plain malloc). By default blocks from 128 KB up are mmaps of their own, handed
+    back when freed, until one of their size has been freed (the threshold then rises to it,
+    up to 32 MB), and free heap at the top is trimmed once it passes twice that threshold:
+    every batch pays a page fault for each 4 KB page it writes. Here blocks up to 32 MB
+    (mallopt's documented maximum) always come from the heap, and up to `kept` bytes of free
+    heap top stay mapped. Larger blocks (a big scan's planes) are still mmaps, handed
     back when freed; what stays resident is about the largest batch's working set of smaller
     blocks, plus `kept`. Measured on one core of a 2-core VM, the colorize job's CPU work per
     1024x768 image in int8: 129 -> 117 ms. Process-wide; returns whether it was set (glibc

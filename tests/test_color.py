@@ -323,6 +323,16 @@ def test_constants_carry_the_compilers_mark_without_importing_it() -> None:
     mark = vars(torch.compiler.assume_constant_result(lambda: None))
     cached = compile_constant(build)
     assert mark and all(getattr(cached, k, None) == v for k, v in mark.items())
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(lambda x: x + cached(), backend=capture, fullgraph=True)(torch.ones(1))
+    assert out.item() == 2.0 and len(graphs) == 1
+    assert not [n for n in graphs[0].graph.nodes if n.target is torch.ones]  # a constant
     jobs = "jobs.colorize, jobs.evaluate, jobs.train, jobs.tune"
     code = f"import sys, {jobs}; print('torch._dynamo' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

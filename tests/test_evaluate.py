@@ -23,6 +23,7 @@ from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import rebalance_weights
 from jobs import evaluate, storage, synthetic
 from jobs.config import parse_config
+from jobs.models import load_model
 from tests.support import encode, photo_rgb, reference_path
 
 MAX = metrics.AUC_MAX_DIST
@@ -207,17 +208,23 @@ def test_int8_precision_measures_the_int8_network(tmp_path, monkeypatch) -> None
         losses[precision] = out["loss"]
     assert 0 < np.abs(losses["int8"] - losses["fp32"]).max() < 0.01 * losses["fp32"].min()
 
+    # What the driver hands the actors: the plan of its one calibration, the file it loaded
+    # and that file's hash; the error figure goes into results.json.
+    loaded = load_model(cfg.model)
+    arguments, model_info = evaluate.evaluator_arguments(cfg, loaded, torch.ones(313))
+    sha256 = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
+    assert arguments["model_sha256"] == model_info["sha256"] == sha256
+    assert arguments["cfg"]["model"] == loaded.url and arguments["int8"] is not None
+    assert model_info["int8"]["calibration_ab_error"]["mean"] >= 0
+
     def no_calibration(*args, **kwargs):
         raise AssertionError("an actor handed a plan calibrated again")
 
     monkeypatch.setattr(evaluate, "quantize", no_calibration)
-    plan, settings = evaluator.ctx.model.plan, evaluate._config_dict(cfg)
-    sha256 = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
-    handed = evaluate.Evaluator(settings, [1.0] * 313, plan, sha256)
-    assert handed.ctx.model.plan == plan
+    handed = evaluate.Evaluator(**arguments)
     assert np.array_equal(handed(batch)["loss"], losses["int8"])
     with pytest.raises(RuntimeError, match="changed since the evaluation started"):
-        evaluate.Evaluator(settings, [1.0] * 313, plan, "0" * 64)
+        evaluate.Evaluator(**(arguments | {"model_sha256": "0" * 64}))
 
 
 def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float, int]:
