@@ -292,6 +292,8 @@ def _affine_of_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _check_quantisable(net: ColorizationNet) -> None:
+    if not isinstance(net, ColorizationNet):
+        raise ValueError(f"int8 inference needs the colorization network, not {type(net).__name__}")
     if not int8_kernels_available():
         raise ValueError("this torch build has no oneDNN int8 convolution (x86 builds have)")
     if net.training:

@@ -72,8 +72,7 @@ import torch.nn.functional as F
 
 from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
-from colorcore.int8 import Int8ColorizationNet, Int8Plan, quantize
-from colorcore.model import ColorizationNet
+from colorcore.int8 import Int8ColorizationNet, Int8Plan
 from jobs import colorize_manifest as manifest
 from jobs import storage, tars
 from jobs.colorize_manifest import WORK_DIR
@@ -732,17 +731,11 @@ class Colorizer:
             torch.set_num_threads(max(1, round(cfg.actor_cpus)))
             keep_freed_memory()
         if model is None:
-            loaded = load_model(cfg.model, cfg.s3)
-            if model_sha256 and loaded.sha256 != model_sha256:
-                raise RuntimeError(
-                    f"the model {cfg.model} changed since the job started: sha256 "
-                    f"{loaded.sha256[:12]}, not {model_sha256[:12]}"
-                )
-            model = loaded.model
+            model = load_model(cfg.model, cfg.s3, model_sha256).model
         model = model.eval()
         if self.precision.int8 and not isinstance(model, Int8ColorizationNet):
             # built as loaded, as the driver's check was (channels_last moves fp32 sums)
-            model = int8.build(_colorization_net(model)) if int8 else check_int8(model, cfg)
+            model = int8.build(model) if int8 else check_int8(model, cfg)
         self.model = model.to(self.precision.device, memory_format=torch.channels_last)
         self.jpeg = None
         if cfg.jpeg_path == "device":
@@ -956,21 +949,13 @@ class WholeStage:
         return write_batch(self.colorizer(_as_batch(rows)), self.cfg, self.provenance)
 
 
-def _colorization_net(model: torch.nn.Module) -> ColorizationNet:
-    if not isinstance(model, ColorizationNet):
-        raise ValueError(f"dtype int8 needs the colorization network, not {type(model).__name__}")
-    return model
-
-
 def check_int8(model: torch.nn.Module, cfg: ColorizeConfig) -> Int8ColorizationNet:
     """`model` (eval mode) in int8 (`colorcore.int8`) if its colours stay within
     `int8_max_ab_error` of fp32's on the calibration photos; a ValueError saying by how much
     they do not otherwise."""
-    float_dtype = choose_precision("cpu", "int8").autocast_dtype
-    int8, error = quantize(
-        _colorization_net(model), float_dtype=float_dtype, temperature=cfg.temperature
-    )
-    print(f"colorize: int8 moves the colours of the calibration photos by {error} ab units")
+    from jobs.models import int8_model
+
+    int8, error = int8_model(model, cfg.temperature, "colorize")
     if not error.mean <= cfg.int8_max_ab_error:
         raise ValueError(
             f"int8 moves this model's colours by {error.mean:.2f} ab units on average on the "

@@ -62,9 +62,8 @@ from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.data import make_targets
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mode
-from colorcore.int8 import AbError, Int8ColorizationNet, Int8Plan, quantize
+from colorcore.int8 import Int8Plan
 from colorcore.loss import rebalanced_cross_entropy
-from colorcore.model import ColorizationNet
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import storage
 from jobs.config import presets_of
@@ -567,22 +566,6 @@ def _strip(rgb_by_method: Mapping[str, Any], i: int) -> bytes:
     return buffer.getvalue()
 
 
-def int8_network(model: torch.nn.Module, temperature: float) -> tuple[Int8ColorizationNet, AbError]:
-    """`model` in int8 (`colorcore.int8.quantize`, the logits conv in bf16 where the CPU has
-    bf16 units) and what int8 costs its colours on the calibration photos at `temperature`,
-    which it prints."""
-    from jobs.runtime import choose_precision
-
-    if not isinstance(model, ColorizationNet):
-        raise ValueError(
-            f"precision int8 needs the colorization network, not {type(model).__name__}"
-        )
-    float_dtype = choose_precision("cpu", "int8").autocast_dtype
-    int8, error = quantize(model, float_dtype=float_dtype, temperature=temperature)
-    print(f"evaluate: int8 moves the colours of the calibration photos by {error} ab units")
-    return int8, error
-
-
 def evaluator_arguments(
     cfg: EvaluateConfig, loaded: LoadedModel, rebalance0_Q: torch.Tensor
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -594,7 +577,9 @@ def evaluator_arguments(
     model_info["sha256"] = loaded.sha256
     int8 = None
     if cfg.precision == "int8":
-        net, error = int8_network(loaded.model.eval(), cfg.temperature)
+        from jobs.models import int8_model
+
+        net, error = int8_model(loaded.model.eval(), cfg.temperature, "evaluate")
         int8, dtype = net.plan, net.plan.float_dtype
         model_info["int8"] = {
             "logits_dtype": {None: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype)),
@@ -624,22 +609,18 @@ class Evaluator:
         model_sha256: str | None = None,
     ) -> None:
         from jobs.config import from_dict
-        from jobs.models import load_model
+        from jobs.models import int8_model, load_model
         from jobs.runtime import choose_precision, keep_freed_memory
 
         config = from_dict(EvaluateConfig, cfg)
         precision = choose_precision("cuda" if config.use_gpu else "cpu", config.precision)
         if precision.device.type == "cpu":
             keep_freed_memory()
-        loaded = load_model(config.model, config.s3)
-        if model_sha256 and loaded.sha256 != model_sha256:
-            raise RuntimeError(
-                f"the model {config.model} changed since the evaluation started: sha256 "
-                f"{loaded.sha256[:12]}, not {model_sha256[:12]}"
-            )
-        model = loaded.model.eval()
+        model = load_model(config.model, config.s3, model_sha256).model.eval()
         if precision.int8:
-            model = int8.build(model) if int8 else int8_network(model, config.temperature)[0]
+            model = (
+                int8.build(model) if int8 else int8_model(model, config.temperature, "evaluate")[0]
+            )
         model = model.to(precision.device)
         classifier = None
         if config.classifier:

@@ -22,11 +22,14 @@ import pickle
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from colorcore import weights
 from colorcore.model import ColorizationNet
 from jobs import storage
+
+if TYPE_CHECKING:
+    from colorcore.int8 import AbError, Int8ColorizationNet
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_DIR_PREFIX = "checkpoint_"
@@ -93,8 +96,37 @@ def _is_dir(url: str, s3: storage.S3Options | None) -> bool:
     return storage.with_retries(lambda: fs.isdir(path), what=f"stat {url}")
 
 
-def load_model(url: str, s3: storage.S3Options | None = None) -> LoadedModel:
-    """Load whatever `url` names (see the module docstring) as a `ColorizationNet` on CPU."""
+def load_model(
+    url: str, s3: storage.S3Options | None = None, sha256: str | None = None
+) -> LoadedModel:
+    """Load whatever `url` names (see the module docstring) as a `ColorizationNet` on CPU.
+    With `sha256` (what a job's driver read from `url`), a file that hashes otherwise is
+    refused: a job's workers then run the very model its driver checked."""
+    loaded = _load_model(url, s3)
+    if sha256 and loaded.sha256 != sha256:
+        raise RuntimeError(
+            f"the model {url} changed since the job started: sha256 {loaded.sha256[:12]}, "
+            f"not {sha256[:12]}"
+        )
+    return loaded
+
+
+def int8_model(
+    model: ColorizationNet, temperature: float, job: str
+) -> tuple[Int8ColorizationNet, AbError]:
+    """`model` (eval mode) in int8 (`colorcore.int8.quantize`, the logits conv in bf16 where
+    the CPU has bf16 units) and what int8 costs its colours on the calibration photos at
+    `temperature`, which `job` prints."""
+    from colorcore.int8 import quantize
+    from jobs.runtime import choose_precision
+
+    float_dtype = choose_precision("cpu", "int8").autocast_dtype
+    int8, error = quantize(model, float_dtype=float_dtype, temperature=temperature)
+    print(f"{job}: int8 moves the colours of the calibration photos by {error} ab units")
+    return int8, error
+
+
+def _load_model(url: str, s3: storage.S3Options | None) -> LoadedModel:
     kind: ModelKind = "checkpoint"
     if _is_dir(url, s3):
         read = lambda data: weights.load_weights_file(io.BytesIO(data))  # noqa: E731

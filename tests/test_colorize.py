@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageCms, ImageOps
 
+import colorcore.int8
 from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
@@ -988,7 +989,7 @@ def test_int8_model_actors_build_the_drivers_network(tmp_path, monkeypatch) -> N
     def no_calibration(*args, **kwargs):
         raise AssertionError("an actor handed a plan calibrated again")
 
-    monkeypatch.setattr(colorize, "quantize", no_calibration)
+    monkeypatch.setattr(colorcore.int8, "quantize", no_calibration)
     handed = colorize.Colorizer(cfg, copy.deepcopy(model), plan)
     assert handed.model.input_ranges == alone.model.input_ranges == checked.input_ranges
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5)) * 100

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import colorcore.int8
 from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.int8 import Int8ColorizationNet
@@ -220,10 +221,10 @@ def test_int8_precision_measures_the_int8_network(tmp_path, monkeypatch) -> None
     def no_calibration(*args, **kwargs):
         raise AssertionError("an actor handed a plan calibrated again")
 
-    monkeypatch.setattr(evaluate, "quantize", no_calibration)
+    monkeypatch.setattr(colorcore.int8, "quantize", no_calibration)
     handed = evaluate.Evaluator(**arguments)
     assert np.array_equal(handed(batch)["loss"], losses["int8"])
-    with pytest.raises(RuntimeError, match="changed since the evaluation started"):
+    with pytest.raises(RuntimeError, match="changed since the job started"):
         evaluate.Evaluator(**(arguments | {"model_sha256": "0" * 64}))
 
 

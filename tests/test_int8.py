@@ -143,6 +143,8 @@ def test_error_figure_is_the_distance_of_the_annealed_means(net, calibration) ->
 
 
 def test_bad_uses_are_refused(net) -> None:
+    with pytest.raises(ValueError, match="needs the colorization network, not Sequential"):
+        quantize(nn.Sequential(net))
     with pytest.raises(ValueError, match="21 input ranges for 22 int8 layers"):
         Int8ColorizationNet(net, [(0.0, 1.0)] * 21)
     training = copy.deepcopy(net).train()
