@@ -29,7 +29,8 @@ into a few larger parts as the job goes (`jobs.colorize_manifest`); a re-run of 
 command reads the parts and skips inputs already done, so a killed run resumes and each input
 ends up exactly once. An archive read to its end also leaves a row of its own (status
 ``read``, not an input) that lets a re-run skip it unopened; one whose reading a storage
-error breaks off is opened again and read on (`read_unit`).
+error breaks off is opened again and read on (`read_unit`). A large zip or Parquet file is
+read by several tasks at once, in parts the driver splits it into (`split_archive`).
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
 leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job.
 At the end ``inputs = outputs + errors`` is printed and checked against the written files, and
@@ -59,7 +60,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -97,6 +98,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 WHOLE_STAGE_PIXELS = 1 << 26  # full-size pixels (4 bytes each) a fused stage holds at once
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
+TAR_NOT_FILE = "archive member is not a regular file (link/device)"
+ZIP_NOT_FILE = "archive member is not a regular file (link)"
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
 log = logging.getLogger(__name__)
@@ -110,7 +113,8 @@ class ColorizeConfig:
     output: str = ""
     """Output folder (mirrors INPUT); must not be INPUT or inside it."""
     model: str = ""
-    """Released ECCV16 weights, a project checkpoint or a training run folder (URL)."""
+    """Released ECCV16 weights, a project checkpoint, a training run folder or a
+    model.safetensors export (URL)."""
     temperature: float = ANNEALED_MEAN_T
     """Annealed-mean temperature T (paper: 0.38; 1 = mean, -> 0 = mode)."""
     infer_px: int = INFER_PX
@@ -137,6 +141,9 @@ class ColorizeConfig:
     into pipelined pieces)."""
     files_per_task: int = 32
     """Folder inputs: files per read task."""
+    archive_part_mb: float = 512.0
+    """Zip and Parquet inputs larger than this are read by several tasks at once, each about
+    this many MB of members (a tar, which has no index, is read by one)."""
     model_actors: int = 0
     """Model actors (0: one per GPU; on CPUs, where they decode and encode too, as many as
     half the CPUs hold: one per core at the default actor_cpus)."""
@@ -187,8 +194,8 @@ class ColorizeConfig:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
         if min(self.max_pixels, self.files_per_task) < 1 or self.batch_size < 0:
             raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
-        if self.max_file_mb <= 0 or self.actor_cpus <= 0 or self.task_cpus <= 0:
-            raise ValueError("max_file_mb, actor_cpus and task_cpus must be > 0")
+        if min(self.max_file_mb, self.archive_part_mb, self.actor_cpus, self.task_cpus) <= 0:
+            raise ValueError("max_file_mb, archive_part_mb, actor_cpus and task_cpus must be > 0")
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
         if self.accelerator_type and self.device == "cpu":
@@ -352,7 +359,7 @@ def plan(
             if read.get(source) == (len(members), sizes[rel]):  # every member done, unchanged
                 continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
-            units.append(unit | {"size": sizes[rel]})
+            units.extend(split_archive(unit | {"size": sizes[rel]}, cfg))
             continue
         if source in done_set:
             skipped += 1
@@ -459,23 +466,31 @@ class _Names:
         self.sources[numbered] += 1
         return numbered
 
-    def member(self, base: str, name: str) -> str | None:
-        """The source of the member `name` (`base`: its archive's source and separator),
-        numbered where the name repeats; None where an earlier run did it."""
+    def decide(self, base: str, name: str, kind: str) -> Decided | None:
+        """What becomes of the next member, `name` (`base`: its archive's source and
+        separator; `kind`: "dir", "file", or why a member that is neither is refused): None
+        for a folder or a member an earlier run did, else its source, its path under OUTPUT
+        and why it is refused ("" where it is not), its output path taken from now on."""
+        if kind == "dir":
+            self.done(name)
+            return None
         source = self.source(base + _source_text(name))
         if source[len(base) :] in self.finished:
-            self.done(_output_text(name))
+            self.done(name)
             return None
-        return source
-
-    def rel(self, name: str) -> str:
-        """The member's path under OUTPUT; `BadImage` if it would leave it."""
-        rel = safe_relpath(name)
-        return posixpath.join(self.prefix, rel) if self.prefix else rel
+        if kind != "file":
+            return source, "", kind
+        try:
+            rel = _member_rel(self.prefix, name)
+        except BadImage as e:
+            return source, "", str(e)
+        if reason := self.clash(rel):
+            return source, "", reason
+        return source, rel, ""
 
     def done(self, name: str) -> None:
         with contextlib.suppress(BadImage):
-            self.outputs.add(self.rel(name))
+            self.outputs.add(_member_rel(self.prefix, name))
 
     def clash(self, rel: str) -> str | None:
         """Why `rel` may not be written beside the earlier members, or None (and it is
@@ -494,12 +509,38 @@ class _Names:
         return reason
 
 
-def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> dict:
-    try:
-        rel = names.rel(name)
-    except BadImage as e:
-        return _row(source, reason=str(e))
-    if reason := names.clash(rel):
+Decided = tuple[str, str, str]
+"""An archive member's source, path under OUTPUT ("" where refused) and reason for refusal."""
+
+
+def _member_rel(prefix: str, name: str) -> str:
+    """The path under OUTPUT of the member `name` of the archive at `prefix`; `BadImage` if
+    it would leave OUTPUT."""
+    rel = safe_relpath(_output_text(name))
+    return posixpath.join(prefix, rel) if prefix else rel
+
+
+def _decider(unit: dict, cfg: ColorizeConfig, sep: str) -> Callable[..., Decided | None]:
+    """`decide(i, name, kind)` for the members of `unit` in archive order (`i`: the member's
+    number in the archive): made here, by `_Names`, for a whole archive; looked up in what the
+    plan decided for a part of one (`split_archive`)."""
+    base = _source_text(unit["url"]) + sep
+    if (part := unit.get("part")) is None:
+        names = _Names(unit, cfg.format)
+        return lambda i, name, kind: names.decide(base, name, kind)
+    skipped, named = set(part["skip"]), {i: tuple(d) for i, *d in part["named"]}
+
+    def decide(i: int, name: str, kind: str) -> Decided | None:
+        if i in skipped:
+            return None
+        return named.get(i) or (base + _source_text(name), _member_rel(unit["prefix"], name), "")
+
+    return decide
+
+
+def _member_row(decided: Decided, size: int, read: Callable[[], bytes], cfg) -> dict:
+    source, rel, reason = decided
+    if reason:
         return _row(source, reason=reason)
     if size > cfg.max_file_mb * 2**20:
         return _row(source, reason=f"file too large: {size} bytes")
@@ -513,44 +554,49 @@ def _member_row(source: str, name: str, size: int, read, cfg, names: _Names) -> 
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    base, names = _source_text(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
+    decide = _decider(unit, cfg, MEMBER_SEP)
     with tars.open_tar(f, "r|*") as archive:
-        for member in archive:
-            if member.isdir():
-                names.done(_output_text(member.name))
-                continue
-            if (source := names.member(base, member.name)) is None:
-                continue
-            if not member.isfile():
-                yield _row(source, reason="archive member is not a regular file (link/device)")
-                continue
-            read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
-            yield _member_row(source, _output_text(member.name), member.size, read, cfg, names)
+        for i, member in enumerate(archive):
+            kind = "dir" if member.isdir() else "file" if member.isfile() else TAR_NOT_FILE
+            if decided := decide(i, member.name, kind):
+                read = lambda m=member: archive.extractfile(m).read()  # noqa: E731
+                yield _member_row(decided, member.size, read, cfg)
         if damage := tars.damage(archive):  # the members after it are lost: the archive's row
             raise tarfile.ReadError(damage)
 
 
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    if info.is_dir():
+        return "dir"
+    return ZIP_NOT_FILE if stat.S_ISLNK(info.external_attr >> 16) else "file"
+
+
+def _in_part(unit: dict, members: int) -> range:
+    """The numbers of the members `unit` reads of an archive of `members`: all, or its part's
+    (refused where the archive has changed since the plan split it)."""
+    if (part := unit.get("part")) is None:
+        return range(members)
+    if members != part["members"]:
+        raise ValueError(f"the archive has {members} members now, {part['members']} when split")
+    return range(part["start"], part["stop"])
+
+
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    base, names = _source_text(unit["url"]) + MEMBER_SEP, _Names(unit, cfg.format)
+    decide = _decider(unit, cfg, MEMBER_SEP)
     with zipfile.ZipFile(f) as archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                names.done(info.filename)
-                continue
-            if (source := names.member(base, info.filename)) is None:
-                continue
-            if stat.S_ISLNK(info.external_attr >> 16):
-                yield _row(source, reason="archive member is not a regular file (link)")
-                continue
-            read = lambda i=info: archive.read(i)  # noqa: E731
-            yield _member_row(source, info.filename, info.file_size, read, cfg, names)
+        infos = archive.infolist()
+        for i in _in_part(unit, len(infos)):
+            info = infos[i]
+            if decided := decide(i, info.filename, _zip_kind(info)):
+                read = lambda z=info: archive.read(z)  # noqa: E731
+                yield _member_row(decided, info.file_size, read, cfg)
 
 
-def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
+def _parquet_columns(table, cfg: ColorizeConfig) -> tuple[str, str]:
+    """(the column of image bytes, the column of names or "" for row numbers) of the
+    `pyarrow.parquet.ParquetFile` `table`."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(f)
     schema = table.schema_arrow
     column = cfg.parquet_column or next(
         (
@@ -564,17 +610,39 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
-    number, names = 0, _Names(unit, cfg.format)
-    base = _source_text(unit["url"]) + ROW_SEP
-    for batch in table.iter_batches(batch_size=64, columns=[column] + ([key] if key else [])):
+    return column, key
+
+
+def _row_name(key: str, row: dict, number: int) -> str:
+    return str(row[key]) if key else f"{number:09d}"
+
+
+def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    decide, table = _decider(unit, cfg, ROW_SEP), pq.ParquetFile(f)
+    column, key = _parquet_columns(table, cfg)
+    rows = _in_part(unit, table.metadata.num_rows)
+    groups, number = _row_groups(table, rows), rows.start
+    batches = table.iter_batches(
+        batch_size=64, row_groups=groups, columns=[column] + ([key] if key else [])
+    )
+    for batch in batches:
         for row in batch.to_pylist():
-            name = str(row[key]) if key else f"{number:09d}"
+            if decided := decide(number, _row_name(key, row, number), "file"):
+                data = row[column] or b""
+                yield _member_row(decided, len(data), lambda d=data: d, cfg)
             number += 1
-            if (source := names.member(base, name)) is None:
-                continue
-            data = row[column] or b""
-            read = lambda d=data: d  # noqa: E731
-            yield _member_row(source, name, len(data), read, cfg, names)
+
+
+def _row_groups(table, rows: range) -> list[int]:
+    """The row groups of `table` that hold exactly `rows` (a part ends at a row group's end)."""
+    groups, first = [], 0
+    for g in range(table.num_row_groups):
+        if rows.start <= first < rows.stop:
+            groups.append(g)
+        first += table.metadata.row_group(g).num_rows
+    return groups
 
 
 _ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}
@@ -602,10 +670,11 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                     if i >= count:  # the rows before were given out before the break
                         count += 1
                         yield item
-            # Read through: a re-run that has a row for each of its members skips it, and an
-            # earlier error row of it (when its reading broke off) is cleared.
-            reason = manifest.read_through_reason(count + len(unit["done"]), unit["size"])
-            yield {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
+            if "part" not in unit:  # a split archive's row is the driver's (`_read_through`)
+                # Read through: a re-run that has a row for each of its members skips it,
+                # and an earlier error row of it (when its reading broke off) is cleared.
+                reason = manifest.read_through_reason(count + len(unit["done"]), unit["size"])
+                yield {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
             return
         except Exception as e:
             storage_error = _storage_error(e)
@@ -618,9 +687,11 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                 time.sleep(ARCHIVE_RETRY_DELAY_S * attempt)
                 continue
             # The archive itself is an input too: recorded once, after what could be read.
+            part = unit.get("part")
+            span = f" (reading its members {part['start']} to {part['stop'] - 1})" if part else ""
             yield _row(
                 _source_text(url),
-                reason=f"unreadable archive after {count} members: {type(e).__name__}: {e}",
+                reason=f"unreadable archive after {count} members{span}: {type(e).__name__}: {e}",
             )
             return
 
@@ -647,6 +718,74 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return ()
     return tuple(S3_RETRYABLE_ERRORS)
+
+
+def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
+    """`unit` as the units its reading takes: a zip or Parquet file above
+    `cfg.archive_part_mb` in parts of about that many MB of members, each read by a task of
+    its own; anything else whole, by one task. The members of a split archive are decided
+    here, in archive order, as the one task reading it whole would decide them (`_Names`),
+    and a part carries only what differs from a member's plain name: the members it skips
+    (folders, inputs done by an earlier run) and those numbered as copies or refused. An
+    archive whose index does not read stays whole: its task records why."""
+    if unit["kind"] not in ("zip", "parquet") or unit["size"] <= cfg.archive_part_mb * 2**20:
+        return [unit]
+    try:
+        fs, path = storage.filesystem(unit["url"], cfg.s3)
+        with fs.open(path, "rb") as f:
+            members, blocks = _archive_index(unit["kind"], f, cfg)
+    except Exception as e:
+        if not isinstance(e, _ARCHIVE_ERRORS) and not _storage_error(e):
+            raise
+        return [unit]
+    starts, total = [0], 0
+    for first, size in blocks:  # parts start at a block's first member (zip: any member)
+        if total >= cfg.archive_part_mb * 2**20:
+            starts.append(first)
+            total = 0
+        total += size
+    sep = ROW_SEP if unit["kind"] == "parquet" else MEMBER_SEP
+    names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + sep
+    parts, inputs = [], sum(kind != "dir" for _, kind in members)
+    for start, stop in zip(starts, [*starts[1:], len(members)], strict=True):
+        skip, named = [], []
+        for i in range(start, stop):
+            name, kind = members[i]
+            decided = names.decide(base, name, kind)
+            if decided is None:
+                skip.append(i)
+            elif decided[2] or decided[0] != base + _source_text(name):
+                named.append([i, *decided])
+        if len(skip) < stop - start or (stop == len(members) and not parts):
+            part = {"members": len(members), "inputs": inputs, "start": start, "stop": stop}
+            parts.append(unit | {"done": [], "part": part | {"skip": skip, "named": named}})
+    return parts
+
+
+def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list[tuple[str, str]], list]:
+    """(each member's name and kind, in archive order; the blocks a part may start at, as
+    (first member, bytes)) of the zip or Parquet file `f`: zip members one by one, Parquet
+    row groups."""
+    if kind == "zip":
+        with zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+        members = [(info.filename, _zip_kind(info)) for info in infos]
+        return members, [(i, info.compress_size) for i, info in enumerate(infos)]
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(f)
+    column, key = _parquet_columns(table, cfg)
+    keys = table.read(columns=[key]).column(0).to_pylist() if key else []
+    count = table.metadata.num_rows
+    members = [(_row_name(key, {key: keys[n]} if key else {}, n), "file") for n in range(count)]
+    blocks, first = [], 0
+    for g in range(table.num_row_groups):
+        group = table.metadata.row_group(g)
+        chunks = (group.column(c) for c in range(group.num_columns))
+        size = sum(c.total_compressed_size for c in chunks if c.path_in_schema == column)
+        blocks.append((first, size))
+        first += group.num_rows
+    return members, blocks
 
 
 # ---------------------------------------------------------------- the pipeline stages
@@ -1057,24 +1196,42 @@ def _run_on_ray(
         )
     done, errors, start, last = 0, 0, time.monotonic(), 0.0
     compactor = manifest.Compactor(cfg.output, cfg.s3)
+    split = {_source_text(u["url"]): u for u in units if "part" in u}
+    broken = set()  # split archives a part of which broke off
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         compactor.add(batch)
         done += int(sum(s not in manifest.NOT_INPUTS for s in batch["status"]))
         errors += int(sum(s == "error" for s in batch["status"]))
+        broken.update(s for s in batch["source"] if s in split)
         now = time.monotonic()
         if now - last > 2.0:
             rate = done / max(now - start, 1e-9)
             print(f"colorize: {done} inputs done ({errors} errors), {rate:.2f} images/s")
             last = now
     compactor.fold()
+    _read_through([u for source, u in split.items() if source not in broken], cfg, provenance)
     return done
+
+
+def _read_through(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> None:
+    """The READ rows of the split archives of `units`, each of whose parts was read to its
+    end: the row a whole archive's task gives (`read_unit`), here once all its tasks did."""
+    rows = [
+        {**_row(_source_text(u["url"])), "status": manifest.READ, "pages": 0, "reason": reason}
+        for u in units
+        for reason in [manifest.read_through_reason(u["part"]["inputs"], u["size"])]
+    ]
+    if rows:
+        manifest.write_part([_finish_row(r, cfg, provenance) for r in rows], cfg.output, cfg.s3)
 
 
 def main(cfg: ColorizeConfig) -> Summary:
     from jobs.models import load_model
     from jobs.runtime import check_gpus
 
-    check_gpus(1 if cfg.device == "cuda" else 0, "--device cuda")  # actors start as GPUs allow
+    # GPU actors start as GPUs allow: on a machine of its own, no GPU would ever come
+    gpu = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
+    check_gpus(1 if cfg.device.startswith("cuda") or cfg.accelerator_type else 0, gpu)
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)

@@ -230,8 +230,8 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
 
 def _with_default(doc: str | None, f: dataclasses.Field) -> str:
     """A flag's help: the field's docstring and its default (a preset may set another),
-    unless the docstring speaks of its default itself."""
-    if doc and "default" in doc.lower():
+    unless the docstring gives it itself, "(default ...)"."""
+    if doc and "(default" in doc.lower():
         return doc
     if f.default is not dataclasses.MISSING:
         default = f.default

@@ -90,7 +90,8 @@ class EvaluateConfig:
     data: str = ""
     """Prepared dataset, or an image folder with --split (local path or storage URL)."""
     model: str = ""
-    """Model to measure: released ECCV16 weights, a checkpoint or a run folder (--model URL)."""
+    """Model to measure: released ECCV16 weights, a checkpoint, a run folder or a
+    model.safetensors export (--model URL)."""
     split: str | None = None
     """Split list, '<path> [<int label>]' per line (e.g. ctest10k.txt)."""
     prior: str | None = None

@@ -126,7 +126,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Autocast dtype; auto = bf16 where the device has fast bf16."""
     compile: bool = False
-    """torch.compile the model (GPU runs)."""
+    """torch.compile the model, and the targets and the loss each whole (pays off on GPUs)."""
     decode: Literal["auto", "pil", "nvjpeg"] = "auto"
     """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
     same pixels), or nvJPEG on the GPU (auto: nvJPEG with use_gpu)."""

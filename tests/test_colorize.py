@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import stat
 import struct
 import tarfile
 import zipfile
@@ -234,7 +235,9 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     src, dst = s3_server.url("colorize-in"), s3_server.url("colorize-out")
     for rel, data in files.items():
         storage.write_bytes(storage.join(src, rel), data)
-    cfg = config(src, dst, model_url)
+    cfg = config(src, dst, model_url, archive_part_mb=1 / 2**20)  # zip and Parquet split
+    parts = Counter(u["url"].rsplit("/", 1)[1] for u in colorize.plan(cfg, [])[0] if "part" in u)
+    assert parts == {"box.zip": 4, "table.parquet": 1}  # a part per member, per row group
     summary = colorize.main(cfg)
 
     rows = by_suffix(summary.table.to_pylist(), src)
@@ -420,6 +423,88 @@ def test_archive_members_never_share_an_output_also_across_runs(tmp_path) -> Non
         assert sorted(rows) == sorted(
             {"a.jpg", "./a.jpg", "b.gif", "b.gif.png", "c.png"} - set(done)
         )
+
+
+def awkward_archive(path, kind: str) -> list[str]:
+    """A zip or Parquet file at `path` whose members test the naming: repeated names, `./a`
+    beside `a`, an output name another member's (`b.gif` -> `b.gif.png`), a path leaving
+    OUTPUT, a folder and a link (zip), a name like a numbered copy; returns the names."""
+    names = ["a.jpg", "./a.jpg", "b.gif", "b.gif.png", "d/", "a.jpg", "../x.jpg", "c.png",
+             "e.jpg", "link.jpg", "f.jpg", "a.jpg (copy 1)", "g.jpg", "a.jpg"]  # fmt: skip
+    data = [encode(gray((8, 8 + i))) for i in range(len(names))]
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, member in zip(names, data, strict=True):
+                info = zipfile.ZipInfo(name)
+                if name == "link.jpg":
+                    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                archive.writestr(info, b"" if name.endswith("/") else member)
+        return names
+    table = pa.table({"image": pa.array(data, pa.binary())})
+    if kind == "parquet":
+        table = table.append_column("path", pa.array(names))
+    pq.write_table(table, path, row_group_size=3)
+    return names if kind == "parquet" else [f"{n:09d}" for n in range(len(names))]
+
+
+@pytest.mark.parametrize("kind", ["zip", "parquet", "parquet-numbered"])
+def test_a_large_archive_is_read_in_parts_as_it_is_read_whole(tmp_path, kind) -> None:
+    """A zip or Parquet file above archive_part_mb is read by several tasks, split at members
+    (Parquet: row groups), each given only what the plan decided differently from a plain
+    name: their rows, in order, are the rows of one task reading it whole, members done by an
+    earlier run left out, and only a whole archive's task gives its read-through row."""
+    suffix = "zip" if kind == "zip" else "parquet"
+    path = tmp_path / f"box.{suffix}"
+    names = awkward_archive(path, kind)
+    sep = colorize.MEMBER_SEP if kind == "zip" else colorize.ROW_SEP
+    done = [str(path) + sep + names[7], str(path) + sep + names[2]]  # c.png and b.gif
+    whole = config(str(path), str(tmp_path / "o"), "m.pt")
+    split = dataclasses.replace(whole, archive_part_mb=1 / 2**20)  # a part per member or group
+    units, _, skipped = colorize.plan(whole, done)
+    parts, _, _ = colorize.plan(split, done)
+    assert len(units) == 1 and "part" not in units[0] and skipped == 2
+    # zip: a part per member, but the two done and the folder (in its next member's part)
+    groups = {"zip": len(names) - 3, "parquet": 5, "parquet-numbered": 5}[kind]
+    assert len(parts) == groups and all("part" in p and p["done"] == [] for p in parts)
+    one_task = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, whole)]
+    assert one_task.pop()["status"] == colorize_manifest.READ
+    tasks = [r for u in parts for r in colorize.read_unit({"unit": json.dumps(u)}, split)]
+    assert tasks == one_task
+    assert len(tasks) == len(names) - 2 - (kind == "zip")  # the folder has no row
+    sources = [r["source"][len(str(path)) + 1 :] for r in tasks]
+    assert len(set(sources)) == len(sources)
+    reasons = Counter(r["reason"].split(":")[0].split(" '")[0] for r in tasks if r["reason"])
+    if kind == "parquet-numbered":
+        assert not reasons and not any(p["part"]["named"] for p in parts)
+        return
+    assert {"a.jpg", "a.jpg (copy 2)", "a.jpg (copy 3)", "a.jpg (copy 1)"} <= set(sources)
+    assert reasons["an earlier member has the same output path"] == 3  # ./a.jpg, the copies
+    assert reasons["an earlier member's output is named"] == 1  # b.gif.png: b.gif, done, its
+    assert reasons["path escapes the output folder"] == 1
+    assert reasons["archive member is not a regular file (link)"] == (kind == "zip")
+    # The parts name only the refused members (the copies among them): the rest are plain.
+    assert len([n for p in parts for n in p["part"]["named"]]) == sum(reasons.values())
+
+
+def test_a_split_archive_changed_since_the_plan_or_unreadable(tmp_path) -> None:
+    """A part of an archive that has since changed records the archive as unreadable, with
+    the members it was to read; an archive whose index does not read is not split, and its
+    one task records why."""
+    path = tmp_path / "box.zip"
+    awkward_archive(path, "zip")
+    cfg = config(str(path), str(tmp_path / "o"), "m.pt", archive_part_mb=1 / 2**20)
+    parts, _, _ = colorize.plan(cfg, [])
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("later.jpg", encode(gray((8, 8))))
+    (row,) = colorize.read_unit({"unit": json.dumps(parts[3])}, cfg)
+    assert (row["status"], row["source"]) == ("error", str(path))
+    assert "after 0 members (reading its members 3 to 3)" in row["reason"]
+    assert "15 members now, 14 when split" in row["reason"]
+    path.write_bytes(b"no zip at all, " * 20)
+    (unit,), _, _ = colorize.plan(cfg, [])
+    assert "part" not in unit
+    (row,) = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert row["status"] == "error" and "unreadable archive after 0 members" in row["reason"]
 
 
 @pytest.mark.parametrize("suffix", ["tar", "tar.gz"])

@@ -104,6 +104,19 @@ def test_seed_everything_is_reproducible() -> None:
         (["jobs.tune", "--preset", "ci", "--train.use-gpu"], 2, "a trial (train.use_gpu) needs 2"),
         (["jobs.evaluate", "--use-gpu", "--model", "m.pt", "--data", "d"], 1, "needs 1 GPU(s)"),
         (["jobs.colorize", "--model", "m.pt", "--device", "cuda"], 1, "--device cuda needs 1"),
+        (
+            [
+                "jobs.colorize",
+                "--model",
+                "m.pt",
+                "--accelerator-type",
+                "L40S",
+                "--model-actors",
+                "1",
+            ],
+            1,
+            "--accelerator-type needs 1",
+        ),
     ],
 )
 def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, gpus, message) -> None:
