@@ -488,6 +488,26 @@ def test_every_ray_pod_has_shared_memory_and_multi_gpu_pods_room_for_the_node_ca
             assert node_cache_room(shm, store) >= NODE_CACHE_BYTES, where
 
 
+@pytest.mark.parametrize("where, spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
+def test_every_ray_pod_asks_for_the_disk_ray_spills_to(where: str, spec: dict[str, Any]) -> None:
+    """Ray spills objects into its temporary folder, /tmp/ray. Each pod requests node disk
+    for it, so that pods land (and nodes are made) where it is, and bounds the volume within
+    that request, with room for a whole object store: a spill fills the volume, not the
+    node's disk, where the kubelet would evict every pod of the node."""
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        name, template = group.get("groupName", "head"), group["template"]
+        container = template["spec"]["containers"][0]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        asked = byte_quantity(requests["ephemeral-storage"])
+        assert byte_quantity(limits["ephemeral-storage"]) == asked, (where, name)
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp/ray")
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+        bound = byte_quantity(volume["emptyDir"]["sizeLimit"])
+        store = group["rayStartParams"].get("object-store-memory")
+        store = byte_quantity(store) if store else 0.95 * shared_memory(template)
+        assert store <= bound < asked, (where, name, store, bound, asked)
+
+
 @pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
 def test_launcher_multi_gpu_nodes_have_room_for_the_node_cache(path: Path) -> None:
     config = prepared_launcher_config(path)
