@@ -60,7 +60,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -581,11 +581,29 @@ def _in_part(unit: dict, members: int) -> range:
     return range(part["start"], part["stop"])
 
 
+def _unchanged(unit: dict, f, names: Iterable[str] | None = None) -> None:
+    """Refuses a split archive's part where the archive (open as `f`) is not what the plan
+    split: its size, or the names of the part's members, are not the plan's (a part must not
+    give one member's output another's name)."""
+    if "part" not in unit:
+        return
+    at = f.tell()
+    size = f.seek(0, io.SEEK_END)
+    f.seek(at)
+    if size != unit["size"]:
+        raise ValueError(f"the archive has changed since the job started: {size} bytes, not "
+                         f"{unit['size']}")  # fmt: skip
+    if names is not None and _digest(names) != unit["part"]["digest"]:
+        raise ValueError("the archive has changed since the job started: other member names")
+
+
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     decide = _decider(unit, cfg, MEMBER_SEP)
     with zipfile.ZipFile(f) as archive:
         infos = archive.infolist()
-        for i in _in_part(unit, len(infos)):
+        rows = _in_part(unit, len(infos))
+        _unchanged(unit, f, (infos[i].filename for i in rows))
+        for i in rows:
             info = infos[i]
             if decided := decide(i, info.filename, _zip_kind(info)):
                 read = lambda z=info: archive.read(z)  # noqa: E731
@@ -623,6 +641,7 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     decide, table = _decider(unit, cfg, ROW_SEP), pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
     rows = _in_part(unit, table.metadata.num_rows)
+    _unchanged(unit, f)
     groups, number = _row_groups(table, rows), rows.start
     batches = table.iter_batches(
         batch_size=64, row_groups=groups, columns=[column] + ([key] if key else [])
@@ -636,12 +655,18 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
 
 
 def _row_groups(table, rows: range) -> list[int]:
-    """The row groups of `table` that hold exactly `rows` (a part ends at a row group's end)."""
-    groups, first = [], 0
+    """The row groups of `table` that hold exactly `rows` (a part ends at a row group's end;
+    refused where the file's groups no longer do, the file having changed since the plan)."""
+    groups, first, held, starts = [], 0, 0, {0}
     for g in range(table.num_row_groups):
+        count = table.metadata.row_group(g).num_rows
         if rows.start <= first < rows.stop:
             groups.append(g)
-        first += table.metadata.row_group(g).num_rows
+            held += count
+        first += count
+        starts.add(first)
+    if held != len(rows) or rows.start not in starts:
+        raise ValueError("the file's row groups have changed since the job started")
     return groups
 
 
@@ -727,26 +752,38 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
     here, in archive order, as the one task reading it whole would decide them (`_Names`),
     and a part carries only what differs from a member's plain name: the members it skips
     (folders, inputs done by an earlier run) and those numbered as copies or refused. An
-    archive whose index does not read stays whole: its task records why."""
+    archive whose index does not read stays whole: its task records why.
+
+    Every part reads the archive's index (a zip's central directory, a Parquet footer): the
+    parts are made few enough that these reads come to at most `INDEX_REREADS` of the
+    archive's size (a zip of a million members has about 100 MB of directory)."""
     if unit["kind"] not in ("zip", "parquet") or unit["size"] <= cfg.archive_part_mb * 2**20:
         return [unit]
-    try:
-        fs, path = storage.filesystem(unit["url"], cfg.s3)
+    fs, path = storage.filesystem(unit["url"], cfg.s3)
+
+    def index() -> tuple[list[tuple[str, str]], list[tuple[int, int]], int]:
         with fs.open(path, "rb") as f:
-            members, blocks = _archive_index(unit["kind"], f, cfg)
+            return _archive_index(unit["kind"], f, cfg)
+
+    try:
+        members, blocks, index_bytes = storage.with_retries(index, what=f"index {unit['url']}")
     except Exception as e:
         if not isinstance(e, _ARCHIVE_ERRORS) and not _storage_error(e):
             raise
+        log.warning("colorize: %s is read by one task: its index does not read (%s: %s)",
+                    unit["url"], type(e).__name__, e)  # fmt: skip
         return [unit]
+    most = max(1, int(max(INDEX_REREADS * unit["size"], 2**26) / max(index_bytes, 1)))
+    target = max(cfg.archive_part_mb * 2**20, unit["size"] / most)
     starts, total = [0], 0
     for first, size in blocks:  # parts start at a block's first member (zip: any member)
-        if total >= cfg.archive_part_mb * 2**20:
+        if total >= target:
             starts.append(first)
             total = 0
         total += size
     sep = ROW_SEP if unit["kind"] == "parquet" else MEMBER_SEP
     names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + sep
-    parts, inputs = [], sum(kind != "dir" for _, kind in members)
+    parts, decided_count = [], 0
     for start, stop in zip(starts, [*starts[1:], len(members)], strict=True):
         skip, named = [], []
         for i in range(start, stop):
@@ -754,23 +791,39 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
             decided = names.decide(base, name, kind)
             if decided is None:
                 skip.append(i)
-            elif decided[2] or decided[0] != base + _source_text(name):
+                continue
+            decided_count += 1
+            if decided[2] or decided[0] != base + _source_text(name):
                 named.append([i, *decided])
         if len(skip) < stop - start or (stop == len(members) and not parts):
-            part = {"members": len(members), "inputs": inputs, "start": start, "stop": stop}
-            parts.append(unit | {"done": [], "part": part | {"skip": skip, "named": named}})
-    return parts
+            part = {"members": len(members), "start": start, "stop": stop, "skip": skip}
+            part |= {"named": named, "digest": _digest(n for n, _ in members[start:stop])}
+            parts.append(unit | {"done": [], "part": part})
+    # What the archive's READ row counts, as a task reading it whole counts it: the members
+    # it gives rows of, and the done rows under its name (which may name members since gone).
+    inputs = decided_count + len(unit["done"])
+    return [p | {"part": p["part"] | {"inputs": inputs}} for p in parts]
 
 
-def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list[tuple[str, str]], list]:
+INDEX_REREADS = 0.05  # of an archive's size, at most, read again as its parts' indexes
+
+
+def _digest(names: Iterable[str]) -> int:
+    """A checksum of member names, which a part's task compares with the plan's."""
+    return zlib.crc32("\0".join(names).encode("utf-8", "surrogateescape"))
+
+
+def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
     """(each member's name and kind, in archive order; the blocks a part may start at, as
-    (first member, bytes)) of the zip or Parquet file `f`: zip members one by one, Parquet
-    row groups."""
+    (first member, bytes); the bytes of the index) of the zip or Parquet file `f`: zip
+    members one by one, Parquet row groups."""
     if kind == "zip":
         with zipfile.ZipFile(f) as archive:
             infos = archive.infolist()
         members = [(info.filename, _zip_kind(info)) for info in infos]
-        return members, [(i, info.compress_size) for i, info in enumerate(infos)]
+        blocks = [(i, info.compress_size) for i, info in enumerate(infos)]
+        entries = (46 + len(i.orig_filename) + len(i.extra) + len(i.comment) for i in infos)
+        return members, blocks, sum(entries)
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(f)
@@ -785,7 +838,7 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list[tuple[str, s
         size = sum(c.total_compressed_size for c in chunks if c.path_in_schema == column)
         blocks.append((first, size))
         first += group.num_rows
-    return members, blocks
+    return members, blocks, table.metadata.serialized_size
 
 
 # ---------------------------------------------------------------- the pipeline stages

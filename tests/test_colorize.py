@@ -470,6 +470,13 @@ def test_a_large_archive_is_read_in_parts_as_it_is_read_whole(tmp_path, kind) ->
     assert one_task.pop()["status"] == colorize_manifest.READ
     tasks = [r for u in parts for r in colorize.read_unit({"unit": json.dumps(u)}, split)]
     assert tasks == one_task
+    with open(path, "rb") as f:  # parts of two blocks (members, row groups) each
+        _, blocks, _ = colorize._archive_index(kind.split("-")[0], f, split)
+    pairs = dataclasses.replace(whole, archive_part_mb=(blocks[0][1] + blocks[1][1]) / 2**20)
+    wider, _, _ = colorize.plan(pairs, done)
+    spans = [p["part"]["stop"] - p["part"]["start"] for p in wider]
+    assert max(spans) > 2 if kind == "zip" else spans[:2] == [6, 6]
+    assert [r for u in wider for r in colorize.read_unit({"unit": json.dumps(u)}, pairs)] == tasks
     assert len(tasks) == len(names) - 2 - (kind == "zip")  # the folder has no row
     sources = [r["source"][len(str(path)) + 1 :] for r in tasks]
     assert len(set(sources)) == len(sources)
@@ -488,23 +495,100 @@ def test_a_large_archive_is_read_in_parts_as_it_is_read_whole(tmp_path, kind) ->
 
 def test_a_split_archive_changed_since_the_plan_or_unreadable(tmp_path) -> None:
     """A part of an archive that has since changed records the archive as unreadable, with
-    the members it was to read; an archive whose index does not read is not split, and its
-    one task records why."""
+    the members it was to read: another count of members, another size, other names (at the
+    same size), row groups cut elsewhere. An archive whose index does not read is not split,
+    and its one task records why."""
     path = tmp_path / "box.zip"
     awkward_archive(path, "zip")
     cfg = config(str(path), str(tmp_path / "o"), "m.pt", archive_part_mb=1 / 2**20)
+
+    def refusal(part: dict) -> str:
+        (row,) = colorize.read_unit({"unit": json.dumps(part)}, cfg)
+        assert (row["status"], row["source"]) == ("error", part["url"])
+        return row["reason"]
+
     parts, _, _ = colorize.plan(cfg, [])
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr("later.jpg", encode(gray((8, 8))))
-    (row,) = colorize.read_unit({"unit": json.dumps(parts[3])}, cfg)
-    assert (row["status"], row["source"]) == ("error", str(path))
-    assert "after 0 members (reading its members 3 to 3)" in row["reason"]
-    assert "15 members now, 14 when split" in row["reason"]
+    reason = refusal(parts[3])
+    assert "after 0 members (reading its members 3 to 3)" in reason
+    assert "15 members now, 14 when split" in reason
+    data = encode(gray((8, 8)))
+    path.write_bytes(zip_bytes({"x.jpg": data, "y.jpg": data, "z.jpg": data}))
+    parts, _, _ = colorize.plan(cfg, [])
+    path.write_bytes(zip_bytes({"y.jpg": data, "x.jpg": data, "z.jpg": data}))  # same size
+    assert "other member names" in refusal(parts[0])
+    (row,) = colorize.read_unit({"unit": json.dumps(parts[2])}, cfg)
+    assert row["rel"] == "z.jpg" and row["status"] == "pending"  # its member as it was
     path.write_bytes(b"no zip at all, " * 20)
     (unit,), _, _ = colorize.plan(cfg, [])
     assert "part" not in unit
     (row,) = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
     assert row["status"] == "error" and "unreadable archive after 0 members" in row["reason"]
+
+    table = tmp_path / "rows.parquet"
+    awkward_archive(table, "parquet-numbered")  # row groups of 3
+    cfg = dataclasses.replace(cfg, input=str(table))
+    parts, _, _ = colorize.plan(cfg, [])
+    rows = pq.read_table(table)
+    pq.write_table(rows, table, row_group_size=4)
+    assert "has changed since the job started" in refusal(parts[1])
+    with pytest.raises(ValueError, match="row groups have changed"):  # were it the same size
+        colorize._row_groups(pq.ParquetFile(table), range(3, 6))
+    pq.write_table(rows.slice(0, 13), table, row_group_size=3)
+    assert "13 members now, 14 when split" in refusal(parts[1])
+
+
+@pytest.mark.parametrize("kind", ["zip", "parquet"])
+def test_a_split_archive_read_through_is_skipped_unopened_by_a_re_run(tmp_path, kind) -> None:
+    """Once every part has read to its end, the driver writes the archive's READ row, with
+    the count a task reading it whole gives (rows of its members, and done rows under its
+    name, one of a member since gone among them): a re-run skips it unopened, unless a
+    member's row is missing."""
+    path = tmp_path / f"box.{kind}"
+    names = awkward_archive(path, kind)
+    out = tmp_path / "o"
+    cfg = config(str(path), str(out), "m.pt", archive_part_mb=1 / 2**20)
+    sep = colorize.MEMBER_SEP if kind == "zip" else colorize.ROW_SEP
+    gone = [str(path) + sep + "gone.jpg"]
+    parts, _, _ = colorize.plan(cfg, gone)
+    rows = [r for u in parts for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    assert len(rows) == len(names) - (kind == "zip")  # the zip's folder has no row
+    colorize._read_through(parts, cfg, colorize._provenance("0" * 64, cfg))
+    read = colorize_manifest.archives_read(colorize_manifest.compact(str(out), None))
+    assert read == {str(path): (len(rows) + 1, path.stat().st_size)}
+    done = gone + [r["source"] for r in rows]
+    assert colorize.plan(cfg, done, read)[:3:2] == ([], len(rows) + 1)
+    assert colorize.plan(cfg, done[:-1], read)[0]  # a member's row missing: opened again
+
+
+def test_a_split_archive_keeps_its_error_row_until_every_part_reads_through(
+    tmp_path, ray_session
+) -> None:
+    """On Ray: a part that breaks off gives the archive an error row and no READ row; a later
+    run whose parts all read through (here the broken one alone, as a re-run retrying
+    errors would read what is left) clears it with the READ row."""
+    from colorcore import weights
+
+    model = tmp_path / "tiny.pt"
+    weights.save_checkpoint(str(model), ColorizationNet(ModelConfig(width=1 / 16)))
+    path, out = tmp_path / "box.zip", tmp_path / "o"
+    awkward_archive(path, "zip")
+    cfg = config(str(path), str(out), str(model), archive_part_mb=1 / 2**20)
+    parts, _, _ = colorize.plan(cfg, [])
+    provenance = colorize._provenance("0" * 64, cfg)
+    broken = copy.deepcopy(parts)
+    broken[2]["part"]["digest"] ^= 1
+    colorize._run_on_ray(broken, cfg, provenance)
+    rows = {r["source"]: r for r in colorize_manifest.compact(str(out), None).to_pylist()}
+    assert (
+        rows[str(path)]["status"] == "error" and "other member names" in rows[str(path)]["reason"]
+    )
+    assert sum(source.startswith(str(path) + "!") for source in rows) == len(parts) - 1
+    colorize._run_on_ray(parts[2:3], cfg, provenance)
+    rows = {r["source"]: r for r in colorize_manifest.compact(str(out), None).to_pylist()}
+    assert rows[str(path)]["status"] == colorize_manifest.READ
+    assert sum(source.startswith(str(path) + "!") for source in rows) == len(parts)
 
 
 @pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
