@@ -690,7 +690,7 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
     for attempt in range(1, ARCHIVE_READ_ATTEMPTS + 1):
         try:
             fs, path = storage.filesystem(url, cfg.s3)
-            with fs.open(path, "rb") as f:
+            with fs.open(path, "rb", **_block_size(unit, fs)) as f:
                 for i, item in enumerate(_ARCHIVE_READERS[unit["kind"]](unit, cfg, f)):
                     if i >= count:  # the rows before were given out before the break
                         count += 1
@@ -719,6 +719,17 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
                 reason=f"unreadable archive after {count} members{span}: {type(e).__name__}: {e}",
             )
             return
+
+
+def _block_size(unit: dict, fs) -> dict:
+    """The read-ahead of a split archive's part: its members' bytes (and their headers) where
+    they are fewer than the storage client's usual block, so that a part reads its share of
+    the archive in one request rather than a block of the parts after it."""
+    usual = getattr(fs, "default_block_size", None)  # s3fs, gcsfs; local files: none
+    if "part" not in unit or not usual:
+        return {}
+    part = unit["part"]
+    return {"block_size": min(usual, part["bytes"] + 1024 * (part["stop"] - part["start"]))}
 
 
 def _storage_error(error: BaseException | None) -> bool:
@@ -775,16 +786,16 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
         return [unit]
     most = max(1, int(max(INDEX_REREADS * unit["size"], 2**26) / max(index_bytes, 1)))
     target = max(cfg.archive_part_mb * 2**20, unit["size"] / most)
-    starts, total = [0], 0
+    starts, totals = [0], [0]
     for first, size in blocks:  # parts start at a block's first member (zip: any member)
-        if total >= target:
+        if totals[-1] >= target:
             starts.append(first)
-            total = 0
-        total += size
+            totals.append(0)
+        totals[-1] += size
     sep = ROW_SEP if unit["kind"] == "parquet" else MEMBER_SEP
     names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + sep
     parts, decided_count = [], 0
-    for start, stop in zip(starts, [*starts[1:], len(members)], strict=True):
+    for start, stop, total in zip(starts, [*starts[1:], len(members)], totals, strict=True):
         skip, named = [], []
         for i in range(start, stop):
             name, kind = members[i]
@@ -796,7 +807,8 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
             if decided[2] or decided[0] != base + _source_text(name):
                 named.append([i, *decided])
         if len(skip) < stop - start or (stop == len(members) and not parts):
-            part = {"members": len(members), "start": start, "stop": stop, "skip": skip}
+            part = {"members": len(members), "start": start, "stop": stop, "bytes": total}
+            part["skip"] = skip
             part |= {"named": named, "digest": _digest(n for n, _ in members[start:stop])}
             parts.append(unit | {"done": [], "part": part})
     # What the archive's READ row counts, as a task reading it whole counts it: the members
