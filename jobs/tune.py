@@ -29,7 +29,7 @@ config, both AuCs, its status), ``best_config.yaml`` (``python -m jobs.train --c
 FILE`` runs it), ``objective.png`` (objective against lambda and against the schedule) and
 ``curves.png`` (every trial's learning curve); the trials' run folders in ``trials/``.
 Re-running the same command after the driver died continues the search; finished trials
-are not rerun.
+are not rerun, and ASHA's rungs hold what the trials reported before (`jobs.tune_asha`).
 """
 
 from __future__ import annotations
@@ -429,8 +429,10 @@ def _trial_driver_resources() -> dict[str, float]:
 def build_tuner(search: SearchConfig):
     """The `Tuner` for `search`, restored when the search folder already holds one."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, create_searcher
+
+    from jobs.tune_asha import ResumableASHA
 
     search = dataclasses.replace(search, train=train.with_absolute_paths(search.train))
     search = dataclasses.replace(search, storage=storage.absolute(search.storage))
@@ -464,8 +466,9 @@ def build_tuner(search: SearchConfig):
             max_concurrent=concurrency,
         )
     if search.scheduler == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="step",
+        scheduler = ResumableASHA(  # rungs refilled from the trials' runs when continued
+            trials_url=storage.join(search.url, "trials"),
+            s3=search.train.s3,
             max_t=search.train.max_steps,
             grace_period=search.first_rung(),
             reduction_factor=search.reduction_factor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -305,17 +306,19 @@ def test_a_diverging_trial_ends_at_once_and_the_search_with_it(ci_config, s3_ser
     assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
-def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server) -> None:
+def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server, capsys):
     """Interrupted (SIGUSR1, as Ctrl-C) during its first trial, a search lists that trial as
-    unfinished and writes no best config; the same command then finishes it and the next."""
+    unfinished and writes no best config; the same command then finishes it and the next,
+    ASHA's first rung holding the first trial's result from before the interruption."""
     import signal
     import threading
     import time
 
     search = dataclasses.replace(
         tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="interrupted",
-        lrs=(1e-3,), lambdas=(0.5, 1.0), scheduler="fifo", max_concurrent=1,
+        lrs=(1e-3,), lambdas=(0.5, 1.0), max_concurrent=1,
     )  # fmt: skip
+    assert search.scheduler == "asha" and search.first_rung() == search.report_every()
     trials = storage.join(search.url, "trials")
 
     def interrupt() -> None:  # once the first trial has its first checkpoint
@@ -337,8 +340,11 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
     assert [r["status"] for r in rows] == ["unfinished"] and rows[0]["steps"] < 40
     assert tune.unfinished(rows, search) == 2
     assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+    capsys.readouterr()
     rows = tune.main(search)
-    assert [r["status"] for r in rows] == ["completed", "completed"]
+    taken_back = rf"ASHA's rungs take back trial {rows[0]['trial']}'s \d result\(s\) up to step"
+    assert re.search(taken_back, capsys.readouterr().out)
+    assert rows[0]["status"] == "completed" and rows[1]["status"] in ("completed", "stopped")
     assert storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
@@ -354,3 +360,47 @@ def test_a_search_that_fails_to_start_leaves_its_name_free(ci_config, s3_server,
     with pytest.raises(ValueError, match="cluster has 0"):
         tune.main(search)
     assert not storage.exists(storage.join(search.url, tune.SEARCH_CONFIG_FILE))
+
+
+@pytest.mark.parametrize("objective", ["auc", "val_loss"])
+def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, objective):
+    """Tune gives a continued search ASHA as it was created, rungs empty. As Tune adds each
+    trial back, the validations in its run's metrics.csv go through the rungs again, so a
+    trial that reaches a rung after the restart is judged against those that reached it
+    before; a new trial adds nothing."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from jobs.train_loop import _csv
+    from jobs.tune_asha import ResumableASHA
+
+    metric, mode = tune.OBJECTIVES[objective]
+    sign = 1 if mode == "max" else -1
+    trials = str(tmp_path / "trials")
+    runs = {  # validations at 10 and 20; a training row between them has no metric
+        "a": [{"step": 10, metric: 0.8 * sign}, {"step": 15}, {"step": 20, metric: 0.9 * sign}],
+        "b": [{"step": 10, metric: 0.6 * sign}],
+    }
+    for trial_id, rows in runs.items():
+        storage.write_bytes(storage.join(trials, trial_id, train.METRICS_FILE), _csv(rows))
+
+    def scheduler(cls, **kw):
+        asha = cls(max_t=40, grace_period=10, reduction_factor=2, **kw)
+        asha.set_search_properties(metric, mode)
+        return asha
+
+    def add(asha, trial_id: str) -> Trial:
+        trial = Trial("trainable", trial_id=trial_id, stub=True)
+        asha.on_trial_add(None, trial)
+        return trial
+
+    asha = scheduler(ResumableASHA, trials_url=trials)
+    for trial_id in ("a", "b", "new"):
+        add(asha, trial_id)
+    rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
+    assert rungs[10] == {"a": 0.8, "b": 0.6} and rungs[20] == {"a": 0.9} and not rungs[40]
+    weak = {"step": 10, metric: 0.5 * sign}
+    assert asha.on_trial_result(None, add(asha, "c"), weak) == TrialScheduler.STOP
+    plain = scheduler(ASHAScheduler, time_attr="step")  # Tune's own: the restart forgets
+    add(plain, "a")
+    assert plain.on_trial_result(None, add(plain, "c"), weak) == TrialScheduler.CONTINUE

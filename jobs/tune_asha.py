@@ -1,0 +1,56 @@
+"""ASHA whose rungs survive a continued search.
+
+Tune saves no scheduler state: a search continued from its folder (`jobs.tune.build_tuner`)
+gets ASHA back as it was created, with empty rungs. Every trial would then pass the next
+rung it reaches (an empty rung has no cutoff), and the search would spend on weak trials
+what the rungs had been keeping from them. `ResumableASHA` refills them as Tune adds back
+each trial of the search: the trial's validation results up to the interruption, read from
+its training run's ``metrics.csv`` (written beside every checkpoint), go through the
+rungs as they went when they were first reported. A new trial has no such file and adds
+nothing. Defined apart from `jobs.tune` so that the tune command's start-up does not
+import Ray Tune; Tune's saved search names this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from ray.tune.schedulers import ASHAScheduler
+
+from jobs import storage
+from jobs.storage import S3Options
+from jobs.train import METRICS_FILE
+
+
+class ResumableASHA(ASHAScheduler):
+    """`ASHAScheduler` (with ``time_attr="step"``) for trials whose training runs are
+    folders of `trials_url` named by trial id."""
+
+    def __init__(self, *, trials_url: str, s3: S3Options | None = None, **asha) -> None:
+        super().__init__(time_attr="step", **asha)
+        self.trials_url, self.s3 = trials_url, s3
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        results = self.results_before(trial.trial_id)
+        bracket = self._trial_info[trial.trial_id]
+        for step, value in results:  # decisions made before the interruption stand
+            bracket.on_result(trial, step, self._metric_op * value)
+        if results:
+            print(f"tune: ASHA's rungs take back trial {trial.trial_id}'s {len(results)} "
+                  f"result(s) up to step {results[-1][0]}")  # fmt: skip
+
+    def results_before(self, trial_id: str) -> list[tuple[int, float]]:
+        """(step, metric) of each validation the trial's run recorded, in step order."""
+        url = storage.join(self.trials_url, trial_id, METRICS_FILE)
+        if not storage.exists(url, self.s3):
+            return []
+        rows = csv.DictReader(io.StringIO(storage.read_bytes(url, self.s3).decode()))
+        found = []
+        for row in rows:
+            value = float(row.get(self._metric) or "nan")
+            if not math.isnan(value):
+                found.append((int(row["step"]), value))
+        return sorted(found)
