@@ -4,17 +4,20 @@ Tune saves no scheduler state: a search continued from its folder (`jobs.tune.bu
 gets ASHA back as it was created, with empty rungs. Every trial would then pass the next
 rung it reaches (an empty rung has no cutoff), and the search would spend on weak trials
 what the rungs had been keeping from them. `ResumableASHA` refills them as Tune adds back
-each trial of the search: the trial's validation results up to the interruption, read from
-its training run's ``metrics.csv`` (written beside every checkpoint), go through the
-rungs as they went when they were first reported. A new trial has no such file and adds
-nothing. Defined apart from `jobs.tune` so that the tune command's start-up does not
-import Ray Tune; Tune's saved search names this module.
+each trial of the search: the trial's validation results up to the last one Tune had
+received (its restored last result), read from its training run's ``metrics.csv`` (written
+beside every checkpoint), go through the rungs as they went when first reported. A row
+Tune never received is left to the trial's next report to be judged. A trial with no
+result yet (a new one) adds nothing, and a run folder that cannot be read costs the rungs
+that trial's results, not the search. Defined apart from `jobs.tune` so that the tune
+command's start-up does not import Ray Tune; Tune's saved search names this module.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 
 from ray.tune.schedulers import ASHAScheduler
@@ -23,18 +26,25 @@ from jobs import storage
 from jobs.storage import S3Options
 from jobs.train import METRICS_FILE
 
+log = logging.getLogger(__name__)
+
 
 class ResumableASHA(ASHAScheduler):
     """`ASHAScheduler` (with ``time_attr="step"``) for trials whose training runs are
     folders of `trials_url` named by trial id."""
 
     def __init__(self, *, trials_url: str, s3: S3Options | None = None, **asha) -> None:
+        if asha.get("brackets", 1) != 1:  # a restored trial could land in another bracket
+            raise ValueError("ResumableASHA keeps one bracket")
         super().__init__(time_attr="step", **asha)
         self.trials_url, self.s3 = trials_url, s3
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        results = self.results_before(trial.trial_id)
+        received = (trial.last_result or {}).get(self._time_attr)
+        if received is None:
+            return
+        results = [(s, v) for s, v in self.results_before(trial.trial_id) if s <= received]
         bracket = self._trial_info[trial.trial_id]
         for step, value in results:  # decisions made before the interruption stand
             bracket.on_result(trial, step, self._metric_op * value)
@@ -45,12 +55,16 @@ class ResumableASHA(ASHAScheduler):
     def results_before(self, trial_id: str) -> list[tuple[int, float]]:
         """(step, metric) of each validation the trial's run recorded, in step order."""
         url = storage.join(self.trials_url, trial_id, METRICS_FILE)
-        if not storage.exists(url, self.s3):
+        try:
+            rows = csv.DictReader(io.StringIO(storage.read_bytes(url, self.s3).decode()))
+            found = []
+            for row in rows:
+                value = float(row.get(self._metric) or "nan")
+                if not math.isnan(value):
+                    found.append((int(row["step"]), value))
+        except Exception as e:  # no file (a trial with no checkpoint yet), or unreadable
+            if not isinstance(e, FileNotFoundError):
+                log.warning("tune: ASHA's rungs lack trial %s's earlier results: %s: %s",
+                            trial_id, type(e).__name__, e)  # fmt: skip
             return []
-        rows = csv.DictReader(io.StringIO(storage.read_bytes(url, self.s3).decode()))
-        found = []
-        for row in rows:
-            value = float(row.get(self._metric) or "nan")
-            if not math.isnan(value):
-                found.append((int(row["step"]), value))
         return sorted(found)
