@@ -1,9 +1,13 @@
-"""Data-dependent initialisation (Kraehenbuehl et al., ICLR 2016), as used for the paper's net.
+"""Data-dependent initialisation after Kraehenbuehl et al. (ICLR 2016), whose method the paper
+used for its net: the within-layer part of it.
 
 Layer by layer, in forward order, each convolution's weights are rescaled and its bias set so
 that on a batch of real inputs every output channel has mean 0 and standard deviation 1
 before its non-linearity. One forward pass does it: each layer is normalised as the batch
-reaches it, so the next layer sees the already normalised activations.
+reaches it, so the next layer sees the already normalised activations. The weights it
+rescales are PyTorch's random ones: the method's k-means variant (weights from k-means
+centroids of the inputs' patches) and its between-layer rescaling of the learning rates are
+not done here.
 """
 
 from __future__ import annotations

@@ -77,8 +77,11 @@ def colorize(
 
     The network runs on the L channel resized to `infer_px` square; the predicted ab is
     upsampled bilinearly to H x W and joined with the input's own L, which the chroma gamut
-    mapping keeps. Runs on the model's device; wrap in `torch.autocast` for a bf16 network
-    (the colour maths and the annealed mean keep fp32).
+    mapping keeps. Two small departures from the released demo, which resizes the RGB image
+    to 256 (PIL bicubic) before taking its L, and upsamples ab to 256 before H x W: here L is
+    taken at full size and resized (bilinear, antialiased), and ab goes to H x W in one step.
+    `jobs.evaluate` feeds the network the released way. Runs on the model's device; wrap in
+    `torch.autocast` for a bf16 network (the colour maths and the annealed mean keep fp32).
     """
     if rgb_N3HW.ndim != 4 or rgb_N3HW.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 3, H, W) or (N, 1, H, W) images, got {rgb_N3HW.shape}")

@@ -166,9 +166,11 @@ class EvaluateConfig:
         )
         return (
             f"images resized to {px} (PIL bicubic), the network sees their L; {where}; "
-            f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST}; rebalanced AuC weights "
+            f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST}, per image and averaged "
+            f"over images; rebalanced AuC weights "
             f"pixels by the lambda = 0 weight of their ground-truth bin; annealed mean "
-            f"T = {self.temperature:g}; grayscale sources left out"
+            f"T = {self.temperature:g}; sRGB for PSNR and the classifier clipped, as the "
+            f"released code's; grayscale sources left out"
         )
 
 
@@ -345,7 +347,9 @@ def _row_colours(
         ab = torch.zeros_like(lab[:, 1:])
     else:
         ab = F.interpolate(ab_small[method], size=rgb.shape[-2:], mode="bilinear")
-    return ab, lab_to_rgb(torch.cat([lab[:, :1], ab], dim=1))
+    # RGB clipped, as the released code's scikit-image lab2rgb makes it (not the colorize
+    # job's chroma reduction): PSNR and the classifier see the released pipeline's images.
+    return ab, lab_to_rgb(torch.cat([lab[:, :1], ab], dim=1), gamut="clip")
 
 
 @torch.no_grad()

@@ -473,3 +473,17 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
 def test_a_batchs_grid_candidates_rank_nan_as_the_grid_does() -> None:
     """The best of a batch is its highest AuC, a NaN counting below every number."""
     assert evaluate._extremes(torch.tensor([0.5, math.nan, 0.9, 0.1, 0.7]), 1) == [1, 2]
+
+
+def test_psnr_and_the_classifier_see_srgb_clipped_as_the_released_code_makes_it() -> None:
+    """A decoding's out-of-gamut colours reach PSNR and the classifier as the released
+    pipeline's scikit-image lab2rgb leaves them, clipped, not chroma-reduced as the colorize
+    job writes them."""
+    torch.manual_seed(0)
+    rgb = torch.rand(2, 3, 8, 8)
+    lab = rgb_to_lab(rgb)
+    saturated = {"annealed_mean": torch.full((2, 2, 2, 2), 90.0)}  # far outside sRGB
+    ab, colours = evaluate._row_colours("annealed_mean", rgb, lab, saturated)
+    clipped = lab_to_rgb(torch.cat([lab[:, :1], ab], dim=1), gamut="clip")
+    reduced = lab_to_rgb(torch.cat([lab[:, :1], ab], dim=1))
+    assert torch.equal(colours, clipped) and not torch.allclose(colours, reduced, atol=1e-2)
