@@ -59,9 +59,11 @@ def check_gpus(needed: int, what: str, address: str | None = None) -> None:
     (no address, Ray not started) on a machine where torch sees fewer: that instance has no
     autoscaler, so the job would wait for them forever. A cluster may start GPU nodes on
     demand: joining one, nothing is checked."""
+    if needed <= 0 or address or os.environ.get("RAY_ADDRESS"):
+        return  # (before importing Ray, which a job on one local image never needs)
     import ray
 
-    if needed <= 0 or ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized():
         return
     have = torch.cuda.device_count()
     if have < needed:

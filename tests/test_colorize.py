@@ -1064,6 +1064,29 @@ def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_p
     assert np.abs(got - rgb / 255).max() > 0.05  # and it did change the colours
 
 
+def test_one_local_image_is_colorized_without_importing_ray(tmp_path) -> None:
+    """The single-image use starts fast: it never imports Ray (0.4 s with what it brings)."""
+    import subprocess
+    import sys
+
+    from colorcore import weights
+
+    model = tmp_path / "tiny.pt"
+    weights.save_checkpoint(str(model), ColorizationNet(ModelConfig(width=1 / 16)))
+    (tmp_path / "a.png").write_bytes(encode(gray((16, 16)), "PNG"))
+    argv = ["jobs.colorize", str(tmp_path / "a.png"), str(tmp_path / "out"), "--model", str(model)]
+    code = (
+        f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n"
+        "    runpy.run_module('jobs.colorize', run_name='__main__')\n"
+        "finally:\n    print('ray imported:', 'ray' in sys.modules)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "a.png").exists()
+    assert done.stdout.strip().splitlines()[-1] == "ray imported: False"
+
+
 def test_bf16_autocast_stays_close_to_fp32(tmp_path) -> None:
     """Stated tolerance: bf16-autocast annealed-mean ab within 3 units max and 0.5 mean of fp32
     (ab spans about +-110; measured here: 0.8 max, 0.17 mean), full network, random weights
