@@ -100,6 +100,10 @@ WHOLE_STAGE_PIXELS = 1 << 26  # full-size pixels (4 bytes each) a fused stage ho
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 TAR_NOT_FILE = "archive member is not a regular file (link/device)"
 ZIP_NOT_FILE = "archive member is not a regular file (link)"
+INDEX_REREADS = 0.05  # of a split archive's size, at most, read again as its parts' indexes
+INDEX_REREADS_FLOOR = 1 << 26  # bytes of index re-reads allowed whatever the archive's size
+ZIP_ENTRY_BYTES = 46  # fixed part of a zip central-directory entry (APPNOTE 4.3.12)
+MEMBER_SLACK_BYTES = 1024  # a member's local header or a row's key, beside its data
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
 log = logging.getLogger(__name__)
@@ -408,6 +412,12 @@ def _starting_with(sorted_sources: list[str], mark: str) -> list[str]:
     return found
 
 
+def _read_row(url: str, members: int, size: int) -> dict:
+    """An archive's READ row: read through, `members` inputs, `size` bytes."""
+    reason = manifest.read_through_reason(members, size)
+    return {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
+
+
 def _row(source: str, rel: str = "", data: bytes = b"", reason: str = "") -> dict:
     return {
         "source": source,
@@ -445,6 +455,10 @@ def _read_files(unit: dict, cfg: ColorizeConfig) -> Iterator[dict]:
             yield _row(source, item["rel"], data)
 
 
+Decided = tuple[str, str, str]
+"""An archive member's source, path under OUTPUT ("" where refused) and reason for refusal."""
+
+
 class _Names:
     """Names met in one archive or Parquet file. Tar and zip allow a name twice, and `./a`
     is `a`: a later member must not overwrite an earlier one's output (nor `a.gif.png` the
@@ -470,7 +484,7 @@ class _Names:
         """What becomes of the next member, `name` (`base`: its archive's source and
         separator; `kind`: "dir", "file", or why a member that is neither is refused): None
         for a folder or a member an earlier run did, else its source, its path under OUTPUT
-        and why it is refused ("" where it is not), its output path taken from now on."""
+        and why it is refused ("" where it is not); records its output path as taken."""
         if kind == "dir":
             self.done(name)
             return None
@@ -509,10 +523,6 @@ class _Names:
         return reason
 
 
-Decided = tuple[str, str, str]
-"""An archive member's source, path under OUTPUT ("" where refused) and reason for refusal."""
-
-
 def _member_rel(prefix: str, name: str) -> str:
     """The path under OUTPUT of the member `name` of the archive at `prefix`; `BadImage` if
     it would leave OUTPUT."""
@@ -520,7 +530,9 @@ def _member_rel(prefix: str, name: str) -> str:
     return posixpath.join(prefix, rel) if prefix else rel
 
 
-def _decider(unit: dict, cfg: ColorizeConfig, sep: str) -> Callable[..., Decided | None]:
+def _decider(
+    unit: dict, cfg: ColorizeConfig, sep: str
+) -> Callable[[int, str, str], Decided | None]:
     """`decide(i, name, kind)` for the members of `unit` in archive order (`i`: the member's
     number in the archive): made here, by `_Names`, for a whole archive; looked up in what the
     plan decided for a part of one (`split_archive`)."""
@@ -581,10 +593,11 @@ def _in_part(unit: dict, members: int) -> range:
     return range(part["start"], part["stop"])
 
 
-def _unchanged(unit: dict, f, names: Iterable[str] | None = None) -> None:
+def _unchanged(unit: dict, f, names: Callable[[], Iterable[str]]) -> None:
     """Refuses a split archive's part where the archive (open as `f`) is not what the plan
-    split: its size, or the names of the part's members, are not the plan's (a part must not
-    give one member's output another's name)."""
+    split: its size, or its members' `names` (a function, called for parts only), are not
+    the plan's. A part must not give one member's output another's name, and its members'
+    names depend on those before them."""
     if "part" not in unit:
         return
     at = f.tell()
@@ -593,7 +606,7 @@ def _unchanged(unit: dict, f, names: Iterable[str] | None = None) -> None:
     if size != unit["size"]:
         raise ValueError(f"the archive has changed since the job started: {size} bytes, not "
                          f"{unit['size']}")  # fmt: skip
-    if names is not None and _digest(names) != unit["part"]["digest"]:
+    if _digest(names()) != unit["part"]["digest"]:
         raise ValueError("the archive has changed since the job started: other member names")
 
 
@@ -602,7 +615,7 @@ def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     with zipfile.ZipFile(f) as archive:
         infos = archive.infolist()
         rows = _in_part(unit, len(infos))
-        _unchanged(unit, f, (infos[i].filename for i in rows))
+        _unchanged(unit, f, lambda: (info.filename for info in infos))
         for i in rows:
             info = infos[i]
             if decided := decide(i, info.filename, _zip_kind(info)):
@@ -631,8 +644,16 @@ def _parquet_columns(table, cfg: ColorizeConfig) -> tuple[str, str]:
     return column, key
 
 
-def _row_name(key: str, row: dict, number: int) -> str:
-    return str(row[key]) if key else f"{number:09d}"
+def _row_name(key: str, value, number: int) -> str:
+    """A Parquet row's name: its value in the key column `key`, else ("") its number."""
+    return str(value) if key else f"{number:09d}"
+
+
+def _row_names(table, key: str) -> list[str]:
+    """The name of every row of the `pyarrow.parquet.ParquetFile` `table`."""
+    count = table.metadata.num_rows
+    values = table.read(columns=[key]).column(0).to_pylist() if key else [None] * count
+    return [_row_name(key, value, n) for n, value in enumerate(values)]
 
 
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
@@ -641,14 +662,14 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     decide, table = _decider(unit, cfg, ROW_SEP), pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
     rows = _in_part(unit, table.metadata.num_rows)
-    _unchanged(unit, f)
+    _unchanged(unit, f, lambda: _row_names(table, key))
     groups, number = _row_groups(table, rows), rows.start
     batches = table.iter_batches(
         batch_size=64, row_groups=groups, columns=[column] + ([key] if key else [])
     )
     for batch in batches:
         for row in batch.to_pylist():
-            if decided := decide(number, _row_name(key, row, number), "file"):
+            if decided := decide(number, _row_name(key, row.get(key), number), "file"):
                 data = row[column] or b""
                 yield _member_row(decided, len(data), lambda d=data: d, cfg)
             number += 1
@@ -698,8 +719,7 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
             if "part" not in unit:  # a split archive's row is the driver's (`_read_through`)
                 # Read through: a re-run that has a row for each of its members skips it,
                 # and an earlier error row of it (when its reading broke off) is cleared.
-                reason = manifest.read_through_reason(count + len(unit["done"]), unit["size"])
-                yield {**_row(_source_text(url)), "status": manifest.READ, "reason": reason}
+                yield _read_row(url, count + len(unit["done"]), unit["size"])
             return
         except Exception as e:
             storage_error = _storage_error(e)
@@ -722,14 +742,16 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
 
 
 def _block_size(unit: dict, fs) -> dict:
-    """The read-ahead of a split archive's part: its members' bytes (and their headers) where
-    they are fewer than the storage client's usual block, so that a part reads its share of
-    the archive in one request rather than a block of the parts after it."""
+    """The read-ahead of a split archive's part: its members' bytes (with `MEMBER_SLACK_BYTES`
+    each for a zip member's local header or a Parquet row's key) where they are fewer than
+    the storage client's usual block, so that a part reads its share of the archive in one
+    request rather than a block of the parts after it."""
     usual = getattr(fs, "default_block_size", None)  # s3fs, gcsfs; local files: none
     if "part" not in unit or not usual:
         return {}
     part = unit["part"]
-    return {"block_size": min(usual, part["bytes"] + 1024 * (part["stop"] - part["start"]))}
+    members = part["stop"] - part["start"]
+    return {"block_size": min(usual, part["bytes"] + MEMBER_SLACK_BYTES * members)}
 
 
 def _storage_error(error: BaseException | None) -> bool:
@@ -766,8 +788,9 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
     archive whose index does not read stays whole: its task records why.
 
     Every part reads the archive's index (a zip's central directory, a Parquet footer): the
-    parts are made few enough that these reads come to at most `INDEX_REREADS` of the
-    archive's size (a zip of a million members has about 100 MB of directory)."""
+    parts are made few enough that these reads come to at most the larger of
+    `INDEX_REREADS` of the archive's size and `INDEX_REREADS_FLOOR` bytes (a zip of a
+    million members has about 100 MB of directory)."""
     if unit["kind"] not in ("zip", "parquet") or unit["size"] <= cfg.archive_part_mb * 2**20:
         return [unit]
     fs, path = storage.filesystem(unit["url"], cfg.s3)
@@ -784,18 +807,40 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
         log.warning("colorize: %s is read by one task: its index does not read (%s: %s)",
                     unit["url"], type(e).__name__, e)  # fmt: skip
         return [unit]
-    most = max(1, int(max(INDEX_REREADS * unit["size"], 2**26) / max(index_bytes, 1)))
+    rereads = max(INDEX_REREADS * unit["size"], INDEX_REREADS_FLOOR)
+    most = max(1, int(rereads / max(index_bytes, 1)))
     target = max(cfg.archive_part_mb * 2**20, unit["size"] / most)
+    parts, decided = _decided_parts(unit, cfg, members, _part_spans(blocks, target, len(members)))
+    # What the archive's READ row counts, as a task reading it whole counts it: the members
+    # it gives rows of, and the done rows under its name (which may name members since gone).
+    digest = _digest(name for name, _ in members)
+    shared = {"members": len(members), "inputs": decided + len(unit["done"]), "digest": digest}
+    return [unit | {"done": [], "part": part | shared} for part in parts]
+
+
+def _part_spans(blocks: list[tuple[int, int]], target: float, members: int) -> list[tuple]:
+    """(first member, end, bytes) of parts of at least `target` bytes of `blocks` (first
+    member, bytes), each starting at a block (zip: any member; Parquet: a row group)."""
     starts, totals = [0], [0]
-    for first, size in blocks:  # parts start at a block's first member (zip: any member)
+    for first, size in blocks:
         if totals[-1] >= target:
             starts.append(first)
             totals.append(0)
         totals[-1] += size
+    return list(zip(starts, [*starts[1:], members], totals, strict=True))
+
+
+def _decided_parts(
+    unit: dict, cfg: ColorizeConfig, members: list[tuple[str, str]], spans: list[tuple]
+) -> tuple[list[dict], int]:
+    """(each span's part: its range, bytes, skipped and named members; the members decided
+    to give a row). Members are decided in archive order; a part that skips every member
+    is left out, but for the last when no other is left, so that the archive's READ row
+    still comes once its parts have read through."""
     sep = ROW_SEP if unit["kind"] == "parquet" else MEMBER_SEP
     names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + sep
     parts, decided_count = [], 0
-    for start, stop, total in zip(starts, [*starts[1:], len(members)], totals, strict=True):
+    for start, stop, total in spans:
         skip, named = [], []
         for i in range(start, stop):
             name, kind = members[i]
@@ -807,21 +852,15 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
             if decided[2] or decided[0] != base + _source_text(name):
                 named.append([i, *decided])
         if len(skip) < stop - start or (stop == len(members) and not parts):
-            part = {"members": len(members), "start": start, "stop": stop, "bytes": total}
-            part["skip"] = skip
-            part |= {"named": named, "digest": _digest(n for n, _ in members[start:stop])}
-            parts.append(unit | {"done": [], "part": part})
-    # What the archive's READ row counts, as a task reading it whole counts it: the members
-    # it gives rows of, and the done rows under its name (which may name members since gone).
-    inputs = decided_count + len(unit["done"])
-    return [p | {"part": p["part"] | {"inputs": inputs}} for p in parts]
-
-
-INDEX_REREADS = 0.05  # of an archive's size, at most, read again as its parts' indexes
+            parts.append(
+                {"start": start, "stop": stop, "bytes": total, "skip": skip, "named": named}
+            )
+    return parts, decided_count
 
 
 def _digest(names: Iterable[str]) -> int:
-    """A checksum of member names, which a part's task compares with the plan's."""
+    """A checksum of an archive's member names, which its parts' tasks compare with the
+    plan's: the names of one part's members depend on those of the members before it."""
     return zlib.crc32("\0".join(names).encode("utf-8", "surrogateescape"))
 
 
@@ -834,15 +873,13 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
             infos = archive.infolist()
         members = [(info.filename, _zip_kind(info)) for info in infos]
         blocks = [(i, info.compress_size) for i, info in enumerate(infos)]
-        entries = (46 + len(i.orig_filename) + len(i.extra) + len(i.comment) for i in infos)
-        return members, blocks, sum(entries)
+        entries = (len(i.orig_filename) + len(i.extra) + len(i.comment) for i in infos)
+        return members, blocks, ZIP_ENTRY_BYTES * len(infos) + sum(entries)
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
-    keys = table.read(columns=[key]).column(0).to_pylist() if key else []
-    count = table.metadata.num_rows
-    members = [(_row_name(key, {key: keys[n]} if key else {}, n), "file") for n in range(count)]
+    members = [(name, "file") for name in _row_names(table, key)]
     blocks, first = [], 0
     for g in range(table.num_row_groups):
         group = table.metadata.row_group(g)
@@ -1182,7 +1219,7 @@ def _gpus(cfg: ColorizeConfig, cluster_gpus: int) -> int:
     """GPUs for the model actors: with device cuda (or an accelerator type named),
     model_actors of them (at least one) even when the cluster has none yet, for an
     autoscaler to start GPU nodes; with auto, the cluster's at the start; with cpu, none."""
-    if cfg.device == "cuda" or cfg.accelerator_type:
+    if cfg.device.startswith("cuda") or cfg.accelerator_type:
         return max(cluster_gpus, cfg.model_actors, 1)
     return cluster_gpus if cfg.device == "auto" and cfg.dtype != "int8" else 0
 
@@ -1281,11 +1318,7 @@ def _run_on_ray(
 def _read_through(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> None:
     """The READ rows of the split archives of `units`, each of whose parts was read to its
     end: the row a whole archive's task gives (`read_unit`), here once all its tasks did."""
-    rows = [
-        {**_row(_source_text(u["url"])), "status": manifest.READ, "pages": 0, "reason": reason}
-        for u in units
-        for reason in [manifest.read_through_reason(u["part"]["inputs"], u["size"])]
-    ]
+    rows = [_read_row(u["url"], u["part"]["inputs"], u["size"]) | {"pages": 0} for u in units]
     if rows:
         manifest.write_part([_finish_row(r, cfg, provenance) for r in rows], cfg.output, cfg.s3)
 
@@ -1294,9 +1327,11 @@ def main(cfg: ColorizeConfig) -> Summary:
     from jobs.models import load_model
     from jobs.runtime import check_gpus
 
-    # GPU actors start as GPUs allow: on a machine of its own, no GPU would ever come
-    gpu = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
-    check_gpus(1 if cfg.device.startswith("cuda") or cfg.accelerator_type else 0, gpu)
+    # A local Ray instance has no autoscaler: GPU actors would wait for a GPU forever.
+    cuda = cfg.device.startswith("cuda")
+    check_gpus(
+        int(cuda or bool(cfg.accelerator_type)), "--device cuda" if cuda else "--accelerator-type"
+    )
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)

@@ -167,10 +167,10 @@ class EvaluateConfig:
         return (
             f"images resized to {px} (PIL bicubic), the network sees their L; {where}; "
             f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST}, per image and averaged "
-            f"over images; rebalanced AuC weights "
-            f"pixels by the lambda = 0 weight of their ground-truth bin; annealed mean "
-            f"T = {self.temperature:g}; sRGB for PSNR and the classifier clipped, as the "
-            f"released code's; grayscale sources left out"
+            "over images; rebalanced AuC weights pixels by the lambda = 0 weight of their "
+            "ground-truth bin; annealed mean "
+            f"T = {self.temperature:g}; PSNR and the classifier see sRGB clipped to [0, 1], "
+            "as in the released code; grayscale sources left out"
         )
 
 

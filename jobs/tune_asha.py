@@ -15,8 +15,6 @@ command's start-up does not import Ray Tune; Tune's saved search names this modu
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 
@@ -24,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from jobs import storage
 from jobs.storage import S3Options
-from jobs.train import METRICS_FILE
+from jobs.train import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ class ResumableASHA(ASHAScheduler):
         received = (trial.last_result or {}).get(self._time_attr)
         if received is None:
             return
-        results = [(s, v) for s, v in self.results_before(trial.trial_id) if s <= received]
+        results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= received]
         bracket = self._trial_info[trial.trial_id]
         for step, value in results:  # decisions made before the interruption stand
             bracket.on_result(trial, step, self._metric_op * value)
@@ -52,19 +50,13 @@ class ResumableASHA(ASHAScheduler):
             print(f"tune: ASHA's rungs take back trial {trial.trial_id}'s {len(results)} "
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
 
-    def results_before(self, trial_id: str) -> list[tuple[int, float]]:
+    def recorded_results(self, trial_id: str) -> list[tuple[int, float]]:
         """(step, metric) of each validation the trial's run recorded, in step order."""
-        url = storage.join(self.trials_url, trial_id, METRICS_FILE)
         try:
-            rows = csv.DictReader(io.StringIO(storage.read_bytes(url, self.s3).decode()))
-            found = []
-            for row in rows:
-                value = float(row.get(self._metric) or "nan")
-                if not math.isnan(value):
-                    found.append((int(row["step"]), value))
-        except Exception as e:  # no file (a trial with no checkpoint yet), or unreadable
-            if not isinstance(e, FileNotFoundError):
-                log.warning("tune: ASHA's rungs lack trial %s's earlier results: %s: %s",
-                            trial_id, type(e).__name__, e)  # fmt: skip
+            rows = read_metrics(storage.join(self.trials_url, trial_id), self.s3)
+        except Exception as e:  # unreadable: the rungs go without this trial's results
+            log.warning("tune: ASHA's rungs lack trial %s's earlier results: %s: %s",
+                        trial_id, type(e).__name__, e)  # fmt: skip
             return []
-        return sorted(found)
+        found = [(int(r["step"]), r[self._metric]) for r in rows if self._metric in r]
+        return sorted((step, value) for step, value in found if not math.isnan(value))

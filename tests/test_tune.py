@@ -317,6 +317,8 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
         tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="interrupted",
         lrs=(1e-3,), lambdas=(0.5, 1.0), max_concurrent=1,
     )  # fmt: skip
+    # ASHA, its first rung at the first report: the interrupted trial's first result (when
+    # Tune has it) is the rung's, and the continued search restores a ResumableASHA.
     assert search.scheduler == "asha" and search.first_rung() == search.report_every()
     trials = storage.join(search.url, "trials")
 
