@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.subprocess
 
 
 def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
+    """Folders, a tar read by one task and a zip split into parts read by several."""
     torch.manual_seed(0)
     weights.save_checkpoint(str(tmp_path / "tiny.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
     src = tmp_path / "scans"
@@ -38,14 +40,17 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
         f"roll/frame{i:02d}.png": encode(photo_rgb("coffee", 16 + i), "PNG") for i in range(8)
     }
     (src / "film.tar").write_bytes(tar_bytes(members))
+    with zipfile.ZipFile(src / "album.zip", "w") as album:  # read in parts (--archive-part-mb)
+        for i in range(8):
+            album.writestr(f"page{i}.png", encode(photo_rgb("chelsea", 16 + i), "PNG"))
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff")
-    expected_inputs = 24 + 8 + 1
+    expected_inputs = 24 + 8 + 8 + 1
     dst = tmp_path / "colour"
     command = [
         sys.executable, "-m", "jobs.colorize", str(src), str(dst),
         "--model", str(tmp_path / "tiny.pt"), "--infer-px", "64", "--batch-size", "1",
         "--files-per-task", "2", "--model-actors", "1", "--actor-cpus", "0.5",
-        "--task-cpus", "0.25",
+        "--task-cpus", "0.25", "--archive-part-mb", "0.001",
     ]  # fmt: skip
     parts = dst / colorize_manifest.PARTS_DIR
     proc = subprocess.Popen(
@@ -81,3 +86,6 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
     outputs = sorted(o for o in manifest.column("output").to_pylist() if o)
     assert files == outputs and len(outputs) == expected_inputs - 1  # no strays, no duplicates
     assert len(list(parts.glob("*.parquet"))) == 1  # the parts of both runs folded into one
+    read = colorize_manifest.archives_read(colorize_manifest.compact(str(dst), None))
+    album = (src / "album.zip").stat().st_size
+    assert read[str(src / "album.zip")] == (8, album)  # read through, once all its parts were
