@@ -249,6 +249,11 @@ class SearchConfig:
         return storage.join(self.storage, self.name)
 
     @property
+    def trials_url(self) -> str:
+        """The folder of the trials' training runs, each named by its trial id."""
+        return storage.join(self.url, "trials")
+
+    @property
     def metric(self) -> str:
         return OBJECTIVES[self.objective][0]
 
@@ -282,7 +287,7 @@ def trial_config(search: SearchConfig, point: dict[str, Any], *, name: str) -> T
     return dataclasses.replace(
         base,
         name=name,
-        storage=storage.join(search.url, "trials"),
+        storage=search.trials_url,
         lr=float(point["lr"]),
         rebalance_lambda=float(point["rebalance_lambda"]),
         lr_drop_steps=drop_steps(fractions, base.max_steps),
@@ -467,7 +472,7 @@ def build_tuner(search: SearchConfig):
         )
     if search.scheduler == "asha":
         scheduler = ResumableASHA(  # rungs refilled from the trials' runs when continued
-            trials_url=storage.join(search.url, "trials"),
+            trials_url=search.trials_url,
             s3=search.train.s3,
             max_t=search.train.max_steps,
             grace_period=search.first_rung(),
