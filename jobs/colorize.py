@@ -319,6 +319,11 @@ def _output_text(name: str) -> str:
         return raw.decode("latin-1")
 
 
+def _separator(kind: str) -> str:
+    """What joins an archive's source and a member's name in the member's source."""
+    return ROW_SEP if kind == "parquet" else MEMBER_SEP
+
+
 def _kind(path: str) -> str:
     name = path.lower()
     if name.endswith(TAR_SUFFIXES):
@@ -352,7 +357,7 @@ def plan(
         kind = _kind(url)
         if kind != "image":
             prefix = _output_text(rel).rstrip("/")
-            mark = source + (ROW_SEP if kind == "parquet" else MEMBER_SEP)
+            mark = source + _separator(kind)
             members = _starting_with(done_sorted, mark)
             if others := _starting_with(sources_sorted, mark):  # files named "<archive>!..."
                 members = [m for m in members if not _within(m, others)]
@@ -530,13 +535,11 @@ def _member_rel(prefix: str, name: str) -> str:
     return posixpath.join(prefix, rel) if prefix else rel
 
 
-def _decider(
-    unit: dict, cfg: ColorizeConfig, sep: str
-) -> Callable[[int, str, str], Decided | None]:
+def _decider(unit: dict, cfg: ColorizeConfig) -> Callable[[int, str, str], Decided | None]:
     """`decide(i, name, kind)` for the members of `unit` in archive order (`i`: the member's
     number in the archive): made here, by `_Names`, for a whole archive; looked up in what the
     plan decided for a part of one (`split_archive`)."""
-    base = _source_text(unit["url"]) + sep
+    base = _source_text(unit["url"]) + _separator(unit["kind"])
     if (part := unit.get("part")) is None:
         names = _Names(unit, cfg.format)
         return lambda i, name, kind: names.decide(base, name, kind)
@@ -566,7 +569,7 @@ def _member_row(decided: Decided, size: int, read: Callable[[], bytes], cfg) -> 
 
 
 def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    decide = _decider(unit, cfg, MEMBER_SEP)
+    decide = _decider(unit, cfg)
     with tars.open_tar(f, "r|*") as archive:
         for i, member in enumerate(archive):
             kind = "dir" if member.isdir() else "file" if member.isfile() else TAR_NOT_FILE
@@ -611,7 +614,7 @@ def _unchanged(unit: dict, f, names: Callable[[], Iterable[str]]) -> None:
 
 
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
-    decide = _decider(unit, cfg, MEMBER_SEP)
+    decide = _decider(unit, cfg)
     with zipfile.ZipFile(f) as archive:
         infos = archive.infolist()
         rows = _in_part(unit, len(infos))
@@ -659,7 +662,7 @@ def _row_names(table, key: str) -> list[str]:
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    decide, table = _decider(unit, cfg, ROW_SEP), pq.ParquetFile(f)
+    decide, table = _decider(unit, cfg), pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
     rows = _in_part(unit, table.metadata.num_rows)
     _unchanged(unit, f, lambda: _row_names(table, key))
@@ -837,8 +840,7 @@ def _decided_parts(
     to give a row). Members are decided in archive order; a part that skips every member
     is left out, but for the last when no other is left, so that the archive's READ row
     still comes once its parts have read through."""
-    sep = ROW_SEP if unit["kind"] == "parquet" else MEMBER_SEP
-    names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + sep
+    names, base = _Names(unit, cfg.format), _source_text(unit["url"]) + _separator(unit["kind"])
     parts, decided_count = [], 0
     for start, stop, total in spans:
         skip, named = [], []
@@ -1328,10 +1330,8 @@ def main(cfg: ColorizeConfig) -> Summary:
     from jobs.runtime import check_gpus
 
     # A local Ray instance has no autoscaler: GPU actors would wait for a GPU forever.
-    cuda = cfg.device.startswith("cuda")
-    check_gpus(
-        int(cuda or bool(cfg.accelerator_type)), "--device cuda" if cuda else "--accelerator-type"
-    )
+    what = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
+    check_gpus(min(_gpus(cfg, cluster_gpus=0), 1), what)
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)
