@@ -278,7 +278,7 @@ def _chroma_search_constants() -> tuple[tuple[float, float, float, float], ...]:
 
 
 _CHROMA_SEARCH_CONSTANTS = _chroma_search_constants()
-# _lab_f_inverse(f) = _CUBE_AND_TOE(f) - _TOE_SHIFT: the search folds the shift into its
+# _lab_f_inverse(f) = _cube_and_toe(f) - _TOE_SHIFT: the search folds the shift into its
 # per-pixel constants, a pass less per candidate for each of X and Z.
 _TOE_SLOPE = 1 / LAB_SLOPE
 _TOE_SHIFT = LAB_F_KNEE * _TOE_SLOPE
