@@ -21,7 +21,9 @@ Each figure is the median of several timed passes over the dataset after an unti
 Then the storage reads of a machine's workers (``--workers``, the ranks of one node, each
 with its own `TrainLoader` and its share of the batch): the bytes read from storage over one
 epoch with each worker reading every row group it needs, and with the row groups shared
-through a `jobs.node_cache.NodeCache`, against the bytes of the shards' JPEG columns.
+through a `jobs.node_cache.NodeCache`, against the bytes of the shards' JPEG columns; and
+each machine's of a run on ``--machines`` of them, in one read group (every machine reads
+every row group) and in one read group a machine (each reads its own part).
 
 The figure of merit is images/s per core: the loader's divided by its decode threads.
 On a CUDA machine the loader's nvJPEG path (``decode="nvjpeg"``: decode and crop on the GPU,
@@ -38,6 +40,7 @@ import io
 import os
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,13 +55,21 @@ from skimage import data
 
 from colorcore.data import CROP_PX
 from jobs import storage
-from jobs.dataset import SHARD_SCHEMA, SHARDS_DIR, Manifest, ShardInfo, shard_parquet
+from jobs.dataset import (
+    SHARD_ROW_GROUP_ROWS,
+    SHARD_SCHEMA,
+    SHARDS_DIR,
+    Manifest,
+    ShardInfo,
+    shard_parquet,
+)
 from jobs.images import encode_jpeg
-from jobs.loader import DatasetIndex, TrainLoader
+from jobs.loader import WINDOW_IMAGES, DatasetIndex, TrainLoader
 from jobs.node_cache import NodeCache
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 SHORT_SIDE_PX = 256  # jobs.prepare's default short side
+MACHINE_EPOCHS = 4  # epochs the multi-machine reads are averaged over
 
 
 def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -119,24 +130,39 @@ def loader_epoch(index: DatasetIndex, batch_size: int, threads: int, decode: str
         index, rank=0, world_size=1, batch_size=batch_size, crop_px=CROP_PX, seed=0,
         num_threads=threads, decode=decode,
     )  # fmt: skip
+    steps = loader.steps_in_epoch(0)
     start = time.perf_counter()
     batches = iter(loader)
-    for _ in range(loader.steps_per_epoch):
+    for _ in range(steps):
         rgb_N3HW = next(batches).rgb_N3HW
     if rgb_N3HW.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     batches.close()
-    return loader.steps_per_epoch * batch_size / elapsed
+    return steps * batch_size / elapsed
 
 
 def machine_epoch(
-    index: DatasetIndex, workers: int, batch_size: int, threads: int, share: bool
+    index: DatasetIndex,
+    workers: int,
+    batch_size: int,
+    threads: int,
+    share: bool,
+    *,
+    machine: int = 0,
+    machines: int = 1,
+    read_groups: int = 1,
+    epochs: int = 1,
+    window_images: int = WINDOW_IMAGES,
 ) -> tuple[int, float]:
-    """(bytes read from storage, seconds) of one epoch of `workers` loaders run at once, as
-    the ranks of one machine, each with `threads` decoding threads; with `share` through a
-    `NodeCache` in a temporary folder."""
+    """(bytes read from storage, seconds) of `epochs` epochs of the `workers` loaders of one
+    machine run at once (`machine` of a run of `machines` x `workers` ranks, rank r on machine
+    r // workers, sharing `batch_size`), each with `threads` decoding threads; with `share`
+    through a `NodeCache` in a temporary folder. The loaders take their steps together, as
+    the ranks of a run do. Machines share nothing, so one machine's reads are the same run
+    alone as beside the others."""
     read = [0]
+    step_together = threading.Barrier(workers)
     real = storage.read_range
 
     def counted(url, start, size, s3=None):
@@ -144,14 +170,17 @@ def machine_epoch(
         read[0] += len(data)
         return data
 
-    def epoch(rank: int, cache: NodeCache | None) -> None:
+    def epoch(local_rank: int, cache: NodeCache | None) -> None:
         loader = TrainLoader(
-            index, rank=rank, world_size=workers, batch_size=batch_size // workers,
-            crop_px=CROP_PX, seed=0, num_threads=threads, cache=cache,
+            index, rank=machine * workers + local_rank, world_size=machines * workers,
+            batch_size=batch_size // (machines * workers), crop_px=CROP_PX, seed=0,
+            num_threads=threads, read_groups=read_groups, window_images=window_images,
+            cache=cache,
         )  # fmt: skip
         batches = iter(loader)
-        for _ in range(loader.steps_per_epoch):
+        for _ in range(sum(map(loader.steps_in_epoch, range(epochs)))):
             next(batches)
+            step_together.wait()
         batches.close()
 
     with tempfile.TemporaryDirectory(prefix="loader-bench-shm-") as root:
@@ -226,7 +255,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="loader threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline")
     parser.add_argument("--workers", type=int, default=4, help="workers of one machine")
+    parser.add_argument("--machines", type=int, default=2, help="machines of a multi-node run")
     args = parser.parse_args()
+    if args.batch_size % (args.machines * args.workers):
+        parser.error("--batch-size must divide by --machines x --workers")
     torch.set_num_threads(1)
 
     jpegs = photo_jpegs(args.images)
@@ -260,6 +292,19 @@ def main() -> None:
             share: machine_epoch(index, args.workers, args.batch_size, threads, share)
             for share in (False, True)
         }
+
+        def machine_reads(m: int, groups: int) -> float:
+            """Bytes an epoch, over a few epochs of one-row-group windows (a window as large
+            as the dataset would stay in memory from one epoch to the next)."""
+            run = {"machine": m, "machines": args.machines, "read_groups": groups}
+            run |= {"epochs": MACHINE_EPOCHS, "window_images": SHARD_ROW_GROUP_ROWS}
+            read, _ = machine_epoch(index, args.workers, args.batch_size, threads, True, **run)
+            return read / MACHINE_EPOCHS
+
+        per_machine = {
+            groups: [machine_reads(m, groups) for m in range(args.machines)]
+            for groups in (1, args.machines)
+        }
         column_bytes = index.jpeg_bytes_per_image * index.num_images
 
     kib = sum(map(len, jpegs)) / len(jpegs) / 1024
@@ -279,6 +324,12 @@ def main() -> None:
         name = "row groups shared (NodeCache)" if share else "each worker reads its own"
         print(f"  {name:32s} {read / 1e6:8.1f} MB read from storage "
               f"({read / column_bytes:.2f}x the data) in {seconds:.1f} s")  # fmt: skip
+    print(f"{args.machines} machines of {args.workers} workers sharing row groups, windows of "
+          f"one row group, MB each machine read from storage an epoch (mean of "
+          f"{MACHINE_EPOCHS}):")  # fmt: skip
+    for groups, reads in per_machine.items():
+        each = ", ".join(f"{read / 1e6:.1f} ({read / column_bytes:.2f}x)" for read in reads)
+        print(f"  {f'{groups} read group' + 's' * (groups > 1):32s} {each}")
 
 
 if __name__ == "__main__":

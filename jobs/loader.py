@@ -31,6 +31,18 @@ share them through a `jobs.node_cache.NodeCache`, which reads each from storage 
 without one W workers read the data W times over. An image that does not decode (a shard
 damaged since `jobs.prepare` checked it) becomes a black crop, with a warning naming its
 shard and row: grey, so the loss gives it no weight, and the order stays.
+
+Machines share no cache: a run on M machines would read the data M times an epoch, each
+machine at M times the rate its own steps use it. With `read_groups` G (a divisor of the
+world size W; M for a multi-node run) the workers form G groups of W/G consecutive ranks
+(Ray Train numbers a machine's workers consecutively, so a machine's are one group), and
+each epoch's row groups are dealt out among the groups (`epoch_windows`): each group has
+windows and an order of its own, made as above, and at each step its ranks take their
+slices of its next W/G x b images. An epoch has as many steps as its smallest group has
+such batches (the groups differ by less than a row group). A machine then reads 1/G of the
+data an epoch. The order is as exact and as rank-independent as with one group, for a given
+G, which a resumed run keeps; G = 1 is the order described above. A group's windows hold
+`window_images` images, so a rank's batch mixes as many row groups as with one group.
 """
 
 from __future__ import annotations
@@ -173,36 +185,55 @@ class Units:
 
 
 def epoch_windows(
-    index: DatasetIndex, rng: np.random.Generator, window_images: int
+    index: DatasetIndex, rng: np.random.Generator, window_images: int, groups: int = 1
+) -> list[list[np.ndarray]]:
+    """Per read group, its row groups (units) of the epoch cut into windows. The units of all
+    shards are shuffled with `rng` and dealt out in that order, each to the group holding the
+    fewest images so far (groups then differ by less than one row group's images); each
+    group's units are cut into windows of whole units, each closed once it holds
+    `window_images` images (the last may hold fewer). One group: the shuffled units, cut."""
+    kept = index.units.kept
+    order = rng.permutation(len(kept)).tolist()
+    dealt: list[list[int]] = [order] if groups == 1 else [[] for _ in range(groups)]
+    if groups > 1:
+        held = [0] * groups
+        for u in order:
+            g = held.index(min(held))
+            dealt[g].append(u)
+            held[g] += len(kept[u])
+    windows = []
+    for units in dealt:
+        cuts, held_here = [], 0
+        for i, u in enumerate(units):
+            held_here += len(kept[u])
+            if held_here >= window_images:
+                cuts.append(i + 1)
+                held_here = 0
+        windows.append([w for w in np.split(np.asarray(units, np.int64), cuts) if len(w)])
+    return windows
+
+
+def epoch_orders(
+    index: DatasetIndex, *, epoch: int, seed: int, window_images: int, groups: int = 1
 ) -> list[np.ndarray]:
-    """The row groups (units) of all shards shuffled with `rng` and cut into windows of
-    whole units, each closed once it holds `window_images` images (the last may hold fewer)."""
-    units = index.units
-    order = rng.permutation(len(units.shard))
-    cuts, held = [], 0
-    for i, u in enumerate(order.tolist()):
-        held += len(units.kept[u])
-        if held >= window_images:
-            cuts.append(i + 1)
-            held = 0
-    return [w for w in np.split(order, cuts) if len(w)]
-
-
-def epoch_order(index: DatasetIndex, *, epoch: int, seed: int, window_images: int) -> np.ndarray:
-    """The epoch's order as (shard, row) pairs, shape (num_images, 2): the images of each of
-    the epoch's windows (`epoch_windows`) shuffled, window after window."""
+    """Per read group, the epoch's order of its images as (shard, row) pairs, shape
+    (images, 2): the images of each of its windows (`epoch_windows`) shuffled, window after
+    window."""
     rng = np.random.default_rng([seed, epoch])
     units = index.units
-    parts = [np.zeros((0, 2), np.int64)]
-    for window in epoch_windows(index, rng, window_images):
-        pairs = np.concatenate(
-            [
-                np.stack([np.full_like(units.kept[u], units.shard[u]), units.kept[u]], 1)
-                for u in window
-            ]
-        )
-        parts.append(pairs[rng.permutation(len(pairs))])
-    return np.concatenate(parts).astype(np.int64)
+    orders = []
+    for windows in epoch_windows(index, rng, window_images, groups):
+        parts = [np.zeros((0, 2), np.int64)]
+        for window in windows:
+            pairs = np.concatenate(
+                [
+                    np.stack([np.full_like(units.kept[u], units.shard[u]), units.kept[u]], 1)
+                    for u in window
+                ]
+            )
+            parts.append(pairs[rng.permutation(len(pairs))])
+        orders.append(np.concatenate(parts).astype(np.int64))
+    return orders
 
 
 @dataclass(frozen=True)
@@ -213,7 +244,9 @@ class Batch:
     next_offset: int
     """Global sample offset in `epoch` after this step (what a checkpoint stores)."""
     positions: np.ndarray
-    """Global positions of this rank's samples in the epoch's order (for tests and logs)."""
+    """Global positions of this rank's samples in the epoch (for tests and logs): step s, rank
+    r, sample i of its b is s x B + r x b + i, sample s x W/G x b + (r mod W/G) x b + i of
+    the order of r's read group."""
 
 
 class _Slice(io.RawIOBase):
@@ -401,6 +434,7 @@ class TrainLoader:
         crop_px: int,
         seed: int,
         window_images: int = WINDOW_IMAGES,
+        read_groups: int = 1,
         start_epoch: int = 0,
         start_offset: int = 0,
         num_threads: int = 4,
@@ -412,11 +446,19 @@ class TrainLoader:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if read_groups < 1 or world_size % read_groups:
+            raise ValueError(f"{read_groups} read groups do not divide {world_size} workers")
         self.global_batch = batch_size * world_size
-        if index.num_images < self.global_batch:
+        group_ranks = world_size // read_groups
+        self.group, self.group_rank = divmod(rank, group_ranks)
+        self.group_batch = batch_size * group_ranks
+        # Dealt out by `epoch_windows`, no group holds more than this many images beyond
+        # another, so the smallest holds at least (images - (G - 1) x this) / G.
+        unit_images = max((len(k) for k in index.units.kept), default=0)
+        if index.num_images - (read_groups - 1) * unit_images < self.global_batch:
             raise ValueError(
                 f"dataset has {index.num_images} colour images, fewer than one global batch "
-                f"({self.global_batch})"
+                f"({self.global_batch}) in each of {read_groups} read groups"
             )
         if start_offset % self.global_batch:
             raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
@@ -424,6 +466,7 @@ class TrainLoader:
             raise ValueError(f"decode must be 'pil' or 'nvjpeg', got {decode!r}")
         self.index, self.rank, self.batch_size = index, rank, batch_size
         self.crop_px, self.seed, self.window_images = crop_px, seed, window_images
+        self.read_groups = read_groups
         self.epoch, self.offset = start_epoch, start_offset
         self.num_threads, self.prefetch_batches, self.decode, self.s3, self.cache = (
             num_threads, prefetch_batches, decode, s3, cache,
@@ -432,9 +475,21 @@ class TrainLoader:
         # asynchronously (from pageable memory the copy would hold up the training thread).
         self.pin_memory = pin_memory and decode == "pil"
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.index.num_images // self.global_batch
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of `epoch` (it leaves out the images beyond its last whole global batch)."""
+        return self._order(epoch)[1]
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, int]:
+        """This rank's read group's order of `epoch`, and the epoch's steps: as many as its
+        smallest group has batches."""
+        orders = epoch_orders(
+            self.index,
+            epoch=epoch,
+            seed=self.seed,
+            window_images=self.window_images,
+            groups=self.read_groups,
+        )
+        return orders[self.group], min(len(o) for o in orders) // self.group_batch
 
     def _read_ahead(
         self,
@@ -445,14 +500,15 @@ class TrainLoader:
         dropped: collections.deque,
         position: int,
     ) -> None:
-        """Starts reading the row groups (`unit_of`: the unit of each position of the
-        epoch's order) of this step, of the next `prefetch_batches` steps and of a window's
-        images beyond them that `units` (unit -> its `JpegFiles`, read or being read) lacks;
-        drops the oldest ones none of those needs beyond two windows' worth of images.
-        `position` counts the samples of every epoch so far (for `_delete_dropped`)."""
+        """Starts reading the row groups (`unit_of`: the unit of each position of the read
+        group's order of the epoch) of this step (at `offset` in that order), of the next
+        `prefetch_batches` steps and of a window's images beyond them that `units` (unit ->
+        its `JpegFiles`, read or being read) lacks; drops the oldest ones none of those needs
+        beyond two windows' worth of images. `position` counts the group's samples of every
+        epoch so far (for `_delete_dropped`)."""
         # A window's first steps need nearly all its row groups: reading them a window
         # ahead spreads the reads over the window before instead of a burst at its start.
-        horizon = self.window_images + (self.prefetch_batches + 2) * self.global_batch
+        horizon = self.window_images + (self.prefetch_batches + 2) * self.group_batch
         needed = dict.fromkeys(unit_of[offset : offset + horizon].tolist())
         fresh = [u for u in needed if u not in units]
         for u in self.cache.spread(fresh) if self.cache else fresh:
@@ -477,7 +533,7 @@ class TrainLoader:
         workers run up to about 2 x prefetch_batches steps apart (each runs ahead of its
         training steps), so a file deleted at once could still be wanted by another; and a
         read still going would save it again after the delete."""
-        lag = (2 * self.prefetch_batches + 4) * self.global_batch
+        lag = (2 * self.prefetch_batches + 4) * self.group_batch
         while dropped and dropped[0][0] <= position - lag and dropped[0][1].done():
             self.cache.drop(dropped.popleft()[2])
 
@@ -567,6 +623,7 @@ class TrainLoader:
         decoding threads always have a queue of images; shards are read ahead likewise.
         Yields each batch with the CUDA event its crops are ready at (nvJPEG), or None."""
         epoch, offset = self.epoch, self.offset
+        position = 0  # the group's samples of every epoch so far
         started: collections.deque = collections.deque()
         units: dict[int, Future] = {}
         dropped: collections.deque = collections.deque()  # see _delete_dropped
@@ -575,19 +632,17 @@ class TrainLoader:
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
         try:
             while True:
-                order = epoch_order(
-                    self.index, epoch=epoch, seed=self.seed, window_images=self.window_images
-                )
+                order, steps = self._order(epoch)
                 unit_of, row_in_unit = self.index.units.of_rows(order)  # once an epoch
-                last = self.steps_per_epoch * self.global_batch
-                while offset < last:
-                    position = epoch * last + offset
-                    self._read_ahead(units, unit_of, offset, io_pool, dropped, position)
-                    start = offset + self.rank * self.batch_size
-                    positions = np.arange(start, start + self.batch_size)
-                    in_units = zip(unit_of[positions], row_in_unit[positions], strict=True)
+                while offset < steps * self.global_batch:
+                    at = offset // self.global_batch * self.group_batch  # in the group's order
+                    self._read_ahead(units, unit_of, at, io_pool, dropped, position)
+                    position += self.group_batch
+                    mine = np.arange(self.batch_size) + at + self.group_rank * self.batch_size
+                    in_units = zip(unit_of[mine], row_in_unit[mine], strict=True)
                     data = [units[u].result()[r] for u, r in in_units]
-                    where = [f"{self.index.shard_urls[s]} row {r}" for s, r in order[positions]]
+                    where = [f"{self.index.shard_urls[s]} row {r}" for s, r in order[mine]]
+                    positions = np.arange(self.batch_size) + offset + self.rank * self.batch_size
                     offset += self.global_batch
                     wait = self._start(data, where, epoch, positions, pool, stream)
                     started.append((wait, epoch, offset, positions))

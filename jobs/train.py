@@ -47,9 +47,10 @@ METRICS_FILE = "metrics.csv"
 DIVERGED_FILE = "diverged.json"  # where a run whose loss went non-finite stopped (train_loop)
 RUN_FILE = "run.json"  # what a resumed run must keep: `check_resumable`
 RESUME_FIELDS = (
-    "model", "batch_size", "crop_px", "seed", "window_images", "soft_encode_k",
+    "model", "batch_size", "crop_px", "seed", "window_images", "read_groups", "soft_encode_k",
     "soft_encode_sigma", "rebalance_lambda", "prior_sigma", "loss_reduction",
 )  # fmt: skip
+RESUME_DEFAULTS = {"read_groups": 1}  # what runs recorded before these fields existed had
 RETIRED_RESUME_FIELDS = ("window_shards",)  # windows of whole shards: the order before row groups
 TRACKERS = ("tensorboard", "mlflow")  # where jobs.tracking can send the metrics table
 
@@ -120,6 +121,10 @@ class TrainConfig:
     """Images shuffled together, whole row groups drawn from across the shards (see
     jobs.loader); each machine holds about two windows of JPEGs in memory (each worker,
     without share_reads)."""
+    read_groups: int = 1
+    """Groups the workers form, each reading its own part of every epoch (see jobs.loader):
+    the number of machines of a multi-node run, each of which then reads 1/read_groups of the
+    data an epoch instead of all of it. Divides num_workers; a resumed run keeps it."""
     share_reads: bool = True
     """The workers of a machine read each row group from storage once, and share it through
     a folder in /dev/shm (jobs.node_cache); else each reads every row group it needs."""
@@ -195,6 +200,11 @@ class TrainConfig:
             problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")
         if self.window_images < 1 or self.warmup_steps < 0:
             problems.append("window_images must be >= 1 and warmup_steps >= 0")
+        if self.read_groups < 1 or self.num_workers % self.read_groups:
+            problems.append(
+                f"read_groups must be >= 1 and divide num_workers ({self.num_workers}), "
+                f"got {self.read_groups}"
+            )
         if self.decode == "nvjpeg" and not self.use_gpu:
             problems.append("decode nvjpeg decodes on the GPU: it needs use_gpu")
         if self.accelerator_type and not self.use_gpu:
@@ -461,7 +471,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     if not storage.exists(url, cfg.s3) or not checkpoint_files(cfg.run_url, cfg.s3):
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
-    started = json.loads(storage.read_bytes(url, cfg.s3))
+    started = RESUME_DEFAULTS | json.loads(storage.read_bytes(url, cfg.s3))
     if retired := [k for k in RETIRED_RESUME_FIELDS if k in started]:
         raise ValueError(
             f"run {cfg.name} started with {', '.join(retired)} (see {url}), an input order "

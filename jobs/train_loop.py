@@ -93,7 +93,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run_url,
             local_rank=ctx.get_local_rank(),
             local_world_size=ctx.get_local_world_size(),
-            need_bytes=int(3 * cfg.window_images * index.jpeg_bytes_per_image),
+            need_bytes=int(
+                3 * cfg.window_images * index.jpeg_bytes_per_image * _machine_groups(ctx, cfg)
+            ),
             reserve_bytes=_object_store_bytes(),
         )
         if cfg.share_reads
@@ -108,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         crop_px=cfg.crop_px,
         seed=cfg.seed,
         window_images=cfg.window_images,
+        read_groups=cfg.read_groups,
         start_epoch=epoch,
         start_offset=offset,
         num_threads=max(2, int(cfg.cpus_per_worker)),
@@ -219,6 +222,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
         ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
+
+
+def _machine_groups(ctx: Any, cfg: TrainConfig) -> int:
+    """The read groups of this machine's workers (Ray Train numbers a machine's workers
+    consecutively); warns once a machine when one of them has workers elsewhere too, which
+    read the same row groups."""
+    first = ctx.get_world_rank() - ctx.get_local_rank()
+    last = first + ctx.get_local_world_size() - 1
+    group_ranks = ctx.get_world_size() // cfg.read_groups
+    if ctx.get_local_rank() == 0 and (first % group_ranks or (last + 1) % group_ranks):
+        log.warning(
+            "train: the read groups of workers %d-%d have workers on other machines too, "
+            "which read the same row groups: --read-groups NUMBER_OF_MACHINES has each "
+            "machine read its own part of the data", first, last,
+        )  # fmt: skip
+    return last // group_ranks - first // group_ranks + 1
 
 
 def _object_store_bytes() -> int:

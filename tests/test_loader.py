@@ -17,7 +17,7 @@ from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
 from jobs.dataset import shard_parquet
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, epoch_order, epoch_windows
+from jobs.loader import DatasetIndex, TrainLoader, epoch_orders, epoch_windows
 from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 
@@ -38,6 +38,12 @@ def test_index_leaves_out_grayscale(dataset) -> None:
     assert 3 not in dataset.rows[0] and 3 not in dataset.rows[2]  # global rows 3 and 15
 
 
+def epoch_order(index: DatasetIndex, **kw) -> np.ndarray:
+    """The order of one read group."""
+    (order,) = epoch_orders(index, **kw)
+    return order
+
+
 def test_epoch_order_is_a_seeded_permutation(dataset) -> None:
     order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
     pairs = {tuple(p) for p in order}
@@ -56,7 +62,7 @@ def test_windows_are_whole_row_groups_of_many_shards(dataset) -> None:
     units = dataset.units
     assert len(units.shard) == 9 and [len(k) for k in units.kept] == [3, 2, 1, 3, 2, 3, 2, 3, 2]
     order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
-    windows = epoch_windows(dataset, np.random.default_rng([7, 0]), 6)
+    (windows,) = epoch_windows(dataset, np.random.default_rng([7, 0]), 6)
     assert sorted(np.concatenate(windows).tolist()) == list(range(9))  # each unit once
     sizes = [sum(len(units.kept[u]) for u in w) for w in windows]
     assert all(size >= 6 for size in sizes[:-1]) and sum(sizes) == 21
@@ -96,7 +102,7 @@ def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset, monkeypatc
 
 
 def test_two_ranks_see_every_sample_of_an_epoch_once(dataset) -> None:
-    steps = loader(dataset, 0).steps_per_epoch
+    steps = loader(dataset, 0).steps_in_epoch(0)
     assert steps == 21 // 6 == 3  # the remainder of 3 is left out of this epoch
     seen = []
     for rank in (0, 1):
@@ -121,6 +127,84 @@ def test_resume_from_an_offset_repeats_nothing_and_matches(dataset) -> None:
         loader(dataset, 0, start_offset=4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         loader(dataset, 0, batch_size=11)
+
+
+def test_read_groups_each_take_their_own_row_groups(dataset) -> None:
+    """Each epoch's row groups are dealt out among the read groups, whole and balanced; every
+    group's order is made of its own windows, as one group's is."""
+    units = dataset.units
+    for epoch in range(4):
+        orders = epoch_orders(dataset, epoch=epoch, seed=7, window_images=4, groups=2)
+        windows = epoch_windows(dataset, np.random.default_rng([7, epoch]), 4, 2)
+        sizes = [len(o) for o in orders]
+        assert sum(sizes) == 21 and abs(sizes[0] - sizes[1]) <= 3  # the largest row group
+        taken = [set(np.concatenate(w).tolist()) for w in windows]
+        assert not taken[0] & taken[1] and taken[0] | taken[1] == set(range(9))
+        for order, group_windows in zip(orders, windows, strict=True):
+            start = 0
+            for window in group_windows:
+                rows = {(int(units.shard[u]), int(r)) for u in window for r in units.kept[u]}
+                size = len(rows)
+                assert {tuple(p) for p in order[start : start + size].tolist()} == rows
+                start += size
+            assert start == len(order)
+    assert not np.array_equal(
+        np.concatenate(epoch_orders(dataset, epoch=0, seed=7, window_images=4, groups=2)),
+        epoch_order(dataset, epoch=0, seed=7, window_images=4),
+    )
+
+
+def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch) -> None:
+    """Four ranks in two read groups: each sample of an epoch once over all ranks, each rank's
+    images from its own group's order at the place its global position says, and reads of
+    its own group's row groups only; a resumed rank gives the same batches."""
+    import jobs.loader
+
+    kw = {"world_size": 4, "batch_size": 2, "read_groups": 2, "window_images": 4}
+    orders = epoch_orders(dataset, epoch=0, seed=7, window_images=4, groups=2)
+    steps = loader(dataset, 0, **kw).steps_in_epoch(0)
+    assert steps == min(len(o) for o in orders) // 4 == 2
+    units = dataset.units
+    unit_at = {
+        (int(s), dataset.jpeg_range(int(s), int(g))[0]): u
+        for u, (s, g) in enumerate(zip(units.shard, units.group, strict=True))
+    }
+    group_units = [  # epoch by epoch: the loaders read a step or two into the next epoch
+        [set(units.of_rows(o)[0].tolist()) for o in epoch_orders(
+            dataset, epoch=e, seed=7, window_images=4, groups=2)]
+        for e in (0, 1)
+    ]  # fmt: skip
+    columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
+    read: set[int] = set()  # units read
+
+    def counted(url, start, size, s3=None):
+        read.add(unit_at[dataset.shard_urls.index(url), start])
+        return storage.read_bytes(url, s3)[start : start + size]
+
+    monkeypatch.setattr(jobs.loader.storage, "read_range", counted)
+    seen = []
+    for rank in range(4):
+        group = rank // 2
+        read.clear()
+        batches = list(islice(iter(loader(dataset, rank, **kw)), steps))
+        for batch in batches:
+            seen += batch.positions.tolist()
+            for position, crop in zip(batch.positions, batch.rgb_N3HW, strict=True):
+                step, place = divmod(int(position), 8)  # global batch 8, a group's 4
+                s, r = orders[group][step * 4 + place - 4 * group]
+                rng = np.random.default_rng([7, 0, int(position)])
+                image = decode_3hw(columns[s][int(r)].as_py())
+                assert torch.equal(crop, random_crop_flip(image, 32, rng))
+        own = group_units[0][group] | group_units[1][group]
+        assert group_units[0][group] <= read <= own
+        resumed = next(iter(loader(dataset, rank, start_offset=8, **kw)))
+        assert np.array_equal(resumed.positions, batches[1].positions)
+        assert torch.equal(resumed.rgb_N3HW, batches[1].rgb_N3HW)
+    assert sorted(seen) == list(range(steps * 8))
+    with pytest.raises(ValueError, match="3 read groups do not divide 4 workers"):
+        loader(dataset, 0, **kw | {"read_groups": 3})
+    with pytest.raises(ValueError, match="in each of 2 read groups"):
+        loader(dataset, 0, **kw | {"batch_size": 5})
 
 
 def test_targets_shapes_and_ranges(dataset) -> None:
@@ -260,7 +344,7 @@ def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) ->
     order = epoch_order(dataset, epoch=0, seed=7, window_images=6)
     columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
     flips = set()
-    for batch in islice(iter(train), train.steps_per_epoch):
+    for batch in islice(iter(train), train.steps_in_epoch(0)):
         for position, crop in zip(batch.positions, batch.rgb_N3HW, strict=True):
             s, r = order[position]
             rng = np.random.default_rng([7, 0, int(position)])

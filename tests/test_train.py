@@ -182,25 +182,29 @@ def test_checkpoint_offset_matches_the_step(ci_run) -> None:
     assert extra["offset"] == (cfg.max_steps % steps_per_epoch) * cfg.batch_size
 
 
-def test_gradient_accumulation_on_two_workers(ci_config) -> None:
+def test_gradient_accumulation_on_two_workers_in_two_read_groups(ci_config) -> None:
     """Two micro-batches a step on each of two DDP workers (gradients synchronised on the
-    last only): the run ends at its step count, its loss finite, and the stored offset
-    counts whole global batches."""
-    from jobs.loader import DatasetIndex
+    last only), each worker reading its own part of the data: the run ends at its step
+    count, its loss finite, and the stored offset counts whole global batches of the
+    two groups' epochs."""
+    from jobs.loader import DatasetIndex, TrainLoader
 
     cfg = dataclasses.replace(
         ci_config, name="accumulated", grad_accum_steps=2, max_steps=10, lr_drop_steps=(5,),
-        checkpoint_every_steps=10, val_every_steps=10, log_every_steps=5,
+        checkpoint_every_steps=10, val_every_steps=10, log_every_steps=5, read_groups=2,
     )  # fmt: skip
     assert cfg.micro_batch * cfg.grad_accum_steps * cfg.num_workers == cfg.batch_size == 16
     metrics = train.main(cfg)
     assert metrics["step"] == 10 and math.isfinite(metrics["loss"])
     extra = load_model(cfg.run_url).checkpoint.extra
-    steps_per_epoch = DatasetIndex.load(cfg.data).num_images // cfg.batch_size
-    assert (extra["epoch"], extra["offset"]) == (
-        10 // steps_per_epoch,
-        (10 % steps_per_epoch) * cfg.batch_size,
-    )
+    loader = TrainLoader(
+        DatasetIndex.load(cfg.data), rank=0, world_size=2, batch_size=8, crop_px=cfg.crop_px,
+        seed=cfg.seed, window_images=cfg.window_images, read_groups=2,
+    )  # fmt: skip
+    epoch, steps = 0, 10
+    while steps >= loader.steps_in_epoch(epoch):
+        epoch, steps = epoch + 1, steps - loader.steps_in_epoch(epoch)
+    assert (extra["epoch"], extra["offset"]) == (epoch, steps * cfg.batch_size)
     assert [int(r["step"]) for r in train.read_metrics(cfg.run_url)] == [5, 10]
 
 
@@ -290,6 +294,8 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
         (["--lr-drop-steps", "5", "9"], "same length"),
         (["--tracking", "tensorboard,wandb"], "tracking must be auto, none or a comma list"),
         (["--window-images", "0"], "window_images must be >= 1"),
+        (["--read-groups", "3"], "read_groups must be >= 1 and divide num_workers (2)"),
+        (["--read-groups", "0"], "read_groups must be >= 1"),
         (["--warmup-steps", "-1"], "warmup_steps >= 0"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
@@ -461,16 +467,21 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     with pytest.raises(ValueError, match="prior_sha256"):
         train.check_resumable(other)
 
-    # A record written before fields existed (no data checksum, no BatchNorm decay): those
-    # are not compared, the rest is.
     prior.write_bytes(b"counts")
+    with pytest.raises(ValueError, match="started with other read_groups"):
+        train.check_resumable(dataclasses.replace(other, read_groups=2))
+
+    # A record written before fields existed (no data checksum, no BatchNorm decay): those
+    # are not compared, the rest is; a run recorded before read groups read in one.
     record = tmp_path / "runs" / cfg.name / "run.json"
     old = json.loads(record.read_text())
-    del old["data_shards_sha256"], old["model"]["bn_moving_average"]
+    del old["data_shards_sha256"], old["model"]["bn_moving_average"], old["read_groups"]
     record.write_text(json.dumps(old))
     train.check_resumable(other)
     with pytest.raises(ValueError, match="started with other model"):
         train.check_resumable(dataclasses.replace(other, model=ModelConfig(width=1 / 8)))
+    with pytest.raises(ValueError, match="started with other read_groups"):
+        train.check_resumable(dataclasses.replace(other, read_groups=2))
     # A record of the order by whole shards (before row groups): that order is not made now
     del old["window_images"]
     record.write_text(json.dumps(old | {"window_shards": 4}))
