@@ -35,6 +35,7 @@ stream (`nvjpeg_decode_ms`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -171,17 +172,20 @@ def machine_epoch(
         return data
 
     def epoch(local_rank: int, cache: NodeCache | None) -> None:
-        loader = TrainLoader(
-            index, rank=machine * workers + local_rank, world_size=machines * workers,
-            batch_size=batch_size // (machines * workers), crop_px=CROP_PX, seed=0,
-            num_threads=threads, read_groups=read_groups, window_images=window_images,
-            cache=cache,
-        )  # fmt: skip
-        batches = iter(loader)
-        for _ in range(sum(map(loader.steps_in_epoch, range(epochs)))):
-            next(batches)
-            step_together.wait()
-        batches.close()
+        try:
+            loader = TrainLoader(
+                index, rank=machine * workers + local_rank, world_size=machines * workers,
+                batch_size=batch_size // (machines * workers), crop_px=CROP_PX, seed=0,
+                num_threads=threads, read_groups=read_groups, window_images=window_images,
+                cache=cache,
+            )  # fmt: skip
+            with contextlib.closing(iter(loader)) as batches:
+                for _ in range(sum(map(loader.steps_in_epoch, range(epochs)))):
+                    next(batches)
+                    step_together.wait()
+        except BaseException:
+            step_together.abort()  # the others' waits raise instead of waiting for ever
+            raise
 
     with tempfile.TemporaryDirectory(prefix="loader-bench-shm-") as root:
         caches = [

@@ -1247,7 +1247,7 @@ def _run_on_ray(
 
     from jobs.runtime import init_ray
 
-    init_ray(outputs=[cfg.output])
+    init_ray(paths=[cfg.input, cfg.output, cfg.model])
     resources = ray.cluster_resources()
     gpus = _gpus(cfg, int(resources.get("GPU", 0)))
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))

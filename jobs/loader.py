@@ -39,7 +39,7 @@ world size W; M for a multi-node run) the workers form G groups of W/G consecuti
 each epoch's row groups are dealt out among the groups (`epoch_windows`): each group has
 windows and an order of its own, made as above, and at each step its ranks take their
 slices of its next W/G x b images. An epoch has as many steps as its smallest group has
-such batches (the groups differ by less than a row group). A machine then reads 1/G of the
+such batches (the groups differ by at most a row group). A machine then reads 1/G of the
 data an epoch. The order is as exact and as rank-independent as with one group, for a given
 G, which a resumed run keeps; G = 1 is the order described above. A group's windows hold
 `window_images` images, so a rank's batch mixes as many row groups as with one group.
@@ -189,7 +189,7 @@ def epoch_windows(
 ) -> list[list[np.ndarray]]:
     """Per read group, its row groups (units) of the epoch cut into windows. The units of all
     shards are shuffled with `rng` and dealt out in that order, each to the group holding the
-    fewest images so far (groups then differ by less than one row group's images); each
+    fewest images so far (groups then differ by at most one row group's images); each
     group's units are cut into windows of whole units, each closed once it holds
     `window_images` images (the last may hold fewer). One group: the shuffled units, cut."""
     kept = index.units.kept
@@ -234,6 +234,27 @@ def epoch_orders(
             parts.append(pairs[rng.permutation(len(pairs))])
         orders.append(np.concatenate(parts).astype(np.int64))
     return orders
+
+
+def too_few_images(
+    images: int, global_batch: int, read_groups: int, unit_images: int
+) -> str | None:
+    """Why `images` dealt out to `read_groups` groups in row groups of at most `unit_images`
+    might not make one step of `global_batch`, or None. `epoch_windows` deals them so that no
+    group holds more than a row group beyond another: the smallest holds at least
+    (images - (read_groups - 1) x unit_images) / read_groups."""
+    if read_groups == 1:
+        if images < global_batch:
+            return f"{images} colour images, fewer than one batch ({global_batch})"
+        return None
+    smallest = (images - (read_groups - 1) * unit_images) // read_groups
+    if smallest < global_batch // read_groups:
+        return (
+            f"{images} colour images: in {read_groups} read groups (row groups of up to "
+            f"{unit_images}) the smallest may hold {max(smallest, 0)}, fewer than its part of "
+            f"a batch ({global_batch // read_groups})"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -452,14 +473,9 @@ class TrainLoader:
         group_ranks = world_size // read_groups
         self.group, self.group_rank = divmod(rank, group_ranks)
         self.group_batch = batch_size * group_ranks
-        # Dealt out by `epoch_windows`, no group holds more than this many images beyond
-        # another, so the smallest holds at least (images - (G - 1) x this) / G.
         unit_images = max((len(k) for k in index.units.kept), default=0)
-        if index.num_images - (read_groups - 1) * unit_images < self.global_batch:
-            raise ValueError(
-                f"dataset has {index.num_images} colour images, fewer than one global batch "
-                f"({self.global_batch}) in each of {read_groups} read groups"
-            )
+        if problem := too_few_images(index.num_images, self.global_batch, read_groups, unit_images):
+            raise ValueError(f"dataset has {problem}")
         if start_offset % self.global_batch:
             raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
         if decode not in ("pil", "nvjpeg"):
@@ -476,7 +492,8 @@ class TrainLoader:
         self.pin_memory = pin_memory and decode == "pil"
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Steps of `epoch` (it leaves out the images beyond its last whole global batch)."""
+        """Steps of `epoch`: its smallest read group's whole batches (the images beyond them,
+        in each group, are left out of the epoch)."""
         return self._order(epoch)[1]
 
     def _order(self, epoch: int) -> tuple[np.ndarray, int]:

@@ -399,7 +399,7 @@ def main(cfg: PrepareConfig) -> Manifest:
     todo = [i for i in range(len(groups)) if _marker_url(cfg, i) not in marked]
     print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
     if todo:
-        init_ray(outputs=[cfg.dst])
+        init_ray(paths=[cfg.src, cfg.dst])
         rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
         (
             ray.data.from_items(rows, override_num_blocks=len(rows))

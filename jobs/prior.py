@@ -97,7 +97,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     manifest = Manifest.load(cfg.dataset, cfg.s3)
     fs, root = storage.arrow_filesystem(cfg.dataset, cfg.s3)
     paths = [f"{root}/{s.name}" for s in manifest.shards]
-    init_ray()
+    init_ray(paths=[cfg.dataset])
     results = (
         ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
         .select_columns(["key", "jpeg", "grayscale"])

@@ -23,10 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(
-    address: str | None = None, *, num_cpus: int | None = None, outputs: Sequence[str] = ()
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    paths: Sequence[str | None] = (),
 ) -> None:
-    """Start or join Ray once per process. Joining a cluster, local paths among the job's
-    `outputs` get a warning: work on other nodes would write to those nodes' own disks."""
+    """Start or join Ray once per process. `paths` are the job's inputs and outputs that its
+    work reads or writes on whichever node it runs. Joining a cluster, local paths among
+    them are refused where work runs on other nodes (`local_paths_problem`), and warned of
+    on a one-node cluster."""
     import ray
 
     from jobs import storage
@@ -35,15 +40,19 @@ def init_ray(
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        for url in (u for u in outputs if u and storage.is_local(u)):
-            print(
-                f"warning: {url} is a local path and this job joins the Ray cluster at "
-                f"{address}: workers on other nodes would write to their own disks (lost when "
-                "the node goes); give shared storage (s3://...) unless the cluster is one node",
-                file=sys.stderr,
-            )
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        local = [u for u in paths if u and storage.is_local(u)]
+        if local and (problem := local_paths_problem(local, address, ray.nodes())):
+            raise ValueError(problem)
+        for url in local:
+            print(
+                f"warning: {url} is a local path and this job joins the Ray cluster at "
+                f"{address}: it is this node's disk, which work on nodes that join later "
+                "would not see; give shared storage (s3://...) unless the cluster stays one "
+                "node",
+                file=sys.stderr,
+            )
     else:
         # "local" rather than auto-detection: a stale address file from a dead cluster
         # would otherwise make Ray try to join it.
@@ -52,6 +61,22 @@ def init_ray(
         # polls: without it the workers' resources of a trainer whose driver was stopped
         # (a Tune trial that ASHA ends) are never released.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+
+
+def local_paths_problem(local: Sequence[str], address: str, nodes: Sequence[dict]) -> str | None:
+    """Why the job's `local` paths cannot serve a cluster of `nodes` (``ray.nodes()``), or
+    None: with other nodes alive, or with this one offering no CPUs (as the head nodes of
+    `cluster/` do: the work waits for nodes to start), work runs on nodes whose disks do not
+    hold them."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) == 1 and alive[0].get("Resources", {}).get("CPU", 0) > 0:
+        return None
+    where = f"{len(alive)} nodes" if len(alive) > 1 else "one node, with no CPUs for work"
+    return (
+        f"{', '.join(local)}: local paths, and the Ray cluster at {address} has {where}: work "
+        "on other nodes would not find them or would write to disks of its own; give shared "
+        "storage (s3://...)"
+    )
 
 
 def check_gpus(needed: int, what: str, address: str | None = None) -> None:

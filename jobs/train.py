@@ -39,8 +39,8 @@ from colorcore.prior import PRIOR_SMOOTHING_SIGMA, REBALANCE_LAMBDA, AbHistogram
 from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import storage
 from jobs.config import presets_of, run_name_problem, to_dict
-from jobs.dataset import MANIFEST_FILE, PRIOR_FILE
-from jobs.loader import WINDOW_IMAGES
+from jobs.dataset import MANIFEST_FILE, PRIOR_FILE, SHARD_ROW_GROUP_ROWS
+from jobs.loader import WINDOW_IMAGES, too_few_images
 from jobs.storage import S3Options
 
 METRICS_FILE = "metrics.csv"
@@ -436,10 +436,9 @@ def preflight(cfg: TrainConfig) -> None:
 
     manifest = Manifest.load(cfg.data, cfg.s3)
     colour = manifest.num_rows - manifest.num_grayscale
-    if colour < cfg.batch_size:
-        raise ValueError(
-            f"{cfg.data} has {colour} colour images, fewer than one batch ({cfg.batch_size})"
-        )
+    # Row groups as jobs.prepare writes them: the workers check the ones the shards hold.
+    if problem := too_few_images(colour, cfg.batch_size, cfg.read_groups, SHARD_ROW_GROUP_ROWS):
+        raise ValueError(f"{cfg.data} has {problem}")
     load_prior(cfg.prior_url, cfg.s3)
     if cfg.val_data:
         Manifest.load(cfg.val_data, cfg.s3)
@@ -527,7 +526,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     data_ready = not cfg.make_sample_data or all(storage.exists(u, cfg.s3) for u in needed)
     if data_ready:
         check_resumable(cfg)
-    init_ray(outputs=[cfg.storage])
+    init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
     if cfg.make_sample_data:
         ensure_sample_data(cfg)
         preflight(dataclasses.replace(cfg, make_sample_data=False))

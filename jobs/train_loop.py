@@ -88,14 +88,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("train: resumed from step %d (epoch %d, offset %d)", step, epoch, offset)
 
     index = DatasetIndex.load(cfg.data, cfg.s3)
+    groups_here = _machine_groups(ctx, cfg)
     cache = (
         NodeCache.open(
             run_url,
             local_rank=ctx.get_local_rank(),
             local_world_size=ctx.get_local_world_size(),
-            need_bytes=int(
-                3 * cfg.window_images * index.jpeg_bytes_per_image * _machine_groups(ctx, cfg)
-            ),
+            need_bytes=int(3 * cfg.window_images * index.jpeg_bytes_per_image * groups_here),
             reserve_bytes=_object_store_bytes(),
         )
         if cfg.share_reads
@@ -121,9 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     batches = iter(loader)
 
-    if cfg.data_init and not state:
+    if cfg.data_init and not state and rank == 0:  # DDP hands rank 0's weights to the others
         first = make_targets(init_batch(cfg, index))
-        data_dependent_init(model, first.l_N1HW)  # same batch on every rank: same weights
+        data_dependent_init(model, first.l_N1HW)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
     model = ray.train.torch.prepare_model(model) if world > 1 else model
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,8 +196,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             # The module, not DDP's wrapper: its forward syncs buffers across ranks, and a
             # rank with fewer validation batches than another would wait for it forever.
+            # Synced here instead: every rank measures with rank 0's BatchNorm statistics,
+            # the checkpoint's (each rank's own moved on with its own last batch).
+            module = getattr(model, "module", model)
+            if world > 1:
+                for buffer in module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
             result = validate(
-                getattr(model, "module", model),
+                module,
                 val_crops,
                 rebalance0_Q=rebalance0_Q,
                 k=cfg.soft_encode_k,

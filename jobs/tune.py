@@ -773,7 +773,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
     started = _check_same_search(search)  # a refused change fails before Ray starts
-    init_ray(outputs=[search.storage])
+    init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])
     if base.make_sample_data:
         train.ensure_sample_data(base)
         train.preflight(dataclasses.replace(base, make_sample_data=False))

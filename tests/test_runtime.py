@@ -29,6 +29,28 @@ def test_init_ray_reuses_the_running_instance(ray_session) -> None:
     assert ray.get(endpoint.remote()).startswith("http://127.0.0.1:")
 
 
+def test_local_paths_are_refused_where_work_runs_on_other_nodes(ray_session) -> None:
+    """This one-node instance may keep a job's files on its disk; a second node, or a lone
+    head without CPUs (its work waits for nodes to start), may not."""
+    import copy
+
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    local, address = ["/data/runs"], "ray://head:10001"
+    assert runtime.local_paths_problem(local, address, [node]) is None
+    other = copy.deepcopy(node) | {"NodeID": "f" * 56}
+    assert "/data/runs: local paths, and the Ray cluster at ray://head:10001 has 2 nodes" in (
+        runtime.local_paths_problem(local, address, [node, other]) or ""
+    )
+    assert runtime.local_paths_problem(local, address, [node, other | {"Alive": False}]) is None
+    head = copy.deepcopy(node)
+    head["Resources"]["CPU"] = 0.0
+    assert "one node, with no CPUs for work" in (
+        runtime.local_paths_problem(local, address, [head]) or ""
+    )
+
+
 def test_choose_precision_on_cpu() -> None:
     choice = runtime.choose_precision("cpu")
     assert choice.device == torch.device("cpu")

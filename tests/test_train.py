@@ -190,22 +190,77 @@ def test_gradient_accumulation_on_two_workers_in_two_read_groups(ci_config) -> N
     from jobs.loader import DatasetIndex, TrainLoader
 
     cfg = dataclasses.replace(
-        ci_config, name="accumulated", grad_accum_steps=2, max_steps=10, lr_drop_steps=(5,),
-        checkpoint_every_steps=10, val_every_steps=10, log_every_steps=5, read_groups=2,
+        ci_config, name="accumulated", grad_accum_steps=2, max_steps=20, lr_drop_steps=(5,),
+        checkpoint_every_steps=10, val_every_steps=20, log_every_steps=10, read_groups=2,
     )  # fmt: skip
     assert cfg.micro_batch * cfg.grad_accum_steps * cfg.num_workers == cfg.batch_size == 16
     metrics = train.main(cfg)
-    assert metrics["step"] == 10 and math.isfinite(metrics["loss"])
+    assert metrics["step"] == 20 and math.isfinite(metrics["loss"])
+
+    def place(read_groups: int) -> tuple[int, int]:
+        """(epoch, offset) after 20 steps."""
+        loader = TrainLoader(
+            DatasetIndex.load(cfg.data), rank=0, world_size=2, batch_size=8,
+            crop_px=cfg.crop_px, seed=cfg.seed, window_images=cfg.window_images,
+            read_groups=read_groups,
+        )  # fmt: skip
+        epoch, steps = 0, 20
+        while steps >= loader.steps_in_epoch(epoch):
+            epoch, steps = epoch + 1, steps - loader.steps_in_epoch(epoch)
+        return epoch, steps * cfg.batch_size
+
     extra = load_model(cfg.run_url).checkpoint.extra
-    loader = TrainLoader(
-        DatasetIndex.load(cfg.data), rank=0, world_size=2, batch_size=8, crop_px=cfg.crop_px,
-        seed=cfg.seed, window_images=cfg.window_images, read_groups=2,
-    )  # fmt: skip
-    epoch, steps = 0, 10
-    while steps >= loader.steps_in_epoch(epoch):
-        epoch, steps = epoch + 1, steps - loader.steps_in_epoch(epoch)
-    assert (extra["epoch"], extra["offset"]) == (epoch, steps * cfg.batch_size)
-    assert [int(r["step"]) for r in train.read_metrics(cfg.run_url)] == [5, 10]
+    assert place(2) != place(1)  # the groups' epoch 0 is shorter: 20 steps tell them apart
+    assert (extra["epoch"], extra["offset"]) == place(2)
+    assert [int(r["step"]) for r in train.read_metrics(cfg.run_url)] == [10, 20]
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where a worker runs, as Ray Train's context says (ranks numbered machine by machine)."""
+
+    world_rank: int
+    local_rank: int
+    local_world_size: int
+    world_size: int
+
+    def get_world_rank(self) -> int:
+        return self.world_rank
+
+    def get_local_rank(self) -> int:
+        return self.local_rank
+
+    def get_local_world_size(self) -> int:
+        return self.local_world_size
+
+    def get_world_size(self) -> int:
+        return self.world_size
+
+
+@pytest.mark.parametrize(
+    ("world", "per_machine", "read_groups", "groups_here", "warned"),
+    [
+        (8, 8, 1, 1, False),  # one machine
+        (16, 8, 1, 1, True),  # one group over two machines: each reads all of it
+        (16, 8, 2, 1, False),  # a group a machine
+        (16, 8, 4, 2, False),  # two groups a machine
+        (6, 2, 2, 2, True),  # groups of 3 over machines of 2: the middle machine has two
+    ],
+)
+def test_a_machine_knows_its_read_groups_and_warns_of_shared_ones(
+    world, per_machine, read_groups, groups_here, warned, caplog
+) -> None:
+    from jobs.train_loop import _machine_groups
+
+    cfg = dataclasses.replace(
+        train.ci(), num_workers=world, batch_size=world, read_groups=read_groups
+    )
+    machine = 1 if world // per_machine > 1 else 0
+    for local in range(per_machine):
+        caplog.clear()
+        where = Placement(machine * per_machine + local, local, per_machine, world)
+        assert _machine_groups(where, cfg) == groups_here
+        assert ("have workers on other machines too" in caplog.text) == (warned and local == 0)
 
 
 def test_learning_rate_schedule() -> None:
@@ -315,6 +370,9 @@ def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tm
         train.main(dataclasses.replace(ci_config, data=str(tmp_path)))
     with pytest.raises(ValueError, match="colour images, fewer than one batch"):
         train.main(dataclasses.replace(ci_config, batch_size=10_000))
+    # 300 images make a batch of 240, but not two groups' halves of it for certain
+    with pytest.raises(ValueError, match=r"in 2 read groups .* the smallest may hold 118"):
+        train.main(dataclasses.replace(ci_config, batch_size=240, read_groups=2))
 
 
 def test_tracking_uris_lose_their_password_in_logs() -> None:
