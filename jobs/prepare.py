@@ -112,8 +112,17 @@ def _class_index(classes: list[str]) -> dict[str, int]:
     return {c: i for i, c in enumerate(classes)}
 
 
+def _hidden(rel: str) -> bool:
+    """Whether a path within SRC is hidden (.DS_Store, .ipynb_checkpoints/, ...): left out,
+    for a hidden folder taken as a class would shift every label after it."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
 def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     found = storage.file_sizes(cfg.src, cfg.s3)
+    if hidden := sorted(rel for rel in found if _hidden(rel)):
+        print(f"prepare: {len(hidden)} hidden file(s) left out, e.g. {hidden[0]!r}")
+    found = {rel: size for rel, size in found.items() if not _hidden(rel)}
     if not found:
         raise ValueError(f"SRC {cfg.src}: no files in it")
     inputs = []
@@ -145,11 +154,29 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
         rel = posixpath.normpath(parts[0].lstrip("/"))
         if rel == ".." or rel.startswith("../"):
             raise ValueError(f"{cfg.labels_file}:{number}: {parts[0]!r} is outside SRC")
+        if rel in labels:
+            raise ValueError(f"{cfg.labels_file}:{number}: {parts[0]!r} is listed twice")
         labels[rel] = int(parts[1])
     if not labels:
         raise ValueError(f"{cfg.labels_file} lists no images")
     classes = [str(i) for i in range(max(labels.values()) + 1)]
-    sizes = {posixpath.normpath(r): n for r, n in storage.file_sizes(cfg.src, cfg.s3).items()}
+    found = storage.file_sizes(cfg.src, cfg.s3)
+    if list(found) == [""]:
+        raise ValueError(
+            f"SRC {cfg.src} is a file: with --labels-file it must be the folder of the images "
+            "listed (extract an archive first)"
+        )
+    sizes = {posixpath.normpath(r): n for r, n in found.items()}
+    missing = [rel for rel in labels if rel not in sizes]
+    if len(missing) == len(labels):
+        raise ValueError(
+            f"none of the {len(labels)} images {cfg.labels_file} lists is in SRC {cfg.src} "
+            f"(such as {missing[0]!r}; SRC holds {len(sizes)} files, such as "
+            f"{min(sizes, default='none')!r}): the paths are relative to SRC"
+        )
+    if missing:
+        print(f"prepare: {len(missing)} of the {len(labels)} images {cfg.labels_file} lists are "
+              f"not in SRC (such as {missing[0]!r}): recorded as errors")  # fmt: skip
     inputs = [
         {
             "key": f"{label}/{rel.rsplit('.', 1)[0].rsplit('/', 1)[-1]}",

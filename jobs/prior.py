@@ -4,7 +4,8 @@
 
 Every shard's colour images are decoded, converted to Lab and their pixels' nearest ab bins
 counted (`colorcore.prior.AbHistogram`, one per Ray Data batch, then merged). Grayscale
-sources are left out, as training leaves them out. The result is the raw counts, written as
+sources are left out, as training leaves them out, and so are near-gray ones, to which the
+training loss gives no weight (`histogram_of`). The result is the raw counts, written as
 ``DATASET/prior.npz``, so that any lambda and smoothing can be derived later without
 another pass over the data; beside it ``prior.png`` plots the smoothed prior over the ab
 plane in log scale. ``--pixel-stride`` and ``--sample-fraction`` (a fixed, hash-based subset
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from colorcore.color import rgb_to_lab
+from colorcore.loss import nongray_mask
 from colorcore.prior import AbHistogram
 from jobs import storage
 from jobs.dataset import PRIOR_FILE, Manifest
@@ -69,13 +71,19 @@ def in_sample(key: str, fraction: float) -> bool:
     return digest < fraction * 2**64
 
 
-def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> AbHistogram:
-    """Counts of the nearest ab bins of the images' pixels (single process)."""
-    histogram = AbHistogram()
+def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> tuple[AbHistogram, int]:
+    """Counts of the nearest ab bins of the images' pixels (single process), and how many
+    images they are: those the training loss weighs (`colorcore.loss.nongray_mask` of the
+    counted pixels). A near-gray image, such as a tinted black-and-white scan, has no weight
+    in the loss, and counted here it would swell the neutral bins of the prior."""
+    histogram, images = AbHistogram(), 0
     for data in jpegs:  # the pixels counted only: the conversion is per pixel
         rgb_13hw = decode_3hw(data)[None, :, ::pixel_stride, ::pixel_stride].float() / 255
-        histogram.update(rgb_to_lab(rgb_13hw)[:, 1:])
-    return histogram
+        ab_12hw = rgb_to_lab(rgb_13hw)[:, 1:]
+        if nongray_mask(ab_12hw).item():
+            histogram.update(ab_12hw)
+            images += 1
+    return histogram, images
 
 
 def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np.ndarray]:
@@ -84,8 +92,12 @@ def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np
         for key, data, gray in zip(batch["key"], batch["jpeg"], batch["grayscale"], strict=True)
         if not gray and in_sample(key, cfg.sample_fraction)
     ]
-    counts = histogram_of(keep, pixel_stride=cfg.pixel_stride).counts_Q.numpy()
-    return {"counts_Q": counts[None], "images": np.array([len(keep)])}
+    histogram, images = histogram_of(keep, pixel_stride=cfg.pixel_stride)
+    return {
+        "counts_Q": histogram.counts_Q.numpy()[None],
+        "images": np.array([images]),
+        "near_gray": np.array([len(keep) - images]),
+    }
 
 
 def main(cfg: PriorConfig) -> AbHistogram:
@@ -112,6 +124,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     )
     histogram = AbHistogram(np.sum([r["counts_Q"] for r in results], axis=0).astype(np.int64))
     images = int(sum(r["images"] for r in results))
+    near_gray = int(sum(r["near_gray"] for r in results))
     buffer = io.BytesIO()
     histogram.save(buffer)
     storage.write_bytes(cfg.output_url, buffer.getvalue(), cfg.s3)
@@ -119,7 +132,8 @@ def main(cfg: PriorConfig) -> AbHistogram:
     storage.write_bytes(plot_url, plot_prior(histogram), cfg.s3)
     print(
         f"prior: {histogram.num_pixels:,} pixels of {images} colour images "
-        f"({manifest.num_grayscale} grayscale skipped) in {time.monotonic() - start:.1f}s; "
+        f"({manifest.num_grayscale} grayscale and {near_gray} near-gray skipped) in "
+        f"{time.monotonic() - start:.1f}s; "
         f"{int((histogram.counts_Q > 0).sum())} of 313 bins seen -> {cfg.output_url}, {plot_url}"
     )
     return histogram

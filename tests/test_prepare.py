@@ -253,6 +253,18 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=absent))
     with pytest.raises(ValueError, match="no files in it"):
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
+    hidden = (".DS_Store", ".ipynb_checkpoints/a-checkpoint.jpg", "n01/.DS_Store")
+    for name in hidden:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(ValueError, match="no files in it"):  # hidden ones are left out
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
+    (tmp_path / "n02").mkdir()
+    (tmp_path / "n02" / "a.jpg").write_bytes(b"x")
+    classes, [group] = prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
+    assert classes == ["n02"] and [i["key"] for i in group["items"]] == ["n02/a"]
+    for name in (*hidden, "n02/a.jpg"):
+        (tmp_path / name).unlink()
     (tmp_path / "loose.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="not inside a class folder"):
         prepare.plan(config(str(tmp_path), str(tmp_path) + "-out"))
@@ -265,6 +277,15 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         labels.write_text(f"./loose.jpg 0\n{line}\n")
         with pytest.raises(ValueError, match=re.escape(message)):
             prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))
+    labels.write_text("./loose.jpg 0\nloose.jpg 1\n")
+    with pytest.raises(ValueError, match=re.escape("labels.txt:2: 'loose.jpg' is listed twice")):
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))
+    labels.write_text("val/loose.jpg 0\nval/other.jpg 1\n")  # paths not relative to SRC
+    with pytest.raises(ValueError, match=r"none of the 2 images .* lists is in SRC .*'loose.jpg'"):
+        prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))
+    with pytest.raises(ValueError, match="is a file: with --labels-file it must be the folder"):
+        src = str(tmp_path / "loose.jpg")  # an archive of the images, say
+        prepare.plan(config(src, str(tmp_path) + "-out", labels_file=str(labels)))
     labels.write_text("./loose.jpg 0\n")  # the listed spelling need not be the stored one
     [group] = prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))[
         1

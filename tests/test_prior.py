@@ -217,3 +217,25 @@ def test_histogram_to_weights_pipeline() -> None:
     w_Q = prior.rebalance_weights(smoothed_Q, lam=prior.REBALANCE_LAMBDA)
     assert bool(torch.isfinite(w_Q).all()) and bool((w_Q > 0).all())
     assert_close((smoothed_Q * w_Q).sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_the_prior_counts_the_images_the_loss_weighs() -> None:
+    """A tinted black-and-white scan (R, G and B apart, so not grayscale, yet |a|, |b| <= 5
+    everywhere) has no weight in the loss (`nongray_mask`) and no count in the prior."""
+    from colorcore.color import rgb_to_lab
+    from jobs.images import decode_3hw
+    from jobs.prior import histogram_of
+    from tests.support import encode, photo_rgb
+
+    gray = photo_rgb("astronaut", size=48).mean(axis=2, keepdims=True)
+    sepia = np.clip(gray * np.array([1.0, 0.985, 0.96]), 0, 255).astype(np.uint8)
+    colour = [encode(photo_rgb(name, size=48)) for name in ("astronaut", "coffee")]
+    tinted = encode(sepia)
+    ab = rgb_to_lab(decode_3hw(tinted)[None].float() / 255)[:, 1:]
+    spread = sepia.astype(int).max(axis=2) - sepia.astype(int).min(axis=2)
+    assert spread.max() > 2 and ab.abs().max() <= 5  # not grayscale, yet near-gray
+
+    histogram, images = histogram_of([colour[0], tinted, colour[1]], pixel_stride=2)
+    expected, _ = histogram_of(colour, pixel_stride=2)
+    assert images == 2 and torch.equal(histogram.counts_Q, expected.counts_Q)
+    assert histogram.num_pixels == 2 * 24 * 24
