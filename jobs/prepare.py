@@ -267,6 +267,14 @@ def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
     return encode_jpeg(image, cfg.jpeg_quality), image.height, image.width, gray
 
 
+def _group_source(group: dict) -> str:
+    """What a group reads: a class tar within the ILSVRC tar, or files."""
+    if group["kind"] == "tar":
+        return f"{group['url']}!{group['class']}.tar"
+    items = group["items"]
+    return items[0]["url"] + (f" and {len(items) - 1} more files" if len(items) > 1 else "")
+
+
 def _group_inputs(group: dict, cfg: PrepareConfig):
     """Yield (key, label, source, bytes or an exception) for every input of the group."""
     if group["kind"] == "files":
@@ -292,7 +300,7 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
             yield item["key"], item["label"], item["url"], refused or data
         return
     blob = storage.read_range(group["url"], group["offset"], group["size"], cfg.s3)
-    tar_source = f"{group['url']}!{group['class']}.tar"
+    tar_source = _group_source(group)
     try:
         inner = tars.open_tar(io.BytesIO(blob))  # in memory: nothing to close
     except (tarfile.TarError, EOFError) as e:  # not a tar at all: one error row for the class
@@ -428,11 +436,26 @@ def main(cfg: PrepareConfig) -> Manifest:
     if todo:
         init_ray(paths=[cfg.src, cfg.dst])
         rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
-        (
-            ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task)
-            .materialize()
-        )
+        context = ray.data.DataContext.get_current()
+        errored_before = context.max_errored_blocks
+        # A group one block: one that fails (storage errors left after the retries) costs
+        # itself, and the others run on instead of being cancelled.
+        context.max_errored_blocks = len(rows)
+        try:
+            (
+                ray.data.from_items(rows, override_num_blocks=len(rows))
+                .map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task)
+                .materialize()
+            )
+        finally:
+            context.max_errored_blocks = errored_before
+        marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
+        if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
+            raise RuntimeError(
+                f"prepare: {len(failed)} of {len(groups)} groups failed (their errors are "
+                f"logged above; the first: {_group_source(groups[failed[0]])}): the others "
+                "are done, and the same command again does the rest"
+            )
     manifest = _finish(cfg, classes, len(groups))
     print(
         f"prepare: {manifest.num_inputs} inputs -> {manifest.num_rows} images in "

@@ -142,6 +142,33 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> N
         prepare.main(cfg)
 
 
+def test_a_group_that_fails_costs_itself_only(tmp_path, ray_session, capsys) -> None:
+    """A group whose read still fails after the retries (a symlink loop standing in for a
+    storage fault) fails the job, naming it, once the other groups are done; the same command
+    then does that group alone."""
+    src = tmp_path / "src"
+    for rel, data in planted_corpus().items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    (src / "dog" / "zz-loop.jpg").symlink_to("zz-loop.jpg")  # the last group's
+    (tmp_path / "empty").write_bytes(b"")
+    cfg = config(str(src), str(tmp_path / "ds"))
+    _, groups = prepare.plan(cfg)
+    last = re.escape(prepare._group_source(groups[-1]))  # dog/...: its first file, and more
+    with pytest.raises(RuntimeError, match=rf"1 of {len(groups)} groups failed .*: {last}\)"):
+        prepare.main(cfg)
+    done = [storage.exists(prepare._marker_url(cfg, i)) for i in range(len(groups))]
+    assert done == [True] * (len(groups) - 1) + [False]
+
+    (src / "dog" / "zz-loop.jpg").unlink()  # the fault gone: a zero-byte file, as listed
+    (src / "dog" / "zz-loop.jpg").symlink_to(tmp_path / "empty")
+    capsys.readouterr()
+    manifest = prepare.main(cfg)
+    assert f"({len(groups) - 1} already done)" in capsys.readouterr().out
+    assert manifest.num_inputs == len(planted_corpus()) + 1
+    assert manifest.num_inputs == manifest.num_rows + manifest.num_errors
+
+
 def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
     outer = tmp_path / "train.tar"
     with tarfile.open(outer, "w") as out:
