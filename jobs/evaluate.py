@@ -1168,7 +1168,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
     if cfg.classifier:
         load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
-    init_ray(paths=[cfg.data, cfg.classifier_weights])
+    init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights])
     ds = input_dataset(cfg, plan).map_batches(
         Evaluator,
         fn_constructor_kwargs=actor_arguments,

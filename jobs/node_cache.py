@@ -123,8 +123,9 @@ class NodeCache:
         return cache
 
     def spread(self, items: Sequence[T]) -> list[T]:
-        """`items` (row groups about to be read, the same on every worker) rotated by this
-        worker's share: the workers start on different ones instead of queueing on one lock."""
+        """`items` (row groups about to be read, the same on the workers of one read group)
+        rotated by this worker's share: the workers start on different ones instead of
+        queueing on one lock."""
         cut = self.local_rank * len(items) // self.local_world_size
         return [*items[cut:], *items[:cut]]
 

@@ -171,8 +171,9 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     if len(missing) == len(labels):
         raise ValueError(
             f"none of the {len(labels)} images {cfg.labels_file} lists is in SRC {cfg.src} "
-            f"(such as {missing[0]!r}; SRC holds {len(sizes)} files, such as "
-            f"{min(sizes, default='none')!r}): the paths are relative to SRC"
+            f"(such as {missing[0]!r}; SRC holds {len(sizes)} files"
+            + (f", such as {min(sizes)!r}" if sizes else "")
+            + "): the paths are relative to SRC"
         )
     if missing:
         print(f"prepare: {len(missing)} of the {len(labels)} images {cfg.labels_file} lists are "
@@ -215,7 +216,10 @@ def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     if damage:  # the classes after the damage would be lost, and the labels after them shift
         raise ValueError(f"{cfg.src}: the tar is damaged {tars.after(listed)} ({damage})")
     members = [m for m in listed if m.isfile()]
-    inner = sorted((m for m in members if m.name.endswith(".tar")), key=lambda m: m.name)
+    inner = sorted(
+        (m for m in members if m.name.endswith(".tar") and not _hidden(posixpath.normpath(m.name))),
+        key=lambda m: m.name,
+    )
     if not inner:
         raise ValueError(f"{cfg.src}: no per-class .tar members")
     classes = [m.name.rsplit("/", 1)[-1][: -len(".tar")] for m in inner]
@@ -436,19 +440,12 @@ def main(cfg: PrepareConfig) -> Manifest:
     if todo:
         init_ray(paths=[cfg.src, cfg.dst])
         rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
-        context = ray.data.DataContext.get_current()
-        errored_before = context.max_errored_blocks
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         # A group one block: one that fails (storage errors left after the retries) costs
-        # itself, and the others run on instead of being cancelled.
-        context.max_errored_blocks = len(rows)
-        try:
-            (
-                ray.data.from_items(rows, override_num_blocks=len(rows))
-                .map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task)
-                .materialize()
-            )
-        finally:
-            context.max_errored_blocks = errored_before
+        # itself, and the others run on instead of being cancelled. (The dataset's own copy
+        # of the context: other datasets of the process keep theirs.)
+        ds.context.max_errored_blocks = -1
+        ds.map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task).materialize()
         marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
         if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
             raise RuntimeError(

@@ -73,9 +73,10 @@ def in_sample(key: str, fraction: float) -> bool:
 
 def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> tuple[AbHistogram, int]:
     """Counts of the nearest ab bins of the images' pixels (single process), and how many
-    images they are: those the training loss weighs (`colorcore.loss.nongray_mask` of the
-    counted pixels). A near-gray image, such as a tinted black-and-white scan, has no weight
-    in the loss, and counted here it would swell the neutral bins of the prior."""
+    images they are: those not near-gray by the training loss's rule
+    (`colorcore.loss.nongray_mask`, here of the counted pixels, there of each crop's targets).
+    A near-gray image, such as a tinted black-and-white scan, has no weight in the loss, and
+    counted here it would swell the neutral bins of the prior."""
     histogram, images = AbHistogram(), 0
     for data in jpegs:  # the pixels counted only: the conversion is per pixel
         rgb_13hw = decode_3hw(data)[None, :, ::pixel_stride, ::pixel_stride].float() / 255

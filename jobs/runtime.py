@@ -44,6 +44,7 @@ def init_ray(
         ray.init(address=address, log_to_driver=True)
         local = [u for u in paths if u and storage.is_local(u)]
         if local and (problem := local_paths_problem(local, address, ray.nodes())):
+            ray.shutdown()  # a caller that catches this and calls again is checked again
             raise ValueError(problem)
         for url in local:
             print(
@@ -65,15 +66,22 @@ def init_ray(
 
 def local_paths_problem(local: Sequence[str], address: str, nodes: Sequence[dict]) -> str | None:
     """Why the job's `local` paths cannot serve a cluster of `nodes` (``ray.nodes()``), or
-    None: with other nodes alive, or with this one offering no CPUs (as the head nodes of
+    None: through Ray Client (``ray://``) the paths are on this machine, outside the
+    cluster; with other nodes alive, or with this one offering no CPUs (as the head nodes of
     `cluster/` do: the work waits for nodes to start), work runs on nodes whose disks do not
     hold them."""
     alive = [n for n in nodes if n.get("Alive")]
-    if len(alive) == 1 and alive[0].get("Resources", {}).get("CPU", 0) > 0:
+    client = address.startswith("ray://")
+    if not client and len(alive) == 1 and alive[0].get("Resources", {}).get("CPU", 0) > 0:
         return None
-    where = f"{len(alive)} nodes" if len(alive) > 1 else "one node, with no CPUs for work"
+    if client:
+        where = "is reached through Ray Client, from outside"
+    elif len(alive) > 1:
+        where = f"has {len(alive)} nodes"
+    else:
+        where = "has one node, with no CPUs for work"
     return (
-        f"{', '.join(local)}: local paths, and the Ray cluster at {address} has {where}: work "
+        f"{', '.join(local)}: local paths, and the Ray cluster at {address} {where}: work "
         "on other nodes would not find them or would write to disks of its own; give shared "
         "storage (s3://...)"
     )

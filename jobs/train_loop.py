@@ -120,7 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     batches = iter(loader)
 
-    if cfg.data_init and not state and rank == 0:  # DDP hands rank 0's weights to the others
+    # On rank 0 only: DDP's construction copies rank 0's parameters and buffers (the
+    # BatchNorm statistics the init sets too) to the others.
+    if cfg.data_init and not state and rank == 0:
         first = make_targets(init_batch(cfg, index))
         data_dependent_init(model, first.l_N1HW)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
@@ -258,7 +260,7 @@ def _object_store_bytes() -> int:
 
 def init_batch(cfg: TrainConfig, index: DatasetIndex) -> torch.Tensor:
     """uint8 (micro_batch, 3, crop, crop) on the CPU: the batch of the data-dependent
-    initialisation, the same on every rank (its own seed), read as the training data is."""
+    initialisation (rank 0's; its own seed), read as the training data is."""
     loader = TrainLoader(
         index,
         rank=0,

@@ -150,18 +150,18 @@ def test_a_group_that_fails_costs_itself_only(tmp_path, ray_session, capsys) -> 
     for rel, data in planted_corpus().items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    (src / "dog" / "zz-loop.jpg").symlink_to("zz-loop.jpg")  # the last group's
+    (src / "cat" / "a-loop.jpg").symlink_to("a-loop.jpg")  # the first group's
     (tmp_path / "empty").write_bytes(b"")
     cfg = config(str(src), str(tmp_path / "ds"))
     _, groups = prepare.plan(cfg)
-    last = re.escape(prepare._group_source(groups[-1]))  # dog/...: its first file, and more
-    with pytest.raises(RuntimeError, match=rf"1 of {len(groups)} groups failed .*: {last}\)"):
+    first = re.escape(prepare._group_source(groups[0]))
+    with pytest.raises(RuntimeError, match=rf"1 of {len(groups)} groups failed .*: {first}\)"):
         prepare.main(cfg)
     done = [storage.exists(prepare._marker_url(cfg, i)) for i in range(len(groups))]
-    assert done == [True] * (len(groups) - 1) + [False]
+    assert done == [False] + [True] * (len(groups) - 1)
 
-    (src / "dog" / "zz-loop.jpg").unlink()  # the fault gone: a zero-byte file, as listed
-    (src / "dog" / "zz-loop.jpg").symlink_to(tmp_path / "empty")
+    (src / "cat" / "a-loop.jpg").unlink()  # the fault gone: a zero-byte file, as listed
+    (src / "cat" / "a-loop.jpg").symlink_to(tmp_path / "empty")
     capsys.readouterr()
     manifest = prepare.main(cfg)
     assert f"({len(groups) - 1} already done)" in capsys.readouterr().out
@@ -198,6 +198,9 @@ def test_tar_of_per_class_tars(tmp_path, ray_session) -> None:
         info = tarfile.TarInfo("n03.tar")  # a class's tar that is not a tar
         info.size = 1024
         out.addfile(info, io.BytesIO(b"\x01" * 1024))
+        info = tarfile.TarInfo("./._n00.tar")  # macOS's metadata of n00.tar: no class
+        info.size = 512
+        out.addfile(info, io.BytesIO(bytes(512)))
     manifest = prepare.main(config(str(outer), str(tmp_path / "ds")))
     assert manifest.classes == ("n01", "n02", "n03")
     assert (manifest.num_inputs, manifest.num_rows, manifest.num_errors) == (9, 4, 5)

@@ -37,10 +37,10 @@ def test_local_paths_are_refused_where_work_runs_on_other_nodes(ray_session) -> 
     import ray
 
     (node,) = [n for n in ray.nodes() if n["Alive"]]
-    local, address = ["/data/runs"], "ray://head:10001"
+    local, address = ["/data/runs"], "10.0.0.1:6379"
     assert runtime.local_paths_problem(local, address, [node]) is None
     other = copy.deepcopy(node) | {"NodeID": "f" * 56}
-    assert "/data/runs: local paths, and the Ray cluster at ray://head:10001 has 2 nodes" in (
+    assert "/data/runs: local paths, and the Ray cluster at 10.0.0.1:6379 has 2 nodes" in (
         runtime.local_paths_problem(local, address, [node, other]) or ""
     )
     assert runtime.local_paths_problem(local, address, [node, other | {"Alive": False}]) is None
@@ -48,6 +48,10 @@ def test_local_paths_are_refused_where_work_runs_on_other_nodes(ray_session) -> 
     head["Resources"]["CPU"] = 0.0
     assert "one node, with no CPUs for work" in (
         runtime.local_paths_problem(local, address, [head]) or ""
+    )
+    assert runtime.local_paths_problem(local, "127.0.0.1:6379", [node]) is None
+    assert "is reached through Ray Client, from outside" in (  # the paths are on the client
+        runtime.local_paths_problem(local, "ray://127.0.0.1:10001", [node]) or ""
     )
 
 
