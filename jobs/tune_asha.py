@@ -6,7 +6,9 @@ rung it reaches (an empty rung has no cutoff), and the search would spend on wea
 what the rungs had been keeping from them. `ResumableASHA` refills them as Tune adds back
 each trial of the search: the trial's validation results up to the last one Tune had
 received (its restored last result), read from its training run's ``metrics.csv`` (written
-beside every checkpoint), go through the rungs as they went when first reported. A row
+beside every checkpoint) and, for a run that diverged, its last report (the worst figures,
+never checkpointed: ``diverged.json`` says the step), go through the rungs as they went
+when first reported. A row
 Tune never received is left to the trial's next report to be judged. A trial with no
 result yet (a new one) adds nothing, and a run folder that cannot be read costs the rungs
 that trial's results, not the search. Defined apart from `jobs.tune` so that the tune
@@ -15,6 +17,7 @@ command's start-up does not import Ray Tune; Tune's saved search names this modu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -22,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from jobs import storage
 from jobs.storage import S3Options
-from jobs.train import read_metrics
+from jobs.train import DIVERGED_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,17 @@ class ResumableASHA(ASHAScheduler):
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
 
     def recorded_results(self, trial_id: str) -> list[tuple[int, float]]:
-        """(step, metric) of each validation the trial's run recorded, in step order."""
+        """(step, metric) of each validation the trial's run recorded, in step order, and of
+        the worst figures it reported if it diverged."""
+        from jobs.validation import ValidationResult
+
+        run = storage.join(self.trials_url, trial_id)
+        diverged = storage.join(run, DIVERGED_FILE)
         try:
-            rows = read_metrics(storage.join(self.trials_url, trial_id), self.s3)
+            rows = read_metrics(run, self.s3)
+            if storage.exists(diverged, self.s3):
+                step = json.loads(storage.read_bytes(diverged, self.s3))["step"]
+                rows.append({"step": step} | ValidationResult.worst().as_metrics())
         except Exception as e:  # unreadable: the rungs go without this trial's results
             log.warning("tune: ASHA's rungs lack trial %s's earlier results: %s: %s",
                         trial_id, type(e).__name__, e)  # fmt: skip

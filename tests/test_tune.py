@@ -4,6 +4,7 @@ model on the S3 fixture."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -381,12 +382,17 @@ def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, o
         "a": [{"step": 10, metric: 0.8 * sign}, {"step": 15}, {"step": 20, metric: 0.9 * sign}],
         "b": [{"step": 10, metric: 0.6 * sign}],
         "late": [{"step": 10, metric: 0.7 * sign}, {"step": 20, metric: 0.1 * sign}],
+        "diverged": [{"step": 10, metric: 0.75 * sign}],  # then its loss at 20 was not finite
     }
     for trial_id, rows in runs.items():
         storage.write_bytes(storage.join(trials, trial_id, train.METRICS_FILE), _csv(rows))
+    where = {"step": 20, "loss": "nan", "lr": 1.0}  # its last report, with the worst figures
+    storage.write_bytes(
+        storage.join(trials, "diverged", train.DIVERGED_FILE), json.dumps(where).encode()
+    )
     torn = f"step,{metric}\nten,0.5\n".encode()
     storage.write_bytes(storage.join(trials, "torn", train.METRICS_FILE), torn)
-    received = {"a": 20, "b": 10, "late": 10, "torn": 10}  # each trial's last result in Tune
+    received = {"a": 20, "b": 10, "late": 10, "torn": 10, "diverged": 20}  # Tune's last
 
     def scheduler(cls, **kw):
         asha = cls(max_t=40, grace_period=10, reduction_factor=2, **kw)
@@ -401,10 +407,12 @@ def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, o
         return trial
 
     asha = scheduler(ResumableASHA, trials_url=trials)
-    for trial_id in ("a", "b", "late", "torn", "new"):
+    for trial_id in ("a", "b", "late", "torn", "diverged", "new"):
         add(asha, trial_id)
     rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
-    assert rungs[10] == {"a": 0.8, "b": 0.6, "late": 0.7} and rungs[20] == {"a": 0.9}
+    assert rungs[10] == {"a": 0.8, "b": 0.6, "late": 0.7, "diverged": 0.75}
+    worst = 0.0 if mode == "max" else -math.inf  # an AuC of 0, a loss of inf
+    assert rungs[20] == {"a": 0.9, "diverged": worst}
     assert "lack trial torn's earlier results: ValueError" in caplog.text
     weak = {"step": 10, metric: 0.5 * sign}
     assert asha.on_trial_result(None, add(asha, "c"), weak) == TrialScheduler.STOP
