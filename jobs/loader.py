@@ -105,6 +105,13 @@ class DatasetIndex:
             start = min(start, column.dictionary_page_offset)
         return start, column.total_compressed_size
 
+    def read_jpegs(self, s: int, g: int, s3: storage.S3Options | None = None) -> JpegFiles:
+        """The JPEG column of row group `g` of shard `s`, in one ranged read of its bytes."""
+        start, size = self.jpeg_range(s, g)
+        data = storage.read_range(self.shard_urls[s], start, size, s3)
+        file = pq.ParquetFile(_Slice(data, start, self.sizes[s]), metadata=self.metadata[s])
+        return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
+
     @functools.cached_property
     def jpeg_bytes_per_image(self) -> float:
         """The mean stored size of a JPEG, over all the shards' rows."""
@@ -572,14 +579,8 @@ class TrainLoader:
         return self.cache.get(self._unit_key(u), lambda: self._fetch_unit(u), rows)
 
     def _fetch_unit(self, u: int) -> JpegFiles:
-        """The JPEG column of one row group, in one ranged read of its bytes."""
         units = self.index.units
-        s, g = int(units.shard[u]), int(units.group[u])
-        start, size = self.index.jpeg_range(s, g)
-        data = storage.read_range(self.index.shard_urls[s], start, size, self.s3)
-        metadata = self.index.metadata[s]
-        file = pq.ParquetFile(_Slice(data, start, self.index.sizes[s]), metadata=metadata)
-        return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
+        return self.index.read_jpegs(int(units.shard[u]), int(units.group[u]), self.s3)
 
     def _start(
         self,

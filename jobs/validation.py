@@ -16,6 +16,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,23 +40,17 @@ def load_crops(
     world_size: int = 1,
     s3: storage.S3Options | None = None,
 ) -> torch.Tensor:
-    """uint8 centre crops (n, 3, crop, crop) of this rank's share of the first `num_images`."""
-    import io
-
-    import pyarrow.parquet as pq
-
+    """uint8 centre crops (n, 3, crop, crop) of this rank's share of the first `num_images`,
+    read as the training loader reads: the JPEGs of the row groups holding them, each in one
+    ranged read (not whole shards)."""
     index = DatasetIndex.load(dataset_url, s3)
     pairs = [(s, r) for s, rows in enumerate(index.rows) for r in rows][:num_images]
-    mine = pairs[rank::world_size]
+    mine = np.asarray(pairs[rank::world_size], dtype=np.int64).reshape(-1, 2)
+    places = zip(*(a.tolist() for a in index.units.of_rows(mine)), strict=True)  # (unit, row)
     crops = []
-    for s, group in itertools.groupby(mine, key=lambda p: p[0]):
-        column = pq.read_table(
-            io.BytesIO(storage.read_bytes(index.shard_urls[s], s3)), columns=["jpeg"]
-        )
-        for _, r in group:
-            crops.append(
-                random_crop_flip(decode_3hw(column.column("jpeg")[int(r)].as_py()), crop_px, None)
-            )
+    for u, group in itertools.groupby(places, key=lambda p: p[0]):
+        files = index.read_jpegs(int(index.units.shard[u]), int(index.units.group[u]), s3)
+        crops += [random_crop_flip(decode_3hw(files[r]), crop_px, None) for _, r in group]
     if not crops:
         return torch.zeros(0, 3, crop_px, crop_px, dtype=torch.uint8)
     return torch.stack(crops)

@@ -23,10 +23,15 @@ from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> DatasetIndex:
+def dataset_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("loader") / "ds")
     write_dataset(root)
-    return DatasetIndex.load(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_root) -> DatasetIndex:
+    return DatasetIndex.load(dataset_root)
 
 
 def loader(index: DatasetIndex, rank: int, **kw) -> TrainLoader:
@@ -218,6 +223,38 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
         loader(dataset, 0, **kw | {"read_groups": 3})
     with pytest.raises(ValueError, match=r"in 2 read groups .* the smallest may hold 9, fewer "):
         loader(dataset, 0, **kw | {"batch_size": 5})  # 21 images, row groups of up to 3
+
+
+def test_validation_crops_are_read_by_row_group_and_shared_out_by_rank(
+    dataset, dataset_root, monkeypatch
+) -> None:
+    """The held-out crops: the centre crops of the first n colour images in shard order, rank
+    r taking every world_size-th; read as the loader reads, one ranged read of each row
+    group holding them (never a whole shard)."""
+    import jobs.loader
+    from jobs.validation import load_crops
+
+    columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
+    first = [(s, int(r)) for s, rows in enumerate(dataset.rows) for r in rows][:15]
+    reads: list[int] = []
+    real = storage.read_range
+
+    def counted(url, start, size, s3=None):
+        reads.append(size)
+        return real(url, start, size, s3)
+
+    monkeypatch.setattr(jobs.loader.storage, "read_range", counted)
+    for rank in (0, 1):
+        reads.clear()
+        crops = load_crops(dataset_root, num_images=15, crop_px=32, rank=rank, world_size=2)
+        expected = [
+            random_crop_flip(decode_3hw(columns[s][r].as_py()), 32, None) for s, r in first[rank::2]
+        ]
+        assert torch.equal(crops, torch.stack(expected))
+        units = set(dataset.units.of_rows(np.asarray(first[rank::2]))[0].tolist())
+        chunks = [dataset.jpeg_range(int(dataset.units.shard[u]), int(dataset.units.group[u]))
+                  for u in units]  # fmt: skip
+        assert sorted(reads) == sorted(size for _, size in chunks)  # one read a row group
 
 
 def test_targets_shapes_and_ranges(dataset) -> None:
