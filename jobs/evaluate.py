@@ -166,9 +166,10 @@ class EvaluateConfig:
         )
         return (
             f"images resized to {px} (PIL bicubic), the network sees their L; {where}; "
-            f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST}, per image and averaged "
-            "over images; rebalanced AuC weights pixels by the lambda = 0 weight of their "
-            "ground-truth bin; annealed mean "
+            f"AuC over ab error thresholds 0..{metrics.AUC_MAX_DIST} (trapezoids, normalised), "
+            "of all measured pixels pooled (the share of predicted pixel colours within each "
+            "threshold; per-image means reported beside it); rebalanced AuC weights pixels by "
+            "the lambda = 0 weight of their ground-truth bin; annealed mean "
             f"T = {self.temperature:g}; PSNR and the classifier see sRGB clipped to [0, 1], "
             "as in the released code; grayscale sources left out"
         )
@@ -333,6 +334,10 @@ class Scores:
     psnr_db_NM: torch.Tensor
     curve_raw_NMT: torch.Tensor
     curve_rebalanced_NMT: torch.Tensor
+    mass_raw_N: torch.Tensor
+    """Each image's pixels: its weight in the pooled raw AuC."""
+    mass_rebalanced_N: torch.Tensor
+    """The sum of each image's pixel weights: its weight in the pooled rebalanced AuC."""
     rgb_by_method: dict[str, torch.Tensor]
     """Each row's sRGB images (N, 3, H, W), for the classifier and the grid."""
 
@@ -375,9 +380,13 @@ def measure_images(
         for key, value in zip(parts, (auc_raw, auc_reb, None, curve_raw, curve_reb), strict=True):
             parts[key].append(metrics.psnr(images[method], rgb) if key == "psnr" else value)
     stacked = {k: torch.stack(v, dim=1).cpu() for k, v in parts.items()}
+    N, H, W = weights_NHW.shape
+    mass_raw_N = torch.full((N,), float(H * W), dtype=torch.float64)
+    mass_rebalanced_N = weights_NHW.double().sum((1, 2)).cpu()
     return Scores(
-        stacked["raw"], stacked["reb"], stacked["psnr"], stacked["c_raw"], stacked["c_reb"], images
-    )
+        stacked["raw"], stacked["reb"], stacked["psnr"], stacked["c_raw"], stacked["c_reb"],
+        mass_raw_N, mass_rebalanced_N, images,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -466,6 +475,8 @@ def _measure_group(
         cat("psnr_db_NM"),
         cat("curve_raw_NMT"),
         cat("curve_rebalanced_NMT"),
+        cat("mass_raw_N"),
+        cat("mass_rebalanced_N"),
         {m: [p.rgb_by_method[m] for p in parts] for m in METHODS},  # type: ignore[misc]
     )
 
@@ -479,6 +490,8 @@ def _empty_columns(n: int) -> dict[str, np.ndarray]:
         "loss": nan(n),
         "auc_raw": nan(n, M),
         "auc_rebalanced": nan(n, M),
+        "mass_raw": nan(n),
+        "mass_rebalanced": nan(n),
         "psnr_db": nan(n, M),
         "correct": np.full((n, M), -1, dtype=np.int8),
         "curve_raw": np.full((n, M, NUM_THRESHOLDS), np.nan, dtype=np.float32),
@@ -523,6 +536,8 @@ def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[st
     out["loss"][ok] = loss_N.numpy()
     out["auc_raw"][ok] = scores.auc_raw_NM.numpy()
     out["auc_rebalanced"][ok] = scores.auc_rebalanced_NM.numpy()
+    out["mass_raw"][ok] = scores.mass_raw_N.numpy()
+    out["mass_rebalanced"][ok] = scores.mass_rebalanced_N.numpy()
     out["psnr_db"][ok] = scores.psnr_db_NM.numpy()
     out["curve_raw"][ok] = scores.curve_raw_NMT.numpy()
     out["curve_rebalanced"][ok] = scores.curve_rebalanced_NMT.numpy()
@@ -861,8 +876,16 @@ def _mean_psnr(values: np.ndarray) -> float | None:
     return math.inf if len(values) else None
 
 
+def _pooled(auc_N: np.ndarray, mass_N: np.ndarray) -> float | None:
+    """The AuC of all the images' pixels pooled: each image's AuC weighted by its pixels'
+    total weight (an AuC is linear in its curve, and a curve is a weighted share)."""
+    keep = ~np.isnan(auc_N) & (mass_N > 0)
+    return float(np.average(auc_N[keep], weights=mass_N[keep])) if keep.any() else None
+
+
 def summarise(rows: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """The table: one entry per row of METHODS, means over the measured images."""
+    """The table: one entry per row of METHODS, over the measured images: AuC of their
+    pixels pooled (and the mean of the images' own), mean PSNR, top-1."""
     ok = rows["status"] == "ok"
     table = []
     for m, method in enumerate(METHODS):
@@ -871,8 +894,12 @@ def summarise(rows: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
         table.append(
             {
                 "method": method,
-                "auc_raw": _finite_mean(rows["auc_raw"][ok, m]),
-                "auc_rebalanced": _finite_mean(rows["auc_rebalanced"][ok, m]),
+                "auc_raw": _pooled(rows["auc_raw"][ok, m], rows["mass_raw"][ok]),
+                "auc_rebalanced": _pooled(
+                    rows["auc_rebalanced"][ok, m], rows["mass_rebalanced"][ok]
+                ),
+                "auc_raw_per_image": _finite_mean(rows["auc_raw"][ok, m]),
+                "auc_rebalanced_per_image": _finite_mean(rows["auc_rebalanced"][ok, m]),
                 "psnr_db": _mean_psnr(rows["psnr_db"][ok, m]),
                 "top1": float(labelled.mean()) if len(labelled) else None,
                 "top1_images": len(labelled),
@@ -942,7 +969,10 @@ def _int8_lines(int8: Mapping[str, Any] | None) -> list[str]:
 def table_csv(result: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    columns = ("auc_raw", "auc_rebalanced", "top1", "psnr_db", "top1_images")
+    columns = (
+        "auc_raw", "auc_rebalanced", "top1", "psnr_db", "top1_images",
+        "auc_raw_per_image", "auc_rebalanced_per_image",
+    )  # fmt: skip
     writer.writerow(["method", *columns])
     for row in result["table"]:
         writer.writerow([row["method"], *("" if row[k] is None else row[k] for k in columns)])
@@ -994,19 +1024,28 @@ def plot_best_worst(best: Sequence[tuple[str, float, bytes]], worst) -> bytes:
 CURVES = ("curve_raw", "curve_rebalanced")
 
 
+def _mass(curve: str) -> str:
+    """The column of the images' weights in a curve column's pooled sum."""
+    return curve.replace("curve_", "mass_")
+
+
 def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(every output row's columns but the curves, sorted by key (Ray Data does not keep
-    input order); each curve column summed over the measured rows). What the driver holds
+    input order); each curve column summed over the measured rows, each row weighted by its
+    mass, and the masses summed). What the driver holds
     stays small however many images: the curves (12 KB an image) are summed batch by batch,
     and only the strips that may still make the best / worst grid are kept."""
     kept: list[dict[str, np.ndarray]] = []
     grid: list[tuple[float, str, int, int]] = []  # strips kept: (AuC, key, batch, row)
     sums = {c: np.zeros((len(METHODS), NUM_THRESHOLDS)) for c in CURVES}
+    sums |= {_mass(c): np.zeros(()) for c in CURVES}
     p = METHODS.index(PRIMARY)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ok = batch["status"] == "ok"
-        for c in CURVES:
-            sums[c] += batch[c][ok].sum(0, dtype=np.float64)
+        for c in CURVES:  # pooled, as the AuC: each image's curve weighted by its mass
+            mass = batch[_mass(c)][ok]
+            sums[c] += np.einsum("nmt,n->mt", batch[c][ok].astype(np.float64), mass)
+            sums[_mass(c)] += mass.sum()
         # Copies: Ray's arrays are views that would keep each whole block (curves and strips
         # too) in memory; the strips are emptied below where the grid cannot show them.
         kept.append({k: np.array(v) for k, v in batch.items() if k not in CURVES})
@@ -1051,7 +1090,11 @@ def build_result(
     table = summarise(rows)
     curves = {
         kind: {
-            m: ((curve_sums[f"curve_{kind}"][i] / ok.sum()).tolist() if ok.any() else None)
+            m: (
+                (curve_sums[f"curve_{kind}"][i] / mass).tolist()
+                if (mass := float(curve_sums[f"mass_{kind}"])) > 0
+                else None
+            )
             for i, m in enumerate(METHODS)
         }
         for kind in ("raw", "rebalanced")
@@ -1063,6 +1106,7 @@ def build_result(
             for j, m in enumerate(METHODS)
             for col in ("auc_raw", "auc_rebalanced", "psnr_db", "correct")
         }
+        | {"mass_raw": rows["mass_raw"][i], "mass_rebalanced": rows["mass_rebalanced"][i]}
         for i in np.flatnonzero(ok)
     ]
     skipped = [

@@ -4,9 +4,9 @@ On centre crops of a prepared held-out dataset: the validation loss under lambda
 weights (no rebalancing, so comparable across runs with different lambdas; summed over
 pixels, averaged over images, as the released loss) and the AuC of the annealed-mean colours
 against the ground truth at crop resolution, raw and class-rebalanced (lambda = 0 weights of
-the ground truth's nearest bin), for the model and for the gray baseline (ab = 0).
-Each rank measures its share of the images; sums are all-reduced when torch.distributed
-is initialised.
+the ground truth's nearest bin), for the model and for the gray baseline (ab = 0), of all
+the images' pixels pooled, as `jobs.evaluate` reports it. Each rank measures its share of
+the images; sums are all-reduced when torch.distributed is initialised.
 """
 
 from __future__ import annotations
@@ -100,7 +100,10 @@ def validate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    # images, loss, raw AuC (model, gray) summed over images (crops of one size: pooled is
+    # their mean), rebalanced AuC (model, gray) summed weighted by the images' total pixel
+    # weight, and that weight: pooled, each pixel counts by its weight
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
     ones_Q = torch.ones_like(rebalance0_Q, device=device)
     rebalance0_Q = rebalance0_Q.to(device)
     for start in range(0, len(crops_N3HW), batch_size):
@@ -122,23 +125,27 @@ def validate(
         ab_true = rgb_to_lab(rgb.float() / 255)[:, 1:]
         ab_pred = F.interpolate(annealed_mean(logits, T), size=ab_true.shape[-2:], mode="bilinear")
         w_rebal = rebalance0_Q[nearest_bin(ab_true)]
+        mass_N = w_rebal.double().sum((1, 2))
         gray = torch.zeros_like(ab_true)
         sums += torch.stack(
             [
                 torch.tensor(float(len(rgb)), device=device, dtype=torch.float64),
                 loss.double().sum(),
                 ab_auc(ab_pred, ab_true)[0].double().sum(),
-                ab_auc(ab_pred, ab_true, pixel_weights=w_rebal)[0].double().sum(),
+                (ab_auc(ab_pred, ab_true, pixel_weights=w_rebal)[0].double() * mass_N).sum(),
                 ab_auc(gray, ab_true)[0].double().sum(),
-                ab_auc(gray, ab_true, pixel_weights=w_rebal)[0].double().sum(),
+                (ab_auc(gray, ab_true, pixel_weights=w_rebal)[0].double() * mass_N).sum(),
+                mass_N.sum(),
             ]
         )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     model.train(was_training)
-    n = max(sums[0].item(), 1.0)
-    values = (sums[1:] / n).tolist()
-    return ValidationResult(int(sums[0].item()), *values)
+    images, loss, raw, rebalanced, gray_raw, gray_rebalanced, mass = sums.tolist()
+    n, mass = max(images, 1.0), max(mass, 1e-300)
+    return ValidationResult(
+        int(images), loss / n, raw / n, rebalanced / mass, gray_raw / n, gray_rebalanced / mass
+    )
 
 
 def format_summary(result: ValidationResult) -> str:

@@ -96,12 +96,17 @@ def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
     rows["status"][:] = ["ok", "ok", "error", "grayscale"]
     rows["auc_raw"][:2] = [[1.0, 0.5, 0.7, 0.6, 0.4], [1.0, 0.3, 0.9, 0.8, 0.2]]
     rows["auc_rebalanced"][:2] = 0.25
+    rows["mass_raw"][:2], rows["mass_rebalanced"][:2] = 100.0, [3.0, 1.0]
     rows["psnr_db"][:2] = [[math.inf, 20, 30, 30, 10], [math.inf, 20, math.inf, 30, 10]]
     rows["correct"][:2] = [[1] * M, [-1] * M]
     rows["correct"][2] = 0  # an unreadable input counts for nothing
     table = {r["method"]: r for r in evaluate.summarise(rows)}
     assert table["gray"]["auc_raw"] == pytest.approx(0.4)
     assert table["annealed_mean"]["auc_raw"] == pytest.approx(0.8)
+    rows["auc_rebalanced"][:2, 1] = [0.5, 0.1]  # gray: pooled, the first image weighs 3 to 1
+    table = {r["method"]: r for r in evaluate.summarise(rows)}
+    assert table["gray"]["auc_rebalanced"] == pytest.approx((3 * 0.5 + 0.1) / 4)
+    assert table["gray"]["auc_rebalanced_per_image"] == pytest.approx(0.3)
     assert table["ground_truth"]["psnr_db"] == math.inf
     assert table["mode"]["psnr_db"] == pytest.approx(10.0)
     assert table["annealed_mean"]["psnr_db"] == pytest.approx(30.0)  # exact image left out
@@ -237,7 +242,7 @@ def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float,
     manifest = Manifest.load(cfg.data)
     fs, root = storage.arrow_filesystem(cfg.data)
     w_Q = evaluate.load_rebalance0(cfg.prior_url)
-    raw, rebalanced, psnr = [], [], []
+    raw, rebalanced, psnr, mass = [], [], [], []
     for shard in manifest.shards:
         for data in pq.read_table(f"{root}/{shard.name}", filesystem=fs).column("jpeg").to_pylist():
             image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -249,9 +254,13 @@ def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float,
             weights = w_Q[nearest].reshape(1, *rgb.shape[-2:])
             raw.append(metrics.ab_auc(gray_ab, lab[:, 1:])[0].item())
             rebalanced.append(metrics.ab_auc(gray_ab, lab[:, 1:], pixel_weights=weights)[0].item())
+            mass.append(weights.double().sum().item())
             gray_rgb = lab_to_rgb(torch.cat([lab[:, :1], gray_ab], dim=1))
             psnr.append(metrics.psnr(gray_rgb, rgb).item())
-    return float(np.mean(raw)), float(np.mean(rebalanced)), float(np.mean(psnr)), len(raw)
+    # The dataset's pixels pooled: images of one size weigh alike in the raw AuC, and by
+    # their pixels' total weight in the rebalanced one.
+    pooled = float(np.average(rebalanced, weights=mass))
+    return float(np.mean(raw)), pooled, float(np.mean(psnr)), len(raw)
 
 
 def _bins() -> torch.Tensor:
@@ -452,6 +461,7 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
         columns["auc_raw"][3, p] = np.nan if b in (2, 4) else 0.01  # NaN: worst of all
         for c in evaluate.CURVES:
             columns[c][:] = rng.random(columns[c].shape).astype(np.float32)
+            columns[evaluate._mass(c)][:] = rng.random(5) * 100
         strip = Image.fromarray(rng.integers(0, 255, (8, 24, 3), np.uint8))
         for i in range(5):
             buffer = io.BytesIO()
@@ -467,7 +477,10 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
     assert evaluate._grid(rows, 3) == evaluate._grid(whole, 3)
     ok = whole["status"] == "ok"
     for c in evaluate.CURVES:
-        np.testing.assert_allclose(sums[c], whole[c][ok].sum(0, dtype=np.float64), rtol=1e-6)
+        mass = whole[evaluate._mass(c)][ok]
+        weighted = (whole[c][ok].astype(np.float64) * mass[:, None, None]).sum(0)
+        np.testing.assert_allclose(sums[c], weighted, rtol=1e-6)
+        assert float(sums[evaluate._mass(c)]) == pytest.approx(mass.sum())
 
 
 def test_a_batchs_grid_candidates_rank_nan_as_the_grid_does() -> None:

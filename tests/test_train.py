@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -464,6 +465,35 @@ def test_a_diverged_model_validates_as_the_worst_not_as_nan() -> None:
     )
     assert result.images == 2 and result.loss == math.inf
     assert result.auc_raw == 0 and result.auc_rebalanced == 0 and result.gray_auc_raw > 0
+
+
+def test_validation_pools_the_pixels_of_its_images() -> None:
+    """Rebalanced AuC as the paper counts it: the weighted share of all the images' pixels
+    within each threshold, not a mean of each image's own share (rare colours would make one
+    image's few pixels weigh as much as another's whole)."""
+    from colorcore.color import rgb_to_lab
+    from colorcore.metrics import ab_auc
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.prior import rebalance_weights
+    from colorcore.quantize import nearest_bin
+    from jobs.validation import validate
+    from tests.support import photo_rgb, reference_path
+
+    prior = np.load(reference_path("prior_probs.npy"), allow_pickle=False)
+    w_Q = rebalance_weights(prior, lam=0.0).float()
+    pictures = [photo_rgb("coffee")[:64, :64], photo_rgb("astronaut")[100:164, 200:264]]
+    crops = torch.stack([torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pictures])
+    result = validate(
+        ColorizationNet(ModelConfig(width=1 / 16)), crops, rebalance0_Q=w_Q, k=5, sigma=5.0
+    )
+    ab_N2HW = rgb_to_lab(crops.float() / 255)[:, 1:]
+    side_by_side = torch.cat(list(ab_N2HW), dim=-1)[None]  # one image of both images' pixels
+    gray = torch.zeros_like(side_by_side)
+    pooled = ab_auc(gray, side_by_side, pixel_weights=w_Q[nearest_bin(side_by_side)])[0].item()
+    each = ab_auc(torch.zeros_like(ab_N2HW), ab_N2HW, pixel_weights=w_Q[nearest_bin(ab_N2HW)])[0]
+    assert abs(each.mean().item() - pooled) > 0.01  # the two readings differ here
+    assert result.gray_auc_rebalanced == pytest.approx(pooled, abs=1e-9)
+    assert result.gray_auc_raw == pytest.approx(ab_auc(gray, side_by_side)[0].item(), abs=1e-9)
 
 
 def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:
