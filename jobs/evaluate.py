@@ -424,6 +424,14 @@ class EvalContext:
     rebalance0_Q: torch.Tensor
     classifier: Classifier | None = None
 
+    @property
+    def network_dtype(self) -> str:
+        """What the network runs in: fp32, an autocast dtype (bf16) or int8."""
+        if self.cfg.precision == "int8":
+            return "int8"
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+        return names.get(self.autocast_dtype, str(self.autocast_dtype))
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -527,6 +535,7 @@ def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[st
     n = len(batch["key"])
     out = _empty_columns(n) | {"key": np.asarray(batch["key"], dtype=object)}
     out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    out["network_dtype"] = np.full(n, ctx.network_dtype, dtype=object)
     ok, small, full = _decode_batch(batch, out, ctx.cfg.eval_px)
     if not ok:
         return out
@@ -1122,7 +1131,10 @@ def build_result(
         "errors": len(skipped),
     }
     return {
-        "protocol": cfg.protocol_text(),
+        # what the actors ran, where "auto" chose it (bf16 moves the figures compared)
+        "protocol": cfg.protocol_text()
+        + (f"; the network in {', '.join(dtypes)}" if (dtypes := _network_dtypes(rows)) else ""),
+        "network_dtype": dtypes,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "s3"},
         "temperature": cfg.temperature,
         "model": model_info,
@@ -1137,6 +1149,12 @@ def build_result(
         "skipped": skipped,
         "missing": plan.missing,
     }
+
+
+def _network_dtypes(rows: Mapping[str, np.ndarray]) -> list[str]:
+    """The dtypes the network ran in over the measured images (one, unless actors differ)."""
+    ok = rows["status"] == "ok"
+    return sorted({str(d) for d in rows.get("network_dtype", np.array([]))[ok]})
 
 
 def _json_safe(value: Any) -> Any:
@@ -1208,6 +1226,11 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     plan = plan_inputs(cfg)
     _report_plan(cfg, plan)
     rebalance0_Q = load_rebalance0(cfg.prior_url, cfg.s3)
+    if not cfg.prior:
+        print(
+            f"evaluate: rebalancing weights from {cfg.prior_url}, the measured data's own "
+            "prior; the paper's come from the training set's (--prior TRAIN/prior.npz)"
+        )
     loaded = load_model(cfg.model, cfg.s3)  # fail here, not in every actor
     actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
     if cfg.classifier:

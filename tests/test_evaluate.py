@@ -22,7 +22,7 @@ from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.int8 import Int8ColorizationNet
 from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import rebalance_weights
-from jobs import evaluate, storage, synthetic
+from jobs import evaluate, runtime, storage, synthetic
 from jobs.config import parse_config
 from jobs.models import load_model
 from tests.support import encode, photo_rgb, reference_path
@@ -294,6 +294,8 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
     assert saved["table"][1]["auc_raw"] == pytest.approx(raw, abs=1e-9)
     assert saved["table"][0]["psnr_db"] is None  # ground truth: infinite PSNR, null in JSON
     assert len(saved["images"]) == images and "resized to 96x96" in saved["protocol"]
+    ran = "bf16" if runtime.choose_precision("cpu").autocast_dtype else "fp32"  # precision auto
+    assert saved["network_dtype"] == [ran] and f"the network in {ran}" in saved["protocol"]
 
     # --max-images: the first images in shard order, whichever blocks are read first
     import pyarrow.parquet as pq
