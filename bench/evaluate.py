@@ -63,7 +63,8 @@ def in_process(width: float, images, rebalance0_Q: torch.Tensor, repeats: int) -
         "label": np.array([label for label, _ in images[:BATCH]]),
         "jpeg": np.array([data for _, data in images[:BATCH]], dtype=object),
     }
-    small = torch.stack([evaluate.decode_for_eval(d, SIZE_PX)[0] for d in batch["jpeg"]])
+    decoded = [evaluate.decode_for_eval(d, SIZE_PX, full=False)[0] for d in batch["jpeg"]]
+    small = torch.stack(decoded)
 
     @torch.no_grad()
     def colorize_only() -> None:

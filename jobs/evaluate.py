@@ -403,14 +403,17 @@ def top1_correct(
     return correct_NM
 
 
-def decode_for_eval(data: bytes, eval_px: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Source bytes -> (uint8 (3, eval, eval), uint8 (3, H, W) original, source is gray)."""
+def decode_for_eval(
+    data: bytes, eval_px: int, *, full: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Source bytes -> (uint8 (3, eval, eval), uint8 (3, H, W) original if `full` else None,
+    source is gray)."""
     from PIL import Image
 
     image, gray = load_rgb(data)
     small = image.resize((eval_px, eval_px), Image.Resampling.BICUBIC)
     as_tensor = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1)  # noqa: E731
-    return as_tensor(small), as_tensor(image), gray
+    return as_tensor(small), as_tensor(image) if full else None, gray
 
 
 @dataclass
@@ -462,22 +465,37 @@ def _network(ctx: EvalContext, small_N3HW: torch.Tensor) -> tuple[dict[str, Any]
 
 
 def _measure_group(
-    ctx: EvalContext, images: list[torch.Tensor], ab_small: dict[str, torch.Tensor]
-) -> Scores:
-    """`measure_images` over same-size images at once, or one by one at full resolution."""
+    ctx: EvalContext,
+    images: list[torch.Tensor],
+    ab_small: dict[str, torch.Tensor],
+    labels_N: torch.Tensor,
+) -> tuple[Scores, torch.Tensor | None, Callable[[int], list[torch.Tensor]]]:
+    """(`measure_images` of the images, the classifier's top-1 hits or None, image i's
+    thumbnails for the grid): same-size images at once, or at full resolution one at a
+    time, each image's full-size rows dropped once it is classified and its thumbnails are
+    made (a batch of large scans would otherwise hold five float copies of each)."""
     if ctx.cfg.protocol == "resized":
         rgb = torch.stack(images).to(ctx.device).float() / 255
-        return measure_images(rgb, ab_small, rebalance0_Q=ctx.rebalance0_Q)
-    parts = [
-        measure_images(
+        scores = measure_images(rgb, ab_small, rebalance0_Q=ctx.rebalance0_Q)
+        correct = None
+        if ctx.classifier is not None:
+            with ctx.autocast():
+                correct = top1_correct(ctx.classifier, scores.rgb_by_method, labels_N)
+        return scores, correct, lambda i: _thumbnails(scores.rgb_by_method, i)
+    parts, hits, thumbnails = [], [], []
+    for i, img in enumerate(images):
+        one = measure_images(
             img[None].to(ctx.device).float() / 255,
             {k: v[i : i + 1] for k, v in ab_small.items()},
             rebalance0_Q=ctx.rebalance0_Q,
         )
-        for i, img in enumerate(images)
-    ]
+        if ctx.classifier is not None:
+            with ctx.autocast():
+                hits.append(top1_correct(ctx.classifier, one.rgb_by_method, labels_N[i : i + 1]))
+        thumbnails.append(_thumbnails(one.rgb_by_method, 0))
+        parts.append(dataclasses.replace(one, rgb_by_method={}))
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Scores(
+    scores = Scores(
         cat("auc_raw_NM"),
         cat("auc_rebalanced_NM"),
         cat("psnr_db_NM"),
@@ -485,8 +503,9 @@ def _measure_group(
         cat("curve_rebalanced_NMT"),
         cat("mass_raw_N"),
         cat("mass_rebalanced_N"),
-        {m: [p.rgb_by_method[m] for p in parts] for m in METHODS},  # type: ignore[misc]
+        {},
     )
+    return scores, torch.cat(hits) if hits else None, thumbnails.__getitem__
 
 
 def _empty_columns(n: int) -> dict[str, np.ndarray]:
@@ -508,15 +527,18 @@ def _empty_columns(n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _decode_batch(batch: Mapping[str, np.ndarray], out: dict[str, np.ndarray], eval_px: int):
-    """Decode every input; failures and grayscale sources are marked in `out`."""
+def _decode_batch(
+    batch: Mapping[str, np.ndarray], out: dict[str, np.ndarray], eval_px: int, keep_full: bool
+):
+    """Decode every input (at full size too if `keep_full`); failures and grayscale sources are
+    marked in `out`."""
     ok, small, full = [], [], []
     reasons = batch.get("reason", [""] * len(batch["key"]))
     for i, (data, reason) in enumerate(zip(batch["jpeg"], reasons, strict=True)):
         try:
             if reason:
                 raise BadImage(reason)
-            s, f, gray = decode_for_eval(bytes(data), eval_px)
+            s, f, gray = decode_for_eval(bytes(data), eval_px, full=keep_full)
         except BadImage as e:
             out["status"][i], out["reason"][i] = "error", str(e)
             continue
@@ -536,12 +558,13 @@ def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[st
     out = _empty_columns(n) | {"key": np.asarray(batch["key"], dtype=object)}
     out["label"] = np.asarray(batch["label"], dtype=np.int64)
     out["network_dtype"] = np.full(n, ctx.network_dtype, dtype=object)
-    ok, small, full = _decode_batch(batch, out, ctx.cfg.eval_px)
+    ok, small, full = _decode_batch(batch, out, ctx.cfg.eval_px, ctx.cfg.protocol == "full")
     if not ok:
         return out
     ab_small, loss_N = _network(ctx, torch.stack(small))
     images = small if ctx.cfg.protocol == "resized" else full
-    scores = _measure_group(ctx, images, ab_small)
+    labels = torch.from_numpy(out["label"][ok])
+    scores, correct, thumbnails = _measure_group(ctx, images, ab_small, labels)
     out["loss"][ok] = loss_N.numpy()
     out["auc_raw"][ok] = scores.auc_raw_NM.numpy()
     out["auc_rebalanced"][ok] = scores.auc_rebalanced_NM.numpy()
@@ -550,24 +573,11 @@ def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[st
     out["psnr_db"][ok] = scores.psnr_db_NM.numpy()
     out["curve_raw"][ok] = scores.curve_raw_NMT.numpy()
     out["curve_rebalanced"][ok] = scores.curve_rebalanced_NMT.numpy()
-    if ctx.classifier is not None:
-        labels = torch.from_numpy(out["label"][ok])
-        out["correct"][ok] = _classify(ctx, scores, labels).numpy()
+    if correct is not None:
+        out["correct"][ok] = correct.numpy()
     for j in _extremes(scores.auc_raw_NM[:, METHODS.index(PRIMARY)], ctx.cfg.grid_images):
-        out["strip_jpeg"][ok[j]] = _strip(scores.rgb_by_method, j)
+        out["strip_jpeg"][ok[j]] = _strip(thumbnails(j))
     return out
-
-
-def _classify(ctx: EvalContext, scores: Scores, labels_N: torch.Tensor) -> torch.Tensor:
-    if ctx.cfg.protocol == "resized":
-        with ctx.autocast():
-            return top1_correct(ctx.classifier, scores.rgb_by_method, labels_N)
-    rows = []
-    for i in range(len(labels_N)):  # full resolution: one image at a time
-        one = {m: scores.rgb_by_method[m][i] for m in METHODS}
-        with ctx.autocast():
-            rows.append(top1_correct(ctx.classifier, one, labels_N[i : i + 1]))
-    return torch.cat(rows)
 
 
 def _extremes(values_N: torch.Tensor, k: int) -> list[int]:
@@ -577,18 +587,22 @@ def _extremes(values_N: torch.Tensor, k: int) -> list[int]:
     return sorted(set(order[:k] + order[-k:]))
 
 
-def _strip(rgb_by_method: Mapping[str, Any], i: int) -> bytes:
-    """JPEG of gray input | colorized | ground truth of image i, each THUMB_PX high."""
-    from PIL import Image
-
+def _thumbnails(rgb_by_method: Mapping[str, torch.Tensor], i: int) -> list[torch.Tensor]:
+    """Image i's gray input, colorized and ground truth, each THUMB_PX high, on the CPU."""
     tiles = []
     for method in ("gray", PRIMARY, "ground_truth"):
         img = rgb_by_method[method][i]
-        img = img[0] if img.ndim == 4 else img
         h, w = img.shape[-2:]
         size = (THUMB_PX, max(1, round(w * THUMB_PX / h)))
-        tile = F.interpolate(img[None].float().cpu(), size=size, mode="bilinear", antialias=True)
-        tiles.append(tile[0])
+        tile = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True)
+        tiles.append(tile[0].cpu())
+    return tiles
+
+
+def _strip(tiles: list[torch.Tensor]) -> bytes:
+    """JPEG of `_thumbnails` side by side."""
+    from PIL import Image
+
     strip = torch.cat(tiles, dim=-1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
     buffer = io.BytesIO()
     Image.fromarray(strip.numpy()).save(buffer, format="JPEG", quality=90)

@@ -386,6 +386,40 @@ def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
     assert "metrics at full resolution" in result["protocol"]
 
 
+def test_full_resolution_measures_one_by_one_as_a_batch_measures(tmp_path) -> None:
+    """--protocol full measures, classifies and draws each image alone, keeping only its
+    thumbnails: on images of the eval size it gives what the batched path gives."""
+    torch.manual_seed(0)
+    rgb, labels = _scenes(seed=3, per_class=2)
+    weights = tmp_path / "classifier.pt"
+    weights.write_bytes(_train_classifier().to_bytes())
+    images = [(image * 255).round().byte() for image in rgb]
+
+    def measured(protocol: str):
+        cfg = evaluate.EvaluateConfig(data="d", model="m", protocol=protocol, eval_px=96)
+        ctx = evaluate.EvalContext(
+            cfg=cfg,
+            model=ColorizationNet(ModelConfig(width=1 / 16)).eval(),
+            device=torch.device("cpu"),
+            autocast_dtype=None,
+            rebalance0_Q=_reference_rebalance0(),
+            classifier=evaluate.load_classifier("small_cnn", str(weights)),
+        )
+        torch.manual_seed(1)
+        ctx.model.load_state_dict(ColorizationNet(ModelConfig(width=1 / 16)).state_dict())
+        ab_small, _ = evaluate._network(ctx, torch.stack(images))
+        return evaluate._measure_group(ctx, images, ab_small, torch.tensor(labels))
+
+    batched, one_by_one = measured("resized"), measured("full")
+    for name in ("auc_raw_NM", "auc_rebalanced_NM", "psnr_db_NM", "mass_rebalanced_N"):
+        torch.testing.assert_close(getattr(one_by_one[0], name), getattr(batched[0], name))
+    assert one_by_one[0].rgb_by_method == {}  # nothing full-size kept
+    assert torch.equal(one_by_one[1], batched[1])
+    for i in range(len(images)):
+        for a, b in zip(one_by_one[2](i), batched[2](i), strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_cli_dry_run_parses_the_documented_command(capsys) -> None:
     from jobs.config import run_cli
 
