@@ -95,9 +95,9 @@ def test_windows_are_whole_row_groups_of_many_shards(dataset) -> None:
     assert np.array_equal(units.shard[unit_of], order[:, 0])
 
 
-def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset, monkeypatch) -> None:
-    """Each unit's files are its row group's rows of the shard's jpeg column, read in one
-    ranged read of no more than that column chunk (never the whole shard)."""
+@pytest.fixture
+def range_reads(monkeypatch) -> list[int]:
+    """The size of each ranged read the loader makes from here on."""
     import jobs.loader
 
     reads: list[int] = []
@@ -108,6 +108,17 @@ def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(dataset, monkeypatc
         return real(url, start, size, s3)
 
     monkeypatch.setattr(jobs.loader.storage, "read_range", counted)
+    return reads
+
+
+def test_a_row_group_is_read_in_one_ranged_read_of_its_jpegs(
+    dataset, range_reads, monkeypatch
+) -> None:
+    """Each unit's files are its row group's rows of the shard's jpeg column, read in one
+    ranged read of no more than that column chunk (never the whole shard)."""
+    import jobs.loader
+
+    reads = range_reads
     monkeypatch.setattr(jobs.loader.storage, "read_bytes", None)  # a whole-file read fails
     train = loader(dataset, 0)
     for u in range(len(dataset.units.shard)):
@@ -226,24 +237,16 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
 
 
 def test_validation_crops_are_read_by_row_group_and_shared_out_by_rank(
-    dataset, dataset_root, monkeypatch
+    dataset, dataset_root, range_reads
 ) -> None:
     """The held-out crops: the centre crops of the first n colour images in shard order, rank
     r taking every world_size-th; read as the loader reads, one ranged read of each row
     group holding them (never a whole shard)."""
-    import jobs.loader
     from jobs.validation import load_crops
 
     columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
     first = [(s, int(r)) for s, rows in enumerate(dataset.rows) for r in rows][:15]
-    reads: list[int] = []
-    real = storage.read_range
-
-    def counted(url, start, size, s3=None):
-        reads.append(size)
-        return real(url, start, size, s3)
-
-    monkeypatch.setattr(jobs.loader.storage, "read_range", counted)
+    reads = range_reads
     for rank in (0, 1):
         reads.clear()
         crops = load_crops(dataset_root, num_images=15, crop_px=32, rank=rank, world_size=2)
