@@ -21,15 +21,17 @@ Protocol, stated in every output:
   source's: evaluate an image folder with ``--split`` for the sources' own sizes.
 
 Rows, all measured on the same images in the same run: ground truth, gray (ab = 0) and the
-model decoded as annealed mean (T), mean and mode. Columns: raw AuC of the per-pixel ab error
-over thresholds 0..150; class-rebalanced AuC (each pixel weighted by the lambda = 0
-rebalancing weight of its ground truth's bin; prior from ``--prior``, default DATA/prior.npz,
-or a ``.npy`` of smoothed probabilities such as the released ``prior_probs.npy``); PSNR of
-the sRGB image; with ``--classifier``, the top-1 accuracy of an image classifier on each
-row's images (semantic interpretability). Also the model's loss per image as the released
-training reported it (lambda = 1, 10-NN soft targets, summed over the output pixels of the
-EVAL_PX image). Grayscale sources are left out (as ctest10k leaves them out); unreadable
-inputs are skipped and counted, never fatal.
+model decoded as annealed mean (T), mean and mode. Columns, each AuC of all the measured
+pixels pooled (the share of predicted pixel colours within each threshold, as the paper
+counts it; each image's own AuC averaged is in table.csv and results.json beside it): raw
+AuC of the per-pixel ab error over thresholds 0..150; class-rebalanced AuC (each pixel
+weighted by the lambda = 0 rebalancing weight of its ground truth's bin; prior from
+``--prior``, default DATA/prior.npz, or a ``.npy`` of smoothed probabilities such as the
+released ``prior_probs.npy``); PSNR of the sRGB image; with ``--classifier``, the top-1
+accuracy of an image classifier on each row's images (semantic interpretability). Also the
+model's loss per image as the released training reported it (lambda = 1, 10-NN soft targets,
+summed over the output pixels of the EVAL_PX image). Grayscale sources are left out (as
+ctest10k leaves them out); unreadable inputs are skipped and counted, never fatal.
 
 Written to OUTPUT: ``table.md`` and ``table.csv`` (like the paper's Table 1),
 ``auc_curves.png``, ``best_worst.png`` (colorized images with the best and worst raw AuC),
@@ -494,6 +496,7 @@ def _measure_group(
                 hits.append(top1_correct(ctx.classifier, one.rgb_by_method, labels_N[i : i + 1]))
         thumbnails.append(_thumbnails(one.rgb_by_method, 0))
         parts.append(dataclasses.replace(one, rgb_by_method={}))
+        del one  # its full-size rows, before the next image's are made
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     scores = Scores(
         cat("auc_raw_NM"),
@@ -1066,9 +1069,10 @@ def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.n
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ok = batch["status"] == "ok"
         for c in CURVES:  # pooled, as the AuC: each image's curve weighted by its mass
-            mass = batch[_mass(c)][ok]
-            sums[c] += np.einsum("nmt,n->mt", batch[c][ok].astype(np.float64), mass)
-            sums[_mass(c)] += mass.sum()
+            mass = batch[_mass(c)]
+            keep = ok & (mass > 0) & np.isfinite(mass)  # the images `_pooled` counts
+            sums[c] += np.einsum("nmt,n->mt", batch[c][keep].astype(np.float64), mass[keep])
+            sums[_mass(c)] += mass[keep].sum()
         # Copies: Ray's arrays are views that would keep each whole block (curves and strips
         # too) in memory; the strips are emptied below where the grid cannot show them.
         kept.append({k: np.array(v) for k, v in batch.items() if k not in CURVES})
@@ -1147,7 +1151,11 @@ def build_result(
     return {
         # what the actors ran, where "auto" chose it (bf16 moves the figures compared)
         "protocol": cfg.protocol_text()
-        + (f"; the network in {', '.join(dtypes)}" if (dtypes := _network_dtypes(rows)) else ""),
+        + (
+            f"; the network and classifier in {', '.join(dtypes)}"
+            if (dtypes := _network_dtypes(rows))
+            else ""
+        ),
         "network_dtype": dtypes,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "s3"},
         "temperature": cfg.temperature,
@@ -1168,7 +1176,7 @@ def build_result(
 def _network_dtypes(rows: Mapping[str, np.ndarray]) -> list[str]:
     """The dtypes the network ran in over the measured images (one, unless actors differ)."""
     ok = rows["status"] == "ok"
-    return sorted({str(d) for d in rows.get("network_dtype", np.array([]))[ok]})
+    return sorted({str(d) for d in rows.get("network_dtype", np.full(len(ok), ""))[ok] if d})
 
 
 def _json_safe(value: Any) -> Any:

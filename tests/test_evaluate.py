@@ -295,7 +295,13 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
     assert saved["table"][0]["psnr_db"] is None  # ground truth: infinite PSNR, null in JSON
     assert len(saved["images"]) == images and "resized to 96x96" in saved["protocol"]
     ran = "bf16" if runtime.choose_precision("cpu").autocast_dtype else "fp32"  # precision auto
-    assert saved["network_dtype"] == [ran] and f"the network in {ran}" in saved["protocol"]
+    assert saved["network_dtype"] == [ran]
+    assert f"the network and classifier in {ran}" in saved["protocol"]
+    for kind in ("raw", "rebalanced"):  # the pooled curves integrate to the pooled AuC
+        for row in result["table"]:
+            curve = torch.tensor(result["curves"][kind][row["method"]], dtype=torch.float64)
+            area = torch.trapezoid(curve).item() / (len(curve) - 1)
+            assert area == pytest.approx(row[f"auc_{kind}"], abs=1e-6)
 
     # --max-images: the first images in shard order, whichever blocks are read first
     import pyarrow.parquet as pq
