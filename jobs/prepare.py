@@ -52,6 +52,7 @@ from jobs.images import (
 
 WORK_DIR = "_prepare"
 ERRORS_FILE = "errors.json"
+TASK_BASE_BYTES = 512 * 2**20  # a conversion task's interpreter, PIL and pyarrow, beyond its data
 
 
 OUTPUT_FIELDS = ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "max_file_mb",
@@ -445,7 +446,10 @@ def main(cfg: PrepareConfig) -> Manifest:
         # itself, and the others run on instead of being cancelled. (The dataset's own copy
         # of the context: other datasets of the process keep theirs.)
         ds.context.max_errored_blocks = -1
-        ds.map(_process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task).materialize()
+        memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
+        ds.map(
+            _process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task, memory=memory
+        ).materialize()
         marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
         if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
             raise RuntimeError(
@@ -460,6 +464,25 @@ def main(cfg: PrepareConfig) -> Manifest:
         f"({manifest.num_grayscale} grayscale) in {time.monotonic() - start:.1f}s -> {cfg.dst}"
     )
     return manifest
+
+
+def task_memory(groups: list[dict], cfg: PrepareConfig) -> int:
+    """Bytes a conversion task may hold at once, asked of Ray for each: its input (a class
+    tar whole; files as `storage.read_each` reads them, a window at a time), a shard's rows
+    three times over as it is written (the rows, the Arrow table, the Parquet bytes), one
+    image at the pixel limit decoded (RGB), and the interpreter. Without the ask a node
+    takes a task per CPU, and a task its memory cannot hold is killed and retried for ever."""
+    window = storage.READ_EACH_MAX_BYTES
+    inputs = max(
+        (
+            group["size"]
+            if group["kind"] == "tar"
+            else min(window, sum(i.get("size", 0) for i in group["items"]))
+            for group in groups
+        ),
+        default=0,
+    )
+    return int(inputs + 3 * cfg.shard_mb * 2**20 + 3 * cfg.max_pixels + TASK_BASE_BYTES)
 
 
 def _process_row(row: dict, cfg: PrepareConfig) -> dict:

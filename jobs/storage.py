@@ -37,6 +37,7 @@ T = TypeVar("T")
 C = TypeVar("C")
 
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+READ_EACH_MAX_BYTES = 256 * 2**20  # bytes `read_each` holds read ahead at most
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)  # fmt: skip
 
@@ -209,7 +210,7 @@ def read_each(
     *,
     sizes: Iterable[int] | None = None,
     ahead: int = 8,
-    max_bytes: int = 256 * 2**20,
+    max_bytes: int = READ_EACH_MAX_BYTES,
 ) -> Iterator[bytes | Exception | None]:
     """`read_bytes` of each URL, in order, up to `ahead` reads at once and, where `sizes`
     (from a listing) are given, up to `max_bytes` of files at once (one read at a time

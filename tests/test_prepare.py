@@ -269,6 +269,19 @@ def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
     ]
 
 
+def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
+    """A class tar is held whole, files a read window at a time; a shard's rows are held
+    three times over when written; one image at the pixel limit; the interpreter."""
+    cfg = config("/src", "/dst", shard_mb=64, max_pixels=1_000_000)
+    fixed = 3 * 64 * 2**20 + 3 * 1_000_000 + prepare.TASK_BASE_BYTES
+    tar = {"kind": "tar", "size": 300 * 2**20}
+    files = {"kind": "files", "items": [{"size": 200 * 2**20}, {"size": 200 * 2**20}]}
+    assert prepare.task_memory([tar], cfg) == 300 * 2**20 + fixed
+    assert prepare.task_memory([files], cfg) == storage.READ_EACH_MAX_BYTES + fixed
+    assert prepare.task_memory([tar, files], cfg) == 300 * 2**20 + fixed
+    assert prepare.task_memory([], cfg) == fixed
+
+
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="SRC and DST are required"):
         prepare.PrepareConfig(src=str(tmp_path))
