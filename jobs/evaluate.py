@@ -902,10 +902,15 @@ def _mean_psnr(values: np.ndarray) -> float | None:
     return math.inf if len(values) else None
 
 
+def _weighing(mass_N: np.ndarray) -> np.ndarray:
+    """The images that count in a pooled AuC and curve: those of some finite pixel weight."""
+    return (mass_N > 0) & np.isfinite(mass_N)
+
+
 def _pooled(auc_N: np.ndarray, mass_N: np.ndarray) -> float | None:
     """The AuC of all the images' pixels pooled: each image's AuC weighted by its pixels'
     total weight (an AuC is linear in its curve, and a curve is a weighted share)."""
-    keep = ~np.isnan(auc_N) & (mass_N > 0)
+    keep = ~np.isnan(auc_N) & _weighing(mass_N)
     return float(np.average(auc_N[keep], weights=mass_N[keep])) if keep.any() else None
 
 
@@ -1058,9 +1063,9 @@ def _mass(curve: str) -> str:
 def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(every output row's columns but the curves, sorted by key (Ray Data does not keep
     input order); each curve column summed over the measured rows, each row weighted by its
-    mass, and the masses summed). What the driver holds
-    stays small however many images: the curves (12 KB an image) are summed batch by batch,
-    and only the strips that may still make the best / worst grid are kept."""
+    mass, and the masses summed). What the driver holds stays small however many images:
+    the curves (12 KB an image) are summed batch by batch, and only the strips that may
+    still make the best / worst grid are kept."""
     kept: list[dict[str, np.ndarray]] = []
     grid: list[tuple[float, str, int, int]] = []  # strips kept: (AuC, key, batch, row)
     sums = {c: np.zeros((len(METHODS), NUM_THRESHOLDS)) for c in CURVES}
@@ -1070,7 +1075,7 @@ def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.n
         ok = batch["status"] == "ok"
         for c in CURVES:  # pooled, as the AuC: each image's curve weighted by its mass
             mass = batch[_mass(c)]
-            keep = ok & (mass > 0) & np.isfinite(mass)  # the images `_pooled` counts
+            keep = ok & _weighing(mass)
             sums[c] += np.einsum("nmt,n->mt", batch[c][keep].astype(np.float64), mass[keep])
             sums[_mass(c)] += mass[keep].sum()
         # Copies: Ray's arrays are views that would keep each whole block (curves and strips

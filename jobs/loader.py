@@ -200,14 +200,12 @@ def epoch_windows(
     group's units are cut into windows of whole units, each closed once it holds
     `window_images` images (the last may hold fewer). One group: the shuffled units, cut."""
     kept = index.units.kept
-    order = rng.permutation(len(kept)).tolist()
-    dealt: list[list[int]] = [order] if groups == 1 else [[] for _ in range(groups)]
-    if groups > 1:
-        held = [0] * groups
-        for u in order:
-            g = held.index(min(held))
-            dealt[g].append(u)
-            held[g] += len(kept[u])
+    dealt: list[list[int]] = [[] for _ in range(groups)]
+    held = [0] * groups
+    for u in rng.permutation(len(kept)).tolist():
+        g = held.index(min(held))
+        dealt[g].append(u)
+        held[g] += len(kept[u])
     windows = []
     for units in dealt:
         cuts, held_here = [], 0

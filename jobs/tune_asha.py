@@ -7,12 +7,11 @@ what the rungs had been keeping from them. `ResumableASHA` refills them as Tune 
 each trial of the search: the trial's validation results up to the last one Tune had
 received (its restored last result), read from its training run's ``metrics.csv`` (written
 beside every checkpoint) and, for a run that diverged, its last report (the worst figures,
-never checkpointed: ``diverged.json`` says the step), go through the rungs as they went
-when first reported. A row
-Tune never received is left to the trial's next report to be judged. A trial with no
-result yet (a new one) adds nothing, and a run folder that cannot be read costs the rungs
-that trial's results, not the search. Defined apart from `jobs.tune` so that the tune
-command's start-up does not import Ray Tune; Tune's saved search names this module.
+never checkpointed: ``diverged.json`` says the step), go through the rungs as they went when
+first reported. A row Tune never received is left to the trial's next report to be judged. A
+trial with no result yet (a new one) adds nothing, and a run folder that cannot be read
+costs the rungs that trial's results, not the search. Defined apart from `jobs.tune` so that
+the tune command's start-up does not import Ray Tune; Tune's saved search names this module.
 """
 
 from __future__ import annotations
