@@ -7,7 +7,8 @@ What the colorize job's model actor does with a batch of JPEG files on a GPU: nv
 (EXIF orientation applied), L at full size, L resized to 256 for the released network
 (32.2M parameters, random weights) in bf16 autocast and channels_last, annealed mean
 (T = 0.38), bilinear upsampling of ab to full size, Lab -> sRGB with the chroma gamut
-mapping, nvJPEG encode at quality 90, bytes back on the host. Inputs are the workloads of
+mapping, nvJPEG encode at quality 90 (or libjpeg-turbo on CPU threads: `--encode-threads`),
+bytes back on the host. Inputs are the workloads of
 ``shared_bench/gpu_colorize_anchor.py``: gray JPEGs (quality 90) of 256 x 256 in batches of
 256, and 1024 x 768 in batches of 64, each timed over one untimed and one timed pass over the
 files, eager and compiled (the model, and the Lab steps before and after it), each batch in
@@ -17,8 +18,9 @@ same call to compare.
 ``--stages`` also times one batch's steps apart (median of 5, synchronised): nvJPEG decode,
 L and its resize (`_prepare`), the network with the annealed mean, the full-size
 reassembly (`_finish`, chroma gamut search) and the same with RGB clipping instead (what
-the anchor does), nvJPEG encode, and the encode again while the network runs on another
-stream (the overlap the pieces rely on). Compiled where the mode list has "compiled".
+the anchor does), nvJPEG encode and the CPU threads' (the largest `--encode-threads`), and
+each encoder again while the network runs three times in a thread on another stream (the
+overlap the pieces rely on). Compiled where the mode list has "compiled".
 Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set, after every
 measurement (a run cut short by a time limit keeps what it measured).
 """
@@ -45,7 +47,7 @@ from timing import median_ms
 
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs.colorize import predict_ab
-from jobs.colorize_jpeg import JpegColorizer, _finish, _prepare, default_codec
+from jobs.colorize_jpeg import JpegColorizer, _finish, _prepare, cpu_encoder, default_codec
 from jobs.runtime import Precision
 
 QUALITY = 90
@@ -73,6 +75,11 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes (CPU check)")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--chunks", default="4,1", help="pieces per batch, to compare")
+    parser.add_argument(
+        "--encode-threads",
+        default=f"0,{os.cpu_count()}",
+        help="encoders to compare: 0 the codec's own (nvJPEG), N CPU threads (cpu_encoder)",
+    )
     parser.add_argument("--stages", action="store_true", help="also each step of a batch apart")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -87,14 +94,17 @@ def main() -> None:
         files = gray_jpegs(count, width, height)
         if args.stages:
             compiled = "compiled" in args.modes.split(",")
-            stages = stage_ms(model, precision, files[:batch], compiled=compiled)
+            threads = max(int(t) for t in args.encode_threads.split(","))
+            stages = stage_ms(model, precision, files[:batch], compiled=compiled, threads=threads)
             result[f"{width}x{height}_stages_ms"] = stages
             print(json.dumps({f"{width}x{height}_stages_ms": stages}), flush=True)
             save(result)
-        for mode, chunks in itertools.product(args.modes.split(","), args.chunks.split(",")):
+        for mode, chunks, threads in itertools.product(
+            args.modes.split(","), args.chunks.split(","), args.encode_threads.split(",")
+        ):
             colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
                                       quality=QUALITY, compile=mode == "compiled",
-                                      chunks=int(chunks))  # fmt: skip
+                                      chunks=int(chunks), encode_threads=int(threads))  # fmt: skip
             out_bytes = 0
             for timed in (False, True):
                 if cuda:
@@ -108,7 +118,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
-            key = f"{width}x{height}_{mode}_chunks{chunks}"
+            key = f"{width}x{height}_{mode}_chunks{chunks}" + (f"_cpu{threads}" * (threads != "0"))
             result[key + "_img_s"] = count / seconds
             result[key + "_kb_out"] = out_bytes / count / 1024
             print(json.dumps({key: result[key + "_img_s"]}), flush=True)
@@ -120,7 +130,9 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool) -> dict:
+def stage_ms(
+    model, precision: Precision, files: list[bytes], *, compiled: bool, threads: int
+) -> dict:
     """Milliseconds of each step of `JpegColorizer` for one batch of `files`, run apart."""
     device = precision.device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -145,7 +157,10 @@ def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool)
         "finish_clip": median_ms(lambda: finish_clipped(l_N1HW, ab_N2ss), 5, sync=sync),
         "encode": median_ms(lambda: codec.encode(images, QUALITY), 5, sync=sync),
     }
-    if device.type == "cuda":  # the encoder in a thread while the network runs 3 times
+    if threads:
+        encode_cpu = cpu_encoder(threads)
+        out[f"encode_cpu{threads}"] = median_ms(lambda: encode_cpu(images, QUALITY), 5, sync=sync)
+    if device.type == "cuda":  # each encoder in the main thread while the network runs 3 times
         stream = torch.cuda.Stream(device)
 
         def networks() -> None:
@@ -154,15 +169,26 @@ def stage_ms(model, precision: Precision, files: list[bytes], *, compiled: bool)
                     network()
             stream.synchronize()
 
+        def beside(encode=None) -> tuple[float, float]:
+            """(ms until `encode` returned, ms until the networks' thread was done)."""
+            thread = threading.Thread(target=networks)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            thread.start()
+            if encode is not None:
+                encode(images, QUALITY)
+            encoded = time.perf_counter()
+            thread.join()
+            return 1e3 * (encoded - start), 1e3 * (time.perf_counter() - start)
+
         out["network_x3"] = median_ms(networks, 3, sync=sync)
-        thread = threading.Thread(target=networks)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        thread.start()
-        codec.encode(images, QUALITY)
-        out["encode_beside_network"] = 1e3 * (time.perf_counter() - start)
-        thread.join()
-        out["network_x3_beside_encode"] = 1e3 * (time.perf_counter() - start)
+        beside()  # a thread's first run of the networks
+        out["network_x3_in_thread"] = beside()[1]
+        encoders = {"encode": codec.encode}
+        if threads:
+            encoders[f"encode_cpu{threads}"] = encode_cpu
+        for name, encode in encoders.items():
+            out[f"{name}_beside_network"], out[f"network_x3_beside_{name}"] = beside(encode)
     return out
 
 

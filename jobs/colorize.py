@@ -173,6 +173,10 @@ class ColorizeConfig:
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
     """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
     `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
+    encode_threads: int = 0
+    """Device JPEG path: CPU threads per model actor that encode the colorized images
+    (libjpeg-turbo, after one copy to the host) instead of nvJPEG on the GPU, which frees
+    the GPU for the network (0: nvJPEG). --actor-cpus reserves the cores for them."""
     stages: Literal["auto", "fused", "split"] = "auto"
     """fused: each model actor decodes, colorizes, encodes and writes its batches (best when
     the model runs on CPUs, which every stage shares); split: decode and write tasks around
@@ -200,6 +204,10 @@ class ColorizeConfig:
             raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
         if min(self.max_file_mb, self.archive_part_mb, self.actor_cpus, self.task_cpus) <= 0:
             raise ValueError("max_file_mb, archive_part_mb, actor_cpus and task_cpus must be > 0")
+        if self.encode_threads < 0:
+            raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
+        if self.encode_threads and self.jpeg_path == "cpu":
+            raise ValueError("encode_threads is the device JPEG path's: drop jpeg_path cpu")
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
         if self.accelerator_type and self.device == "cpu":
@@ -991,6 +999,7 @@ class Colorizer:
                 temperature=cfg.temperature,
                 quality=cfg.quality,
                 compile=cfg.compile,
+                encode_threads=cfg.encode_threads,
             )
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:

@@ -213,6 +213,11 @@ def test_config_is_validated_and_parses(capsys) -> None:
         colorize.ColorizeConfig(input="/a", output="/b", model="m", dtype="int8", compile=True)
     with pytest.raises(ValueError, match="int8_max_ab_error"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", int8_max_ab_error=0)
+    with pytest.raises(ValueError, match="encode_threads must be >= 0"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", encode_threads=-1)
+    with pytest.raises(ValueError, match="drop jpeg_path cpu"):
+        colorize.ColorizeConfig(input="/a", output="/b", model="m", encode_threads=4,
+                                jpeg_path="cpu")  # fmt: skip
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)
@@ -1385,6 +1390,16 @@ def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
             expected = ImageOps.exif_transpose(Image.open(io.BytesIO(source))).size
             assert Image.open(io.BytesIO(b)).size == expected and np.abs(x - y).max() <= 2
 
+    # Encoded on CPU threads (libjpeg-turbo through OpenCV, as Pillow's): the same pictures.
+    threaded = JpegColorizer(model, cpu, chunks=4, encode_threads=2, **kwargs)
+    for a, b in zip(pieces, threaded(files, [b""] * len(files), turns), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            x, y = (np.asarray(Image.open(io.BytesIO(d)), np.int16) for d in (a, b))
+            assert x.shape == y.shape and np.abs(x - y).max() <= 1
+    with pytest.raises(ValueError, match="encode_threads >= 0"):
+        JpegColorizer(model, cpu, encode_threads=-1, **kwargs)
+
     # An encoder that fails on one image (27 px wide) fails that file alone: None, for the
     # CPU path to take over, and the rest of its piece is encoded file by file.
     def failing_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
@@ -1454,7 +1469,12 @@ def test_nvjpeg_path_matches_the_pillow_codec() -> None:
     pil = JpegColorizer(model, cuda, codec=pil_codec(cuda.device), **kwargs)(
         files, [b""] * len(files), turns
     )
-    for a, b in zip(nv, pil, strict=True):
-        x, y = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32) for d in (a, b))
-        assert x.shape == y.shape and np.abs(x - y).mean() < 3.0
+    threaded = JpegColorizer(model, cuda, encode_threads=2, **kwargs)(
+        files, [b""] * len(files), turns
+    )
+    for a, b, c in zip(nv, pil, threaded, strict=True):
+        x, y, z = (np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.float32)
+                   for d in (a, b, c))  # fmt: skip
+        assert x.shape == y.shape == z.shape and np.abs(x - y).mean() < 3.0
+        assert np.abs(y - z).max() <= 1  # the same encoder, after the same device work
     assert Image.open(io.BytesIO(nv[0])).size == (24, 40)  # upright

@@ -187,7 +187,8 @@ def test_compiled_loss_on_gpu_takes_the_overwrite_backward_and_equals_cpu() -> N
         results = []
         for fn, device in ((loss.rebalanced_cross_entropy, "cpu"), (compiled, "cuda")):
             moved = {k: v.to(device) for k, v in batch.items()}
-            logits = moved.pop("logits_NQhw").to(logits_dtype).requires_grad_()
+            # detached: on the CPU in fp32, .to() hands back the batch's own tensor
+            logits = moved.pop("logits_NQhw").to(logits_dtype).detach().requires_grad_()
             value = fn(logits, **moved, nongray_N=nongray_N.to(device))
             value.backward()
             results.append((value.cpu(), logits.grad.cpu()))
