@@ -19,7 +19,7 @@ same call to compare.
 L and its resize (`_prepare`), the network with the annealed mean, the full-size
 reassembly (`_finish`, chroma gamut search) and the same with RGB clipping instead (what
 the anchor does), nvJPEG encode and the CPU threads' (the largest `--encode-threads`), and
-each encoder again while the network runs three times in a thread on another stream (the
+each encoder again in a thread while the network runs three times on another stream (the
 overlap the pieces rely on). Compiled where the mode list has "compiled".
 Prints one JSON document; writes ``$OUT/colorize_gpu.json`` when OUT is set, after every
 measurement (a run cut short by a time limit keeps what it measured).
@@ -47,7 +47,14 @@ from timing import median_ms
 
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs.colorize import predict_ab
-from jobs.colorize_jpeg import JpegColorizer, _finish, _prepare, cpu_encoder, default_codec
+from jobs.colorize_jpeg import (
+    CPU_ENCODE_MAX_PX,
+    JpegColorizer,
+    _finish,
+    _prepare,
+    cpu_encoder,
+    default_codec,
+)
 from jobs.runtime import Precision
 
 QUALITY = 90
@@ -78,8 +85,10 @@ def main() -> None:
     parser.add_argument(
         "--encode-threads",
         default=f"0,{os.cpu_count()}",
-        help="encoders to compare: 0 the codec's own (nvJPEG), N CPU threads (cpu_encoder)",
+        help="encoders to compare: 0 the codec's own (nvJPEG); N CPU threads (cpu_encoder) for "
+        "the images of at most --cpu-encode-max-px pixels, the codec for the larger",
     )
+    parser.add_argument("--cpu-encode-max-px", type=int, default=CPU_ENCODE_MAX_PX)
     parser.add_argument("--stages", action="store_true", help="also each step of a batch apart")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -104,7 +113,8 @@ def main() -> None:
         ):
             colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
                                       quality=QUALITY, compile=mode == "compiled",
-                                      chunks=int(chunks), encode_threads=int(threads))  # fmt: skip
+                                      chunks=int(chunks), encode_threads=int(threads),
+                                      cpu_encode_max_px=args.cpu_encode_max_px)  # fmt: skip
             out_bytes = 0
             for timed in (False, True):
                 if cuda:
@@ -160,7 +170,7 @@ def stage_ms(
     if threads:
         encode_cpu = cpu_encoder(threads)
         out[f"encode_cpu{threads}"] = median_ms(lambda: encode_cpu(images, QUALITY), 5, sync=sync)
-    if device.type == "cuda":  # each encoder in the main thread while the network runs 3 times
+    if device.type == "cuda":  # each encoder in a thread while the network runs 3 times
         stream = torch.cuda.Stream(device)
 
         def networks() -> None:
@@ -169,21 +179,25 @@ def stage_ms(
                     network()
             stream.synchronize()
 
-        def beside(encode=None) -> tuple[float, float]:
-            """(ms until `encode` returned, ms until the networks' thread was done)."""
-            thread = threading.Thread(target=networks)
+        def beside(encode) -> tuple[float, float]:
+            """(ms until `encode`, in a thread as `JpegColorizer` runs it, was done; ms until
+            the networks in this thread were)."""
+            encoded = []
+
+            def encoding() -> None:
+                encode(images, QUALITY)
+                encoded.append(time.perf_counter())
+
+            thread = threading.Thread(target=encoding)
             torch.cuda.synchronize()
             start = time.perf_counter()
             thread.start()
-            if encode is not None:
-                encode(images, QUALITY)
-            encoded = time.perf_counter()
+            networks()
+            networked = time.perf_counter()
             thread.join()
-            return 1e3 * (encoded - start), 1e3 * (time.perf_counter() - start)
+            return 1e3 * (encoded[0] - start), 1e3 * (networked - start)
 
         out["network_x3"] = median_ms(networks, 3, sync=sync)
-        beside()  # a thread's first run of the networks
-        out["network_x3_in_thread"] = beside()[1]
         encoders = {"encode": codec.encode}
         if threads:
             encoders[f"encode_cpu{threads}"] = encode_cpu

@@ -55,6 +55,7 @@ import os
 import posixpath
 import re
 import stat
+import sys
 import tarfile
 import time
 import zipfile
@@ -173,10 +174,11 @@ class ColorizeConfig:
     jpeg_path: Literal["auto", "device", "cpu"] = "auto"
     """Where JPEGs are decoded and encoded: on the model's device (nvJPEG, see
     `jobs.colorize_jpeg`), on CPUs, or auto (the device when the model runs on a GPU)."""
-    encode_threads: int = 0
-    """Device JPEG path: CPU threads per model actor that encode the colorized images
-    (libjpeg-turbo, after one copy to the host) instead of nvJPEG on the GPU, which frees
-    the GPU for the network (0: nvJPEG). --actor-cpus reserves the cores for them."""
+    encode_threads: int | None = None
+    """Device JPEG path: CPU threads per model actor that encode the colorized images of up
+    to about 0.5 MP (libjpeg-turbo, after one copy to the host; `jobs.colorize_jpeg`), which
+    frees the GPU for the network; nvJPEG encodes the larger ones. Default: the node's CPUs
+    per GPU, less one (0: nvJPEG for all)."""
     stages: Literal["auto", "fused", "split"] = "auto"
     """fused: each model actor decodes, colorizes, encodes and writes its batches (best when
     the model runs on CPUs, which every stage shares); split: decode and write tasks around
@@ -204,7 +206,7 @@ class ColorizeConfig:
             raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
         if min(self.max_file_mb, self.archive_part_mb, self.actor_cpus, self.task_cpus) <= 0:
             raise ValueError("max_file_mb, archive_part_mb, actor_cpus and task_cpus must be > 0")
-        if self.encode_threads < 0:
+        if self.encode_threads is not None and self.encode_threads < 0:
             raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_threads and self.jpeg_path == "cpu":
             raise ValueError("encode_threads is the device JPEG path's: drop jpeg_path cpu")
@@ -999,7 +1001,7 @@ class Colorizer:
                 temperature=cfg.temperature,
                 quality=cfg.quality,
                 compile=cfg.compile,
-                encode_threads=cfg.encode_threads,
+                encode_threads=_encode_threads(cfg),
             )
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:
@@ -1049,6 +1051,20 @@ class Colorizer:
             for key in ("l_small", "pages", "route", "status", "reason", "data"):
                 batch[key][i] = redo[key]
         return encoded
+
+
+def _encode_threads(cfg: ColorizeConfig) -> int:
+    """cfg.encode_threads, or by default the CPUs per GPU of this node (as Ray counts them,
+    in an actor, which sees its own GPU only), less one for the thread that drives the GPU."""
+    if cfg.encode_threads is not None:
+        return cfg.encode_threads
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    ray = sys.modules.get("ray")  # imported in a Ray worker; not worth importing otherwise
+    if ray is not None and ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+        cpus, gpus = resources.get("CPU", cpus), resources.get("GPU", gpus)
+    return max(0, int(cpus // max(1, gpus)) - 1)
 
 
 def colorize_file(
