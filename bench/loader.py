@@ -14,7 +14,9 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
   (ahead, in their own threads), the epoch's permutation, decoding (OpenCV, the pixels of
   `jobs.images.decode_rgb`, EXIF orientation included), crop and flip with the per-sample
   seeded generators in its thread pool, steps started ahead, a background prefetch thread.
-  Its time is one epoch from the first request, shard reads included.
+  Its time is one epoch from the first request, shard reads included. It runs on 1, 2, 4, ...
+  threads up to ``--threads`` (default: every core), which shows where more threads stop
+  paying (`jobs.loader.DECODE_THREADS_MAX`).
 
 Each figure is the median of several timed passes over the dataset after an untimed one.
 
@@ -251,6 +253,11 @@ def encode_jpeg_420(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def thread_counts(most: int) -> list[int]:
+    """The decoding threads to measure: powers of two below `most`, and `most`."""
+    return [t for t in (1, 2, 4, 8, 16, 32, 64) if t < most] + [most]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1024, help="images in the dataset")
@@ -281,8 +288,9 @@ def main() -> None:
 
         plain = median_ips(plain_ips)
         rows = [("plain PIL loop (decode, crop, flip)", 1, plain)]
-        pil = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "pil"))
-        rows.append(("TrainLoader, CPU threads", args.threads, pil))
+        for threads in thread_counts(args.threads):
+            pil = median_ips(lambda t=threads: loader_epoch(index, args.batch_size, t, "pil"))
+            rows.append(("TrainLoader, CPU threads", threads, pil))
         if torch.cuda.is_available():
             nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
             rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))

@@ -28,8 +28,8 @@ beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the an
 over a prepared dataset of JPEG shards in a temporary folder (``--shard-images`` JPEGs of the
 same photos at a short side of 256, as `bench/loader.py` writes them), decoded by each of
 ``--decode`` (default on CUDA: nvJPEG on the GPU, the job's choice there, and the CPU threads,
-one per core; on CPU the threads), instead of one batch already on the device. Its rows are
-named ``MODE+shards:DECODE``; the table gives their rates as a share of the same mode's
+as many as a worker with every core runs (`jobs.loader.decode_threads`); on CPU the threads),
+instead of one batch already on the device. Its rows are named ``MODE+shards:DECODE``; the table gives their rates as a share of the same mode's
 synthetic rate, and the loader's own rate with each decoder (batches taken, no step) is
 printed above the table.
 """
@@ -61,7 +61,7 @@ from colorcore.color import rgb_to_lab
 from colorcore.data import CROP_PX
 from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import AbHistogram
-from jobs.loader import DatasetIndex, TrainLoader
+from jobs.loader import DatasetIndex, TrainLoader, decode_threads
 from jobs.runtime import cpu_has_bf16_units
 from jobs.train import TrainConfig, rebalance_from
 from jobs.train_loop import step_loss
@@ -108,7 +108,8 @@ def shard_batches(
     """Batches of the job's loader over the dataset at `root`, decoded by `decode`, on `device`."""
     loader = TrainLoader(
         DatasetIndex.load(root), rank=0, world_size=1, batch_size=batch, crop_px=CROP_PX,
-        seed=0, num_threads=os.cpu_count(), decode=decode, pin_memory=device.type == "cuda",
+        seed=0, num_threads=decode_threads(os.cpu_count()), decode=decode,
+        pin_memory=device.type == "cuda",
     )  # fmt: skip
     with contextlib.closing(iter(loader)) as batches:
         for b in batches:

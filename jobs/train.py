@@ -80,7 +80,8 @@ class TrainConfig:
     """GPU model the workers run on, as Ray names it (L40S, H100, ...; needs use_gpu): on a
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per worker (fractions allowed; decode threads follow it)."""
+    """CPUs reserved per worker (fractions allowed; the loader decodes on as many threads,
+    2 to 8)."""
     batch_size: int = 40
     """Global batch: images per optimizer step over all workers."""
     grad_accum_steps: int = 1

@@ -34,7 +34,7 @@ from colorcore.model import ColorizationNet
 from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
-from jobs.loader import DatasetIndex, TrainLoader
+from jobs.loader import DatasetIndex, TrainLoader, decode_threads
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
 from jobs.node_cache import NodeCache
 from jobs.runtime import choose_precision, keep_freed_memory
@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         read_groups=cfg.read_groups,
         start_epoch=epoch,
         start_offset=offset,
-        num_threads=max(2, int(cfg.cpus_per_worker)),
+        num_threads=decode_threads(cfg.cpus_per_worker),
         decode=decode,
         pin_memory=device.type == "cuda",
         s3=cfg.s3,

@@ -18,7 +18,7 @@ from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
 from jobs.dataset import shard_parquet
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, epoch_orders, epoch_windows
+from jobs.loader import DatasetIndex, TrainLoader, decode_threads, epoch_orders, epoch_windows
 from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 
@@ -37,6 +37,10 @@ def dataset(dataset_root) -> DatasetIndex:
 def loader(index: DatasetIndex, rank: int, **kw) -> TrainLoader:
     args = {"world_size": 2, "batch_size": 3, "crop_px": 32, "seed": 7, "window_images": 6} | kw
     return TrainLoader(index, rank=rank, **args)
+
+
+def test_decode_threads_follow_the_cpus_from_2_to_8() -> None:
+    assert [decode_threads(c) for c in (0.5, 1, 3, 4.9, 8, 16, 96)] == [2, 2, 3, 4, 8, 8, 8]
 
 
 def test_index_leaves_out_grayscale(dataset) -> None:
