@@ -3,10 +3,12 @@
 On a GPU, nvJPEG (``torchvision.io``, imported only here and only on CUDA) decodes a batch of
 JPEGs, and everything after stays on the device: L at full size, L resized for the network,
 the network under autocast, the annealed mean, the full-size reassembly with the chroma
-gamut mapping (`jobs.colorize.reassemble`), and nvJPEG encoding. An image crosses the bus
-twice, compressed, and no CPU core touches its pixels; on CPUs, JPEG work alone caps 16
-cores at about 2,000 images/s for 1024 x 768. The colour math is the CPU path's, so the two
-paths differ only by their JPEG codecs' rounding.
+gamut mapping (`jobs.colorize.reassemble`), and encoding: by nvJPEG, an image crossing the
+bus twice, compressed, with no CPU core touching its pixels (on CPUs, JPEG work alone caps 16
+cores at about 2,000 images/s for 1024 x 768); or, for small images when the colorizer has
+CPU threads for it (`cpu_encoder`), by libjpeg-turbo after one uncompressed copy to the
+host, which is faster there and frees the GPU. The colour math is the CPU path's, so the
+two paths differ only by their JPEG codecs' rounding.
 
 `jobs.colorize` routes a file here when the header check (`eligible`) passes: a single-frame
 8-bit JPEG in gray or YCbCr colour, within the pixel limit. CMYK / YCCK JPEGs, 12-bit ones
