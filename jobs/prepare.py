@@ -414,16 +414,16 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
     whose settings or inputs differ."""
     url = storage.join(cfg.dst, WORK_DIR, "config.json")
     wanted = {"src": cfg.src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
-    if storage.exists(url, cfg.s3):
-        found = json.loads(storage.read_bytes(url, cfg.s3))
-        changed = sorted(k for k in found if found[k] != wanted.get(k))  # keys it recorded
-        if changed:
-            raise ValueError(
-                f"{cfg.dst} was prepared from other {', '.join(changed)} (SRC changed, or other "
-                "settings); use a new DST"
-            )
-    else:
-        storage.write_bytes(url, json.dumps(wanted).encode(), cfg.s3)
+    # Created only where absent: of two first runs at once, the second finds the first's.
+    if storage.create_bytes(url, json.dumps(wanted).encode(), cfg.s3):
+        return
+    found = json.loads(storage.read_bytes(url, cfg.s3))
+    changed = sorted(k for k in found if found[k] != wanted.get(k))  # keys it recorded
+    if changed:
+        raise ValueError(
+            f"{cfg.dst} was prepared from other {', '.join(changed)} (SRC changed, or other "
+            "settings); use a new DST"
+        )
 
 
 def main(cfg: PrepareConfig) -> Manifest:

@@ -269,6 +269,29 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
 
+def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
+    """Write a whole object unless the URL holds one already: whether this call created it.
+    Of callers racing to create one URL, one wins, and the others find its content: S3
+    writes with If-None-Match (which MinIO and moto honour too), a local file is hard-linked
+    into place. Readers never see a partial file."""
+    fs, path = filesystem(url, s3)
+    if is_local(url):
+        tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+        fs.pipe_file(tmp, data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    try:  # a retry after a lost reply finds this call's own object: then its content decides
+        with_retries(lambda: fs.pipe_file(path, data, mode="create"), what=f"create {url}")
+        return True
+    except FileExistsError:
+        return False
+
+
 def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
     """Delete files of one filesystem; those already gone are not an error. Names are taken
     as they are, never as glob patterns (``[``, ``*`` and ``?`` are valid in keys)."""

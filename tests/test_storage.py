@@ -39,6 +39,18 @@ def test_bytes_round_trip_listing_and_exists(root_url) -> None:
         storage.read_bytes(storage.join(root_url, "missing.bin"))
 
 
+def test_of_writers_racing_to_create_a_file_one_wins_and_none_overwrites(root_url) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = storage.join(root_url, "claim", "config.json")
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(lambda i: storage.create_bytes(url, b"%d" % i), range(16)))
+    assert created.count(True) == 1
+    assert storage.read_bytes(url) == b"%d" % created.index(True)
+    assert storage.list_files(storage.join(root_url, "claim")) == [url]  # no temporary left
+    assert not storage.create_bytes(url, b"late") and storage.read_bytes(url) != b"late"
+
+
 def test_read_each_and_read_range_give_each_file_in_order(root_url) -> None:
     """Reads overlap, results keep their order; a missing file gives its error in its place,
     a None URL gives None; a range read past the end gives the bytes there are."""
