@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="4,1", help="pieces per batch, to compare")
     parser.add_argument(
         "--encode-threads",
-        default=f"0,{os.cpu_count()}",
+        default=f"0,{max(1, (os.cpu_count() or 2) - 1)}",  # the job's default on one GPU
         help="encoders to compare: 0 the codec's own (nvJPEG); N CPU threads (cpu_encoder) for "
         "the images of at most --cpu-encode-max-px pixels, the codec for the larger",
     )

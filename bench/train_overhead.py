@@ -42,7 +42,7 @@ from colorcore.data import make_targets
 from colorcore.datainit import data_dependent_init
 from colorcore.model import ColorizationNet
 from colorcore.weights import save_checkpoint
-from jobs.loader import DatasetIndex, TrainLoader
+from jobs.loader import DatasetIndex, TrainLoader, decode_threads
 from jobs.runtime import choose_precision, init_ray
 from jobs.train import (
     TrainConfig,
@@ -92,7 +92,7 @@ def in_process(cfg: TrainConfig, run_dir: str) -> tuple[float, float]:
         data_dependent_init(model, make_targets(next(iter(first)).rgb_N3HW).l_N1HW)
     loader = TrainLoader(
         index, **shape, batch_size=cfg.batch_size, seed=cfg.seed, window_images=cfg.window_images,
-        num_threads=max(2, torch.get_num_threads()),
+        num_threads=decode_threads(torch.get_num_threads()),
     )  # fmt: skip
     batches = iter(loader)
     optimizer = torch.optim.Adam(

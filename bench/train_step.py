@@ -29,9 +29,9 @@ over a prepared dataset of JPEG shards in a temporary folder (``--shard-images``
 same photos at a short side of 256, as `bench/loader.py` writes them), decoded by each of
 ``--decode`` (default on CUDA: nvJPEG on the GPU, the job's choice there, and the CPU threads,
 as many as a worker with every core runs (`jobs.loader.decode_threads`); on CPU the threads),
-instead of one batch already on the device. Its rows are named ``MODE+shards:DECODE``; the table gives their rates as a share of the same mode's
-synthetic rate, and the loader's own rate with each decoder (batches taken, no step) is
-printed above the table.
+instead of one batch already on the device. Its rows are named ``MODE+shards:DECODE``; the
+table gives their rates as a share of the same mode's synthetic rate, and the loader's own
+rate with each decoder (batches taken, no step) is printed above the table.
 """
 
 from __future__ import annotations

@@ -177,8 +177,9 @@ class ColorizeConfig:
     encode_threads: int | None = None
     """Device JPEG path: CPU threads per model actor that encode the colorized images of up
     to about 0.5 MP (libjpeg-turbo, after one copy to the host; `jobs.colorize_jpeg`), which
-    frees the GPU for the network; nvJPEG encodes the larger ones. Default: the node's CPUs
-    per GPU, less one (0: nvJPEG for all)."""
+    frees the GPU for the network; nvJPEG encodes the larger ones. Default: on GPUs the
+    node's CPUs per GPU, less one (0: nvJPEG for all). Ray does not count them among the
+    actor's CPUs (--actor-cpus)."""
     stages: Literal["auto", "fused", "split"] = "auto"
     """fused: each model actor decodes, colorizes, encodes and writes its batches (best when
     the model runs on CPUs, which every stage shares); split: decode and write tasks around
@@ -209,7 +210,9 @@ class ColorizeConfig:
         if self.encode_threads is not None and self.encode_threads < 0:
             raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_threads and self.jpeg_path == "cpu":
-            raise ValueError("encode_threads is the device JPEG path's: drop jpeg_path cpu")
+            raise ValueError(
+                "encode_threads is the device JPEG path's: drop encode_threads or jpeg_path cpu"
+            )
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
         if self.accelerator_type and self.device == "cpu":
@@ -1001,7 +1004,7 @@ class Colorizer:
                 temperature=cfg.temperature,
                 quality=cfg.quality,
                 compile=cfg.compile,
-                encode_threads=_encode_threads(cfg),
+                encode_threads=_encode_threads(cfg, self.precision.device),
             )
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:
@@ -1053,18 +1056,26 @@ class Colorizer:
         return encoded
 
 
-def _encode_threads(cfg: ColorizeConfig) -> int:
-    """cfg.encode_threads, or by default the CPUs per GPU of this node (as Ray counts them,
-    in an actor, which sees its own GPU only), less one for the thread that drives the GPU."""
+def _encode_threads(cfg: ColorizeConfig, device: torch.device) -> int:
+    """cfg.encode_threads, or by default on a GPU the CPUs per GPU of this node, less one for
+    the thread that drives the GPU (none on CPUs, where every actor encodes its own)."""
     if cfg.encode_threads is not None:
         return cfg.encode_threads
-    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-    ray = sys.modules.get("ray")  # imported in a Ray worker; not worth importing otherwise
-    if ray is not None and ray.is_initialized():
-        node = ray.get_runtime_context().get_node_id()
-        resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
-        cpus, gpus = resources.get("CPU", cpus), resources.get("GPU", gpus)
+    if device.type != "cuda":
+        return 0
+    cpus, gpus = _node_resources() or (os.cpu_count() or 1, torch.cuda.device_count())
     return max(0, int(cpus // max(1, gpus)) - 1)
+
+
+def _node_resources() -> tuple[float, float] | None:
+    """(CPUs, GPUs) of this node as Ray counts them, in a Ray worker (an actor's
+    torch.cuda.device_count() sees its own GPU only); None elsewhere."""
+    ray = sys.modules.get("ray")  # imported in a Ray worker; not worth importing otherwise
+    if ray is None or not ray.is_initialized():
+        return None
+    node = ray.get_runtime_context().get_node_id()
+    resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), None)
+    return None if resources is None else (resources.get("CPU", 0.0), resources.get("GPU", 0.0))
 
 
 def colorize_file(

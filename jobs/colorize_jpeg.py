@@ -24,7 +24,6 @@ Legend: N batch, H, W full size, S network input side, s = S / 4 network output 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import itertools
 from collections import defaultdict
@@ -350,7 +349,7 @@ class JpegColorizer:
             rows = [i for i, here in enumerate(on_cpu) if here == cpu]
             if rows:
                 some = [images[i] for i in rows]
-                encoded = each_or_none(functools.partial(encode, quality=self.quality), some)
+                encoded = each_or_none(lambda part, fn=encode: fn(part, self.quality), some)
                 for i, data in zip(rows, encoded, strict=True):
                     out[i] = data
         return out

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_IMAGES = 16384  # images shuffled together: see epoch_windows
 READ_THREADS = 8  # row groups read at once by a worker
+INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
 # Decoding threads a loader runs at most: each image also holds the GIL for a while (its
 # crop's generator, the crop's copy out), and past about 8 threads the handoffs cost more than
 # the threads add. On an H200 host's 16 cores (2026-11-30), the threads' per-image work ran
@@ -89,9 +90,6 @@ DECODE_THREADS_MAX = 8
 def decode_threads(cpus: float) -> int:
     """The decoding threads of a loader that has `cpus` CPUs: 2 to DECODE_THREADS_MAX."""
     return min(DECODE_THREADS_MAX, max(2, int(cpus)))
-
-
-INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
 
 
 @dataclass(frozen=True)

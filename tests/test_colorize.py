@@ -215,7 +215,7 @@ def test_config_is_validated_and_parses(capsys) -> None:
         colorize.ColorizeConfig(input="/a", output="/b", model="m", int8_max_ab_error=0)
     with pytest.raises(ValueError, match="encode_threads must be >= 0"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", encode_threads=-1)
-    with pytest.raises(ValueError, match="drop jpeg_path cpu"):
+    with pytest.raises(ValueError, match="drop encode_threads or jpeg_path cpu"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", encode_threads=4,
                                 jpeg_path="cpu")  # fmt: skip
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
@@ -225,14 +225,42 @@ def test_config_is_validated_and_parses(capsys) -> None:
     assert printed["format"] == "png"
 
 
-def test_encode_threads_default_to_the_nodes_cpus_per_gpu_less_one(ray_session) -> None:
+def test_encode_threads_default_to_the_nodes_cpus_per_gpu_less_one(
+    ray_session, monkeypatch
+) -> None:
     import ray
 
     cfg = colorize.ColorizeConfig(input="/a", output="/b", model="m")
-    assert colorize._encode_threads(dataclasses.replace(cfg, encode_threads=3)) == 3
-    # in a Ray worker, from the node's resources as Ray counts them: 2 CPUs, no GPU
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert colorize._encode_threads(dataclasses.replace(cfg, encode_threads=3), cuda) == 3
+    assert colorize._encode_threads(cfg, cpu) == 0  # CPU actors encode their own
+    # in a Ray worker: the node's resources as Ray counts them (this one: 2 CPUs, no GPU)
+    assert ray.get(ray.remote(num_cpus=0.1)(colorize._node_resources).remote()) == (2.0, 0.0)
     task = ray.remote(num_cpus=0.1)(colorize._encode_threads)
-    assert ray.get(task.remote(cfg)) == 1
+    assert ray.get(task.remote(cfg, cuda)) == 1
+    monkeypatch.setattr(colorize, "_node_resources", lambda: (32.0, 2.0))  # 2 GPUs, 32 CPUs
+    assert colorize._encode_threads(cfg, cuda) == 15
+
+
+def test_cpu_encoder_keeps_each_images_place_and_colour_and_fails_file_by_file() -> None:
+    """Images of two sizes (two copies to the host), in RGB: each file decodes to its own
+    colour at its own place; an image the encoder refuses (no pixels) fails alone."""
+    from jobs.colorize_jpeg import cpu_encoder
+    from jobs.images import each_or_none
+
+    colours = [(200, 30, 10), (10, 200, 30), (30, 10, 200)]
+    shapes = [(4, 6), (5, 3), (4, 6)]
+    images = [torch.tensor(c, dtype=torch.uint8)[:, None, None].expand(3, h, w).contiguous()
+              for c, (h, w) in zip(colours, shapes, strict=True)]  # fmt: skip
+    encode = cpu_encoder(2)
+    assert encode([], 90) == []
+    out = encode(images, 90)
+    for data, colour, (h, w) in zip(out, colours, shapes, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(data)))
+        assert pixels.shape == (h, w, 3) and np.abs(pixels.astype(int) - colour).max() <= 3
+    empty = torch.zeros((3, 0, 6), dtype=torch.uint8)
+    got = each_or_none(lambda some: encode(some, 90), [images[0], empty, images[2]])
+    assert got == [out[0], None, out[2]]
 
 
 @pytest.mark.parametrize("name", ["../x.jpg", "/etc/x.jpg", "a/../../x.jpg", "..", "C:\\x.jpg",
@@ -1491,7 +1519,7 @@ def test_nvjpeg_path_matches_the_pillow_codec() -> None:
     pil = JpegColorizer(model, cuda, codec=pil_codec(cuda.device), **kwargs)(
         files, [b""] * len(files), turns
     )
-    threaded = JpegColorizer(model, cuda, encode_threads=2, **kwargs)(
+    threaded = JpegColorizer(model, cuda, chunks=1, encode_threads=2, **kwargs)(
         files, [b""] * len(files), turns
     )
     for a, b, c in zip(nv, pil, threaded, strict=True):
