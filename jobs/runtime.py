@@ -159,7 +159,12 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is visible")
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"device 'cuda' requested but torch {torch.__version__} ({build}) sees no CUDA "
+            "device: on a GPU machine, its NVIDIA driver must support that CUDA version "
+            "(CUDA 13: driver 580 or newer; nvidia-smi shows both)"
+        )
     if dtype == "auto":
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype, why = "bf16", "the GPU supports bf16"
