@@ -16,7 +16,8 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
   seeded generators in its thread pool, steps started ahead, a background prefetch thread.
   Its time is one epoch from the first request, shard reads included. It runs on 1, 2, 4, ...
   threads up to ``--threads`` (default: every core), which shows where more threads stop
-  paying (`jobs.loader.DECODE_THREADS_MAX`).
+  paying (`jobs.loader.DECODE_THREADS_MAX`); then in ``--threads`` processes
+  (``decode="processes"``), where the GIL is no one's to share.
 
 Each figure is the median of several timed passes over the dataset after an untimed one.
 
@@ -291,6 +292,10 @@ def main() -> None:
         for threads in thread_counts(args.threads):
             pil = median_ips(lambda t=threads: loader_epoch(index, args.batch_size, t, "pil"))
             rows.append(("TrainLoader, CPU threads", threads, pil))
+        processes = median_ips(
+            lambda: loader_epoch(index, args.batch_size, args.threads, "processes")
+        )
+        rows.append(("TrainLoader, CPU processes", args.threads, processes))
         if torch.cuda.is_available():
             nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
             rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))

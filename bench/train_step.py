@@ -27,8 +27,9 @@ beside ``shared_bench/gpu_anchor.py`` on the same machine to compare with the an
 ``--shards`` also runs each mode end to end: the batches come from `jobs.loader.TrainLoader`
 over a prepared dataset of JPEG shards in a temporary folder (``--shard-images`` JPEGs of the
 same photos at a short side of 256, as `bench/loader.py` writes them), decoded by each of
-``--decode`` (default on CUDA: nvJPEG on the GPU, the job's choice there, and the CPU threads,
-as many as a worker with every core runs (`jobs.loader.decode_threads`); on CPU the threads),
+``--decode`` (default on CUDA: nvJPEG on the GPU, the job's choice there, then the CPU threads
+and the CPU processes, as many as a worker with every core runs (`jobs.loader.decode_threads`);
+on CPU the threads and the processes),
 instead of one batch already on the device. Its rows are named ``MODE+shards:DECODE``; the
 table gives their rates as a share of the same mode's synthetic rate, and the loader's own
 rate with each decoder (batches taken, no step) is printed above the table.
@@ -61,7 +62,7 @@ from colorcore.color import rgb_to_lab
 from colorcore.data import CROP_PX
 from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import AbHistogram
-from jobs.loader import DatasetIndex, TrainLoader, decode_threads
+from jobs.loader import DECODE_MODES, DatasetIndex, TrainLoader, decode_threads
 from jobs.runtime import cpu_has_bf16_units
 from jobs.train import TrainConfig, rebalance_from
 from jobs.train_loop import step_loss
@@ -108,7 +109,7 @@ def shard_batches(
     """Batches of the job's loader over the dataset at `root`, decoded by `decode`, on `device`."""
     loader = TrainLoader(
         DatasetIndex.load(root), rank=0, world_size=1, batch_size=batch, crop_px=CROP_PX,
-        seed=0, num_threads=decode_threads(os.cpu_count()), decode=decode,
+        seed=0, num_threads=decode_threads(os.cpu_count(), decode), decode=decode,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     with contextlib.closing(iter(loader)) as batches:
@@ -203,13 +204,14 @@ def main() -> None:
     parser.add_argument("--shard-images", type=int, default=2048, help="JPEGs in the shards")
     parser.add_argument(
         "--decode",
-        default="nvjpeg,pil" if cuda else "pil",
-        help="comma-separated decoders for --shards: nvjpeg (GPU), pil (CPU threads)",
+        default="nvjpeg,pil,processes" if cuda else "pil,processes",
+        help="comma-separated decoders for --shards: nvjpeg (GPU), pil (CPU threads), "
+        "processes (CPU processes)",
     )
     args = parser.parse_args()
     decoders = args.decode.split(",")
-    if set(decoders) - {"nvjpeg", "pil"} or ("nvjpeg" in decoders and not cuda):
-        parser.error(f"--decode {args.decode}: choose from nvjpeg (CUDA only) and pil")
+    if set(decoders) - set(DECODE_MODES) or ("nvjpeg" in decoders and not cuda):
+        parser.error(f"--decode {args.decode}: choose from {DECODE_MODES} (nvjpeg: CUDA only)")
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be >= 1")
     if args.modes:

@@ -24,9 +24,11 @@ none of it and gives Pillow's pixels; anything else with Pillow),
 with the next steps' images queued behind the current one's so the threads never wait on a
 batch boundary, and read the coming steps' row groups in threads of their own, each in one
 ranged read of its JPEG column (the shards' footers, read once at the start, say where);
-a background thread hands out finished batches. On CUDA, `decode="nvjpeg"` decodes on the
-GPU instead. Every worker reads the row groups of the current window (it needs a slice of
-each), the price of an exact, rank-independent sample order: the workers of one machine
+a background thread hands out finished batches. `decode="processes"` runs the same work in
+processes of their own instead, a few images to a task, where threads stop scaling (each
+image holds the GIL for part of its work); on CUDA, `decode="nvjpeg"` decodes on the GPU.
+Every worker reads the row groups of the current window (it needs a slice of each), the
+price of an exact, rank-independent sample order: the workers of one machine
 share them through a `jobs.node_cache.NodeCache`, which reads each from storage once, and
 without one W workers read the data W times over. An image that does not decode (a shard
 damaged since `jobs.prepare` checked it) becomes a black crop, with a warning naming its
@@ -54,10 +56,11 @@ import hashlib
 import io
 import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -85,10 +88,15 @@ INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
 # 4,200 to 5,800 images/s on 8 threads and 2,700 to 3,800 on 16 (four runs each), where
 # OpenCV's decoding alone scaled to 10,800 to 13,000 on 16.
 DECODE_THREADS_MAX = 8
+DECODE_MODES = ("pil", "processes", "nvjpeg")
+PROCESS_TASK_IMAGES = 8  # images a decoding process takes at a time
 
 
-def decode_threads(cpus: float) -> int:
-    """The decoding threads of a loader that has `cpus` CPUs: 2 to DECODE_THREADS_MAX."""
+def decode_threads(cpus: float, decode: str = "pil") -> int:
+    """The decoding threads (or processes) of a loader that has `cpus` CPUs: 2 to
+    DECODE_THREADS_MAX threads; one process a CPU, at least one."""
+    if decode == "processes":
+        return max(1, int(cpus))
     return min(DECODE_THREADS_MAX, max(2, int(cpus)))
 
 
@@ -407,6 +415,33 @@ def _crop_into(
     out_3HW.numpy()[...] = (crop[:, ::-1] if flip else crop).transpose(2, 0, 1)
 
 
+def _process_pool(processes: int) -> ProcessPoolExecutor:
+    """Decoding processes, forked from a server process that has imported this module (quick
+    to start, and sharing the libraries' pages), each on one thread. Not forked from the
+    caller, whose threads (Ray's, CUDA's) a fork would copy in whatever state they were."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "cv2"])
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _crops_in_process(
+    datas: list[bytes], seeds: list[list[int]], where: list[str], crop_px: int
+) -> np.ndarray:
+    """`_crop_into` of each file with its seed's generator, in a decoding process: the
+    (n, 3, crop_px, crop_px) uint8 crops the threads would give."""
+    out = torch.empty((len(datas), 3, crop_px, crop_px), dtype=torch.uint8)
+    for i, (data, seed, place) in enumerate(zip(datas, seeds, where, strict=True)):
+        _crop_into(out[i], memoryview(data), np.random.default_rng(seed), place)
+    return out.numpy()
+
+
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     """A shard's JPEG as (H, W, 3) uint8 RGB, upright, through OpenCV: the pixels of
     `decode_rgb` (the same libjpeg-turbo decoding, EXIF orientation applied), from one call
@@ -494,8 +529,8 @@ class TrainLoader:
             raise ValueError(f"dataset has {problem}")
         if start_offset % self.global_batch:
             raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
-        if decode not in ("pil", "nvjpeg"):
-            raise ValueError(f"decode must be 'pil' or 'nvjpeg', got {decode!r}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.index, self.rank, self.batch_size = index, rank, batch_size
         self.crop_px, self.seed, self.window_images = crop_px, seed, window_images
         self.read_groups = read_groups
@@ -505,7 +540,7 @@ class TrainLoader:
         )  # fmt: skip
         # CPU crops bound for a GPU: in page-locked memory, whose copies to the device run
         # asynchronously (from pageable memory the copy would hold up the training thread).
-        self.pin_memory = pin_memory and decode == "pil"
+        self.pin_memory = pin_memory and decode != "nvjpeg"
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Steps of `epoch`: its smallest read group's whole batches (the images beyond them,
@@ -603,7 +638,26 @@ class TrainLoader:
         """Starts decoding and cropping a batch (`where`: each file's shard and row, for
         warnings); returns the call that waits for its crops (and, on CUDA, the event of
         `stream` after which they are ready)."""
-        rngs = [np.random.default_rng([self.seed, epoch, int(p)]) for p in positions]
+        seeds = [[self.seed, epoch, int(p)] for p in positions]
+        shape = (len(data), 3, self.crop_px, self.crop_px)
+        if self.decode == "processes":
+            crops = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+            n = PROCESS_TASK_IMAGES
+            parts = [
+                (i, pool.submit(_crops_in_process, [bytes(d) for d in data[i : i + n]],
+                                seeds[i : i + n], where[i : i + n], self.crop_px))
+                for i in range(0, len(data), n)
+            ]  # fmt: skip
+
+            def gather() -> tuple[torch.Tensor, None]:
+                view = crops.numpy()
+                for i, part in parts:
+                    block = part.result()
+                    view[i : i + len(block)] = block
+                return crops, None
+
+            return gather
+        rngs = [np.random.default_rng(seed) for seed in seeds]
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
 
@@ -628,11 +682,7 @@ class TrainLoader:
                 ready = torch.cuda.Event()
                 ready.record()
             return lambda: (crops, ready)
-        crops = torch.empty(
-            (len(data), 3, self.crop_px, self.crop_px),
-            dtype=torch.uint8,
-            pin_memory=self.pin_memory,
-        )
+        crops = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
         done = [
             pool.submit(_crop_into, crops[i], d, g, w)
             for i, (d, g, w) in enumerate(zip(data, rngs, where, strict=True))
@@ -655,7 +705,10 @@ class TrainLoader:
         units: dict[int, Future] = {}
         dropped: collections.deque = collections.deque()  # see _delete_dropped
         stream = _loader_stream() if self.decode == "nvjpeg" else None
-        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
+        if self.decode == "processes":
+            pool: Executor = _process_pool(self.num_threads)
+        else:
+            pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
         try:
             while True:

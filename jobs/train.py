@@ -81,7 +81,7 @@ class TrainConfig:
     cluster of several GPU node types, nodes of that type only (default: any GPU)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (fractions allowed; the loader decodes on as many threads,
-    2 to 8)."""
+    2 to 8, or processes)."""
     batch_size: int = 40
     """Global batch: images per optimizer step over all workers."""
     grad_accum_steps: int = 1
@@ -134,9 +134,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model, and the target and loss functions with fullgraph=True (pays off
     on GPUs)."""
-    decode: Literal["auto", "pil", "nvjpeg"] = "auto"
+    decode: Literal["auto", "pil", "processes", "nvjpeg"] = "auto"
     """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
-    same pixels), or nvJPEG on the GPU (auto: nvJPEG with use_gpu)."""
+    same pixels), the same in processes of their own ("processes", one a CPU: past about 8
+    threads they scale where threads stop), or nvJPEG on the GPU (auto: nvJPEG with
+    use_gpu)."""
     checkpoint_every_steps: int = 2_000
     """Steps between checkpoints (a preempted worker loses at most this many)."""
     keep_checkpoints: int = 3

@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         read_groups=cfg.read_groups,
         start_epoch=epoch,
         start_offset=offset,
-        num_threads=decode_threads(cfg.cpus_per_worker),
+        num_threads=decode_threads(cfg.cpus_per_worker, decode),
         decode=decode,
         pin_memory=device.type == "cuda",
         s3=cfg.s3,

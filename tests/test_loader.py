@@ -476,6 +476,31 @@ def test_closing_the_iterator_stops_its_threads(dataset) -> None:
     assert not loader_threads() - before
 
 
+def test_decoding_processes_give_the_threads_batches(dataset) -> None:
+    """The same samples, crops and flips, to the byte, from 3 steps of 2 ranks; and the
+    processes end with the iterator."""
+    import psutil
+
+    def descendants() -> set[int]:  # the fork server once started, and the pool's processes
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+
+    for rank in (0, 1):
+        before = descendants()
+        threads = islice(iter(loader(dataset, rank, num_threads=2)), 3)
+        processes = iter(loader(dataset, rank, num_threads=2, decode="processes"))
+        for a, b in zip(threads, islice(processes, 3), strict=True):
+            assert np.array_equal(a.positions, b.positions)
+            assert (a.epoch, a.next_offset) == (b.epoch, b.next_offset)
+            assert torch.equal(a.rgb_N3HW, b.rgb_N3HW)
+        assert len(descendants() - before) >= 2
+        processes.close()
+        if rank == 1:  # the fork server, started for rank 0, stays; the decoders are gone
+            assert descendants() == before
+    assert [decode_threads(c, "processes") for c in (0.5, 3, 16)] == [1, 3, 16]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        loader(dataset, 0, decode="gpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_batches_match_the_pil_batches(dataset) -> None:

@@ -185,14 +185,15 @@ def test_checkpoint_offset_matches_the_step(ci_run) -> None:
 
 def test_gradient_accumulation_on_two_workers_in_two_read_groups(ci_config) -> None:
     """Two micro-batches a step on each of two DDP workers (gradients synchronised on the
-    last only), each worker reading its own part of the data: the run ends at its step
-    count, its loss finite, and the stored offset counts whole global batches of the
-    two groups' epochs."""
+    last only), each worker reading its own part of the data and decoding it in processes
+    of its own: the run ends at its step count, its loss finite, and the stored offset
+    counts whole global batches of the two groups' epochs."""
     from jobs.loader import DatasetIndex, TrainLoader
 
     cfg = dataclasses.replace(
         ci_config, name="accumulated", grad_accum_steps=2, max_steps=20, lr_drop_steps=(5,),
         checkpoint_every_steps=10, val_every_steps=20, log_every_steps=10, read_groups=2,
+        decode="processes",
     )  # fmt: skip
     assert cfg.micro_batch * cfg.grad_accum_steps * cfg.num_workers == cfg.batch_size == 16
     metrics = train.main(cfg)
