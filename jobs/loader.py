@@ -418,7 +418,9 @@ def _crop_into(
 def _process_pool(processes: int) -> ProcessPoolExecutor:
     """Decoding processes, forked from a server process that has imported this module (quick
     to start, and sharing the libraries' pages), each on one thread. Not forked from the
-    caller, whose threads (Ray's, CUDA's) a fork would copy in whatever state they were."""
+    caller, whose threads (Ray's, CUDA's) a fork would copy in whatever state they were.
+    Each process imports the caller's main module first, as Python's forkserver does: a
+    script that makes such a loader needs the ``if __name__ == "__main__":`` guard."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, "cv2"])
     return ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread)
