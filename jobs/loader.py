@@ -57,8 +57,11 @@ import io
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
+import select
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -390,7 +393,11 @@ def _undecodable(where: str, error: object) -> None:
 
 
 def _crop_into(
-    out_3HW: torch.Tensor, data: memoryview, rng: np.random.Generator, where: str
+    out_3HW: torch.Tensor,
+    data: memoryview,
+    rng: np.random.Generator,
+    where: str,
+    undecodable: Callable[[str, object], None] = _undecodable,
 ) -> None:
     """`random_crop_flip` of the decoded image with `rng`, written into `out_3HW`; cropped
     and flipped as views before the pixels are copied (once), when no upscaling is needed.
@@ -401,7 +408,7 @@ def _crop_into(
         if rgb_HW3 is None:  # not a JPEG OpenCV reads: the checked decoder, and its error
             rgb_HW3 = np.asarray(decode_rgb(data))
     except Exception as error:
-        _undecodable(where, error)
+        undecodable(where, error)
         out_3HW.zero_()
         return
     crop_px = out_3HW.shape[-1]
@@ -416,32 +423,65 @@ def _crop_into(
 
 
 def _process_pool(processes: int) -> ProcessPoolExecutor:
-    """Decoding processes, forked from a server process that has imported this module (quick
-    to start, and sharing the libraries' pages), each on one thread. Not forked from the
-    caller, whose threads (Ray's, CUDA's) a fork would copy in whatever state they were.
-    Each process imports the caller's main module first, as Python's forkserver does: a
-    script that makes such a loader needs the ``if __name__ == "__main__":`` guard."""
+    """Decoding processes, forked from a server process that has imported this module and
+    OpenCV (quick to start), each on one thread. Not forked from the caller, whose threads
+    (Ray's, CUDA's) a fork would copy in whatever state they were. Each process then imports
+    the caller's main module, as Python's forkserver does (in a Ray worker, Ray's worker
+    script: about 35 MB and 0.3 s a process): a script that makes such a loader needs the
+    ``if __name__ == "__main__":`` guard."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, "cv2"])
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread)
+    return ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_decoder_init, initargs=(os.getpid(),)
+    )
 
 
-def _one_thread() -> None:
+def _decoder_init(loader_pid: int) -> None:
+    """A decoding process: one thread for torch and OpenCV, and an end when the loader's
+    process ends, however it ends. Forked from the server, a decoder holds its own end of
+    the pool's pipes, which therefore never tell it that a killed loader is gone."""
     import cv2
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    watch = threading.Thread(target=_exit_with, args=(loader_pid,), daemon=True)
+    watch.start()
+
+
+def _exit_with(pid: int) -> None:
+    """Ends this process once process `pid` has ended."""
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (an old kernel), or gone already: poll
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([handle], [], [])  # readable when the process has ended
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _crops_in_process(
     datas: list[bytes], seeds: list[list[int]], where: list[str], crop_px: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """`_crop_into` of each file with its seed's generator, in a decoding process: the
-    (n, 3, crop_px, crop_px) uint8 crops the threads would give."""
+    (n, 3, crop_px, crop_px) uint8 crops the threads would give, and (where, error) of the
+    files that did not decode, for the loader's process to log."""
     out = torch.empty((len(datas), 3, crop_px, crop_px), dtype=torch.uint8)
+    failed: list[tuple[str, str]] = []
     for i, (data, seed, place) in enumerate(zip(datas, seeds, where, strict=True)):
-        _crop_into(out[i], memoryview(data), np.random.default_rng(seed), place)
-    return out.numpy()
+        rng = np.random.default_rng(seed)
+        _crop_into(out[i], memoryview(data), rng, place, lambda w, e: failed.append((w, str(e))))
+    return out.numpy(), failed
 
 
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
@@ -634,7 +674,7 @@ class TrainLoader:
         where: list[str],
         epoch: int,
         positions: np.ndarray,
-        pool: ThreadPoolExecutor,
+        pool: Executor,
         stream: torch.cuda.Stream | None,
     ) -> Callable[[], tuple[torch.Tensor, torch.cuda.Event | None]]:
         """Starts decoding and cropping a batch (`where`: each file's shard and row, for
@@ -654,8 +694,10 @@ class TrainLoader:
             def gather() -> tuple[torch.Tensor, None]:
                 view = crops.numpy()
                 for i, part in parts:
-                    block = part.result()
+                    block, failed = part.result()
                     view[i : i + len(block)] = block
+                    for place, error in failed:
+                        _undecodable(place, error)
                 return crops, None
 
             return gather

@@ -414,8 +414,11 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
     whose settings or inputs differ."""
     url = storage.join(cfg.dst, WORK_DIR, "config.json")
     wanted = {"src": cfg.src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
-    # Created only where absent: of two first runs at once, the second finds the first's.
-    if storage.create_bytes(url, json.dumps(wanted).encode(), cfg.s3):
+    # Created only where absent: of two first runs at once, the second finds the first's
+    # (where the store honours the condition: looked for first in any case).
+    if not storage.exists(url, cfg.s3) and storage.create_bytes(
+        url, json.dumps(wanted).encode(), cfg.s3
+    ):
         return
     found = json.loads(storage.read_bytes(url, cfg.s3))
     changed = sorted(k for k in found if found[k] != wanted.get(k))  # keys it recorded

@@ -159,12 +159,17 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ValueError(
-            f"device 'cuda' requested but torch {torch.__version__} ({build}) sees no CUDA "
-            "device: on a GPU machine, its NVIDIA driver must support that CUDA version "
-            "(CUDA 13: driver 580 or newer; nvidia-smi shows both)"
-        )
+        if torch.version.cuda is None:
+            hint = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            hint = (
+                f"torch {torch.__version__} is built for CUDA {torch.version.cuda}; on a GPU "
+                "machine the NVIDIA driver must support that version (nvidia-smi shows the "
+                "highest it does)"
+            )
+        if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+            hint += f"; CUDA_VISIBLE_DEVICES={visible!r}"
+        raise ValueError(f"device 'cuda' requested but torch sees no CUDA device: {hint}")
     if dtype == "auto":
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype, why = "bf16", "the GPU supports bf16"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -271,25 +272,60 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
 
 def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
     """Write a whole object unless the URL holds one already: whether this call created it.
-    Of callers racing to create one URL, one wins, and the others find its content: S3
-    writes with If-None-Match (which MinIO and moto honour too), a local file is hard-linked
-    into place. Readers never see a partial file."""
+    Of callers racing to create one URL, one wins and the others find its content, where the
+    store can tell: S3 writes with If-None-Match, which AWS honours (a store that ignores it
+    overwrites); a local file is hard-linked into place, whole. Where the file system has no
+    hard links it is created exclusively and then written, which a reader may catch half
+    written."""
     fs, path = filesystem(url, s3)
     if is_local(url):
-        tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
-        fs.pipe_file(tmp, data)
+        return _create_local(fs, path, data)
+
+    def put() -> None:
         try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
+            fs.pipe_file(path, data, mode="create")
+        except OSError as error:  # a 412 whose reply names no condition: not FileExistsError
+            if _precondition_failed(error):
+                raise FileExistsError(url) from error
+            raise
+
     try:  # a retry after a lost reply finds this call's own object: then its content decides
-        with_retries(lambda: fs.pipe_file(path, data, mode="create"), what=f"create {url}")
+        with_retries(put, what=f"create {url}")
         return True
     except FileExistsError:
         return False
+
+
+def _create_local(fs, path: str, data: bytes) -> bool:
+    tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+    try:
+        fs.pipe_file(tmp, data)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+            raise
+        try:  # no hard links here: created exclusively, written in place
+            with open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether an S3 error is a 412 Precondition Failed (s3fs passes it on as
+    FileExistsError only when the reply names the If-None-Match condition)."""
+    cause = getattr(error, "__cause__", None)
+    response = getattr(cause, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code == "PreconditionFailed" or status == 412
 
 
 def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:

@@ -136,9 +136,9 @@ class TrainConfig:
     on GPUs)."""
     decode: Literal["auto", "pil", "processes", "nvjpeg"] = "auto"
     """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
-    same pixels), the same in processes of their own ("processes", one a CPU: past about 8
-    threads they scale where threads stop), or nvJPEG on the GPU (auto: nvJPEG with
-    use_gpu)."""
+    same pixels), the same in processes of their own ("processes", one a CPU: for hosts of
+    many cores, where threads stop scaling past about 8; not yet measured on one), or nvJPEG
+    on the GPU (auto: nvJPEG with use_gpu)."""
     checkpoint_every_steps: int = 2_000
     """Steps between checkpoints (a preempted worker loses at most this many)."""
     keep_checkpoints: int = 3

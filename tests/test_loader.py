@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,8 @@ from jobs.dataset import shard_parquet
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
 from jobs.loader import DatasetIndex, TrainLoader, decode_threads, epoch_orders, epoch_windows
 from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -356,9 +361,11 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 
-def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog) -> None:
+@pytest.mark.parametrize("decode", ["pil", "processes"])
+def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> None:
     """The run goes on with the same order: the damaged row's crop is black, the others are
-    the crops of an intact copy of the dataset."""
+    the crops of an intact copy of the dataset; the warning reaches this process's log
+    from the decoding processes too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -379,7 +386,7 @@ def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog) -> None:
             for rank in (0, 1)  # three epochs on both ranks
             for pair in zip(
                 islice(loader(DatasetIndex.load(intact), rank), 9),
-                islice(loader(index, rank), 9),
+                islice(loader(index, rank, decode=decode), 9),
                 strict=True,
             )
         ]
@@ -477,28 +484,71 @@ def test_closing_the_iterator_stops_its_threads(dataset) -> None:
 
 
 def test_decoding_processes_give_the_threads_batches(dataset) -> None:
-    """The same samples, crops and flips, to the byte, from 3 steps of 2 ranks; and the
-    processes end with the iterator."""
-    import psutil
+    """The same samples, crops and flips, to the byte, from 3 steps of 2 ranks (crops of 48
+    are scaled up first); the decoders end with the iterator."""
 
-    def descendants() -> set[int]:  # the fork server once started, and the pool's processes
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-
-    for rank in (0, 1):
-        before = descendants()
-        threads = islice(iter(loader(dataset, rank, num_threads=2)), 3)
-        processes = iter(loader(dataset, rank, num_threads=2, decode="processes"))
+    for rank, crop_px in ((0, 32), (1, 48)):
+        before = decoders()
+        threads = islice(iter(loader(dataset, rank, crop_px=crop_px, num_threads=2)), 3)
+        processes = iter(loader(dataset, rank, crop_px=crop_px, num_threads=2, decode="processes"))
         for a, b in zip(threads, islice(processes, 3), strict=True):
             assert np.array_equal(a.positions, b.positions)
             assert (a.epoch, a.next_offset) == (b.epoch, b.next_offset)
             assert torch.equal(a.rgb_N3HW, b.rgb_N3HW)
-        assert len(descendants() - before) >= 2
+        assert len(decoders() - before) >= 2
         processes.close()
         if rank == 1:  # the fork server, started for rank 0, stays; the decoders are gone
-            assert descendants() == before
+            assert decoders() == before
     assert [decode_threads(c, "processes") for c in (0.5, 3, 16)] == [1, 3, 16]
     with pytest.raises(ValueError, match="decode must be one of"):
         loader(dataset, 0, decode="gpu")
+
+
+def decoders(pid: int | None = None) -> set[int]:
+    """The fork server and the decoders forked from it below process `pid` (this one)."""
+    import psutil
+
+    below = psutil.Process(pid).children(recursive=True)
+    return {p.pid for p in below if "multiprocessing.forkserver" in " ".join(_cmdline(p))}
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:  # ended meanwhile
+        return []
+
+
+def test_decoding_processes_end_when_their_loader_is_killed(dataset_root) -> None:
+    """SIGKILL leaves a pool no time to stop its processes: they go by themselves."""
+    import psutil
+
+    script = f"""
+import sys, time
+from jobs.loader import DatasetIndex, TrainLoader
+if __name__ == "__main__":
+    index = DatasetIndex.load({dataset_root!r})
+    loader = TrainLoader(index, rank=0, world_size=1, batch_size=3, crop_px=32, seed=7,
+                         window_images=6, num_threads=2, decode="processes")
+    batches = iter(loader)
+    next(batches)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        below = decoders(child.pid)
+        assert len(below) >= 2  # the fork server and the decoders started so far
+    finally:
+        child.kill()
+        child.wait()
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in below if psutil.pid_exists(p)],
+                                    timeout=10)  # fmt: skip
+    assert not alive, [p.pid for p in alive]
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -49,6 +50,27 @@ def test_of_writers_racing_to_create_a_file_one_wins_and_none_overwrites(root_ur
     assert storage.read_bytes(url) == b"%d" % created.index(True)
     assert storage.list_files(storage.join(root_url, "claim")) == [url]  # no temporary left
     assert not storage.create_bytes(url, b"late") and storage.read_bytes(url) != b"late"
+
+
+def test_exclusive_creation_without_hard_links_and_a_bare_412(tmp_path, monkeypatch) -> None:
+    """Where a file system refuses hard links, the file is created exclusively instead; an
+    S3 412 whose reply names no condition (s3fs then raises a plain OSError) means taken."""
+    import errno
+
+    from botocore.exceptions import ClientError
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    url = str(tmp_path / "claim" / "config.json")
+    assert storage.create_bytes(url, b"first") and not storage.create_bytes(url, b"second")
+    assert storage.read_bytes(url) == b"first" and os.listdir(tmp_path / "claim") == ["config.json"]
+    reply = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
+    bare = OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold")
+    bare.__cause__ = ClientError(reply, "PutObject")
+    assert storage._precondition_failed(bare)
+    assert not storage._precondition_failed(OSError(errno.EIO, "reset"))
 
 
 def test_read_each_and_read_range_give_each_file_in_order(root_url) -> None:
