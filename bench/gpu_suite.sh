@@ -6,15 +6,17 @@
 #
 # ANCHORS is a folder holding shared/bench's gpu_anchor.py and gpu_colorize_anchor.py (copy
 # the whole folder into the checkout, e.g. as shared_bench/, when the machine gets only the
-# checkout). PARTS (default: all, in this order; on an H200, 2026-11-29, "colorize tests"
-# took 3 minutes and "train targets" 3 minutes, plus a minute of machine start):
+# checkout). PARTS (default: all, in this order; on an H200, 2026-11-30, "colorize tests
+# train" took 6 minutes, plus half a minute of machine start):
 #   colorize   bench/colorize_gpu.py compiled, each batch's steps timed apart (--stages),
-#              batches in 4 pipelined pieces and whole, then gpu_colorize_anchor.py
+#              batches in 4 pipelined pieces and whole, encoded by nvJPEG and by the job's
+#              default CPU threads, then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
 #              encoding, compiled Lab steps, the compiled loss backward and BatchNorm averages)
-#   train      bench/loader.py (nvJPEG and CPU threads on every core), bench/train_step.py
-#              compiled bf16, synthetic and from JPEG shards (decoded by nvJPEG, then by the
-#              CPU threads), then the anchor's compiled bf16 step
+#   train      bench/loader.py (nvJPEG, CPU threads 1, 2, 4, ... up to every core, CPU
+#              processes), bench/train_step.py compiled bf16, synthetic and from JPEG shards
+#              (decoded by nvJPEG, by the CPU threads, by CPU processes), then the anchor's
+#              compiled bf16 step
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
 # Needs python3 with torch, torchvision, pillow, opencv-python-headless, scikit-image, pyarrow,
