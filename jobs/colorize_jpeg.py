@@ -221,6 +221,7 @@ class JpegColorizer:
         self.chunks, self.group_px = chunks, group_px
         self.codec = codec or default_codec(precision.device)
         self.cpu_encode = cpu_encoder(encode_threads) if encode_threads else None
+        self.cpu_side = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode-cpu")
         self.cpu_encode_max_px = cpu_encode_max_px
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
@@ -335,23 +336,29 @@ class JpegColorizer:
         self, images: list[torch.Tensor], ready: torch.cuda.Event | None
     ) -> list[bytes | None]:
         """The images' JPEG files once they are finished, the small ones from the CPU
-        encoder when there is one; where an encoder fails, file by file, and None for a file
-        that still fails (the CPU path takes it over)."""
+        encoder when there is one, at the same time as the codec encodes the others; where an
+        encoder fails, file by file, and None for a file that still fails (the CPU path takes
+        it over)."""
         if ready is not None:
             ready.synchronize()  # the encoder's stream does not wait for the compute stream
-        on_cpu = [
-            self.cpu_encode is not None
-            and image.shape[-2] * image.shape[-1] <= self.cpu_encode_max_px
-            for image in images
-        ]
+        limit = self.cpu_encode_max_px if self.cpu_encode is not None else -1
+        small = [i for i, image in enumerate(images) if image[0].numel() <= limit]
+        large = [i for i, image in enumerate(images) if image[0].numel() > limit]
         out: list[bytes | None] = [None] * len(images)
-        for encode, cpu in ((self.cpu_encode, True), (self.codec.encode, False)):
-            rows = [i for i, here in enumerate(on_cpu) if here == cpu]
-            if rows:
-                some = [images[i] for i in rows]
-                encoded = each_or_none(lambda part, fn=encode: fn(part, self.quality), some)
-                for i, data in zip(rows, encoded, strict=True):
-                    out[i] = data
+
+        def encode_rows(encode: Callable[[list[torch.Tensor], int], list[bytes]], rows) -> None:
+            part = [images[i] for i in rows]
+            encoded = each_or_none(lambda some: encode(some, self.quality), part)
+            for i, data in zip(rows, encoded, strict=True):
+                out[i] = data
+
+        # The CPU threads' share from a thread of its own: on a piece of mixed sizes both
+        # encoders work at once.
+        cpu_job = self.cpu_side.submit(encode_rows, self.cpu_encode, small) if small else None
+        if large:
+            encode_rows(self.codec.encode, large)
+        if cpu_job is not None:
+            cpu_job.result()
         return out
 
 
