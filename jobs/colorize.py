@@ -108,7 +108,7 @@ MEMBER_SLACK_BYTES = 1024  # a member's local header or a row's key, beside its 
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
 log = logging.getLogger(__name__)
-_STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage.write_bytes, local
+_STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage._temporary_beside
 
 
 @dataclass(frozen=True, kw_only=True)

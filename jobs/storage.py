@@ -258,7 +258,7 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write a whole object; readers see the old or the new content, never a partial file."""
     fs, path = filesystem(url, s3)
     if is_local(url):
-        tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+        tmp = _temporary_beside(path)
         try:
             fs.pipe_file(tmp, data)
             os.replace(tmp, path)
@@ -268,6 +268,12 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
             raise
     else:  # an object store's PUT is atomic
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+
+
+def _temporary_beside(path: str) -> str:
+    """A local file's temporary name while it is written (`jobs.colorize` sweeps stale ones
+    by this pattern)."""
+    return f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
 
 
 def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
@@ -297,7 +303,7 @@ def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
 
 
 def _create_local(fs, path: str, data: bytes) -> bool:
-    tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+    tmp = _temporary_beside(path)
     try:
         fs.pipe_file(tmp, data)
         os.link(tmp, path)
