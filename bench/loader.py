@@ -28,7 +28,10 @@ through a `jobs.node_cache.NodeCache`, against the bytes of the shards' JPEG col
 each machine's of a run on ``--machines`` of them, in one read group (every machine reads
 every row group) and in one read group a machine (each reads its own part).
 
-The figure of merit is images/s per core: the loader's divided by its decode threads.
+The figure of merit is images/s per core: the loader's divided by its decode threads. The
+last column is the CPU time the loader costs its own process (all its threads), per image:
+in a training worker, the time it competes for with the thread that drives the GPU; decoding
+processes take most of it elsewhere.
 On a CUDA machine the loader's nvJPEG path (``decode="nvjpeg"``: decode and crop on the GPU,
 one producer thread) is measured too, and nvJPEG's decode of one batch of 256 alone, as
 stored (4:4:4) and at 4:2:0, each on an idle GPU and beside matrix products on another
@@ -128,22 +131,27 @@ def plain_batches(jpegs: list[bytes], batch_size: int, rng: np.random.Generator)
     return used
 
 
-def loader_epoch(index: DatasetIndex, batch_size: int, threads: int, decode: str) -> float:
-    """Images/s of one epoch of `TrainLoader`, from the first request to the last batch."""
+def loader_epoch(
+    index: DatasetIndex, batch_size: int, threads: int, decode: str
+) -> tuple[float, float]:
+    """Images/s of one epoch of `TrainLoader`, from the first request to the last batch, and
+    the CPU time it cost the calling process (all its threads), microseconds an image: the
+    share a training worker's own process pays, beside the thread driving the GPU."""
     loader = TrainLoader(
         index, rank=0, world_size=1, batch_size=batch_size, crop_px=CROP_PX, seed=0,
         num_threads=threads, decode=decode,
     )  # fmt: skip
     steps = loader.steps_in_epoch(0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     batches = iter(loader)
     for _ in range(steps):
         rgb_N3HW = next(batches).rgb_N3HW
     if rgb_N3HW.is_cuda:
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     batches.close()
-    return steps * batch_size / elapsed
+    images = steps * batch_size
+    return images / elapsed, 1e6 * cpu / images
 
 
 def machine_epoch(
@@ -279,26 +287,29 @@ def main() -> None:
         index = DatasetIndex.load(root)
         rng = np.random.default_rng(0)
 
-        def plain_ips() -> float:
-            start = time.perf_counter()
-            return plain_batches(jpegs, args.batch_size, rng) / (time.perf_counter() - start)
+        def plain_run() -> tuple[float, float]:
+            start, cpu = time.perf_counter(), time.process_time()
+            images = plain_batches(jpegs, args.batch_size, rng)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            return images / elapsed, 1e6 * cpu / images
 
-        def median_ips(fn) -> float:
+        def median_run(fn) -> tuple[float, float]:
+            """Median images/s and caller's CPU microseconds an image of `fn`'s passes."""
             fn()  # warm-up: page cache, thread pools, CUDA and nvJPEG start-up
-            return statistics.median(fn() for _ in range(args.repeats))
+            runs = [fn() for _ in range(args.repeats)]
+            return tuple(statistics.median(run[i] for run in runs) for i in (0, 1))
 
-        plain = median_ips(plain_ips)
-        rows = [("plain PIL loop (decode, crop, flip)", 1, plain)]
+        rows = [("plain PIL loop (decode, crop, flip)", 1, *median_run(plain_run))]
         for threads in thread_counts(args.threads):
-            pil = median_ips(lambda t=threads: loader_epoch(index, args.batch_size, t, "pil"))
-            rows.append(("TrainLoader, CPU threads", threads, pil))
-        processes = median_ips(
+            pil = median_run(lambda t=threads: loader_epoch(index, args.batch_size, t, "pil"))
+            rows.append(("TrainLoader, CPU threads", threads, *pil))
+        processes = median_run(
             lambda: loader_epoch(index, args.batch_size, args.threads, "processes")
         )
-        rows.append(("TrainLoader, CPU processes", args.threads, processes))
+        rows.append(("TrainLoader, CPU processes", args.threads, *processes))
         if torch.cuda.is_available():
-            nv = median_ips(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
-            rows.append(("TrainLoader, nvJPEG on the GPU", 1, nv))
+            nv = median_run(lambda: loader_epoch(index, args.batch_size, args.threads, "nvjpeg"))
+            rows.append(("TrainLoader, nvJPEG on the GPU", 1, *nv))
             try:
                 decode_ms = nvjpeg_decode_ms(jpegs)
             except Exception as error:  # a diagnostic: it must not lose the table
@@ -328,10 +339,13 @@ def main() -> None:
     print(f"\n{len(jpegs)} JPEGs (short side {SHORT_SIDE_PX}, {kib:.0f} KiB mean) in "
           f"{len(index.shard_urls)} shards; batch {args.batch_size} of {CROP_PX} x {CROP_PX} "
           f"crops; {os.cpu_count()} cores; torch {torch.__version__}")  # fmt: skip
-    print(f"{'pipeline':36s} {'cores':>5s} {'images/s':>9s} {'per core':>9s} {'vs plain':>9s}")
-    for name, cores, ips in rows:
+    plain = rows[0][2]
+    print(f"{'pipeline':36s} {'cores':>5s} {'images/s':>9s} {'per core':>9s} {'vs plain':>9s} "
+          f"{'own CPU us/image':>17s}")  # fmt: skip
+    for name, cores, ips, cpu_us in rows:
         per_core = ips / cores
-        print(f"{name:36s} {cores:5d} {ips:9.0f} {per_core:9.0f} {per_core / plain:8.2f}x")
+        print(f"{name:36s} {cores:5d} {ips:9.0f} {per_core:9.0f} {per_core / plain:8.2f}x "
+              f"{cpu_us:17.0f}")  # fmt: skip
     if torch.cuda.is_available():
         print("nvJPEG decode of 256 files, ms (alone / beside matrix products): "
               + "; ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))  # fmt: skip

@@ -26,7 +26,8 @@ batch boundary, and read the coming steps' row groups in threads of their own, e
 ranged read of its JPEG column (the shards' footers, read once at the start, say where);
 a background thread hands out finished batches. `decode="processes"` runs the same work in
 processes of their own instead, a few images to a task, where threads stop scaling (each
-image holds the GIL for part of its work); on CUDA, `decode="nvjpeg"` decodes on the GPU.
+image holds the GIL for part of its work): each batch's files and crops pass through memory
+the processes share (Linux); on CUDA, `decode="nvjpeg"` decodes on the GPU.
 Every worker reads the row groups of the current window (it needs a slice of each), the
 price of an exact, rank-independent sample order: the workers of one machine
 share them through a `jobs.node_cache.NodeCache`, which reads each from storage once, and
@@ -56,6 +57,7 @@ import hashlib
 import io
 import itertools
 import logging
+import mmap
 import multiprocessing
 import os
 import queue
@@ -470,18 +472,135 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _SharedBatch:
+    """One batch's memory, shared with the decoding processes: its crops, then its JPEG
+    files, in an anonymous file (memfd) that the kernel frees once no process maps it,
+    however the loader ends. The processes open it through /proc by the loader's pid and the
+    file's descriptor, so only the few numbers of each task are pickled: the loader writes
+    the files in (one copy) and copies the crops out (one copy), where the bytes sent
+    through the pool's pipes would be copied three or four times each way, by the one
+    process that also drives the GPU."""
+
+    tokens = itertools.count()
+
+    def __init__(self, crops_shape: tuple[int, ...], files_nbytes: int) -> None:
+        crops_nbytes = int(np.prod(crops_shape))
+        self.token = next(self.tokens)  # this memory's name to the processes
+        self.fd = os.memfd_create(f"colorcore-loader-{self.token}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, crops_nbytes + files_nbytes)
+            self.map = mmap.mmap(self.fd, crops_nbytes + files_nbytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.crops = np.frombuffer(self.map, np.uint8, crops_nbytes).reshape(crops_shape)
+        self.files = np.frombuffer(self.map, np.uint8, offset=crops_nbytes)
+
+    def close(self) -> None:
+        del self.crops, self.files  # the views that hold the map open
+        self.map.close()
+        os.close(self.fd)
+
+
+class _ProcessDecoders:
+    """Decoding processes (`_process_pool`) and the `_SharedBatch`es each batch goes through:
+    one for each batch started and not yet gathered, reused after, and remade larger for a
+    batch whose files do not fit."""
+
+    def __init__(self, processes: int, crop_px: int) -> None:
+        self.pool = _process_pool(processes)
+        self.crop_px = crop_px
+        self.made: list[_SharedBatch] = []  # every one not closed, in a batch or free
+        self.free: list[_SharedBatch] = []
+
+    def start(
+        self, data: list[memoryview], seeds: list[list[int]], where: list[str], out: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Starts decoding and cropping `data` into `out`; returns the call that waits for
+        the crops and copies them there, and returns `out`."""
+        ends = np.cumsum([0] + [len(d) for d in data])
+        shared = self._batch(out.shape, int(ends[-1]))
+        for d, start, end in zip(data, ends[:-1], ends[1:], strict=True):
+            shared.files[start:end] = np.frombuffer(d, np.uint8)
+        n = PROCESS_TASK_IMAGES
+        parts = [
+            self.pool.submit(_crops_in_process, (shared.path, shared.token, shared.crops.nbytes),
+                             i, ends[i : j + 1].tolist(), seeds[i:j], where[i:j], self.crop_px)
+            for i, j in ((i, min(i + n, len(data))) for i in range(0, len(data), n))
+        ]  # fmt: skip
+
+        def gather() -> torch.Tensor:
+            try:
+                for part in parts:
+                    for place, error in part.result():
+                        _undecodable(place, error)
+            except BaseException:
+                self._close(shared)  # a process may still write into it: its own mapping
+                raise
+            out.copy_(torch.from_numpy(shared.crops[: len(data)]))
+            self.free.append(shared)
+            return out
+
+        return gather
+
+    def _batch(self, crops_shape: torch.Size, files_nbytes: int) -> _SharedBatch:
+        shared = self.free.pop() if self.free else None
+        if shared is not None and (
+            shared.crops.shape[1:] != crops_shape[1:]
+            or len(shared.crops) < crops_shape[0]
+            or len(shared.files) < files_nbytes
+        ):
+            self._close(shared)
+            shared = None
+        if shared is None:  # with room for files a half larger, as a batch's vary
+            shared = _SharedBatch(tuple(crops_shape), files_nbytes * 3 // 2)
+            self.made.append(shared)
+        return shared
+
+    def _close(self, shared: _SharedBatch) -> None:
+        self.made.remove(shared)
+        shared.close()
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        """Executor.shutdown, and then the memory of every batch is freed."""
+        self.pool.shutdown(cancel_futures=cancel_futures)
+        self.free.clear()
+        while self.made:
+            self.made.pop().close()
+
+
+_mapped: dict[str, tuple[int, mmap.mmap]] = {}  # a decoding process's: path -> (token, map)
+
+
 def _crops_in_process(
-    datas: list[bytes], seeds: list[list[int]], where: list[str], crop_px: int
-) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """`_crop_into` of each file with its seed's generator, in a decoding process: the
-    (n, 3, crop_px, crop_px) uint8 crops the threads would give, and (where, error) of the
-    files that did not decode, for the loader's process to log."""
-    out = torch.empty((len(datas), 3, crop_px, crop_px), dtype=torch.uint8)
+    shared: tuple[str, int, int],
+    first: int,
+    ends: list[int],
+    seeds: list[list[int]],
+    where: list[str],
+    crop_px: int,
+) -> list[tuple[str, str]]:
+    """`_crop_into` of a `_SharedBatch`'s images from `first` on, one a seed, in a decoding
+    process (`shared`: the batch's path, token and where its files start; `ends`: their
+    files' first byte there, then the last one's end): their crops are written into it, the
+    ones the threads would give. Returns (where, error) of the files that did not decode,
+    for the loader's process to log."""
+    path, token, files_at = shared
+    if _mapped.get(path, (None,))[0] != token:  # new, or a descriptor number reused
+        with open(path, "r+b") as file:
+            _mapped[path] = (token, mmap.mmap(file.fileno(), 0))
+    buffer = _mapped[path][1]
+    crop_shape = (3, crop_px, crop_px)
+    crops = np.frombuffer(buffer, np.uint8, len(seeds) * int(np.prod(crop_shape)),
+                          first * int(np.prod(crop_shape))).reshape(-1, *crop_shape)  # fmt: skip
     failed: list[tuple[str, str]] = []
-    for i, (data, seed, place) in enumerate(zip(datas, seeds, where, strict=True)):
+    for k, (seed, place) in enumerate(zip(seeds, where, strict=True)):
+        data = memoryview(buffer)[files_at + ends[k] : files_at + ends[k + 1]]
         rng = np.random.default_rng(seed)
-        _crop_into(out[i], memoryview(data), rng, place, lambda w, e: failed.append((w, str(e))))
-    return out.numpy(), failed
+        _crop_into(torch.from_numpy(crops[k]), data, rng, place,
+                   lambda w, e: failed.append((w, str(e))))  # fmt: skip
+    return failed
 
 
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
@@ -573,6 +692,8 @@ class TrainLoader:
             raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if decode == "processes" and not hasattr(os, "memfd_create"):
+            raise ValueError("decode 'processes' shares its batches through memfd: Linux only")
         self.index, self.rank, self.batch_size = index, rank, batch_size
         self.crop_px, self.seed, self.window_images = crop_px, seed, window_images
         self.read_groups = read_groups
@@ -674,7 +795,7 @@ class TrainLoader:
         where: list[str],
         epoch: int,
         positions: np.ndarray,
-        pool: Executor,
+        pool: Executor | _ProcessDecoders,
         stream: torch.cuda.Stream | None,
     ) -> Callable[[], tuple[torch.Tensor, torch.cuda.Event | None]]:
         """Starts decoding and cropping a batch (`where`: each file's shard and row, for
@@ -684,23 +805,8 @@ class TrainLoader:
         shape = (len(data), 3, self.crop_px, self.crop_px)
         if self.decode == "processes":
             crops = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
-            n = PROCESS_TASK_IMAGES
-            parts = [
-                (i, pool.submit(_crops_in_process, [bytes(d) for d in data[i : i + n]],
-                                seeds[i : i + n], where[i : i + n], self.crop_px))
-                for i in range(0, len(data), n)
-            ]  # fmt: skip
-
-            def gather() -> tuple[torch.Tensor, None]:
-                view = crops.numpy()
-                for i, part in parts:
-                    block, failed = part.result()
-                    view[i : i + len(block)] = block
-                    for place, error in failed:
-                        _undecodable(place, error)
-                return crops, None
-
-            return gather
+            gather = pool.start(data, seeds, where, crops)
+            return lambda: (gather(), None)
         rngs = [np.random.default_rng(seed) for seed in seeds]
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
@@ -750,7 +856,7 @@ class TrainLoader:
         dropped: collections.deque = collections.deque()  # see _delete_dropped
         stream = _loader_stream() if self.decode == "nvjpeg" else None
         if self.decode == "processes":
-            pool: Executor = _process_pool(self.num_threads)
+            pool: Executor | _ProcessDecoders = _ProcessDecoders(self.num_threads, self.crop_px)
         else:
             pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
@@ -763,8 +869,9 @@ class TrainLoader:
                     self._read_ahead(units, unit_of, at, io_pool, dropped, position)
                     position += self.group_batch
                     mine = np.arange(self.batch_size) + at + self.group_rank * self.batch_size
-                    in_units = zip(unit_of[mine], row_in_unit[mine], strict=True)
-                    data = [units[u].result()[r] for u, r in in_units]
+                    in_units = np.stack([unit_of[mine], row_in_unit[mine]], 1).tolist()
+                    read = {u: units[u].result() for u, _ in in_units}  # once a row group
+                    data = [read[u][r] for u, r in in_units]
                     where = [f"{self.index.shard_urls[s]} row {r}" for s, r in order[mine]]
                     positions = np.arange(self.batch_size) + offset + self.rank * self.batch_size
                     offset += self.global_batch

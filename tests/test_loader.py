@@ -3,6 +3,7 @@ resume, shapes and ranges."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -502,6 +503,53 @@ def test_decoding_processes_give_the_threads_batches(dataset) -> None:
     assert [decode_threads(c, "processes") for c in (0.5, 3, 16)] == [1, 3, 16]
     with pytest.raises(ValueError, match="decode must be one of"):
         loader(dataset, 0, decode="gpu")
+
+
+def test_decoding_processes_share_batches_that_grow_and_are_freed() -> None:
+    """A batch whose files outgrow the shared memory gets it remade, under the descriptor
+    number just freed (the processes map the new file, not the one they had); every file
+    descriptor is closed at shutdown, of batches gathered or not."""
+    import os
+
+    from jobs.loader import _crop_into, _ProcessDecoders
+
+    photo = photo_rgb("chelsea")
+    small = [encode(photo[i : i + 40, :48]) for i in range(3)]
+    large = [encode(photo[i : i + 200, :160], quality=100) for i in range(3)]
+
+    def shared_files() -> set[str]:  # by name (Python's mmap holds a descriptor too)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return {link for link in links if link.startswith("/memfd:colorcore-loader")}
+
+    def expected(files: list[bytes], seeds: list[list[int]]) -> torch.Tensor:
+        out = torch.empty((len(files), 3, 32, 32), dtype=torch.uint8)
+        for i, (f, seed) in enumerate(zip(files, seeds, strict=True)):
+            _crop_into(out[i], memoryview(f), np.random.default_rng(seed), "")
+        return out
+
+    decoders = _ProcessDecoders(2, crop_px=32)
+    try:
+        seen = []
+        for files in (small, large, small):
+            seeds = [[5, i] for i in range(len(files))]
+            out = torch.empty((len(files), 3, 32, 32), dtype=torch.uint8)
+            gather = decoders.start([memoryview(f) for f in files], seeds, ["x"] * 3, out)
+            (shared,) = decoders.made
+            seen.append((shared.path, shared.token))
+            assert torch.equal(gather(), expected(files, seeds))
+            assert len(shared_files()) == 1
+        assert sum(map(len, large)) > 1.5 * sum(map(len, small))
+        (small_path, first), (large_path, grown), (_, kept) = seen
+        assert large_path == small_path and grown != first and kept == grown
+        for _ in range(2):  # started, never gathered
+            decoders.start([memoryview(f) for f in small], [[1]] * 3, ["x"] * 3, out)
+        assert len(decoders.made) == len(shared_files()) == 2
+    finally:
+        decoders.shutdown()
+    assert not decoders.made and not shared_files()
 
 
 def decoders(pid: int | None = None) -> set[int]:
