@@ -7,7 +7,8 @@ What the colorize job's model actor does with a batch of JPEG files on a GPU: nv
 (EXIF orientation applied), L at full size, L resized to 256 for the released network
 (32.2M parameters, random weights) in bf16 autocast and channels_last, annealed mean
 (T = 0.38), bilinear upsampling of ab to full size, Lab -> sRGB with the chroma gamut
-mapping, nvJPEG encode at quality 90 (or libjpeg-turbo on CPU threads: `--encode-threads`),
+mapping, nvJPEG encode at quality 90 (or libjpeg-turbo on CPU threads: `--encode-threads`,
+for the small images and, with `--cpu-encode-pieces`, for a share of the pieces whole),
 bytes back on the host. Inputs are the workloads of
 ``shared_bench/gpu_colorize_anchor.py``: gray JPEGs (quality 90) of 256 x 256 in batches of
 256, and 1024 x 768 in batches of 64, each timed over one untimed and one timed pass over the
@@ -89,6 +90,12 @@ def main() -> None:
         "the images of at most --cpu-encode-max-px pixels, the codec for the larger",
     )
     parser.add_argument("--cpu-encode-max-px", type=int, default=CPU_ENCODE_MAX_PX)
+    parser.add_argument(
+        "--cpu-encode-pieces",
+        default="0,0.5",
+        help="shares of the pieces the CPU threads encode whole, beside the codec's, to "
+        "compare (with threads and more than one piece)",
+    )
     parser.add_argument("--stages", action="store_true", help="also each step of a batch apart")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -108,13 +115,17 @@ def main() -> None:
             result[f"{width}x{height}_stages_ms"] = stages
             print(json.dumps({f"{width}x{height}_stages_ms": stages}), flush=True)
             save(result)
-        for mode, chunks, threads in itertools.product(
-            args.modes.split(","), args.chunks.split(","), args.encode_threads.split(",")
-        ):
+        for mode, chunks, threads, pieces in itertools.product(
+            args.modes.split(","), args.chunks.split(","), args.encode_threads.split(","),
+            args.cpu_encode_pieces.split(","),
+        ):  # fmt: skip
+            if float(pieces) and (threads == "0" or chunks == "1"):
+                continue  # no threads to share pieces with, or no pieces
             colorizer = JpegColorizer(model, precision, infer_px=256, temperature=0.38,
                                       quality=QUALITY, compile=mode == "compiled",
                                       chunks=int(chunks), encode_threads=int(threads),
-                                      cpu_encode_max_px=args.cpu_encode_max_px)  # fmt: skip
+                                      cpu_encode_max_px=args.cpu_encode_max_px,
+                                      cpu_encode_pieces=float(pieces))  # fmt: skip
             out_bytes = 0
             for timed in (False, True):
                 if cuda:
@@ -129,6 +140,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start
             key = f"{width}x{height}_{mode}_chunks{chunks}" + (f"_cpu{threads}" * (threads != "0"))
+            key += f"_pieces{pieces}" * (float(pieces) > 0)
             result[key + "_img_s"] = count / seconds
             result[key + "_kb_out"] = out_bytes / count / 1024
             print(json.dumps({key: result[key + "_img_s"]}), flush=True)

@@ -10,7 +10,8 @@
 # train" took 6 minutes, plus half a minute of machine start):
 #   colorize   bench/colorize_gpu.py compiled, each batch's steps timed apart (--stages),
 #              batches in 4 pipelined pieces and whole, encoded by nvJPEG and by the job's
-#              default CPU threads, then gpu_colorize_anchor.py
+#              default CPU threads (in pieces also with every other piece on the threads
+#              whole), then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
 #              encoding, compiled Lab steps, the compiled loss backward and BatchNorm averages)
 #   train      bench/loader.py (nvJPEG, CPU threads 1, 2, 4, ... up to every core, CPU

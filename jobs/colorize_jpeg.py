@@ -194,7 +194,12 @@ class JpegColorizer:
     otherwise add to the network's. Decoding runs on a CUDA stream of its own and the colour
     work on another, so that neither waits for the other's queue; the encoder waits for each
     piece's event. With `encode_threads`, that many CPU threads encode the images of at most
-    `cpu_encode_max_px` pixels (`cpu_encoder`), the codec the larger ones."""
+    `cpu_encode_max_px` pixels (`cpu_encoder`), the codec the larger ones; and with
+    `cpu_encode_pieces` > 0, that share of the pieces (dealt evenly: 0.5, every other one)
+    is encoded whole by the threads, from a thread of its own, at the same time as the codec
+    encodes another piece. A large image costs the threads' pool as long as its slowest
+    thread takes on it, so splitting one piece between the encoders would not shorten it;
+    whole pieces make the two encoders a pipeline stage twice as wide."""
 
     def __init__(
         self,
@@ -210,11 +215,17 @@ class JpegColorizer:
         group_px: int = GROUP_PX,
         encode_threads: int = 0,
         cpu_encode_max_px: int = CPU_ENCODE_MAX_PX,
+        cpu_encode_pieces: float = 0.0,
     ) -> None:
         if chunks < 1 or group_px < 1 or encode_threads < 0:
             raise ValueError(
                 f"chunks and group_px must be >= 1, encode_threads >= 0, got {chunks}, "
                 f"{group_px}, {encode_threads}"
+            )
+        if not 0.0 <= cpu_encode_pieces <= 1.0 or (cpu_encode_pieces and not encode_threads):
+            raise ValueError(
+                f"cpu_encode_pieces must lie in [0, 1], and above 0 it needs encode_threads, "
+                f"got {cpu_encode_pieces} with {encode_threads} threads"
             )
         self.precision = precision
         self.infer_px, self.temperature, self.quality = infer_px, temperature, quality
@@ -222,7 +233,7 @@ class JpegColorizer:
         self.codec = codec or default_codec(precision.device)
         self.cpu_encode = cpu_encoder(encode_threads) if encode_threads else None
         self.cpu_side = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode-cpu")
-        self.cpu_encode_max_px = cpu_encode_max_px
+        self.cpu_encode_max_px, self.cpu_encode_pieces = cpu_encode_max_px, cpu_encode_pieces
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
         self.finish = torch.compile(_finish) if compile else _finish
@@ -256,7 +267,14 @@ class JpegColorizer:
                     decoded = self._decode_piece(files, turns, parts[k + 1])
                 if predicted is not None:
                     colorized, ready = self._finish_piece(images, *predicted)
-                    encoding.append((rows, self.encoder.submit(self._encode, colorized, ready)))
+                    # piece k is the CPU threads' when the running count of their share
+                    # steps up there: 0.5 deals them every other piece, 1/3 every third
+                    share = self.cpu_encode_pieces
+                    if int((k + 1) * share) > int(k * share):
+                        job = self.cpu_side.submit(self._encode_on_cpu, colorized, ready)
+                    else:
+                        job = self.encoder.submit(self._encode, colorized, ready)
+                    encoding.append((rows, job))
         finally:  # none left running on this call's images, whatever happened
             futures.wait([job for _, job in encoding])
         for rows, job in encoding:
@@ -331,6 +349,15 @@ class JpegColorizer:
             ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it
             ready.record(self.compute_stream)
         return out, ready
+
+    def _encode_on_cpu(
+        self, images: list[torch.Tensor], ready: torch.cuda.Event | None
+    ) -> list[bytes | None]:
+        """A piece's JPEG files from the CPU encoder alone, once its images are finished:
+        file by file where it fails, None for a file that still fails."""
+        if ready is not None:
+            ready.synchronize()
+        return each_or_none(lambda some: self.cpu_encode(some, self.quality), images)
 
     def _encode(
         self, images: list[torch.Tensor], ready: torch.cuda.Event | None

@@ -1471,6 +1471,48 @@ def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
     ]
 
 
+def test_cpu_encode_pieces_deals_whole_pieces_to_the_threads_beside_the_codec() -> None:
+    """With cpu_encode_pieces 0.5 every other piece is the CPU threads' whole, encoded while
+    the codec encodes the piece before: each encoder here waits at a barrier for the other,
+    which only encoders at work at once pass. The pictures are those of the codec alone."""
+    import threading
+
+    from jobs.colorize_jpeg import JpegColorizer, pil_codec
+
+    torch.manual_seed(5)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    cpu = Precision(torch.device("cpu"), None, "test")
+    files = [encode(gray((20 + i, 30 - i))) for i in range(8)]
+    codec = pil_codec(cpu.device)
+    kwargs = {"infer_px": INFER_PX, "temperature": 0.38, "quality": 95, "chunks": 4}
+    alone = JpegColorizer(model, cpu, codec=codec, **kwargs)(files, [b""] * 8)
+    together = threading.Barrier(2, timeout=60)
+    got: dict[str, list[int]] = {"codec": [], "cpu": []}
+
+    def meeting(name: str, encode):
+        def encode_there(images: list[torch.Tensor], quality: int) -> list[bytes]:
+            got[name] += [image.shape[-1] for image in images]
+            together.wait()
+            return encode(images, quality)
+
+        return encode_there
+
+    colorizer = JpegColorizer(
+        model, cpu, codec=dataclasses.replace(codec, encode=meeting("codec", codec.encode)),
+        encode_threads=2, cpu_encode_max_px=0, cpu_encode_pieces=0.5, **kwargs,
+    )  # fmt: skip
+    colorizer.cpu_encode = meeting("cpu", colorizer.cpu_encode)
+    dealt = colorizer(files, [b""] * 8)
+    widths = [Image.open(io.BytesIO(f)).size[0] for f in files]
+    assert got == {"codec": widths[0:2] + widths[4:6], "cpu": widths[2:4] + widths[6:8]}
+    for a, b in zip(alone, dealt, strict=True):
+        x, y = (np.asarray(Image.open(io.BytesIO(d)), np.int16) for d in (a, b))
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1
+    for share, threads in ((1.5, 2), (0.5, 0)):
+        with pytest.raises(ValueError, match="cpu_encode_pieces must lie in"):
+            JpegColorizer(model, cpu, encode_threads=threads, cpu_encode_pieces=share, **kwargs)
+
+
 @pytest.mark.parametrize("turn", range(1, 9))
 def test_exif_orientation_on_the_device_path_equals_pillows(turn: int) -> None:
     from PIL import ImageOps
