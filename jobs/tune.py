@@ -405,22 +405,38 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any]) -> None:
 def _concurrency(search: SearchConfig) -> int:
     import ray
 
-    resources = ray.cluster_resources()
-    if search.gpus_per_trial:
-        gpus = search.max_gpus if search.max_gpus is not None else int(resources.get("GPU", 0))
-        slots = gpus // search.gpus_per_trial
-        if slots < 1:
-            raise ValueError(
-                f"a trial needs {search.gpus_per_trial} GPUs; the cluster has {gpus} for it"
-            )
-    else:
-        slots = int(resources.get("CPU", 1) // search.cpus_per_trial)
-        if slots < 1:
-            raise ValueError(
-                f"a trial needs {search.cpus_per_trial} CPUs; the cluster has "
-                f"{resources.get('CPU', 0)}"
-            )
-    return min(slots, search.max_concurrent or slots)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return min(trial_slots(search, nodes), search.max_concurrent or math.inf)
+
+
+def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
+    """The trials of `search` that can run at once on nodes of these resources (each a
+    node's, as `ray.nodes()` gives them), or a ValueError when not one can. Each of a trial's
+    workers takes its CPUs (and GPU) on one node, so a cluster whose total would do but whose
+    nodes are each too small to hold a worker would leave trials waiting forever. GPU trials
+    with `max_gpus` (an autoscaling cluster, whose GPU nodes start with the search) take
+    that count as given."""
+    train_cfg = search.train
+    if search.gpus_per_trial and search.max_gpus is not None:
+        return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
+    worker = {"CPU": train_cfg.cpus_per_worker} | ({"GPU": 1.0} if train_cfg.use_gpu else {})
+    fits = [min(int(node.get(k, 0) // v) for k, v in worker.items()) for node in nodes]
+    cpus = sum(node.get("CPU", 0) for node in nodes)
+    slots = min(sum(fits) // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
+    if slots < 1:
+        each = " and a GPU" * train_cfg.use_gpu
+        raise ValueError(
+            f"a trial needs {train_cfg.num_workers} workers of {train_cfg.cpus_per_worker} CPUs"
+            f"{each} each, each worker on one node (and {TRIAL_DRIVER_CPU} CPU for its Tune "
+            f"function): the cluster's nodes hold {sum(fits)} such workers ("
+            + ", ".join(_node_summary(node) for node in nodes)
+            + ")"
+        )
+    return slots
+
+
+def _node_summary(node: dict[str, float]) -> str:
+    return f"{node.get('CPU', 0):g} CPUs, {node.get('GPU', 0):g} GPUs"
 
 
 def _trial_driver_resources() -> dict[str, float]:

@@ -231,6 +231,30 @@ def test_every_preset_parses_and_validates(preset) -> None:
     assert search.first_rung() <= search.train.max_steps
 
 
+def test_trial_slots_count_the_workers_each_node_holds() -> None:
+    """Three nodes of 3 CPUs hold three workers of 2 CPUs, not the four their total would: one
+    trial of two such workers at a time, not two; and a trial of three workers on nodes that
+    hold two would wait forever, so it is refused before the search."""
+    search = dataclasses.replace(tune.ci(), train=dataclasses.replace(tune.ci().train,
+                                 num_workers=2, cpus_per_worker=2.0))  # fmt: skip
+    three = dataclasses.replace(
+        search, train=dataclasses.replace(search.train, num_workers=3, batch_size=18)
+    )
+    small = [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 3.0}]  # 9 CPUs: two trials of 4.1 by total
+    assert tune.trial_slots(search, small) == 1
+    assert tune.trial_slots(search, [{"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 1.0}]) == 2
+    assert tune.trial_slots(search, [{"CPU": 8.5}, {"CPU": 8.5}]) == 4
+    with pytest.raises(ValueError, match=r"3 workers of 2.0 CPUs .* hold 2 such workers"):
+        tune.trial_slots(three, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 1.0}])  # 7 by total
+    gpu = dataclasses.replace(search.train, use_gpu=True, cpus_per_worker=8.0)
+    nodes = [{"CPU": 17.0, "GPU": 4.0}, {"CPU": 72.0, "GPU": 8.0}]  # 2 + 8 workers
+    assert tune.trial_slots(dataclasses.replace(search, train=gpu), nodes) == 5
+    autoscaling = dataclasses.replace(search, train=gpu, max_gpus=8)  # GPU nodes to come
+    assert tune.trial_slots(autoscaling, [{"CPU": 2.0}]) == 4
+    with pytest.raises(ValueError, match="and a GPU each"):
+        tune.trial_slots(dataclasses.replace(search, train=gpu), [{"CPU": 16.0}])
+
+
 def test_trial_functions_run_on_the_driver_resource_where_the_cluster_has_it(ray_session):
     """The test session's Ray has the head's resource of the cluster definitions: the ci
     search's trials run on it (0 CPUs each), as on a cluster."""
