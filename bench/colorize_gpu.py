@@ -94,7 +94,8 @@ def main() -> None:
         "--cpu-encode-pieces",
         default="0,0.5",
         help="shares of the pieces the CPU threads encode whole, beside the codec's, to "
-        "compare (with threads and more than one piece)",
+        "compare (with threads and more than one piece; it changes only the images above "
+        "--cpu-encode-max-px, the codec's otherwise)",
     )
     parser.add_argument("--stages", action="store_true", help="also each step of a batch apart")
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -127,7 +128,7 @@ def cpu_encoder(threads: int) -> Callable[[list[torch.Tensor], int], list[bytes]
     import cv2
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="jpeg-encode-cpu")
-    streams: dict[torch.device, torch.cuda.Stream] = {}
+    streams = threading.local()  # each caller's: its copies and the sync that waits for them
 
     def encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
         params = [
@@ -145,20 +146,24 @@ def cpu_encoder(threads: int) -> Callable[[list[torch.Tensor], int], list[bytes]
             return []
         device = images[0].device
         cuda = device.type == "cuda"
-        if cuda and device not in streams:
-            streams[device] = torch.cuda.Stream(device)
+        stream = None
+        if cuda:
+            mine = streams.__dict__.setdefault("by_device", {})
+            if device not in mine:
+                mine[device] = torch.cuda.Stream(device)
+            stream = mine[device]
         by_size: dict[tuple, list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             by_size[tuple(image.shape)].append(i)
         copies = []
-        with _on(streams.get(device)):
+        with _on(stream):
             for rows in by_size.values():
                 # (n, H, W, 3) in one kernel, then its channels reversed in one more
                 hwc = torch.stack([images[i].permute(1, 2, 0) for i in rows]).flip(-1)
                 host = torch.empty(hwc.shape, dtype=torch.uint8, pin_memory=cuda)
                 copies.append((rows, host.copy_(hwc, non_blocking=cuda)))
-            if cuda:
-                streams[device].synchronize()
+            if stream is not None:
+                stream.synchronize()
         pixels: list = [None] * len(images)
         for rows, host in copies:
             for i, bgr_HW3 in zip(rows, host.numpy(), strict=True):
@@ -197,9 +202,10 @@ class JpegColorizer:
     `cpu_encode_max_px` pixels (`cpu_encoder`), the codec the larger ones; and with
     `cpu_encode_pieces` > 0, that share of the pieces (dealt evenly: 0.5, every other one)
     is encoded whole by the threads, from a thread of its own, at the same time as the codec
-    encodes another piece. A large image costs the threads' pool as long as its slowest
-    thread takes on it, so splitting one piece between the encoders would not shorten it;
-    whole pieces make the two encoders a pipeline stage twice as wide."""
+    encodes the large images of another piece (pieces of small images only are the threads'
+    anyway). A large image holds one of the threads as long as its encode takes, so
+    splitting one piece between the encoders would not make it much shorter; whole pieces
+    make the two encoders a pipeline stage twice as wide."""
 
     def __init__(
         self,
@@ -233,6 +239,7 @@ class JpegColorizer:
         self.codec = codec or default_codec(precision.device)
         self.cpu_encode = cpu_encoder(encode_threads) if encode_threads else None
         self.cpu_side = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode-cpu")
+        self.cpu_pieces = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode-cpu-pieces")
         self.cpu_encode_max_px, self.cpu_encode_pieces = cpu_encode_max_px, cpu_encode_pieces
         self.forward = torch.compile(model) if compile else model
         self.prepare = torch.compile(_prepare) if compile else _prepare
@@ -271,7 +278,7 @@ class JpegColorizer:
                     # steps up there: 0.5 deals them every other piece, 1/3 every third
                     share = self.cpu_encode_pieces
                     if int((k + 1) * share) > int(k * share):
-                        job = self.cpu_side.submit(self._encode_on_cpu, colorized, ready)
+                        job = self.cpu_pieces.submit(self._encode_on_cpu, colorized, ready)
                     else:
                         job = self.encoder.submit(self._encode, colorized, ready)
                     encoding.append((rows, job))

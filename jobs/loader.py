@@ -475,18 +475,18 @@ def _alive(pid: int) -> bool:
 class _SharedBatch:
     """One batch's memory, shared with the decoding processes: its crops, then its JPEG
     files, in an anonymous file (memfd) that the kernel frees once no process maps it,
-    however the loader ends. The processes open it through /proc by the loader's pid and the
-    file's descriptor, so only the few numbers of each task are pickled: the loader writes
-    the files in (one copy) and copies the crops out (one copy), where the bytes sent
-    through the pool's pipes would be copied three or four times each way, by the one
-    process that also drives the GPU."""
+    however the loader ends (the processes let go of a closed one at their next task). They
+    open it through /proc by the loader's pid and the file's descriptor, so only the few
+    numbers of each task are pickled: the loader writes the files in (one copy) and copies
+    the crops out (one copy), where the bytes sent through the pool's pipes would be copied
+    three or four times each way, by the one process that also drives the GPU."""
 
     tokens = itertools.count()
 
     def __init__(self, crops_shape: tuple[int, ...], files_nbytes: int) -> None:
         crops_nbytes = int(np.prod(crops_shape))
         self.token = next(self.tokens)  # this memory's name to the processes
-        self.fd = os.memfd_create(f"colorcore-loader-{self.token}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(self.name(self.token), os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, crops_nbytes + files_nbytes)
             self.map = mmap.mmap(self.fd, crops_nbytes + files_nbytes)
@@ -496,6 +496,10 @@ class _SharedBatch:
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
         self.crops = np.frombuffer(self.map, np.uint8, crops_nbytes).reshape(crops_shape)
         self.files = np.frombuffer(self.map, np.uint8, offset=crops_nbytes)
+
+    @staticmethod
+    def name(token: int) -> str:
+        return f"colorcore-loader-{token}"
 
     def close(self) -> None:
         del self.crops, self.files  # the views that hold the map open
@@ -508,9 +512,8 @@ class _ProcessDecoders:
     one for each batch started and not yet gathered, reused after, and remade larger for a
     batch whose files do not fit."""
 
-    def __init__(self, processes: int, crop_px: int) -> None:
+    def __init__(self, processes: int) -> None:
         self.pool = _process_pool(processes)
-        self.crop_px = crop_px
         self.made: list[_SharedBatch] = []  # every one not closed, in a batch or free
         self.free: list[_SharedBatch] = []
 
@@ -523,21 +526,20 @@ class _ProcessDecoders:
         shared = self._batch(out.shape, int(ends[-1]))
         for d, start, end in zip(data, ends[:-1], ends[1:], strict=True):
             shared.files[start:end] = np.frombuffer(d, np.uint8)
-        n = PROCESS_TASK_IMAGES
+        n, live = PROCESS_TASK_IMAGES, [made.token for made in self.made]
+        where_ = (shared.path, shared.token, shared.crops.nbytes, live)
         parts = [
-            self.pool.submit(_crops_in_process, (shared.path, shared.token, shared.crops.nbytes),
-                             i, ends[i : j + 1].tolist(), seeds[i:j], where[i:j], self.crop_px)
+            self.pool.submit(_crops_in_process, where_, i, ends[i : j + 1].tolist(),
+                             seeds[i:j], where[i:j], out.shape[-1])
             for i, j in ((i, min(i + n, len(data))) for i in range(0, len(data), n))
         ]  # fmt: skip
 
         def gather() -> torch.Tensor:
-            try:
-                for part in parts:
-                    for place, error in part.result():
-                        _undecodable(place, error)
-            except BaseException:
-                self._close(shared)  # a process may still write into it: its own mapping
-                raise
+            # On an error the memory stays open, and in `made`, until `shutdown` has
+            # stopped the processes: the tasks queued behind still use it.
+            for part in parts:
+                for place, error in part.result():
+                    _undecodable(place, error)
             out.copy_(torch.from_numpy(shared.crops[: len(data)]))
             self.free.append(shared)
             return out
@@ -551,16 +553,13 @@ class _ProcessDecoders:
             or len(shared.crops) < crops_shape[0]
             or len(shared.files) < files_nbytes
         ):
-            self._close(shared)
+            self.made.remove(shared)  # free: no process works in it
+            shared.close()
             shared = None
         if shared is None:  # with room for files a half larger, as a batch's vary
             shared = _SharedBatch(tuple(crops_shape), files_nbytes * 3 // 2)
             self.made.append(shared)
         return shared
-
-    def _close(self, shared: _SharedBatch) -> None:
-        self.made.remove(shared)
-        shared.close()
 
     def shutdown(self, cancel_futures: bool = False) -> None:
         """Executor.shutdown, and then the memory of every batch is freed."""
@@ -570,11 +569,11 @@ class _ProcessDecoders:
             self.made.pop().close()
 
 
-_mapped: dict[str, tuple[int, mmap.mmap]] = {}  # a decoding process's: path -> (token, map)
+_mapped: dict[int, mmap.mmap] = {}  # a decoding process's: token -> map
 
 
 def _crops_in_process(
-    shared: tuple[str, int, int],
+    shared: tuple[str, int, int, list[int]],
     first: int,
     ends: list[int],
     seeds: list[list[int]],
@@ -582,15 +581,22 @@ def _crops_in_process(
     crop_px: int,
 ) -> list[tuple[str, str]]:
     """`_crop_into` of a `_SharedBatch`'s images from `first` on, one a seed, in a decoding
-    process (`shared`: the batch's path, token and where its files start; `ends`: their
-    files' first byte there, then the last one's end): their crops are written into it, the
-    ones the threads would give. Returns (where, error) of the files that did not decode,
-    for the loader's process to log."""
-    path, token, files_at = shared
-    if _mapped.get(path, (None,))[0] != token:  # new, or a descriptor number reused
+    process (`shared`: the batch's path, token and where its files start, and the tokens of
+    the loader's batches still open; `ends`: their files' first byte there, then the last
+    one's end): their crops are written into it, the ones the threads would give. Returns
+    (where, error) of the files that did not decode, for the loader's process to log."""
+    path, token, files_at, live = shared
+    for gone in set(_mapped) - {*live, token}:  # closed by the loader: let the memory go
+        del _mapped[gone]
+    if token not in _mapped:
         with open(path, "r+b") as file:
-            _mapped[path] = (token, mmap.mmap(file.fileno(), 0))
-    buffer = _mapped[path][1]
+            # The descriptor number may name another file by now (the batch closed, the
+            # number reused): never write into one that is not this batch's.
+            name = os.readlink(f"/proc/self/fd/{file.fileno()}")
+            if not name.startswith(f"/memfd:{_SharedBatch.name(token)} "):
+                raise RuntimeError(f"the loader's shared batch {token} is gone ({name})")
+            _mapped[token] = mmap.mmap(file.fileno(), 0)
+    buffer = _mapped[token]
     crop_shape = (3, crop_px, crop_px)
     crops = np.frombuffer(buffer, np.uint8, len(seeds) * int(np.prod(crop_shape)),
                           first * int(np.prod(crop_shape))).reshape(-1, *crop_shape)  # fmt: skip
@@ -856,7 +862,7 @@ class TrainLoader:
         dropped: collections.deque = collections.deque()  # see _delete_dropped
         stream = _loader_stream() if self.decode == "nvjpeg" else None
         if self.decode == "processes":
-            pool: Executor | _ProcessDecoders = _ProcessDecoders(self.num_threads, self.crop_px)
+            pool: Executor | _ProcessDecoders = _ProcessDecoders(self.num_threads)
         else:
             pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")

@@ -505,17 +505,21 @@ def test_decoding_processes_give_the_threads_batches(dataset) -> None:
         loader(dataset, 0, decode="gpu")
 
 
-def test_decoding_processes_share_batches_that_grow_and_are_freed() -> None:
-    """A batch whose files outgrow the shared memory gets it remade, under the descriptor
-    number just freed (the processes map the new file, not the one they had); every file
-    descriptor is closed at shutdown, of batches gathered or not."""
+def test_decoding_processes_share_batches_that_grow_and_are_freed(tmp_path) -> None:
+    """Batches of several tasks each go through shared memory: one smaller than the last
+    reuses it, one whose files outgrow it gets it remade; a process never writes into a file
+    that is not its batch's (the descriptor number reused); every file descriptor is closed
+    at shutdown, of batches gathered or not."""
     import os
 
-    from jobs.loader import _crop_into, _ProcessDecoders
+    from jobs.loader import PROCESS_TASK_IMAGES, _crop_into, _crops_in_process, _ProcessDecoders
 
     photo = photo_rgb("chelsea")
-    small = [encode(photo[i : i + 40, :48]) for i in range(3)]
+    small = [encode(photo[i : i + 40, i : i + 48]) for i in range(20)]
     large = [encode(photo[i : i + 200, :160], quality=100) for i in range(3)]
+    assert len(small) > 2 * PROCESS_TASK_IMAGES and sum(map(len, large)) > 1.5 * sum(
+        map(len, small[:10])
+    )
 
     def shared_files() -> set[str]:  # by name (Python's mmap holds a descriptor too)
         links = []
@@ -530,26 +534,32 @@ def test_decoding_processes_share_batches_that_grow_and_are_freed() -> None:
             _crop_into(out[i], memoryview(f), np.random.default_rng(seed), "")
         return out
 
-    decoders = _ProcessDecoders(2, crop_px=32)
+    decoders = _ProcessDecoders(2)
     try:
-        seen = []
-        for files in (small, large, small):
+        tokens = []
+        for files in (small, small[:10], large):
             seeds = [[5, i] for i in range(len(files))]
             out = torch.empty((len(files), 3, 32, 32), dtype=torch.uint8)
-            gather = decoders.start([memoryview(f) for f in files], seeds, ["x"] * 3, out)
+            where = ["x"] * len(files)
+            gather = decoders.start([memoryview(f) for f in files], seeds, where, out)
             (shared,) = decoders.made
-            seen.append((shared.path, shared.token))
+            tokens.append(shared.token)
             assert torch.equal(gather(), expected(files, seeds))
             assert len(shared_files()) == 1
-        assert sum(map(len, large)) > 1.5 * sum(map(len, small))
-        (small_path, first), (large_path, grown), (_, kept) = seen
-        assert large_path == small_path and grown != first and kept == grown
+        assert tokens[0] == tokens[1] != tokens[2]
         for _ in range(2):  # started, never gathered
-            decoders.start([memoryview(f) for f in small], [[1]] * 3, ["x"] * 3, out)
+            decoders.start([memoryview(f) for f in large], [[1]] * 3, ["x"] * 3, out)
         assert len(decoders.made) == len(shared_files()) == 2
     finally:
         decoders.shutdown()
     assert not decoders.made and not shared_files()
+
+    other = tmp_path / "shard"
+    other.write_bytes(b"\xff" * 4096)
+    with open(other, "rb") as file, pytest.raises(RuntimeError, match="batch 123456 is gone"):
+        shared = (f"/proc/self/fd/{file.fileno()}", 123456, 0, [123456])
+        _crops_in_process(shared, 0, [0, 10], [[1]], ["x"], 32)
+    assert other.read_bytes() == b"\xff" * 4096
 
 
 def decoders(pid: int | None = None) -> set[int]:
