@@ -14,7 +14,8 @@ of uint8 (N, 3, 176, 176) crops with random horizontal flips:
   (ahead, in their own threads), the epoch's permutation, decoding (OpenCV, the pixels of
   `jobs.images.decode_rgb`, EXIF orientation included), crop and flip with the per-sample
   seeded generators in its thread pool, steps started ahead, a background prefetch thread.
-  Its time is one epoch from the first request, shard reads included. It runs on 1, 2, 4, ...
+  Its time is its second epoch, shard reads included (the first started its threads or
+  processes and its read-ahead, as a training run's first steps do). It runs on 1, 2, 4, ...
   threads up to ``--threads`` (default: every core), which shows where more threads stop
   paying (`jobs.loader.DECODE_THREADS_MAX`); then in ``--threads`` processes
   (``decode="processes"``), where the GIL is no one's to share.
@@ -134,20 +135,26 @@ def plain_batches(jpegs: list[bytes], batch_size: int, rng: np.random.Generator)
 def loader_epoch(
     index: DatasetIndex, batch_size: int, threads: int, decode: str
 ) -> tuple[float, float]:
-    """Images/s of one epoch of `TrainLoader`, from the first request to the last batch, and
-    the CPU time it cost the calling process (all its threads), microseconds an image: the
-    share a training worker's own process pays, beside the thread driving the GPU."""
+    """Images/s of `TrainLoader`'s second epoch, the first having started its threads or
+    processes and its read-ahead, and the CPU time it cost the calling process (all its
+    threads), microseconds an image: the share a training worker's own process pays, beside
+    the thread driving the GPU."""
     loader = TrainLoader(
         index, rank=0, world_size=1, batch_size=batch_size, crop_px=CROP_PX, seed=0,
         num_threads=threads, decode=decode,
     )  # fmt: skip
-    steps = loader.steps_in_epoch(0)
-    start, cpu = time.perf_counter(), time.process_time()
     batches = iter(loader)
-    for _ in range(steps):
-        rgb_N3HW = next(batches).rgb_N3HW
-    if rgb_N3HW.is_cuda:
-        torch.cuda.synchronize()
+
+    def epoch(steps: int) -> None:
+        for _ in range(steps):
+            rgb_N3HW = next(batches).rgb_N3HW
+        if rgb_N3HW.is_cuda:
+            torch.cuda.synchronize()
+
+    epoch(loader.steps_in_epoch(0))
+    steps = loader.steps_in_epoch(1)
+    start, cpu = time.perf_counter(), time.process_time()
+    epoch(steps)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     batches.close()
     images = steps * batch_size
