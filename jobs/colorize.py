@@ -180,6 +180,11 @@ class ColorizeConfig:
     frees the GPU for the network; nvJPEG encodes the larger ones. Default: on GPUs the
     node's CPUs per GPU, less one (0: nvJPEG for all). Ray does not count them among the
     actor's CPUs (--actor-cpus)."""
+    cpu_encode_pieces: float = 0.0
+    """Device JPEG path: the share of each batch's pipelined pieces whose larger images the
+    encode threads take too, whole, while nvJPEG encodes another piece (0.5: every other
+    piece; `jobs.colorize_jpeg.JpegColorizer`). Not measured on a GPU yet: 0 leaves the
+    larger images to nvJPEG. Nothing where an actor has no encode threads."""
     stages: Literal["auto", "fused", "split"] = "auto"
     """fused: each model actor decodes, colorizes, encodes and writes its batches (best when
     the model runs on CPUs, which every stage shares); split: decode and write tasks around
@@ -212,6 +217,13 @@ class ColorizeConfig:
         if self.encode_threads and self.jpeg_path == "cpu":
             raise ValueError(
                 "encode_threads is the device JPEG path's: drop encode_threads or jpeg_path cpu"
+            )
+        if not 0.0 <= self.cpu_encode_pieces <= 1.0:
+            raise ValueError(f"cpu_encode_pieces must lie in [0, 1], got {self.cpu_encode_pieces}")
+        if self.cpu_encode_pieces and (self.encode_threads == 0 or self.jpeg_path == "cpu"):
+            raise ValueError(
+                "cpu_encode_pieces shares pieces with the device path's encode threads: it "
+                "needs encode_threads > 0 (or its default) and jpeg_path auto or device"
             )
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
@@ -1004,7 +1016,8 @@ class Colorizer:
                 temperature=cfg.temperature,
                 quality=cfg.quality,
                 compile=cfg.compile,
-                encode_threads=_encode_threads(cfg, self.precision.device),
+                encode_threads=(threads := _encode_threads(cfg, self.precision.device)),
+                cpu_encode_pieces=cfg.cpu_encode_pieces if threads else 0.0,
             )
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:

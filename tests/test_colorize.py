@@ -218,6 +218,13 @@ def test_config_is_validated_and_parses(capsys) -> None:
     with pytest.raises(ValueError, match="drop encode_threads or jpeg_path cpu"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", encode_threads=4,
                                 jpeg_path="cpu")  # fmt: skip
+    for bad in ({"cpu_encode_pieces": 1.5}, {"cpu_encode_pieces": float("nan")}):
+        with pytest.raises(ValueError, match="cpu_encode_pieces must lie in"):
+            colorize.ColorizeConfig(input="/a", output="/b", model="m", **bad)
+    for bad in ({"encode_threads": 0}, {"jpeg_path": "cpu"}):
+        with pytest.raises(ValueError, match="needs encode_threads > 0"):
+            colorize.ColorizeConfig(input="/a", output="/b", model="m", cpu_encode_pieces=0.5,
+                                    **bad)  # fmt: skip
     argv = ["in", "out", "--model", "m", "--temperature", "0.5", "--format", "png", "--dry-run"]
     run_cli(colorize.ColorizeConfig, colorize.main, argv, positionals=("input", "output"))
     printed = json.loads(capsys.readouterr().out)
