@@ -120,7 +120,7 @@ def main() -> None:
     histogram = histogram_of(images)
     from colorcore.prior import rebalance_weights
 
-    rebalance0_Q = rebalance_weights(histogram.smoothed_probabilities(), lam=0.0).float()
+    rebalance0_Q = rebalance_weights(histogram.smoothed_probabilities(), lam=0.0)
     print(f"synthetic scenes at {SIZE_PX} x {SIZE_PX}, resized protocol; torch {torch.__version__}")
     print(f"{'in-process, 1 thread, batch 16':32s} {'colorize img/s':>14s} "
           f"{'evaluate img/s':>14s} {'evaluate / colorize':>20s}")  # fmt: skip

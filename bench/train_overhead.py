@@ -82,6 +82,7 @@ def in_process(cfg: TrainConfig, run_dir: str) -> tuple[float, float]:
     precision, device = choose_precision("cpu", cfg.precision), torch.device("cpu")
     histogram = load_prior(cfg.prior_url)
     rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma)
+    rebalance_Q = rebalance_Q.float()
     rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
     torch.manual_seed(cfg.seed)
     model = ColorizationNet(cfg.model)

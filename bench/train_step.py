@@ -231,7 +231,7 @@ def main() -> None:
     ab_N2HW = rgb_to_lab(rgb_N3HW.float() / 255)[:, 1:]
     histogram = AbHistogram().update(ab_N2HW, pixel_stride=4)
     rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma)
-    rgb_N3HW, rebalance_Q = rgb_N3HW.to(device), rebalance_Q.to(device)
+    rgb_N3HW, rebalance_Q = rgb_N3HW.to(device), rebalance_Q.to(device, torch.float32)
 
     report = {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",

@@ -65,7 +65,10 @@ def error_auc(
     bucket_NP = err_NP.ceil().clamp(max=max_dist + 1).long()
     mass_NB = torch.zeros(N, max_dist + 2, dtype=torch.float64, device=err_NHW.device)
     mass_NB.scatter_add_(1, bucket_NP, weights_NP)
-    curve_NT = mass_NB[:, : max_dist + 1].cumsum(dim=1) / weights_NP.sum(dim=1, keepdim=True)
+    # over the cumulative sum's own total: a curve that ends at most at 1 however its
+    # weights round (pixel weights may span 170 orders of magnitude)
+    cumulative_NB = mass_NB.cumsum(dim=1)
+    curve_NT = cumulative_NB[:, : max_dist + 1] / cumulative_NB[:, -1:]
     auc_N = torch.trapezoid(curve_NT, dx=1.0, dim=1) / max_dist
     return auc_N, curve_NT
 

@@ -82,6 +82,7 @@ MODEL_METHODS = METHODS[2:]
 PRIMARY = "annealed_mean"  # the paper's decoding: ranks the best/worst grid
 NUM_THRESHOLDS = metrics.AUC_MAX_DIST + 1
 THUMB_PX = 128
+THUMB_ASPECT_MAX = 8  # a panorama's strip stays a few thousand pixels wide (JPEG: 65,500)
 READ_THREADS = 8  # concurrent object-store reads per read task
 NO_LABEL = -1
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -471,11 +472,14 @@ def _measure_group(
     images: list[torch.Tensor],
     ab_small: dict[str, torch.Tensor],
     labels_N: torch.Tensor,
-) -> tuple[Scores, torch.Tensor | None, Callable[[int], list[torch.Tensor]]]:
+) -> tuple[Scores | None, torch.Tensor | None, Callable[[int], list[torch.Tensor]], dict]:
     """(`measure_images` of the images, the classifier's top-1 hits or None, image i's
-    thumbnails for the grid): same-size images at once, or at full resolution one at a
-    time, each image's full-size rows dropped once it is classified and its thumbnails are
-    made (a batch of large scans would otherwise hold five float copies of each)."""
+    thumbnails for the grid, {image: why} of those that could not be measured): same-size
+    images at once, or at full resolution one at a time, each image's full-size rows
+    dropped once it is classified and its thumbnails are made (a batch of large scans would
+    otherwise hold five float copies of each). At full resolution an image too large for
+    the memory at hand is left out (and said why), not the end of the batch; the scores,
+    hits and thumbnails are then those of the others, in order (None when none is left)."""
     if ctx.cfg.protocol == "resized":
         rgb = torch.stack(images).to(ctx.device).float() / 255
         scores = measure_images(rgb, ab_small, rebalance0_Q=ctx.rebalance0_Q)
@@ -483,20 +487,35 @@ def _measure_group(
         if ctx.classifier is not None:
             with ctx.autocast():
                 correct = top1_correct(ctx.classifier, scores.rgb_by_method, labels_N)
-        return scores, correct, lambda i: _thumbnails(scores.rgb_by_method, i)
-    parts, hits, thumbnails = [], [], []
+        return scores, correct, lambda i: _thumbnails(scores.rgb_by_method, i), {}
+    parts, hits, thumbnails, failed = [], [], [], {}
     for i, img in enumerate(images):
-        one = measure_images(
-            img[None].to(ctx.device).float() / 255,
-            {k: v[i : i + 1] for k, v in ab_small.items()},
-            rebalance0_Q=ctx.rebalance0_Q,
-        )
-        if ctx.classifier is not None:
-            with ctx.autocast():
-                hits.append(top1_correct(ctx.classifier, one.rgb_by_method, labels_N[i : i + 1]))
-        thumbnails.append(_thumbnails(one.rgb_by_method, 0))
+        try:
+            one = measure_images(
+                img[None].to(ctx.device).float() / 255,
+                {k: v[i : i + 1] for k, v in ab_small.items()},
+                rebalance0_Q=ctx.rebalance0_Q,
+            )
+            hit = None
+            if ctx.classifier is not None:
+                with ctx.autocast():
+                    hit = top1_correct(ctx.classifier, one.rgb_by_method, labels_N[i : i + 1])
+            tiles = _thumbnails(one.rgb_by_method, 0)
+        except (RuntimeError, MemoryError) as e:
+            if not _out_of_memory(e):
+                raise
+            one = None  # its rows, before the next image's are made
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            h, w = img.shape[-2:]
+            failed[i] = f"{w}x{h} too large to measure at full resolution here ({e})"[:300]
+            continue
+        hits += [hit] if hit is not None else []
+        thumbnails.append(tiles)
         parts.append(dataclasses.replace(one, rgb_by_method={}))
         del one  # its full-size rows, before the next image's are made
+    if not parts:
+        return None, None, thumbnails.__getitem__, failed
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     scores = Scores(
         cat("auc_raw_NM"),
@@ -508,7 +527,14 @@ def _measure_group(
         cat("mass_rebalanced_N"),
         {},
     )
-    return scores, torch.cat(hits) if hits else None, thumbnails.__getitem__
+    return scores, torch.cat(hits) if hits else None, thumbnails.__getitem__, failed
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed (torch raises RuntimeError on CPUs)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        "can't allocate memory" in str(error) or "out of memory" in str(error)
+    )
 
 
 def _empty_columns(n: int) -> dict[str, np.ndarray]:
@@ -567,7 +593,13 @@ def evaluate_batch(batch: Mapping[str, np.ndarray], ctx: EvalContext) -> dict[st
     ab_small, loss_N = _network(ctx, torch.stack(small))
     images = small if ctx.cfg.protocol == "resized" else full
     labels = torch.from_numpy(out["label"][ok])
-    scores, correct, thumbnails = _measure_group(ctx, images, ab_small, labels)
+    scores, correct, thumbnails, failed = _measure_group(ctx, images, ab_small, labels)
+    for j, reason in failed.items():
+        out["status"][ok[j]], out["reason"][ok[j]] = "error", reason
+    kept = [j for j in range(len(ok)) if j not in failed]
+    ok, loss_N = [ok[j] for j in kept], loss_N[kept]
+    if scores is None:
+        return out
     out["loss"][ok] = loss_N.numpy()
     out["auc_raw"][ok] = scores.auc_raw_NM.numpy()
     out["auc_rebalanced"][ok] = scores.auc_rebalanced_NM.numpy()
@@ -591,12 +623,14 @@ def _extremes(values_N: torch.Tensor, k: int) -> list[int]:
 
 
 def _thumbnails(rgb_by_method: Mapping[str, torch.Tensor], i: int) -> list[torch.Tensor]:
-    """Image i's gray input, colorized and ground truth, each THUMB_PX high, on the CPU."""
+    """Image i's gray input, colorized and ground truth, each THUMB_PX high (or, for an image
+    wider than THUMB_ASPECT_MAX to 1, that many times as wide), on the CPU."""
     tiles = []
     for method in ("gray", PRIMARY, "ground_truth"):
         img = rgb_by_method[method][i]
         h, w = img.shape[-2:]
-        size = (THUMB_PX, max(1, round(w * THUMB_PX / h)))
+        scale = min(THUMB_PX / h, THUMB_ASPECT_MAX * THUMB_PX / w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
         tile = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True)
         tiles.append(tile[0].cpu())
     return tiles
@@ -677,7 +711,7 @@ class Evaluator:
             model,
             precision.device,
             precision.autocast_dtype,
-            torch.tensor(rebalance0_Q, dtype=torch.float32),
+            torch.tensor(rebalance0_Q, dtype=torch.float64),
             classifier,
         )
 
@@ -869,7 +903,10 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
 
 
 def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
-    """lambda = 0 weights from a prior.npz of counts or a .npy of smoothed probabilities."""
+    """lambda = 0 weights from a prior.npz of counts or a .npy of smoothed probabilities, in
+    float64: the prior of a narrow set (a dataset's own) gives colours far from all of its
+    weights beyond float32's range, and one such pixel would make its image's rebalanced AuC
+    inf / inf, which the pooled figure would then leave out without a word."""
     from colorcore.prior import AbHistogram, rebalance_weights
 
     if not storage.exists(url, s3):
@@ -883,7 +920,10 @@ def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
         smoothed_Q = smoothed_Q / smoothed_Q.sum()
     else:
         smoothed_Q = AbHistogram.load(data).smoothed_probabilities()
-    return rebalance_weights(smoothed_Q, lam=0.0).float()
+    weights_Q = rebalance_weights(smoothed_Q, lam=0.0)
+    if not bool(weights_Q.isfinite().all()):
+        raise ValueError(f"the prior at {url} has bins too small for finite weights at lambda 0")
+    return weights_Q
 
 
 # ---------------------------------------------------------------- the set's figures

@@ -364,9 +364,11 @@ def load_prior(url: str, s3: storage.S3Options | None = None) -> AbHistogram:
 
 
 def rebalance_from(histogram: AbHistogram, *, lam: float, sigma: float) -> torch.Tensor:
-    """Rebalancing weights for `lam` from raw counts (smoothing applied here)."""
+    """Rebalancing weights for `lam` from raw counts (smoothing applied here), float64: at
+    lambda 0 (the rebalanced AuC's) those of colours far from a narrow dataset's pass
+    float32's range; the loss's (at most Q / lambda) are made float32 where it uses them."""
     smoothed = AbHistogram(histogram.counts_Q, smoothing_sigma=sigma).smoothed_probabilities()
-    return rebalance_weights(smoothed, lam=lam).float()
+    return rebalance_weights(smoothed, lam=lam)
 
 
 # ---------------------------------------------------------------- the driver

@@ -70,9 +70,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     histogram = load_prior(cfg.prior_url, cfg.s3)
-    rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma).to(
-        device
-    )
+    rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma)
+    rebalance_Q = rebalance_Q.to(device, torch.float32)
     rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
 
     state = _restore(run_url, cfg.s3, rank, world)

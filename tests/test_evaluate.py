@@ -392,7 +392,7 @@ def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
     assert "metrics at full resolution" in result["protocol"]
 
 
-def test_full_resolution_measures_one_by_one_as_a_batch_measures(tmp_path) -> None:
+def test_full_resolution_measures_one_by_one_as_a_batch_measures(tmp_path, monkeypatch) -> None:
     """--protocol full measures, classifies and draws each image alone, keeping only its
     thumbnails: on images of the eval size it gives what the batched path gives."""
     torch.manual_seed(0)
@@ -424,6 +424,63 @@ def test_full_resolution_measures_one_by_one_as_a_batch_measures(tmp_path) -> No
     for i in range(len(images)):
         for a, b in zip(one_by_one[2](i), batched[2](i), strict=True):
             torch.testing.assert_close(a, b)
+    assert batched[3] == one_by_one[3] == {}
+
+    # An image too large for the memory at hand is left out, said why; the rest as before.
+    # Any other error is a bug, and raised.
+    measure, calls = evaluate.measure_images, []
+
+    def short_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "measure_images", short_of_memory)
+    scores, hits, thumbnails, failed = measured("full")
+    assert list(failed) == [1] and "too large to measure" in failed[1]
+    rest = [0, *range(2, len(images))]
+    torch.testing.assert_close(scores.auc_raw_NM, batched[0].auc_raw_NM[rest])
+    assert torch.equal(hits, batched[1][rest])
+    for a, b in zip(thumbnails(1), batched[2](2), strict=True):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(evaluate, "measure_images", lambda *a, **k: torch.ones(2) @ torch.ones(3))
+    with pytest.raises(RuntimeError, match="size"):
+        measured("full")
+
+
+def test_a_panoramas_strip_stays_within_jpegs_reach() -> None:
+    """A 100 x 18,000 image's tiles are 8 times as wide as high (a strip of 69,120 pixels
+    would not save as a JPEG); a common image's are 128 high."""
+    from PIL import Image
+
+    for (h, w), tile in (((100, 18000), (6, 1024)), ((60, 90), (128, 192))):
+        rgb = {m: torch.rand(1, 3, h, w) for m in ("gray", evaluate.PRIMARY, "ground_truth")}
+        tiles = evaluate._thumbnails(rgb, 0)
+        assert [tuple(t.shape[-2:]) for t in tiles] == [tile] * 3
+        strip = Image.open(io.BytesIO(evaluate._strip(tiles)))
+        assert strip.size == (3 * tile[1], tile[0])
+
+
+def test_a_narrow_prior_weighs_far_colours_beyond_float32_and_keeps_them(tmp_path) -> None:
+    """A prior of gray alone (a dataset's own, narrow) gives the colours farthest from it
+    weights past float32's range: kept in float64, an image holding one still has a finite
+    rebalanced AuC and mass, which the pooled figure counts."""
+    from colorcore.prior import AbHistogram
+    from colorcore.quantize import ab_bins
+
+    counts = torch.zeros(313, dtype=torch.int64)
+    counts[int(ab_bins().norm(dim=1).argmin())] = 1000
+    AbHistogram(counts).save(tmp_path / "prior.npz")
+    w_Q = evaluate.load_rebalance0(str(tmp_path / "prior.npz"))
+    assert w_Q.dtype == torch.float64 and bool(w_Q.isfinite().all())
+    assert bool(w_Q.float().isinf().any())  # what float32 would have made of them
+    rgb = torch.full((1, 3, 16, 16), 0.5)
+    rgb[0, :, 0, 0] = torch.tensor([0.0, 1.0, 0.0])  # one saturated green pixel
+    ab_small = {m: torch.zeros(1, 2, 4, 4) for m in ("annealed_mean", "mean", "mode")}
+    scores = evaluate.measure_images(rgb, ab_small, rebalance0_Q=w_Q)
+    assert bool(scores.auc_rebalanced_NM.isfinite().all())
+    assert bool(scores.mass_rebalanced_N.isfinite().all())
 
 
 def test_cli_dry_run_parses_the_documented_command(capsys) -> None:
