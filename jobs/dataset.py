@@ -3,7 +3,7 @@
 A dataset is a folder (local or on object storage)::
 
     <dataset>/manifest.json            what is there: classes, shards, counts, errors, config
-    <dataset>/shards/<split>-NNNNN.parquet   training shards (schema below)
+    <dataset>/shards/part-GGGGG-PPP.parquet  shards (schema below): part PPP of group GGGGG
     <dataset>/prior.npz                the ab prior over the dataset (written by jobs.prior)
 
 Shard rows (Parquet, `SHARD_SCHEMA`):

@@ -13,7 +13,8 @@ DST gets the layout of `jobs.dataset`: Parquet shards of about ``--shard-mb``, i
 their short side reduced to ``--short-side-px`` (JPEG sources decode at reduced scale) and
 re-encoded as 4:4:4 JPEG, quality 95; JPEG sources already small enough are kept byte for
 byte. Bad inputs (empty, truncated, not images, above ``--max-pixels``) are recorded in
-``errors.json`` with their reason; rows + errors = inputs is checked at the end.
+``errors.json`` with their reason: every input gives a row or an error, and the manifest
+counts both (rows + errors = inputs).
 
 The inputs are cut into groups in a fixed order; each group is one Ray Data task that writes
 its shards and then a marker. A re-run skips groups whose marker exists, so an interrupted
@@ -296,11 +297,12 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
         for item, refused, data in zip(group["items"], refusals, read, strict=True):
             if isinstance(data, FileNotFoundError):
                 data = BadImage("missing file")
-            elif isinstance(data, (PermissionError, IsADirectoryError)):  # refused for good
+            elif isinstance(data, Exception) and storage.refused_for_good(data):
                 data = BadImage(f"unreadable file: {type(data).__name__}: {data}")
             elif isinstance(data, Exception):
-                # Other storage errors, left after the retries, fail the task: a re-run of
-                # the job reads the group again, where an error row would be final.
+                # Other storage errors, left after the retries, and the credentials' (an
+                # expired token) fail the task: a re-run of the job reads the group again,
+                # where an error row would be final.
                 raise data
             yield item["key"], item["label"], item["url"], refused or data
         return
@@ -409,11 +411,18 @@ def _plan_digest(classes: list[str], groups: list[dict]) -> str:
     return hashlib.sha256(json.dumps([classes, groups], sort_keys=True).encode()).hexdigest()
 
 
+def _canonical(url: str) -> str:
+    """`url` spelled one way: s3://b/train/ and s3a://b/train are one source."""
+    scheme, path = storage.split_url(url)
+    return path if scheme == "file" else f"{scheme}://{path}"
+
+
 def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict]) -> None:
     """Record the output-deciding config and the plan on the first run; refuse a re-run
     whose settings or inputs differ."""
     url = storage.join(cfg.dst, WORK_DIR, "config.json")
-    wanted = {"src": cfg.src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
+    src = _canonical(cfg.src)
+    wanted = {"src": src, **cfg.output_fields(), "plan_sha256": _plan_digest(classes, groups)}
     # Created only where absent: of two first runs at once, the second finds the first's
     # (where the store honours the condition: looked for first in any case).
     if not storage.exists(url, cfg.s3) and storage.create_bytes(
@@ -421,6 +430,7 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
     ):
         return
     found = json.loads(storage.read_bytes(url, cfg.s3))
+    found["src"] = _canonical(found.get("src", src))
     changed = sorted(k for k in found if found[k] != wanted.get(k))  # keys it recorded
     if changed:
         raise ValueError(

@@ -7,8 +7,8 @@ A URL is a local path (``/data/imagenet``, ``file:///data``), ``s3://bucket/key`
 are saved in checkpoints and search state): they come from the environment or the instance
 role, through each library's own credential chain.
 
-Reads and writes retry transient errors (connection drops, throttling, time-outs) with
-exponential backoff; missing files and permission errors fail at once.
+Reads and writes on object storage retry transient errors (connection drops, throttling,
+time-outs) with exponential backoff; missing files and permission errors fail at once.
 """
 
 from __future__ import annotations
@@ -73,11 +73,21 @@ class S3Options:
 def _check_endpoint(endpoint: str, where: str) -> str:
     """`endpoint` if it is http(s)://host[:port] without credentials (never echoed if not)."""
     parsed = urlparse(endpoint)
-    if parsed.username or parsed.password:
+    if parsed.username or parsed.password or "@" in endpoint:
         raise ValueError(f"{where} must not carry credentials: give them in the environment")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"{where} must be http(s)://host[:port], got {endpoint!r}")
     return endpoint
+
+
+def _redacted(url: str) -> str:
+    """`url` for a message: anything before an ``@`` in its authority (a user and
+    password) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return url
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -88,11 +98,17 @@ def split_url(url: str) -> tuple[str, str]:
     if sep and scheme == "file":
         if rest.startswith("localhost/"):  # file://localhost/data is /data
             rest = rest[len("localhost") :]
+        if not rest.startswith("/"):  # file://data/x: a host, not a folder here
+            raise ValueError(
+                f"{_redacted(url)!r} names a host: a local file URL is file:///absolute/path"
+            )
         return "file", os.path.abspath(os.path.expanduser(rest))
     if sep and scheme in ("s3", "s3a", "gs", "gcs"):
         protocol = "s3" if scheme.startswith("s3") else "gs"
         bucket, _, key = rest.partition("/")
-        if "@" in bucket:  # user:secret@bucket: refused without echoing it
+        # user:secret@bucket, refused without echoing it; a secret may hold "/", which
+        # leaves "user:part" as the bucket: a bucket's name never holds ":" or "@"
+        if "@" in bucket or ":" in bucket:
             raise ValueError(
                 f"a {scheme}:// URL must not carry credentials: give them in the environment"
             )
@@ -103,7 +119,9 @@ def split_url(url: str) -> tuple[str, str]:
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
         path = parsed.path if parsed.scheme == "file" else url
         return "file", os.path.abspath(os.path.expanduser(path))
-    raise ValueError(f"unsupported storage URL {url!r}: use a local path, s3:// or gs://")
+    raise ValueError(
+        f"unsupported storage URL {_redacted(url)!r}: use a local path, s3:// or gs://"
+    )
 
 
 def join(url: str, *parts: str) -> str:
@@ -327,11 +345,35 @@ def _create_local(fs, path: str, data: bytes) -> bool:
 def _precondition_failed(error: BaseException) -> bool:
     """Whether an S3 error is a 412 Precondition Failed (s3fs passes it on as
     FileExistsError only when the reply names the If-None-Match condition)."""
-    cause = getattr(error, "__cause__", None)
-    response = getattr(cause, "response", None) or {}
-    code = response.get("Error", {}).get("Code")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code, status = _s3_reply(error)
     return code == "PreconditionFailed" or status == 412
+
+
+def _s3_reply(error: BaseException) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) of the S3 reply behind an error s3fs raised (its cause),
+    or Nones for any other error."""
+    response = getattr(getattr(error, "__cause__", None), "response", None) or {}
+    return response.get("Error", {}).get("Code"), response.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode"
+    )
+
+
+# S3 refusals of one object that a re-run meets again: no permission on it, or archived.
+# s3fs raises PermissionError for the credentials' failures too (an expired token, a wrong
+# key, a skewed clock), which a re-run with good ones gets past.
+OBJECT_REFUSALS = frozenset({"AccessDenied", "InvalidObjectState"})
+
+
+def refused_for_good(error: BaseException) -> bool:
+    """Whether a read's `error` says the file will not read on a re-run either: missing, a
+    folder, or refused itself (local permissions; on S3 `OBJECT_REFUSALS`), rather than a
+    failure of the storage or of the credentials."""
+    if isinstance(error, (FileNotFoundError, IsADirectoryError)):
+        return True
+    if not isinstance(error, PermissionError):
+        return False
+    code, _ = _s3_reply(error)
+    return code is None if error.__cause__ is None else code in OBJECT_REFUSALS
 
 
 def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
@@ -408,10 +450,18 @@ def file_sizes(url: str, s3: S3Options | None = None) -> dict[str, int]:
     return {p[len(root) :].lstrip("/"): info.get("size") or 0 for p, info in found.items()}
 
 
+def _files(found):
+    """`fs.find`'s result less S3's folder placeholders: the empty objects named ``a/``
+    that consoles and sync tools make for folders, which s3fs lists as files."""
+    if isinstance(found, dict):
+        return {p: info for p, info in found.items() if not p.endswith("/")}
+    return [p for p in found if not p.endswith("/")]
+
+
 def _find(fs: fsspec.AbstractFileSystem, path: str, url: str, *, detail: bool):
     _forget_listings(fs, path)
     try:
-        return with_retries(lambda: fs.find(path, detail=detail), what=f"list {url}")
+        return _files(with_retries(lambda: fs.find(path, detail=detail), what=f"list {url}"))
     finally:
         _forget_listings(fs, path)
 

@@ -135,6 +135,10 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> N
     assert shard_digests(cfg.dst, resumed) == shard_digests(str(tmp_path / "clean"), clean)
     keys = [r["key"] for r in read_rows(cfg.dst, resumed)]
     assert len(keys) == len(set(keys)) == clean.num_rows
+    for spelled in (f"{src}/", f"file://{src}"):  # the same source, spelled otherwise
+        prepare._check_resumable(config(spelled, cfg.dst), classes, groups)
+    with pytest.raises(ValueError, match="prepared from other src"):
+        prepare._check_resumable(config(str(tmp_path / "elsewhere"), cfg.dst), classes, groups)
     with pytest.raises(ValueError, match="prepared from other short_side_px"):
         prepare.main(config(str(src), cfg.dst, short_side_px=128))
     (src / "cat" / "late.png").write_bytes(encode(np.zeros((40, 40, 3), np.uint8), "PNG"))

@@ -132,6 +132,44 @@ def test_listings_are_not_kept_and_spell_urls_as_given(root_url) -> None:
         ]
 
 
+def test_s3_folder_placeholders_are_not_listed_as_files(s3_server) -> None:
+    """The empty ``a/`` objects consoles and sync tools make for folders are not files."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    root = "placeholders"
+    for key in (f"{root}/", f"{root}/cat/", f"{root}/cat/a.jpg"):
+        client.put_object(Bucket=s3_server.bucket, Key=key, Body=b"x" * key.endswith(".jpg"))
+    fs, path = storage.filesystem(s3_server.url(root))
+    assert any(p.endswith("/") for p in fs.find(path))  # what s3fs gives
+    assert storage.list_files(s3_server.url(root)) == [s3_server.url(root, "cat", "a.jpg")]
+    assert storage.file_sizes(s3_server.url(root)) == {"cat/a.jpg": 1}
+
+
+def test_only_refusals_of_the_file_itself_are_final() -> None:
+    """s3fs raises PermissionError for an object refused to everyone and for credentials
+    that failed (an expired token): only the first is the file's, for good."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    def s3_error(code: str) -> BaseException:
+        reply = {"Error": {"Code": code, "Message": code}}
+        return translate_boto_error(ClientError(reply, "GetObject"))
+
+    for code in ("AccessDenied", "InvalidObjectState"):
+        assert isinstance(s3_error(code), PermissionError) and storage.refused_for_good(
+            s3_error(code)
+        )
+    for code in ("ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        assert isinstance(s3_error(code), PermissionError)
+        assert not storage.refused_for_good(s3_error(code)), code
+    assert storage.refused_for_good(PermissionError(13, "Permission denied"))  # local
+    assert storage.refused_for_good(FileNotFoundError()) and storage.refused_for_good(
+        IsADirectoryError()
+    )
+    assert not storage.refused_for_good(ConnectionResetError())
+
+
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
     urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
@@ -218,9 +256,20 @@ def test_split_url_forms(tmp_path) -> None:
 
 def test_credentials_in_urls_are_refused_without_echoing_them(monkeypatch) -> None:
     secret = "wJalrXUtnFEMI"
+    for url in (f"s3://AKIAEXAMPLE:{secret}@bucket/key", f"s3://AKIAEXAMPLE:wJal/{secret}@b/k"):
+        with pytest.raises(ValueError, match="must not carry credentials") as refused:
+            storage.split_url(url)
+        assert secret not in str(refused.value)
+    for url in (f"https://user:{secret}@host/x", f"file://user:{secret}@host/x"):
+        with pytest.raises(ValueError) as refused:
+            storage.split_url(url)
+        assert secret not in str(refused.value)
     with pytest.raises(ValueError, match="must not carry credentials") as refused:
-        storage.split_url(f"s3://AKIAEXAMPLE:{secret}@bucket/key")
+        storage.S3Options(endpoint_url=f"minio:{secret}@host:9000")
     assert secret not in str(refused.value)
+    with pytest.raises(ValueError, match="names a host"):  # not ./data/x
+        storage.split_url("file://data/x")
+    assert storage.split_url("s3://bucket/me@home.jpg") == ("s3", "bucket/me@home.jpg")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://user:{secret}@127.0.0.1:9000")
     with pytest.raises(ValueError, match=r"\$AWS_ENDPOINT_URL_S3 must not carry") as refused:
         storage.S3Options().resolved_endpoint()
