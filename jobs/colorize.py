@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import stat
 import sys
 import tarfile
@@ -108,7 +107,6 @@ MEMBER_SLACK_BYTES = 1024  # a member's local header or a row's key, beside its 
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
 log = logging.getLogger(__name__)
-_STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # jobs.storage._temporary_beside
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1457,11 +1455,7 @@ def _listed_outputs(cfg: ColorizeConfig) -> list[str]:
     """Relative paths of the files under OUTPUT, the job's own folder left out. Temporary
     files of local writes cut short by a killed run are removed."""
     base = storage.join(storage.absolute(cfg.output), "")
-    found = [u[len(base) :] for u in storage.list_files(cfg.output, cfg.s3)]
-    if storage.is_local(cfg.output):
-        for rel in [r for r in found if _STALE_TEMPORARY.search(r)]:
-            os.remove(base + rel)
-            found.remove(rel)
+    found = [u[len(base) :] for u in storage.list_files_swept(cfg.output, cfg.s3)]
     return [r for r in found if not r.startswith(WORK_DIR + "/")]
 
 

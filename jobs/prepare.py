@@ -54,6 +54,7 @@ from jobs.images import (
 WORK_DIR = "_prepare"
 ERRORS_FILE = "errors.json"
 TASK_BASE_BYTES = 512 * 2**20  # a conversion task's interpreter, PIL and pyarrow, beyond its data
+TASK_RETRIES = 3  # tries of a group whose task was killed, after its first
 
 
 OUTPUT_FIELDS = ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "max_file_mb",
@@ -448,7 +449,8 @@ def main(cfg: PrepareConfig) -> Manifest:
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
     _check_resumable(cfg, classes, groups)
-    marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))  # one listing
+    storage.list_files_swept(storage.join(cfg.dst, SHARDS_DIR), cfg.s3)  # a killed run's
+    marked = set(storage.list_files_swept(storage.join(cfg.dst, WORK_DIR), cfg.s3))
     todo = [i for i in range(len(groups)) if _marker_url(cfg, i) not in marked]
     print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
     if todo:
@@ -460,9 +462,12 @@ def main(cfg: PrepareConfig) -> Manifest:
         # of the context: other datasets of the process keep theirs.)
         ds.context.max_errored_blocks = -1
         memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
+        # A task killed (its node lost, or out of memory) is tried again, a few times: Ray
+        # Data's default would try one that cannot fit for ever.
         ds.map(
-            _process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task, memory=memory
-        ).materialize()
+            _process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task, memory=memory,
+            max_retries=TASK_RETRIES,
+        ).materialize()  # fmt: skip
         marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
         if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
             raise RuntimeError(

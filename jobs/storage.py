@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -289,9 +290,25 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
 
 
 def _temporary_beside(path: str) -> str:
-    """A local file's temporary name while it is written (`jobs.colorize` sweeps stale ones
-    by this pattern)."""
+    """A local file's temporary name while it is written (`STALE_TEMPORARY`)."""
     return f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+
+
+STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # the names of _temporary_beside
+
+
+def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
+    """`list_files` of `url`, less the temporary files of local writes that a killed
+    process left behind, which are removed (a job's re-run calls this before it writes:
+    they would be its own otherwise, and fill the disk run after run)."""
+    found = list_files(url, s3)
+    if not is_local(url):
+        return found  # an object store's write is one request: nothing half-written stays
+    stale = {u for u in found if STALE_TEMPORARY.search(u)}
+    for u in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(split_url(u)[1])
+    return [u for u in found if u not in stale]
 
 
 def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:

@@ -170,6 +170,20 @@ def test_only_refusals_of_the_file_itself_are_final() -> None:
     assert not storage.refused_for_good(ConnectionResetError())
 
 
+def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
+    """Locally, the temporaries `write_bytes` names (a killed process's) are removed; names
+    that only look alike, and anything on S3 (one request a write), are files."""
+    kept = [storage.join(root_url, "s", n) for n in ("a.jpg", "b.tmp-x", "c.tmp-12-zz")]
+    stale = storage.join(root_url, "s", "a.jpg.tmp-4242-1f3a")
+    for url in [*kept, stale]:
+        storage.write_bytes(url, b"x")
+    swept = storage.list_files_swept(storage.join(root_url, "s"))
+    if storage.is_local(root_url):
+        assert swept == sorted(kept) and storage.list_files(root_url) == sorted(kept)
+    else:
+        assert swept == sorted([*kept, stale])
+
+
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
     urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
