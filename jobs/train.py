@@ -201,6 +201,8 @@ class TrainConfig:
             )
         if self.val_data and self.val_images < 1:
             problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")
+        if self.val_data and self.val_data.rstrip("/") == self.data.rstrip("/"):
+            problems.append("val_data is the training data: validation needs a held-out set")
         if self.window_images < 1 or self.warmup_steps < 0:
             problems.append("window_images must be >= 1 and warmup_steps >= 0")
         if self.read_groups < 1 or self.num_workers % self.read_groups:
@@ -553,8 +555,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             if checkpoint_files(cfg.run_url, cfg.s3)
             else "start it again (it has no checkpoint yet)"
         )
+        weights = where.get("what") == "non-finite weights"
+        what = "its weights were no longer finite, its loss" if weights else "its loss was"
         raise ValueError(
-            f"run {cfg.name} diverged: its loss was {where['loss']} at step {where['step']} "
+            f"run {cfg.name} diverged: {what} {where['loss']} at step {where['step']} "
             f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "
             "or train under another --name"
         )

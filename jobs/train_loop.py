@@ -132,6 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if state:
         optimizer.load_state_dict(state["extra"]["optimizer"])
+        for group in optimizer.param_groups:  # this config's, not the checkpoint's settings
+            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+            group["weight_decay"] = cfg.weight_decay
     loss_of = step_loss(model, rebalance_Q, cfg, precision.autocast_dtype, device)
 
     val_crops = None
@@ -169,7 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window_images += cfg.batch_size
 
         row: dict[str, float] = {}
-        # Rows at checkpoints too: a loss gone non-finite is caught before it is saved.
+        # Rows at checkpoints too: a loss gone non-finite is caught before it is saved, and
+        # so are weights an update made non-finite since the loss was last measured.
         checkpoint = step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps
         if step % cfg.log_every_steps == 0 or checkpoint:
             elapsed = time.monotonic() - window_start
@@ -184,7 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             window_start, window_images = time.monotonic(), 0
             window_loss = torch.zeros((), device=device)
-            if not math.isfinite(row["loss"]):  # the same on every rank: all stop here
+            broken = not math.isfinite(row["loss"]) or (checkpoint and _weights_broken(model))
+            if broken:  # the same on every rank: all stop here
                 if val_crops is not None:  # a search's objective must be in every report
                     from jobs.validation import ValidationResult
 
@@ -363,22 +368,31 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     return {"model_state": ckpt.model_state, "extra": ckpt.extra}
 
 
+def _weights_broken(model: torch.nn.Module) -> bool:
+    """Whether a parameter holds a NaN or an infinity (DDP keeps the ranks' equal: each
+    finds the same). Checked before a checkpoint: an update from a gradient that overflowed
+    breaks the weights without its loss, measured before it, showing it, and a checkpoint of
+    them would be where every re-run starts."""
+    return not all(bool(p.isfinite().all()) for p in model.parameters())
+
+
 def _diverged(
     row: dict, step: int, epoch: int, offset: int, history: list, rank: int, run_url: str, s3
 ) -> None:
-    """Ends a run whose loss is no longer finite: every step after would be wasted, and its
-    weights are not checkpointed. Says where in the run folder (`DIVERGED_FILE`, for the
-    driver, which sees only checkpointed reports) and in a last report (`diverged`: the
-    step, for a search to tell the trial from one stopped early)."""
+    """Ends a run whose loss, or whose weights, are no longer finite: every step after
+    would be wasted, and its weights are not checkpointed. Says where in the run folder
+    (`DIVERGED_FILE`, for the driver, which sees only checkpointed reports) and in a last
+    report (`diverged`: the step, for a search to tell the trial from one stopped early)."""
     import ray.train
 
     history.append(row)
     if rank == 0:
+        what = "non-finite weights" if math.isfinite(row["loss"]) else "a loss of"
         log.error(
-            "train: the loss is %s at step %d (lr %.3g): the run diverged and stops, and "
-            "nothing of it since the last checkpoint is saved", row["loss"], step, row["lr"],
+            "train: %s %s at step %d (lr %.3g): the run diverged and stops, and nothing of it "
+            "since the last checkpoint is saved", what, row["loss"], step, row["lr"],
         )  # fmt: skip
-        record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"]}
+        record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"], "what": what}
         storage.write_bytes(storage.join(run_url, DIVERGED_FILE), json.dumps(record).encode(), s3)
     ray.train.report(_metrics(step, epoch, offset, history) | {"diverged": step}, checkpoint=None)
 

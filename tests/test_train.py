@@ -330,6 +330,23 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
     assert not storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)
 
 
+def test_weights_an_update_broke_are_caught_before_a_checkpoint() -> None:
+    """An Adam step on a gradient that overflowed makes the weights NaN while the loss,
+    measured before the step, was finite: the check before a checkpoint sees them."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from jobs.train_loop import _weights_broken
+
+    model = ColorizationNet(ModelConfig(width=1 / 16))
+    assert not _weights_broken(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = model(torch.zeros(1, 1, 32, 32)).float().mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    next(model.parameters()).grad.fill_(float("inf"))  # as a bf16 backward can overflow
+    optimizer.step()
+    assert _weights_broken(model)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -343,6 +360,7 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
         (["--lr-drop-factors", "inf"], "lr_drop_factors be finite and > 0"),
         (["--cpus-per-worker", "inf"], "cpus_per_worker finite and > 0"),
         (["--val-images", "0"], "val_images must be >= 1"),
+        (["--val-data", "runs/sample-data/train/"], "needs a held-out set"),
         (["--name", ".."], "name must be a non-empty folder name"),
         (["--model.bn-moving-average", "1"], "bn_moving_average must be in [0, 1)"),
         (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
