@@ -135,7 +135,7 @@ def _plan_tree(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
         cls, name = rel.split("/", 1)
         inputs.append(
             {
-                "key": f"{cls}/{name.rsplit('.', 1)[0]}",
+                "key": f"{cls}/{posixpath.splitext(name)[0]}",  # v1.2/scan: no extension
                 "class": cls,
                 "url": storage.join(cfg.src, rel),
                 "size": size,
@@ -149,7 +149,7 @@ def _plan_flat(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     labels: dict[str, int] = {}
     text = storage.read_bytes(cfg.labels_file, cfg.s3).decode()
     for number, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
+        parts = line.strip().rsplit(None, 1)  # the label last: a path may hold spaces
         if not parts:
             continue
         if len(parts) != 2 or not parts[1].isdigit():

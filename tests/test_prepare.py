@@ -338,3 +338,10 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         1
     ]
     assert [(i["key"], i["size"]) for i in group["items"]] == [("0/loose", 1)]
+    (tmp_path / "a scan.jpg").write_bytes(b"xy")  # a path with a space
+    labels.write_text("./loose.jpg 0\n  a scan.jpg   3 \n")
+    [group] = prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))[
+        1
+    ]
+    keys = sorted((i["key"], i["size"]) for i in group["items"])
+    assert keys == [("0/loose", 1), ("3/a scan", 2)]
