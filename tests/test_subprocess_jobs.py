@@ -227,6 +227,10 @@ def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> N
         "0.5",  # two trials: lr 1e-3 and lr 0
         "--scheduler",
         "fifo",  # every trial runs to its end: a finished trial is one at step 40
+        "--train.num-workers",
+        "1",  # (each worker a trial starts costs seconds here)
+        "--max-concurrent",
+        "1",
     ]
     finished = f"trials/*/{checkpoint_dir_name(40)}/{CHECKPOINT_FILE}"
     proc = subprocess.Popen(

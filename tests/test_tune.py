@@ -264,10 +264,18 @@ def test_trial_functions_run_on_the_driver_resource_where_the_cluster_has_it(ray
     assert tune._trial_driver_resources() == {"cpu": 0, tune.DRIVER_RESOURCE: 1}
 
 
+def one_worker(cfg):
+    """`cfg`'s trials on one worker: these tests are of the search (DDP is the training
+    tests'), and each worker a trial starts costs seconds on 2 cores. One trial at a time, as
+    with two workers, keeps ASHA's decisions in a fixed order."""
+    return dataclasses.replace(cfg, num_workers=1)
+
+
 def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config, s3_server):
     search = dataclasses.replace(
-        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="ci-search"
-    )
+        tune.ci(), train=one_worker(ci_config), storage=s3_server.url("searches"),
+        name="ci-search", max_concurrent=1,
+    )  # fmt: skip
     rows = tune.main(search)
 
     configs = sorted((r["lr"], r["lambda"]) for r in rows)
@@ -320,7 +328,7 @@ def test_a_diverging_trial_ends_at_once_and_the_search_with_it(ci_config, s3_ser
     refuses a report without it, and the whole search would fail), ends, and is listed as
     diverged, without a score; it is nobody's best."""
     search = dataclasses.replace(
-        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="diverging",
+        tune.ci(), train=one_worker(ci_config), storage=s3_server.url("searches"), name="diverging",
         lrs=(1e30,), lambdas=(0.5,), scheduler="fifo",
     )  # fmt: skip
     (row,) = tune.main(search)
@@ -339,8 +347,8 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
     import time
 
     search = dataclasses.replace(
-        tune.ci(), train=ci_config, storage=s3_server.url("searches"), name="interrupted",
-        lrs=(1e-3,), lambdas=(0.5, 1.0), max_concurrent=1,
+        tune.ci(), train=one_worker(ci_config), storage=s3_server.url("searches"),
+        name="interrupted", lrs=(1e-3,), lambdas=(0.5, 1.0), max_concurrent=1,
     )  # fmt: skip
     # ASHA, its first rung at the first report: the interrupted trial's first result (when
     # Tune has it) is the rung's, and the continued search restores a ResumableASHA.
