@@ -562,6 +562,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "
             "or train under another --name"
         )
+    metrics = final_metrics(metrics, cfg)
     print(
         f"train: run {cfg.name} finished at step {metrics.get('step')} "
         f"in {time.monotonic() - start:.0f}s"
@@ -570,6 +571,19 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
     summary = write_report(cfg)
     return metrics | summary
+
+
+def final_metrics(reported: dict, cfg: TrainConfig) -> dict:
+    """The figures of the run's last step: those Ray reported, or, where those are of an
+    earlier step, the run's table's row of its last step. A run resumed at its end (its driver
+    killed after the last checkpoint was written, before Ray recorded it) reports without a
+    checkpoint, and Ray's result holds the last report it recorded one with."""
+    if (reported.get("step") or 0) >= cfg.max_steps:
+        return reported
+    rows = [r for r in read_metrics(cfg.run_url, cfg.s3) if r.get("step") == cfg.max_steps]
+    if not rows:
+        return reported
+    return rows[-1] | {"step": cfg.max_steps}  # the table's: not the stale report's offset
 
 
 def read_metrics(run_url: str, s3: storage.S3Options | None = None) -> list[dict[str, float]]:

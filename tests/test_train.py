@@ -330,6 +330,23 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
     assert not storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)
 
 
+def test_a_run_resumed_at_its_end_returns_its_final_figures(tmp_path) -> None:
+    """Ray's result holds the last report it recorded a checkpoint with (step 20 here); a
+    run resumed at its end reported its final figures without one: they come from the
+    run's table."""
+    from jobs.train_loop import _csv
+
+    cfg = dataclasses.replace(train.ci(), storage=str(tmp_path), max_steps=40)
+    rows = [{"step": s, "loss": 10.0 - s / 10} for s in (10, 20, 30, 40)]
+    storage.write_bytes(storage.join(cfg.run_url, train.METRICS_FILE), _csv(rows))
+    old = {"step": 20, "epoch": 1, "offset": 64, "loss": 8.0}
+    assert train.final_metrics(old, cfg) == {"step": 40, "loss": 6.0}
+    done = {"step": 40, "loss": 6.0}
+    assert train.final_metrics(done, cfg) is done
+    storage.write_bytes(storage.join(cfg.run_url, train.METRICS_FILE), _csv(rows[:2]))
+    assert train.final_metrics(old, cfg) == old  # nothing later to tell: as Ray has it
+
+
 def test_weights_an_update_broke_are_caught_before_a_checkpoint() -> None:
     """An Adam step on a gradient that overflowed makes the weights NaN while the loss,
     measured before the step, was finite: the check before a checkpoint sees them."""
