@@ -91,6 +91,19 @@ def ci_command(workdir: Path, name: str) -> list[str]:
     return train_command(workdir, "ci", "--name", name)
 
 
+def whole(checkpoint: str) -> bool:
+    """Whether the checkpoint file is there and loads (not one being written)."""
+    from colorcore.weights import load_checkpoint
+    from jobs.models import TORN
+
+    try:
+        with open(checkpoint, "rb") as f:
+            load_checkpoint(f)
+    except (OSError, *TORN):
+        return False
+    return True
+
+
 def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> None:
     command = ci_command(workdir, "interrupted")
     first = storage.join(
@@ -100,9 +113,11 @@ def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> No
         command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
-    while not os.path.exists(first) and time.monotonic() < deadline and proc.poll() is None:
+    # Killed once the first checkpoint is whole: Ray copies it into a local run folder file
+    # by file, and a run whose only checkpoint was cut short refuses to start over.
+    while not whole(first) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert os.path.exists(first), "no checkpoint before the deadline"
+    assert whole(first), "no checkpoint before the deadline"
     kill_tree(proc.pid)
     proc.wait()
 
