@@ -527,9 +527,9 @@ class _ProcessDecoders:
         for d, start, end in zip(data, ends[:-1], ends[1:], strict=True):
             shared.files[start:end] = np.frombuffer(d, np.uint8)
         n, live = PROCESS_TASK_IMAGES, [made.token for made in self.made]
-        where_ = (shared.path, shared.token, shared.crops.nbytes, live)
+        memory = (shared.path, shared.token, shared.crops.nbytes, live)
         parts = [
-            self.pool.submit(_crops_in_process, where_, i, ends[i : j + 1].tolist(),
+            self.pool.submit(_crops_in_process, memory, i, ends[i : j + 1].tolist(),
                              seeds[i:j], where[i:j], out.shape[-1])
             for i, j in ((i, min(i + n, len(data))) for i in range(0, len(data), n))
         ]  # fmt: skip

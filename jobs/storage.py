@@ -389,8 +389,9 @@ def refused_for_good(error: BaseException) -> bool:
         return True
     if not isinstance(error, PermissionError):
         return False
-    code, _ = _s3_reply(error)
-    return code is None if error.__cause__ is None else code in OBJECT_REFUSALS
+    if error.__cause__ is None:  # the local filesystem's
+        return True
+    return _s3_reply(error)[0] in OBJECT_REFUSALS
 
 
 def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:

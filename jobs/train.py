@@ -238,6 +238,11 @@ class TrainConfig:
     def micro_batch(self) -> int:
         return self.batch_size // (self.num_workers * self.grad_accum_steps)
 
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What each worker takes on its node (Ray Train's `resources_per_worker`)."""
+        return {"CPU": self.cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
+
 
 # ---------------------------------------------------------------- presets
 
@@ -396,14 +401,13 @@ def build_trainer(
     fs, path = storage.arrow_filesystem(storage_url or cfg.storage, cfg.s3)
     if storage.is_local(storage_url or cfg.storage):
         os.makedirs(path, exist_ok=True)
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_url": run_url},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=cfg.worker_resources,
             accelerator_type=cfg.accelerator_type,
         ),
         run_config=RunConfig(
@@ -555,8 +559,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             if checkpoint_files(cfg.run_url, cfg.s3)
             else "start it again (it has no checkpoint yet)"
         )
-        weights = where.get("what") == "non-finite weights"
-        what = "its weights were no longer finite, its loss" if weights else "its loss was"
+        what = "its weights broke, its loss" if where.get("weights_broken") else "its loss was"
         raise ValueError(
             f"run {cfg.name} diverged: {what} {where['loss']} at step {where['step']} "
             f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "

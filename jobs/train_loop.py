@@ -387,12 +387,15 @@ def _diverged(
 
     history.append(row)
     if rank == 0:
-        what = "non-finite weights" if math.isfinite(row["loss"]) else "a loss of"
+        weights_broken = math.isfinite(row["loss"])  # else the loss is what showed it
         log.error(
-            "train: %s %s at step %d (lr %.3g): the run diverged and stops, and nothing of it "
-            "since the last checkpoint is saved", what, row["loss"], step, row["lr"],
+            "train: %s at step %d (loss %s, lr %.3g): the run diverged and stops, and nothing "
+            "of it since the last checkpoint is saved",
+            "the weights are no longer finite" if weights_broken else "the loss is not finite",
+            step, row["loss"], row["lr"],
         )  # fmt: skip
-        record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"], "what": what}
+        record = {"step": step, "loss": str(row["loss"]), "lr": row["lr"]}
+        record["weights_broken"] = weights_broken
         storage.write_bytes(storage.join(run_url, DIVERGED_FILE), json.dumps(record).encode(), s3)
     ray.train.report(_metrics(step, epoch, offset, history) | {"diverged": step}, checkpoint=None)
 

@@ -419,7 +419,7 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
-    worker = {"CPU": train_cfg.cpus_per_worker} | ({"GPU": 1.0} if train_cfg.use_gpu else {})
+    worker = train_cfg.worker_resources
     fits = [min(int(node.get(k, 0) // v) for k, v in worker.items()) for node in nodes]
     cpus = sum(node.get("CPU", 0) for node in nodes)
     slots = min(sum(fits) // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
@@ -429,14 +429,10 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
             f"a trial needs {train_cfg.num_workers} workers of {train_cfg.cpus_per_worker} CPUs"
             f"{each} each, each worker on one node (and {TRIAL_DRIVER_CPU} CPU for its Tune "
             f"function): the cluster's nodes hold {sum(fits)} such workers ("
-            + ", ".join(_node_summary(node) for node in nodes)
+            + ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)
             + ")"
         )
     return slots
-
-
-def _node_summary(node: dict[str, float]) -> str:
-    return f"{node.get('CPU', 0):g} CPUs, {node.get('GPU', 0):g} GPUs"
 
 
 def _trial_driver_resources() -> dict[str, float]:
