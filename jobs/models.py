@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import pickle
 import posixpath
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -37,6 +39,7 @@ CHECKPOINT_DIR_PREFIX = "checkpoint_"
 ModelKind = Literal["released", "checkpoint", "run", "export"]
 TORN = (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
 """What loading a checkpoint file cut short raises (torch's zip reader: RuntimeError)."""
+ZIP_END_RECORD_BYTES = 22  # the shortest zip file: its end of central directory record alone
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,35 @@ def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[
         ):
             found.append(url)
     return sorted(found, key=lambda u: u.rsplit("/", 2)[-2])
+
+
+def torn(url: str, s3: storage.S3Options | None = None) -> bool:
+    """Whether a checkpoint file was cut short, as a crash while it is copied leaves one:
+    its zip directory, at the end of the file, is missing. Reads that directory only."""
+    fs, path = storage.filesystem(url, s3)
+
+    def check() -> bool:
+        with fs.open(path, "rb", block_size=1 << 16) as f:  # ranged reads, not read-ahead
+            if f.seek(0, os.SEEK_END) < ZIP_END_RECORD_BYTES:  # fsspec would not seek before 0
+                return True
+            try:
+                zipfile.ZipFile(f).close()
+            except zipfile.BadZipFile:
+                return True
+        return False
+
+    return storage.with_retries(check, what=f"read {url}")
+
+
+def remove_torn(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
+    """Delete the run folder's torn checkpoint files (`torn`), which hold nothing to resume
+    from; returns their URLs. Checkpoints that are whole but do not load are kept: the fault
+    may be this version's (a file a newer one wrote), not theirs."""
+    found = [url for url in checkpoint_files(run_url, s3) if torn(url, s3)]
+    for url in found:
+        log.warning("removing checkpoint %s: it was cut short (by a crash while written)", url)
+    storage.remove(found, s3)
+    return found
 
 
 def newest_loadable(

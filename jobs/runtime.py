@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +85,22 @@ def local_paths_problem(local: Sequence[str], address: str, nodes: Sequence[dict
         "on other nodes would not find them or would write to disks of its own; give shared "
         "storage (s3://...)"
     )
+
+
+def workers_fit(worker: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many workers, each taking `worker`'s resources on one node, the nodes (their
+    ``ray.nodes()`` resources) hold. Counted in Ray's units of 1/10,000, as Ray places
+    them: ten workers of 0.1 CPU fit one CPU, where floats would make it nine."""
+
+    def units(amount: float) -> int:
+        return round(amount * 10_000)
+
+    return sum(min(units(n.get(k, 0)) // units(v) for k, v in worker.items()) for n in nodes)
+
+
+def describe_nodes(nodes: Sequence[Mapping[str, float]]) -> str:
+    """The nodes' CPUs and GPUs, for messages: ``4 CPUs, 0 GPUs, 8 CPUs, 1 GPUs``."""
+    return ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)
 
 
 def check_gpus(needed: int, what: str, address: str | None = None) -> None:

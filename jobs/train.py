@@ -465,9 +465,10 @@ def check_resumable(cfg: TrainConfig) -> None:
     batches, targets, prior and data (its shards, by name, size and checksum: the order the
     data offset counts in, wherever they have moved; the schedule and step count may
     change). Recorded in the run folder at the start, compared on every re-run, before any
-    worker starts."""
+    worker starts. Torn checkpoints are removed first (`jobs.models.remove_torn`): a run
+    whose only checkpoints a crash cut short starts over."""
     from jobs.dataset import Manifest
-    from jobs.models import checkpoint_files
+    from jobs.models import checkpoint_files, remove_torn
 
     record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
     prior = storage.read_bytes(cfg.prior_url, cfg.s3)
@@ -476,6 +477,7 @@ def check_resumable(cfg: TrainConfig) -> None:
     record["data_shards_sha256"] = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
+    remove_torn(cfg.run_url, cfg.s3)
     # Before its first checkpoint a run has nothing to keep: it may start over differently
     # (say with a smaller batch after running out of memory).
     if not storage.exists(url, cfg.s3) or not checkpoint_files(cfg.run_url, cfg.s3):
@@ -501,6 +503,26 @@ def kept(started: Any, now: Any) -> bool:
     if isinstance(started, dict) and isinstance(now, dict):
         return all(k not in started or kept(started[k], v) for k, v in now.items())
     return started == now
+
+
+def check_workers_fit(cfg: TrainConfig) -> None:
+    """Fails when the nodes of the Ray instance cannot hold the run's workers, each on one
+    node. For an instance with no autoscaler (the one a job starts when it joins no
+    cluster): the trainer would wait for them forever. A cluster may start nodes for them."""
+    import ray
+
+    from jobs.runtime import describe_nodes, workers_fit
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    fits = workers_fit(cfg.worker_resources, nodes)
+    if fits < cfg.num_workers:
+        each = " and a GPU" * cfg.use_gpu
+        raise ValueError(
+            f"training needs {cfg.num_workers} workers of {cfg.cpus_per_worker:g} CPUs{each} "
+            f"each, each worker on one node, and the local Ray instance holds {fits} ("
+            f"{describe_nodes(nodes)}): lower num_workers or cpus_per_worker, or run on a "
+            "cluster (RAY_ADDRESS)"
+        )
 
 
 def ensure_sample_data(cfg: TrainConfig) -> None:
@@ -538,6 +560,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     if data_ready:
         check_resumable(cfg)
     init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
+    if not os.environ.get("RAY_ADDRESS"):
+        check_workers_fit(cfg)
     if cfg.make_sample_data:
         ensure_sample_data(cfg)
         preflight(dataclasses.replace(cfg, make_sample_data=False))

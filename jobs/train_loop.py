@@ -35,7 +35,7 @@ from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader, decode_threads
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable, remove_torn
 from jobs.node_cache import NodeCache
 from jobs.runtime import choose_precision, keep_freed_memory
 from jobs.train import (
@@ -157,16 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(batches)
-        micro = batch.rgb_N3HW.to(device, non_blocking=True).split(cfg.micro_batch)
-        for i, rgb in enumerate(micro):
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
-            with sync:
-                loss = loss_of(rgb)
-                (loss / cfg.grad_accum_steps).backward()
-            window_loss += loss.detach() / cfg.grad_accum_steps
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        rgb_N3HW = batch.rgb_N3HW.to(device, non_blocking=True)
+        window_loss += train_step(model, optimizer, loss_of, rgb_N3HW, cfg.micro_batch)
         step += 1
         epoch, offset = (batch.epoch, batch.next_offset)
         window_images += cfg.batch_size
@@ -329,6 +321,31 @@ def step_loss(
     return loss
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    rgb_N3HW: torch.Tensor,
+    micro_batch: int,
+) -> torch.Tensor:
+    """One optimizer step on a batch, run in micro-batches of `micro_batch` images whose
+    gradients add up to the whole batch's (each loss is a mean over its micro-batch, so
+    each counts for its share); a DDP model all-reduces them once, with the last. Returns
+    the batch's loss, left on the device (no host sync)."""
+    micro = rgb_N3HW.split(micro_batch)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    total = torch.zeros((), device=rgb_N3HW.device)
+    for i, rgb in enumerate(micro):
+        last = i == len(micro) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            loss = loss_of(rgb)
+            (loss / len(micro)).backward()
+        total += loss.detach() / len(micro)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
@@ -343,13 +360,15 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
 
     Read from the folder rather than taken from `ray.train.get_checkpoint()`: a driver killed
     just after a checkpoint was written may not have recorded it, and a re-run should not
-    repeat those steps. A checkpoint whose file does not load (torn by a crash) is passed
-    over for an older one; storage that cannot be read fails the worker, which Ray restarts,
-    rather than starting the run over. When checkpoints exist and none loads, the run fails:
-    starting over would let checkpoint retention delete them.
+    repeat those steps. Checkpoints a crash cut short are removed (a run with no other
+    starts over); one whose file is whole but does not load is passed over for an older
+    one; storage that cannot be read fails the worker, which Ray restarts, rather than
+    starting the run over. When checkpoints exist and none loads, the run fails: starting
+    over would overwrite them.
     """
     chosen, ckpt = None, None
     if rank == 0:
+        remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
             found = newest_loadable(run_url, s3, lambda data: load_checkpoint(io.BytesIO(data)))
         except RuntimeError as error:  # checkpoints, none of them loads

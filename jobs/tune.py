@@ -45,6 +45,7 @@ from typing import Any, Literal
 from jobs import storage, train
 from jobs.config import ConfigError, from_dict, presets_of, run_name_problem, save_config, to_dict
 from jobs.plots import figure_png, pyplot
+from jobs.runtime import describe_nodes, workers_fit
 from jobs.train import TrainConfig
 
 LAMBDA_RANGE = (0.05, 1.0)
@@ -419,18 +420,16 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
-    worker = train_cfg.worker_resources
-    fits = [min(int(node.get(k, 0) // v) for k, v in worker.items()) for node in nodes]
+    fits = workers_fit(train_cfg.worker_resources, nodes)
     cpus = sum(node.get("CPU", 0) for node in nodes)
-    slots = min(sum(fits) // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
+    slots = min(fits // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
     if slots < 1:
         each = " and a GPU" * train_cfg.use_gpu
         raise ValueError(
             f"a trial needs {train_cfg.num_workers} workers of {train_cfg.cpus_per_worker} CPUs"
             f"{each} each, each worker on one node (and {TRIAL_DRIVER_CPU} CPU for its Tune "
-            f"function): the cluster's nodes hold {sum(fits)} such workers ("
-            + ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)
-            + ")"
+            f"function): the cluster's nodes hold {fits} such workers ("
+            f"{describe_nodes(nodes)})"
         )
     return slots
 

@@ -55,6 +55,16 @@ def test_local_paths_are_refused_where_work_runs_on_other_nodes(ray_session) -> 
     )
 
 
+def test_workers_fit_each_on_one_node_in_rays_units() -> None:
+    from jobs.runtime import workers_fit
+
+    assert workers_fit({"CPU": 0.1}, [{"CPU": 1.0}]) == 10  # not 1.0 // 0.1 == 9
+    assert workers_fit({"CPU": 3}, [{"CPU": 4}, {"CPU": 4}]) == 2  # 8 CPUs, 2 on one node
+    gpu = {"CPU": 4, "GPU": 1}
+    assert workers_fit(gpu, [{"CPU": 16, "GPU": 2}, {"CPU": 64}]) == 2
+    assert workers_fit(gpu, []) == 0
+
+
 def test_choose_precision_on_cpu() -> None:
     choice = runtime.choose_precision("cpu")
     assert choice.device == torch.device("cpu")

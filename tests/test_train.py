@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import math
 import os
 import signal
@@ -286,12 +287,19 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     killed: list[int] = []
     shared: list[bool] = []  # whether the workers shared their row groups (jobs.node_cache)
     folder = node_cache.folder_name(cfg.run_url)
+    first = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
+    written: list[object] = []  # when the first checkpoint was written, seen at the kill
+
+    def last_modified() -> object:
+        fs, path = storage.filesystem(first)
+        fs.invalidate_cache()
+        return fs.info(path)["LastModified"]
 
     def kill_a_worker() -> None:
-        first = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
         deadline = time.monotonic() + 240
         while not storage.exists(first) and time.monotonic() < deadline:
             time.sleep(0.5)
+        written.append(last_modified())
         workers = [
             p.pid
             for p in psutil.process_iter(["cmdline"])
@@ -312,6 +320,7 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     history = train.read_metrics(cfg.run_url)
     steps = [int(r["step"]) for r in history]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # no step twice, none beyond
+    assert last_modified() == written[0]  # resumed from it: its steps were not trained again
     # TensorBoard got the table, not the lost attempt's rows: each step once, in order
     assert [s for file in tensorboard_run(cfg.run_url) for s in file["loss"]] == steps
 
@@ -410,6 +419,9 @@ def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tm
     # 300 images make a batch of 240, but not two groups' halves of it for certain
     with pytest.raises(ValueError, match=r"in 2 read groups .* the smallest may hold 118"):
         train.main(dataclasses.replace(ci_config, batch_size=240, read_groups=2))
+    # The local instance has no autoscaler: workers its node cannot hold never come.
+    with pytest.raises(ValueError, match=r"2 workers of 64 CPUs each, .* holds 0 \("):
+        train.main(dataclasses.replace(ci_config, cpus_per_worker=64))
 
 
 def test_tracking_uris_lose_their_password_in_logs() -> None:
@@ -532,6 +544,40 @@ def test_validation_pools_the_pixels_of_its_images() -> None:
     assert result.gray_auc_raw == pytest.approx(ab_auc(gray, side_by_side)[0].item(), abs=1e-9)
 
 
+def test_micro_batches_step_as_their_whole_batch() -> None:
+    """Gradient accumulation: four micro-batches of two move the weights as one batch of
+    eight does, and the step's loss is the batch's (BatchNorm in eval mode, whose output
+    for an image does not depend on the others in its batch)."""
+    import copy
+
+    from colorcore.model import ColorizationNet, ModelConfig
+    from jobs.train_loop import step_loss, train_step
+    from tests.support import photo_rgb
+
+    photos = [photo_rgb(name) for name in ("astronaut", "coffee", "chelsea", "rocket")]
+    rgb_N3HW = torch.stack(
+        [torch.from_numpy(p[y : y + 64, 64:128].copy()) for p in photos for y in (40, 120)]
+    ).permute(0, 3, 1, 2)
+    torch.manual_seed(0)
+    rebalance_Q = torch.rand(313) + 0.5
+    whole = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    accumulated = copy.deepcopy(whole)
+
+    def flat(model: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start, losses, moves = flat(whole), [], []
+    for model, micro_batch in ((whole, 8), (accumulated, 2)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # moves by the gradient
+        loss_of = step_loss(model, rebalance_Q, train.ci(), None, torch.device("cpu"))
+        losses.append(train_step(model, optimizer, loss_of, rgb_N3HW, micro_batch))
+        moves.append(flat(model) - start)
+        assert all(p.grad is None for p in model.parameters())  # cleared for the next step
+    assert moves[0].abs().max() > 1e-3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(moves[1], moves[0], rtol=1e-3, atol=1e-6)
+
+
 def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:
     from colorcore.model import ColorizationNet, ModelConfig
     from colorcore.weights import save_checkpoint
@@ -545,15 +591,31 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
         folder.mkdir(parents=True)
         save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": step})
     newest = run / checkpoint_dir_name(30) / CHECKPOINT_FILE
-    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash mid-copy
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash mid-copy: removed
     state = _restore(str(run), s3, 0, 1)
-    assert state["extra"]["step"] == 20
+    assert state["extra"]["step"] == 20 and not newest.exists()
 
-    # Checkpoints that all fail to load stop the run rather than start it over.
+    # Checkpoints whole but unreadable are passed over, and if none loads the run stops
+    # rather than start over (and overwrite them).
+    (run / checkpoint_dir_name(20) / CHECKPOINT_FILE).write_bytes(zip_of(b"not a checkpoint"))
+    assert _restore(str(run), s3, 0, 1)["extra"]["step"] == 10
+    (run / checkpoint_dir_name(10) / CHECKPOINT_FILE).write_bytes(zip_of(b"nor this"))
+    with pytest.raises(RuntimeError, match="none of the 2 checkpoints"):
+        _restore(str(run), s3, 0, 1)
+
+    # Checkpoints a crash cut short, all of them: the run starts over.
     for step in (10, 20):
         (run / checkpoint_dir_name(step) / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04")
-    with pytest.raises(RuntimeError, match="none of the 3 checkpoints"):
-        _restore(str(run), s3, 0, 1)
+    assert _restore(str(run), s3, 0, 1) is None
+
+
+def zip_of(data: bytes) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("data.pkl", data)
+    return buffer.getvalue()
 
 
 def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
@@ -579,7 +641,7 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     train.check_resumable(other)  # nothing trained yet: it may start over differently
     folder = tmp_path / "runs" / cfg.name / checkpoint_dir_name(10)
     folder.mkdir(parents=True)
-    (folder / CHECKPOINT_FILE).write_bytes(b"x")
+    (folder / CHECKPOINT_FILE).write_bytes(zip_of(b"x"))  # whole: the run has one
     train.check_resumable(other)
     with pytest.raises(ValueError, match="started with other seed"):
         train.check_resumable(cfg)
@@ -611,3 +673,8 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     record.write_text(json.dumps(old | {"window_shards": 4}))
     with pytest.raises(ValueError, match=r"started with window_shards .* another --name"):
         train.check_resumable(other)
+
+    # Its only checkpoint cut short by a crash: nothing to keep, the run may start over.
+    (folder / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 cut short")
+    train.check_resumable(dataclasses.replace(other, seed=8))
+    assert not (folder / CHECKPOINT_FILE).exists()

@@ -14,7 +14,13 @@ from colorcore import weights
 from colorcore.model import AB_SCALE, ColorizationNet, ModelConfig
 from colorcore.quantize import ab_bins
 from jobs import storage
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, checkpoint_files, load_model
+from jobs.models import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    checkpoint_files,
+    load_model,
+    remove_torn,
+)
 
 TINY = ModelConfig(width=1 / 16)
 
@@ -178,6 +184,32 @@ def test_model_url_detects_all_three_forms(model_root) -> None:
     assert loaded.url.endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
     with pytest.raises(ValueError, match="holds no checkpoint_"):
         load_model(model_root)  # the runs' parent is no run
+
+
+def test_only_checkpoints_cut_short_are_removed(model_root) -> None:
+    import zipfile
+
+    run = storage.join(model_root, "torn-run")
+    buffer = io.BytesIO()
+    weights.save_checkpoint(buffer, ColorizationNet(TINY), extra={"step": 10})
+    whole = buffer.getvalue()
+    other = io.BytesIO()
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("notes.txt", "a zip, whole, that is not a checkpoint")
+    files = {
+        10: whole,
+        20: other.getvalue(),  # does not load, but is no crash's doing: kept
+        30: whole[:1000],
+        40: whole[:-1],  # only the end of its zip directory missing
+        50: b"",
+    }
+    for step, data in files.items():
+        storage.write_bytes(storage.join(run, checkpoint_dir_name(step), CHECKPOINT_FILE), data)
+    removed = remove_torn(run)
+    assert [u.rsplit("/", 2)[-2] for u in removed] == [checkpoint_dir_name(s) for s in (30, 40, 50)]
+    left = [u.rsplit("/", 2)[-2] for u in checkpoint_files(run)]
+    assert left == [checkpoint_dir_name(10), checkpoint_dir_name(20)]
+    assert remove_torn(run) == []
 
 
 def test_a_safetensors_export_loads_back_with_its_config(tmp_path) -> None:
