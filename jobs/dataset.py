@@ -8,7 +8,9 @@ A dataset is a folder (local or on object storage)::
 
 Shard rows (Parquet, `SHARD_SCHEMA`):
 
-    key         string   unique, stable id of the source image: "<class>/<file stem>"
+    key         string   unique, stable id of the source image: "<class>/<path>", its path
+                         below the class folder (below SRC with a labels file) less the
+                         file's extension
     label       int32    index into manifest["classes"]; -1 when the source has no label
     jpeg        binary   the image as JPEG (4:4:4 chroma, quality 95) or its original bytes
     height_px   int32    height of the stored image

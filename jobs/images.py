@@ -57,6 +57,7 @@ def exif_orientation(image: Image.Image) -> int:
     return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
 
 
+GRAY_CHECK_ROWS = 256
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
@@ -86,8 +87,10 @@ def load_rgb(
     keeps the short side >= min_side_px: much cheaper for large photos.
     """
     image = _decode_upright(data, max_pixels, min_side_px)
+    gray_mode = image.mode in GRAY_MODES
     rgb = _to_rgb(image)
-    return rgb, image.mode in GRAY_MODES or is_gray(np.asarray(rgb))
+    del image  # where it is not `rgb`: freed before the pixels are read again
+    return rgb, gray_mode or _image_is_gray(rgb)
 
 
 def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:
@@ -110,8 +113,8 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I") or image.mode == "F":
         image = _gray_to_8bit(image)
-    if image.mode == "RGBA" or image.mode == "LA" or "transparency" in image.info:
-        return image.convert("RGBA").convert("RGB")
+    if image.mode == "LA" or "transparency" in image.info:  # by RGBA, as Pillow asks
+        image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -139,6 +142,17 @@ def is_gray(rgb_HW3: np.ndarray, tolerance: int = 2) -> bool:
     """True when no pixel's channels differ by more than `tolerance` (8-bit levels)."""
     spread = rgb_HW3.max(axis=-1).astype(np.int16) - rgb_HW3.min(axis=-1)
     return bool(spread.max(initial=0) <= tolerance)
+
+
+def _image_is_gray(rgb: Image.Image) -> bool:
+    """`is_gray` of an RGB image, read a band of rows at a time (and no further than its
+    first band with colour): numpy's copy of a whole image would cost twice its size again
+    while Pillow joins its bytes."""
+    w, h = rgb.size
+    return all(
+        is_gray(np.asarray(rgb.crop((0, top, w, min(h, top + GRAY_CHECK_ROWS)))))
+        for top in range(0, h, GRAY_CHECK_ROWS)
+    )
 
 
 def resize_short_side(image: Image.Image, short_side_px: int) -> Image.Image:

@@ -277,7 +277,7 @@ def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
     """A class tar is held whole, files a read window at a time; a shard's rows are held
     three times over when written; one image at the pixel limit; the interpreter."""
     cfg = config("/src", "/dst", shard_mb=64, max_pixels=1_000_000)
-    fixed = 3 * 64 * 2**20 + 3 * 1_000_000 + prepare.TASK_BASE_BYTES
+    fixed = 3 * 64 * 2**20 + 13 * 1_000_000 + prepare.TASK_BASE_BYTES
     tar = {"kind": "tar", "size": 300 * 2**20}
     files = {"kind": "files", "items": [{"size": 200 * 2**20}, {"size": 200 * 2**20}]}
     assert prepare.task_memory([tar], cfg) == 300 * 2**20 + fixed
@@ -345,3 +345,11 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     ]
     keys = sorted((i["key"], i["size"]) for i in group["items"])
     assert keys == [("0/loose", 1), ("3/a scan", 2)]
+    for folder in ("a", "b.v2"):  # one name in two folders, with one label: two images
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes(b"xyz")
+    labels.write_text("a/x.jpg 1\nb.v2/x.jpg 1\nb.v2/../loose.jpg 1\n")
+    [group] = prepare.plan(config(str(tmp_path), str(tmp_path) + "-out", labels_file=str(labels)))[
+        1
+    ]
+    assert sorted(i["key"] for i in group["items"]) == ["1/a/x", "1/b.v2/x", "1/loose"]

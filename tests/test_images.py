@@ -1,0 +1,57 @@
+"""`jobs.images.load_rgb`: every source mode to upright RGB, and whether it has colour."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.images import GRAY_CHECK_ROWS, load_rgb
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def gray_rgb(height: int, width: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.repeat(rng.integers(0, 256, (height, width, 1), dtype=np.uint8), 3, axis=2)
+
+
+@pytest.mark.parametrize("row", [0, GRAY_CHECK_ROWS - 1, GRAY_CHECK_ROWS, 2 * GRAY_CHECK_ROWS + 4])
+def test_one_coloured_pixel_in_any_band_of_rows_makes_an_image_colour(row: int) -> None:
+    pixels = gray_rgb(2 * GRAY_CHECK_ROWS + 5, 7)
+    image, gray = load_rgb(encoded(Image.fromarray(pixels)))
+    assert gray and np.array_equal(np.asarray(image), pixels)
+    pixels[row, 3] = (pixels[row, 3, 0] ^ 0x80, pixels[row, 3, 1], pixels[row, 3, 2])
+    image, gray = load_rgb(encoded(Image.fromarray(pixels)))
+    assert not gray and np.array_equal(np.asarray(image), pixels)
+
+
+def test_alpha_and_palette_transparency_are_dropped_and_the_colours_kept() -> None:
+    rgba = np.dstack([gray_rgb(9, 11), np.full((9, 11), 40, np.uint8)])
+    rgba[4, 5, :3] = (200, 10, 10)
+    image, gray = load_rgb(encoded(Image.fromarray(rgba, "RGBA")))
+    assert image.mode == "RGB" and not gray
+    assert np.array_equal(np.asarray(image), rgba[..., :3])
+
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE)
+    image, gray = load_rgb(encoded(palette, transparency=0))
+    assert not gray
+    assert np.array_equal(np.asarray(image), np.asarray(palette.convert("RGB")))
+
+    la = Image.fromarray(rgba[..., [0, 3]], "LA")
+    image, gray = load_rgb(encoded(la))
+    assert gray and np.array_equal(np.asarray(image)[..., 1], rgba[..., 0])
+
+
+def test_gray_modes_are_gray_without_reading_their_pixels_again() -> None:
+    sixteen = Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10) * 1000)
+    image, gray = load_rgb(encoded(sixteen))
+    levels = np.asarray(image)
+    assert gray and image.mode == "RGB"
+    assert levels[0, 0, 0] == 0 and levels[-1, -1, 0] == round(59_000 / 65535 * 255)
