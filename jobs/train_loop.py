@@ -356,7 +356,8 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
 
 def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict[str, Any] | None:
     """The newest readable checkpoint in the run folder (none for a fresh run), the same on
-    every rank: rank 0 chooses it and tells the others.
+    every rank: rank 0 chooses it, reads it and sends it to the others (the interconnect
+    rather than every rank's read of it from storage).
 
     Read from the folder rather than taken from `ray.train.get_checkpoint()`: a driver killed
     just after a checkpoint was written may not have recorded it, and a re-run should not
@@ -366,7 +367,7 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     starting the run over. When checkpoints exist and none loads, the run fails: starting
     over would overwrite them.
     """
-    chosen, ckpt = None, None
+    data, ckpt = None, None
     if rank == 0:
         remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
@@ -376,12 +377,12 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
                 f"{error}; move them away to start the run over, or train under another --name"
             ) from None
         if found is not None:
-            chosen, _, ckpt = found
+            _, data, ckpt = found
     if world > 1:
-        names = [chosen]
-        torch.distributed.broadcast_object_list(names, src=0)
-        if rank != 0 and names[0] is not None:
-            ckpt = load_checkpoint(io.BytesIO(storage.read_bytes(names[0], s3)))
+        sent = [data]
+        torch.distributed.broadcast_object_list(sent, src=0)
+        if rank != 0 and sent[0] is not None:
+            ckpt = load_checkpoint(io.BytesIO(sent[0]))
     if ckpt is None:
         return None
     return {"model_state": ckpt.model_state, "extra": ckpt.extra}

@@ -578,6 +578,48 @@ def test_micro_batches_step_as_their_whole_batch() -> None:
     torch.testing.assert_close(moves[1], moves[0], rtol=1e-3, atol=1e-6)
 
 
+def _restore_on_rank(rank: int, world: int, run: str, store: str, steps) -> None:
+    from jobs.train_loop import _restore
+
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        state = _restore(run, storage.S3Options(), rank, world)
+        weight = state["model_state"]["model1.0.weight"]
+        steps[rank] = (state["extra"]["step"], float(weight.double().sum()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_reads(tmp_path) -> None:
+    """Rank 0 reads the newest checkpoint and sends it over the process group (gloo here):
+    each rank resumes from the same step and weights."""
+    import multiprocessing
+
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.weights import save_checkpoint
+
+    run = tmp_path / "run"
+    folder = run / checkpoint_dir_name(10)
+    folder.mkdir(parents=True)
+    model = ColorizationNet(ModelConfig(width=1 / 16))
+    save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": 10})
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        steps = manager.dict()
+        store = f"file://{tmp_path / 'store'}"
+        ranks = [
+            context.Process(target=_restore_on_rank, args=(r, 2, str(run), store, steps))
+            for r in (0, 1)
+        ]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(120)
+        assert [p.exitcode for p in ranks] == [0, 0]
+        expected = (10, float(model.model1[0].weight.detach().double().sum()))
+        assert dict(steps) == {0: expected, 1: expected}
+
+
 def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path) -> None:
     from colorcore.model import ColorizationNet, ModelConfig
     from colorcore.weights import save_checkpoint
