@@ -45,12 +45,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -67,7 +68,7 @@ from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mod
 from colorcore.int8 import Int8Plan
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
-from jobs import storage
+from jobs import evaluate_parts, storage
 from jobs.config import presets_of
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb
@@ -675,7 +676,8 @@ def evaluator_arguments(
 
 
 class Evaluator:
-    """The Ray Data actor: loads the model (and classifier) once, then measures batches. With
+    """The Ray Data actor: loads the model (and classifier) once, then measures batches,
+    each kept in the output folder (`jobs.evaluate_parts`) as it is handed on. With
     precision int8 it builds the network of `int8` (the driver's calibration,
     `evaluator_arguments`), or calibrates one itself; `model_sha256`, when given, is what
     the model file must hash to (the file the driver measured). On CPUs it has the process
@@ -716,7 +718,9 @@ class Evaluator:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return evaluate_batch(batch, self.ctx)
+        out = evaluate_batch(batch, self.ctx)
+        evaluate_parts.write_part(self.ctx.cfg.output, out, self.ctx.cfg.s3)  # kept: `main`
+        return out
 
 
 # ---------------------------------------------------------------- inputs and split lists
@@ -867,12 +871,15 @@ def _keep_listed(
     return out
 
 
-def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
-    """The Ray dataset of inputs: columns key, label, jpeg (and reason for files)."""
+def input_dataset(cfg: EvaluateConfig, plan: InputPlan, measured: frozenset[str] = frozenset()):
+    """The Ray dataset of inputs: columns key, label, jpeg (and reason for files), without
+    those of the keys `measured` already; None when no input is left."""
     import ray
 
     if plan.files is not None:
-        files = plan.files[: cfg.max_images]
+        files = [f for f in plan.files[: cfg.max_images] if f["key"] not in measured]
+        if not files:
+            return None
         blocks = max(1, min(len(files), math.ceil(len(files) / cfg.batch_size)))
         ds = ray.data.from_items(files, override_num_blocks=blocks)
         return ds.map_batches(
@@ -889,14 +896,22 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan):
             batch_format="numpy",
             num_cpus=0.25,
         )
-    if not cfg.max_images:
-        return ds
-    # The first images in shard order, the same on every run: without preserved order, the
-    # limit would take whichever blocks arrive first. (The dataset's own copy of the context:
-    # the stages built on it share it; other datasets of the process keep theirs.)
-    limited = ds.limit(cfg.max_images)
-    limited.context.execution_options.preserve_order = True
-    return limited
+    if cfg.max_images:
+        # The first images in shard order, the same on every run: without preserved order,
+        # the limit would take whichever blocks arrive first. (The dataset's own copy of the
+        # context: the stages built on it share it; other datasets of the process keep theirs.)
+        ds = ds.limit(cfg.max_images)
+        ds.context.execution_options.preserve_order = True
+    if measured:
+        ds = ds.map_batches(
+            _unmeasured, fn_kwargs={"measured": measured}, batch_format="numpy", num_cpus=0.25
+        )
+    return ds
+
+
+def _unmeasured(batch: dict[str, np.ndarray], measured: frozenset[str]) -> dict[str, np.ndarray]:
+    keep = np.array([key not in measured for key in batch["key"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the prior
@@ -1100,7 +1115,9 @@ def _mass(curve: str) -> str:
     return curve.replace("curve_", "mass_")
 
 
-def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def collect(
+    batches: Iterable[dict[str, np.ndarray]], grid_images: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(every output row's columns but the curves, sorted by key (Ray Data does not keep
     input order); each curve column summed over the measured rows, each row weighted by its
     mass, and the masses summed). What the driver holds stays small however many images:
@@ -1111,7 +1128,7 @@ def collect(ds, grid_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.n
     sums = {c: np.zeros((len(METHODS), NUM_THRESHOLDS)) for c in CURVES}
     sums |= {_mass(c): np.zeros(()) for c in CURVES}
     p = METHODS.index(PRIMARY)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         ok = batch["status"] == "ok"
         for c in CURVES:  # pooled, as the AuC: each image's curve weighted by its mass
             mass = batch[_mass(c)]
@@ -1302,25 +1319,62 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
     if cfg.classifier:
         load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
-    init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights])
-    ds = input_dataset(cfg, plan).map_batches(
-        Evaluator,
-        fn_constructor_kwargs=actor_arguments,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=1 if cfg.use_gpu else 0,
-        accelerator_type=cfg.accelerator_type,
-    )
-    rows, curve_sums = collect(ds, cfg.grid_images)
+    earlier = evaluate_parts.resume(cfg.output, _record(cfg, model_info, rebalance0_Q), cfg.s3)
+    init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        measured: set[str] = set()
+        for batch in evaluate_parts.read_parts(earlier, cfg.s3):
+            # A batch measured twice (its actor died after keeping it) counts once.
+            batch = _unmeasured(batch, frozenset(measured))
+            measured.update(batch["key"])
+            yield batch
+        if measured:
+            kept = evaluate_parts.folder(cfg.output)
+            print(f"evaluate: {len(measured)} inputs measured by an earlier run of this "
+                  f"evaluation (kept in {kept}); measuring the rest")  # fmt: skip
+        ds = input_dataset(cfg, plan, frozenset(measured))
+        if ds is None:
+            return
+        yield from ds.map_batches(
+            Evaluator,
+            fn_constructor_kwargs=actor_arguments,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=1 if cfg.use_gpu else 0,
+            accelerator_type=cfg.accelerator_type,
+        ).iter_batches(batch_size=None, batch_format="numpy")
+
+    rows, curve_sums = collect(batches(), cfg.grid_images)
     result = build_result(cfg, plan, rows, curve_sums, model_info)
     elapsed = time.monotonic() - start
     result |= {"elapsed_s": elapsed, "images_per_s": len(rows["key"]) / elapsed}
     write_outputs(cfg, result, rows)
+    evaluate_parts.finish(cfg.output, cfg.s3)
     print(table_markdown(result))
     print(f"evaluate: {len(rows['key'])} inputs in {elapsed:.1f}s -> {cfg.output}")
     return result
+
+
+def _record(
+    cfg: EvaluateConfig, model_info: Mapping[str, Any], rebalance0_Q: torch.Tensor
+) -> dict[str, Any]:
+    """What decides an image's figures: the measurements an earlier run kept are taken only
+    where it is the same (`jobs.evaluate_parts`). The model and the prior by their content,
+    the split by its text; not where they are, how many images, actors or batches there are
+    (a batch's best and worst strips are the grid's candidates however batches are made)."""
+    record = _config_dict(cfg)
+    for name in ("output", "model", "prior", "split", "max_images", "batch_size", "num_actors",
+                 "cpus_per_actor", "accelerator_type", "s3"):  # fmt: skip
+        record.pop(name)
+    record["model_sha256"] = model_info["sha256"]
+    record["rebalance0_sha256"] = hashlib.sha256(rebalance0_Q.numpy().tobytes()).hexdigest()
+    if cfg.split:
+        split = storage.read_bytes(cfg.split, cfg.s3)
+        record["split_sha256"] = hashlib.sha256(split).hexdigest()
+    return record
 
 
 def _config_dict(cfg: EvaluateConfig) -> dict[str, Any]:

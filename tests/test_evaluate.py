@@ -205,8 +205,10 @@ def test_int8_precision_measures_the_int8_network(tmp_path, monkeypatch) -> None
     batch = {"key": np.array(["a", "b"]), "label": np.array([-1, -1]), "jpeg": np.array(jpegs)}
     losses = {}
     for precision in ("fp32", "int8"):
-        cfg = evaluate.EvaluateConfig(data="d", model=str(tmp_path / "w.pth"), eval_px=64,
-                                      precision=precision)  # fmt: skip
+        cfg = evaluate.EvaluateConfig(
+            data="d", model=str(tmp_path / "w.pth"), eval_px=64, precision=precision,
+            output=str(tmp_path / "out"),
+        )  # fmt: skip
         evaluator = evaluate.Evaluator(evaluate._config_dict(cfg), [1.0] * 313)
         assert isinstance(evaluator.ctx.model, Int8ColorizationNet) == (precision == "int8")
         out = evaluator(batch)
@@ -325,6 +327,65 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
     assert "| Gray (ab = 0) |" in markdown and result["protocol"] in markdown
     for name in ("auc_curves.png", "best_worst.png"):
         assert Image.open(io.BytesIO(storage.read_bytes(out(name)))).size[0] > 200
+
+
+def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server, capsys) -> None:
+    """A re-run takes the batches an earlier run of the evaluation kept, measures the other
+    inputs, and reports the figures of one whole run; batches kept by an evaluation that
+    decides the figures otherwise are measured anew."""
+    import pyarrow.parquet as pq
+
+    from jobs import evaluate_parts
+    from jobs.dataset import Manifest
+
+    train_cfg, _ = ci_run
+    cfg = evaluate.EvaluateConfig(
+        data=train_cfg.val_data,
+        model=train_cfg.run_url,
+        prior=train_cfg.prior_url,
+        output=s3_server.url("eval", "whole"),
+        eval_px=96,
+        batch_size=8,
+        precision="fp32",  # an image's figures do not depend on the batch it is measured in
+    )
+    whole = evaluate.main(cfg)
+    fs, root = storage.arrow_filesystem(cfg.data)
+    shard = Manifest.load(cfg.data).shards[0]
+    first = pq.read_table(f"{root}/{shard.name}", filesystem=fs).slice(0, 8).to_pydict()
+    first = {k: np.array(first[k], dtype=object) for k in ("key", "label", "jpeg")}
+    rebalance0_Q = evaluate.load_rebalance0(cfg.prior_url)
+
+    def stopped_run(stopped: evaluate.EvaluateConfig) -> None:
+        """What a run stopped after its first batch leaves: its record, and that batch as an
+        actor kept it, twice (an actor that died once it was kept, and the batch's retry)."""
+        arguments, info = evaluate.evaluator_arguments(stopped, load_model(cfg.model), rebalance0_Q)
+        record = evaluate._record(stopped, info, rebalance0_Q)
+        assert evaluate_parts.resume(stopped.output, record, stopped.s3) == []
+        for _ in range(2):
+            evaluate.Evaluator(**arguments)(first)
+
+    resumed_cfg = dataclasses.replace(cfg, output=s3_server.url("eval", "stopped"))
+    stopped_run(resumed_cfg)
+    capsys.readouterr()
+    resumed = evaluate.main(resumed_cfg)
+    assert "8 inputs measured by an earlier run" in capsys.readouterr().out
+    assert resumed["counts"] == whole["counts"]  # each input once
+    for part in ("table", "images"):
+        for ours, theirs in zip(resumed[part], whole[part], strict=True):
+            assert ours.keys() == theirs.keys()
+            for name, value in theirs.items():
+                number = isinstance(value, float)
+                assert ours[name] == (
+                    pytest.approx(value, rel=1e-5, nan_ok=True) if number else value
+                )
+    assert not storage.list_files(evaluate_parts.folder(resumed_cfg.output))  # done with
+
+    stopped_run(dataclasses.replace(resumed_cfg, temperature=0.5))
+    capsys.readouterr()
+    anew = evaluate.main(resumed_cfg)
+    out = capsys.readouterr().out
+    assert "of another evaluation (other temperature): measuring anew" in out
+    assert "measured by an earlier run" not in out and anew["counts"] == whole["counts"]
 
 
 def _scenes(seed: int, per_class: int) -> tuple[torch.Tensor, list[int]]:
@@ -530,17 +591,12 @@ def test_vgg16_classifier_on_the_gpu(tmp_path) -> None:
     assert correct.tolist() == [[1] * len(evaluate.METHODS)] * 2
 
 
-class _Batches:
-    """What `collect` reads of a Ray dataset: its batches, as numpy columns."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
-        self.batches = batches
-
-    def iter_batches(self, **_) -> list[dict[str, np.ndarray]]:
-        batches = [{k: v.copy() for k, v in b.items()} for b in self.batches]
-        for column in (v for b in batches for v in b.values()):
-            column.flags.writeable = False  # as Ray's views of its blocks are
-        return batches
+def _as_ray_hands_them(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Copies of the batches' numpy columns, read-only as Ray's views of its blocks are."""
+    batches = [{k: v.copy() for k, v in b.items()} for b in batches]
+    for column in (v for b in batches for v in b.values()):
+        column.flags.writeable = False
+    return batches
 
 
 def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -> None:
@@ -567,7 +623,7 @@ def test_collect_sums_the_curves_and_keeps_only_the_strips_the_grid_can_show() -
             strip.save(buffer, "JPEG")
             columns["strip_jpeg"][i] = buffer.getvalue() if i != 1 else b""
         batches.append(columns)
-    rows, sums = evaluate.collect(_Batches(batches), grid_images=3)
+    rows, sums = evaluate.collect(_as_ray_hands_them(batches), grid_images=3)
     assert not set(evaluate.CURVES) & set(rows) and len(rows["key"]) == 30
     assert sum(len(s) > 0 for s in rows["strip_jpeg"]) <= 6
     whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
