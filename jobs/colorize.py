@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import io
@@ -114,7 +115,7 @@ class ColorizeConfig:
     input: str = ""
     """One image, a folder, a tar / zip archive or a Parquet file (local path or URL)."""
     output: str = ""
-    """Output folder (mirrors INPUT); must not be INPUT or inside it."""
+    """Output folder (mirrors INPUT); neither INPUT nor inside it, nor a folder around it."""
     model: str = ""
     """Released ECCV16 weights, a project checkpoint, a training run folder or a
     model.safetensors export (URL)."""
@@ -198,8 +199,15 @@ class ColorizeConfig:
         (in_scheme, in_path), (out_scheme, out_path) = map(
             storage.split_url, (self.input, self.output)
         )
-        if in_scheme == out_scheme and (out_path + "/").startswith(in_path.rstrip("/") + "/"):
-            raise ValueError(f"OUTPUT {self.output} must not be INPUT or inside it")
+        inside = lambda a, b: (a.rstrip("/") + "/").startswith(b.rstrip("/") + "/")  # noqa: E731
+        if in_scheme == out_scheme and (inside(out_path, in_path) or inside(in_path, out_path)):
+            # Outputs mirror INPUT's paths below OUTPUT: around INPUT, one could be an input's
+            # (one image's output in its own folder; x.jpg's of INPUT/x's x.jpg, where x is
+            # INPUT's own name).
+            raise ValueError(
+                f"OUTPUT {self.output} and INPUT {self.input} must be apart: neither the same "
+                "folder nor one inside the other"
+            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.infer_px < 16 or self.infer_px % 8:
@@ -311,8 +319,10 @@ def safe_relpath(name: str) -> str:
     """An archive member's or key's path inside OUTPUT; `BadImage` if it would leave it."""
     path = name.replace("\\", "/")
     normal = posixpath.normpath(path)
-    if path.startswith("/") or normal in (".", "..") or normal.startswith("../") or ":" in normal:
+    if path.startswith("/") or normal in (".", "..") or normal.startswith("../"):
         raise BadImage(f"path escapes the output folder: {name!r}")
+    if normal.split("/", 1)[0].endswith(":"):  # C:/x, s3://x (a colon elsewhere is a name's)
+        raise BadImage(f"path names a drive or a URL scheme: {name!r}")
     if reason := _in_work_dir(normal):
         raise BadImage(reason)
     return normal
@@ -378,7 +388,7 @@ def plan(
     sources_sorted = sorted(sources)
     for rel, url, source in zip(rels, urls, sources, strict=True):
         kind = _kind(url)
-        if kind != "image":
+        if kind != "image" and not _in_work_dir(_output_text(rel)):  # there: refused whole
             prefix = _output_text(rel).rstrip("/")
             mark = source + _separator(kind)
             members = _starting_with(done_sorted, mark)
@@ -416,9 +426,8 @@ def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
     the format's suffix appended where it has not got it (`a.gif` -> `a.gif.png`). Its format
     is the chosen one, or TIFF for pages, or PNG for a picture with alpha where JPEG was
     chosen; kept formats follow a known suffix, else they may be any."""
-    if choice == "keep":
-        known = rel.lower().endswith(tuple(x for f in SUFFIXES.values() for x in f))
-        formats = [] if known else list(SUFFIXES)
+    if choice == "keep":  # read from the bytes, whatever the name says (a PNG named .jpg)
+        formats = list(SUFFIXES)
     else:
         formats = [choice.upper(), "TIFF"] + (["PNG"] if choice == "jpeg" else [])
     names = (output_name(rel, fmt) for fmt in formats)
@@ -718,7 +727,10 @@ def _row_groups(table, rows: range) -> list[int]:
 
 
 _ARCHIVE_READERS = {"tar": _read_tar, "zip": _read_zip, "parquet": _read_parquet}
-_ARCHIVE_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error)
+_ARCHIVE_ERRORS = (
+    OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile, zlib.error,
+    NotImplementedError,  # zipfile: a zip version or compression method it does not read
+)  # fmt: skip
 
 
 def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
@@ -786,7 +798,8 @@ def _storage_error(error: BaseException | None) -> bool:
     directory as a bad zip). The decompressors of gzip and bz2 report damaged data as
     OSError too, with no errno."""
     while error is not None:
-        plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
+        # no errno: a decompressor's; EINVAL: a seek to where a damaged offset points
+        plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno in (None, errno.EINVAL)
         if isinstance(error, _read_errors()) or (not plain and storage.is_transient(error)):
             return True
         error = error.__cause__ or error.__context__
@@ -947,7 +960,7 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
                 segments, turn = header
                 device = {"route": "device", "segments": segments, "orientation": turn}
                 return {**out, "pages": 1, **device}
-        decoded = decode(row["data"], cfg.max_pixels)
+        decoded = decode(row["data"], cfg.max_pixels, min_page_px=cfg.infer_px**2)
         inputs = [network_input(page.rgb, cfg.infer_px) for page in decoded.pages]
     except Exception as e:  # one input's failure, whatever it is, must not stop the job
         return {**out, "status": "error", "reason": _reason(e), "data": b""}
@@ -1033,7 +1046,11 @@ class Colorizer:
             s = self.cfg.infer_px
             stacked = [np.frombuffer(batch["l_small"][i], np.float32) for i in todo]
             l_N1SS = torch.from_numpy(np.concatenate(stacked).reshape(-1, 1, s, s))
-            ab_N2ss = predict_ab(self.forward, l_N1SS, self.cfg.temperature, self.precision).cpu()
+            # A batch's images, each a file's page, at most a batch's worth at once: a file
+            # may hold many pages.
+            chunks = l_N1SS.split(max(1, self.cfg.batch_size))
+            ab_N2ss = torch.cat([predict_ab(self.forward, chunk, self.cfg.temperature,
+                                            self.precision).cpu() for chunk in chunks])  # fmt: skip
             parts = torch.split(ab_N2ss, [pages[i] for i in todo])
             for index, part in zip(todo, parts, strict=True):
                 ab_small[index] = part.numpy().tobytes()

@@ -204,9 +204,11 @@ def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | N
     return Page(rgb_3HW[None], alpha, 16)
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
+def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     """Every page of an image file, upright; raises `BadImage` with the reason. `max_pixels`
-    bounds the pages together: a small file of many large blank pages is a bomb too."""
+    bounds the pages together, each counted as at least `min_page_px` (what the network
+    takes of a page, however small): a small file of many large blank pages is a bomb, and
+    so is one of a hundred thousand 1x1 pages."""
     from PIL import ImageOps
 
     image = open_image(data, max_pixels=max_pixels)
@@ -217,11 +219,11 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
-            total += w * h
+            total += max(w * h, min_page_px)
             if total > max_pixels:
-                raise BadImage(
-                    f"image too large: pages 0-{index} hold {total} pixels > limit {max_pixels}"
-                )
+                each = f", each counted as at least {min_page_px}" if min_page_px else ""
+                raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
+                               f"limit {max_pixels}")  # fmt: skip
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
                 turn = exif_orientation(image) if fmt == "PNG" else 1

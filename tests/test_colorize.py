@@ -194,6 +194,9 @@ def test_config_is_validated_and_parses(capsys) -> None:
     with pytest.raises(ValueError, match="inside"):
         colorize.ColorizeConfig(input="/data/in/", output="/data/in", model="m")
     colorize.ColorizeConfig(input="/data/in", output="/data/in-colour", model="m")  # a sibling
+    for around in ("/data", "/"):  # one image's output would be the image itself
+        with pytest.raises(ValueError, match="must be apart"):
+            colorize.ColorizeConfig(input="/data/photo.jpg", output=around, model="m")
     with pytest.raises(ValueError, match="required"):
         colorize.ColorizeConfig(input="/a", output="/b")
     with pytest.raises(ValueError, match="temperature"):
@@ -271,11 +274,12 @@ def test_cpu_encoder_keeps_each_images_place_and_colour_and_fails_file_by_file()
 
 
 @pytest.mark.parametrize("name", ["../x.jpg", "/etc/x.jpg", "a/../../x.jpg", "..", "C:\\x.jpg",
-                                  "a\\..\\..\\x.jpg"])  # fmt: skip
+                                  "a\\..\\..\\x.jpg", "s3://b/x.jpg"])  # fmt: skip
 def test_member_paths_that_leave_the_output_folder_are_refused(name: str) -> None:
-    with pytest.raises(colorize.BadImage, match="escapes"):
+    with pytest.raises(colorize.BadImage, match=r"escapes|drive or a URL"):
         colorize.safe_relpath(name)
     assert colorize.safe_relpath("a/./b/../c.jpg") == "a/c.jpg"
+    assert colorize.safe_relpath("scans/IMG 12:30.jpg") == "scans/IMG 12:30.jpg"
 
 
 def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> None:
@@ -428,7 +432,11 @@ def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("choice", "refused"),
-    [("keep", ["a.gif", "c"]), ("png", ["a.gif", "d.jpg"]), ("jpeg", ["a.gif", "c", "d.jpg"])],
+    [
+        ("keep", ["a.gif", "c", "d.jpg"]),  # d.jpg: its bytes may be a PNG's
+        ("png", ["a.gif", "d.jpg"]),
+        ("jpeg", ["a.gif", "c", "d.jpg"]),
+    ],
 )
 def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice, refused):
     src = tmp_path / "in"
@@ -442,6 +450,33 @@ def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice
         r["rel"] or r["source"].rsplit("/", 1)[1] for r in rows if "is another" in r["reason"]
     )
     assert errors == refused
+
+
+def test_archives_unreadable_to_zipfile_or_in_the_jobs_folder_are_error_rows(tmp_path) -> None:
+    import tarfile
+    import zipfile
+
+    src = tmp_path / "in"
+    (src / colorize.WORK_DIR).mkdir(parents=True)
+    png = encode(gray((8, 8)), "PNG")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("m.png", png)
+    data = bytearray(buffer.getvalue())
+    entry = data.rindex(b"PK\x01\x02")  # its central directory entry: needs zip 7.0 to extract
+    data[entry + 6 : entry + 8] = (70).to_bytes(2, "little")
+    (src / "new.zip").write_bytes(bytes(data))
+    with tarfile.open(src / colorize.WORK_DIR / "b.tar", "w") as archive:
+        info = tarfile.TarInfo("m.png")
+        info.size = len(png)
+        archive.addfile(info, io.BytesIO(png))
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt")
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    reasons = {r["source"][len(str(src)) + 1 :]: r["reason"] for r in rows}
+    assert reasons.keys() == {"new.zip", f"{colorize.WORK_DIR}/b.tar"}  # no member rows
+    assert "NotImplementedError: zip file version 7.0" in reasons["new.zip"]
+    assert "inside the job's own folder" in reasons[f"{colorize.WORK_DIR}/b.tar"]
 
 
 def read_members(unit: dict, cfg: colorize.ColorizeConfig) -> list[dict]:
@@ -1069,6 +1104,38 @@ def test_pixel_limit_bounds_all_pages_together() -> None:
     assert len(picture_files.decode(data, 50_000).pages) == 5
     with pytest.raises(colorize.BadImage, match="pages 0-4 hold 50000 pixels"):
         picture_files.decode(data, 49_999)
+    # Tiny pages count as what the network takes of each: a file of many 1x1 pages is a bomb.
+    tiny = [Image.fromarray(gray((1, 1))) for _ in range(5)]
+    data = save(tiny[0], "TIFF", save_all=True, append_images=tiny[1:])
+    assert len(picture_files.decode(data, 50_000, min_page_px=10_000).pages) == 5
+    with pytest.raises(colorize.BadImage, match="50000 pixels, each counted as at least 10000"):
+        picture_files.decode(data, 49_999, min_page_px=10_000)
+
+
+def test_a_file_of_more_pages_than_a_batch_colorizes_as_in_one(tmp_path) -> None:
+    """The network takes a batch's pages a batch's worth at a time, each page's ab its own."""
+    torch.manual_seed(4)
+    model = ColorizationNet(ModelConfig(width=1 / 16, bn_moving_average=0.0))
+    with torch.no_grad():  # BatchNorm statistics of L images: colours that follow the input
+        model.train()(torch.rand(4, 1, 64, 64) * 100)
+    model.eval()
+    names = ("coffee", "astronaut", "chelsea", "rocket", "coffee")
+    pages = [Image.fromarray(gray((40 + 8 * i, 56), name)) for i, name in enumerate(names)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "book.tif").write_bytes(
+        save(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    )
+    ab = []
+    for batch_size in (8, 2):
+        cfg = config(str(tmp_path / "in"), str(tmp_path / "o"), "m.pt", dtype="fp32",
+                     jpeg_path="cpu", batch_size=batch_size)  # fmt: skip
+        units, _, _ = colorize.plan(cfg, [])
+        rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+        prepared = [colorize.prepare_row(row, cfg, "provenance") for row in rows]
+        out = colorize.Colorizer(cfg, model)(colorize._as_batch(prepared))
+        assert list(out["pages"]) == [5]
+        ab.append(torch.from_numpy(np.frombuffer(out["ab_small"][0], np.float32).copy()))
+    torch.testing.assert_close(ab[1], ab[0], rtol=1e-5, atol=1e-6)
 
 
 def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> None:
