@@ -130,11 +130,24 @@ class DatasetIndex:
         return start, column.total_compressed_size
 
     def read_jpegs(self, s: int, g: int, s3: storage.S3Options | None = None) -> JpegFiles:
-        """The JPEG column of row group `g` of shard `s`, in one ranged read of its bytes."""
+        """The JPEG column of row group `g` of shard `s`, in one ranged read of its bytes.
+        Bytes that are no longer that column (the shard cut short or changed since it was
+        indexed) give every row of the group an empty file, with a warning: each becomes a
+        black crop, and the run and its order go on (a resumed run would meet the group at
+        the same step again). Storage that cannot be read raises, after its retries."""
         start, size = self.jpeg_range(s, g)
         data = storage.read_range(self.shard_urls[s], start, size, s3)
         file = pq.ParquetFile(_Slice(data, start, self.sizes[s]), metadata=self.metadata[s])
-        return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
+        try:
+            return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
+        except (OSError, ValueError, pa.ArrowException) as error:
+            rows = self.metadata[s].row_group(g).num_rows
+            log.warning("%s row group %d (rows %d on) is damaged, its %d images left out: %s",
+                        self.shard_urls[s], g, self._first_row(s, g), rows, error)  # fmt: skip
+            return JpegFiles(np.empty(0, np.uint8), np.zeros(rows + 1, np.int64))
+
+    def _first_row(self, s: int, g: int) -> int:
+        return sum(self.metadata[s].row_group(i).num_rows for i in range(g))
 
     @functools.cached_property
     def jpeg_bytes_per_image(self) -> float:

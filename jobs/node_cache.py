@@ -40,6 +40,7 @@ import hashlib
 import logging
 import mmap
 import os
+import re
 import resource
 import shutil
 import stat
@@ -111,6 +112,7 @@ class NodeCache:
             sweep(root, keep=name)
             _raise_descriptor_limit()
             cache = cls(folder, _join(folder), local_rank, local_world_size, reserve_bytes)
+            _remove_dead_writers(folder)
         except OSError as error:  # not this user's folder, or none can be made
             log.warning(
                 "loader: %s cannot hold shared row groups (%s): the workers here read every "
@@ -188,7 +190,7 @@ class NodeCache:
         if shutil.disk_usage(self.folder).free - files.nbytes < self._floor:
             self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
             return False
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # TEMPORARY
         try:
             with open(tmp, "wb") as f:
                 files.save(f)
@@ -282,6 +284,28 @@ def _join(folder: str) -> int:
             if os.stat(users).st_ino == os.fstat(fd).st_ino:
                 return fd
         os.close(fd)  # locked a users file a sweep had deleted: join the folder made anew
+
+
+TEMPORARY = re.compile(r"\.tmp-(\d+)-\d+$")  # a file being saved: `.tmp-<pid>-<thread>`
+
+
+def _remove_dead_writers(folder: str) -> None:
+    """Deletes the files that workers killed while saving left (a restarted run keeps its
+    folder): they would hold the space the cache keeps free for as long as the run lives."""
+    for name in os.listdir(folder):
+        if (match := TEMPORARY.search(name)) and not _alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def sweep(root: str, *, keep: str = "") -> list[str]:

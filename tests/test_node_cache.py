@@ -64,6 +64,20 @@ def open_cache(root, run="run", *, rank=0, workers=2) -> NodeCache:
     return cache
 
 
+def test_a_restarted_runs_workers_delete_what_killed_writers_left(tmp_path) -> None:
+    first = open_cache(tmp_path)
+    gone = subprocess.Popen(["true"])  # a writer's pid, no longer alive
+    gone.wait()
+    dead = os.path.join(first.folder, f"unit-1.tmp-{gone.pid}-7")
+    live = os.path.join(first.folder, f"unit-2.tmp-{os.getpid()}-7")
+    for path in (dead, live):
+        with open(path, "wb") as f:
+            f.write(b"half a row group")
+    second = open_cache(tmp_path, rank=1)  # joins the folder, as a restarted worker does
+    assert second.folder == first.folder
+    assert not os.path.exists(dead) and os.path.exists(live)
+
+
 def files_of(*values: bytes) -> JpegFiles:
     return JpegFiles.of_column(pa.chunked_array([pa.array(list(values), pa.binary())]))
 
