@@ -32,8 +32,9 @@ Every worker reads the row groups of the current window (it needs a slice of eac
 price of an exact, rank-independent sample order: the workers of one machine
 share them through a `jobs.node_cache.NodeCache`, which reads each from storage once, and
 without one W workers read the data W times over. An image that does not decode (a shard
-damaged since `jobs.prepare` checked it) becomes a black crop, with a warning naming its
-shard and row: grey, so the loss gives it no weight, and the order stays.
+damaged since `jobs.prepare` checked it), and every image of a row group whose bytes no
+longer read, becomes a black crop, with a warning naming its shard and row: grey, so the
+loss gives it no weight, and the order stays.
 
 Machines share no cache: a run on M machines would read the data M times an epoch, each
 machine at M times the rate its own steps use it. With `read_groups` G (a divisor of the
