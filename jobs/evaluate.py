@@ -86,6 +86,9 @@ THUMB_PX = 128
 THUMB_ASPECT_MAX = 8  # a panorama's strip stays a few thousand pixels wide (JPEG: 65,500)
 READ_THREADS = 8  # concurrent object-store reads per read task
 NO_LABEL = -1
+MISSING_FILE = "missing file"
+UNREADABLE = "unreadable: "
+TOO_LARGE_HERE = "too large to measure at full resolution here"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -509,7 +512,7 @@ def _measure_group(
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             h, w = img.shape[-2:]
-            failed[i] = f"{w}x{h} too large to measure at full resolution here ({e})"[:300]
+            failed[i] = f"{w}x{h} {TOO_LARGE_HERE} ({e})"[:300]
             continue
         hits += [hit] if hit is not None else []
         thumbnails.append(tiles)
@@ -719,8 +722,17 @@ class Evaluator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = evaluate_batch(batch, self.ctx)
-        evaluate_parts.write_part(self.ctx.cfg.output, out, self.ctx.cfg.s3)  # kept: `main`
+        lasting = np.array([_lasting(reason) for reason in out["reason"]], dtype=bool)
+        kept = {name: column[lasting] for name, column in out.items()}
+        evaluate_parts.write_part(self.ctx.cfg.output, kept, self.ctx.cfg.s3)  # for `main`
         return out
+
+
+def _lasting(reason: str) -> bool:
+    """Whether a row's outcome is its input's own, which a re-run would find again (kept
+    for it, `jobs.evaluate_parts`): not a file missing or unreadable in storage now, nor
+    one too large for this machine's memory."""
+    return not (reason == MISSING_FILE or reason.startswith(UNREADABLE) or TOO_LARGE_HERE in reason)
 
 
 # ---------------------------------------------------------------- inputs and split lists
@@ -840,9 +852,9 @@ def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.nda
         try:
             return storage.read_bytes(url, s3), ""
         except FileNotFoundError:
-            return b"", "missing file"
+            return b"", MISSING_FILE
         except OSError as e:
-            return b"", f"unreadable: {e}"
+            return b"", f"{UNREADABLE}{e}"
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         results = list(pool.map(read, batch["url"]))
@@ -1322,11 +1334,15 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     earlier = evaluate_parts.resume(cfg.output, _record(cfg, model_info, rebalance0_Q), cfg.s3)
     init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
 
+    inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
+
     def batches() -> Iterator[dict[str, np.ndarray]]:
         measured: set[str] = set()
         for batch in evaluate_parts.read_parts(earlier, cfg.s3):
-            # A batch measured twice (its actor died after keeping it) counts once.
-            batch = _unmeasured(batch, frozenset(measured))
+            # A batch measured twice (its actor died after keeping it) counts once; a file
+            # no longer found in the folder not at all.
+            keep = [k not in measured and (inputs is None or k in inputs) for k in batch["key"]]
+            batch = {name: column[np.array(keep, dtype=bool)] for name, column in batch.items()}
             measured.update(batch["key"])
             yield batch
         if measured:
@@ -1363,10 +1379,12 @@ def _record(
 ) -> dict[str, Any]:
     """What decides an image's figures: the measurements an earlier run kept are taken only
     where it is the same (`jobs.evaluate_parts`). The model and the prior by their content,
-    the split by its text; not where they are, how many images, actors or batches there are
-    (a batch's best and worst strips are the grid's candidates however batches are made)."""
+    the split by its text, a prepared dataset by its shards; not where they are, nor how
+    many actors or batches there are (a batch's best and worst strips are the grid's
+    candidates however batches are made). Files of an image folder are matched by key: the
+    kept rows of files no longer listed are left out (`main`)."""
     record = _config_dict(cfg)
-    for name in ("output", "model", "prior", "split", "max_images", "batch_size", "num_actors",
+    for name in ("output", "model", "prior", "split", "batch_size", "num_actors",
                  "cpus_per_actor", "accelerator_type", "s3"):  # fmt: skip
         record.pop(name)
     record["model_sha256"] = model_info["sha256"]
@@ -1374,6 +1392,9 @@ def _record(
     if cfg.split:
         split = storage.read_bytes(cfg.split, cfg.s3)
         record["split_sha256"] = hashlib.sha256(split).hexdigest()
+    if storage.exists(storage.join(cfg.data, "manifest.json"), cfg.s3):  # its shards, as made
+        shards = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(cfg.data, cfg.s3).shards]
+        record["data_shards_sha256"] = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
     return record
 
 

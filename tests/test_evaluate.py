@@ -353,6 +353,9 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
     shard = Manifest.load(cfg.data).shards[0]
     first = pq.read_table(f"{root}/{shard.name}", filesystem=fs).slice(0, 8).to_pydict()
     first = {k: np.array(first[k], dtype=object) for k in ("key", "label", "jpeg")}
+    # and an input whose read failed in storage: not kept, a re-run reads it again
+    first = {k: np.append(v, x) for (k, v), x in zip(first.items(), ["gone", 0, b""], strict=True)}
+    first["reason"] = np.array([""] * 8 + [evaluate.UNREADABLE + "reset"], dtype=object)
     rebalance0_Q = evaluate.load_rebalance0(cfg.prior_url)
 
     def stopped_run(stopped: evaluate.EvaluateConfig) -> None:
@@ -380,12 +383,15 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
                 )
     assert not storage.list_files(evaluate_parts.folder(resumed_cfg.output))  # done with
 
+    # Kept by an evaluation at another temperature: not taken.
     stopped_run(dataclasses.replace(resumed_cfg, temperature=0.5))
-    capsys.readouterr()
-    anew = evaluate.main(resumed_cfg)
-    out = capsys.readouterr().out
-    assert "of another evaluation (other temperature): measuring anew" in out
-    assert "measured by an earlier run" not in out and anew["counts"] == whole["counts"]
+    _, info = evaluate.evaluator_arguments(resumed_cfg, load_model(cfg.model), rebalance0_Q)
+    record = evaluate._record(resumed_cfg, info, rebalance0_Q)
+    assert evaluate_parts.resume(resumed_cfg.output, record, resumed_cfg.s3) == []
+    assert "of another evaluation (other temperature): measuring anew" in capsys.readouterr().out
+    assert storage.list_files(evaluate_parts.folder(resumed_cfg.output)) == [
+        storage.join(evaluate_parts.folder(resumed_cfg.output), evaluate_parts.RUN_FILE)
+    ]
 
 
 def _scenes(seed: int, per_class: int) -> tuple[torch.Tensor, list[int]]:
