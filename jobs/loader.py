@@ -67,7 +67,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
@@ -116,6 +116,8 @@ class DatasetIndex:
     labels: tuple[np.ndarray, ...]
     metadata: tuple[pq.FileMetaData, ...]  # per shard: its Parquet footer
     sizes: tuple[int, ...]  # per shard: its size in bytes
+    _resized: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
+    """Shards found of another size than indexed (why, for the warnings)."""
 
     @property
     def num_images(self) -> int:
@@ -137,18 +139,31 @@ class DatasetIndex:
         black crop, and the run and its order go on (a resumed run would meet the group at
         the same step again). Storage that cannot be read raises, after its retries."""
         start, size = self.jpeg_range(s, g)
-        data = storage.read_range(self.shard_urls[s], start, size, s3)
+        url = self.shard_urls[s]
+        if s in self._resized:  # found cut short (or grown) already: not asked again
+            return self._damaged(s, g, self._resized[s])
+        try:
+            data = storage.read_range(url, start, size, s3)
+        except OSError:  # after its retries: S3 refuses a range past a file's end, say
+            fs, path = storage.filesystem(url, s3)
+            now = storage.with_retries(lambda: fs.size(path), what=f"stat {url}")
+            if now == self.sizes[s]:
+                raise  # the storage's failure, not the shard's
+            self._resized[s] = f"the shard is {now} bytes now, {self.sizes[s]} when indexed"
+            return self._damaged(s, g, self._resized[s])
         file = pq.ParquetFile(_Slice(data, start, self.sizes[s]), metadata=self.metadata[s])
         try:
             return JpegFiles.of_column(file.read_row_group(g, columns=["jpeg"]).column("jpeg"))
         except (OSError, ValueError, pa.ArrowException) as error:
-            rows = self.metadata[s].row_group(g).num_rows
-            log.warning("%s row group %d (rows %d on) is damaged, its %d images left out: %s",
-                        self.shard_urls[s], g, self._first_row(s, g), rows, error)  # fmt: skip
-            return JpegFiles(np.empty(0, np.uint8), np.zeros(rows + 1, np.int64))
+            return self._damaged(s, g, error)
 
-    def _first_row(self, s: int, g: int) -> int:
-        return sum(self.metadata[s].row_group(i).num_rows for i in range(g))
+    def _damaged(self, s: int, g: int, why: object) -> JpegFiles:
+        """Row group `g` of shard `s` as empty files (black crops), with a warning."""
+        rows = self.metadata[s].row_group(g).num_rows
+        first = sum(self.metadata[s].row_group(i).num_rows for i in range(g))
+        log.warning("%s row group %d (rows %d on) is damaged, its %d images left out: %s",
+                    self.shard_urls[s], g, first, rows, why)  # fmt: skip
+        return JpegFiles(np.empty(0, np.uint8), np.zeros(rows + 1, np.int64))
 
     @functools.cached_property
     def jpeg_bytes_per_image(self) -> float:

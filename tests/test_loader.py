@@ -400,25 +400,28 @@ def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> 
     assert black >= 1 and f"{index.shard_urls[0]} row 0 does not decode" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["cut short", "overwritten"])
-def test_a_damaged_row_group_costs_its_samples_only(tmp_path, caplog, damage) -> None:
+@pytest.mark.parametrize("damage", ["cut short", "overwritten", "cut short on S3"])
+def test_a_damaged_row_group_costs_its_samples_only(tmp_path, caplog, damage, request) -> None:
     """A shard changed since it was indexed: the row groups whose bytes no longer read give
     black crops, with a warning naming them, and the run goes on in the same order (a
-    resumed run meets them at the same step: it must not fail there again)."""
-    intact, damaged = str(tmp_path / "intact"), str(tmp_path / "damaged")
+    resumed run meets them at the same step: it must not fail there again). On S3 a read of
+    a row group past the shard's new end is refused (416), after its retries."""
+    intact = str(tmp_path / "intact")
+    if damage.endswith("S3"):
+        damaged = request.getfixturevalue("s3_server").url("damaged-shards")
+    else:
+        damaged = str(tmp_path / "damaged")
     write_dataset(intact)
     write_dataset(damaged)
     index = DatasetIndex.load(damaged)  # the footers, read while the shard was whole
     shard = index.shard_urls[0]
     start, size = index.jpeg_range(0, 1)
-    with open(shard, "r+b") as f:
-        if damage == "cut short":
-            f.truncate(start + size // 2)
-        else:
-            f.seek(start)
-            header = f.read(24)  # the data page's header
-            f.seek(start)
-            f.write(bytes(b ^ 0xFF for b in header))
+    data = bytearray(storage.read_bytes(shard))
+    if damage.startswith("cut short"):
+        del data[start + size // 2 :]
+    else:
+        data[start : start + 24] = bytes(b ^ 0xFF for b in data[start : start + 24])  # header
+    storage.write_bytes(shard, bytes(data))
     with caplog.at_level(logging.WARNING, logger="jobs.loader"):
         pairs = list(zip(islice(loader(DatasetIndex.load(intact), 0), 6),
                          islice(loader(index, 0), 6), strict=True))  # fmt: skip
@@ -429,6 +432,9 @@ def test_a_damaged_row_group_costs_its_samples_only(tmp_path, caplog, damage) ->
         assert not bad.rgb_N3HW[~same].any()  # a crop that differs is black
         black += int((~same).sum())
     assert black >= 2 and f"{shard} row group 1 (rows 3 on) is damaged" in caplog.text
+    if damage == "cut short on S3":  # row group 2 lies past the end: its read is refused
+        left_out = "row group 2 (rows 6 on) is damaged, its 1 images left out"
+        assert f"{left_out}: the shard is {len(data)} bytes now" in caplog.text
 
 
 @pytest.mark.parametrize("crop_px", [32, 48])  # 48 > the 40-pixel short side: scaled up first
