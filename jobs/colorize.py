@@ -46,7 +46,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import errno
 import functools
 import gzip
 import io
@@ -798,8 +797,7 @@ def _storage_error(error: BaseException | None) -> bool:
     directory as a bad zip). The decompressors of gzip and bz2 report damaged data as
     OSError too, with no errno."""
     while error is not None:
-        # no errno: a decompressor's; EINVAL: a seek to where a damaged offset points
-        plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno in (None, errno.EINVAL)
+        plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
         if isinstance(error, _read_errors()) or (not plain and storage.is_transient(error)):
             return True
         error = error.__cause__ or error.__context__

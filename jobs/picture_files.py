@@ -206,9 +206,9 @@ def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | N
 
 def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     """Every page of an image file, upright; raises `BadImage` with the reason. `max_pixels`
-    bounds the pages together, each counted as at least `min_page_px` (what the network
-    takes of a page, however small): a small file of many large blank pages is a bomb, and
-    so is one of a hundred thousand 1x1 pages."""
+    bounds the pages together, each after the first counted as at least `min_page_px` (what
+    the network takes of a page, however small): a small file of many large blank pages is a
+    bomb, and so is one of a hundred thousand 1x1 pages."""
     from PIL import ImageOps
 
     image = open_image(data, max_pixels=max_pixels)
@@ -219,9 +219,9 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
         for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
             image.seek(index)
             w, h = image.size
-            total += max(w * h, min_page_px)
+            total += max(w * h, min_page_px if index else 0)
             if total > max_pixels:
-                each = f", each counted as at least {min_page_px}" if min_page_px else ""
+                each = f", each after the first counted as at least {min_page_px}" * (index > 0)
                 raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
                                f"limit {max_pixels}")  # fmt: skip
             if _is_16bit_colour(data, image):

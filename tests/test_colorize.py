@@ -1107,9 +1107,10 @@ def test_pixel_limit_bounds_all_pages_together() -> None:
     # Tiny pages count as what the network takes of each: a file of many 1x1 pages is a bomb.
     tiny = [Image.fromarray(gray((1, 1))) for _ in range(5)]
     data = save(tiny[0], "TIFF", save_all=True, append_images=tiny[1:])
-    assert len(picture_files.decode(data, 50_000, min_page_px=10_000).pages) == 5
-    with pytest.raises(colorize.BadImage, match="50000 pixels, each counted as at least 10000"):
-        picture_files.decode(data, 49_999, min_page_px=10_000)
+    assert len(picture_files.decode(data, 40_001, min_page_px=10_000).pages) == 5
+    with pytest.raises(colorize.BadImage, match="40001 pixels, each after the first counted"):
+        picture_files.decode(data, 40_000, min_page_px=10_000)
+    assert len(picture_files.decode(save(tiny[0], "TIFF"), 1, 10_000).pages) == 1  # one page
 
 
 def test_a_file_of_more_pages_than_a_batch_colorizes_as_in_one(tmp_path) -> None:
