@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import posixpath
 import tarfile
 import time
@@ -57,8 +58,10 @@ TASK_BASE_BYTES = 512 * 2**20  # a conversion task's interpreter, PIL and pyarro
 TASK_RETRIES = 3  # tries of a group whose task was killed, after its first
 CONVERT_BYTES_PER_PIXEL = 13
 """Memory `convert` holds at its peak beyond the source bytes, per pixel of the source, as
-measured at 36 MP: 12.2 B for a 32-bit float TIFF, 9.1 for a PNG with a palette and
-transparency, 8.1 for RGBA or CMYK, 4.5 for an RGB PNG, 0.2 for a JPEG (decoded reduced)."""
+`bench/convert_memory.py` measured it at 36 MP: 12.2 B for a 32-bit float TIFF, 9.1 for a
+PNG with a palette and transparency, 8.1 for RGBA or CMYK, 4.5 for an RGB PNG."""
+JPEG_BYTES_PER_PIXEL = 1  # measured 0.3 (RGB, CMYK): decoded at a reduced scale
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 OUTPUT_FIELDS = ("short_side_px", "shard_mb", "max_group_images", "max_pixels", "max_file_mb",
@@ -466,6 +469,8 @@ def main(cfg: PrepareConfig) -> Manifest:
         # of the context: other datasets of the process keep theirs.)
         ds.context.max_errored_blocks = -1
         memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
+        if not os.environ.get("RAY_ADDRESS"):  # no autoscaler to add a larger node
+            _check_a_node_holds(memory, cfg)
         # A task killed (its node lost, or out of memory) is tried again, a few times: Ray
         # Data's default would try one that cannot fit for ever.
         ds.map(
@@ -488,13 +493,31 @@ def main(cfg: PrepareConfig) -> Manifest:
     return manifest
 
 
+def _check_a_node_holds(memory: int, cfg: PrepareConfig) -> None:
+    """Fails when no node of the Ray instance holds one conversion task: Ray would wait for
+    one for ever."""
+    import ray
+
+    from jobs.runtime import workers_fit
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if not workers_fit({"CPU": cfg.cpus_per_task, "memory": memory}, nodes):
+        have = max((n.get("memory", 0) for n in nodes), default=0)
+        raise ValueError(
+            f"a conversion task asks for {memory / 2**30:.1f} GiB (`task_memory`), and the "
+            f"largest node here has {have / 2**30:.1f} GiB for tasks: lower --max-pixels or "
+            "--shard-mb, or run on a cluster (RAY_ADDRESS)"
+        )
+
+
 def task_memory(groups: list[dict], cfg: PrepareConfig) -> int:
     """Bytes a conversion task may hold at once, asked of Ray for each: its input (a class
     tar whole; files as `storage.read_each` reads them, a window at a time), a shard's rows
     three times over as it is written (the rows, the Arrow table, the Parquet bytes), one
-    image at the pixel limit being converted (`CONVERT_BYTES_PER_PIXEL`), and the
-    interpreter. Without the ask a node
-    takes a task per CPU, and a task its memory cannot hold is killed and retried for ever."""
+    image at the pixel limit being converted (`CONVERT_BYTES_PER_PIXEL`, or
+    `JPEG_BYTES_PER_PIXEL` where every group holds JPEGs by their names: ILSVRC's class
+    tars do), and the interpreter. Without the ask a node takes a task per CPU, and a task
+    its memory cannot hold is killed and retried for ever."""
     window = storage.READ_EACH_MAX_BYTES
     inputs = max(
         (
@@ -506,7 +529,15 @@ def task_memory(groups: list[dict], cfg: PrepareConfig) -> int:
         default=0,
     )
     shard = 3 * cfg.shard_mb * 2**20
-    return int(inputs + shard + CONVERT_BYTES_PER_PIXEL * cfg.max_pixels + TASK_BASE_BYTES)
+    per_pixel = max((_convert_bytes_per_pixel(group) for group in groups), default=0)
+    return int(inputs + shard + per_pixel * cfg.max_pixels + TASK_BASE_BYTES)
+
+
+def _convert_bytes_per_pixel(group: dict) -> float:
+    if group["kind"] == "tar":  # ILSVRC's: JPEGs
+        return JPEG_BYTES_PER_PIXEL
+    jpegs = all(i["url"].lower().endswith(JPEG_SUFFIXES) for i in group["items"])
+    return JPEG_BYTES_PER_PIXEL if jpegs else CONVERT_BYTES_PER_PIXEL
 
 
 def _process_row(row: dict, cfg: PrepareConfig) -> dict:

@@ -144,6 +144,10 @@ def test_interrupted_run_resumes_to_identical_shards(tmp_path, ray_session) -> N
     (src / "cat" / "late.png").write_bytes(encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
     with pytest.raises(ValueError, match="prepared from other plan_sha256"):
         prepare.main(cfg)
+    # Tasks no node here can hold: Ray would wait for ever (and the local instance has no
+    # autoscaler to start a larger node).
+    with pytest.raises(ValueError, match=r"asks for \d+\.\d GiB .* largest node here has"):
+        prepare.main(config(str(src), str(tmp_path / "huge"), max_pixels=10**13))
 
 
 def test_a_group_that_fails_costs_itself_only(tmp_path, ray_session, capsys) -> None:
@@ -275,14 +279,22 @@ def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
 
 def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
     """A class tar is held whole, files a read window at a time; a shard's rows are held
-    three times over when written; one image at the pixel limit; the interpreter."""
+    three times over when written; one image at the pixel limit, converted (JPEGs, by
+    their names, decode at a reduced scale); the interpreter."""
     cfg = config("/src", "/dst", shard_mb=64, max_pixels=1_000_000)
-    fixed = 3 * 64 * 2**20 + 13 * 1_000_000 + prepare.TASK_BASE_BYTES
+    fixed = 3 * 64 * 2**20 + prepare.TASK_BASE_BYTES
+    jpeg, other = 1 * 1_000_000, 13 * 1_000_000
     tar = {"kind": "tar", "size": 300 * 2**20}
-    files = {"kind": "files", "items": [{"size": 200 * 2**20}, {"size": 200 * 2**20}]}
-    assert prepare.task_memory([tar], cfg) == 300 * 2**20 + fixed
-    assert prepare.task_memory([files], cfg) == storage.READ_EACH_MAX_BYTES + fixed
-    assert prepare.task_memory([tar, files], cfg) == 300 * 2**20 + fixed
+    big = 200 * 2**20
+    files = {
+        "kind": "files",
+        "items": [{"url": "a.JPG", "size": big}, {"url": "b.jpeg", "size": big}],
+    }
+    pngs = {"kind": "files", "items": [{"url": "a.jpg", "size": 1}, {"url": "b.png", "size": 1}]}
+    assert prepare.task_memory([tar], cfg) == 300 * 2**20 + fixed + jpeg
+    assert prepare.task_memory([files], cfg) == storage.READ_EACH_MAX_BYTES + fixed + jpeg
+    assert prepare.task_memory([tar, files], cfg) == 300 * 2**20 + fixed + jpeg
+    assert prepare.task_memory([tar, pngs], cfg) == 300 * 2**20 + fixed + other
     assert prepare.task_memory([], cfg) == fixed
 
 
