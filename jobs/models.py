@@ -60,6 +60,11 @@ class LoadedModel:
     checkpoint: weights.Checkpoint | None = None
 
 
+def checkpoint_step(url: str) -> int:
+    """The step of a run folder's checkpoint file, from its folder's name."""
+    return int(url.rsplit("/", 2)[-2][len(CHECKPOINT_DIR_PREFIX) :])
+
+
 def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
     """URLs of the checkpoint files of a training run folder, oldest first: its own
     ``checkpoint_<step>/checkpoint.pt``, not those of runs in folders below it."""

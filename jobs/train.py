@@ -243,6 +243,20 @@ class TrainConfig:
         """What each worker takes on its node (Ray Train's `resources_per_worker`)."""
         return {"CPU": self.cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
 
+    def workers_text(self) -> str:
+        """The workers and what each takes, for messages: ``2 workers of 8 CPUs and a GPU
+        (H100) each``."""
+        kind = f" ({self.accelerator_type})" if self.accelerator_type else ""
+        gpu = f" and a GPU{kind}" * self.use_gpu
+        return f"{self.num_workers} workers of {self.cpus_per_worker:g} CPUs{gpu} each"
+
+    @property
+    def worker_needs(self) -> dict[str, float]:
+        """What a node must hold for each worker: its resources and, with accelerator_type,
+        a GPU of that type (Ray's node resource ``accelerator_type:<name>``)."""
+        named = {f"accelerator_type:{self.accelerator_type}": 0.001}
+        return self.worker_resources | (named if self.accelerator_type else {})
+
 
 # ---------------------------------------------------------------- presets
 
@@ -467,14 +481,9 @@ def check_resumable(cfg: TrainConfig) -> None:
     change). Recorded in the run folder at the start, compared on every re-run, before any
     worker starts. Torn checkpoints are removed first (`jobs.models.remove_torn`): a run
     whose only checkpoints a crash cut short starts over."""
-    from jobs.dataset import Manifest
     from jobs.models import checkpoint_files, remove_torn
 
-    record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS}
-    prior = storage.read_bytes(cfg.prior_url, cfg.s3)
-    record["prior_sha256"] = hashlib.sha256(prior).hexdigest()
-    shards = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(cfg.data, cfg.s3).shards]
-    record["data_shards_sha256"] = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS} | input_digests(cfg)
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
     remove_torn(cfg.run_url, cfg.s3)
@@ -497,6 +506,22 @@ def check_resumable(cfg: TrainConfig) -> None:
         )
 
 
+def input_digests(cfg: TrainConfig, *, validation: bool = False) -> dict[str, str]:
+    """SHA-256 of the prior's file and of the training data's shards (by name, size and
+    checksum: wherever they have moved), and with `validation` of the validation data's."""
+    from jobs.dataset import Manifest
+
+    def shards(url: str) -> str:
+        listed = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(url, cfg.s3).shards]
+        return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+    prior = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
+    digests = {"prior_sha256": prior, "data_shards_sha256": shards(cfg.data)}
+    if validation and cfg.val_data:
+        digests["val_shards_sha256"] = shards(cfg.val_data)
+    return digests
+
+
 def kept(started: Any, now: Any) -> bool:
     """Whether a recorded value is kept by the current one; keys the record lacks (fields
     added since the run started, such as ``model.bn_moving_average``) are not compared."""
@@ -514,12 +539,11 @@ def check_workers_fit(cfg: TrainConfig) -> None:
     from jobs.runtime import describe_nodes, workers_fit
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    fits = workers_fit(cfg.worker_resources, nodes)
+    fits = workers_fit(cfg.worker_needs, nodes)
     if fits < cfg.num_workers:
-        each = " and a GPU" * cfg.use_gpu
         raise ValueError(
-            f"training needs {cfg.num_workers} workers of {cfg.cpus_per_worker:g} CPUs{each} "
-            f"each, each worker on one node, and the local Ray instance holds {fits} ("
+            f"training needs {cfg.workers_text()}, each worker on one node, and the local "
+            f"Ray instance holds {fits} ("
             f"{describe_nodes(nodes)}): lower num_workers or cpus_per_worker, or run on a "
             "cluster (RAY_ADDRESS)"
         )

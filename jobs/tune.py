@@ -37,7 +37,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,6 +50,7 @@ from jobs.plots import figure_png, pyplot
 from jobs.runtime import describe_nodes, workers_fit
 from jobs.train import TrainConfig
 
+TUNE_STATE_PREFIX = "experiment_state-"  # Tune's saved search state: <prefix><session>.json
 LAMBDA_RANGE = (0.05, 1.0)
 """Lambda's search range: below 0.05 the rebalancing weights grow towards ~5e5."""
 TRIAL_DRIVER_CPU = 0.1
@@ -82,6 +85,7 @@ the head): its trainer resumes from its last checkpoint. Ray Train restarts the 
 trial up to train.max_failures times itself; Tune restarting a trial that failed after
 those would multiply the attempts."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
+SEARCH_INPUTS_FILE = "search_inputs.json"  # the prior's and the data's checksums
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"auc": ("val_auc_mean", "max"), "val_loss": ("val_loss", "min")}
 
@@ -403,6 +407,34 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any]) -> None:
         raise result.error
 
 
+def _run_state(experiment: str, fs) -> str | None:
+    """The newest of Tune's saved states of the search in folder `experiment` (None where
+    the search stopped before Tune saved one: it starts anew), checked to read as JSON. Tune
+    meeting one that does not read would start a new search in the folder, and every later
+    continue would continue that one."""
+    import pyarrow.fs
+
+    selector = pyarrow.fs.FileSelector(experiment, allow_not_found=True)
+    states = sorted(
+        info.path
+        for info in fs.get_file_info(selector)
+        if posixpath.basename(info.path).startswith(TUNE_STATE_PREFIX)
+        and info.path.endswith(".json")
+    )
+    if not states:
+        return None
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            json.loads(f.read())
+    except ValueError as error:
+        raise ValueError(
+            f"the search's state {states[-1]} does not read ({error}): move it away (the "
+            "search then continues from the state before it, or starts anew where there is "
+            "none), or search under another --name"
+        ) from None
+    return states[-1]
+
+
 def _concurrency(search: SearchConfig) -> int:
     import ray
 
@@ -420,15 +452,14 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
-    fits = workers_fit(train_cfg.worker_resources, nodes)
+    fits = workers_fit(train_cfg.worker_needs, nodes)
     cpus = sum(node.get("CPU", 0) for node in nodes)
     slots = min(fits // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
     if slots < 1:
-        each = " and a GPU" * train_cfg.use_gpu
         raise ValueError(
-            f"a trial needs {train_cfg.num_workers} workers of {train_cfg.cpus_per_worker} CPUs"
-            f"{each} each, each worker on one node (and {TRIAL_DRIVER_CPU} CPU for its Tune "
-            f"function): the cluster's nodes hold {fits} such workers ("
+            f"a trial needs {train_cfg.workers_text()}, each worker on one node (and "
+            f"{TRIAL_DRIVER_CPU} CPU for its Tune function): the cluster's nodes hold {fits} "
+            "such workers ("
             f"{describe_nodes(nodes)})"
         )
     return slots
@@ -457,7 +488,7 @@ def build_tuner(search: SearchConfig):
         tune.with_parameters(_run_trial, search=to_dict(search)), _trial_driver_resources()
     )
     experiment = f"{path.rstrip('/')}/{search.name}"
-    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs) and _run_state(experiment, fs):
         print(
             f"tune: continuing search {search.name} from {search.url} (at the concurrency "
             "it started with: max_gpus and max_concurrent are not changed)"
@@ -467,6 +498,7 @@ def build_tuner(search: SearchConfig):
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=True,
+            param_space=_param_space(search),  # not saved with the search
             storage_filesystem=fs,
         )
 
@@ -761,6 +793,24 @@ def _check_same_search(search: SearchConfig) -> bool:
     return True
 
 
+def _check_same_inputs(search: SearchConfig, started: bool) -> bytes:
+    """The record of the search's prior, training and validation data (`SEARCH_INPUTS_FILE`):
+    continuing a search whose prior or data changed since it started is refused (its trials
+    would be trained and ranked on two of them). A search started before the record was
+    kept takes this one."""
+    digests = train.input_digests(train.with_absolute_paths(search.train), validation=True)
+    url, s3 = storage.join(search.url, SEARCH_INPUTS_FILE), search.train.s3
+    if started and storage.exists(url, s3):
+        recorded = json.loads(storage.read_bytes(url, s3))
+        if changed := sorted(k for k in recorded if recorded[k] != digests.get(k)):
+            raise ValueError(
+                f"{search.url} holds a search that started with another "
+                f"{', '.join(k.removesuffix('_sha256') for k in changed)} (see {url}): "
+                "continue it with the files it started with, or pass another --name"
+            )
+    return json.dumps(digests, indent=1).encode()
+
+
 def _check_searcher(search: SearchConfig) -> None:
     """A named searcher's package must be installed (checked before Ray starts)."""
     import importlib.util
@@ -789,9 +839,11 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
         train.ensure_sample_data(base)
         train.preflight(dataclasses.replace(base, make_sample_data=False))
     start = time.monotonic()
+    inputs = _check_same_inputs(search, started)
     tuner = build_tuner(search)
     if not started:  # recorded once the search could be set up, not by a failed start
         save_config(search, storage.join(search.url, SEARCH_CONFIG_FILE), search.train.s3)
+    storage.write_bytes(storage.join(search.url, SEARCH_INPUTS_FILE), inputs, search.train.s3)
     result_grid = tuner.fit()
     rows = results_table(result_grid, search)
     best = write_outputs(rows, search)

@@ -5,13 +5,16 @@ gets ASHA back as it was created, with empty rungs. Every trial would then pass 
 rung it reaches (an empty rung has no cutoff), and the search would spend on weak trials
 what the rungs had been keeping from them. `ResumableASHA` refills them as Tune adds back
 each trial of the search: the trial's validation results up to the last one Tune had
-received (its restored last result), read from its training run's ``metrics.csv`` (written
-beside every checkpoint) and, for a run that diverged, its last report (the worst figures,
-never checkpointed: ``diverged.json`` says the step), go through the rungs as they went when
-first reported. A row Tune never received is left to the trial's next report to be judged. A
-trial with no result yet (a new one) adds nothing, and a run folder that cannot be read
-costs the rungs that trial's results, not the search. Defined apart from `jobs.tune` so that
-the tune command's start-up does not import Ray Tune; Tune's saved search names this module.
+received (its restored last result) or, where newer, up to its run's newest checkpoint (which
+it resumes from, never to report those steps again), read from its training run's
+``metrics.csv`` (written beside every checkpoint) and, for a run that diverged, its last
+report (the worst figures, never checkpointed: ``diverged.json`` says the step), go through
+the rungs as they went when first reported. A result Tune never received that a rung would
+have stopped the trial at stops it at its next report. A row after the newest checkpoint is
+left to the trial's next report to be judged. A trial with neither (a new one) adds nothing,
+and a run folder that cannot be read costs the rungs that trial's results, not the search.
+Defined apart from `jobs.tune` so that the tune command's start-up does not import Ray Tune;
+Tune's saved search names this module.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import math
 
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from jobs import storage
 from jobs.storage import S3Options
@@ -38,19 +41,44 @@ class ResumableASHA(ASHAScheduler):
             raise ValueError("ResumableASHA keeps one bracket")
         super().__init__(time_attr="step", **asha)
         self.trials_url, self.s3 = trials_url, s3
+        self._stop_at_next_result: set[str] = set()
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        received = (trial.last_result or {}).get(self._time_attr)
-        if received is None:
+        received = (trial.last_result or {}).get(self._time_attr, -1)
+        # The trial resumes from its run's newest checkpoint, which may be newer than its
+        # last result Tune saved: it never reports the steps up to it again.
+        resumed = max(received, self.checkpointed(trial.trial_id))
+        if resumed < 0:
             return
-        results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= received]
+        results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= resumed]
         bracket = self._trial_info[trial.trial_id]
         for step, value in results:  # decisions made before the interruption stand
-            bracket.on_result(trial, step, self._metric_op * value)
+            action = bracket.on_result(trial, step, self._metric_op * value)
+            if step > received and action == TrialScheduler.STOP:  # one Tune never made
+                self._stop_at_next_result.add(trial.trial_id)
         if results:
             print(f"tune: ASHA's rungs take back trial {trial.trial_id}'s {len(results)} "
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in self._stop_at_next_result:
+            self._stop_at_next_result.discard(trial.trial_id)
+            return TrialScheduler.STOP
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def checkpointed(self, trial_id: str) -> int:
+        """The step of the trial's run's newest checkpoint (-1 for none, or for a run that
+        cannot be listed)."""
+        from jobs.models import checkpoint_files, checkpoint_step
+
+        try:
+            files = checkpoint_files(storage.join(self.trials_url, trial_id), self.s3)
+        except Exception as e:  # unreadable: judged on what Tune received
+            log.warning("tune: trial %s's checkpoints cannot be listed: %s: %s",
+                        trial_id, type(e).__name__, e)  # fmt: skip
+            return -1
+        return checkpoint_step(files[-1]) if files else -1
 
     def recorded_results(self, trial_id: str) -> list[tuple[int, float]]:
         """(step, metric) of each validation the trial's run recorded, in step order, and of

@@ -15,6 +15,7 @@ import pytest
 
 from jobs import storage, train, tune
 from jobs.config import ConfigError, load_config_file, parse_config, save_config, to_dict
+from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
 from jobs.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,6 +232,53 @@ def test_every_preset_parses_and_validates(preset) -> None:
     assert search.first_rung() <= search.train.max_steps
 
 
+def test_a_search_continues_only_on_the_prior_and_data_it_started_with(tmp_path) -> None:
+    from jobs.dataset import Manifest, ShardInfo
+
+    def dataset(name: str, sha256: str) -> str:
+        shards = (ShardInfo(name="shards/part-0.parquet", num_rows=9, sha256=sha256),)
+        Manifest(classes=("a",), shards=shards, num_inputs=9, num_errors=0,
+                 config={}).save(str(tmp_path / name))  # fmt: skip
+        return str(tmp_path / name)
+
+    prior = tmp_path / "prior.npz"
+    prior.write_bytes(b"counts")
+    base = tune.ci()
+    trains = dataclasses.replace(
+        base.train, data=dataset("train", "a" * 64), val_data=dataset("val", "b" * 64),
+        prior=str(prior), make_sample_data=False,
+    )  # fmt: skip
+    search = dataclasses.replace(base, train=trains, storage=str(tmp_path / "searches"))
+    record = tune._check_same_inputs(search, started=False)
+    storage.write_bytes(storage.join(search.url, tune.SEARCH_INPUTS_FILE), record)
+    assert tune._check_same_inputs(search, started=True) == record
+    prior.write_bytes(b"counts of another pixel stride")
+    with pytest.raises(ValueError, match=r"started with another prior .* another --name"):
+        tune._check_same_inputs(search, started=True)
+    prior.write_bytes(b"counts")
+    dataset("val", "c" * 64)  # validation images changed in place
+    with pytest.raises(ValueError, match="started with another val_shards "):
+        tune._check_same_inputs(search, started=True)
+
+
+def test_a_search_continues_only_from_a_state_tune_saved_that_reads(tmp_path) -> None:
+    """Before Tune's first save a stopped search starts anew; a state cut short is refused
+    (Tune would start a new search in the folder, and every later continue that one)."""
+    import pyarrow.fs
+
+    fs, folder = pyarrow.fs.LocalFileSystem(), str(tmp_path / "search")
+    assert tune._run_state(folder, fs) is None  # not even the folder
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "tuner.pkl").write_bytes(b"...")
+    assert tune._run_state(folder, fs) is None
+    for session, text in (("2026-12-01_00-00-00", "{}"), ("2026-12-01_01-00-00", '{"tr')):
+        (tmp_path / "search" / f"{tune.TUNE_STATE_PREFIX}{session}.json").write_text(text)
+    with pytest.raises(ValueError, match=r"01-00-00.json does not read .* move it away"):
+        tune._run_state(folder, fs)
+    (tmp_path / "search" / f"{tune.TUNE_STATE_PREFIX}2026-12-01_01-00-00.json").unlink()
+    assert tune._run_state(folder, fs).endswith("00-00-00.json")
+
+
 def test_trial_slots_count_the_workers_each_node_holds() -> None:
     """Three nodes of 3 CPUs hold three workers of 2 CPUs, not the four their total would: one
     trial of two such workers at a time, not two; and a trial of three workers on nodes that
@@ -244,7 +292,7 @@ def test_trial_slots_count_the_workers_each_node_holds() -> None:
     assert tune.trial_slots(search, small) == 1
     assert tune.trial_slots(search, [{"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 1.0}]) == 2
     assert tune.trial_slots(search, [{"CPU": 8.5}, {"CPU": 8.5}]) == 4
-    with pytest.raises(ValueError, match=r"3 workers of 2.0 CPUs .* hold 2 such workers"):
+    with pytest.raises(ValueError, match=r"3 workers of 2 CPUs each, .* hold 2 such workers"):
         tune.trial_slots(three, [{"CPU": 3.0}, {"CPU": 3.0}, {"CPU": 1.0}])  # 7 by total
     gpu = dataclasses.replace(search.train, use_gpu=True, cpus_per_worker=8.0)
     nodes = [{"CPU": 17.0, "GPU": 4.0}, {"CPU": 72.0, "GPU": 8.0}]  # 2 + 8 workers
@@ -253,6 +301,11 @@ def test_trial_slots_count_the_workers_each_node_holds() -> None:
     assert tune.trial_slots(autoscaling, [{"CPU": 2.0}]) == 4
     with pytest.raises(ValueError, match="and a GPU each"):
         tune.trial_slots(dataclasses.replace(search, train=gpu), [{"CPU": 16.0}])
+    h100 = dataclasses.replace(gpu, accelerator_type="H100")  # only the second node's GPUs
+    nodes[1] |= {"accelerator_type:H100": 1.0}
+    assert tune.trial_slots(dataclasses.replace(search, train=h100), nodes) == 4
+    with pytest.raises(ValueError, match=r"and a GPU \(H100\) each"):
+        tune.trial_slots(dataclasses.replace(search, train=h100), nodes[:1])
 
 
 def test_trial_functions_run_on_the_driver_resource_where_the_cluster_has_it(ray_session):
@@ -453,3 +506,15 @@ def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, o
     assert plain.on_trial_result(None, add(plain, "c"), weak) == TrialScheduler.CONTINUE
     with pytest.raises(ValueError, match="one bracket"):
         ResumableASHA(trials_url=trials, max_t=40, grace_period=10, brackets=2)
+
+    # "late" had checkpointed step 20 when Tune last saved: it resumes past 20 and never
+    # reports it again, so its row at 20 is judged now, and the rung stops it at its next.
+    checkpoint = storage.join(trials, "late", checkpoint_dir_name(20), CHECKPOINT_FILE)
+    storage.write_bytes(checkpoint, b"a checkpoint")
+    asha = scheduler(ResumableASHA, trials_url=trials)
+    trials_added = {trial_id: add(asha, trial_id) for trial_id in ("a", "late", "b")}
+    rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
+    assert rungs[20] == {"a": 0.9, "late": 0.1}
+    later = {"step": 30, metric: 0.95 * sign}  # however well it does next
+    assert asha.on_trial_result(None, trials_added["late"], later) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, trials_added["a"], later) == TrialScheduler.CONTINUE
