@@ -757,6 +757,20 @@ class TrainLoader:
         )
         return orders[self.group], min(len(o) for o in orders) // self.group_batch
 
+    @property
+    def _horizon(self) -> int:
+        """Images of the group's order read ahead of a step: a window's first steps need
+        nearly all its row groups, and reading them a window ahead spreads the reads over
+        the window before instead of a burst at its start."""
+        return self.window_images + (self.prefetch_batches + 2) * self.group_batch
+
+    def _epoch(self, epoch: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, the group's order's positions its steps use, the unit of each and its row
+        in the unit) of `epoch`."""
+        order, steps = self._order(epoch)
+        order = order[: steps * self.group_batch]
+        return steps, order, *self.index.units.of_rows(order)
+
     def _read_ahead(
         self,
         units: dict[int, Future],
@@ -772,10 +786,7 @@ class TrainLoader:
         its `JpegFiles`, read or being read) lacks; drops the oldest ones none of those needs
         beyond two windows' worth of images. `position` counts the group's samples of every
         epoch so far (for `_delete_dropped`)."""
-        # A window's first steps need nearly all its row groups: reading them a window
-        # ahead spreads the reads over the window before instead of a burst at its start.
-        horizon = self.window_images + (self.prefetch_batches + 2) * self.group_batch
-        needed = dict.fromkeys(unit_of[offset : offset + horizon].tolist())
+        needed = dict.fromkeys(unit_of[offset : offset + self._horizon].tolist())
         fresh = [u for u in needed if u not in units]
         for u in self.cache.spread(fresh) if self.cache else fresh:
             units[u] = io_pool.submit(self._read_unit, u)
@@ -895,13 +906,18 @@ class TrainLoader:
         else:
             pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
         io_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read")
+        coming = self._epoch(epoch)
         try:
             while True:
-                order, steps = self._order(epoch)
-                unit_of, row_in_unit = self.index.units.of_rows(order)  # once an epoch
+                steps, order, unit_of, row_in_unit = coming
+                coming, ahead = None, unit_of
                 while offset < steps * self.global_batch:
                     at = offset // self.global_batch * self.group_batch  # in the group's order
-                    self._read_ahead(units, unit_of, at, io_pool, dropped, position)
+                    if coming is None and at + self._horizon > len(unit_of):
+                        # the next epoch's first row groups, read ahead as any others
+                        coming = self._epoch(epoch + 1)
+                        ahead = np.concatenate([unit_of, coming[2]])
+                    self._read_ahead(units, ahead, at, io_pool, dropped, position)
                     position += self.group_batch
                     mine = np.arange(self.batch_size) + at + self.group_rank * self.batch_size
                     in_units = np.stack([unit_of[mine], row_in_unit[mine]], 1).tolist()
@@ -917,6 +933,7 @@ class TrainLoader:
                         crops, ready = wait()
                         yield Batch(crops, *step), ready
                 epoch, offset = epoch + 1, 0
+                coming = coming or self._epoch(epoch)
         finally:
             pool.shutdown(cancel_futures=True)
             io_pool.shutdown(cancel_futures=True)

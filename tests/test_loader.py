@@ -193,6 +193,28 @@ def test_read_groups_each_take_their_own_row_groups(dataset) -> None:
     )
 
 
+def test_the_next_epochs_row_groups_are_read_a_window_ahead(dataset, monkeypatch) -> None:
+    """Near an epoch's end the read-ahead runs on into the next epoch's order: its first
+    steps' row groups are not read in a burst when it starts."""
+    seen: list[tuple[int, list[int]]] = []  # (offset, the row groups read ahead of it)
+    real = TrainLoader._read_ahead
+
+    def spy(self, units, unit_of, offset, *args):
+        seen.append((offset, unit_of[offset : offset + self._horizon].tolist()))
+        return real(self, units, unit_of, offset, *args)
+
+    monkeypatch.setattr(TrainLoader, "_read_ahead", spy)
+    train = loader(dataset, 0, world_size=1, window_images=3, prefetch_batches=1)
+    steps = train.steps_in_epoch(0)
+    with contextlib.closing(iter(train)) as batches:
+        list(islice(batches, steps))
+    order = epoch_order(dataset, epoch=1, seed=7, window_images=3)
+    first = dataset.units.of_rows(order[:3])[0].tolist()  # the next epoch's first batch
+    last = seen[steps - 1]  # read ahead of epoch 0's last step
+    assert last[0] == (steps - 1) * 3 and len(last[1]) == train._horizon
+    assert set(first) <= set(last[1][3:])  # beyond the step itself
+
+
 def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch) -> None:
     """Four ranks in two read groups: each sample of an epoch once over all ranks, each rank's
     images from its own group's order at the place its global position says, and reads of
@@ -208,10 +230,11 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
         (int(s), dataset.jpeg_range(int(s), int(g))[0]): u
         for u, (s, g) in enumerate(zip(units.shard, units.group, strict=True))
     }
-    group_units = [  # epoch by epoch: the loaders read a step or two into the next epoch
-        [set(units.of_rows(o)[0].tolist()) for o in epoch_orders(
+    group_units = [  # epoch by epoch, the positions its steps use (its group's batches of 4):
+        # the loaders run a few steps ahead (epochs of 2 steps here), and read a window beyond
+        [set(units.of_rows(o[: steps * 4])[0].tolist()) for o in epoch_orders(
             dataset, epoch=e, seed=7, window_images=4, groups=2)]
-        for e in (0, 1)
+        for e in range(5)
     ]  # fmt: skip
     columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
     read: set[int] = set()  # units read
@@ -234,7 +257,7 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
                 rng = np.random.default_rng([7, 0, int(position)])
                 image = decode_3hw(columns[s][int(r)].as_py())
                 assert torch.equal(crop, random_crop_flip(image, 32, rng))
-        own = group_units[0][group] | group_units[1][group]
+        own = set().union(*(epoch[group] for epoch in group_units))
         assert group_units[0][group] <= read <= own
         resumed = next(iter(loader(dataset, rank, start_offset=8, **kw)))
         assert np.array_equal(resumed.positions, batches[1].positions)
