@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-exec .venv/bin/python -m jobs.train --preset smoke "$@"
+exec "${VENV:-.venv}/bin/python" -m jobs.train --preset smoke "$@"

@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled
-.venv/bin/ruff check colorcore jobs tests bench scripts
+VENV=${VENV:-.venv}  # as scripts/setup.sh made it
+"$VENV/bin/ruff" check colorcore jobs tests bench scripts
 selected=0
 for phase in "not subprocess" subprocess; do
   status=0
-  .venv/bin/pytest -m "$phase" "$@" || status=$?
+  "$VENV/bin/pytest" -m "$phase" "$@" || status=$?
   if [ "$status" -eq 5 ]; then continue; fi  # pytest's "no tests collected"
   [ "$status" -eq 0 ] || exit "$status"
   selected=1

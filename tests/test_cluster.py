@@ -173,7 +173,11 @@ def test_launcher_validation_rejects_a_misspelt_key() -> None:
 
 @pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
 def test_launcher_spot_types_fall_back_to_on_demand(path: Path) -> None:
-    types = prepared_launcher_config(path)["available_node_types"]
+    config = prepared_launcher_config(path)
+    # Only Ray's v2 autoscaler reads a type's priority and moves on after a failed launch.
+    assert any("RAY_enable_autoscaler_v2=1 ray start --head" in c
+               for c in config["head_start_ray_commands"])  # fmt: skip
+    types = config["available_node_types"]
     spot = {k: v for k, v in types.items() if "InstanceMarketOptions" in v["node_config"]}
     assert spot, "GPU work that can be interrupted runs on spot"
     for name, node in spot.items():
@@ -791,6 +795,7 @@ def literal_credentials(text: str) -> list[str]:
     """Credentials or random-looking tokens (hex, or mixed-case base64-like) written into a file."""
     found = [name for name, pattern in CREDENTIAL_PATTERNS.items() if re.search(pattern, text)]
     text = re.sub(r"sha256:[0-9a-f]{64}", "", text)  # image digests are not secrets
+    text = re.sub(r"\b[A-Za-z_]\w*=\w{1,7}(?!\w)", "", text)  # a setting: RAY_enable_x_v2=1
     for word in re.findall(r"[A-Za-z0-9+=_-]{24,}", text):
         classes = sum(bool(re.search(c, word)) for c in ("[a-z]", "[A-Z]", "[0-9]"))
         counts = [word.count(c) for c in set(word)]
@@ -818,6 +823,7 @@ def test_credential_scan_catches_keys_and_tokens() -> None:
     assert literal_credentials(f"auth_token: {base64_token}")
     assert literal_credentials("password: hunter2hunter2")
     assert literal_credentials("aws_secret_access_key: ${SECRET}") == []
+    assert literal_credentials("RAY_enable_autoscaler_v2=1 ray start --head") == []
 
 
 def test_applying_the_manifest_folder_leaves_the_secret_alone() -> None:
