@@ -269,16 +269,22 @@ def _bins() -> torch.Tensor:
     return torch.from_numpy(np.load(reference_path("pts_in_hull.npy"))).float()
 
 
-def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, s3_server) -> None:
+def _ci_evaluation(ci_run, output: str, **kw) -> evaluate.EvaluateConfig:
+    """The session's ci model measured on its validation scenes."""
     train_cfg, _ = ci_run
-    cfg = evaluate.EvaluateConfig(
+    return evaluate.EvaluateConfig(
         data=train_cfg.val_data,
         model=train_cfg.run_url,
         prior=train_cfg.prior_url,
-        output=s3_server.url("eval", "ci"),
+        output=output,
         eval_px=96,  # the synthetic scenes' own size
         batch_size=8,
+        **kw,
     )
+
+
+def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, s3_server) -> None:
+    cfg = _ci_evaluation(ci_run, s3_server.url("eval", "ci"))
     result = evaluate.main(cfg)
     table = {row["method"]: row for row in result["table"]}
 
@@ -338,16 +344,8 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
     from jobs import evaluate_parts
     from jobs.dataset import Manifest
 
-    train_cfg, _ = ci_run
-    cfg = evaluate.EvaluateConfig(
-        data=train_cfg.val_data,
-        model=train_cfg.run_url,
-        prior=train_cfg.prior_url,
-        output=s3_server.url("eval", "whole"),
-        eval_px=96,
-        batch_size=8,
-        precision="fp32",  # an image's figures do not depend on the batch it is measured in
-    )
+    # fp32: an image's figures do not depend on the batch it is measured in
+    cfg = _ci_evaluation(ci_run, s3_server.url("eval", "whole"), precision="fp32")
     whole = evaluate.main(cfg)
     fs, root = storage.arrow_filesystem(cfg.data)
     shard = Manifest.load(cfg.data).shards[0]
