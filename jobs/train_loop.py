@@ -152,75 +152,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # The loss is summed on the device and read when logged: no host sync in a step.
     window_start, window_images, window_loss = time.monotonic(), 0, torch.zeros((), device=device)
-    while step < cfg.max_steps:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = next(batches)
-        rgb_N3HW = batch.rgb_N3HW.to(device, non_blocking=True)
-        window_loss += train_step(model, optimizer, loss_of, rgb_N3HW, cfg.micro_batch)
-        step += 1
-        epoch, offset = (batch.epoch, batch.next_offset)
-        window_images += cfg.batch_size
+    try:
+        while step < cfg.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            rgb_N3HW = batch.rgb_N3HW.to(device, non_blocking=True)
+            window_loss += train_step(model, optimizer, loss_of, rgb_N3HW, cfg.micro_batch)
+            step += 1
+            epoch, offset = (batch.epoch, batch.next_offset)
+            window_images += cfg.batch_size
 
-        row: dict[str, float] = {}
-        # Rows at checkpoints too: a loss gone non-finite is caught before it is saved, and
-        # so are weights an update made non-finite since the loss was last measured.
-        checkpoint = step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps
-        if step % cfg.log_every_steps == 0 or checkpoint:
-            elapsed = time.monotonic() - window_start
-            row = {
-                "step": step,
-                "epoch": epoch,
-                "lr": lr,
-                "loss": _mean_over_ranks(
-                    window_loss.item() / max(1, window_images // cfg.batch_size), device
-                ),
-                "img_per_s": window_images / max(elapsed, 1e-9),
-            }
-            window_start, window_images = time.monotonic(), 0
-            window_loss = torch.zeros((), device=device)
-            broken = not math.isfinite(row["loss"]) or (checkpoint and _weights_broken(model))
-            if broken:  # the same on every rank: all stop here
-                if val_crops is not None:  # a search's objective must be in every report
-                    from jobs.validation import ValidationResult
+            row: dict[str, float] = {}
+            # Rows at checkpoints too: a loss gone non-finite is caught before it is saved, and
+            # so are weights an update made non-finite since the loss was last measured.
+            checkpoint = step % cfg.checkpoint_every_steps == 0 or step == cfg.max_steps
+            if step % cfg.log_every_steps == 0 or checkpoint:
+                elapsed = time.monotonic() - window_start
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "loss": _mean_over_ranks(
+                        window_loss.item() / max(1, window_images // cfg.batch_size), device
+                    ),
+                    "img_per_s": window_images / max(elapsed, 1e-9),
+                }
+                window_start, window_images = time.monotonic(), 0
+                window_loss = torch.zeros((), device=device)
+                broken = not math.isfinite(row["loss"]) or (checkpoint and _weights_broken(model))
+                if broken:  # the same on every rank: all stop here
+                    if val_crops is not None:  # a search's objective must be in every report
+                        from jobs.validation import ValidationResult
 
-                    row |= ValidationResult.worst().as_metrics()
-                _diverged(row, step, epoch, offset, history, rank, run_url, cfg.s3)
-                break
-        paused = time.monotonic()  # validation and checkpoints are not training time
-        if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
-            from jobs.validation import validate
+                        row |= ValidationResult.worst().as_metrics()
+                    _diverged(row, step, epoch, offset, history, rank, run_url, cfg.s3)
+                    break
+            paused = time.monotonic()  # validation and checkpoints are not training time
+            if val_crops is not None and (step % cfg.val_every_steps == 0 or step == cfg.max_steps):
+                from jobs.validation import validate
 
-            # The module, not DDP's wrapper: its forward syncs buffers across ranks, and a
-            # rank with fewer validation batches than another would wait for it forever.
-            # Synced here instead: every rank measures with rank 0's BatchNorm statistics,
-            # the checkpoint's (each rank's own moved on with its own last batch).
-            module = getattr(model, "module", model)
-            if world > 1:
-                for buffer in module.buffers():
-                    torch.distributed.broadcast(buffer, src=0)
-            result = validate(
-                module,
-                val_crops,
-                rebalance0_Q=rebalance0_Q,
-                k=cfg.soft_encode_k,
-                sigma=cfg.soft_encode_sigma,
-                autocast_dtype=precision.autocast_dtype,
-            )
-            row = {"step": step, **row, **result.as_metrics()}
-        if row:
-            history.append(row)
-            if rank == 0:
-                log.info(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        if checkpoint:
-            _report(
-                model, optimizer, cfg, run_url, histogram, step, epoch, offset, history, rank, world
-            )
-        window_start += time.monotonic() - paused
-    batches.close()  # its reads end before the folder they share goes
-    if cache is not None:
-        cache.close()
+                # The module, not DDP's wrapper: its forward syncs buffers across ranks, and a
+                # rank with fewer validation batches than another would wait for it forever.
+                # Synced here instead: every rank measures with rank 0's BatchNorm statistics,
+                # the checkpoint's (each rank's own moved on with its own last batch).
+                module = getattr(model, "module", model)
+                if world > 1:
+                    for buffer in module.buffers():
+                        torch.distributed.broadcast(buffer, src=0)
+                result = validate(
+                    module,
+                    val_crops,
+                    rebalance0_Q=rebalance0_Q,
+                    k=cfg.soft_encode_k,
+                    sigma=cfg.soft_encode_sigma,
+                    autocast_dtype=precision.autocast_dtype,
+                )
+                row = {"step": step, **row, **result.as_metrics()}
+            if row:
+                history.append(row)
+                if rank == 0:
+                    log.info(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            if checkpoint:
+                _report(model, optimizer, cfg, run_url, histogram, step, epoch, offset, history,
+                        rank, world)  # fmt: skip
+            window_start += time.monotonic() - paused
+    finally:  # an error in a step too: the reading threads and processes, and the cache
+        batches.close()  # its reads end before the folder they share goes
+        if cache is not None:
+            cache.close()
     if state and state["extra"]["step"] >= cfg.max_steps:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
