@@ -72,9 +72,14 @@ def test_precedence_preset_then_file_then_flags(tmp_path) -> None:
     assert parse("--preset", "fast") == DemoConfig(lr=1e-3, model=InnerConfig(width=0.25))
     path = tmp_path / "c.yaml"
     path.write_text("lr: 0.5\nmodel:\n  frozen: false\n")
-    cfg = parse("--preset", "fast", "--config", str(path), "--model.width", "2")
-    # the file overrides the preset's lr but keeps its width; the flag wins over both
-    assert cfg == DemoConfig(lr=0.5, model=InnerConfig(width=2.0, frozen=False))
+    # the file's nested keys go into the preset's nested config (its width kept)
+    merged = parse("--preset", "fast", "--config", str(path))
+    assert merged == DemoConfig(lr=0.5, model=InnerConfig(width=0.25, frozen=False))
+    cfg = parse("--preset", "fast", "--config", str(path), "--model.width", "2", "--lr", "0.7")
+    # and the flags win over both, whatever their place on the command line
+    assert cfg == DemoConfig(lr=0.7, model=InnerConfig(width=2.0, frozen=False))
+    first = parse("--lr", "0.7", "--preset", "fast", "--config", str(path))
+    assert first.lr == 0.7
 
 
 def test_saved_config_round_trips_through_config_flag(tmp_path) -> None:

@@ -213,7 +213,12 @@ def test_rebalance_weights_validate_their_inputs() -> None:
 def test_histogram_to_weights_pipeline() -> None:
     histogram = prior.AbHistogram().update(_random_ab(2, 2, 16, 16, seed=4))
     smoothed_Q = histogram.smoothed_probabilities()
-    assert_close(smoothed_Q, prior.smooth(histogram.probabilities(), prior.PRIOR_SMOOTHING_SIGMA))
+    p_Q = histogram.probabilities().numpy()
+    assert_close(smoothed_Q, torch.from_numpy(_direct_smooth(p_Q, 5.0)), rtol=1e-12, atol=0)
+    # a histogram's own sigma, not the default
+    narrow = prior.AbHistogram(histogram.counts_Q, smoothing_sigma=2.0).smoothed_probabilities()
+    assert_close(narrow, torch.from_numpy(_direct_smooth(p_Q, 2.0)), rtol=1e-12, atol=0)
+    assert not torch.allclose(narrow, smoothed_Q)
     w_Q = prior.rebalance_weights(smoothed_Q, lam=prior.REBALANCE_LAMBDA)
     assert bool(torch.isfinite(w_Q).all()) and bool((w_Q > 0).all())
     assert_close((smoothed_Q * w_Q).sum(), torch.tensor(1.0, dtype=torch.float64))

@@ -6,6 +6,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,14 +124,43 @@ def test_keep_freed_memory_keeps_batch_sized_blocks_and_returns_larger_ones() ->
         runtime.keep_freed_memory(1 << 31)
 
 
-def test_seed_everything_is_reproducible() -> None:
-    runtime.seed_everything(3)
-    a = torch.rand(4)
+def test_seed_everything_seeds_python_numpy_and_torch_with_the_seed() -> None:
+    import random
+
     g = runtime.seed_everything(3)
-    assert torch.equal(a, torch.rand(4))
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(3)))
+    assert random.random() == random.Random(3).random()
+    assert np.random.rand() == np.random.RandomState(3).rand()
     assert torch.equal(
         torch.rand(2, generator=g), torch.rand(2, generator=torch.Generator().manual_seed(3))
     )
+    runtime.seed_everything(4)
+    assert random.random() != random.Random(3).random()
+
+
+def test_gpus_are_left_to_a_cluster_to_start(monkeypatch) -> None:
+    """Joining a cluster (which may start GPU nodes on demand), or needing none: no check."""
+    import ray
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (the session's Ray aside)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="needs 8 GPU"):
+        runtime.check_gpus(8, "x")
+    runtime.check_gpus(0, "x")
+    runtime.check_gpus(8, "x", address="ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    runtime.check_gpus(8, "x")
+
+
+def test_cpu_units_are_read_from_the_cpus_flags(monkeypatch) -> None:
+    cases = [({"amx_bf16"}, True, False), ({"avx512_bf16", "avx_vnni"}, True, True),
+             ({"avx512_vnni"}, False, True), (set(), False, False)]  # fmt: skip
+    for flags, bf16, int8 in cases:
+        monkeypatch.setattr(runtime, "_cpu_flags", lambda flags=flags: flags)
+        assert (runtime.cpu_has_bf16_units(), runtime.cpu_has_int8_units()) == (bf16, int8)
+        dtype = runtime.choose_precision("cpu").autocast_dtype
+        assert dtype == (torch.bfloat16 if bf16 else None)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,9 @@ def test_a_failing_tracker_warns_without_its_password_and_never_raises(
         tracker.after_report(None, [{"step": 20}], None)
     assert "retrying at the next report" in caplog.text
     assert "s3cret-pw" not in caplog.text and "colorcore:***@" in caplog.text
+    tracker.sinks[0].tracking_uri = store  # back: the rows it missed are sent now
+    tracker.after_report(None, [{"step": 20}], None)
+    assert history(store)[0] == [10, 20]
     (run_url / "metrics.csv").write_bytes(b"not,a\ntable")  # a table that does not read
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
