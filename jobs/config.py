@@ -24,6 +24,7 @@ import functools
 import inspect
 import itertools
 import json
+import re
 import sys
 import textwrap
 import types
@@ -35,6 +36,10 @@ import yaml
 
 C = TypeVar("C")
 Presets = Mapping[str, Callable[[], Any]]
+
+
+POSITIONAL_PREFIX = "positional:"  # a positional's own name in the parsed namespace
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -106,6 +111,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-4 (no dot) as text
     if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
@@ -145,7 +152,10 @@ def load_config_file(url: str, s3: Any = None) -> dict[str, Any]:
     from jobs import storage  # storage imports fsspec; keep `--help` light
 
     text = storage.read_bytes(url, s3).decode()
-    data = json.loads(text) if url.endswith(".json") else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if url.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{url} does not parse: {error}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{url}: a config file must hold a mapping, got {type(data).__name__}")
     return dict(data)
@@ -274,8 +284,11 @@ def build_parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     docs = field_docs(cls)
-    for name in positionals:
-        parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=docs.get(name))
+    for name in positionals:  # beside its --flag, apart: given both ways, they must agree
+        parser.add_argument(
+            POSITIONAL_PREFIX + name, metavar=name.upper(), nargs="?",
+            default=argparse.SUPPRESS, help=docs.get(name),
+        )  # fmt: skip
     if presets:
         lines = [f"{n}: {_first_paragraph(fn)}" for n, fn in presets.items()]
         parser.add_argument(
@@ -303,6 +316,15 @@ def parse_config(
     parser = build_parser(cls, presets=presets, positionals=positionals, prog=prog)
     ns = parser.parse_args(argv)
     flat = {k: v for k, v in vars(ns).items() if k not in ("preset", "config", "dry_run")}
+    for name in positionals:
+        if (given := flat.pop(POSITIONAL_PREFIX + name, None)) is None:
+            continue
+        if name in flat and flat[name] != given:  # a stray word, as after a flag taking none
+            parser.error(
+                f"{name.upper()} given twice: {given!r}, and {flat[name]!r} by "
+                f"--{name.replace('_', '-')}"
+            )
+        flat[name] = given
     try:
         preset = getattr(ns, "preset", None) or default_preset
         base = presets[preset]() if presets and preset else None

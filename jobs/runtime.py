@@ -187,8 +187,8 @@ def choose_precision(device: str = "auto", dtype: str = "auto") -> Precision:
             hint += f"; CUDA_VISIBLE_DEVICES={visible!r}"
         raise ValueError(f"device 'cuda' requested but torch sees no CUDA device: {hint}")
     if dtype == "auto":
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            dtype, why = "bf16", "the GPU supports bf16"
+        if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0):
+            dtype, why = "bf16", "the GPU has bf16 tensor cores"  # Ampere on; earlier: emulated
         elif dev.type == "cpu" and cpu_has_bf16_units():
             dtype, why = "bf16", "the CPU has bf16 matrix units (AMX / AVX-512 BF16)"
         else:

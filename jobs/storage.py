@@ -82,12 +82,11 @@ def _check_endpoint(endpoint: str, where: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """`url` for a message: anything before an ``@`` in its authority (a user and
-    password) replaced by ``***``."""
+    """`url` for a message: everything before the last ``@`` after its scheme (a user and
+    a password, which may itself hold ``/`` or ``@``) replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
     return url
 
 
@@ -118,7 +117,8 @@ def split_url(url: str) -> tuple[str, str]:
         return protocol, f"{bucket}/{key.lstrip('/')}".rstrip("/")
     parsed = urlparse(url)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive
-        path = parsed.path if parsed.scheme == "file" else url
+        # file:/x: the rest whole, as above (urlparse would take #... and ?... off it)
+        path = url[len("file:") :] if parsed.scheme == "file" else url
         return "file", os.path.abspath(os.path.expanduser(path))
     raise ValueError(
         f"unsupported storage URL {_redacted(url)!r}: use a local path, s3:// or gs://"
@@ -423,19 +423,35 @@ def _delete_s3_objects(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> N
     for bucket, keys in by_bucket.items():
         for start in range(0, len(keys), 1000):
             objects = [{"Key": k} for k in keys[start : start + 1000]]
-            request = {"Bucket": bucket, "Delete": {"Objects": objects, "Quiet": True}}
-            response = with_retries(
-                lambda request=request: fs.call_s3("delete_objects", **request),
+            with_retries(
+                functools.partial(_delete_s3_batch, fs, bucket, objects),
                 what=f"delete {len(objects)} objects in s3://{bucket}",
             )
-            failed = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
-            if failed:
-                first = failed[0]
-                raise PermissionError(
-                    f"{len(failed)} of {len(objects)} objects in s3://{bucket} not deleted, "
-                    f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
-                )
     fs.invalidate_cache()  # listings s3fs keeps would still show the keys
+
+
+RETRYABLE_S3_CODES = frozenset(
+    {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"}
+)  # a DeleteObjects key's error that S3 asks to send again
+
+
+def _delete_s3_batch(fs: fsspec.AbstractFileSystem, bucket: str, objects: list[dict]) -> None:
+    """One DeleteObjects request; keys S3 could not delete fail it: for good (PermissionError)
+    unless S3 says to try again (an OSError, which `with_retries` retries). A key already
+    gone is no failure."""
+    request = {"Bucket": bucket, "Delete": {"Objects": objects, "Quiet": True}}
+    response = fs.call_s3("delete_objects", **request)
+    failed = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+    if not failed:
+        return
+    first = failed[0]
+    message = (
+        f"{len(failed)} of {len(objects)} objects in s3://{bucket} not deleted, "
+        f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message', '')}"
+    )
+    if all(e.get("Code") in RETRYABLE_S3_CODES for e in failed):
+        raise OSError(errno.EAGAIN, message)
+    raise PermissionError(message)
 
 
 def exists(url: str, s3: S3Options | None = None) -> bool:

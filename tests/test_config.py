@@ -120,6 +120,8 @@ def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
         ("decode: median\n", "decode: "),  # not one of the Literal's values
         ("lr: null\n", "lr: expected float"),  # null only where a field is optional
         ("limit: true\n", "limit: expected int"),  # a bool is not an int
+        ("lr: [1\n", "bad.yaml does not parse"),
+        ("lr: 1e-3x\n", "lr: expected float"),
     ],
 )
 def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
@@ -128,6 +130,19 @@ def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
     with pytest.raises(SystemExit):
         parse("--config", str(path))
     assert message in capsys.readouterr().err
+
+
+def test_a_positional_given_as_a_flag_too_must_agree(capsys) -> None:
+    assert parse("a").src == parse("--src", "a").src == parse("a", "--src", "a").src == "a"
+    with pytest.raises(SystemExit):  # a stray word, as after a flag that takes none
+        parse("--src", "images/", "--no-model.frozen", "no")
+    assert "SRC given twice: 'no', and 'images/' by --src" in capsys.readouterr().err
+
+
+def test_numbers_yaml_reads_as_text_are_numbers(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-4\nlr_drop_steps: [5, 7]\n")  # YAML 1.1: 3e-4 is a string
+    assert parse("--config", str(path)).lr == 3e-4
 
 
 def test_missing_config_file_is_a_usage_error(tmp_path, capsys) -> None:

@@ -220,11 +220,15 @@ def test_keys_s3_would_not_delete_fail_the_removal(s3_server, monkeypatch) -> No
     replies = iter([
         {"Errors": [{"Key": "refused/k.bin", "Code": "AccessDenied", "Message": "no"}]},
         {"Errors": [{"Key": "refused/k.bin", "Code": "NoSuchKey"}]},  # gone already: fine
+        {"Errors": [{"Key": "refused/k.bin", "Code": "SlowDown"}]},  # sent again, then done
+        {},
     ])  # fmt: skip
     monkeypatch.setattr(fs, "call_s3", lambda method, **request: next(replies))
     with pytest.raises(PermissionError, match=r"1 of 1 objects .* AccessDenied no"):
         storage.remove([url])
     storage.remove([url])
+    storage.remove([url])
+    assert next(replies, "all taken") == "all taken"
 
 
 def test_a_local_write_that_fails_half_way_leaves_the_old_file(tmp_path, monkeypatch) -> None:
@@ -274,6 +278,7 @@ def test_split_url_forms(tmp_path) -> None:
     assert storage.split_url("S3://b/k") == ("s3", "b/k")
     assert storage.split_url(f"file://{tmp_path}/p #3.png") == ("file", f"{tmp_path}/p #3.png")
     assert storage.split_url(f"file://{tmp_path}/x") == ("file", f"{tmp_path}/x")
+    assert storage.split_url(f"file:{tmp_path}/run #2?v=1") == ("file", f"{tmp_path}/run #2?v=1")
     assert storage.split_url("rel/x") == ("file", os.path.join(os.getcwd(), "rel/x"))
     with pytest.raises(ValueError, match="unsupported storage URL"):
         storage.split_url("ftp://host/x")
@@ -290,7 +295,12 @@ def test_credentials_in_urls_are_refused_without_echoing_them(monkeypatch) -> No
         with pytest.raises(ValueError, match="must not carry credentials") as refused:
             storage.split_url(url)
         assert secret not in str(refused.value)
-    for url in (f"https://user:{secret}@host/x", f"file://user:{secret}@host/x"):
+    for url in (
+        f"https://user:{secret}@host/x",
+        f"file://user:{secret}@host/x",
+        f"https://user:wJal/{secret}@host/x",
+        f"file://user:a/{secret}@host/x",
+    ):
         with pytest.raises(ValueError) as refused:
             storage.split_url(url)
         assert secret not in str(refused.value)
