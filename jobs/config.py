@@ -229,6 +229,8 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             kwargs.update(nargs="*", type=args[0], metavar=args[0].__name__.upper())
+            if optional:  # `--lr-range none` clears it
+                kwargs.update(type=_none_or(args[0]), action=_TupleOrNone)
         elif origin is typing.Literal:
             kwargs.update(choices=args + ((None,) if optional else ()), type=_none_or(str))
         elif tp in (int, float, str):
@@ -236,6 +238,13 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "
         else:  # mappings and other structured values come from --config files only
             continue
         parser.add_argument(_flag(path), **kwargs)
+
+
+class _TupleOrNone(argparse.Action):
+    """The values of an optional tuple's flag: ``none`` alone is None."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, None if values == [None] else values)
 
 
 def _with_default(doc: str | None, f: dataclasses.Field) -> str:

@@ -29,6 +29,7 @@ class DemoConfig:
     """Steps at which the learning rate drops."""
     decode: Literal["mode", "mean"] = "mean"
     limit: int | None = None
+    bounds: tuple[float, float] | None = (0.0, 1.0)
     model: InnerConfig = field(default_factory=InnerConfig)
     s3: S3Options = field(default_factory=S3Options)
 
@@ -130,6 +131,12 @@ def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
     with pytest.raises(SystemExit):
         parse("--config", str(path))
     assert message in capsys.readouterr().err
+
+
+def test_an_optional_tuple_is_cleared_by_none() -> None:
+    assert parse("--bounds", "none").bounds is None
+    assert parse("--bounds", "0.5", "2").bounds == (0.5, 2.0)
+    assert parse().bounds == (0.0, 1.0)
 
 
 def test_a_positional_given_as_a_flag_too_must_agree(capsys) -> None:
