@@ -40,15 +40,14 @@ import hashlib
 import logging
 import mmap
 import os
-import re
 import resource
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from jobs import storage
 from jobs.loader import JpegFiles
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ class NodeCache:
         if shutil.disk_usage(self.folder).free - files.nbytes < self._floor:
             self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
             return False
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"  # TEMPORARY
+        tmp = storage.temporary_beside(path)
         try:
             with open(tmp, "wb") as f:
                 files.save(f)
@@ -286,14 +285,11 @@ def _join(folder: str) -> int:
         os.close(fd)  # locked a users file a sweep had deleted: join the folder made anew
 
 
-TEMPORARY = re.compile(r"\.tmp-(\d+)-\d+$")  # a file being saved: `.tmp-<pid>-<thread>`
-
-
 def _remove_dead_writers(folder: str) -> None:
     """Deletes the files that workers killed while saving left (a restarted run keeps its
     folder): they would hold the space the cache keeps free for as long as the run lives."""
     for name in os.listdir(folder):
-        if (match := TEMPORARY.search(name)) and not _alive(int(match[1])):
+        if (match := storage.STALE_TEMPORARY.search(name)) and not _alive(int(match[1])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, name))
 

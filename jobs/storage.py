@@ -277,7 +277,7 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
     """Write a whole object; readers see the old or the new content, never a partial file."""
     fs, path = filesystem(url, s3)
     if is_local(url):
-        tmp = _temporary_beside(path)
+        tmp = temporary_beside(path)
         try:
             fs.pipe_file(tmp, data)
             os.replace(tmp, path)
@@ -289,12 +289,13 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
 
-def _temporary_beside(path: str) -> str:
-    """A local file's temporary name while it is written (`STALE_TEMPORARY`)."""
+def temporary_beside(path: str) -> str:
+    """A local file's temporary name while it is written (`STALE_TEMPORARY`), its writer's
+    process id in it."""
     return f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
 
 
-STALE_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]+$")  # the names of _temporary_beside
+STALE_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")  # temporary_beside's: group 1 the pid
 
 
 def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
@@ -338,7 +339,7 @@ def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
 
 
 def _create_local(fs, path: str, data: bytes) -> bool:
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     try:
         fs.pipe_file(tmp, data)
         os.link(tmp, path)
