@@ -26,6 +26,7 @@ the consumers smooth with; see `colorcore.prior.AbHistogram`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -120,6 +121,13 @@ class Manifest:
                 f"manifest does not reconcile: {self.num_inputs} inputs != "
                 f"{self.num_rows} rows + {self.num_errors} errors"
             )
+
+    @property
+    def shards_sha256(self) -> str:
+        """SHA-256 of the shards by name, size and checksum: the same wherever the dataset
+        has moved, another once any shard changed."""
+        listed = [[s.name, s.num_rows, s.sha256] for s in self.shards]
+        return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

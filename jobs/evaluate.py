@@ -722,8 +722,7 @@ class Evaluator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = evaluate_batch(batch, self.ctx)
-        lasting = np.array([_lasting(reason) for reason in out["reason"]], dtype=bool)
-        kept = {name: column[lasting] for name, column in out.items()}
+        kept = _rows_where(out, [_lasting(reason) for reason in out["reason"]])
         evaluate_parts.write_part(self.ctx.cfg.output, kept, self.ctx.cfg.s3)  # for `main`
         return out
 
@@ -873,8 +872,7 @@ def _keep_listed(
     its own class list, which need not be the classifier's. A split without labels (None)
     keeps the dataset's."""
     stems = [_key_name(k) for k in batch["key"]]
-    keep = np.array([stem in split_labels for stem in stems], dtype=bool)
-    out = {k: v[keep] for k, v in batch.items()}
+    out = _rows_where(batch, [stem in split_labels for stem in stems])
     labels = [split_labels[s] for s in stems if s in split_labels]
     out["label"] = np.array(
         [own if label is None else label for label, own in zip(labels, out["label"], strict=True)],
@@ -922,8 +920,13 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan, measured: frozenset[str]
 
 
 def _unmeasured(batch: dict[str, np.ndarray], measured: frozenset[str]) -> dict[str, np.ndarray]:
-    keep = np.array([key not in measured for key in batch["key"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+    return _rows_where(batch, [key not in measured for key in batch["key"]])
+
+
+def _rows_where(batch: Mapping[str, np.ndarray], keep: Sequence[bool]) -> dict[str, np.ndarray]:
+    """The batch's rows whose `keep` is true (one a row)."""
+    mask = np.asarray(keep, dtype=bool)
+    return {name: column[mask] for name, column in batch.items()}
 
 
 # ---------------------------------------------------------------- the prior
@@ -1331,7 +1334,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
     if cfg.classifier:
         load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
-    earlier = evaluate_parts.resume(cfg.output, _record(cfg, model_info, rebalance0_Q), cfg.s3)
+    record = _record(cfg, plan, model_info, rebalance0_Q)
+    earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
     init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
 
     inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
@@ -1342,7 +1346,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             # A batch measured twice (its actor died after keeping it) counts once; a file
             # no longer found in the folder not at all.
             keep = [k not in measured and (inputs is None or k in inputs) for k in batch["key"]]
-            batch = {name: column[np.array(keep, dtype=bool)] for name, column in batch.items()}
+            batch = _rows_where(batch, keep)
             measured.update(batch["key"])
             yield batch
         if measured:
@@ -1375,7 +1379,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _record(
-    cfg: EvaluateConfig, model_info: Mapping[str, Any], rebalance0_Q: torch.Tensor
+    cfg: EvaluateConfig, plan: InputPlan, model_info: Mapping[str, Any], rebalance0_Q: torch.Tensor
 ) -> dict[str, Any]:
     """What decides an image's figures: the measurements an earlier run kept are taken only
     where it is the same (`jobs.evaluate_parts`). The model and the prior by their content,
@@ -1392,9 +1396,8 @@ def _record(
     if cfg.split:
         split = storage.read_bytes(cfg.split, cfg.s3)
         record["split_sha256"] = hashlib.sha256(split).hexdigest()
-    if storage.exists(storage.join(cfg.data, "manifest.json"), cfg.s3):  # its shards, as made
-        shards = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(cfg.data, cfg.s3).shards]
-        record["data_shards_sha256"] = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    if plan.files is None:  # a prepared dataset: its shards, as made
+        record["data_shards_sha256"] = Manifest.load(cfg.data, cfg.s3).shards_sha256
     return record
 
 

@@ -511,14 +511,11 @@ def input_digests(cfg: TrainConfig, *, validation: bool = False) -> dict[str, st
     checksum: wherever they have moved), and with `validation` of the validation data's."""
     from jobs.dataset import Manifest
 
-    def shards(url: str) -> str:
-        listed = [[s.name, s.num_rows, s.sha256] for s in Manifest.load(url, cfg.s3).shards]
-        return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
-
     prior = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
-    digests = {"prior_sha256": prior, "data_shards_sha256": shards(cfg.data)}
+    digests = {"prior_sha256": prior}
+    digests["data_shards_sha256"] = Manifest.load(cfg.data, cfg.s3).shards_sha256
     if validation and cfg.val_data:
-        digests["val_shards_sha256"] = shards(cfg.val_data)
+        digests["val_shards_sha256"] = Manifest.load(cfg.val_data, cfg.s3).shards_sha256
     return digests
 
 

@@ -360,7 +360,7 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
         """What a run stopped after its first batch leaves: its record, and that batch as an
         actor kept it, twice (an actor that died once it was kept, and the batch's retry)."""
         arguments, info = evaluate.evaluator_arguments(stopped, load_model(cfg.model), rebalance0_Q)
-        record = evaluate._record(stopped, info, rebalance0_Q)
+        record = evaluate._record(stopped, evaluate.plan_inputs(stopped), info, rebalance0_Q)
         assert evaluate_parts.resume(stopped.output, record, stopped.s3) == []
         for _ in range(2):
             evaluate.Evaluator(**arguments)(first)
@@ -384,7 +384,8 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
     # Kept by an evaluation at another temperature: not taken.
     stopped_run(dataclasses.replace(resumed_cfg, temperature=0.5))
     _, info = evaluate.evaluator_arguments(resumed_cfg, load_model(cfg.model), rebalance0_Q)
-    record = evaluate._record(resumed_cfg, info, rebalance0_Q)
+    plan = evaluate.plan_inputs(resumed_cfg)
+    record = evaluate._record(resumed_cfg, plan, info, rebalance0_Q)
     assert evaluate_parts.resume(resumed_cfg.output, record, resumed_cfg.s3) == []
     assert "of another evaluation (other temperature): measuring anew" in capsys.readouterr().out
     assert storage.list_files(evaluate_parts.folder(resumed_cfg.output)) == [
