@@ -424,7 +424,7 @@ def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
     """A name the output of the input at `rel` may get that is another input's: `rel` with
     the format's suffix appended where it has not got it (`a.gif` -> `a.gif.png`). Its format
     is the chosen one, or TIFF for pages, or PNG for a picture with alpha where JPEG was
-    chosen; kept formats follow a known suffix, else they may be any."""
+    chosen; a kept format may be any, whatever the suffix says (it is read from the bytes)."""
     if choice == "keep":  # read from the bytes, whatever the name says (a PNG named .jpg)
         formats = list(SUFFIXES)
     else:

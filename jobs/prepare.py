@@ -496,11 +496,9 @@ def main(cfg: PrepareConfig) -> Manifest:
 def _check_a_node_holds(memory: int, cfg: PrepareConfig) -> None:
     """Fails when no node of the Ray instance holds one conversion task: Ray would wait for
     one for ever."""
-    import ray
+    from jobs.runtime import alive_node_resources, workers_fit
 
-    from jobs.runtime import workers_fit
-
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    nodes = alive_node_resources()
     if not workers_fit({"CPU": cfg.cpus_per_task, "memory": memory}, nodes):
         have = max((n.get("memory", 0) for n in nodes), default=0)
         raise ValueError(

@@ -98,6 +98,13 @@ def workers_fit(worker: Mapping[str, float], nodes: Sequence[Mapping[str, float]
     return sum(min(units(n.get(k, 0)) // units(v) for k, v in worker.items()) for n in nodes)
 
 
+def alive_node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the Ray instance joined (`workers_fit`'s nodes)."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
 def describe_nodes(nodes: Sequence[Mapping[str, float]]) -> str:
     """The nodes' CPUs and GPUs, for messages: ``4 CPUs, 0 GPUs, 8 CPUs, 1 GPUs``."""
     return ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)

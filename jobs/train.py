@@ -531,11 +531,9 @@ def check_workers_fit(cfg: TrainConfig) -> None:
     """Fails when the nodes of the Ray instance cannot hold the run's workers, each on one
     node. For an instance with no autoscaler (the one a job starts when it joins no
     cluster): the trainer would wait for them forever. A cluster may start nodes for them."""
-    import ray
+    from jobs.runtime import alive_node_resources, describe_nodes, workers_fit
 
-    from jobs.runtime import describe_nodes, workers_fit
-
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    nodes = alive_node_resources()
     fits = workers_fit(cfg.worker_needs, nodes)
     if fits < cfg.num_workers:
         raise ValueError(

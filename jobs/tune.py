@@ -47,7 +47,7 @@ from typing import Any, Literal
 from jobs import storage, train
 from jobs.config import ConfigError, from_dict, presets_of, run_name_problem, save_config, to_dict
 from jobs.plots import figure_png, pyplot
-from jobs.runtime import describe_nodes, workers_fit
+from jobs.runtime import alive_node_resources, describe_nodes, workers_fit
 from jobs.train import TrainConfig
 
 TUNE_STATE_PREFIX = "experiment_state-"  # Tune's saved search state: <prefix><session>.json
@@ -436,10 +436,7 @@ def _run_state(experiment: str, fs) -> str | None:
 
 
 def _concurrency(search: SearchConfig) -> int:
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return min(trial_slots(search, nodes), search.max_concurrent or math.inf)
+    return min(trial_slots(search, alive_node_resources()), search.max_concurrent or math.inf)
 
 
 def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
