@@ -105,9 +105,11 @@ def resume(output: str, record: dict[str, Any], s3: storage.S3Options) -> list[s
 
 def read_parts(urls: list[str], s3: storage.S3Options) -> Iterator[dict[str, np.ndarray]]:
     """Each part's batch; one that does not load (written by another version) is passed
-    over, with a warning, and its inputs are measured again."""
-    for url in urls:
-        data = storage.read_bytes(url, s3)
+    over, with a warning, and its inputs are measured again. Read a few at once, in order
+    (`storage.read_each`); storage that cannot be read raises."""
+    for url, data in zip(urls, storage.read_each(urls, s3), strict=True):
+        if isinstance(data, Exception):
+            raise data
         try:
             yield unpack(data)
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as error:
