@@ -153,12 +153,46 @@ def load_config_file(url: str, s3: Any = None) -> dict[str, Any]:
 
     text = storage.read_bytes(url, s3).decode()
     try:
-        data = json.loads(text) if url.endswith(".json") else yaml.safe_load(text)
+        if url.endswith(".json"):
+            data = json.loads(text, object_pairs_hook=_json_mapping)
+        else:
+            data = yaml.load(text, Loader=_SafeLoaderOfUniqueKeys)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{url} does not parse: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{url}: {error}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{url}: a config file must hold a mapping, got {type(data).__name__}")
     return dict(data)
+
+
+def _json_mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (JSON would keep the last one silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ConfigError(f"key {key!r} is given twice")
+        data[key] = value
+    return data
+
+
+class _SafeLoaderOfUniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML says a mapping's
+    keys are unique; PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: the keys written beside it replace the base's
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # refused as a key by the safe loader itself
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"key {key!r} is given twice (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(cfg: Any, url: str, s3: Any = None) -> None:

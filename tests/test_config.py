@@ -123,6 +123,8 @@ def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
         ("limit: true\n", "limit: expected int"),  # a bool is not an int
         ("lr: [1\n", "bad.yaml does not parse"),
         ("lr: 1e-3x\n", "lr: expected float"),
+        ("lr: 1\nlr: 2\n", "bad.yaml: key 'lr' is given twice (line 2)"),
+        ("model:\n  width: 1\n  width: 2\n", "key 'width' is given twice (line 3)"),
     ],
 )
 def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
@@ -131,6 +133,24 @@ def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
     with pytest.raises(SystemExit):
         parse("--config", str(path))
     assert message in capsys.readouterr().err
+
+
+def test_a_json_key_given_twice_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('{"lr": 0.1, "model": {"width": 1, "width": 2}}')
+    with pytest.raises(SystemExit):
+        parse("--config", str(path))
+    assert "c.json: key 'width' is given twice" in capsys.readouterr().err
+
+
+def test_a_yaml_merge_key_is_not_a_key_given_twice(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &base {lr: 0.5}\n<<: *base\nlr: 0.25\n")
+    with pytest.raises(SystemExit):  # `base` is no field: the merge itself was read
+        parse("--config", str(path))
+    path.write_text("<<: {lr: 0.5, lr_drop_steps: [3]}\nlr: 0.25\n")
+    cfg = parse("--config", str(path))
+    assert cfg.lr == 0.25 and cfg.lr_drop_steps == (3,)
 
 
 def test_an_optional_tuple_is_cleared_by_none() -> None:
