@@ -42,6 +42,11 @@ _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 READ_EACH_MAX_BYTES = 256 * 2**20  # bytes `read_each` holds read ahead at most
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)  # fmt: skip
+# A request the store refuses as it is: s3fs raises S3's InvalidRange, InvalidArgument,
+# InvalidBucketName, a bare 400 and the like as OSError(EINVAL); an object or name too large
+# as EMSGSIZE or ENAMETOOLONG; the same request fails again.
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.EPERM,
+                               errno.EACCES, errno.EROFS})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +188,8 @@ def is_transient(error: BaseException) -> bool:
     """Whether an I/O error may pass if the call is made again (not a missing file, nor a
     refusal)."""
     kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
+    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+        return False
     return isinstance(error, kinds) and not isinstance(error, _PERMANENT)
 
 

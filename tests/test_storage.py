@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -188,10 +189,9 @@ def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
     urls = [storage.join(root_url, "r", f"{i:04d}.bin") for i in range(1203)]  # > one request
     urls += [storage.join(root_url, "r[1]", "x*.bin"), storage.join(root_url, "r1", "xy.bin")]
-    for url in urls:
-        storage.write_bytes(url, b"x")
-    assert storage.list_files(root_url) == sorted(urls)
     fs, root = storage.filesystem(root_url)
+    fs.pipe({storage.filesystem(url)[1]: b"x" for url in urls})  # in one call: many at once
+    assert storage.list_files(root_url) == sorted(urls)
     fs.find(root)  # s3fs now holds the listings in its cache
     deletes: list[int] = []
     if hasattr(fs, "call_s3"):  # S3's DeleteObjects takes 1,000 keys (moto takes more)
@@ -356,3 +356,17 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
     with pytest.raises(TimeoutError):
         storage.with_retries(always_down, what="down", attempts=4, base_delay_s=0.001)
     assert len(calls) == 4
+
+
+def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> None:
+    """S3 answers a range past an object's end with InvalidRange (s3fs: OSError EINVAL): a
+    refusal of the request, raised at once rather than after a round of back-off."""
+    url = f"s3://{s3_server.bucket}/range/short.bin"
+    storage.write_bytes(url, b"0123456789")
+    pauses = []
+    monkeypatch.setattr(storage.time, "sleep", pauses.append)
+    with pytest.raises(OSError) as refused:
+        storage.read_range(url, 100, 5)
+    assert refused.value.errno == errno.EINVAL and pauses == []
+    assert not storage.is_transient(OSError(errno.EMSGSIZE, "EntityTooLarge"))
+    assert storage.is_transient(OSError(errno.EIO, "InternalError"))  # still asked again
