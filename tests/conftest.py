@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from jobs.runtime import LOCAL_RAY_ENV
 from tests.support import reference_path, write_image_tree
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+for _name, _value in LOCAL_RAY_ENV.items():  # as a job's own local instance has them
+    os.environ.setdefault(_name, _value)
 
 TEST_BUCKET = "colorcore-test"
 
