@@ -321,6 +321,11 @@ def load_classifier(name: str, weights_url: str | None, s3: S3Options | None = N
     """A built-in classifier by name, or ``package.module:function`` called with the weights'
     bytes (or None) and returning a `Classifier`."""
     weights = storage.read_bytes(weights_url, s3) if weights_url else None
+    return classifier_from(name, weights)
+
+
+def classifier_from(name: str, weights: bytes | None) -> Classifier:
+    """`load_classifier` of weights read already."""
     if name in CLASSIFIERS:
         return CLASSIFIERS[name](weights)
     module_name, _, attr = name.partition(":")
@@ -783,15 +788,57 @@ def resolve_split(
             missing[path] = None
         elif url not in seen:
             seen.add(url)
-            found.append({"key": path.rsplit(".", 1)[0], "label": label, "url": url})
+            found.append({"key": path, "label": label, "url": url})  # a.jpg and a.png apart
     return found, list(missing)
+
+
+def _listed_keys(
+    entries: Sequence[tuple[str, int]], keys: Sequence[str], data: str
+) -> tuple[dict[str, int | None], list[str]]:
+    """(dataset key -> the split's label, listed paths no key answers) for a split's lines
+    over a prepared dataset's keys. A line names the key of its file name (`_stem`); where
+    several keys have that name, the one sharing the most folders with the line (counted
+    from the file up), and a line that leaves more than one is refused. A key listed again
+    keeps its first line's label; a split without labels keeps the dataset's (None)."""
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        by_name.setdefault(_key_name(key), []).append(key)
+    labelled = any(label != NO_LABEL for _, label in entries)
+    split_labels: dict[str, int | None] = {}
+    missing: dict[str, None] = {}  # ordered, without repeats
+    for path, label in entries:
+        stem = _stem(path)
+        found = by_name.get(stem, [])
+        if len(found) > 1:  # those sharing most folders with the line, from the file up
+            line = [*path.split("/")[:-1], stem]
+            shared = [_shared_tail(k.split("/"), line) for k in found]
+            found = [k for k, n in zip(found, shared, strict=True) if n == max(shared)]
+            if len(found) > 1:
+                raise ValueError(
+                    f"the split's line {path!r} names {len(found)} images of {data} "
+                    f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): give "
+                    "each line the folders that tell them apart"
+                )
+        if not found:
+            missing[path] = None
+        else:
+            split_labels.setdefault(found[0], label if labelled else None)
+    return split_labels, list(missing)
+
+
+def _shared_tail(a: list[str], b: list[str]) -> int:
+    """How many last parts two paths have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)
 class InputPlan:
-    """What will be measured: file inputs, or dataset shards narrowed to the split's stems
-    (`split_labels`: stem -> the split's label, NO_LABEL for a line without one; None for
-    every stem of a split without labels, whose images keep the dataset's)."""
+    """What will be measured: file inputs, or dataset shards narrowed to the split's keys
+    (`split_labels`: key -> the split's label, NO_LABEL for a line without one; None for
+    every key of a split without labels, whose images keep the dataset's)."""
 
     files: list[dict[str, Any]] | None
     shard_paths: list[str]
@@ -825,15 +872,9 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         paths = [f"{root}/{s.name}" for s in manifest.shards]
         if entries is None:
             return InputPlan(None, paths, None, manifest.num_rows, [])
-        have = {_key_name(k) for k in _dataset_keys(cfg, paths)}
-        labelled = any(label != NO_LABEL for _, label in entries)
-        first = {}  # stem -> the first line's (path, label)
-        for path, label in entries:
-            first.setdefault(_stem(path), (path, label))
-        missing = [path for stem, (path, _) in first.items() if stem not in have]
-        split_labels = {stem: label if labelled else None for stem, (_, label) in first.items()}
-        repeated = len(entries) - len(first)
-        return InputPlan(None, paths, split_labels, len(first), missing, repeated)
+        split_labels, missing = _listed_keys(entries, _dataset_keys(cfg, paths), cfg.data)
+        listed = len(split_labels) + len(missing)
+        return InputPlan(None, paths, split_labels, listed, missing, len(entries) - listed)
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
     file_urls = [
@@ -868,12 +909,12 @@ def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.nda
 def _keep_listed(
     batch: dict[str, np.ndarray], split_labels: dict[str, int | None]
 ) -> dict[str, np.ndarray]:
-    """The rows of listed stems, labelled as the split labels them: a dataset's labels index
+    """The rows of listed keys, labelled as the split labels them: a dataset's labels index
     its own class list, which need not be the classifier's. A split without labels (None)
     keeps the dataset's."""
-    stems = [_key_name(k) for k in batch["key"]]
-    out = _rows_where(batch, [stem in split_labels for stem in stems])
-    labels = [split_labels[s] for s in stems if s in split_labels]
+    keys = list(batch["key"])
+    out = _rows_where(batch, [key in split_labels for key in keys])
+    labels = [split_labels[k] for k in keys if k in split_labels]
     out["label"] = np.array(
         [own if label is None else label for label, own in zip(labels, out["label"], strict=True)],
         dtype=np.int64,
@@ -1332,16 +1373,22 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         )
     loaded = load_model(cfg.model, cfg.s3)  # fail here, not in every actor
     actor_arguments, model_info = evaluator_arguments(cfg, loaded, rebalance0_Q)
+    classifier_sha256 = None
     if cfg.classifier:
-        load_classifier(cfg.classifier, cfg.classifier_weights, cfg.s3)
-    record = _record(cfg, plan, model_info, rebalance0_Q)
+        weights = None
+        if cfg.classifier_weights:
+            weights = storage.read_bytes(cfg.classifier_weights, cfg.s3)
+            classifier_sha256 = hashlib.sha256(weights).hexdigest()
+        classifier_from(cfg.classifier, weights)  # fail here, not in every actor
+    record = _record(cfg, plan, model_info, rebalance0_Q, classifier_sha256)
     earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
     init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
 
     inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
 
+    measured: set[str] = set()  # by an earlier run
+
     def batches() -> Iterator[dict[str, np.ndarray]]:
-        measured: set[str] = set()
         for batch in evaluate_parts.read_parts(earlier, cfg.s3):
             # A batch measured twice (its actor died after keeping it) counts once; a file
             # no longer found in the folder not at all.
@@ -1370,7 +1417,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     rows, curve_sums = collect(batches(), cfg.grid_images)
     result = build_result(cfg, plan, rows, curve_sums, model_info)
     elapsed = time.monotonic() - start
-    result |= {"elapsed_s": elapsed, "images_per_s": len(rows["key"]) / elapsed}
+    now = len(rows["key"]) - len(measured)  # the inputs this run measured
+    result |= {"elapsed_s": elapsed, "images_per_s": now / elapsed}
     write_outputs(cfg, result, rows)
     evaluate_parts.finish(cfg.output, cfg.s3)
     print(table_markdown(result))
@@ -1379,24 +1427,32 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _record(
-    cfg: EvaluateConfig, plan: InputPlan, model_info: Mapping[str, Any], rebalance0_Q: torch.Tensor
+    cfg: EvaluateConfig,
+    plan: InputPlan,
+    model_info: Mapping[str, Any],
+    rebalance0_Q: torch.Tensor,
+    classifier_sha256: str | None = None,
 ) -> dict[str, Any]:
     """What decides an image's figures: the measurements an earlier run kept are taken only
-    where it is the same (`jobs.evaluate_parts`). The model and the prior by their content,
-    the split by its text, a prepared dataset by its shards; not where they are, nor how
-    many actors or batches there are (a batch's best and worst strips are the grid's
-    candidates however batches are made). Files of an image folder are matched by key: the
-    kept rows of files no longer listed are left out (`main`)."""
+    where it is the same (`jobs.evaluate_parts`). The model, the prior and the classifier's
+    weights by their content, the split by its text, a prepared dataset by its shards; not
+    where they are, nor how many actors or batches there are (a batch's best and worst
+    strips are the grid's candidates however batches are made), with the parts' format.
+    Files of an image folder are matched by key: the kept rows of files no longer listed are
+    left out (`main`)."""
     record = _config_dict(cfg)
-    for name in ("output", "model", "prior", "split", "batch_size", "num_actors",
-                 "cpus_per_actor", "accelerator_type", "s3"):  # fmt: skip
+    for name in ("output", "model", "prior", "split", "classifier_weights", "batch_size",
+                 "num_actors", "cpus_per_actor", "accelerator_type", "s3"):  # fmt: skip
         record.pop(name)
+    record["parts_format"] = evaluate_parts.FORMAT
     record["model_sha256"] = model_info["sha256"]
+    record["classifier_weights_sha256"] = classifier_sha256
     record["rebalance0_sha256"] = hashlib.sha256(rebalance0_Q.numpy().tobytes()).hexdigest()
     if cfg.split:
         split = storage.read_bytes(cfg.split, cfg.s3)
         record["split_sha256"] = hashlib.sha256(split).hexdigest()
-    if plan.files is None:  # a prepared dataset: its shards, as made
+    if plan.files is None:  # a prepared dataset: its shards, as made, wherever they are
+        record.pop("data")
         record["data_shards_sha256"] = Manifest.load(cfg.data, cfg.s3).shards_sha256
     return record
 

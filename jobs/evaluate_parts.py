@@ -26,6 +26,9 @@ import numpy as np
 
 from jobs import storage
 
+FORMAT = 1
+"""The parts' columns and what they mean: raised when either changes, so that a re-run of
+a newer version measures anew rather than mixing rows of two versions."""
 MEASURED_DIR = "_measured"
 RUN_FILE = "run.json"
 PART_SUFFIX = ".npz"

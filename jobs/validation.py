@@ -2,11 +2,13 @@
 
 On centre crops of a prepared held-out dataset: the validation loss under lambda = 1
 weights (no rebalancing, so comparable across runs with different lambdas; summed over
-pixels, averaged over images, as the released loss) and the AuC of the annealed-mean colours
-against the ground truth at crop resolution, raw and class-rebalanced (lambda = 0 weights of
-the ground truth's nearest bin), for the model and for the gray baseline (ab = 0), of all
-the images' pixels pooled, as `jobs.evaluate` reports it. Each rank measures its share of
-the images; sums are all-reduced when torch.distributed is initialised.
+pixels, averaged over images, as the released loss; near-gray colour photos count, as in
+`jobs.evaluate`: the released loss layer's gray mask weights only the gradient) and the
+AuC of the annealed-mean colours against the ground truth at crop resolution, raw and
+class-rebalanced (lambda = 0 weights of the ground truth's nearest bin), for the model and
+for the gray baseline (ab = 0), of all the images' pixels pooled, as `jobs.evaluate`
+reports it. Each rank measures its share of the images; sums are all-reduced when
+torch.distributed is initialised.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def validate(
         with autocast:
             logits = model(t.l_N1HW)
         loss = rebalanced_cross_entropy(
-            logits, t.bins_NkHW, t.weights_NkHW, ones_Q, nongray_N=t.nongray_N, reduction="none"
+            logits, t.bins_NkHW, t.weights_NkHW, ones_Q, nongray_N=None, reduction="none"
         ).sum((1, 2))
         # A diverged model's NaN loss counts as the worst, +inf: searches minimising the
         # loss stop such a trial (NaN compares false with every cut-off, so it would stay).

@@ -22,7 +22,8 @@ from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.int8 import Int8ColorizationNet
 from colorcore.model import ColorizationNet, ModelConfig
 from colorcore.prior import rebalance_weights
-from jobs import evaluate, runtime, storage, synthetic
+from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
+from jobs import evaluate, evaluate_parts, runtime, storage, synthetic
 from jobs.config import parse_config
 from jobs.models import load_model
 from tests.support import encode, photo_rgb, reference_path
@@ -76,7 +77,7 @@ def test_rows_are_exact_on_constructed_images() -> None:
 
 def test_the_loss_counts_near_gray_colour_photos_as_released() -> None:
     """The released loss layer only weights the gradient: a colour photo whose ab stays
-    within 5 of gray still has its loss."""
+    within 5 of gray still has its loss, in the evaluation and in training's validation."""
     torch.manual_seed(0)
     ctx = evaluate.EvalContext(
         cfg=evaluate.EvaluateConfig(data="d", model="m"),
@@ -88,6 +89,12 @@ def test_the_loss_counts_near_gray_colour_photos_as_released() -> None:
     tinted = torch.tensor([126, 120, 116], dtype=torch.uint8)[:, None, None].expand(3, 64, 64)
     _, loss_N = evaluate._network(ctx, tinted[None].contiguous())
     assert loss_N.item() > 0
+    # Training's validation reports the same loss (lambda = 1 weights are the ones here).
+    from jobs.validation import validate
+
+    held_out = validate(ctx.model, tinted[None].contiguous(), rebalance0_Q=torch.ones(313),
+                        k=SOFT_ENCODE_K, sigma=SOFT_ENCODE_SIGMA)  # fmt: skip
+    assert held_out.loss == pytest.approx(loss_N.item(), rel=1e-5)
 
 
 def test_summary_means_only_measured_images_and_labelled_accuracy() -> None:
@@ -138,7 +145,11 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
     again = [*entries, repeat, entries[-1]]  # and the missing one listed twice
     found, missing = evaluate.resolve_split(again, str(tmp_path), urls)
     assert [(f["url"], f["label"]) for f in found] == [(str(files[0]), 3), (str(files[1]), -1)]
-    assert found[0]["key"] == "n01/ILSVRC2012_val_00000001"
+    assert found[0]["key"] == "n01/ILSVRC2012_val_00000001.JPEG"
+    # Two files of one name but for their extension are two inputs, with keys of their own.
+    pair = [str(tmp_path / "p" / "x.jpg"), str(tmp_path / "p" / "x.png")]
+    found, _ = evaluate.resolve_split([("p/x.jpg", 1), ("p/x.png", 2)], str(tmp_path), pair)
+    assert [f["key"] for f in found] == ["p/x.jpg", "p/x.png"]
     assert missing == ["n02/gone.JPEG"]
 
 
@@ -155,7 +166,7 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     split.write_text("val/001.JPEG 7\n004.JPEG\nval/gone.JPEG 3\n001.JPEG 2\n")
     cfg = evaluate.EvaluateConfig(data=str(tmp_path / "ds"), model="m", split=str(split))
     plan = evaluate.plan_inputs(cfg)
-    assert plan.split_labels == {"001": 7, "004": evaluate.NO_LABEL, "gone": 3}  # first line
+    assert plan.split_labels == {"c/001": 7, "c/004": evaluate.NO_LABEL}  # the first line's
     assert plan.missing == ["val/gone.JPEG"] and (plan.listed, plan.repeated) == (3, 1)
     table = pq.read_table(plan.shard_paths[0], columns=["key", "label", "jpeg"])
     batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -168,10 +179,44 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     assert evaluate._keep_listed(batch, plan.split_labels)["label"].tolist() == [1, 0]
 
     # Keys have lost their extension already: a dot left in one is part of the name.
-    dotted = {"key": np.array(["c/photo.2019", "c/photo"]), "label": np.array([1, 2])}
-    kept = evaluate._keep_listed(dotted, {evaluate._stem("val/photo.2019.JPEG"): 5})
-    assert kept["key"].tolist() == ["c/photo.2019"] and kept["label"].tolist() == [5]
+    dotted = ["c/photo.2019", "c/photo"]
+    assert evaluate._listed_keys([("val/photo.2019.JPEG", 5)], dotted, "d") == (
+        {"c/photo.2019": 5}, [],
+    )  # fmt: skip
     assert evaluate._stem("photo.2019") == "photo.2019"  # listed without an extension
+
+
+def test_the_record_of_kept_batches_names_contents_not_places(tmp_path) -> None:
+    """Kept batches are taken again after the dataset or the classifier's weights moved,
+    not after the weights changed in place, nor by a version whose parts differ."""
+    import shutil
+
+    from tests.support import write_dataset
+
+    write_dataset(str(tmp_path / "ds"))
+    shutil.copytree(tmp_path / "ds", tmp_path / "moved")
+    cfg = evaluate.EvaluateConfig(data=str(tmp_path / "ds"), model="m", classifier="small_cnn",
+                                  classifier_weights=str(tmp_path / "w"))  # fmt: skip
+    moved = dataclasses.replace(cfg, data=str(tmp_path / "moved"), classifier_weights="s3://b/w")
+
+    def record(c: evaluate.EvaluateConfig, weights_sha256: str) -> dict:
+        return evaluate._record(c, evaluate.plan_inputs(c), {"sha256": "m"}, torch.ones(313),
+                                weights_sha256)  # fmt: skip
+
+    assert record(cfg, "w1") == record(moved, "w1") != record(cfg, "w2")
+    assert record(cfg, "w1")["parts_format"] == evaluate_parts.FORMAT
+
+
+def test_a_split_line_names_one_image_of_a_name_several_folders_have() -> None:
+    keys = ["train/a/001", "train/b/001", "train/b/002"]
+    lines = [("b/001.JPEG", 4), ("val/a/001.JPEG", 5), ("003.JPEG", 6), ("002.JPEG", 7)]
+    labels, missing = evaluate._listed_keys(lines, keys, "d")
+    assert labels == {"train/b/001": 4, "train/a/001": 5, "train/b/002": 7}
+    assert missing == ["003.JPEG"]
+    with pytest.raises(ValueError, match=r"'c/001.JPEG' names 2 images"):  # no folder c has it
+        evaluate._listed_keys([("c/001.JPEG", 1)], keys, "d")
+    with pytest.raises(ValueError, match=r"'001.JPEG' names 2 images of d \(train/a/001, "):
+        evaluate._listed_keys([("001.JPEG", 1)], keys, "d")
 
 
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
@@ -341,7 +386,6 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
     decides the figures otherwise are measured anew."""
     import pyarrow.parquet as pq
 
-    from jobs import evaluate_parts
     from jobs.dataset import Manifest
 
     # fp32: an image's figures do not depend on the batch it is measured in
@@ -451,7 +495,7 @@ def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
     result = evaluate.main(cfg)
     counts = result["counts"]
     assert (counts["measured"], counts["errors"], counts["missing"]) == (len(labels), 1, 1)
-    assert result["skipped"][0]["key"] == "day/corrupt"
+    assert result["skipped"][0]["key"] == "day/corrupt.png"
     top1 = {row["method"]: row["top1"] for row in result["table"]}
     assert top1["ground_truth"] > top1["gray"]
     assert top1["annealed_mean"] >= top1["gray"] - COLORIZED_MARGIN
