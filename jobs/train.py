@@ -85,7 +85,10 @@ class TrainConfig:
     batch_size: int = 40
     """Global batch: images per optimizer step over all workers."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step on each worker."""
+    """Micro-batches per optimizer step on each worker. The gradient is the whole batch's,
+    but BatchNorm normalises over each micro-batch of batch_size / (num_workers x
+    grad_accum_steps) images and moves its running averages once per micro-batch: a run
+    resumed on other workers or micro-batches goes on with other BatchNorm statistics."""
     crop_px: int = 176
     """Random square crops (with horizontal flips) of this size."""
     max_steps: int = 450_000
@@ -181,6 +184,8 @@ class TrainConfig:
                 f"batch_size {self.batch_size} must divide by num_workers x grad_accum_steps "
                 f"({self.num_workers} x {self.grad_accum_steps})"
             )
+        if self.seed < 0:  # numpy's seeds of the order and crops must be >= 0
+            problems.append(f"seed must be >= 0, got {self.seed}")
         if self.crop_px % 8 or self.crop_px < 16:
             problems.append(f"crop_px must be a multiple of 8 and >= 16, got {self.crop_px}")
         if not (

@@ -398,6 +398,7 @@ def test_weights_an_update_broke_are_caught_before_a_checkpoint() -> None:
         (["--read-groups", "3"], "read_groups must be >= 1 and divide num_workers (2)"),
         (["--read-groups", "0"], "read_groups must be >= 1"),
         (["--warmup-steps", "-1"], "warmup_steps >= 0"),
+        (["--seed", "-1"], "seed must be >= 0, got -1"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
 )
