@@ -273,3 +273,37 @@ def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> N
     assert started and not started & done_before, (started, done_before)
     rows = [line for line in out.splitlines() if re.match(r"\| \w+_\d{5} \|", line)]
     assert len(rows) == 2 and all(line.rstrip().endswith("| completed |") for line in rows), rows
+
+
+def test_a_resumed_run_ends_as_the_same_run_uninterrupted(workdir) -> None:
+    """The run killed and resumed above and the run submitted to a cluster are one `ci` run
+    (same data, seed and settings): the resumed one restored its weights, optimizer, data
+    offset and random state exactly when it ends with the same weights and figures."""
+    import torch
+
+    from colorcore.weights import load_checkpoint
+
+    ends = {}
+    for name in ("interrupted", "submitted"):
+        url = storage.join(str(workdir / "runs" / name), checkpoint_dir_name(40), CHECKPOINT_FILE)
+        if not storage.exists(url):
+            pytest.skip(f"needs the {name!r} run of the tests above")
+        with open(url, "rb") as f:
+            ends[name] = load_checkpoint(f)
+    resumed, whole = ends["interrupted"], ends["submitted"]
+    for key in ("step", "epoch", "offset"):
+        assert resumed.extra[key] == whole.extra[key], key
+    assert resumed.model_state.keys() == whole.model_state.keys()
+    for key, value in whole.model_state.items():
+        assert torch.equal(resumed.model_state[key], value), key
+    mine, theirs = (c.extra["optimizer"]["state"] for c in (resumed, whole))  # Adam's moments
+    assert mine.keys() == theirs.keys()
+    for index, state in theirs.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(mine[index][key]), torch.as_tensor(value)), key
+
+    def figures(checkpoint) -> list[dict]:  # every logged figure but the speed
+        rows = checkpoint.extra["history"]
+        return [{k: v for k, v in row.items() if k != "img_per_s"} for row in rows]
+
+    assert figures(resumed) == figures(whole)
