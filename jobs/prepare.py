@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -54,6 +55,8 @@ from jobs.images import (
 
 WORK_DIR = "_prepare"
 ERRORS_FILE = "errors.json"
+NOT_A_FILE = "archive member is not a regular file (link/device)"
+READ_PROBES = 4  # files read before any work: refused all, the credentials cannot read SRC
 TASK_BASE_BYTES = 512 * 2**20  # a conversion task's interpreter, PIL and pyarrow, beyond its data
 TASK_RETRIES = 3  # tries of a group whose task was killed, after its first
 CONVERT_BYTES_PER_PIXEL = 13
@@ -233,6 +236,9 @@ def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     if not inner:
         raise ValueError(f"{cfg.src}: no per-class .tar members")
     classes = [m.name.rsplit("/", 1)[-1][: -len(".tar")] for m in inner]
+    if len(set(classes)) < len(classes):  # their images' keys would be one class's
+        twice = sorted(m.name for m, c in zip(inner, classes, strict=True) if classes.count(c) > 1)
+        raise ValueError(f"{cfg.src}: class tars of one name in other folders: {twice[:4]}")
     groups = [
         {
             "kind": "tar",
@@ -318,18 +324,20 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
     tar_source = _group_source(group)
     try:
         inner = tars.open_tar(io.BytesIO(blob))  # in memory: nothing to close
-    except (tarfile.TarError, EOFError) as e:  # not a tar at all: one error row for the class
+    except tars.DAMAGE_ERRORS as e:  # not a tar at all: one error row for the class
         yield f"{group['class']}/", group["label"], tar_source, BadImage(f"unreadable tar: {e}")
         return
     listed, damage = tars.listing(inner)
     if listed and listed[-1].offset_data + listed[-1].size > len(blob):
         damage = None  # data that stops inside the last member: that member's own error below
-    files = sorted((m for m in listed if m.isfile()), key=lambda m: m.name)
+    files = sorted((m for m in listed if not m.isdir()), key=lambda m: m.name)
     keys: set[str] = set()
     for member in files:  # each read apart: a damaged member costs only itself
         key = f"{group['class']}/{member.name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
         if key in keys:
             data: bytes | Exception = BadImage(f"another member has the key {key!r}")
+        elif not member.isfile():  # a link (hard or symbolic), a device: an input unread
+            data = BadImage(NOT_A_FILE)
         else:
             data = _member_bytes(inner, member, cfg)
         keys.add(key)
@@ -455,6 +463,7 @@ def main(cfg: PrepareConfig) -> Manifest:
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
+    _check_readable(groups, cfg)
     _check_resumable(cfg, classes, groups)
     storage.list_files_swept(storage.join(cfg.dst, SHARDS_DIR), cfg.s3)  # a killed run's
     marked = set(storage.list_files_swept(storage.join(cfg.dst, WORK_DIR), cfg.s3))
@@ -491,6 +500,29 @@ def main(cfg: PrepareConfig) -> Manifest:
         f"({manifest.num_grayscale} grayscale) in {time.monotonic() - start:.1f}s -> {cfg.dst}"
     )
     return manifest
+
+
+def _check_readable(groups: list[dict], cfg: PrepareConfig) -> None:
+    """Fails when the first few files to convert all refuse to be read (credentials that
+    may list SRC but not read its objects, or not decrypt them): every file would become an
+    error row, which a re-run with the right credentials would not read again. A file
+    refused among others that read is an error row of its own."""
+    items = (item for g in groups if g["kind"] == "files" for item in g["items"])
+    urls = list(itertools.islice((i["url"] for i in items if "error" not in i), READ_PROBES))
+    refusals = []
+    for url in urls:
+        try:
+            storage.read_range(url, 0, 1, cfg.s3)
+            return
+        except OSError as error:
+            if isinstance(error, FileNotFoundError) or not storage.refused_for_good(error):
+                return  # gone since the listing, or the storage's to fail: the groups' own
+            refusals.append(error)
+    if refusals:
+        raise PermissionError(
+            f"{cfg.src}: the first {len(urls)} files to convert refuse to be read ({urls[0]}: "
+            f"{refusals[0]}): nothing was converted; give credentials that can read them"
+        )
 
 
 def _check_a_node_holds(memory: int, cfg: PrepareConfig) -> None:

@@ -40,14 +40,19 @@ def damage(archive: tarfile.TarFile) -> str | None:
     return getattr(archive, "damage", None)
 
 
+DAMAGE_ERRORS = (tarfile.TarError, EOFError, ValueError, ArithmeticError)
+"""What `tarfile` raises on a damaged archive: its own errors, and the parsing's of a header
+field that is not a number (a pax ``GNU.sparse.map`` of letters, say)."""
+
+
 def listing(archive: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None]:
     """(the members `archive` lists, why the listing ended before its end-of-archive marker,
     or None): a damaged header, or data that stops inside a member."""
     listed: list[tarfile.TarInfo] = []
     try:
         listed.extend(archive)
-    except (tarfile.TarError, EOFError) as e:
-        return listed, str(e)
+    except DAMAGE_ERRORS as e:
+        return listed, str(e) if isinstance(e, tarfile.TarError) else f"{type(e).__name__}: {e}"
     return listed, damage(archive)
 
 

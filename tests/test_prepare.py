@@ -14,7 +14,7 @@ from PIL import Image, JpegImagePlugin
 
 from jobs import prepare, storage
 from jobs.dataset import Manifest, validate_shard_table
-from tests.support import encode, photo_rgb, tar_bytes
+from tests.support import encode, photo_rgb, tar_bytes, write_image_tree
 
 
 def planted_corpus() -> dict[str, bytes]:
@@ -253,6 +253,70 @@ def test_a_damaged_class_tar_keeps_its_good_members(tmp_path) -> None:
             assert key == f"{cls}/" and source.endswith(f"!{cls}.tar")
             assert "unreadable tar after img_2.JPEG" in str(error)
     assert "end-of-archive marker" in str(error)
+
+
+def test_odd_class_tar_members_are_error_rows_and_class_names_are_one_each(tmp_path) -> None:
+    """A header whose pax field is not a number ends the class tar's listing as damage (not
+    the task: every run would fail it again); a link member is an input, refused; two class
+    tars of one name in other folders are refused before any work."""
+    jpeg = encode(photo_rgb("chelsea")[:60, :80])
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, extra in (("a.JPEG", {}), ("b.JPEG", {"GNU.sparse.map": "abc"})):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = len(jpeg), extra
+            t.addfile(info, io.BytesIO(jpeg))
+    linked = io.BytesIO()
+    with tarfile.open(fileobj=linked, mode="w") as t:
+        info = tarfile.TarInfo("a.JPEG")
+        info.size = len(jpeg)
+        t.addfile(info, io.BytesIO(jpeg))
+        link = tarfile.TarInfo("c.JPEG")
+        link.type, link.linkname = tarfile.LNKTYPE, "a.JPEG"
+        t.addfile(link)
+    outer = tmp_path / "train.tar"
+    outer.write_bytes(tar_bytes({"n01.tar": buffer.getvalue(), "n02.tar": linked.getvalue()}))
+    cfg = config(str(outer), str(tmp_path / "ds"))
+    _, groups = prepare.plan(cfg)
+    damaged = list(prepare._group_inputs(groups[0], cfg))
+    assert [(r[0], r[3]) for r in damaged[:1]] == [("n01/a", jpeg)]
+    [(key, _, _, error)] = damaged[1:]
+    assert key == "n01/" and "ValueError: invalid literal for int()" in str(error)
+    rows = list(prepare._group_inputs(groups[1], cfg))
+    assert [(r[0], r[3] if r[0] == "n02/a" else str(r[3])) for r in rows] == [
+        ("n02/a", jpeg), ("n02/c", prepare.NOT_A_FILE),
+    ]  # fmt: skip
+
+    outer.write_bytes(tar_bytes({"a/n01.tar": linked.getvalue(), "b/n01.tar": linked.getvalue()}))
+    with pytest.raises(ValueError, match=r"class tars of one name in other folders: \['a/n01"):
+        prepare.plan(cfg)
+
+
+def test_a_source_whose_files_refuse_to_be_read_fails_before_any_work(
+    tmp_path, monkeypatch
+) -> None:
+    """Credentials that list SRC but may not read its files would make every file a final
+    error row; a file refused among others that read stays an error row of its own."""
+    write_image_tree(tmp_path / "src", classes=1, per_class=3)
+    cfg = config(str(tmp_path / "src"), str(tmp_path / "ds"))
+    real, tried = storage.read_range, []
+
+    def refused(url, start, size, s3=None):
+        tried.append(url)
+        if not url.endswith(allowed):
+            raise PermissionError(13, "Access Denied")
+        return real(url, start, size, s3)
+
+    monkeypatch.setattr(storage, "read_range", refused)
+    allowed = "none"
+    with pytest.raises(PermissionError, match=r"the first 3 files to convert refuse to be read"):
+        prepare.main(cfg)
+    assert len(tried) == 3 and not (tmp_path / "ds").exists()
+    tried.clear()
+    allowed = "img1.jpg"  # the second file reads: the groups go on to their own errors
+    _, groups = prepare.plan(cfg)
+    prepare._check_readable(groups, cfg)
+    assert len(tried) == 2
 
 
 def test_flat_folder_with_label_file(tmp_path, ray_session) -> None:
