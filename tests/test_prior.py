@@ -244,3 +244,59 @@ def test_the_prior_counts_the_images_the_loss_weighs() -> None:
     expected, _ = histogram_of(colour, pixel_stride=2)
     assert images == 2 and torch.equal(histogram.counts_Q, expected.counts_Q)
     assert histogram.num_pixels == 2 * 24 * 24
+
+
+def test_a_batch_counts_its_colour_rows_in_the_fixed_sample() -> None:
+    """Rows flagged grayscale by `jobs.prepare` are not decoded or counted; a fraction
+    keeps the keys `in_sample` chooses, the same on every call."""
+    from jobs.prior import PriorConfig, _count_batch, histogram_of, in_sample
+    from tests.support import encode, photo_rgb
+
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+    jpegs = [encode(photo_rgb(name, size=32)) for name in names]
+    batch = {
+        "key": np.array([f"c/{i}" for i in range(4)], dtype=object),
+        "jpeg": np.array(jpegs, dtype=object),
+        "grayscale": np.array([False, True, False, False]),
+    }
+    whole = _count_batch(batch, PriorConfig(dataset="d"))
+    expected, _ = histogram_of([jpegs[0], jpegs[2], jpegs[3]])
+    assert whole["images"].tolist() == [3] and whole["near_gray"].tolist() == [0]
+    assert np.array_equal(whole["counts_Q"][0], expected.counts_Q.numpy())
+
+    keys = [f"c/{i}" for i in range(200)]
+    chosen = [k for k in keys if in_sample(k, 0.25)]
+    assert 30 < len(chosen) < 70 and chosen == [k for k in keys if in_sample(k, 0.25)]
+    kept = [i for i in (0, 2, 3) if in_sample(f"c/{i}", 0.5)]
+    half = _count_batch(batch, PriorConfig(dataset="d", sample_fraction=0.5))
+    expected, _ = histogram_of([jpegs[i] for i in kept])
+    assert half["images"].tolist() == [len(kept)]
+    assert np.array_equal(half["counts_Q"][0], expected.counts_Q.numpy())
+
+
+def test_the_prior_job_counts_every_colour_row_of_its_dataset(ci_config) -> None:
+    """The `ci` dataset's prior.npz (written by `jobs.prior` on Ray when the session made
+    the sample data) holds the counts of all its rows, counted here in one process."""
+    import pyarrow.parquet as pq
+
+    from jobs import storage
+    from jobs.dataset import Manifest
+    from jobs.prior import histogram_of
+
+    manifest = Manifest.load(ci_config.data)
+    fs, root = storage.arrow_filesystem(ci_config.data)
+    jpegs = [
+        data
+        for shard in manifest.shards
+        for data, gray in zip(
+            *pq.read_table(f"{root}/{shard.name}", filesystem=fs, columns=["jpeg", "grayscale"])
+            .to_pydict()
+            .values(),
+            strict=True,
+        )
+        if not gray
+    ]
+    expected, images = histogram_of(jpegs)
+    written = prior.AbHistogram.load(io.BytesIO(storage.read_bytes(ci_config.prior_url)))
+    assert images == manifest.num_rows - manifest.num_grayscale > 100
+    assert torch.equal(written.counts_Q, expected.counts_Q)
