@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     parser.add_argument("--job-images", type=int, default=192, help="images for the Ray job")
     args = parser.parse_args()
+    if args.job_images < BATCH:
+        parser.error(f"--job-images must be at least the in-process batch, {BATCH}")
     torch.set_num_threads(1)
 
     images = scenes(args.job_images)

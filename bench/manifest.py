@@ -52,7 +52,9 @@ def timed(fn):
 def measure(output: str, rows: int, batch: int) -> None:
     starts = range(0, rows, batch)
     parts, write_s = timed(
-        lambda: [manifest.write_part(rows_of(batch, i), output, None) for i in starts]
+        lambda: [
+            manifest.write_part(rows_of(min(batch, rows - i), i), output, None) for i in starts
+        ]
     )
     print(f"{len(parts)} parts of {batch} rows written in {write_s:.1f}s (the job's writes)")
     table, read_parts_s = timed(lambda: manifest.read(output, None))
