@@ -638,6 +638,14 @@ def _crops_in_process(
     return failed
 
 
+NOT_WHOLE_JPEG = "not a whole JPEG: cut short, or empty"
+
+
+def _whole_jpeg(data: memoryview | bytes) -> bool:
+    """Whether `data` starts and ends as a JPEG does (the start and end markers)."""
+    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and bytes(data[-2:]) == b"\xff\xd9"
+
+
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     """A shard's JPEG as (H, W, 3) uint8 RGB, upright, through OpenCV: the pixels of
     `decode_rgb` (the same libjpeg-turbo decoding, EXIF orientation applied), from one call
@@ -647,7 +655,7 @@ def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     JPEGs (`jobs.prepare` re-encodes the rest), for which the two agree."""
     import cv2
 
-    if bytes(data[:2]) != b"\xff\xd8" or bytes(data[-2:]) != b"\xff\xd9":
+    if not _whole_jpeg(data):
         return None  # not a JPEG, or one cut short: OpenCV would fill in what is missing
     bgr_HW3 = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return None if bgr_HW3 is None else bgr_HW3[..., ::-1]
@@ -857,22 +865,31 @@ class TrainLoader:
         if self.decode == "nvjpeg":
             import torchvision.io  # only on CUDA machines: PyPI's torchvision needs CUDA torch
 
-            frames = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
+            # A file cut short, or empty (its row group damaged), is not handed to nvJPEG:
+            # it would decode the first gray below the cut, and refuse the second outright.
+            whole = [_whole_jpeg(d) for d in data]
+            kept = itertools.compress(data, whole)
+            frames = [torch.frombuffer(d, dtype=torch.uint8) for d in kept]
             # On the loader's own stream: torchvision makes the caller's current stream wait
             # for its decoder, which on the training stream would stall the step in flight.
             with torch.cuda.stream(stream):
                 # The decoder writes on a stream of its own, into blocks this stream may have
                 # freed with reads still queued (the last batch's crops): finish those.
                 stream.synchronize()
-                images = each_or_none(
-                    lambda some: torchvision.io.decode_jpeg(
-                        some, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
-                    ),
-                    frames,
-                )  # a file that does not decode fails the batch: then file by file
-                for image, place in zip(images, where, strict=True):
+                decoded = iter(
+                    each_or_none(
+                        lambda some: torchvision.io.decode_jpeg(
+                            some, mode=torchvision.io.ImageReadMode.RGB, device="cuda"
+                        ),
+                        frames,
+                    )  # a file that does not decode fails the batch: then file by file
+                    if frames
+                    else []
+                )
+                images = [next(decoded) if ok else None for ok in whole]
+                for image, ok, place in zip(images, whole, where, strict=True):
                     if image is None:
-                        _undecodable(place, "nvJPEG refuses it")
+                        _undecodable(place, "nvJPEG refuses it" if ok else NOT_WHOLE_JPEG)
                 device = torch.device("cuda", torch.cuda.current_device())
                 crops = _device_crops(images, self.crop_px, rngs, device)
                 ready = torch.cuda.Event()

@@ -382,10 +382,21 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
         _crop_into(out, memoryview(data[:-400]), None, "shard-7 row 3")
     assert not out.any() and "shard-7 row 3 does not decode" in caplog.text
     assert "truncated" in caplog.text
+    # what the nvJPEG path hands its decoder: whole files only (an empty one fails torch)
+    from jobs.loader import _whole_jpeg
+
+    assert _whole_jpeg(memoryview(data)) and not _whole_jpeg(memoryview(data[:-400]))
+    assert not _whole_jpeg(memoryview(b"")) and not _whole_jpeg(b"\xff\xd9")
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 
-@pytest.mark.parametrize("decode", ["pil", "processes"])
+ON_CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("decode", ["pil", "processes", pytest.param("nvjpeg", marks=ON_CUDA)])
 def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> None:
     """The run goes on with the same order: the damaged row's crop is black, the others are
     the crops of an intact copy of the dataset; the warning reaches this process's log
@@ -409,7 +420,7 @@ def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> 
             pair
             for rank in (0, 1)  # three epochs on both ranks
             for pair in zip(
-                islice(loader(DatasetIndex.load(intact), rank), 9),
+                islice(loader(DatasetIndex.load(intact), rank, decode=decode), 9),
                 islice(loader(index, rank, decode=decode), 9),
                 strict=True,
             )
@@ -423,8 +434,18 @@ def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> 
     assert black >= 1 and f"{index.shard_urls[0]} row 0 does not decode" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["cut short", "overwritten", "cut short on S3"])
-def test_a_damaged_row_group_costs_its_samples_only(tmp_path, caplog, damage, request) -> None:
+@pytest.mark.parametrize(
+    ("damage", "decode"),
+    [
+        ("cut short", "pil"),
+        ("overwritten", "pil"),
+        ("cut short on S3", "pil"),
+        pytest.param("cut short", "nvjpeg", marks=ON_CUDA),  # empty files: never decoded
+    ],
+)
+def test_a_damaged_row_group_costs_its_samples_only(
+    tmp_path, caplog, damage, decode, request
+) -> None:
     """A shard changed since it was indexed: the row groups whose bytes no longer read give
     black crops, with a warning naming them, and the run goes on in the same order (a
     resumed run meets them at the same step: it must not fail there again). On S3 a read of
@@ -446,8 +467,8 @@ def test_a_damaged_row_group_costs_its_samples_only(tmp_path, caplog, damage, re
         data[start : start + 24] = bytes(b ^ 0xFF for b in data[start : start + 24])  # header
     storage.write_bytes(shard, bytes(data))
     with caplog.at_level(logging.WARNING, logger="jobs.loader"):
-        pairs = list(zip(islice(loader(DatasetIndex.load(intact), 0), 6),
-                         islice(loader(index, 0), 6), strict=True))  # fmt: skip
+        pairs = list(zip(islice(loader(DatasetIndex.load(intact), 0, decode=decode), 6),
+                         islice(loader(index, 0, decode=decode), 6), strict=True))  # fmt: skip
     black = 0
     for good, bad in pairs:
         assert np.array_equal(good.positions, bad.positions)
