@@ -179,15 +179,23 @@ def each_or_none(call: Callable[[list], list], items: list) -> list:
     still fails. Running out of device memory is not the items' fault: that is raised."""
     try:
         return list(call(items))
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception:
-        results = []
-        for item in items:
-            try:
-                results.append(call([item])[0])
-            except torch.cuda.OutOfMemoryError:
+    except Exception as error:
+        if _out_of_memory(error):
+            raise
+    results = []
+    for item in items:
+        try:
+            results.append(call([item])[0])
+        except Exception as error:
+            if _out_of_memory(error):
                 raise
-            except Exception:
-                results.append(None)
-        return results
+            results.append(None)
+    return results
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether `error` is the device's memory running out: torchvision's nvJPEG raises it as
+    a plain RuntimeError wrapping the allocator's message."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

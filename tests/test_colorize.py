@@ -272,6 +272,12 @@ def test_cpu_encoder_keeps_each_images_place_and_colour_and_fails_file_by_file()
     got = each_or_none(lambda some: encode(some, 90), [images[0], empty, images[2]])
     assert got == [out[0], None, out[2]]
 
+    def short_of_memory(some: list) -> list:  # as torchvision's nvJPEG reports it
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # not each file's fault
+        each_or_none(short_of_memory, images)
+
 
 @pytest.mark.parametrize("name", ["../x.jpg", "/etc/x.jpg", "a/../../x.jpg", "..", "C:\\x.jpg",
                                   "a\\..\\..\\x.jpg", "s3://b/x.jpg"])  # fmt: skip
