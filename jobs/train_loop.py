@@ -66,7 +66,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 for the network's convolutions only: its matrix products (not TF32, the
+        # default) are the colour conversions of the targets and validation's annealed
+        # mean, whose 10-bit mantissas would move ab by tenths.
         torch.backends.cudnn.allow_tf32 = True
 
     histogram = load_prior(cfg.prior_url, cfg.s3)
@@ -394,7 +396,8 @@ def _weights_broken(model: torch.nn.Module) -> bool:
     finds the same). Checked before a checkpoint: an update from a gradient that overflowed
     breaks the weights without its loss, measured before it, showing it, and a checkpoint of
     them would be where every re-run starts."""
-    return not all(bool(p.isfinite().all()) for p in model.parameters())
+    finite = torch.stack([p.isfinite().all() for p in model.parameters()])
+    return not bool(finite.all())  # one wait for the device, not one a parameter
 
 
 def _diverged(

@@ -110,7 +110,7 @@ def validate(
     rebalance0_Q = rebalance0_Q.to(device)
     for start in range(0, len(crops_N3HW), batch_size):
         rgb = crops_N3HW[start : start + batch_size].to(device)
-        t = make_targets(rgb, k=k, sigma=sigma)
+        t = make_targets(rgb, k=k, sigma=sigma, in_table=True)  # no host sync on a GPU
         autocast = (
             torch.autocast(device.type, dtype=autocast_dtype)
             if autocast_dtype
