@@ -16,6 +16,7 @@ Untrusted bytes: every failure to decode is a `BadImage` with the reason.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import struct
 import zlib
@@ -155,9 +156,9 @@ def _tiff_block(image, tag: int) -> bytes | None:
         image.fp.seek(where)  # Pillow reads on from where it was
 
 
-_XMP_ORIENTATION = re.compile(
-    rb'\s*tiff:Orientation=["\'][1-8]["\']|<tiff:Orientation>[1-8]</tiff:Orientation>'
-)
+_XMP_ORIENTATION = re.compile(  # one space before at most: `\s*` would cost time squared
+    rb'\s?tiff:Orientation=["\'][1-8]["\']|<tiff:Orientation>[1-8]</tiff:Orientation>'
+)  # in a run of white space, which a small compressed PNG can hold a megabyte of
 
 
 def _upright_xmp(xmp: bytes | None) -> bytes | None:
@@ -178,18 +179,29 @@ def _is_16bit_colour(data: bytes, image) -> bool:
             and len(bits) in (3, 4)
             and set(bits) == {16}
             and photometric == 2
+            and image.tag_v2.get(338) != (1,)  # alpha not premultiplied (Pillow undoes it)
         )
     return False
 
 
-def _16bit_colour_page(data: bytes, fmt: str, index: int, turn: int) -> Page | None:
+def _16bit_colour_page(
+    data: bytes, fmt: str, index: int, turn: int, planar: bool = False
+) -> Page | None:
     """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
-    (that page alone; gray with alpha comes as BGRA) and turned by `turn`; None when OpenCV
-    cannot read it (Pillow then does, at 8 bits)."""
+    (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
+    each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
+    samples were interleaved), and turned by `turn`; None when OpenCV cannot read it
+    (Pillow then does, at 8 bits)."""
     import cv2
 
     buffer = np.frombuffer(data, np.uint8)
-    if fmt == "PNG":
+    if planar:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            pixels = tif.pages[index].asarray()  # (samples, H, W), RGB(A)
+        pixels = pixels[[2, 1, 0, 3][: len(pixels)]].transpose(1, 2, 0)  # as OpenCV's
+    elif fmt == "PNG":
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     else:
         ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
@@ -216,8 +228,11 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     pages, total = [], 0
     try:
         meta = read_metadata(image)
-        for index in range(getattr(image, "n_frames", 1) if fmt == "TIFF" else 1):
-            image.seek(index)
+        # Page after page, until the last or the limit: not `n_frames`, which walks every
+        # page's header first (in time squared in their number, with Pillow's loop check).
+        for index in itertools.count():
+            if index and (fmt != "TIFF" or not _next_page(image, index)):
+                break
             w, h = image.size
             total += max(w * h, min_page_px if index else 0)
             if total > max_pixels:
@@ -226,8 +241,9 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                                f"limit {max_pixels}")  # fmt: skip
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
-                turn = exif_orientation(image) if fmt == "PNG" else 1
-                page = _16bit_colour_page(data, fmt, index, turn)
+                planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
+                turn = exif_orientation(image) if fmt == "PNG" or planar else 1
+                page = _16bit_colour_page(data, fmt, index, turn, planar)
                 if page is not None:
                     pages.append(page)
                     continue
@@ -238,6 +254,15 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     except Exception as e:  # decoders fail their own ways on corrupt data
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, fmt, meta)
+
+
+def _next_page(image, index: int) -> bool:
+    """Seeks page `index` of a TIFF; False where there is none."""
+    try:
+        image.seek(index)
+    except EOFError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- encoding

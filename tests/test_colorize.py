@@ -1022,6 +1022,42 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
     assert picture_files.output_format(decoded, "png") == "PNG16"
 
 
+def test_a_16bit_tiff_of_colour_planes_is_read_at_16_bits_upright() -> None:
+    """One plane a channel (PlanarConfiguration 2), which OpenCV and Pillow read as if the
+    samples were interleaved: read with tifffile, its alpha kept, turned by its tag."""
+    import tifffile
+
+    rng = np.random.default_rng(5)
+    rgba16 = rng.integers(0, 65536, (4, 3, 5), dtype=np.uint16)  # planes first
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgba16, photometric="rgb", planarconfig="separate",
+                     extrasamples=["unassalpha"], extratags=[(274, 3, 1, 6, True)])  # fmt: skip
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    upright = np.rot90(rgba16.transpose(1, 2, 0), k=-1)  # orientation 6: a quarter clockwise
+    assert page.bits == 16 and np.array_equal(page.alpha, upright[..., 3])
+    got = (page.rgb[0].permute(1, 2, 0).numpy() * 65535).round()
+    assert np.array_equal(got, upright[..., :3])
+
+
+def test_a_16bit_tiff_of_premultiplied_alpha_comes_out_unpremultiplied() -> None:
+    colour, alpha = 20000, np.arange(1, 21, dtype=np.uint16).reshape(4, 5) * 3000
+    stored = np.dstack([(colour * alpha.astype(np.float64) / 65535).astype(np.uint16)] * 3
+                       + [alpha])  # fmt: skip
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, stored, photometric="rgb", extrasamples=["assocalpha"])
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    error = np.abs(page.rgb[0].numpy() * 65535 - colour)  # read at 8 bits, then divided:
+    assert error[:, alpha >= 2**14].max() < 0.03 * colour  # coarse where alpha is small
+
+
+def test_an_xmp_orientation_is_found_in_a_megabyte_of_white_space() -> None:
+    """A small compressed PNG can hold that much XMP: its search takes time linear in it."""
+    xmp = b"<x:xmpmeta>" + b" " * 2**20 + b'<rdf:Description tiff:Orientation="6"/>'
+    assert picture_files._upright_xmp(xmp) == xmp.replace(b' tiff:Orientation="6"', b"")
+
+
 def test_16bit_gray_png_transparency_becomes_its_alpha() -> None:
     gray16 = (np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000).astype(np.uint16)
     png = save(Image.fromarray(gray16), "PNG", transparency=4000)  # tRNS: level 4000 clear
