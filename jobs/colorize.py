@@ -979,7 +979,8 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
         return None
     meta = read_metadata(image)
     exif = exif_bytes(meta, provenance, EXIF_SEGMENT_MAX)
-    return app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc), exif_orientation(image)
+    segments = app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc, dpi=meta.dpi)
+    return segments, exif_orientation(image)
 
 
 def _reason(error: Exception) -> str:

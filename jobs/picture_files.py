@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import re
 import struct
 import zlib
@@ -71,6 +72,7 @@ class Metadata:
     exif: Any = None  # PIL.Image.Exif without the orientation tag
     xmp: bytes | None = None
     iptc: bytes | None = None
+    dpi: tuple[float, float] | None = None  # (across, down) of the upright picture
 
 
 @dataclass
@@ -121,7 +123,21 @@ def read_metadata(image) -> Metadata:
     elif len(source):
         exif.load(source.tobytes())
     exif.pop(EXIF_ORIENTATION, None)
-    return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc))
+    return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
+                    dpi=_upright_dpi(image))  # fmt: skip
+
+
+def _upright_dpi(image) -> tuple[float, float] | None:
+    """The print resolution Pillow read (JFIF density, PNG pHYs, TIFF resolution tags in
+    inches or centimetres), across and down the picture once upright; None without one."""
+    dpi = image.info.get("dpi")
+    try:
+        x, y = (float(v) for v in dpi)
+    except (TypeError, ValueError):
+        return None
+    if not (0 < x < math.inf and 0 < y < math.inf):
+        return None
+    return (y, x) if exif_orientation(image) in (5, 6, 7, 8) else (x, y)  # a quarter turn
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -323,6 +339,9 @@ def encode_png16(
     chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))]
     if meta.icc:
         chunks.append(_png_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(meta.icc)))
+    if meta.dpi:  # pixels a metre
+        x, y = (round(d / 0.0254) for d in meta.dpi)
+        chunks.append(_png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1)))
     chunks.append(_png_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")))
     if meta.xmp:
         chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + meta.xmp))
@@ -360,8 +379,9 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
             pixels, extra = _as_16bit(rgb), None
             if page.alpha is not None:
                 pixels, extra = np.dstack([pixels, _as_16bit(page.alpha)]), ["unassalpha"]
+            resolution = {"resolution": meta.dpi, "resolutionunit": "INCH"} if meta.dpi else {}
             tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
-                       extratags=tags, metadata=None, software=False)  # fmt: skip
+                       extratags=tags, metadata=None, software=False, **resolution)  # fmt: skip
     return buffer.getvalue()
 
 
@@ -398,7 +418,7 @@ def encode(
         if page.alpha is not None:  # 8 bits here, as the colour
             image.putalpha(Image.fromarray(_as_8bit(page.alpha)))
         images.append(image)
-    kwargs: dict[str, Any] = {"exif": exif}
+    kwargs: dict[str, Any] = {"exif": exif, "dpi": meta.dpi}  # (WebP keeps no resolution)
     if meta.icc:
         kwargs["icc_profile"] = meta.icc
     if fmt == "JPEG":
@@ -447,11 +467,22 @@ def iptc_segment(iptc: bytes) -> bytes:
     )
 
 
-def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: bytes | None) -> bytes:
+def app_segments(
+    exif: bytes,
+    *,
+    icc: bytes | None,
+    xmp: bytes | None,
+    iptc: bytes | None,
+    dpi: tuple[float, float] | None = None,
+) -> bytes:
     """The APP segments that carry a source's metadata into a JPEG, in the usual order:
-    APP1 EXIF (``exif`` as PIL's ``Exif.tobytes()`` gives it), APP1 XMP, APP2 ICC (split
-    into numbered chunks as the ICC spec requires), APP13 IPTC."""
+    APP0 JFIF with the print resolution (`dpi`, where given: it replaces the encoder's, see
+    `with_segments`), APP1 EXIF (``exif`` as PIL's ``Exif.tobytes()`` gives it), APP1 XMP,
+    APP2 ICC (split into numbered chunks as the ICC spec requires), APP13 IPTC."""
     parts = []
+    if dpi:  # JFIF 1.01, density in dots an inch, no thumbnail
+        x, y = (min(max(round(d), 1), 0xFFFF) for d in dpi)
+        parts.append(_segment(0xE0, b"JFIF\0\x01\x01\x01" + struct.pack(">HH", x, y) + b"\0\0"))
     if exif:
         body = exif if exif.startswith(_EXIF_HEADER) else _EXIF_HEADER + exif
         if len(body) <= _APP_PAYLOAD_MAX:  # a larger EXIF cannot be carried by APP1: dropped
@@ -471,13 +502,16 @@ def app_segments(exif: bytes, *, icc: bytes | None, xmp: bytes | None, iptc: byt
 
 def with_segments(jpeg: bytes, segments: bytes) -> bytes:
     """``jpeg`` with ``segments`` inserted after its SOI and the JFIF APP0 an encoder writes
-    first (JFIF requires APP0 right after SOI); any APP1 / APP2 the encoder wrote stays."""
+    first (JFIF requires APP0 right after SOI), or in place of that APP0 where ``segments``
+    begin with one of their own; any APP1 / APP2 the encoder wrote stays."""
     if not jpeg.startswith(_SOI):
         raise ValueError("not a JPEG stream (no SOI marker)")
-    at = len(_SOI)
-    if jpeg[at : at + 2] == b"\xff\xe0":
-        at += 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
-    return jpeg[:at] + segments + jpeg[at:]
+    start = end = len(_SOI)  # end: of the encoder's APP0, where it wrote one
+    if jpeg[start : start + 2] == b"\xff\xe0":
+        end = start + 2 + struct.unpack(">H", jpeg[start + 2 : start + 4])[0]
+    if segments.startswith(b"\xff\xe0"):  # an APP0 of their own: the encoder's goes
+        return _SOI + segments + jpeg[end:]
+    return jpeg[:end] + segments + jpeg[end:]
 
 
 def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:

@@ -1052,6 +1052,34 @@ def test_a_16bit_tiff_of_premultiplied_alpha_comes_out_unpremultiplied() -> None
     assert error[:, alpha >= 2**14].max() < 0.03 * colour  # coarse where alpha is small
 
 
+@pytest.mark.parametrize("source", ["JPEG", "PNG", "TIFF"])
+def test_the_print_resolution_is_carried_into_every_output_format(source) -> None:
+    """A scan's dots an inch (JFIF density, PNG pHYs, TIFF resolution tags) come out as
+    they went in, across and down the upright picture (orientation 6 swaps them)."""
+    rgb = photo_rgb("coffee", 40)[:30]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn clockwise: 30 x 40 stored, 40 x 30 upright
+    data = save(Image.fromarray(rgb), source, dpi=(600, 300), exif=exif.tobytes())
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.meta.dpi == pytest.approx((300, 600), rel=1e-4)
+    upright = np.rot90(rgb, k=-1).copy()
+    for fmt, pixels in (("JPEG", upright), ("PNG", upright), ("TIFF", upright),
+                        ("PNG16", upright.astype(np.uint16) * 257),
+                        ("TIFF16", upright.astype(np.uint16) * 257)):  # fmt: skip
+        out = Image.open(io.BytesIO(picture_files.encode([pixels], decoded, fmt, "p", 90)))
+        assert out.size == (30, 40) and out.info["dpi"] == pytest.approx((300, 600), rel=1e-4)
+
+    # The device path's JPEG: its encoder's own JFIF segment is replaced by the source's.
+    segments = picture_files.app_segments(b"", icc=None, xmp=None, iptc=None, dpi=(300, 600))
+    encoded = save(Image.fromarray(upright), "JPEG", dpi=(72, 72))
+    spliced = picture_files.with_segments(encoded, segments)
+    assert spliced.count(b"JFIF\0") == 1 and Image.open(io.BytesIO(spliced)).info["dpi"] == (
+        300, 600,
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(spliced))),
+                          np.asarray(Image.open(io.BytesIO(encoded))))  # fmt: skip
+
+
 def test_an_xmp_orientation_is_found_in_a_megabyte_of_white_space() -> None:
     """A small compressed PNG can hold that much XMP: its search takes time linear in it."""
     xmp = b"<x:xmpmeta>" + b" " * 2**20 + b'<rdf:Description tiff:Orientation="6"/>'
