@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import math
 import re
 import struct
 import zlib
@@ -122,22 +121,40 @@ def read_metadata(image) -> Metadata:
         exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
     elif len(source):
         exif.load(source.tobytes())
+    if exif_orientation(image) in (5, 6, 7, 8) and 0x011A in exif and 0x011B in exif:
+        exif[0x011A], exif[0x011B] = exif[0x011B], exif[0x011A]  # across and down, upright
     exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
                     dpi=_upright_dpi(image))  # fmt: skip
 
 
 def _upright_dpi(image) -> tuple[float, float] | None:
-    """The print resolution Pillow read (JFIF density, PNG pHYs, TIFF resolution tags in
-    inches or centimetres), across and down the picture once upright; None without one."""
-    dpi = image.info.get("dpi")
+    """The print resolution the file holds (JFIF density, EXIF resolution in a JPEG, PNG
+    pHYs, TIFF resolution tags), in dots an inch across and down the picture once upright;
+    None without one (Pillow fills in 72 for a JPEG and 1 for a TIFF that say nothing), or
+    outside 1 to 65,535, which a JPEG cannot hold."""
     try:
-        x, y = (float(v) for v in dpi)
-    except (TypeError, ValueError):
+        x, y = (float(v) for v in _stated_dpi(image))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    if not (0 < x < math.inf and 0 < y < math.inf):
+    if not (1 <= x <= 0xFFFF and 1 <= y <= 0xFFFF):
         return None
     return (y, x) if exif_orientation(image) in (5, 6, 7, 8) else (x, y)  # a quarter turn
+
+
+def _stated_dpi(image) -> tuple[Any, Any] | None:
+    """(across, down) as stored, in dots an inch, where the file states them."""
+    if image.format == "TIFF":
+        stated = 282 in image.tag_v2 and image.tag_v2.get(296, 2) in (2, 3)  # inch, cm
+        return image.info.get("dpi") if stated else None
+    if image.format in ("JPEG", "MPO") and image.info.get("jfif_unit") not in (1, 2):
+        exif = image.getexif()  # where Pillow reads both from XResolution
+        if 0x011A not in exif or exif.get(0x0128) not in (2, 3):
+            return None
+        scale = 2.54 if exif[0x0128] == 3 else 1.0
+        x = float(exif[0x011A])
+        return x * scale, float(exif.get(0x011B, x)) * scale
+    return image.info.get("dpi")
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -214,8 +231,11 @@ def _16bit_colour_page(
     if planar:
         import tifffile
 
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            pixels = tif.pages[index].asarray()  # (samples, H, W), RGB(A)
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                pixels = tif.pages[index].asarray()  # (samples, H, W), RGB(A)
+        except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
+            raise BadImage(f"a 16-bit TIFF of colour planes that does not read: {error}") from None
         pixels = pixels[[2, 1, 0, 3][: len(pixels)]].transpose(1, 2, 0)  # as OpenCV's
     elif fmt == "PNG":
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)

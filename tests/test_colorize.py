@@ -1080,6 +1080,25 @@ def test_the_print_resolution_is_carried_into_every_output_format(source) -> Non
                           np.asarray(Image.open(io.BytesIO(encoded))))  # fmt: skip
 
 
+def test_a_picture_without_a_print_resolution_gets_none() -> None:
+    """Pillow reads 72 dpi into a JPEG and 1 into a TIFF that say nothing: not carried. An
+    EXIF resolution is, its across and down swapped with the picture's quarter turn."""
+    rgb = photo_rgb("coffee", 24)
+    plain_jpeg = save(Image.fromarray(rgb), "JPEG")  # JFIF density 1:1, no unit
+    plain_tiff = save(Image.fromarray(rgb), "TIFF")
+    for data in (plain_jpeg, plain_tiff):
+        decoded = picture_files.decode(data, 10**6)
+        assert decoded.meta.dpi is None
+        for fmt in ("PNG", "TIFF"):
+            out = Image.open(io.BytesIO(picture_files.encode([rgb], decoded, fmt, "p", 90)))
+            assert "dpi" not in out.info if fmt == "PNG" else 282 not in out.tag_v2
+    exif = Image.Exif()
+    exif[0x0112], exif[0x011A], exif[0x011B], exif[0x0128] = 6, 600.0, 300.0, 2
+    turned = save(Image.fromarray(rgb), "JPEG", exif=exif.tobytes())
+    meta = picture_files.decode(turned, 10**6).meta
+    assert meta.dpi == (300, 600) and (meta.exif[0x011A], meta.exif[0x011B]) == (300, 600)
+
+
 def test_an_xmp_orientation_is_found_in_a_megabyte_of_white_space() -> None:
     """A small compressed PNG can hold that much XMP: its search takes time linear in it."""
     xmp = b"<x:xmpmeta>" + b" " * 2**20 + b'<rdf:Description tiff:Orientation="6"/>'
