@@ -55,7 +55,6 @@ from jobs.images import (
 
 WORK_DIR = "_prepare"
 ERRORS_FILE = "errors.json"
-NOT_A_FILE = "archive member is not a regular file (link/device)"
 READ_PROBES = 4  # files read before any work: refused all, the credentials cannot read SRC
 TASK_BASE_BYTES = 512 * 2**20  # a conversion task's interpreter, PIL and pyarrow, beyond its data
 TASK_RETRIES = 3  # tries of a group whose task was killed, after its first
@@ -334,13 +333,13 @@ def _group_inputs(group: dict, cfg: PrepareConfig):
     keys: set[str] = set()
     for member in files:  # each read apart: a damaged member costs only itself
         key = f"{group['class']}/{member.name.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
-        if key in keys:
-            data: bytes | Exception = BadImage(f"another member has the key {key!r}")
-        elif not member.isfile():  # a link (hard or symbolic), a device: an input unread
-            data = BadImage(NOT_A_FILE)
+        if not member.isfile():  # a link (hard or symbolic), a device: an input unread
+            data: bytes | Exception = BadImage(tars.NOT_A_FILE)
+        elif key in keys:
+            data = BadImage(f"another member has the key {key!r}")
         else:
             data = _member_bytes(inner, member, cfg)
-        keys.add(key)
+            keys.add(key)
         yield key, group["label"], f"{tar_source}/{member.name}", data
     if damage:  # the members after it, if any, are lost: the class tar is an error row too
         lost = BadImage(f"unreadable tar {tars.after(listed)}: {damage}")

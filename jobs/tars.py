@@ -40,6 +40,7 @@ def damage(archive: tarfile.TarFile) -> str | None:
     return getattr(archive, "damage", None)
 
 
+NOT_A_FILE = "archive member is not a regular file (link/device)"
 DAMAGE_ERRORS = (tarfile.TarError, EOFError, ValueError, ArithmeticError)
 """What `tarfile` raises on a damaged archive: its own errors, and the parsing's of a header
 field that is not a number (a pax ``GNU.sparse.map`` of letters, say)."""
