@@ -42,11 +42,14 @@ _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 READ_EACH_MAX_BYTES = 256 * 2**20  # bytes `read_each` holds read ahead at most
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)  # fmt: skip
-# A request the store refuses as it is: s3fs raises S3's InvalidRange, InvalidArgument,
-# InvalidBucketName, a bare 400 and the like as OSError(EINVAL); an object or name too large
-# as EMSGSIZE or ENAMETOOLONG; the same request fails again.
+# A local request refused as it is (the same call fails again).
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.EPERM,
                                errno.EACCES, errno.EROFS})  # fmt: skip
+# S3's refusals of a request as it is, which s3fs raises as OSError(EINVAL) and the like;
+# others it raises so (IncompleteBody, BadDigest: a transfer damaged on its way) may pass.
+S3_REFUSED_REQUESTS = frozenset({"InvalidRange", "InvalidArgument", "InvalidBucketName",
+                                 "InvalidURI", "InvalidRequest", "KeyTooLongError",
+                                 "EntityTooLarge", "EntityTooSmall", "MalformedXML"})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,9 +191,12 @@ def is_transient(error: BaseException) -> bool:
     """Whether an I/O error may pass if the call is made again (not a missing file, nor a
     refusal)."""
     kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
-    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
+    if not isinstance(error, kinds) or isinstance(error, _PERMANENT):
         return False
-    return isinstance(error, kinds) and not isinstance(error, _PERMANENT)
+    code, status = _s3_reply(error)
+    if code is not None or status is not None:  # S3's answer
+        return code not in S3_REFUSED_REQUESTS and status != 416
+    return not (isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS)
 
 
 @functools.cache

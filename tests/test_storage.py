@@ -368,5 +368,15 @@ def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> No
     with pytest.raises(OSError) as refused:
         storage.read_range(url, 100, 5)
     assert refused.value.errno == errno.EINVAL and pauses == []
-    assert not storage.is_transient(OSError(errno.EMSGSIZE, "EntityTooLarge"))
-    assert storage.is_transient(OSError(errno.EIO, "InternalError"))  # still asked again
+    assert not storage.is_transient(OSError(errno.EINVAL, "invalid argument"))  # a local one
+
+    def s3_error(code: str) -> OSError:  # as s3fs raises S3's replies
+        from botocore.exceptions import ClientError
+
+        error = OSError(errno.EINVAL, code)
+        error.__cause__ = ClientError({"Error": {"Code": code}}, "PutObject")
+        return error
+
+    assert not storage.is_transient(s3_error("EntityTooLarge"))
+    assert storage.is_transient(s3_error("IncompleteBody"))  # damaged on the way: again
+    assert storage.is_transient(OSError(errno.EIO, "InternalError"))
