@@ -642,8 +642,10 @@ NOT_WHOLE_JPEG = "not a whole JPEG: cut short, or empty"
 
 
 def _whole_jpeg(data: memoryview | bytes) -> bool:
-    """Whether `data` starts and ends as a JPEG does (the start and end markers)."""
-    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and bytes(data[-2:]) == b"\xff\xd9"
+    """Whether `data` starts and ends as a JPEG does (the start and end markers; zeros
+    after the end, as some writers pad, are no cut)."""
+    tail = bytes(data[-64:]).rstrip(b"\0")
+    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and tail.endswith(b"\xff\xd9")
 
 
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:

@@ -387,6 +387,7 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
 
     assert _whole_jpeg(memoryview(data)) and not _whole_jpeg(memoryview(data[:-400]))
     assert not _whole_jpeg(memoryview(b"")) and not _whole_jpeg(b"\xff\xd9")
+    assert _whole_jpeg(data + bytes(10))  # padded with zeros: whole
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 
