@@ -6,9 +6,11 @@
 DATA is a prepared dataset (`jobs.dataset`) or, with ``--split``, a folder of images such as
 an ImageNet val folder (flat or in class folders). The split list has one ``<path> [<label>]``
 per line (``ctest10k.txt``: 10k val images with their class index; a label is optional). A
-listed file is found by its path below DATA or, failing that, by its file name; the number
-of listed files not found is reported before any work starts. With a prepared dataset a split
-keeps the listed images (matched by file stem), labelled by the split if it has labels.
+listed file is found by its path below DATA or, failing that, by its file name, and keyed
+by the path as listed; the number of listed files not found is reported before any work
+starts. With a prepared dataset a split keeps the listed images (matched by file stem; where
+images of several folders have it, by the line's folders too, and refused where that leaves
+more than one), labelled by the split if it has labels.
 
 Protocol, stated in every output:
 

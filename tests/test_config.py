@@ -143,11 +143,12 @@ def test_a_json_key_given_twice_is_refused(tmp_path, capsys) -> None:
     assert "c.json: key 'width' is given twice" in capsys.readouterr().err
 
 
-def test_a_yaml_merge_key_is_not_a_key_given_twice(tmp_path) -> None:
+def test_a_yaml_merge_key_is_not_a_key_given_twice(tmp_path, capsys) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("base: &base {lr: 0.5}\n<<: *base\nlr: 0.25\n")
     with pytest.raises(SystemExit):  # `base` is no field: the merge itself was read
         parse("--config", str(path))
+    assert "unknown config key(s) ['base']" in capsys.readouterr().err
     path.write_text("<<: {lr: 0.5, lr_drop_steps: [3]}\nlr: 0.25\n")
     cfg = parse("--config", str(path))
     assert cfg.lr == 0.25 and cfg.lr_drop_steps == (3,)
