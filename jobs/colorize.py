@@ -100,6 +100,7 @@ WHOLE_STAGE_PIXELS = 1 << 26  # full-size pixels (4 bytes each) a fused stage ho
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
 TAR_NOT_FILE = tars.NOT_A_FILE
 ZIP_NOT_FILE = "archive member is not a regular file (link)"
+READ_BLOCK_BYTES = 2 << 20  # of input files a block of rows holds: about a batch of scans
 INDEX_REREADS = 0.05  # of a split archive's size, at most, read again as its parts' indexes
 INDEX_REREADS_FLOOR = 1 << 26  # bytes of index re-reads allowed whatever the archive's size
 ZIP_ENTRY_BYTES = 46  # fixed part of a zip central-directory entry (APPNOTE 4.3.12)
@@ -1323,13 +1324,12 @@ def _run_on_ray(
         f"{', each doing every stage' if fused else ''}; JPEGs coded {where}"
     )
     rows = [{"unit": json.dumps(u)} for u in units]
-    ds = (
-        ray.data.from_items(rows, override_num_blocks=len(rows))
-        .flat_map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus / 2)
-        # Streaming split into batch-sized blocks: one archive or file group feeds every
-        # decode task and model actor, not one of each.
-        .repartition(target_num_rows_per_block=cfg.batch_size)
-    )
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # The reads' rows in blocks of about READ_BLOCK_BYTES, as they come: one archive or file
+    # group feeds every model actor, not one. (A repartition would split them with tasks of
+    # a whole CPU each, which the actors leave no room for on a node of one or two CPUs.)
+    ds.context.target_max_block_size = READ_BLOCK_BYTES
+    ds = ds.flat_map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus / 2)
     model_kwargs = {"cfg": cfg, "int8": int8, "model_sha256": model_sha256}
     model_stage = {
         "compute": ray.data.ActorPoolStrategy(size=actors),

@@ -89,3 +89,23 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
     read = colorize_manifest.archives_read(colorize_manifest.compact(str(dst), None))
     album = (src / "album.zip").stat().st_size
     assert read[str(src / "album.zip")] == (8, album)  # read through, once all its parts were
+
+
+def test_a_ray_instance_of_one_cpu_colorizes_a_tar(tmp_path: Path) -> None:
+    """The model actor takes half the CPU and the reads an eighth: no stage of the pipeline
+    may ask for a whole one (it would wait for ever)."""
+    torch.manual_seed(0)
+    weights.save_checkpoint(str(tmp_path / "tiny.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
+    (tmp_path / "in").mkdir()
+    members = {f"roll/frame{i:02d}.jpg": encode(gray((30, 40 + i))) for i in range(12)}
+    (tmp_path / "in" / "roll.tar").write_bytes(tar_bytes(members))
+    script = f"""
+import ray
+from jobs import colorize
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+cfg = colorize.ColorizeConfig(input={str(tmp_path / "in")!r}, output={str(tmp_path / "out")!r},
+                              model={str(tmp_path / "tiny.pt")!r})
+print("outputs", colorize.main(cfg).outputs)
+"""
+    out = run([sys.executable, "-c", script], cwd=ROOT, timeout=180)
+    assert "outputs 12" in out
