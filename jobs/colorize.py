@@ -1388,6 +1388,25 @@ def _read_through(units: list[dict], cfg: ColorizeConfig, provenance: dict) -> N
         manifest.write_part([_finish_row(r, cfg, provenance) for r in rows], cfg.output, cfg.s3)
 
 
+def _check_same_colours(inputs, model_sha256: str, cfg: ColorizeConfig) -> None:
+    """Refuses to go on with an OUTPUT whose outputs another model or temperature made (a
+    training run's folder as --model names its newest checkpoint, which may have changed):
+    the archive would hold colours of two. The manifest's rows say which made each."""
+    ok = inputs.filter(pc.equal(inputs.column("status"), "ok"))
+    other = pc.or_(
+        pc.not_equal(ok.column("model_sha256"), model_sha256),
+        pc.not_equal(ok.column("temperature"), cfg.temperature),
+    )
+    if n := pc.sum(other).as_py():
+        first = ok.filter(other).slice(0, 1).to_pylist()[0]
+        raise ValueError(
+            f"{cfg.output} holds {n} outputs of another model or temperature (model "
+            f"{first['model_sha256'][:12]} at {first['temperature']}, this run "
+            f"{model_sha256[:12]} at {cfg.temperature}): give another OUTPUT, or the model "
+            "and temperature that made them"
+        )
+
+
 def main(cfg: ColorizeConfig) -> Summary:
     from jobs.models import load_model
     from jobs.runtime import check_gpus
@@ -1403,6 +1422,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
     inputs = manifest.inputs_only(rows)
     done = inputs.filter(pc.equal(inputs.column("status"), "ok")) if cfg.retry_errors else inputs
+    _check_same_colours(inputs, loaded.sha256, cfg)
     read = manifest.archives_read(rows)
     units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read)
     print(

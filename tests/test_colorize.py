@@ -1284,6 +1284,24 @@ def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_p
     assert np.abs(got - rgb / 255).max() > 0.05  # and it did change the colours
 
 
+def test_an_output_of_another_model_or_temperature_is_not_gone_on_with(tmp_path) -> None:
+    """Its outputs and a re-run's would be colours of two models (a training run's folder
+    as --model names its newest checkpoint): refused before any work, naming both."""
+    from colorcore import weights
+
+    weights.save_checkpoint(str(tmp_path / "a.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
+    (tmp_path / "cat.png").write_bytes(encode(gray((16, 16)), "PNG"))
+    cfg = config(str(tmp_path / "cat.png"), str(tmp_path / "out"), str(tmp_path / "a.pt"))
+    assert colorize.main(cfg).outputs == 1
+    assert colorize.main(cfg).outputs == 1  # the same again: done already
+    with pytest.raises(ValueError, match=r"holds 1 outputs of another model or temperature"):
+        colorize.main(dataclasses.replace(cfg, temperature=0.5))
+    torch.manual_seed(1)
+    weights.save_checkpoint(str(tmp_path / "b.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
+    with pytest.raises(ValueError, match=r"at 0.38, this run [0-9a-f]{12} at 0.38"):
+        colorize.main(dataclasses.replace(cfg, model=str(tmp_path / "b.pt")))
+
+
 def test_one_local_image_is_colorized_without_importing_ray(tmp_path) -> None:
     """The single-image use starts fast: it never imports Ray (0.4 s with what it brings)."""
     import subprocess
