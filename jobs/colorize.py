@@ -1452,7 +1452,9 @@ def main(cfg: ColorizeConfig) -> Summary:
 def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     """Compact the manifest parts, check that every input is accounted for exactly once and
     write the manifest."""
-    table = manifest.inputs_only(manifest.compact(cfg.output, cfg.s3))
+    rows = manifest.compact(cfg.output, cfg.s3)
+    table = manifest.inputs_only(rows)
+    short = _archives_short(rows, table, top_level)
     status = table.column("status")
     ok, errors = (int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in ("ok", "error"))
     images = pa.array([u for u in top_level if _kind(u) == "image"], pa.string())
@@ -1466,11 +1468,13 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
         print(f"  error {row['source']}: {row['reason']}")
     if errors > 10:
         print(f"  ... and {errors - 10} more, see the manifest")
-    if missing or absent or repeated or table.num_rows != ok + errors:
+    if missing or short or absent or repeated or table.num_rows != ok + errors:
         raise RuntimeError(
             f"accounting failed: {len(missing)} inputs without a manifest row "
-            f"{missing[:3]}, {len(absent)} outputs not on storage {sorted(absent)[:3]}, "
-            f"{repeated} outputs written by two inputs"
+            f"{missing[:3]}, {len(short)} archives with fewer member rows than members "
+            f"{short[:3]}, {len(absent)} outputs not on storage {sorted(absent)[:3]}, "
+            f"{repeated} outputs written by two inputs (the same command again does what "
+            "is missing)"
         )
     url = storage.join(cfg.output, WORK_DIR, f"manifest.{cfg.manifest_format}")
     buffer = io.BytesIO()
@@ -1485,6 +1489,21 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     storage.write_bytes(url, buffer.getvalue(), cfg.s3)
     print(f"colorize: manifest {url}")
     return Summary(table.num_rows, ok, errors, skipped, url, table)
+
+
+def _archives_short(rows: pa.Table, inputs: pa.Table, top_level: list[str]) -> list[str]:
+    """The archives read through (a READ row with their number of members) that have fewer
+    member rows among `inputs` than that, each with its counts. Top-level files named like
+    an archive's members (``a.zip!x.png`` beside ``a.zip``) are not its members."""
+    sources, tops = sorted(inputs.column("source").to_pylist()), sorted(top_level)
+    short = []
+    for archive, (members, _) in sorted(manifest.archives_read(rows).items()):
+        mark = archive + _separator(_kind(archive))
+        others = _starting_with(tops, mark)
+        have = sum(not _within(m, others) for m in _starting_with(sources, mark))
+        if have < members:
+            short.append(f"{archive}: {have} of {members}")
+    return short
 
 
 def _listed_outputs(cfg: ColorizeConfig) -> list[str]:

@@ -1284,6 +1284,31 @@ def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_p
     assert np.abs(got - rgb / 255).max() > 0.05  # and it did change the colours
 
 
+def test_the_accounting_counts_each_archive_read_through_by_its_member_rows() -> None:
+    """An archive's READ row says how many members it has; a member row lost on the way
+    (an archive with fewer rows than that) fails the final accounting, while a file beside
+    the archive named like one of its members is no member of it."""
+    manifest = colorize_manifest
+
+    def row(source: str, status: str = "ok", reason: str = "") -> dict:
+        return {"source": source, "status": status, "reason": reason}
+
+    rows = [
+        row("/in/a.tar", manifest.READ, manifest.read_through_reason(3, 100)),
+        row("/in/a.tar!x.png"), row("/in/a.tar!y.png", "error", "corrupt"),
+        row("/in/a.tar!z.png"),  # a file of its own beside a.tar
+        row("/in/b.zip", manifest.READ, manifest.read_through_reason(1, 50)),
+        row("/in/b.zip!p.jpg"),
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows)
+    tops = ["/in/a.tar", "/in/a.tar!z.png", "/in/b.zip"]
+    short = colorize._archives_short(table, manifest.inputs_only(table), tops)
+    assert short == ["/in/a.tar: 2 of 3"]
+    rows.append(row("/in/a.tar!w.png"))
+    table = pa.Table.from_pylist(rows)
+    assert colorize._archives_short(table, manifest.inputs_only(table), tops) == []
+
+
 def test_an_output_of_another_model_or_temperature_is_not_gone_on_with(tmp_path) -> None:
     """Its outputs and a re-run's would be colours of two models (a training run's folder
     as --model names its newest checkpoint): refused before any work, naming both."""
