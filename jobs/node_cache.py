@@ -146,6 +146,8 @@ class NodeCache:
             if (files := self._mapped(path, rows)) is not None:  # read by another meanwhile
                 return files
             files = read()
+            if len(files) and not files.nbytes:  # a damaged row group's stand-in: not kept,
+                return files  # so that it is read again once the shard is whole
             shared = self._mapped(path, rows) if self._save(path, files) else None
             return files if shared is None else shared
         finally:

@@ -84,9 +84,11 @@ def write_report(cfg: TrainConfig, run_url: str | None = None) -> dict[str, floa
         k=cfg.soft_encode_k,
         sigma=cfg.soft_encode_sigma,
     )
-    if len(crops):  # (a validation set of gray images only has none)
-        grid = sample_grid(model, crops[:8])
-        storage.write_bytes(storage.join(run_url, "samples.png"), grid, cfg.s3)
+    if not result.images:  # a validation set of gray images only: nothing measured
+        print(f"the held-out set {cfg.val_data} has no colour image: no held-out figures")
+        return {}
+    grid = sample_grid(model, crops[:8])
+    storage.write_bytes(storage.join(run_url, "samples.png"), grid, cfg.s3)
     print(format_summary(result))
     verdict = "beats" if result.auc_rebalanced > result.gray_auc_rebalanced else "does NOT beat"
     print(f"the model {verdict} the gray baseline in rebalanced AuC; plots and export in {run_url}")

@@ -200,6 +200,21 @@ def test_the_reader_keeps_the_shared_copy_written_whole(tmp_path, monkeypatch) -
     cache.close()
 
 
+def test_a_damaged_row_groups_stand_in_is_not_kept(tmp_path) -> None:
+    """Empty files for every row (`DatasetIndex.read_jpegs` of a shard cut short): the
+    other workers, and later attempts, ask storage again rather than take black crops."""
+    cache, calls = open_cache(tmp_path), []
+
+    def read() -> JpegFiles:
+        calls.append(1)
+        return files_of(b"", b"") if len(calls) == 1 else files_of(b"\xff\xd8a", b"b")
+
+    assert contents(cache.get("k-0", read, 2)) == [b"", b""]
+    assert contents(cache.get("k-0", read, 2)) == [b"\xff\xd8a", b"b"] and len(calls) == 2
+    assert contents(cache.get("k-0", read, 2)) == [b"\xff\xd8a", b"b"] and len(calls) == 2
+    cache.close()
+
+
 def test_a_root_of_exactly_the_size_needed_is_used(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(node_cache, "_size", lambda root: 1000)
     cache = NodeCache.open(
