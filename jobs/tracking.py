@@ -160,6 +160,12 @@ class MetricsTracker(UserCallback):
             for step in [s for s in held if s >= new[0]["step"]]:
                 del held[step]
             held.update((r["step"], r) for r in new)
+        if "diverged" in metrics[0]:  # the run's last report: it stops here
+            for sink in self.sinks:
+                try:
+                    sink.fail()
+                except Exception as error:
+                    log.warning("tracking: %s failed: %s", sink, sink.scrub(str(error)))
 
 
 def _same(a: Row, b: Row) -> bool:
@@ -190,6 +196,9 @@ class TensorBoardSink:
 
     def scrub(self, text: str) -> str:
         return text
+
+    def fail(self) -> None:
+        """The run diverged: event files have no status to say so."""
 
     def write(self, rows: list[Row], *, purge: bool = False) -> None:
         """One event file of `rows`; with `purge`, it starts with a marker that hides what
@@ -299,6 +308,13 @@ class MLflowSink:
                 self._done_step, batch = row["step"], []
         if rows[-1]["step"] >= self.final_step:
             client.set_terminated(run_id, "FINISHED")
+
+    def fail(self) -> None:
+        """The run diverged: its MLflow run ends FAILED, not RUNNING for ever."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        client.set_terminated(self._run(client), "FAILED")
 
     def _run(self, client) -> str:
         """The id of the run recorded in the run folder, or of a new one (recorded at once,

@@ -102,6 +102,18 @@ def test_a_failing_tracker_warns_without_its_password_and_never_raises(
     assert "reading the metrics table failed" in caplog.text
 
 
+def test_a_diverged_run_ends_failed(store, tmp_path) -> None:
+    """Its last report says it diverged: the MLflow run ends FAILED, not RUNNING for ever."""
+    run_url = tmp_path / "run"
+    run_url.mkdir()
+    (run_url / "metrics.csv").write_bytes(_csv(rows(10, 20)))
+    tracker = MetricsTracker([sink(store, str(run_url))], run_url=str(run_url), s3=None)
+    tracker.after_report(None, [{"step": 20}], None)
+    assert history(store)[:2] == ([10, 20], "RUNNING")
+    tracker.after_report(None, [{"step": 25, "diverged": 25}], None)
+    assert history(store)[:2] == ([10, 20], "FAILED")
+
+
 def test_a_run_recorded_without_its_params_gets_them(store, tmp_path) -> None:
     """A driver that died between making the MLflow run and logging its params."""
     client = mlflow.MlflowClient(store)
