@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,9 @@ SHARD_SIZES = (7, 5, 6, 5)  # 23 images, two of them grayscale
 ROW_GROUP_ROWS = 3  # row groups of 3, 3, 1 | 3, 2 | 3, 3 | 3, 2 rows: the loader's units
 
 
-def write_dataset(root: str) -> None:
+def write_dataset(root: str, gray_rows: Iterable[int] = (3, 15)) -> None:
     """A prepared dataset written directly in the shard schema (no Ray needed): keys c/000 to
-    c/022 (rows 3 and 15 grayscale), label n % 2 of classes a and b."""
+    c/022 (`gray_rows` grayscale), label n % 2 of classes a and b."""
     import hashlib
 
     import pyarrow as pa
@@ -76,12 +77,12 @@ def write_dataset(root: str) -> None:
     from jobs import storage
     from jobs.dataset import SHARD_SCHEMA, Manifest, ShardInfo, shard_parquet
 
-    photo = photo_rgb("astronaut")
+    photo, gray_rows = photo_rgb("astronaut"), set(gray_rows)
     shards, n = [], 0
     for s, size in enumerate(SHARD_SIZES):
         rows = []
         for _ in range(size):
-            gray = n in (3, 15)
+            gray = n in gray_rows
             crop = photo[n * 10 : n * 10 + 40, n * 5 : n * 5 + 56]
             if gray:
                 crop = np.repeat(crop.mean(2, keepdims=True).astype(np.uint8), 3, axis=2)

@@ -339,6 +339,40 @@ def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
     assert not storage.list_files(cfg.run_url, suffix=CHECKPOINT_FILE)
 
 
+def test_a_held_out_set_of_gray_images_only_gives_no_final_figures(tmp_path, capsys) -> None:
+    """Nothing to measure (a prepared set keeps no gray image as an input): the report says
+    so and gives no figures, rather than zeros that read as measured; the plots and the
+    export are written all the same."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.prior import AbHistogram
+    from colorcore.weights import save_checkpoint
+    from jobs.train_loop import _csv
+    from jobs.train_report import write_report
+    from tests.support import write_dataset
+
+    write_dataset(str(tmp_path / "val"), gray_rows=range(23))
+    cfg = dataclasses.replace(
+        train.ci(),
+        storage=str(tmp_path / "runs"),
+        data=str(tmp_path / "train"),
+        val_data=str(tmp_path / "val"),
+    )
+    histogram = AbHistogram(np.ones(313, np.int64))
+    os.makedirs(tmp_path / "train")
+    with open(tmp_path / "train" / "prior.npz", "wb") as f:
+        histogram.save(f)
+    checkpoint = storage.join(cfg.run_url, checkpoint_dir_name(40), CHECKPOINT_FILE)
+    os.makedirs(os.path.dirname(checkpoint))
+    save_checkpoint(checkpoint, ColorizationNet(ModelConfig(width=1 / 16)),
+                    prior_counts=histogram.counts_Q, extra={"step": 40})  # fmt: skip
+    storage.write_bytes(storage.join(cfg.run_url, train.METRICS_FILE),
+                        _csv([{"step": 40, "loss": 5.0}]))  # fmt: skip
+    assert write_report(cfg) == {}
+    assert "has no colour image: no held-out figures" in capsys.readouterr().out
+    for name in ("curves.png", "model.safetensors"):
+        assert storage.exists(storage.join(cfg.run_url, name)), name
+
+
 def test_a_run_resumed_at_its_end_returns_its_final_figures(tmp_path) -> None:
     """Ray's result holds the last report it recorded a checkpoint with (step 20 here); a
     run resumed at its end reported its final figures without one: they come from the
