@@ -1326,10 +1326,14 @@ def _run_on_ray(
     rows = [{"unit": json.dumps(u)} for u in units]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # The reads' rows in blocks of about READ_BLOCK_BYTES, as they come: one archive or file
-    # group feeds every model actor, not one. (A repartition would split them with tasks of
-    # a whole CPU each, which the actors leave no room for on a node of one or two CPUs.)
+    # group feeds every model actor, not one. Where the actors leave a CPU, blocks are also
+    # cut to a batch of rows (small images cost the network as much as large ones, and the
+    # actors take them as they come): the repartition's tasks take a whole CPU each, which
+    # beside the actors of a node of one or two CPUs there is not, and it would wait for ever.
     ds.context.target_max_block_size = READ_BLOCK_BYTES
     ds = ds.flat_map(read_unit, fn_kwargs={"cfg": cfg}, num_cpus=cfg.task_cpus / 2)
+    if resources.get("CPU", 0) - actors * cfg.actor_cpus - cfg.task_cpus / 2 >= 1:
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     model_kwargs = {"cfg": cfg, "int8": int8, "model_sha256": model_sha256}
     model_stage = {
         "compute": ray.data.ActorPoolStrategy(size=actors),
@@ -1496,8 +1500,10 @@ def _archives_short(rows: pa.Table, inputs: pa.Table, top_level: list[str]) -> l
     member rows among `inputs` than that, each with its counts. Top-level files named like
     an archive's members (``a.zip!x.png`` beside ``a.zip``) are not its members."""
     sources, tops = sorted(inputs.column("source").to_pylist()), sorted(top_level)
-    short = []
+    listed, short = set(top_level), []
     for archive, (members, _) in sorted(manifest.archives_read(rows).items()):
+        if archive not in listed:  # gone from INPUT: no run reads it again to mend it
+            continue
         mark = archive + _separator(_kind(archive))
         others = _starting_with(tops, mark)
         have = sum(not _within(m, others) for m in _starting_with(sources, mark))

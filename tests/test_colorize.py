@@ -1304,6 +1304,8 @@ def test_the_accounting_counts_each_archive_read_through_by_its_member_rows() ->
     tops = ["/in/a.tar", "/in/a.tar!z.png", "/in/b.zip"]
     short = colorize._archives_short(table, manifest.inputs_only(table), tops)
     assert short == ["/in/a.tar: 2 of 3"]
+    inputs = manifest.inputs_only(table)
+    assert colorize._archives_short(table, inputs, tops[1:]) == []  # a.tar gone from INPUT
     rows.append(row("/in/a.tar!w.png"))
     table = pa.Table.from_pylist(rows)
     assert colorize._archives_short(table, manifest.inputs_only(table), tops) == []
