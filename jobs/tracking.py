@@ -137,6 +137,17 @@ class MetricsTracker(UserCallback):
         # already have rewritten the table for its next checkpoint.
         # Nothing here may stop training: what fails is sent again at the next report.
         try:
+            self._send(metrics)
+        finally:
+            if "diverged" in metrics[0]:  # the run's last report: it stops here
+                for sink in self.sinks:
+                    try:
+                        sink.fail()
+                    except Exception as error:
+                        log.warning("tracking: %s failed: %s", sink, sink.scrub(str(error)))
+
+    def _send(self, metrics: list[dict[str, Any]]) -> None:
+        try:
             reported = metrics[0]["step"]
             rows = [r for r in read_metrics(self.run_url, self.s3) if r["step"] <= reported]
         except Exception as error:
@@ -160,12 +171,6 @@ class MetricsTracker(UserCallback):
             for step in [s for s in held if s >= new[0]["step"]]:
                 del held[step]
             held.update((r["step"], r) for r in new)
-        if "diverged" in metrics[0]:  # the run's last report: it stops here
-            for sink in self.sinks:
-                try:
-                    sink.fail()
-                except Exception as error:
-                    log.warning("tracking: %s failed: %s", sink, sink.scrub(str(error)))
 
 
 def _same(a: Row, b: Row) -> bool:
@@ -326,8 +331,9 @@ class MLflowSink:
                 run = client.get_run(run_id)  # before anything is kept: a retry reads again
                 self._done_step = float(run.data.tags.get("colorcore.step", -1))
                 self._params_logged = bool(run.data.params)  # a driver may die before them
-                if run.info.status == "FINISHED" and self._done_step < self.final_step:
-                    client.update_run(run_id, status="RUNNING")  # resumed past its old end
+                if run.info.status in ("FINISHED", "FAILED") and self._done_step < self.final_step:
+                    client.update_run(run_id, status="RUNNING")  # resumed: past its old end,
+                    # or after it diverged, with other settings
                 self._run_id = run_id
             else:
                 run_id = self._create(client)

@@ -110,8 +110,12 @@ def test_a_diverged_run_ends_failed(store, tmp_path) -> None:
     tracker = MetricsTracker([sink(store, str(run_url))], run_url=str(run_url), s3=None)
     tracker.after_report(None, [{"step": 20}], None)
     assert history(store)[:2] == ([10, 20], "RUNNING")
+    (run_url / "metrics.csv").write_bytes(b"not,a\ntable")  # and the table does not read
     tracker.after_report(None, [{"step": 25, "diverged": 25}], None)
     assert history(store)[:2] == ([10, 20], "FAILED")
+    # Resumed with other settings (a lower --lr): running again
+    sink(store, str(run_url)).write(rows(10, 20, 30))
+    assert history(store)[:2] == ([10, 20, 30], "RUNNING")
 
 
 def test_a_run_recorded_without_its_params_gets_them(store, tmp_path) -> None:
