@@ -422,8 +422,17 @@ def _marker_url(cfg: PrepareConfig, group: int) -> str:
 
 
 def _plan_digest(classes: list[str], groups: list[dict]) -> str:
-    """Groups are matched to their done-markers by index: a re-run must plan the same."""
-    return hashlib.sha256(json.dumps([classes, groups], sort_keys=True).encode()).hexdigest()
+    """Groups are matched to their done-markers by index: a re-run must plan the same (its
+    files' URLs spelled one way: SRC given as s3a:// plans as s3://)."""
+
+    def spelled_one_way(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _canonical(v) if k == "url" else spelled_one_way(v)
+                    for k, v in value.items()}  # fmt: skip
+        return [spelled_one_way(v) for v in value] if isinstance(value, list) else value
+
+    plan = [classes, spelled_one_way(groups)]
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
 def _canonical(url: str) -> str:

@@ -361,6 +361,19 @@ def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
     assert prepare.task_memory([], cfg) == fixed
 
 
+def test_a_source_spelled_s3a_plans_as_the_same(s3_server) -> None:
+    """s3a:// and s3:// name one bucket: a re-run spelling SRC the other way resumes."""
+    for name in ("n01/a.jpg", "n01/b.jpg", "n02/c.jpg"):
+        storage.write_bytes(s3_server.url("spelled", name), encode(photo_rgb("coffee", 32)))
+    src = s3_server.url("spelled")
+    plans = [prepare.plan(config(url, s3_server.url("out"))) for url in (src, "s3a" + src[2:])]
+    (classes, groups), (classes_a, groups_a) = plans
+    assert groups_a[0]["items"][0]["url"].startswith("s3a://")  # read as spelled
+    assert prepare._plan_digest(classes, groups) == prepare._plan_digest(classes_a, groups_a)
+    fewer = [{**groups[0], "items": groups[0]["items"][:2]}, *groups[1:]]
+    assert prepare._plan_digest(classes, groups) != prepare._plan_digest(classes, fewer)
+
+
 def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="SRC and DST are required"):
         prepare.PrepareConfig(src=str(tmp_path))
