@@ -390,10 +390,7 @@ def plan(
         kind = _kind(url)
         if kind != "image" and not _in_work_dir(_output_text(rel)):  # there: refused whole
             prefix = _output_text(rel).rstrip("/")
-            mark = source + _separator(kind)
-            members = _starting_with(done_sorted, mark)
-            if others := _starting_with(sources_sorted, mark):  # files named "<archive>!..."
-                members = [m for m in members if not _within(m, others)]
+            members = _members(source, kind, done_sorted, sources_sorted)
             if source in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
                 continue
@@ -432,6 +429,17 @@ def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
         formats = [choice.upper(), "TIFF"] + (["PNG"] if choice == "jpeg" else [])
     names = (output_name(rel, fmt) for fmt in formats)
     return next((name for name in names if name != rel and name in inputs), None)
+
+
+def _members(archive: str, kind: str, sources: list[str], tops: list[str]) -> list[str]:
+    """The members of `archive` (of `kind`) that sorted `sources` name, each as the rest of
+    its source after the archive's mark: not the top-level files, of sorted `tops`, named
+    like its members (``a.zip!x.png`` beside ``a.zip``)."""
+    mark = archive + _separator(kind)
+    members = _starting_with(sources, mark)
+    if others := _starting_with(tops, mark):
+        members = [m for m in members if not _within(m, others)]
+    return members
 
 
 def _within(member: str, others: list[str]) -> bool:
@@ -1504,9 +1512,7 @@ def _archives_short(rows: pa.Table, inputs: pa.Table, top_level: list[str]) -> l
     for archive, (members, _) in sorted(manifest.archives_read(rows).items()):
         if archive not in listed:  # gone from INPUT: no run reads it again to mend it
             continue
-        mark = archive + _separator(_kind(archive))
-        others = _starting_with(tops, mark)
-        have = sum(not _within(m, others) for m in _starting_with(sources, mark))
+        have = len(_members(archive, _kind(archive), sources, tops))
         if have < members:
             short.append(f"{archive}: {have} of {members}")
     return short
