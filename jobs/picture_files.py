@@ -74,6 +74,9 @@ class Metadata:
     dpi: tuple[float, float] | None = None  # (across, down) of the upright picture
 
 
+ON_ITS_SIDE = (5, 6, 7, 8)  # EXIF orientations of a picture stored a quarter turn round
+
+
 @dataclass
 class Decoded:
     pages: list[Page]
@@ -121,14 +124,15 @@ def read_metadata(image) -> Metadata:
         exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
     elif len(source):
         exif.load(source.tobytes())
-    if exif_orientation(image) in (5, 6, 7, 8) and 0x011A in exif and 0x011B in exif:
+    on_its_side = exif_orientation(image) in ON_ITS_SIDE
+    if on_its_side and 0x011A in exif and 0x011B in exif:
         exif[0x011A], exif[0x011B] = exif[0x011B], exif[0x011A]  # across and down, upright
     exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
-                    dpi=_upright_dpi(image))  # fmt: skip
+                    dpi=_upright_dpi(image, on_its_side))  # fmt: skip
 
 
-def _upright_dpi(image) -> tuple[float, float] | None:
+def _upright_dpi(image, on_its_side: bool) -> tuple[float, float] | None:
     """The print resolution the file holds (JFIF density, EXIF resolution in a JPEG, PNG
     pHYs, TIFF resolution tags), in dots an inch across and down the picture once upright;
     None without one (Pillow fills in 72 for a JPEG and 1 for a TIFF that say nothing), or
@@ -139,7 +143,7 @@ def _upright_dpi(image) -> tuple[float, float] | None:
         return None
     if not (1 <= x <= 0xFFFF and 1 <= y <= 0xFFFF):
         return None
-    return (y, x) if exif_orientation(image) in (5, 6, 7, 8) else (x, y)  # a quarter turn
+    return (y, x) if on_its_side else (x, y)
 
 
 def _stated_dpi(image) -> tuple[Any, Any] | None:
@@ -536,7 +540,7 @@ def with_segments(jpeg: bytes, segments: bytes) -> bytes:
 
 def upright(image_CHW: torch.Tensor, turn: int) -> torch.Tensor:
     """An image stored with EXIF orientation `turn`, as it is meant to be seen."""
-    if turn in (5, 6, 7, 8):  # stored on its side: transpose first
+    if turn in ON_ITS_SIDE:  # transposed first
         image_CHW = image_CHW.transpose(-1, -2)
     flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(turn)
     return image_CHW.flip(flips).contiguous() if flips else image_CHW.contiguous()
