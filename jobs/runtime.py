@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+def set_local_ray_env() -> None:
+    """`LOCAL_RAY_ENV` into this process's environment, for the local instance it starts,
+    where the user has not set them."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def init_ray(
     address: str | None = None,
     *,
@@ -64,8 +71,7 @@ def init_ray(
         # "local" rather than auto-detection: a stale address file from a dead cluster
         # would otherwise make Ray try to join it.
         log.info("starting a local Ray instance")
-        for name, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(name, value)
+        set_local_ray_env()
         # The dashboard serves the state API, which Ray Train's placement-group cleaner
         # polls: without it the workers' resources of a trainer whose driver was stopped
         # (a Tune trial that ASHA ends) are never released.

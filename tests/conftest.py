@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.runtime import LOCAL_RAY_ENV
+from jobs.runtime import set_local_ray_env
 from tests.support import reference_path, write_image_tree
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-for _name, _value in LOCAL_RAY_ENV.items():  # as a job's own local instance has them
-    os.environ.setdefault(_name, _value)
+set_local_ray_env()  # as a job's own local instance has it
 
 TEST_BUCKET = "colorcore-test"
 
