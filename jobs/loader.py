@@ -95,6 +95,9 @@ INDEX_READ_THREADS = 16  # shard footers read at once when a worker starts
 # OpenCV's decoding alone scaled to 10,800 to 13,000 on 16.
 DECODE_THREADS_MAX = 8
 DECODE_MODES = ("pil", "processes", "nvjpeg")
+CROP_STREAM = 1
+"""Ends each image's crop seed, which would otherwise be its epoch's shuffle seed with the
+position appended: a seed sequence pads with zeros, so [s, e, 0] and [s, e] are one stream."""
 PROCESS_TASK_IMAGES = 8  # images a decoding process takes at a time
 
 
@@ -269,6 +272,11 @@ def epoch_windows(
                 held_here = 0
         windows.append([w for w in np.split(np.asarray(units, np.int64), cuts) if len(w)])
     return windows
+
+
+def crop_seed(seed: int, epoch: int, position: int) -> list[int]:
+    """The seed of the crop and flip of the image at global `position` of `epoch`'s order."""
+    return [seed, epoch, position, CROP_STREAM]
 
 
 def epoch_orders(
@@ -857,7 +865,7 @@ class TrainLoader:
         """Starts decoding and cropping a batch (`where`: each file's shard and row, for
         warnings); returns the call that waits for its crops (and, on CUDA, the event of
         `stream` after which they are ready)."""
-        seeds = [[self.seed, epoch, int(p)] for p in positions]
+        seeds = [crop_seed(self.seed, epoch, int(p)) for p in positions]
         shape = (len(data), 3, self.crop_px, self.crop_px)
         if self.decode == "processes":
             crops = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)

@@ -22,7 +22,14 @@ from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
 from jobs.dataset import shard_parquet
 from jobs.images import EXIF_ORIENTATION, decode_3hw, load_rgb
-from jobs.loader import DatasetIndex, TrainLoader, decode_threads, epoch_orders, epoch_windows
+from jobs.loader import (
+    DatasetIndex,
+    TrainLoader,
+    crop_seed,
+    decode_threads,
+    epoch_orders,
+    epoch_windows,
+)
 from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +261,7 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
             for position, crop in zip(batch.positions, batch.rgb_N3HW, strict=True):
                 step, place = divmod(int(position), 8)  # global batch 8, a group's 4
                 s, r = orders[group][step * 4 + place - 4 * group]
-                rng = np.random.default_rng([7, 0, int(position)])
+                rng = np.random.default_rng(crop_seed(7, 0, int(position)))
                 image = decode_3hw(columns[s][int(r)].as_py())
                 assert torch.equal(crop, random_crop_flip(image, 32, rng))
         own = set().union(*(epoch[group] for epoch in group_units))
@@ -494,11 +501,20 @@ def test_batches_are_the_seeded_crops_of_the_decoded_images(dataset, crop_px) ->
     for batch in islice(iter(train), train.steps_in_epoch(0)):
         for position, crop in zip(batch.positions, batch.rgb_N3HW, strict=True):
             s, r = order[position]
-            rng = np.random.default_rng([7, 0, int(position)])
-            flips.add(crop_box(40, 56, crop_px, np.random.default_rng([7, 0, int(position)]))[2])
+            seed = crop_seed(7, 0, int(position))
+            rng = np.random.default_rng(seed)
+            flips.add(crop_box(40, 56, crop_px, np.random.default_rng(seed))[2])
             image = decode_3hw(columns[s][int(r)].as_py())
             assert torch.equal(crop, random_crop_flip(image, crop_px, rng))
     assert flips == {False, True}
+
+
+def test_crop_streams_are_not_the_shuffle_stream() -> None:
+    """The first image's crop does not draw the numbers that shuffled its epoch."""
+    shuffle = np.random.default_rng([7, 3]).integers(0, 2**62, 4)
+    crops = [np.random.default_rng(crop_seed(7, 3, p)).integers(0, 2**62, 4) for p in range(3)]
+    assert all(not np.array_equal(c, shuffle) for c in crops)
+    assert len({tuple(c) for c in crops}) == 3
 
 
 @pytest.mark.parametrize("kind", ["binary", "large_binary"])
