@@ -5,8 +5,9 @@ A URL (local path, ``s3://``, ``gs://``) names one of, detected automatically:
 - the authors' released ECCV16 weights (``colorization_release_v2-9b330a0b.pth``);
 - a project checkpoint file (`colorcore.weights.save_checkpoint`);
 - a training run folder: its latest checkpoint that loads, ``<run>/checkpoint_<step>/
-  checkpoint.pt`` with zero-padded steps, so that the last name in sorted order is the
-  latest (runs in folders below it, such as a search's trials, are not its own);
+  checkpoint.pt`` with zero-padded steps (``checkpoint_<step>.<n>`` when a resumed run
+  reaches a step whose checkpoint it could not load, and keeps that one apart; runs in
+  folders below it, such as a search's trials, are not its own);
 - a ``model.safetensors`` export of a training run (`colorcore.weights.to_safetensors`).
 
 Checkpoints are read with ``torch.load(..., weights_only=True)``, exports by safetensors:
@@ -21,8 +22,9 @@ import logging
 import os
 import pickle
 import posixpath
+import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -45,8 +47,19 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_DIR_PREFIX}{step:09d}"
+CHECKPOINT_DIR = re.compile(rf"{CHECKPOINT_DIR_PREFIX}(\d+)(?:\.([1-9]\d*))?")
+
+
+def checkpoint_dir_name(step: int, taken: Collection[str] = ()) -> str:
+    """The folder of the run's checkpoint at `step`: ``checkpoint_<step>``, or where that
+    name is `taken` (a checkpoint the run resumed before, as it did not load) the first
+    ``checkpoint_<step>.<n>`` that is not. The same name twice would make Ray's
+    keep-last-K, dropping the older checkpoint of the two, delete the newer one's files."""
+    name = f"{CHECKPOINT_DIR_PREFIX}{step:09d}"
+    again = 0
+    while (found := f"{name}.{again}" if again else name) in taken:
+        again += 1
+    return found
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,15 @@ class LoadedModel:
 
 def checkpoint_step(url: str) -> int:
     """The step of a run folder's checkpoint file, from its folder's name."""
-    return int(url.rsplit("/", 2)[-2][len(CHECKPOINT_DIR_PREFIX) :])
+    return _checkpoint_order(url.rsplit("/", 2)[-2])[0]
+
+
+def _checkpoint_order(folder: str) -> tuple[int, int]:
+    """(step, n) of a folder named by `checkpoint_dir_name`: later checkpoints sort after."""
+    found = CHECKPOINT_DIR.fullmatch(folder)
+    if found is None:
+        raise ValueError(f"{folder} is not named as a checkpoint folder")
+    return int(found[1]), int(found[2] or 0)
 
 
 def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
@@ -74,11 +95,11 @@ def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[
     found = []
     for url in storage.list_files(run_url, s3, suffix="/" + CHECKPOINT_FILE):
         folder = posixpath.dirname(storage.split_url(url)[1])
-        if posixpath.dirname(folder) == root and posixpath.basename(folder).startswith(
-            CHECKPOINT_DIR_PREFIX
+        if posixpath.dirname(folder) == root and CHECKPOINT_DIR.fullmatch(
+            posixpath.basename(folder)
         ):
             found.append(url)
-    return sorted(found, key=lambda u: u.rsplit("/", 2)[-2])
+    return sorted(found, key=lambda u: _checkpoint_order(u.rsplit("/", 2)[-2]))
 
 
 def torn(url: str, s3: storage.S3Options | None = None) -> bool:

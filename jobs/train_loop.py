@@ -6,8 +6,8 @@ Lab conversion and soft encoding run on the training device (`colorcore.data`); 
 accumulated (DDP synchronises only on the last micro-batch) and Adam steps once.
 
 Every rank calls `ray.train.report` at every checkpoint step; rank 0 attaches the
-checkpoint directory, named ``checkpoint_<step>`` so the run folder follows the
-``--model`` convention, and rewrites ``metrics.csv`` beside it.
+checkpoint directory, named ``checkpoint_<step>`` (`jobs.models.checkpoint_dir_name`) so
+the run folder follows the ``--model`` convention, and rewrites ``metrics.csv`` beside it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ from colorcore.weights import load_checkpoint, save_checkpoint
 from jobs import storage
 from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader, decode_threads
-from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, newest_loadable, remove_torn
+from jobs.models import (
+    CHECKPOINT_FILE,
+    checkpoint_dir_name,
+    checkpoint_files,
+    newest_loadable,
+    remove_torn,
+)
 from jobs.node_cache import NodeCache
 from jobs.runtime import choose_precision, keep_freed_memory
 from jobs.train import (
@@ -85,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = state["extra"]["step"] if state else 0
     epoch, offset = (state["extra"]["epoch"], state["extra"]["offset"]) if state else (0, 0)
     history: list[dict[str, float]] = state["extra"]["history"] if state else []
+    taken = state["taken"] if state else []
     if state and rank == 0:
         log.info("train: resumed from step %d (epoch %d, offset %d)", step, epoch, offset)
 
@@ -218,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.info(" ".join(f"{k}={v:.4g}" for k, v in row.items()))
             if checkpoint:
                 _report(model, optimizer, cfg, run_url, histogram, step, epoch, offset, history,
-                        rank, world)  # fmt: skip
+                        rank, world, folder=checkpoint_dir_name(step, taken))  # fmt: skip
             window_start += time.monotonic() - paused
     finally:  # an error in a step too: the reading threads and processes, and the cache
         batches.close()  # its reads end before the folder they share goes
@@ -366,11 +373,12 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     just after a checkpoint was written may not have recorded it, and a re-run should not
     repeat those steps. Checkpoints a crash cut short are removed (a run with no other
     starts over); one whose file is whole but does not load is passed over for an older
-    one; storage that cannot be read fails the worker, which Ray restarts, rather than
-    starting the run over. When checkpoints exist and none loads, the run fails: starting
-    over would overwrite them.
+    one (its folder's name, with those of the others, is under "taken": the run's later
+    checkpoints are named apart from them); storage that cannot be read fails the worker,
+    which Ray restarts, rather than starting the run over. When checkpoints exist and none
+    loads, the run fails: starting over would overwrite them.
     """
-    data, ckpt = None, None
+    data, ckpt, taken = None, None, []
     if rank == 0:
         remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
@@ -381,14 +389,15 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
             ) from None
         if found is not None:
             _, data, ckpt = found
+            taken = [url.rsplit("/", 2)[-2] for url in checkpoint_files(run_url, s3)]
     if world > 1:
-        sent = [data]
+        sent = [data, taken]
         torch.distributed.broadcast_object_list(sent, src=0)
         if rank != 0 and sent[0] is not None:
-            ckpt = load_checkpoint(io.BytesIO(sent[0]))
+            ckpt, taken = load_checkpoint(io.BytesIO(sent[0])), sent[1]
     if ckpt is None:
         return None
-    return {"model_state": ckpt.model_state, "extra": ckpt.extra}
+    return {"model_state": ckpt.model_state, "extra": ckpt.extra, "taken": taken}
 
 
 def _weights_broken(model: torch.nn.Module) -> bool:
@@ -440,6 +449,8 @@ def _report(
     history,
     rank,
     world,
+    *,
+    folder: str,
 ) -> None:
     import ray.train
 
@@ -451,7 +462,7 @@ def _report(
         rng_states = [None] * world
         torch.distributed.all_gather_object(rng_states, torch.get_rng_state())
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint_dir_name(step))
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=folder)
         return
     with tempfile.TemporaryDirectory() as directory:
         extra = {
@@ -473,7 +484,7 @@ def _report(
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=checkpoint_dir_name(step),
+            checkpoint_dir_name=folder,
         )
 
 

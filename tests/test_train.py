@@ -325,6 +325,30 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
     assert [s for file in tensorboard_run(cfg.run_url) for s in file["loss"]] == steps
 
 
+def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_new_ones(ci_config, tmp_path) -> None:
+    """The newest checkpoint, damaged in place (whole, but it no longer loads), is passed
+    over; the steps after the older one are trained again into folders of their own, which
+    Ray's keep-last-K, deleting the damaged one, leaves alone. Under the damaged one's name,
+    it deleted the new checkpoint, and the controller failed deleting it a second time."""
+    cfg = dataclasses.replace(
+        ci_config,
+        name="damaged",
+        storage=str(tmp_path),
+        max_steps=20,
+        checkpoint_every_steps=10,
+        val_every_steps=20,
+        keep_checkpoints=2,
+    )
+    train.main(cfg)
+    damaged = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
+    storage.write_bytes(damaged, zip_of(b"not a checkpoint"))
+    assert train.main(dataclasses.replace(cfg, max_steps=40))["step"] == 40
+    names = [p for p in os.listdir(cfg.run_url) if p.startswith("checkpoint_0")]
+    assert sorted(names) == [checkpoint_dir_name(30), checkpoint_dir_name(40)]
+    steps = [int(r["step"]) for r in train.read_metrics(cfg.run_url)]
+    assert steps == [10, 20, 30, 40]  # the table of the run resumed from step 10
+
+
 def test_a_diverged_run_stops_at_once_and_says_so(ci_config) -> None:
     """A loss that is no longer finite ends the run at the step it is logged: no step after
     it, no checkpoint of its weights, and an error that says what to do."""
@@ -625,14 +649,15 @@ def _restore_on_rank(rank: int, world: int, run: str, store: str, steps) -> None
     try:
         state = _restore(run, storage.S3Options(), rank, world)
         weight = state["model_state"]["model1.0.weight"]
-        steps[rank] = (state["extra"]["step"], float(weight.double().sum()))
+        steps[rank] = (state["extra"]["step"], float(weight.double().sum()), state["taken"])
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank_0_reads(tmp_path) -> None:
-    """Rank 0 reads the newest checkpoint and sends it over the process group (gloo here):
-    each rank resumes from the same step and weights, and only rank 0 reads storage."""
+    """Rank 0 reads the newest checkpoint that loads and sends it over the process group
+    (gloo here): each rank resumes from the same step and weights, and names its later
+    checkpoints alike, and only rank 0 reads storage."""
     import multiprocessing
 
     from colorcore.model import ColorizationNet, ModelConfig
@@ -643,6 +668,9 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_reads(tmp_path) -> None:
     folder.mkdir(parents=True)
     model = ColorizationNet(ModelConfig(width=1 / 16))
     save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": 10})
+    unloadable = run / checkpoint_dir_name(20)
+    unloadable.mkdir()
+    (unloadable / CHECKPOINT_FILE).write_bytes(zip_of(b"not a checkpoint"))
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         steps = manager.dict()
@@ -656,7 +684,8 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_reads(tmp_path) -> None:
         for process in ranks:
             process.join(120)
         assert [p.exitcode for p in ranks] == [0, 0]
-        expected = (10, float(model.model1[0].weight.detach().double().sum()))
+        taken = [checkpoint_dir_name(10), checkpoint_dir_name(20)]  # names later ones avoid
+        expected = (10, float(model.model1[0].weight.detach().double().sum()), taken)
         assert dict(steps) == {0: expected, 1: expected}
 
 
@@ -680,7 +709,20 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
     # Checkpoints whole but unreadable are passed over, and if none loads the run stops
     # rather than start over (and overwrite them).
     (run / checkpoint_dir_name(20) / CHECKPOINT_FILE).write_bytes(zip_of(b"not a checkpoint"))
+    state = _restore(str(run), s3, 0, 1)
+    assert state["extra"]["step"] == 10
+    # Its checkpoint at step 20 again has a folder of its own, newest of all.
+    again = checkpoint_dir_name(20, state["taken"])
+    assert again == "checkpoint_000000020.1" and again not in state["taken"]
+    folder = run / again
+    folder.mkdir()
+    save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": 20})
+    assert _restore(str(run), s3, 0, 1)["extra"]["step"] == 20
+    assert checkpoint_dir_name(20, [*state["taken"], again]) == "checkpoint_000000020.2"
+    (folder / CHECKPOINT_FILE).write_bytes(zip_of(b"nor this one"))
     assert _restore(str(run), s3, 0, 1)["extra"]["step"] == 10
+    (folder / CHECKPOINT_FILE).unlink()
+    folder.rmdir()
     (run / checkpoint_dir_name(10) / CHECKPOINT_FILE).write_bytes(zip_of(b"nor this"))
     with pytest.raises(RuntimeError, match="none of the 2 checkpoints"):
         _restore(str(run), s3, 0, 1)

@@ -18,6 +18,7 @@ from jobs.models import (
     CHECKPOINT_FILE,
     checkpoint_dir_name,
     checkpoint_files,
+    checkpoint_step,
     load_model,
     remove_torn,
 )
@@ -184,6 +185,23 @@ def test_model_url_detects_all_three_forms(model_root) -> None:
     assert loaded.url.endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
     with pytest.raises(ValueError, match="holds no checkpoint_"):
         load_model(model_root)  # the runs' parent is no run
+
+
+def test_a_step_checkpointed_again_sorts_after_its_first_checkpoint(tmp_path) -> None:
+    """A resumed run names a step's checkpoint apart from one it could not load; the run
+    folder's order stays the order the checkpoints were written in, past ten of them too."""
+    run = tmp_path / "run"
+    again = [checkpoint_dir_name(20)]
+    for _ in range(11):
+        again.append(checkpoint_dir_name(20, again))
+    assert again[1] == "checkpoint_000000020.1" and again[-1] == "checkpoint_000000020.11"
+    names = [checkpoint_dir_name(100), *reversed(again), checkpoint_dir_name(5)]
+    for name in [*names, "checkpoint_000000020.0", "checkpoint_notes", "checkpoint_7.x"]:
+        (run / name).mkdir(parents=True)
+        (run / name / CHECKPOINT_FILE).write_bytes(b"PK")
+    files = checkpoint_files(str(run))
+    assert [u.rsplit("/", 2)[-2] for u in files] == [checkpoint_dir_name(5), *again, names[0]]
+    assert [checkpoint_step(u) for u in files] == [5] + [20] * 12 + [100]
 
 
 def test_only_checkpoints_cut_short_are_removed(model_root) -> None:
