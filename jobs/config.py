@@ -30,9 +30,12 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from jobs import storage
 
 C = TypeVar("C")
 Presets = Mapping[str, Callable[[], Any]]
@@ -371,13 +374,46 @@ def parse_config(
     try:
         preset = getattr(ns, "preset", None) or default_preset
         base = presets[preset]() if presets and preset else None
+        data = _nest(flat)
         if ns.config:
-            data = load_config_file(ns.config)
-            base = from_dict(cls, data, base=base)
-        cfg = from_dict(cls, _nest(flat), base=base)
+            s3 = _s3_options(cls, data, base)  # the command line's: the file is read first
+            data = _over(cls, load_config_file(ns.config, s3), data)
+        cfg = from_dict(cls, data, base=base)  # validated once, whole
     except (ValueError, OSError) as e:
         parser.error(str(e))
     return cfg, ns
+
+
+def _over(cls: type, below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, Any]:
+    """Config data `above` laid over `below`: a nested config merged field by field, any
+    other value (a list, a mapping-valued field) replaced whole."""
+    types_ = _field_types(cls) if dataclasses.is_dataclass(cls) else {}
+    merged = dict(below)
+    for name, value in above.items():
+        tp = types_.get(name)
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            under = merged.get(name)
+            merged[name] = _over(tp, under, value) if isinstance(under, Mapping) else value
+        else:
+            merged[name] = value
+    return merged
+
+
+def _s3_options(cls: type, data: Mapping[str, Any], base: Any) -> storage.S3Options | None:
+    """The first `storage.S3Options` field of `cls` (depth first), as `data` (the command
+    line's flags) sets it over `base`; None for a config without one."""
+    from jobs import storage
+
+    for name, tp in _field_types(cls).items():
+        value = data.get(name)
+        below = getattr(base, name, None)
+        if tp is storage.S3Options:
+            return from_dict(tp, value if isinstance(value, Mapping) else {}, base=below)
+        if dataclasses.is_dataclass(tp):
+            found = _s3_options(tp, value if isinstance(value, Mapping) else {}, below)
+            if found is not None:
+                return found
+    return None
 
 
 def run_cli(

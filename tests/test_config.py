@@ -83,6 +83,29 @@ def test_precedence_preset_then_file_then_flags(tmp_path) -> None:
     assert first.lr == 0.7
 
 
+def test_a_config_file_is_validated_with_the_flags_over_it(tmp_path) -> None:
+    """The flags are laid over the file before anything is checked: a file's value that
+    the command line replaces is never validated on its own."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: -1\nmodel:\n  width: 0.5\n")
+    assert parse("--config", str(path), "--lr", "0.25", "--no-model.frozen") == DemoConfig(
+        lr=0.25, model=InnerConfig(width=0.5, frozen=False)
+    )
+
+
+def test_a_config_file_in_a_bucket_is_read_with_the_flags_s3_options(
+    s3_server, monkeypatch
+) -> None:
+    from jobs import storage
+
+    endpoint = S3Options(endpoint_url=s3_server.endpoint_url)
+    url = s3_server.url("configs", "c.yaml")
+    storage.write_bytes(url, b"lr: 0.5\n", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    cfg = parse("--config", url, "--s3.endpoint-url", s3_server.endpoint_url)
+    assert cfg == DemoConfig(lr=0.5, s3=endpoint)
+
+
 def test_saved_config_round_trips_through_config_flag(tmp_path) -> None:
     original = parse("x", "--lr", "0.25", "--lr-drop-steps", "1", "2", "--model.width", "0.5")
     for name in ("best.json", "best.yaml"):
