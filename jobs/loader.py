@@ -492,21 +492,11 @@ def _exit_with(pid: int) -> None:
     try:
         handle = os.pidfd_open(pid)
     except (AttributeError, OSError):  # no pidfd (an old kernel), or gone already: poll
-        while _alive(pid):
+        while storage.process_alive(pid):
             time.sleep(1.0)
     else:
         select.select([handle], [], [])  # readable when the process has ended
     os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _SharedBatch:

@@ -291,19 +291,11 @@ def _remove_dead_writers(folder: str) -> None:
     """Deletes the files that workers killed while saving left (a restarted run keeps its
     folder): they would hold the space the cache keeps free for as long as the run lives."""
     for name in os.listdir(folder):
-        if (match := storage.STALE_TEMPORARY.search(name)) and not _alive(int(match[1])):
+        if (match := storage.STALE_TEMPORARY.search(name)) and not storage.process_alive(
+            int(match[1])
+        ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def sweep(root: str, *, keep: str = "") -> list[str]:

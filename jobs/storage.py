@@ -45,11 +45,16 @@ _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryE
 # A local request refused as it is (the same call fails again).
 _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.EPERM,
                                errno.EACCES, errno.EROFS})  # fmt: skip
-# S3's refusals of a request as it is, which s3fs raises as OSError(EINVAL) and the like;
-# others it raises so (IncompleteBody, BadDigest: a transfer damaged on its way) may pass.
-S3_REFUSED_REQUESTS = frozenset({"InvalidRange", "InvalidArgument", "InvalidBucketName",
-                                 "InvalidURI", "InvalidRequest", "KeyTooLongError",
-                                 "EntityTooLarge", "EntityTooSmall", "MalformedXML"})  # fmt: skip
+# S3's replies that may pass if the request is made again: a transfer damaged on its way,
+# a store busy or failing. Other 4xx replies refuse the request as it is (an InvalidRange,
+# a wrong region, a redirect, a conditional write the store does not implement), whatever
+# exception s3fs makes of them (often OSError(EINVAL)).
+S3_TRANSIENT_REPLIES = frozenset({"IncompleteBody", "BadDigest", "RequestTimeout", "SlowDown",
+                                  "InternalError", "ServiceUnavailable", "OperationAborted",
+                                  "ConditionalRequestConflict", "Throttling",
+                                  "ThrottlingException", "RequestLimitExceeded",
+                                  "TooManyRequestsException"})  # fmt: skip
+S3_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # not 501, Not Implemented
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +95,14 @@ def _check_endpoint(endpoint: str, where: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """`url` for a message: everything before the last ``@`` after its scheme (a user and
-    a password, which may itself hold ``/`` or ``@``) replaced by ``***``."""
+    """`url` for a message: everything before the last ``@`` after its scheme, or without
+    one (``user:secret@host/...``) before it (a user and a password, which may itself hold
+    ``/`` or ``@``), replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if "@" in url:
+        return f"***@{url.rpartition('@')[2]}"
     return url
 
 
@@ -193,10 +201,33 @@ def is_transient(error: BaseException) -> bool:
     kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
     if not isinstance(error, kinds) or isinstance(error, _PERMANENT):
         return False
+    if _certificate_refused(error):
+        return False
     code, status = _s3_reply(error)
     if code is not None or status is not None:  # S3's answer
-        return code not in S3_REFUSED_REQUESTS and status != 416
+        return code in S3_TRANSIENT_REPLIES or status in S3_TRANSIENT_STATUS
     return not (isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS)
+
+
+def _certificate_refused(error: BaseException) -> bool:
+    """Whether a TLS handshake failed on the endpoint's certificate (or on the protocol):
+    the same on every attempt."""
+    import ssl
+
+    try:
+        from botocore.exceptions import SSLError
+
+        kinds: tuple[type[BaseException], ...] = (ssl.SSLError, SSLError)
+    except ImportError:
+        kinds = (ssl.SSLError,)
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, kinds):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 @functools.cache
@@ -308,21 +339,34 @@ def temporary_beside(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
 
 
-STALE_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]+$")  # temporary_beside's: group 1 the pid
+STALE_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{1,8}$")  # temporary_beside's: group 1 the pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine is running (or, another user's, exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
-    """`list_files` of `url`, less the temporary files of local writes that a killed
-    process left behind, which are removed (a job's re-run calls this before it writes:
-    they would be its own otherwise, and fill the disk run after run)."""
+    """`list_files` of `url`, less temporary files of local writes, of which those a
+    process that has ended left behind are removed (a job's re-run calls this before it
+    writes: they would be its own otherwise, and fill the disk run after run). A live
+    process's are left to it: another job may be writing beside this one."""
     found = list_files(url, s3)
     if not is_local(url):
         return found  # an object store's write is one request: nothing half-written stays
-    stale = {u for u in found if STALE_TEMPORARY.search(u)}
-    for u in stale:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(split_url(u)[1])
-    return [u for u in found if u not in stale]
+    temporary = {u: m for u in found if (m := STALE_TEMPORARY.search(u))}
+    for u, match in temporary.items():
+        if not process_alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(split_url(u)[1])
+    return [u for u in found if u not in temporary]
 
 
 def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:

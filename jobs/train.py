@@ -198,11 +198,11 @@ class TrainConfig:
             problems.append("checkpoint, validation and log intervals must be >= 1")
         if (
             self.keep_checkpoints < 1
-            or not 0 < self.cpus_per_worker < math.inf
+            or not 1e-4 <= self.cpus_per_worker < math.inf  # Ray's unit: 1/10,000
             or self.max_failures < 0
         ):
             problems.append(
-                "keep_checkpoints >= 1, cpus_per_worker finite and > 0, max_failures >= 0"
+                "keep_checkpoints >= 1, cpus_per_worker finite and >= 0.0001, max_failures >= 0"
             )
         if self.val_data and self.val_images < 1:
             problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")

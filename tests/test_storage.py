@@ -173,17 +173,26 @@ def test_only_refusals_of_the_file_itself_are_final() -> None:
 
 
 def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
-    """Locally, the temporaries `write_bytes` names (a killed process's) are removed; names
-    that only look alike, and anything on S3 (one request a write), are files."""
-    kept = [storage.join(root_url, "s", n) for n in ("a.jpg", "b.tmp-x", "c.tmp-12-zz")]
-    stale = storage.join(root_url, "s", "a.jpg.tmp-4242-1f3a")
-    for url in [*kept, stale]:
+    """Locally, the temporaries `write_bytes` names are removed where their writer has
+    ended (a killed process's), and left out of the listing where it runs (another job's
+    write in progress); names that only look alike, and anything on S3 (one request a
+    write), are files."""
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    names = ("a.jpg", "b.tmp-x", "c.tmp-12-zz", "d.tmp-12-123456789")
+    kept = [storage.join(root_url, "s", n) for n in names]
+    stale = storage.join(root_url, "s", f"a.jpg.tmp-{ended.pid}-1f3a")
+    writing = storage.join(root_url, "s", f"e.jpg.tmp-{os.getpid()}-2b")
+    for url in [*kept, stale, writing]:
         storage.write_bytes(url, b"x")
     swept = storage.list_files_swept(storage.join(root_url, "s"))
     if storage.is_local(root_url):
-        assert swept == sorted(kept) and storage.list_files(root_url) == sorted(kept)
+        assert swept == sorted(kept)
+        assert storage.list_files(root_url) == sorted([*kept, writing])
     else:
-        assert swept == sorted([*kept, stale])
+        assert swept == sorted([*kept, stale, writing])
 
 
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
@@ -300,6 +309,7 @@ def test_credentials_in_urls_are_refused_without_echoing_them(monkeypatch) -> No
         f"file://user:{secret}@host/x",
         f"https://user:wJal/{secret}@host/x",
         f"file://user:a/{secret}@host/x",
+        f"minio:{secret}@host:9000/bucket",  # no scheme's slashes
     ):
         with pytest.raises(ValueError) as refused:
             storage.split_url(url)
@@ -370,13 +380,28 @@ def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> No
     assert refused.value.errno == errno.EINVAL and pauses == []
     assert not storage.is_transient(OSError(errno.EINVAL, "invalid argument"))  # a local one
 
-    def s3_error(code: str) -> OSError:  # as s3fs raises S3's replies
+    def s3_error(code: str | None, status: int) -> OSError:  # as s3fs raises S3's replies
         from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
 
-        error = OSError(errno.EINVAL, code)
-        error.__cause__ = ClientError({"Error": {"Code": code}}, "PutObject")
-        return error
+        reply = {"Error": {"Code": code} if code else {}}
+        reply["ResponseMetadata"] = {"HTTPStatusCode": status}
+        return translate_boto_error(ClientError(reply, "PutObject"))
 
-    assert not storage.is_transient(s3_error("EntityTooLarge"))
-    assert storage.is_transient(s3_error("IncompleteBody"))  # damaged on the way: again
+    refused = [("EntityTooLarge", 400), ("PermanentRedirect", 301), ("NotImplemented", 501),
+               ("InvalidToken", 400), (None, 400),
+               ("AuthorizationHeaderMalformed", 400)]  # fmt: skip
+    for code, status in refused:
+        assert not storage.is_transient(s3_error(code, status)), code
+    passing = [("IncompleteBody", 400), ("RequestTimeout", 400), ("SlowDown", 503),
+               ("InternalError", 500), (None, 502), ("TooManyRequests", 429)]  # fmt: skip
+    for code, status in passing:  # a transfer damaged on the way, a store busy: again
+        assert storage.is_transient(s3_error(code, status)), code
     assert storage.is_transient(OSError(errno.EIO, "InternalError"))
+
+    import ssl
+
+    from botocore.exceptions import SSLError
+
+    bad_certificate = SSLError(endpoint_url="https://s3.test", error=ssl.SSLCertVerificationError())
+    assert not storage.is_transient(bad_certificate)
