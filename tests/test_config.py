@@ -148,6 +148,8 @@ def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
         ("lr: 1e-3x\n", "lr: expected float"),
         ("lr: 1\nlr: 2\n", "bad.yaml: key 'lr' is given twice (line 2)"),
         ("model:\n  width: 1\n  width: 2\n", "key 'width' is given twice (line 3)"),
+        ("limit: 010\n", "limit: expected int, got '010'"),  # YAML 1.1: octal 8
+        ("lr_drop_steps: [1:30]\n", "expected int, got '1:30'"),  # YAML 1.1: base 60, 90
     ],
 )
 def test_bad_config_files_are_rejected(tmp_path, capsys, text, message) -> None:
