@@ -7,9 +7,8 @@ The space: the base learning rate, the drop schedule and the rebalancing lambda.
 is written ``FRACTION:FACTOR[,FRACTION:FACTOR...]`` (``0.444:0.333,0.833:0.3`` is the
 released 3e-5 -> 1e-5 at 200k -> 3e-6 at 375k of 450k steps; ``none`` keeps the rate
 constant): drops sit at fractions of a trial's step budget, so a schedule means the same
-thing whatever the budget. Grid and random search are built in; any other Tune search
-algorithm is named by ``--search-alg`` (``optuna``, ``hyperopt``, ...; its package must be
-installed).
+thing whatever the budget. Grid and random search are built in; ``--search-alg`` also
+names ``optuna``, ``hyperopt`` or ``ax`` (`SEARCH_ALGS`; its package must be installed).
 
 Every trial is a distributed training run built by `jobs.train.build_trainer` (the same
 loop as ``jobs.train``), launched from a Tune function and reporting through Ray's
@@ -41,6 +40,7 @@ import json
 import math
 import posixpath
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,8 +82,12 @@ RESUME_FREE_TRAIN_FIELDS = (
 TRIAL_RESTARTS = 1
 """Tune's restarts of a trial whose function died (with its node, where it does not run on
 the head): its trainer resumes from its last checkpoint. Ray Train restarts the workers of a
-trial up to train.max_failures times itself; Tune restarting a trial that failed after
-those would multiply the attempts."""
+trial up to train.max_failures times itself; a trial whose training failed after those is
+not trained again by Tune's restart (`TRAIN_FAILED_FILE`), which would multiply them."""
+TRAIN_FAILED_FILE = "train_failed.json"
+"""In a trial's run folder: the error its training failed with after train.max_failures
+restarts, and the search driver's session it failed in. A restart in that session fails
+at once with it; a continued search (another session) trains the trial again."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
 SEARCH_INPUTS_FILE = "search_inputs.json"  # the prior's and the data's checksums
 BEST_CONFIG_FILE = "best_config.yaml"
@@ -389,22 +393,42 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
     }
 
 
-def _run_trial(point: dict[str, Any], *, search: dict[str, Any]) -> None:
-    """One Tune trial: a `TorchTrainer` run whose reports reach Tune through the callback."""
+def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -> None:
+    """One Tune trial: a `TorchTrainer` run whose reports reach Tune through the callback.
+    `session`: the search driver's run (`TRAIN_FAILED_FILE`)."""
     from ray import tune
+    from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = from_dict(SearchConfig, search)
     trial_id = tune.get_context().get_trial_id()
     print(f"tune: trial {trial_id} starts", flush=True)
     trial = trial_config(cfg, point, name=trial_id)
+    failed = storage.join(trial.run_url, TRAIN_FAILED_FILE)
+    if storage.exists(failed, trial.s3):
+        record = json.loads(storage.read_bytes(failed, trial.s3))
+        if record.get("session") == session:
+            raise RuntimeError(
+                f"trial {trial_id}'s training failed after {trial.max_failures} restart(s) of "
+                f"its workers: {record.get('error')}; continue the search to train it again"
+            )
+        storage.remove([failed], trial.s3)  # an earlier session's: trained again now
     # A trial that resumes (the search continued, or the trial restarted) goes on with the
     # data and prior it started with, as a training run must.
     train.check_resumable(trial)
+    # An earlier attempt's divergence, which this one may not repeat (`jobs.tune_asha`
+    # would replay it on a continued search): the training loop writes it again if it does.
+    storage.remove([storage.join(trial.run_url, train.DIVERGED_FILE)], trial.s3)
     trainer = train.build_trainer(trial, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except TrainingFailedError as error:  # after train.max_failures restarts
+        text = f"{type(error).__name__}: {error}"[:4000]
+        record = json.dumps({"session": session, "error": text}).encode()
+        storage.write_bytes(failed, record, trial.s3)
+        raise
 
 
 def _run_state(experiment: str, fs) -> str | None:
@@ -445,7 +469,14 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     workers takes its CPUs (and GPU) on one node, so a cluster whose total would do but whose
     nodes are each too small to hold a worker would leave trials waiting forever. GPU trials
     with `max_gpus` (an autoscaling cluster, whose GPU nodes start with the search) take
-    that count as given."""
+    that count as given. Where the nodes offer `DRIVER_RESOURCE`, each trial's function
+    takes one, and no more trials run at once than there are."""
+    drivers = sum(node.get(DRIVER_RESOURCE, 0) for node in nodes)
+    slots = _resource_slots(search, nodes)
+    return min(slots, int(drivers)) if drivers >= 1 else slots
+
+
+def _resource_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
@@ -481,8 +512,10 @@ def build_tuner(search: SearchConfig):
     search = dataclasses.replace(search, train=train.with_absolute_paths(search.train))
     search = dataclasses.replace(search, storage=storage.absolute(search.storage))
     fs, path = storage.arrow_filesystem(search.storage, search.train.s3)
+    session = uuid.uuid4().hex  # this driver's: see TRAIN_FAILED_FILE
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, search=to_dict(search)), _trial_driver_resources()
+        tune.with_parameters(_run_trial, search=to_dict(search), session=session),
+        _trial_driver_resources(),
     )
     experiment = f"{path.rstrip('/')}/{search.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs) and _run_state(experiment, fs):

@@ -229,7 +229,8 @@ def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None
 @pytest.mark.parametrize("preset", sorted(tune.PRESETS))
 def test_every_preset_parses_and_validates(preset) -> None:
     search, _ = parse_config(tune.SearchConfig, ["--preset", preset], presets=tune.PRESETS)
-    assert search.first_rung() <= search.train.max_steps
+    if search.scheduler == "asha":  # a rung before the budget's end, or ASHA stops nothing
+        assert search.first_rung() < search.train.max_steps
 
 
 def test_a_search_continues_only_on_the_prior_and_data_it_started_with(tmp_path) -> None:
@@ -299,6 +300,9 @@ def test_trial_slots_count_the_workers_each_node_holds() -> None:
     assert tune.trial_slots(dataclasses.replace(search, train=gpu), nodes) == 5
     autoscaling = dataclasses.replace(search, train=gpu, max_gpus=8)  # GPU nodes to come
     assert tune.trial_slots(autoscaling, [{"CPU": 2.0}]) == 4
+    head = {"CPU": 2.0, tune.DRIVER_RESOURCE: 3.0}  # a trial's function takes one
+    assert tune.trial_slots(autoscaling, [head]) == 3
+    assert tune.trial_slots(dataclasses.replace(search, train=gpu), [head, *nodes]) == 3
     with pytest.raises(ValueError, match="and a GPU each"):
         tune.trial_slots(dataclasses.replace(search, train=gpu), [{"CPU": 16.0}])
     h100 = dataclasses.replace(gpu, accelerator_type="H100")  # only the second node's GPUs
@@ -368,8 +372,9 @@ def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config
         tune.main(dataclasses.replace(search, lambdas=(0.25,)))
 
     # The same command again continues the search: every trial kept as it ended, none rerun
-    # (a concurrency cap, which changes no result, may differ).
-    again = tune.main(dataclasses.replace(search, max_concurrent=1))
+    # (a concurrency cap and tracking, which change no result, may differ).
+    train_cfg = dataclasses.replace(search.train, tracking="none")
+    again = tune.main(dataclasses.replace(search, max_concurrent=2, train=train_cfg))
     key = ("trial", "lr", "lambda", "steps", "status", "val_auc_mean")
     assert sorted(tuple(r[k] for k in key) for r in again) == sorted(
         tuple(r[k] for k in key) for r in rows
@@ -389,6 +394,47 @@ def test_a_diverging_trial_ends_at_once_and_the_search_with_it(ci_config, s3_ser
     # its worst figures were reported for Tune's sake; the table shows no score
     assert math.isnan(row["val_auc_mean"]) and math.isnan(row["val_loss"])
     assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
+
+
+def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
+    ci_config, s3_server
+) -> None:
+    """Ray Train gives up on a trial after train.max_failures restarts of its workers (none
+    here: one worker killed ends it); Tune's own restart of the trial, there for a trial
+    function lost with its node, fails at once instead of training it again."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    train_cfg = dataclasses.replace(one_worker(ci_config), max_failures=0)
+    search = dataclasses.replace(
+        tune.ci(), train=train_cfg, storage=s3_server.url("searches"), name="train-failed",
+        lrs=(1e-3,), lambdas=(0.5,), scheduler="fifo",
+    )  # fmt: skip
+    trials = storage.join(search.url, "trials")
+    killed: list[int] = []
+
+    def kill_the_worker() -> None:  # once, after the trial's first checkpoint
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(u.endswith("checkpoint.pt") for u in storage.list_files(trials)):
+                for p in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill_the_worker, daemon=True)
+    thread.start()
+    (row,) = tune.main(search)
+    thread.join()
+    assert killed and row["status"].startswith("error"), row
+    assert row["steps"] < search.train.max_steps  # not resumed and trained to its end
+    [failed] = [u for u in storage.list_files(trials) if u.endswith(tune.TRAIN_FAILED_FILE)]
+    assert json.loads(storage.read_bytes(failed))["error"].startswith("WorkerGroupError")
 
 
 def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server) -> None:
