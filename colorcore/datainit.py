@@ -19,12 +19,18 @@ _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 @torch.no_grad()
-def data_dependent_init(model: nn.Module, inputs: torch.Tensor, *, eps: float = 1e-6) -> None:
-    """Rescale every conv of `model` in place so its outputs on `inputs` are standardised."""
+def data_dependent_init(model: nn.Module, inputs: torch.Tensor, *, eps: float = 1e-3) -> None:
+    """Rescale every conv of `model` in place so its outputs on `inputs` are standardised.
+    A channel that varies by no more than `eps` on them (dead on this batch) is only
+    centred: dividing by its spread would blow its weights up. Inputs that do not vary
+    at all are refused."""
+    if inputs.numel() < 2 or not inputs.std() > eps:
+        raise ValueError("the data-dependent init needs inputs that vary: these are flat")
 
     def standardise(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
         mean = output.mean(dim=(0, 2, 3))
-        std = output.std(dim=(0, 2, 3)).clamp_min(eps)
+        std = output.std(dim=(0, 2, 3))
+        std = torch.where(std > eps, std, torch.ones_like(std))
         out_dim = 1 if isinstance(module, nn.ConvTranspose2d) else 0
         shape = [1] * module.weight.ndim
         shape[out_dim] = -1

@@ -85,6 +85,8 @@ def colorize(
     """
     if rgb_N3HW.ndim != 4 or rgb_N3HW.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 3, H, W) or (N, 1, H, W) images, got {rgb_N3HW.shape}")
+    if not rgb_N3HW.is_floating_point():  # uint8 would be read as L = 100 almost everywhere
+        raise ValueError(f"expected float images in [0, 1], got {rgb_N3HW.dtype}: divide by 255")
     device = next(model.parameters()).device
     l_N1HW = rgb_to_lightness(rgb_N3HW.to(device=device, dtype=torch.float32))
     l_small = F.interpolate(l_N1HW, size=(infer_px, infer_px), mode="bilinear", antialias=True)

@@ -112,6 +112,8 @@ def is_released_state_dict(obj: Any) -> bool:
 def checkpoint_from_object(obj: Any) -> Checkpoint:
     if not is_checkpoint(obj):
         raise ValueError("not a colorcore checkpoint (no matching 'format' entry)")
+    _check_bins(obj["ab_bins"], "the checkpoint's ab bins")
+    _check_readout(obj["model_state"])
     return Checkpoint(
         model_state=obj["model_state"],
         model_config=ModelConfig(**obj["model_config"]),
@@ -158,7 +160,9 @@ def model_from_safetensors(data: bytes) -> ColorizationNet:
             f"not a {SAFETENSORS_FORMAT} safetensors file (format {metadata.get('format')!r})"
         )
     model = ColorizationNet(ModelConfig(**json.loads(metadata["model_config"])))
-    model.load_state_dict(load(data))
+    state = load(data)
+    _check_readout(state)
+    model.load_state_dict(state)
     return model
 
 
@@ -169,12 +173,29 @@ def load_checkpoint(source: Source) -> Checkpoint:
 
 def model_from_released_state_dict(state: Mapping[str, torch.Tensor]) -> ColorizationNet:
     """Build the full-width network from the authors' state dict, checking its ab readout."""
-    readout = state[_READOUT_KEY].reshape(2, -1).T * AB_SCALE
-    if readout.shape != ab_bins().shape or not torch.allclose(readout, ab_bins(), atol=1e-3):
-        raise ValueError("the weights' ab readout does not match the 313 ab bins")
+    _check_readout(state)
     model = ColorizationNet(ModelConfig())
     model.load_state_dict(dict(state))
     return model
+
+
+def _check_readout(state: Mapping[str, torch.Tensor]) -> None:
+    """The fixed 1x1 conv that reads ab out of the 313 bins' probabilities must hold them:
+    the logits of weights with another one do not mean these bins."""
+    readout = state.get(_READOUT_KEY)
+    if readout is None or readout.numel() != 2 * len(ab_bins()):
+        raise ValueError("the weights have no ab readout of the 313 ab bins")
+    _check_bins(readout.reshape(2, -1).T * AB_SCALE, "the weights' ab readout")
+
+
+def _check_bins(bins: Any, what: str) -> None:
+    expected = ab_bins()
+    if not (
+        isinstance(bins, torch.Tensor)
+        and bins.shape == expected.shape
+        and torch.allclose(bins.float(), expected, atol=1e-3)
+    ):
+        raise ValueError(f"{what} do not match the 313 ab bins")
 
 
 def load_released_eccv16(source: Source) -> ColorizationNet:

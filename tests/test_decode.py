@@ -82,6 +82,8 @@ def test_colorize_keeps_size_and_the_inputs_lightness() -> None:
     # the released behaviour (clip RGB) changes L where colours leave the gamut
     clipped = decode.colorize(model, rgb, infer_px=64, gamut="clip")
     assert (rgb_to_lab(clipped)[:, 0] - l_in).abs().max() > 0.5
+    with pytest.raises(ValueError, match="float images in"):  # bytes, not [0, 1]
+        decode.colorize(model, (rgb * 255).to(torch.uint8), infer_px=64)
 
 
 def test_colorize_accepts_gray_and_matches_a_manual_pipeline() -> None:

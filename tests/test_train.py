@@ -537,8 +537,29 @@ def test_data_dependent_init_standardises_every_conv() -> None:
     assert len(stats) == 23
     for mean, std in stats:
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-3, rtol=0)
-        alive = std > 0  # channels dead on this batch stay dead
+        alive = std > 0.5  # channels dead on this batch stay dead
         torch.testing.assert_close(std[alive], torch.ones_like(std[alive]), atol=1e-3, rtol=0)
+        assert alive.float().mean() > 0.5
+
+
+def test_data_dependent_init_leaves_dead_channels_unscaled_and_refuses_flat_inputs() -> None:
+    from colorcore.datainit import data_dependent_init
+    from colorcore.model import ColorizationNet, ModelConfig
+
+    torch.manual_seed(0)
+    model = ColorizationNet(ModelConfig(width=1 / 8))
+    with pytest.raises(ValueError, match="flat"):
+        data_dependent_init(model, torch.full((4, 1, 64, 64), 50.0))
+    # Two flat images and one photo-like: the channels that see only borders of the flat
+    # ones still vary, but none is scaled up past what the varying one allows.
+    before = max(p.abs().max() for p in model.parameters())
+    batch = torch.full((3, 1, 64, 64), 50.0)
+    batch[2] = torch.rand(64, 64) * 100
+    data_dependent_init(model, batch)
+    after = max(p.abs().max() for p in model.parameters())
+    assert torch.isfinite(after) and after < 1e3 * before
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64) * 100)).all()
 
 
 def test_the_data_init_batch_is_read_with_the_run_s3_options(s3_server, monkeypatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 
@@ -120,6 +121,30 @@ def test_checkpoint_round_trip() -> None:
         model.state_dict().items(), rebuilt.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), k
+
+
+def test_checkpoints_and_exports_must_mean_the_313_bins() -> None:
+    """A file whose logits refer to other bins (its stored bin table, or the readout conv in
+    its weights) is refused: its colours would be wrong without a word."""
+    from safetensors.torch import load, save
+
+    model = ColorizationNet(TINY)
+    buffer = io.BytesIO()
+    weights.save_checkpoint(buffer, model)
+    good = weights.load_weights_file(io.BytesIO(buffer.getvalue()))
+    other_bins = dict(good, ab_bins=good["ab_bins"].flip(0))
+    with pytest.raises(ValueError, match="checkpoint's ab bins do not match"):
+        weights.checkpoint_from_object(other_bins)
+    state = dict(good["model_state"], **{"model_out.weight": torch.zeros(2, 313, 1, 1)})
+    with pytest.raises(ValueError, match="ab readout do not match"):
+        weights.checkpoint_from_object(dict(good, model_state=state))
+    export = weights.to_safetensors(model)
+    header = json.loads(export[8 : 8 + int.from_bytes(export[:8], "little")])
+    tensors = load(export) | {"model_out.weight": torch.zeros(2, 313, 1, 1)}
+    broken = save(tensors, metadata=header["__metadata__"])
+    with pytest.raises(ValueError, match="ab readout do not match"):
+        weights.model_from_safetensors(broken)
+    weights.model_from_safetensors(export)  # as written
 
 
 class _RunsCode:
