@@ -526,8 +526,8 @@ def test_launcher_multi_gpu_nodes_have_room_for_the_node_cache(path: Path) -> No
 
 @pytest.mark.parametrize("where, spec", cluster_specs(), ids=[w for w, _ in cluster_specs()])
 def test_only_gpu_pods_see_gpus_and_only_the_head_gets_an_api_token(where, spec) -> None:
-    """The image makes every GPU of a node visible: a pod that asks for none says it has none
-    (a head or CPU pod landing on a GPU node would offer them to Ray). Only the head's
+    """A pod that asks for no GPU tells Ray it has none, whatever node it lands on (the
+    image shows none: the device plugin shows a pod those it asked for). Only the head's
     autoscaler talks to the Kubernetes API; the workers, which decode untrusted archives,
     carry no token for it."""
     head = spec["headGroupSpec"]
@@ -561,8 +561,14 @@ def test_kuberay_tune_clusters_offer_the_tune_driver_resource_on_the_head() -> N
 
     for where, spec in cluster_specs():
         runs_tune = "rayjob-tune" in where or "raycluster" in where
-        head = kuberay_resources(spec["headGroupSpec"]["rayStartParams"])
+        params = spec["headGroupSpec"]["rayStartParams"]
+        head = kuberay_resources(params)
         assert (head.get(DRIVER_RESOURCE, 0) >= 8) == runs_tune, where
+        if runs_tune:  # each trial's function and its trainer's controller: about 1 GB
+            limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+            memory = byte_quantity(limits["limits"]["memory"])
+            store = byte_quantity(params["object-store-memory"])
+            assert head[DRIVER_RESOURCE] * 2**30 + store + 4 * 2**30 <= memory, where
 
 
 def test_accelerator_types_asked_for_are_offered() -> None:
@@ -671,10 +677,26 @@ def test_dockerfile_pins_base_image_and_packages() -> None:
     assert any(re.search(r"pip install -c constraints\.txt \.( |$)", arg) for arg in runs)
     users = [arg for op, arg in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image runs as an ordinary user"
-    # The launcher starts GPU containers with --runtime=nvidia only: without these in the
-    # image (NVIDIA's CUDA images set them, a slim Python image does not), torch sees no GPU.
+    # Not in the image: every container of it would see every GPU of its node, the head's
+    # and CPU pods' too (the launcher's GPU node types set it: see the test below).
     env = " ".join(arg for op, arg in instructions if op == "ENV")
-    assert "NVIDIA_VISIBLE_DEVICES=all" in env and "compute" in env
+    assert "NVIDIA_VISIBLE_DEVICES" not in env
+    # The image is checked as installed, not as the source copy in its working folder.
+    assert any(re.search(r"cd / && python -c \"import torch, torchvision\.io", a) for a in runs)
+
+
+@pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
+def test_launcher_gpu_containers_and_only_they_see_the_gpus(path: Path) -> None:
+    """The launcher starts a GPU node's container with --runtime=nvidia, which shows it the
+    GPUs only where NVIDIA_VISIBLE_DEVICES says so: every GPU node type sets it, no other."""
+    config = yaml.safe_load(path.read_text())
+    everywhere = " ".join(config["docker"].get("run_options", []))
+    assert "NVIDIA_VISIBLE_DEVICES" not in everywhere
+    for name, node_type in config["available_node_types"].items():
+        options = " ".join(node_type.get("docker", {}).get("worker_run_options", []))
+        gpus = node_type.get("resources", {}).get("GPU", 0)
+        assert ("-e NVIDIA_VISIBLE_DEVICES=all" in options) == bool(gpus), name
+        assert ("NVIDIA_DRIVER_CAPABILITIES=compute,utility" in options) == bool(gpus), name
 
 
 # ---------------------------------------------------------------- security
@@ -753,9 +775,15 @@ def test_launcher_token_auth_from_ssm(path: Path) -> None:
     config = prepared_launcher_config(path)
     options = " ".join(config["docker"]["run_options"])
     assert "-e RAY_AUTH_MODE=token" in options
-    assert re.search(r"-v \S+:/home/ray/\.ray/auth_token:ro", options)
+    # Mounted from where the fetch below writes it (the ssh user's ~), to where Ray in the
+    # container looks for it (the image's HOME).
+    user = config["auth"]["ssh_user"]
+    mount = rf"-v /home/{user}/\.ray/auth_token:/home/ray/\.ray/auth_token:ro"
+    assert re.search(mount, options), options
+    assert re.search(r"^ENV HOME=/home/ray$", DOCKERFILE.read_text(), re.MULTILINE)
     fetch = " ".join(config["initialization_commands"])
     assert "aws ssm get-parameter" in fetch and "--with-decryption" in fetch
+    assert "> ~/.ray/auth_token" in fetch
     assert f"--region {config['provider']['region']}" in fetch
     for name, node_type in config["available_node_types"].items():
         assert "IamInstanceProfile" in node_type["node_config"], f"{name}: storage via its role"
