@@ -439,11 +439,11 @@ def _run_state(experiment: str, fs) -> str | None:
     import pyarrow.fs
 
     selector = pyarrow.fs.FileSelector(experiment, allow_not_found=True)
+    files = [info.path for info in fs.get_file_info(selector)]
     states = sorted(
-        info.path
-        for info in fs.get_file_info(selector)
-        if posixpath.basename(info.path).startswith(TUNE_STATE_PREFIX)
-        and info.path.endswith(".json")
+        path
+        for path in files
+        if posixpath.basename(path).startswith(TUNE_STATE_PREFIX) and path.endswith(".json")
     )
     if not states:
         return None
@@ -451,10 +451,15 @@ def _run_state(experiment: str, fs) -> str | None:
         with fs.open_input_stream(states[-1]) as f:
             json.loads(f.read())
     except ValueError as error:
+        # The searcher's state of that session too: Tune reads the newest of those apart,
+        # and would pair it with the older search state.
+        session = posixpath.basename(states[-1])[len(TUNE_STATE_PREFIX) : -len(".json")]
+        saved = sorted(p for p in files if posixpath.splitext(p)[0].endswith(f"-{session}"))
         raise ValueError(
-            f"the search's state {states[-1]} does not read ({error}): move it away (the "
-            "search then continues from the state before it, or starts anew where there is "
-            "none), or search under another --name"
+            f"the search's state {states[-1]} does not read ({error}): move away the files "
+            f"Tune saved with it ({', '.join(saved)}; the search then continues from the "
+            "state before them, or starts anew where there is none), or search under "
+            "another --name"
         ) from None
     return states[-1]
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,8 +275,16 @@ def test_a_search_continues_only_from_a_state_tune_saved_that_reads(tmp_path) ->
     assert tune._run_state(folder, fs) is None
     for session, text in (("2026-12-01_00-00-00", "{}"), ("2026-12-01_01-00-00", '{"tr')):
         (tmp_path / "search" / f"{tune.TUNE_STATE_PREFIX}{session}.json").write_text(text)
-    with pytest.raises(ValueError, match=r"01-00-00.json does not read .* move it away"):
+    for session in ("2026-12-01_00-00-00", "2026-12-01_01-00-00"):  # the searcher's, apart
+        (tmp_path / "search" / f"basic-variant-state-{session}.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"01-00-00.json does not read .* move away") as e:
         tune._run_state(folder, fs)
+    named = re.findall(r"/search/([\w.-]+)", str(e.value))
+    session = "2026-12-01_01-00-00"
+    assert set(named) == {
+        f"{tune.TUNE_STATE_PREFIX}{session}.json",
+        f"basic-variant-state-{session}.json",
+    }
     (tmp_path / "search" / f"{tune.TUNE_STATE_PREFIX}2026-12-01_01-00-00.json").unlink()
     assert tune._run_state(folder, fs).endswith("00-00-00.json")
 
