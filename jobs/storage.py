@@ -524,11 +524,8 @@ def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> li
     it keeps (a file missing from one reads as missing)."""
     fs, path = filesystem(url, s3)
     found = _find(fs, path, url, detail=False)
-    if split_url(url)[0] == "file":
-        out = list(found)
-    else:
-        prefix = url.rstrip("/")
-        out = [prefix + p[len(path) :] for p in found if p.startswith(path)]
+    prefix, path = url.rstrip("/"), path.rstrip("/")  # a local path: absolute, `url` may not be
+    out = [prefix + p[len(path) :] for p in found if p == path or p.startswith(path + "/")]
     return sorted(u for u in out if u.endswith(suffix))
 
 

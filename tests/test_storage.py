@@ -127,8 +127,12 @@ def test_listings_are_not_kept_and_spell_urls_as_given(root_url) -> None:
     sizes = storage.file_sizes(storage.join(root_url, "d") + "/")
     assert sizes == {"sub/0.bin": 1, "sub/1.bin": 1, "sub/2.bin": 1, "top.bin": 3}
     assert not [k for k in getattr(fs, "dircache", {}) if k.startswith(path)]
+    # s3a:// stays s3a://; a file:// URL, or a relative path, stays so
     if root_url.startswith("s3://"):
-        other = "s3a://" + root_url[len("s3://") :]
+        others = ["s3a://" + root_url[len("s3://") :]]
+    else:
+        others = ["file://" + root_url, os.path.relpath(root_url)]
+    for other in others:
         assert storage.list_files(storage.join(other, "d", "sub")) == [
             storage.join(other, "d", "sub", f"{i}.bin") for i in range(3)
         ]
