@@ -206,41 +206,56 @@ def _upright_xmp(xmp: bytes | None) -> bytes | None:
 
 def _is_16bit_colour(data: bytes, image) -> bool:
     """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
-    RGBA, or for PNG gray with alpha), which Pillow would decode to 8 bits."""
+    RGBA, CMYK for a TIFF, or for PNG gray with alpha), which Pillow would decode to 8 bits."""
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
         return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
-        bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)  # and RGB?
-        return (
-            isinstance(bits, tuple)
-            and len(bits) in (3, 4)
-            and set(bits) == {16}
-            and photometric == 2
-            and image.tag_v2.get(338) != (1,)  # alpha not premultiplied (Pillow undoes it)
-        )
+        bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)
+        if not (isinstance(bits, tuple) and set(bits) == {16}):
+            return False
+        if photometric == 2:  # RGB(A), alpha not premultiplied (Pillow undoes that)
+            return len(bits) in (3, 4) and image.tag_v2.get(338) != (1,)
+        return _is_16bit_cmyk(image)
     return False
 
 
+def _is_16bit_cmyk(image) -> bool:
+    """Whether the current TIFF page is CMYK (inks of no other kind) at 16 bits, 4 samples."""
+    tags = image.tag_v2
+    return (
+        tags.get(262) == 5  # separated
+        and tags.get(258) == (16, 16, 16, 16)
+        and tags.get(332, 1) == 1  # InkSet: CMYK
+        and 338 not in tags  # no extra samples
+    )
+
+
 def _16bit_colour_page(
-    data: bytes, fmt: str, index: int, turn: int, planar: bool = False
+    data: bytes, fmt: str, index: int, turn: int, planar: bool = False, cmyk: bool = False
 ) -> Page | None:
     """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
     (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
     each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
-    samples were interleaved), and turned by `turn`; None when OpenCV cannot read it
-    (Pillow then does, at 8 bits)."""
+    samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
+    and turned by `turn`; None when OpenCV cannot read it (Pillow then does, at 8 bits)."""
     import cv2
 
     buffer = np.frombuffer(data, np.uint8)
-    if planar:
+    if planar or cmyk:
         import tifffile
 
+        what = "CMYK" if cmyk else "colour planes"
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                pixels = tif.pages[index].asarray()  # (samples, H, W), RGB(A)
+                pixels = tif.pages[index].asarray()  # planar: (samples, H, W); else (H, W, S)
         except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
-            raise BadImage(f"a 16-bit TIFF of colour planes that does not read: {error}") from None
-        pixels = pixels[[2, 1, 0, 3][: len(pixels)]].transpose(1, 2, 0)  # as OpenCV's
+            raise BadImage(f"a 16-bit TIFF of {what} that does not read: {error}") from None
+        pixels = pixels.transpose(1, 2, 0) if planar else pixels
+        if cmyk:  # as Pillow converts 8-bit CMYK: each of R, G, B is (1 - C or M or Y)(1 - K)
+            inks = pixels.astype(np.float64) / 65535
+            rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:])
+            pixels = np.round(rgb * 65535).astype(np.uint16)
+        pixels = pixels[..., [2, 1, 0, 3][: pixels.shape[2]]]  # as OpenCV's: BGR(A)
     elif fmt == "PNG":
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     else:
@@ -282,8 +297,9 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
                 planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
-                turn = exif_orientation(image) if fmt == "PNG" or planar else 1
-                page = _16bit_colour_page(data, fmt, index, turn, planar)
+                cmyk = fmt == "TIFF" and _is_16bit_cmyk(image)
+                turn = exif_orientation(image) if fmt == "PNG" or planar or cmyk else 1
+                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk)
                 if page is not None:
                     pages.append(page)
                     continue

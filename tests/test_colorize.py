@@ -1039,6 +1039,29 @@ def test_a_16bit_tiff_of_colour_planes_is_read_at_16_bits_upright() -> None:
     assert np.array_equal(got, upright[..., :3])
 
 
+@pytest.mark.parametrize("planarconfig", ["contig", "separate"])
+def test_a_16bit_cmyk_tiff_is_read_at_16_bits_as_pillow_converts_cmyk(planarconfig) -> None:
+    """CMYK at 16 bits (Pillow and OpenCV keep 8 of them) comes out RGB at 16 bits, upright,
+    converted as Pillow converts 8-bit CMYK: within its rounding of the same picture."""
+    import tifffile
+
+    rng = np.random.default_rng(6)
+    cmyk16 = rng.integers(0, 65536, (3, 5, 4), dtype=np.uint16)
+    stored = cmyk16 if planarconfig == "contig" else cmyk16.transpose(2, 0, 1)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, stored, photometric="separated", planarconfig=planarconfig,
+                     extratags=[(274, 3, 1, 6, True)])  # fmt: skip
+    decoded = picture_files.decode(buffer.getvalue(), 10**6)
+    (page,) = decoded.pages
+    assert page.bits == 16 and page.alpha is None
+    assert picture_files.output_format(decoded, "keep") == "TIFF16"
+    pillow = np.asarray(Image.fromarray((cmyk16 >> 8).astype(np.uint8), "CMYK").convert("RGB"))
+    upright = np.rot90(pillow, k=-1)  # orientation 6: a quarter clockwise
+    got = page.rgb[0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(got - upright).max() <= 2.0
+    assert len(np.unique((page.rgb[0] * 65535).round().int() & 0xFF)) > 8  # 16 bits of it
+
+
 def test_a_16bit_tiff_of_premultiplied_alpha_comes_out_unpremultiplied() -> None:
     colour, alpha = 20000, np.arange(1, 21, dtype=np.uint16).reshape(4, 5) * 3000
     stored = np.dstack([(colour * alpha.astype(np.float64) / 65535).astype(np.uint16)] * 3
