@@ -85,6 +85,8 @@ def lightness_and_target_ab(
     ``torch.compile`` turns it into a couple of fused kernels (the training job does so with
     ``TrainConfig.compile``).
     """
+    if not (rgb_N3HW.dtype == torch.uint8 or rgb_N3HW.is_floating_point()):
+        raise ValueError(f"expected uint8 crops or floats in [0, 1], got {rgb_N3HW.dtype}")
     rgb = rgb_N3HW.float() / 255 if rgb_N3HW.dtype == torch.uint8 else rgb_N3HW.float()
     ab_N2hw = rgb_to_lab(subsample_targets(rgb, stride))[:, 1:]
     return rgb_to_lightness(rgb), ab_N2hw

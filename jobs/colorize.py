@@ -807,7 +807,7 @@ def _storage_error(error: BaseException | None) -> bool:
     OSError too, with no errno."""
     while error is not None:
         plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
-        if isinstance(error, _read_errors()) or (not plain and storage.is_transient(error)):
+        if isinstance(error, _read_errors()) or (not plain and storage.from_storage(error)):
             return True
         error = error.__cause__ or error.__context__
     return False

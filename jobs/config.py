@@ -200,6 +200,7 @@ class _SafeLoaderOfUniqueKeys(yaml.SafeLoader):
 
 # YAML 1.1's numbers less its octal (``010`` is 8) and base-60 (``1:30`` is 90) forms, which
 # would change a value without a word: written so, it is text, which a number field refuses.
+# The rest as PyYAML resolves them (binary and hex integers, floats with a dot).
 _SafeLoaderOfUniqueKeys.yaml_implicit_resolvers = {
     first: [
         (tag, regexp) for tag, regexp in resolvers if tag.rsplit(":", 1)[-1] not in ("int", "float")
@@ -208,13 +209,13 @@ _SafeLoaderOfUniqueKeys.yaml_implicit_resolvers = {
 }
 _SafeLoaderOfUniqueKeys.add_implicit_resolver(
     "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"),
 )
 _SafeLoaderOfUniqueKeys.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
-        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
     ),
     list("-+0123456789."),

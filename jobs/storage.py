@@ -49,11 +49,16 @@ _PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.ENAMETOOLONG,
 # a store busy or failing. Other 4xx replies refuse the request as it is (an InvalidRange,
 # a wrong region, a redirect, a conditional write the store does not implement), whatever
 # exception s3fs makes of them (often OSError(EINVAL)).
-S3_TRANSIENT_REPLIES = frozenset({"IncompleteBody", "BadDigest", "RequestTimeout", "SlowDown",
-                                  "InternalError", "ServiceUnavailable", "OperationAborted",
-                                  "ConditionalRequestConflict", "Throttling",
-                                  "ThrottlingException", "RequestLimitExceeded",
-                                  "TooManyRequestsException"})  # fmt: skip
+S3_TRANSIENT_REPLIES = frozenset({
+    "IncompleteBody", "BadDigest", "XAmzContentSHA256Mismatch",  # damaged on the way
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError",
+    "ServiceUnavailable", "OperationAborted", "ConditionalRequestConflict",
+    # botocore's throttling codes
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "RequestLimitExceeded", "TooManyRequestsException",
+    "BandwidthLimitExceeded", "ProvisionedThroughputExceededException",
+    "EC2ThrottledException",
+})  # fmt: skip
 S3_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # not 501, Not Implemented
 
 
@@ -210,24 +215,27 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _certificate_refused(error: BaseException) -> bool:
-    """Whether a TLS handshake failed on the endpoint's certificate (or on the protocol):
-    the same on every attempt."""
+    """Whether a TLS handshake failed on the endpoint's certificate, the same on every
+    attempt (not a handshake cut short, which may pass): the error or one it was raised
+    from, or the one botocore wraps (aiohttp's certificate error is the ssl module's)."""
     import ssl
 
-    try:
-        from botocore.exceptions import SSLError
-
-        kinds: tuple[type[BaseException], ...] = (ssl.SSLError, SSLError)
-    except ImportError:
-        kinds = (ssl.SSLError,)
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, kinds):
+        if isinstance(cause, ssl.SSLCertVerificationError):
             return True
-        cause = cause.__cause__ or cause.__context__
+        wrapped = getattr(cause, "kwargs", {}).get("error")  # botocore's SSLError(error=...)
+        cause = cause.__cause__ or (wrapped if isinstance(wrapped, BaseException) else None)
     return False
+
+
+def from_storage(error: BaseException) -> bool:
+    """Whether an error is the storage's or the network's, not the data's: one that may
+    pass (`is_transient`), or any S3 reply, or a failed connection."""
+    kinds = (ConnectionError, TimeoutError, *_botocore_connection_errors())
+    return is_transient(error) or _s3_reply(error) != (None, None) or isinstance(error, kinds)
 
 
 @functools.cache
@@ -357,7 +365,9 @@ def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
     """`list_files` of `url`, less temporary files of local writes, of which those a
     process that has ended left behind are removed (a job's re-run calls this before it
     writes: they would be its own otherwise, and fill the disk run after run). A live
-    process's are left to it: another job may be writing beside this one."""
+    process's are left to it: another job may be writing beside this one. Processes are
+    this machine's: on a folder other machines share, a pid may be another's (a live
+    writer's temporary file there can be removed, a dead one's kept)."""
     found = list_files(url, s3)
     if not is_local(url):
         return found  # an object store's write is one request: nothing half-written stays

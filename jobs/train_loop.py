@@ -380,6 +380,8 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     """
     data, ckpt, taken = None, None, []
     if rank == 0:
+        # Torn ones too: Ray may have recorded one, and would delete its folder in turn.
+        written = [url.rsplit("/", 2)[-2] for url in checkpoint_files(run_url, s3)]
         remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
             found = newest_loadable(run_url, s3, lambda data: load_checkpoint(io.BytesIO(data)))
@@ -389,7 +391,7 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
             ) from None
         if found is not None:
             _, data, ckpt = found
-            taken = [url.rsplit("/", 2)[-2] for url in checkpoint_files(run_url, s3)]
+            taken = written
     if world > 1:
         sent = [data, taken]
         torch.distributed.broadcast_object_list(sent, src=0)

@@ -11,6 +11,21 @@ import pytest
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
+def train_workers() -> list[int]:
+    """Process ids of the Ray Train workers of this process's own Ray instance (its
+    descendants: the raylet it started starts them), none of another Ray on the machine."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return sorted(found)
+
+
 def reference_path(name: str) -> Path:
     """A published reference table; missing tables fail the test loudly (never skip)."""
     path = REFERENCE_DIR / name

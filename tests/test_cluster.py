@@ -548,6 +548,11 @@ def test_launcher_head_offers_the_tune_driver_resource(path: Path) -> None:
     config = prepared_launcher_config(path)
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"].get(DRIVER_RESOURCE, 0) >= 8  # the paper search's trials at once
+    # each trial's function and its trainer's controller: about 1 GB, beside the object store
+    start = " ".join(config["head_start_ray_commands"])
+    store = int(re.search(r"--object-store-memory=(\d+)", start)[1])
+    memory = {"m7i.2xlarge": 32 * 2**30}[head["node_config"]["InstanceType"]]
+    assert head["resources"][DRIVER_RESOURCE] * 2**30 + store + 4 * 2**30 <= memory
 
 
 def kuberay_resources(params: dict[str, Any]) -> dict[str, float]:

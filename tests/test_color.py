@@ -374,6 +374,8 @@ def test_network_input_and_targets_equal_converting_everything_then_picking() ->
         assert ab_N2hw.shape == (2, 2, 5, 6)
         torch.testing.assert_close(l_N1HW, expected[0], rtol=0, atol=1e-4)
         torch.testing.assert_close(ab_N2hw, expected[1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="uint8 crops or floats"):  # not taken as [0, 1]
+        lightness_and_target_ab(rgb_N3HW.to(torch.int16) * 257, 4)
 
 
 def test_lightness_of_one_gray_channel_equals_its_three_channel_form() -> None:

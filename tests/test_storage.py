@@ -397,7 +397,8 @@ def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> No
                ("AuthorizationHeaderMalformed", 400)]  # fmt: skip
     for code, status in refused:
         assert not storage.is_transient(s3_error(code, status)), code
-    passing = [("IncompleteBody", 400), ("RequestTimeout", 400), ("SlowDown", 503),
+    passing = [("IncompleteBody", 400), ("XAmzContentSHA256Mismatch", 400),
+               ("RequestTimeout", 400), ("SlowDown", 503), ("BandwidthLimitExceeded", 400),
                ("InternalError", 500), (None, 502), ("TooManyRequests", 429)]  # fmt: skip
     for code, status in passing:  # a transfer damaged on the way, a store busy: again
         assert storage.is_transient(s3_error(code, status)), code
@@ -409,3 +410,7 @@ def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> No
 
     bad_certificate = SSLError(endpoint_url="https://s3.test", error=ssl.SSLCertVerificationError())
     assert not storage.is_transient(bad_certificate)
+    cut_short = SSLError(endpoint_url="https://s3.test", error=ssl.SSLEOFError())  # a busy store
+    assert storage.is_transient(cut_short)
+    # Refused for good, but the storage's doing, not an archive member's bytes' (colorize)
+    assert storage.from_storage(bad_certificate) and storage.from_storage(s3_error(None, 400))

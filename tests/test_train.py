@@ -20,6 +20,7 @@ import torch
 from jobs import node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
+from tests.support import train_workers
 
 
 def test_ci_run_completes_with_checkpoints_in_the_bucket(ci_run) -> None:
@@ -278,7 +279,6 @@ def test_learning_rate_schedule() -> None:
 
 
 def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
-    import psutil
     import ray
 
     cfg = dataclasses.replace(
@@ -300,11 +300,7 @@ def test_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         while not storage.exists(first) and time.monotonic() < deadline:
             time.sleep(0.5)
         written.append(last_modified())
-        workers = [
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-        ]
+        workers = train_workers()
         shared.append(any(os.path.isdir(os.path.join(r, folder)) for r in node_cache.ROOTS))
         os.kill(workers[-1], signal.SIGKILL)
         killed.append(workers[-1])
@@ -537,7 +533,7 @@ def test_data_dependent_init_standardises_every_conv() -> None:
     assert len(stats) == 23
     for mean, std in stats:
         torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-3, rtol=0)
-        alive = std > 0.5  # channels dead on this batch stay dead
+        alive = std > 0.01  # channels dead on this batch (std <= 1e-3) stay dead
         torch.testing.assert_close(std[alive], torch.ones_like(std[alive]), atol=1e-3, rtol=0)
         assert alive.float().mean() > 0.5
 

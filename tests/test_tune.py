@@ -18,6 +18,7 @@ from jobs import storage, train, tune
 from jobs.config import ConfigError, load_config_file, parse_config, save_config, to_dict
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
 from jobs.train import TrainConfig
+from tests.support import train_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,8 +416,6 @@ def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
     import threading
     import time
 
-    import psutil
-
     train_cfg = dataclasses.replace(one_worker(ci_config), max_failures=0)
     search = dataclasses.replace(
         tune.ci(), train=train_cfg, storage=s3_server.url("searches"), name="train-failed",
@@ -429,10 +428,9 @@ def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if any(u.endswith("checkpoint.pt") for u in storage.list_files(trials)):
-                for p in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                        os.kill(p.pid, signal.SIGKILL)
-                        killed.append(p.pid)
+                for pid in train_workers():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                 return
             time.sleep(0.2)
 
