@@ -16,8 +16,10 @@ neither can run code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -75,7 +77,7 @@ class LoadedModel:
 
 def checkpoint_step(url: str) -> int:
     """The step of a run folder's checkpoint file, from its folder's name."""
-    return _checkpoint_order(url.rsplit("/", 2)[-2])[0]
+    return _checkpoint_order(checkpoint_folder(url))[0]
 
 
 def _checkpoint_order(folder: str) -> tuple[int, int]:
@@ -99,7 +101,7 @@ def checkpoint_files(run_url: str, s3: storage.S3Options | None = None) -> list[
             posixpath.basename(folder)
         ):
             found.append(url)
-    return sorted(found, key=lambda u: _checkpoint_order(u.rsplit("/", 2)[-2]))
+    return sorted(found, key=lambda u: _checkpoint_order(checkpoint_folder(u)))
 
 
 def torn(url: str, s3: storage.S3Options | None = None) -> bool:
@@ -129,6 +131,42 @@ def remove_torn(run_url: str, s3: storage.S3Options | None = None) -> list[str]:
         log.warning("removing checkpoint %s: it was cut short (by a crash while written)", url)
     storage.remove(found, s3)
     return found
+
+
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's checkpoints, in its run folder: those its keep-last-K
+deletes in turn."""
+
+
+def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = None) -> list[str]:
+    """Delete the run folder's checkpoints older than its newest `keep` that Ray's record of
+    the run (`RAY_CHECKPOINT_RECORD`) does not hold, and so would never delete: a driver
+    killed between a checkpoint's upload and its record leaves one. Returns their URLs;
+    none where the record is missing or does not read (another Ray version's layout)."""
+    try:
+        record = json.loads(storage.read_bytes(storage.join(run_url, RAY_CHECKPOINT_RECORD), s3))
+        recorded = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
+        log.warning("%s: Ray's record of its checkpoints does not read (%s: %s); none of "
+                    "them is removed", run_url, type(error).__name__, error)  # fmt: skip
+        return []
+    files = checkpoint_files(run_url, s3)
+    older = files[: max(0, len(files) - keep)]
+    old = [url for url in older if checkpoint_folder(url) not in recorded]
+    for url in old:
+        log.warning("removing checkpoint %s: Ray never recorded it (its driver was killed "
+                    "as it was written), and %d newer ones are kept", url, keep)  # fmt: skip
+        folder = url.rsplit("/", 1)[0]
+        storage.remove(storage.list_files(folder, s3), s3)
+        if storage.is_local(folder):
+            with contextlib.suppress(OSError):  # emptied: a folder of its own no more
+                os.rmdir(storage.split_url(folder)[1])
+    return old
+
+
+def checkpoint_folder(url: str) -> str:
+    """The name of a checkpoint file's folder (``checkpoint_<step>``)."""
+    return url.rsplit("/", 2)[-2]
 
 
 def newest_loadable(

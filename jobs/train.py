@@ -597,6 +597,9 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     result = build_trainer(cfg).fit()
     if result.error:
         raise result.error
+    from jobs.models import remove_unrecorded
+
+    remove_unrecorded(cfg.run_url, cfg.keep_checkpoints, cfg.s3)
     metrics = dict(result.metrics or {})
     if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
         from jobs.models import checkpoint_files

@@ -39,6 +39,7 @@ from jobs.models import (
     CHECKPOINT_FILE,
     checkpoint_dir_name,
     checkpoint_files,
+    checkpoint_folder,
     newest_loadable,
     remove_torn,
 )
@@ -381,7 +382,7 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
     data, ckpt, taken = None, None, []
     if rank == 0:
         # Torn ones too: Ray may have recorded one, and would delete its folder in turn.
-        written = [url.rsplit("/", 2)[-2] for url in checkpoint_files(run_url, s3)]
+        written = [checkpoint_folder(url) for url in checkpoint_files(run_url, s3)]
         remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
             found = newest_loadable(run_url, s3, lambda data: load_checkpoint(io.BytesIO(data)))

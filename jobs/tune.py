@@ -400,6 +400,8 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from jobs.models import remove_unrecorded
+
     cfg = from_dict(SearchConfig, search)
     trial_id = tune.get_context().get_trial_id()
     print(f"tune: trial {trial_id} starts", flush=True)
@@ -424,6 +426,7 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -
         result = trainer.fit()
         if result.error:
             raise result.error
+        remove_unrecorded(trial.run_url, trial.keep_checkpoints, trial.s3)
     except TrainingFailedError as error:  # after train.max_failures restarts
         text = f"{type(error).__name__}: {error}"[:4000]
         record = json.dumps({"session": session, "error": text}).encode()

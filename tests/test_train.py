@@ -325,7 +325,8 @@ def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_new_ones(ci_config, t
     """The newest checkpoint, damaged in place (whole, but it no longer loads), is passed
     over; the steps after the older one are trained again into folders of their own, which
     Ray's keep-last-K, deleting the damaged one, leaves alone. Under the damaged one's name,
-    it deleted the new checkpoint, and the controller failed deleting it a second time."""
+    it deleted the new checkpoint, and the controller failed deleting it a second time.
+    A checkpoint Ray never recorded is removed at the end, beyond the K kept."""
     cfg = dataclasses.replace(
         ci_config,
         name="damaged",
@@ -338,6 +339,11 @@ def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_new_ones(ci_config, t
     train.main(cfg)
     damaged = storage.join(cfg.run_url, checkpoint_dir_name(20), CHECKPOINT_FILE)
     storage.write_bytes(damaged, zip_of(b"not a checkpoint"))
+    # One Ray never recorded (its driver killed as it was written): keep-last-K would never
+    # delete it; the run does, once it is older than the K it keeps.
+    first = storage.join(cfg.run_url, checkpoint_dir_name(10), CHECKPOINT_FILE)
+    unrecorded = storage.join(cfg.run_url, checkpoint_dir_name(5), CHECKPOINT_FILE)
+    storage.write_bytes(unrecorded, storage.read_bytes(first))
     assert train.main(dataclasses.replace(cfg, max_steps=40))["step"] == 40
     names = [p for p in os.listdir(cfg.run_url) if p.startswith("checkpoint_0")]
     assert sorted(names) == [checkpoint_dir_name(30), checkpoint_dir_name(40)]

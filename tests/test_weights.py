@@ -229,6 +229,29 @@ def test_a_step_checkpointed_again_sorts_after_its_first_checkpoint(tmp_path) ->
     assert [checkpoint_step(u) for u in files] == [5] + [20] * 12 + [100]
 
 
+def test_checkpoints_ray_never_recorded_are_removed_beyond_the_newest_kept(model_root) -> None:
+    """Older than the newest K and missing from Ray's record: removed (Ray would never);
+    recorded ones are Ray's to delete; with no readable record, nothing is removed."""
+    from jobs.models import RAY_CHECKPOINT_RECORD, remove_unrecorded
+
+    run = storage.join(model_root, "unrecorded")
+    for step in (5, 10, 20, 30):
+        storage.write_bytes(storage.join(run, checkpoint_dir_name(step), CHECKPOINT_FILE), b"PK")
+    record = storage.join(run, RAY_CHECKPOINT_RECORD)
+    assert remove_unrecorded(run, 2) == []  # no record yet
+    storage.write_bytes(record, b'{"checkpoint_results": [')  # cut short
+    assert remove_unrecorded(run, 2) == []
+    names = [{"checkpoint_dir_name": checkpoint_dir_name(s), "metrics": {}} for s in (10, 30)]
+    storage.write_bytes(record, json.dumps({"checkpoint_results": names}).encode())
+    assert remove_unrecorded(run, 4) == []  # all four kept
+    [removed] = remove_unrecorded(run, 2)  # 20 is among the newest 2; 10 is recorded
+    assert removed.endswith(f"{checkpoint_dir_name(5)}/{CHECKPOINT_FILE}")
+    [removed] = remove_unrecorded(run, 1)
+    assert removed.endswith(f"{checkpoint_dir_name(20)}/{CHECKPOINT_FILE}")
+    left = [u.rsplit("/", 2)[-2] for u in checkpoint_files(run)]
+    assert left == [checkpoint_dir_name(s) for s in (10, 30)]
+
+
 def test_only_checkpoints_cut_short_are_removed(model_root) -> None:
     import zipfile
 
