@@ -278,7 +278,12 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     bomb, and so is one of a hundred thousand 1x1 pages."""
     from PIL import ImageOps
 
-    image = open_image(data, max_pixels=max_pixels)
+    try:
+        image = open_image(data, max_pixels=max_pixels)
+    except BadImage:
+        if data[:4] in _TIFF_HEADERS and (found := _gray_alpha_tiff(data, max_pixels, min_page_px)):
+            return found
+        raise
     fmt = "JPEG" if image.format == "MPO" else image.format
     pages, total = [], 0
     try:
@@ -310,6 +315,107 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     except Exception as e:  # decoders fail their own ways on corrupt data
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, fmt, meta)
+
+
+_TIFF_HEADERS = (b"II*\0", b"MM\0*")
+
+
+def _gray_alpha_tiff(data: bytes, max_pixels: int, min_page_px: int) -> Decoded | None:
+    """A TIFF of gray with alpha at 16 bits, which Pillow does not open (it has no such
+    mode), read with tifffile as `decode` reads other files: its pages upright, alpha kept
+    (premultiplied alpha undone), the pixel limit kept, and the metadata a TIFF output
+    carries (not the EXIF sub-IFD, which no 16-bit output carries). None for a TIFF
+    holding any other kind of page."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            pages, total = [], 0
+            for index, page in enumerate(tif.pages):
+                if not _is_16bit_gray_alpha(page):
+                    return None
+                w, h = page.imagewidth, page.imagelength
+                total += max(w * h, min_page_px if index else 0)
+                if total > max_pixels:
+                    raise BadImage(f"image too large: pages 0-{index} hold {total} pixels > "
+                                   f"limit {max_pixels}")  # fmt: skip
+                pages.append(_gray_alpha_page(page))
+            meta = _tifffile_metadata(tif.pages.first)
+    except BadImage:
+        raise
+    except Exception as e:  # tifffile fails its own ways on corrupt data
+        raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
+    return Decoded(pages, "TIFF", meta) if pages else None
+
+
+def _is_16bit_gray_alpha(page) -> bool:
+    return (
+        page.bitspersample == 16
+        and page.samplesperpixel == 2
+        and int(page.photometric) in (0, 1)  # white or black is zero
+        and tuple(page.extrasamples) in ((1,), (2,))  # premultiplied or not
+    )
+
+
+def _gray_alpha_page(page) -> Page:
+    pixels = page.asarray()
+    pixels = pixels.transpose(1, 2, 0) if int(page.planarconfig) == 2 else pixels  # (H, W, 2)
+    gray, alpha = pixels[..., 0].astype(np.float64), pixels[..., 1].astype(np.float64)
+    if int(page.photometric) == 0:  # white is zero
+        gray = 65535 - gray
+    if tuple(page.extrasamples) == (1,):  # premultiplied: undone where anything shows
+        gray = np.where(alpha > 0, np.minimum(gray * 65535 / np.maximum(alpha, 1), 65535), 0)
+    planes = np.stack([np.round(gray), alpha]).astype(np.int32)
+    tag = page.tags.get(EXIF_ORIENTATION)
+    turn = tag.value if tag is not None and tag.value in range(1, 9) else 1
+    planes_CHW = upright(torch.from_numpy(planes), turn)
+    return Page(
+        planes_CHW[:1][None].float().div_(65535.0), planes_CHW[1].numpy().astype(np.uint16), 16
+    )
+
+
+def _tifffile_metadata(page) -> Metadata:
+    """`read_metadata` of a TIFF page tifffile read: its descriptive tags, XMP, IPTC, an RGB
+    ICC profile (a gray one describes no RGB output) and its print resolution, upright."""
+    from PIL import Image
+
+    def block(tag: int) -> bytes | None:
+        found = page.tags.get(tag)
+        if found is None or isinstance(found.value, bytes | str):
+            return _as_bytes(None if found is None else found.value)
+        values = (found.value,) if isinstance(found.value, int) else tuple(found.value)
+        return struct.pack(f"{page.parent.byteorder}{len(values)}I", *values)
+
+    exif = Image.Exif()
+    for tag in _TIFF_DESCRIPTIVE_TAGS:
+        if (found := page.tags.get(tag)) is not None and isinstance(found.value, str):
+            exif[tag] = found.value
+    icc = block(_ICC_TAG)
+    orientation = page.tags.get(EXIF_ORIENTATION)
+    on_its_side = orientation is not None and orientation.value in ON_ITS_SIDE
+    return Metadata(
+        icc=icc if icc and icc[16:20] == b"RGB " else None,
+        exif=exif,
+        xmp=_upright_xmp(block(_XMP_TAG)),
+        iptc=block(_IPTC_TAG),
+        dpi=_tiff_dpi(page, on_its_side),
+    )
+
+
+def _tiff_dpi(page, on_its_side: bool) -> tuple[float, float] | None:
+    """A TIFF page's resolution tags in dots an inch, across and down once upright."""
+    unit = page.tags.get(296)
+    scale = {2: 1.0, 3: 2.54}.get(2 if unit is None else int(unit.value))
+    try:
+        x, y = (
+            float(page.tags[tag].value[0]) / float(page.tags[tag].value[1]) * scale
+            for tag in (282, 283)
+        )
+    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+        return None
+    if not (1 <= x <= 0xFFFF and 1 <= y <= 0xFFFF):
+        return None
+    return (y, x) if on_its_side else (x, y)
 
 
 def _next_page(image, index: int) -> bool:

@@ -1062,6 +1062,41 @@ def test_a_16bit_cmyk_tiff_is_read_at_16_bits_as_pillow_converts_cmyk(planarconf
     assert len(np.unique((page.rgb[0] * 65535).round().int() & 0xFF)) > 8  # 16 bits of it
 
 
+@pytest.mark.parametrize("planarconfig", ["contig", "separate"])
+def test_a_16bit_gray_with_alpha_tiff_is_read_and_written_at_16_bits(planarconfig) -> None:
+    """Gray with alpha at 16 bits, which Pillow does not open: read with tifffile, upright,
+    its metadata carried, and written as a 16-bit RGBA TIFF with its alpha to the bit."""
+    import tifffile
+
+    rng = np.random.default_rng(7)
+    la16 = rng.integers(0, 65536, (3, 5, 2), dtype=np.uint16)
+    stored = la16 if planarconfig == "contig" else la16.transpose(2, 0, 1)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, stored, photometric="minisblack", extrasamples=["unassalpha"],
+                     planarconfig=planarconfig, description="a scan", resolution=(300, 200),
+                     resolutionunit="INCH", extratags=[(274, 3, 1, 6, True)])  # fmt: skip
+    decoded = picture_files.decode(buffer.getvalue(), 10**6)
+    (page,) = decoded.pages
+    upright = np.rot90(la16, k=-1)  # orientation 6: a quarter clockwise
+    assert page.bits == 16 and np.array_equal(page.alpha, upright[..., 1])
+    assert np.array_equal((page.rgb[0, 0].numpy() * 65535).round(), upright[..., 0])
+    assert decoded.meta.dpi == (200, 300)  # across and down, upright
+    assert picture_files.output_format(decoded, "keep") == "TIFF16"
+    colour = np.dstack([upright[..., 0]] * 3)
+    out = picture_files.encode([colour], decoded, "TIFF16", "colorized by test", 95)
+    with tifffile.TiffFile(io.BytesIO(out)) as tif:
+        written = tif.pages.first
+        pixels = written.asarray()
+        assert pixels.dtype == np.uint16 and np.array_equal(pixels[..., 3], upright[..., 1])
+        assert written.tags[270].value == "a scan"
+    too_small = 10  # pixels
+    with pytest.raises(colorize.BadImage, match="image too large"):
+        picture_files.decode(buffer.getvalue(), too_small)
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    with pytest.raises(colorize.BadImage):
+        picture_files.decode(truncated, 10**6)
+
+
 def test_a_16bit_tiff_of_premultiplied_alpha_comes_out_unpremultiplied() -> None:
     colour, alpha = 20000, np.arange(1, 21, dtype=np.uint16).reshape(4, 5) * 3000
     stored = np.dstack([(colour * alpha.astype(np.float64) / 65535).astype(np.uint16)] * 3
