@@ -88,6 +88,9 @@ TRAIN_FAILED_FILE = "train_failed.json"
 """In a trial's run folder: the error its training failed with after train.max_failures
 restarts, and the search driver's session it failed in. A restart in that session fails
 at once with it; a continued search (another session) trains the trial again."""
+RANDOM_SEEDS = 1 << 20
+"""The seeds a random search's trials draw from (from train.seed on) where its space is
+choices only, so that repeats of a point are other seeds, not copies."""
 SEARCH_CONFIG_FILE = "search_config.yaml"
 SEARCH_INPUTS_FILE = "search_inputs.json"  # the prior's and the data's checksums
 BEST_CONFIG_FILE = "best_config.yaml"
@@ -226,6 +229,14 @@ class SearchConfig:
             problems.append("first_rung_fraction must lie in (0, 1]")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             problems.append("max_concurrent must be >= 1")
+        points = len(self.lrs) * len(self.lambdas) * len(self.schedules)
+        learning = self.search_alg not in ("grid", "random")
+        if learning and self.discrete and points and self.num_samples > points:
+            problems.append(
+                f"{self.search_alg} over {points} points would run {self.num_samples} trials, "
+                "repeating points with one seed: --search-alg grid or random repeat each "
+                "point with a seed of its own"
+            )
         if self.final_steps is not None and self.final_steps < 1:
             problems.append("final_steps must be >= 1")
         if self.max_gpus is not None and self.gpus_per_trial > self.max_gpus:
@@ -244,6 +255,11 @@ class SearchConfig:
             )
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def discrete(self) -> bool:
+        """Whether the space is choices only (lists, no ranges): its points can repeat."""
+        return self.lr_range is None and self.lambda_range is None
 
     @property
     def gpus_per_trial(self) -> int:
@@ -382,7 +398,7 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
             seeds = [search.train.seed + r for r in range(search.num_samples)]
             space["seed"] = tune.grid_search(seeds)
         return space
-    return {
+    space = {
         "lr": tune.loguniform(*search.lr_range) if search.lr_range else tune.choice(search.lrs),
         "rebalance_lambda": (
             tune.uniform(*search.lambda_range)
@@ -391,6 +407,13 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
         ),
         "schedule": tune.choice(list(search.schedules)),
     }
+    if search.search_alg == "random" and search.discrete and search.num_samples > 1:
+        # Draws of choices repeat points: each trial with a seed of its own, as a grid's
+        # repeats (a learning searcher would model the seed: it is refused more trials
+        # than points instead, see SearchConfig).
+        seed = search.train.seed
+        space["seed"] = tune.randint(seed, seed + RANDOM_SEEDS)
+    return space
 
 
 def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -> None:
@@ -653,10 +676,11 @@ def results_table(result_grid, search: SearchConfig) -> list[dict[str, Any]]:
 
 def best_row(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
     """The best trial by the objective. Trials of one point (lr, lambda, schedule) with
-    other seeds, a grid's repeats, count by their mean: the point is chosen, not the
-    luckiest seed; its best trial stands for it. Points all of whose trials completed come
-    first (the mean of the seeds a scheduler let through would be a mean of the lucky ones),
-    then the completed trials of the others (figures at one budget), then any scored."""
+    other seeds, a grid's repeats or a random search's over choices, count by their mean:
+    the point is chosen, not the luckiest seed; its best trial stands for it. Points all of
+    whose trials completed come first (the mean of the seeds a scheduler let through would
+    be a mean of the lucky ones), then the completed trials of the others (figures at one
+    budget), then any scored."""
     points: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         points.setdefault((row["lr"], row["lambda"], row["schedule"]), []).append(row)

@@ -192,6 +192,16 @@ def test_grid_repeats_differ_by_their_seed() -> None:
     single = dataclasses.replace(search, num_samples=1)
     assert "seed" not in tune._param_space(single)
 
+    # A random search over choices draws repeats of its points: each with a seed of its own.
+    drawn = dataclasses.replace(search, search_alg="random", num_samples=12)
+    space = tune._param_space(drawn)
+    points = [spec for _ in range(drawn.num_samples) for _, spec in generate_variants(space)]
+    configs = [tune.trial_config(drawn, p, name=f"t{i}") for i, p in enumerate(points)]
+    assert len({(c.lr, c.seed) for c in configs}) == len(configs)  # not one copy
+    assert len({c.lr for c in configs}) == 2  # of two points
+    ranged = dataclasses.replace(drawn, lrs=(), lr_range=(1e-4, 1e-3))
+    assert "seed" not in tune._param_space(ranged)  # points never repeat
+
 
 @pytest.mark.parametrize(
     "flags, message",
@@ -212,6 +222,7 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         ),
         (["--train.use-gpu", "--train.num-workers", "4", "--max-gpus", "2"], "needs 4 GPUs"),
         (["--search-alg", "annealing"], "is not one of"),
+        (["--search-alg", "optuna", "--num-samples", "5"], "over 4 points would run 5 trials"),
         (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
         (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
         (["--schedules", "0.5:inf"], "factors must be finite"),
