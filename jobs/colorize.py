@@ -983,6 +983,8 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
     """(APP segments, EXIF orientation) of a JPEG the device path can take, or None (CPU path)."""
     from jobs.colorize_jpeg import eligible
 
+    if not data.startswith(b"\xff\xd8"):  # not a JPEG: `decode` reads it (or says why not)
+        return None
     image = open_image(data, max_pixels=cfg.max_pixels)
     if not eligible(data, image):
         return None

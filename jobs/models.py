@@ -142,7 +142,8 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
     """Delete the run folder's checkpoints older than its newest `keep` that Ray's record of
     the run (`RAY_CHECKPOINT_RECORD`) does not hold, and so would never delete: a driver
     killed between a checkpoint's upload and its record leaves one. Returns their URLs;
-    none where the record is missing or does not read (another Ray version's layout)."""
+    none where the record is missing or does not read (another Ray version's layout), and
+    those left where the storage refuses (with a warning: the run is done all the same)."""
     try:
         record = json.loads(storage.read_bytes(storage.join(run_url, RAY_CHECKPOINT_RECORD), s3))
         recorded = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
@@ -150,18 +151,25 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
         log.warning("%s: Ray's record of its checkpoints does not read (%s: %s); none of "
                     "them is removed", run_url, type(error).__name__, error)  # fmt: skip
         return []
-    files = checkpoint_files(run_url, s3)
-    older = files[: max(0, len(files) - keep)]
-    old = [url for url in older if checkpoint_folder(url) not in recorded]
-    for url in old:
-        log.warning("removing checkpoint %s: Ray never recorded it (its driver was killed "
-                    "as it was written), and %d newer ones are kept", url, keep)  # fmt: skip
-        folder = url.rsplit("/", 1)[0]
-        storage.remove(storage.list_files(folder, s3), s3)
-        if storage.is_local(folder):
-            with contextlib.suppress(OSError):  # emptied: a folder of its own no more
-                os.rmdir(storage.split_url(folder)[1])
-    return old
+    removed = []
+    try:  # a clean-up: a storage that refuses it leaves them to the next run's
+        files = checkpoint_files(run_url, s3)
+        older = files[: max(0, len(files) - keep)]
+        for url in [url for url in older if checkpoint_folder(url) not in recorded]:
+            log.warning(
+                "removing checkpoint %s: Ray never recorded it (its driver was killed as it "
+                "was written), and %d newer ones are kept", url, keep,
+            )  # fmt: skip
+            folder = url.rsplit("/", 1)[0]
+            storage.remove(storage.list_files(folder, s3), s3)
+            if storage.is_local(folder):
+                with contextlib.suppress(OSError):  # emptied: a folder of its own no more
+                    os.rmdir(storage.split_url(folder)[1])
+            removed.append(url)
+    except Exception as error:
+        log.warning("%s: checkpoints Ray never recorded are left (%s: %s)", run_url,
+                    type(error).__name__, error)  # fmt: skip
+    return removed
 
 
 def checkpoint_folder(url: str) -> str:

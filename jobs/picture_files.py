@@ -211,12 +211,21 @@ def _is_16bit_colour(data: bytes, image) -> bool:
         return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
         bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)
-        if not (isinstance(bits, tuple) and set(bits) == {16}):
+        if not (isinstance(bits, tuple) and set(bits) == {16} and _plain_samples(image)):
             return False
         if photometric == 2:  # RGB(A), alpha not premultiplied (Pillow undoes that)
             return len(bits) in (3, 4) and image.tag_v2.get(338) != (1,)
         return _is_16bit_cmyk(image)
     return False
+
+
+def _plain_samples(image) -> bool:
+    """Whether a TIFF page's samples are unsigned integers of one plane deep (not floats,
+    nor a volume, whose depth the pixel limit, of width x height, would not count)."""
+    tags = image.tag_v2
+    formats = tags.get(339, 1)  # SampleFormat: one a sample, or one for all
+    formats = formats if isinstance(formats, tuple) else (formats,)
+    return tags.get(32997, 1) == 1 and set(formats) == {1}  # ImageDepth: 1
 
 
 def _is_16bit_cmyk(image) -> bool:
@@ -227,6 +236,7 @@ def _is_16bit_cmyk(image) -> bool:
         and tags.get(258) == (16, 16, 16, 16)
         and tags.get(332, 1) == 1  # InkSet: CMYK
         and 338 not in tags  # no extra samples
+        and _plain_samples(image)
     )
 
 
@@ -317,7 +327,7 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     return Decoded(pages, fmt, meta)
 
 
-_TIFF_HEADERS = (b"II*\0", b"MM\0*")
+_TIFF_HEADERS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 
 
 def _gray_alpha_tiff(data: bytes, max_pixels: int, min_page_px: int) -> Decoded | None:
@@ -344,14 +354,19 @@ def _gray_alpha_tiff(data: bytes, max_pixels: int, min_page_px: int) -> Decoded 
     except BadImage:
         raise
     except Exception as e:  # tifffile fails its own ways on corrupt data
+        if "imagecodecs" in str(e):  # LZW, JPEG and the like need that package
+            raise BadImage(f"a 16-bit TIFF whose compression does not read: {e}") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, "TIFF", meta) if pages else None
 
 
 def _is_16bit_gray_alpha(page) -> bool:
+    """Whether a tifffile page is gray with alpha, 16-bit unsigned, one plane deep."""
     return (
         page.bitspersample == 16
         and page.samplesperpixel == 2
+        and int(page.sampleformat) == 1  # unsigned integers
+        and page.imagedepth == 1  # not a volume, which the pixel limit would not count
         and int(page.photometric) in (0, 1)  # white or black is zero
         and tuple(page.extrasamples) in ((1,), (2,))  # premultiplied or not
     )
@@ -361,10 +376,10 @@ def _gray_alpha_page(page) -> Page:
     pixels = page.asarray()
     pixels = pixels.transpose(1, 2, 0) if int(page.planarconfig) == 2 else pixels  # (H, W, 2)
     gray, alpha = pixels[..., 0].astype(np.float64), pixels[..., 1].astype(np.float64)
+    if tuple(page.extrasamples) == (1,):  # premultiplied (as stored): undone where it shows
+        gray = np.where(alpha > 0, np.minimum(gray * 65535 / np.maximum(alpha, 1), 65535), 0)
     if int(page.photometric) == 0:  # white is zero
         gray = 65535 - gray
-    if tuple(page.extrasamples) == (1,):  # premultiplied: undone where anything shows
-        gray = np.where(alpha > 0, np.minimum(gray * 65535 / np.maximum(alpha, 1), 65535), 0)
     planes = np.stack([np.round(gray), alpha]).astype(np.int32)
     tag = page.tags.get(EXIF_ORIENTATION)
     turn = tag.value if tag is not None and tag.value in range(1, 9) else 1

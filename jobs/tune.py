@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -554,14 +555,17 @@ def build_tuner(search: SearchConfig):
             f"tune: continuing search {search.name} from {search.url} (at the concurrency "
             "it started with: max_gpus and max_concurrent are not changed)"
         )
-        return tune.Tuner.restore(
-            experiment,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            param_space=_param_space(search),  # not saved with the search
-            storage_filesystem=fs,
-        )
+        space = _param_space(search)  # not saved with the search
+        restore = functools.partial(
+            tune.Tuner.restore, experiment, trainable=trainable, resume_unfinished=True,
+            resume_errored=True, storage_filesystem=fs,
+        )  # fmt: skip
+        try:
+            return restore(param_space=space)
+        except ValueError as error:  # begun before random searches drew a seed a trial
+            if "seed" not in space or "param_space" not in str(error):
+                raise
+            return restore(param_space={k: v for k, v in space.items() if k != "seed"})
 
     concurrency = _concurrency(search)
     if search.search_alg in ("grid", "random"):

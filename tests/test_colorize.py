@@ -1089,12 +1089,23 @@ def test_a_16bit_gray_with_alpha_tiff_is_read_and_written_at_16_bits(planarconfi
         pixels = written.asarray()
         assert pixels.dtype == np.uint16 and np.array_equal(pixels[..., 3], upright[..., 1])
         assert written.tags[270].value == "a scan"
+    # On GPUs, JPEGs go to the device: anything else goes on to `decode`, unrefused.
+    cfg = colorize.ColorizeConfig(input="/in", output="/out", model="/m.pt", jpeg_path="device")
+    assert colorize._device_jpeg(buffer.getvalue(), cfg, "") is None
     too_small = 10  # pixels
     with pytest.raises(colorize.BadImage, match="image too large"):
         picture_files.decode(buffer.getvalue(), too_small)
     truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
     with pytest.raises(colorize.BadImage):
         picture_files.decode(truncated, 10**6)
+    # Floats, and a volume (its depth beyond the pixel limit's count): refused, not misread
+    for kwargs in ({"data": la16.astype(np.float32) / 65535}, {"volumetric": True}):
+        data = kwargs.pop("data", np.stack([la16] * 3) if kwargs else None)
+        other = io.BytesIO()
+        tifffile.imwrite(other, data, photometric="minisblack", extrasamples=["unassalpha"],
+                         **kwargs)  # fmt: skip
+        with pytest.raises(colorize.BadImage, match="not an image"):
+            picture_files.decode(other.getvalue(), 10**6)
 
 
 def test_a_16bit_tiff_of_premultiplied_alpha_comes_out_unpremultiplied() -> None:
