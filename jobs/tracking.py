@@ -326,9 +326,11 @@ class MLflowSink:
         so that a retry after a failed first write does not make another)."""
         if self._run_id is None:
             record = storage.join(self.run_url, MLFLOW_RUN_FILE)
+            run = None
             if storage.exists(record, self.s3):
                 run_id = storage.read_bytes(record, self.s3).decode().strip()
-                run = client.get_run(run_id)  # before anything is kept: a retry reads again
+                run = self._recorded_run(client, run_id)
+            if run is not None:
                 self._done_step = float(run.data.tags.get("colorcore.step", -1))
                 self._params_logged = bool(run.data.params)  # a driver may die before them
                 if run.info.status in ("FINISHED", "FAILED") and self._done_step < self.final_step:
@@ -347,6 +349,28 @@ class MLflowSink:
                 client.log_batch(self._run_id, params=params[start : start + 100])
             self._params_logged = True
         return self._run_id
+
+    def _recorded_run(self, client, run_id: str):
+        """The MLflow run the run folder records, or None where the server has none of that
+        id or it was deleted (another server, or a run someone removed): the rows then go
+        to a new run, which the folder records instead. Read before anything is kept: a
+        retry after a failure reads it again."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            log.warning(
+                "MLflow run %s recorded in %s is not on %s (deleted, or another server): "
+                "the metrics go to a new run", run_id, self.run_url,
+                _without_password(self.tracking_uri),
+            )  # fmt: skip
+            return None
+        return run
 
     def _create(self, client) -> str:
         experiment_id = self.experiment_id

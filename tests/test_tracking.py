@@ -161,3 +161,25 @@ def test_a_tracking_uri_mlflow_cannot_use_fails_before_training(monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
         assert "mlflow" not in trackers("auto")
     assert "leaving MLflow out" in caplog.text and "s3cret-pw" not in caplog.text
+
+
+def test_a_recorded_run_the_server_does_not_have_is_replaced(store, tmp_path, caplog) -> None:
+    """The run folder records an MLflow run that was deleted, or that another server (the
+    one the run now logs to) never had: the rows go to a new run, recorded instead, where
+    every write failed before."""
+    run_url = str(tmp_path / "run")
+    sink(store, run_url).write(rows(10, 20))
+    client = mlflow.MlflowClient(store)
+    recorded = (tmp_path / "run" / "mlflow_run_id").read_text()
+    client.delete_run(recorded)
+    with caplog.at_level(logging.WARNING, logger="jobs.tracking"):
+        sink(store, run_url).write(rows(10, 20, 30))
+    assert "is not on" in caplog.text
+    replaced = (tmp_path / "run" / "mlflow_run_id").read_text()
+    assert replaced != recorded
+    steps = [m.step for m in client.get_metric_history(replaced, "loss")]
+    assert steps == [10, 20, 30]  # the whole table, to the run that had none of it
+
+    other = f"file://{tmp_path}/other-mlruns"  # another server: it never had either run
+    sink(other, run_url).write(rows(10, 20, 30, 40))
+    assert history(other)[:2] == ([10, 20, 30, 40], "FINISHED")
