@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 # What a local instance's processes inherit, where the user has not set it. Ray Train's
 # controller takes one report from a worker each time it polls it (every 2 s by default),
 # and a worker's report waits while the one before it is not taken: a short local run (a
-# search's trial, the smoke run) spends more time in these waits than in its steps.
-LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# search's trial, the smoke run) spends more time in these waits than in its steps. Its
+# preemption watcher, an actor of its own for every worker group, watches for nodes an
+# autoscaler drains, which one machine has none of: its start costs each `fit` a process.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 def set_local_ray_env() -> None:
