@@ -20,6 +20,7 @@ import itertools
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +110,7 @@ def read_metadata(image) -> Metadata:
     from PIL import Image
 
     info = image.info
-    icc = info.get("icc_profile")
-    if icc and icc[16:20] != b"RGB ":  # gray or CMYK profiles do not describe an RGB output
-        icc = None
+    icc = _rgb_profile(info.get("icc_profile"))
     xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
     iptc = (info.get("photoshop") or {}).get(0x0404)
     source, exif = image.getexif(), Image.Exif()
@@ -129,17 +128,22 @@ def read_metadata(image) -> Metadata:
         exif[0x011A], exif[0x011B] = exif[0x011B], exif[0x011A]  # across and down, upright
     exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
-                    dpi=_upright_dpi(image, on_its_side))  # fmt: skip
+                    dpi=_upright_dpi(lambda: _stated_dpi(image), on_its_side))  # fmt: skip
 
 
-def _upright_dpi(image, on_its_side: bool) -> tuple[float, float] | None:
-    """The print resolution the file holds (JFIF density, EXIF resolution in a JPEG, PNG
-    pHYs, TIFF resolution tags), in dots an inch across and down the picture once upright;
-    None without one (Pillow fills in 72 for a JPEG and 1 for a TIFF that say nothing), or
-    outside 1 to 65,535, which a JPEG cannot hold."""
+def _rgb_profile(icc: bytes | None) -> bytes | None:
+    """`icc` where it describes RGB: a gray or CMYK profile describes no RGB output."""
+    return icc if icc and icc[16:20] == b"RGB " else None
+
+
+def _upright_dpi(stated: Callable[[], Any], on_its_side: bool) -> tuple[float, float] | None:
+    """The print resolution the file holds, `stated` (across, down as stored: JFIF density,
+    EXIF resolution in a JPEG, PNG pHYs, TIFF resolution tags), in dots an inch across and
+    down the picture once upright; None without one (Pillow fills in 72 for a JPEG and 1
+    for a TIFF that say nothing), or outside 1 to 65,535, which a JPEG cannot hold."""
     try:
-        x, y = (float(v) for v in _stated_dpi(image))
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        x, y = (float(v) for v in stated())
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
         return None
     if not (1 <= x <= 0xFFFF and 1 <= y <= 0xFFFF):
         return None
@@ -181,16 +185,22 @@ def _tiff_block(image, tag: int) -> bytes | None:
     try:
         image.fp.seek(0)
         with tifffile.TiffFile(image.fp) as tif:
-            found = tif.pages.first.tags.get(tag)
-            value = None if found is None else found.value
-            if value is None or isinstance(value, bytes):
-                return value or None
-            values = (value,) if isinstance(value, int) else tuple(value)
-            return struct.pack(f"{tif.byteorder}{len(values)}I", *values)
+            return _tag_bytes(tif.pages.first, tag)
     except (tifffile.TiffFileError, OSError, ValueError, struct.error):
         return None  # the block is left out, the picture is not
     finally:
         image.fp.seek(where)  # Pillow reads on from where it was
+
+
+def _tag_bytes(page, tag: int) -> bytes | None:
+    """A metadata block tag of a page tifffile read, as its bytes: BYTE or UNDEFINED as they
+    are, LONG (Photoshop's IPTC) packed back in the file's byte order."""
+    found = page.tags.get(tag)
+    value = None if found is None else found.value
+    if value is None or isinstance(value, bytes | str):
+        return _as_bytes(value)
+    values = (value,) if isinstance(value, int) else tuple(value)
+    return struct.pack(f"{page.parent.byteorder}{len(values)}I", *values)
 
 
 _XMP_ORIENTATION = re.compile(  # one space before at most: `\s*` would cost time squared
@@ -381,56 +391,46 @@ def _gray_alpha_page(page) -> Page:
     if int(page.photometric) == 0:  # white is zero
         gray = 65535 - gray
     planes = np.stack([np.round(gray), alpha]).astype(np.int32)
-    tag = page.tags.get(EXIF_ORIENTATION)
-    turn = tag.value if tag is not None and tag.value in range(1, 9) else 1
-    planes_CHW = upright(torch.from_numpy(planes), turn)
+    planes_CHW = upright(torch.from_numpy(planes), _tifffile_turn(page))
     return Page(
         planes_CHW[:1][None].float().div_(65535.0), planes_CHW[1].numpy().astype(np.uint16), 16
     )
 
 
+def _tifffile_turn(page) -> int:
+    """The EXIF orientation of a page tifffile read: 1 (upright) to 8; 1 without a valid one."""
+    tag = page.tags.get(EXIF_ORIENTATION)
+    return int(tag.value) if tag is not None and tag.value in range(1, 9) else 1
+
+
 def _tifffile_metadata(page) -> Metadata:
     """`read_metadata` of a TIFF page tifffile read: its descriptive tags, XMP, IPTC, an RGB
-    ICC profile (a gray one describes no RGB output) and its print resolution, upright."""
+    ICC profile and its print resolution, upright."""
     from PIL import Image
-
-    def block(tag: int) -> bytes | None:
-        found = page.tags.get(tag)
-        if found is None or isinstance(found.value, bytes | str):
-            return _as_bytes(None if found is None else found.value)
-        values = (found.value,) if isinstance(found.value, int) else tuple(found.value)
-        return struct.pack(f"{page.parent.byteorder}{len(values)}I", *values)
 
     exif = Image.Exif()
     for tag in _TIFF_DESCRIPTIVE_TAGS:
         if (found := page.tags.get(tag)) is not None and isinstance(found.value, str):
             exif[tag] = found.value
-    icc = block(_ICC_TAG)
-    orientation = page.tags.get(EXIF_ORIENTATION)
-    on_its_side = orientation is not None and orientation.value in ON_ITS_SIDE
+    on_its_side = _tifffile_turn(page) in ON_ITS_SIDE
     return Metadata(
-        icc=icc if icc and icc[16:20] == b"RGB " else None,
+        icc=_rgb_profile(_tag_bytes(page, _ICC_TAG)),
         exif=exif,
-        xmp=_upright_xmp(block(_XMP_TAG)),
-        iptc=block(_IPTC_TAG),
-        dpi=_tiff_dpi(page, on_its_side),
+        xmp=_upright_xmp(_tag_bytes(page, _XMP_TAG)),
+        iptc=_tag_bytes(page, _IPTC_TAG),
+        dpi=_upright_dpi(lambda: _tifffile_stated_dpi(page), on_its_side),
     )
 
 
-def _tiff_dpi(page, on_its_side: bool) -> tuple[float, float] | None:
-    """A TIFF page's resolution tags in dots an inch, across and down once upright."""
+def _tifffile_stated_dpi(page) -> tuple[float, float] | None:
+    """A TIFF page's resolution tags (rationals) in dots an inch, as stored; None where its
+    unit is none (neither inch nor centimetre)."""
     unit = page.tags.get(296)
     scale = {2: 1.0, 3: 2.54}.get(2 if unit is None else int(unit.value))
-    try:
-        x, y = (
-            float(page.tags[tag].value[0]) / float(page.tags[tag].value[1]) * scale
-            for tag in (282, 283)
-        )
-    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+    if scale is None:
         return None
-    if not (1 <= x <= 0xFFFF and 1 <= y <= 0xFFFF):
-        return None
-    return (y, x) if on_its_side else (x, y)
+    across, down = (page.tags[tag].value for tag in (282, 283))
+    return across[0] / across[1] * scale, down[0] / down[1] * scale
 
 
 def _next_page(image, index: int) -> bool:
