@@ -291,11 +291,7 @@ def _remove_dead_writers(folder: str) -> None:
     """Deletes the files that workers killed while saving left (a restarted run keeps its
     folder): they would hold the space the cache keeps free for as long as the run lives."""
     for name in os.listdir(folder):
-        if (match := storage.STALE_TEMPORARY.search(name)) and not storage.process_alive(
-            int(match[1])
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
+        storage.remove_if_left_behind(os.path.join(folder, name))
 
 
 def sweep(root: str, *, keep: str = "") -> list[str]:

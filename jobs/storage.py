@@ -371,12 +371,19 @@ def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
     found = list_files(url, s3)
     if not is_local(url):
         return found  # an object store's write is one request: nothing half-written stays
-    temporary = {u: m for u in found if (m := STALE_TEMPORARY.search(u))}
-    for u, match in temporary.items():
-        if not process_alive(int(match[1])):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(split_url(u)[1])
+    temporary = {u for u in found if STALE_TEMPORARY.search(u)}
+    for u in temporary:
+        remove_if_left_behind(split_url(u)[1])
     return [u for u in found if u not in temporary]
+
+
+def remove_if_left_behind(path: str) -> None:
+    """Deletes the local file `path` if it is a write's temporary file (`temporary_beside`)
+    whose writer, a process of this machine, has ended."""
+    match = STALE_TEMPORARY.search(path)
+    if match and not process_alive(int(match[1])):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
