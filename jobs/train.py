@@ -450,6 +450,21 @@ def build_trainer(
     )
 
 
+def fit(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Any:
+    """`build_trainer(cfg).fit()` of the run (or a search's trial), its error raised: an
+    earlier attempt's divergence is forgotten first (the training loop writes it again if
+    this attempt diverges too), and the checkpoints Ray never recorded are removed after
+    (`jobs.models.remove_unrecorded`)."""
+    from jobs.models import remove_unrecorded
+
+    storage.remove([storage.join(cfg.run_url, DIVERGED_FILE)], cfg.s3)
+    result = build_trainer(cfg, callbacks=callbacks).fit()
+    if result.error:
+        raise result.error
+    remove_unrecorded(cfg.run_url, cfg.keep_checkpoints, cfg.s3)
+    return result
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The config with local paths made absolute, as workers need them."""
     return storage.with_absolute_paths(cfg, "data", "val_data", "prior", "storage")
@@ -593,13 +608,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         check_resumable(cfg)
     start = time.monotonic()
     diverged = storage.join(cfg.run_url, DIVERGED_FILE)
-    storage.remove([diverged], cfg.s3)  # an earlier attempt's, resumed now
-    result = build_trainer(cfg).fit()
-    if result.error:
-        raise result.error
-    from jobs.models import remove_unrecorded
-
-    remove_unrecorded(cfg.run_url, cfg.keep_checkpoints, cfg.s3)
+    result = fit(cfg)
     metrics = dict(result.metrics or {})
     if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
         from jobs.models import checkpoint_files

@@ -424,8 +424,6 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -
     from ray.train import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.models import remove_unrecorded
-
     cfg = from_dict(SearchConfig, search)
     trial_id = tune.get_context().get_trial_id()
     print(f"tune: trial {trial_id} starts", flush=True)
@@ -442,15 +440,8 @@ def _run_trial(point: dict[str, Any], *, search: dict[str, Any], session: str) -
     # A trial that resumes (the search continued, or the trial restarted) goes on with the
     # data and prior it started with, as a training run must.
     train.check_resumable(trial)
-    # An earlier attempt's divergence, which this one may not repeat (`jobs.tune_asha`
-    # would replay it on a continued search): the training loop writes it again if it does.
-    storage.remove([storage.join(trial.run_url, train.DIVERGED_FILE)], trial.s3)
-    trainer = train.build_trainer(trial, callbacks=[TuneReportCallback()])
-    try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        remove_unrecorded(trial.run_url, trial.keep_checkpoints, trial.s3)
+    try:  # forgets an earlier attempt's divergence, which `jobs.tune_asha` would replay
+        train.fit(trial, callbacks=[TuneReportCallback()])
     except TrainingFailedError as error:  # after train.max_failures restarts
         text = f"{type(error).__name__}: {error}"[:4000]
         record = json.dumps({"session": session, "error": text}).encode()
