@@ -8,7 +8,10 @@ are saved in checkpoints and search state): they come from the environment or th
 role, through each library's own credential chain.
 
 Reads and writes on object storage retry transient errors (connection drops, throttling,
-time-outs) with exponential backoff; missing files and permission errors fail at once.
+time-outs) with exponential backoff; missing files and permission errors fail at once. That
+retry (`with_retries`) is the only one: s3fs and botocore make each request once, so a hung
+or unreachable endpoint fails after `RETRY_ATTEMPTS` tries of s3fs's connect and read
+time-outs, where the three layers' retries multiplied would take over half an hour.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ C = TypeVar("C")
 
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 READ_EACH_MAX_BYTES = 256 * 2**20  # bytes `read_each` holds read ahead at most
+# `with_retries`: tries of a call, and the back-off between them (doubling from the first,
+# at most the last, each times 0.5-1.5 at random): 15.75 s of back-off in all, on average,
+# for a store that throttles or drops connections for a while.
+RETRY_ATTEMPTS = 7
+RETRY_DELAY_S = (0.25, 8.0)
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)  # fmt: skip
 # A local request refused as it is (the same call fails again).
@@ -174,9 +182,14 @@ def filesystem(url: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFi
     if protocol == "s3":
         s3 = s3 or S3Options()
         client_kwargs = {"region_name": s3.resolved_region()}
-        return fsspec.filesystem(
-            "s3", endpoint_url=s3.resolved_endpoint(), client_kwargs=client_kwargs
-        ), path
+        fs = fsspec.filesystem(
+            "s3",
+            endpoint_url=s3.resolved_endpoint(),
+            client_kwargs=client_kwargs,
+            config_kwargs={"retries": {"total_max_attempts": 1}},  # botocore tries once
+        )
+        fs.retries = 1  # and so does s3fs (a class default): `with_retries` retries
+        return fs, path
     if protocol == "gs":
         return fsspec.filesystem("gcs"), path
     return fsspec.filesystem("file", auto_mkdir=True), path
@@ -203,7 +216,7 @@ def arrow_filesystem(url: str, s3: S3Options | None = None) -> tuple[pyarrow.fs.
 def is_transient(error: BaseException) -> bool:
     """Whether an I/O error may pass if the call is made again (not a missing file, nor a
     refusal)."""
-    kinds = (OSError, ConnectionError, TimeoutError, *_botocore_connection_errors())
+    kinds = (OSError, ConnectionError, TimeoutError, *_failures_without_reply())
     if not isinstance(error, kinds) or isinstance(error, _PERMANENT):
         return False
     if _certificate_refused(error):
@@ -234,30 +247,44 @@ def _certificate_refused(error: BaseException) -> bool:
 def from_storage(error: BaseException) -> bool:
     """Whether an error is the storage's or the network's, not the data's: one that may
     pass (`is_transient`), or any S3 reply, or a failed connection."""
-    kinds = (ConnectionError, TimeoutError, *_botocore_connection_errors())
+    kinds = (ConnectionError, TimeoutError, *_failures_without_reply())
     return is_transient(error) or _s3_reply(error) != (None, None) or isinstance(error, kinds)
 
 
 @functools.cache
-def _botocore_connection_errors() -> tuple[type[BaseException], ...]:
-    """botocore's failures without an HTTP response (endpoint unreachable, connection
-    closed, read time-out): s3fs passes them on as they are, not as OSError."""
-    try:
+def _failures_without_reply() -> tuple[type[BaseException], ...]:
+    """Failures without a whole HTTP response, which s3fs passes on as they are, not as
+    OSError: botocore's (endpoint unreachable, connection closed, read time-out), a body cut
+    short (http.client's and aiohttp's), and a reply botocore could not parse (a throttled
+    store's may be half-written XML)."""
+    from http.client import IncompleteRead  # urllib3's too
+
+    kinds: tuple[type[BaseException], ...] = (IncompleteRead,)
+    with contextlib.suppress(ImportError):
         from botocore.exceptions import ConnectionError, HTTPClientError
-    except ImportError:
-        return ()
-    return (ConnectionError, HTTPClientError)
+        from botocore.parsers import ResponseParserError
+
+        kinds += (ConnectionError, HTTPClientError, ResponseParserError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientPayloadError
+
+        kinds += (ClientPayloadError,)
+    return kinds
 
 
 def with_retries(
     fn: Callable[[], T],
     *,
     what: str,
-    attempts: int = 5,
-    base_delay_s: float = 0.25,
-    max_delay_s: float = 8.0,
+    attempts: int | None = None,
+    base_delay_s: float | None = None,
+    max_delay_s: float | None = None,
 ) -> T:
-    """Call `fn`, retrying transient I/O errors with exponential backoff and jitter."""
+    """Call `fn`, retrying transient I/O errors with exponential backoff and jitter
+    (`RETRY_ATTEMPTS` tries and `RETRY_DELAY_S` unless given)."""
+    attempts = attempts or RETRY_ATTEMPTS
+    base_delay_s = base_delay_s or RETRY_DELAY_S[0]
+    max_delay_s = max_delay_s or RETRY_DELAY_S[1]
     for attempt in range(1, attempts + 1):
         try:
             return fn()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import http.server
 import os
 import threading
 import time
@@ -370,6 +371,57 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
     with pytest.raises(TimeoutError):
         storage.with_retries(always_down, what="down", attempts=4, base_delay_s=0.001)
     assert len(calls) == 4
+
+
+class _FailingStore(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that fails every request: throttling (503 SlowDown) or, with
+    `hang_up`, closing the connection without a reply. It counts the requests."""
+
+    hang_up = False
+    requests: list[str]
+
+    def _fail(self) -> None:
+        self.requests.append(self.command)
+        if self.hang_up:
+            self.close_connection = True
+            return
+        body = b"<Error><Code>SlowDown</Code><Message>Reduce your rate.</Message></Error>"
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body) if self.command != "HEAD" else 0))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = _fail
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hang_up", [False, True])
+def test_a_failing_store_is_asked_as_often_as_with_retries_tries(monkeypatch, hang_up) -> None:
+    """One retry layer: s3fs and botocore each make a request once, so a store that keeps
+    failing gets `RETRY_ATTEMPTS` requests per call, not their product with theirs."""
+    handler = type("Store", (_FailingStore,), {"hang_up": hang_up, "requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 3)
+    monkeypatch.setattr(storage, "RETRY_DELAY_S", (0.001, 0.001))
+    s3 = storage.S3Options(endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        for call in (storage.read_bytes, lambda url, s3: storage.write_bytes(url, b"x", s3)):
+            handler.requests.clear()
+            with pytest.raises(Exception) as failed:
+                call("s3://bucket/a.bin", s3)
+            assert storage.is_transient(failed.value)
+            # aiohttp sends a request a connection closed on without a reply once more
+            # (RFC 9112 9.3.1), on its own: a closed connection, not a failing store
+            assert 3 <= len(handler.requests) <= (6 if hang_up else 3), handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> None:
