@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from colorcore.color import rgb_to_lab, rgb_to_lightness
 from colorcore.loss import nongray_mask
@@ -47,20 +46,56 @@ def random_crop_flip(
     (with `rng=None`: the centre crop, unflipped, as validation uses).
 
     Works on any device. An image whose short side is below `crop_px` is first scaled up to
-    it (bilinear), so that small sources still give full-size crops.
+    it (bilinear, as ``F.interpolate`` to that size), so that small sources still give
+    full-size crops; only the crop's pixels of the scaled image are computed, so a sliver
+    (a 1 x 20,000 scan would scale to 176 x 3,520,000) costs what a square does.
     """
     height, width = rgb_3HW.shape[-2:]
-    if min(height, width) < crop_px:
+    if min(height, width) >= crop_px:
+        top, left, flip = crop_box(height, width, crop_px, rng)
+        crop = rgb_3HW[:, top : top + crop_px, left : left + crop_px]
+    else:
         scale = crop_px / min(height, width)
         size = (max(crop_px, round(height * scale)), max(crop_px, round(width * scale)))
-        up = F.interpolate(rgb_3HW[None].float(), size=size, mode="bilinear", align_corners=False)
+        top, left, flip = crop_box(*size, crop_px, rng)
+        taps = {
+            1: _bilinear_taps(height, size[0], top, crop_px, rgb_3HW.device),
+            2: _bilinear_taps(width, size[1], left, crop_px, rgb_3HW.device),
+        }
+        crop = rgb_3HW.float()
+        for dim in sorted(taps, key=lambda d: -crop.shape[d]):  # the long side cut first
+            crop = _resampled(crop, taps[dim], dim)
         if not rgb_3HW.is_floating_point():  # uint8 levels stay levels; floats keep [0, 1]
-            up = up.round_().clamp_(0, 255)
-        rgb_3HW = up[0].to(rgb_3HW.dtype)
-        height, width = size
-    top, left, flip = crop_box(height, width, crop_px, rng)
-    crop = rgb_3HW[:, top : top + crop_px, left : left + crop_px]
+            crop = crop.round_().clamp_(0, 255)
+        crop = crop.to(rgb_3HW.dtype)
     return crop.flip(-1) if flip else crop
+
+
+def _bilinear_taps(
+    size_in: int, size_out: int, start: int, count: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first source index, second, second's weight) of outputs start..start+count of a
+    bilinear resize of `size_in` samples to `size_out`, as ``F.interpolate`` computes them
+    (align_corners=False: a source position (i + 0.5) * size_in / size_out - 0.5, in fp32,
+    clamped at the first sample; the second index clamped at the last)."""
+    ratio = torch.tensor(size_in / size_out, dtype=torch.float32)
+    position = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * ratio - 0.5
+    position = position.clamp_(min=0)
+    first = position.long()  # floor: non-negative
+    second = (first + 1).clamp_(max=size_in - 1)
+    weight = position - first
+    return first.to(device), second.to(device), weight.to(device)
+
+
+def _resampled(
+    x_3HW: torch.Tensor, taps: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dim: int
+) -> torch.Tensor:
+    """`x_3HW` linearly interpolated along `dim` at the `taps` of `_bilinear_taps`."""
+    first, second, weight = taps
+    shape = [1, 1, 1]
+    shape[dim] = -1
+    weight = weight.view(shape)
+    return x_3HW.index_select(dim, first) * (1 - weight) + x_3HW.index_select(dim, second) * weight
 
 
 @dataclass(frozen=True)

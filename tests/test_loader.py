@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from colorcore.data import crop_box, make_targets, random_crop_flip
 from jobs import storage
@@ -739,6 +740,34 @@ def test_small_images_are_scaled_up_to_the_crop_in_their_own_range() -> None:
     unit = random_crop_flip(levels.float() / 255, 8, None)  # floats in [0, 1] are not rounded
     assert unit.dtype == torch.float32 and len(unit.unique()) > 20 and unit.max() < 1
     torch.testing.assert_close(unit * 255, up.float(), rtol=0, atol=0.5)
+
+
+@pytest.mark.parametrize("shape", [(9, 14), (5, 40), (30, 3), (1, 1), (7, 7)])
+def test_a_small_images_crop_is_that_of_the_whole_image_scaled_up(shape) -> None:
+    """Only the crop's pixels of the scaled-up image are computed: the same pixels (to a
+    level, rounding aside) as scaling the whole image with F.interpolate and cropping."""
+    crop_px, generator = 16, torch.Generator().manual_seed(sum(shape))
+    image = torch.randint(0, 256, (3, *shape), dtype=torch.uint8, generator=generator)
+    scale = crop_px / min(shape)
+    size = tuple(max(crop_px, round(n * scale)) for n in shape)
+    whole = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+    for seed in range(8):
+        top, left, flip = crop_box(*size, crop_px, np.random.default_rng(seed))
+        expected = whole[0, :, top : top + crop_px, left : left + crop_px]
+        expected = expected.flip(-1) if flip else expected
+        crop = random_crop_flip(image, crop_px, np.random.default_rng(seed))
+        assert crop.dtype == torch.uint8
+        torch.testing.assert_close(crop.float(), expected.round().clamp(0, 255), rtol=0, atol=1)
+        unit = random_crop_flip(image.float() / 255, crop_px, np.random.default_rng(seed))
+        torch.testing.assert_close(unit * 255, expected, rtol=0, atol=1e-3)
+
+
+def test_a_sliver_of_an_image_crops_without_scaling_all_of_it() -> None:
+    """A 1 x 1,000,000 scan scaled up whole to a 176-pixel short side would take 371 GB."""
+    sliver = torch.randint(0, 256, (3, 1, 1_000_000), dtype=torch.uint8)
+    crop = random_crop_flip(sliver, 176, np.random.default_rng(0))
+    assert crop.shape == (3, 176, 176)
+    assert torch.equal(crop[:, 0], crop[:, 175])  # one row scaled up: every row the same
 
 
 def test_eps_files_are_not_opened() -> None:
