@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -29,8 +30,10 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.metrics import ab_auc
 from colorcore.quantize import nearest_bin
 from jobs import storage
-from jobs.images import decode_3hw
+from jobs.images import BadImage, decode_3hw
 from jobs.loader import DatasetIndex
+
+log = logging.getLogger(__name__)
 
 
 def load_crops(
@@ -44,15 +47,24 @@ def load_crops(
 ) -> torch.Tensor:
     """uint8 centre crops (n, 3, crop, crop) of this rank's share of the first `num_images`,
     read as the training loader reads: the JPEGs of the row groups holding them, each in one
-    ranged read (not whole shards)."""
+    ranged read (not whole shards). An image that no longer decodes (its shard damaged
+    since it was prepared) is left out, with a warning: the run goes on."""
     index = DatasetIndex.load(dataset_url, s3)
     pairs = [(s, r) for s, rows in enumerate(index.rows) for r in rows][:num_images]
     mine = np.asarray(pairs[rank::world_size], dtype=np.int64).reshape(-1, 2)
     places = zip(*(a.tolist() for a in index.units.of_rows(mine)), strict=True)  # (unit, row)
     crops = []
     for u, group in itertools.groupby(places, key=lambda p: p[0]):
-        files = index.read_jpegs(int(index.units.shard[u]), int(index.units.group[u]), s3)
-        crops += [random_crop_flip(decode_3hw(files[r]), crop_px, None) for _, r in group]
+        s, g = int(index.units.shard[u]), int(index.units.group[u])
+        files = index.read_jpegs(s, g, s3)
+        for _, r in group:
+            try:
+                image_3HW = decode_3hw(files[r])
+            except BadImage as error:
+                where = f"{index.shard_urls[s]} row {r} of row group {g}"
+                log.warning("validation: %s does not decode (%s): left out", where, error)
+                continue
+            crops.append(random_crop_flip(image_3HW, crop_px, None))
     if not crops:
         return torch.zeros(0, 3, crop_px, crop_px, dtype=torch.uint8)
     return torch.stack(crops)

@@ -405,6 +405,29 @@ ON_CUDA = [
 ]
 
 
+def test_validation_leaves_out_an_image_that_no_longer_decodes(tmp_path, caplog) -> None:
+    """A held-out row damaged since it was prepared (emptied, cut short) is left out of the
+    validation crops with a warning; the others are the intact dataset's."""
+    from jobs.validation import load_crops
+
+    intact, damaged = str(tmp_path / "intact"), str(tmp_path / "damaged")
+    write_dataset(intact)
+    write_dataset(damaged)
+    index = DatasetIndex.load(damaged)
+    shard = index.shard_urls[0]
+    table = pq.read_table(shard)
+    jpegs = table.column("jpeg").to_pylist()
+    emptied, cut = (int(r) for r in index.rows[0][:2])
+    jpegs[emptied], jpegs[cut] = b"", jpegs[cut][:40]
+    column = table.schema.get_field_index("jpeg")
+    damaged_table = table.set_column(column, "jpeg", pa.array(jpegs, pa.binary()))
+    storage.write_bytes(shard, shard_parquet(damaged_table, ROW_GROUP_ROWS))
+    with caplog.at_level(logging.WARNING, logger="jobs.validation"):
+        crops = load_crops(damaged, num_images=12, crop_px=32)
+    assert torch.equal(crops, load_crops(intact, num_images=12, crop_px=32)[2:])
+    assert caplog.text.count("does not decode") == 2 and shard in caplog.text
+
+
 @pytest.mark.parametrize("decode", ["pil", "processes", pytest.param("nvjpeg", marks=ON_CUDA)])
 def test_a_damaged_shard_row_costs_its_sample_only(tmp_path, caplog, decode) -> None:
     """The run goes on with the same order: the damaged row's crop is black, the others are
