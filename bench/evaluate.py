@@ -49,7 +49,7 @@ def scenes(n: int) -> list[tuple[int, bytes]]:
 def histogram_of(images: list[tuple[int, bytes]]) -> AbHistogram:
     from jobs.prior import histogram_of as count
 
-    return count([data for _, data in images], pixel_stride=4)[0]
+    return count([data for _, data in images], pixel_stride=4).histogram
 
 
 def in_process(width: float, images, rebalance0_Q: torch.Tensor, repeats: int) -> tuple:

@@ -20,15 +20,17 @@ import posixpath
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from colorcore.color import rgb_to_lab
 from colorcore.loss import nongray_mask
 from colorcore.prior import AbHistogram
+from colorcore.quantize import NUM_AB_BINS
 from jobs import storage
 from jobs.dataset import PRIOR_FILE, Manifest
-from jobs.images import decode_3hw
+from jobs.images import BadImage, decode_3hw
 from jobs.plots import figure_png, pyplot
 
 
@@ -71,33 +73,52 @@ def in_sample(key: str, fraction: float) -> bool:
     return digest < fraction * 2**64
 
 
-def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> tuple[AbHistogram, int]:
-    """Counts of the nearest ab bins of the images' pixels (single process), and how many
-    images they are: those not near-gray by the training loss's rule
-    (`colorcore.loss.nongray_mask`, here of the counted pixels, there of each crop's targets).
-    A near-gray image, such as a tinted black-and-white scan, has no weight in the loss, and
-    counted here it would swell the neutral bins of the prior."""
-    histogram, images = AbHistogram(), 0
+class Counted(NamedTuple):
+    histogram: AbHistogram
+    images: int
+    """The images counted: those neither near-gray nor unreadable."""
+    near_gray: int
+    unreadable: int
+
+
+def histogram_of(jpegs: Iterable[bytes], *, pixel_stride: int = 1) -> Counted:
+    """Counts of the nearest ab bins of the images' pixels (single process), of those not
+    near-gray by the training loss's rule (`colorcore.loss.nongray_mask`, here of the
+    counted pixels, there of each crop's targets). A near-gray image, such as a tinted
+    black-and-white scan, has no weight in the loss, and counted here it would swell the
+    neutral bins of the prior. An image that no longer decodes (a shard damaged since it
+    was prepared) is counted as unreadable and left out."""
+    histogram, images, near_gray, unreadable = AbHistogram(), 0, 0, 0
     for data in jpegs:  # the pixels counted only: the conversion is per pixel
-        rgb_13hw = decode_3hw(data)[None, :, ::pixel_stride, ::pixel_stride].float() / 255
+        try:
+            rgb_3HW = decode_3hw(data)
+        except BadImage:
+            unreadable += 1
+            continue
+        rgb_13hw = rgb_3HW[None, :, ::pixel_stride, ::pixel_stride].float() / 255
         ab_12hw = rgb_to_lab(rgb_13hw)[:, 1:]
         if nongray_mask(ab_12hw).item():
             histogram.update(ab_12hw)
             images += 1
-    return histogram, images
+        else:
+            near_gray += 1
+    return Counted(histogram, images, near_gray, unreadable)
 
 
 def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np.ndarray]:
+    sampled = [in_sample(key, cfg.sample_fraction) for key in batch["key"]]
     keep = [
         data
-        for key, data, gray in zip(batch["key"], batch["jpeg"], batch["grayscale"], strict=True)
-        if not gray and in_sample(key, cfg.sample_fraction)
+        for data, gray, chosen in zip(batch["jpeg"], batch["grayscale"], sampled, strict=True)
+        if chosen and not gray
     ]
-    histogram, images = histogram_of(keep, pixel_stride=cfg.pixel_stride)
+    counted = histogram_of(keep, pixel_stride=cfg.pixel_stride)
     return {
-        "counts_Q": histogram.counts_Q.numpy()[None],
-        "images": np.array([images]),
-        "near_gray": np.array([len(keep) - images]),
+        "counts_Q": counted.histogram.counts_Q.numpy()[None],
+        "images": np.array([counted.images]),
+        "grayscale": np.array([len([c for c in sampled if c]) - len(keep)]),
+        "near_gray": np.array([counted.near_gray]),
+        "unreadable": np.array([counted.unreadable]),
     }
 
 
@@ -123,9 +144,18 @@ def main(cfg: PriorConfig) -> AbHistogram:
         )
         .take_all()
     )
-    histogram = AbHistogram(np.sum([r["counts_Q"] for r in results], axis=0).astype(np.int64))
-    images = int(sum(r["images"] for r in results))
-    near_gray = int(sum(r["near_gray"] for r in results))
+    counts_Q = sum((r["counts_Q"] for r in results), np.zeros(NUM_AB_BINS, np.int64))
+    histogram = AbHistogram(counts_Q.astype(np.int64))
+    images, gray, near_gray, unreadable = (
+        int(sum(r[name] for r in results))
+        for name in ("images", "grayscale", "near_gray", "unreadable")
+    )
+    if histogram.num_pixels == 0:  # nothing written: a prior of no pixels is none
+        raise ValueError(
+            f"{cfg.dataset}: no colour pixel to count ({images + gray + near_gray + unreadable} "
+            f"images sampled: {gray} grayscale, {near_gray} near-gray, {unreadable} unreadable)"
+            ": sample a larger --sample-fraction, or prepare a dataset of colour photos"
+        )
     buffer = io.BytesIO()
     histogram.save(buffer)
     storage.write_bytes(cfg.output_url, buffer.getvalue(), cfg.s3)
@@ -133,7 +163,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     storage.write_bytes(plot_url, plot_prior(histogram), cfg.s3)
     print(
         f"prior: {histogram.num_pixels:,} pixels of {images} colour images "
-        f"({manifest.num_grayscale} grayscale and {near_gray} near-gray skipped) in "
+        f"({gray} grayscale, {near_gray} near-gray and {unreadable} unreadable skipped) in "
         f"{time.monotonic() - start:.1f}s; "
         f"{int((histogram.counts_Q > 0).sum())} of 313 bins seen -> {cfg.output_url}, {plot_url}"
     )

@@ -240,9 +240,11 @@ def test_the_prior_counts_the_images_the_loss_weighs() -> None:
     spread = sepia.astype(int).max(axis=2) - sepia.astype(int).min(axis=2)
     assert spread.max() > 2 and ab.abs().max() <= 5  # not grayscale, yet near-gray
 
-    histogram, images = histogram_of([colour[0], tinted, colour[1]], pixel_stride=2)
-    expected, _ = histogram_of(colour, pixel_stride=2)
-    assert images == 2 and torch.equal(histogram.counts_Q, expected.counts_Q)
+    counted = histogram_of([colour[0], tinted, colour[1], b"", colour[0][:50]], pixel_stride=2)
+    expected = histogram_of(colour, pixel_stride=2).histogram
+    assert (counted.images, counted.near_gray, counted.unreadable) == (2, 1, 2)
+    histogram = counted.histogram
+    assert torch.equal(histogram.counts_Q, expected.counts_Q)
     assert histogram.num_pixels == 2 * 24 * 24
 
 
@@ -260,8 +262,9 @@ def test_a_batch_counts_its_colour_rows_in_the_fixed_sample() -> None:
         "grayscale": np.array([False, True, False, False]),
     }
     whole = _count_batch(batch, PriorConfig(dataset="d"))
-    expected, _ = histogram_of([jpegs[0], jpegs[2], jpegs[3]])
+    expected = histogram_of([jpegs[0], jpegs[2], jpegs[3]]).histogram
     assert whole["images"].tolist() == [3] and whole["near_gray"].tolist() == [0]
+    assert whole["grayscale"].tolist() == [1]
     assert np.array_equal(whole["counts_Q"][0], expected.counts_Q.numpy())
 
     keys = [f"c/{i}" for i in range(200)]
@@ -269,8 +272,9 @@ def test_a_batch_counts_its_colour_rows_in_the_fixed_sample() -> None:
     assert 30 < len(chosen) < 70 and chosen == [k for k in keys if in_sample(k, 0.25)]
     kept = [i for i in (0, 2, 3) if in_sample(f"c/{i}", 0.5)]
     half = _count_batch(batch, PriorConfig(dataset="d", sample_fraction=0.5))
-    expected, _ = histogram_of([jpegs[i] for i in kept])
+    expected = histogram_of([jpegs[i] for i in kept]).histogram
     assert half["images"].tolist() == [len(kept)]
+    assert half["grayscale"].tolist() == [int(in_sample("c/1", 0.5))]  # of the sample only
     assert np.array_equal(half["counts_Q"][0], expected.counts_Q.numpy())
 
 
@@ -296,7 +300,20 @@ def test_the_prior_job_counts_every_colour_row_of_its_dataset(ci_config) -> None
         )
         if not gray
     ]
-    expected, images = histogram_of(jpegs)
+    expected, images, *_ = histogram_of(jpegs)
     written = prior.AbHistogram.load(io.BytesIO(storage.read_bytes(ci_config.prior_url)))
     assert images == manifest.num_rows - manifest.num_grayscale > 100
     assert torch.equal(written.counts_Q, expected.counts_Q)
+
+
+def test_a_dataset_without_a_colour_pixel_gets_no_prior(tmp_path, ray_session) -> None:
+    """Nothing to count (every image grayscale) is an error that says so, and leaves no
+    prior.npz behind for training to find."""
+    from jobs import prior as prior_job
+    from tests.support import write_dataset
+
+    root = tmp_path / "gray"
+    write_dataset(str(root), gray_rows=range(100))
+    with pytest.raises(ValueError, match=r"no colour pixel .*: 23 grayscale, 0 near-gray"):
+        prior_job.main(prior_job.PriorConfig(dataset=str(root), cpus_per_task=0.5))
+    assert not (root / "prior.npz").exists() and not (root / "prior.png").exists()
