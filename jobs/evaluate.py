@@ -993,6 +993,13 @@ def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
         smoothed_Q = smoothed_Q / smoothed_Q.sum()
     else:
         smoothed_Q = AbHistogram.load(data).smoothed_probabilities()
+    smoothed_Q = torch.as_tensor(smoothed_Q, dtype=torch.float64)
+    if empty := int((smoothed_Q == 0).sum()):
+        raise ValueError(
+            f"the prior at {url} gives {empty} of {len(smoothed_Q)} ab bins no probability, "
+            "smoothed as it is: lambda 0 weighs a colour by 1 / its probability, so it needs "
+            "a prior of a broader set of colours (the released prior_probs.npy, say)"
+        )
     weights_Q = rebalance_weights(smoothed_Q, lam=0.0)
     if not bool(weights_Q.isfinite().all()):
         raise ValueError(f"the prior at {url} has bins too small for finite weights at lambda 0")

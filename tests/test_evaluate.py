@@ -593,6 +593,20 @@ def test_a_narrow_prior_weighs_far_colours_beyond_float32_and_keeps_them(tmp_pat
     assert bool(scores.mass_rebalanced_N.isfinite().all())
 
 
+def test_a_prior_too_narrow_to_weigh_every_colour_is_refused_as_such(tmp_path) -> None:
+    """A prior of one far bin leaves, smoothed, bins of probability 0 (underflow), which
+    lambda 0 cannot weigh: the error says what the prior lacks."""
+    from colorcore.prior import AbHistogram
+    from colorcore.quantize import ab_bins
+
+    counts = torch.zeros(313, dtype=torch.int64)
+    counts[int(ab_bins()[:, 0].argmax())] = 1000  # the reddest bin alone
+    AbHistogram(counts).save(tmp_path / "prior.npz")
+    assert bool((AbHistogram(counts).smoothed_probabilities() == 0).any())
+    with pytest.raises(ValueError, match=r"bins no probability, smoothed as it is.*broader"):
+        evaluate.load_rebalance0(str(tmp_path / "prior.npz"))
+
+
 def test_cli_dry_run_parses_the_documented_command(capsys) -> None:
     from jobs.config import run_cli
 
