@@ -44,6 +44,7 @@ Legend: N images, M rows (METHODS), T = 151 thresholds, H, W image size, h, w ne
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -52,8 +53,9 @@ import importlib
 import io
 import json
 import math
+import posixpath
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -91,7 +93,6 @@ NO_LABEL = -1
 MISSING_FILE = "missing file"
 UNREADABLE = "unreadable: "
 TOO_LARGE_HERE = "too large to measure at full resolution here"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -759,11 +760,13 @@ def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
     return entries
 
 
-def _stem(path: str) -> str:
-    """A listed path's file name without its image extension, as a prepared dataset's key
-    names it (`photo.2019.jpg` and `photo.2019` are both `photo.2019`)."""
+def _stem(path: str, names: Container[str]) -> str:
+    """A listed path's file name as a prepared dataset's key names it, among the key `names`:
+    as it is where a key has it (`photo.2019`, listed without an extension), else without
+    its extension, whatever it is, as `jobs.prepare` drops it (`photo.2019.jpg` and
+    `scan.jfif` are `photo.2019` and `scan`)."""
     name = path.rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[0] if name.lower().endswith(IMAGE_SUFFIXES) else name
+    return name if name in names else posixpath.splitext(name)[0]
 
 
 def _key_name(key: str) -> str:
@@ -774,21 +777,28 @@ def _key_name(key: str) -> str:
 def resolve_split(
     entries: Sequence[tuple[str, int]], root_url: str, file_urls: Sequence[str]
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Match listed paths to files below `root_url`: by relative path, else by file name.
+    """Match listed paths to files below `root_url`: by relative path, else by file name
+    (`_closest`) among the files no line names by path; a file another line names by path
+    only where this line is the end of its path (the same file, written shorter).
 
     Returns (inputs as {key, label, url}, listed paths not found); a path naming a file
     listed already (by its path or its name) is left out."""
     root = storage.split_url(root_url)[1].rstrip("/") + "/"
     by_path = {storage.split_url(u)[1][len(root) :]: u for u in file_urls}
-    by_name: dict[str, str] = {}
-    for rel, url in sorted(by_path.items()):
-        by_name.setdefault(rel.rsplit("/", 1)[-1], url)
+    named = {path for path, _ in entries if path in by_path}
+    by_name: dict[str, list[str]] = collections.defaultdict(list)
+    for rel in sorted(by_path):
+        if rel not in named:
+            by_name.setdefault(rel.rsplit("/", 1)[-1], []).append(rel)
     found, missing, seen = [], {}, set()  # missing: a dict, ordered and without repeats
     for path, label in entries:
-        url = by_path.get(path) or by_name.get(path.rsplit("/", 1)[-1])
-        if url is None:
+        parts = path.split("/")
+        rel = path if path in by_path else _closest(path, parts, by_name[parts[-1]], root_url)
+        if rel is None:  # a file another line names, this line written shorter: a repeat
+            rel = next((n for n in sorted(named) if n.endswith("/" + path)), None)
+        if rel is None:
             missing[path] = None
-        elif url not in seen:
+        elif (url := by_path[rel]) not in seen:
             seen.add(url)
             found.append({"key": path, "label": label, "url": url})  # a.jpg and a.png apart
     return found, list(missing)
@@ -798,10 +808,9 @@ def _listed_keys(
     entries: Sequence[tuple[str, int]], keys: Sequence[str], data: str
 ) -> tuple[dict[str, int | None], list[str]]:
     """(dataset key -> the split's label, listed paths no key answers) for a split's lines
-    over a prepared dataset's keys. A line names the key of its file name (`_stem`); where
-    several keys have that name, the one sharing the most folders with the line (counted
-    from the file up), and a line that leaves more than one is refused. A key listed again
-    keeps its first line's label; a split without labels keeps the dataset's (None)."""
+    over a prepared dataset's keys. A line names the key of its file name (`_stem`), the
+    closest where several keys have that name (`_closest`). A key listed again keeps its
+    first line's label; a split without labels keeps the dataset's (None)."""
     by_name: dict[str, list[str]] = {}
     for key in keys:
         by_name.setdefault(_key_name(key), []).append(key)
@@ -809,23 +818,29 @@ def _listed_keys(
     split_labels: dict[str, int | None] = {}
     missing: dict[str, None] = {}  # ordered, without repeats
     for path, label in entries:
-        stem = _stem(path)
-        found = by_name.get(stem, [])
-        if len(found) > 1:  # those sharing most folders with the line, from the file up
-            line = [*path.split("/")[:-1], stem]
-            shared = [_shared_tail(k.split("/"), line) for k in found]
-            found = [k for k, n in zip(found, shared, strict=True) if n == max(shared)]
-            if len(found) > 1:
-                raise ValueError(
-                    f"the split's line {path!r} names {len(found)} images of {data} "
-                    f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): give "
-                    "each line the folders that tell them apart"
-                )
-        if not found:
+        stem = _stem(path, by_name)
+        key = _closest(path, [*path.split("/")[:-1], stem], by_name.get(stem, []), data)
+        if key is None:
             missing[path] = None
         else:
-            split_labels.setdefault(found[0], label if labelled else None)
+            split_labels.setdefault(key, label if labelled else None)
     return split_labels, list(missing)
+
+
+def _closest(line: str, parts: list[str], candidates: list[str], data: str) -> str | None:
+    """Of `candidates` (paths of one file name), the one sharing the most folders with the
+    split's `line` (its `parts`), counted from the file up; None without candidates. A line
+    that leaves more than one is refused: which image it means is not known."""
+    if len(candidates) > 1:
+        shared = [_shared_tail(c.split("/"), parts) for c in candidates]
+        candidates = [c for c, n in zip(candidates, shared, strict=True) if n == max(shared)]
+        if len(candidates) > 1:
+            raise ValueError(
+                f"the split's line {line!r} names {len(candidates)} images of {data} "
+                f"({', '.join(candidates[:3])}{', ...' if len(candidates) > 3 else ''}): give "
+                "each line the folders that tell them apart"
+            )
+    return candidates[0] if candidates else None
 
 
 def _shared_tail(a: list[str], b: list[str]) -> int:
@@ -879,10 +894,8 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         return InputPlan(None, paths, split_labels, listed, missing, len(entries) - listed)
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
-    file_urls = [
-        u for u in storage.list_files(cfg.data, cfg.s3) if u.lower().endswith(IMAGE_SUFFIXES)
-    ]
-    found, missing = resolve_split(entries, cfg.data, file_urls)
+    # Every file: a line names what to measure, and one that is no image is an error row
+    found, missing = resolve_split(entries, cfg.data, storage.list_files(cfg.data, cfg.s3))
     listed = len(found) + len(missing)
     return InputPlan(found, [], None, listed, missing, len(entries) - listed)
 
@@ -1388,7 +1401,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.classifier_weights:
             weights = storage.read_bytes(cfg.classifier_weights, cfg.s3)
             classifier_sha256 = hashlib.sha256(weights).hexdigest()
-        classifier_from(cfg.classifier, weights)  # fail here, not in every actor
+        classifier = classifier_from(cfg.classifier, weights)  # fail here, not in every actor
+        _check_label_numbering(cfg, plan, classifier)
     record = _record(cfg, plan, model_info, rebalance0_Q, classifier_sha256)
     earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
     init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
@@ -1433,6 +1447,24 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     print(table_markdown(result))
     print(f"evaluate: {len(rows['key'])} inputs in {elapsed:.1f}s -> {cfg.output}")
     return result
+
+
+def _check_label_numbering(cfg: EvaluateConfig, plan: InputPlan, classifier: Classifier) -> None:
+    """Refuses a prepared dataset's own labels for top-1 where they cannot be the
+    classifier's: they index the dataset's class list (its class folders, sorted), which is
+    the classifier's only where both have as many classes (ImageNet's 1,000 synsets, say).
+    A split's labels are taken as the classifier's."""
+    if plan.files is not None or any(v is not None for v in (plan.split_labels or {}).values()):
+        return
+    classes = len(Manifest.load(cfg.data, cfg.s3).classes)
+    with torch.no_grad():
+        outputs = classifier.module(classifier.preprocess(torch.full((1, 3, 64, 64), 0.5)))
+    if outputs.shape[-1] != classes:
+        raise ValueError(
+            f"{cfg.data}'s labels number its own {classes} classes, and the classifier has "
+            f"{outputs.shape[-1]} outputs: its top-1 would be compared with another "
+            "numbering. Pass a --split whose lines give each image the classifier's label"
+        )
 
 
 def _record(

@@ -4,6 +4,7 @@ synthetic scenes with a split list, bad inputs and a classifier trained here).""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -151,6 +152,16 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
     found, _ = evaluate.resolve_split([("p/x.jpg", 1), ("p/x.png", 2)], str(tmp_path), pair)
     assert [f["key"] for f in found] == ["p/x.jpg", "p/x.png"]
     assert missing == ["n02/gone.JPEG"]
+    # A line whose file is not there does not take, by its name, a file another line
+    # names by its path (with that line's label), in whichever order they come.
+    classes = [str(tmp_path / "a" / "0001.jpg"), str(tmp_path / "c" / "0001.jpg")]
+    lines = [("b/0001.jpg", 1), ("a/0001.jpg", 2)]
+    for order in (lines, lines[::-1]):
+        found, missing = evaluate.resolve_split(order, str(tmp_path), classes[:1])
+        assert [(f["key"], f["label"]) for f in found] == [("a/0001.jpg", 2)]
+        assert missing == ["b/0001.jpg"]
+    with pytest.raises(ValueError, match=r"'b/0001.jpg' names 2 images .*a/0001.jpg, c/0001"):
+        evaluate.resolve_split(lines[:1], str(tmp_path), classes)  # a or c: not known
 
 
 def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_path) -> None:
@@ -183,7 +194,12 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     assert evaluate._listed_keys([("val/photo.2019.JPEG", 5)], dotted, "d") == (
         {"c/photo.2019": 5}, [],
     )  # fmt: skip
-    assert evaluate._stem("photo.2019") == "photo.2019"  # listed without an extension
+    assert (
+        evaluate._stem("photo.2019", {"photo.2019", "photo"}) == "photo.2019"
+    )  # listed without an extension
+    # Any extension is dropped, as jobs.prepare drops it from keys
+    assert evaluate._listed_keys([("c/scan.jfif", 1), ("c/anim.gif", 2)], ["c/scan", "c/anim"],
+                                 "d") == ({"c/scan": 1, "c/anim": 2}, [])  # fmt: skip
 
 
 def test_the_record_of_kept_batches_names_contents_not_places(tmp_path) -> None:
@@ -456,6 +472,26 @@ def _train_classifier() -> evaluate.SmallConvNet:
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def test_a_datasets_own_labels_are_refused_for_a_classifier_of_other_classes(tmp_path) -> None:
+    """A prepared dataset's labels index its own classes (a and b here): a classifier of
+    three classes numbers them otherwise, so top-1 needs a split giving its labels."""
+    from tests.support import write_dataset
+
+    data = str(tmp_path / "ds")
+    write_dataset(data)
+    cfg = evaluate.EvaluateConfig(data=data, model="m")
+    three, two = (evaluate.Classifier(evaluate.SmallConvNet(n), evaluate.SmallConvNet.preprocess)
+                  for n in (3, 2))  # fmt: skip
+    with pytest.raises(ValueError, match="its own 2 classes, and the classifier has 3 outputs"):
+        evaluate._check_label_numbering(cfg, evaluate.plan_inputs(cfg), three)
+    evaluate._check_label_numbering(cfg, evaluate.plan_inputs(cfg), two)
+    for lines, refused in (("c/000.jpg 2\nc/001.jpg 0", False), ("c/000.jpg\nc/001.jpg", True)):
+        (tmp_path / "split.txt").write_text(lines)
+        listed = dataclasses.replace(cfg, split=str(tmp_path / "split.txt"))
+        with pytest.raises(ValueError) if refused else contextlib.nullcontext():
+            evaluate._check_label_numbering(listed, evaluate.plan_inputs(listed), three)
 
 
 def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
