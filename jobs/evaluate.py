@@ -583,6 +583,10 @@ def _decode_batch(
         except BadImage as e:
             out["status"][i], out["reason"][i] = "error", str(e)
             continue
+        except MemoryError:  # not the image's fault: not kept, a re-run measures it again
+            out["status"][i] = "error"
+            out["reason"][i] = f"{TOO_LARGE_HERE} (decoding it ran out of memory)"
+            continue
         if gray:
             out["status"][i], out["reason"][i] = "grayscale", "grayscale source"
             continue

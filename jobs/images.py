@@ -93,10 +93,17 @@ def load_rgb(
     return rgb, gray_mode or _image_is_gray(rgb)
 
 
+def whole_jpeg(data: memoryview | bytes) -> bool:
+    """Whether `data` starts and ends as a JPEG does (the start and end markers; zeros
+    after the end, as some writers pad, are no cut)."""
+    tail = bytes(data[-64:]).rstrip(b"\0")
+    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and tail.endswith(b"\xff\xd9")
+
+
 def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:
     image = open_image(data, max_pixels=max_pixels)
     try:
-        if min_side_px and image.format == "JPEG":
+        if min_side_px and image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more after
             w, h = image.size
             scale = min_side_px / min(w, h)
             if scale < 1:
@@ -105,6 +112,8 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
         # exif_transpose copies even an upright image: call it only when there is a turn
         if exif_orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
+    except MemoryError:  # the machine's state, not the image's: the caller decides
+        raise
     except Exception as e:  # decoders fail their own ways on corrupt data
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return image

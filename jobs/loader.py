@@ -78,7 +78,7 @@ import torch
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import decode_rgb, each_or_none
+from jobs.images import decode_rgb, each_or_none, whole_jpeg
 
 if TYPE_CHECKING:
     from jobs.node_cache import NodeCache
@@ -639,13 +639,6 @@ def _crops_in_process(
 NOT_WHOLE_JPEG = "not a whole JPEG: cut short, or empty"
 
 
-def _whole_jpeg(data: memoryview | bytes) -> bool:
-    """Whether `data` starts and ends as a JPEG does (the start and end markers; zeros
-    after the end, as some writers pad, are no cut)."""
-    tail = bytes(data[-64:]).rstrip(b"\0")
-    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and tail.endswith(b"\xff\xd9")
-
-
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     """A shard's JPEG as (H, W, 3) uint8 RGB, upright, through OpenCV: the pixels of
     `decode_rgb` (the same libjpeg-turbo decoding, EXIF orientation applied), from one call
@@ -655,7 +648,7 @@ def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     JPEGs (`jobs.prepare` re-encodes the rest), for which the two agree."""
     import cv2
 
-    if not _whole_jpeg(data):
+    if not whole_jpeg(data):
         return None  # not a JPEG, or one cut short: OpenCV would fill in what is missing
     bgr_HW3 = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return None if bgr_HW3 is None else bgr_HW3[..., ::-1]
@@ -867,7 +860,7 @@ class TrainLoader:
 
             # A file cut short, or empty (its row group damaged), is not handed to nvJPEG:
             # it would decode the first gray below the cut, and refuse the second outright.
-            whole = [_whole_jpeg(d) for d in data]
+            whole = [whole_jpeg(d) for d in data]
             kept = itertools.compress(data, whole)
             frames = [torch.frombuffer(d, dtype=torch.uint8) for d in kept]
             # On the loader's own stream: torchvision makes the caller's current stream wait

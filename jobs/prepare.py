@@ -51,6 +51,7 @@ from jobs.images import (
     exif_orientation,
     load_rgb,
     resize_short_side,
+    whole_jpeg,
 )
 
 WORK_DIR = "_prepare"
@@ -275,6 +276,7 @@ def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
     source = Image.open(io.BytesIO(data))
     small_jpeg = (
         source.format == "JPEG"
+        and whole_jpeg(data)  # nothing after its end (a phone's trailer): nvJPEG refuses it
         and source.mode in ("RGB", "L")
         and source.size == image.size
         and min(source.size) <= cfg.short_side_px
@@ -383,6 +385,8 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
             if isinstance(data, Exception):
                 raise data
             jpeg, h, w, is_gray = convert(data, cfg)
+        except MemoryError:  # the node's, not the input's: the task fails and is retried
+            raise
         except Exception as e:  # one input's failure, whatever raised it, is its own
             reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
             errors.append({"key": key, "source": source, "reason": reason})

@@ -55,3 +55,28 @@ def test_gray_modes_are_gray_without_reading_their_pixels_again() -> None:
     levels = np.asarray(image)
     assert gray and image.mode == "RGB"
     assert levels[0, 0, 0] == 0 and levels[-1, -1, 0] == round(59_000 / 65535 * 255)
+
+
+def test_a_multi_picture_jpeg_decodes_at_a_reduced_scale_as_a_jpeg_does() -> None:
+    """Pillow names a JPEG with an MPF block (a phone's Ultra HDR gain map) MPO: it is a
+    JPEG all the same, decoded by DCT scaling to the short side asked for."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (512, 768, 3), dtype=np.uint8))
+    mpo = encoded(photo, "MPO", save_all=True, append_images=[photo.resize((96, 64))])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    image, _ = load_rgb(mpo, min_side_px=128)
+    reduced = load_rgb(encoded(photo, "JPEG"), min_side_px=128)[0].size
+    assert image.size == reduced and reduced[1] < 512
+
+
+def test_running_out_of_memory_is_not_called_a_corrupt_image(monkeypatch) -> None:
+    """A MemoryError is the machine's state, not the image's: it is raised as it is, for the
+    job to retry, not recorded for good as a `BadImage`."""
+    from PIL import ImageFile
+
+    def out_of_memory(self):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_rgb(encoded(Image.fromarray(gray_rgb(8, 8)), "JPEG"))

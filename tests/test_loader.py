@@ -391,11 +391,11 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
     assert not out.any() and "shard-7 row 3 does not decode" in caplog.text
     assert "truncated" in caplog.text
     # what the nvJPEG path hands its decoder: whole files only (an empty one fails torch)
-    from jobs.loader import _whole_jpeg
+    from jobs.images import whole_jpeg
 
-    assert _whole_jpeg(memoryview(data)) and not _whole_jpeg(memoryview(data[:-400]))
-    assert not _whole_jpeg(memoryview(b"")) and not _whole_jpeg(b"\xff\xd9")
-    assert _whole_jpeg(data + bytes(10))  # padded with zeros: whole
+    assert whole_jpeg(memoryview(data)) and not whole_jpeg(memoryview(data[:-400]))
+    assert not whole_jpeg(memoryview(b"")) and not whole_jpeg(b"\xff\xd9")
+    assert whole_jpeg(data + bytes(10))  # padded with zeros: whole
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 

@@ -361,6 +361,19 @@ def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
     assert prepare.task_memory([], cfg) == fixed
 
 
+def test_a_small_jpeg_is_kept_as_it_is_only_when_nothing_follows_its_end() -> None:
+    """A phone's trailer after the end marker (Samsung's SEFH block, say) is refused by
+    nvJPEG, the training loader's decoder on GPUs: such a JPEG is encoded again."""
+    from jobs.images import whole_jpeg
+
+    cfg = config("/src", "/dst")
+    small = encode(photo_rgb("coffee")[:60, :48])  # short side below 64: kept
+    assert prepare.convert(small, cfg)[0] == small
+    trailed = small + b"\0\0SEFHtrailer" + bytes(8)
+    jpeg, height, width, _ = prepare.convert(trailed, cfg)
+    assert jpeg != trailed and whole_jpeg(jpeg) and (height, width) == (60, 48)
+
+
 def test_a_source_spelled_s3a_plans_as_the_same(s3_server) -> None:
     """s3a:// and s3:// name one bucket: a re-run spelling SRC the other way resumes."""
     for name in ("n01/a.jpg", "n01/b.jpg", "n02/c.jpg"):
