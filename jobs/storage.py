@@ -567,7 +567,7 @@ def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> li
     answer later listings, and reads of files other processes wrote since, from the listings
     it keeps (a file missing from one reads as missing)."""
     fs, path = filesystem(url, s3)
-    found = _find(fs, path, url, detail=False)
+    found = _find(fs, path, url)
     prefix, path = url.rstrip("/"), path.rstrip("/")  # a local path: absolute, `url` may not be
     out = [prefix + p[len(path) :] for p in found if p == path or p.startswith(path + "/")]
     return sorted(u for u in out if u.endswith(suffix))
@@ -579,22 +579,26 @@ def file_sizes(url: str, s3: S3Options | None = None) -> dict[str, int]:
     folder of a million files in memory for as long as the process lives)."""
     fs, path = filesystem(url, s3)
     root = path.rstrip("/")
-    found = _find(fs, path, url, detail=True)
+    found = _find(fs, path, url)
     return {p[len(root) :].lstrip("/"): info.get("size") or 0 for p, info in found.items()}
 
 
-def _files(found):
-    """`fs.find`'s result less S3's folder placeholders: the empty objects named ``a/``
-    that consoles and sync tools make for folders, which s3fs lists as files."""
-    if isinstance(found, dict):
-        return {p: info for p, info in found.items() if not p.endswith("/")}
-    return [p for p in found if not p.endswith("/")]
+def _files(found: dict[str, dict]) -> dict[str, dict]:
+    """`fs.find`'s result less S3's folder placeholders (the empty objects named ``a/``
+    that consoles and sync tools make for folders, which s3fs lists as files) and less a
+    local folder's special files (a named pipe, a socket, a device), whose reading would
+    wait for ever or never end: left out with a warning."""
+    special = sorted(p for p, info in found.items() if info.get("type") == "other")
+    if special:
+        log.warning("left out %d special files (not regular: a pipe, a socket, a device): %s",
+                    len(special), ", ".join(special[:5]) + (", ..." if len(special) > 5 else ""))  # fmt: skip
+    return {p: info for p, info in found.items() if not p.endswith("/") and p not in special}
 
 
-def _find(fs: fsspec.AbstractFileSystem, path: str, url: str, *, detail: bool):
+def _find(fs: fsspec.AbstractFileSystem, path: str, url: str) -> dict[str, dict]:
     _forget_listings(fs, path)
     try:
-        return _files(with_retries(lambda: fs.find(path, detail=detail), what=f"list {url}"))
+        return _files(with_retries(lambda: fs.find(path, detail=True), what=f"list {url}"))
     finally:
         _forget_listings(fs, path)
 

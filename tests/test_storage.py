@@ -466,3 +466,14 @@ def test_a_range_s3_refuses_is_not_asked_for_again(s3_server, monkeypatch) -> No
     assert storage.is_transient(cut_short)
     # Refused for good, but the storage's doing, not an archive member's bytes' (colorize)
     assert storage.from_storage(bad_certificate) and storage.from_storage(s3_error(None, 400))
+
+
+def test_a_folders_special_files_are_left_out_of_its_listing(tmp_path, caplog) -> None:
+    """A named pipe among a folder's files would make its reader wait for ever."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "photo.jpg").write_bytes(b"x")
+    os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    with caplog.at_level("WARNING", logger="jobs.storage"):
+        assert storage.list_files(str(tmp_path)) == [str(tmp_path / "a" / "photo.jpg")]
+        assert storage.file_sizes(str(tmp_path)) == {"a/photo.jpg": 1}
+    assert "pipe.jpg" in caplog.text
