@@ -590,8 +590,9 @@ def _files(found: dict[str, dict]) -> dict[str, dict]:
     wait for ever or never end: left out with a warning."""
     special = sorted(p for p, info in found.items() if info.get("type") == "other")
     if special:
-        log.warning("left out %d special files (not regular: a pipe, a socket, a device): %s",
-                    len(special), ", ".join(special[:5]) + (", ..." if len(special) > 5 else ""))  # fmt: skip
+        named = ", ".join(special[:5]) + (", ..." if len(special) > 5 else "")
+        log.warning("left out %d special files (a pipe, a socket, a device): %s",
+                    len(special), named)  # fmt: skip
     return {p: info for p, info in found.items() if not p.endswith("/") and p not in special}
 
 
