@@ -107,12 +107,18 @@ class NodeCache:
             return None
         name = folder_name(run)
         folder = os.path.join(root, name)
+        users_fd, cache = -1, None
         try:
             sweep(root, keep=name)
             _raise_descriptor_limit()
-            cache = cls(folder, _join(folder), local_rank, local_world_size, reserve_bytes)
+            users_fd = _join(folder)
+            cache = cls(folder, users_fd, local_rank, local_world_size, reserve_bytes)
             _remove_dead_writers(folder)
         except OSError as error:  # not this user's folder, or none can be made
+            if cache is not None:
+                cache.close()
+            elif users_fd >= 0:
+                os.close(users_fd)
             log.warning(
                 "loader: %s cannot hold shared row groups (%s): the workers here read every "
                 "row group each", folder, error,
@@ -137,6 +143,8 @@ class NodeCache:
         path = os.path.join(self.folder, key)
         if (files := self._mapped(path, rows)) is not None:
             return files
+        if not self._saving or self._short_of_space(0):  # read as it cannot be kept: no
+            return read()  # worker waits on another's read that it then reads again
         try:
             lock = self._lock(key)
         except OSError as error:  # the folder is gone, or no descriptor is left
@@ -186,10 +194,7 @@ class NodeCache:
         """Whether `files` could be saved at `path`. Not while the folder's filesystem is
         short of space (then the next row group tries again); never again after a failure
         for another reason."""
-        if not self._saving:
-            return False
-        if shutil.disk_usage(self.folder).free - files.nbytes < self._floor:
-            self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
+        if not self._saving or self._short_of_space(files.nbytes):
             return False
         tmp = storage.temporary_beside(path)
         try:
@@ -233,6 +238,13 @@ class NodeCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return None
+
+    def _short_of_space(self, nbytes: int) -> bool:
+        """Whether saving `nbytes` would leave less free than the floor (said once)."""
+        if shutil.disk_usage(self.folder).free - nbytes >= self._floor:
+            return False
+        self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
+        return True
 
     def _say(self, trouble: str, why: object) -> None:
         """Logs each kind of trouble with the folder once."""

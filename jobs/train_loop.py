@@ -109,60 +109,72 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.share_reads
         else None
     )
-    decode = cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
-    loader = TrainLoader(
-        index,
-        rank=rank,
-        world_size=world,
-        batch_size=cfg.micro_batch * cfg.grad_accum_steps,
-        crop_px=cfg.crop_px,
-        seed=cfg.seed,
-        window_images=cfg.window_images,
-        read_groups=cfg.read_groups,
-        start_epoch=epoch,
-        start_offset=offset,
-        num_threads=decode_threads(cfg.cpus_per_worker, decode),
-        decode=decode,
-        pin_memory=device.type == "cuda",
-        s3=cfg.s3,
-        cache=cache,
-    )
-    batches = iter(loader)
-
-    # On rank 0 only: DDP's construction copies rank 0's parameters and buffers (the
-    # BatchNorm statistics the init sets too) to the others.
-    if cfg.data_init and not state and rank == 0:
-        first = make_targets(init_batch(cfg, index))
-        data_dependent_init(model, first.l_N1HW)
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else None)
-    model = ray.train.torch.prepare_model(model) if world > 1 else model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
-    )
-    if state:
-        optimizer.load_state_dict(state["extra"]["optimizer"])
-        for group in optimizer.param_groups:  # this config's, not the checkpoint's settings
-            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
-            group["weight_decay"] = cfg.weight_decay
-    loss_of = step_loss(model, rebalance_Q, cfg, precision.autocast_dtype, device)
-
-    val_crops = None
-    if cfg.val_data:
-        from jobs.validation import load_crops
-
-        val_crops = load_crops(
-            cfg.val_data,
-            num_images=cfg.val_images,
-            crop_px=cfg.crop_px,
+    batches = None  # closed, with the cache, whatever fails from here on
+    try:
+        decode = (
+            cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
+        )
+        loader = TrainLoader(
+            index,
             rank=rank,
             world_size=world,
+            batch_size=cfg.micro_batch * cfg.grad_accum_steps,
+            crop_px=cfg.crop_px,
+            seed=cfg.seed,
+            window_images=cfg.window_images,
+            read_groups=cfg.read_groups,
+            start_epoch=epoch,
+            start_offset=offset,
+            num_threads=decode_threads(cfg.cpus_per_worker, decode),
+            decode=decode,
+            pin_memory=device.type == "cuda",
             s3=cfg.s3,
+            cache=cache,
         )
+        batches = iter(loader)
 
-    # The loss is summed on the device and read when logged: no host sync in a step.
-    window_start, window_images, window_loss = time.monotonic(), 0, torch.zeros((), device=device)
-    try:
+        # On rank 0 only: DDP's construction copies rank 0's parameters and buffers (the
+        # BatchNorm statistics the init sets too) to the others.
+        if cfg.data_init and not state and rank == 0:
+            first = make_targets(init_batch(cfg, index))
+            data_dependent_init(model, first.l_N1HW)
+        model = model.to(
+            device, memory_format=torch.channels_last if device.type == "cuda" else None
+        )
+        model = ray.train.torch.prepare_model(model) if world > 1 else model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(
+            trainable,
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+        )
+        if state:
+            optimizer.load_state_dict(state["extra"]["optimizer"])
+            for group in optimizer.param_groups:  # this config's, not the checkpoint's settings
+                group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+                group["weight_decay"] = cfg.weight_decay
+        loss_of = step_loss(model, rebalance_Q, cfg, precision.autocast_dtype, device)
+
+        val_crops = None
+        if cfg.val_data:
+            from jobs.validation import load_crops
+
+            val_crops = load_crops(
+                cfg.val_data,
+                num_images=cfg.val_images,
+                crop_px=cfg.crop_px,
+                rank=rank,
+                world_size=world,
+                s3=cfg.s3,
+            )
+
+        # The loss is summed on the device and read when logged: no host sync in a step.
+        window_start, window_images, window_loss = (
+            time.monotonic(),
+            0,
+            torch.zeros((), device=device),
+        )
         while step < cfg.max_steps:
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
@@ -229,7 +241,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         rank, world, folder=checkpoint_dir_name(step, taken))  # fmt: skip
             window_start += time.monotonic() - paused
     finally:  # an error in a step too: the reading threads and processes, and the cache
-        batches.close()  # its reads end before the folder they share goes
+        if batches is not None:
+            batches.close()  # its reads end before the folder they share goes
         if cache is not None:
             cache.close()
     if state and state["extra"]["step"] >= cfg.max_steps:

@@ -322,6 +322,37 @@ def test_a_full_folder_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
     cache.close()
 
 
+def test_a_row_group_that_cannot_be_kept_is_read_without_waiting(tmp_path) -> None:
+    """Where nothing can be saved, each worker reads for itself at once: none waits on
+    another's read of the same row group only to read it again after."""
+    caches = [open_cache(tmp_path, rank=r, workers=2) for r in range(2)]
+    for cache in caches:
+        cache._saving = False  # as after a failure other than space
+    first_reading, release = threading.Event(), threading.Event()
+
+    def slow_read() -> JpegFiles:
+        first_reading.set()
+        release.wait(timeout=10)
+        return files_of(b"slow")
+
+    slow = threading.Thread(target=lambda: caches[0].get("k-0", slow_read, 1))
+    slow.start()
+    try:
+        assert first_reading.wait(timeout=10)
+        done = []
+        other = threading.Thread(
+            target=lambda: done.append(caches[1].get("k-0", lambda: files_of(b"x"), 1))
+        )
+        other.start()
+        other.join(timeout=5)
+        assert done and contents(done[0]) == [b"x"]  # while the first still reads
+    finally:
+        release.set()
+        slow.join()
+        for cache in caches:
+            cache.close()
+
+
 def test_a_quarter_of_the_folder_or_the_object_store_is_kept_free(tmp_path, monkeypatch, caplog):
     """Ray's object store lives in /dev/shm too, and dies of a full one: row groups are not
     saved while less than a quarter of it (or the object store's size, where larger) would
