@@ -544,11 +544,14 @@ def _check_a_node_holds(memory: int, cfg: PrepareConfig) -> None:
 
     nodes = alive_node_resources()
     if not workers_fit({"CPU": cfg.cpus_per_task, "memory": memory}, nodes):
-        have = max((n.get("memory", 0) for n in nodes), default=0)
+        have = ", ".join(
+            f"{n.get('CPU', 0):g} CPUs and {n.get('memory', 0) / 2**30:.1f} GiB" for n in nodes
+        )
         raise ValueError(
-            f"a conversion task asks for {memory / 2**30:.1f} GiB (`task_memory`), and the "
-            f"largest node here has {have / 2**30:.1f} GiB for tasks: lower --max-pixels or "
-            "--shard-mb, or run on a cluster (RAY_ADDRESS)"
+            f"a conversion task asks for {cfg.cpus_per_task:g} CPUs (--cpus-per-task) and "
+            f"{memory / 2**30:.1f} GiB (`task_memory`), and no node here has both ({have} "
+            "for tasks): lower --cpus-per-task, --max-pixels or --shard-mb, or run on a "
+            "cluster (RAY_ADDRESS)"
         )
 
 

@@ -588,7 +588,9 @@ def _files(found: dict[str, dict]) -> dict[str, dict]:
     that consoles and sync tools make for folders, which s3fs lists as files) and less a
     local folder's special files (a named pipe, a socket, a device), whose reading would
     wait for ever or never end: left out with a warning."""
-    special = sorted(p for p, info in found.items() if info.get("type") == "other")
+    special = sorted(  # (a link that does not resolve is read, and fails, as a file)
+        p for p, info in found.items() if info.get("type") == "other" and not info.get("islink")
+    )
     if special:
         named = ", ".join(special[:5]) + (", ..." if len(special) > 5 else "")
         log.warning("left out %d special files (a pipe, a socket, a device): %s",

@@ -473,7 +473,10 @@ def test_a_folders_special_files_are_left_out_of_its_listing(tmp_path, caplog) -
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "photo.jpg").write_bytes(b"x")
     os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    (tmp_path / "a" / "x-loop.jpg").symlink_to("x-loop.jpg")  # read, and an error, as a file
     with caplog.at_level("WARNING", logger="jobs.storage"):
-        assert storage.list_files(str(tmp_path)) == [str(tmp_path / "a" / "photo.jpg")]
-        assert storage.file_sizes(str(tmp_path)) == {"a/photo.jpg": 1}
+        assert storage.list_files(str(tmp_path)) == [
+            str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "a" / "x-loop.jpg"),
+        ]  # fmt: skip
+        assert storage.file_sizes(str(tmp_path)) == {"a/photo.jpg": 1, "a/x-loop.jpg": 0}
     assert "pipe.jpg" in caplog.text
