@@ -83,7 +83,6 @@ if TYPE_CHECKING:
     from jobs.models import LoadedModel
 
 METHODS = ("ground_truth", "gray", "annealed_mean", "mean", "mode")
-MODEL_METHODS = METHODS[2:]
 PRIMARY = "annealed_mean"  # the paper's decoding: ranks the best/worst grid
 NUM_THRESHOLDS = metrics.AUC_MAX_DIST + 1
 THUMB_PX = 128
@@ -1104,7 +1103,8 @@ def table_markdown(result: Mapping[str, Any]) -> str:
         f"Data: `{result['data']}`"
         + (f", split `{result['split']}`" if result["split"] else "")
         + f"; {counts['measured']} images measured ({counts['grayscale']} grayscale left out, "
-        f"{counts['errors']} unreadable skipped, {counts['missing']} listed but missing).",
+        f"{counts['errors']} skipped, unreadable or too large here (`results.json` says "
+        f"why), {counts['missing']} listed but missing).",
         "",
         f"Protocol: {result['protocol']}.",
         "",
@@ -1295,11 +1295,7 @@ def build_result(
     return {
         # what the actors ran, where "auto" chose it (bf16 moves the figures compared)
         "protocol": cfg.protocol_text()
-        + (
-            f"; the network and classifier in {', '.join(dtypes)}"
-            if (dtypes := _network_dtypes(rows))
-            else ""
-        ),
+        + (f"; the network in {', '.join(dtypes)}" if (dtypes := _network_dtypes(rows)) else ""),
         "network_dtype": dtypes,
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "s3"},
         "temperature": cfg.temperature,
