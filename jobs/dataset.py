@@ -9,9 +9,9 @@ A dataset is a folder (local or on object storage)::
 Shard rows (Parquet, `SHARD_SCHEMA`):
 
     key         string   unique, stable id of the source image: "<class>/<path>", its path
-                         below the class folder (below SRC with a labels file) less the
-                         file's extension
-    label       int32    index into manifest["classes"]; -1 when the source has no label
+                         below the class folder (below SRC with a labels file; its file
+                         name within an ILSVRC class tar) less the file's extension
+    label       int32    index into manifest["classes"]
     jpeg        binary   the image as JPEG (4:4:4 chroma, quality 95) or its original bytes
     height_px   int32    height of the stored image
     width_px    int32    width of the stored image

@@ -183,9 +183,7 @@ class DatasetIndex:
         return Units.of(self)
 
     @classmethod
-    def load(
-        cls, dataset_url: str, s3: storage.S3Options | None = None, *, include_gray: bool = False
-    ) -> DatasetIndex:
+    def load(cls, dataset_url: str, s3: storage.S3Options | None = None) -> DatasetIndex:
         """Reads each shard's footer and its label and grayscale columns, a few shards at
         a time (a dataset of a thousand shards read one by one would keep a run's workers
         waiting minutes at every start)."""
@@ -200,7 +198,7 @@ class DatasetIndex:
 
             table, metadata, size = storage.with_retries(read, what=f"read {name} of {dataset_url}")
             gray = table.column("grayscale").to_numpy(zero_copy_only=False)
-            keep = np.arange(len(gray)) if include_gray else np.flatnonzero(~gray)
+            keep = np.flatnonzero(~gray)  # colour images only, as the released training
             return keep, table.column("label").to_numpy()[keep], metadata, size
 
         with ThreadPoolExecutor(INDEX_READ_THREADS, thread_name_prefix="index-read") as pool:
@@ -728,6 +726,8 @@ class TrainLoader:
             raise ValueError(f"offset {start_offset} is not a multiple of the global batch")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        if prefetch_batches < 1:  # 0 would make the queue unbounded
+            raise ValueError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
         if decode == "processes" and not hasattr(os, "memfd_create"):
             raise ValueError("decode 'processes' shares its batches through memfd: Linux only")
         self.index, self.rank, self.batch_size = index, rank, batch_size
