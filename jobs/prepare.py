@@ -409,9 +409,22 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
             rows, size = [], 0
     if rows:
         parts.append(_write_part(rows, _part_name(index, len(parts)), cfg))
+    _remove_parts_beyond(index, len(parts), cfg)
     marker = {"group": index, "inputs": inputs, "grayscale": gray, "parts": parts, "errors": errors}
     storage.write_bytes(_marker_url(cfg, index), json.dumps(marker).encode(), cfg.s3)
     return marker
+
+
+def _remove_parts_beyond(group: int, count: int, cfg: PrepareConfig) -> None:
+    """Removes the group's parts from number `count` on, which an earlier attempt killed
+    part-way wrote where this one wrote fewer (an input read then fails now): parts are
+    written in turn, so they are the ones found one after another."""
+    extra = []
+    while storage.exists(
+        url := storage.join(cfg.dst, _part_name(group, count + len(extra))), cfg.s3
+    ):
+        extra.append(url)
+    storage.remove(extra, cfg.s3)
 
 
 def _part_name(group: int, part: int) -> str:

@@ -376,6 +376,23 @@ def test_a_small_jpeg_is_kept_as_it_is_only_when_nothing_follows_its_end() -> No
     assert jpeg != trailed and whole_jpeg(jpeg) and (height, width) == (60, 48)
 
 
+def test_a_group_done_again_removes_the_parts_an_earlier_attempt_wrote_beyond_its_own(
+    tmp_path,
+) -> None:
+    """An attempt killed after writing more parts than the one that finishes (an input that
+    read then fails now) leaves none of them: the shards are the markers' parts only."""
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cat" / "a.png").write_bytes(encode(photo_rgb("coffee")[:50, :70], "PNG"))
+    cfg = config(str(tmp_path / "src"), str(tmp_path / "ds"))
+    _, groups = prepare.plan(cfg)
+    left = [storage.join(cfg.dst, prepare._part_name(0, n)) for n in (1, 2)]
+    for url in left:
+        storage.write_bytes(url, b"an earlier attempt's part")
+    marker = prepare.process_group(0, groups[0], cfg)
+    assert [part["name"] for part in marker["parts"]] == [prepare._part_name(0, 0)]
+    assert not any(storage.exists(url) for url in left)
+
+
 def test_a_source_spelled_s3a_plans_as_the_same(s3_server) -> None:
     """s3a:// and s3:// name one bucket: a re-run spelling SRC the other way resumes."""
     for name in ("n01/a.jpg", "n01/b.jpg", "n02/c.jpg"):
