@@ -388,8 +388,9 @@ def plan(
     sources_sorted = sorted(sources)
     for rel, url, source in zip(rels, urls, sources, strict=True):
         kind = _kind(url)
-        if kind != "image" and not _in_work_dir(_output_text(rel)):  # there: refused whole
-            prefix = _output_text(rel).rstrip("/")
+        name, refusal = _top_level_name(rel, url)
+        if kind != "image" and not refusal:  # else refused whole, as a file
+            prefix = name if rel else ""
             members = _members(source, kind, done_sorted, sources_sorted)
             if source in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
@@ -403,12 +404,11 @@ def plan(
         if source in done_set:
             skipped += 1
             continue
-        name = _output_text(rel or posixpath.basename(storage.split_url(url)[1]))
         item = {"source": source, "rel": name, "size": sizes[rel]}
         if source != url:
             item["url"] = url  # read by its own name
         taken = _output_taken(name, inputs, cfg.format)
-        reason = _in_work_dir(name) or (taken and f"its output name {taken!r} is another input's")
+        reason = refusal or (taken and f"its output name {taken!r} is another input's")
         if name in named:  # a name that is not UTF-8, read as Latin-1, equals another's
             reason = f"another input's name reads as {name!r} too"
         named.add(name)
@@ -416,6 +416,18 @@ def plan(
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
     return units, sources, skipped
+
+
+def _top_level_name(rel: str, url: str) -> tuple[str, str | None]:
+    """(the output name of a top-level input at `rel` below INPUT, why it is refused or
+    None): its path made plain (``a/./b.png`` is ``a/b.png``), refused where it would leave
+    OUTPUT (an S3 key may hold ``..``) or enter the job's own folder, as a member's is
+    (`safe_relpath`). A single INPUT file's is its file name."""
+    name = _output_text(rel or posixpath.basename(storage.split_url(url)[1]))
+    try:
+        return safe_relpath(name), None
+    except BadImage as refused:
+        return name, str(refused)
 
 
 def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:

@@ -436,6 +436,23 @@ def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
     assert files == [url("d.jpg")] and skipped == 6
 
 
+def test_a_top_level_key_that_would_leave_output_is_refused(s3_server) -> None:
+    """An S3 key may hold ``..`` or ``.``: a top-level input is refused where its output
+    would leave OUTPUT, as an archive member is, and written at its plain path otherwise."""
+    root = s3_server.url("colorize-escape", "in")
+    for key in ("ok.png", "../../evil.png", "a/./b.png", "c.tar/../../../x.tar", "_colorize/m.png"):
+        storage.write_bytes(f"{root}/{key}", b"")
+    units, _, _ = colorize.plan(config(root, s3_server.url("colorize-escape", "o"), "m.pt"), [])
+    files = {
+        i["source"][len(root) + 1 :]: i for u in units if u["kind"] == "files" for i in u["items"]
+    }
+    assert "escapes the output folder" in files["../../evil.png"]["error"]
+    assert "escapes the output folder" in files["c.tar/../../../x.tar"]["error"]  # refused whole
+    assert "job's own folder" in files["_colorize/m.png"]["error"]
+    assert "error" not in files["ok.png"] and files["a/./b.png"]["rel"] == "a/b.png"
+    assert all(u["kind"] == "files" for u in units)
+
+
 @pytest.mark.parametrize(
     ("choice", "refused"),
     [
