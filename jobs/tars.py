@@ -8,6 +8,7 @@ trace. `open_tar` opens an archive whose headers note the reason (`damage`) inst
 
 from __future__ import annotations
 
+import struct
 import tarfile
 from typing import IO
 
@@ -31,8 +32,12 @@ class _NotedTarInfo(tarfile.TarInfo):
 
 def open_tar(fileobj: IO[bytes], mode: str = "r:") -> tarfile.TarFile:
     """`tarfile.open` on `fileobj`; after a listing, `damage(archive)` says whether it ended
-    early (raises `tarfile.ReadError` where the first header is unreadable)."""
-    return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_NotedTarInfo)
+    early (raises `tarfile.ReadError` where the first header is unreadable, or a gzip
+    stream's header is cut short: tarfile's stream reader then fails with a TypeError)."""
+    try:
+        return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_NotedTarInfo)
+    except (TypeError, struct.error) as e:
+        raise tarfile.ReadError(f"damaged compressed stream header: {type(e).__name__}: {e}") from e
 
 
 def damage(archive: tarfile.TarFile) -> str | None:

@@ -734,6 +734,20 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
     )
 
 
+@pytest.mark.parametrize("cut", [3, 11])  # in the gzip header, in its FEXTRA field
+def test_a_tar_gz_cut_in_its_gzip_header_is_an_error_row(tmp_path, cut) -> None:
+    """tarfile's stream reader fails with a TypeError on such a header: an error row all the
+    same, not a failed read task."""
+    data = b"\x1f\x8b\x08\x04\0\0\0\0\0\x03\x10\0"[:cut]
+    archive = tmp_path / "t.tar.gz"
+    archive.write_bytes(data)
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "tar", "url": str(archive), "prefix": archive.name, "done": [], "size": cut}
+    [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert row["source"] == str(archive) and row["status"] == "error"
+    assert "unreadable archive" in row["reason"]
+
+
 class _BreakingFile(io.RawIOBase):
     """A file whose reads fail with `error` once `limit` bytes have been read from it."""
 
