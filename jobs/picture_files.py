@@ -85,14 +85,19 @@ class Decoded:
     meta: Metadata
 
 
-def _page(image) -> Page:
-    """A PIL frame (already upright) -> float planes, alpha and bit depth."""
+def _page(image, white_is_zero: bool = False) -> Page:
+    """A PIL frame (already upright) -> float planes, alpha and bit depth. `white_is_zero`:
+    a TIFF's 16- or 32-bit gray levels count from white (photometric MinIsWhite), which
+    Pillow leaves as stored (its 8-bit reader turns them)."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         alpha, transparent = None, image.info.get("transparency")
         if isinstance(transparent, int):  # PNG tRNS: the one gray level that is see-through
             alpha = np.where(np.asarray(image) == transparent, 0, 65535).astype(np.uint16)
-        return Page(torch.from_numpy(gray_in_unit_range(image))[None, None], alpha, 16)
+        levels = gray_in_unit_range(image)
+        if white_is_zero:
+            np.subtract(1, levels, out=levels)
+        return Page(torch.from_numpy(levels)[None, None], alpha, 16)
     alpha = None
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"))
@@ -329,7 +334,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                     pages.append(page)
                     continue
             image.load()
-            pages.append(_page(ImageOps.exif_transpose(image)))
+            white_is_zero = fmt == "TIFF" and image.tag_v2.get(262) == 0
+            pages.append(_page(ImageOps.exif_transpose(image), white_is_zero))
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data

@@ -1093,6 +1093,20 @@ def test_a_16bit_cmyk_tiff_is_read_at_16_bits_as_pillow_converts_cmyk(planarconf
     assert len(np.unique((page.rgb[0] * 65535).round().int() & 0xFF)) > 8  # 16 bits of it
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_gray_tiff_whose_levels_count_from_white_is_read_as_it_looks(bits) -> None:
+    """Photometric MinIsWhite: 0 is white. Pillow turns 8-bit levels itself, not 16-bit."""
+    import tifffile
+
+    dtype, top = (np.uint8, 255) if bits == 8 else (np.uint16, 65535)
+    stored = np.array([[0, top // 4, top]], dtype)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, stored, photometric="miniswhite")
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    assert page.bits == bits
+    np.testing.assert_allclose(page.rgb[0, 0, 0].numpy(), 1 - stored[0] / top, atol=1e-6)
+
+
 @pytest.mark.parametrize("planarconfig", ["contig", "separate"])
 def test_a_16bit_gray_with_alpha_tiff_is_read_and_written_at_16_bits(planarconfig) -> None:
     """Gray with alpha at 16 bits, which Pillow does not open: read with tifffile, upright,
