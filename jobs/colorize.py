@@ -681,27 +681,46 @@ def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
 def _parquet_columns(table, cfg: ColorizeConfig) -> tuple[str, str]:
     """(the column of image bytes, the column of names or "" for row numbers) of the
     `pyarrow.parquet.ParquetFile` `table`."""
-    import pyarrow as pa
 
     schema = table.schema_arrow
     column = cfg.parquet_column or next(
-        (
-            n
-            for n in schema.names
-            if pa.types.is_binary(schema.field(n).type)
-            or pa.types.is_large_binary(schema.field(n).type)
-        ),
-        None,
+        (n for n in schema.names if _holds_bytes(schema.field(n).type)), None
     )
+    if column is None:
+        raise ValueError(
+            "no column of image bytes (binary, or a struct with a binary field 'bytes', as "
+            f"Hugging Face's Image feature writes) among {schema.names}: name it with "
+            "--parquet-column"
+        )
     key = cfg.parquet_key_column or next((n for n in PARQUET_KEY_COLUMNS if n in schema.names), "")
     if column not in schema.names or (key and key not in schema.names):
         raise ValueError(f"no column {column if column not in schema.names else key!r}")
     return column, key
 
 
+def _holds_bytes(kind) -> bool:
+    """Whether a Parquet column of type `kind` holds image bytes: binary, or a struct with
+    a binary field ``bytes`` (Hugging Face's Image feature: {bytes, path})."""
+    import pyarrow as pa
+
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+    if pa.types.is_struct(kind):
+        index = kind.get_field_index("bytes")
+        return index >= 0 and binary(kind.field(index).type)
+    return binary(kind)
+
+
+def _row_bytes(value) -> bytes:
+    """A Parquet row's image bytes: its value, or the ``bytes`` of a struct's (none: empty)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value or b""
+
+
 def _row_name(key: str, value, number: int) -> str:
-    """A Parquet row's name: its value in the key column `key`, else ("") its number."""
-    return str(value) if key else f"{number:09d}"
+    """A Parquet row's name: its value in the key column `key`, else (no key column, or a
+    null value) its number."""
+    return str(value) if key and value is not None else f"{number:09d}"
 
 
 def _row_names(table, key: str) -> list[str]:
@@ -725,7 +744,7 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     for batch in batches:
         for row in batch.to_pylist():
             if decided := decide(number, _row_name(key, row.get(key), number), "file"):
-                data = row[column] or b""
+                data = _row_bytes(row[column])
                 yield _member_row(decided, len(data), lambda d=data: d, cfg)
             number += 1
 

@@ -748,6 +748,31 @@ def test_a_tar_gz_cut_in_its_gzip_header_is_an_error_row(tmp_path, cut) -> None:
     assert "unreadable archive" in row["reason"]
 
 
+def test_parquet_rows_of_null_names_and_hugging_face_image_structs(tmp_path) -> None:
+    """A row whose key is null is named by its number, as rows without a key column are;
+    an image column of structs {bytes, path} (Hugging Face's Image feature) is read."""
+    import pyarrow as pa
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    jpegs = [encode(gray((8, 8 + i))) for i in range(3)]
+    table = pa.table({
+        "image": pa.array([{"bytes": j, "path": None} for j in jpegs], image),
+        "path": pa.array([None, None, "a.jpg"], pa.string()),
+    })  # fmt: skip
+    archive = tmp_path / "hf.parquet"
+    pq.write_table(table, archive)
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "parquet", "url": str(archive), "prefix": archive.name, "done": [], "size": 1}
+    rows = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+    names = [r["source"].rsplit(colorize.ROW_SEP, 1)[-1] for r in rows if r["status"] != "read"]
+    assert names == ["000000000", "000000001", "a.jpg"]
+    assert all(r["status"] != "error" for r in rows) and [r["data"] for r in rows[:3]] == jpegs
+    pq.write_table(pa.table({"n": [1, 2]}), archive)  # no column of bytes: said so
+    unit["size"] = archive.stat().st_size
+    [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert row["status"] == "error" and "no column of image bytes" in row["reason"]
+
+
 class _BreakingFile(io.RawIOBase):
     """A file whose reads fail with `error` once `limit` bytes have been read from it."""
 
