@@ -60,7 +60,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal
@@ -365,12 +365,16 @@ def _kind(path: str) -> str:
 
 
 def plan(
-    cfg: ColorizeConfig, done: Sequence[str], read: Mapping[str, tuple[int, int]] | None = None
+    cfg: ColorizeConfig,
+    done: Sequence[str],
+    read: Mapping[str, tuple[int, int]] | None = None,
+    written: Set[str] = frozenset(),
 ) -> tuple[list[dict], list[str], int]:
     """(work units in a fixed order, every top-level file's source URL, inputs skipped), for
     the sources in `done` being done already; an archive in `read` (source -> its members
     and its size then) was read through, and is skipped unopened when it has that size and
-    `done` has a row for as many members."""
+    `done` has a row for as many members. A file whose output may be one of the outputs
+    `written` by earlier runs (a file added since, named as another's output) is refused."""
     read = read or {}
     fs, root = storage.filesystem(cfg.input, cfg.s3)
     if storage.with_retries(lambda: fs.isdir(root), what=f"stat {cfg.input}"):
@@ -408,7 +412,12 @@ def plan(
         if source != url:
             item["url"] = url  # read by its own name
         taken = _output_taken(name, inputs, cfg.format)
-        reason = refusal or (taken and f"its output name {taken!r} is another input's")
+        made = next((n for n in _possible_outputs(name, cfg.format) if n in written), None)
+        reason = (
+            refusal
+            or (taken and f"its output name {taken!r} is another input's")
+            or (made and f"its output name {made!r} is another input's output, written before")
+        )
         if name in named:  # a name that is not UTF-8, read as Latin-1, equals another's
             reason = f"another input's name reads as {name!r} too"
         named.add(name)
@@ -431,16 +440,20 @@ def _top_level_name(rel: str, url: str) -> tuple[str, str | None]:
 
 
 def _output_taken(rel: str, inputs: set[str], choice: str) -> str | None:
-    """A name the output of the input at `rel` may get that is another input's: `rel` with
-    the format's suffix appended where it has not got it (`a.gif` -> `a.gif.png`). Its format
-    is the chosen one, or TIFF for pages, or PNG for a picture with alpha where JPEG was
-    chosen; a kept format may be any, whatever the suffix says (it is read from the bytes)."""
+    """A name the output of the input at `rel` may get that is another input's."""
+    return next((n for n in _possible_outputs(rel, choice) if n != rel and n in inputs), None)
+
+
+def _possible_outputs(rel: str, choice: str) -> list[str]:
+    """The names the output of the input at `rel` may get: `rel` with the format's suffix
+    appended where it has not got it (`a.gif` -> `a.gif.png`). Its format is the chosen one,
+    or TIFF for pages, or PNG for a picture with alpha where JPEG was chosen; a kept format
+    may be any, whatever the suffix says (it is read from the bytes)."""
     if choice == "keep":  # read from the bytes, whatever the name says (a PNG named .jpg)
         formats = list(SUFFIXES)
     else:
         formats = [choice.upper(), "TIFF"] + (["PNG"] if choice == "jpeg" else [])
-    names = (output_name(rel, fmt) for fmt in formats)
-    return next((name for name in names if name != rel and name in inputs), None)
+    return list(dict.fromkeys(output_name(rel, fmt) for fmt in formats))
 
 
 def _members(archive: str, kind: str, sources: list[str], tops: list[str]) -> list[str]:
@@ -1469,7 +1482,10 @@ def main(cfg: ColorizeConfig) -> Summary:
     done = inputs.filter(pc.equal(inputs.column("status"), "ok")) if cfg.retry_errors else inputs
     _check_same_colours(inputs, loaded.sha256, cfg)
     read = manifest.archives_read(rows)
-    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read)
+    written = set(
+        pc.filter(inputs.column("output"), pc.equal(inputs.column("status"), "ok")).to_pylist()
+    )
+    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read, written)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
@@ -1514,12 +1530,18 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     if errors > 10:
         print(f"  ... and {errors - 10} more, see the manifest")
     if missing or short or absent or repeated or table.num_rows != ok + errors:
+        hints = [
+            "the same command again does what is missing" * bool(missing or short),
+            "an output removed since it was written is not made again: its input is done, so "
+            "colorize into a new OUTPUT to have it" * bool(absent),
+            "an output written by two inputs holds the later one's colours" * bool(repeated),
+        ]
         raise RuntimeError(
             f"accounting failed: {len(missing)} inputs without a manifest row "
             f"{missing[:3]}, {len(short)} archives with fewer member rows than members "
             f"{short[:3]}, {len(absent)} outputs not on storage {sorted(absent)[:3]}, "
-            f"{repeated} outputs written by two inputs (the same command again does what "
-            "is missing)"
+            f"{repeated} outputs written by two inputs "
+            f"({'; '.join(h for h in hints if h) or 'the same command again does what is missing'})"
         )
     url = storage.join(cfg.output, WORK_DIR, f"manifest.{cfg.manifest_format}")
     buffer = io.BytesIO()

@@ -475,6 +475,21 @@ def test_inputs_whose_output_name_is_another_inputs_are_refused(tmp_path, choice
     assert errors == refused
 
 
+def test_a_file_added_under_a_done_inputs_output_name_is_refused(tmp_path) -> None:
+    """`a.gif` was colorized to `a.gif.png` by an earlier run; a file `a.gif.png` added to
+    INPUT since would overwrite that output: it is refused, and `a.gif` stays done."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.gif", "a.gif.png", "b.png"):
+        (src / name).write_bytes(b"")
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt", format="png")
+    units, _, skipped = colorize.plan(cfg, [str(src / "a.gif")], written={"a.gif.png"})
+    items = {i["rel"]: i for u in units for i in u["items"]}
+    assert skipped == 1 and set(items) == {"a.gif.png", "b.png"}
+    assert "another input's output, written before" in items["a.gif.png"]["error"]
+    assert "error" not in items["b.png"]
+
+
 def test_archives_unreadable_to_zipfile_or_in_the_jobs_folder_are_error_rows(tmp_path) -> None:
     import tarfile
     import zipfile
