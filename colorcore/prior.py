@@ -185,7 +185,11 @@ def rebalance_weights(
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     p_Q = _as_distribution(prior_Q, "prior_Q")
     mix_Q = (1.0 - lam) * p_Q + lam / quantize.NUM_AB_BINS
-    if bool((mix_Q == 0).any()):
-        raise ValueError("lam = 0 needs a prior with every bin > 0: smooth it first")
+    if empty := int((mix_Q == 0).sum()):
+        raise ValueError(
+            f"lam = 0 weighs each colour by 1 / its probability, and the prior gives {empty} "
+            f"of its {len(mix_Q)} bins none: smooth it, or take one of a broader set of "
+            "colours (a narrow set's smoothed prior still underflows far from its colours)"
+        )
     w_Q = 1.0 / mix_Q
     return w_Q / (p_Q * w_Q).sum()

@@ -179,13 +179,15 @@ class TrainConfig:
             problems.append("lr_drop_steps must increase and lr_drop_factors be finite and > 0")
         if min(self.num_workers, self.grad_accum_steps, self.max_steps, self.batch_size) < 1:
             problems.append("num_workers, grad_accum_steps, max_steps and batch_size must be >= 1")
-        if self.batch_size % (self.num_workers * self.grad_accum_steps):
+        if min(self.num_workers, self.grad_accum_steps) >= 1 and self.batch_size % (
+            self.num_workers * self.grad_accum_steps
+        ):
             problems.append(
                 f"batch_size {self.batch_size} must divide by num_workers x grad_accum_steps "
                 f"({self.num_workers} x {self.grad_accum_steps})"
             )
-        if self.seed < 0:  # numpy's seeds of the order and crops must be >= 0
-            problems.append(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # numpy's seeds must be >= 0, torch's + rank < 2**64
+            problems.append(f"seed must be >= 0 and < 2**63, got {self.seed}")
         if self.crop_px % 8 or self.crop_px < 16:
             problems.append(f"crop_px must be a multiple of 8 and >= 16, got {self.crop_px}")
         if not (
@@ -484,7 +486,12 @@ def preflight(cfg: TrainConfig) -> None:
     # Row groups as jobs.prepare writes them: the workers check the ones the shards hold.
     if problem := too_few_images(colour, cfg.batch_size, cfg.read_groups, SHARD_ROW_GROUP_ROWS):
         raise ValueError(f"{cfg.data} has {problem}")
-    load_prior(cfg.prior_url, cfg.s3)
+    histogram = load_prior(cfg.prior_url, cfg.s3)
+    for lam in {cfg.rebalance_lambda, *([0.0] if cfg.val_data else [])}:  # the loss's, AuC's
+        try:
+            rebalance_from(histogram, lam=lam, sigma=cfg.prior_sigma)
+        except ValueError as error:
+            raise ValueError(f"the prior at {cfg.prior_url}: {error}") from None
     if cfg.val_data:
         Manifest.load(cfg.val_data, cfg.s3)
     fs, path = storage.filesystem(cfg.storage, cfg.s3)

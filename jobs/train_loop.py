@@ -81,7 +81,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     histogram = load_prior(cfg.prior_url, cfg.s3)
     rebalance_Q = rebalance_from(histogram, lam=cfg.rebalance_lambda, sigma=cfg.prior_sigma)
     rebalance_Q = rebalance_Q.to(device, torch.float32)
-    rebalance0_Q = rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma)
+    rebalance0_Q = (
+        rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma) if cfg.val_data else None
+    )
 
     state = _restore(run_url, cfg.s3, rank, world)
     torch.manual_seed(cfg.seed + rank)

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from colorcore.prior import AbHistogram
+from colorcore.quantize import ab_bins
 from jobs import node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
@@ -461,7 +463,10 @@ def test_weights_an_update_broke_are_caught_before_a_checkpoint() -> None:
         (["--read-groups", "3"], "read_groups must be >= 1 and divide num_workers (2)"),
         (["--read-groups", "0"], "read_groups must be >= 1"),
         (["--warmup-steps", "-1"], "warmup_steps >= 0"),
-        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--seed", "-1"], "seed must be >= 0 and < 2**63, got -1"),
+        (["--seed", str(2**64)], "seed must be >= 0 and < 2**63"),
+        (["--num-workers", "0"], "num_workers, grad_accum_steps, max_steps and batch_size"),
+        (["--grad-accum-steps", "0"], "num_workers, grad_accum_steps, max_steps and batch_size"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
 )
@@ -474,6 +479,11 @@ def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> N
 def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tmp_path) -> None:
     with pytest.raises(ValueError, match="no prior at"):
         train.main(dataclasses.replace(ci_config, prior=str(tmp_path / "absent.npz")))
+    narrow = torch.zeros(313, dtype=torch.int64)  # one far bin: smoothed, bins underflow
+    narrow[int(ab_bins()[:, 0].argmax())] = 1000
+    AbHistogram(narrow).save(tmp_path / "narrow.npz")
+    with pytest.raises(ValueError, match=r"the prior at .*narrow.npz: lam = 0 weighs each"):
+        train.main(dataclasses.replace(ci_config, prior=str(tmp_path / "narrow.npz")))
     with pytest.raises(ValueError, match="not reachable"):
         train.main(dataclasses.replace(ci_config, storage="s3://no-such-bucket/runs"))
     with pytest.raises(ValueError, match="not a prepared dataset"):
