@@ -116,11 +116,22 @@ def checkpoint_from_object(obj: Any) -> Checkpoint:
     _check_readout(obj["model_state"])
     return Checkpoint(
         model_state=obj["model_state"],
-        model_config=ModelConfig(**obj["model_config"]),
+        model_config=_model_config(obj["model_config"]),
         ab_bins=obj["ab_bins"],
         prior_counts=obj["prior_counts"],
         extra=obj["extra"],
     )
+
+
+def _model_config(fields: Mapping[str, Any]) -> ModelConfig:
+    """The `ModelConfig` a file states; a ValueError where it names fields this version does
+    not know (a newer version's file), as for any other file that is not one of ours."""
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"model_config is not a mapping: {type(fields).__name__}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown := sorted(set(fields) - known):
+        raise ValueError(f"model_config has fields this version does not know: {unknown}")
+    return ModelConfig(**fields)
 
 
 SAFETENSORS_FORMAT = "colorcore-eccv16"
@@ -159,7 +170,7 @@ def model_from_safetensors(data: bytes) -> ColorizationNet:
         raise ValueError(
             f"not a {SAFETENSORS_FORMAT} safetensors file (format {metadata.get('format')!r})"
         )
-    model = ColorizationNet(ModelConfig(**json.loads(metadata["model_config"])))
+    model = ColorizationNet(_model_config(json.loads(metadata["model_config"])))
     state = load(data)
     _check_readout(state)
     model.load_state_dict(state)

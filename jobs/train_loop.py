@@ -419,12 +419,16 @@ def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict
 
 
 def _weights_broken(model: torch.nn.Module) -> bool:
-    """Whether a parameter holds a NaN or an infinity (DDP keeps the ranks' equal: each
-    finds the same). Checked before a checkpoint: an update from a gradient that overflowed
-    breaks the weights without its loss, measured before it, showing it, and a checkpoint of
-    them would be where every re-run starts."""
-    finite = torch.stack([p.isfinite().all() for p in model.parameters()])
-    return not bool(finite.all())  # one wait for the device, not one a parameter
+    """Whether a parameter of any rank holds a NaN or an infinity. Checked before a
+    checkpoint: an update from a gradient that overflowed breaks the weights without its
+    loss, measured before it, showing it, and a checkpoint of them would be where every
+    re-run starts. DDP keeps the ranks' weights equal, but GPUs of two kinds may round an
+    update apart: the ranks agree on the answer, or one would stop while the others wait."""
+    broken = ~torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        broken = broken.to(torch.int32)
+        torch.distributed.all_reduce(broken, op=torch.distributed.ReduceOp.MAX)
+    return bool(broken)  # one wait for the device, not one a parameter
 
 
 def _diverged(
