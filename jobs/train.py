@@ -149,7 +149,7 @@ class TrainConfig:
     val_every_steps: int = 2_000
     """Steps between validations on the held-out data."""
     val_images: int = 1_000
-    """Held-out images measured at each validation."""
+    """Held-out images measured at each validation, spread over the set (`validation.held_out`)."""
     log_every_steps: int = 100
     """Steps between rows of loss, lr and img/s in the metrics table."""
     max_failures: int = 3

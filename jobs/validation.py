@@ -17,7 +17,9 @@ import contextlib
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,10 +32,13 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.metrics import ab_auc
 from colorcore.quantize import nearest_bin
 from jobs import storage
+from jobs.dataset import SHARD_ROW_GROUP_ROWS
 from jobs.images import BadImage, decode_3hw
 from jobs.loader import DatasetIndex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+HELD_OUT_SPREAD = 4  # validation images from 4x the row groups they would fill
 
 
 def load_crops(
@@ -45,13 +50,16 @@ def load_crops(
     world_size: int = 1,
     s3: storage.S3Options | None = None,
 ) -> torch.Tensor:
-    """uint8 centre crops (n, 3, crop, crop) of this rank's share of the first `num_images`,
-    read as the training loader reads: the JPEGs of the row groups holding them, each in one
-    ranged read (not whole shards). An image that no longer decodes (its shard damaged
-    since it was prepared) is left out, with a warning: the run goes on."""
+    """uint8 centre crops (n, 3, crop, crop) of this rank's share of `num_images` colour
+    images spread over the set (`held_out`), read as the training loader reads: the JPEGs
+    of the row groups holding them, each in one ranged read (not whole shards); a rank's
+    share is a stretch of them, so each rank reads its own row groups. An image that no
+    longer decodes (its shard damaged since it was prepared) is left out, with a warning:
+    the run goes on."""
     index = DatasetIndex.load(dataset_url, s3)
-    pairs = [(s, r) for s, rows in enumerate(index.rows) for r in rows][:num_images]
-    mine = np.asarray(pairs[rank::world_size], dtype=np.int64).reshape(-1, 2)
+    pairs = held_out([(s, r) for s, rows in enumerate(index.rows) for r in rows], num_images)
+    share = slice(rank * len(pairs) // world_size, (rank + 1) * len(pairs) // world_size)
+    mine = np.asarray(pairs[share], dtype=np.int64).reshape(-1, 2)
     places = zip(*(a.tolist() for a in index.units.of_rows(mine)), strict=True)  # (unit, row)
     crops = []
     for u, group in itertools.groupby(places, key=lambda p: p[0]):
@@ -68,6 +76,19 @@ def load_crops(
     if not crops:
         return torch.zeros(0, 3, crop_px, crop_px, dtype=torch.uint8)
     return torch.stack(crops)
+
+
+def held_out(rows: Sequence[T], n: int) -> list[T]:
+    """`n` of `rows` (the set's colour images in storage order) spread over all of it: the
+    first rows of each of up to `HELD_OUT_SPREAD` times as many equal stretches as a row
+    group's worth of rows would fill, so that they are read in about as many row groups. A
+    prefix would be a few classes of a set stored class by class (ImageNet's val folders)."""
+    if n >= len(rows):
+        return list(rows)
+    stretches = min(n, HELD_OUT_SPREAD * math.ceil(n / SHARD_ROW_GROUP_ROWS))
+    take = math.ceil(n / stretches)
+    bounds = np.linspace(0, len(rows), stretches + 1).astype(int)
+    return [row for a in bounds[:-1] for row in rows[a : a + take]][:n]
 
 
 @dataclass(frozen=True)

@@ -280,22 +280,20 @@ def test_read_groups_give_every_rank_its_groups_images_once(dataset, monkeypatch
 def test_validation_crops_are_read_by_row_group_and_shared_out_by_rank(
     dataset, dataset_root, range_reads
 ) -> None:
-    """The held-out crops: the centre crops of the first n colour images in shard order, rank
-    r taking every world_size-th; read as the loader reads, one ranged read of each row
-    group holding them (never a whole shard)."""
-    from jobs.validation import load_crops
+    """The held-out crops: the centre crops of n colour images spread over the set
+    (`held_out`), rank r taking the r-th of world_size stretches of them; read as the loader
+    reads, one ranged read of each row group holding them (never a whole shard)."""
+    from jobs.validation import held_out, load_crops
 
     columns = [pq.read_table(url, columns=["jpeg"]).column("jpeg") for url in dataset.shard_urls]
-    first = [(s, int(r)) for s, rows in enumerate(dataset.rows) for r in rows][:15]
+    chosen = held_out([(s, int(r)) for s, rows in enumerate(dataset.rows) for r in rows], 15)
     reads = range_reads
-    for rank in (0, 1):
+    for rank, mine in enumerate((chosen[:7], chosen[7:])):
         reads.clear()
         crops = load_crops(dataset_root, num_images=15, crop_px=32, rank=rank, world_size=2)
-        expected = [
-            random_crop_flip(decode_3hw(columns[s][r].as_py()), 32, None) for s, r in first[rank::2]
-        ]
+        expected = [random_crop_flip(decode_3hw(columns[s][r].as_py()), 32, None) for s, r in mine]
         assert torch.equal(crops, torch.stack(expected))
-        units = set(dataset.units.of_rows(np.asarray(first[rank::2]))[0].tolist())
+        units = set(dataset.units.of_rows(np.asarray(mine))[0].tolist())
         chunks = [dataset.jpeg_range(int(dataset.units.shard[u]), int(dataset.units.group[u]))
                   for u in units]  # fmt: skip
         assert sorted(reads) == sorted(size for _, size in chunks)  # one read a row group
@@ -403,6 +401,19 @@ ON_CUDA = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+
+
+def test_held_out_images_are_spread_over_a_set_stored_class_by_class() -> None:
+    """1,000 of ImageNet's 50,000 val images stored class by class (50 a class): a prefix
+    would be 20 classes; spread, they come from many classes across the whole set, in few
+    row groups (64 rows each)."""
+    from jobs.validation import held_out
+
+    chosen = held_out(list(range(50_000)), 1_000)
+    assert len(chosen) == len(set(chosen)) == 1_000 and chosen == sorted(chosen)
+    assert len({i // 50 for i in chosen}) > 60 and chosen[-1] > 45_000
+    assert len({i // 64 for i in chosen}) <= 2 * 4 * 16  # 4x the 16 row groups they fill
+    assert held_out(list(range(10)), 20) == list(range(10))  # fewer than asked: all
 
 
 def test_validation_leaves_out_an_image_that_no_longer_decodes(tmp_path, caplog) -> None:
