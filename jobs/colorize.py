@@ -194,8 +194,12 @@ class ColorizeConfig:
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
+        from jobs.config import choice_problems
+
         if not self.input or not self.output or not self.model:
             raise ValueError("INPUT, OUTPUT and --model are required")
+        if problems := choice_problems(self):
+            raise ValueError("; ".join(problems))
         (in_scheme, in_path), (out_scheme, out_path) = map(
             storage.split_url, (self.input, self.output)
         )

@@ -64,6 +64,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def choice_problems(cfg: Any) -> list[str]:
+    """The fields of dataclass `cfg` annotated with a Literal whose value is not one of its
+    choices: a config built in code (``dataclasses.replace``) is checked as one read from a
+    file or the command line is."""
+    problems = []
+    for name, tp in _field_types(type(cfg)).items():
+        value, choices = getattr(cfg, name), typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Literal and value not in choices:
+            problems.append(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return problems
+
+
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -73,7 +73,7 @@ from colorcore.int8 import Int8Plan
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import evaluate_parts, storage
-from jobs.config import presets_of
+from jobs.config import choice_problems, presets_of
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb
 from jobs.plots import figure_png, pyplot
@@ -140,7 +140,7 @@ class EvaluateConfig:
     s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = choice_problems(self)
         if not self.data or not self.model:
             problems.append("DATA and --model are required")
         if self.eval_px % 8 or self.eval_px < 16:

@@ -46,7 +46,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jobs import storage, train
-from jobs.config import ConfigError, from_dict, presets_of, run_name_problem, save_config, to_dict
+from jobs.config import (
+    ConfigError,
+    choice_problems,
+    from_dict,
+    presets_of,
+    run_name_problem,
+    save_config,
+    to_dict,
+)
 from jobs.plots import figure_png, pyplot
 from jobs.runtime import alive_node_resources, describe_nodes, workers_fit
 from jobs.train import TrainConfig
@@ -167,7 +175,7 @@ class SearchConfig:
     trials' budget, train.max_steps)."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = choice_problems(self)
         if self.search_alg not in SEARCH_ALGS:
             problems.append(f"search_alg {self.search_alg!r} is not one of {list(SEARCH_ALGS)}")
         if not self.lrs and self.lr_range is None:

@@ -269,3 +269,23 @@ def test_every_job_prints_its_help(module: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"python -m jobs.{module}" in done.stdout and "--dry-run" in done.stdout
+
+
+def test_a_config_built_in_code_is_held_to_its_fields_choices() -> None:
+    """A Literal field's value is checked by the config itself, not only when a file or the
+    command line is read: `dataclasses.replace` (a search's trials) cannot pass a typo."""
+    import dataclasses
+
+    from jobs import colorize, evaluate, train, tune
+
+    cases = [
+        (lambda: dataclasses.replace(train.ci(), decode="nvjpg"), "decode must be one of"),
+        (lambda: dataclasses.replace(evaluate.EvaluateConfig(data="d", model="m"),
+                                     precision="fp16"), "precision must be one of"),
+        (lambda: colorize.ColorizeConfig(input="/a", output="/b", model="m", format="gif"),
+         "format must be one of keep, jpeg, png, tiff, webp; got 'gif'"),
+        (lambda: dataclasses.replace(tune.ci(), scheduler="hyperband"), "scheduler must be one"),
+    ]  # fmt: skip
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()

@@ -490,6 +490,8 @@ def test_every_rank_finds_weights_broken_on_one_rank(tmp_path) -> None:
         (["--seed", "-1"], "seed must be >= 0 and < 2**63, got -1"),
         (["--seed", str(2**64)], "seed must be >= 0 and < 2**63"),
         (["--num-workers", "0"], "num_workers, grad_accum_steps, max_steps and batch_size"),
+        (["--sample-images", "2"], "sample_images must be >= 3 (a scene a class), got 2"),
+        (["--tracking", "tensorboard,tensorboard"], "tracking names a tracker twice"),
         (["--grad-accum-steps", "0"], "num_workers, grad_accum_steps, max_steps and batch_size"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
     ],
