@@ -537,7 +537,8 @@ class _Names:
     """Names met in one archive or Parquet file. Tar and zip allow a name twice, and `./a`
     is `a`: a later member must not overwrite an earlier one's output (nor `a.gif.png` the
     output of `a.gif`), and a repeated name gets a source of its own so that the manifest
-    tells the two apart. Members done by an earlier run keep their paths taken."""
+    tells the two apart. Members done by an earlier run are decided again, unread: those
+    it wrote keep their paths taken, those it refused take none."""
 
     def __init__(self, unit: dict, choice: str) -> None:
         self.prefix, self.choice, self.finished = unit["prefix"], choice, set(unit["done"])
@@ -563,18 +564,17 @@ class _Names:
             self.done(name)
             return None
         source = self.source(base + _source_text(name))
-        if source[len(base) :] in self.finished:
-            self.done(name)
-            return None
-        if kind != "file":
-            return source, "", kind
+        finished = source[len(base) :] in self.finished  # decided again, as it was: a
+        if kind != "file":  # refused member took no path, and must not take one now
+            return None if finished else (source, "", kind)
         try:
             rel = _member_rel(self.prefix, name)
         except BadImage as e:
-            return source, "", str(e)
-        if reason := self.clash(rel):
-            return source, "", reason
-        return source, rel, ""
+            return None if finished else (source, "", str(e))
+        reason = self.clash(rel)
+        if finished:
+            return None
+        return (source, "", reason) if reason else (source, rel, "")
 
     def done(self, name: str) -> None:
         with contextlib.suppress(BadImage):

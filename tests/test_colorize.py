@@ -29,7 +29,7 @@ import colorcore.int8
 from colorcore.color import rgb_to_lab
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
-from jobs import colorize, colorize_manifest, picture_files, storage
+from jobs import colorize, colorize_manifest, picture_files, storage, tars
 from jobs.config import run_cli
 from jobs.runtime import Precision
 from tests.support import encode, photo_rgb, tar_bytes
@@ -761,6 +761,27 @@ def test_a_tar_gz_cut_in_its_gzip_header_is_an_error_row(tmp_path, cut) -> None:
     [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
     assert row["source"] == str(archive) and row["status"] == "error"
     assert "unreadable archive" in row["reason"]
+
+
+def test_members_done_before_are_decided_again_as_they_were() -> None:
+    """A resumed archive's done members take the output paths they took: a refused one (a
+    link) none, so that the regular member of its name is written as in the first run, not
+    refused; a written one its own, so that a later clash is refused as it was."""
+    link, members = tars.NOT_A_FILE, [("a.png", tars.NOT_A_FILE), ("a.png", "file"),
+                                      ("b.gif", "file"), ("b.gif.png", "file")]  # fmt: skip
+
+    def decisions(done: list[str]) -> list:
+        names = colorize._Names({"prefix": "x.tar", "done": done}, "png")
+        return [names.decide("x.tar!", name, kind) for name, kind in members]
+
+    first = decisions([])
+    assert first[0] == ("x.tar!a.png", "", link)
+    assert first[1] == ("x.tar!a.png (copy 2)", "x.tar/a.png", "")
+    assert "an earlier member's output is named" in first[3][2]  # b.gif's: b.gif.png
+    again = decisions(["a.png"])  # killed after the link
+    assert again[0] is None and again[1:] == first[1:]
+    again = decisions(["a.png", "a.png (copy 2)", "b.gif"])  # killed after b.gif
+    assert again[:3] == [None] * 3 and again[3] == first[3]
 
 
 def test_parquet_rows_of_null_names_and_hugging_face_image_structs(tmp_path) -> None:
