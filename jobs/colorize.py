@@ -77,7 +77,14 @@ from colorcore.int8 import Int8ColorizationNet, Int8Plan
 from jobs import colorize_manifest as manifest
 from jobs import storage, tars
 from jobs.colorize_manifest import WORK_DIR
-from jobs.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, BadImage, exif_orientation, open_image
+from jobs.images import (
+    DEFAULT_MAX_PIXELS,
+    JPEG_QUALITY,
+    BadImage,
+    exif_orientation,
+    open_image,
+    out_of_memory,
+)
 from jobs.picture_files import (
     EXIF_SEGMENT_MAX,
     SUFFIXES,
@@ -92,6 +99,7 @@ from jobs.picture_files import (
 )
 from jobs.runtime import Precision, choose_precision, keep_freed_memory
 
+OUT_OF_MEMORY = "ran out of memory here"  # an error row's reason that a re-run tries again
 MEMBER_SEP = "!"  # source of an archive member: <archive URL>!<member name>
 ROW_SEP = "#"  # source of a Parquet row: <file URL>#<key>
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
@@ -1043,6 +1051,8 @@ def _device_jpeg(data: bytes, cfg: ColorizeConfig, provenance: str) -> tuple[byt
 
 
 def _reason(error: Exception) -> str:
+    if out_of_memory(error):  # the node's state, not the input's: a re-run tries it again
+        return f"{OUT_OF_MEMORY} ({type(error).__name__}: {error})"[:300]
     return str(error) if isinstance(error, BadImage) else f"{type(error).__name__}: {error}"
 
 
@@ -1483,7 +1493,10 @@ def main(cfg: ColorizeConfig) -> Summary:
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
     inputs = manifest.inputs_only(rows)
-    done = inputs.filter(pc.equal(inputs.column("status"), "ok")) if cfg.retry_errors else inputs
+    again = pc.equal(inputs.column("status"), "error")  # tried again: with --retry-errors
+    if not cfg.retry_errors:  # every one, else those that ran out of memory
+        again = pc.and_kleene(again, pc.starts_with(inputs.column("reason"), OUT_OF_MEMORY))
+    done = inputs.filter(pc.invert(again))
     _check_same_colours(inputs, loaded.sha256, cfg)
     read = manifest.archives_read(rows)
     written = set(

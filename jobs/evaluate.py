@@ -75,7 +75,7 @@ from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import evaluate_parts, storage
 from jobs.config import choice_problems, presets_of
 from jobs.dataset import PRIOR_FILE, Manifest
-from jobs.images import BadImage, load_rgb
+from jobs.images import BadImage, load_rgb, out_of_memory
 from jobs.plots import figure_png, pyplot
 from jobs.storage import S3Options
 
@@ -513,7 +513,7 @@ def _measure_group(
                     hit = top1_correct(ctx.classifier, one.rgb_by_method, labels_N[i : i + 1])
             tiles = _thumbnails(one.rgb_by_method, 0)
         except (RuntimeError, MemoryError) as e:
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
             one = None  # its rows, before the next image's are made
             if ctx.device.type == "cuda":
@@ -539,13 +539,6 @@ def _measure_group(
         {},
     )
     return scores, torch.cat(hits) if hits else None, thumbnails.__getitem__, failed
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is an allocation that failed (torch raises RuntimeError on CPUs)."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        "can't allocate memory" in str(error) or "out of memory" in str(error)
-    )
 
 
 def _empty_columns(n: int) -> dict[str, np.ndarray]:

@@ -189,22 +189,24 @@ def each_or_none(call: Callable[[list], list], items: list) -> list:
     try:
         return list(call(items))
     except Exception as error:
-        if _out_of_memory(error):
+        if out_of_memory(error):
             raise
     results = []
     for item in items:
         try:
             results.append(call([item])[0])
         except Exception as error:
-            if _out_of_memory(error):
+            if out_of_memory(error):
                 raise
             results.append(None)
     return results
 
 
-def _out_of_memory(error: Exception) -> bool:
-    """Whether `error` is the device's memory running out: torchvision's nvJPEG raises it as
-    a plain RuntimeError wrapping the allocator's message."""
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed, the machine's state and not its input's:
+    torch raises RuntimeError on CPUs ("can't allocate memory"), and torchvision's nvJPEG a
+    plain RuntimeError wrapping the device allocator's message."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate" in text)

@@ -33,6 +33,7 @@ from jobs.images import (
     exif_orientation,
     gray_in_unit_range,
     open_image,
+    out_of_memory,
 )
 
 PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
@@ -339,6 +340,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data
+        if out_of_memory(e):  # the machine's state, not the image's
+            raise
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, fmt, meta)
 

@@ -1504,6 +1504,29 @@ def test_an_output_of_another_model_or_temperature_is_not_gone_on_with(tmp_path)
         colorize.main(dataclasses.replace(cfg, model=str(tmp_path / "b.pt")))
 
 
+def test_an_input_that_ran_out_of_memory_is_tried_again_by_a_re_run(tmp_path, monkeypatch):
+    """Running out of memory is the node's state, not the input's: its error row says so,
+    and the same command run again colorizes it (other errors wait for --retry-errors)."""
+    from colorcore import weights
+
+    weights.save_checkpoint(str(tmp_path / "a.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
+    (tmp_path / "cat.png").write_bytes(encode(gray((16, 16)), "PNG"))
+    cfg = config(str(tmp_path / "cat.png"), str(tmp_path / "out"), str(tmp_path / "a.pt"))
+    real = picture_files._page
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 1234 bytes")  # fmt: skip
+
+    monkeypatch.setattr(picture_files, "_page", no_room)
+    first = colorize.main(cfg)
+    assert (first.outputs, first.errors) == (0, 1)
+    rows = colorize_manifest.compact(cfg.output, None).to_pylist()
+    assert rows[0]["reason"].startswith(colorize.OUT_OF_MEMORY)
+    monkeypatch.setattr(picture_files, "_page", real)
+    assert colorize.main(cfg).outputs == 1
+
+
 def test_one_local_image_is_colorized_without_importing_ray(tmp_path) -> None:
     """The single-image use starts fast: it never imports Ray (0.4 s with what it brings)."""
     import subprocess
