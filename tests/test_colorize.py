@@ -1154,6 +1154,20 @@ def test_a_16bit_cmyk_tiff_is_read_at_16_bits_as_pillow_converts_cmyk(planarconf
     assert len(np.unique((page.rgb[0] * 65535).round().int() & 0xFF)) > 8  # 16 bits of it
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zlib"])
+def test_a_compressed_16bit_gray_with_alpha_tiff_is_read(compression) -> None:
+    """tifffile reads LZW and Deflate, which scanners write, through imagecodecs."""
+    import tifffile
+
+    la16 = np.random.default_rng(3).integers(0, 65536, (6, 5, 2), dtype=np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, la16, photometric="minisblack", extrasamples=["unassalpha"],
+                     compression=compression)  # fmt: skip
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    assert page.bits == 16 and np.array_equal(page.alpha, la16[..., 1])
+    assert np.array_equal((page.rgb[0, 0].numpy() * 65535).round(), la16[..., 0])
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_a_gray_tiff_whose_levels_count_from_white_is_read_as_it_looks(bits) -> None:
     """Photometric MinIsWhite: 0 is white. Pillow turns 8-bit levels itself, not 16-bit."""
