@@ -314,9 +314,13 @@ def read_each(
     """`read_bytes` of each URL, in order, up to `ahead` reads at once and, where `sizes`
     (from a listing) are given, up to `max_bytes` of files at once (one read at a time
     leaves a task waiting on the network for most of its time with small files on object
-    storage); a read that failed gives its exception, a None URL gives None."""
+    storage); a read that failed gives its exception, a None URL gives None.
+
+    Left before its end (its consumer failed), the generator waits for no read: it may be
+    closed by the garbage collector, in whatever thread it runs, even one starting up, where
+    joining the pool's threads would wait for ever on the lock that thread holds."""
     pending: collections.deque[tuple[Future | None, int]] = collections.deque()
-    held = 0
+    held, finished = 0, False
     pool = ThreadPoolExecutor(ahead, thread_name_prefix="read-each")
     try:
         known = sizes if sizes is not None else itertools.repeat(0)
@@ -330,8 +334,9 @@ def read_each(
             held += pending[-1][1]
         while pending:
             yield _outcome(pending.popleft()[0])
-    finally:
-        pool.shutdown(cancel_futures=True)
+        finished = True
+    finally:  # reads under way when left go on in their threads, which then end
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def _outcome(future: Future | None) -> bytes | Exception | None:

@@ -75,6 +75,26 @@ def test_exclusive_creation_without_hard_links_and_a_bare_412(tmp_path, monkeypa
     assert not storage._precondition_failed(OSError(errno.EIO, "reset"))
 
 
+def test_read_each_left_part_way_waits_for_no_read(monkeypatch) -> None:
+    """A read_each left before its end may be closed by the garbage collector in a thread
+    that is starting up, where joining the pool's threads would deadlock: closing it waits
+    for none of the reads under way."""
+    release = threading.Event()
+
+    def slow_read(url: str, s3=None) -> bytes:
+        if url != "first":
+            release.wait(timeout=30)
+        return url.encode()
+
+    monkeypatch.setattr(storage, "read_bytes", slow_read)
+    reads = storage.read_each(["first", "slow-1", "slow-2"], ahead=3)
+    assert next(reads) == b"first"
+    start = time.monotonic()
+    reads.close()
+    assert time.monotonic() - start < 5
+    release.set()
+
+
 def test_read_each_and_read_range_give_each_file_in_order(root_url) -> None:
     """Reads overlap, results keep their order; a missing file gives its error in its place,
     a None URL gives None; a range read past the end gives the bytes there are."""
