@@ -46,7 +46,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
-import functools
 import gzip
 import io
 import json
@@ -327,14 +326,17 @@ def reassemble_pixels(
 # ---------------------------------------------------------------- planning and reading
 
 
-def safe_relpath(name: str) -> str:
-    """An archive member's or key's path inside OUTPUT; `BadImage` if it would leave it."""
-    path = name.replace("\\", "/")
+def safe_relpath(name: str, *, member: bool = True) -> str:
+    """An archive member's or key's path inside OUTPUT; `BadImage` if it would leave it.
+    A member's backslashes separate folders (an archive made on Windows) and a drive or a
+    URL scheme is refused; in a top-level file's name (`member` false), listed from a file
+    system or a store, a backslash is a character of the name."""
+    path = name.replace("\\", "/") if member else name
     normal = posixpath.normpath(path)
     if path.startswith("/") or normal in (".", "..") or normal.startswith("../"):
         raise BadImage(f"path escapes the output folder: {name!r}")
-    if normal.split("/", 1)[0].endswith(":"):  # C:/x, s3://x (a colon elsewhere is a name's)
-        raise BadImage(f"path names a drive or a URL scheme: {name!r}")
+    if member and normal.split("/", 1)[0].endswith(":"):  # C:/x, s3://x (a colon elsewhere
+        raise BadImage(f"path names a drive or a URL scheme: {name!r}")  # is a name's)
     if reason := _in_work_dir(normal):
         raise BadImage(reason)
     return normal
@@ -399,12 +401,12 @@ def plan(
     else:
         raise ValueError(f"INPUT {cfg.input}: no such file or folder")
     units, files, skipped, named = [], [], 0, set()
-    done_set, done_sorted, inputs = set(done), sorted(done), {_output_text(r) for r in sizes}
+    names = [_top_level_name(rel, url) for rel, url in zip(rels, urls, strict=True)]
+    done_set, done_sorted, inputs = set(done), sorted(done), {name for name, _ in names}
     sources = [_source_text(url) for url in urls]
     sources_sorted = sorted(sources)
-    for rel, url, source in zip(rels, urls, sources, strict=True):
+    for rel, url, source, (name, refusal) in zip(rels, urls, sources, names, strict=True):
         kind = _kind(url)
-        name, refusal = _top_level_name(rel, url)
         if kind != "image" and not refusal:  # else refused whole, as a file
             prefix = name if rel else ""
             members = _members(source, kind, done_sorted, sources_sorted)
@@ -446,7 +448,7 @@ def _top_level_name(rel: str, url: str) -> tuple[str, str | None]:
     (`safe_relpath`). A single INPUT file's is its file name."""
     name = _output_text(rel or posixpath.basename(storage.split_url(url)[1]))
     try:
-        return safe_relpath(name), None
+        return safe_relpath(name, member=False), None
     except BadImage as refused:
         return name, str(refused)
 
@@ -812,7 +814,7 @@ def read_unit(row: dict, cfg: ColorizeConfig) -> Iterator[dict]:
     url, count = unit["url"], 0
     for attempt in range(1, ARCHIVE_READ_ATTEMPTS + 1):
         try:
-            fs, path = storage.filesystem(url, cfg.s3)
+            fs, path = storage.filesystem(url, cfg.s3, streamed=True)
             with fs.open(path, "rb", **_block_size(unit, fs)) as f:
                 for i, item in enumerate(_ARCHIVE_READERS[unit["kind"]](unit, cfg, f)):
                     if i >= count:  # the rows before were given out before the break
@@ -863,21 +865,10 @@ def _storage_error(error: BaseException | None) -> bool:
     OSError too, with no errno."""
     while error is not None:
         plain = type(error) in (OSError, gzip.BadGzipFile) and error.errno is None
-        if isinstance(error, _read_errors()) or (not plain and storage.from_storage(error)):
+        if not plain and storage.from_storage(error):  # s3fs's read errors included
             return True
         error = error.__cause__ or error.__context__
     return False
-
-
-@functools.cache
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """The errors s3fs raises as they are once its own retries of a read run out (a cut
-    response body, a parser or payload error, a time-out)."""
-    try:
-        from s3fs.core import S3_RETRYABLE_ERRORS
-    except ImportError:
-        return ()
-    return tuple(S3_RETRYABLE_ERRORS)
 
 
 def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:

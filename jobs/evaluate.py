@@ -759,10 +759,14 @@ def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
 def _stem(path: str, names: Container[str]) -> str:
     """A listed path's file name as a prepared dataset's key names it, among the key `names`:
     as it is where a key has it (`photo.2019`, listed without an extension), else without
-    its extension, whatever it is, as `jobs.prepare` drops it (`photo.2019.jpg` and
-    `scan.jfif` are `photo.2019` and `scan`)."""
+    an image file's extension, any Pillow reads, as `jobs.prepare` drops it
+    (`photo.2019.jpg` and `scan.jfif` are `photo.2019` and `scan`; `photo.2019`, not a key,
+    stays as it is, and is missing)."""
+    from PIL import Image
+
     name = path.rsplit("/", 1)[-1]
-    return name if name in names else posixpath.splitext(name)[0]
+    stem, suffix = posixpath.splitext(name)
+    return stem if name not in names and suffix.lower() in Image.registered_extensions() else name
 
 
 def _key_name(key: str) -> str:
@@ -782,16 +786,17 @@ def resolve_split(
     root = storage.split_url(root_url)[1].rstrip("/") + "/"
     by_path = {storage.split_url(u)[1][len(root) :]: u for u in file_urls}
     named = {path for path, _ in entries if path in by_path}
-    by_name: dict[str, list[str]] = collections.defaultdict(list)
+    by_name: dict[str, list[str]] = collections.defaultdict(list)  # files no line names
+    named_by_name: dict[str, list[str]] = collections.defaultdict(list)
     for rel in sorted(by_path):
-        if rel not in named:
-            by_name.setdefault(rel.rsplit("/", 1)[-1], []).append(rel)
+        (named_by_name if rel in named else by_name)[rel.rsplit("/", 1)[-1]].append(rel)
     found, missing, seen = [], {}, set()  # missing: a dict, ordered and without repeats
     for path, label in entries:
         parts = path.split("/")
         rel = path if path in by_path else _closest(path, parts, by_name[parts[-1]], root_url)
         if rel is None:  # a file another line names, this line written shorter: a repeat
-            rel = next((n for n in sorted(named) if n.endswith("/" + path)), None)
+            ends = [n for n in named_by_name[parts[-1]] if n.endswith("/" + path)]
+            rel = _closest(path, parts, ends, root_url)
         if rel is None:
             missing[path] = None
         elif (url := by_path[rel]) not in seen:
@@ -1002,14 +1007,10 @@ def load_rebalance0(url: str, s3: S3Options | None = None) -> torch.Tensor:
         smoothed_Q = smoothed_Q / smoothed_Q.sum()
     else:
         smoothed_Q = AbHistogram.load(data).smoothed_probabilities()
-    smoothed_Q = torch.as_tensor(smoothed_Q, dtype=torch.float64)
-    if empty := int((smoothed_Q == 0).sum()):
-        raise ValueError(
-            f"the prior at {url} gives {empty} of {len(smoothed_Q)} ab bins no probability, "
-            "smoothed as it is: lambda 0 weighs a colour by 1 / its probability, so it needs "
-            "a prior of a broader set of colours (the released prior_probs.npy, say)"
-        )
-    weights_Q = rebalance_weights(smoothed_Q, lam=0.0)
+    try:
+        weights_Q = rebalance_weights(smoothed_Q, lam=0.0)
+    except ValueError as error:
+        raise ValueError(f"the prior at {url}: {error}") from None
     if not bool(weights_Q.isfinite().all()):
         raise ValueError(f"the prior at {url} has bins too small for finite weights at lambda 0")
     return weights_Q
@@ -1394,8 +1395,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.classifier_weights:
             weights = storage.read_bytes(cfg.classifier_weights, cfg.s3)
             classifier_sha256 = hashlib.sha256(weights).hexdigest()
-        classifier = classifier_from(cfg.classifier, weights)  # fail here, not in every actor
-        _check_label_numbering(cfg, plan, classifier)
+        # fail here, not in every actor; not kept: VGG-16 holds 0.5 GB
+        _check_label_numbering(cfg, plan, classifier_from(cfg.classifier, weights))
     record = _record(cfg, plan, model_info, rebalance0_Q, classifier_sha256)
     earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
     init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])

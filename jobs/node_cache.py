@@ -240,9 +240,14 @@ class NodeCache:
         return None
 
     def _short_of_space(self, nbytes: int) -> bool:
-        """Whether saving `nbytes` would leave less free than the floor (said once)."""
-        if shutil.disk_usage(self.folder).free - nbytes >= self._floor:
-            return False
+        """Whether saving `nbytes` would leave less free than the floor (said once), or the
+        folder is gone."""
+        try:
+            if shutil.disk_usage(self.folder).free - nbytes >= self._floor:
+                return False
+        except OSError as error:  # the folder is gone (a cleaner of /tmp, say)
+            self._say("cannot be used", error)
+            return True
         self._say("is short of space", f"{self._floor / 1e9:.1f} GB are kept free")
         return True
 

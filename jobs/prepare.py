@@ -222,7 +222,7 @@ def _chunk(inputs: list[dict], cfg: PrepareConfig, index: dict[str, int]) -> lis
 
 def _plan_tar_of_tars(cfg: PrepareConfig) -> tuple[list[str], list[dict]]:
     """One group per inner (per-class) tar, found by reading only the outer tar's headers."""
-    fs, path = storage.filesystem(cfg.src, cfg.s3)
+    fs, path = storage.filesystem(cfg.src, cfg.s3, streamed=True)
     # Small blocks: reading each header should not fetch megabytes of the images after it.
     with fs.open(path, "rb", block_size=1 << 16) as f, tars.open_tar(f) as outer:
         listed, damage = tars.listing(outer)
@@ -385,8 +385,6 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
             if isinstance(data, Exception):
                 raise data
             jpeg, h, w, is_gray = convert(data, cfg)
-        except MemoryError:  # the node's, not the input's: the task fails and is retried
-            raise
         except Exception as e:  # one input's failure, whatever raised it, is its own
             reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
             errors.append({"key": key, "source": source, "reason": reason})

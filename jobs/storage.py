@@ -43,10 +43,11 @@ C = TypeVar("C")
 
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 READ_EACH_MAX_BYTES = 256 * 2**20  # bytes `read_each` holds read ahead at most
-# `with_retries`: tries of a call, and the back-off between them (doubling from the first,
-# at most the last, each times 0.5-1.5 at random): 15.75 s of back-off in all, on average,
-# for a store that throttles or drops connections for a while.
-RETRY_ATTEMPTS = 7
+# `with_retries`: tries of a call (when this is None, $COLORCORE_STORAGE_ATTEMPTS, else 7),
+# and the back-off between them (doubling from the first, at most the last, each times
+# 0.5-1.5 at random): at 7, 15.75 s of back-off in all on average, for a store that
+# throttles or drops connections for a while.
+RETRY_ATTEMPTS: int | None = None
 RETRY_DELAY_S = (0.25, 8.0)
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
               NotADirectoryError, ValueError, TypeError)  # fmt: skip
@@ -174,21 +175,24 @@ def is_local(url: str) -> bool:
     return split_url(url)[0] == "file"
 
 
-def filesystem(url: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """An fsspec filesystem for `url` and the path within it."""
+def filesystem(
+    url: str, s3: S3Options | None = None, *, streamed: bool = False
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for `url` and the path within it. On S3 its calls are tried once
+    (s3fs's and botocore's retries off), for `with_retries` to retry; `streamed`: for a file
+    read in many requests through ``fs.open`` (a tar read as a stream), where no call of
+    ours is around each request, s3fs and botocore retry each one themselves."""
     import fsspec
 
     protocol, path = split_url(url)
     if protocol == "s3":
         s3 = s3 or S3Options()
-        client_kwargs = {"region_name": s3.resolved_region()}
-        fs = fsspec.filesystem(
-            "s3",
-            endpoint_url=s3.resolved_endpoint(),
-            client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"total_max_attempts": 1}},  # botocore tries once
-        )
-        fs.retries = 1  # and so does s3fs (a class default): `with_retries` retries
+        kwargs = {"endpoint_url": s3.resolved_endpoint(),
+                  "client_kwargs": {"region_name": s3.resolved_region()}}  # fmt: skip
+        if streamed:
+            return fsspec.filesystem("s3", **kwargs), path
+        fs = fsspec.filesystem("s3", **kwargs, config_kwargs={"retries": {"total_max_attempts": 1}})
+        fs.retries = 1  # s3fs's own (a class default), on this instance of fsspec's cache
         return fs, path
     if protocol == "gs":
         return fsspec.filesystem("gcs"), path
@@ -282,9 +286,10 @@ def with_retries(
 ) -> T:
     """Call `fn`, retrying transient I/O errors with exponential backoff and jitter
     (`RETRY_ATTEMPTS` tries and `RETRY_DELAY_S` unless given)."""
-    attempts = attempts or RETRY_ATTEMPTS
-    base_delay_s = base_delay_s or RETRY_DELAY_S[0]
-    max_delay_s = max_delay_s or RETRY_DELAY_S[1]
+    if attempts is None:
+        attempts = RETRY_ATTEMPTS or int(os.environ.get("COLORCORE_STORAGE_ATTEMPTS", 7))
+    base_delay_s = RETRY_DELAY_S[0] if base_delay_s is None else base_delay_s
+    max_delay_s = RETRY_DELAY_S[1] if max_delay_s is None else max_delay_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -593,14 +598,25 @@ def _files(found: dict[str, dict]) -> dict[str, dict]:
     that consoles and sync tools make for folders, which s3fs lists as files) and less a
     local folder's special files (a named pipe, a socket, a device), whose reading would
     wait for ever or never end: left out with a warning."""
-    special = sorted(  # (a link that does not resolve is read, and fails, as a file)
-        p for p, info in found.items() if info.get("type") == "other" and not info.get("islink")
-    )
+    special = sorted(p for p, info in found.items() if info.get("type") == "other" and _special(p))
     if special:
         named = ", ".join(special[:5]) + (", ..." if len(special) > 5 else "")
         log.warning("left out %d special files (a pipe, a socket, a device): %s",
                     len(special), named)  # fmt: skip
-    return {p: info for p, info in found.items() if not p.endswith("/") and p not in special}
+    left_out = set(special)
+    return {p: info for p, info in found.items() if not p.endswith("/") and p not in left_out}
+
+
+def _special(path: str) -> bool:
+    """Whether a local file that fsspec lists as neither file nor folder is a special file,
+    or a link to one; a link that does not resolve (or loops) is not: it is read, and fails,
+    as a file."""
+    import stat
+
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _find(fs: fsspec.AbstractFileSystem, path: str, url: str) -> dict[str, dict]:

@@ -83,9 +83,11 @@ def held_out(rows: Sequence[T], n: int) -> list[T]:
     first rows of each of up to `HELD_OUT_SPREAD` times as many equal stretches as a row
     group's worth of rows would fill, so that they are read in about as many row groups. A
     prefix would be a few classes of a set stored class by class (ImageNet's val folders)."""
-    if n >= len(rows):
-        return list(rows)
+    if n >= len(rows) or n < 1:
+        return list(rows[: max(n, 0)])
     stretches = min(n, HELD_OUT_SPREAD * math.ceil(n / SHARD_ROW_GROUP_ROWS))
+    while math.ceil(n / stretches) * stretches > len(rows):  # stretches longer than taken
+        stretches -= 1  # (1 always is: n < len(rows))
     take = math.ceil(n / stretches)
     bounds = np.linspace(0, len(rows), stretches + 1).astype(int)
     return [row for a in bounds[:-1] for row in rows[a : a + take]][:n]

@@ -21,6 +21,9 @@ from tests.support import reference_path, write_image_tree
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 set_local_ray_env()  # as a job's own local instance has it
+# Storage faults planted by tests fail after 3 tries, not 7 (16 s of back-off), in this
+# process and the Ray workers, which inherit its environment
+os.environ.setdefault("COLORCORE_STORAGE_ATTEMPTS", "3")
 
 TEST_BUCKET = "colorcore-test"
 

@@ -440,9 +440,13 @@ def test_a_top_level_key_that_would_leave_output_is_refused(s3_server) -> None:
     """An S3 key may hold ``..`` or ``.``: a top-level input is refused where its output
     would leave OUTPUT, as an archive member is, and written at its plain path otherwise."""
     root = s3_server.url("colorize-escape", "in")
-    for key in ("ok.png", "../../evil.png", "a/./b.png", "c.tar/../../../x.tar", "_colorize/m.png"):
+    keys = ("ok.png", "../../evil.png", "a/./b.png", "c.tar/../../../x.tar", "_colorize/m.png",
+            "d/b.gif", "d/./b.gif.png", "e\\f.png")  # fmt: skip
+    for key in keys:
         storage.write_bytes(f"{root}/{key}", b"")
-    units, _, _ = colorize.plan(config(root, s3_server.url("colorize-escape", "o"), "m.pt"), [])
+    units, _, _ = colorize.plan(
+        config(root, s3_server.url("colorize-escape", "o"), "m.pt", format="png"), []
+    )
     files = {
         i["source"][len(root) + 1 :]: i for u in units if u["kind"] == "files" for i in u["items"]
     }
@@ -450,6 +454,9 @@ def test_a_top_level_key_that_would_leave_output_is_refused(s3_server) -> None:
     assert "escapes the output folder" in files["c.tar/../../../x.tar"]["error"]  # refused whole
     assert "job's own folder" in files["_colorize/m.png"]["error"]
     assert "error" not in files["ok.png"] and files["a/./b.png"]["rel"] == "a/b.png"
+    # b.gif's output, d/b.gif.png, is the other's plain name: refused, not overwritten
+    assert "is another input's" in files["d/b.gif"]["error"]
+    assert files["e\\f.png"]["rel"] == "e\\f.png"  # a backslash: a character of the name
     assert all(u["kind"] == "files" for u in units)
 
 

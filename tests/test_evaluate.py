@@ -162,6 +162,10 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
         assert missing == ["b/0001.jpg"]
     with pytest.raises(ValueError, match=r"'b/0001.jpg' names 2 images .*a/0001.jpg, c/0001"):
         evaluate.resolve_split(lines[:1], str(tmp_path), classes)  # a or c: not known
+    # A line by name only, of a name that lines name in two folders: which is not known
+    with pytest.raises(ValueError, match=r"'0001.jpg' names 2 images"):
+        evaluate.resolve_split([("0001.jpg", 1), ("a/0001.jpg", 2), ("c/0001.jpg", 3)],
+                               str(tmp_path), classes)  # fmt: skip
 
 
 def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_path) -> None:
@@ -194,10 +198,11 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     assert evaluate._listed_keys([("val/photo.2019.JPEG", 5)], dotted, "d") == (
         {"c/photo.2019": 5}, [],
     )  # fmt: skip
-    assert (
-        evaluate._stem("photo.2019", {"photo.2019", "photo"}) == "photo.2019"
-    )  # listed without an extension
-    # Any extension is dropped, as jobs.prepare drops it from keys
+    listed_bare = evaluate._stem("photo.2019", {"photo.2019", "photo"})
+    assert listed_bare == "photo.2019"  # listed without an extension
+    # a line naming no key is missing: not another key, by a dot taken for an extension
+    assert evaluate._listed_keys([("c/photo.2019", 3)], ["c/photo"], "d") == ({}, ["c/photo.2019"])
+    # An image file's extension is dropped, as jobs.prepare drops it from keys
     assert evaluate._listed_keys([("c/scan.jfif", 1), ("c/anim.gif", 2)], ["c/scan", "c/anim"],
                                  "d") == ({"c/scan": 1, "c/anim": 2}, [])  # fmt: skip
 
@@ -639,7 +644,7 @@ def test_a_prior_too_narrow_to_weigh_every_colour_is_refused_as_such(tmp_path) -
     counts[int(ab_bins()[:, 0].argmax())] = 1000  # the reddest bin alone
     AbHistogram(counts).save(tmp_path / "prior.npz")
     assert bool((AbHistogram(counts).smoothed_probabilities() == 0).any())
-    with pytest.raises(ValueError, match=r"bins no probability, smoothed as it is.*broader"):
+    with pytest.raises(ValueError, match=r"the prior at .*prior.npz: lam = 0 weighs .*broader"):
         evaluate.load_rebalance0(str(tmp_path / "prior.npz"))
 
 

@@ -414,6 +414,10 @@ def test_held_out_images_are_spread_over_a_set_stored_class_by_class() -> None:
     assert len({i // 50 for i in chosen}) > 60 and chosen[-1] > 45_000
     assert len({i // 64 for i in chosen}) <= 2 * 4 * 16  # 4x the 16 row groups they fill
     assert held_out(list(range(10)), 20) == list(range(10))  # fewer than asked: all
+    for rows in range(1, 300):  # nearly all of a small set too: n rows, each once
+        for n in {1, rows // 2, rows - 1, max(1, rows - 3)}:
+            picked = held_out(list(range(rows)), n)
+            assert len(picked) == len(set(picked)) == n, (rows, n)
 
 
 def test_validation_leaves_out_an_image_that_no_longer_decodes(tmp_path, caplog) -> None:

@@ -494,6 +494,8 @@ def test_a_folders_special_files_are_left_out_of_its_listing(tmp_path, caplog) -
     (tmp_path / "a" / "photo.jpg").write_bytes(b"x")
     os.mkfifo(tmp_path / "a" / "pipe.jpg")
     (tmp_path / "a" / "x-loop.jpg").symlink_to("x-loop.jpg")  # read, and an error, as a file
+    (tmp_path / "a" / "to-pipe.jpg").symlink_to("pipe.jpg")  # a link to a special file
+    (tmp_path / "a" / "zero.jpg").symlink_to("/dev/zero")
     with caplog.at_level("WARNING", logger="jobs.storage"):
         assert storage.list_files(str(tmp_path)) == [
             str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "a" / "x-loop.jpg"),
