@@ -877,7 +877,9 @@ def test_an_archive_read_broken_off_by_storage_is_read_on(tmp_path, monkeypatch,
             return io.BufferedReader(_BreakingFile(whole, len(whole) // 2, breaks.pop(0)))
 
     monkeypatch.setattr(
-        storage, "filesystem", lambda url, s3=None: (Flaky(real(url, s3)[0]), real(url, s3)[1])
+        storage,
+        "filesystem",
+        lambda url, s3=None, **kw: (Flaky(real(url, s3, **kw)[0]), real(url, s3, **kw)[1]),
     )
 
     def read() -> list[dict]:
