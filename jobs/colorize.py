@@ -708,7 +708,6 @@ def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
 def _parquet_columns(table, cfg: ColorizeConfig) -> tuple[str, str]:
     """(the column of image bytes, the column of names or "" for row numbers) of the
     `pyarrow.parquet.ParquetFile` `table`."""
-
     schema = table.schema_arrow
     column = cfg.parquet_column or next(
         (n for n in schema.names if _holds_bytes(schema.field(n).type)), None
@@ -1484,15 +1483,14 @@ def main(cfg: ColorizeConfig) -> Summary:
     provenance = _provenance(loaded.sha256, cfg)
     rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
     inputs = manifest.inputs_only(rows)
-    again = pc.equal(inputs.column("status"), "error")  # tried again: with --retry-errors
+    status = inputs.column("status")
+    again = pc.equal(status, "error")  # tried again: with --retry-errors
     if not cfg.retry_errors:  # every one, else those that ran out of memory
         again = pc.and_kleene(again, pc.starts_with(inputs.column("reason"), OUT_OF_MEMORY))
     done = inputs.filter(pc.invert(again))
     _check_same_colours(inputs, loaded.sha256, cfg)
     read = manifest.archives_read(rows)
-    written = set(
-        pc.filter(inputs.column("output"), pc.equal(inputs.column("status"), "ok")).to_pylist()
-    )
+    written = set(pc.filter(inputs.column("output"), pc.equal(status, "ok")).to_pylist())
     units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read, written)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
@@ -1538,18 +1536,22 @@ def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:
     if errors > 10:
         print(f"  ... and {errors - 10} more, see the manifest")
     if missing or short or absent or repeated or table.num_rows != ok + errors:
+        rerun = "the same command again does what is missing"
         hints = [
-            "the same command again does what is missing" * bool(missing or short),
-            "an output removed since it was written is not made again: its input is done, so "
-            "colorize into a new OUTPUT to have it" * bool(absent),
-            "an output written by two inputs holds the later one's colours" * bool(repeated),
-        ]
+            hint
+            for hint, applies in (
+                (rerun, missing or short),
+                ("an output removed since it was written is not made again: its input is done, "
+                 "so colorize into a new OUTPUT to have it", absent),
+                ("an output written by two inputs holds the later one's colours", repeated),
+            )
+            if applies
+        ]  # fmt: skip
         raise RuntimeError(
             f"accounting failed: {len(missing)} inputs without a manifest row "
             f"{missing[:3]}, {len(short)} archives with fewer member rows than members "
             f"{short[:3]}, {len(absent)} outputs not on storage {sorted(absent)[:3]}, "
-            f"{repeated} outputs written by two inputs "
-            f"({'; '.join(h for h in hints if h) or 'the same command again does what is missing'})"
+            f"{repeated} outputs written by two inputs ({'; '.join(hints or [rerun])})"
         )
     url = storage.join(cfg.output, WORK_DIR, f"manifest.{cfg.manifest_format}")
     buffer = io.BytesIO()

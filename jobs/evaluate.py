@@ -575,8 +575,10 @@ def _decode_batch(
         except BadImage as e:
             out["status"][i], out["reason"][i] = "error", str(e)
             continue
-        except MemoryError:  # not the image's fault: not kept, a re-run measures it again
-            out["status"][i] = "error"
+        except (RuntimeError, MemoryError) as e:  # as `_measure_group` tells them apart
+            if not out_of_memory(e):
+                raise
+            out["status"][i] = "error"  # not the image's fault: a re-run measures it again
             out["reason"][i] = f"{TOO_LARGE_HERE} (decoding it ran out of memory)"
             continue
         if gray:

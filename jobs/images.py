@@ -112,9 +112,9 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
         # exif_transpose copies even an upright image: call it only when there is a turn
         if exif_orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
-    except MemoryError:  # the machine's state, not the image's: the caller decides
-        raise
     except Exception as e:  # decoders fail their own ways on corrupt data
+        if out_of_memory(e):  # the machine's state, not the image's: the caller decides
+            raise
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return image
 

@@ -116,7 +116,7 @@ def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np
     return {
         "counts_Q": counted.histogram.counts_Q.numpy()[None],
         "images": np.array([counted.images]),
-        "grayscale": np.array([len([c for c in sampled if c]) - len(keep)]),
+        "grayscale": np.array([sum(sampled) - len(keep)]),
         "near_gray": np.array([counted.near_gray]),
         "unreadable": np.array([counted.unreadable]),
     }
@@ -145,7 +145,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
         .take_all()
     )
     counts_Q = sum((r["counts_Q"] for r in results), np.zeros(NUM_AB_BINS, np.int64))
-    histogram = AbHistogram(counts_Q.astype(np.int64))
+    histogram = AbHistogram(counts_Q)
     images, gray, near_gray, unreadable = (
         int(sum(r[name] for r in results))
         for name in ("images", "grayscale", "near_gray", "unreadable")

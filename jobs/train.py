@@ -226,9 +226,7 @@ class TrainConfig:
                             f"class), got {self.sample_images}")  # fmt: skip
         if len(set(trackers := self.tracking.split(","))) < len(trackers):
             problems.append(f"tracking names a tracker twice: {self.tracking!r}")
-        if self.tracking not in ("auto", "none") and not set(self.tracking.split(",")) <= set(
-            TRACKERS
-        ):
+        if self.tracking not in ("auto", "none") and not set(trackers) <= set(TRACKERS):
             problems.append(
                 f"tracking must be auto, none or a comma list of {', '.join(TRACKERS)}; "
                 f"got {self.tracking!r}"
