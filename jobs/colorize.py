@@ -13,11 +13,12 @@ Per image: EXIF orientation applied (and the tag removed), the network sees L re
 ``--infer-px`` square, the annealed-mean ab (T = ``--temperature``) is upsampled bilinearly to
 the full size and joined with the image's own L, and out-of-gamut colours lose chroma, never
 L. Format kept (``--format`` to choose; a format unknown to this job becomes PNG), a 16-bit
-picture gives a 16-bit PNG or TIFF, alpha is kept, RGB ICC profiles and EXIF / XMP are
-copied (IPTC into JPEG and TIFF, which have a place for it), and a provenance string (this
-project, the model file's SHA-256, T) goes into EXIF tag 0x000B (ProcessingSoftware) and the
-manifest. Multi-page TIFFs give multi-page TIFFs, at 16 bits when a page has 16. The files
-themselves: `jobs.picture_files`.
+picture gives a 16-bit PNG or TIFF, alpha is kept, ICC profiles are honoured (a picture in
+another space is read into sRGB and an RGB one's output converted back into its profile,
+`jobs.icc`), EXIF / XMP are copied (IPTC into JPEG and TIFF, which have a place for it),
+and a provenance string (this project, the model file's SHA-256, T) goes into EXIF tag
+0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs, at 16
+bits when a page has 16. The files themselves: `jobs.picture_files`.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (network-size L;
 of a JPEG bound for the GPU only its header and metadata) -> model actors (GPU when present,
@@ -74,7 +75,7 @@ from colorcore.color import lab_to_rgb, rgb_to_lightness
 from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
 from colorcore.int8 import Int8ColorizationNet, Int8Plan
 from jobs import colorize_manifest as manifest
-from jobs import storage, tars
+from jobs import icc, storage, tars
 from jobs.colorize_manifest import WORK_DIR
 from jobs.images import (
     DEFAULT_MAX_PIXELS,
@@ -1181,7 +1182,8 @@ def colorize_file(
     s = cfg.infer_px // 4
     ab_P2ss = torch.from_numpy(np.frombuffer(ab_bytes, np.float32).reshape(-1, 2, s, s).copy())
     fmt = output_format(decoded, cfg.format)
-    bits = 16 if fmt.endswith("16") else 8
+    # 16 bits where a conversion into the output's profile follows, rounded to 8 after it
+    bits = 16 if fmt.endswith("16") or icc.converts(decoded.meta.icc) else 8
     rgb_pages = [
         reassemble_pixels(l_11HW, ab_12ss, bits)
         for l_11HW, ab_12ss in zip(lightness, ab_P2ss.split(1), strict=True)

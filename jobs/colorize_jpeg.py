@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jobs import icc
 from jobs.colorize import network_input, predict_ab, reassemble
 from jobs.images import each_or_none
 from jobs.picture_files import upright, with_segments
@@ -45,13 +46,16 @@ from jobs.runtime import Precision
 
 def eligible(data: bytes, image) -> bool:
     """Whether a JPEG file (its bytes and the lazily opened PIL image) can take the device
-    path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker. CMYK and YCCK
-    JPEGs and multi-picture MPO files are the CPU path's; so are files cut short, which
-    nvJPEG would decode without complaint (gray below the cut) and the CPU path reports."""
+    path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker, and whose
+    pixels are sRGB's (no ICC profile, or one of sRGB). CMYK and YCCK JPEGs, multi-picture
+    MPO files and pictures in another colour space (`jobs.icc`) are the CPU path's; so are
+    files cut short, which nvJPEG would decode without complaint (gray below the cut) and
+    the CPU path reports."""
     return (
         image.format == "JPEG"
         and image.mode in ("L", "RGB")
         and data.rstrip(b"\0").endswith(b"\xff\xd9")
+        and not icc.converts(image.info.get("icc_profile"))
     )
 
 

@@ -1,11 +1,13 @@
 """Picture files in and out of the colorize job: every page upright at full depth with its
 metadata in, colorized pages out in the source's format where it can carry them.
 
-Decoding (`decode`) gives each page as float planes (gray or RGB), its alpha and bit depth,
-and the file's metadata: RGB ICC profile, EXIF (orientation applied and removed), XMP, IPTC.
+Decoding (`decode`) gives each page as sRGB float planes (gray or RGB; converted from the
+space its ICC profile states, `jobs.icc`), its alpha and bit depth, and the file's metadata:
+the ICC profile the output carries, EXIF (orientation applied and removed), XMP, IPTC.
 Pillow reads 16-bit colour PNG and TIFF at 8 bits, so those pages are read with OpenCV.
 Encoding (`encode`) writes the colorized pages with that metadata and a provenance string in
-EXIF tag 0x000B: JPEG, PNG, WebP and 8-bit TIFF through Pillow, a 16-bit picture as a 16-bit
+EXIF tag 0x000B, its pixels converted into that profile: JPEG, PNG, WebP and 8-bit TIFF
+through Pillow, a 16-bit picture as a 16-bit
 PNG (`encode_png16`), pages of which one has 16 bits as a 16-bit TIFF (`encode_tiff16`).
 JPEG APP segments (`app_segments`, `with_segments`) carry the metadata into files encoded
 elsewhere (nvJPEG); `upright` applies an EXIF orientation to a (C, H, W) tensor.
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs import icc as profiles
 from jobs.images import (
     EXIF_ORIENTATION,
     BadImage,
@@ -69,7 +72,7 @@ class Page:
 
 @dataclass
 class Metadata:
-    icc: bytes | None = None
+    icc: bytes | None = None  # the output's: the source's RGB profile (`icc.output_profile`)
     exif: Any = None  # PIL.Image.Exif without the orientation tag
     xmp: bytes | None = None
     iptc: bytes | None = None
@@ -86,10 +89,10 @@ class Decoded:
     meta: Metadata
 
 
-def _page(image, white_is_zero: bool = False) -> Page:
-    """A PIL frame (already upright) -> float planes, alpha and bit depth. `white_is_zero`:
+def _page(image, white_is_zero: bool = False, icc: bytes | None = None) -> Page:
+    """A PIL frame (already upright) -> sRGB float planes, alpha and bit depth. `white_is_zero`:
     a TIFF's 16- or 32-bit gray levels count from white (photometric MinIsWhite), which
-    Pillow leaves as stored (its 8-bit reader turns them)."""
+    Pillow leaves as stored (its 8-bit reader turns them). `icc`: the frame's ICC profile."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         alpha, transparent = None, image.info.get("transparency")
@@ -98,17 +101,32 @@ def _page(image, white_is_zero: bool = False) -> Page:
         levels = gray_in_unit_range(image)
         if white_is_zero:
             np.subtract(1, levels, out=levels)
+        if profiles.converts(icc):
+            levels16 = np.round(levels * 65535).astype(np.uint16)[..., None]
+            levels = profiles.to_srgb(levels16, icc)[0]
         return Page(torch.from_numpy(levels)[None, None], alpha, 16)
     alpha = None
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if mode in ("LA", "La") or (mode == "L" and "transparency" in image.info):
+        gray_alpha = np.asarray(image.convert("LA"))
+        pixels, alpha = gray_alpha[..., :1], gray_alpha[..., 1]
+    elif mode in ("RGBA", "PA", "RGBa") or "transparency" in image.info:
         rgba = np.asarray(image.convert("RGBA"))
         pixels, alpha = rgba[..., :3], rgba[..., 3]
     elif mode in ("1", "L"):
         pixels = np.asarray(image.convert("L"))[..., None]
     else:  # RGB, P, CMYK, YCbCr, ...
         pixels = np.asarray(image.convert("RGB"))
-    planes = torch.from_numpy(pixels.transpose(2, 0, 1).copy())
-    return Page(planes[None].float().div_(255.0), alpha, 8)
+    return Page(torch.from_numpy(_srgb_planes(pixels, icc))[None], alpha, 8)
+
+
+def _srgb_planes(pixels_HWC: np.ndarray, icc: bytes | None) -> np.ndarray:
+    """uint8 or uint16 pixels in the space of `icc` -> sRGB float32 planes (C, H, W) in [0, 1]."""
+    converted = profiles.to_srgb(pixels_HWC, icc)
+    if converted is not None:
+        return converted
+    planes = pixels_HWC.transpose(2, 0, 1).astype(np.float32)
+    planes /= 65535.0 if pixels_HWC.dtype == np.uint16 else 255.0
+    return planes
 
 
 def read_metadata(image) -> Metadata:
@@ -116,7 +134,7 @@ def read_metadata(image) -> Metadata:
     from PIL import Image
 
     info = image.info
-    icc = _rgb_profile(info.get("icc_profile"))
+    icc = profiles.output_profile(_page_profile(image))
     xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
     iptc = (info.get("photoshop") or {}).get(0x0404)
     source, exif = image.getexif(), Image.Exif()
@@ -135,11 +153,6 @@ def read_metadata(image) -> Metadata:
     exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
                     dpi=_upright_dpi(lambda: _stated_dpi(image), on_its_side))  # fmt: skip
-
-
-def _rgb_profile(icc: bytes | None) -> bytes | None:
-    """`icc` where it describes RGB: a gray or CMYK profile describes no RGB output."""
-    return icc if icc and icc[16:20] == b"RGB " else None
 
 
 def _upright_dpi(stated: Callable[[], Any], on_its_side: bool) -> tuple[float, float] | None:
@@ -257,13 +270,20 @@ def _is_16bit_cmyk(image) -> bool:
 
 
 def _16bit_colour_page(
-    data: bytes, fmt: str, index: int, turn: int, planar: bool = False, cmyk: bool = False
+    data: bytes,
+    fmt: str,
+    index: int,
+    turn: int,
+    planar: bool = False,
+    cmyk: bool = False,
+    icc: bytes | None = None,
 ) -> Page | None:
     """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
     (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
     each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
     samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
-    and turned by `turn`; None when OpenCV cannot read it (Pillow then does, at 8 bits)."""
+    converted into sRGB from its profile `icc` and turned by `turn`; None when OpenCV
+    cannot read it (Pillow then does, at 8 bits)."""
     import cv2
 
     buffer = np.frombuffer(data, np.uint8)
@@ -291,10 +311,16 @@ def _16bit_colour_page(
         return None
     if pixels.shape[2] not in (3, 4):
         return None
-    planes = upright(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.int32)), turn)
-    rgb_3HW = planes[:3].flip(0).float().div_(65535.0)  # OpenCV's order is BGR(A)
-    alpha = planes[3].numpy().astype(np.uint16) if len(planes) == 4 else None
+    colour = pixels[..., :1] if profiles.read(icc).channels == 1 else pixels[..., 2::-1]
+    rgb_3HW = upright(torch.from_numpy(_srgb_planes(colour, icc)), turn)  # gray: (1, H, W)
+    alpha = None  # OpenCV's order is BGR(A)
+    if pixels.shape[2] == 4:
+        alpha = _upright_alpha(pixels[..., 3], turn)
     return Page(rgb_3HW[None], alpha, 16)
+
+
+def _upright_alpha(alpha_HW: np.ndarray, turn: int) -> np.ndarray:
+    return upright(torch.from_numpy(alpha_HW.astype(np.int32)), turn).numpy().astype(np.uint16)
 
 
 def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
@@ -325,18 +351,19 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 each = f", each after the first counted as at least {min_page_px}" * (index > 0)
                 raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
                                f"limit {max_pixels}")  # fmt: skip
+            icc = _page_profile(image)
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
                 planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
                 cmyk = fmt == "TIFF" and _is_16bit_cmyk(image)
                 turn = exif_orientation(image) if fmt == "PNG" or planar or cmyk else 1
-                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk)
+                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk, icc)
                 if page is not None:
                     pages.append(page)
                     continue
             image.load()
             white_is_zero = fmt == "TIFF" and image.tag_v2.get(262) == 0
-            pages.append(_page(ImageOps.exif_transpose(image), white_is_zero))
+            pages.append(_page(ImageOps.exif_transpose(image), white_is_zero, icc))
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data
@@ -399,11 +426,10 @@ def _gray_alpha_page(page) -> Page:
         gray = np.where(alpha > 0, np.minimum(gray * 65535 / np.maximum(alpha, 1), 65535), 0)
     if int(page.photometric) == 0:  # white is zero
         gray = 65535 - gray
-    planes = np.stack([np.round(gray), alpha]).astype(np.int32)
-    planes_CHW = upright(torch.from_numpy(planes), _tifffile_turn(page))
-    return Page(
-        planes_CHW[:1][None].float().div_(65535.0), planes_CHW[1].numpy().astype(np.uint16), 16
-    )
+    gray = np.round(gray).astype(np.uint16)[..., None]
+    turn = _tifffile_turn(page)
+    gray_1HW = upright(torch.from_numpy(_srgb_planes(gray, _tag_bytes(page, _ICC_TAG))), turn)
+    return Page(gray_1HW[None], _upright_alpha(alpha, turn), 16)
 
 
 def _tifffile_turn(page) -> int:
@@ -423,7 +449,7 @@ def _tifffile_metadata(page) -> Metadata:
             exif[tag] = found.value
     on_its_side = _tifffile_turn(page) in ON_ITS_SIDE
     return Metadata(
-        icc=_rgb_profile(_tag_bytes(page, _ICC_TAG)),
+        icc=profiles.output_profile(_tag_bytes(page, _ICC_TAG)),
         exif=exif,
         xmp=_upright_xmp(_tag_bytes(page, _XMP_TAG)),
         iptc=_tag_bytes(page, _IPTC_TAG),
@@ -440,6 +466,20 @@ def _tifffile_stated_dpi(page) -> tuple[float, float] | None:
         return None
     across, down = (page.tags[tag].value for tag in (282, 283))
     return across[0] / across[1] * scale, down[0] / down[1] * scale
+
+
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
+_RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
+
+
+def _page_profile(image) -> bytes | None:
+    """The ICC profile of a PIL image's current page where it is of the page's colour space
+    (gray or RGB; a profile of another is not used), else None. Pillow keeps a TIFF's first
+    page's profile in `info` when a later page has none: a TIFF page's own tag is read."""
+    found = image.tag_v2.get(_ICC_TAG) if image.format == "TIFF" else image.info.get("icc_profile")
+    mode = image.mode
+    channels = 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3 * (mode in _RGB_MODES)
+    return bytes(found) if found and profiles.read(bytes(found)).channels == channels else None
 
 
 def _next_page(image, index: int) -> bool:
@@ -479,8 +519,10 @@ def _as_16bit(values: np.ndarray) -> np.ndarray:
 
 
 def _as_8bit(values: np.ndarray) -> np.ndarray:
-    """uint8 or uint16 samples as uint8 (16-bit ones keep their top byte)."""
-    return values if values.dtype == np.uint8 else (values >> 8).astype(np.uint8)
+    """uint8 or uint16 samples as uint8 (16-bit ones rounded to the nearest 8-bit level)."""
+    if values.dtype == np.uint8:
+        return values
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _jpeg_xmp(xmp: bytes | None) -> bytes | None:
@@ -573,11 +615,13 @@ def output_format(decoded: Decoded, choice: str) -> str:
 def encode(
     rgb_pages: list[np.ndarray], decoded: Decoded, fmt: str, provenance: str, quality: int
 ) -> bytes:
-    """Colorized pages (H, W, 3 uint8 or uint16) -> file bytes with the source's metadata."""
+    """Colorized sRGB pages (H, W, 3 uint8 or uint16; converted in place) -> file bytes with
+    the source's metadata, pixels in the space of the ICC profile it carries."""
     from PIL import Image, PngImagePlugin
 
     limit = EXIF_SEGMENT_MAX if fmt == "JPEG" else None
     meta, exif = decoded.meta, exif_bytes(decoded.meta, provenance, limit)
+    rgb_pages = [profiles.from_srgb(rgb, meta.icc) for rgb in rgb_pages]
     if fmt == "PNG16":
         return encode_png16(rgb_pages[0], meta, exif, provenance, decoded.pages[0].alpha)
     if fmt == "TIFF16":

@@ -1,0 +1,222 @@
+"""Colour management in colorize: pictures tagged with ICC profiles are read into sRGB and
+written back into their profile. The oracle is the colour science itself (primaries and
+white point -> RGB-to-XYZ matrices, power-law curves), not LittleCMS, which the job uses."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import imagecodecs
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs import colorize, icc, picture_files
+from jobs.colorize_jpeg import eligible
+from jobs.images import open_image
+from tests.support import photo_rgb
+
+D65 = (0.3127, 0.3290)
+SRGB_PRIMARIES = (0.64, 0.33, 0.30, 0.60, 0.15, 0.06)
+WIDE_PRIMARIES = (0.64, 0.33, 0.21, 0.71, 0.15, 0.06)  # Adobe RGB's: greens beyond sRGB
+GAMMA = 1.8  # the curve of ProPhoto and of old Macs' gray, far from sRGB's
+WIDE = imagecodecs.cms_profile("rgb", primaries=WIDE_PRIMARIES, whitepoint=D65, gamma=GAMMA)
+GRAY = imagecodecs.cms_profile("gray", gamma=GAMMA)
+SRGB = imagecodecs.cms_profile("srgb")
+
+
+def rgb_to_xyz(primaries, white) -> np.ndarray:
+    """The matrix from linear RGB to XYZ of a space with these (x, y) primaries and white."""
+    x, y = np.array(primaries).reshape(3, 2).T
+    columns = np.stack([x / y, np.ones(3), (1 - x - y) / y])
+    white_xyz = np.array([white[0] / white[1], 1.0, (1 - white[0] - white[1]) / white[1]])
+    return columns * np.linalg.solve(columns, white_xyz)
+
+
+def srgb_encode(linear: np.ndarray) -> np.ndarray:
+    linear = np.clip(linear, 0, 1)
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+def srgb_decode(encoded: np.ndarray) -> np.ndarray:
+    return np.where(encoded <= 0.04045, encoded / 12.92, ((encoded + 0.055) / 1.055) ** 2.4)
+
+
+WIDE_TO_SRGB = np.linalg.solve(rgb_to_xyz(SRGB_PRIMARIES, D65), rgb_to_xyz(WIDE_PRIMARIES, D65))
+
+
+def wide_to_srgb(wide_HW3: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] of the wide space -> sRGB in [0, 1] (out of gamut clipped)."""
+    return srgb_encode(wide_HW3**GAMMA @ WIDE_TO_SRGB.T)
+
+
+def srgb_to_wide(srgb_HW3: np.ndarray) -> np.ndarray:
+    return np.clip(srgb_decode(srgb_HW3) @ np.linalg.inv(WIDE_TO_SRGB).T, 0, 1) ** (1 / GAMMA)
+
+
+def save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def singular(profile: bytes) -> bytes:
+    """`profile` with its green and blue colorants made its red's: it still converts into
+    sRGB, but sRGB cannot be converted into it (its matrix has no inverse), as with a
+    scanner's input-only profile."""
+    data = bytearray(profile)
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = [struct.unpack(">4sII", data[132 + 12 * i : 144 + 12 * i]) for i in range(count)]
+    tags = {signature: (at, size) for signature, at, size in entries}
+    start, size = tags[b"rXYZ"]
+    for tag in (b"gXYZ", b"bXYZ"):
+        at, _ = tags[tag]
+        data[at : at + size] = data[start : start + size]
+    return bytes(data)
+
+
+def planes_HW3(page: picture_files.Page) -> np.ndarray:
+    return page.rgb[0].permute(1, 2, 0).double().numpy()
+
+
+def test_profiles_are_told_apart_and_srgb_ones_passed_over() -> None:
+    from PIL import ImageCms
+
+    pillow_srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for same in (SRGB, pillow_srgb):
+        assert icc.read(same) == icc.Profile(3, converts=False, reversible=True)
+        assert icc.output_profile(same) == same
+    assert icc.read(WIDE) == icc.Profile(3, converts=True, reversible=True)
+    assert icc.read(imagecodecs.cms_profile("adobergb")).converts
+    assert icc.read(GRAY) == icc.Profile(1, converts=True, reversible=True)
+    assert icc.output_profile(GRAY) is None  # a gray profile describes no colour output
+    assert icc.read(imagecodecs.cms_profile("gray", gamma=2.2)).converts  # not sRGB's curve
+    broken = WIDE[:16] + b"RGB " + bytes(200)
+    for unusable in (None, b"", broken, WIDE[:300]):
+        assert icc.read(unusable) == icc.Profile(0, converts=False, reversible=False)
+        assert icc.output_profile(unusable) is None
+    one_way = singular(WIDE)
+    assert icc.read(one_way) == icc.Profile(3, converts=True, reversible=False)
+    assert icc.output_profile(one_way) is None
+
+
+@pytest.mark.parametrize("kind", ["png8", "png16", "tiff8", "jpeg_rgb_profile_on_gray"])
+def test_tagged_colour_pictures_are_read_into_srgb(kind: str) -> None:
+    wide = photo_rgb("coffee", 40).astype(np.float64) / 255
+    if kind == "png16":  # the 16-bit colour path (OpenCV), profile from the iCCP chunk
+        pixels16 = np.round(wide * 65535).astype(np.uint16)
+        meta = picture_files.Metadata(icc=WIDE)
+        data = picture_files.encode_png16(pixels16, meta, b"", "test")
+    elif kind == "jpeg_rgb_profile_on_gray":  # an RGB profile does not fit gray pixels
+        data = save(Image.fromarray(np.uint8(wide[..., 1] * 255)), "JPEG", icc_profile=WIDE)
+    else:
+        fmt = "PNG" if kind == "png8" else "TIFF"
+        data = save(Image.fromarray(np.uint8(np.round(wide * 255))), fmt, icc_profile=WIDE)
+    decoded = picture_files.decode(data, 10**6)
+    page = decoded.pages[0]
+    if kind == "jpeg_rgb_profile_on_gray":
+        stored = np.asarray(Image.open(io.BytesIO(data)), np.float64) / 255
+        assert page.rgb.shape[1] == 1 and decoded.meta.icc is None
+        np.testing.assert_allclose(page.rgb[0, 0].double().numpy(), stored, atol=1e-6)
+        return
+    stored = wide if kind == "png16" else np.round(wide * 255) / 255
+    assert decoded.meta.icc == WIDE  # carried to the output
+    np.testing.assert_allclose(planes_HW3(page), wide_to_srgb(stored), atol=2.5e-3)
+    assert np.abs(planes_HW3(page) - stored).max() > 0.05  # read as sRGB, they would be off
+
+
+@pytest.mark.parametrize("kind", ["L", "LA", "I;16", "tiff16_gray_alpha"])
+def test_tagged_gray_pictures_are_read_into_srgb_gray(kind: str) -> None:
+    ramp = np.linspace(0, 1, 32 * 24).reshape(24, 32)
+    if kind == "tiff16_gray_alpha":  # read with tifffile: the profile from its tag
+        import tifffile
+
+        buffer = io.BytesIO()
+        pixels = np.dstack([np.round(ramp * 65535), np.full(ramp.shape, 65535)]).astype(np.uint16)
+        tifffile.imwrite(buffer, pixels, photometric="minisblack", extrasamples=["unassalpha"],
+                         extratags=[(34675, "B", len(GRAY), GRAY, True)])  # fmt: skip
+        data, stored = buffer.getvalue(), np.round(ramp * 65535) / 65535
+    elif kind == "I;16":
+        stored = np.round(ramp * 65535) / 65535
+        image = Image.fromarray((stored * 65535).astype(np.uint16))
+        data = save(image, "PNG", icc_profile=GRAY)
+    else:
+        stored = np.round(ramp * 255) / 255
+        image = Image.fromarray(np.uint8(stored * 255))
+        if kind == "LA":
+            image.putalpha(200)
+        data = save(image, "PNG", icc_profile=GRAY)
+    decoded = picture_files.decode(data, 10**6)
+    page = decoded.pages[0]
+    assert page.rgb.shape[:2] == (1, 1) and decoded.meta.icc is None  # the output is sRGB
+    assert (page.alpha is not None) == (kind in ("LA", "tiff16_gray_alpha"))
+    expected = srgb_encode(stored**GAMMA)
+    np.testing.assert_allclose(page.rgb[0, 0].double().numpy(), expected, atol=2e-3)
+
+
+def test_outputs_are_written_in_the_profile_they_carry() -> None:
+    """sRGB pixels handed to `encode` come out in the source's profile (8 and 16 bits), or as
+    they are where the profile is sRGB's or cannot be written into."""
+    srgb = photo_rgb("chelsea", 24).astype(np.float64) / 255
+    srgb16 = np.round(srgb * 65535).astype(np.uint16)
+    for bits, fmt in ((8, "PNG"), (16, "PNG16"), (16, "TIFF16"), (8, "TIFF")):
+        source = np.zeros((24, 24, 3), np.uint16 if bits == 16 else np.uint8)
+        if bits == 16:
+            data = picture_files.encode_png16(source, picture_files.Metadata(icc=WIDE), b"", "t")
+        else:
+            data = save(Image.fromarray(source), "PNG", icc_profile=WIDE)
+        decoded = picture_files.decode(data, 10**6)
+        pixels, profile = written(picture_files.encode([srgb16.copy()], decoded, fmt, "t", 95))
+        assert profile == WIDE and pixels.shape == (24, 24, 3), fmt
+        np.testing.assert_allclose(
+            wide_to_srgb(pixels), srgb, atol=1.5 / 255 if bits == 8 else 1e-3
+        )
+    for source in (SRGB, singular(WIDE)):
+        data = save(Image.new("RGB", (24, 24)), "PNG", icc_profile=source)
+        decoded = picture_files.decode(data, 10**6)
+        pixels, profile = written(picture_files.encode([srgb16.copy()], decoded, "PNG", "t", 95))
+        assert profile == (SRGB if source == SRGB else None)
+        assert np.array_equal(np.round(pixels * 255), np.round(srgb16 / 257))
+
+
+def written(data: bytes) -> tuple[np.ndarray, bytes | None]:
+    """(RGB pixels in [0, 1], ICC profile) of a PNG or TIFF of 8 or 16 bits."""
+    import tifffile
+
+    profile = Image.open(io.BytesIO(data)).info.get("icc_profile")
+    if data.startswith(b"\x89PNG"):
+        import cv2
+
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    else:
+        pixels = tifffile.imread(io.BytesIO(data))
+    return pixels / (65535.0 if pixels.dtype == np.uint16 else 255.0), profile
+
+
+def test_a_picture_colorizes_the_same_whatever_space_it_is_stored_in() -> None:
+    """One photo stored as sRGB and stored in a wide-gamut space with its profile: the
+    network sees the same L, and the outputs, each read through the profile it carries,
+    show the same colours."""
+    cfg = colorize.ColorizeConfig(input="/in", output="/out", model="/m.pt", infer_px=32)
+    srgb = photo_rgb("astronaut", 48).astype(np.float64) / 255
+    as_srgb = save(Image.fromarray(np.uint8(np.round(srgb * 255))), "PNG")
+    wide16 = np.round(srgb_to_wide(srgb) * 65535).astype(np.uint16)
+    in_wide = picture_files.encode_png16(wide16, picture_files.Metadata(icc=WIDE), b"", "t")
+    rows = [{"status": "pending", "data": data} for data in (as_srgb, in_wide)]
+    l_small = [np.frombuffer(colorize.prepare_row(row, cfg)["l_small"], np.float32) for row in rows]
+    np.testing.assert_allclose(l_small[0], l_small[1], atol=0.15)  # L in 0-100
+    ab = torch.linspace(-40, 40, 2 * 8 * 8).reshape(1, 2, 8, 8).numpy().tobytes()
+    (plain, none), (tagged, profile) = (
+        written(colorize.colorize_file(data, ab, cfg, "t")[0]) for data in (as_srgb, in_wide)
+    )
+    assert none is None and profile == WIDE
+    np.testing.assert_allclose(wide_to_srgb(tagged), plain, atol=2.5 / 255)
+
+
+def test_only_srgb_jpegs_take_the_device_path() -> None:
+    rgb = Image.fromarray(photo_rgb("coffee", 16))
+    for profile, device in ((None, True), (SRGB, True), (WIDE, False)):
+        data = save(rgb, "JPEG", **({"icc_profile": profile} if profile else {}))
+        assert eligible(data, open_image(data, max_pixels=10**6)) is device
