@@ -167,7 +167,8 @@ def _power_with_linear_toe(
     return line.add_(curve)
 
 
-def _srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
+def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB-encoded values -> linear light (IEC 61966-2-1), any shape, into a new tensor."""
     return _power_with_linear_toe(
         rgb,
         SRGB_KNEE,
@@ -178,7 +179,8 @@ def _srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
+def linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
+    """Linear light -> sRGB-encoded values, any shape, into a new tensor (not clipped)."""
     return _power_with_linear_toe(
         linear,
         SRGB_LINEAR_KNEE,
@@ -208,7 +210,7 @@ def rgb_to_lab(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     """
     rgb_B3P = _as_planes(rgb_N3HW, "rgb_to_lab input")
     m = _matrices(rgb_B3P.dtype, rgb_B3P.device)
-    f_B3P = _lab_f(_mix(m.xyzn_from_rgb, _srgb_to_linear(rgb_B3P)))
+    f_B3P = _lab_f(_mix(m.xyzn_from_rgb, srgb_to_linear(rgb_B3P)))
     lab_B3P = _mix(m.lab_from_f, f_B3P)
     lab_B3P[:, 0].sub_(16.0)
     return lab_B3P.reshape(rgb_N3HW.shape).to(rgb_N3HW.dtype)
@@ -226,9 +228,9 @@ def rgb_to_lightness(rgb_N3HW: torch.Tensor) -> torch.Tensor:
     rgb_BCP = _as_planes(rgb_N3HW, "rgb_to_lightness input", channels=(3, 1))
     y_row = _matrices(rgb_BCP.dtype, rgb_BCP.device).xyzn_from_rgb[1:2]
     if rgb_BCP.shape[1] == 1:  # Y of a gray is its linear value times the row's sum
-        y_B1P = _srgb_to_linear(rgb_BCP).mul_(y_row.sum())
+        y_B1P = srgb_to_linear(rgb_BCP).mul_(y_row.sum())
     else:
-        y_B1P = _mix(y_row, _srgb_to_linear(rgb_BCP))
+        y_B1P = _mix(y_row, srgb_to_linear(rgb_BCP))
     l_B1P = _lab_f(y_B1P).mul_(116.0).sub_(16.0)
     return l_B1P.reshape(*rgb_N3HW.shape[:-3], 1, *rgb_N3HW.shape[-2:]).to(rgb_N3HW.dtype)
 
@@ -382,7 +384,7 @@ def lab_to_rgb(lab_N3HW: torch.Tensor, *, gamut: str = "chroma") -> torch.Tensor
     linear_B3P = _lab_to_linear(lab_B3P)
     if gamut == "chroma":
         linear_B3P = _map_chroma_into_gamut(lab_B3P, linear_B3P)
-    rgb_B3P = _linear_to_srgb(linear_B3P)
+    rgb_B3P = linear_to_srgb(linear_B3P)
     # The encoding is monotone, so clipping here equals clipping linear light, as scikit-image
     # does; it is the whole of "clip" and removes rounding slack after "chroma".
     return rgb_B3P.clamp_(0.0, 1.0).reshape(lab_N3HW.shape).to(lab_N3HW.dtype)

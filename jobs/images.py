@@ -140,6 +140,18 @@ def gray_in_unit_range(image: Image.Image) -> np.ndarray:
     return np.clip(pixels, 0, 1, out=pixels)
 
 
+def as_16bit(values: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 samples as uint16 (8-bit ones spread over 16 bits: x 257)."""
+    return values if values.dtype == np.uint16 else values.astype(np.uint16) * np.uint16(257)
+
+
+def as_8bit(values: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 samples as uint8 (16-bit ones rounded to the nearest 8-bit level)."""
+    if values.dtype == np.uint8:
+        return values
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def _gray_to_8bit(image: Image.Image) -> Image.Image:
     pixels = gray_in_unit_range(image)
     pixels *= 255

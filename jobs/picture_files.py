@@ -33,6 +33,8 @@ from jobs import icc as profiles
 from jobs.images import (
     EXIF_ORIENTATION,
     BadImage,
+    as_8bit,
+    as_16bit,
     exif_orientation,
     gray_in_unit_range,
     open_image,
@@ -513,18 +515,6 @@ def exif_bytes(meta: Metadata, provenance: str, limit: int | None = None) -> byt
     return body
 
 
-def _as_16bit(values: np.ndarray) -> np.ndarray:
-    """uint8 or uint16 samples as uint16 (8-bit ones spread over 16 bits: x 257)."""
-    return values if values.dtype == np.uint16 else values.astype(np.uint16) * 257
-
-
-def _as_8bit(values: np.ndarray) -> np.ndarray:
-    """uint8 or uint16 samples as uint8 (16-bit ones rounded to the nearest 8-bit level)."""
-    if values.dtype == np.uint8:
-        return values
-    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-
-
 def _jpeg_xmp(xmp: bytes | None) -> bytes | None:
     """`xmp` where it fits one JPEG segment, else None: a larger packet is left out."""
     return xmp if xmp and len(_XMP_HEADER) + len(xmp) <= _APP_PAYLOAD_MAX else None
@@ -543,7 +533,7 @@ def encode_png16(
 ) -> bytes:
     """A 16-bit RGB or RGBA PNG (Pillow writes at most 8 bits per colour channel)."""
     h, w, _ = rgb_HW3.shape
-    pixels = rgb_HW3 if alpha_HW is None else np.dstack([rgb_HW3, _as_16bit(alpha_HW)])
+    pixels = rgb_HW3 if alpha_HW is None else np.dstack([rgb_HW3, as_16bit(alpha_HW)])
     row_bytes = w * 2 * pixels.shape[2]
     rows = np.zeros((h, 1 + row_bytes), np.uint8)  # filter byte 0, then big-endian samples
     rows[:, 1:] = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(h, row_bytes)
@@ -588,9 +578,9 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer) as tiff:
         for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-            pixels, extra = _as_16bit(rgb), None
+            pixels, extra = as_16bit(rgb), None
             if page.alpha is not None:
-                pixels, extra = np.dstack([pixels, _as_16bit(page.alpha)]), ["unassalpha"]
+                pixels, extra = np.dstack([pixels, as_16bit(page.alpha)]), ["unassalpha"]
             resolution = {"resolution": meta.dpi, "resolutionunit": "INCH"} if meta.dpi else {}
             tiff.write(pixels, photometric="rgb", compression="zlib", extrasamples=extra,
                        extratags=tags, metadata=None, software=False, **resolution)  # fmt: skip
@@ -628,9 +618,9 @@ def encode(
         return encode_tiff16(rgb_pages, decoded, provenance)
     images = []
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
-        image = Image.fromarray(_as_8bit(rgb))
+        image = Image.fromarray(as_8bit(rgb))
         if page.alpha is not None:  # 8 bits here, as the colour
-            image.putalpha(Image.fromarray(_as_8bit(page.alpha)))
+            image.putalpha(Image.fromarray(as_8bit(page.alpha)))
         images.append(image)
     kwargs: dict[str, Any] = {"exif": exif, "dpi": meta.dpi}  # (WebP keeps no resolution)
     if meta.icc:

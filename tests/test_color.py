@@ -287,14 +287,14 @@ def test_chroma_search_of_every_pixel_equals_the_gathered_one(random_lab) -> Non
         _chroma_mapped_everywhere,
         _gamut_excess,
         _lab_to_linear,
-        _linear_to_srgb,
+        linear_to_srgb,
     )
 
     def chroma_everywhere(lab_N3HW: torch.Tensor) -> torch.Tensor:  # lab_to_rgb's steps
         lab_N3P = lab_N3HW.flatten(2)
         linear_N3P = _lab_to_linear(lab_N3P)
         mapped = _chroma_mapped_everywhere(lab_N3P, linear_N3P, _gamut_excess(linear_N3P) > 0)
-        return _linear_to_srgb(mapped).clamp(0.0, 1.0).view_as(lab_N3HW)
+        return linear_to_srgb(mapped).clamp(0.0, 1.0).view_as(lab_N3HW)
 
     lab_23HW = random_lab[:, :40, :100].reshape(3, 2, 40, 50).transpose(0, 1).float()
     expected = lab_to_rgb(lab_23HW)

@@ -77,6 +77,15 @@ def singular(profile: bytes) -> bytes:
     return bytes(data)
 
 
+@pytest.fixture(params=["shaper", "littlecms"])
+def conversion(request, monkeypatch) -> str:
+    """Each test of RGB conversions runs twice: through a matrix profile's measured curves
+    (`icc._Shaper`), and through LittleCMS alone, the way of profiles of other kinds."""
+    if request.param == "littlecms":
+        monkeypatch.setattr(icc, "_shaper", lambda profile: None)
+    return request.param
+
+
 def planes_HW3(page: picture_files.Page) -> np.ndarray:
     return page.rgb[0].permute(1, 2, 0).double().numpy()
 
@@ -103,7 +112,7 @@ def test_profiles_are_told_apart_and_srgb_ones_passed_over() -> None:
 
 
 @pytest.mark.parametrize("kind", ["png8", "png16", "tiff8", "jpeg_rgb_profile_on_gray"])
-def test_tagged_colour_pictures_are_read_into_srgb(kind: str) -> None:
+def test_tagged_colour_pictures_are_read_into_srgb(kind: str, conversion: str) -> None:
     wide = photo_rgb("coffee", 40).astype(np.float64) / 255
     if kind == "png16":  # the 16-bit colour path (OpenCV), profile from the iCCP chunk
         pixels16 = np.round(wide * 65535).astype(np.uint16)
@@ -156,7 +165,7 @@ def test_tagged_gray_pictures_are_read_into_srgb_gray(kind: str) -> None:
     np.testing.assert_allclose(page.rgb[0, 0].double().numpy(), expected, atol=2e-3)
 
 
-def test_outputs_are_written_in_the_profile_they_carry() -> None:
+def test_outputs_are_written_in_the_profile_they_carry(conversion: str) -> None:
     """sRGB pixels handed to `encode` come out in the source's profile (8 and 16 bits), or as
     they are where the profile is sRGB's or cannot be written into."""
     srgb = photo_rgb("chelsea", 24).astype(np.float64) / 255
@@ -220,3 +229,23 @@ def test_only_srgb_jpegs_take_the_device_path() -> None:
     for profile, device in ((None, True), (SRGB, True), (WIDE, False)):
         data = save(rgb, "JPEG", **({"icc_profile": profile} if profile else {}))
         assert eligible(data, open_image(data, max_pixels=10**6)) is device
+
+
+def test_matrix_profiles_are_measured_and_others_left_to_littlecms() -> None:
+    """Adobe RGB and the wide test space are a curve a channel and a matrix: converted
+    through their measured curves. A profile whose curve dips is not (it has no inverse):
+    LittleCMS converts it, as the colour science says."""
+    assert icc._shaper(WIDE) is not None
+    assert icc._shaper(imagecodecs.cms_profile("adobergb")) is not None
+    curve = np.linspace(0, 1, 256) ** GAMMA
+    curve[100:110] = curve[100] - 0.01
+    table = np.round(curve.clip(0, 1) * 65535).astype(np.uint16)
+    dipping = imagecodecs.cms_profile(
+        "rgb", primaries=WIDE_PRIMARIES, whitepoint=D65, transferfunction=table
+    )
+    assert icc._shaper(dipping) is None and icc.converts(dipping)
+    pixels = (np.random.default_rng(3).random((16, 20, 3)) * 65535).astype(np.uint16)
+    light = np.interp(pixels / 65535, np.linspace(0, 1, 256), table / 65535)
+    expected = srgb_encode(light @ WIDE_TO_SRGB.T)
+    got = icc.to_srgb(pixels, dipping).transpose(1, 2, 0)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
