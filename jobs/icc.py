@@ -15,9 +15,10 @@ in the shadows of a gamma-1.8 space. A gray picture goes through a table of its 
 65,536 levels, made once. So does an RGB picture whose profile is a curve for each channel
 then a matrix (Adobe RGB, ProPhoto, Display P3, most cameras' and scanners' profiles):
 `_Shaper` measures its curves and matrix through LittleCMS, and is used only where it
-converts a grid of colours both ways as LittleCMS does (within 8 16-bit levels). A 1024 x 768
-JPEG in Adobe RGB then costs 0.05 s more to colorize than in sRGB on one core, against
-0.45 s through LittleCMS alone, which is left to profiles of other kinds (tables of colours).
+converts a grid of colours both ways as LittleCMS does (within 8 16-bit levels). The CPU
+steps of colorizing a 1024 x 768 JPEG in Adobe RGB then take 1.4x those of one in sRGB,
+against 4.2x through LittleCMS alone (`bench/icc.py`), which is left to profiles of other
+kinds (tables of colours).
 Colours outside the target's gamut are clipped to it. A profile LittleCMS cannot read, or of
 a colour space the pixels are not in (a CMYK profile among them: CMYK pictures keep the
 plain conversion of `jobs.picture_files`), is passed over: the pixels are read as sRGB, as
