@@ -4,7 +4,7 @@ metadata in, colorized pages out in the source's format where it can carry them.
 Decoding (`decode`) gives each page as sRGB float planes (gray or RGB; converted from the
 space its ICC profile states, `jobs.icc`), its alpha and bit depth, and the file's metadata:
 the ICC profile the output carries, EXIF (orientation applied and removed), XMP, IPTC.
-Pillow reads 16-bit colour PNG and TIFF at 8 bits, so those pages are read with OpenCV.
+Pillow reads 16-bit colour PNG, PPM and TIFF at 8 bits, so those pages are read with OpenCV.
 Encoding (`encode`) writes the colorized pages with that metadata and a provenance string in
 EXIF tag 0x000B, its pixels converted into that profile: JPEG, PNG, WebP and 8-bit TIFF
 through Pillow, a 16-bit picture as a 16-bit
@@ -236,8 +236,11 @@ def _upright_xmp(xmp: bytes | None) -> bytes | None:
 
 
 def _is_16bit_colour(data: bytes, image) -> bool:
-    """Whether a PNG, or the current page of a TIFF, has 16 bits per colour channel (RGB or
-    RGBA, CMYK for a TIFF, or for PNG gray with alpha), which Pillow would decode to 8 bits."""
+    """Whether a PNG, a colour PPM, or the current page of a TIFF, has more than 8 bits per
+    colour channel (RGB or RGBA, CMYK for a TIFF, or for PNG gray with alpha), which Pillow
+    would decode to 8 bits."""
+    if image.format == "PPM":
+        return image.mode == "RGB" and _pnm_maxval(data) > 255
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
         return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
@@ -257,6 +260,15 @@ def _plain_samples(image) -> bool:
     formats = tags.get(339, 1)  # SampleFormat: one a sample, or one for all
     formats = formats if isinstance(formats, tuple) else (formats,)
     return tags.get(32997, 1) == 1 and set(formats) == {1}  # ImageDepth: 1
+
+
+_PNM_TOKEN = re.compile(rb"#[^\r\n]*|[^\s#]+")  # a comment, or a field of the header
+
+
+def _pnm_maxval(data: bytes) -> int:
+    """The largest sample value a PPM's header states (its fourth field); 0 where unread."""
+    fields = [t for t in _PNM_TOKEN.findall(data[:4096]) if not t.startswith(b"#")][:4]
+    return int(fields[3]) if len(fields) == 4 and fields[3].isdigit() else 0
 
 
 def _is_16bit_cmyk(image) -> bool:
@@ -280,7 +292,7 @@ def _16bit_colour_page(
     cmyk: bool = False,
     icc: bytes | None = None,
 ) -> Page | None:
-    """Page `index` of a PNG or TIFF at 16 bits per channel, alpha kept, read with OpenCV
+    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept, read with OpenCV
     (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
     each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
     samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
@@ -304,8 +316,11 @@ def _16bit_colour_page(
             rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:])
             pixels = np.round(rgb * 65535).astype(np.uint16)
         pixels = pixels[..., [2, 1, 0, 3][: pixels.shape[2]]]  # as OpenCV's: BGR(A)
-    elif fmt == "PNG":
+    elif fmt in ("PNG", "PPM"):
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+        maxval = _pnm_maxval(data) if fmt == "PPM" else 65535
+        if pixels is not None and maxval != 65535:  # OpenCV keeps a PPM's values as stored
+            pixels = np.round(pixels * (65535 / maxval)).clip(0, 65535).astype(np.uint16)
     else:
         ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
         pixels = found[0] if ok and len(found) == 1 else None

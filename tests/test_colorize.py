@@ -1123,6 +1123,26 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
     assert picture_files.output_format(decoded, "png") == "PNG16"
 
 
+@pytest.mark.parametrize("maxval", [65535, 1023])
+def test_a_colour_ppm_of_more_than_8_bits_keeps_them(maxval: int) -> None:
+    """A binary PPM at 16 bits, and a plain (text) one whose samples go up to 1023: read at
+    16 bits (Pillow reads both at 8), each sample scaled from its maxval, a PNG16 out."""
+    rgb16, _ = scan16(6)
+    stored = np.round(rgb16 / 65535 * maxval).astype(np.uint16)
+    header = f"P6\n# scanned\n36 24\n{maxval}\n".encode()
+    ppm = header + stored.astype(">u2").tobytes()
+    if maxval != 65535:
+        samples = " ".join(str(v) for v in stored.ravel())
+        ppm = f"P3\n36 24 # scanned\n{maxval}\n{samples}\n".encode()
+    decoded = picture_files.decode(ppm, 10**6)
+    (page,) = decoded.pages
+    expected = torch.from_numpy(stored.astype(np.float64) * (65535 / maxval))
+    assert page.bits == 16 and picture_files.output_format(decoded, "keep") == "PNG16"
+    torch.testing.assert_close(
+        page.rgb[0].permute(1, 2, 0).double() * 65535, expected.round(), rtol=0, atol=0.6
+    )
+
+
 def test_a_16bit_tiff_of_colour_planes_is_read_at_16_bits_upright() -> None:
     """One plane a channel (PlanarConfiguration 2), which OpenCV and Pillow read as if the
     samples were interleaved: read with tifffile, its alpha kept, turned by its tag."""
