@@ -880,8 +880,9 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
     (folders, inputs done by an earlier run) and those numbered as copies or refused. An
     archive whose index does not read stays whole: its task records why.
 
-    Every part reads the archive's index (a zip's central directory, a Parquet footer): the
-    parts are made few enough that these reads come to at most the larger of
+    Every part reads the archive's index (a zip's central directory, a Parquet footer and
+    key column, whose names it checks): the parts are made few enough that these reads come
+    to at most the larger of
     `INDEX_REREADS` of the archive's size and `INDEX_REREADS_FLOOR` bytes (a zip of a
     million members has about 100 MB of directory)."""
     if unit["kind"] not in ("zip", "parquet") or unit["size"] <= cfg.archive_part_mb * 2**20:
@@ -972,14 +973,15 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
     table = pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
     members = [(name, "file") for name in _row_names(table, key)]
-    blocks, first = [], 0
+    blocks, first, keys = [], 0, 0
     for g in range(table.num_row_groups):
         group = table.metadata.row_group(g)
-        chunks = (group.column(c) for c in range(group.num_columns))
+        chunks = [group.column(c) for c in range(group.num_columns)]
         size = sum(c.total_compressed_size for c in chunks if c.path_in_schema == column)
+        keys += sum(c.total_compressed_size for c in chunks if key and c.path_in_schema == key)
         blocks.append((first, size))
         first += group.num_rows
-    return members, blocks, table.metadata.serialized_size
+    return members, blocks, table.metadata.serialized_size + keys  # each part reads the keys
 
 
 # ---------------------------------------------------------------- the pipeline stages

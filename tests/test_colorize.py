@@ -627,6 +627,25 @@ def test_a_large_archive_is_read_in_parts_as_it_is_read_whole(tmp_path, kind) ->
     assert len([n for p in parts for n in p["part"]["named"]]) == sum(reasons.values())
 
 
+def test_a_parquet_file_splits_into_fewer_parts_the_larger_its_keys(tmp_path, monkeypatch) -> None:
+    """Each part of a split Parquet file reads its key column whole, to check the names: the
+    parts are as many as re-reading that column allows (`INDEX_REREADS` of the file), where
+    a file of numbered rows, whose parts read only its footer, splits a part a row group."""
+    monkeypatch.setattr(colorize, "INDEX_REREADS_FLOOR", 0)
+    rng = np.random.default_rng(0)
+    images = [encode(rng.integers(0, 256, (64, 64), np.uint8)) for _ in range(40)]  # 5 KB
+    keys = [rng.bytes(600).hex() for _ in images]  # 1.2 KB names that hardly compress
+    counts = {}
+    for named in (True, False):
+        path = tmp_path / f"named{named}.parquet"
+        columns = {"image": pa.array(images, pa.binary())} | ({"path": keys} if named else {})
+        pq.write_table(pa.table(columns), path, row_group_size=4, write_statistics=False)
+        cfg = config(str(path), str(tmp_path / "o"), "m.pt", archive_part_mb=1 / 2**20)
+        parts, _, _ = colorize.plan(cfg, [])
+        counts[named] = len(parts)
+    assert counts[True] == 1 and counts[False] >= 5, counts
+
+
 def test_a_split_archive_changed_since_the_plan_or_unreadable(tmp_path) -> None:
     """A part of an archive that has since changed records the archive as unreadable, with
     the members it was to read: another count of members, another size, other names (at the
