@@ -363,19 +363,44 @@ def read_range(url: str, start: int, size: int, s3: S3Options | None = None) -> 
 
 
 def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
-    """Write a whole object; readers see the old or the new content, never a partial file."""
+    """Write a whole object; readers see the old or the new content, never a partial file,
+    and a local file is on disk when this returns (`_write_synced`)."""
     fs, path = filesystem(url, s3)
     if is_local(url):
         tmp = temporary_beside(path)
         try:
-            fs.pipe_file(tmp, data)
+            _write_synced(tmp, data)
             os.replace(tmp, path)
+            _sync_folder(path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
     else:  # an object store's PUT is atomic
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Writes a new local file (its folders made as needed) and has its content on disk, so
+    that a rename or link that then publishes it survives a crash of the machine: without
+    this a file system may commit the rename first, and leave an empty file under the final
+    name (ext4 does for a new file), though the job went on as if it were written."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(path: str) -> None:
+    """Has the entry a rename or link made for `path` on disk, where the file system syncs
+    folders (some network file systems do not: the rename is then theirs to keep)."""
+    with contextlib.suppress(OSError):
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def temporary_beside(path: str) -> str:
@@ -432,7 +457,7 @@ def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
     written."""
     fs, path = filesystem(url, s3)
     if is_local(url):
-        return _create_local(fs, path, data)
+        return _create_local(path, data)
 
     def put() -> None:
         try:
@@ -449,11 +474,12 @@ def create_bytes(url: str, data: bytes, s3: S3Options | None = None) -> bool:
         return False
 
 
-def _create_local(fs, path: str, data: bytes) -> bool:
+def _create_local(path: str, data: bytes) -> bool:
     tmp = temporary_beside(path)
     try:
-        fs.pipe_file(tmp, data)
+        _write_synced(tmp, data)
         os.link(tmp, path)
+        _sync_folder(path)
         return True
     except FileExistsError:
         return False
@@ -463,6 +489,8 @@ def _create_local(fs, path: str, data: bytes) -> bool:
         try:  # no hard links here: created exclusively, written in place
             with open(path, "xb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             return True
         except FileExistsError:
             return False

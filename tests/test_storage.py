@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import http.server
 import os
+import stat
 import threading
 import time
 
@@ -266,22 +267,41 @@ def test_keys_s3_would_not_delete_fail_the_removal(s3_server, monkeypatch) -> No
 
 
 def test_a_local_write_that_fails_half_way_leaves_the_old_file(tmp_path, monkeypatch) -> None:
-    """Readers see the old content or the new, never part of it, and no stray file stays."""
-    import fsspec.implementations.local as local
-
+    """Readers see the old content or the new, never part of it, and no stray file stays:
+    here the disk fills as the new content is flushed (where a full disk often shows)."""
     url = str(tmp_path / "f.bin")
     storage.write_bytes(url, b"old")
-    real = local.LocalFileSystem.pipe_file
 
-    def half_then_fail(self, path, value, **kwargs):
-        real(self, path, value[: len(value) // 2], **kwargs)
+    def full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(local.LocalFileSystem, "pipe_file", half_then_fail)
+    monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space"):
         storage.write_bytes(url, b"new content")
     assert storage.read_bytes(url) == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_local_write_is_on_disk_before_it_is_published(tmp_path, monkeypatch) -> None:
+    """The new content is synced before the rename (or link) that gives it its name, and the
+    folder after it: a machine that crashes then keeps the file whole under its name, never
+    empty, and a job's later records (a manifest part after its outputs) never outlive it."""
+    calls = []
+    real = {name: getattr(os, name) for name in ("fsync", "replace", "link")}
+
+    def fsync(fd: int) -> None:
+        calls.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real["fsync"](fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for name in ("replace", "link"):
+        monkeypatch.setattr(os, name, lambda *a, _n=name: (calls.append(_n), real[_n](*a))[1])
+    storage.write_bytes(str(tmp_path / "new" / "a.bin"), b"content")
+    assert calls == ["file", "replace", "folder"]
+    calls.clear()
+    assert storage.create_bytes(str(tmp_path / "new" / "b.bin"), b"content")
+    assert calls == ["file", "link", "folder"]
+    assert (tmp_path / "new" / "a.bin").read_bytes() == b"content"
 
 
 def test_pyarrow_filesystem_reads_what_fsspec_wrote(root_url) -> None:
