@@ -1040,6 +1040,32 @@ def test_an_archive_read_through_is_skipped_unopened_once_each_member_has_a_row(
     assert next(u["url"] for u in units if u["kind"] != "files") == url("a.tar")
 
 
+def test_a_file_named_like_a_member_beside_its_archive_keeps_a_source_of_its_own(
+    tmp_path,
+) -> None:
+    """`a.zip!x.png`, a file, beside `a.zip` holding `x.png`: two inputs, two sources (the
+    member's numbered as a copy), two outputs, and a re-run finds both done."""
+    torch.manual_seed(2)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    png = encode(gray((8, 8)), "PNG")
+    box = io.BytesIO()
+    with zipfile.ZipFile(box, "w") as archive:
+        archive.writestr("x.png", png)
+        archive.writestr("y.png", png)
+    files = {"a.zip": box.getvalue(), "a.zip!x.png": png}
+    rows = _run_local(files, tmp_path, model, jpeg_path="cpu")
+    inputs = {k: v for k, v in rows.items() if v["status"] != colorize_manifest.READ}
+    assert sorted(inputs) == ["a.zip!x.png", "a.zip!x.png (copy 2)", "a.zip!y.png"]
+    assert {r["status"] for r in inputs.values()} == {"ok"}
+    assert sorted(r["output"] for r in inputs.values()) == ["a.zip!x.png", "a.zip/x.png",
+                                                            "a.zip/y.png"]  # fmt: skip
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out-cpu"), "m.pt")
+    table = colorize_manifest.read(cfg.output, cfg.s3)
+    done = colorize_manifest.inputs_only(table).column("source").to_pylist()
+    units, _, skipped = colorize.plan(cfg, done, colorize_manifest.archives_read(table))
+    assert units == [] and skipped == 3
+
+
 def test_members_named_like_numbered_copies_keep_sources_of_their_own(tmp_path) -> None:
     """`a.jpg`, `a.jpg` and a member named `a.jpg (copy 2)`: three sources, three rows."""
     data = encode(gray((8, 8)))
