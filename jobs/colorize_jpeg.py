@@ -11,12 +11,13 @@ host, which is faster there and frees the GPU. The colour math is the CPU path's
 two paths differ only by their JPEG codecs' rounding.
 
 `jobs.colorize` routes a file here when the header check (`eligible`) passes: a single-frame
-8-bit JPEG in gray or YCbCr colour, within the pixel limit. CMYK / YCCK JPEGs, 12-bit ones
-and everything that is not a JPEG take the CPU path. Metadata (EXIF without orientation,
-with the provenance tag; ICC; XMP; IPTC) is prepared from the header on the CPU as ready
-APP segments (`jobs.picture_files.app_segments`) and spliced into the encoded file. A batch
-that the codec refuses as a whole is decoded image by image, and an image that still fails
-is handed back (None) for the CPU path to colorize or to record with its reason.
+8-bit JPEG in gray or YCbCr colour, within the pixel limit, whose pixels are sRGB's (no ICC
+profile of another space, `jobs.icc`). CMYK / YCCK JPEGs, 12-bit ones, those of another
+colour space and everything that is not a JPEG take the CPU path. Metadata (EXIF without
+orientation, with the provenance tag; ICC; XMP; IPTC) is prepared from the header on the CPU
+as ready APP segments (`jobs.picture_files.app_segments`) and spliced into the encoded file.
+A batch that the codec refuses as a whole is decoded image by image, and an image that still
+fails is handed back (None) for the CPU path to colorize or to record with its reason.
 
 Legend: N batch, H, W full size, S network input side, s = S / 4 network output side.
 """
@@ -38,7 +39,7 @@ import torch
 from jobs import icc
 from jobs.colorize import network_input, predict_ab, reassemble
 from jobs.images import each_or_none
-from jobs.picture_files import upright, with_segments
+from jobs.picture_files import page_profile, upright, with_segments
 from jobs.runtime import Precision
 
 # ---------------------------------------------------------------- routing
@@ -55,7 +56,7 @@ def eligible(data: bytes, image) -> bool:
         image.format == "JPEG"
         and image.mode in ("L", "RGB")
         and data.rstrip(b"\0").endswith(b"\xff\xd9")
-        and not icc.converts(image.info.get("icc_profile"))
+        and not icc.converts(page_profile(image))
     )
 
 

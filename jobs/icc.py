@@ -125,7 +125,17 @@ class _Shaper(NamedTuple):
 @functools.lru_cache(maxsize=16)
 def _shaper(icc: bytes) -> _Shaper | None:
     """The `_Shaper` of an RGB profile that converts; None where the profile is not one (its
-    conversions of a grid of colours, both ways, differ from LittleCMS's)."""
+    conversions of a grid of colours differ from LittleCMS's: into sRGB, and out of it where
+    the profile can be converted into, `Profile.reversible`)."""
+    import imagecodecs
+
+    try:
+        return _measured(icc, reversible=read(icc).reversible)
+    except (imagecodecs.CmsError, ValueError):
+        return None
+
+
+def _measured(icc: bytes, reversible: bool) -> _Shaper | None:
     import imagecodecs
 
     xyz, top = imagecodecs.cms_profile("xyz"), np.arange(65536, dtype=np.uint16)
@@ -150,10 +160,10 @@ def _shaper(icc: bytes) -> _Shaper | None:
     )
     grid = _grid(3)
     forward = np.round(_shaper_to_srgb(grid, shaper).transpose(1, 2, 0) * 65535)
-    backward = _shaper_from_srgb(grid.copy(), shaper)
-    lcms = _transform(grid, icc, _srgb()), _transform(grid, _srgb(), icc)
-    errors = [np.abs(ours - theirs.astype(np.int64)).max() for ours, theirs in
-              zip((forward, backward.astype(np.int64)), lcms, strict=True)]  # fmt: skip
+    errors = [np.abs(forward - _transform(grid, icc, _srgb())).max()]
+    if reversible:
+        backward = _shaper_from_srgb(grid.copy(), shaper).astype(np.int64)
+        errors.append(np.abs(backward - _transform(grid, _srgb(), icc)).max())
     return shaper if max(errors) <= _SHAPER_TOLERANCE else None
 
 
@@ -181,7 +191,7 @@ def _shaper_to_srgb(pixels_HW3: np.ndarray, shaper: _Shaper) -> np.ndarray:
         band = as_16bit(pixels_HW3[r : r + rows])
         light_3P = torch.from_numpy(np.stack([shaper.linear[c][band[..., c]] for c in range(3)]))
         srgb_3P = linear_to_srgb((shaper.to_srgb @ light_3P.flatten(1)).clamp_(0, 1))
-        planes_CHW[:, r : r + rows] = srgb_3P.view(3, -1, w).numpy()
+        planes_CHW[:, r : r + rows] = srgb_3P.clamp_(0, 1).view(3, -1, w).numpy()
     return planes_CHW
 
 

@@ -136,7 +136,7 @@ def read_metadata(image) -> Metadata:
     from PIL import Image
 
     info = image.info
-    icc = profiles.output_profile(_page_profile(image))
+    icc = profiles.output_profile(page_profile(image))
     xmp = info.get("xmp") or info.get("XML:com.adobe.xmp")
     iptc = (info.get("photoshop") or {}).get(0x0404)
     source, exif = image.getexif(), Image.Exif()
@@ -368,7 +368,7 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 each = f", each after the first counted as at least {min_page_px}" * (index > 0)
                 raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
                                f"limit {max_pixels}")  # fmt: skip
-            icc = _page_profile(image)
+            icc = page_profile(image)
             if _is_16bit_colour(data, image):
                 # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
                 planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
@@ -489,14 +489,17 @@ _GRAY_MODES = ("1", "L", "LA", "La", "I", "F")
 _RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
 
 
-def _page_profile(image) -> bytes | None:
+def page_profile(image) -> bytes | None:
     """The ICC profile of a PIL image's current page where it is of the page's colour space
     (gray or RGB; a profile of another is not used), else None. Pillow keeps a TIFF's first
-    page's profile in `info` when a later page has none: a TIFF page's own tag is read."""
+    page's profile in `info` when a later page has none: a TIFF page's own tag is read (as
+    bytes only: a tag stored as a number is no profile)."""
     found = image.tag_v2.get(_ICC_TAG) if image.format == "TIFF" else image.info.get("icc_profile")
+    if not isinstance(found, bytes | bytearray) or not found:
+        return None
     mode = image.mode
     channels = 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3 * (mode in _RGB_MODES)
-    return bytes(found) if found and profiles.read(bytes(found)).channels == channels else None
+    return bytes(found) if profiles.read(bytes(found)).channels == channels else None
 
 
 def _next_page(image, index: int) -> bool:

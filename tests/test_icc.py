@@ -86,6 +86,41 @@ def conversion(request, monkeypatch) -> str:
     return request.param
 
 
+def s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def input_only(gamma: float = 2.2) -> bytes:
+    """An ICC v2 input (scanner) profile made of one table, A2B0 (lut16: a curve a channel,
+    then a colour grid into XYZ), with no table out of XYZ: LittleCMS converts from it but
+    not into it, as with many profiles of calibrated scanners. Its grid holds the sums of
+    sRGB's colorants (D50, as LittleCMS's sRGB profile has them), so it describes sRGB's
+    primaries with a plain `gamma` curve."""
+    colorants = np.array([[0.4360, 0.2225, 0.0139], [0.3851, 0.7169, 0.0971],
+                          [0.1431, 0.0606, 0.7141]])  # fmt: skip
+    corners = [np.array(c) @ colorants for c in np.ndindex(2, 2, 2)]  # R slowest
+    curve = np.round((np.arange(256) / 255) ** gamma * 65535).astype(">u2").tobytes()
+    lut = b"mft2" + bytes(4) + bytes([3, 3, 2, 0])
+    lut += b"".join(s15(float(i == j)) for i in range(3) for j in range(3))  # identity
+    lut += struct.pack(">HH", 256, 2) + curve * 3
+    lut += b"".join(struct.pack(">3H", *np.round(np.array(c) * 32768).astype(int)) for c in corners)
+    lut += struct.pack(">2H", 0, 65535) * 3
+    white = b"XYZ " + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249)
+    text = b"desc" + bytes(4) + struct.pack(">I", 5) + b"scan\0" + bytes(4 + 2 + 1 + 67)
+    tags = [(b"desc", text), (b"wtpt", white), (b"A2B0", lut)]
+    table, body, at = b"", b"", 128 + 4 + 12 * len(tags)
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", at + len(body), len(data))
+        body += data
+    size = at + len(body)
+    header = struct.pack(">I", size) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"scnrRGB XYZ "
+    header += bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0)
+    header += s15(0.9642) + s15(1.0) + s15(0.8249)
+    header += bytes(128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
 def planes_HW3(page: picture_files.Page) -> np.ndarray:
     return page.rgb[0].permute(1, 2, 0).double().numpy()
 
@@ -249,3 +284,50 @@ def test_matrix_profiles_are_measured_and_others_left_to_littlecms() -> None:
     expected = srgb_encode(light @ WIDE_TO_SRGB.T)
     got = icc.to_srgb(pixels, dipping).transpose(1, 2, 0)
     np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_an_input_only_profile_is_read_from_and_not_carried() -> None:
+    """A scanner's table profile converts into sRGB but nothing converts into it: the picture
+    is read through it (as the colour science says it should be), and its output is sRGB,
+    carrying no profile, where before such a file failed as corrupt."""
+    scanner = input_only()
+    assert icc.read(scanner) == icc.Profile(3, converts=True, reversible=False)
+    assert icc.output_profile(scanner) is None
+    ramp = np.linspace(0, 255, 24 * 32).reshape(24, 32).round().astype(np.uint8)
+    stored = np.dstack([ramp, ramp[::-1], ramp.T.reshape(24, 32)])
+    data = save(Image.fromarray(stored), "PNG", icc_profile=scanner)
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.meta.icc is None
+    expected = srgb_encode((stored / 255) ** 2.2)
+    np.testing.assert_allclose(planes_HW3(decoded.pages[0]), expected, atol=2e-3)
+    srgb16 = np.full((24, 32, 3), 30000, np.uint16)
+    pixels, profile = written(picture_files.encode([srgb16], decoded, "PNG", "t", 95))
+    assert profile is None and np.array_equal(np.round(pixels * 255), np.round(srgb16 / 257))
+
+
+def test_a_profile_tag_that_holds_a_number_is_no_profile() -> None:
+    """A TIFF whose ICC tag is a LONG decodes as sRGB, and its number (4 GB) is not taken
+    for the size of a profile to make."""
+    import tracemalloc
+
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.full((4, 4, 3), 90, np.uint8), photometric="rgb",
+                     extratags=[(34675, "I", 1, 0xFFFFFFF0, True)])  # fmt: skip
+    tracemalloc.start()
+    try:
+        decoded = picture_files.decode(buffer.getvalue(), 10**6)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.meta.icc is None and peak < 2**26
+    np.testing.assert_allclose(planes_HW3(decoded.pages[0]), 90 / 255, atol=1e-7)
+
+
+def test_a_profile_of_another_space_than_the_pixels_keeps_no_jpeg_off_the_device() -> None:
+    """A gray JPEG tagged with an RGB profile is read as sRGB on either path (the profile
+    does not describe it), so it may take the device path."""
+    gray = Image.fromarray(photo_rgb("coffee", 16)[..., 0])
+    data = save(gray, "JPEG", icc_profile=WIDE)
+    assert eligible(data, open_image(data, max_pixels=10**6))
