@@ -410,8 +410,7 @@ def plan(
         kind = _kind(url)
         if kind != "image" and not refusal:  # else refused whole, as a file
             prefix = name if rel else ""
-            tops = _starting_with(sources_sorted, source + _separator(kind))
-            members = _members(source, kind, done_sorted, tops)
+            members = _members(source, kind, done_sorted, sources_sorted)
             if source in done_set:  # the archive itself failed: nothing more to read in it
                 skipped += 1
                 continue
@@ -419,7 +418,8 @@ def plan(
             if read.get(source) == (len(members), sizes[rel]):  # every member done, unchanged
                 continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
-            unit |= {"tops": tops} if tops else {}  # top-level files named like members
+            if tops := _starting_with(sources_sorted, source + _separator(kind)):
+                unit["tops"] = tops  # top-level files named like members, as members are
             units.extend(split_archive(unit | {"size": sizes[rel]}, cfg))
             continue
         if source in done_set:
@@ -475,10 +475,13 @@ def _possible_outputs(rel: str, choice: str) -> list[str]:
 
 def _members(archive: str, kind: str, sources: list[str], tops: list[str]) -> list[str]:
     """The members of `archive` (of `kind`) that sorted `sources` name, each as the rest of
-    its source after the archive's mark: not the top-level files named like its members
-    (``a.zip!x.png`` beside ``a.zip``), `tops`, each as the rest of its source likewise."""
-    members = _starting_with(sources, archive + _separator(kind))
-    return [m for m in members if not _within(m, tops)] if tops else members
+    its source after the archive's mark: not the top-level files, of sorted `tops`, named
+    like its members (``a.zip!x.png`` beside ``a.zip``)."""
+    mark = archive + _separator(kind)
+    members = _starting_with(sources, mark)
+    if others := _starting_with(tops, mark):
+        members = [m for m in members if not _within(m, others)]
+    return members
 
 
 def _within(member: str, others: list[str]) -> bool:
@@ -555,8 +558,10 @@ class _Names:
         self.outputs: set[str] = set()
         # Top-level files named like members (`a.zip!x.png`) have their sources: a member
         # of that name is numbered as a copy, as a second member of the name would be.
-        base = _source_text(unit["url"]) + _separator(unit["kind"])
-        self.sources: Counter[str] = Counter(base + top for top in unit.get("tops", ()))
+        self.sources: Counter[str] = Counter()
+        if tops := unit.get("tops"):
+            base = _source_text(unit["url"]) + _separator(unit["kind"])
+            self.sources.update(base + top for top in tops)
 
     def source(self, source: str) -> str:
         """`source`, or where it was met before, `source (copy n)` with the first n not met
