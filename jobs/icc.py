@@ -1,11 +1,11 @@
 """ICC colour management for the colorize job.
 
 The network's L and the colours it predicts are sRGB's (`colorcore.color`). A picture whose
-ICC profile states another RGB space (Adobe RGB, ProPhoto, a scanner's own) or a gray one
-(Dot Gain 20%, Gray Gamma 1.8) is converted into sRGB as it is decoded (`to_srgb`), so its L
-is the L a colour-managed viewer shows. An RGB picture's colorized output is converted back
-into its profile, which the output carries (`from_srgb`); a gray picture's output is sRGB,
-as its gray profile cannot describe colour.
+ICC profile states another RGB space (Adobe RGB, ProPhoto, a scanner's own), a gray one
+(Dot Gain 20%, Gray Gamma 1.8) or CMYK inks (a printer's) is converted into sRGB as it is
+decoded (`to_srgb`), so its L is the L a colour-managed viewer shows. An RGB picture's
+colorized output is converted back into its profile, which the output carries
+(`from_srgb`); a gray or CMYK picture's output is sRGB.
 
 Profiles that describe sRGB itself, which many files carry, cost nothing: `read` converts a
 grid of colours through each profile once and passes over those that leave them as they
@@ -20,9 +20,9 @@ steps of colorizing a 1024 x 768 JPEG in Adobe RGB then take 1.4x those of one i
 against 4.2x through LittleCMS alone (`bench/icc.py`), which is left to profiles of other
 kinds (tables of colours).
 Colours outside the target's gamut are clipped to it. A profile LittleCMS cannot read, or of
-a colour space the pixels are not in (a CMYK profile among them: CMYK pictures keep the
-plain conversion of `jobs.picture_files`), is passed over: the pixels are read as sRGB, as
-those of a file without a profile, and the output carries no profile.
+a colour space the pixels are not in, is passed over: the pixels are read as a file's
+without a profile are (sRGB; CMYK by Pillow's plain conversion), and the output carries no
+profile.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 from colorcore.color import linear_to_srgb, srgb_to_linear
 from jobs.images import as_8bit, as_16bit
 
-_CHANNELS = {b"GRAY": 1, b"RGB ": 3}  # ICC colour space (header bytes 16-20) -> channels
-_SPACES = {b"GRAY": "gray", b"RGB ": "rgb", b"XYZ ": "xyz"}  # imagecodecs' names
+_CHANNELS = {b"GRAY": 1, b"RGB ": 3, b"CMYK": 4}  # ICC colour space (header 16-20) -> channels
+_SPACES = {b"GRAY": "gray", b"RGB ": "rgb", b"CMYK": "cmyk", b"XYZ ": "xyz"}  # as imagecodecs
 _SRGB_TOLERANCE = 128  # 16-bit levels (half an 8-bit one) from sRGB that count as sRGB
 _BAND_PX = 1 << 20  # pixels converted at a time: the 16-bit copies stay a few MB
 _RELATIVE_COLORIMETRIC = 1
@@ -46,7 +46,7 @@ _INVERSE_STEPS = 1 << 18  # of a `_Shaper`'s inverse curves, evenly spaced in sq
 
 
 class Profile(NamedTuple):
-    channels: int  # of the pixels it describes: 1 (gray) or 3 (RGB); 0 where it serves none
+    channels: int  # of the pixels it describes: 1 (gray), 3 (RGB), 4 (CMYK); 0: it serves none
     converts: bool  # False for a profile of sRGB (or of gray with sRGB's curve)
     reversible: bool  # sRGB converts into it (an input-only scanner profile may not)
 
@@ -101,6 +101,8 @@ def read(icc: bytes | None) -> Profile:
         srgb = _transform(grid[..., 0] if channels == 1 else grid, icc, _srgb())
     except (imagecodecs.CmsError, ValueError):  # not a profile LittleCMS reads as input
         return _UNUSABLE
+    if channels == 4:  # ink: never sRGB, and never an output's
+        return Profile(channels, converts=True, reversible=False)
     converts = bool(np.abs(srgb.astype(np.int32) - grid).max() > _SRGB_TOLERANCE)
     try:
         _transform(srgb[:, :1], _srgb(), icc)
@@ -175,11 +177,12 @@ def _nearest(curve: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _grid(channels: int) -> np.ndarray:
-    """16-bit colours spread over the cube (channels 3), or gray levels (1), as (1, N, C)."""
-    levels = np.linspace(0, 65535, 9 if channels == 3 else 257).round().astype(np.uint16)
-    if channels == 1:
-        return levels[None, :, None]
-    return np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(1, -1, 3)
+    """16-bit values spread over the cube of `channels` (3 or 4: 9 or 5 levels a channel)
+    or gray levels (1), as (1, N, channels)."""
+    steps = {1: 257, 3: 9, 4: 5}[channels]
+    levels = np.linspace(0, 65535, steps).round().astype(np.uint16)
+    axes = np.meshgrid(*[levels] * channels, indexing="ij")
+    return np.stack(axes, -1).reshape(1, -1, channels)
 
 
 def _shaper_to_srgb(pixels_HW3: np.ndarray, shaper: _Shaper) -> np.ndarray:
@@ -222,20 +225,20 @@ def output_profile(icc: bytes | None) -> bytes | None:
 
 
 def to_srgb(pixels: np.ndarray, icc: bytes | None) -> np.ndarray | None:
-    """uint8 or uint16 pixels (H, W, C) in the space of `icc`, C = 1 (gray) or 3 (RGB) ->
-    sRGB float32 planes (C, H, W) in [0, 1] (a gray stays gray: relative colorimetric maps
-    white to white, so R = G = B to within a 16-bit level, and G is kept); None where nothing
-    is to be converted: no profile, sRGB's, one of C other than the pixels', or one that
-    does not read."""
+    """uint8 or uint16 pixels (H, W, C) in the space of `icc`, C = 1 (gray), 3 (RGB) or 4
+    (CMYK, ink 0 to the top level) -> sRGB float32 planes (1 or 3, H, W) in [0, 1] (a gray
+    stays gray: relative colorimetric maps white to white, so R = G = B to within a 16-bit
+    level, and G is kept); None where nothing is to be converted: no profile, sRGB's, one of
+    C other than the pixels', or one that does not read."""
     profile = read(icc)
     h, w, c = pixels.shape
     if profile.channels != c or not profile.converts:
         return None
     if c == 1:
         return _gray_table(icc)[as_16bit(pixels[..., 0])][None]
-    if (shaper := _shaper(icc)) is not None:
+    if c == 3 and (shaper := _shaper(icc)) is not None:
         return _shaper_to_srgb(pixels, shaper)
-    planes_CHW = np.empty((c, h, w), np.float32)
+    planes_CHW = np.empty((3, h, w), np.float32)
     rows = max(1, _BAND_PX // max(w, 1))
     for r in range(0, h, rows):
         band_HW3 = _transform(pixels[r : r + rows], icc, _srgb())

@@ -116,6 +116,8 @@ def _page(image, white_is_zero: bool = False, icc: bytes | None = None) -> Page:
         pixels, alpha = rgba[..., :3], rgba[..., 3]
     elif mode in ("1", "L"):
         pixels = np.asarray(image.convert("L"))[..., None]
+    elif mode == "CMYK" and icc:  # inks, through their profile (`page_profile` matched it)
+        pixels = np.asarray(image)
     else:  # RGB, P, CMYK, YCbCr, ...
         pixels = np.asarray(image.convert("RGB"))
     return Page(torch.from_numpy(_srgb_planes(pixels, icc))[None], alpha, 8)
@@ -311,6 +313,9 @@ def _16bit_colour_page(
         except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
             raise BadImage(f"a 16-bit TIFF of {what} that does not read: {error}") from None
         pixels = pixels.transpose(1, 2, 0) if planar else pixels
+        if cmyk and profiles.read(icc).channels == 4:  # inks through their profile
+            srgb_3HW = upright(torch.from_numpy(profiles.to_srgb(pixels, icc)), turn)
+            return Page(srgb_3HW[None], None, 16)
         if cmyk:  # as Pillow converts 8-bit CMYK: each of R, G, B is (1 - C or M or Y)(1 - K)
             inks = pixels.astype(np.float64) / 65535
             rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:])
@@ -491,7 +496,7 @@ _RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
 
 def page_profile(image) -> bytes | None:
     """The ICC profile of a PIL image's current page where it is of the page's colour space
-    (gray or RGB; a profile of another is not used), else None. Pillow keeps a TIFF's first
+    (gray, RGB or CMYK; a profile of another is not used), else None. Pillow keeps a TIFF's first
     page's profile in `info` when a later page has none: a TIFF page's own tag is read (as
     bytes only: a tag stored as a number is no profile)."""
     found = image.tag_v2.get(_ICC_TAG) if image.format == "TIFF" else image.info.get("icc_profile")
@@ -499,6 +504,7 @@ def page_profile(image) -> bytes | None:
         return None
     mode = image.mode
     channels = 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3 * (mode in _RGB_MODES)
+    channels = 4 if mode == "CMYK" else channels
     return bytes(found) if profiles.read(bytes(found)).channels == channels else None
 
 

@@ -90,35 +90,53 @@ def s15(value: float) -> bytes:
     return struct.pack(">i", round(value * 65536))
 
 
-def input_only(gamma: float = 2.2) -> bytes:
-    """An ICC v2 input (scanner) profile made of one table, A2B0 (lut16: a curve a channel,
-    then a colour grid into XYZ), with no table out of XYZ: LittleCMS converts from it but
-    not into it, as with many profiles of calibrated scanners. Its grid holds the sums of
-    sRGB's colorants (D50, as LittleCMS's sRGB profile has them), so it describes sRGB's
-    primaries with a plain `gamma` curve."""
-    colorants = np.array([[0.4360, 0.2225, 0.0139], [0.3851, 0.7169, 0.0971],
-                          [0.1431, 0.0606, 0.7141]])  # fmt: skip
-    corners = [np.array(c) @ colorants for c in np.ndindex(2, 2, 2)]  # R slowest
+# sRGB's red, green and blue in XYZ, adapted to D50 as LittleCMS's sRGB profile has them
+SRGB_COLORANTS = np.array([[0.4360, 0.2225, 0.0139], [0.3851, 0.7169, 0.0971],
+                           [0.1431, 0.0606, 0.7141]])  # fmt: skip
+
+
+def table_profile(space: bytes, device: bytes, corners: np.ndarray, gamma: float = 1.0) -> bytes:
+    """An ICC v2 profile made of one table, A2B0 (lut16: a `gamma` curve a channel, then a
+    grid of two points a channel into XYZ, `corners` (2, ..., 2, 3) with the first channel
+    slowest), and no table out of XYZ: LittleCMS converts from it but not into it."""
+    channels = corners.ndim - 1
     curve = np.round((np.arange(256) / 255) ** gamma * 65535).astype(">u2").tobytes()
-    lut = b"mft2" + bytes(4) + bytes([3, 3, 2, 0])
+    lut = b"mft2" + bytes(4) + bytes([channels, 3, 2, 0])
     lut += b"".join(s15(float(i == j)) for i in range(3) for j in range(3))  # identity
-    lut += struct.pack(">HH", 256, 2) + curve * 3
-    lut += b"".join(struct.pack(">3H", *np.round(np.array(c) * 32768).astype(int)) for c in corners)
+    lut += struct.pack(">HH", 256, 2) + curve * channels
+    lut += np.round(corners.reshape(-1, 3) * 32768).astype(">u2").tobytes()  # u1Fixed15
     lut += struct.pack(">2H", 0, 65535) * 3
     white = b"XYZ " + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249)
-    text = b"desc" + bytes(4) + struct.pack(">I", 5) + b"scan\0" + bytes(4 + 2 + 1 + 67)
+    text = b"desc" + bytes(4) + struct.pack(">I", 5) + b"test\0" + bytes(4 + 2 + 1 + 67)
     tags = [(b"desc", text), (b"wtpt", white), (b"A2B0", lut)]
     table, body, at = b"", b"", 128 + 4 + 12 * len(tags)
     for signature, data in tags:
         data += bytes(-len(data) % 4)
         table += signature + struct.pack(">II", at + len(body), len(data))
         body += data
-    size = at + len(body)
-    header = struct.pack(">I", size) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"scnrRGB XYZ "
-    header += bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0)
+    header = struct.pack(">I", at + len(body)) + bytes(4) + bytes([2, 0x10, 0, 0])
+    header += device + space + b"XYZ " + bytes(12) + b"acsp" + bytes(24) + bytes(4)
     header += s15(0.9642) + s15(1.0) + s15(0.8249)
     header += bytes(128 - len(header))
     return header + struct.pack(">I", len(tags)) + table + body
+
+
+def input_only(gamma: float = 2.2) -> bytes:
+    """A scanner's profile of one table with no way back, as many calibrated scanners'
+    are: its grid holds the sums of sRGB's colorants, so it describes sRGB's primaries with
+    a plain `gamma` curve."""
+    corners = np.array(list(np.ndindex(2, 2, 2)), float) @ SRGB_COLORANTS
+    return table_profile(b"RGB ", b"scnr", corners.reshape(2, 2, 2, 3), gamma)
+
+
+def ink() -> bytes:
+    """A printer's CMYK profile of one table: each ink takes half of its channel of sRGB's
+    linear light away, and black half of every channel's, (1 - C) / 2 + (1 - K) / 2 of red
+    and so on (linear in the inks: LittleCMS's interpolation of four inputs, tetrahedral in
+    three of them, is exact only for such a grid)."""
+    inks = np.array(list(np.ndindex(2, 2, 2, 2)), float)
+    light = (1 - inks[:, :3]) / 2 + (1 - inks[:, 3:]) / 2
+    return table_profile(b"CMYK", b"prtr", (light @ SRGB_COLORANTS).reshape(2, 2, 2, 2, 3))
 
 
 def planes_HW3(page: picture_files.Page) -> np.ndarray:
@@ -331,3 +349,26 @@ def test_a_profile_of_another_space_than_the_pixels_keeps_no_jpeg_off_the_device
     gray = Image.fromarray(photo_rgb("coffee", 16)[..., 0])
     data = save(gray, "JPEG", icc_profile=WIDE)
     assert eligible(data, open_image(data, max_pixels=10**6))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_cmyk_pictures_are_read_through_their_profile(bits: int) -> None:
+    """A CMYK TIFF (8 bits through Pillow, 16 through tifffile) with a CMYK profile: its
+    inks go through the profile, where without one they take Pillow's plain conversion."""
+    import tifffile
+
+    rng = np.random.default_rng(5)
+    inks = rng.integers(0, 256, (12, 16, 4)).astype(np.uint8)
+    stored = inks if bits == 8 else inks.astype(np.uint16) * 257
+    pages = {}
+    for profile in (ink(), None):
+        buffer = io.BytesIO()
+        extra = [(34675, "B", len(profile), profile, True)] if profile else []
+        tifffile.imwrite(buffer, stored, photometric="separated", extratags=extra)
+        decoded = picture_files.decode(buffer.getvalue(), 10**6)
+        assert decoded.meta.icc is None and decoded.pages[0].bits == bits
+        pages[profile is not None] = planes_HW3(decoded.pages[0])
+    light = (1 - inks[..., :3] / 255) / 2 + (1 - inks[..., 3:] / 255) / 2
+    np.testing.assert_allclose(pages[True], srgb_encode(light), atol=2e-3)
+    plain = (1 - inks[..., :3] / 255) * (1 - inks[..., 3:] / 255)
+    np.testing.assert_allclose(pages[False], plain, atol=1 / 255)  # Pillow's, for want of one
