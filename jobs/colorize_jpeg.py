@@ -12,8 +12,9 @@ two paths differ only by their JPEG codecs' rounding.
 
 `jobs.colorize` routes a file here when the header check (`eligible`) passes: a single-frame
 8-bit JPEG in gray or YCbCr colour, within the pixel limit, whose pixels are sRGB's (no ICC
-profile of another space, `jobs.icc`). CMYK / YCCK JPEGs, 12-bit ones, those of another
-colour space and everything that is not a JPEG take the CPU path. Metadata (EXIF without
+profile of another space, `jobs.icc`) or gray through a gray profile, whose levels are looked
+up on the device. CMYK / YCCK JPEGs, 12-bit ones, colour ones of another space and
+everything that is not a JPEG take the CPU path. Metadata (EXIF without
 orientation, with the provenance tag; ICC; XMP; IPTC) is prepared from the header on the CPU
 as ready APP segments (`jobs.picture_files.app_segments`) and spliced into the encoded file.
 A batch that the codec refuses as a whole is decoded image by image, and an image that still
@@ -47,16 +48,18 @@ from jobs.runtime import Precision
 
 def eligible(data: bytes, image) -> bool:
     """Whether a JPEG file (its bytes and the lazily opened PIL image) can take the device
-    path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker, and whose
-    pixels are sRGB's (no ICC profile, or one of sRGB). CMYK and YCCK JPEGs, multi-picture
-    MPO files and pictures in another colour space (`jobs.icc`) are the CPU path's; so are
+    path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker, whose pixels
+    are sRGB's (no ICC profile, or one of sRGB) or gray through a gray profile (their levels
+    are looked up on the device: `JpegColorizer`'s tones). CMYK and YCCK JPEGs, multi-picture
+    MPO files and colour pictures in another space (`jobs.icc`) are the CPU path's; so are
     files cut short, which nvJPEG would decode without complaint (gray below the cut) and
     the CPU path reports."""
+    profile = icc.read(page_profile(image))
     return (
         image.format == "JPEG"
         and image.mode in ("L", "RGB")
         and data.rstrip(b"\0").endswith(b"\xff\xd9")
-        and not icc.converts(page_profile(image))
+        and (not profile.converts or profile.channels == 1)
     )
 
 
@@ -253,17 +256,22 @@ class JpegColorizer:
         self.decode_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.compute_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode")
+        self.tones: dict[bytes, torch.Tensor] = {}  # `__call__`'s, on the device
 
     def __call__(
         self,
         files: Sequence[bytes],
         segments: Sequence[bytes],
         orientations: Sequence[int] | None = None,
+        tones: Sequence[bytes] | None = None,
     ) -> list[bytes | None]:
         """Colorized files, each with its `segments` spliced in; `orientations` are the
         files' EXIF orientation tags (1 to 8; `jobs.images.exif_orientation`), applied after
-        decoding so that outputs are upright."""
+        decoding so that outputs are upright; `tones`, where a file's is not empty, the sRGB
+        gray of each of its 256 levels (float32 bytes: `jobs.icc.gray_levels` of a gray
+        picture's profile), which its pixels are looked up in."""
         turns = list(orientations) if orientations else [1] * len(files)
+        tones = list(tones) if tones else [b""] * len(files)
         parts = _pieces(len(files), self.chunks)
         out: list[bytes | None] = [None] * len(files)
         encoding: list[tuple[list[int], Future]] = []
@@ -272,7 +280,7 @@ class JpegColorizer:
             for k, part in enumerate(parts):
                 rows = [part[i] for i, image in enumerate(decoded) if image is not None]
                 images = [image for image in decoded if image is not None]
-                predicted = self._predict(images) if images else None
+                predicted = self._predict(images, [tones[i] for i in rows]) if images else None
                 # The next piece is decoded while the network works on this one: the rest
                 # of this piece's steps may wait for the device (eager chroma search).
                 if k + 1 < len(parts):
@@ -313,10 +321,11 @@ class JpegColorizer:
 
     @torch.inference_mode()
     def _predict(
-        self, images: list[torch.Tensor]
+        self, images: list[torch.Tensor], tones: list[bytes]
     ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
-        """Queues the network for upright (3, H, W) uint8 images on the compute stream:
-        (groups of images of one size, each group's full-size L, annealed-mean ab)."""
+        """Queues the network for upright (3, H, W) uint8 images (each with its tone, see
+        `__call__`) on the compute stream: (groups of images of one size, each group's
+        full-size L, annealed-mean ab)."""
         with _on(self.compute_stream):
             if self.compute_stream is not None:
                 self.compute_stream.wait_stream(self.decode_stream)
@@ -332,12 +341,26 @@ class JpegColorizer:
                 groups += [same[i : i + per_group] for i in range(0, len(same), per_group)]
             lightness, small = [], []
             for group in groups:
-                stacked = torch.stack([images[i] for i in group])
+                if any(tones[i] for i in group):  # sRGB levels in [0, 1], looked up
+                    stacked = torch.stack([self._toned(images[i], tones[i]) for i in group])
+                else:
+                    stacked = torch.stack([images[i] for i in group])
                 l_N1HW, l_N1SS = self.prepare(stacked, self.infer_px)
                 lightness.append(l_N1HW)
                 small.append(l_N1SS)
             ab_N2ss = predict_ab(self.forward, torch.cat(small), self.temperature, self.precision)
         return groups, lightness, ab_N2ss
+
+    def _toned(self, image: torch.Tensor, tone: bytes) -> torch.Tensor:
+        """A uint8 image as sRGB in [0, 1]: its levels looked up in `tone`, or / 255."""
+        if not tone:
+            return image.float() / 255.0
+        if (levels := self.tones.get(tone)) is None:
+            if len(self.tones) >= 64:  # a few gray profiles in an archive, at most
+                self.tones.clear()
+            levels = torch.frombuffer(bytearray(tone), dtype=torch.float32).to(image.device)
+            self.tones[tone] = levels
+        return levels[image.int()]
 
     @torch.inference_mode()
     def _finish_piece(
@@ -417,7 +440,9 @@ def _pieces(count: int, pieces: int) -> list[list[int]]:
 
 
 def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return network_input(rgb_N3HW.float() / 255.0, infer_px)
+    """uint8 levels, or sRGB in [0, 1] already (`JpegColorizer._toned`) -> `network_input`."""
+    rgb_N3HW = rgb_N3HW if rgb_N3HW.is_floating_point() else rgb_N3HW.float() / 255.0
+    return network_input(rgb_N3HW, infer_px)
 
 
 def _finish(l_N1HW: torch.Tensor, ab_N2ss: torch.Tensor, gamut: str = "chroma") -> torch.Tensor:

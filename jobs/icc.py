@@ -224,6 +224,13 @@ def output_profile(icc: bytes | None) -> bytes | None:
     return icc if profile.channels == 3 and profile.reversible else None
 
 
+def gray_levels(icc: bytes | None) -> np.ndarray | None:
+    """The sRGB gray in [0, 1] (float32) of each of the 256 8-bit levels of a gray profile
+    that converts; None for any other profile (the GPU path looks its pixels up in it)."""
+    profile = read(icc)
+    return _gray_table(icc)[::257].copy() if profile.channels == 1 and profile.converts else None
+
+
 def to_srgb(pixels: np.ndarray, icc: bytes | None) -> np.ndarray | None:
     """uint8 or uint16 pixels (H, W, C) in the space of `icc`, C = 1 (gray), 3 (RGB) or 4
     (CMYK, ink 0 to the top level) -> sRGB float32 planes (1 or 3, H, W) in [0, 1] (a gray

@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from collections import Counter
 
+import imagecodecs
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +37,8 @@ from tests.support import encode, photo_rgb, tar_bytes
 
 INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+GRAY_18 = imagecodecs.cms_profile("gray", gamma=1.8)  # gray far from sRGB's curve
+ADOBE_RGB = imagecodecs.cms_profile("adobergb")
 XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description tiff:Orientation="6">'
        b"archive-42</rdf:Description></rdf:RDF></x:xmpmeta>")  # fmt: skip
 IPTC = b"\x1c\x02\x05\x00\x0bScan no. 42"
@@ -1800,6 +1803,8 @@ def _jpeg_corpus() -> dict[str, bytes]:
         "truncated.jpg": truncated[: len(truncated) // 2],
         "scan.png": encode(gray((16, 16)), "PNG"),
         "broken.jpg": bytes(broken),
+        "dot_gain.jpg": save(Image.fromarray(gray((30, 44))), "JPEG", icc_profile=GRAY_18),
+        "adobe.jpg": save(Image.fromarray(colour), "JPEG", icc_profile=ADOBE_RGB),
     }
 
 
@@ -1848,8 +1853,10 @@ def test_a_batch_of_large_scans_is_colorized_a_few_at_a_time(tmp_path, monkeypat
 
 def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     """The device path (nvJPEG on GPUs; Pillow as its codec here) gives the CPU path's
-    result: same accounting, same sizes and metadata, pixels within JPEG rounding; CMYK,
-    non-JPEG and undecodable files go the CPU way and are colorized or recorded as before."""
+    result: same accounting, same sizes and metadata, pixels within JPEG rounding, a gray
+    picture's levels read through its gray profile too; CMYK, colour in another space than
+    sRGB, non-JPEG and undecodable files go the CPU way and are colorized or recorded as
+    before."""
     torch.manual_seed(3)
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     files = _jpeg_corpus()
@@ -1859,7 +1866,8 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
               for rel, data in files.items()}  # fmt: skip
     assert routes == {"meta.jpg": "device", "gray.jpg": "device", "colour.jpg": "device",
                       "same/size.jpg": "device", "cmyk.jpg": "cpu", "truncated.jpg": "cpu",
-                      "broken.jpg": "device", "scan.png": "cpu"}  # fmt: skip
+                      "broken.jpg": "device", "scan.png": "cpu", "dot_gain.jpg": "device",
+                      "adobe.jpg": "cpu"}  # fmt: skip
     on_device = _run_local(files, tmp_path, model, jpeg_path="device")
     on_cpu = _run_local(files, tmp_path, model, jpeg_path="cpu")
     assert set(on_device) == set(on_cpu) == set(files)
@@ -1872,7 +1880,7 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     # The codec failed on it in the batch: the CPU path took it over and recorded why.
     assert on_device["broken.jpg"]["status"] == "error"
     assert on_device["broken.jpg"]["reason"] == on_cpu["broken.jpg"]["reason"] != ""
-    for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg"):
+    for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg", "dot_gain.jpg"):
         device_image = Image.open(on_device[rel]["root"] / rel)
         cpu_image = Image.open(on_cpu[rel]["root"] / rel)
         assert device_image.size == cpu_image.size and device_image.format == "JPEG"
