@@ -407,6 +407,10 @@ def plan(
     done_set, done_sorted, inputs = set(done), sorted(done), {name for name, _ in names}
     sources = [_source_text(url) for url in urls]
     sources_sorted = sorted(sources)
+    archives: dict[str, set[str]] = {MEMBER_SEP: set(), ROW_SEP: set()}  # by separator
+    for url, source, (_, refusal) in zip(urls, sources, names, strict=True):
+        if _kind(url) != "image" and not refusal:
+            archives[_separator(_kind(url))].add(source)
     for rel, url, source, (name, refusal) in zip(rels, urls, sources, names, strict=True):
         kind = _kind(url)
         if kind != "image" and not refusal:  # else refused whole, as a file
@@ -423,7 +427,7 @@ def plan(
                 unit["tops"] = tops  # top-level files named like members, as members are
             units.extend(split_archive(unit | {"size": sizes[rel]}, cfg))
             continue
-        if source in done_set:
+        if source in done_set and not _done_as_member(source, name, archives, written, cfg):
             skipped += 1
             continue
         item = {"source": source, "rel": name, "size": sizes[rel]}
@@ -443,6 +447,20 @@ def plan(
     for start in range(0, len(files), cfg.files_per_task):
         units.append({"kind": "files", "items": files[start : start + cfg.files_per_task]})
     return units, sources, skipped
+
+
+def _done_as_member(
+    source: str, name: str, archives: dict[str, set[str]], written: Set[str], cfg: ColorizeConfig
+) -> bool:
+    """Whether the done row of the top-level file `source` (output name `name`) may be a
+    member's: the file is named like a member of an archive beside it (`a.zip!x.png`), and
+    none of its own outputs was written. Such a file, added after the archive was read, is
+    done now; the member is numbered as a copy from then on (`_Names`), and its output is
+    written again under that source."""
+    named_like = any(
+        source[:i] in archives[c] for i, c in enumerate(source) if c in (MEMBER_SEP, ROW_SEP)
+    )
+    return named_like and not any(n in written for n in _possible_outputs(name, cfg.format))
 
 
 def _top_level_name(rel: str, url: str) -> tuple[str, str | None]:
@@ -917,7 +935,8 @@ def split_archive(unit: dict, cfg: ColorizeConfig) -> list[dict]:
     # it gives rows of, and the done rows under its name (which may name members since gone).
     digest = _digest(name for name, _ in members)
     shared = {"members": len(members), "inputs": decided + len(unit["done"]), "digest": digest}
-    return [unit | {"done": [], "part": part | shared} for part in parts]
+    whole = {k: v for k, v in unit.items() if k != "tops"}  # the plan named its members
+    return [whole | {"done": [], "part": part | shared} for part in parts]
 
 
 def _part_spans(blocks: list[tuple[int, int]], target: float, members: int) -> list[tuple]:
