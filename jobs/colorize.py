@@ -978,6 +978,12 @@ def _decided_parts(
     return parts, decided_count
 
 
+def _leaf_of(path: str, column: str) -> bool:
+    """Whether a Parquet column chunk's path is the column's, or one of its fields' (a
+    struct's leaves: Hugging Face's Image column is ``image.bytes`` and ``image.path``)."""
+    return bool(column) and (path == column or path.startswith(column + "."))
+
+
 def _digest(names: Iterable[str]) -> int:
     """A checksum of an archive's member names, which its parts' tasks compare with the
     plan's: the names of one part's members depend on those of the members before it."""
@@ -1004,8 +1010,8 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
     for g in range(table.num_row_groups):
         group = table.metadata.row_group(g)
         chunks = [group.column(c) for c in range(group.num_columns)]
-        size = sum(c.total_compressed_size for c in chunks if c.path_in_schema == column)
-        keys += sum(c.total_compressed_size for c in chunks if key and c.path_in_schema == key)
+        size = sum(c.total_compressed_size for c in chunks if _leaf_of(c.path_in_schema, column))
+        keys += sum(c.total_compressed_size for c in chunks if _leaf_of(c.path_in_schema, key))
         blocks.append((first, size))
         first += group.num_rows
     return members, blocks, table.metadata.serialized_size + keys  # each part reads the keys

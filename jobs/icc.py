@@ -62,8 +62,8 @@ def _srgb() -> bytes:
 
 
 def _transform(pixels: np.ndarray, source: bytes, target: bytes, dtype=np.uint16) -> np.ndarray:
-    """`pixels` ((H, W) gray or (H, W, 3) RGB or XYZ, uint8 or uint16) from one profile's
-    space into the other's, as `dtype`."""
+    """`pixels` ((H, W) gray, or (H, W, C) RGB, CMYK or XYZ, uint8 or uint16) from one
+    profile's space into the other's, as `dtype`."""
     import imagecodecs
 
     spaces = [_SPACES[p[16:20]] for p in (source, target)]

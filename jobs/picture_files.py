@@ -268,9 +268,15 @@ _PNM_TOKEN = re.compile(rb"#[^\r\n]*|[^\s#]+")  # a comment, or a field of the h
 
 
 def _pnm_maxval(data: bytes) -> int:
-    """The largest sample value a PPM's header states (its fourth field); 0 where unread."""
-    fields = [t for t in _PNM_TOKEN.findall(data[:4096]) if not t.startswith(b"#")][:4]
-    return int(fields[3]) if len(fields) == 4 and fields[3].isdigit() else 0
+    """The largest sample value a PPM's header states (its fourth field, after comments of
+    any length); 0 where unread."""
+    fields = []
+    for token in _PNM_TOKEN.finditer(data):
+        if not token[0].startswith(b"#"):
+            fields.append(token[0])
+        if len(fields) == 4:
+            return int(fields[3]) if fields[3].isdigit() else 0
+    return 0
 
 
 def _is_16bit_cmyk(image) -> bool:
@@ -325,7 +331,11 @@ def _16bit_colour_page(
         pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
         maxval = _pnm_maxval(data) if fmt == "PPM" else 65535
         if pixels is not None and maxval != 65535:  # OpenCV keeps a PPM's values as stored
-            pixels = np.round(pixels * (65535 / maxval)).clip(0, 65535).astype(np.uint16)
+            scaled = pixels.astype(np.uint32)  # rounded in integers: 4 bytes a sample
+            scaled *= 65535
+            scaled += maxval // 2
+            scaled //= maxval
+            pixels = np.minimum(scaled, 65535, out=scaled).astype(np.uint16)
     else:
         ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
         pixels = found[0] if ok and len(found) == 1 else None

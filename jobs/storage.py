@@ -384,12 +384,25 @@ def _write_synced(path: str, data: bytes) -> None:
     """Writes a new local file (its folders made as needed) and has its content on disk, so
     that a rename or link that then publishes it survives a crash of the machine: without
     this a file system may commit the rename first, and leave an empty file under the final
-    name (ext4 does for a new file), though the job went on as if it were written."""
+    name (ext4 does for a new file), though the job went on as if it were written. A file
+    system that cannot sync (some FUSE mounts) is written as before, unsynced."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        _sync(f.fileno())
+
+
+_CANNOT_SYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _sync(fd: int) -> None:
+    """fsync, where the file system has it (a real error, EIO among them, is raised)."""
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in _CANNOT_SYNC:
+            raise
 
 
 def _sync_folder(path: str) -> None:
@@ -490,7 +503,7 @@ def _create_local(path: str, data: bytes) -> bool:
             with open(path, "xb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                _sync(f.fileno())
             return True
         except FileExistsError:
             return False

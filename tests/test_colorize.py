@@ -649,6 +649,20 @@ def test_a_parquet_file_splits_into_fewer_parts_the_larger_its_keys(tmp_path, mo
     assert counts[True] == 1 and counts[False] >= 5, counts
 
 
+def test_a_parquet_file_of_image_structs_splits_by_their_bytes(tmp_path) -> None:
+    """Hugging Face's Image column (structs of bytes and path) is split a row group a part
+    as a binary column is: its bytes are the struct's leaf `image.bytes`."""
+    rng = np.random.default_rng(1)
+    images = [encode(rng.integers(0, 256, (64, 64), np.uint8)) for _ in range(12)]
+    column = pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(images)])
+    path = tmp_path / "hf.parquet"
+    pq.write_table(pa.table({"image": column}), path, row_group_size=4)
+    cfg = config(str(path), str(tmp_path / "o"), "m.pt", archive_part_mb=1 / 2**20)
+    parts, _, _ = colorize.plan(cfg, [])
+    assert [(p["part"]["start"], p["part"]["stop"]) for p in parts] == [(0, 4), (4, 8), (8, 12)]
+    assert all(p["part"]["bytes"] > 4 * 2000 for p in parts)
+
+
 def test_a_split_archive_changed_since_the_plan_or_unreadable(tmp_path) -> None:
     """A part of an archive that has since changed records the archive as unreadable, with
     the members it was to read: another count of members, another size, other names (at the
@@ -1198,11 +1212,12 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
 
 @pytest.mark.parametrize("maxval", [65535, 1023])
 def test_a_colour_ppm_of_more_than_8_bits_keeps_them(maxval: int) -> None:
-    """A binary PPM at 16 bits, and a plain (text) one whose samples go up to 1023: read at
-    16 bits (Pillow reads both at 8), each sample scaled from its maxval, a PNG16 out."""
+    """A binary PPM at 16 bits (its header with a long comment), and a plain (text) one
+    whose samples go up to 1023: read at 16 bits (Pillow reads both at 8), each sample
+    scaled from its maxval, a PNG16 out."""
     rgb16, _ = scan16(6)
     stored = np.round(rgb16 / 65535 * maxval).astype(np.uint16)
-    header = f"P6\n# scanned\n36 24\n{maxval}\n".encode()
+    header = f"P6\n# scanned {'at 1200 dpi ' * 500}\n36 24\n{maxval}\n".encode()  # 6 KB
     ppm = header + stored.astype(">u2").tobytes()
     if maxval != 65535:
         samples = " ".join(str(v) for v in stored.ravel())

@@ -282,6 +282,20 @@ def test_a_local_write_that_fails_half_way_leaves_the_old_file(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_a_file_system_that_cannot_sync_is_written_unsynced(tmp_path, monkeypatch) -> None:
+    """A FUSE mount whose fsync answers EINVAL or ENOSYS takes writes as before; a sync that
+    fails for want of space or with EIO fails the write (the other test)."""
+    url = str(tmp_path / "f.bin")
+
+    def cannot(fd: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "fsync", cannot)
+    storage.write_bytes(url, b"content")
+    assert storage.create_bytes(url + ".2", b"more")
+    assert storage.read_bytes(url) == b"content" and storage.read_bytes(url + ".2") == b"more"
+
+
 def test_a_local_write_is_on_disk_before_it_is_published(tmp_path, monkeypatch) -> None:
     """The new content is synced before the rename (or link) that gives it its name, and the
     folder after it: a machine that crashes then keeps the file whole under its name, never
