@@ -6,9 +6,9 @@ space its ICC profile states, `jobs.icc`), its alpha and bit depth, and the file
 the ICC profile the output carries, EXIF (orientation applied and removed), XMP, IPTC.
 Pillow reads 16-bit colour PNG, PPM and TIFF at 8 bits, so those pages are read with OpenCV.
 Encoding (`encode`) writes the colorized pages with that metadata and a provenance string in
-EXIF tag 0x000B, its pixels converted into that profile: JPEG, PNG, WebP and 8-bit TIFF
-through Pillow, a 16-bit picture as a 16-bit
-PNG (`encode_png16`), pages of which one has 16 bits as a 16-bit TIFF (`encode_tiff16`).
+EXIF tag 0x000B, their pixels converted into that profile: JPEG, PNG, WebP and 8-bit TIFF
+through Pillow, a 16-bit picture as a 16-bit PNG (`encode_png16`), pages of which one has
+16 bits as a 16-bit TIFF (`encode_tiff16`).
 JPEG APP segments (`app_segments`, `with_segments`) carry the metadata into files encoded
 elsewhere (nvJPEG); `upright` applies an EXIF orientation to a (C, H, W) tensor.
 
