@@ -1038,7 +1038,7 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
     is not decoded: only its header is read, and its metadata is prepared as the APP
     segments the model actor splices into its output (`segments`)."""
     out = {**row, "l_small": b"", "pages": 0, "route": "cpu", "segments": b"", "orientation": 1,
-           "tone": b""}  # fmt: skip
+           "profile": b""}  # fmt: skip
     if keep:  # every row of a batch has the same columns
         out["prepared"] = None
     if row["status"] != "pending":
@@ -1047,9 +1047,9 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
         if cfg.jpeg_path == "device" and cfg.format in ("keep", "jpeg"):
             header = _device_jpeg(row["data"], cfg, provenance)
             if header is not None:
-                segments, turn, tone = header
+                segments, turn, profile = header
                 device = {"route": "device", "segments": segments, "orientation": turn}
-                return {**out, "pages": 1, "tone": tone, **device}
+                return {**out, "pages": 1, "profile": profile, **device}
         decoded = decode(row["data"], cfg.max_pixels, min_page_px=cfg.infer_px**2)
         inputs = [network_input(page.rgb, cfg.infer_px) for page in decoded.pages]
     except Exception as e:  # one input's failure, whatever it is, must not stop the job
@@ -1065,9 +1065,8 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
 def _device_jpeg(
     data: bytes, cfg: ColorizeConfig, provenance: str
 ) -> tuple[bytes, int, bytes] | None:
-    """(APP segments, EXIF orientation, the sRGB of its levels where a gray profile states
-    them, else b"": `JpegColorizer`'s tones) of a JPEG the device path can take, or None
-    (CPU path)."""
+    """(APP segments, EXIF orientation, the ICC profile its pixels are converted from, or
+    b"" for sRGB's) of a JPEG the device path can take, or None (CPU path)."""
     from jobs.colorize_jpeg import eligible
 
     if not data.startswith(b"\xff\xd8"):  # not a JPEG: `decode` reads it (or says why not)
@@ -1078,8 +1077,8 @@ def _device_jpeg(
     meta = read_metadata(image)
     exif = exif_bytes(meta, provenance, EXIF_SEGMENT_MAX)
     segments = app_segments(exif, icc=meta.icc, xmp=meta.xmp, iptc=meta.iptc, dpi=meta.dpi)
-    levels = icc.gray_levels(page_profile(image))
-    return segments, exif_orientation(image), b"" if levels is None else levels.tobytes()
+    profile = page_profile(image)
+    return segments, exif_orientation(image), profile if icc.converts(profile) else b""
 
 
 def _reason(error: Exception) -> str:
@@ -1154,7 +1153,7 @@ class Colorizer:
             parts = torch.split(ab_N2ss, [pages[i] for i in todo])
             for index, part in zip(todo, parts, strict=True):
                 ab_small[index] = part.numpy().tobytes()
-        dropped = ("l_small", "segments", "orientation", "tone")
+        dropped = ("l_small", "segments", "orientation", "profile")
         out = {k: v for k, v in batch.items() if k not in dropped}
         out["ab_small"] = ab_small
         out["encoded"] = encoded
@@ -1172,7 +1171,7 @@ class Colorizer:
             [batch["data"][i] for i in rows],
             [batch["segments"][i] for i in rows],
             [int(batch["orientation"][i]) for i in rows],
-            [batch["tone"][i] for i in rows],
+            [batch["profile"][i] for i in rows],
         )
         cpu = dataclasses.replace(self.cfg, jpeg_path="cpu")
         for i, data in zip(rows, results, strict=True):

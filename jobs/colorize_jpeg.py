@@ -11,14 +11,15 @@ host, which is faster there and frees the GPU. The colour math is the CPU path's
 two paths differ only by their JPEG codecs' rounding.
 
 `jobs.colorize` routes a file here when the header check (`eligible`) passes: a single-frame
-8-bit JPEG in gray or YCbCr colour, within the pixel limit, whose pixels are sRGB's (no ICC
-profile of another space, `jobs.icc`) or gray through a gray profile, whose levels are looked
-up on the device. CMYK / YCCK JPEGs, 12-bit ones, colour ones of another space and
-everything that is not a JPEG take the CPU path. Metadata (EXIF without
-orientation, with the provenance tag; ICC; XMP; IPTC) is prepared from the header on the CPU
-as ready APP segments (`jobs.picture_files.app_segments`) and spliced into the encoded file.
-A batch that the codec refuses as a whole is decoded image by image, and an image that still
-fails is handed back (None) for the CPU path to colorize or to record with its reason.
+8-bit JPEG in gray or YCbCr colour, within the pixel limit, whose pixels are sRGB's or in a
+space converted on the device (a gray ICC profile's levels looked up; a matrix profile's
+curves and matrix, and back for the output: `jobs.icc.lookup`). CMYK / YCCK JPEGs, 12-bit
+ones, those of other profiles and everything that is not a JPEG take the CPU path. Metadata
+(EXIF without orientation, with the provenance tag; ICC; XMP; IPTC) is prepared from the
+header on the CPU as ready APP segments (`jobs.picture_files.app_segments`) and spliced into
+the encoded file. A batch that the codec refuses as a whole is decoded image by image, and
+an image that still fails is handed back (None) for the CPU path to colorize or to record
+with its reason.
 
 Legend: N batch, H, W full size, S network input side, s = S / 4 network output side.
 """
@@ -49,18 +50,16 @@ from jobs.runtime import Precision
 def eligible(data: bytes, image) -> bool:
     """Whether a JPEG file (its bytes and the lazily opened PIL image) can take the device
     path: an 8-bit JPEG in gray or YCbCr colour that ends with its EOI marker, whose pixels
-    are sRGB's (no ICC profile, or one of sRGB) or gray through a gray profile (their levels
-    are looked up on the device: `JpegColorizer`'s tones). CMYK and YCCK JPEGs, multi-picture
-    MPO files and colour pictures in another space (`jobs.icc`) are the CPU path's; so are
-    files cut short, which nvJPEG would decode without complaint (gray below the cut) and
-    the CPU path reports."""
-    profile = icc.read(page_profile(image))
-    return (
-        image.format == "JPEG"
-        and image.mode in ("L", "RGB")
-        and data.rstrip(b"\0").endswith(b"\xff\xd9")
-        and (not profile.converts or profile.channels == 1)
-    )
+    are sRGB's (no ICC profile, or one of sRGB) or in a space the device converts from and
+    back (a gray profile, or a matrix one: `jobs.icc.lookup`). CMYK and YCCK JPEGs,
+    multi-picture MPO files and pictures of other profiles (tables of colours) are the CPU
+    path's; so are files cut short, which nvJPEG would decode without complaint (gray below
+    the cut) and the CPU path reports."""
+    if not (image.format == "JPEG" and image.mode in ("L", "RGB")):
+        return False
+    profile = page_profile(image)
+    ends = data.rstrip(b"\0").endswith(b"\xff\xd9")
+    return ends and (not icc.converts(profile) or icc.lookup(profile) is not None)
 
 
 # ---------------------------------------------------------------- codecs
@@ -256,22 +255,22 @@ class JpegColorizer:
         self.decode_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.compute_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode")
-        self.tones: dict[bytes, torch.Tensor] = {}  # `__call__`'s, on the device
+        self.profiles: dict[bytes, torch.Tensor | icc.Shaper] = {}  # `icc.lookup`s, on the device
 
     def __call__(
         self,
         files: Sequence[bytes],
         segments: Sequence[bytes],
         orientations: Sequence[int] | None = None,
-        tones: Sequence[bytes] | None = None,
+        profiles: Sequence[bytes] | None = None,
     ) -> list[bytes | None]:
         """Colorized files, each with its `segments` spliced in; `orientations` are the
         files' EXIF orientation tags (1 to 8; `jobs.images.exif_orientation`), applied after
-        decoding so that outputs are upright; `tones`, where a file's is not empty, the sRGB
-        gray of each of its 256 levels (float32 bytes: `jobs.icc.gray_levels` of a gray
-        picture's profile), which its pixels are looked up in."""
+        decoding so that outputs are upright; `profiles`, where a file's is not empty, the
+        ICC profile its pixels are in (one `jobs.icc.lookup` serves): they are converted into
+        sRGB for the network, and a colour picture's output back into the profile."""
         turns = list(orientations) if orientations else [1] * len(files)
-        tones = list(tones) if tones else [b""] * len(files)
+        profiles = list(profiles) if profiles else [b""] * len(files)
         parts = _pieces(len(files), self.chunks)
         out: list[bytes | None] = [None] * len(files)
         encoding: list[tuple[list[int], Future]] = []
@@ -280,13 +279,14 @@ class JpegColorizer:
             for k, part in enumerate(parts):
                 rows = [part[i] for i, image in enumerate(decoded) if image is not None]
                 images = [image for image in decoded if image is not None]
-                predicted = self._predict(images, [tones[i] for i in rows]) if images else None
+                spaces = [profiles[i] for i in rows]
+                predicted = self._predict(images, spaces) if images else None
                 # The next piece is decoded while the network works on this one: the rest
                 # of this piece's steps may wait for the device (eager chroma search).
                 if k + 1 < len(parts):
                     decoded = self._decode_piece(files, turns, parts[k + 1])
                 if predicted is not None:
-                    colorized, ready = self._finish_piece(images, *predicted)
+                    colorized, ready = self._finish_piece(images, spaces, *predicted)
                     # piece k is the CPU threads' when the running count of their share
                     # steps up there: 0.5 deals them every other piece, 1/3 every third
                     share = self.cpu_encode_pieces
@@ -321,11 +321,11 @@ class JpegColorizer:
 
     @torch.inference_mode()
     def _predict(
-        self, images: list[torch.Tensor], tones: list[bytes]
+        self, images: list[torch.Tensor], spaces: list[bytes]
     ) -> tuple[list[list[int]], list[torch.Tensor], torch.Tensor]:
-        """Queues the network for upright (3, H, W) uint8 images (each with its tone, see
-        `__call__`) on the compute stream: (groups of images of one size, each group's
-        full-size L, annealed-mean ab)."""
+        """Queues the network for upright (3, H, W) uint8 images (each in the space of its
+        profile, see `__call__`) on the compute stream: (groups of images of one size, each
+        group's full-size L, annealed-mean ab)."""
         with _on(self.compute_stream):
             if self.compute_stream is not None:
                 self.compute_stream.wait_stream(self.decode_stream)
@@ -341,8 +341,8 @@ class JpegColorizer:
                 groups += [same[i : i + per_group] for i in range(0, len(same), per_group)]
             lightness, small = [], []
             for group in groups:
-                if any(tones[i] for i in group):  # sRGB levels in [0, 1], looked up
-                    stacked = torch.stack([self._toned(images[i], tones[i]) for i in group])
+                if any(spaces[i] for i in group):  # sRGB in [0, 1], converted
+                    stacked = torch.stack([self._in_srgb(images[i], spaces[i]) for i in group])
                 else:
                     stacked = torch.stack([images[i] for i in group])
                 l_N1HW, l_N1SS = self.prepare(stacked, self.infer_px)
@@ -351,21 +351,38 @@ class JpegColorizer:
             ab_N2ss = predict_ab(self.forward, torch.cat(small), self.temperature, self.precision)
         return groups, lightness, ab_N2ss
 
-    def _toned(self, image: torch.Tensor, tone: bytes) -> torch.Tensor:
-        """A uint8 image as sRGB in [0, 1]: its levels looked up in `tone`, or / 255."""
-        if not tone:
+    def _lookup(self, profile: bytes, device: torch.device) -> torch.Tensor | icc.Shaper:
+        if (found := self.profiles.get(profile)) is None:
+            if len(self.profiles) >= 16:  # a few profiles in an archive, at most
+                self.profiles.clear()
+            found = icc.lookup(profile).to(device)
+            self.profiles[profile] = found
+        return found
+
+    def _in_srgb(self, image: torch.Tensor, profile: bytes) -> torch.Tensor:
+        """A uint8 (3, H, W) image in the space of `profile` (sRGB's where empty) as sRGB in
+        [0, 1]: a gray one's levels looked up, a colour one's through its curves."""
+        if not profile:
             return image.float() / 255.0
-        if (levels := self.tones.get(tone)) is None:
-            if len(self.tones) >= 64:  # a few gray profiles in an archive, at most
-                self.tones.clear()
-            levels = torch.frombuffer(bytearray(tone), dtype=torch.float32).to(image.device)
-            self.tones[tone] = levels
-        return levels[image.int()]
+        found = self._lookup(profile, image.device)
+        if isinstance(found, torch.Tensor):
+            return found[image.int()]
+        return found.srgb_of(image.reshape(3, -1).long() * 257).view(image.shape)
+
+    def _in_profile(self, rgb_3HW: torch.Tensor, profile: bytes) -> torch.Tensor:
+        """A colorized uint8 sRGB image in the space of `profile`, where it is a colour one
+        (a gray picture's output is sRGB)."""
+        found = self._lookup(profile, rgb_3HW.device) if profile else None
+        if not isinstance(found, icc.Shaper):
+            return rgb_3HW
+        levels_3P = found.levels_of(rgb_3HW.reshape(3, -1).float() / 255.0)
+        return ((levels_3P * 255 + 32767) // 65535).to(torch.uint8).view(rgb_3HW.shape)
 
     @torch.inference_mode()
     def _finish_piece(
         self,
         images: list[torch.Tensor],
+        spaces: list[bytes],
         groups: list[list[int]],
         lightness: list[torch.Tensor],
         ab_N2ss: torch.Tensor,
@@ -378,7 +395,7 @@ class JpegColorizer:
             for group, l_N1HW, ab_n2ss in zip(groups, lightness, ab_N2ss.split(sizes), strict=True):
                 rgb_N3HW = self.finish(l_N1HW, ab_n2ss).contiguous()  # nvJPEG reads it as is
                 for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
-                    out[i] = rgb_3HW
+                    out[i] = self._in_profile(rgb_3HW, spaces[i]).contiguous()
             if self.compute_stream is None:
                 return out, None
             ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it
@@ -440,7 +457,7 @@ def _pieces(count: int, pieces: int) -> list[list[int]]:
 
 
 def _prepare(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 levels, or sRGB in [0, 1] already (`JpegColorizer._toned`) -> `network_input`."""
+    """uint8 levels, or sRGB in [0, 1] already (`JpegColorizer._in_srgb`) -> `network_input`."""
     rgb_N3HW = rgb_N3HW if rgb_N3HW.is_floating_point() else rgb_N3HW.float() / 255.0
     return network_input(rgb_N3HW, infer_px)
 

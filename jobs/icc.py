@@ -14,7 +14,7 @@ compensation, unoptimised: its optimised 16-bit transforms are off by up to 5% o
 in the shadows of a gamma-1.8 space. A gray picture goes through a table of its profile's
 65,536 levels, made once. So does an RGB picture whose profile is a curve for each channel
 then a matrix (Adobe RGB, ProPhoto, Display P3, most cameras' and scanners' profiles):
-`_Shaper` measures its curves and matrix through LittleCMS, and is used only where it
+`Shaper` measures its curves and matrix through LittleCMS, and is used only where it
 converts a grid of colours both ways as LittleCMS does (within 8 16-bit levels). The CPU
 steps of colorizing a 1024 x 768 JPEG in Adobe RGB then take 1.4x those of one in sRGB,
 against 4.2x through LittleCMS alone (`bench/icc.py`), which is left to profiles of other
@@ -42,7 +42,7 @@ _SRGB_TOLERANCE = 128  # 16-bit levels (half an 8-bit one) from sRGB that count 
 _BAND_PX = 1 << 20  # pixels converted at a time: the 16-bit copies stay a few MB
 _RELATIVE_COLORIMETRIC = 1
 _SHAPER_TOLERANCE = 8  # 16-bit levels (1/32 of an 8-bit one) from LittleCMS's conversion
-_INVERSE_STEPS = 1 << 18  # of a `_Shaper`'s inverse curves, evenly spaced in sqrt(light)
+_INVERSE_STEPS = 1 << 18  # of a `Shaper`'s inverse curves, evenly spaced in sqrt(light)
 
 
 class Profile(NamedTuple):
@@ -111,22 +111,36 @@ def read(icc: bytes | None) -> Profile:
     return Profile(channels, converts, reversible=True)
 
 
-class _Shaper(NamedTuple):
+class Shaper(NamedTuple):
     """An RGB profile that is a curve for each channel, then a matrix, as LittleCMS converts
     it: `linear` (3, 65536) float32, each channel's 16-bit levels as linear light (1 at the
     top); `to_srgb` (3, 3) linear sRGB of that light; `from_srgb` its inverse; `levels`
-    (3, _INVERSE_STEPS) uint16, each channel's level whose light is nearest (i / (steps - 1))²
-    at step i."""
+    (3, _INVERSE_STEPS) int32, each channel's 16-bit level whose light is nearest
+    (i / (steps - 1))² at step i. Torch tensors, on the CPU or (`to`) a GPU."""
 
-    linear: np.ndarray
+    linear: torch.Tensor
     to_srgb: torch.Tensor
     from_srgb: torch.Tensor
-    levels: np.ndarray
+    levels: torch.Tensor
+
+    def to(self, device: torch.device) -> Shaper:
+        return Shaper(*(t.to(device) for t in self))
+
+    def srgb_of(self, levels_3P: torch.Tensor) -> torch.Tensor:
+        """The profile's 16-bit levels (3, P), integers -> sRGB (3, P) float32 in [0, 1]."""
+        light_3P = torch.gather(self.linear, 1, levels_3P.long())
+        return linear_to_srgb((self.to_srgb @ light_3P).clamp_(0, 1)).clamp_(0, 1)
+
+    def levels_of(self, srgb_3P: torch.Tensor) -> torch.Tensor:
+        """sRGB (3, P) float32 in [0, 1] -> the profile's 16-bit levels (3, P), int32."""
+        light_3P = (self.from_srgb @ srgb_to_linear(srgb_3P)).clamp_(0, 1)
+        steps_3P = light_3P.sqrt_().mul_(_INVERSE_STEPS - 1).round_().long()
+        return torch.gather(self.levels, 1, steps_3P)
 
 
 @functools.lru_cache(maxsize=16)
-def _shaper(icc: bytes) -> _Shaper | None:
-    """The `_Shaper` of an RGB profile that converts; None where the profile is not one (its
+def _shaper(icc: bytes) -> Shaper | None:
+    """The `Shaper` of an RGB profile that converts; None where the profile is not one (its
     conversions of a grid of colours differ from LittleCMS's: into sRGB, and out of it where
     the profile can be converted into, `Profile.reversible`)."""
     import imagecodecs
@@ -137,7 +151,7 @@ def _shaper(icc: bytes) -> _Shaper | None:
         return None
 
 
-def _measured(icc: bytes, reversible: bool) -> _Shaper | None:
+def _measured(icc: bytes, reversible: bool) -> Shaper | None:
     import imagecodecs
 
     xyz, top = imagecodecs.cms_profile("xyz"), np.arange(65536, dtype=np.uint16)
@@ -154,11 +168,11 @@ def _measured(icc: bytes, reversible: bool) -> _Shaper | None:
         return None  # no curve to invert, or no matrix
     steps = (np.arange(_INVERSE_STEPS) / (_INVERSE_STEPS - 1)) ** 2
     levels = np.stack([_nearest(curve, steps) for curve in linear])
-    shaper = _Shaper(
-        linear.astype(np.float32),
+    shaper = Shaper(
+        torch.from_numpy(linear.astype(np.float32)),
         torch.from_numpy(to_srgb.astype(np.float32)),
         torch.from_numpy(np.linalg.inv(to_srgb).astype(np.float32)),
-        levels,
+        torch.from_numpy(levels.astype(np.int32)),
     )
     grid = _grid(3)
     forward = np.round(_shaper_to_srgb(grid, shaper).transpose(1, 2, 0) * 65535)
@@ -185,30 +199,27 @@ def _grid(channels: int) -> np.ndarray:
     return np.stack(axes, -1).reshape(1, -1, channels)
 
 
-def _shaper_to_srgb(pixels_HW3: np.ndarray, shaper: _Shaper) -> np.ndarray:
+def _shaper_to_srgb(pixels_HW3: np.ndarray, shaper: Shaper) -> np.ndarray:
     """uint8 or uint16 pixels -> sRGB float32 planes (3, H, W) in [0, 1]."""
     h, w, _ = pixels_HW3.shape
     planes_CHW = np.empty((3, h, w), np.float32)
     rows = max(1, _BAND_PX // max(w, 1))
     for r in range(0, h, rows):
-        band = as_16bit(pixels_HW3[r : r + rows])
-        light_3P = torch.from_numpy(np.stack([shaper.linear[c][band[..., c]] for c in range(3)]))
-        srgb_3P = linear_to_srgb((shaper.to_srgb @ light_3P.flatten(1)).clamp_(0, 1))
-        planes_CHW[:, r : r + rows] = srgb_3P.clamp_(0, 1).view(3, -1, w).numpy()
+        band_3P = as_16bit(pixels_HW3[r : r + rows]).reshape(-1, 3).T
+        srgb_3P = shaper.srgb_of(torch.from_numpy(band_3P.astype(np.int64)))
+        planes_CHW[:, r : r + rows] = srgb_3P.view(3, -1, w).numpy()
     return planes_CHW
 
 
-def _shaper_from_srgb(pixels_HW3: np.ndarray, shaper: _Shaper) -> np.ndarray:
+def _shaper_from_srgb(pixels_HW3: np.ndarray, shaper: Shaper) -> np.ndarray:
     """sRGB uint8 or uint16 pixels -> the profile's, in place."""
     top = 65535.0 if pixels_HW3.dtype == np.uint16 else 255.0
     rows = max(1, _BAND_PX // max(pixels_HW3.shape[1], 1))
     for r in range(0, pixels_HW3.shape[0], rows):
         band = pixels_HW3[r : r + rows]
-        srgb_P3 = torch.from_numpy(band.reshape(-1, 3).astype(np.float32)).div_(top)
-        light_P3 = (srgb_to_linear(srgb_P3) @ shaper.from_srgb.T).clamp_(0, 1)
-        steps_P3 = light_P3.sqrt_().mul_(_INVERSE_STEPS - 1).round_().long().numpy()
-        levels = np.stack([shaper.levels[c][steps_P3[:, c]] for c in range(3)], -1)
-        band[...] = (levels if top > 255 else as_8bit(levels)).reshape(band.shape)
+        srgb_3P = torch.from_numpy(band.reshape(-1, 3).T.astype(np.float32)).div_(top)
+        levels_P3 = shaper.levels_of(srgb_3P).numpy().T.astype(np.uint16)
+        band[...] = (levels_P3 if top > 255 else as_8bit(levels_P3)).reshape(band.shape)
     return pixels_HW3
 
 
@@ -224,11 +235,17 @@ def output_profile(icc: bytes | None) -> bytes | None:
     return icc if profile.channels == 3 and profile.reversible else None
 
 
-def gray_levels(icc: bytes | None) -> np.ndarray | None:
-    """The sRGB gray in [0, 1] (float32) of each of the 256 8-bit levels of a gray profile
-    that converts; None for any other profile (the GPU path looks its pixels up in it)."""
+def lookup(icc: bytes | None) -> torch.Tensor | Shaper | None:
+    """What the GPU path converts an 8-bit picture in the space of a profile that converts
+    with (`jobs.colorize_jpeg`): for a gray profile, the sRGB gray of each of its 256 levels
+    (float32); for a matrix profile that outputs can be converted back into, its `Shaper`;
+    None for any other (the CPU path's)."""
     profile = read(icc)
-    return _gray_table(icc)[::257].copy() if profile.channels == 1 and profile.converts else None
+    if not profile.converts:
+        return None
+    if profile.channels == 1:
+        return torch.from_numpy(_gray_table(icc)[::257].copy())
+    return _shaper(icc) if profile.channels == 3 and profile.reversible else None
 
 
 def to_srgb(pixels: np.ndarray, icc: bytes | None) -> np.ndarray | None:

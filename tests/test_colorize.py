@@ -34,6 +34,7 @@ from jobs import colorize, colorize_manifest, picture_files, storage, tars
 from jobs.config import run_cli
 from jobs.runtime import Precision
 from tests.support import encode, photo_rgb, tar_bytes
+from tests.test_icc import input_only
 
 INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
 SRGB_ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -1845,6 +1846,7 @@ def _jpeg_corpus() -> dict[str, bytes]:
         "broken.jpg": bytes(broken),
         "dot_gain.jpg": save(Image.fromarray(gray((30, 44))), "JPEG", icc_profile=GRAY_18),
         "adobe.jpg": save(Image.fromarray(colour), "JPEG", icc_profile=ADOBE_RGB),
+        "scanner.jpg": save(Image.fromarray(colour), "JPEG", icc_profile=input_only()),
     }
 
 
@@ -1894,9 +1896,9 @@ def test_a_batch_of_large_scans_is_colorized_a_few_at_a_time(tmp_path, monkeypat
 def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     """The device path (nvJPEG on GPUs; Pillow as its codec here) gives the CPU path's
     result: same accounting, same sizes and metadata, pixels within JPEG rounding, a gray
-    picture's levels read through its gray profile too; CMYK, colour in another space than
-    sRGB, non-JPEG and undecodable files go the CPU way and are colorized or recorded as
-    before."""
+    picture's levels read through its gray profile and an Adobe RGB one's colours through
+    its curves, there and back, too; CMYK, a scanner's table profile, non-JPEG and
+    undecodable files go the CPU way and are colorized or recorded as before."""
     torch.manual_seed(3)
     model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     files = _jpeg_corpus()
@@ -1907,7 +1909,7 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     assert routes == {"meta.jpg": "device", "gray.jpg": "device", "colour.jpg": "device",
                       "same/size.jpg": "device", "cmyk.jpg": "cpu", "truncated.jpg": "cpu",
                       "broken.jpg": "device", "scan.png": "cpu", "dot_gain.jpg": "device",
-                      "adobe.jpg": "cpu"}  # fmt: skip
+                      "adobe.jpg": "device", "scanner.jpg": "cpu"}  # fmt: skip
     on_device = _run_local(files, tmp_path, model, jpeg_path="device")
     on_cpu = _run_local(files, tmp_path, model, jpeg_path="cpu")
     assert set(on_device) == set(on_cpu) == set(files)
@@ -1920,7 +1922,8 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     # The codec failed on it in the batch: the CPU path took it over and recorded why.
     assert on_device["broken.jpg"]["status"] == "error"
     assert on_device["broken.jpg"]["reason"] == on_cpu["broken.jpg"]["reason"] != ""
-    for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg", "dot_gain.jpg"):
+    for rel in ("meta.jpg", "gray.jpg", "colour.jpg", "same/size.jpg", "dot_gain.jpg",
+                "adobe.jpg"):  # fmt: skip
         device_image = Image.open(on_device[rel]["root"] / rel)
         cpu_image = Image.open(on_cpu[rel]["root"] / rel)
         assert device_image.size == cpu_image.size and device_image.format == "JPEG"
@@ -1934,6 +1937,8 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     assert "f" * 64 in exif[picture_files.PROVENANCE_EXIF_TAG]
     assert meta.info["icc_profile"] == SRGB_ICC and b"archive-42" in meta.info["xmp"]
     assert meta.info["photoshop"][0x0404] == IPTC
+    adobe = Image.open(on_device["adobe.jpg"]["root"] / "adobe.jpg")
+    assert adobe.info["icc_profile"] == ADOBE_RGB
 
 
 def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:

@@ -277,9 +277,12 @@ def test_a_picture_colorizes_the_same_whatever_space_it_is_stored_in() -> None:
     np.testing.assert_allclose(wide_to_srgb(tagged), plain, atol=2.5 / 255)
 
 
-def test_only_srgb_jpegs_take_the_device_path() -> None:
+def test_jpegs_take_the_device_path_where_it_converts_their_space() -> None:
+    """sRGB and matrix profiles (converted there and back) go to the device; a profile of
+    tables, which LittleCMS alone converts, and one nothing converts into, do not."""
     rgb = Image.fromarray(photo_rgb("coffee", 16))
-    for profile, device in ((None, True), (SRGB, True), (WIDE, False)):
+    cases = ((None, True), (SRGB, True), (WIDE, True), (input_only(), False))
+    for profile, device in cases:
         data = save(rgb, "JPEG", **({"icc_profile": profile} if profile else {}))
         assert eligible(data, open_image(data, max_pixels=10**6)) is device
 
