@@ -5,10 +5,12 @@ untagged (sRGB), in Adobe RGB, and in Dot Gain-like gray, through the job's CPU 
 
 Each figure is the median time of `prepare_row` (decode, L for the network) plus
 `colorize_file` (decode, reassembly at full size, encode), the network left out (its ab is
-zero): the steps a profile adds to. Adobe RGB runs twice: through its measured curves and
-matrix (`jobs.icc._Shaper`, what the job does), and through LittleCMS alone (what a profile
-made of colour tables gets). The error column is the largest difference of the curves' sRGB
-from LittleCMS's float conversion over the photo, in 16-bit levels.
+zero): the steps a profile adds to. The inputs take turns, one run each a round, so that a
+machine's drift (this one's is large) falls on all of them alike. Adobe RGB runs twice:
+through its measured curves and matrix (`jobs.icc.Shaper`, what the job does), and through
+LittleCMS alone (what a profile made of colour tables gets). The last line is the largest
+difference of the curves' sRGB from LittleCMS's float conversion over the photo, in 16-bit
+levels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import timing  # noqa: F401  (first: pins thread pools to 1 before numpy and tor
 
 # isort: split
 import io
+import statistics
 
 import imagecodecs
 import numpy as np
@@ -41,7 +44,7 @@ def jpeg(pixels: np.ndarray, profile: bytes | None) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per input")
+    parser.add_argument("--repeats", type=int, default=12, help="rounds of runs, the first dropped")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -52,28 +55,32 @@ def main() -> None:
     s = cfg.infer_px // 4
     ab = np.zeros((1, 2, s, s), np.float32).tobytes()
 
-    def cost(data: bytes) -> float:
-        def once() -> None:
-            colorize.prepare_row({"status": "pending", "data": data}, cfg)
-            colorize.colorize_file(data, ab, cfg, "bench")
-
-        return median_ms(once, args.repeats)
+    def once(file: bytes, measured: bool = True) -> None:
+        shaper = icc._shaper
+        if not measured:
+            icc._shaper = lambda profile: None  # what a profile of colour tables gets
+        try:
+            colorize.prepare_row({"status": "pending", "data": file}, cfg)
+            colorize.colorize_file(file, ab, cfg, "bench")
+        finally:
+            icc._shaper = shaper
 
     gray = np.asarray(Image.fromarray(photo).convert("L"))
     inputs = {
-        "sRGB (untagged)": jpeg(photo, None),
-        "Adobe RGB, measured curves": jpeg(photo, adobe),
-        "gray, gamma 2.45 profile": jpeg(gray, dot_gain),
-        "gray (untagged)": jpeg(gray, None),
+        "sRGB (untagged)": (jpeg(photo, None), True),
+        "Adobe RGB, measured curves": (jpeg(photo, adobe), True),
+        "Adobe RGB, LittleCMS alone": (jpeg(photo, adobe), False),
+        "gray, gamma 2.45 profile": (jpeg(gray, dot_gain), True),
+        "gray (untagged)": (jpeg(gray, None), True),
     }
-    times = {name: cost(data) for name, data in inputs.items()}
-    shaper = icc._shaper
-    icc._shaper = lambda profile: None  # what a profile of colour tables gets
-    times["Adobe RGB, LittleCMS alone"] = cost(inputs["Adobe RGB, measured curves"])
-    icc._shaper = shaper
+    runs: dict[str, list[float]] = {name: [] for name in inputs}
+    for _ in range(args.repeats):  # the first round, which makes the tables, is dropped
+        for name, (file, measured) in inputs.items():
+            runs[name].append(median_ms(lambda f=file, m=measured: once(f, m), 1, warmup=0))
+    times = {name: statistics.median(ms[1:]) for name, ms in runs.items()}
 
     srgb = imagecodecs.cms_profile("srgb")
-    pixels = np.asarray(Image.open(io.BytesIO(inputs["Adobe RGB, measured curves"])))
+    pixels = np.asarray(Image.open(io.BytesIO(inputs["Adobe RGB, measured curves"][0])))
     ours = icc.to_srgb(pixels, adobe).transpose(1, 2, 0)
     theirs = imagecodecs.cms_transform(
         pixels.astype(np.float32) / 255, adobe, srgb, colorspace="rgb", outcolorspace="rgb",
@@ -82,7 +89,7 @@ def main() -> None:
     error = np.abs(ours - theirs.clip(0, 1)).max() * 65535
 
     base = times["sRGB (untagged)"]
-    print(f"1024 x 768 JPEG, CPU steps of colorize, 1 thread, median of {args.repeats}")
+    print(f"1024 x 768 JPEG, CPU steps of colorize, 1 thread, median of {args.repeats - 1}")
     print(f"{'input':<30} {'ms':>8} {'vs sRGB':>8}")
     for name, ms in times.items():
         print(f"{name:<30} {ms:8.1f} {ms / base:7.2f}x")
