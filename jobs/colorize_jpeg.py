@@ -352,11 +352,11 @@ class JpegColorizer:
         return groups, lightness, ab_N2ss
 
     def _lookup(self, profile: bytes, device: torch.device) -> torch.Tensor | icc.Shaper:
-        if (found := self.profiles.get(profile)) is None:
-            if len(self.profiles) >= 16:  # a few profiles in an archive, at most
-                self.profiles.clear()
+        if (found := self.profiles.pop(profile, None)) is None:  # made once, kept in use order
+            if len(self.profiles) >= 16:  # a few profiles in an archive, as a rule
+                del self.profiles[next(iter(self.profiles))]  # the least recently used
             found = icc.lookup(profile).to(device)
-            self.profiles[profile] = found
+        self.profiles[profile] = found
         return found
 
     def _in_srgb(self, image: torch.Tensor, profile: bytes) -> torch.Tensor:
@@ -365,18 +365,29 @@ class JpegColorizer:
         if not profile:
             return image.float() / 255.0
         found = self._lookup(profile, image.device)
+        levels = image.int()  # int32 indices: a third of int64's memory on a large scan
         if isinstance(found, torch.Tensor):
-            return found[image.int()]
-        return found.srgb_of(image.reshape(3, -1).long() * 257).view(image.shape)
+            return found[levels]
+        linear_8bit = found.linear[:, ::257]  # the light of 8-bit level v is 16-bit 257 v's
+        light_3HW = torch.stack([linear_8bit[c][levels[c]] for c in range(3)])
+        return found.srgb_of_light(light_3HW.view(3, -1)).view(image.shape)
 
-    def _in_profile(self, rgb_3HW: torch.Tensor, profile: bytes) -> torch.Tensor:
-        """A colorized uint8 sRGB image in the space of `profile`, where it is a colour one
-        (a gray picture's output is sRGB)."""
-        found = self._lookup(profile, rgb_3HW.device) if profile else None
+    def _converted_back(self, spaces: list[bytes], group: list[int], device) -> bool:
+        """Whether a group has an image in a colour profile, whose output is converted back
+        into it from full precision (`_in_profile`)."""
+        return any(
+            isinstance(self._lookup(spaces[i], device), icc.Shaper) for i in group if spaces[i]
+        )
+
+    def _in_profile(self, srgb_3HW: torch.Tensor, profile: bytes) -> torch.Tensor:
+        """A colorized image, sRGB in [0, 1], as uint8 in the space of `profile` where it is
+        a colour one (converted before rounding, as the CPU path does: from 8-bit sRGB the
+        shadows of a pure power curve such as Adobe RGB's would skip levels), else sRGB."""
+        found = self._lookup(profile, srgb_3HW.device) if profile else None
         if not isinstance(found, icc.Shaper):
-            return rgb_3HW
-        levels_3P = found.levels_of(rgb_3HW.reshape(3, -1).float() / 255.0)
-        return ((levels_3P * 255 + 32767) // 65535).to(torch.uint8).view(rgb_3HW.shape)
+            return srgb_3HW.mul(255.0).round_().to(torch.uint8)
+        levels_3P = found.levels_of(srgb_3HW.reshape(3, -1))
+        return ((levels_3P * 255 + 32767) // 65535).to(torch.uint8).view(srgb_3HW.shape)
 
     @torch.inference_mode()
     def _finish_piece(
@@ -393,9 +404,14 @@ class JpegColorizer:
         with _on(self.compute_stream):
             sizes = [len(g) for g in groups]
             for group, l_N1HW, ab_n2ss in zip(groups, lightness, ab_N2ss.split(sizes), strict=True):
+                if self._converted_back(spaces, group, l_N1HW.device):  # sRGB, then rounded
+                    srgb_N3HW = reassemble(l_N1HW, ab_n2ss)
+                    for i, srgb_3HW in zip(group, srgb_N3HW, strict=True):
+                        out[i] = self._in_profile(srgb_3HW, spaces[i]).contiguous()
+                    continue
                 rgb_N3HW = self.finish(l_N1HW, ab_n2ss).contiguous()  # nvJPEG reads it as is
                 for i, rgb_3HW in zip(group, rgb_N3HW, strict=True):
-                    out[i] = self._in_profile(rgb_3HW, spaces[i]).contiguous()
+                    out[i] = rgb_3HW
             if self.compute_stream is None:
                 return out, None
             ready = torch.cuda.Event(blocking=True)  # the encoder sleeps on it

@@ -1941,6 +1941,37 @@ def test_jpegs_on_the_model_device_match_the_cpu_path(tmp_path) -> None:
     assert adobe.info["icc_profile"] == ADOBE_RGB
 
 
+def test_the_device_path_converts_profiled_pictures_as_the_cpu_path_does() -> None:
+    """Gray and Adobe RGB JPEGs, dark ones (where Adobe RGB's pure power curve is steepest),
+    through the device path with a lossless encoder: the pixels before encoding are the CPU
+    path's to within one level (the output converted back from full precision, as there)."""
+    from jobs import icc
+    from jobs.colorize_jpeg import Codec, JpegColorizer, pil_codec
+    from jobs.images import as_8bit
+
+    torch.manual_seed(6)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    cpu = Precision(torch.device("cpu"), None, "test")
+    dark = (photo_rgb("astronaut", 48).astype(np.float64) / 255) ** 3 * 255
+    pictures = [(np.uint8(dark), ADOBE_RGB), (np.uint8(dark[..., 1]), GRAY_18)]
+    files = [save(Image.fromarray(p), "JPEG", quality=95, icc_profile=q) for p, q in pictures]
+    lossless = Codec(pil_codec(cpu.device).decode,
+                     lambda images, quality: [encode(i.permute(1, 2, 0).numpy(), "PNG")
+                                              for i in images])  # fmt: skip
+    colorizer = JpegColorizer(model, cpu, infer_px=INFER_PX, temperature=0.38, quality=95,
+                              codec=lossless)  # fmt: skip
+    outputs = colorizer(files, [b""] * 2, [1, 1], [q for _, q in pictures])
+    for data, (_, profile), out in zip(files, pictures, outputs, strict=True):
+        decoded = picture_files.decode(data, 10**6)
+        l_full, l_small = colorize.network_input(decoded.pages[0].rgb, INFER_PX)
+        ab = colorize.predict_ab(model, l_small, 0.38, cpu)
+        pixels = colorize.reassemble_pixels(l_full, ab, 16)
+        expected = as_8bit(icc.from_srgb(pixels, picture_files.page_profile(Image.open(
+            io.BytesIO(data)))))  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(out)))
+        assert np.abs(got.astype(int) - expected).max() <= 1, profile[:40]
+
+
 def test_device_path_in_pieces_gives_the_whole_batch_result() -> None:
     """A batch colorized in pipelined pieces, or with its full-size steps split by a pixel
     budget (Pillow as the codec here): every file's output at its place, failures where they

@@ -80,7 +80,7 @@ def singular(profile: bytes) -> bytes:
 @pytest.fixture(params=["shaper", "littlecms"])
 def conversion(request, monkeypatch) -> str:
     """Each test of RGB conversions runs twice: through a matrix profile's measured curves
-    (`icc._Shaper`), and through LittleCMS alone, the way of profiles of other kinds."""
+    (`icc.Shaper`), and through LittleCMS alone, the way of profiles of other kinds."""
     if request.param == "littlecms":
         monkeypatch.setattr(icc, "_shaper", lambda profile: None)
     return request.param
