@@ -61,6 +61,15 @@ def _srgb() -> bytes:
     return imagecodecs.cms_profile("srgb")
 
 
+@functools.cache
+def adobe_rgb() -> bytes:
+    """An Adobe RGB (1998) profile (LittleCMS's), for pictures whose EXIF says they are in
+    it without carrying a profile (`jobs.picture_files.page_profile`)."""
+    import imagecodecs
+
+    return imagecodecs.cms_profile("adobergb")
+
+
 def _transform(pixels: np.ndarray, source: bytes, target: bytes, dtype=np.uint16) -> np.ndarray:
     """`pixels` ((H, W) gray, or (H, W, C) RGB, CMYK or XYZ, uint8 or uint16) from one
     profile's space into the other's, as `dtype`."""

@@ -508,14 +508,32 @@ def page_profile(image) -> bytes | None:
     """The ICC profile of a PIL image's current page where it is of the page's colour space
     (gray, RGB or CMYK; a profile of another is not used), else None. Pillow keeps a TIFF's first
     page's profile in `info` when a later page has none: a TIFF page's own tag is read (as
-    bytes only: a tag stored as a number is no profile)."""
+    bytes only: a tag stored as a number is no profile). A picture without one whose EXIF
+    says it is Adobe RGB, as cameras set to it write (DCF), is given that profile."""
     found = image.tag_v2.get(_ICC_TAG) if image.format == "TIFF" else image.info.get("icc_profile")
+    if not found and image.mode in _RGB_MODES and _exif_says_adobe_rgb(image):
+        found = profiles.adobe_rgb()
     if not isinstance(found, bytes | bytearray) or not found:
         return None
     mode = image.mode
     channels = 1 if mode in _GRAY_MODES or mode.startswith("I;16") else 3 * (mode in _RGB_MODES)
     channels = 4 if mode == "CMYK" else channels
     return bytes(found) if profiles.read(bytes(found)).channels == channels else None
+
+
+_EXIF_COLOUR_SPACE, _INTEROP_INDEX = 0xA001, 0x0001
+
+
+def _exif_says_adobe_rgb(image) -> bool:
+    """Whether a picture's EXIF names Adobe RGB: colour space "uncalibrated" with the
+    interoperability index R03 (DCF 2.0's option file), or 2, which some cameras write."""
+    try:
+        exif = image.getexif()
+        space = exif.get_ifd(_EXIF_IFD).get(_EXIF_COLOUR_SPACE)
+        index = exif.get_ifd(0xA005).get(_INTEROP_INDEX)  # the Interop IFD
+    except Exception:  # EXIF is the file's own business: a broken one names no space
+        return False
+    return space == 2 or (space == 0xFFFF and isinstance(index, str) and index.startswith("R03"))
 
 
 def _next_page(image, index: int) -> bool:

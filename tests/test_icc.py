@@ -375,3 +375,40 @@ def test_cmyk_pictures_are_read_through_their_profile(bits: int) -> None:
     np.testing.assert_allclose(pages[True], srgb_encode(light), atol=2e-3)
     plain = (1 - inks[..., :3] / 255) * (1 - inks[..., 3:] / 255)
     np.testing.assert_allclose(pages[False], plain, atol=1 / 255)  # Pillow's, for want of one
+
+
+def dcf_exif(colour_space: int, interop_index: bytes) -> bytes:
+    """An EXIF block (little-endian TIFF) holding the colour space tag and an Interop IFD
+    with its index, as cameras write them (Pillow writes no Interop IFD of its own)."""
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, count) + value
+
+    tiff = b"II*\0" + struct.pack("<I", 8)  # IFD0 at 8, the Exif IFD at 26, Interop at 56
+    tiff += struct.pack("<H", 1) + entry(0x8769, 4, 1, struct.pack("<I", 26)) + bytes(4)
+    tiff += struct.pack("<H", 2) + entry(0xA001, 3, 1, struct.pack("<HH", colour_space, 0))
+    tiff += entry(0xA005, 4, 1, struct.pack("<I", 56)) + bytes(4)
+    tiff += struct.pack("<H", 1) + entry(0x0001, 2, 4, interop_index + b"\0") + bytes(4)
+    return b"Exif\0\0" + tiff
+
+
+@pytest.mark.parametrize(
+    ("colour_space", "index", "adobe"),
+    [(0xFFFF, b"R03", True), (2, b"R98", True), (1, b"R98", False), (0xFFFF, b"THM", False)],
+)
+def test_a_picture_whose_exif_says_adobe_rgb_is_read_as_adobe_rgb(
+    colour_space: int, index: bytes, adobe: bool
+) -> None:
+    """A camera picture with no profile, but EXIF colour space "uncalibrated" with the DCF
+    index R03 (or 2, as some cameras write): read as Adobe RGB, whose profile the output
+    then carries."""
+    stored = photo_rgb("chelsea", 32)
+    data = save(Image.fromarray(stored), "PNG", exif=dcf_exif(colour_space, index))
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.meta.icc == (icc.adobe_rgb() if adobe else None)
+    adobe_to_srgb = np.linalg.solve(
+        rgb_to_xyz(SRGB_PRIMARIES, D65), rgb_to_xyz(WIDE_PRIMARIES, D65)
+    )
+    light = (stored / 255) ** (563 / 256) @ adobe_to_srgb.T
+    expected = srgb_encode(light) if adobe else stored / 255
+    np.testing.assert_allclose(planes_HW3(decoded.pages[0]), expected, atol=2.5e-3)
