@@ -3,14 +3,15 @@
 The network's L and the colours it predicts are sRGB's (`colorcore.color`). A picture whose
 ICC profile states another RGB space (Adobe RGB, ProPhoto, a scanner's own), a gray one
 (Dot Gain 20%, Gray Gamma 1.8) or CMYK inks (a printer's) is converted into sRGB as it is
-decoded (`to_srgb`), so its L is the L a colour-managed viewer shows. An RGB picture's
-colorized output is converted back into its profile, which the output carries
-(`from_srgb`); a gray or CMYK picture's output is sRGB.
+decoded (`to_srgb`), so its L is the L a colour-managed viewer shows; so is a camera's
+picture whose EXIF says Adobe RGB (`adobe_rgb`). An RGB picture's colorized output is
+converted back into its profile, which the output carries (`from_srgb`); a gray or CMYK
+picture's output is sRGB.
 
 Profiles that describe sRGB itself, which many files carry, cost nothing: `read` converts a
 grid of colours through each profile once and passes over those that leave them as they
 are. Conversions are LittleCMS's (imagecodecs), relative colorimetric with black point
-compensation, unoptimised: its optimised 16-bit transforms are off by up to 5% of the range
+compensation, unoptimised: its optimised 16-bit transforms are off by up to 7% of the range
 in the shadows of a gamma-1.8 space. A gray picture goes through a table of its profile's
 65,536 levels, made once. So does an RGB picture whose profile is a curve for each channel
 then a matrix (Adobe RGB, ProPhoto, Display P3, most cameras' and scanners' profiles):
@@ -18,7 +19,9 @@ then a matrix (Adobe RGB, ProPhoto, Display P3, most cameras' and scanners' prof
 converts a grid of colours both ways as LittleCMS does (within 8 16-bit levels). The CPU
 steps of colorizing a 1024 x 768 JPEG in Adobe RGB then take 2.1x those of one in sRGB,
 against 7x through LittleCMS alone (`bench/icc.py`), which is left to profiles of other
-kinds (tables of colours).
+kinds (tables of colours). The GPU path converts JPEGs of gray and matrix profiles on the
+device with the same tables (`lookup`).
+
 Colours outside the target's gamut are clipped to it. A profile LittleCMS cannot read, or of
 a colour space the pixels are not in, is passed over: the pixels are read as a file's
 without a profile are (sRGB; CMYK by Pillow's plain conversion), and the output carries no
