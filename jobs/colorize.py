@@ -1525,17 +1525,7 @@ def main(cfg: ColorizeConfig) -> Summary:
     loaded = load_model(cfg.model, cfg.s3)
     cfg = dataclasses.replace(cfg, model=loaded.url)  # a run folder's newest checkpoint: fixed
     provenance = _provenance(loaded.sha256, cfg)
-    rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
-    inputs = manifest.inputs_only(rows)
-    status = inputs.column("status")
-    again = pc.equal(status, "error")  # tried again: with --retry-errors
-    if not cfg.retry_errors:  # every one, else those that ran out of memory
-        again = pc.and_kleene(again, pc.starts_with(inputs.column("reason"), OUT_OF_MEMORY))
-    done = inputs.filter(pc.invert(again))
-    _check_same_colours(inputs, loaded.sha256, cfg)
-    read = manifest.archives_read(rows)
-    written = set(pc.filter(inputs.column("output"), pc.equal(status, "ok")).to_pylist())
-    units, top_level, skipped = plan(cfg, done.column("source").to_pylist(), read, written)
+    units, top_level, skipped = plan_left(cfg, loaded.sha256)
     print(
         f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
         f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
@@ -1558,6 +1548,22 @@ def main(cfg: ColorizeConfig) -> Summary:
         f"({processed / max(elapsed, 1e-9):.2f} images/s)"
     )
     return summary
+
+
+def plan_left(cfg: ColorizeConfig, model_sha256: str) -> tuple[list[dict], list[str], int]:
+    """`plan` of the work the runs before this one (the manifest's rows; a killed run's
+    included) left, refused where they colorized with another model or temperature."""
+    rows = manifest.compact(cfg.output, cfg.s3)  # what a killed run left: read once
+    inputs = manifest.inputs_only(rows)
+    status = inputs.column("status")
+    again = pc.equal(status, "error")  # tried again: with --retry-errors
+    if not cfg.retry_errors:  # every one, else those that ran out of memory
+        again = pc.and_kleene(again, pc.starts_with(inputs.column("reason"), OUT_OF_MEMORY))
+    done = inputs.filter(pc.invert(again))
+    _check_same_colours(inputs, model_sha256, cfg)
+    read = manifest.archives_read(rows)
+    written = set(pc.filter(inputs.column("output"), pc.equal(status, "ok")).to_pylist())
+    return plan(cfg, done.column("source").to_pylist(), read, written)
 
 
 def _finish(cfg: ColorizeConfig, top_level: list[str], skipped: int) -> Summary:

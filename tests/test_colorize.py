@@ -1088,25 +1088,30 @@ def test_a_file_named_like_a_member_beside_its_archive_keeps_a_source_of_its_own
 def test_a_file_named_like_a_member_added_after_its_archive_was_read(tmp_path) -> None:
     """`a.zip!x.png` added beside `a.zip` after a run read it: the row under its source was
     the member's, so the file is colorized, the member again under a copy's source, and
-    the accounting holds; a third run has nothing to do."""
-    from colorcore import weights
-
-    model = tmp_path / "tiny.pt"
-    weights.save_checkpoint(str(model), ColorizationNet(ModelConfig(width=1 / 16)))
+    the accounting holds; a third run has nothing to do. (The job's steps in this process,
+    as `main` runs them for one image.)"""
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     png = encode(gray((8, 8)), "PNG")
     (tmp_path / "in").mkdir()
     with zipfile.ZipFile(tmp_path / "in" / "a.zip", "w") as archive:
         archive.writestr("x.png", png)
         archive.writestr("y.png", png)
-    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), str(model))
-    assert colorize.main(cfg).outputs == 2
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), "m.pt", dtype="fp32")
+    sha256 = "f" * 64
+
+    def run() -> colorize.Summary:
+        units, top_level, skipped = colorize.plan_left(cfg, sha256)
+        colorize._run_in_process(units, cfg, model, colorize._provenance(sha256, cfg))
+        return colorize._finish(cfg, top_level, skipped)
+
+    assert run().outputs == 2
     (tmp_path / "in" / "a.zip!x.png").write_bytes(png)
-    second = colorize.main(cfg)
+    second = run()
     assert (second.inputs, second.outputs, second.errors, second.skipped) == (3, 3, 0, 1)
     rows = {r["source"].rsplit("/", 1)[1]: r["output"] for r in second.table.to_pylist()}
     assert rows == {"a.zip!x.png": "a.zip!x.png", "a.zip!x.png (copy 2)": "a.zip/x.png",
                     "a.zip!y.png": "a.zip/y.png"}  # fmt: skip
-    assert colorize.main(cfg).skipped == 3
+    assert run().skipped == 3
 
 
 def test_members_named_like_numbered_copies_keep_sources_of_their_own(tmp_path) -> None:
