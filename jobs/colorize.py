@@ -407,10 +407,15 @@ def plan(
     done_set, done_sorted, inputs = set(done), sorted(done), {name for name, _ in names}
     sources = [_source_text(url) for url in urls]
     sources_sorted = sorted(sources)
-    archives: dict[str, set[str]] = {MEMBER_SEP: set(), ROW_SEP: set()}  # by separator
+    # Top-level files named like an archive's members (`a.zip!x.png` beside `a.zip`): by
+    # archive, each as the rest of its source; and all of them, whole.
+    tops: dict[str, list[str]] = {}
+    named_like: set[str] = set()
     for url, source, (_, refusal) in zip(urls, sources, names, strict=True):
-        if _kind(url) != "image" and not refusal:
-            archives[_separator(_kind(url))].add(source)
+        if (kind := _kind(url)) != "image" and not refusal:
+            mark = source + _separator(kind)
+            tops[source] = _starting_with(sources_sorted, mark)
+            named_like.update(mark + top for top in tops[source])
     for rel, url, source, (name, refusal) in zip(rels, urls, sources, names, strict=True):
         kind = _kind(url)
         if kind != "image" and not refusal:  # else refused whole, as a file
@@ -423,11 +428,11 @@ def plan(
             if read.get(source) == (len(members), sizes[rel]):  # every member done, unchanged
                 continue
             unit = {"kind": kind, "url": url, "prefix": prefix, "done": members}
-            if tops := _starting_with(sources_sorted, source + _separator(kind)):
-                unit["tops"] = tops  # top-level files named like members, as members are
+            if tops[source]:
+                unit["tops"] = tops[source]  # numbered as members of their names would be
             units.extend(split_archive(unit | {"size": sizes[rel]}, cfg))
             continue
-        if source in done_set and not _done_as_member(source, name, archives, written, cfg):
+        if source in done_set and not _done_as_member(source, name, named_like, written, cfg):
             skipped += 1
             continue
         item = {"source": source, "rel": name, "size": sizes[rel]}
@@ -450,17 +455,16 @@ def plan(
 
 
 def _done_as_member(
-    source: str, name: str, archives: dict[str, set[str]], written: Set[str], cfg: ColorizeConfig
+    source: str, name: str, named_like: Set[str], written: Set[str], cfg: ColorizeConfig
 ) -> bool:
     """Whether the done row of the top-level file `source` (output name `name`) may be a
     member's: the file is named like a member of an archive beside it (`a.zip!x.png`), and
     none of its own outputs was written. Such a file, added after the archive was read, is
     done now; the member is numbered as a copy from then on (`_Names`), and its output is
     written again under that source."""
-    named_like = any(
-        source[:i] in archives[c] for i, c in enumerate(source) if c in (MEMBER_SEP, ROW_SEP)
+    return source in named_like and not any(
+        n in written for n in _possible_outputs(name, cfg.format)
     )
-    return named_like and not any(n in written for n in _possible_outputs(name, cfg.format))
 
 
 def _top_level_name(rel: str, url: str) -> tuple[str, str | None]:

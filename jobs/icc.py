@@ -31,6 +31,7 @@ profile.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -208,6 +209,13 @@ def _nearest(curve: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(below_nearer, above - 1, above).astype(np.uint16)
 
 
+def _bands(pixels: np.ndarray) -> Iterator[slice]:
+    """The rows of an (H, W, ...) picture in bands of about `_BAND_PX` pixels."""
+    h, w = pixels.shape[:2]
+    rows = max(1, _BAND_PX // max(w, 1))
+    return (slice(r, r + rows) for r in range(0, h, rows))
+
+
 def _grid(channels: int) -> np.ndarray:
     """16-bit values spread over the cube of `channels` (3 or 4: 9 or 5 levels a channel)
     or gray levels (1), as (1, N, channels)."""
@@ -221,25 +229,23 @@ def _shaper_to_srgb(pixels_HW3: np.ndarray, shaper: Shaper) -> np.ndarray:
     """uint8 or uint16 pixels -> sRGB float32 planes (3, H, W) in [0, 1]."""
     h, w, _ = pixels_HW3.shape
     planes_CHW = np.empty((3, h, w), np.float32)
-    rows = max(1, _BAND_PX // max(w, 1))
     linear = shaper.linear.numpy()  # numpy's gather by uint8 or uint16 levels: faster here
     if pixels_HW3.dtype == np.uint8:
         linear = np.ascontiguousarray(linear[:, ::257])  # 8-bit level v is 16-bit 257 v
-    for r in range(0, h, rows):
-        band = pixels_HW3[r : r + rows]
+    for rows in _bands(pixels_HW3):
+        band = pixels_HW3[rows]
         light_3P = np.stack([linear[c][band[..., c]].ravel() for c in range(3)])
         srgb_3P = shaper.srgb_of_light(torch.from_numpy(light_3P))
-        planes_CHW[:, r : r + rows] = srgb_3P.view(3, -1, w).numpy()
+        planes_CHW[:, rows] = srgb_3P.view(3, -1, w).numpy()
     return planes_CHW
 
 
 def _shaper_from_srgb(pixels_HW3: np.ndarray, shaper: Shaper) -> np.ndarray:
     """sRGB uint8 or uint16 pixels -> the profile's, in place."""
     top = 65535.0 if pixels_HW3.dtype == np.uint16 else 255.0
-    rows = max(1, _BAND_PX // max(pixels_HW3.shape[1], 1))
     levels = shaper.levels.numpy()
-    for r in range(0, pixels_HW3.shape[0], rows):
-        band = pixels_HW3[r : r + rows]
+    for rows in _bands(pixels_HW3):
+        band = pixels_HW3[rows]
         srgb_3P = torch.from_numpy(band.reshape(-1, 3).T.astype(np.float32)).div_(top)
         steps_3P = shaper.steps_of(srgb_3P).numpy()
         levels_P3 = np.stack([levels[c][steps_3P[c]] for c in range(3)], -1).astype(np.uint16)
@@ -287,10 +293,8 @@ def to_srgb(pixels: np.ndarray, icc: bytes | None) -> np.ndarray | None:
     if c == 3 and (shaper := _shaper(icc)) is not None:
         return _shaper_to_srgb(pixels, shaper)
     planes_CHW = np.empty((3, h, w), np.float32)
-    rows = max(1, _BAND_PX // max(w, 1))
-    for r in range(0, h, rows):
-        band_HW3 = _transform(pixels[r : r + rows], icc, _srgb())
-        planes_CHW[:, r : r + rows] = band_HW3.transpose(2, 0, 1)
+    for rows in _bands(pixels):
+        planes_CHW[:, rows] = _transform(pixels[rows], icc, _srgb()).transpose(2, 0, 1)
     planes_CHW /= 65535.0
     return planes_CHW
 
@@ -303,8 +307,6 @@ def from_srgb(pixels_HW3: np.ndarray, icc: bytes | None) -> np.ndarray:
         return pixels_HW3
     if (shaper := _shaper(icc)) is not None:
         return _shaper_from_srgb(pixels_HW3, shaper)
-    rows = max(1, _BAND_PX // max(pixels_HW3.shape[1], 1))
-    for r in range(0, pixels_HW3.shape[0], rows):
-        band = pixels_HW3[r : r + rows]
-        band[...] = _transform(band, _srgb(), icc, pixels_HW3.dtype)
+    for rows in _bands(pixels_HW3):
+        pixels_HW3[rows] = _transform(pixels_HW3[rows], _srgb(), icc, pixels_HW3.dtype)
     return pixels_HW3

@@ -380,14 +380,15 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
 
-def _write_synced(path: str, data: bytes) -> None:
+def _write_synced(path: str, data: bytes, mode: str = "wb") -> None:
     """Writes a new local file (its folders made as needed) and has its content on disk, so
     that a rename or link that then publishes it survives a crash of the machine: without
     this a file system may commit the rename first, and leave an empty file under the final
     name (ext4 does for a new file), though the job went on as if it were written. A file
-    system that cannot sync (some FUSE mounts) is written as before, unsynced."""
+    system that cannot sync (some FUSE mounts) is written as before, unsynced. `mode` "xb":
+    only where no file has the name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
+    with open(path, mode) as f:
         f.write(data)
         f.flush()
         _sync(f.fileno())
@@ -500,10 +501,7 @@ def _create_local(path: str, data: bytes) -> bool:
         if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
             raise
         try:  # no hard links here: created exclusively, written in place
-            with open(path, "xb") as f:
-                f.write(data)
-                f.flush()
-                _sync(f.fileno())
+            _write_synced(path, data, "xb")
             return True
         except FileExistsError:
             return False
