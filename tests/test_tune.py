@@ -350,14 +350,16 @@ def one_worker(cfg):
 
 
 def test_ci_search_stops_weak_trials_and_writes_a_runnable_best_config(ci_config, s3_server):
+    # The preset's lrs at one lambda (a trial costs about 15 s here): lr 1e-3 first, then
+    # lr 0, which never learns and trails it at the rung.
     search = dataclasses.replace(
         tune.ci(), train=one_worker(ci_config), storage=s3_server.url("searches"),
-        name="ci-search", max_concurrent=1,
+        name="ci-search", lambdas=(1.0,), max_concurrent=1,
     )  # fmt: skip
     rows = tune.main(search)
 
     configs = sorted((r["lr"], r["lambda"]) for r in rows)
-    assert configs == [(0.0, 0.5), (0.0, 1.0), (1e-3, 0.5), (1e-3, 1.0)]  # all accounted for
+    assert configs == [(0.0, 1.0), (1e-3, 1.0)]  # all accounted for
     assert all(not r["status"].startswith("error") for r in rows), rows
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(r["steps"] < 40 for r in stopped)
