@@ -21,11 +21,13 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import itertools
 import logging
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -387,11 +389,24 @@ def _write_synced(path: str, data: bytes, mode: str = "wb") -> None:
     name (ext4 does for a new file), though the job went on as if it were written. A file
     system that cannot sync (some FUSE mounts) is written as before, unsynced. `mode` "xb":
     only where no file has the name."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _make_folders(os.path.dirname(path))
     with open(path, mode) as f:
         f.write(data)
         f.flush()
         _sync(f.fileno())
+
+
+def _make_folders(folder: str) -> None:
+    """`os.makedirs(folder, exist_ok=True)`, each folder it makes synced into its parent's
+    entries: a file synced into a folder that a crash then loses is lost with it."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer's, made meanwhile
+            os.mkdir(made)
+        _sync_folder(made)
 
 
 _CANNOT_SYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -418,12 +433,26 @@ def _sync_folder(path: str) -> None:
 
 
 def temporary_beside(path: str) -> str:
-    """A local file's temporary name while it is written (`STALE_TEMPORARY`), its writer's
-    process id in it."""
-    return f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30):x}"
+    """A local file's temporary name while it is written (`STALE_TEMPORARY`): its writer's
+    machine (`MACHINE`) and process id in it."""
+    return f"{path}.tmp-{MACHINE}-{os.getpid()}-{random.randrange(1 << 30):x}"
 
 
-STALE_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{1,8}$")  # temporary_beside's: group 1 the pid
+def _machine() -> str:
+    """8 hex digits naming the space this process's id is unique in: the host's name and
+    its pid namespace (containers on one host may share a name, as Ray's on the host's
+    network do, and number their processes apart)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+
+
+MACHINE = _machine()
+# temporary_beside's names: group 1 the machine (none in names written before it was
+# there, taken for this machine's), group 2 the process id
+STALE_TEMPORARY = re.compile(r"\.tmp-(?:([0-9a-f]{8})-)?(\d+)-[0-9a-f]{1,8}$")
 
 
 def process_alive(pid: int) -> bool:
@@ -441,9 +470,9 @@ def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
     """`list_files` of `url`, less temporary files of local writes, of which those a
     process that has ended left behind are removed (a job's re-run calls this before it
     writes: they would be its own otherwise, and fill the disk run after run). A live
-    process's are left to it: another job may be writing beside this one. Processes are
-    this machine's: on a folder other machines share, a pid may be another's (a live
-    writer's temporary file there can be removed, a dead one's kept)."""
+    process's are left to it: another job may be writing beside this one. On a folder
+    other machines share, another machine's are left too: whether its writer lives cannot
+    be told from here (a run on that machine removes them)."""
     found = list_files(url, s3)
     if not is_local(url):
         return found  # an object store's write is one request: nothing half-written stays
@@ -457,7 +486,7 @@ def remove_if_left_behind(path: str) -> None:
     """Deletes the local file `path` if it is a write's temporary file (`temporary_beside`)
     whose writer, a process of this machine, has ended."""
     match = STALE_TEMPORARY.search(path)
-    if match and not process_alive(int(match[1])):
+    if match and match[1] in (None, MACHINE) and not process_alive(int(match[2])):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 

@@ -199,26 +199,33 @@ def test_only_refusals_of_the_file_itself_are_final() -> None:
 
 
 def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
-    """Locally, the temporaries `write_bytes` names are removed where their writer has
-    ended (a killed process's), and left out of the listing where it runs (another job's
-    write in progress); names that only look alike, and anything on S3 (one request a
-    write), are files."""
+    """Locally, the temporaries `write_bytes` names are removed where their writer, a
+    process of this machine, has ended (a killed process's), and left out of the listing
+    where it runs (another job's write in progress) or is another machine's (a folder
+    machines share: its process ids are not this one's); names that only look alike, and
+    anything on S3 (one request a write), are files."""
     import subprocess
 
     ended = subprocess.Popen(["true"])
     ended.wait()
-    names = ("a.jpg", "b.tmp-x", "c.tmp-12-zz", "d.tmp-12-123456789")
+    names = ("a.jpg", "b.tmp-x", "c.tmp-12-zz", "d.tmp-12-123456789", "e.tmp-1-2-3-4")
     kept = [storage.join(root_url, "s", n) for n in names]
-    stale = storage.join(root_url, "s", f"a.jpg.tmp-{ended.pid}-1f3a")
-    writing = storage.join(root_url, "s", f"e.jpg.tmp-{os.getpid()}-2b")
-    for url in [*kept, stale, writing]:
+    [stale, stale_unnamed] = [  # written by this machine, the second in the older form
+        storage.join(root_url, "s", f"{n}.tmp-{m}{ended.pid}-1f3a")
+        for n, m in (("a.jpg", f"{storage.MACHINE}-"), ("b.jpg", ""))
+    ]
+    assert storage.temporary_beside("f.jpg").startswith(f"f.jpg.tmp-{storage.MACHINE}-")
+    writing = storage.temporary_beside(storage.join(root_url, "s", "f.jpg"))
+    other = f"{int(storage.MACHINE, 16) ^ 1:08x}"
+    elsewhere = storage.join(root_url, "s", f"g.jpg.tmp-{other}-{ended.pid}-2b")
+    for url in [*kept, stale, stale_unnamed, writing, elsewhere]:
         storage.write_bytes(url, b"x")
     swept = storage.list_files_swept(storage.join(root_url, "s"))
     if storage.is_local(root_url):
         assert swept == sorted(kept)
-        assert storage.list_files(root_url) == sorted([*kept, writing])
+        assert storage.list_files(root_url) == sorted([*kept, writing, elsewhere])
     else:
-        assert swept == sorted([*kept, stale, writing])
+        assert swept == sorted([*kept, stale, stale_unnamed, writing, elsewhere])
 
 
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:
@@ -299,23 +306,30 @@ def test_a_file_system_that_cannot_sync_is_written_unsynced(tmp_path, monkeypatc
 def test_a_local_write_is_on_disk_before_it_is_published(tmp_path, monkeypatch) -> None:
     """The new content is synced before the rename (or link) that gives it its name, and the
     folder after it: a machine that crashes then keeps the file whole under its name, never
-    empty, and a job's later records (a manifest part after its outputs) never outlive it."""
+    empty, and a job's later records (a manifest part after its outputs) never outlive it.
+    The folders the write makes are synced into their parents first, outermost first."""
     calls = []
     real = {name: getattr(os, name) for name in ("fsync", "replace", "link")}
 
     def fsync(fd: int) -> None:
-        calls.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        st = os.fstat(fd)
+        calls.append(("folder", st.st_ino) if stat.S_ISDIR(st.st_mode) else "file")
         real["fsync"](fd)
+
+    def folder(path) -> tuple[str, int]:
+        return "folder", os.stat(path).st_ino
 
     monkeypatch.setattr(os, "fsync", fsync)
     for name in ("replace", "link"):
         monkeypatch.setattr(os, name, lambda *a, _n=name: (calls.append(_n), real[_n](*a))[1])
-    storage.write_bytes(str(tmp_path / "new" / "a.bin"), b"content")
-    assert calls == ["file", "replace", "folder"]
+    new = tmp_path / "new" / "deeper"
+    storage.write_bytes(str(new / "a.bin"), b"content")
+    made = [folder(tmp_path), folder(new.parent)]  # the entries of "new", then of "deeper"
+    assert calls == [*made, "file", "replace", folder(new)]
     calls.clear()
-    assert storage.create_bytes(str(tmp_path / "new" / "b.bin"), b"content")
-    assert calls == ["file", "link", "folder"]
-    assert (tmp_path / "new" / "a.bin").read_bytes() == b"content"
+    assert storage.create_bytes(str(new / "b.bin"), b"content")
+    assert calls == ["file", "link", folder(new)]
+    assert (new / "a.bin").read_bytes() == b"content"
 
 
 def test_pyarrow_filesystem_reads_what_fsspec_wrote(root_url) -> None:
