@@ -145,8 +145,7 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
     none where the record is missing or does not read (another Ray version's layout), and
     those left where the storage refuses (with a warning: the run is done all the same)."""
     try:
-        record = json.loads(storage.read_bytes(storage.join(run_url, RAY_CHECKPOINT_RECORD), s3))
-        recorded = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
+        recorded = recorded_checkpoints(run_url, s3)
     except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
         log.warning("%s: Ray's record of its checkpoints does not read (%s: %s); none of "
                     "them is removed", run_url, type(error).__name__, error)  # fmt: skip
@@ -170,6 +169,18 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
         log.warning("%s: checkpoints Ray never recorded are left (%s: %s)", run_url,
                     type(error).__name__, error)  # fmt: skip
     return removed
+
+
+def recorded_checkpoints(run_url: str, s3: storage.S3Options | None = None) -> set[str]:
+    """The checkpoint folders Ray's record of the run (`RAY_CHECKPOINT_RECORD`) names, which
+    its keep-last-K deletes in turn, whatever they hold by then. Raises FileNotFoundError
+    where there is no record, and KeyError, TypeError or ValueError where it does not read
+    (another Ray version's layout)."""
+    record = json.loads(storage.read_bytes(storage.join(run_url, RAY_CHECKPOINT_RECORD), s3))
+    results = [*record["checkpoint_results"], *record.get("pending_training_results", [])]
+    if record.get("latest_checkpoint_result"):
+        results.append(record["latest_checkpoint_result"])
+    return {r["checkpoint_dir_name"] for r in results}
 
 
 def checkpoint_folder(url: str) -> str:

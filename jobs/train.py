@@ -512,20 +512,35 @@ def check_resumable(cfg: TrainConfig) -> None:
     """A run resumed under its name must go on training the way it started: its network,
     batches, targets, prior and data (its shards, by name, size and checksum: the order the
     data offset counts in, wherever they have moved; the schedule and step count may
-    change). Recorded in the run folder at the start, compared on every re-run, before any
-    worker starts. Torn checkpoints are removed first (`jobs.models.remove_torn`): a run
-    whose only checkpoints a crash cut short starts over."""
-    from jobs.models import checkpoint_files, remove_torn
+    change, but not to fewer steps than its checkpoints hold). Recorded in the run folder at
+    the start, compared on every re-run, before any worker starts; checkpoints without the
+    record are refused (nothing tells how they were trained). Torn checkpoints are removed
+    first (`jobs.models.remove_torn`): a run whose only checkpoints a crash cut short starts
+    over."""
+    from jobs.models import checkpoint_files, checkpoint_step, remove_torn
 
     record = {k: to_dict(cfg)[k] for k in RESUME_FIELDS} | input_digests(cfg)
     record = json.loads(json.dumps(record))
     url = storage.join(cfg.run_url, RUN_FILE)
     remove_torn(cfg.run_url, cfg.s3)
+    checkpoints = checkpoint_files(cfg.run_url, cfg.s3)
     # Before its first checkpoint a run has nothing to keep: it may start over differently
     # (say with a smaller batch after running out of memory).
-    if not storage.exists(url, cfg.s3) or not checkpoint_files(cfg.run_url, cfg.s3):
+    if not checkpoints:
         storage.write_bytes(url, json.dumps(record, indent=1).encode(), cfg.s3)
         return
+    if not storage.exists(url, cfg.s3):
+        raise ValueError(
+            f"run {cfg.name} has checkpoints in {cfg.run_url} but no record of how it started "
+            f"({url}): put the record back, or train under another --name"
+        )
+    trained = checkpoint_step(checkpoints[-1])  # (oldest first)
+    if trained > cfg.max_steps:
+        raise ValueError(
+            f"run {cfg.name} has a checkpoint of step {trained}, past max_steps "
+            f"{cfg.max_steps}: resume it with max_steps {trained} or more, or train under "
+            "another --name"
+        )
     started = RESUME_DEFAULTS | json.loads(storage.read_bytes(url, cfg.s3))
     if retired := [k for k in RETIRED_RESUME_FIELDS if k in started]:
         raise ValueError(

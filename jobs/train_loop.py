@@ -41,6 +41,7 @@ from jobs.models import (
     checkpoint_files,
     checkpoint_folder,
     newest_loadable,
+    recorded_checkpoints,
     remove_torn,
 )
 from jobs.node_cache import NodeCache
@@ -85,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rebalance_from(histogram, lam=0.0, sigma=cfg.prior_sigma) if cfg.val_data else None
     )
 
-    state = _restore(run_url, cfg.s3, rank, world)
+    state, taken = _restore(run_url, cfg.s3, rank, world)
     torch.manual_seed(cfg.seed + rank)
     model = ColorizationNet(cfg.model)
     if state:
@@ -94,7 +95,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = state["extra"]["step"] if state else 0
     epoch, offset = (state["extra"]["epoch"], state["extra"]["offset"]) if state else (0, 0)
     history: list[dict[str, float]] = state["extra"]["history"] if state else []
-    taken = state["taken"] if state else []
     if state and rank == 0:
         log.info("train: resumed from step %d (epoch %d, offset %d)", step, epoch, offset)
 
@@ -380,42 +380,59 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-def _restore(run_url: str, s3: storage.S3Options, rank: int, world: int) -> dict[str, Any] | None:
-    """The newest readable checkpoint in the run folder (none for a fresh run), the same on
-    every rank: rank 0 chooses it, reads it and sends it to the others (the interconnect
-    rather than every rank's read of it from storage).
+def _restore(
+    run_url: str, s3: storage.S3Options, rank: int, world: int
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest readable checkpoint in the run folder (None for a fresh run), and the
+    checkpoint folder names the run's new checkpoints must not take; the same on every rank:
+    rank 0 chooses and reads them and sends them to the others (the interconnect rather
+    than every rank's read of it from storage).
 
     Read from the folder rather than taken from `ray.train.get_checkpoint()`: a driver killed
     just after a checkpoint was written may not have recorded it, and a re-run should not
     repeat those steps. Checkpoints a crash cut short are removed (a run with no other
     starts over); one whose file is whole but does not load is passed over for an older
-    one (its folder's name, with those of the others, is under "taken": the run's later
-    checkpoints are named apart from them); storage that cannot be read fails the worker,
-    which Ray restarts, rather than starting the run over. When checkpoints exist and none
-    loads, the run fails: starting over would overwrite them.
+    one. The names taken are those of the folder's checkpoints and those Ray's record of the
+    run holds (`jobs.models.recorded_checkpoints`), the removed ones among them: Ray's
+    keep-last-K deletes a recorded folder in turn, and with it the files of a new checkpoint
+    of the same name. Storage that cannot be read fails the worker, which Ray restarts,
+    rather than starting the run over. When checkpoints exist and none loads, the run
+    fails: starting over would overwrite them.
     """
     data, ckpt, taken = None, None, []
     if rank == 0:
-        # Torn ones too: Ray may have recorded one, and would delete its folder in turn.
-        written = [checkpoint_folder(url) for url in checkpoint_files(run_url, s3)]
+        taken = sorted(
+            {checkpoint_folder(url) for url in checkpoint_files(run_url, s3)}
+            | _recorded(run_url, s3)
+        )
         remove_torn(run_url, s3)  # after a restart: those of the workers Ray replaced
         try:
             found = newest_loadable(run_url, s3, lambda data: load_checkpoint(io.BytesIO(data)))
         except RuntimeError as error:  # checkpoints, none of them loads
             raise RuntimeError(
-                f"{error}; move them away to start the run over, or train under another --name"
+                f"{error}; train under another --name, or delete the run's folder (with Ray's "
+                "record of its checkpoints) to start it over"
             ) from None
         if found is not None:
             _, data, ckpt = found
-            taken = written
     if world > 1:
         sent = [data, taken]
         torch.distributed.broadcast_object_list(sent, src=0)
-        if rank != 0 and sent[0] is not None:
-            ckpt, taken = load_checkpoint(io.BytesIO(sent[0])), sent[1]
+        data, taken = sent
+        if rank != 0 and data is not None:
+            ckpt = load_checkpoint(io.BytesIO(data))
     if ckpt is None:
-        return None
-    return {"model_state": ckpt.model_state, "extra": ckpt.extra, "taken": taken}
+        return None, taken
+    return {"model_state": ckpt.model_state, "extra": ckpt.extra}, taken
+
+
+def _recorded(run_url: str, s3: storage.S3Options) -> set[str]:
+    """`recorded_checkpoints`, none where Ray has no record of the run or one this version
+    does not read."""
+    try:
+        return recorded_checkpoints(run_url, s3)
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return set()
 
 
 def _weights_broken(model: torch.nn.Module) -> bool:

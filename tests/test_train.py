@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import io
+import json
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ import torch
 
 from colorcore.prior import AbHistogram
 from colorcore.quantize import ab_bins
-from jobs import node_cache, storage, train
+from jobs import models, node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
 from tests.support import train_workers
@@ -711,9 +712,9 @@ def _restore_on_rank(rank: int, world: int, run: str, store: str, steps) -> None
         storage.read_bytes = unread  # this process's own: the others get the bytes
     torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
-        state = _restore(run, storage.S3Options(), rank, world)
+        state, taken = _restore(run, storage.S3Options(), rank, world)
         weight = state["model_state"]["model1.0.weight"]
-        steps[rank] = (state["extra"]["step"], float(weight.double().sum()), state["taken"])
+        steps[rank] = (state["extra"]["step"], float(weight.double().sum()), taken)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -759,7 +760,7 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
     from jobs.train_loop import _restore
 
     run, s3 = tmp_path / "run", storage.S3Options()
-    assert _restore(str(run), s3, 0, 1) is None  # fresh run
+    assert _restore(str(run), s3, 0, 1) == (None, [])  # fresh run
     model = ColorizationNet(ModelConfig(width=1 / 16))
     for step in (10, 20, 30):
         folder = run / checkpoint_dir_name(step)
@@ -767,34 +768,58 @@ def test_resume_takes_the_newest_readable_checkpoint_in_the_run_folder(tmp_path)
         save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": step})
     newest = run / checkpoint_dir_name(30) / CHECKPOINT_FILE
     newest.write_bytes(newest.read_bytes()[:1000])  # torn by a crash mid-copy: removed
-    state = _restore(str(run), s3, 0, 1)
+    state, _ = _restore(str(run), s3, 0, 1)
     assert state["extra"]["step"] == 20 and not newest.exists()
 
     # Checkpoints whole but unreadable are passed over, and if none loads the run stops
     # rather than start over (and overwrite them).
     (run / checkpoint_dir_name(20) / CHECKPOINT_FILE).write_bytes(zip_of(b"not a checkpoint"))
-    state = _restore(str(run), s3, 0, 1)
+    state, taken = _restore(str(run), s3, 0, 1)
     assert state["extra"]["step"] == 10
     # Its checkpoint at step 20 again has a folder of its own, newest of all.
-    again = checkpoint_dir_name(20, state["taken"])
-    assert again == "checkpoint_000000020.1" and again not in state["taken"]
+    again = checkpoint_dir_name(20, taken)
+    assert again == "checkpoint_000000020.1" and again not in taken
     folder = run / again
     folder.mkdir()
     save_checkpoint(str(folder / CHECKPOINT_FILE), model, extra={"step": 20})
-    assert _restore(str(run), s3, 0, 1)["extra"]["step"] == 20
-    assert checkpoint_dir_name(20, [*state["taken"], again]) == "checkpoint_000000020.2"
+    assert _restore(str(run), s3, 0, 1)[0]["extra"]["step"] == 20
+    assert checkpoint_dir_name(20, [*taken, again]) == "checkpoint_000000020.2"
     (folder / CHECKPOINT_FILE).write_bytes(zip_of(b"nor this one"))
-    assert _restore(str(run), s3, 0, 1)["extra"]["step"] == 10
+    assert _restore(str(run), s3, 0, 1)[0]["extra"]["step"] == 10
     (folder / CHECKPOINT_FILE).unlink()
     folder.rmdir()
     (run / checkpoint_dir_name(10) / CHECKPOINT_FILE).write_bytes(zip_of(b"nor this"))
     with pytest.raises(RuntimeError, match="none of the 2 checkpoints"):
         _restore(str(run), s3, 0, 1)
 
-    # Checkpoints a crash cut short, all of them: the run starts over.
+    # Checkpoints a crash cut short, all of them: the run starts over. Those Ray recorded,
+    # the removed among them, keep their names: Ray's keep-last-K deletes a recorded folder
+    # in turn, and would take a new checkpoint of the same name with it.
+    (run / models.RAY_CHECKPOINT_RECORD).write_text(json.dumps(ray_record(10, 20)))
     for step in (10, 20):
         (run / checkpoint_dir_name(step) / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04")
-    assert _restore(str(run), s3, 0, 1) is None
+    state, taken = _restore(str(run), s3, 0, 1)
+    assert state is None and taken == [checkpoint_dir_name(10), checkpoint_dir_name(20)]
+    assert not list(run.glob(f"*/{CHECKPOINT_FILE}"))
+    assert _restore(str(run), s3, 0, 1) == (None, taken)  # (removed: named by Ray's record)
+    assert checkpoint_dir_name(10, taken) == "checkpoint_000000010.1"
+    (run / models.RAY_CHECKPOINT_RECORD).write_text(json.dumps(ray_record(10, pending=20)))
+    assert _restore(str(run), s3, 0, 1) == (None, taken)
+
+
+def ray_record(*steps: int, pending: int | None = None) -> dict:
+    """Ray Train's record of a run's checkpoints (`jobs.models.RAY_CHECKPOINT_RECORD`), as
+    Ray 2.60 writes it, of checkpoints at `steps`, the last the latest, and one `pending`."""
+    results = [{"checkpoint_dir_name": checkpoint_dir_name(s), "metrics": {}} for s in steps]
+    waiting = [] if pending is None else [pending]
+    return {
+        "ray_version": "2.60.0",
+        "checkpoint_results": results,
+        "latest_checkpoint_result": results[-1] if results else None,
+        "pending_training_results": [
+            {"checkpoint_dir_name": checkpoint_dir_name(s), "metrics": {}} for s in waiting
+        ],
+    }
 
 
 def zip_of(data: bytes) -> bytes:
@@ -807,8 +832,6 @@ def zip_of(data: bytes) -> bytes:
 
 
 def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
-    import json
-
     from colorcore.model import ModelConfig
     from jobs.dataset import Manifest, ShardInfo
 
@@ -833,6 +856,18 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     train.check_resumable(other)
     with pytest.raises(ValueError, match="started with other seed"):
         train.check_resumable(cfg)
+    # More steps may be asked for, or as many as trained; fewer would end past max_steps.
+    train.check_resumable(dataclasses.replace(other, max_steps=10))
+    with pytest.raises(ValueError, match="checkpoint of step 10, past max_steps 9"):
+        train.check_resumable(dataclasses.replace(other, max_steps=9))
+    # Checkpoints without the record of how they were trained: no settings can be checked.
+    record = tmp_path / "runs" / cfg.name / "run.json"
+    kept = record.read_bytes()
+    record.unlink()
+    with pytest.raises(ValueError, match="no record of how it started"):
+        train.check_resumable(other)
+    assert not record.exists()
+    record.write_bytes(kept)
     train.check_resumable(dataclasses.replace(other, data=str(moved)))  # the same shards
     dataset(moved, "b" * 64, "/elsewhere/train")
     with pytest.raises(ValueError, match="data_shards_sha256"):
@@ -847,7 +882,6 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
 
     # A record written before fields existed (no data checksum, no BatchNorm decay): those
     # are not compared, the rest is; a run recorded before read groups read in one.
-    record = tmp_path / "runs" / cfg.name / "run.json"
     old = json.loads(record.read_text())
     del old["data_shards_sha256"], old["model"]["bn_moving_average"], old["read_groups"]
     record.write_text(json.dumps(old))
