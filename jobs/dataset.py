@@ -122,6 +122,16 @@ class Manifest:
                 f"{self.num_rows} rows + {self.num_errors} errors"
             )
 
+    def require_images(self, url: str) -> None:
+        """Raises ValueError where the dataset (at `url`) holds no image: every input failed
+        to prepare, or there was none."""
+        if not self.num_rows:
+            raise ValueError(
+                f"{url}: the prepared dataset holds no images ({self.num_errors} of its "
+                f"{self.num_inputs} inputs failed to prepare; errors.json beside its manifest "
+                "says why)"
+            )
+
     @property
     def shards_sha256(self) -> str:
         """SHA-256 of the shards by name, size and checksum: the same wherever the dataset

@@ -744,13 +744,14 @@ def _lasting(reason: str) -> bool:
 
 
 def read_split(text: str, name: str = "split") -> list[tuple[str, int]]:
-    """Lines '<path> [<int label>]' -> (path without a leading '/', label or -1)."""
+    """Lines '<path> [<int label>]' -> (path without a leading '/', label or -1). A path
+    may hold spaces where a label follows it (as in `jobs.prepare`'s label files)."""
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
+        parts = line.strip().rsplit(None, 1)  # the label last
         if not parts:
             continue
-        if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip("-").isdigit()):
+        if len(parts) == 2 and not parts[1].lstrip("-").isdigit():
             raise ValueError(f"{name}:{number}: expected '<path> [<int label>]', got {line!r}")
         entries.append((parts[0].lstrip("/"), int(parts[1]) if len(parts) == 2 else NO_LABEL))
     if not entries:
@@ -888,6 +889,7 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         entries = read_split(storage.read_bytes(cfg.split, cfg.s3).decode(), cfg.split)
     if storage.exists(storage.join(cfg.data, "manifest.json"), cfg.s3):
         manifest = Manifest.load(cfg.data, cfg.s3)
+        manifest.require_images(cfg.data)
         _, root = storage.arrow_filesystem(cfg.data, cfg.s3)
         paths = [f"{root}/{s.name}" for s in manifest.shards]
         if entries is None:

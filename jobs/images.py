@@ -58,7 +58,7 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 GRAY_CHECK_ROWS = 256
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
 
 
 def decode_rgb(
@@ -120,11 +120,20 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _gray_to_8bit(image)
-    if image.mode == "LA" or "transparency" in image.info:  # by RGBA, as Pillow asks
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """RGB pixels of a decoded image of any mode Pillow opens (a mode it cannot convert:
+    `BadImage`)."""
+    try:
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _gray_to_8bit(image)
+        if image.mode == "La":  # premultiplied, which Pillow converts only into LA
+            image = image.convert("LA")
+        if image.mode == "LA" or "transparency" in image.info:  # by RGBA, as Pillow asks
+            image = image.convert("RGBA")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as e:
+        if out_of_memory(e):
+            raise
+        raise BadImage(f"image of mode {image.mode} not converted: {e}") from None
 
 
 def gray_in_unit_range(image: Image.Image) -> np.ndarray:

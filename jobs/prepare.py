@@ -50,6 +50,7 @@ from jobs.images import (
     encode_jpeg,
     exif_orientation,
     load_rgb,
+    out_of_memory,
     resize_short_side,
     whole_jpeg,
 )
@@ -386,6 +387,8 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
                 raise data
             jpeg, h, w, is_gray = convert(data, cfg)
         except Exception as e:  # one input's failure, whatever raised it, is its own
+            if out_of_memory(e):  # the machine's state: the group fails, a re-run redoes it
+                raise
             reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
             errors.append({"key": key, "source": source, "reason": reason})
             continue

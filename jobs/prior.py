@@ -129,6 +129,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
 
     start = time.monotonic()
     manifest = Manifest.load(cfg.dataset, cfg.s3)
+    manifest.require_images(cfg.dataset)  # (before Ray, whose reader wants a file)
     fs, root = storage.arrow_filesystem(cfg.dataset, cfg.s3)
     paths = [f"{root}/{s.name}" for s in manifest.shards]
     init_ray(paths=[cfg.dataset])

@@ -26,6 +26,7 @@ from colorcore.prior import rebalance_weights
 from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import evaluate, evaluate_parts, runtime, storage, synthetic
 from jobs.config import parse_config
+from jobs.dataset import Manifest
 from jobs.models import load_model
 from tests.support import encode, photo_rgb, reference_path
 
@@ -133,6 +134,8 @@ def test_split_lists_parse_and_resolve_by_path_then_file_name(tmp_path) -> None:
         ("flat_00000002.JPEG", -1),
         ("n02/gone.JPEG", 7),
     ]
+    # spaces in a path followed by its label, as in prepare's label files
+    assert evaluate.read_split("scans 1950/box 3.jpg  4 \n") == [("scans 1950/box 3.jpg", 4)]
     with pytest.raises(ValueError, match=r"list.txt:2"):
         evaluate.read_split("a.jpg 1\nb.jpg one\n", "list.txt")
     with pytest.raises(ValueError, match="no images"):
@@ -248,6 +251,10 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="accelerator_type names a GPU"):
         evaluate.EvaluateConfig(data="d", model="m", accelerator_type="L40S")
     with pytest.raises(ValueError, match="pass --split"):
+        evaluate.plan_inputs(evaluate.EvaluateConfig(data=str(tmp_path), model="m"))
+    # a prepared dataset of no images (every input failed): said so, before Ray starts
+    Manifest(classes=("a",), shards=(), num_inputs=2, num_errors=2).save(str(tmp_path))
+    with pytest.raises(ValueError, match=r"holds no images \(2 of its 2 inputs failed"):
         evaluate.plan_inputs(evaluate.EvaluateConfig(data=str(tmp_path), model="m"))
     for name in evaluate.PRESETS:
         cfg, _ = parse_config(evaluate.EvaluateConfig, ["--preset", name], presets=evaluate.PRESETS)

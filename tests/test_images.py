@@ -49,6 +49,36 @@ def test_alpha_and_palette_transparency_are_dropped_and_the_colours_kept() -> No
     assert gray and np.array_equal(np.asarray(image)[..., 1], rgba[..., 0])
 
 
+def test_premultiplied_gray_alpha_reads_as_its_gray() -> None:
+    """A gray TIFF with associated (premultiplied) alpha opens in Pillow's mode La, which it
+    converts into LA only; its colour is the gray divided by the alpha."""
+    import tifffile
+
+    gray, alpha = np.full((4, 6), 50, np.uint8), np.full((4, 6), 100, np.uint8)
+    alpha[0, 0] = 255
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.dstack([gray, alpha]), photometric="minisblack", extrasamples=[1])
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "La"
+    image, is_gray = load_rgb(buffer.getvalue())
+    assert is_gray and image.mode == "RGB"
+    assert np.asarray(image)[0, 0].tolist() == [50] * 3  # opaque: as stored
+    assert abs(int(np.asarray(image)[1, 1, 0]) - 50 * 255 / 100) <= 1
+
+
+def test_a_mode_that_does_not_convert_is_a_bad_image(monkeypatch) -> None:
+    """A conversion Pillow refuses is the image's fault: a `BadImage`, recorded, where the
+    jobs would have ended on a ValueError."""
+    from jobs.images import BadImage
+
+    def refuses(self, mode=None, *args, **kwargs):
+        raise ValueError(f"conversion from {self.mode} to {mode} not supported")
+
+    palette = encoded(Image.fromarray(gray_rgb(4, 4)).convert("P"))
+    monkeypatch.setattr(Image.Image, "convert", refuses)
+    with pytest.raises(BadImage, match="mode P not converted: conversion from P to RGB"):
+        load_rgb(palette)
+
+
 def test_gray_modes_are_gray_without_reading_their_pixels_again() -> None:
     sixteen = Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10) * 1000)
     image, gray = load_rgb(encoded(sixteen))

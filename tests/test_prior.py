@@ -317,3 +317,14 @@ def test_a_dataset_without_a_colour_pixel_gets_no_prior(tmp_path, ray_session) -
     with pytest.raises(ValueError, match=r"no colour pixel .*: 23 grayscale, 0 near-gray"):
         prior_job.main(prior_job.PriorConfig(dataset=str(root), cpus_per_task=0.5))
     assert not (root / "prior.npz").exists() and not (root / "prior.png").exists()
+
+
+def test_a_dataset_of_no_images_is_said_to_be_before_ray_starts(tmp_path) -> None:
+    """Every input failed to prepare: the job says so, where Ray's reader of no files would
+    have failed on its own terms."""
+    from jobs import prior as prior_job
+    from jobs.dataset import Manifest
+
+    Manifest(classes=("a",), shards=(), num_inputs=3, num_errors=3).save(str(tmp_path))
+    with pytest.raises(ValueError, match=r"holds no images \(3 of its 3 inputs failed"):
+        prior_job.main(prior_job.PriorConfig(dataset=str(tmp_path)))
