@@ -189,6 +189,9 @@ class SearchConfig:
         lo, hi = LAMBDA_RANGE
         if any(not lo <= lam <= hi for lam in self.lambdas):
             problems.append(f"lambdas must lie in [{lo}, {hi}], got {list(self.lambdas)}")
+        for name in ("lrs", "lambdas"):  # a point twice: its trials, or its seeds, run again
+            if len(set(values := getattr(self, name))) < len(values):
+                problems.append(f"{name} lists a value twice: {list(values)}")
         for name, bounds, floor in (
             ("lr_range", self.lr_range, 0.0),
             ("lambda_range", self.lambda_range, lo),
@@ -215,17 +218,20 @@ class SearchConfig:
                     f"the search draws from {name} only: drop one (--{values} with no values "
                     "clears the list)"
                 )
+        parsed: set[tuple] = set()
         for text in self.schedules:
             try:
                 fractions, factors = parse_schedule(text)
             except ConfigError as e:
                 problems.append(str(e))
                 continue
-            steps = list(drop_steps(fractions, self.train.max_steps))
-            if not all(0 < s < self.train.max_steps for s in steps) or len(set(steps)) < len(steps):
-                problems.append(
-                    f"schedule {text!r}: drops at steps {steps} of {self.train.max_steps}"
-                )
+            if (fractions, factors) in parsed:
+                problems.append(f"schedule {text!r} is listed twice (as written or another way)")
+            parsed.add((fractions, factors))
+            for budget in {self.train.max_steps, self.final_steps or self.train.max_steps}:
+                steps = list(drop_steps(fractions, budget))
+                if not all(0 < s < budget for s in steps) or len(set(steps)) < len(steps):
+                    problems.append(f"schedule {text!r}: drops at steps {steps} of {budget}")
             if not all(math.isfinite(f) for f in factors):
                 problems.append(f"schedule {text!r}: factors must be finite")
         if (
@@ -273,10 +279,6 @@ class SearchConfig:
     @property
     def gpus_per_trial(self) -> int:
         return self.train.num_workers if self.train.use_gpu else 0
-
-    @property
-    def cpus_per_trial(self) -> float:
-        return self.train.num_workers * self.train.cpus_per_worker + TRIAL_DRIVER_CPU
 
     @property
     def url(self) -> str:
@@ -503,25 +505,27 @@ def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
     nodes are each too small to hold a worker would leave trials waiting forever. GPU trials
     with `max_gpus` (an autoscaling cluster, whose GPU nodes start with the search) take
     that count as given. Where the nodes offer `DRIVER_RESOURCE`, each trial's function
-    takes one, and no more trials run at once than there are."""
+    takes one (and no CPU), and no more trials run at once than there are; elsewhere
+    `TRIAL_DRIVER_CPU`."""
     drivers = sum(node.get(DRIVER_RESOURCE, 0) for node in nodes)
-    slots = _resource_slots(search, nodes)
-    return min(slots, int(drivers)) if drivers >= 1 else slots
+    if drivers >= 1:
+        return min(_resource_slots(search, nodes, driver_cpu=0.0), int(drivers))
+    return _resource_slots(search, nodes, driver_cpu=TRIAL_DRIVER_CPU)
 
 
-def _resource_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
+def _resource_slots(search: SearchConfig, nodes: list[dict[str, float]], driver_cpu: float) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
     fits = workers_fit(train_cfg.worker_needs, nodes)
     cpus = sum(node.get("CPU", 0) for node in nodes)
-    slots = min(fits // train_cfg.num_workers, int(cpus // search.cpus_per_trial))
+    per_trial = train_cfg.num_workers * train_cfg.cpus_per_worker + driver_cpu
+    slots = min(fits // train_cfg.num_workers, int(cpus // per_trial))
     if slots < 1:
+        function = f" (and {driver_cpu} CPU for its Tune function)" if driver_cpu else ""
         raise ValueError(
-            f"a trial needs {train_cfg.workers_text()}, each worker on one node (and "
-            f"{TRIAL_DRIVER_CPU} CPU for its Tune function): the cluster's nodes hold {fits} "
-            "such workers ("
-            f"{describe_nodes(nodes)})"
+            f"a trial needs {train_cfg.workers_text()}, each worker on one node{function}: the "
+            f"cluster's nodes hold {fits} such workers ({describe_nodes(nodes)})"
         )
     return slots
 
@@ -775,18 +779,21 @@ def plot_curves(rows: list[dict[str, Any]], search: SearchConfig) -> bytes:
 
 def best_train_config(search: SearchConfig, row: dict[str, Any]) -> TrainConfig:
     """The winning trial as a training config of its own, of `final_steps` steps (the
-    schedule's drops at the same fractions of them)."""
+    schedule's drops at the same fractions of them), its local paths absolute: it runs
+    from wherever `jobs.train --config` is."""
     cfg = trial_config(search, row, name=f"{search.name}-best")
     base = search.train
     steps = search.final_steps or base.max_steps
-    return dataclasses.replace(
-        cfg,
-        seed=base.seed,  # the point was chosen over its seeds: the search's own
-        storage=search.storage,
-        max_steps=steps,
-        lr_drop_steps=drop_steps(parse_schedule(row["schedule"])[0], steps),
-        checkpoint_every_steps=base.checkpoint_every_steps,
-        val_every_steps=base.val_every_steps,
+    return train.with_absolute_paths(
+        dataclasses.replace(
+            cfg,
+            seed=base.seed,  # the point was chosen over its seeds: the search's own
+            storage=search.storage,
+            max_steps=steps,
+            lr_drop_steps=drop_steps(parse_schedule(row["schedule"])[0], steps),
+            checkpoint_every_steps=base.checkpoint_every_steps,
+            val_every_steps=base.val_every_steps,
+        )
     )
 
 
@@ -805,19 +812,21 @@ def unfinished(rows: list[dict[str, Any]], search: SearchConfig) -> int:
 
 
 def write_outputs(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
-    """The results table and plots; and the best config, once every trial has finished."""
+    """The results table and plots; and the best config, once every trial has finished
+    (until then, or where no trial has a score, one an earlier run of the search wrote is
+    removed: a continued search may retrain its errored trials, and another may win)."""
     s3 = search.train.s3
     storage.write_bytes(storage.join(search.url, "results.md"), markdown_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "results.csv"), csv_table(rows).encode(), s3)
     storage.write_bytes(storage.join(search.url, "objective.png"), plot_objective(rows, search), s3)
     storage.write_bytes(storage.join(search.url, "curves.png"), plot_curves(rows, search), s3)
-    if unfinished(rows, search):
+    best_url = storage.join(search.url, BEST_CONFIG_FILE)
+    best = None if unfinished(rows, search) else best_row(rows, search)
+    if best is None:
+        storage.remove([best_url], s3)
         return None
-    best = best_row(rows, search)
-    if best is not None:
-        point = {"lr": best["lr"], "rebalance_lambda": best["lambda"], **best}
-        config = best_train_config(search, point)
-        save_config(config, storage.join(search.url, BEST_CONFIG_FILE), s3)
+    point = {"lr": best["lr"], "rebalance_lambda": best["lambda"], **best}
+    save_config(best_train_config(search, point), best_url, s3)
     return best
 
 

@@ -102,7 +102,10 @@ def test_the_best_config_trains_for_the_final_budget_with_the_same_fractions() -
     trial = tune.best_train_config(dataclasses.replace(search, final_steps=None), point)
     assert (trial.max_steps, trial.lr_drop_steps) == (40, (30,))  # the trials' own budget
     # its own run beside the search, checkpointed and validated as the base config says
-    assert cfg.storage == search.storage and cfg.name == f"{search.name}-best"
+    # (local paths made absolute: the config runs from wherever `jobs.train --config` is)
+    assert search.storage == "runs" and cfg.storage == os.path.abspath("runs")
+    assert cfg.name == f"{search.name}-best"
+    assert cfg.data == os.path.abspath(search.train.data) != search.train.data
     assert cfg.checkpoint_every_steps == search.train.checkpoint_every_steps
     assert cfg.val_every_steps == search.train.val_every_steps
     with pytest.raises(ValueError, match="final_steps must be >= 1"):
@@ -162,6 +165,8 @@ def test_an_interrupted_search_writes_its_table_and_no_best_config(tmp_path) -> 
     assert tune.unfinished(rows[:1], search) == 1 and tune.unfinished(rows, search) == 0
     bigger = dataclasses.replace(search, num_samples=2)
     assert tune.planned_trials(bigger) == 4 and tune.write_outputs(rows, bigger) is None
+    # the best config of the search's earlier end is removed: the trials left may win
+    assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
 def test_the_objective_plot_draws_any_table() -> None:
@@ -225,6 +230,10 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         (["--search-alg", "optuna", "--num-samples", "5"], "over 4 points would run 5 trials"),
         (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
         (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
+        (["--final-steps", "2", "--schedules", "0.3:0.3,0.6:0.3"], "drops at steps [1, 1] of 2"),
+        (["--lambdas", "0.5", "0.5"], "lambdas lists a value twice: [0.5, 0.5]"),
+        (["--lrs", "1e-3", "0.001"], "lrs lists a value twice"),
+        (["--schedules", "0.75:0.3", "0.750:0.30"], "schedule '0.750:0.30' is listed twice"),
         (["--schedules", "0.5:inf"], "factors must be finite"),
         (["--reports-per-trial", "1"], "ASHA's first rung falls at the budget's end"),
         (["--lrs", "inf"], "lrs must be finite and >= 0"),
@@ -324,6 +333,11 @@ def test_trial_slots_count_the_workers_each_node_holds() -> None:
     head = {"CPU": 2.0, tune.DRIVER_RESOURCE: 3.0}  # a trial's function takes one
     assert tune.trial_slots(autoscaling, [head]) == 3
     assert tune.trial_slots(dataclasses.replace(search, train=gpu), [head, *nodes]) == 3
+    # ... and no CPU: nodes whose every CPU a worker takes hold a trial each
+    whole = dataclasses.replace(gpu, num_workers=1, cpus_per_worker=14.0, batch_size=16)
+    gpu_nodes = [{"CPU": 0.0, tune.DRIVER_RESOURCE: 8.0}, *[{"CPU": 14.0, "GPU": 1.0}] * 8]
+    assert tune.trial_slots(dataclasses.replace(search, train=whole), gpu_nodes) == 8
+    assert tune.trial_slots(dataclasses.replace(search, train=whole), gpu_nodes[1:]) == 7
     with pytest.raises(ValueError, match="and a GPU each"):
         tune.trial_slots(dataclasses.replace(search, train=gpu), [{"CPU": 16.0}])
     h100 = dataclasses.replace(gpu, accelerator_type="H100")  # only the second node's GPUs
