@@ -9,8 +9,10 @@ received (its restored last result) or, where newer, up to its run's newest chec
 it resumes from, never to report those steps again), read from its training run's
 ``metrics.csv`` (written beside every checkpoint) and, for a run that diverged, its last
 report (the worst figures, never checkpointed: ``diverged.json`` says the step), go through
-the rungs as they went when first reported. A result Tune never received that a rung would
-have stopped the trial at stops it at its next report. A row after the newest checkpoint is
+the rungs as they went when first reported. A result Tune never received is judged at the
+trial's next report, against rungs every trial of the search has refilled by then (judged as
+its trial is added, it would meet only the trials added before it), and stops the trial
+there where a rung would have. A row after the newest checkpoint is
 left to the trial's next report to be judged. A trial with neither (a new one) adds nothing,
 and a run folder that cannot be read costs the rungs that trial's results, not the search.
 Defined apart from `jobs.tune` so that the tune command's start-up does not import Ray Tune;
@@ -41,7 +43,7 @@ class ResumableASHA(ASHAScheduler):
             raise ValueError("ResumableASHA keeps one bracket")
         super().__init__(time_attr="step", **asha)
         self.trials_url, self.s3 = trials_url, s3
-        self._stop_at_next_result: set[str] = set()
+        self._unjudged: dict[str, list[tuple[int, float]]] = {}  # Tune never received them
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -53,17 +55,22 @@ class ResumableASHA(ASHAScheduler):
             return
         results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= resumed]
         bracket = self._trial_info[trial.trial_id]
-        for step, value in results:  # decisions made before the interruption stand
-            action = bracket.on_result(trial, step, self._metric_op * value)
-            if step > received and action == TrialScheduler.STOP:  # one Tune never made
-                self._stop_at_next_result.add(trial.trial_id)
+        for step, value in results:
+            if step > received:  # judged at the trial's next report
+                self._unjudged.setdefault(trial.trial_id, []).append((step, value))
+            else:  # decisions made before the interruption stand
+                bracket.on_result(trial, step, self._metric_op * value)
         if results:
             print(f"tune: ASHA's rungs take back trial {trial.trial_id}'s {len(results)} "
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if trial.trial_id in self._stop_at_next_result:
-            self._stop_at_next_result.discard(trial.trial_id)
+        bracket = self._trial_info.get(trial.trial_id)
+        actions = [
+            bracket.on_result(trial, step, self._metric_op * value)
+            for step, value in self._unjudged.pop(trial.trial_id, [])
+        ]
+        if TrialScheduler.STOP in actions:
             return TrialScheduler.STOP
         return super().on_trial_result(tune_controller, trial, result)
 
