@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as likely decompression bombs
 JPEG_MAX_SIDE_PX = 65_500  # the JPEG format's largest width or height
@@ -19,6 +19,9 @@ JPEG_MAX_SIDE_PX = 65_500  # the JPEG format's largest width or height
 # fixed at 89.5 MP and enforced through a process-wide warnings filter, would override it.
 Image.MAX_IMAGE_PIXELS = None
 EXIF_ORIENTATION = 0x0112  # 1: upright; 2-8: mirrored and/or rotated (EXIF 2.32, 4.6.4)
+# A PNG text chunk (XMP with an editor's history, a workflow's JSON) of up to 16 MB, where
+# Pillow refuses the picture above 1 MB; its cap on the text of a whole file stays.
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 16 * 2**20)
 JPEG_QUALITY = 95
 
 
@@ -33,7 +36,7 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     try:
         image = Image.open(io.BytesIO(data), formats=_safe_formats())
     except UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised format)") from None
+        raise BadImage(_unread_format(data)) from None
     except Exception as e:  # a garbled header: each format's parser fails its own way
         raise BadImage(f"unreadable image: {type(e).__name__}: {e}") from None
     width, height = image.size
@@ -42,6 +45,50 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     return image
+
+
+_UNREAD_FORMATS = (  # (what the bytes start with, at which offset, the format's name)
+    (b"ftyp", 4, "HEIF (HEIC)"),  # (AVIF, the same container, Pillow reads)
+    (b"\xff\x0a", 0, "JPEG XL"),
+    (b"\0\0\0\x0cJXL \r\n\x87\n", 0, "JPEG XL"),
+    (b"II*\0", 0, "TIFF"),
+    (b"MM\0*", 0, "TIFF"),
+    (b"II+\0", 0, "TIFF"),
+    (b"MM\0+", 0, "TIFF"),
+    (b"%PDF", 0, "PDF"),
+    (b"8BPS", 0, "Photoshop"),
+)
+
+
+def _unread_format(data: bytes) -> str:
+    """Why bytes Pillow does not open are refused: a format named where they start as one
+    does (a photo this job cannot read is not "not an image"), else not an image."""
+    for magic, offset, name in _UNREAD_FORMATS:
+        if data[offset : offset + len(magic)] == magic:
+            return f"a {name} file of a kind this job does not read"
+    return "not an image (unrecognised format)"
+
+
+def jpeg_cut_short(data: bytes) -> bool:
+    """Whether a JPEG file ends in zeros without an end-of-image marker after its first scan:
+    one cut short and padded (as disk recovery and preallocating downloads leave them),
+    which decoders take as whole, gray below the cut. Cut without zeros, the decoder finds
+    the end itself; a whole file's scans end with the marker, data may follow it."""
+    stripped = data.rstrip(b"\0")
+    if len(stripped) == len(data):
+        return False
+    pos = 2  # after SOI: the marker segments before the first scan, each with its length
+    while pos + 4 <= len(stripped) and stripped[pos] == 0xFF:
+        marker = stripped[pos + 1]
+        if marker == 0xDA:  # start of scan: its entropy-coded data holds no other FFD9
+            return stripped.find(b"\xff\xd9", pos) < 0
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(stripped[pos + 2 : pos + 4], "big")
+    return False  # no scan found: the decoder judges
 
 
 def _safe_formats() -> list[str]:
@@ -55,6 +102,14 @@ def exif_orientation(image: Image.Image) -> int:
     tag is missing or not a valid value."""
     turn = image.getexif().get(EXIF_ORIENTATION, 1)
     return turn if isinstance(turn, int) and 1 <= turn <= 8 else 1
+
+
+def upright_image(image: Image.Image) -> Image.Image:
+    """A loaded image turned upright by its EXIF orientation as `exif_orientation` reads it,
+    the orientation then gone from its EXIF (the same image where upright: Pillow's
+    `exif_transpose` copies even those, and turns by an orientation stored as a fraction,
+    6/1, where this reads none, as the GPU path does)."""
+    return image if exif_orientation(image) == 1 else ImageOps.exif_transpose(image)
 
 
 GRAY_CHECK_ROWS = 256
@@ -109,9 +164,7 @@ def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Im
             if scale < 1:
                 image.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
         image.load()
-        # exif_transpose copies even an upright image: call it only when there is a turn
-        if exif_orientation(image) != 1:
-            image = ImageOps.exif_transpose(image)
+        image = upright_image(image)
     except Exception as e:  # decoders fail their own ways on corrupt data
         if out_of_memory(e):  # the machine's state, not the image's: the caller decides
             raise
@@ -136,15 +189,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise BadImage(f"image of mode {image.mode} not converted: {e}") from None
 
 
-def gray_in_unit_range(image: Image.Image) -> np.ndarray:
-    """float32 (H, W) in [0, 1] of an integer gray image (16-bit, or 32-bit: 16-bit values,
-    or larger ones up to its maximum) or a float one (in [0, 1], or [0, 255] when larger),
+def gray_in_unit_range(image: Image.Image, bits: int = 16) -> np.ndarray:
+    """float32 (H, W) in [0, 1] of an integer gray image of samples of `bits` (16-bit, fewer
+    as a TIFF's 12-bit levels, which Pillow keeps as they are; or 32-bit: 16-bit values, or
+    larger ones up to its maximum) or a float one (in [0, 1], or [0, 255] when larger),
     where Pillow's conversions would clip."""
     pixels = np.array(image, dtype=np.float32)  # a copy, written in place below
     if image.mode == "F":
         top = 1.0 if pixels.max(initial=0) <= 1 else 255.0
     else:
-        top = max(65535.0, float(pixels.max(initial=0)))
+        top = max(float(2**bits - 1), float(pixels.max(initial=0)))
     pixels /= top
     return np.clip(pixels, 0, 1, out=pixels)
 

@@ -37,8 +37,10 @@ from jobs.images import (
     as_16bit,
     exif_orientation,
     gray_in_unit_range,
+    jpeg_cut_short,
     open_image,
     out_of_memory,
+    upright_image,
 )
 
 PROVENANCE_EXIF_TAG = 0x000B  # ProcessingSoftware (TIFF/EP, EXIF IFD0): rarely set by scanners
@@ -91,16 +93,17 @@ class Decoded:
     meta: Metadata
 
 
-def _page(image, white_is_zero: bool = False, icc: bytes | None = None) -> Page:
+def _page(image, white_is_zero: bool = False, icc: bytes | None = None, bits: int = 16) -> Page:
     """A PIL frame (already upright) -> sRGB float planes, alpha and bit depth. `white_is_zero`:
     a TIFF's 16- or 32-bit gray levels count from white (photometric MinIsWhite), which
-    Pillow leaves as stored (its 8-bit reader turns them). `icc`: the frame's ICC profile."""
+    Pillow leaves as stored (its 8-bit reader turns them). `icc`: the frame's ICC profile.
+    `bits`: of a 16-bit gray frame's samples as stored (`_gray_bits`)."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         alpha, transparent = None, image.info.get("transparency")
         if isinstance(transparent, int):  # PNG tRNS: the one gray level that is see-through
             alpha = np.where(np.asarray(image) == transparent, 0, 65535).astype(np.uint16)
-        levels = gray_in_unit_range(image)
+        levels = gray_in_unit_range(image, bits)
         if white_is_zero:
             np.subtract(1, levels, out=levels)
         if profiles.converts(icc):
@@ -121,6 +124,14 @@ def _page(image, white_is_zero: bool = False, icc: bytes | None = None) -> Page:
     else:  # RGB, P, CMYK, YCbCr, ...
         pixels = np.asarray(image.convert("RGB"))
     return Page(torch.from_numpy(_srgb_planes(pixels, icc))[None], alpha, 8)
+
+
+def _gray_bits(image) -> int:
+    """The bits of a TIFF page's gray samples where Pillow reads them into 16-bit levels as
+    they are (9 to 15: a scanner's 12-bit gray), else 16."""
+    bits = image.tag_v2.get(258)
+    bits = bits[0] if isinstance(bits, tuple) and len(bits) == 1 else bits
+    return bits if isinstance(bits, int) and 8 < bits < 16 and image.mode == "I;16" else 16
 
 
 def _srgb_planes(pixels_HWC: np.ndarray, icc: bytes | None) -> np.ndarray:
@@ -149,14 +160,52 @@ def read_metadata(image) -> Metadata:
             if tag in tags:
                 exif[tag] = tags[tag]
         exif.get_ifd(_EXIF_IFD).update(source.get_ifd(_EXIF_IFD))
+        exif = _writable(exif)
     elif len(source):
-        exif.load(source.tobytes())
+        exif = _writable(source)
     on_its_side = exif_orientation(image) in ON_ITS_SIDE
     if on_its_side and 0x011A in exif and 0x011B in exif:
         exif[0x011A], exif[0x011B] = exif[0x011B], exif[0x011A]  # across and down, upright
     exif.pop(EXIF_ORIENTATION, None)
     return Metadata(icc=icc, exif=exif, xmp=_upright_xmp(_as_bytes(xmp)), iptc=_as_bytes(iptc),
                     dpi=_upright_dpi(lambda: _stated_dpi(image), on_its_side))  # fmt: skip
+
+
+_SUB_IFDS = (_EXIF_IFD, 0x8825)  # EXIF's own and GPS
+
+
+def _writable(exif):
+    """A copy of an EXIF block less the tags Pillow cannot write back (a value of another
+    type than its tag's: an orientation stored as a fraction, a resolution as text, a
+    negative signed fraction): a picture is not refused for its EXIF."""
+    from PIL import Image
+
+    try:
+        data = exif.tobytes()
+    except Exception:
+        kept = Image.Exif()
+        for tag, value in exif.items():
+            if tag not in _SUB_IFDS and _writes({tag: value}):
+                kept[tag] = value
+        for ifd in _SUB_IFDS:
+            if tags := {t: v for t, v in exif.get_ifd(ifd).items() if _writes({ifd: {t: v}})}:
+                kept[ifd] = tags
+        data = kept.tobytes()
+    copy = Image.Exif()
+    copy.load(data)
+    return copy
+
+
+def _writes(tags: dict) -> bool:
+    from PIL import Image
+
+    probe = Image.Exif()
+    probe.update(tags)
+    try:
+        probe.tobytes()
+    except Exception:
+        return False
+    return True
 
 
 def _upright_dpi(stated: Callable[[], Any], on_its_side: bool) -> tuple[float, float] | None:
@@ -189,10 +238,18 @@ def _stated_dpi(image) -> tuple[Any, Any] | None:
 
 
 def _as_bytes(value: Any) -> bytes | None:
-    """Metadata blocks come as bytes or str (PNG text)."""
+    """Metadata blocks come as bytes, str (PNG text, a TIFF tag stored as text) or, from a
+    TIFF, a tuple of byte values or of strings; anything else is left out."""
     if not value:
         return None
-    return value.encode() if isinstance(value, str) else bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        return "".join(value).encode()
+    try:
+        return bytes(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _tiff_block(image, tag: int) -> bytes | None:
@@ -299,8 +356,10 @@ def _16bit_colour_page(
     planar: bool = False,
     cmyk: bool = False,
     icc: bytes | None = None,
+    alpha: bool = True,
 ) -> Page | None:
-    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept, read with OpenCV
+    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept (or a fourth
+    channel dropped: without `alpha`), read with OpenCV
     (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
     each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
     samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
@@ -345,10 +404,10 @@ def _16bit_colour_page(
         return None
     colour = pixels[..., :1] if profiles.read(icc).channels == 1 else pixels[..., 2::-1]
     rgb_3HW = upright(torch.from_numpy(_srgb_planes(colour, icc)), turn)  # gray: (1, H, W)
-    alpha = None  # OpenCV's order is BGR(A)
-    if pixels.shape[2] == 4:
-        alpha = _upright_alpha(pixels[..., 3], turn)
-    return Page(rgb_3HW[None], alpha, 16)
+    kept = None  # OpenCV's order is BGR(A)
+    if pixels.shape[2] == 4 and alpha:
+        kept = _upright_alpha(pixels[..., 3], turn)
+    return Page(rgb_3HW[None], kept, 16)
 
 
 def _upright_alpha(alpha_HW: np.ndarray, turn: int) -> np.ndarray:
@@ -360,7 +419,6 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     bounds the pages together, each after the first counted as at least `min_page_px` (what
     the network takes of a page, however small): a small file of many large blank pages is a
     bomb, and so is one of a hundred thousand 1x1 pages."""
-    from PIL import ImageOps
 
     try:
         image = open_image(data, max_pixels=max_pixels)
@@ -369,8 +427,12 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
             return found
         raise
     fmt = "JPEG" if image.format == "MPO" else image.format
+    if fmt == "JPEG" and jpeg_cut_short(data):
+        raise BadImage("truncated JPEG: its data ends in zeros before the end-of-image marker")
     pages, total = [], 0
     try:
+        if fmt == "PNG":  # reading its EXIF, which may follow the pixels, decodes them: a
+            image.load()  # decoding error is the picture's (a second load keeps what was read)
         meta = read_metadata(image)
         # Page after page, until the last or the limit: not `n_frames`, which walks every
         # page's header first (in time squared in their number, with Pillow's loop check).
@@ -389,18 +451,24 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
                 cmyk = fmt == "TIFF" and _is_16bit_cmyk(image)
                 turn = exif_orientation(image) if fmt == "PNG" or planar or cmyk else 1
-                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk, icc)
+                # a TIFF's extra sample is alpha unless it says it is unspecified (a spot
+                # channel, a saved selection); OpenCV writes alpha without saying so
+                alpha = fmt != "TIFF" or image.tag_v2.get(338) != (0,)
+                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk, icc, alpha)
                 if page is not None:
                     pages.append(page)
                     continue
             image.load()
             white_is_zero = fmt == "TIFF" and image.tag_v2.get(262) == 0
-            pages.append(_page(ImageOps.exif_transpose(image), white_is_zero, icc))
+            bits = _gray_bits(image) if fmt == "TIFF" else 16
+            pages.append(_page(upright_image(image), white_is_zero, icc, bits))
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data
         if out_of_memory(e):  # the machine's state, not the image's
             raise
+        if fmt == "TIFF" and isinstance(e, SyntaxError):  # Pillow's word for a layout
+            raise BadImage(f"a TIFF page of a kind this job does not read ({e})") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
     return Decoded(pages, fmt, meta)
 

@@ -1,0 +1,173 @@
+"""`jobs.picture_files.decode` on files that archives hold and the common decoders read
+otherwise: metadata Pillow cannot write back, files cut short and padded, damaged pixel
+data, extra channels, fewer bits than their container, and formats the job does not read."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from jobs import picture_files
+from jobs.images import BadImage, jpeg_cut_short
+
+
+def jpeg(pixels: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def photo(height: int = 30, width: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (height // 5 + 1, width // 5 + 1, 3), dtype=np.uint8)
+    return np.ascontiguousarray(smooth.repeat(5, 0).repeat(5, 1)[:height, :width])
+
+
+def exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian EXIF block of one IFD: (tag, TIFF type, count, value bytes)."""
+    head = b"Exif\0\0II*\0\x08\0\0\0"
+    values_at = 8 + 2 + 12 * len(entries) + 4
+    table, values = struct.pack("<H", len(entries)), b""
+    for tag, kind, count, value in sorted(entries):
+        if len(value) <= 4:
+            table += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            table += struct.pack("<HHII", tag, kind, count, values_at + len(values))
+            values += value + b"\0" * (len(value) % 2)
+    return head + table + b"\0\0\0\0" + values
+
+
+def test_exif_values_of_another_type_than_their_tags_are_left_out_not_the_picture() -> None:
+    """Cameras and editors write tags of the wrong type (a resolution as text, an orientation
+    as a fraction), which Pillow reads but cannot write back: those tags are left out, the
+    rest carried over, and an orientation that is no integer turns nothing (as on the GPU
+    path, which reads orientations alike)."""
+    block = exif_block([
+        (0x010F, 2, 6, b"Canon\0"),  # Make, as it should be
+        (0x011A, 2, 4, b"300\0"),  # XResolution as text
+        (0x0112, 5, 1, struct.pack("<II", 6, 1)),  # Orientation as the fraction 6/1
+        (0x011B, 10, 1, struct.pack("<ii", -72, 1)),  # YResolution negative, signed
+    ])  # fmt: skip
+    data = jpeg(photo(), exif=block)
+    decoded = picture_files.decode(data, 10**6)
+    assert dict(decoded.meta.exif) == {0x010F: "Canon"}
+    assert decoded.pages[0].rgb.shape[-2:] == (30, 40)  # as stored: not turned
+    out = picture_files.encode([np.zeros((30, 40, 3), np.uint8)], decoded, "JPEG", "us", 90)
+    exif = Image.open(io.BytesIO(out)).getexif()
+    assert exif[0x010F] == "Canon" and exif[picture_files.PROVENANCE_EXIF_TAG] == "us"
+
+
+def test_a_jpeg_cut_short_and_padded_with_zeros_is_refused() -> None:
+    """Disk recovery and preallocating downloads leave a cut JPEG padded with zeros, which
+    decoders read as whole, gray below the cut. Its scan has no end marker: refused. A
+    whole file followed by zeros or other data reads; the segments before the scan (an
+    EXIF thumbnail holds a scan and an end marker of its own) do not count."""
+    thumbnail = jpeg(photo(8, 8))  # in APP1, before the picture's own scan
+    whole = jpeg(photo(), exif=b"Exif\0\0" + thumbnail)
+    cut = whole[: len(whole) * 2 // 3] + bytes(4096)
+    assert jpeg_cut_short(cut)
+    with pytest.raises(BadImage, match="truncated JPEG: its data ends in zeros"):
+        picture_files.decode(cut, 10**6)
+    for after in (bytes(4096), b"trailer of a phone's own" + bytes(100)):
+        assert not jpeg_cut_short(whole + after)
+        assert picture_files.decode(whole + after, 10**6).pages[0].rgb.shape[-2:] == (30, 40)
+    assert not jpeg_cut_short(whole[: len(whole) * 2 // 3])  # no zeros: the decoder's to find
+    with pytest.raises(BadImage, match="truncated"):
+        picture_files.decode(whole[: len(whole) * 2 // 3], 10**6)
+
+
+def png(rows: bytes, width: int, height: int) -> bytes:
+    """An 8-bit RGB PNG of the raw rows given (each a filter byte, then its pixels)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + (chunk(b"IEND", b""))
+    )
+
+
+def test_a_png_whose_pixels_do_not_decode_is_refused_not_made_black() -> None:
+    """Reading a PNG's EXIF decodes its pixels (the EXIF may follow them): an error there is
+    the picture's. Once swallowed by the metadata's reading, the pixels came out black."""
+    pixels = photo(6, 5)
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    (page,) = picture_files.decode(png(rows, 5, 6), 10**6).pages
+    assert np.array_equal((page.rgb[0].numpy() * 255).round().transpose(1, 2, 0), pixels)
+    damaged = b"\7" + rows[1:]  # filter type 7 does not exist
+    with pytest.raises(BadImage, match="corrupt or truncated image"):
+        picture_files.decode(png(damaged, 5, 6), 10**6)
+
+
+@pytest.mark.parametrize("extra, alpha", [("unspecified", False), ("unassalpha", True)])
+def test_a_16bit_tiffs_fourth_channel_is_alpha_only_where_it_says_so(extra, alpha) -> None:
+    """A saved selection or spot colour (extra sample "unspecified") is no transparency;
+    unassociated alpha is (and a fourth sample said to be nothing, as OpenCV writes it: the
+    colorize tests' 16-bit RGBA TIFF)."""
+    rgbx = np.random.default_rng(1).integers(0, 65536, (4, 6, 4), dtype=np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, rgbx, photometric="rgb", extrasamples=[extra])
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    assert page.bits == 16 and (page.alpha is not None) == alpha
+    np.testing.assert_allclose(page.rgb[0].numpy().transpose(1, 2, 0), rgbx[..., :3] / 65535)
+    if alpha:
+        assert np.array_equal(page.alpha, rgbx[..., 3])
+
+
+def test_a_12bit_gray_tiff_spans_its_12_bits() -> None:
+    """Pillow keeps a scanner's 12-bit levels as they are, in 16-bit samples: 4095 is white."""
+    levels = np.array([[0, 1000, 2048, 4095]], np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, levels, bitspersample=12, photometric="minisblack")
+    (page,) = picture_files.decode(buffer.getvalue(), 10**6).pages
+    np.testing.assert_allclose(page.rgb[0, 0, 0].numpy(), levels[0] / 4095, rtol=1e-6)
+
+
+def test_metadata_stored_as_text_or_large_is_carried_over() -> None:
+    """XMP in a TIFF tag of type ASCII (tifffile's default for a str), and a PNG text chunk
+    over Pillow's 1 MB default, which refused the whole picture."""
+    xmp = '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF/></x:xmpmeta>'
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, photo(), extratags=[(700, "s", 0, xmp, True)])
+    assert picture_files.decode(buffer.getvalue(), 10**6).meta.xmp == xmp.encode()
+
+    from PIL import PngImagePlugin
+
+    history = "".join(f"<step n='{i}' seed='{i * 7919 % 10007}'/>" for i in range(100_000))
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", f"<x:xmpmeta>{history}</x:xmpmeta>", zip=True)
+    buffer = io.BytesIO()
+    Image.fromarray(photo()).save(buffer, "PNG", pnginfo=text)
+    assert len(history) > 2**21
+    decoded = picture_files.decode(buffer.getvalue(), 10**6)
+    assert decoded.meta.xmp.endswith(b"</x:xmpmeta>") and len(decoded.meta.xmp) > 2**21
+
+
+@pytest.mark.parametrize(
+    "start, name",
+    [
+        (b"\0\0\0\x18ftypheic\0\0\0\0", "HEIF (HEIC)"),
+        (b"\xff\x0a\xe8\x30\x10", "JPEG XL"),
+        (b"II*\0\x08\0\0\0\0\0", "TIFF"),
+        (b"%PDF-1.7\n", "PDF"),
+    ],
+)
+def test_a_format_the_job_does_not_read_is_named_in_the_reason(start: bytes, name: str) -> None:
+    reason = f"a {name} file of a kind this job does not read"
+    with pytest.raises(BadImage, match=f"^{re.escape(reason)}$"):
+        picture_files.decode(start + bytes(64), 10**6)
+    with pytest.raises(BadImage, match="not an image"):
+        picture_files.decode(b"plain text, " + start, 10**6)
