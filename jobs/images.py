@@ -47,25 +47,29 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image
 
 
-_UNREAD_FORMATS = (  # (what the bytes start with, at which offset, the format's name)
-    (b"ftyp", 4, "HEIF (HEIC)"),  # (AVIF, the same container, Pillow reads)
-    (b"\xff\x0a", 0, "JPEG XL"),
-    (b"\0\0\0\x0cJXL \r\n\x87\n", 0, "JPEG XL"),
-    (b"II*\0", 0, "TIFF"),
-    (b"MM\0*", 0, "TIFF"),
-    (b"II+\0", 0, "TIFF"),
-    (b"MM\0+", 0, "TIFF"),
-    (b"%PDF", 0, "PDF"),
-    (b"8BPS", 0, "Photoshop"),
+_UNREAD_FORMATS = (  # (what the bytes start with, the format's name)
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\0\0\0\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+    (b"II+\0", "TIFF"),
+    (b"MM\0+", "TIFF"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "Photoshop"),
 )
+# ISO media files (an "ftyp" box first) by their brand: pictures; a video's is no image
+_ISO_BRANDS = dict.fromkeys(
+    (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"), "HEIF (HEIC)"
+) | {b"avif": "AVIF", b"avis": "AVIF"}
 
 
 def _unread_format(data: bytes) -> str:
     """Why bytes Pillow does not open are refused: a format named where they start as one
     does (a photo this job cannot read is not "not an image"), else not an image."""
-    for magic, offset, name in _UNREAD_FORMATS:
-        if data[offset : offset + len(magic)] == magic:
-            return f"a {name} file of a kind this job does not read"
+    name = _ISO_BRANDS.get(data[8:12]) if data[4:8] == b"ftyp" else None
+    name = name or next((n for magic, n in _UNREAD_FORMATS if data.startswith(magic)), None)
+    if name:
+        return f"a {name} file of a kind this job does not read"
     return "not an image (unrecognised format)"
 
 

@@ -358,9 +358,9 @@ def _16bit_colour_page(
     icc: bytes | None = None,
     alpha: bool = True,
 ) -> Page | None:
-    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept (or a fourth
-    channel dropped: without `alpha`), read with OpenCV
-    (that page alone; gray with alpha comes as BGRA), or with tifffile where the TIFF keeps
+    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept (a fourth channel
+    dropped without `alpha`), read with OpenCV (that page alone; gray with alpha comes as
+    BGRA), or with tifffile where the TIFF keeps
     each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
     samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
     converted into sRGB from its profile `icc` and turned by `turn`; None when OpenCV
@@ -419,7 +419,6 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     bounds the pages together, each after the first counted as at least `min_page_px` (what
     the network takes of a page, however small): a small file of many large blank pages is a
     bomb, and so is one of a hundred thousand 1x1 pages."""
-
     try:
         image = open_image(data, max_pixels=max_pixels)
     except BadImage:

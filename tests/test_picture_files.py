@@ -160,6 +160,7 @@ def test_metadata_stored_as_text_or_large_is_carried_over() -> None:
     "start, name",
     [
         (b"\0\0\0\x18ftypheic\0\0\0\0", "HEIF (HEIC)"),
+        (b"\0\0\0\x18ftypmif1\0\0\0\0", "HEIF (HEIC)"),
         (b"\xff\x0a\xe8\x30\x10", "JPEG XL"),
         (b"II*\0\x08\0\0\0\0\0", "TIFF"),
         (b"%PDF-1.7\n", "PDF"),
@@ -171,3 +172,10 @@ def test_a_format_the_job_does_not_read_is_named_in_the_reason(start: bytes, nam
         picture_files.decode(start + bytes(64), 10**6)
     with pytest.raises(BadImage, match="not an image"):
         picture_files.decode(b"plain text, " + start, 10**6)
+
+
+def test_a_video_is_not_an_image() -> None:
+    """An MP4 or QuickTime file (an ISO media file too, of a video's brand) beside the photos."""
+    for brand in (b"isom", b"qt  "):
+        with pytest.raises(BadImage, match=r"^not an image \(unrecognised format\)$"):
+            picture_files.decode(b"\0\0\0\x18ftyp" + brand + bytes(64), 10**6)
