@@ -50,8 +50,8 @@ def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 _UNREAD_FORMATS = (  # (what the bytes start with, the format's name)
     (b"\xff\x0a", "JPEG XL"),
     (b"\0\0\0\x0cJXL \r\n\x87\n", "JPEG XL"),
-    (b"II*\0", "TIFF"),
-    (b"MM\0*", "TIFF"),
+    (b"II*\0", "TIFF (or camera raw)"),
+    (b"MM\0*", "TIFF (or camera raw)"),
     (b"II+\0", "TIFF"),
     (b"MM\0+", "TIFF"),
     (b"%PDF", "PDF"),

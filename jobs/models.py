@@ -6,8 +6,9 @@ A URL (local path, ``s3://``, ``gs://``) names one of, detected automatically:
 - a project checkpoint file (`colorcore.weights.save_checkpoint`);
 - a training run folder: its latest checkpoint that loads, ``<run>/checkpoint_<step>/
   checkpoint.pt`` with zero-padded steps (``checkpoint_<step>.<n>`` when a resumed run
-  reaches a step whose checkpoint it could not load, and keeps that one apart; runs in
-  folders below it, such as a search's trials, are not its own);
+  reaches a step whose folder name is taken, by a checkpoint it could not load or one a
+  crash cut short that Ray recorded: `checkpoint_dir_name`; runs in folders below it, such
+  as a search's trials, are not its own);
 - a ``model.safetensors`` export of a training run (`colorcore.weights.to_safetensors`).
 
 Checkpoints are read with ``torch.load(..., weights_only=True)``, exports by safetensors:
@@ -54,7 +55,8 @@ CHECKPOINT_DIR = re.compile(rf"{CHECKPOINT_DIR_PREFIX}(\d+)(?:\.([1-9]\d*))?")
 
 def checkpoint_dir_name(step: int, taken: Collection[str] = ()) -> str:
     """The folder of the run's checkpoint at `step`: ``checkpoint_<step>``, or where that
-    name is `taken` (a checkpoint the run resumed before, as it did not load) the first
+    name is `taken` (a checkpoint the run resumed before, as it did not load, or one Ray's
+    record of the run names, cut short by a crash and removed) the first
     ``checkpoint_<step>.<n>`` that is not. The same name twice would make Ray's
     keep-last-K, dropping the older checkpoint of the two, delete the newer one's files."""
     name = f"{CHECKPOINT_DIR_PREFIX}{step:09d}"

@@ -172,6 +172,7 @@ def read_metadata(image) -> Metadata:
 
 
 _SUB_IFDS = (_EXIF_IFD, 0x8825)  # EXIF's own and GPS
+_INTEROP_IFD = 0xA005  # in EXIF's
 
 
 def _writable(exif):
@@ -187,8 +188,14 @@ def _writable(exif):
         for tag, value in exif.items():
             if tag not in _SUB_IFDS and _writes({tag: value}):
                 kept[tag] = value
+        interop = {t: v for t, v in exif.get_ifd(_INTEROP_IFD).items()
+                   if _writes({_EXIF_IFD: {_INTEROP_IFD: {t: v}}})}  # fmt: skip
         for ifd in _SUB_IFDS:
-            if tags := {t: v for t, v in exif.get_ifd(ifd).items() if _writes({ifd: {t: v}})}:
+            tags = {t: v for t, v in exif.get_ifd(ifd).items()
+                    if t != _INTEROP_IFD and _writes({ifd: {t: v}})}  # fmt: skip
+            if ifd == _EXIF_IFD and interop:  # as an IFD: the pointer held the old file's offset
+                tags[_INTEROP_IFD] = interop
+            if tags:
                 kept[ifd] = tags
         data = kept.tobytes()
     copy = Image.Exif()
@@ -597,7 +604,7 @@ def _exif_says_adobe_rgb(image) -> bool:
     try:
         exif = image.getexif()
         space = exif.get_ifd(_EXIF_IFD).get(_EXIF_COLOUR_SPACE)
-        index = exif.get_ifd(0xA005).get(_INTEROP_INDEX)  # the Interop IFD
+        index = exif.get_ifd(_INTEROP_IFD).get(_INTEROP_INDEX)
     except Exception:  # EXIF is the file's own business: a broken one names no space
         return False
     return space == 2 or (space == 0xFFFF and isinstance(index, str) and index.startswith("R03"))

@@ -387,9 +387,10 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
                 raise data
             jpeg, h, w, is_gray = convert(data, cfg)
         except Exception as e:  # one input's failure, whatever raised it, is its own
-            if out_of_memory(e):  # the machine's state: the group fails, a re-run redoes it
-                raise
             reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+            if out_of_memory(e):  # the machine's state, not the image's, said so (failing
+                # the group would fail it on every re-run where this input always runs out)
+                reason = f"ran out of memory converting it ({reason})"
             errors.append({"key": key, "source": source, "reason": reason})
             continue
         gray += is_gray

@@ -450,6 +450,7 @@ def _machine() -> str:
 
 
 MACHINE = _machine()
+OTHER_MACHINES_WRITE_S = 86_400  # another machine's temporary file is left behind after
 # temporary_beside's names: group 1 the machine (none in names written before it was
 # there, taken for this machine's), group 2 the process id
 STALE_TEMPORARY = re.compile(r"\.tmp-(?:([0-9a-f]{8})-)?(\d+)-[0-9a-f]{1,8}$")
@@ -471,8 +472,9 @@ def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
     process that has ended left behind are removed (a job's re-run calls this before it
     writes: they would be its own otherwise, and fill the disk run after run). A live
     process's are left to it: another job may be writing beside this one. On a folder
-    other machines share, another machine's are left too: whether its writer lives cannot
-    be told from here (a run on that machine removes them)."""
+    other machines share, another machine's are left too, whether its writer lives cannot
+    be told from here, until a day old (`OTHER_MACHINES_WRITE_S`: machines that are not
+    coming back, as a restarted pod's, leave them too)."""
     found = list_files(url, s3)
     if not is_local(url):
         return found  # an object store's write is one request: nothing half-written stays
@@ -484,10 +486,17 @@ def list_files_swept(url: str, s3: S3Options | None = None) -> list[str]:
 
 def remove_if_left_behind(path: str) -> None:
     """Deletes the local file `path` if it is a write's temporary file (`temporary_beside`)
-    whose writer, a process of this machine, has ended."""
+    whose writer, a process of this machine, has ended, or another machine's, untouched for
+    longer than any write takes (`OTHER_MACHINES_WRITE_S`)."""
     match = STALE_TEMPORARY.search(path)
-    if match and match[1] in (None, MACHINE) and not process_alive(int(match[2])):
-        with contextlib.suppress(FileNotFoundError):
+    if not match:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if match[1] in (None, MACHINE):
+            left = not process_alive(int(match[2]))
+        else:
+            left = time.time() - os.stat(path).st_mtime > OTHER_MACHINES_WRITE_S
+        if left:
             os.remove(path)
 
 

@@ -9,10 +9,11 @@ received (its restored last result) or, where newer, up to its run's newest chec
 it resumes from, never to report those steps again), read from its training run's
 ``metrics.csv`` (written beside every checkpoint) and, for a run that diverged, its last
 report (the worst figures, never checkpointed: ``diverged.json`` says the step), go through
-the rungs as they went when first reported. A result Tune never received is judged at the
-trial's next report, against rungs every trial of the search has refilled by then (judged as
-its trial is added, it would meet only the trials added before it), and stops the trial
-there where a rung would have. A row after the newest checkpoint is
+the rungs as they went when first reported. A result Tune never received goes into its rung
+at once, for other trials to be judged against, but is judged itself at the trial's next
+report, against that rung as every trial of the search has refilled it by then (judged as
+its trial is added, it would meet only the trials added before it): the trial stops there
+where the rung would have stopped it. A row after the newest checkpoint is
 left to the trial's next report to be judged. A trial with neither (a new one) adds nothing,
 and a run folder that cannot be read costs the rungs that trial's results, not the search.
 Defined apart from `jobs.tune` so that the tune command's start-up does not import Ray Tune;
@@ -43,7 +44,8 @@ class ResumableASHA(ASHAScheduler):
             raise ValueError("ResumableASHA keeps one bracket")
         super().__init__(time_attr="step", **asha)
         self.trials_url, self.s3 = trials_url, s3
-        self._unjudged: dict[str, list[tuple[int, float]]] = {}  # Tune never received them
+        # trial id -> (rung's milestone, value) of the results Tune never received
+        self._unjudged: dict[str, list[tuple[float, float]]] = {}
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
@@ -56,23 +58,29 @@ class ResumableASHA(ASHAScheduler):
         results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= resumed]
         bracket = self._trial_info[trial.trial_id]
         for step, value in results:
-            if step > received:  # judged at the trial's next report
-                self._unjudged.setdefault(trial.trial_id, []).append((step, value))
-            else:  # decisions made before the interruption stand
-                bracket.on_result(trial, step, self._metric_op * value)
+            before = self._rungs_of(bracket, trial.trial_id)
+            bracket.on_result(trial, step, self._metric_op * value)  # decisions made stand
+            if step > received:  # one never made: at the trial's next report
+                for milestone in self._rungs_of(bracket, trial.trial_id) - before:
+                    entry = (milestone, self._metric_op * value)
+                    self._unjudged.setdefault(trial.trial_id, []).append(entry)
         if results:
             print(f"tune: ASHA's rungs take back trial {trial.trial_id}'s {len(results)} "
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        bracket = self._trial_info.get(trial.trial_id)
-        actions = [
-            bracket.on_result(trial, step, self._metric_op * value)
-            for step, value in self._unjudged.pop(trial.trial_id, [])
-        ]
-        if TrialScheduler.STOP in actions:
-            return TrialScheduler.STOP
+        for milestone, value in self._unjudged.pop(trial.trial_id, []):
+            bracket = self._trial_info[trial.trial_id]
+            recorded = dict(bracket._rungs)[milestone]
+            cutoff = bracket.cutoff({k: v for k, v in recorded.items() if k != trial.trial_id})
+            if cutoff is not None and value < cutoff:
+                return TrialScheduler.STOP
         return super().on_trial_result(tune_controller, trial, result)
+
+    @staticmethod
+    def _rungs_of(bracket, trial_id: str) -> set[float]:
+        """The milestones of the bracket's rungs that hold a result of the trial."""
+        return {milestone for milestone, recorded in bracket._rungs if trial_id in recorded}
 
     def checkpointed(self, trial_id: str) -> int:
         """The step of the trial's run's newest checkpoint (-1 for none, or for a run that

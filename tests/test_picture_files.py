@@ -64,6 +64,28 @@ def test_exif_values_of_another_type_than_their_tags_are_left_out_not_the_pictur
     assert exif[0x010F] == "Canon" and exif[picture_files.PROVENANCE_EXIF_TAG] == "us"
 
 
+def test_a_rebuilt_exif_keeps_its_exif_and_interoperability_ifds() -> None:
+    """Left without a tag of the wrong type, a camera's EXIF keeps its own IFD and the
+    interoperability IFD within it (whose index R03 says Adobe RGB), written anew: its old
+    pointer would name bytes of the old file."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x011A], exif[0x0128] = "Canon", IFDRational(300), 2
+    exif[0x8769] = {0x829A: IFDRational(1, 125), 0xA001: 0xFFFF, 0xA005: {0x0001: "R03"}}
+    block = exif.tobytes()
+    entry = struct.pack(">HHI", 0x011A, 5, 1)  # XResolution, a fraction: made text (as
+    assert block.startswith(b"Exif\0\0MM")  # Pillow writes it, big-endian)
+    assert block.count(entry) == 1
+    block = block.replace(entry, struct.pack(">HHI", 0x011A, 2, 8))
+    decoded = picture_files.decode(jpeg(photo(), exif=block), 10**6)
+    out = picture_files.encode([np.zeros((30, 40, 3), np.uint8)], decoded, "JPEG", "us", 90)
+    for written in (decoded.meta.exif, Image.open(io.BytesIO(out)).getexif()):
+        assert written[0x010F] == "Canon" and 0x011A not in written
+        assert written.get_ifd(0x8769)[0x829A] == IFDRational(1, 125)
+        assert written.get_ifd(0xA005) == {0x0001: "R03"}
+
+
 def test_a_jpeg_cut_short_and_padded_with_zeros_is_refused() -> None:
     """Disk recovery and preallocating downloads leave a cut JPEG padded with zeros, which
     decoders read as whole, gray below the cut. Its scan has no end marker: refused. A
@@ -162,7 +184,7 @@ def test_metadata_stored_as_text_or_large_is_carried_over() -> None:
         (b"\0\0\0\x18ftypheic\0\0\0\0", "HEIF (HEIC)"),
         (b"\0\0\0\x18ftypmif1\0\0\0\0", "HEIF (HEIC)"),
         (b"\xff\x0a\xe8\x30\x10", "JPEG XL"),
-        (b"II*\0\x08\0\0\0\0\0", "TIFF"),
+        (b"II*\0\x08\0\0\0\0\0", "TIFF (or camera raw)"),
         (b"%PDF-1.7\n", "PDF"),
     ],
 )

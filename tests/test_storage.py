@@ -202,8 +202,8 @@ def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
     """Locally, the temporaries `write_bytes` names are removed where their writer, a
     process of this machine, has ended (a killed process's), and left out of the listing
     where it runs (another job's write in progress) or is another machine's (a folder
-    machines share: its process ids are not this one's); names that only look alike, and
-    anything on S3 (one request a write), are files."""
+    machines share: its process ids are not this one's) until a day old; names that only
+    look alike, and anything on S3 (one request a write), are files."""
     import subprocess
 
     ended = subprocess.Popen(["true"])
@@ -218,14 +218,19 @@ def test_a_killed_writers_temporary_files_are_swept(root_url) -> None:
     writing = storage.temporary_beside(storage.join(root_url, "s", "f.jpg"))
     other = f"{int(storage.MACHINE, 16) ^ 1:08x}"
     elsewhere = storage.join(root_url, "s", f"g.jpg.tmp-{other}-{ended.pid}-2b")
-    for url in [*kept, stale, stale_unnamed, writing, elsewhere]:
+    day_old = storage.join(root_url, "s", f"h.jpg.tmp-{other}-{os.getpid()}-3c")  # its pid
+    for url in [*kept, stale, stale_unnamed, writing, elsewhere, day_old]:  # here: not it
         storage.write_bytes(url, b"x")
     swept = storage.list_files_swept(storage.join(root_url, "s"))
     if storage.is_local(root_url):
         assert swept == sorted(kept)
+        assert storage.list_files(root_url) == sorted([*kept, writing, elsewhere, day_old])
+        old = time.time() - storage.OTHER_MACHINES_WRITE_S - 60
+        os.utime(storage.split_url(day_old)[1], (old, old))  # another machine's, left a day
+        assert storage.list_files_swept(storage.join(root_url, "s")) == sorted(kept)
         assert storage.list_files(root_url) == sorted([*kept, writing, elsewhere])
     else:
-        assert swept == sorted([*kept, stale, stale_unnamed, writing, elsewhere])
+        assert swept == sorted([*kept, stale, stale_unnamed, writing, elsewhere, day_old])
 
 
 def test_remove_deletes_the_files_named_and_no_other(root_url, monkeypatch) -> None:

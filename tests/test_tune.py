@@ -588,15 +588,17 @@ def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, o
         ResumableASHA(trials_url=trials, max_t=40, grace_period=10, brackets=2)
 
     # "late" had checkpointed step 20 when Tune last saved: it resumes past 20 and never
-    # reports it again, so its row at 20 is judged at its next report, against the rung as
-    # every trial refilled it ("a", added after it, among them), and the rung stops it.
+    # reports it again. Its row at 20 is in the rung at once, for the others ("b" there
+    # after it: by a cutoff of 0.5, not 0.9), and judged at its next report against the
+    # rung as every trial refilled it ("a", added after it, among them): the rung stops it.
     checkpoint = storage.join(trials, "late", checkpoint_dir_name(20), CHECKPOINT_FILE)
     storage.write_bytes(checkpoint, b"a checkpoint")
     asha = scheduler(ResumableASHA, trials_url=trials)
     trials_added = {trial_id: add(asha, trial_id) for trial_id in ("late", "a", "b")}
     rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
-    assert rungs[20] == {"a": 0.9}
+    assert rungs[20] == {"a": 0.9, "late": 0.1}
+    b_at_20 = {"step": 20, metric: 0.6 * sign}
+    assert asha.on_trial_result(None, trials_added["b"], b_at_20) == TrialScheduler.CONTINUE
     later = {"step": 30, metric: 0.95 * sign}  # however well it does next
     assert asha.on_trial_result(None, trials_added["late"], later) == TrialScheduler.STOP
-    assert rungs[20] == {"a": 0.9, "late": 0.1}
     assert asha.on_trial_result(None, trials_added["a"], later) == TrialScheduler.CONTINUE
