@@ -472,16 +472,17 @@ def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
 
 
 def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server) -> None:
-    """Interrupted (SIGUSR1, as Ctrl-C) during its first trial, a search lists that trial as
-    unfinished and writes no best config; the same command then finishes it and the next
-    (under ASHA, whose rungs the continued search refills)."""
+    """Interrupted (SIGUSR1, as Ctrl-C) during its trial, a search lists that trial as
+    unfinished and writes no best config; the same command then finishes it, under the
+    ResumableASHA it restores (whose refilled rungs the unit test below checks; a second
+    trial, started by the continued search, the killed search's subprocess test)."""
     import signal
     import threading
     import time
 
     search = dataclasses.replace(
         tune.ci(), train=one_worker(ci_config), storage=s3_server.url("searches"),
-        name="interrupted", lrs=(1e-3,), lambdas=(0.5, 1.0), max_concurrent=1,
+        name="interrupted", lrs=(1e-3,), lambdas=(0.5,), max_concurrent=1,
     )  # fmt: skip
     # ASHA, its first rung at the first report: the interrupted trial's first result (when
     # Tune has it) is the rung's, and the continued search restores a ResumableASHA.
@@ -505,11 +506,10 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert [r["status"] for r in rows] == ["unfinished"] and rows[0]["steps"] < 40
-    assert tune.unfinished(rows, search) == 2
+    assert tune.unfinished(rows, search) == 1
     assert not storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
     rows = tune.main(search)  # under ResumableASHA, restored from the search's folder
-    assert rows[0]["status"] == "completed"
-    assert rows[1]["status"] in ("completed", "stopped early")
+    assert [(r["status"], r["steps"]) for r in rows] == [("completed", 40)]
     assert storage.exists(storage.join(search.url, tune.BEST_CONFIG_FILE))
 
 
