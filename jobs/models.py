@@ -148,7 +148,7 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
     those left where the storage refuses (with a warning: the run is done all the same)."""
     try:
         recorded = recorded_checkpoints(run_url, s3)
-    except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
+    except UNREAD_RECORD as error:
         log.warning("%s: Ray's record of its checkpoints does not read (%s: %s); none of "
                     "them is removed", run_url, type(error).__name__, error)  # fmt: skip
         return []
@@ -173,11 +173,15 @@ def remove_unrecorded(run_url: str, keep: int, s3: storage.S3Options | None = No
     return removed
 
 
+# What `recorded_checkpoints` raises where Ray has no record of the run (FileNotFoundError)
+# or one this version does not read (another Ray version's layout)
+UNREAD_RECORD = (FileNotFoundError, KeyError, TypeError, ValueError)
+
+
 def recorded_checkpoints(run_url: str, s3: storage.S3Options | None = None) -> set[str]:
     """The checkpoint folders Ray's record of the run (`RAY_CHECKPOINT_RECORD`) names, which
-    its keep-last-K deletes in turn, whatever they hold by then. Raises FileNotFoundError
-    where there is no record, and KeyError, TypeError or ValueError where it does not read
-    (another Ray version's layout)."""
+    its keep-last-K deletes in turn, whatever they hold by then; `UNREAD_RECORD` where
+    there is none that reads."""
     record = json.loads(storage.read_bytes(storage.join(run_url, RAY_CHECKPOINT_RECORD), s3))
     results = [*record["checkpoint_results"], *record.get("pending_training_results", [])]
     if record.get("latest_checkpoint_result"):

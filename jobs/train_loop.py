@@ -37,6 +37,7 @@ from jobs.config import from_dict
 from jobs.loader import DatasetIndex, TrainLoader, decode_threads
 from jobs.models import (
     CHECKPOINT_FILE,
+    UNREAD_RECORD,
     checkpoint_dir_name,
     checkpoint_files,
     checkpoint_folder,
@@ -431,7 +432,7 @@ def _recorded(run_url: str, s3: storage.S3Options) -> set[str]:
     does not read."""
     try:
         return recorded_checkpoints(run_url, s3)
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
+    except UNREAD_RECORD:
         return set()
 
 

@@ -69,8 +69,8 @@ class ResumableASHA(ASHAScheduler):
                   f"result(s) up to step {results[-1][0]}")  # fmt: skip
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        bracket = self._trial_info.get(trial.trial_id)
         for milestone, value in self._unjudged.pop(trial.trial_id, []):
-            bracket = self._trial_info[trial.trial_id]
             recorded = dict(bracket._rungs)[milestone]
             cutoff = bracket.cutoff({k: v for k, v in recorded.items() if k != trial.trial_id})
             if cutoff is not None and value < cutoff:
