@@ -1802,18 +1802,20 @@ def test_int8_model_actors_build_the_drivers_network(tmp_path, monkeypatch) -> N
 
 def test_reassembly_in_bands_of_rows_equals_the_whole_image() -> None:
     """The CPU path converts a band of rows at a time (bounded memory for any image size):
-    the pixels of the whole image's conversion, up to a rare flip of the last rounding."""
+    the pixels of the whole image's conversion, up to a rare flip of the last rounding (the
+    separable upsampling rounds its floats apart from the whole one's; how often that moves a
+    pixel's step depends on the CPU's kernels, and 16-bit steps are 257 times finer)."""
     g = torch.Generator().manual_seed(7)
     l_11HW = torch.rand(1, 1, 37, 53, generator=g) * 100
     ab_12ss = (torch.rand(1, 2, 16, 16, generator=g) - 0.5) * 160  # much out of gamut
     whole = colorize.reassemble(l_11HW, ab_12ss)[0].permute(1, 2, 0).numpy()
-    for bits, top in ((8, 255), (16, 65535)):
+    for bits, top, flips in ((8, 255, 1e-3), (16, 65535, 1e-2)):
         expected = (whole * top).round()
         for band_px in (1, 53 * 5, 53 * 37, 10**6):  # a row, 5 rows (37 = 7 x 5 + 2), all
             pixels = colorize.reassemble_pixels(l_11HW, ab_12ss, bits, band_px=band_px)
             assert pixels.dtype == (np.uint8 if bits == 8 else np.uint16)
             difference = np.abs(pixels - expected)
-            assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (bits, band_px)
+            assert difference.max() <= 1 and (difference > 0).mean() < flips, (bits, band_px)
 
 
 def test_output_formats_and_names() -> None:
