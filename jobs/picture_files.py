@@ -4,7 +4,10 @@ metadata in, colorized pages out in the source's format where it can carry them.
 Decoding (`decode`) gives each page as sRGB float planes (gray or RGB; converted from the
 space its ICC profile states, `jobs.icc`), its alpha and bit depth, and the file's metadata:
 the ICC profile the output carries, EXIF (orientation applied and removed), XMP, IPTC.
-Pillow reads 16-bit colour PNG, PPM and TIFF at 8 bits, so those pages are read with OpenCV.
+Pillow reads 16-bit colour PNG, PPM and TIFF at 8 bits, so those pages are read with OpenCV;
+TIFF pages that OpenCV or Pillow misreads or does not read (samples in planes, premultiplied
+alpha, 16-bit CMYK, signed, float or 32-bit samples, gray with alpha at 16 bits, ZSTD and other
+compressions) with tifffile.
 Encoding (`encode`) writes the colorized pages with that metadata and a provenance string in
 EXIF tag 0x000B, their pixels converted into that profile: JPEG, PNG, WebP and 8-bit TIFF
 through Pillow, a 16-bit picture as a 16-bit PNG (`encode_png16`), pages of which one has
@@ -301,20 +304,23 @@ def _upright_xmp(xmp: bytes | None) -> bytes | None:
     return _XMP_ORIENTATION.sub(b"", xmp) if xmp else xmp
 
 
-def _is_16bit_colour(data: bytes, image) -> bool:
-    """Whether a PNG, a colour PPM, or the current page of a TIFF, has more than 8 bits per
-    colour channel (RGB or RGBA, CMYK for a TIFF, or for PNG gray with alpha), which Pillow
-    would decode to 8 bits."""
+def _past_pillow(data: bytes, image) -> bool:
+    """Whether Pillow would read the current page into fewer bits or another range than it
+    holds: a PNG, a colour PPM or a TIFF page of more than 8 bits per colour channel (RGB
+    or RGBA, CMYK for a TIFF, or for PNG gray with alpha), which it decodes to 8 bits, or
+    a TIFF page of signed integers, whose positive half it reads as half the range."""
     if image.format == "PPM":
         return image.mode == "RGB" and _pnm_maxval(data) > 255
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
         return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
     if image.format == "TIFF":
         bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)
+        if 2 in _sample_formats(image):  # signed
+            return True
         if not (isinstance(bits, tuple) and set(bits) == {16} and _plain_samples(image)):
             return False
-        if photometric == 2:  # RGB(A), alpha not premultiplied (Pillow undoes that)
-            return len(bits) in (3, 4) and image.tag_v2.get(338) != (1,)
+        if photometric == 2:  # RGB(A)
+            return len(bits) in (3, 4)
         return _is_16bit_cmyk(image)
     return False
 
@@ -322,10 +328,14 @@ def _is_16bit_colour(data: bytes, image) -> bool:
 def _plain_samples(image) -> bool:
     """Whether a TIFF page's samples are unsigned integers of one plane deep (not floats,
     nor a volume, whose depth the pixel limit, of width x height, would not count)."""
-    tags = image.tag_v2
-    formats = tags.get(339, 1)  # SampleFormat: one a sample, or one for all
-    formats = formats if isinstance(formats, tuple) else (formats,)
-    return tags.get(32997, 1) == 1 and set(formats) == {1}  # ImageDepth: 1
+    return image.tag_v2.get(32997, 1) == 1 and _sample_formats(image) == {1}  # ImageDepth: 1
+
+
+def _sample_formats(image) -> set[int]:
+    """A TIFF page's SampleFormat: 1 unsigned integers, 2 signed, 3 floats (one a sample,
+    or one for all)."""
+    formats = image.tag_v2.get(339, 1)
+    return set(formats) if isinstance(formats, tuple) else {formats}
 
 
 _PNM_TOKEN = re.compile(rb"#[^\r\n]*|[^\s#]+")  # a comment, or a field of the header
@@ -355,70 +365,86 @@ def _is_16bit_cmyk(image) -> bool:
     )
 
 
-def _16bit_colour_page(
-    data: bytes,
-    fmt: str,
-    index: int,
-    turn: int,
-    planar: bool = False,
-    cmyk: bool = False,
-    icc: bytes | None = None,
-    alpha: bool = True,
-) -> Page | None:
-    """Page `index` of a PNG, PPM or TIFF at 16 bits per channel, alpha kept (a fourth channel
-    dropped without `alpha`), read with OpenCV (that page alone; gray with alpha comes as
-    BGRA), or with tifffile where the TIFF keeps
-    each channel in a plane of its own (`planar`: OpenCV and Pillow read those as if the
-    samples were interleaved) or holds CMYK (`cmyk`: OpenCV and Pillow keep 8 bits of it),
-    converted into sRGB from its profile `icc` and turned by `turn`; None when OpenCV
-    cannot read it (Pillow then does, at 8 bits)."""
+def _page_past_pillow(data: bytes, image, index: int, icc: bytes | None) -> Page | None:
+    """Page `index` of a file `_past_pillow` names (`image` at that page), upright, alpha
+    kept, converted into sRGB from its profile `icc`; None when it does not read so (Pillow
+    then reads it). A PNG or PPM is read with OpenCV (gray with alpha comes as BGRA); a TIFF
+    as `_tiff_page_past_pillow` reads it."""
     import cv2
 
-    buffer = np.frombuffer(data, np.uint8)
-    if planar or cmyk:
-        import tifffile
+    if image.format == "TIFF":
+        return _tiff_page_past_pillow(data, image, index, icc)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    maxval = _pnm_maxval(data) if image.format == "PPM" else 65535
+    if pixels is not None and maxval != 65535:  # OpenCV keeps a PPM's values as stored
+        scaled = pixels.astype(np.uint32)  # rounded in integers: 4 bytes a sample
+        scaled *= 65535
+        scaled += maxval // 2
+        scaled //= maxval
+        pixels = np.minimum(scaled, 65535, out=scaled).astype(np.uint16)
+    turn = exif_orientation(image) if image.format == "PNG" else 1
+    return _opencv_page(pixels, icc, turn)
 
-        what = "CMYK" if cmyk else "colour planes"
-        try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                pixels = tif.pages[index].asarray()  # planar: (samples, H, W); else (H, W, S)
-        except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
-            raise BadImage(f"a 16-bit TIFF of {what} that does not read: {error}") from None
-        pixels = pixels.transpose(1, 2, 0) if planar else pixels
-        if cmyk and profiles.read(icc).channels == 4:  # inks through their profile
-            srgb_3HW = upright(torch.from_numpy(profiles.to_srgb(pixels, icc)), turn)
-            return Page(srgb_3HW[None], None, 16)
-        if cmyk:  # as Pillow converts 8-bit CMYK: each of R, G, B is (1 - C or M or Y)(1 - K)
-            inks = pixels.astype(np.float64) / 65535
-            rgb = (1 - inks[..., :3]) * (1 - inks[..., 3:])
-            pixels = np.round(rgb * 65535).astype(np.uint16)
-        pixels = pixels[..., [2, 1, 0, 3][: pixels.shape[2]]]  # as OpenCV's: BGR(A)
-    elif fmt in ("PNG", "PPM"):
-        pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-        maxval = _pnm_maxval(data) if fmt == "PPM" else 65535
-        if pixels is not None and maxval != 65535:  # OpenCV keeps a PPM's values as stored
-            scaled = pixels.astype(np.uint32)  # rounded in integers: 4 bytes a sample
-            scaled *= 65535
-            scaled += maxval // 2
-            scaled //= maxval
-            pixels = np.minimum(scaled, 65535, out=scaled).astype(np.uint16)
-    else:
+
+def _tiff_page_past_pillow(data: bytes, image, index: int, icc: bytes | None) -> Page | None:
+    """A TIFF page `_past_pillow` names. Interleaved unsigned RGB(A) is read with OpenCV
+    (libtiff, the quickest, which turns it by its orientation tag itself); if that fails
+    (a compression its libtiff lacks, such as ZSTD), and samples in planes of their own
+    (which OpenCV reads as if interleaved), premultiplied alpha or signed samples, with
+    tifffile as `_tifffile_page` reads them; CMYK at 16 bits (OpenCV and Pillow keep 8 bits
+    of it) with tifffile too."""
+    import tifffile
+
+    tags = image.tag_v2
+    cmyk = _is_16bit_cmyk(image)
+    # a TIFF's extra sample is alpha unless it says it is unspecified (a spot channel, a
+    # saved selection) or premultiplied; OpenCV writes alpha without saying so
+    if not cmyk and tags.get(284, 1) == 1 and tags.get(338) != (1,) and _plain_samples(image):
+        import cv2
+
+        buffer = np.frombuffer(data, np.uint8)
         ok, found = cv2.imdecodemulti(buffer, cv2.IMREAD_UNCHANGED, None, (index, index + 1))
-        pixels = found[0] if ok and len(found) == 1 else None
+        page = _opencv_page(found[0] if ok and len(found) == 1 else None, icc, 1,
+                            alpha=tags.get(338) != (0,))  # fmt: skip
+        if page is not None:
+            return page
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[index]
+            if not cmyk:
+                return _tifffile_page(page, icc) if _tifffile_kind(page) else None
+            inks = page.asarray()  # planar: (samples, H, W); else (H, W, S)
+            inks = inks.transpose(1, 2, 0) if int(page.planarconfig) == 2 else inks
+    except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
+        raise BadImage(f"a TIFF page that does not read: {error}") from None
+    if profiles.read(icc).channels == 4:  # inks through their profile
+        srgb_3HW = profiles.to_srgb(inks, icc)
+    else:  # as Pillow converts 8-bit CMYK: each of R, G, B is (1 - C or M or Y)(1 - K)
+        unit = inks.astype(np.float64) / 65535
+        rgb = np.round((1 - unit[..., :3]) * (1 - unit[..., 3:]) * 65535).astype(np.uint16)
+        srgb_3HW = _srgb_planes(rgb, None)
+    return Page(upright(torch.from_numpy(srgb_3HW), exif_orientation(image))[None], None, 16)
+
+
+def _opencv_page(
+    pixels: np.ndarray | None, icc: bytes | None, turn: int, alpha: bool = True
+) -> Page | None:
+    """A 16-bit page OpenCV read (BGR or BGRA, gray with alpha as BGRA: None or another
+    kind gives None), turned by `turn`; a fourth channel dropped without `alpha`."""
     if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
         return None
     if pixels.shape[2] not in (3, 4):
         return None
     colour = pixels[..., :1] if profiles.read(icc).channels == 1 else pixels[..., 2::-1]
     rgb_3HW = upright(torch.from_numpy(_srgb_planes(colour, icc)), turn)  # gray: (1, H, W)
-    kept = None  # OpenCV's order is BGR(A)
-    if pixels.shape[2] == 4 and alpha:
-        kept = _upright_alpha(pixels[..., 3], turn)
+    kept = _upright_alpha(pixels[..., 3], turn) if pixels.shape[2] == 4 and alpha else None
     return Page(rgb_3HW[None], kept, 16)
 
 
 def _upright_alpha(alpha_HW: np.ndarray, turn: int) -> np.ndarray:
-    return upright(torch.from_numpy(alpha_HW.astype(np.int32)), turn).numpy().astype(np.uint16)
+    """Alpha samples (uint8 or uint16) turned as `upright` turns a picture."""
+    turned = upright(torch.from_numpy(alpha_HW.astype(np.int32)), turn).numpy()
+    return turned.astype(alpha_HW.dtype)
 
 
 def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
@@ -428,8 +454,9 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     bomb, and so is one of a hundred thousand 1x1 pages."""
     try:
         image = open_image(data, max_pixels=max_pixels)
-    except BadImage:
-        if data[:4] in _TIFF_HEADERS and (found := _gray_alpha_tiff(data, max_pixels, min_page_px)):
+    except BadImage:  # a TIFF Pillow does not open may be one tifffile reads
+        found = data[:4] in _TIFF_HEADERS and _tifffile_decoded(data, max_pixels, min_page_px)
+        if found:
             return found
         raise
     fmt = "JPEG" if image.format == "MPO" else image.format
@@ -452,15 +479,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
                                f"limit {max_pixels}")  # fmt: skip
             icc = page_profile(image)
-            if _is_16bit_colour(data, image):
-                # OpenCV turns a TIFF page by its orientation tag itself (libtiff), not a PNG
-                planar = fmt == "TIFF" and image.tag_v2.get(284, 1) == 2
-                cmyk = fmt == "TIFF" and _is_16bit_cmyk(image)
-                turn = exif_orientation(image) if fmt == "PNG" or planar or cmyk else 1
-                # a TIFF's extra sample is alpha unless it says it is unspecified (a spot
-                # channel, a saved selection); OpenCV writes alpha without saying so
-                alpha = fmt != "TIFF" or image.tag_v2.get(338) != (0,)
-                page = _16bit_colour_page(data, fmt, index, turn, planar, cmyk, icc, alpha)
+            if _past_pillow(data, image):
+                page = _page_past_pillow(data, image, index, icc)
                 if page is not None:
                     pages.append(page)
                     continue
@@ -473,6 +493,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     except Exception as e:  # decoders fail their own ways on corrupt data
         if out_of_memory(e):  # the machine's state, not the image's
             raise
+        if fmt == "TIFF" and (found := _tifffile_decoded(data, max_pixels, min_page_px)):
+            return found  # a page Pillow opens but does not decode
         if fmt == "TIFF" and isinstance(e, SyntaxError):  # Pillow's word for a layout
             raise BadImage(f"a TIFF page of a kind this job does not read ({e})") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
@@ -480,62 +502,109 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
 
 
 _TIFF_HEADERS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+_TIFFFILE_COLOURS = {0: 1, 1: 1, 2: 3}  # photometric: white or black is zero (gray), RGB
+_DNG_VERSION, _SUB_IFDS_TAG = 50706, 330
 
 
-def _gray_alpha_tiff(data: bytes, max_pixels: int, min_page_px: int) -> Decoded | None:
-    """A TIFF of gray with alpha at 16 bits, which Pillow does not open (it has no such
-    mode), read with tifffile as `decode` reads other files: its pages upright, alpha kept
-    (premultiplied alpha undone), the pixel limit kept, and the metadata a TIFF output
-    carries (not the EXIF sub-IFD, which no 16-bit output carries). None for a TIFF
-    holding any other kind of page."""
+def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded | None:
+    """Every page of a TIFF that Pillow does not open or decode, read with tifffile as
+    `decode` reads other files: gray with alpha at 16 bits, float or signed samples, samples
+    of 2 to 32 bits, each in a plane of its own, compressions Pillow lacks (ZSTD, LZMA,
+    JPEG 2000, JPEG XL, LERC, WebP). Pages upright, alpha kept (premultiplied alpha undone),
+    the pixel limit kept, and the metadata a TIFF output carries (not the EXIF sub-IFD).
+    None where tifffile does not open it or a page is of a kind it is not read for here
+    (palette, CMYK, YCbCr, a camera's raw sensor data): Pillow's reason stands."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             pages, total = [], 0
             for index, page in enumerate(tif.pages):
-                if not _is_16bit_gray_alpha(page):
+                if _tifffile_kind(page) is None:
                     return None
                 w, h = page.imagewidth, page.imagelength
                 total += max(w * h, min_page_px if index else 0)
                 if total > max_pixels:
                     raise BadImage(f"image too large: pages 0-{index} hold {total} pixels > "
                                    f"limit {max_pixels}")  # fmt: skip
-                pages.append(_gray_alpha_page(page))
+                pages.append(_tifffile_page(page, _tag_bytes(page, _ICC_TAG)))
             meta = _tifffile_metadata(tif.pages.first)
     except BadImage:
         raise
+    except tifffile.TiffFileError:  # not a TIFF tifffile opens: Pillow's reason stands
+        return None
     except Exception as e:  # tifffile fails its own ways on corrupt data
-        if "imagecodecs" in str(e):  # LZW, JPEG and the like need that package
-            raise BadImage(f"a 16-bit TIFF whose compression does not read: {e}") from None
+        if out_of_memory(e):
+            raise
+        if "imagecodecs" in str(e):  # a compression its codecs package does not hold
+            raise BadImage(f"a TIFF whose compression does not read here: {e}") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
-    return Decoded(pages, "TIFF", meta) if pages else None
+    return Decoded(pages, "TIFF", meta)
 
 
-def _is_16bit_gray_alpha(page) -> bool:
-    """Whether a tifffile page is gray with alpha, 16-bit unsigned, one plane deep."""
-    return (
-        page.bitspersample == 16
-        and page.samplesperpixel == 2
-        and int(page.sampleformat) == 1  # unsigned integers
-        and page.imagedepth == 1  # not a volume, which the pixel limit would not count
-        and int(page.photometric) in (0, 1)  # white or black is zero
-        and tuple(page.extrasamples) in ((1,), (2,))  # premultiplied or not
-    )
+def _tifffile_kind(page) -> tuple[int, int] | None:
+    """(colour samples, the first extra sample's kind: 0 unspecified, 1 premultiplied
+    alpha, 2 alpha, -1 none) of a tifffile page `_tifffile_page` reads: gray or RGB of
+    integer or float samples of 4 bytes at most, one plane deep; None for any other."""
+    colours = _TIFFFILE_COLOURS.get(int(page.photometric))
+    extra = page.samplesperpixel - (colours or 0)
+    if (
+        colours is None
+        or extra < 0
+        or page.dtype is None
+        or page.dtype.kind not in "uif"
+        or page.dtype.itemsize > 4
+        or page.imagedepth != 1  # a volume, which the pixel limit would not count
+        or _SUB_IFDS_TAG in page.tags  # a camera raw's sensor data lies in its sub-IFDs
+        or _DNG_VERSION in page.tags
+    ):
+        return None
+    stated = tuple(page.extrasamples)  # none stated: alpha, as OpenCV writes RGBA
+    return colours, (int(stated[0]) if stated else 2) if extra else -1
 
 
-def _gray_alpha_page(page) -> Page:
-    pixels = page.asarray()
-    pixels = pixels.transpose(1, 2, 0) if int(page.planarconfig) == 2 else pixels  # (H, W, 2)
-    gray, alpha = pixels[..., 0].astype(np.float64), pixels[..., 1].astype(np.float64)
-    if tuple(page.extrasamples) == (1,):  # premultiplied (as stored): undone where it shows
-        gray = np.where(alpha > 0, np.minimum(gray * 65535 / np.maximum(alpha, 1), 65535), 0)
-    if int(page.photometric) == 0:  # white is zero
-        gray = 65535 - gray
-    gray = np.round(gray).astype(np.uint16)[..., None]
+def _tifffile_page(page, icc: bytes | None) -> Page:
+    """A page `_tifffile_kind` reads, upright, in sRGB from its profile `icc`: samples of 8
+    bits or fewer stay 8-bit, others come out 16-bit (signed ones from 0 up, negative ones
+    black; floats in [0, 1], or [0, 255] when larger, as a gray float page Pillow reads)."""
+    colours, extra = _tifffile_kind(page)
+    samples = page.asarray()
+    samples = samples.transpose(1, 2, 0) if int(page.planarconfig) == 2 else samples
+    samples = samples.reshape(*samples.shape[:2], -1)  # (H, W, S), gray too
+    kind, bits = samples.dtype.kind, page.bitspersample
+    top, dtype = (255, np.uint8) if kind == "u" and bits <= 8 else (65535, np.uint16)
+    keep = samples[..., : colours + (extra in (1, 2))]  # colour and alpha: no other extras
+    if samples.dtype == dtype and bits in (8, 16) and extra != 1 and page.photometric != 0:
+        levels = keep  # as stored
+    else:
+        unit = _in_unit_range(keep, kind, bits)
+        if extra == 1:  # premultiplied (as stored): undone where it shows
+            alpha = unit[..., -1:]
+            np.divide(unit[..., :-1], alpha, out=unit[..., :-1], where=alpha > 0)
+            np.minimum(unit, 1, out=unit)
+        if int(page.photometric) == 0:  # white is zero
+            np.subtract(1, unit[..., :1], out=unit[..., :1])
+        levels = np.round(unit * top).astype(dtype)
     turn = _tifffile_turn(page)
-    gray_1HW = upright(torch.from_numpy(_srgb_planes(gray, _tag_bytes(page, _ICC_TAG))), turn)
-    return Page(gray_1HW[None], _upright_alpha(alpha, turn), 16)
+    rgb_CHW = upright(torch.from_numpy(_srgb_planes(levels[..., :colours], icc)), turn)
+    alpha = _upright_alpha(levels[..., colours], turn) if extra in (1, 2) else None
+    return Page(rgb_CHW[None], alpha, 8 if top == 255 else 16)
+
+
+def _in_unit_range(samples: np.ndarray, kind: str, bits: int) -> np.ndarray:
+    """float32 samples in [0, 1] of integers of `bits` (signed ones' negative half black; of
+    32 bits, 16-bit values or larger ones up to their maximum, as `gray_in_unit_range`) or of
+    floats (in [0, 1], or [0, 255] when larger; not a number, or infinite: black)."""
+    unit = samples.astype(np.float32)
+    if kind == "f":
+        np.nan_to_num(unit, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        top = 1.0 if unit.max(initial=0) <= 1 else 255.0
+    elif bits > 16:
+        top = max(65535.0, float(unit.max(initial=0)))
+    else:
+        top = float(2 ** (bits - (kind == "i")) - 1)
+    unit /= top
+    return np.clip(unit, 0, 1, out=unit)
 
 
 def _tifffile_turn(page) -> int:

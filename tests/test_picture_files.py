@@ -201,3 +201,107 @@ def test_a_video_is_not_an_image() -> None:
     for brand in (b"isom", b"qt  "):
         with pytest.raises(BadImage, match=r"^not an image \(unrecognised format\)$"):
             picture_files.decode(b"\0\0\0\x18ftyp" + brand + bytes(64), 10**6)
+
+
+def tiff(samples: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, samples, **options)
+    return buffer.getvalue()
+
+
+RNG = np.random.default_rng(11)
+RGB16 = RNG.integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+GRAY_ALPHA8 = RNG.integers(0, 256, (6, 7, 2), dtype=np.uint8)
+FLOAT_RGB = RNG.random((6, 7, 3), dtype=np.float32)
+SIGNED = GRAY_ALPHA8[..., 0].astype(np.int16) * 128 - 2048  # a quarter of it below 0
+
+
+def layout(samples, options, bits, levels, alpha=None, *, id: str):
+    """A stored TIFF's samples and options, the page's bits, its levels and alpha as read."""
+    return pytest.param(samples, options, bits, (np.asarray(levels, np.float64), alpha), id=id)
+
+
+@pytest.mark.parametrize(
+    "samples, options, bits, expected",
+    [
+        layout(FLOAT_RGB, {}, 16, np.round(FLOAT_RGB * 65535), id="float"),
+        layout(FLOAT_RGB * 255, {"compression": "zlib"}, 16, np.round(FLOAT_RGB * 65535),
+               id="float-of-255-deflate"),
+        layout(RGB16, {"compression": "zstd"}, 16, RGB16, id="16-bit-zstd"),  # OpenCV: no ZSTD
+        layout(RGB16, {"compression": "lzma", "tile": (16, 16)}, 16, RGB16,
+               id="16-bit-lzma-tiled"),
+        layout(RGB16.astype(np.uint32), {}, 16, RGB16, id="32-bit-of-16-bit-values"),
+        layout(GRAY_ALPHA8, {"planarconfig": "separate", "extrasamples": ["unassalpha"]}, 8,
+               GRAY_ALPHA8[..., :1], GRAY_ALPHA8[..., 1], id="8-bit-gray-alpha-planes"),
+        layout(SIGNED, {}, 16, np.round(np.maximum(SIGNED, 0) * (65535 / 32767)),
+               id="signed-16-bit"),  # from 0 up, the negative ones black
+        layout(RGB16[..., :2] >> 4, {"bitspersample": 12, "extrasamples": ["unassalpha"]}, 16,
+               np.round((RGB16[..., 0] >> 4) * (65535 / 4095)),
+               np.round((RGB16[..., 1] >> 4) * (65535 / 4095)).astype(np.uint16),
+               id="12-bit-gray-alpha"),
+        layout(GRAY_ALPHA8[..., :1].repeat(3, -1), {"compression": "lerc"}, 8,
+               GRAY_ALPHA8[..., :1].repeat(3, -1), id="8-bit-lerc"),
+    ],
+)  # fmt: skip
+def test_tiff_layouts_pillow_does_not_read_are_read_with_tifffile(
+    samples: np.ndarray, options: dict, bits: int, expected: tuple
+) -> None:
+    """Samples Pillow has no mode for (floats, signed or 32-bit integers, gray with alpha in
+    planes), compressions it or OpenCV lacks: each read to its level, at 8 bits where it was
+    stored in 8, else 16; alpha at the colour's bits."""
+    photometric = "rgb" if samples.ndim == 3 and samples.shape[-1] == 3 else "minisblack"
+    stored = samples.transpose(2, 0, 1) if options.get("planarconfig") == "separate" else samples
+    (page,) = picture_files.decode(tiff(stored, photometric=photometric, **options), 10**6).pages
+    levels, alpha = expected
+    assert page.bits == bits
+    top = 65535 if bits == 16 else 255
+    got = (page.rgb[0].numpy() * top).round().transpose(1, 2, 0)
+    assert np.array_equal(got, np.asarray(levels, np.float64).reshape(got.shape))
+    if alpha is None:
+        assert page.alpha is None
+    else:  # as stored, in its own bits (an 8-bit output keeps it to the bit)
+        assert page.alpha.dtype == alpha.dtype and np.array_equal(page.alpha, alpha)
+
+
+def test_a_tiff_read_with_tifffile_is_upright_and_its_float_gaps_black() -> None:
+    """A float page turned by its orientation tag; a sample not a number, or infinite,
+    black (a float page's [0, 1] or [0, 255] is told by its finite samples)."""
+    stored = FLOAT_RGB.copy()
+    stored[0, 0], stored[1, 1] = np.nan, np.inf
+    data = tiff(stored, photometric="rgb", extratags=[(274, 3, 1, 6, True)])
+    (page,) = picture_files.decode(data, 10**6).pages
+    shown = np.rot90(stored, k=-1)  # orientation 6: a quarter clockwise
+    got = page.rgb[0].numpy().transpose(1, 2, 0)
+    assert got.shape == shown.shape and np.all(got[np.isfinite(shown)] >= 0)
+    assert np.array_equal(got[~np.isfinite(shown)], np.zeros(6, np.float32))
+    finite = np.isfinite(shown).all(-1)
+    np.testing.assert_allclose(got[finite], shown[finite], atol=0.5 / 65535)
+
+
+def test_a_multipage_tiff_with_a_page_pillow_cannot_decode_is_read_whole() -> None:
+    """An 8-bit page Pillow reads, then a float page it does not: both pages, each at its
+    own bits."""
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as writer:
+        writer.write(photo(6, 7), photometric="rgb")
+        writer.write(FLOAT_RGB, photometric="rgb")
+    first, second = picture_files.decode(buffer.getvalue(), 10**6).pages
+    assert (first.bits, second.bits) == (8, 16)
+    assert np.array_equal((first.rgb[0].numpy() * 255).round().transpose(1, 2, 0), photo(6, 7))
+    np.testing.assert_allclose(second.rgb[0].numpy().transpose(1, 2, 0), FLOAT_RGB, atol=1e-5)
+
+
+def test_tiffs_tifffile_reads_keep_the_limits_and_refusals() -> None:
+    """The pixel limit, data cut short, a camera's raw file (its thumbnail is no picture of
+    it) and a compression Pillow and tifffile lack: refused with their reasons."""
+    data = tiff(FLOAT_RGB, photometric="rgb", compression="zlib")
+    with pytest.raises(BadImage, match="image too large"):
+        picture_files.decode(data, 6 * 7 - 1)
+    with pytest.raises(BadImage, match="corrupt or truncated image"):
+        picture_files.decode(data[: len(data) // 2], 10**6)
+    dng = tiff(FLOAT_RGB, photometric="rgb", extratags=[(50706, 1, 4, b"\1\4\0\0", True)])
+    with pytest.raises(BadImage, match=r"a TIFF \(or camera raw\) file of a kind"):
+        picture_files.decode(dng, 10**6)
+    ycbcr_16 = tiff(RGB16, photometric="rgb", compression="jpeg")  # stored as YCbCr
+    with pytest.raises(BadImage, match=r"a TIFF \(or camera raw\) file of a kind"):
+        picture_files.decode(ycbcr_16, 10**6)
