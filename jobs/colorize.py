@@ -18,7 +18,8 @@ another space is read into sRGB and an RGB one's output converted back into its 
 `jobs.icc`), EXIF / XMP are copied (IPTC into JPEG and TIFF, which have a place for it),
 and a provenance string (this project, the model file's SHA-256, T) goes into EXIF tag
 0x000B (ProcessingSoftware) and the manifest. Multi-page TIFFs give multi-page TIFFs, at 16
-bits when a page has 16. The files themselves: `jobs.picture_files`.
+bits when a page has 16; animations (GIF, APNG, WebP) give animations, each frame colorized.
+The files themselves: `jobs.picture_files`.
 
 Pipeline: read tasks (files, archive members, Parquet rows) -> decode tasks (network-size L;
 of a JPEG bound for the GPU only its header and metadata) -> model actors (GPU when present,

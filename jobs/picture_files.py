@@ -94,6 +94,11 @@ class Decoded:
     pages: list[Page]
     format: str
     meta: Metadata
+    frame_ms: list[int] | None = None  # an animation's frames: how long each is shown
+    loop: int = 0  # how many times an animation plays: 0 for ever
+
+
+_ANIMATED = ("GIF", "PNG", "WEBP")  # formats whose frames make an animation
 
 
 def _page(image, white_is_zero: bool = False, icc: bytes | None = None, bits: int = 16) -> Page:
@@ -469,8 +474,11 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
         meta = read_metadata(image)
         # Page after page, until the last or the limit: not `n_frames`, which walks every
         # page's header first (in time squared in their number, with Pillow's loop check).
+        # An animation's frames: how long each shows, how often it plays (a GIF with no
+        # count plays once)
+        frame_ms, loop = [], image.info.get("loop", 1 if fmt == "GIF" else 0)
         for index in itertools.count():
-            if index and (fmt != "TIFF" or not _next_page(image, index)):
+            if index and (fmt not in ("TIFF", *_ANIMATED) or not _next_page(image, index)):
                 break
             w, h = image.size
             total += max(w * h, min_page_px if index else 0)
@@ -478,6 +486,9 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 each = f", each after the first counted as at least {min_page_px}" * (index > 0)
                 raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
                                f"limit {max_pixels}")  # fmt: skip
+            if fmt == "WEBP":  # Pillow learns a WebP frame's duration as it decodes it
+                image.load()
+            frame_ms.append(int(image.info.get("duration") or 0))
             icc = page_profile(image)
             if _past_pillow(data, image):
                 page = _page_past_pillow(data, image, index, icc)
@@ -498,7 +509,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
         if fmt == "TIFF" and isinstance(e, SyntaxError):  # Pillow's word for a layout
             raise BadImage(f"a TIFF page of a kind this job does not read ({e})") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
-    return Decoded(pages, fmt, meta)
+    animation = fmt in _ANIMATED and len(pages) > 1
+    return Decoded(pages, fmt, meta, frame_ms if animation else None, int(loop))
 
 
 _TIFF_HEADERS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
@@ -784,10 +796,13 @@ def encode_tiff16(rgb_pages: list[np.ndarray], decoded: Decoded, provenance: str
 
 def output_format(decoded: Decoded, choice: str) -> str:
     """JPEG, PNG, TIFF, WEBP, PNG16 or TIFF16 (a 16-bit picture, or pages of which one has
-    16 bits: a TIFF)."""
+    16 bits: a TIFF). An animation stays one in PNG (APNG; a GIF's too) and WebP, at 8 bits;
+    TIFF takes the frames as pages where another format is chosen."""
     fmt = decoded.format if choice == "keep" else choice.upper()
     fmt = fmt if fmt in SUFFIXES else "PNG"
-    if len(decoded.pages) > 1:  # only TIFF carries pages
+    if decoded.frame_ms is not None and fmt in ("PNG", "WEBP"):
+        return fmt
+    if len(decoded.pages) > 1:  # pages: a TIFF's, or frames into a format without them
         return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
     page = decoded.pages[0]
     if page.bits == 16 and fmt in ("PNG", "TIFF"):
@@ -812,12 +827,18 @@ def encode(
     if fmt == "TIFF16":
         return encode_tiff16(rgb_pages, decoded, provenance)
     images = []
+    any_alpha = any(page.alpha is not None for page in decoded.pages)  # then in every frame
     for rgb, page in zip(rgb_pages, decoded.pages, strict=True):
         image = Image.fromarray(as_8bit(rgb))
         if page.alpha is not None:  # 8 bits here, as the colour
             image.putalpha(Image.fromarray(as_8bit(page.alpha)))
+        elif any_alpha and fmt != "TIFF":  # an animation's frames share the first's mode
+            image.putalpha(255)
         images.append(image)
     kwargs: dict[str, Any] = {"exif": exif, "dpi": meta.dpi}  # (WebP keeps no resolution)
+    if decoded.frame_ms is not None and fmt in ("PNG", "WEBP"):
+        kwargs.update(save_all=True, append_images=images[1:], duration=decoded.frame_ms,
+                      loop=decoded.loop)  # fmt: skip
     if meta.icc:
         kwargs["icc_profile"] = meta.icc
     if fmt == "JPEG":
@@ -832,6 +853,9 @@ def encode(
         kwargs["pnginfo"] = text
     elif fmt == "WEBP":
         kwargs.update(quality=quality, xmp=meta.xmp)
+        # libwebp's lossy animation shows the frame before through a frame's transparent
+        # pixels: lossless keeps them
+        kwargs["lossless"] = any_alpha and len(images) > 1
     else:  # TIFF: Pillow writes `tiffinfo` or `exif`, and libtiff no EXIF sub-IFD
         tags = {**_tiff_text(meta, provenance), _XMP_TAG: meta.xmp, _IPTC_TAG: meta.iptc}
         kwargs.update(compression="tiff_deflate", save_all=True, append_images=images[1:])

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 import colorcore.int8
-from colorcore.color import rgb_to_lab
+from colorcore.color import rgb_to_lab, rgb_to_lightness
 from colorcore.decode import colorize as reference_colorize
 from colorcore.model import ColorizationNet, ModelConfig
 from jobs import colorize, colorize_manifest, picture_files, storage, tars
@@ -1586,6 +1586,46 @@ def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> N
     assert image.info["icc_profile"] == SRGB_ICC and b"archive-42" in bytes(image.tag_v2[700])
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_an_animation_is_colorized_frame_by_frame_and_keeps_its_timing(tmp_path, fmt) -> None:
+    """Three different gray frames (GIF, APNG, lossless WebP), the second with transparent
+    pixels (which Pillow's GIF writer drops), shown 100, 200 and 300 ms and played twice:
+    every frame colorized, its L kept, the timing and the transparency carried (a GIF as an
+    APNG). Read back with Pillow."""
+    torch.manual_seed(8)
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    frames = [Image.fromarray(gray((24, 32), name)).convert("RGBA")
+              for name in ("coffee", "chelsea", "astronaut")]  # fmt: skip
+    frames[1].putalpha(Image.fromarray(np.where(np.arange(32) < 8, 0, 255).astype(np.uint8)
+                                       [None].repeat(24, 0)))  # fmt: skip
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    data = save(frames[0], fmt, save_all=True, append_images=frames[1:],
+                duration=[100, 200, 300], loop=2, **options)  # fmt: skip
+    name = f"reel.{fmt.lower()}"
+    row = _run_local({name: data}, tmp_path, model, jpeg_path="cpu")[name]
+    assert (row["status"], row["pages"]) == ("ok", 3), row
+    assert row["output"] == (f"{name}.png" if fmt == "GIF" else name)
+    out, source = Image.open(row["root"] / row["output"]), Image.open(io.BytesIO(data))
+    assert out.format == ("WEBP" if fmt == "WEBP" else "PNG") and out.n_frames == 3
+    assert out.info["loop"] == 2
+
+    def lightness(rgba: np.ndarray) -> torch.Tensor:
+        return rgb_to_lightness(torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1) / 255)
+
+    for index in range(3):
+        out.seek(index)
+        source.seek(index)
+        out.load()
+        assert out.info["duration"] == 100 * (index + 1)
+        rgba, rgba_in = (np.asarray(im.convert("RGBA")) for im in (out, source))
+        seen = rgba[..., 3] > 0
+        assert np.array_equal(seen, rgba_in[..., 3] > 0)
+        assert fmt == "GIF" or seen.all() != (index == 1)  # (Pillow's GIF frames: opaque)
+        difference = (lightness(rgba) - lightness(rgba_in))[0][torch.from_numpy(seen)]
+        assert difference.abs().max() < 1.0  # 8-bit rounding (WebP: lossless with alpha)
+        assert np.ptp(rgba[..., :3].astype(int), axis=-1)[seen].max() > 0  # colorized
+
+
 def test_released_format_weights_colorize_a_local_image_like_the_reference(tmp_path) -> None:
     model = released_format_model(tmp_path / "colorization_release_v2-9b330a0b.pth")
     rgb = photo_rgb("chelsea", size=48)
@@ -1837,6 +1877,14 @@ def test_output_formats_and_names() -> None:
     assert fmt(picture_files.Decoded([page8, page8], "TIFF", meta), "png") == "TIFF"
     assert fmt(picture_files.Decoded([page8, page16], "TIFF", meta), "keep") == "TIFF16"
     assert fmt(picture_files.Decoded([page8], "BMP", meta), "keep") == "PNG"
+    for source, choice, expected in (
+        ("GIF", "keep", "PNG"),
+        ("WEBP", "keep", "WEBP"),
+        ("PNG", "webp", "WEBP"),
+        ("WEBP", "jpeg", "TIFF16"),
+    ):
+        frames = picture_files.Decoded([page8, page16], source, meta, frame_ms=[40, 40])
+        assert fmt(frames, choice) == expected  # an animation at 8 bits, or pages
     assert picture_files.output_name("a/b.TIF", "PNG16") == "a/b.TIF.png"
     assert picture_files.output_name("a/b.tif", "TIFF16") == "a/b.tif"
     assert picture_files.output_name("a/b.jpeg", "JPEG") == "a/b.jpeg"
