@@ -40,7 +40,7 @@ import torch
 
 from jobs import icc
 from jobs.colorize import network_input, predict_ab, reassemble
-from jobs.images import each_or_none
+from jobs.images import each_or_none, whole_jpeg
 from jobs.picture_files import page_profile, upright, with_segments
 from jobs.runtime import Precision
 
@@ -58,8 +58,7 @@ def eligible(data: bytes, image) -> bool:
     if not (image.format == "JPEG" and image.mode in ("L", "RGB")):
         return False
     profile = page_profile(image)
-    ends = data.rstrip(b"\0").endswith(b"\xff\xd9")
-    return ends and (not icc.converts(profile) or icc.lookup(profile) is not None)
+    return whole_jpeg(data) and (not icc.converts(profile) or icc.lookup(profile) is not None)
 
 
 # ---------------------------------------------------------------- codecs

@@ -154,9 +154,17 @@ def load_rgb(
 
 def whole_jpeg(data: memoryview | bytes) -> bool:
     """Whether `data` starts and ends as a JPEG does (the start and end markers; zeros
-    after the end, as some writers pad, are no cut)."""
-    tail = bytes(data[-64:]).rstrip(b"\0")
-    return len(data) >= 4 and bytes(data[:2]) == b"\xff\xd8" and tail.endswith(b"\xff\xd9")
+    after the end, as some writers and disk recovery pad, are no cut). Reads the padding
+    a block at a time from the end: no copy of the file."""
+    view = memoryview(data)
+    end = len(view)
+    while end:
+        start = max(0, end - 4096)
+        kept = len(bytes(view[start:end]).rstrip(b"\0"))
+        end = start + kept
+        if kept:
+            break
+    return end >= 4 and bytes(view[:2]) == b"\xff\xd8" and bytes(view[end - 2 : end]) == b"\xff\xd9"
 
 
 def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:

@@ -396,6 +396,8 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
     assert whole_jpeg(memoryview(data)) and not whole_jpeg(memoryview(data[:-400]))
     assert not whole_jpeg(memoryview(b"")) and not whole_jpeg(b"\xff\xd9")
     assert whole_jpeg(data + bytes(10))  # padded with zeros: whole
+    for padding in (4094, 4095, 4096, 4097, 3 * 4096 + 1):  # the end marker across blocks
+        assert whole_jpeg(data + bytes(padding)) and not whole_jpeg(data[:-1] + bytes(padding))
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 
