@@ -138,7 +138,9 @@ class ColorizeConfig:
     quality: int = JPEG_QUALITY
     """JPEG and WebP quality."""
     max_pixels: int = DEFAULT_MAX_PIXELS
-    """Images (or TIFF pages) with more pixels are refused (decompression bombs)."""
+    """Images with more pixels are refused (decompression bombs): a TIFF's pages or an
+    animation's frames together, each after the first counted as at least the network's
+    input (`infer_px` squared), so that a file of a hundred thousand 1x1 frames is one too."""
     max_file_mb: float = 1024.0
     """Files and archive members larger than this are refused."""
     manifest_format: Literal["parquet", "csv"] = "parquet"

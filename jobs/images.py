@@ -204,15 +204,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def gray_in_unit_range(image: Image.Image, bits: int = 16) -> np.ndarray:
     """float32 (H, W) in [0, 1] of an integer gray image of samples of `bits` (16-bit, fewer
     as a TIFF's 12-bit levels, which Pillow keeps as they are; or 32-bit: 16-bit values, or
-    larger ones up to its maximum) or a float one (in [0, 1], or [0, 255] when larger),
-    where Pillow's conversions would clip."""
+    larger ones up to its maximum) or a float one (`float_top`), where Pillow's conversions
+    would clip."""
     pixels = np.array(image, dtype=np.float32)  # a copy, written in place below
     if image.mode == "F":
-        top = 1.0 if pixels.max(initial=0) <= 1 else 255.0
+        np.nan_to_num(pixels, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        top = float_top(pixels)
     else:
         top = max(float(2**bits - 1), float(pixels.max(initial=0)))
     pixels /= top
     return np.clip(pixels, 0, 1, out=pixels)
+
+
+def float_top(samples: np.ndarray) -> float:
+    """White of float samples (finite ones): the first of 1, 255 and 65535 at or above the
+    largest, as tools write floats in [0, 1] or keep 8- or 16-bit levels (ImageJ), else the
+    largest."""
+    largest = float(samples.max(initial=0))
+    return next((top for top in (1.0, 255.0, 65535.0) if largest <= top), largest)
 
 
 def as_16bit(values: np.ndarray) -> np.ndarray:

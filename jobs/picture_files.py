@@ -39,6 +39,7 @@ from jobs.images import (
     as_8bit,
     as_16bit,
     exif_orientation,
+    float_top,
     gray_in_unit_range,
     jpeg_cut_short,
     open_image,
@@ -96,6 +97,7 @@ class Decoded:
     meta: Metadata
     frame_ms: list[int] | None = None  # an animation's frames: how long each is shown
     loop: int = 0  # how many times an animation plays: 0 for ever
+    poster: bool = False  # an APNG's first page is its default image, not a frame
 
 
 _ANIMATED = ("GIF", "PNG", "WEBP")  # formats whose frames make an animation
@@ -295,6 +297,8 @@ def _tag_bytes(page, tag: int) -> bytes | None:
     if value is None or isinstance(value, bytes | str):
         return _as_bytes(value)
     values = (value,) if isinstance(value, int) else tuple(value)
+    if not all(isinstance(v, int) and 0 <= v < 2**32 for v in values):
+        return None  # a block stored as numbers of another type: left out, not the picture
     return struct.pack(f"{page.parent.byteorder}{len(values)}I", *values)
 
 
@@ -317,7 +321,9 @@ def _past_pillow(data: bytes, image) -> bool:
     if image.format == "PPM":
         return image.mode == "RGB" and _pnm_maxval(data) > 255
     if image.format == "PNG":  # IHDR, always the first chunk: bit depth, colour type
-        return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
+        # (OpenCV reads no animation: an APNG's frames are Pillow's, at 8 bits)
+        sixteen = data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
+        return sixteen and not getattr(image, "is_animated", False)
     if image.format == "TIFF":
         bits, photometric = image.tag_v2.get(258), image.tag_v2.get(262)
         if 2 in _sample_formats(image):  # signed
@@ -474,31 +480,28 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
         meta = read_metadata(image)
         # Page after page, until the last or the limit: not `n_frames`, which walks every
         # page's header first (in time squared in their number, with Pillow's loop check).
-        # An animation's frames: how long each shows, how often it plays (a GIF with no
-        # count plays once)
-        frame_ms, loop = [], image.info.get("loop", 1 if fmt == "GIF" else 0)
+        frame_ms = []  # an animation's frames: how long each shows
         for index in itertools.count():
-            if index and (fmt not in ("TIFF", *_ANIMATED) or not _next_page(image, index)):
+            if index and fmt not in ("TIFF", *_ANIMATED):
                 break
-            w, h = image.size
-            total += max(w * h, min_page_px if index else 0)
-            if total > max_pixels:
-                each = f", each after the first counted as at least {min_page_px}" * (index > 0)
-                raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} > "
-                               f"limit {max_pixels}")  # fmt: skip
-            if fmt == "WEBP":  # Pillow learns a WebP frame's duration as it decodes it
-                image.load()
-            frame_ms.append(int(image.info.get("duration") or 0))
-            icc = page_profile(image)
-            if _past_pillow(data, image):
-                page = _page_past_pillow(data, image, index, icc)
-                if page is not None:
-                    pages.append(page)
-                    continue
-            image.load()
-            white_is_zero = fmt == "TIFF" and image.tag_v2.get(262) == 0
-            bits = _gray_bits(image) if fmt == "TIFF" else 16
-            pages.append(_page(upright_image(image), white_is_zero, icc, bits))
+            try:
+                if index and not _next_page(image, index):
+                    break
+                w, h = image.size
+                total += max(w * h, min_page_px if index else 0)
+                if total > max_pixels:
+                    each = f", each after the first counted as at least {min_page_px}" * (index > 0)
+                    raise BadImage(f"image too large: pages 0-{index} hold {total} pixels{each} "
+                                   f"> limit {max_pixels}")  # fmt: skip
+                pages.append(_pillow_page(data, image, index))
+            except BadImage:
+                raise
+            except Exception as e:  # an animation cut short in a later frame: those before
+                if index and fmt in _ANIMATED and not out_of_memory(e):
+                    break
+                raise
+            frame_ms.append(round(float(image.info.get("duration") or 0)))  # (a WebP's: known
+            # once the frame is decoded)
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data
@@ -509,8 +512,27 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
         if fmt == "TIFF" and isinstance(e, SyntaxError):  # Pillow's word for a layout
             raise BadImage(f"a TIFF page of a kind this job does not read ({e})") from None
         raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
-    animation = fmt in _ANIMATED and len(pages) > 1
-    return Decoded(pages, fmt, meta, frame_ms if animation else None, int(loop))
+    if not (fmt in _ANIMATED and len(pages) > 1):
+        return Decoded(pages, fmt, meta)
+    # How often it plays (0: for ever): a GIF's count is of repeats after the first play,
+    # and a GIF without one plays once
+    loop = image.info.get("loop")
+    plays = (1 if loop is None else loop and loop + 1) if fmt == "GIF" else loop or 0
+    poster = fmt == "PNG" and bool(image.info.get("default_image"))
+    return Decoded(pages, fmt, meta, frame_ms, plays, poster)
+
+
+def _pillow_page(data: bytes, image, index: int) -> Page:
+    """The page (or frame) `index` of a file Pillow opened, at the page."""
+    icc = page_profile(image)
+    if _past_pillow(data, image):
+        page = _page_past_pillow(data, image, index, icc)
+        if page is not None:
+            return page
+    image.load()
+    white_is_zero = image.format == "TIFF" and image.tag_v2.get(262) == 0
+    bits = _gray_bits(image) if image.format == "TIFF" else 16
+    return _page(upright_image(image), white_is_zero, icc, bits)
 
 
 _TIFF_HEADERS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
@@ -523,7 +545,8 @@ def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded
     `decode` reads other files: gray with alpha at 16 bits, float or signed samples, samples
     of 2 to 32 bits, each in a plane of its own, compressions Pillow lacks (ZSTD, LZMA,
     JPEG 2000, JPEG XL, LERC, WebP). Pages upright, alpha kept (premultiplied alpha undone),
-    the pixel limit kept, and the metadata a TIFF output carries (not the EXIF sub-IFD).
+    the pixel limit kept (a pixel of many samples counted as several), and the metadata a
+    TIFF output carries (not the EXIF sub-IFD).
     None where tifffile does not open it or a page is of a kind it is not read for here
     (palette, CMYK, YCbCr, a camera's raw sensor data): Pillow's reason stands."""
     import tifffile
@@ -534,11 +557,12 @@ def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded
             for index, page in enumerate(tif.pages):
                 if _tifffile_kind(page) is None:
                     return None
-                w, h = page.imagewidth, page.imagelength
-                total += max(w * h, min_page_px if index else 0)
+                # a pixel of more than 8 bytes (16-bit RGBA's) counts once for every 8
+                deep = -(-page.samplesperpixel * page.dtype.itemsize // 8)
+                total += max(page.imagewidth * page.imagelength * deep, min_page_px * (index > 0))
                 if total > max_pixels:
-                    raise BadImage(f"image too large: pages 0-{index} hold {total} pixels > "
-                                   f"limit {max_pixels}")  # fmt: skip
+                    raise BadImage(f"image too large: pages 0-{index} hold {total} pixels "
+                                   f"(of 8 bytes) > limit {max_pixels}")  # fmt: skip
                 pages.append(_tifffile_page(page, _tag_bytes(page, _ICC_TAG)))
             meta = _tifffile_metadata(tif.pages.first)
     except BadImage:
@@ -577,8 +601,8 @@ def _tifffile_kind(page) -> tuple[int, int] | None:
 
 def _tifffile_page(page, icc: bytes | None) -> Page:
     """A page `_tifffile_kind` reads, upright, in sRGB from its profile `icc`: samples of 8
-    bits or fewer stay 8-bit, others come out 16-bit (signed ones from 0 up, negative ones
-    black; floats in [0, 1], or [0, 255] when larger, as a gray float page Pillow reads)."""
+    bits or fewer stay 8-bit, others come out 16-bit (`_in_unit_range`: colour and alpha
+    each over its own range)."""
     colours, extra = _tifffile_kind(page)
     samples = page.asarray()
     samples = samples.transpose(1, 2, 0) if int(page.planarconfig) == 2 else samples
@@ -589,7 +613,10 @@ def _tifffile_page(page, icc: bytes | None) -> Page:
     if samples.dtype == dtype and bits in (8, 16) and extra != 1 and page.photometric != 0:
         levels = keep  # as stored
     else:
-        unit = _in_unit_range(keep, kind, bits)
+        unit = np.concatenate(  # colour and alpha each over its own range
+            [_in_unit_range(keep[..., :colours], kind, bits),
+             _in_unit_range(keep[..., colours:], kind, bits)], axis=-1
+        )  # fmt: skip
         if extra == 1:  # premultiplied (as stored): undone where it shows
             alpha = unit[..., -1:]
             np.divide(unit[..., :-1], alpha, out=unit[..., :-1], where=alpha > 0)
@@ -606,12 +633,12 @@ def _tifffile_page(page, icc: bytes | None) -> Page:
 def _in_unit_range(samples: np.ndarray, kind: str, bits: int) -> np.ndarray:
     """float32 samples in [0, 1] of integers of `bits` (signed ones' negative half black; of
     32 bits, 16-bit values or larger ones up to their maximum, as `gray_in_unit_range`) or of
-    floats (in [0, 1], or [0, 255] when larger; not a number, or infinite: black)."""
+    floats (`float_top`; not a number, or infinite: black)."""
     unit = samples.astype(np.float32)
     if kind == "f":
         np.nan_to_num(unit, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        top = 1.0 if unit.max(initial=0) <= 1 else 255.0
-    elif bits > 16:
+        top = float_top(unit)
+    elif bits == 32:
         top = max(65535.0, float(unit.max(initial=0)))
     else:
         top = float(2 ** (bits - (kind == "i")) - 1)
@@ -837,7 +864,12 @@ def encode(
         images.append(image)
     kwargs: dict[str, Any] = {"exif": exif, "dpi": meta.dpi}  # (WebP keeps no resolution)
     if decoded.frame_ms is not None and fmt in ("PNG", "WEBP"):
-        kwargs.update(save_all=True, append_images=images[1:], duration=decoded.frame_ms,
+        frame_ms = decoded.frame_ms[decoded.poster :]  # an APNG's default image: no frame
+        if decoded.poster and fmt == "WEBP":  # (WebP has no place for it)
+            images = images[1:]
+        elif decoded.poster:
+            kwargs["default_image"] = True
+        kwargs.update(save_all=True, append_images=images[1:], duration=frame_ms,
                       loop=decoded.loop)  # fmt: skip
     if meta.icc:
         kwargs["icc_profile"] = meta.icc

@@ -305,3 +305,104 @@ def test_tiffs_tifffile_reads_keep_the_limits_and_refusals() -> None:
     ycbcr_16 = tiff(RGB16, photometric="rgb", compression="jpeg")  # stored as YCbCr
     with pytest.raises(BadImage, match=r"a TIFF \(or camera raw\) file of a kind"):
         picture_files.decode(ycbcr_16, 10**6)
+
+
+def test_a_tiff_pixel_of_many_samples_counts_as_several_against_the_limit() -> None:
+    """Extra samples (spot channels) beside gray: the page's memory is its samples', so a
+    pixel counts once for every 8 bytes of them, and a small file of many planes is refused
+    before they are decoded."""
+    planes = np.zeros((50, 40, 64), np.uint8)  # 64 bytes a pixel: 8 pixels' worth
+    data = tiff(planes, photometric="minisblack", extrasamples=[0] * 63, compression="zlib")
+    assert len(data) < 10_000
+    with pytest.raises(BadImage, match="image too large"):
+        picture_files.decode(data, 50 * 40 * 8 - 1)
+    (page,) = picture_files.decode(data, 50 * 40 * 8).pages
+    assert page.rgb.shape == (1, 1, 50, 40) and page.alpha is None  # the spot channels: not
+
+
+def test_float_and_32bit_tiffs_scale_colour_and_alpha_each_over_its_range() -> None:
+    """Floats of 16-bit levels (as ImageJ keeps a 16-bit scan) with alpha in [0, 1], and
+    32-bit colour of 16-bit values with 32-bit alpha: each read over its own range; 24-bit
+    samples over their 24 bits."""
+    levels = RGB16.astype(np.float32)
+    floats = np.dstack([levels, np.full((6, 7), 1.0, np.float32)])
+    (page,) = picture_files.decode(tiff(floats, photometric="rgb", extrasamples=[2]), 10**6).pages
+    assert np.array_equal((page.rgb[0].numpy() * 65535).round().transpose(1, 2, 0), levels)
+    assert np.array_equal(page.alpha, np.full((6, 7), 65535))
+    wide = np.dstack([RGB16.astype(np.uint32), np.full((6, 7), 2**32 - 1, np.uint32)])
+    (page,) = picture_files.decode(tiff(wide, photometric="rgb", extrasamples=[2]), 10**6).pages
+    assert np.array_equal((page.rgb[0].numpy() * 65535).round().transpose(1, 2, 0), RGB16)
+    assert np.array_equal(page.alpha, np.full((6, 7), 65535))
+    deep = np.full((4, 5), 2**20, np.uint32)
+    deep[0, 0] = 2**21
+    (page,) = picture_files.decode(tiff(deep, bitspersample=24), 10**6).pages
+    np.testing.assert_allclose(page.rgb[0, 0].numpy(), deep / (2**24 - 1), rtol=1e-4)
+
+
+def test_a_metadata_tag_of_an_odd_type_is_left_out_not_the_picture() -> None:
+    data = tiff(FLOAT_RGB, photometric="rgb", extratags=[(700, "h", 2, (-1, 5), True)])
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.meta.xmp is None and len(decoded.pages) == 1
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_a_16bit_apngs_frames_are_each_read() -> None:
+    """OpenCV reads a PNG's first picture only: an animated 16-bit PNG's frames are read by
+    Pillow (at 8 bits, as the animation is written), each its own."""
+    levels = (1000, 30000, 60000)
+    chunks = [png_chunk(b"IHDR", struct.pack(">IIBBBBB", 10, 8, 16, 2, 0, 0, 0)),
+              png_chunk(b"acTL", struct.pack(">II", 3, 0))]  # fmt: skip
+    sequence = 0
+    for index, level in enumerate(levels):
+        control = struct.pack(">IIIIIHHBB", sequence, 10, 8, 0, 0, 100, 1000, 0, 0)
+        chunks.append(png_chunk(b"fcTL", control))
+        rows = b"".join(b"\0" + np.full((10, 3), level, ">u2").tobytes() for _ in range(8))
+        if index:
+            chunks.append(png_chunk(b"fdAT", struct.pack(">I", sequence + 1) + zlib.compress(rows)))
+        else:
+            chunks.append(png_chunk(b"IDAT", zlib.compress(rows)))
+        sequence += 1 + (index > 0)
+    data = b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + png_chunk(b"IEND", b"")
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.frame_ms == [100, 100, 100] and decoded.loop == 0
+    got = [round(float(page.rgb.mean()) * 255) for page in decoded.pages]
+    assert got == [level >> 8 for level in levels]  # as Pillow takes 8 of 16 bits
+    assert picture_files.output_format(decoded, "keep") == "PNG"
+
+
+def animation(fmt: str, count: int, **options) -> bytes:
+    rng = np.random.default_rng(2)
+    frames = [Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)) for _ in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], **options)
+    return buffer.getvalue()
+
+
+def test_an_animation_cut_short_keeps_the_frames_before_the_cut() -> None:
+    """A GIF cut in its third frame (a partial download): the frames that read whole."""
+    data = animation("GIF", 4, duration=100)
+    first_of_third = len(animation("GIF", 2, duration=100)) - 1  # the trailer byte, 0x3B
+    decoded = picture_files.decode(data[: first_of_third + 200], 10**6)
+    assert len(decoded.pages) == 2 and decoded.frame_ms == [100, 100]
+    with pytest.raises(BadImage, match="corrupt or truncated"):  # the first frame: no picture
+        picture_files.decode(data[: len(animation("GIF", 1)) // 2], 10**6)
+
+
+def test_an_apngs_default_image_stays_apart_from_its_frames() -> None:
+    """An APNG whose default image (what a reader without APNG shows) is not a frame: kept as
+    the default image of an APNG output, left out of a WebP one."""
+    data = animation("PNG", 3, duration=[100, 200], default_image=True)  # the frames'
+    decoded = picture_files.decode(data, 10**6)
+    assert decoded.poster and len(decoded.pages) == 3 and decoded.frame_ms == [0, 100, 200]
+    rgb = [(page.rgb[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).copy()
+           for page in decoded.pages]  # fmt: skip
+    for fmt, frames in (("PNG", 3), ("WEBP", 2)):
+        out = Image.open(io.BytesIO(picture_files.encode(rgb, decoded, fmt, "test", 90)))
+        assert out.n_frames == frames and out.info.get("default_image", False) == (fmt == "PNG")
+        for index, duration in ((frames - 2, 100), (frames - 1, 200)):
+            out.seek(index)
+            out.load()
+            assert out.info["duration"] == duration
