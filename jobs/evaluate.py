@@ -137,6 +137,9 @@ class EvaluateConfig:
     classifier then runs in bf16 where the CPU has it, as with auto)."""
     grid_images: int = 6
     """Best and worst images shown in best_worst.png (each)."""
+    max_file_mb: float = 256.0
+    """Files of a split folder larger than this are error rows, not read (as `jobs.prepare`
+    refuses them): one would fill a read task's memory."""
     s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,8 @@ class EvaluateConfig:
             problems.append("batch_size, num_actors and grid_images must be >= 1")
         if self.cpus_per_actor <= 0:
             problems.append("cpus_per_actor must be > 0")
+        if not self.max_file_mb > 0:
+            problems.append(f"max_file_mb must be > 0, got {self.max_file_mb}")
         if self.accelerator_type and not self.use_gpu:
             problems.append("accelerator_type names a GPU: it needs use_gpu")
         if self.precision == "int8" and self.use_gpu:
@@ -900,15 +905,26 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
     # Every file: a line names what to measure, and one that is no image is an error row
-    found, missing = resolve_split(entries, cfg.data, storage.list_files(cfg.data, cfg.s3))
+    sizes = {
+        storage.join(cfg.data, rel): size
+        for rel, size in storage.file_sizes(cfg.data, cfg.s3).items()
+    }
+    found, missing = resolve_split(entries, cfg.data, sorted(sizes))
+    for entry in found:
+        entry["size"] = sizes[entry["url"]]
     listed = len(found) + len(missing)
     return InputPlan(found, [], None, listed, missing, len(entries) - listed)
 
 
-def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.ndarray]:
-    """Read the batch's files concurrently; a failed read becomes the row's reason."""
+def _read_files(
+    batch: dict[str, np.ndarray], s3: S3Options, max_bytes: float
+) -> dict[str, np.ndarray]:
+    """Read the batch's files concurrently; a failed read, or a file above `max_bytes` (not
+    read), becomes the row's reason."""
 
-    def read(url: str) -> tuple[bytes, str]:
+    def read(url: str, size: int) -> tuple[bytes, str]:
+        if size > max_bytes:
+            return b"", f"file too large: {size} bytes (--max-file-mb)"
         try:
             return storage.read_bytes(url, s3), ""
         except FileNotFoundError:
@@ -917,7 +933,7 @@ def _read_files(batch: dict[str, np.ndarray], s3: S3Options) -> dict[str, np.nda
             return b"", f"{UNREADABLE}{e}"
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        results = list(pool.map(read, batch["url"]))
+        results = list(pool.map(read, batch["url"], batch["size"]))
     return {
         "key": batch["key"],
         "label": batch["label"],
@@ -954,7 +970,10 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan, measured: frozenset[str]
         blocks = max(1, min(len(files), math.ceil(len(files) / cfg.batch_size)))
         ds = ray.data.from_items(files, override_num_blocks=blocks)
         return ds.map_batches(
-            _read_files, fn_kwargs={"s3": cfg.s3}, batch_format="numpy", num_cpus=0.25
+            _read_files,
+            fn_kwargs={"s3": cfg.s3, "max_bytes": cfg.max_file_mb * 2**20},
+            batch_format="numpy",
+            num_cpus=0.25,
         )
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3)
     ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs, partitioning=None).select_columns(
