@@ -581,7 +581,7 @@ def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded
 def _tifffile_kind(page) -> tuple[int, int] | None:
     """(colour samples, the first extra sample's kind: 0 unspecified, 1 premultiplied
     alpha, 2 alpha, -1 none) of a tifffile page `_tifffile_page` reads: gray or RGB of
-    integer or float samples of 4 bytes at most, one plane deep; None for any other."""
+    integer or float samples, one plane deep; None for any other."""
     colours = _TIFFFILE_COLOURS.get(int(page.photometric))
     extra = page.samplesperpixel - (colours or 0)
     if (
@@ -589,7 +589,6 @@ def _tifffile_kind(page) -> tuple[int, int] | None:
         or extra < 0
         or page.dtype is None
         or page.dtype.kind not in "uif"
-        or page.dtype.itemsize > 4
         or page.imagedepth != 1  # a volume, which the pixel limit would not count
         or _SUB_IFDS_TAG in page.tags  # a camera raw's sensor data lies in its sub-IFDs
         or _DNG_VERSION in page.tags

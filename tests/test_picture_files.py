@@ -225,6 +225,8 @@ def layout(samples, options, bits, levels, alpha=None, *, id: str):
     "samples, options, bits, expected",
     [
         layout(FLOAT_RGB, {}, 16, np.round(FLOAT_RGB * 65535), id="float"),
+        layout(FLOAT_RGB.astype(np.float64), {"compression": "zstd"}, 16,
+               np.round(FLOAT_RGB * 65535), id="float64-zstd"),  # 8 bytes a sample
         layout(FLOAT_RGB * 255, {"compression": "zlib"}, 16, np.round(FLOAT_RGB * 65535),
                id="float-of-255-deflate"),
         layout(RGB16, {"compression": "zstd"}, 16, RGB16, id="16-bit-zstd"),  # OpenCV: no ZSTD
