@@ -381,10 +381,10 @@ def _page_past_pillow(data: bytes, image, index: int, icc: bytes | None) -> Page
     kept, converted into sRGB from its profile `icc`; None when it does not read so (Pillow
     then reads it). A PNG or PPM is read with OpenCV (gray with alpha comes as BGRA); a TIFF
     as `_tiff_page_past_pillow` reads it."""
-    import cv2
-
     if image.format == "TIFF":
         return _tiff_page_past_pillow(data, image, index, icc)
+    import cv2
+
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     maxval = _pnm_maxval(data) if image.format == "PPM" else 65535
     if pixels is not None and maxval != 65535:  # OpenCV keeps a PPM's values as stored
@@ -408,8 +408,9 @@ def _tiff_page_past_pillow(data: bytes, image, index: int, icc: bytes | None) ->
 
     tags = image.tag_v2
     cmyk = _is_16bit_cmyk(image)
-    # a TIFF's extra sample is alpha unless it says it is unspecified (a spot channel, a
-    # saved selection) or premultiplied; OpenCV writes alpha without saying so
+    # OpenCV where alpha is not premultiplied (it does not undo that); a fourth sample is
+    # alpha unless said to be unspecified (a spot channel, a saved selection): OpenCV
+    # writes alpha without saying so
     if not cmyk and tags.get(284, 1) == 1 and tags.get(338) != (1,) and _plain_samples(image):
         import cv2
 
@@ -500,8 +501,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
                 if index and fmt in _ANIMATED and not out_of_memory(e):
                     break
                 raise
-            frame_ms.append(round(float(image.info.get("duration") or 0)))  # (a WebP's: known
-            # once the frame is decoded)
+            # (a WebP frame's duration is known once it is decoded)
+            frame_ms.append(round(float(image.info.get("duration") or 0)))
     except BadImage:
         raise
     except Exception as e:  # decoders fail their own ways on corrupt data
