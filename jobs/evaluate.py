@@ -91,6 +91,7 @@ READ_THREADS = 8  # concurrent object-store reads per read task
 NO_LABEL = -1
 MISSING_FILE = "missing file"
 UNREADABLE = "unreadable: "
+FILE_TOO_LARGE = "file too large: "  # above --max-file-mb: measured again under a larger one
 TOO_LARGE_HERE = "too large to measure at full resolution here"
 
 
@@ -741,8 +742,9 @@ class Evaluator:
 def _lasting(reason: str) -> bool:
     """Whether a row's outcome is its input's own, which a re-run would find again (kept
     for it, `jobs.evaluate_parts`): not a file missing or unreadable in storage now, nor
-    one too large for this machine's memory."""
-    return not (reason == MISSING_FILE or reason.startswith(UNREADABLE) or TOO_LARGE_HERE in reason)
+    one too large for this machine's memory or for --max-file-mb."""
+    passing = (MISSING_FILE, UNREADABLE, FILE_TOO_LARGE)
+    return not (reason.startswith(passing) or TOO_LARGE_HERE in reason)
 
 
 # ---------------------------------------------------------------- inputs and split lists
@@ -905,10 +907,7 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
     if entries is None:
         raise ValueError(f"{cfg.data} is not a prepared dataset (no manifest.json): pass --split")
     # Every file: a line names what to measure, and one that is no image is an error row
-    sizes = {
-        storage.join(cfg.data, rel): size
-        for rel, size in storage.file_sizes(cfg.data, cfg.s3).items()
-    }
+    sizes = storage.sized_files(cfg.data, cfg.s3)
     found, missing = resolve_split(entries, cfg.data, sorted(sizes))
     for entry in found:
         entry["size"] = sizes[entry["url"]]
@@ -924,7 +923,7 @@ def _read_files(
 
     def read(url: str, size: int) -> tuple[bytes, str]:
         if size > max_bytes:
-            return b"", f"file too large: {size} bytes (--max-file-mb)"
+            return b"", f"{FILE_TOO_LARGE}{size} bytes (--max-file-mb)"
         try:
             return storage.read_bytes(url, s3), ""
         except FileNotFoundError:
@@ -1495,12 +1494,14 @@ def _record(
     where it is the same (`jobs.evaluate_parts`). The model, the prior and the classifier's
     weights by their content, the split by its text, a prepared dataset by its shards; not
     where they are, nor how many actors or batches there are (a batch's best and worst
-    strips are the grid's candidates however batches are made), with the parts' format.
+    strips are the grid's candidates however batches are made), nor --max-file-mb (the
+    files it refused are measured again, `_lasting`), with the parts' format.
     Files of an image folder are matched by key: the kept rows of files no longer listed are
     left out (`main`)."""
     record = _config_dict(cfg)
     for name in ("output", "model", "prior", "split", "classifier_weights", "batch_size",
-                 "num_actors", "cpus_per_actor", "accelerator_type", "s3"):  # fmt: skip
+                 "num_actors", "cpus_per_actor", "accelerator_type", "max_file_mb",
+                 "s3"):  # fmt: skip
         record.pop(name)
     record["parts_format"] = evaluate_parts.FORMAT
     record["model_sha256"] = model_info["sha256"]

@@ -154,8 +154,13 @@ def load_rgb(
 
 def whole_jpeg(data: memoryview | bytes) -> bool:
     """Whether `data` starts and ends as a JPEG does (the start and end markers; zeros
-    after the end, as some writers and disk recovery pad, are no cut). Reads the padding
-    a block at a time from the end: no copy of the file."""
+    after the end, as some writers and disk recovery pad, are no cut)."""
+    return jpeg_length(data) is not None
+
+
+def unpadded_length(data: memoryview | bytes) -> int:
+    """The length of `data` less the zeros at its end (as some writers and disk recovery
+    pad files), read a block at a time from the end: no copy of the file."""
     view = memoryview(data)
     end = len(view)
     while end:
@@ -164,7 +169,18 @@ def whole_jpeg(data: memoryview | bytes) -> bool:
         end = start + kept
         if kept:
             break
-    return end >= 4 and bytes(view[:2]) == b"\xff\xd8" and bytes(view[end - 2 : end]) == b"\xff\xd9"
+    return end
+
+
+def jpeg_length(data: memoryview | bytes) -> int | None:
+    """The length of a JPEG's bytes up to its end marker, less the zeros after it (read a
+    block at a time from the end: no copy of the file); None where `data` does not start
+    and end as a JPEG does."""
+    view, end = memoryview(data), unpadded_length(data)
+    whole = (
+        end >= 4 and bytes(view[:2]) == b"\xff\xd8" and bytes(view[end - 2 : end]) == b"\xff\xd9"
+    )
+    return end if whole else None
 
 
 def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:
@@ -217,11 +233,11 @@ def gray_in_unit_range(image: Image.Image, bits: int = 16) -> np.ndarray:
 
 
 def float_top(samples: np.ndarray) -> float:
-    """White of float samples (finite ones): the first of 1, 255 and 65535 at or above the
-    largest, as tools write floats in [0, 1] or keep 8- or 16-bit levels (ImageJ), else the
-    largest."""
+    """White of float samples (finite ones): the first of 1, 255 and 65535 that the largest
+    is at most twice of (tools write floats in [0, 1] or keep 8- or 16-bit levels, as
+    ImageJ does, and resampling overshoots them: clipped), else the largest."""
     largest = float(samples.max(initial=0))
-    return next((top for top in (1.0, 255.0, 65535.0) if largest <= top), largest)
+    return next((top for top in (1.0, 255.0, 65535.0) if largest <= 2 * top), largest)
 
 
 def as_16bit(values: np.ndarray) -> np.ndarray:

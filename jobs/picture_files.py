@@ -44,6 +44,7 @@ from jobs.images import (
     jpeg_cut_short,
     open_image,
     out_of_memory,
+    unpadded_length,
     upright_image,
 )
 
@@ -464,6 +465,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
     bounds the pages together, each after the first counted as at least `min_page_px` (what
     the network takes of a page, however small): a small file of many large blank pages is a
     bomb, and so is one of a hundred thousand 1x1 pages."""
+    if data[:3] == b"GIF" and (length := unpadded_length(data)) < len(data):
+        data = data[:length]  # Pillow seeks a next frame through zeros a byte at a time
     try:
         image = open_image(data, max_pixels=max_pixels)
     except BadImage:  # a TIFF Pillow does not open may be one tifffile reads
@@ -548,8 +551,8 @@ def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded
     JPEG 2000, JPEG XL, LERC, WebP). Pages upright, alpha kept (premultiplied alpha undone),
     the pixel limit kept (a pixel of many samples counted as several), and the metadata a
     TIFF output carries (not the EXIF sub-IFD).
-    None where tifffile does not open it or a page is of a kind it is not read for here
-    (palette, CMYK, YCbCr, a camera's raw sensor data): Pillow's reason stands."""
+    None where a page is of a kind it is not read for here (palette, CMYK, YCbCr, a
+    camera's raw sensor data): Pillow's reason stands."""
     import tifffile
 
     try:
@@ -568,8 +571,8 @@ def _tifffile_decoded(data: bytes, max_pixels: int, min_page_px: int) -> Decoded
             meta = _tifffile_metadata(tif.pages.first)
     except BadImage:
         raise
-    except tifffile.TiffFileError:  # not a TIFF tifffile opens: Pillow's reason stands
-        return None
+    except tifffile.TiffFileError as e:  # its structure, cut short or damaged
+        raise BadImage(f"corrupt or truncated image: TiffFileError: {e}") from None
     except Exception as e:  # tifffile fails its own ways on corrupt data
         if out_of_memory(e):
             raise

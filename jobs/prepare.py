@@ -49,10 +49,10 @@ from jobs.images import (
     BadImage,
     encode_jpeg,
     exif_orientation,
+    jpeg_length,
     load_rgb,
     out_of_memory,
     resize_short_side,
-    whole_jpeg,
 )
 
 WORK_DIR = "_prepare"
@@ -275,16 +275,17 @@ def convert(data: bytes, cfg: PrepareConfig) -> tuple[bytes, int, int, bool]:
     from PIL import Image
 
     source = Image.open(io.BytesIO(data))
+    # nothing after its end (a phone's trailer): nvJPEG refuses it; zeros are left out
+    length = jpeg_length(data) if source.format == "JPEG" else None
     small_jpeg = (
-        source.format == "JPEG"
-        and whole_jpeg(data)  # nothing after its end (a phone's trailer): nvJPEG refuses it
+        length is not None
         and source.mode in ("RGB", "L")
         and source.size == image.size
         and min(source.size) <= cfg.short_side_px
         and exif_orientation(source) == 1  # no EXIF rotation to apply
     )
     if small_jpeg:
-        return data, image.height, image.width, gray
+        return data[:length], image.height, image.width, gray
     image = resize_short_side(image, cfg.short_side_px)
     return encode_jpeg(image, cfg.jpeg_quality), image.height, image.width, gray
 

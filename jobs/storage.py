@@ -653,11 +653,20 @@ def list_files(url: str, s3: S3Options | None = None, *, suffix: str = "") -> li
     stays ``s3a://``, so that they equal `join` of it). Listed anew, and not kept: s3fs would
     answer later listings, and reads of files other processes wrote since, from the listings
     it keeps (a file missing from one reads as missing)."""
+    return sorted(u for u in sized_files(url, s3) if u.endswith(suffix))
+
+
+def sized_files(url: str, s3: S3Options | None = None) -> dict[str, int]:
+    """`list_files` of `url` (URLs spelled as `url` is, a key's ``//`` kept), each with its
+    size in bytes."""
     fs, path = filesystem(url, s3)
     found = _find(fs, path, url)
     prefix, path = url.rstrip("/"), path.rstrip("/")  # a local path: absolute, `url` may not be
-    out = [prefix + p[len(path) :] for p in found if p == path or p.startswith(path + "/")]
-    return sorted(u for u in out if u.endswith(suffix))
+    return {
+        prefix + p[len(path) :]: info.get("size") or 0
+        for p, info in found.items()
+        if p == path or p.startswith(path + "/")
+    }
 
 
 def file_sizes(url: str, s3: S3Options | None = None) -> dict[str, int]:

@@ -229,6 +229,10 @@ def test_the_record_of_kept_batches_names_contents_not_places(tmp_path) -> None:
 
     assert record(cfg, "w1") == record(moved, "w1") != record(cfg, "w2")
     assert record(cfg, "w1")["parts_format"] == evaluate_parts.FORMAT
+    # --max-file-mb decides no figure: its refusals are measured again, not kept
+    assert record(cfg, "w1") == record(dataclasses.replace(cfg, max_file_mb=1), "w1")
+    assert not evaluate._lasting(f"{evaluate.FILE_TOO_LARGE}300000000 bytes (--max-file-mb)")
+    assert evaluate._lasting("corrupt or truncated image: OSError: broken data stream")
 
 
 def test_a_split_line_names_one_image_of_a_name_several_folders_have() -> None:

@@ -408,3 +408,37 @@ def test_an_apngs_default_image_stays_apart_from_its_frames() -> None:
             out.seek(index)
             out.load()
             assert out.info["duration"] == duration
+
+
+def test_float_samples_a_little_past_their_white_are_clipped_not_rescaled() -> None:
+    """Resampling overshoots: a float page of 8-bit levels with a sample at 255.5, and one in
+    [0, 1] with a sample at 1.001, keep their white (255, 1), the overshoot clipped."""
+    levels = np.linspace(0, 255, 30, dtype=np.float32).reshape(5, 6)
+    levels[0, 0] = 255.5
+    (page,) = picture_files.decode(tiff(levels, photometric="minisblack"), 10**6).pages
+    np.testing.assert_allclose(page.rgb[0, 0].numpy(), np.minimum(levels / 255, 1), atol=1e-5)
+    unit = FLOAT_RGB.copy()
+    unit[0, 0, 0] = 1.001
+    (page,) = picture_files.decode(tiff(unit, photometric="rgb"), 10**6).pages
+    got = page.rgb[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(got, np.minimum(unit, 1), atol=1e-5)
+
+
+def test_a_still_gif_padded_with_zeros_is_read() -> None:
+    """A still GIF whose trailer is lost under megabytes of zeros (disk recovery): its one
+    page (the zeros left out, through which Pillow seeks a next frame a byte at a time)."""
+    still = io.BytesIO()
+    Image.fromarray(photo(20, 30)).convert("P").save(still, "GIF")
+    data = still.getvalue()[:-1] + bytes(8 << 20)  # the trailer byte, 0x3B, gone
+    (page,) = picture_files.decode(data, 10**6).pages
+    assert page.rgb.shape[-2:] == (20, 30)
+    assert len(picture_files.decode(animation("GIF", 3) + bytes(5000), 10**6).pages) == 3
+
+
+def test_a_tiff_cut_short_is_said_to_be() -> None:
+    """A TIFF whose structure ends early (its directory written after the pixels, as
+    libtiff writes compressed files) is refused as cut short, not as an unread kind."""
+    buffer = io.BytesIO()
+    Image.fromarray(photo(64, 64)).save(buffer, "TIFF", compression="tiff_lzw")
+    with pytest.raises(BadImage, match="corrupt or truncated image"):
+        picture_files.decode(buffer.getvalue()[:-20], 10**6)

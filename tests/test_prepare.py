@@ -365,12 +365,14 @@ def test_a_task_asks_for_the_memory_its_largest_group_needs() -> None:
 
 def test_a_small_jpeg_is_kept_as_it_is_only_when_nothing_follows_its_end() -> None:
     """A phone's trailer after the end marker (Samsung's SEFH block, say) is refused by
-    nvJPEG, the training loader's decoder on GPUs: such a JPEG is encoded again."""
+    nvJPEG, the training loader's decoder on GPUs: such a JPEG is encoded again. Zeros
+    after the end (disk recovery's padding) are left out of the kept bytes."""
     from jobs.images import whole_jpeg
 
     cfg = config("/src", "/dst")
     small = encode(photo_rgb("coffee")[:60, :48])  # short side below 64: kept
     assert prepare.convert(small, cfg)[0] == small
+    assert prepare.convert(small + bytes(5000), cfg)[0] == small
     trailed = small + b"\0\0SEFHtrailer" + bytes(8)
     jpeg, height, width, _ = prepare.convert(trailed, cfg)
     assert jpeg != trailed and whole_jpeg(jpeg) and (height, width) == (60, 48)

@@ -148,6 +148,8 @@ def test_listings_are_not_kept_and_spell_urls_as_given(root_url) -> None:
     assert not [k for k in getattr(fs, "dircache", {}) if k.startswith(path)]
     sizes = storage.file_sizes(storage.join(root_url, "d") + "/")
     assert sizes == {"sub/0.bin": 1, "sub/1.bin": 1, "sub/2.bin": 1, "top.bin": 3}
+    by_url = storage.sized_files(storage.join(root_url, "d"))  # as list_files spells them
+    assert by_url == {url: 1 for url in files} | {storage.join(root_url, "d", "top.bin"): 3}
     assert not [k for k in getattr(fs, "dircache", {}) if k.startswith(path)]
     # s3a:// stays s3a://; a file:// URL, or a relative path, stays so
     if root_url.startswith("s3://"):
@@ -172,6 +174,11 @@ def test_s3_folder_placeholders_are_not_listed_as_files(s3_server) -> None:
     assert any(p.endswith("/") for p in fs.find(path))  # what s3fs gives
     assert storage.list_files(s3_server.url(root)) == [s3_server.url(root, "cat", "a.jpg")]
     assert storage.file_sizes(s3_server.url(root)) == {"cat/a.jpg": 1}
+    # A key with "//" (a tool that joined with a trailing slash): listed as it is
+    client.put_object(Bucket=s3_server.bucket, Key=f"{root}/cat//b.jpg", Body=b"yy")
+    doubled = s3_server.url(root) + "/cat//b.jpg"
+    assert storage.sized_files(s3_server.url(root))[doubled] == 2
+    assert storage.read_bytes(doubled) == b"yy"
 
 
 def test_only_refusals_of_the_file_itself_are_final() -> None:
