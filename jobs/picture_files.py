@@ -426,8 +426,7 @@ def _tiff_page_past_pillow(data: bytes, image, index: int, icc: bytes | None) ->
             page = tif.pages[index]
             if not cmyk:
                 return _tifffile_page(page, icc) if _tifffile_kind(page) else None
-            inks = page.asarray()  # planar: (samples, H, W); else (H, W, S)
-            inks = inks.transpose(1, 2, 0) if int(page.planarconfig) == 2 else inks
+            inks = _samples_HWS(page)
     except ValueError as error:  # LZW and JPEG compression need the imagecodecs package
         raise BadImage(f"a TIFF page that does not read: {error}") from None
     if profiles.read(icc).channels == 4:  # inks through their profile
@@ -607,9 +606,7 @@ def _tifffile_page(page, icc: bytes | None) -> Page:
     bits or fewer stay 8-bit, others come out 16-bit (`_in_unit_range`: colour and alpha
     each over its own range)."""
     colours, extra = _tifffile_kind(page)
-    samples = page.asarray()
-    samples = samples.transpose(1, 2, 0) if int(page.planarconfig) == 2 else samples
-    samples = samples.reshape(*samples.shape[:2], -1)  # (H, W, S), gray too
+    samples = _samples_HWS(page)
     kind, bits = samples.dtype.kind, page.bitspersample
     top, dtype = (255, np.uint8) if kind == "u" and bits <= 8 else (65535, np.uint16)
     keep = samples[..., : colours + (extra in (1, 2))]  # colour and alpha: no other extras
@@ -631,6 +628,14 @@ def _tifffile_page(page, icc: bytes | None) -> Page:
     rgb_CHW = upright(torch.from_numpy(_srgb_planes(levels[..., :colours], icc)), turn)
     alpha = _upright_alpha(levels[..., colours], turn) if extra in (1, 2) else None
     return Page(rgb_CHW[None], alpha, 8 if top == 255 else 16)
+
+
+def _samples_HWS(page) -> np.ndarray:
+    """A tifffile page's samples as (H, W, S), whether they are stored interleaved or each
+    in a plane of its own ((S, H, W) as tifffile gives them), gray too (S = 1)."""
+    samples = page.asarray()
+    samples = samples.transpose(1, 2, 0) if int(page.planarconfig) == 2 else samples
+    return samples.reshape(*samples.shape[:2], -1)
 
 
 def _in_unit_range(samples: np.ndarray, kind: str, bits: int) -> np.ndarray:

@@ -105,20 +105,18 @@ def test_a_jpeg_cut_short_and_padded_with_zeros_is_refused() -> None:
         picture_files.decode(whole[: len(whole) * 2 // 3], 10**6)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png(rows: bytes, width: int, height: int) -> bytes:
     """An 8-bit RGB PNG of the raw rows given (each a filter byte, then its pixels)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + (chunk(b"IEND", b""))
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -345,10 +343,6 @@ def test_a_metadata_tag_of_an_odd_type_is_left_out_not_the_picture() -> None:
     data = tiff(FLOAT_RGB, photometric="rgb", extratags=[(700, "h", 2, (-1, 5), True)])
     decoded = picture_files.decode(data, 10**6)
     assert decoded.meta.xmp is None and len(decoded.pages) == 1
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def test_a_16bit_apngs_frames_are_each_read() -> None:
