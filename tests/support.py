@@ -132,3 +132,31 @@ def tar_bytes(
             link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
             tar.addfile(link)
     return buffer.getvalue()
+
+
+class Commands:
+    """Commands started side by side as soon as they are named, each waited for by the test
+    that reads it: a module fixture's `python -m` runs, which spend seconds importing torch,
+    overlap instead of queueing one behind another."""
+
+    def __init__(self, commands: dict[str, list[str]], **popen_kwargs) -> None:
+        import subprocess
+
+        self._procs = {
+            key: subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
+            )
+            for key, argv in commands.items()
+        }
+
+    def result(self, key: str, timeout: float = 300) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of the command named `key`, once it has ended."""
+        proc = self._procs[key]
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+
+    def close(self) -> None:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()

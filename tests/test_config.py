@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +12,7 @@ import pytest
 
 from jobs import config as jc
 from jobs.storage import S3Options
+from tests.support import Commands
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,19 +259,22 @@ def test_from_dict_checks_types_without_argparse() -> None:
     assert jc.from_dict(DemoConfig, jc.to_dict(fast())) == fast()
 
 
-@pytest.mark.parametrize(
-    "module", ["colorize", "evaluate", "prepare", "prior", "synthetic", "train", "tune"]
-)
-def test_every_job_prints_its_help(module: str) -> None:
-    """Field docs are free text (a literal % among them): every job's --help renders."""
-    import subprocess
-    import sys
+JOBS = ["colorize", "evaluate", "prepare", "prior", "synthetic", "train", "tune"]
 
-    done = subprocess.run(
-        [sys.executable, "-m", f"jobs.{module}", "--help"], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"python -m jobs.{module}" in done.stdout and "--dry-run" in done.stdout
+
+@pytest.fixture(scope="module")
+def help_runs() -> Iterator[Commands]:
+    runs = Commands({m: [sys.executable, "-m", f"jobs.{m}", "--help"] for m in JOBS})
+    yield runs
+    runs.close()
+
+
+@pytest.mark.parametrize("module", JOBS)
+def test_every_job_prints_its_help(module: str, help_runs: Commands) -> None:
+    """Field docs are free text (a literal % among them): every job's --help renders."""
+    status, out, err = help_runs.result(module)
+    assert status == 0, err[-2000:]
+    assert f"python -m jobs.{module}" in out and "--dry-run" in out
 
 
 def test_a_config_built_in_code_is_held_to_its_fields_choices() -> None:

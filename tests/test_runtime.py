@@ -5,12 +5,15 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from jobs import runtime
+from tests.support import Commands
 
 
 def test_init_ray_reuses_the_running_instance(ray_session) -> None:
@@ -163,53 +166,53 @@ def test_cpu_units_are_read_from_the_cpus_flags(monkeypatch) -> None:
         assert dtype == (torch.bfloat16 if bf16 else None)
 
 
-@pytest.mark.parametrize(
-    ("argv", "gpus", "message"),
-    [
-        (["jobs.train", "--preset", "ci", "--use-gpu"], 2, "training with use_gpu needs 2 GPU(s)"),
-        (["jobs.tune", "--preset", "ci", "--train.use-gpu"], 2, "a trial (train.use_gpu) needs 2"),
-        (["jobs.evaluate", "--use-gpu", "--model", "m.pt", "--data", "d"], 1, "needs 1 GPU(s)"),
-        (["jobs.colorize", "--model", "m.pt", "--device", "cuda"], 1, "--device cuda needs 1"),
-        (
-            [
-                "jobs.colorize",
-                "--model",
-                "m.pt",
-                "--accelerator-type",
-                "L40S",
-                "--model-actors",
-                "1",
-            ],
-            1,
-            "--accelerator-type needs 1",
-        ),
-    ],
-)
-def test_a_job_that_needs_gpus_fails_at_once_without_them(tmp_path, argv, gpus, message) -> None:
-    """Run on a private local Ray instance (no RAY_ADDRESS), a job asking for GPUs the machine
-    lacks stops before Ray starts and before it writes anything, instead of waiting forever
-    for resources no autoscaler will add."""
-    import os
-    import subprocess
-    import sys
+GPU_CASES = {  # job's flags: (GPUs it needs, its message)
+    "train --preset ci --use-gpu": (2, "training with use_gpu needs 2 GPU(s)"),
+    "tune --preset ci --train.use-gpu": (2, "a trial (train.use_gpu) needs 2"),
+    "evaluate --use-gpu --model m.pt --data d": (1, "needs 1 GPU(s)"),
+    "colorize --model m.pt --device cuda": (1, "--device cuda needs 1"),
+    "colorize --model m.pt --accelerator-type L40S --model-actors 1": (
+        1,
+        "--accelerator-type needs 1",
+    ),
+}
 
+
+@pytest.fixture(scope="module")
+def gpu_runs(tmp_path_factory) -> Iterator[tuple[Commands, dict[str, Path]]]:
+    """Each case whose GPUs the machine lacks, run on a private local Ray instance (no
+    RAY_ADDRESS) with its outputs in a folder of its own: (the runs, their folders)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    folders = {case: tmp_path_factory.mktemp("gpu-case") for case in GPU_CASES}
+    commands = {}
+    for case, (gpus, _) in GPU_CASES.items():
+        if torch.cuda.device_count() >= gpus:
+            continue
+        job, *flags = case.split()
+        outputs = {
+            "train": ["--storage", str(folders[case] / "runs")],
+            "tune": ["--storage", str(folders[case] / "runs")],
+            "evaluate": ["--output", str(folders[case] / "eval")],
+            "colorize": ["--input", str(folders[case] / "in"), "--output",
+                         str(folders[case] / "out")],
+        }[job]  # fmt: skip
+        commands[case] = [sys.executable, "-m", f"jobs.{job}", *flags, *outputs]
+    runs = Commands(commands, env=env, cwd=Path(__file__).resolve().parents[1])
+    yield runs, folders
+    runs.close()
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_a_job_that_needs_gpus_fails_at_once_without_them(case, gpu_runs) -> None:
+    """A job asking for GPUs the machine lacks stops before Ray starts and before it writes
+    anything, instead of waiting forever for resources no autoscaler will add."""
+    gpus, message = GPU_CASES[case]
     if torch.cuda.device_count() >= gpus:
         pytest.skip("the machine has the GPUs")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    outputs = {
-        "jobs.train": ["--storage", str(tmp_path / "runs")],
-        "jobs.tune": ["--storage", str(tmp_path / "runs")],
-        "jobs.evaluate": ["--output", str(tmp_path / "eval")],
-        "jobs.colorize": ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
-    }[argv[0]]
-    done = subprocess.run(
-        [sys.executable, "-m", *argv, *outputs],
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-2000:]
-    assert "cannot add any" in done.stderr and not list(tmp_path.iterdir())
+    runs, folders = gpu_runs
+    status, _, err = runs.result(case)
+    assert status != 0
+    assert message in err, err[-2000:]
+    assert "cannot add any" in err and not list(folders[case].iterdir())
