@@ -10,7 +10,6 @@ the loss gathers k log-probabilities per pixel instead of building the dense Q-w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 GRAY_AB_THRESHOLD = 5.0  # released training: images whose |a|, |b| never exceed 5 are gray
 REDUCTIONS = ("per_image", "per_pixel", "none")
@@ -68,11 +67,12 @@ class _SparseCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw):
-        logits = logits_NQhw.float()
-        logp_NQhw = F.log_softmax(logits, dim=1)
-        picked_NkHW = logp_NQhw.gather(1, bins_NkHW)
+        # log softmax(x)_b = x_b - logsumexp(x): only the k picked entries are formed, and the
+        # log-sum-exp is exact where one logit lies far below the rest (recovering it from a
+        # log-softmax entry, x_0 - log softmax(x)_0, cancels to noise there)
+        lse_Nhw = torch.logsumexp(logits_NQhw.float(), dim=1)
+        picked_NkHW = logits_NQhw.gather(1, bins_NkHW).float() - lse_Nhw[:, None]
         loss_Nhw = -v_Nhw * (weights_NkHW * picked_NkHW).sum(dim=1)
-        lse_Nhw = logits[:, 0] - logp_NQhw[:, 0]
         ctx.save_for_backward(logits_NQhw, bins_NkHW, weights_NkHW, v_Nhw, lse_Nhw)
         return loss_Nhw
 

@@ -158,6 +158,23 @@ def test_the_overwritten_and_the_scattered_gradient_agree(logits_dtype: torch.dt
     assert_close(compiled(*args, lse_Nhw), overwritten, **tolerance)
 
 
+@pytest.mark.parametrize("far", [-1e3, -1e5, -1e7])
+def test_the_log_sum_exp_kept_for_the_backward_holds_when_a_logit_lies_far_below(far) -> None:
+    """The forward pass keeps each pixel's log-sum-exp for `_gradient_by_overwrite`; a first
+    logit far below the rest (a diverging run's) must not make it, or the gradient, noise."""
+    batch = _batch(seed=9)
+    logits = batch["logits_NQhw"].clone()
+    logits[:, 0] = far
+    v_Nhw = torch.rand(N, H, W)
+    target = (batch["bins_NkHW"], batch["weights_NkHW"])
+    out = loss._SparseCrossEntropy.apply(logits.requires_grad_(), *target, v_Nhw)
+    kept_lse_Nhw = out.grad_fn.saved_tensors[-1]
+    assert_close(kept_lse_Nhw, torch.logsumexp(logits.double(), dim=1).float())
+    args = (logits.detach(), *target, v_Nhw[:, None])
+    gradient = loss._gradient_by_overwrite(*args, kept_lse_Nhw)
+    assert_close(gradient, loss._gradient_by_scatter(*args), rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_loss_equals_the_eager_loss() -> None:
     """The training job compiles the loss whole (no graph breaks) with ``TrainConfig.compile``."""
     batch = _batch(seed=7)
