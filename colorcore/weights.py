@@ -196,15 +196,19 @@ def _check_readout(state: Mapping[str, torch.Tensor]) -> None:
     readout = state.get(_READOUT_KEY)
     if readout is None or readout.numel() != 2 * len(ab_bins()):
         raise ValueError("the weights have no ab readout of the 313 ab bins")
-    _check_bins(readout.reshape(2, -1).T * AB_SCALE, "the weights' ab readout")
+    # bins / 110 held at the weights' own precision (bf16 keeps 8 bits: 0.2 of a at 100),
+    # wherever they are (a state dict of a model on a GPU)
+    atol = max(1e-3, AB_SCALE * torch.finfo(readout.dtype).eps)
+    bins = readout.detach().to("cpu", torch.float64).reshape(2, -1).T * AB_SCALE
+    _check_bins(bins, "the weights' ab readout", atol=atol)
 
 
-def _check_bins(bins: Any, what: str) -> None:
+def _check_bins(bins: Any, what: str, *, atol: float = 1e-3) -> None:
     expected = ab_bins()
     if not (
         isinstance(bins, torch.Tensor)
         and bins.shape == expected.shape
-        and torch.allclose(bins.float(), expected, atol=1e-3)
+        and torch.allclose(bins.cpu().double(), expected.double(), atol=atol)
     ):
         raise ValueError(f"{what} do not match the 313 ab bins")
 

@@ -98,10 +98,16 @@ def test_released_weights_load_and_match_an_independent_forward(tmp_path) -> Non
 
 def test_released_loader_checks_the_readout(tmp_path) -> None:
     state = released_state_dict()
-    state["model_out.weight"] = state["model_out.weight"].flip(1)
-    torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="ab readout"):
-        weights.load_released_eccv16(str(tmp_path / "bad.pth"))
+    # weights kept in bf16 hold the readout to 8 bits, and still mean the 313 bins
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(half, tmp_path / "bf16.pth")
+    model = weights.load_released_eccv16(str(tmp_path / "bf16.pth"))
+    assert torch.equal(model.state_dict()["model1.0.weight"], half["model1.0.weight"].float())
+    for kept in (state, half):
+        kept["model_out.weight"] = kept["model_out.weight"].flip(1)
+        torch.save(kept, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match="ab readout"):
+            weights.load_released_eccv16(str(tmp_path / "bad.pth"))
 
 
 def test_checkpoint_round_trip() -> None:
