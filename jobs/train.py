@@ -500,7 +500,13 @@ def preflight(cfg: TrainConfig) -> None:
         except ValueError as error:
             raise ValueError(f"the prior at {cfg.prior_url}: {error}") from None
     if cfg.val_data:
-        Manifest.load(cfg.val_data, cfg.s3)
+        held_out = Manifest.load(cfg.val_data, cfg.s3)
+        if held_out.num_rows == held_out.num_grayscale:  # validation measures colour only
+            raise ValueError(
+                f"the validation data {cfg.val_data} holds no colour image "
+                f"({held_out.num_grayscale} grayscale): give --val-data a set with colour "
+                "images, or none"
+            )
     fs, path = storage.filesystem(cfg.storage, cfg.s3)
     if not storage.is_local(cfg.storage):
         bucket = path.split("/", 1)[0]

@@ -179,7 +179,10 @@ def validate(
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     images, loss, raw, rebalanced, gray_raw, gray_rebalanced, mass = sums.tolist()
-    n, mass = max(images, 1.0), max(mass, 1e-300)
+    if not images:  # not one held-out image decoded: nothing measured, not a loss of 0
+        return ValidationResult(0, *[math.nan] * 5)
+    mass = max(mass, 1e-300)
+    n = images
     return ValidationResult(
         int(images), loss / n, raw / n, rebalanced / mass, gray_raw / n, gray_rebalanced / mass
     )

@@ -110,7 +110,8 @@ def write_dataset(root: str, gray_rows: Iterable[int] = (3, 15)) -> None:
         name = f"shards/part-{s:05d}-000.parquet"
         storage.write_bytes(storage.join(root, name), shard_parquet(table, ROW_GROUP_ROWS))
         shards.append(ShardInfo(name=name, num_rows=size, sha256="0" * 64))
-    Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0).save(root)
+    Manifest(classes=("a", "b"), shards=tuple(shards), num_inputs=n, num_errors=0,
+             num_grayscale=len(gray_rows & set(range(n)))).save(root)  # fmt: skip
 
 
 def tar_bytes(

@@ -24,7 +24,7 @@ from colorcore.quantize import ab_bins
 from jobs import models, node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
-from tests.support import train_workers
+from tests.support import train_workers, write_dataset
 
 
 def test_ci_run_completes_with_checkpoints_in_the_bucket(ci_run) -> None:
@@ -380,7 +380,6 @@ def test_a_held_out_set_of_gray_images_only_gives_no_final_figures(tmp_path, cap
     from colorcore.weights import save_checkpoint
     from jobs.train_loop import _csv
     from jobs.train_report import write_report
-    from tests.support import write_dataset
 
     write_dataset(str(tmp_path / "val"), gray_rows=range(23))
     cfg = dataclasses.replace(
@@ -517,6 +516,9 @@ def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tm
         train.main(dataclasses.replace(ci_config, storage="s3://no-such-bucket/runs"))
     with pytest.raises(ValueError, match="not a prepared dataset"):
         train.main(dataclasses.replace(ci_config, data=str(tmp_path)))
+    write_dataset(str(tmp_path / "gray-val"), gray_rows=range(23))  # validation measures colour
+    with pytest.raises(ValueError, match=r"gray-val holds no colour image \(23 grayscale\)"):
+        train.main(dataclasses.replace(ci_config, val_data=str(tmp_path / "gray-val")))
     with pytest.raises(ValueError, match="colour images, fewer than one batch"):
         train.main(dataclasses.replace(ci_config, batch_size=10_000))
     # 300 images make a batch of 240, but not two groups' halves of it for certain
@@ -609,7 +611,6 @@ def test_the_data_init_batch_is_read_with_the_run_s3_options(s3_server, monkeypa
     """An endpoint given in the config, not the environment, reaches the init batch's reads."""
     from jobs.loader import DatasetIndex
     from jobs.train_loop import init_batch
-    from tests.support import write_dataset
 
     root = s3_server.url("data-init-dataset")
     write_dataset(root)
@@ -666,6 +667,10 @@ def test_validation_pools_the_pixels_of_its_images() -> None:
     assert abs(each.mean().item() - pooled) > 0.01  # the two readings differ here
     assert result.gray_auc_rebalanced == pytest.approx(pooled, abs=1e-9)
     assert result.gray_auc_raw == pytest.approx(ab_auc(gray, side_by_side)[0].item(), abs=1e-9)
+    # no held-out image decoded: nothing measured (a loss of 0 would read as the best model)
+    none = validate(ColorizationNet(ModelConfig(width=1 / 16)), crops[:0], rebalance0_Q=w_Q,
+                    k=5, sigma=5.0)  # fmt: skip
+    assert none.images == 0 and all(math.isnan(v) for v in list(none.__dict__.values())[1:])
 
 
 def test_micro_batches_step_as_their_whole_batch() -> None:
