@@ -39,6 +39,7 @@ import functools
 import io
 import json
 import math
+import os
 import posixpath
 import time
 import uuid
@@ -165,9 +166,12 @@ class SearchConfig:
     reports_per_trial: int = 8
     """Validations (and checkpoints) per trial: the points where ASHA can judge it."""
     max_gpus: int | None = None
-    """GPUs the search may hold at once (default: the cluster's); sets concurrency."""
+    """GPUs the search may hold at once (default: the GPUs of the nodes up when it starts);
+    sets concurrency."""
     max_concurrent: int | None = None
-    """Cap on concurrent trials (default: as many as the resources allow)."""
+    """Cap on concurrent trials (default: as many as the nodes up when it starts hold). On a
+    cluster (RAY_ADDRESS), the trials to run at once, whatever nodes are up yet: an
+    autoscaler starts worker nodes as they ask for them."""
     seed: int = 0
     """Seed of the sampling searchers (random, optuna, hyperopt; ax takes none)."""
     final_steps: int | None = None
@@ -495,37 +499,55 @@ def _run_state(experiment: str, fs) -> str | None:
 
 
 def _concurrency(search: SearchConfig) -> int:
-    return min(trial_slots(search, alive_node_resources()), search.max_concurrent or math.inf)
+    autoscaling = bool(os.environ.get("RAY_ADDRESS"))  # a cluster, which may add nodes
+    slots = trial_slots(search, alive_node_resources(), autoscaling=autoscaling)
+    return min(slots, search.max_concurrent or math.inf)
 
 
-def trial_slots(search: SearchConfig, nodes: list[dict[str, float]]) -> int:
+def trial_slots(
+    search: SearchConfig, nodes: list[dict[str, float]], *, autoscaling: bool = False
+) -> int:
     """The trials of `search` that can run at once on nodes of these resources (each a
     node's, as `ray.nodes()` gives them), or a ValueError when not one can. Each of a trial's
     workers takes its CPUs (and GPU) on one node, so a cluster whose total would do but whose
-    nodes are each too small to hold a worker would leave trials waiting forever. GPU trials
-    with `max_gpus` (an autoscaling cluster, whose GPU nodes start with the search) take
-    that count as given. Where the nodes offer `DRIVER_RESOURCE`, each trial's function
-    takes one (and no CPU), and no more trials run at once than there are; elsewhere
-    `TRIAL_DRIVER_CPU`."""
+    nodes are each too small to hold a worker would leave trials waiting forever.
+
+    GPU trials with `max_gpus` take that count as given, and on an `autoscaling` cluster,
+    whose worker nodes start as the trials ask for them, so do `max_concurrent` trials.
+    Where the nodes offer `DRIVER_RESOURCE`,
+    each trial's function takes one (and no CPU), and no more trials run at once than
+    there are; elsewhere `TRIAL_DRIVER_CPU`."""
     drivers = sum(node.get(DRIVER_RESOURCE, 0) for node in nodes)
     if drivers >= 1:
-        return min(_resource_slots(search, nodes, driver_cpu=0.0), int(drivers))
-    return _resource_slots(search, nodes, driver_cpu=TRIAL_DRIVER_CPU)
+        slots = _resource_slots(search, nodes, driver_cpu=0.0, autoscaling=autoscaling)
+        return min(slots, int(drivers))
+    return _resource_slots(search, nodes, driver_cpu=TRIAL_DRIVER_CPU, autoscaling=autoscaling)
 
 
-def _resource_slots(search: SearchConfig, nodes: list[dict[str, float]], driver_cpu: float) -> int:
+def _resource_slots(
+    search: SearchConfig, nodes: list[dict[str, float]], *, driver_cpu: float, autoscaling: bool
+) -> int:
     train_cfg = search.train
     if search.gpus_per_trial and search.max_gpus is not None:
         return search.max_gpus // search.gpus_per_trial  # >= 1: SearchConfig checks it
+    if autoscaling and search.max_concurrent:
+        return search.max_concurrent
     fits = workers_fit(train_cfg.worker_needs, nodes)
     cpus = sum(node.get("CPU", 0) for node in nodes)
     per_trial = train_cfg.num_workers * train_cfg.cpus_per_worker + driver_cpu
     slots = min(fits // train_cfg.num_workers, int(cpus // per_trial))
     if slots < 1:
         function = f" (and {driver_cpu} CPU for its Tune function)" if driver_cpu else ""
+        flags = "--max-gpus or --max-concurrent" if search.gpus_per_trial else "--max-concurrent"
+        hint = (
+            f": on an autoscaling cluster whose worker nodes are not up yet, give {flags} "
+            "(the trials to run at once)"
+            if autoscaling
+            else ""
+        )
         raise ValueError(
             f"a trial needs {train_cfg.workers_text()}, each worker on one node{function}: the "
-            f"cluster's nodes hold {fits} such workers ({describe_nodes(nodes)})"
+            f"cluster's nodes hold {fits} such workers ({describe_nodes(nodes)}){hint}"
         )
     return slots
 

@@ -345,6 +345,20 @@ def test_trial_slots_count_the_workers_each_node_holds() -> None:
     assert tune.trial_slots(dataclasses.replace(search, train=h100), nodes) == 4
     with pytest.raises(ValueError, match=r"and a GPU \(H100\) each"):
         tune.trial_slots(dataclasses.replace(search, train=h100), nodes[:1])
+    # An autoscaling cluster's worker nodes start with the trials: the search says how many
+    # trials to run at once, whatever nodes are up yet.
+    head_only = [{"CPU": 0.0, tune.DRIVER_RESOURCE: 16.0}]
+    with pytest.raises(ValueError, match=r"hold 0 such workers .*\): on an autoscaling cluster"
+                       r" whose worker nodes are not up yet, give --max-concurrent"):  # fmt: skip
+        tune.trial_slots(search, head_only, autoscaling=True)
+    with pytest.raises(ValueError, match=r"hold 0 such workers \([^)]*\)$"):  # nor a local one
+        tune.trial_slots(dataclasses.replace(search, max_concurrent=3), head_only)
+    capped = dataclasses.replace(search, max_concurrent=3)
+    assert tune.trial_slots(capped, head_only, autoscaling=True) == 3
+    assert (
+        tune.trial_slots(capped, [{"CPU": 0.0, tune.DRIVER_RESOURCE: 2.0}], autoscaling=True) == 2
+    )
+    assert tune.trial_slots(capped, small, autoscaling=True) == 3  # more nodes to come
 
 
 def test_trial_functions_run_on_the_driver_resource_where_the_cluster_has_it(ray_session):
