@@ -643,6 +643,28 @@ def _delete_s3_batch(fs: fsspec.AbstractFileSystem, bucket: str, objects: list[d
     raise PermissionError(message)
 
 
+def check_reachable(url: str, s3: S3Options | None = None) -> None:
+    """A ValueError where the bucket of an object-store `url` does not exist. S3 is asked for
+    one key of the URL's own prefix, a listing a role allowed only that prefix may make
+    (s3fs's `exists` of the bucket asks for the bucket, and reads any error as "no"), with
+    transient errors retried; other stores are asked whether the bucket exists."""
+    if is_local(url):
+        return
+    fs, path = filesystem(url, s3)
+    bucket, _, prefix = path.partition("/")
+
+    def found() -> bool:
+        try:
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except FileNotFoundError:  # s3fs's NoSuchBucket
+            return False
+        return True
+
+    ask = found if hasattr(fs, "call_s3") else lambda: fs.exists(bucket)
+    if not with_retries(ask, what=f"reach {url}"):
+        raise ValueError(f"storage {url} is not reachable (no bucket {bucket!r})")
+
+
 def exists(url: str, s3: S3Options | None = None) -> bool:
     fs, path = filesystem(url, s3)
     return with_retries(lambda: fs.exists(path), what=f"stat {url}")

@@ -507,11 +507,7 @@ def preflight(cfg: TrainConfig) -> None:
                 f"({held_out.num_grayscale} grayscale): give --val-data a set with colour "
                 "images, or none"
             )
-    fs, path = storage.filesystem(cfg.storage, cfg.s3)
-    if not storage.is_local(cfg.storage):
-        bucket = path.split("/", 1)[0]
-        if not storage.with_retries(lambda: fs.exists(bucket), what=f"reach {cfg.storage}"):
-            raise ValueError(f"storage {cfg.storage} is not reachable (no bucket {bucket!r})")
+    storage.check_reachable(cfg.storage, cfg.s3)
 
 
 def check_resumable(cfg: TrainConfig) -> None:

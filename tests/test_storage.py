@@ -478,6 +478,26 @@ class _FailingStore(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_storage_is_reachable_where_its_bucket_is(s3_server, monkeypatch, tmp_path) -> None:
+    """Asked with a listing of the run folder's own prefix, which a role allowed only that
+    prefix may make (not of the bucket, which it may not)."""
+    storage.check_reachable(str(tmp_path / "not-yet"))
+    with pytest.raises(ValueError, match=r"s3://no-such-bucket/runs is not reachable \(no bu"):
+        storage.check_reachable("s3://no-such-bucket/runs")
+    fs, _ = storage.filesystem(s3_server.url())
+    asked = []
+    call = fs.call_s3
+
+    def recording(method, *args, **kwargs):
+        asked.append((method, kwargs))
+        return call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", recording)
+    storage.check_reachable(s3_server.url("team-a", "runs"))  # nothing written there yet
+    assert asked == [("list_objects_v2", {"Bucket": s3_server.bucket, "Prefix": "team-a/runs",
+                                          "MaxKeys": 1})]  # fmt: skip
+
+
 @pytest.mark.parametrize("hang_up", [False, True])
 def test_a_failing_store_is_asked_as_often_as_with_retries_tries(monkeypatch, hang_up) -> None:
     """One retry layer: s3fs and botocore each make a request once, so a store that keeps
@@ -491,7 +511,9 @@ def test_a_failing_store_is_asked_as_often_as_with_retries_tries(monkeypatch, ha
     monkeypatch.setattr(storage, "RETRY_DELAY_S", (0.001, 0.001))
     s3 = storage.S3Options(endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
     try:
-        for call in (storage.read_bytes, lambda url, s3: storage.write_bytes(url, b"x", s3)):
+        calls = (storage.read_bytes, lambda url, s3: storage.write_bytes(url, b"x", s3),
+                 storage.check_reachable)  # fmt: skip
+        for call in calls:
             handler.requests.clear()
             with pytest.raises(Exception) as failed:
                 call("s3://bucket/a.bin", s3)
