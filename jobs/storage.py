@@ -105,7 +105,10 @@ def _check_endpoint(endpoint: str, where: str) -> str:
     parsed = urlparse(endpoint)
     if parsed.username or parsed.password or "@" in endpoint:
         raise ValueError(f"{where} must not carry credentials: give them in the environment")
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    # a path, query or fragment would reach s3fs but not pyarrow (Ray's uploads), which
+    # takes the host and port only
+    rest = parsed.path.strip("/") or parsed.params or parsed.query or parsed.fragment
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or rest:
         raise ValueError(f"{where} must be http(s)://host[:port], got {endpoint!r}")
     return endpoint
 

@@ -381,6 +381,11 @@ def test_split_url_forms(tmp_path) -> None:
     assert storage.split_url(f"file://localhost{tmp_path}/x") == ("file", f"{tmp_path}/x")
     with pytest.raises(ValueError, match="credentials"):
         storage.S3Options(endpoint_url="http://user:pw@host:9000")
+    # s3fs would take a path, pyarrow (Ray's checkpoint uploads) the host and port only
+    for endpoint in ("https://gw.example/s3", "http://host:9000/?x=1", "ftp://host"):
+        with pytest.raises(ValueError, match=r"must be http\(s\)://host\[:port\]"):
+            storage.S3Options(endpoint_url=endpoint)
+    assert storage.S3Options(endpoint_url="http://host:9000/").endpoint_url == "http://host:9000/"
 
 
 def test_credentials_in_urls_are_refused_without_echoing_them(monkeypatch) -> None:
