@@ -141,7 +141,7 @@ class TrainConfig:
     """JPEG decoding: threads on the CPU ("pil": OpenCV for JPEGs, Pillow for the rest, the
     same pixels), the same in processes of their own ("processes", one a CPU: for hosts of
     many cores, where threads stop scaling past about 8; not yet measured on one), or nvJPEG
-    on the GPU (auto: nvJPEG with use_gpu)."""
+    on the GPU (auto: nvJPEG with use_gpu where torchvision imports, "pil" otherwise)."""
     checkpoint_every_steps: int = 2_000
     """Steps between checkpoints (a preempted worker loses at most this many)."""
     keep_checkpoints: int = 3

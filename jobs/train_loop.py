@@ -114,9 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     batches = None  # closed, with the cache, whatever fails from here on
     try:
-        decode = (
-            cfg.decode if cfg.decode != "auto" else ("nvjpeg" if device.type == "cuda" else "pil")
-        )
+        decode = cfg.decode if cfg.decode != "auto" else _auto_decode(device)
         loader = TrainLoader(
             index,
             rank=rank,
@@ -252,6 +250,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Resumed at its end (the driver died after the last checkpoint): report the final
         # figures again for whoever waits on them, such as the Tune trial running this.
         ray.train.report(_metrics(step, epoch, offset, history), checkpoint=None)
+
+
+def _auto_decode(device: torch.device) -> str:
+    """`TrainConfig.decode` "auto": nvJPEG on a GPU where torchvision (which holds it) imports
+    beside this torch, the CPU's decoders ("pil") otherwise, said once per worker."""
+    if device.type != "cuda":
+        return "pil"
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception as error:  # absent, or built for another torch
+        log.warning("decode auto: torchvision does not import here (%s): JPEGs decode on the "
+                    "CPU, not with nvJPEG", error)  # fmt: skip
+        return "pil"
+    return "nvjpeg"
 
 
 def _machine_groups(ctx: Any, cfg: TrainConfig) -> int:

@@ -905,3 +905,20 @@ def test_a_run_keeps_its_settings_once_it_has_a_checkpoint(tmp_path) -> None:
     (folder / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 cut short")
     train.check_resumable(dataclasses.replace(other, seed=8))
     assert not (folder / CHECKPOINT_FILE).exists()
+
+
+def test_auto_decode_takes_nvjpeg_only_where_torchvision_imports(monkeypatch, caplog) -> None:
+    """A GPU worker without a torchvision built for its torch decodes on the CPU, saying so,
+    rather than failing in every restart of its workers."""
+    import sys
+
+    from jobs.train_loop import _auto_decode
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _auto_decode(cpu) == "pil"
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # an import that fails
+    assert _auto_decode(cuda) == "pil"
+    assert "torchvision does not import here" in caplog.text
+    monkeypatch.setitem(sys.modules, "torchvision.io", type(sys)("torchvision.io"))
+    monkeypatch.setitem(sys.modules, "torchvision", type(sys)("torchvision"))
+    assert _auto_decode(cuda) == "nvjpeg"
