@@ -132,7 +132,7 @@ def main(cfg: PriorConfig) -> AbHistogram:
     manifest.require_images(cfg.dataset)  # (before Ray, whose reader wants a file)
     fs, root = storage.arrow_filesystem(cfg.dataset, cfg.s3)
     paths = [f"{root}/{s.name}" for s in manifest.shards]
-    init_ray(paths=[cfg.dataset])
+    init_ray(paths=[cfg.dataset, cfg.output_url])  # (the head's disk may go with the cluster)
     results = (
         ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
         .select_columns(["key", "jpeg", "grayscale"])

@@ -46,6 +46,8 @@ class SyntheticConfig:
             raise ValueError(f"num_images must be >= {len(CLASSES)}, got {self.num_images}")
         if not 16 <= self.size_px <= 1024:
             raise ValueError(f"size_px must be in [16, 1024], got {self.size_px}")
+        if self.seed < 0:  # numpy's generators take none
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def _gradient(top: tuple, bottom: tuple, height: int, width: int) -> np.ndarray:

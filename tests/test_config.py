@@ -282,7 +282,7 @@ def test_a_config_built_in_code_is_held_to_its_fields_choices() -> None:
     command line is read: `dataclasses.replace` (a search's trials) cannot pass a typo."""
     import dataclasses
 
-    from jobs import colorize, evaluate, train, tune
+    from jobs import colorize, evaluate, synthetic, train, tune
 
     cases = [
         (lambda: dataclasses.replace(train.ci(), decode="nvjpg"), "decode must be one of"),
@@ -291,6 +291,7 @@ def test_a_config_built_in_code_is_held_to_its_fields_choices() -> None:
         (lambda: colorize.ColorizeConfig(input="/a", output="/b", model="m", format="gif"),
          "format must be one of keep, jpeg, png, tiff, webp; got 'gif'"),
         (lambda: dataclasses.replace(tune.ci(), scheduler="hyperband"), "scheduler must be one"),
+        (lambda: synthetic.SyntheticConfig(dst="/d", seed=-1), "seed must be >= 0, got -1"),
     ]  # fmt: skip
     for build, message in cases:
         with pytest.raises(ValueError, match=message):
