@@ -13,7 +13,8 @@ the rungs as they went when first reported. A result Tune never received goes in
 at once, for other trials to be judged against, but is judged itself at the trial's next
 report, against that rung as every trial of the search has refilled it by then (judged as
 its trial is added, it would meet only the trials added before it): the trial stops there
-where the rung would have stopped it. A row after the newest checkpoint is
+where the rung would have stopped it; a trial that had ended takes back only what Tune
+received. A row after the newest checkpoint is
 left to the trial's next report to be judged. A trial with neither (a new one) adds nothing,
 and a run folder that cannot be read costs the rungs that trial's results, not the search.
 Defined apart from `jobs.tune` so that the tune command's start-up does not import Ray Tune;
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from jobs import storage
@@ -51,8 +53,12 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         received = (trial.last_result or {}).get(self._time_attr, -1)
         # The trial resumes from its run's newest checkpoint, which may be newer than its
-        # last result Tune saved: it never reports the steps up to it again.
-        resumed = max(received, self.checkpointed(trial.trial_id))
+        # last result Tune saved: it never reports the steps up to it again. A trial that
+        # ended (stopped by a rung, say) resumes not at all: a checkpoint its workers wrote
+        # as they were stopped holds results the rungs never had.
+        resumed = received
+        if trial.status != Trial.TERMINATED:
+            resumed = max(received, self.checkpointed(trial.trial_id))
         if resumed < 0:
             return
         results = [(s, v) for s, v in self.recorded_results(trial.trial_id) if s <= resumed]

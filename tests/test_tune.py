@@ -616,3 +616,12 @@ def test_a_continued_search_refills_ashas_rungs_from_the_trials_runs(tmp_path, o
     later = {"step": 30, metric: 0.95 * sign}  # however well it does next
     assert asha.on_trial_result(None, trials_added["late"], later) == TrialScheduler.STOP
     assert asha.on_trial_result(None, trials_added["a"], later) == TrialScheduler.CONTINUE
+    # Had "late" been stopped at 10 (its workers checkpointing 20 as they were stopped), it
+    # resumes not at all: its row at 20 never reached the rung, and does not now.
+    asha = scheduler(ResumableASHA, trials_url=trials)
+    stopped = Trial("trainable", trial_id="late", stub=True)
+    stopped.run_metadata.last_result = {"step": 10, metric: 0.0}
+    stopped.set_status(Trial.TERMINATED)
+    asha.on_trial_add(None, stopped)
+    rungs = {milestone: recorded for milestone, recorded in asha._brackets[0]._rungs}
+    assert rungs[10] == {"late": 0.7} and rungs[20] == {}
