@@ -248,6 +248,26 @@ def test_the_prior_counts_the_images_the_loss_weighs() -> None:
     assert histogram.num_pixels == 2 * 24 * 24
 
 
+def test_the_prior_job_counts_the_pixels_colours_as_an_independent_reading() -> None:
+    """`histogram_of` against scikit-image's Lab of the pictures as they were written (PNG:
+    no decoder of its own to differ) and the nearest of the published bins: a channel order
+    or a conversion of its own would move most pixels to other bins."""
+    from skimage.color import rgb2lab
+
+    from jobs.prior import histogram_of
+    from tests.support import encode, photo_rgb
+
+    pictures = [photo_rgb(name, size=40) for name in ("astronaut", "coffee", "chelsea")]
+    counted = histogram_of([encode(p, "PNG") for p in pictures], pixel_stride=3)
+    ab_P2 = np.concatenate([rgb2lab(p[::3, ::3] / 255.0)[..., 1:].reshape(-1, 2) for p in pictures])
+    bins_Q2 = _reference("pts_in_hull.npy").astype(np.float64)
+    nearest_P = ((ab_P2[:, None] - bins_Q2[None]) ** 2).sum(-1).argmin(1)
+    expected_Q = np.bincount(nearest_P, minlength=len(bins_Q2))
+    assert counted.images == 3 and counted.histogram.num_pixels == len(ab_P2) == 3 * 14 * 14
+    moved = np.abs(counted.histogram.counts_Q.numpy() - expected_Q).sum() / 2
+    assert moved <= 0.005 * len(ab_P2)  # float32 against float64 at a bin's edge at most
+
+
 def test_a_batch_counts_its_colour_rows_in_the_fixed_sample() -> None:
     """Rows flagged grayscale by `jobs.prepare` are not decoded or counted; a fraction
     keeps the keys `in_sample` chooses, the same on every call."""
