@@ -620,51 +620,53 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run; returns the final metrics."""
+    from jobs.lease import DriverLease
     from jobs.runtime import check_gpus, init_ray
 
     cfg = with_absolute_paths(cfg)
     check_gpus(cfg.num_workers if cfg.use_gpu else 0, "training with use_gpu")
     preflight(cfg)
-    needed = (cfg.prior_url, storage.join(cfg.data, MANIFEST_FILE))
-    data_ready = not cfg.make_sample_data or all(storage.exists(u, cfg.s3) for u in needed)
-    if data_ready:
-        check_resumable(cfg)
-    init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
-    if not os.environ.get("RAY_ADDRESS"):
-        check_workers_fit(cfg)
-    if cfg.make_sample_data:
-        ensure_sample_data(cfg)
-        preflight(dataclasses.replace(cfg, make_sample_data=False))
-    if not data_ready:
-        check_resumable(cfg)
-    start = time.monotonic()
-    diverged = storage.join(cfg.run_url, DIVERGED_FILE)
-    result = fit(cfg)
-    metrics = dict(result.metrics or {})
-    if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
-        from jobs.models import checkpoint_files
+    with DriverLease(cfg.run_url, cfg.s3, what=f"run {cfg.name}"):  # one driver a run
+        needed = (cfg.prior_url, storage.join(cfg.data, MANIFEST_FILE))
+        data_ready = not cfg.make_sample_data or all(storage.exists(u, cfg.s3) for u in needed)
+        if data_ready:
+            check_resumable(cfg)
+        init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
+        if not os.environ.get("RAY_ADDRESS"):
+            check_workers_fit(cfg)
+        if cfg.make_sample_data:
+            ensure_sample_data(cfg)
+            preflight(dataclasses.replace(cfg, make_sample_data=False))
+        if not data_ready:
+            check_resumable(cfg)
+        start = time.monotonic()
+        diverged = storage.join(cfg.run_url, DIVERGED_FILE)
+        result = fit(cfg)
+        metrics = dict(result.metrics or {})
+        if (metrics.get("step") or 0) < cfg.max_steps and storage.exists(diverged, cfg.s3):
+            from jobs.models import checkpoint_files
 
-        where = json.loads(storage.read_bytes(diverged, cfg.s3))
-        restart = (
-            "go on from its last checkpoint"
-            if checkpoint_files(cfg.run_url, cfg.s3)
-            else "start it again (it has no checkpoint yet)"
+            where = json.loads(storage.read_bytes(diverged, cfg.s3))
+            restart = (
+                "go on from its last checkpoint"
+                if checkpoint_files(cfg.run_url, cfg.s3)
+                else "start it again (it has no checkpoint yet)"
+            )
+            what = "its weights broke, its loss" if where.get("weights_broken") else "its loss was"
+            raise ValueError(
+                f"run {cfg.name} diverged: {what} {where['loss']} at step {where['step']} "
+                f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "
+                "or train under another --name"
+            )
+        metrics = final_metrics(metrics, cfg)
+        print(
+            f"train: run {cfg.name} finished at step {metrics.get('step')} "
+            f"in {time.monotonic() - start:.0f}s"
         )
-        what = "its weights broke, its loss" if where.get("weights_broken") else "its loss was"
-        raise ValueError(
-            f"run {cfg.name} diverged: {what} {where['loss']} at step {where['step']} "
-            f"(lr {where['lr']:.3g}); run the same command with a lower --lr to {restart}, "
-            "or train under another --name"
-        )
-    metrics = final_metrics(metrics, cfg)
-    print(
-        f"train: run {cfg.name} finished at step {metrics.get('step')} "
-        f"in {time.monotonic() - start:.0f}s"
-    )
-    from jobs.train_report import write_report
+        from jobs.train_report import write_report
 
-    summary = write_report(cfg)
-    return metrics | summary
+        summary = write_report(cfg)
+        return metrics | summary
 
 
 def final_metrics(reported: dict, cfg: TrainConfig) -> dict:

@@ -925,6 +925,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     """Run (or continue) the search; returns the results table. An interrupted search
     (Ctrl-C) writes the table of what it has, marks the trials it had not finished, and
     writes no best config: the same command continues it."""
+    from jobs.lease import DriverLease
     from jobs.runtime import check_gpus, init_ray
 
     base = train.with_absolute_paths(search.train)
@@ -932,33 +933,36 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
     train.preflight(base)
     started = _check_same_search(search)  # a refused change fails before Ray starts
-    init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])
-    if base.make_sample_data:
-        train.ensure_sample_data(base)
-        train.preflight(dataclasses.replace(base, make_sample_data=False))
-    start = time.monotonic()
-    inputs = _check_same_inputs(search, started)
-    tuner = build_tuner(search)
-    if not started:  # recorded once the search could be set up, not by a failed start
-        save_config(search, storage.join(search.url, SEARCH_CONFIG_FILE), search.train.s3)
-    storage.write_bytes(storage.join(search.url, SEARCH_INPUTS_FILE), inputs, search.train.s3)
-    result_grid = tuner.fit()
-    rows = results_table(result_grid, search)
-    best = write_outputs(rows, search)
-    print(markdown_table(rows), end="")
-    print(f"tune: {len(rows)} trials in {time.monotonic() - start:.0f}s; results in {search.url}")
-    if left := unfinished(rows, search):
+    with DriverLease(search.url, search.train.s3, what=f"search {search.name}"):
+        init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])
+        if base.make_sample_data:
+            train.ensure_sample_data(base)
+            train.preflight(dataclasses.replace(base, make_sample_data=False))
+        start = time.monotonic()
+        inputs = _check_same_inputs(search, started)
+        tuner = build_tuner(search)
+        if not started:  # recorded once the search could be set up, not by a failed start
+            save_config(search, storage.join(search.url, SEARCH_CONFIG_FILE), search.train.s3)
+        storage.write_bytes(storage.join(search.url, SEARCH_INPUTS_FILE), inputs, search.train.s3)
+        result_grid = tuner.fit()
+        rows = results_table(result_grid, search)
+        best = write_outputs(rows, search)
+        print(markdown_table(rows), end="")
         print(
-            f"tune: the search was interrupted with {left} of its {planned_trials(search)} "
-            "trials unfinished (no best config yet); run the same command again to continue it"
+            f"tune: {len(rows)} trials in {time.monotonic() - start:.0f}s; results in {search.url}"
         )
-    elif best is not None:
-        print(
-            f"tune: best {search.metric} {best[search.metric]:.4f} with lr {best['lr']:.3g}, "
-            f"lambda {best['lambda']:.3g}, schedule {best['schedule']}; "
-            f"python -m jobs.train --config {storage.join(search.url, BEST_CONFIG_FILE)}"
-        )
-    return rows
+        if left := unfinished(rows, search):
+            print(
+                f"tune: the search was interrupted with {left} of its {planned_trials(search)} "
+                "trials unfinished (no best config yet); run the same command again to continue it"
+            )
+        elif best is not None:
+            print(
+                f"tune: best {search.metric} {best[search.metric]:.4f} with lr {best['lr']:.3g}, "
+                f"lambda {best['lambda']:.3g}, schedule {best['schedule']}; "
+                f"python -m jobs.train --config {storage.join(search.url, BEST_CONFIG_FILE)}"
+            )
+        return rows
 
 
 if __name__ == "__main__":
