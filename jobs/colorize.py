@@ -1521,6 +1521,7 @@ def _check_same_colours(inputs, model_sha256: str, cfg: ColorizeConfig) -> None:
 
 
 def main(cfg: ColorizeConfig) -> Summary:
+    from jobs.lease import DriverLease
     from jobs.models import load_model
     from jobs.runtime import check_gpus
 
@@ -1532,29 +1533,32 @@ def main(cfg: ColorizeConfig) -> Summary:
     loaded = load_model(cfg.model, cfg.s3)
     cfg = dataclasses.replace(cfg, model=loaded.url)  # a run folder's newest checkpoint: fixed
     provenance = _provenance(loaded.sha256, cfg)
-    units, top_level, skipped = plan_left(cfg, loaded.sha256)
-    print(
-        f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
-        f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
-    )
-    single = len(top_level) == 1 and _kind(top_level[0]) == "image"
-    model = loaded.model.eval()
-    if units and cfg.dtype == "int8":  # before any work, and only when there is some
-        model = check_int8(model, cfg)
-    if units and single:
-        processed = _run_in_process(units, cfg, model, provenance)
-    elif units:
-        int8 = model.plan if isinstance(model, Int8ColorizationNet) else None
-        processed = _run_on_ray(units, cfg, provenance, int8, loaded.sha256)
-    else:
-        processed = 0
-    summary = _finish(cfg, top_level, skipped)
-    elapsed = time.monotonic() - start
-    print(
-        f"colorize: {processed} inputs processed in {elapsed:.1f}s "
-        f"({processed / max(elapsed, 1e-9):.2f} images/s)"
-    )
-    return summary
+    # its lease beside the manifest, not among the pictures
+    leased = storage.join(cfg.output, manifest.WORK_DIR)
+    with DriverLease(leased, cfg.s3, what=f"colorize output {cfg.output}"):
+        units, top_level, skipped = plan_left(cfg, loaded.sha256)
+        print(
+            f"colorize: {cfg.input} -> {cfg.output} with {loaded.kind} model {loaded.url} "
+            f"(sha256 {loaded.sha256[:12]}), {skipped} inputs already done"
+        )
+        single = len(top_level) == 1 and _kind(top_level[0]) == "image"
+        model = loaded.model.eval()
+        if units and cfg.dtype == "int8":  # before any work, and only when there is some
+            model = check_int8(model, cfg)
+        if units and single:
+            processed = _run_in_process(units, cfg, model, provenance)
+        elif units:
+            int8 = model.plan if isinstance(model, Int8ColorizationNet) else None
+            processed = _run_on_ray(units, cfg, provenance, int8, loaded.sha256)
+        else:
+            processed = 0
+        summary = _finish(cfg, top_level, skipped)
+        elapsed = time.monotonic() - start
+        print(
+            f"colorize: {processed} inputs processed in {elapsed:.1f}s "
+            f"({processed / max(elapsed, 1e-9):.2f} images/s)"
+        )
+        return summary
 
 
 def plan_left(cfg: ColorizeConfig, model_sha256: str) -> tuple[list[dict], list[str], int]:

@@ -1393,6 +1393,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     """Measure the model; write the tables, plots and results.json; return the results."""
     import ray
 
+    from jobs.lease import DriverLease
     from jobs.models import load_model
     from jobs.runtime import check_gpus, init_ray
 
@@ -1420,49 +1421,50 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         # fail here, not in every actor; not kept: VGG-16 holds 0.5 GB
         _check_label_numbering(cfg, plan, classifier_from(cfg.classifier, weights))
     record = _record(cfg, plan, model_info, rebalance0_Q, classifier_sha256)
-    earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
-    init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
+    with DriverLease(cfg.output, cfg.s3, what=f"evaluation output {cfg.output}"):
+        earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
+        init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
 
-    inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
+        inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
 
-    measured: set[str] = set()  # by an earlier run
+        measured: set[str] = set()  # by an earlier run
 
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        for batch in evaluate_parts.read_parts(earlier, cfg.s3):
-            # A batch measured twice (its actor died after keeping it) counts once; a file
-            # no longer found in the folder not at all.
-            keep = [k not in measured and (inputs is None or k in inputs) for k in batch["key"]]
-            batch = _rows_where(batch, keep)
-            measured.update(batch["key"])
-            yield batch
-        if measured:
-            kept = evaluate_parts.folder(cfg.output)
-            print(f"evaluate: {len(measured)} inputs measured by an earlier run of this "
-                  f"evaluation (kept in {kept}); measuring the rest")  # fmt: skip
-        ds = input_dataset(cfg, plan, frozenset(measured))
-        if ds is None:
-            return
-        yield from ds.map_batches(
-            Evaluator,
-            fn_constructor_kwargs=actor_arguments,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=1 if cfg.use_gpu else 0,
-            accelerator_type=cfg.accelerator_type,
-        ).iter_batches(batch_size=None, batch_format="numpy")
+        def batches() -> Iterator[dict[str, np.ndarray]]:
+            for batch in evaluate_parts.read_parts(earlier, cfg.s3):
+                # A batch measured twice (its actor died after keeping it) counts once; a file
+                # no longer found in the folder not at all.
+                keep = [k not in measured and (inputs is None or k in inputs) for k in batch["key"]]
+                batch = _rows_where(batch, keep)
+                measured.update(batch["key"])
+                yield batch
+            if measured:
+                kept = evaluate_parts.folder(cfg.output)
+                print(f"evaluate: {len(measured)} inputs measured by an earlier run of this "
+                      f"evaluation (kept in {kept}); measuring the rest")  # fmt: skip
+            ds = input_dataset(cfg, plan, frozenset(measured))
+            if ds is None:
+                return
+            yield from ds.map_batches(
+                Evaluator,
+                fn_constructor_kwargs=actor_arguments,
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                num_cpus=cfg.cpus_per_actor,
+                num_gpus=1 if cfg.use_gpu else 0,
+                accelerator_type=cfg.accelerator_type,
+            ).iter_batches(batch_size=None, batch_format="numpy")
 
-    rows, curve_sums = collect(batches(), cfg.grid_images)
-    result = build_result(cfg, plan, rows, curve_sums, model_info)
-    elapsed = time.monotonic() - start
-    now = len(rows["key"]) - len(measured)  # the inputs this run measured
-    result |= {"elapsed_s": elapsed, "images_per_s": now / elapsed}
-    write_outputs(cfg, result, rows)
-    evaluate_parts.finish(cfg.output, cfg.s3)
-    print(table_markdown(result))
-    print(f"evaluate: {len(rows['key'])} inputs in {elapsed:.1f}s -> {cfg.output}")
-    return result
+        rows, curve_sums = collect(batches(), cfg.grid_images)
+        result = build_result(cfg, plan, rows, curve_sums, model_info)
+        elapsed = time.monotonic() - start
+        now = len(rows["key"]) - len(measured)  # the inputs this run measured
+        result |= {"elapsed_s": elapsed, "images_per_s": now / elapsed}
+        write_outputs(cfg, result, rows)
+        evaluate_parts.finish(cfg.output, cfg.s3)
+        print(table_markdown(result))
+        print(f"evaluate: {len(rows['key'])} inputs in {elapsed:.1f}s -> {cfg.output}")
+        return result
 
 
 def _check_label_numbering(cfg: EvaluateConfig, plan: InputPlan, classifier: Classifier) -> None:

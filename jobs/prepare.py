@@ -486,48 +486,52 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
 def main(cfg: PrepareConfig) -> Manifest:
     import ray
 
+    from jobs.lease import DriverLease
     from jobs.runtime import init_ray
 
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
     _check_readable(groups, cfg)
-    _check_resumable(cfg, classes, groups)
-    storage.list_files_swept(storage.join(cfg.dst, SHARDS_DIR), cfg.s3)  # a killed run's
-    marked = set(storage.list_files_swept(storage.join(cfg.dst, WORK_DIR), cfg.s3))
-    todo = [i for i in range(len(groups)) if _marker_url(cfg, i) not in marked]
-    print(f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)")
-    if todo:
-        init_ray(paths=[cfg.src, cfg.dst])
-        rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        # A group one block: one that fails (storage errors left after the retries) costs
-        # itself, and the others run on instead of being cancelled. (The dataset's own copy
-        # of the context: other datasets of the process keep theirs.)
-        ds.context.max_errored_blocks = -1
-        memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
-        if not os.environ.get("RAY_ADDRESS"):  # no autoscaler to add a larger node
-            _check_a_node_holds(memory, cfg)
-        # A task killed (its node lost, or out of memory) is tried again, a few times: Ray
-        # Data's default would try one that cannot fit for ever.
-        ds.map(
-            _process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task, memory=memory,
-            max_retries=TASK_RETRIES,
-        ).materialize()  # fmt: skip
-        marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
-        if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
-            raise RuntimeError(
-                f"prepare: {len(failed)} of {len(groups)} groups failed (their errors are "
-                f"logged above; the first: {_group_source(groups[failed[0]])}): the others "
-                "are done, and the same command again does the rest"
-            )
-    manifest = _finish(cfg, classes, len(groups))
-    print(
-        f"prepare: {manifest.num_inputs} inputs -> {manifest.num_rows} images in "
-        f"{len(manifest.shards)} shards + {manifest.num_errors} errors "
-        f"({manifest.num_grayscale} grayscale) in {time.monotonic() - start:.1f}s -> {cfg.dst}"
-    )
-    return manifest
+    with DriverLease(cfg.dst, cfg.s3, what=f"dataset {cfg.dst}"):
+        _check_resumable(cfg, classes, groups)
+        storage.list_files_swept(storage.join(cfg.dst, SHARDS_DIR), cfg.s3)  # a killed run's
+        marked = set(storage.list_files_swept(storage.join(cfg.dst, WORK_DIR), cfg.s3))
+        todo = [i for i in range(len(groups)) if _marker_url(cfg, i) not in marked]
+        print(
+            f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)"
+        )
+        if todo:
+            init_ray(paths=[cfg.src, cfg.dst])
+            rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+            # A group one block: one that fails (storage errors left after the retries) costs
+            # itself, and the others run on instead of being cancelled. (The dataset's own copy
+            # of the context: other datasets of the process keep theirs.)
+            ds.context.max_errored_blocks = -1
+            memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
+            if not os.environ.get("RAY_ADDRESS"):  # no autoscaler to add a larger node
+                _check_a_node_holds(memory, cfg)
+            # A task killed (its node lost, or out of memory) is tried again, a few times: Ray
+            # Data's default would try one that cannot fit for ever.
+            ds.map(
+                _process_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_task, memory=memory,
+                max_retries=TASK_RETRIES,
+            ).materialize()  # fmt: skip
+            marked = set(storage.list_files(storage.join(cfg.dst, WORK_DIR), cfg.s3))
+            if failed := [i for i in todo if _marker_url(cfg, i) not in marked]:
+                raise RuntimeError(
+                    f"prepare: {len(failed)} of {len(groups)} groups failed (their errors are "
+                    f"logged above; the first: {_group_source(groups[failed[0]])}): the others "
+                    "are done, and the same command again does the rest"
+                )
+        manifest = _finish(cfg, classes, len(groups))
+        print(
+            f"prepare: {manifest.num_inputs} inputs -> {manifest.num_rows} images in "
+            f"{len(manifest.shards)} shards + {manifest.num_errors} errors "
+            f"({manifest.num_grayscale} grayscale) in {time.monotonic() - start:.1f}s -> {cfg.dst}"
+        )
+        return manifest
 
 
 def _check_readable(groups: list[dict], cfg: PrepareConfig) -> None:

@@ -132,3 +132,41 @@ def test_a_driver_killed_while_it_holds_the_lease_leaves_it_to_the_next_at_once(
     assert holder(folder)["pid"] == child.pid  # left behind
     with DriverLease(folder, what="run r"):
         assert holder(folder)["pid"] == os.getpid()
+
+
+def test_every_job_with_an_output_folder_holds_it(tmp_path) -> None:
+    """colorize, prepare and evaluate, run again on an output another driver of theirs still
+    writes, are refused before they write to it (and before Ray starts)."""
+    import numpy as np
+
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.prior import AbHistogram
+    from colorcore.weights import save_checkpoint
+    from jobs import colorize, evaluate, prepare
+    from tests.support import encode, photo_rgb, write_dataset, write_image_tree
+
+    model = str(tmp_path / "tiny.pt")
+    save_checkpoint(model, ColorizationNet(ModelConfig(width=1 / 16)))
+    (tmp_path / "photo.jpg").write_bytes(encode(photo_rgb("coffee", 48)))
+    write_image_tree(tmp_path / "tree")
+    data = str(tmp_path / "data")
+    write_dataset(data)
+    with open(tmp_path / "data" / "prior.npz", "wb") as f:
+        AbHistogram(np.ones(313, np.int64)).save(f)
+    jobs = [  # (the job's main and config, the folder its lease is in, the job's words)
+        (colorize.main,
+         colorize.ColorizeConfig(input=str(tmp_path / "photo.jpg"), output=str(tmp_path / "out"),
+                                 model=model),
+         tmp_path / "out" / "_colorize", "colorize output"),
+        (prepare.main, prepare.PrepareConfig(src=str(tmp_path / "tree"), dst=str(tmp_path / "ds")),
+         tmp_path / "ds", "dataset"),
+        (evaluate.main,
+         evaluate.EvaluateConfig(data=data, model=model, output=str(tmp_path / "eval")),
+         tmp_path / "eval", "evaluation output"),
+    ]  # fmt: skip
+    for main, cfg, folder, words in jobs:
+        output = tmp_path / folder.relative_to(tmp_path).parts[0]
+        held = DriverLease(str(folder), what="the same job, run before")
+        with held, pytest.raises(LeaseHeld, match=f"{words} .* is in use by another driver"):
+            main(cfg)
+        assert not list(output.rglob("*.*"))  # nothing written, the lease given back
