@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from colorcore.int8 import (
     quantize,
 )
 from colorcore.model import ColorizationNet, ModelConfig
+from colorcore.quantize import ab_bins
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.onednn, "qconv_pointwise"), reason="no oneDNN int8 kernels"
@@ -140,6 +142,14 @@ def test_error_figure_is_the_distance_of_the_annealed_means(net, calibration) ->
     want = annealed_mean(net(calibration), 0.5)
     assert error == AbError.between(want, annealed_mean(int8(calibration), 0.5))
     assert 0 < error.mean < error.p99 < error.max
+
+    def colours(logits_NQhw: torch.Tensor) -> np.ndarray:  # E[ab] under softmax(logits / T)
+        p = torch.softmax(logits_NQhw.double() / 0.5, dim=1).numpy()
+        return np.einsum("nqhw,qc->nhwc", p, ab_bins().double().numpy())
+
+    d = np.linalg.norm(colours(int8(calibration)) - colours(net(calibration)), axis=-1).ravel()
+    written = (d.mean(), np.quantile(d, 0.99), d.max())
+    assert np.allclose((error.mean, error.p99, error.max), written, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_uses_are_refused(net) -> None:
