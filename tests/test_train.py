@@ -685,6 +685,19 @@ def test_validation_pools_the_pixels_of_its_images() -> None:
     assert none.images == 0 and all(math.isnan(v) for v in list(none.__dict__.values())[1:])
 
 
+def _eight_crops() -> torch.Tensor:
+    from tests.support import photo_rgb
+
+    photos = [photo_rgb(name) for name in ("astronaut", "coffee", "chelsea", "rocket")]
+    return torch.stack(
+        [torch.from_numpy(p[y : y + 64, 64:128].copy()) for p in photos for y in (40, 120)]
+    ).permute(0, 3, 1, 2)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def test_micro_batches_step_as_their_whole_batch() -> None:
     """Gradient accumulation: four micro-batches of two move the weights as one batch of
     eight does, and the step's loss is the batch's (BatchNorm in eval mode, whose output
@@ -693,19 +706,13 @@ def test_micro_batches_step_as_their_whole_batch() -> None:
 
     from colorcore.model import ColorizationNet, ModelConfig
     from jobs.train_loop import step_loss, train_step
-    from tests.support import photo_rgb
 
-    photos = [photo_rgb(name) for name in ("astronaut", "coffee", "chelsea", "rocket")]
-    rgb_N3HW = torch.stack(
-        [torch.from_numpy(p[y : y + 64, 64:128].copy()) for p in photos for y in (40, 120)]
-    ).permute(0, 3, 1, 2)
+    rgb_N3HW = _eight_crops()
     torch.manual_seed(0)
     rebalance_Q = torch.rand(313) + 0.5
     whole = ColorizationNet(ModelConfig(width=1 / 16)).eval()
     accumulated = copy.deepcopy(whole)
-
-    def flat(model: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
+    flat = _flat
 
     start, losses, moves = flat(whole), [], []
     for model, micro_batch in ((whole, 8), (accumulated, 2)):
@@ -717,6 +724,53 @@ def test_micro_batches_step_as_their_whole_batch() -> None:
     assert moves[0].abs().max() > 1e-3
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(moves[1], moves[0], rtol=1e-3, atol=1e-6)
+
+
+def _accumulate_on_rank(rank: int, folder: str) -> None:
+    """Rank `rank` of 2 takes its half of the eight crops in two micro-batches of two."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from jobs.train_loop import step_loss, train_step
+
+    init = f"file://{folder}/rendezvous"
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)  # two ranks on this machine's cores
+        torch.manual_seed(0)
+        rebalance_Q = torch.rand(313) + 0.5
+        model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=1.0)
+        loss_of = step_loss(ddp, rebalance_Q, train.ci(), None, torch.device("cpu"))
+        train_step(ddp, optimizer, loss_of, _eight_crops()[rank * 4 : rank * 4 + 4], 2)
+        torch.save(_flat(model), Path(folder, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_accumulating_micro_batches_step_as_one_process_with_the_whole_batch(
+    tmp_path,
+) -> None:
+    """DDP with gradient accumulation: two ranks of two micro-batches each (their gradients
+    all-reduced once, with the last) leave the same weights on both ranks, those of one
+    process stepping on the whole batch. Gradients kept apart (no all-reduce) would leave
+    the ranks apart; a micro-batch's loss counted at another share, off the whole batch."""
+    import torch.multiprocessing as mp
+
+    from colorcore.model import ColorizationNet, ModelConfig
+    from jobs.train_loop import step_loss, train_step
+
+    mp.spawn(_accumulate_on_rank, args=(str(tmp_path),), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(0)
+    rebalance_Q = torch.rand(313) + 0.5
+    whole = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    start = _flat(whole)
+    optimizer = torch.optim.SGD(whole.parameters(), lr=1.0)
+    loss_of = step_loss(whole, rebalance_Q, train.ci(), None, torch.device("cpu"))
+    train_step(whole, optimizer, loss_of, _eight_crops(), 8)
+    assert (_flat(whole) - start).abs().max() > 1e-3
+    torch.testing.assert_close(ranks[1], ranks[0], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0] - start, _flat(whole) - start, rtol=1e-3, atol=1e-6)
 
 
 def _restore_on_rank(rank: int, world: int, run: str, store: str, steps) -> None:
