@@ -1,4 +1,5 @@
-"""One driver at a time for a job's folder: a training run, a search.
+"""One driver at a time for a job's folder: a training run, a search, a dataset, an
+evaluation, a colorized archive.
 
 A second driver of the same folder is the same command run again while the first still runs:
 `ray job submit` whose log stream a Ctrl-C ended leaves its job running, and a re-run then
@@ -6,18 +7,22 @@ resumes from the checkpoint the first is still training past. Both would write t
 checkpoints, tables and records. `DriverLease` refuses it, naming the driver it would clash
 with.
 
-The lease is the file `LEASE_FILE` in the folder, created only where there is none (S3's
-If-None-Match, a local hard link: `storage.create_bytes`). It names its holder: the machine
-(`storage.MACHINE`: host and pid namespace), process id and start, host name and Ray job
-id, and counts its renewals, rewritten every `RENEW_S` by a thread of the holder. A holder
-that ended without giving it back (killed, its node lost) is taken over: on the same
+The lease is a file of `LEASE_DIR` in the folder, one a generation (``000001.json``, ...),
+created only where there is none (S3's If-None-Match, a local hard link:
+`storage.create_bytes`); the newest generation holds the folder. It names its holder: its
+machine (`storage.MACHINE` and the boot), process id and start, host name, Ray job id and a
+token of its own, and counts its renewals, rewritten every `RENEW_S` by a thread of the
+holder. A holder that ended without giving it back (killed, its node lost) is taken over by
+creating the next generation, which of two drivers racing for it only one can: on the same
 machine at once, its process being gone; from another machine once its lease has gone
 `EXPIRE_S` without a renewal, watched from here rather than read off timestamps, which the
-two machines' clocks may write apart.
+two machines' clocks may write apart. A holder that finds a newer generation than its own
+(taken over while its renewals failed) has lost the folder, and stops its job.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import logging
@@ -25,16 +30,31 @@ import os
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from jobs import storage
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "driver_lease.json"
+LEASE_DIR = "driver_lease"
 RENEW_S = 15.0
 EXPIRE_S = 60.0  # unrenewed this long, a lease from another machine is taken over
 WATCH_S = 2.0  # between looks at another machine's lease
+
+
+def _boot() -> str:
+    """This boot of the machine: hosts of one name (outside containers, whose pid namespaces
+    `storage.MACHINE` tells apart) count their processes apart."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()[:8]
+    except OSError:
+        return ""
+
+
+MACHINE = f"{storage.MACHINE}-{_boot()}"
 
 
 def _process_stat(pid: int) -> tuple[str, str] | None:
@@ -66,21 +86,39 @@ class LeaseHeld(ValueError):
     """Another driver holds the folder."""
 
 
+def _stop_the_job() -> None:
+    """A Ctrl-C of this process: the job stops as an interrupted one does."""
+    _thread.interrupt_main()
+
+
 class DriverLease:
     """``with DriverLease(url, what="run x"):`` the folder `url` for this driver alone, for
-    the block; a ValueError (`LeaseHeld`) when another driver holds it."""
+    the block; a ValueError (`LeaseHeld`) when another driver holds it, or with `wait`,
+    once it has given the folder back. `on_lost` is called (from the renewing thread) if
+    another driver takes the folder over meanwhile: by default it stops the job."""
 
-    def __init__(self, url: str, s3: storage.S3Options | None = None, *, what: str) -> None:
-        self.url, self.s3, self.what = storage.join(url, LEASE_FILE), s3, what
+    def __init__(
+        self,
+        url: str,
+        s3: storage.S3Options | None = None,
+        *,
+        what: str,
+        wait: bool = False,
+        on_lost: Callable[[], None] = _stop_the_job,
+    ) -> None:
+        self.folder, self.s3, self.what = storage.join(url, LEASE_DIR), s3, what
+        self.wait, self.on_lost = wait, on_lost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._url: str | None = None  # the generation held
         self._renewals = 0
         self._me = {
-            "machine": storage.MACHINE,
+            "machine": MACHINE,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "start": (_process_stat(os.getpid()) or (None, None))[1],
             "ray_job": _submission_id(),
+            "token": uuid.uuid4().hex,
         }
 
     def __enter__(self) -> DriverLease:
@@ -94,17 +132,69 @@ class DriverLease:
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(Exception):  # a lease left behind lapses by itself
-            if self._ours(self._read()):
-                storage.remove([self.url], self.s3)
+            if self._url and self._ours(self._read(self._url)):
+                storage.remove([self._url], self.s3)
+            if storage.is_local(self.folder):  # not an empty folder left in the job's
+                os.rmdir(storage.split_url(self.folder)[1])
+
+    def _generations(self) -> list[str]:
+        """The lease files, oldest first."""
+        found = [u for u in storage.list_files(self.folder, self.s3) if _generation(u)]
+        return sorted(found, key=_generation)
+
+    def _take(self) -> None:
+        waiting = False
+        while True:
+            leases = self._generations()
+            if leases:
+                holder = self._read(leases[-1])
+                if holder is None:
+                    continue  # given back meanwhile
+                if self._ours(holder):  # this one's own create, whose reply was lost
+                    self._url = leases[-1]
+                    return
+                if not self._ended(leases[-1], holder):
+                    if not self.wait:
+                        raise LeaseHeld(self._held_by(holder, leases[-1]))
+                    if not waiting:
+                        print(f"{self.what}: waiting for {_describe(holder)} to end")
+                    waiting = True
+                    time.sleep(WATCH_S)
+                    continue
+                log.warning("%s: taking over the lease of a driver that ended: %s", self.what,
+                            _describe(holder))  # fmt: skip
+            generation = _generation(leases[-1]) + 1 if leases else 1
+            url = storage.join(self.folder, f"{generation:06d}.json")
+            if self._create(url):
+                self._url = url
+                with contextlib.suppress(Exception):  # the ended holders': no longer read
+                    storage.remove(leases, self.s3)
+                return
+            # another driver created it first: its lease is read next
+
+    def _create(self, url: str) -> bool:
+        try:
+            return storage.create_bytes(url, self._content(), self.s3)
+        except OSError as error:
+            if not storage.not_implemented(error):
+                raise
+        # a store that does not implement conditional writes: two drivers starting at once
+        # may both write, and the renewals of one of them find it out
+        log.warning("%s: the store writes no file only where there is none (501 to "
+                    "If-None-Match): the lease is a plain write", self.what)  # fmt: skip
+        if storage.exists(url, self.s3):
+            return False
+        storage.write_bytes(url, self._content(), self.s3)
+        return True
 
     def _content(self) -> bytes:
         return json.dumps(self._me | {"renewals": self._renewals}).encode()
 
-    def _read(self) -> dict[str, Any] | None:
-        """The lease's holder, None where there is no lease; a lease that does not read (cut
-        short) is an empty holder, whom nothing names alive."""
+    def _read(self, url: str) -> dict[str, Any] | None:
+        """A lease's holder, None where it is gone; a lease that does not read (cut short)
+        is an empty holder, whom nothing names alive."""
         try:
-            data = storage.read_bytes(self.url, self.s3)
+            data = storage.read_bytes(url, self.s3)
         except FileNotFoundError:
             return None
         try:
@@ -114,58 +204,54 @@ class DriverLease:
         return holder if isinstance(holder, dict) else {}
 
     def _ours(self, holder: dict[str, Any] | None) -> bool:
-        return bool(holder) and all(holder.get(k) == v for k, v in self._me.items())
+        return bool(holder) and holder.get("token") == self._me["token"]
 
-    def _take(self) -> None:
-        while not storage.create_bytes(self.url, self._content(), self.s3):
-            holder = self._read()
-            if holder is None:
-                continue  # given back meanwhile
-            if holder.get("machine") == storage.MACHINE:
-                if _holder_alive(holder):
-                    raise LeaseHeld(self._held_by(holder))
-            elif not self._lapses(holder):
-                raise LeaseHeld(self._held_by(holder))
-            log.warning("%s: taking over the lease of a driver that ended: %s", self.what,
-                        _describe(holder))  # fmt: skip
-            storage.remove([self.url], self.s3)
-
-    def _lapses(self, holder: dict[str, Any]) -> bool:
-        """Whether another machine's lease goes `EXPIRE_S` unrenewed (True), or is renewed
-        or given back (False: it is alive, or free, and read again)."""
+    def _ended(self, url: str, holder: dict[str, Any]) -> bool:
+        """Whether the holder of the lease `url` has ended: on this machine, its process is
+        gone; from another, its lease goes `EXPIRE_S` unchanged (no renewal) and no newer
+        generation appears (another driver took it over first: read next)."""
+        if holder.get("machine") == MACHINE:
+            return not _holder_alive(holder)
         print(f"{self.what}: the lease of {_describe(holder)} is watched for up to "
               f"{EXPIRE_S:.0f} s: a driver that still runs renews it")  # fmt: skip
         deadline = time.monotonic() + EXPIRE_S
         while time.monotonic() < deadline:
             time.sleep(WATCH_S)
-            now = self._read()
-            if now is None:
+            if self._read(url) != holder or self._generations()[-1:] != [url]:
                 return False
-            if now != holder:
-                raise LeaseHeld(self._held_by(now))
         return True
 
-    def _held_by(self, holder: dict[str, Any]) -> str:
+    def _held_by(self, holder: dict[str, Any], url: str) -> str:
         job = holder.get("ray_job")
         stop = f" (`ray job stop {job}`)" if job else ""
         return (
             f"{self.what} is in use by another driver, {_describe(holder)}: stop it{stop} or "
-            f"wait for it to end; its lease ({self.url}) is taken over once that driver has "
-            f"ended, at once on its own machine, after {EXPIRE_S:.0f} s unrenewed elsewhere"
+            f"wait for it to end; its lease ({url}) is taken over once that driver has ended, "
+            f"at once on its own machine, after {EXPIRE_S:.0f} s unrenewed elsewhere"
         )
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
-                if not self._ours(self._read()):
-                    log.error("%s: the lease %s was taken over by another driver; this one "
-                              "no longer renews it", self.what, self.url)  # fmt: skip
+                newest = self._generations()[-1:]
+                if newest != [self._url] or not self._ours(self._read(self._url)):
+                    log.error("%s: another driver took the folder over (%s) while this one's "
+                              "lease went unrenewed: this job stops", self.what,
+                              newest[0] if newest else "its lease gone")  # fmt: skip
+                    self.on_lost()
                     return
                 self._renewals += 1
-                storage.write_bytes(self.url, self._content(), self.s3)
+                storage.write_bytes(self._url, self._content(), self.s3)
             except Exception as error:  # the next renewal may pass
                 log.warning("%s: renewing the lease failed: %s: %s", self.what,
                             type(error).__name__, error)  # fmt: skip
+
+
+def _generation(url: str) -> int:
+    """The generation a lease file's name gives, 0 for another file."""
+    name = url.rpartition("/")[2]
+    stem, _, suffix = name.partition(".")
+    return int(stem) if suffix == "json" and stem.isdigit() else 0
 
 
 def _describe(holder: dict[str, Any]) -> str:

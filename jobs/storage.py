@@ -558,6 +558,12 @@ def _precondition_failed(error: BaseException) -> bool:
     return code == "PreconditionFailed" or status == 412
 
 
+def not_implemented(error: BaseException) -> bool:
+    """Whether an S3 error is a 501 Not Implemented: a request (a conditional write, say)
+    this store does not take."""
+    return _s3_reply(error)[1] == 501
+
+
 def _s3_reply(error: BaseException) -> tuple[str | None, int | None]:
     """(error code, HTTP status) of the S3 reply behind an error s3fs raised (its cause),
     or Nones for any other error."""

@@ -1,5 +1,5 @@
-"""One driver at a time for a run or search folder (`jobs.lease`), on a local folder and on
-the moto S3 server."""
+"""One driver at a time for a job's folder (`jobs.lease`), on a local folder and on the moto
+S3 server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobs import lease, storage
-from jobs.lease import LEASE_FILE, DriverLease, LeaseHeld
+from jobs.lease import LEASE_DIR, DriverLease, LeaseHeld
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,16 +28,30 @@ def folder(request, tmp_path) -> str:
     return request.getfixturevalue("s3_server").url(f"lease-{request.node.name}")
 
 
+def leases(url: str) -> list[str]:
+    """The lease files' names, oldest first."""
+    found = storage.list_files(storage.join(url, LEASE_DIR))
+    return sorted(u.rpartition("/")[2] for u in found)
+
+
 def holder(url: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(storage.join(url, LEASE_FILE)))
-    except FileNotFoundError:
+    """The newest lease's holder."""
+    names = leases(url)
+    if not names:
         return None
+    return json.loads(storage.read_bytes(storage.join(url, LEASE_DIR, names[-1])))
 
 
-def plant(url: str, **fields) -> None:
+def plant(url: str, generation: int = 1, **fields) -> None:
     """A lease as another driver would have written it."""
-    storage.write_bytes(storage.join(url, LEASE_FILE), json.dumps(fields).encode())
+    name = storage.join(url, LEASE_DIR, f"{generation:06d}.json")
+    storage.write_bytes(name, json.dumps(fields).encode())
+
+
+def ended_pid() -> int:
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
 
 
 def test_a_second_driver_is_refused_and_the_first_gives_the_folder_back(folder) -> None:
@@ -48,56 +62,62 @@ def test_a_second_driver_is_refused_and_the_first_gives_the_folder_back(folder) 
         with pytest.raises(LeaseHeld, match=f"run r is in use by another driver, {me}: stop it"):
             DriverLease(folder, what="run r").__enter__()
         assert holder(folder) == held  # the refused one took nothing
-    assert holder(folder) is None
+    assert leases(folder) == []
+    if storage.is_local(folder):
+        assert not os.listdir(folder)  # no empty folder left in the job's either
     with DriverLease(folder, what="run r"):  # free again
         assert holder(folder)["pid"] == os.getpid()
 
 
-def test_the_holder_renews_its_lease_while_it_runs(folder, monkeypatch) -> None:
+def test_the_holder_renews_its_lease_and_names_its_ray_job(folder, monkeypatch) -> None:
     monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    config = {"metadata": {"job_submission_id": "raysubmit_abc"}}  # as Ray's supervisor sets
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(config))
     with DriverLease(folder, what="run r"):
         deadline = time.monotonic() + 30
         while holder(folder)["renewals"] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert holder(folder)["renewals"] >= 2
+        assert holder(folder)["renewals"] >= 2 and holder(folder)["ray_job"] == "raysubmit_abc"
+        with pytest.raises(LeaseHeld, match=r"stop it \(`ray job stop raysubmit_abc`\)"):
+            DriverLease(folder, what="run r").__enter__()
 
 
 def test_a_lease_whose_holder_ended_on_this_machine_is_taken_over_at_once(folder, monkeypatch):
-    """Its process is gone (or its id now names a later process): nothing to wait for."""
+    """Its process is gone, ended and not yet waited for, or its id names a later process:
+    nothing to wait for. The ended holder's lease goes, the taker's is the next."""
 
-    def watched(self, holder):
+    def watched(self, url, holder):
         raise AssertionError("a lease of this machine was watched")
 
-    monkeypatch.setattr(DriverLease, "_lapses", watched)
-    ended = subprocess.Popen(["true"])
-    ended.wait()
+    monkeypatch.setattr(lease, "EXPIRE_S", 1000.0)
     zombie = subprocess.Popen(["true"])  # ended, not yet waited for
     while lease._process_stat(zombie.pid)[0] != "Z":
         time.sleep(0.01)
-    cases = [(ended.pid, None), (zombie.pid, None), (os.getpid(), "0")]  # "0": another's start
-    for pid, start in cases:
-        plant(folder, machine=storage.MACHINE, host="h", pid=pid, start=start, renewals=3)
+    cases = [(ended_pid(), None), (zombie.pid, None), (os.getpid(), "0")]  # "0": another's start
+    for generation, (pid, start) in enumerate(cases, 1):
+        plant(folder, generation, machine=lease.MACHINE, host="h", pid=pid, start=start)
         with DriverLease(folder, what="run r"):
             assert holder(folder)["pid"] == os.getpid()
+            assert leases(folder) == [f"{generation + 1:06d}.json"]
     zombie.wait()
 
 
 def test_another_machines_lease_is_taken_over_once_it_goes_unrenewed(folder, monkeypatch):
     monkeypatch.setattr(lease, "EXPIRE_S", 0.5)
     monkeypatch.setattr(lease, "WATCH_S", 0.05)
-    other = {"machine": "0badf00d", "host": "node-7", "pid": 1, "ray_job": "raysubmit_x"}
+    other = {"machine": "0badf00d-x", "host": "node-7", "pid": 1, "ray_job": "raysubmit_x"}
     plant(folder, **other, renewals=5)
     with DriverLease(folder, what="run r"):  # it ended: its lease stays as it was
         assert holder(folder)["pid"] == os.getpid()
 
-    plant(folder, **other, renewals=5)
+    plant(folder, 7, **other, renewals=5)
     renewing = threading.Event()
 
     def renew() -> None:  # a driver that still runs
         n = 5
         while not renewing.wait(0.05):
             n += 1
-            plant(folder, **other, renewals=n)
+            plant(folder, 7, **other, renewals=n)
 
     thread = threading.Thread(target=renew, daemon=True)
     thread.start()
@@ -108,6 +128,79 @@ def test_another_machines_lease_is_taken_over_once_it_goes_unrenewed(folder, mon
     finally:
         renewing.set()
         thread.join()
+
+
+def test_of_two_drivers_taking_over_one_ended_lease_one_wins(folder, monkeypatch) -> None:
+    """Both find the holder ended; the next generation, created only where there is none,
+    goes to the first, and the second then finds it held."""
+    plant(folder, 1, machine=lease.MACHINE, host="h", pid=ended_pid())
+    first, second = DriverLease(folder, what="run r"), DriverLease(folder, what="run r")
+    ended = DriverLease._ended
+
+    def ended_as_the_other_takes_over(self, url, holder):
+        if self is second and first._url is None:
+            first.__enter__()  # between the second's look and its taking over
+        return ended(self, url, holder)
+
+    monkeypatch.setattr(DriverLease, "_ended", ended_as_the_other_takes_over)
+    try:
+        with pytest.raises(LeaseHeld, match=f"process {os.getpid()} on"):
+            second.__enter__()
+        assert holder(folder)["token"] == first._me["token"] and leases(folder) == ["000002.json"]
+    finally:
+        first.__exit__()
+
+
+def test_a_create_whose_reply_was_lost_is_found_to_be_its_own(folder, monkeypatch) -> None:
+    """The store wrote the lease and the reply was lost: the retry finds a file there, which
+    is this driver's (not another's, by the same process id)."""
+    create = storage.create_bytes
+
+    def written_then_reply_lost(url, data, s3=None):
+        create(url, data, s3)
+        return False  # as a retried create meeting its own first write
+
+    monkeypatch.setattr(storage, "create_bytes", written_then_reply_lost)
+    with DriverLease(folder, what="run r") as held:
+        assert holder(folder)["token"] == held._me["token"]
+
+
+def test_a_store_without_conditional_writes_still_refuses_a_second_driver(folder, monkeypatch):
+    """One that overwrites (If-None-Match ignored), or answers 501: the newest lease is read
+    before one is written."""
+    reply = Exception("NotImplemented")
+    reply.response = {"ResponseMetadata": {"HTTPStatusCode": 501}}  # as botocore's errors
+    not_implemented = OSError("501")
+    not_implemented.__cause__ = reply
+
+    def overwrites(url, data, s3=None):
+        storage.write_bytes(url, data, s3)
+        return True
+
+    def refuses(url, data, s3=None):
+        raise not_implemented
+
+    for create in (overwrites, refuses):
+        monkeypatch.setattr(storage, "create_bytes", create)
+        with DriverLease(folder, what="run r") as first:
+            with pytest.raises(LeaseHeld):
+                DriverLease(folder, what="run r").__enter__()
+            assert holder(folder)["token"] == first._me["token"]
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_new_one(folder, monkeypatch):
+    """Its renewals failed past the watch of a driver on another machine, which took the
+    folder over: it stops its job rather than write beside the new driver, and neither its
+    renewals nor its end touch the new lease."""
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    lost = threading.Event()
+    with DriverLease(folder, what="run r", on_lost=lost.set):
+        taker = {"machine": "0badf00d-x", "host": "node-7", "pid": 1, "token": "t"}
+        plant(folder, 2, **taker)
+        assert lost.wait(30)
+        time.sleep(0.2)  # renewals it might still make
+        assert holder(folder) == taker
+    assert holder(folder) == taker and leases(folder) == ["000002.json"]  # its own gone
 
 
 def test_a_driver_killed_while_it_holds_the_lease_leaves_it_to_the_next_at_once(tmp_path):
@@ -132,6 +225,13 @@ def test_a_driver_killed_while_it_holds_the_lease_leaves_it_to_the_next_at_once(
     assert holder(folder)["pid"] == child.pid  # left behind
     with DriverLease(folder, what="run r"):
         assert holder(folder)["pid"] == os.getpid()
+
+
+def test_a_driver_that_waits_takes_the_folder_once_the_other_gives_it_back(folder) -> None:
+    first = DriverLease(folder, what="the sample data").__enter__()
+    threading.Timer(0.5, first.__exit__).start()
+    with DriverLease(folder, what="the sample data", wait=True) as second:
+        assert holder(folder)["token"] == second._me["token"]
 
 
 def test_every_job_with_an_output_folder_holds_it(tmp_path) -> None:
@@ -169,4 +269,4 @@ def test_every_job_with_an_output_folder_holds_it(tmp_path) -> None:
         held = DriverLease(str(folder), what="the same job, run before")
         with held, pytest.raises(LeaseHeld, match=f"{words} .* is in use by another driver"):
             main(cfg)
-        assert not list(output.rglob("*.*"))  # nothing written, the lease given back
+        assert not [p for p in output.rglob("*") if p.is_file()]  # nothing written or left
