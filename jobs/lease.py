@@ -16,18 +16,19 @@ holder. A holder that ended without giving it back (killed, its node lost) is ta
 creating the next generation, which of two drivers racing for it only one can: on the same
 machine at once, its process being gone; from another machine once its lease has gone
 `EXPIRE_S` without a renewal, watched from here rather than read off timestamps, which the
-two machines' clocks may write apart. A holder that finds a newer generation than its own
-(taken over while its renewals failed) has lost the folder, and stops its job.
+two machines' clocks may write apart. A holder stops its job where another driver may have
+the folder: its lease taken over (a newer generation, or its own rewritten), or its renewals
+failing for `FENCE_S`, past which a watcher elsewhere may take over before it can tell.
 """
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ LEASE_DIR = "driver_lease"
 RENEW_S = 15.0
 EXPIRE_S = 60.0  # unrenewed this long, a lease from another machine is taken over
 WATCH_S = 2.0  # between looks at another machine's lease
+FENCE_S = 45.0  # unrenewed this long, a holder stops: EXPIRE_S less a margin
 
 
 def _boot() -> str:
@@ -82,20 +84,24 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
     return state not in ("Z", "X") and holder.get("start") in (None, start)
 
 
-class LeaseHeld(ValueError):
-    """Another driver holds the folder."""
+LOST_EXIT_STATUS = 3
 
 
 def _stop_the_job() -> None:
-    """A Ctrl-C of this process: the job stops as an interrupted one does."""
-    _thread.interrupt_main()
+    """Ends this process at once, with `LOST_EXIT_STATUS` (its local Ray instance and its
+    Ray workers go with it). Not a Ctrl-C: Ray's handlers of one let Tune write its tables
+    into the folder and Ray Train exit 0, and a driver started in the background ignores
+    it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LOST_EXIT_STATUS)
 
 
 class DriverLease:
     """``with DriverLease(url, what="run x"):`` the folder `url` for this driver alone, for
-    the block; a ValueError (`LeaseHeld`) when another driver holds it, or with `wait`,
-    once it has given the folder back. `on_lost` is called (from the renewing thread) if
-    another driver takes the folder over meanwhile: by default it stops the job."""
+    the block; a ValueError when another driver holds it, or with `wait`, once it has given
+    the folder back. `on_lost` is called (from the renewing thread) where another driver
+    may have taken the folder over meanwhile: by default it ends the process."""
 
     def __init__(
         self,
@@ -112,6 +118,7 @@ class DriverLease:
         self._thread: threading.Thread | None = None
         self._url: str | None = None  # the generation held
         self._renewals = 0
+        self._made: list[str] = []
         self._me = {
             "machine": MACHINE,
             "host": socket.gethostname(),
@@ -122,6 +129,11 @@ class DriverLease:
         }
 
     def __enter__(self) -> DriverLease:
+        if storage.is_local(self.folder):  # the folders the lease makes, taken away after
+            path = storage.split_url(self.folder)[1]
+            while path and not os.path.isdir(path):
+                self._made.append(path)
+                path = os.path.dirname(path)
         self._take()
         self._thread = threading.Thread(target=self._renew, name="driver-lease", daemon=True)
         self._thread.start()
@@ -134,8 +146,8 @@ class DriverLease:
         with contextlib.suppress(Exception):  # a lease left behind lapses by itself
             if self._url and self._ours(self._read(self._url)):
                 storage.remove([self._url], self.s3)
-            if storage.is_local(self.folder):  # not an empty folder left in the job's
-                os.rmdir(storage.split_url(self.folder)[1])
+            for folder in self._made:  # deepest first, while empty (a refused job's output)
+                os.rmdir(folder)
 
     def _generations(self) -> list[str]:
         """The lease files, oldest first."""
@@ -143,19 +155,30 @@ class DriverLease:
         return sorted(found, key=_generation)
 
     def _take(self) -> None:
-        waiting = False
+        waiting, missing = False, 0
         while True:
             leases = self._generations()
             if leases:
                 holder = self._read(leases[-1])
-                if holder is None:
-                    continue  # given back meanwhile
+                if holder is None and missing < 5:  # given back meanwhile, or listed late
+                    missing += 1
+                    time.sleep(0.1)
+                    continue
+                holder, missing = holder or {}, 0  # listed, never read: a holder unknown
                 if self._ours(holder):  # this one's own create, whose reply was lost
                     self._url = leases[-1]
+                    with contextlib.suppress(Exception):
+                        storage.remove(leases[:-1], self.s3)
                     return
-                if not self._ended(leases[-1], holder):
+                ended = self._ended(leases[-1], holder, quiet=waiting)
+                if ended is None:
+                    continue  # a newer lease came meanwhile: its holder is judged instead
+                if not ended:
                     if not self.wait:
-                        raise LeaseHeld(self._held_by(holder, leases[-1]))
+                        raise ValueError(self._held_by(holder, leases[-1]))
+                    if holder.get("machine") == MACHINE and holder.get("pid") == os.getpid():
+                        raise ValueError(f"{self.what}: {self.folder} is held by this driver "
+                                         "itself, which would wait for itself")  # fmt: skip
                     if not waiting:
                         print(f"{self.what}: waiting for {_describe(holder)} to end")
                     waiting = True
@@ -175,6 +198,8 @@ class DriverLease:
     def _create(self, url: str) -> bool:
         try:
             return storage.create_bytes(url, self._content(), self.s3)
+        except FileNotFoundError:  # a local folder an ending holder took away meanwhile
+            return False
         except OSError as error:
             if not storage.not_implemented(error):
                 raise
@@ -206,18 +231,21 @@ class DriverLease:
     def _ours(self, holder: dict[str, Any] | None) -> bool:
         return bool(holder) and holder.get("token") == self._me["token"]
 
-    def _ended(self, url: str, holder: dict[str, Any]) -> bool:
+    def _ended(self, url: str, holder: dict[str, Any], *, quiet: bool = False) -> bool | None:
         """Whether the holder of the lease `url` has ended: on this machine, its process is
-        gone; from another, its lease goes `EXPIRE_S` unchanged (no renewal) and no newer
-        generation appears (another driver took it over first: read next)."""
+        gone; from another, its lease goes `EXPIRE_S` unchanged (no renewal). None where a
+        newer generation appears meanwhile (another driver took it over first)."""
         if holder.get("machine") == MACHINE:
             return not _holder_alive(holder)
-        print(f"{self.what}: the lease of {_describe(holder)} is watched for up to "
-              f"{EXPIRE_S:.0f} s: a driver that still runs renews it")  # fmt: skip
+        if not quiet:
+            print(f"{self.what}: the lease of {_describe(holder)} is watched for up to "
+                  f"{EXPIRE_S:.0f} s: a driver that still runs renews it")  # fmt: skip
         deadline = time.monotonic() + EXPIRE_S
         while time.monotonic() < deadline:
             time.sleep(WATCH_S)
-            if self._read(url) != holder or self._generations()[-1:] != [url]:
+            if self._generations()[-1:] != [url]:
+                return None
+            if (self._read(url) or {}) != holder:
                 return False
         return True
 
@@ -231,20 +259,27 @@ class DriverLease:
         )
 
     def _renew(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(RENEW_S):
             try:
                 newest = self._generations()[-1:]
                 if newest != [self._url] or not self._ours(self._read(self._url)):
-                    log.error("%s: another driver took the folder over (%s) while this one's "
-                              "lease went unrenewed: this job stops", self.what,
-                              newest[0] if newest else "its lease gone")  # fmt: skip
+                    log.error("%s: another driver took the folder over (%s): this job stops",
+                              self.what, newest[0] if newest else "its lease gone")  # fmt: skip
                     self.on_lost()
                     return
                 self._renewals += 1
                 storage.write_bytes(self._url, self._content(), self.s3)
+                renewed = time.monotonic()
             except Exception as error:  # the next renewal may pass
                 log.warning("%s: renewing the lease failed: %s: %s", self.what,
                             type(error).__name__, error)  # fmt: skip
+                if time.monotonic() - renewed > FENCE_S and not self._stop.is_set():
+                    log.error("%s: the lease went unrenewed for %.1f s, and a driver elsewhere "
+                              "may take the folder over: this job stops", self.what,
+                              time.monotonic() - renewed)  # fmt: skip
+                    self.on_lost()
+                    return
 
 
 def _generation(url: str) -> int:

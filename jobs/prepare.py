@@ -23,6 +23,7 @@ run resumes without redoing or duplicating anything, and produces the same shard
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -483,7 +484,9 @@ def _check_resumable(cfg: PrepareConfig, classes: list[str], groups: list[dict])
         )
 
 
-def main(cfg: PrepareConfig) -> Manifest:
+def main(cfg: PrepareConfig, *, leased: bool = False) -> Manifest:
+    """Convert SRC into the dataset DST, or go on with what a run before left; `leased`: the
+    caller holds DST's lease (`jobs.lease`) already."""
     import ray
 
     from jobs.lease import DriverLease
@@ -493,7 +496,12 @@ def main(cfg: PrepareConfig) -> Manifest:
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
     classes, groups = plan(cfg)
     _check_readable(groups, cfg)
-    with DriverLease(cfg.dst, cfg.s3, what=f"dataset {cfg.dst}"):
+    held = (
+        contextlib.nullcontext()
+        if leased
+        else DriverLease(cfg.dst, cfg.s3, what=f"dataset {cfg.dst}")
+    )
+    with held:
         _check_resumable(cfg, classes, groups)
         storage.list_files_swept(storage.join(cfg.dst, SHARDS_DIR), cfg.s3)  # a killed run's
         marked = set(storage.list_files_swept(storage.join(cfg.dst, WORK_DIR), cfg.s3))

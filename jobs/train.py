@@ -597,35 +597,34 @@ def check_workers_fit(cfg: TrainConfig) -> None:
 
 def ensure_sample_data(cfg: TrainConfig) -> None:
     """Create the synthetic sample train/val datasets and the prior where missing. Made
-    once: a run that starts while another makes them waits for it (the lease of the folder
-    they are in), then finds them made."""
+    once: a run that starts while another makes them waits for it (the lease of each
+    dataset's folder), then finds them made."""
     from jobs import prepare, prior, synthetic
     from jobs.lease import DriverLease
 
     counts = (cfg.sample_images, max(3, cfg.sample_images // 10))
     made = [(u, c, s) for u, c, s in zip((cfg.data, cfg.val_data), counts, (0, 1), strict=True)
             if u is not None]  # fmt: skip
-
-    needed = [*(storage.join(url, "manifest.json") for url, _, _ in made), cfg.prior_url]
-    if all(storage.exists(u, cfg.s3) for u in needed):
-        return
-    folder = cfg.data.rstrip("/").rpartition("/")[0] or "."
-    with DriverLease(folder, cfg.s3, what="the sample data", wait=True):
-        for url, count, seed in made:
-            if storage.exists(storage.join(url, "manifest.json"), cfg.s3):
-                continue
-            images = url.rstrip("/") + "-images"  # beside the dataset, same storage
-            synthetic.main(
-                synthetic.SyntheticConfig(dst=images, num_images=count, seed=seed, s3=cfg.s3)
-            )
-            prepare.main(
-                prepare.PrepareConfig(
-                    src=images, dst=url, max_group_images=200, cpus_per_task=0.5, s3=cfg.s3
+    for url, count, seed in made:
+        needed = [storage.join(url, "manifest.json")]
+        if url == cfg.data:
+            needed.append(cfg.prior_url)
+        if all(storage.exists(u, cfg.s3) for u in needed):
+            continue
+        with DriverLease(url, cfg.s3, what=f"the sample data {url}", wait=True):
+            if not storage.exists(needed[0], cfg.s3):
+                images = url.rstrip("/") + "-images"  # beside the dataset, same storage
+                synthetic.main(
+                    synthetic.SyntheticConfig(dst=images, num_images=count, seed=seed, s3=cfg.s3)
                 )
-            )
-        if not storage.exists(cfg.prior_url, cfg.s3):
-            prior.main(prior.PriorConfig(dataset=cfg.data, output=cfg.prior_url,
-                                         cpus_per_task=0.5, s3=cfg.s3))  # fmt: skip
+                prepare.main(
+                    prepare.PrepareConfig(src=images, dst=url, max_group_images=200,
+                                          cpus_per_task=0.5, s3=cfg.s3),
+                    leased=True,
+                )  # fmt: skip
+            if url == cfg.data and not storage.exists(cfg.prior_url, cfg.s3):
+                prior.main(prior.PriorConfig(dataset=cfg.data, output=cfg.prior_url,
+                                             cpus_per_task=0.5, s3=cfg.s3))  # fmt: skip
 
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
