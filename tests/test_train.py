@@ -698,28 +698,37 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_micro_batches_step_as_their_whole_batch() -> None:
-    """Gradient accumulation: four micro-batches of two move the weights as one batch of
-    eight does, and the step's loss is the batch's (BatchNorm in eval mode, whose output
-    for an image does not depend on the others in its batch)."""
-    import copy
-
+def _tiny_net() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The same tiny network, BatchNorm in eval mode (an image's output does not depend on
+    the others in its batch), and rebalancing weights, on every call and in every process."""
     from colorcore.model import ColorizationNet, ModelConfig
-    from jobs.train_loop import step_loss, train_step
 
-    rgb_N3HW = _eight_crops()
     torch.manual_seed(0)
     rebalance_Q = torch.rand(313) + 0.5
-    whole = ColorizationNet(ModelConfig(width=1 / 16)).eval()
-    accumulated = copy.deepcopy(whole)
-    flat = _flat
+    return ColorizationNet(ModelConfig(width=1 / 16)).eval(), rebalance_Q
 
-    start, losses, moves = flat(whole), [], []
-    for model, micro_batch in ((whole, 8), (accumulated, 2)):
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # moves by the gradient
-        loss_of = step_loss(model, rebalance_Q, train.ci(), None, torch.device("cpu"))
-        losses.append(train_step(model, optimizer, loss_of, rgb_N3HW, micro_batch))
-        moves.append(flat(model) - start)
+
+def _sgd_step(
+    model: torch.nn.Module, rebalance_Q: torch.Tensor, rgb_N3HW: torch.Tensor, micro_batch: int
+) -> torch.Tensor:
+    """One `train_step` by SGD at lr 1 (the weights move by the gradient); its loss."""
+    from jobs.train_loop import step_loss, train_step
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss_of = step_loss(model, rebalance_Q, train.ci(), None, torch.device("cpu"))
+    return train_step(model, optimizer, loss_of, rgb_N3HW, micro_batch)
+
+
+def test_micro_batches_step_as_their_whole_batch() -> None:
+    """Gradient accumulation: four micro-batches of two move the weights as one batch of
+    eight does, and the step's loss is the batch's."""
+    rgb_N3HW = _eight_crops()
+    losses, moves = [], []
+    for micro_batch in (8, 2):
+        model, rebalance_Q = _tiny_net()
+        start = _flat(model)
+        losses.append(_sgd_step(model, rebalance_Q, rgb_N3HW, micro_batch))
+        moves.append(_flat(model) - start)
         assert all(p.grad is None for p in model.parameters())  # cleared for the next step
     assert moves[0].abs().max() > 1e-3
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
@@ -728,20 +737,13 @@ def test_micro_batches_step_as_their_whole_batch() -> None:
 
 def _accumulate_on_rank(rank: int, folder: str) -> None:
     """Rank `rank` of 2 takes its half of the eight crops in two micro-batches of two."""
-    from colorcore.model import ColorizationNet, ModelConfig
-    from jobs.train_loop import step_loss, train_step
-
     init = f"file://{folder}/rendezvous"
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)  # two ranks on this machine's cores
-        torch.manual_seed(0)
-        rebalance_Q = torch.rand(313) + 0.5
-        model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+        model, rebalance_Q = _tiny_net()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=1.0)
-        loss_of = step_loss(ddp, rebalance_Q, train.ci(), None, torch.device("cpu"))
-        train_step(ddp, optimizer, loss_of, _eight_crops()[rank * 4 : rank * 4 + 4], 2)
+        _sgd_step(ddp, rebalance_Q, _eight_crops()[rank * 4 : rank * 4 + 4], 2)
         torch.save(_flat(model), Path(folder, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -756,18 +758,11 @@ def test_ranks_accumulating_micro_batches_step_as_one_process_with_the_whole_bat
     the ranks apart; a micro-batch's loss counted at another share, off the whole batch."""
     import torch.multiprocessing as mp
 
-    from colorcore.model import ColorizationNet, ModelConfig
-    from jobs.train_loop import step_loss, train_step
-
     mp.spawn(_accumulate_on_rank, args=(str(tmp_path),), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    torch.manual_seed(0)
-    rebalance_Q = torch.rand(313) + 0.5
-    whole = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    whole, rebalance_Q = _tiny_net()
     start = _flat(whole)
-    optimizer = torch.optim.SGD(whole.parameters(), lr=1.0)
-    loss_of = step_loss(whole, rebalance_Q, train.ci(), None, torch.device("cpu"))
-    train_step(whole, optimizer, loss_of, _eight_crops(), 8)
+    _sgd_step(whole, rebalance_Q, _eight_crops(), 8)
     assert (_flat(whole) - start).abs().max() > 1e-3
     torch.testing.assert_close(ranks[1], ranks[0], rtol=0, atol=0)
     torch.testing.assert_close(ranks[0] - start, _flat(whole) - start, rtol=1e-3, atol=1e-6)
