@@ -514,9 +514,8 @@ def trial_slots(
 
     GPU trials with `max_gpus` take that count as given, and on an `autoscaling` cluster,
     whose worker nodes start as the trials ask for them, so do `max_concurrent` trials.
-    Where the nodes offer `DRIVER_RESOURCE`,
-    each trial's function takes one (and no CPU), and no more trials run at once than
-    there are; elsewhere `TRIAL_DRIVER_CPU`."""
+    Where the nodes offer `DRIVER_RESOURCE`, each trial's function takes one (and no CPU),
+    and no more trials run at once than there are; elsewhere `TRIAL_DRIVER_CPU`."""
     drivers = sum(node.get(DRIVER_RESOURCE, 0) for node in nodes)
     if drivers >= 1:
         slots = _resource_slots(search, nodes, driver_cpu=0.0, autoscaling=autoscaling)
@@ -538,13 +537,13 @@ def _resource_slots(
     slots = min(fits // train_cfg.num_workers, int(cpus // per_trial))
     if slots < 1:
         function = f" (and {driver_cpu} CPU for its Tune function)" if driver_cpu else ""
-        flags = "--max-gpus or --max-concurrent" if search.gpus_per_trial else "--max-concurrent"
-        hint = (
-            f": on an autoscaling cluster whose worker nodes are not up yet, give {flags} "
-            "(the trials to run at once)"
-            if autoscaling
-            else ""
-        )
+        hint = ""
+        if autoscaling:
+            flags = (
+                "--max-gpus or --max-concurrent" if search.gpus_per_trial else "--max-concurrent"
+            )
+            hint = (f": on an autoscaling cluster whose worker nodes are not up yet, give "
+                    f"{flags} (the trials to run at once)")  # fmt: skip
         raise ValueError(
             f"a trial needs {train_cfg.workers_text()}, each worker on one node{function}: the "
             f"cluster's nodes hold {fits} such workers ({describe_nodes(nodes)}){hint}"

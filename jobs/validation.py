@@ -181,8 +181,7 @@ def validate(
     images, loss, raw, rebalanced, gray_raw, gray_rebalanced, mass = sums.tolist()
     if not images:  # not one held-out image decoded: nothing measured, not a loss of 0
         return ValidationResult(0, *[math.nan] * 5)
-    mass = max(mass, 1e-300)
-    n = images
+    n, mass = images, max(mass, 1e-300)
     return ValidationResult(
         int(images), loss / n, raw / n, rebalanced / mass, gray_raw / n, gray_rebalanced / mass
     )
