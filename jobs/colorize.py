@@ -78,6 +78,7 @@ from colorcore.int8 import Int8ColorizationNet, Int8Plan
 from jobs import colorize_manifest as manifest
 from jobs import icc, storage, tars
 from jobs.colorize_manifest import WORK_DIR
+from jobs.crashes import CrashGuard
 from jobs.images import (
     DEFAULT_MAX_PIXELS,
     JPEG_QUALITY,
@@ -203,6 +204,10 @@ class ColorizeConfig:
     compile: bool = False
     """torch.compile the model, and on the device JPEG path the Lab steps around it (GPU
     runs: pays off on large archives of few image sizes)."""
+    crash_tries: int = 3
+    """Deaths of the process working on an input alone (a decoder's crash on a malformed
+    file, or Ray's memory monitor killing it) after which the input is recorded as an
+    error; Ray would try it again for ever (`jobs.crashes`)."""
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
@@ -249,6 +254,8 @@ class ColorizeConfig:
             )
         if self.model_actors < 0:
             raise ValueError(f"model_actors must be >= 0, got {self.model_actors}")
+        if self.crash_tries < 1:
+            raise ValueError(f"crash_tries must be >= 1, got {self.crash_tries}")
         if self.accelerator_type and self.device == "cpu":
             raise ValueError("accelerator_type names a GPU: it needs device cuda (or auto)")
         if self.dtype == "int8" and (
@@ -1069,6 +1076,23 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
+def prepare_stage(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: str) -> dict:
+    """`prepare_row` of each row of a block, as the decode tasks of split stages run it,
+    guarded (`crash_guard`)."""
+
+    def prepare(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _as_batch([prepare_row(row, cfg, provenance) for row in _as_rows(rows)])
+
+    return crash_guard(cfg)("prepare", batch, prepare)
+
+
+def crash_guard(cfg: ColorizeConfig) -> CrashGuard:
+    """The guard of the stages' work against inputs that take their process down, its
+    records in OUTPUT's work folder."""
+    folder = storage.join(cfg.output, WORK_DIR, "crashes")
+    return CrashGuard(folder, cfg.s3, cfg.crash_tries, doing="colorized")
+
+
 def _device_jpeg(
     data: bytes, cfg: ColorizeConfig, provenance: str
 ) -> tuple[bytes, int, bytes] | None:
@@ -1096,7 +1120,8 @@ def _reason(error: Exception) -> str:
 
 class Colorizer:
     """The model actor: a batch of rows with `l_small` -> the same rows with `ab_small`;
-    rows routed to the device path come out colorized and encoded (`encoded`). Without
+    rows routed to the device path come out colorized and encoded (`encoded`); rows no longer
+    pending pass through. Called as a stage, its work is guarded (`crash_guard`). Without
     `model` it loads cfg.model, which must hash to `model_sha256` when given. With dtype int8
     it builds the network of `int8` (the driver's `check_int8`), or checks one itself. On CPUs
     it has the process keep freed memory for its next batches (`keep_freed_memory`)."""
@@ -1139,13 +1164,18 @@ class Colorizer:
             self.forward = self.jpeg.forward  # one compiled model for both paths
         else:
             self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.guard = crash_guard(cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.guard("model", batch, self.colorize)
+
+    def colorize(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = {k: v.copy() for k, v in batch.items()}
         encoded = self._device_path(batch)
         pages = [int(p) for p in batch["pages"]]
-        # rows already failed have no pages; device-path rows are done
-        todo = [i for i, p in enumerate(pages) if p and not encoded[i]]
+        pending = batch["status"] == "pending"
+        # rows already failed (or given up) are passed on; device-path rows are done
+        todo = [i for i, p in enumerate(pages) if p and pending[i] and not encoded[i]]
         ab_small = np.empty(len(pages), dtype=object)
         ab_small[:] = [b""] * len(pages)
         if todo:
@@ -1171,7 +1201,8 @@ class Colorizer:
         for the CPU path here instead (which colorizes it or records why it cannot)."""
         encoded = np.empty(len(batch["route"]), dtype=object)
         encoded[:] = [b""] * len(encoded)
-        rows = [i for i, route in enumerate(batch["route"]) if route == "device"]
+        pending = batch["status"] == "pending"
+        rows = [i for i, route in enumerate(batch["route"]) if route == "device" and pending[i]]
         if not rows:
             return encoded
         results = self.jpeg(
@@ -1285,6 +1316,11 @@ def write_batch(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: d
     return manifest.with_part(*manifest.write_part(results, cfg.output, cfg.s3))
 
 
+def write_stage(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: dict) -> dict:
+    """`write_batch` as the write tasks of split stages run it, guarded (`crash_guard`)."""
+    return crash_guard(cfg)("write", batch, lambda b: write_batch(b, cfg, provenance))
+
+
 # ---------------------------------------------------------------- the job
 
 
@@ -1346,6 +1382,9 @@ class WholeStage:
         self.colorizer = Colorizer(cfg, model, int8, model_sha256)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.colorizer.guard("whole", batch, self.work)
+
+    def work(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Each row's full-size L waits for the network: once the rows so far hold
         `WHOLE_STAGE_PIXELS`, they are colorized and written before the next is decoded, so
         an actor's memory stays bounded however large the scans of a batch."""
@@ -1362,7 +1401,7 @@ class WholeStage:
         return {k: np.concatenate([g[k] for g in groups]) for k in groups[0]}
 
     def _finish(self, rows: list[dict]) -> dict[str, np.ndarray]:
-        return write_batch(self.colorizer(_as_batch(rows)), self.cfg, self.provenance)
+        return write_batch(self.colorizer.colorize(_as_batch(rows)), self.cfg, self.provenance)
 
 
 def check_int8(model: torch.nn.Module, cfg: ColorizeConfig) -> Int8ColorizationNet:
@@ -1432,6 +1471,10 @@ def _run_on_ray(
         f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}"
         f"{', each doing every stage' if fused else ''}; JPEGs coded {where}"
     )
+    # Ray tries a task or actor call whose process died again for ever: the stages' guards
+    # give up the inputs that kill theirs. A killed run's records are of batches that need
+    # not recur.
+    crash_guard(cfg).clear()
     rows = [{"unit": json.dumps(u)} for u in units]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # The reads' rows in blocks of about READ_BLOCK_BYTES, as they come: one archive or file
@@ -1460,14 +1503,16 @@ def _run_on_ray(
         )
     else:
         ds = (
-            ds.map(
-                prepare_row,
+            ds.map_batches(
+                prepare_stage,
                 fn_kwargs={"cfg": cfg, "provenance": provenance["text"]},
+                batch_size=None,  # a block at a time, as a task takes it
+                batch_format="numpy",
                 num_cpus=cfg.task_cpus,
             )
             .map_batches(Colorizer, fn_constructor_kwargs=model_kwargs, **model_stage)
             .map_batches(
-                write_batch,
+                write_stage,
                 fn_kwargs={"cfg": cfg, "provenance": provenance},
                 batch_size=cfg.batch_size,
                 batch_format="numpy",

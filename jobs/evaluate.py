@@ -74,6 +74,7 @@ from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import evaluate_parts, storage
 from jobs.config import choice_problems, presets_of
+from jobs.crashes import CrashGuard
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb, out_of_memory
 from jobs.plots import figure_png, pyplot
@@ -141,6 +142,10 @@ class EvaluateConfig:
     max_file_mb: float = 256.0
     """Files of a split folder larger than this are error rows, not read (as `jobs.prepare`
     refuses them): one would fill a read task's memory."""
+    crash_tries: int = 3
+    """Deaths of the actor measuring an input alone (a decoder's crash on a malformed file,
+    or Ray's memory monitor killing it) after which the input is an error row; Ray would
+    try it again for ever (`jobs.crashes`)."""
     s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
@@ -153,8 +158,8 @@ class EvaluateConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.max_images is not None and self.max_images < 1:
             problems.append(f"max_images must be >= 1, got {self.max_images}")
-        if min(self.batch_size, self.num_actors, self.grid_images) < 1:
-            problems.append("batch_size, num_actors and grid_images must be >= 1")
+        if min(self.batch_size, self.num_actors, self.grid_images, self.crash_tries) < 1:
+            problems.append("batch_size, num_actors, grid_images and crash_tries must be >= 1")
         if self.cpus_per_actor <= 0:
             problems.append("cpus_per_actor must be > 0")
         if not self.max_file_mb > 0:
@@ -692,7 +697,8 @@ def evaluator_arguments(
 
 class Evaluator:
     """The Ray Data actor: loads the model (and classifier) once, then measures batches,
-    each kept in the output folder (`jobs.evaluate_parts`) as it is handed on. With
+    each kept in the output folder (`jobs.evaluate_parts`) as it is handed on; inputs that
+    kill it are given up (`crash_guard`). With
     precision int8 it builds the network of `int8` (the driver's calibration,
     `evaluator_arguments`), or calibrates one itself; `model_sha256`, when given, is what
     the model file must hash to (the file the driver measured). On CPUs it has the process
@@ -731,12 +737,23 @@ class Evaluator:
             torch.tensor(rebalance0_Q, dtype=torch.float64),
             classifier,
         )
+        self.guard = crash_guard(config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.guard("measure", batch, self.measure)
+
+    def measure(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = evaluate_batch(batch, self.ctx)
         kept = _rows_where(out, [_lasting(reason) for reason in out["reason"]])
         evaluate_parts.write_part(self.ctx.cfg.output, kept, self.ctx.cfg.s3)  # for `main`
         return out
+
+
+def crash_guard(cfg: EvaluateConfig) -> CrashGuard:
+    """The actors' guard against inputs that take their process down (`jobs.crashes`), its
+    records beside the kept measurements."""
+    folder = storage.join(evaluate_parts.folder(cfg.output), "crashes")
+    return CrashGuard(folder, cfg.s3, cfg.crash_tries, doing="measured", key="key")
 
 
 def _lasting(reason: str) -> bool:
@@ -1423,6 +1440,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     record = _record(cfg, plan, model_info, rebalance0_Q, classifier_sha256)
     with DriverLease(cfg.output, cfg.s3, what=f"evaluation output {cfg.output}"):
         earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
+        crash_guard(cfg).clear()  # a killed run's: its batches need not recur
         init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
 
         inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
@@ -1497,13 +1515,14 @@ def _record(
     weights by their content, the split by its text, a prepared dataset by its shards; not
     where they are, nor how many actors or batches there are (a batch's best and worst
     strips are the grid's candidates however batches are made), nor --max-file-mb (the
-    files it refused are measured again, `_lasting`), with the parts' format.
+    files it refused are measured again, `_lasting`), nor --crash-tries, with the parts'
+    format.
     Files of an image folder are matched by key: the kept rows of files no longer listed are
     left out (`main`)."""
     record = _config_dict(cfg)
     for name in ("output", "model", "prior", "split", "classifier_weights", "batch_size",
                  "num_actors", "cpus_per_actor", "accelerator_type", "max_file_mb",
-                 "s3"):  # fmt: skip
+                 "crash_tries", "s3"):  # fmt: skip
         record.pop(name)
     record["parts_format"] = evaluate_parts.FORMAT
     record["model_sha256"] = model_info["sha256"]

@@ -88,17 +88,23 @@ def ray_session(s3_server: S3Server) -> Iterator[None]:
     """One local Ray instance for the whole session (started after the S3 fixture so that
     workers inherit its environment); shut down at the end."""
     import ray
+    import ray.cloudpickle
 
     from jobs.tune import DRIVER_RESOURCE
+    from tests import crashing_format
 
     # the dashboard: Ray Train's placement-group cleaner needs its state API (jobs.runtime);
-    # the resource of the cluster definitions' head, on which Tune trials' functions run
+    # the resource of the cluster definitions' head, on which Tune trials' functions run;
+    # in every worker, a picture format whose decoding kills the process (a worker imports
+    # the hook before it can import from this checkout: the module goes by value)
+    ray.cloudpickle.register_pickle_by_value(crashing_format)
     ray.init(
         address="local",
         num_cpus=2,
         resources={DRIVER_RESOURCE: 100},
         include_dashboard=True,
         log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": crashing_format.register},
     )
     try:
         yield

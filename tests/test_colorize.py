@@ -421,6 +421,34 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) ->
     assert third.skipped == 11 and (third.outputs, third.errors) == (10, 1)
 
 
+@pytest.mark.parametrize("stages", ["auto", "split"])  # auto: fused here (no GPU)
+def test_an_input_that_kills_its_process_is_given_up_and_the_job_ends(
+    tmp_path, ray_session, stages
+) -> None:
+    """Ray tries a task or an actor's call whose process died again, for ever: an input
+    whose decoding kills the process (a format the session's workers die on) is recorded as
+    an error after crash_tries deaths while it was worked on alone, and its batch's other
+    inputs are colorized."""
+    from colorcore import weights
+    from tests.crashing_format import MAGIC
+
+    model = tmp_path / "tiny.pt"
+    weights.save_checkpoint(str(model), ColorizationNet(ModelConfig(width=1 / 16)))
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(encode(gray((20, 16 + i))))
+    (src / "1-crashes.png").write_bytes(MAGIC + bytes(64))  # batched with 1.jpg
+    cfg = config(str(src), str(dst), str(model), batch_size=2, stages=stages, crash_tries=1)
+    summary = colorize.main(cfg)
+    assert (summary.inputs, summary.outputs, summary.errors) == (4, 3, 1)
+    (error,) = summary.table.filter(pc.equal(summary.table.column("status"), "error")).to_pylist()
+    assert error["source"] == str(src / "1-crashes.png")
+    assert "died each of the 1 times it took this input alone" in error["reason"]
+    assert sorted(p.name for p in dst.glob("*.jpg")) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert not list((dst / colorize_manifest.WORK_DIR / "crashes").iterdir())  # records gone
+
+
 def test_plan_skips_what_is_done_archive_by_archive(tmp_path) -> None:
     """Done members are handed to their own archive's read task only (an archive whose name
     begins another's included); a done file or failed archive is skipped whole."""

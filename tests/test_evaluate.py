@@ -512,8 +512,11 @@ def test_a_datasets_own_labels_are_refused_for_a_classifier_of_other_classes(tmp
 
 def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
     """Held-out scenes in a folder: a listed missing file is counted before work, a corrupt
-    one is skipped, one above --max-file-mb too, unread; ground truth beats gray for the
-    classifier, colorized is close to gray or better."""
+    one is skipped, one above --max-file-mb too, unread, and one whose decoding kills the
+    actor (a format the session's workers die on) after --crash-tries deaths; ground truth
+    beats gray for the classifier, colorized is close to gray or better."""
+    from tests.crashing_format import MAGIC
+
     train_cfg, _ = ci_run
     folder = s3_server.url("eval-split", "images")
     rgb, labels = _scenes(seed=5, per_class=12)
@@ -525,7 +528,9 @@ def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
         lines.append(f"/{name} {label}")
     storage.write_bytes(storage.join(folder, "day", "corrupt.png"), b"\x89PNG not really")
     storage.write_bytes(storage.join(folder, "day", "huge.png"), bytes(2**20 + 1))
+    storage.write_bytes(storage.join(folder, "day", "crashes.png"), MAGIC + bytes(64))
     lines += ["/day/corrupt.png 0", "/day/huge.png 0", "/beach/never_written.png 2"]
+    lines.insert(5, "/day/crashes.png 0")  # in a batch of scenes
     split = s3_server.url("eval-split", "split.txt")
     storage.write_bytes(split, "\n".join(lines).encode())
     weights = s3_server.url("eval-split", "classifier.pt")
@@ -543,15 +548,17 @@ def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
         classifier_weights=weights,
         batch_size=8,
         max_file_mb=1,
+        crash_tries=1,
     )
     plan = evaluate.plan_inputs(cfg)
-    assert (plan.listed, plan.missing) == (len(labels) + 3, ["beach/never_written.png"])
+    assert (plan.listed, plan.missing) == (len(labels) + 4, ["beach/never_written.png"])
     result = evaluate.main(cfg)
     counts = result["counts"]
-    assert (counts["measured"], counts["errors"], counts["missing"]) == (len(labels), 2, 1)
+    assert (counts["measured"], counts["errors"], counts["missing"]) == (len(labels), 3, 1)
     reasons = {row["key"]: row["reason"] for row in result["skipped"]}
-    assert reasons.keys() == {"day/corrupt.png", "day/huge.png"}
+    assert reasons.keys() == {"day/corrupt.png", "day/huge.png", "day/crashes.png"}
     assert reasons["day/huge.png"] == f"file too large: {2**20 + 1} bytes (--max-file-mb)"
+    assert "died each of the 1 times it took this input alone" in reasons["day/crashes.png"]
     top1 = {row["method"]: row["top1"] for row in result["table"]}
     assert top1["ground_truth"] > top1["gray"]
     assert top1["annealed_mean"] >= top1["gray"] - COLORIZED_MARGIN
