@@ -1,34 +1,35 @@
 """Inputs that take their process down: given up after a few deaths, not tried for ever.
 
-Ray runs a task again, and restarts an actor and calls it again, whenever its process dies,
-without limit: a node that an autoscaler or a spot market takes away costs its work, not the
-job. An input that crashes whatever process decodes it (a decoder's fault on a malformed
-file), or that Ray's memory monitor kills each time, is then tried for ever, and the job
-never ends. `CrashGuard` has each retry of a batch narrow the search, with records in a
-folder of the job's:
+Ray runs a task again, and restarts an actor and calls it again, whenever its process dies
+(without limit by default; `jobs.prepare` allows a few tries): a node that an autoscaler or
+a spot market takes away costs its work, not the job. An input that crashes whatever
+process decodes it (a decoder's fault on a malformed file), or that Ray's memory monitor
+kills each time, is then tried for ever, or fails its whole task each time. `CrashGuard`
+has each retry narrow the search, with records in a folder of the job's:
 
-- ``<stage>-<digest of the batch's sources>.json``, written before a batch is worked on and
-  removed after. Found at the start of a batch, it says the attempt before died with its
-  process: the batch is then worked on one row at a time.
-- ``<stage>-<digest of one source>.one.json``, the attempts at that row alone so far,
-  written before each and removed after it. A row whose attempts alone reach `tries` is
-  given up: passed on to the stage as an error with its reason, not worked on (its record
+- ``<stage>-<digest of the batch's names>.json``, written before a batch is worked on and
+  removed after. Found at the start of a batch, it says an attempt before died with its
+  process: the batch is then worked on carefully, one input at a time.
+- ``<stage>-<digest of one input's name>.one.json``, the careful attempts at that input so
+  far, written before each and removed after it. An input whose careful attempts reach
+  `tries` is given up: recorded as an error with its reason, not worked on (its record
   stays until the batch is done).
 
-Ray retries a task with the same rows in the same batches, so the retry finds its records.
-Each attempt either finishes its batch or dies charged to the one row it worked on alone
-(the first, whole-batch attempt excepted), so a batch is tried at most 1 + rows x `tries`
-times. A node lost while a row is worked on alone is charged to that row too: `tries`
-deaths are what it takes to give it up.
+Ray retries a task with the same inputs in the same batches, so the retry finds its
+records. Each attempt either finishes its batch or dies charged to the one input it was
+on (the first, uncareful attempt excepted), so a batch is tried at most 1 + inputs x
+`tries` times. A node lost while an input is worked on carefully is charged to that input
+too: `tries` deaths are what it takes to give it up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,61 +42,57 @@ Batch = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class CrashGuard:
-    """Runs a stage's work on batches of rows so that rows whose work kills its process are
-    given up. Rows are numpy columns: `key` names each row, and a row is still to be worked
-    on while its ``status`` is "pending" or, without that column, its ``reason`` is empty (or
-    absent); given up, its reason says why (and its status is "error")."""
+    """Guards a stage's work so that inputs whose work kills the process are given up."""
 
     folder: str
     """Where the records go (a folder of the job's own, beside its outputs)."""
     s3: storage.S3Options | None = None
     tries: int = 3
-    """Deaths of a row's process while it was worked on alone that give it up."""
+    """Deaths of an input's process while it was worked on carefully that give it up."""
     doing: str = "worked on"
-    """What the stage does to a row, for the reason: "colorized"."""
+    """What the stage does to an input, for the reason: "colorized"."""
     key: str = "source"
+    """The column naming the rows of the batches `__call__` takes."""
+
+    @contextlib.contextmanager
+    def batch(self, stage: str, names: Sequence[str]) -> Iterator[Careful | None]:
+        """Around the work on a batch of inputs, `names` naming it (a retry names it alike):
+        None to work as usual, or, where an attempt at it died before, a `Careful` to work
+        on each input through. The records go once the work is done, not where it raises
+        (as where the process dies)."""
+        url = self._url(stage, names)
+        if not storage.exists(url, self.s3):
+            storage.write_bytes(url, json.dumps({"names": list(names)}).encode(), self.s3)
+            yield None
+            storage.remove([url], self.s3)
+            return
+        log.warning("%s: an attempt at a batch died with its process; one input at a time", stage)
+        careful = Careful(self, stage)
+        yield careful
+        storage.remove([url, *careful.given_up_records], self.s3)
 
     def __call__(self, stage: str, batch: Batch, work: Callable[[Batch], Batch]) -> Batch:
-        """`work(batch)`, or where an attempt at this batch died before, `work` of each row
-        alone; a row given up reaches `work` with its reason (and status "error")."""
-        sources = [str(s) for s in batch[self.key]]
-        url = self._url(stage, sources)
-        if not storage.exists(url, self.s3):
-            storage.write_bytes(url, json.dumps({"sources": sources}).encode(), self.s3)
-            out = work(batch)
-            storage.remove([url], self.s3)
-            return out
-        log.warning(
-            "%s: an attempt at a batch of %d rows died with its process; each row alone now",
-            stage,
-            len(sources),
-        )
-        outs, records = [], [url]
-        for i, source in enumerate(sources):
-            row = {k: v[i : i + 1].copy() for k, v in batch.items()}
-            if not _to_do(row):
-                outs.append(work(row))
-                continue
-            record = self._url(stage, [source], ".one")
-            records.append(record)
-            deaths = self._attempts(record)
-            if deaths >= self.tries:
-                reason = (
-                    f"the process that {self.doing} it died each of the {deaths} times it "
-                    "took this input alone (a crash in a decoder, or killed for memory)"
-                )
-                log.warning("%s: gave up %s: %s", stage, source, reason)
-                row["reason"] = np.array([reason], dtype=object)
-                if "status" in row:
-                    row["status"][0] = "error"
-                outs.append(work(row))
-                continue
-            attempt = json.dumps({"source": source, "attempts": deaths + 1}).encode()
-            storage.write_bytes(record, attempt, self.s3)
-            outs.append(work(row))
-            storage.remove([record], self.s3)  # not charged for a later row's death
-        storage.remove(records, self.s3)  # a row given up stays so until its batch is done
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        """`work(batch)` on a batch of rows (numpy columns), or where an attempt at it died
+        before, `work` of each row alone. A row is still to be worked on while its
+        ``status`` is "pending" or, without that column, its ``reason`` is empty (or
+        absent); one given up reaches `work` with its reason (and status "error")."""
+        names = [str(s) for s in batch[self.key]]
+        with self.batch(stage, names) as careful:
+            if careful is None:
+                return work(batch)
+            outs = []
+            for i, name in enumerate(names):
+                row = {k: v[i : i + 1].copy() for k, v in batch.items()}
+                if _to_do(row) and (reason := careful.given_up(name)):
+                    row["reason"] = np.array([reason], dtype=object)
+                    if "status" in row:
+                        row["status"][0] = "error"
+                if not _to_do(row):
+                    outs.append(work(row))
+                    continue
+                with careful.attempt(name):
+                    outs.append(work(row))
+            return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def clear(self) -> None:
         """Removes every record: a run's start, with no attempt of its own under way, finds
@@ -103,15 +100,52 @@ class CrashGuard:
         if storage.exists(self.folder, self.s3):
             storage.remove(storage.list_files(self.folder, self.s3), self.s3)
 
-    def _url(self, stage: str, sources: list[str], kind: str = "") -> str:
-        digest = hashlib.sha256("\0".join([stage, *sources]).encode()).hexdigest()[:32]
+    def _url(self, stage: str, names: Sequence[str], kind: str = "") -> str:
+        digest = hashlib.sha256("\0".join([stage, *names]).encode()).hexdigest()[:32]
         return storage.join(self.folder, f"{stage}-{digest}{kind}.json")
 
-    def _attempts(self, record: str) -> int:
+
+@dataclass
+class Careful:
+    """The careful working of a batch whose attempt before died: each input's attempts are
+    counted (`attempt`), and an input whose count reached the guard's tries is given up."""
+
+    guard: CrashGuard
+    stage: str
+    given_up_records: list[str] = field(default_factory=list)
+    deaths: dict[str, int] = field(default_factory=dict)  # as `given_up` read them
+
+    def given_up(self, name: str) -> str | None:
+        """The reason `name` is given up, or None where it is to be tried (again)."""
+        record = self._record(name)
         try:
-            return int(json.loads(storage.read_bytes(record, self.s3))["attempts"])
+            deaths = int(json.loads(storage.read_bytes(record, self.guard.s3))["attempts"])
         except FileNotFoundError:
-            return 0
+            deaths = 0
+        self.deaths[name] = deaths
+        if deaths < self.guard.tries:
+            return None
+        self.given_up_records.append(record)
+        reason = (
+            f"the process that {self.guard.doing} it died each of the {deaths} times it took "
+            "this input alone (a crash in a decoder, or killed for memory)"
+        )
+        log.warning("%s: gave up %s: %s", self.stage, name, reason)
+        return reason
+
+    @contextlib.contextmanager
+    def attempt(self, name: str) -> Iterator[None]:
+        """Around the work on one input that `given_up` let through (it is asked first):
+        counted before, and the count gone after (the input is not charged for a later
+        input's death)."""
+        record = self._record(name)
+        attempt = {"name": name, "attempts": self.deaths.pop(name) + 1}
+        storage.write_bytes(record, json.dumps(attempt).encode(), self.guard.s3)
+        yield
+        storage.remove([record], self.guard.s3)
+
+    def _record(self, name: str) -> str:
+        return self.guard._url(self.stage, [name], ".one")
 
 
 def _to_do(row: Batch) -> bool:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs import storage, tars
+from jobs.crashes import Careful, CrashGuard
 from jobs.dataset import (
     SHARD_SCHEMA,
     SHARDS_DIR,
@@ -95,6 +96,11 @@ class PrepareConfig:
     """Quality of re-encoded JPEGs."""
     cpus_per_task: float = 1.0
     """CPUs reserved by each conversion task."""
+    crash_tries: int = 2
+    """Deaths of the task converting an input carefully (a decoder's crash on a malformed
+    file, or Ray's memory monitor killing it) after which the input is an error row. A
+    group's task is tried 1 + TASK_RETRIES times a run, and the counts last from run to run
+    (`jobs.crashes`)."""
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
@@ -114,6 +120,8 @@ class PrepareConfig:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.cpus_per_task <= 0:
             raise ValueError("cpus_per_task must be > 0")
+        if self.crash_tries < 1:
+            raise ValueError(f"crash_tries must be >= 1, got {self.crash_tries}")
 
     def output_fields(self) -> dict[str, Any]:
         """The fields that decide the shards' content (must match on a resumed run)."""
@@ -379,7 +387,17 @@ def _write_part(rows: list[dict], name: str, cfg: PrepareConfig) -> dict:
 
 
 def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
-    """Convert one group's inputs, write its shards, then its marker; returns the marker."""
+    """Convert one group's inputs, write its shards, then its marker; returns the marker.
+    Where an attempt at the group died with its process, each input is converted carefully,
+    and one whose conversion killed the process crash_tries times is an error row
+    (`jobs.crashes`)."""
+    guard = CrashGuard(storage.join(cfg.dst, WORK_DIR, "crashes"), cfg.s3, cfg.crash_tries,
+                       doing="converted")  # fmt: skip
+    with guard.batch("group", [f"group {index}"]) as careful:
+        return _process_group(index, group, cfg, careful)
+
+
+def _process_group(index: int, group: dict, cfg: PrepareConfig, careful: Careful | None) -> dict:
     parts, rows, errors, size, inputs, gray = [], [], [], 0, 0, 0
     shard_bytes = cfg.shard_mb * 2**20
     for key, label, source, data in _group_inputs(group, cfg):
@@ -387,7 +405,10 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
         try:
             if isinstance(data, Exception):
                 raise data
-            jpeg, h, w, is_gray = convert(data, cfg)
+            if careful and (reason := careful.given_up(source)):
+                raise BadImage(reason)
+            with careful.attempt(source) if careful else contextlib.nullcontext():
+                jpeg, h, w, is_gray = convert(data, cfg)
         except Exception as e:  # one input's failure, whatever raised it, is its own
             reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
             if out_of_memory(e):  # the machine's state, not the image's, said so (failing

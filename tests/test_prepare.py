@@ -83,22 +83,32 @@ def config(src: str, dst: str, **kw) -> prepare.PrepareConfig:
 
 
 def test_s3_to_s3_with_planted_bad_files(s3_server, ray_session) -> None:
-    corpus = planted_corpus()
+    """The planted corpus, and a file whose decoding kills the task (a format the session's
+    workers die on): its group's task gives it up after crash_tries careful deaths and
+    converts the rest. (A group's task is tried 1 + TASK_RETRIES times a run: enough for
+    the default crash_tries, the first attempt and the one that gives the input up.)"""
+    from tests.crashing_format import MAGIC
+
+    needed = 1 + prepare.PrepareConfig.crash_tries + 1  # first, careful deaths, giving up
+    assert needed <= 1 + prepare.TASK_RETRIES
+    corpus = planted_corpus() | {"dog/crashes.png": MAGIC + bytes(64)}
+    reasons = BAD_REASONS | {"dog/crashes": "died each of the 1 times it took this input alone"}
     src, dst = s3_server.url("prep-src"), s3_server.url("prep-dst")
     for rel, data in corpus.items():
         storage.write_bytes(storage.join(src, rel), data)
-    manifest = prepare.main(config(src, dst))
+    manifest = prepare.main(config(src, dst, crash_tries=1))
 
     assert manifest.num_inputs == len(corpus) == manifest.num_rows + manifest.num_errors
     assert manifest.classes == ("cat", "dog")
     errors = json.loads(storage.read_bytes(storage.join(dst, prepare.ERRORS_FILE)))
-    assert {e["key"] for e in errors} == set(BAD_REASONS)
+    assert {e["key"] for e in errors} == set(reasons)
     for e in errors:
-        assert BAD_REASONS[e["key"]] in e["reason"], e
+        assert reasons[e["key"]] in e["reason"], e
         assert e["source"].startswith(src)
+    assert not storage.list_files(storage.join(dst, prepare.WORK_DIR, "crashes"))
 
     rows = {r["key"]: r for r in read_rows(dst, manifest)}
-    assert set(rows) == {k.rsplit(".", 1)[0] for k in corpus} - set(BAD_REASONS)
+    assert set(rows) == {k.rsplit(".", 1)[0] for k in corpus} - set(reasons)
     assert len(manifest.shards) >= 2  # several groups ran as separate tasks
     for key, row in rows.items():
         image = Image.open(io.BytesIO(row["jpeg"]))
