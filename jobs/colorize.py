@@ -1076,14 +1076,15 @@ def prepare_row(row: dict, cfg: ColorizeConfig, provenance: str = "", keep: bool
     return {**out, "l_small": torch.cat(small).numpy().tobytes(), "pages": len(small)}
 
 
-def prepare_stage(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: str) -> dict:
+def prepare_stage(batch: dict[str, np.ndarray], cfg: ColorizeConfig, provenance: str) -> pa.Table:
     """`prepare_row` of each row of a block, as the decode tasks of split stages run it,
-    guarded (`crash_guard`)."""
+    guarded (`crash_guard`); a table of the columns' own types, as rows would give."""
 
     def prepare(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _as_batch([prepare_row(row, cfg, provenance) for row in _as_rows(rows)])
 
-    return crash_guard(cfg)("prepare", batch, prepare)
+    out = crash_guard(cfg)("prepare", batch, prepare)
+    return pa.table({name: pa.array(column.tolist()) for name, column in out.items()})
 
 
 def crash_guard(cfg: ColorizeConfig) -> CrashGuard:
