@@ -1091,7 +1091,8 @@ def crash_guard(cfg: ColorizeConfig) -> CrashGuard:
     """The guard of the stages' work against inputs that take their process down, its
     records in OUTPUT's work folder."""
     folder = storage.join(cfg.output, WORK_DIR, "crashes")
-    return CrashGuard(folder, cfg.s3, cfg.crash_tries, doing="colorized")
+    hint = "; a re-run with --retry-errors tries it again"
+    return CrashGuard(folder, cfg.s3, cfg.crash_tries, doing="colorized", hint=hint)
 
 
 def _device_jpeg(

@@ -16,10 +16,12 @@ has each retry narrow the search, with records in a folder of the job's:
   stays until the batch is done).
 
 Ray retries a task with the same inputs in the same batches, so the retry finds its
-records. Each attempt either finishes its batch or dies charged to the one input it was
-on (the first, uncareful attempt excepted), so a batch is tried at most 1 + inputs x
-`tries` times. A node lost while an input is worked on carefully is charged to that input
-too: `tries` deaths are what it takes to give it up.
+records. A careful attempt that dies while an input is worked on is charged to that input,
+so a batch dies at most 1 + inputs x `tries` times that way before an attempt finishes it;
+one that dies elsewhere (handing its results on, say) is charged to none, and Ray tries it
+again as before. A node lost while an input is worked on carefully is charged to that input
+too: `tries` deaths are what it takes to give it up. Work that raises (an error, not a
+death) leaves no record and charges no input: the stage reports it as it always did.
 """
 
 from __future__ import annotations
@@ -51,24 +53,41 @@ class CrashGuard:
     """Deaths of an input's process while it was worked on carefully that give it up."""
     doing: str = "worked on"
     """What the stage does to an input, for the reason: "colorized"."""
+    hint: str = ""
+    """How to try a given-up input again, for the reason."""
     key: str = "source"
     """The column naming the rows of the batches `__call__` takes."""
 
     @contextlib.contextmanager
     def batch(self, stage: str, names: Sequence[str]) -> Iterator[Careful | None]:
-        """Around the work on a batch of inputs, `names` naming it (a retry names it alike):
-        None to work as usual, or, where an attempt at it died before, a `Careful` to work
-        on each input through. The records go once the work is done, not where it raises
-        (as where the process dies)."""
+        """Around the work on a batch of inputs, `names` naming it (a retry names it alike,
+        and no other batch under way does): None to work as usual, or, where an attempt at
+        it died before, a `Careful` to work on each input through. The records go once the
+        work is done; where it raises, the batch's own record goes and the counts of inputs
+        given up stay. Where the process dies, every record stays."""
         url = self._url(stage, names)
-        if not storage.exists(url, self.s3):
+        if _read(url, self.s3) is None:
             storage.write_bytes(url, json.dumps({"names": list(names)}).encode(), self.s3)
-            yield None
+            try:
+                yield None
+            except Exception:
+                storage.remove([url], self.s3)
+                raise
             storage.remove([url], self.s3)
             return
-        log.warning("%s: an attempt at a batch died with its process; one input at a time", stage)
+        log.warning(
+            "%s: an attempt at a batch of %d inputs (%s, ...) died with its process; one input "
+            "at a time now",
+            stage,
+            len(names),
+            names[0],
+        )
         careful = Careful(self, stage)
-        yield careful
+        try:
+            yield careful
+        except Exception:
+            storage.remove([url], self.s3)
+            raise
         storage.remove([url, *careful.given_up_records], self.s3)
 
     def __call__(self, stage: str, batch: Batch, work: Callable[[Batch], Batch]) -> Batch:
@@ -77,17 +96,22 @@ class CrashGuard:
         ``status`` is "pending" or, without that column, its ``reason`` is empty (or
         absent); one given up reaches `work` with its reason (and status "error")."""
         names = [str(s) for s in batch[self.key]]
-        with self.batch(stage, names) as careful:
+        to_do = [name for i, name in enumerate(names) if _to_do(batch, i)]
+        if not to_do:  # nothing that could kill it (and rows such as a split archive's error
+            return work(batch)  # rows share a name: named by its inputs to work on only)
+        with self.batch(stage, to_do) as careful:
             if careful is None:
                 return work(batch)
+            if "reason" not in batch:  # every row's columns alike, a given-up row's too
+                batch = {**batch, "reason": np.full(len(names), "", dtype=object)}
             outs = []
             for i, name in enumerate(names):
                 row = {k: v[i : i + 1].copy() for k, v in batch.items()}
-                if _to_do(row) and (reason := careful.given_up(name)):
-                    row["reason"] = np.array([reason], dtype=object)
+                if _to_do(row, 0) and (reason := careful.given_up(name)):
+                    row["reason"][0] = reason
                     if "status" in row:
                         row["status"][0] = "error"
-                if not _to_do(row):
+                if not _to_do(row, 0):
                     outs.append(work(row))
                     continue
                 with careful.attempt(name):
@@ -118,17 +142,13 @@ class Careful:
     def given_up(self, name: str) -> str | None:
         """The reason `name` is given up, or None where it is to be tried (again)."""
         record = self._record(name)
-        try:
-            deaths = int(json.loads(storage.read_bytes(record, self.guard.s3))["attempts"])
-        except FileNotFoundError:
-            deaths = 0
-        self.deaths[name] = deaths
+        deaths = self.deaths[name] = int((_read(record, self.guard.s3) or {}).get("attempts", 0))
         if deaths < self.guard.tries:
             return None
         self.given_up_records.append(record)
         reason = (
             f"the process that {self.guard.doing} it died each of the {deaths} times it took "
-            "this input alone (a crash in a decoder, or killed for memory)"
+            f"this input alone (a crash in a decoder, or killed for memory){self.guard.hint}"
         )
         log.warning("%s: gave up %s: %s", self.stage, name, reason)
         return reason
@@ -141,14 +161,26 @@ class Careful:
         record = self._record(name)
         attempt = {"name": name, "attempts": self.deaths.pop(name) + 1}
         storage.write_bytes(record, json.dumps(attempt).encode(), self.guard.s3)
-        yield
+        try:
+            yield
+        except Exception:  # an error, not a death: not charged
+            storage.remove([record], self.guard.s3)
+            raise
         storage.remove([record], self.guard.s3)
 
     def _record(self, name: str) -> str:
         return self.guard._url(self.stage, [name], ".one")
 
 
-def _to_do(row: Batch) -> bool:
-    if "status" in row:
-        return row["status"][0] == "pending"
-    return not ("reason" in row and row["reason"][0])
+def _to_do(batch: Batch, i: int) -> bool:
+    if "status" in batch:
+        return batch["status"][i] == "pending"
+    return not ("reason" in batch and batch["reason"][i])
+
+
+def _read(url: str, s3: storage.S3Options | None) -> dict | None:
+    """A record's content, or None where there is none (one GET: no HEAD and listing)."""
+    try:
+        return json.loads(storage.read_bytes(url, s3))
+    except FileNotFoundError:
+        return None

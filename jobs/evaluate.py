@@ -745,7 +745,8 @@ class Evaluator:
     def measure(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = evaluate_batch(batch, self.ctx)
         kept = _rows_where(out, [_lasting(reason) for reason in out["reason"]])
-        evaluate_parts.write_part(self.ctx.cfg.output, kept, self.ctx.cfg.s3)  # for `main`
+        if len(kept["key"]):  # for `main`
+            evaluate_parts.write_part(self.ctx.cfg.output, kept, self.ctx.cfg.s3)
         return out
 
 

@@ -402,20 +402,25 @@ def _process_group(index: int, group: dict, cfg: PrepareConfig, careful: Careful
     shard_bytes = cfg.shard_mb * 2**20
     for key, label, source, data in _group_inputs(group, cfg):
         inputs += 1
-        try:
-            if isinstance(data, Exception):
-                raise data
-            if careful and (reason := careful.given_up(source)):
-                raise BadImage(reason)
-            with careful.attempt(source) if careful else contextlib.nullcontext():
+        # The records' reads and writes outside the input's `try`: storage failing them fails
+        # the group (a re-run reads it again), not the input.
+        read = not isinstance(data, Exception)
+        given_up = careful.given_up(source) if careful and read else None
+        counted = careful and read and not given_up
+        with careful.attempt(source) if counted else contextlib.nullcontext():
+            try:
+                if not read:
+                    raise data
+                if given_up:
+                    raise BadImage(given_up)
                 jpeg, h, w, is_gray = convert(data, cfg)
-        except Exception as e:  # one input's failure, whatever raised it, is its own
-            reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
-            if out_of_memory(e):  # the machine's state, not the image's, said so (failing
-                # the group would fail it on every re-run where this input always runs out)
-                reason = f"ran out of memory converting it ({reason})"
-            errors.append({"key": key, "source": source, "reason": reason})
-            continue
+            except Exception as e:  # one input's failure, whatever raised it, is its own
+                reason = str(e) if isinstance(e, BadImage) else f"{type(e).__name__}: {e}"
+                if out_of_memory(e):  # the machine's state, not the image's, said so (failing
+                    # the group would fail it on every re-run where this input always runs out)
+                    reason = f"ran out of memory converting it ({reason})"
+                errors.append({"key": key, "source": source, "reason": reason})
+                continue
         gray += is_gray
         rows.append(
             {

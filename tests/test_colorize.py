@@ -1576,6 +1576,23 @@ def test_a_file_of_more_pages_than_a_batch_colorizes_as_in_one(tmp_path) -> None
     torch.testing.assert_close(ab[1], ab[0], rtol=1e-5, atol=1e-6)
 
 
+def test_the_model_stage_passes_on_rows_no_longer_pending(tmp_path) -> None:
+    """A row given up after it was decoded (pages, network input and all) reaches the model
+    actor with status error: it is passed on as it is, not run through the network."""
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "in" / f"{name}.jpg").write_bytes(encode(gray((24, 32))))
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "o"), "m.pt", jpeg_path="cpu")
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    batch = colorize._as_batch([colorize.prepare_row(row, cfg) for row in rows])
+    batch["status"][1], batch["reason"][1] = "error", "given up"
+    model = ColorizationNet(ModelConfig(width=1 / 16)).eval()
+    out = colorize.Colorizer(cfg, model).colorize(batch)
+    assert list(out["pages"]) == [1, 1] and list(out["status"]) == ["pending", "error"]
+    assert len(out["ab_small"][0]) > 0 and out["ab_small"][1] == b""
+
+
 def test_multipage_16bit_tiff_keeps_pages_bits_alpha_and_metadata(tmp_path) -> None:
     """A TIFF of a 16-bit RGB page stored turned (orientation 6), a 16-bit RGBA page and an
     8-bit gray page, with ICC, XMP and an Artist tag: a TIFF of three pages at 16 bits, the

@@ -89,14 +89,68 @@ def test_a_death_is_charged_to_the_row_alone_at_the_time_only(folder) -> None:
 
 def test_rows_no_longer_pending_pass_through_and_clear_forgets_a_killed_run(folder) -> None:
     guard = CrashGuard(folder)
-    rows = batch("x", "y", status="error")
+    rows = {**batch("p", "q"), "status": np.array(["error", "pending"], dtype=object)}
     with pytest.raises(Died):
-        guard("prepare", batch("p", "q"), Stage(kills={"q"}))  # a run killed here
-    stage = Stage(kills={"x"})  # it would die on x, which is not pending
-    assert list(guard("prepare", rows, stage)["status"]) == ["error", "error"]
+        guard("prepare", rows, Stage(kills={"q"}))  # a run killed here
+    stage = Stage(kills={"p", "q"})  # careful now: p is passed through, q dies alone
+    with pytest.raises(Died):
+        guard("prepare", rows, stage)
+    assert stage.calls == [[("p", "error")], [("q", "pending")]]
     guard.clear()
     assert storage.list_files(folder) == []
     stage = Stage()
-    guard("prepare", batch("p", "q"), stage)  # worked on whole again
-    assert stage.calls == [[("p", "pending"), ("q", "pending")]]
+    guard("prepare", rows, stage)  # worked on whole again
+    assert stage.calls == [[("p", "error"), ("q", "pending")]]
     CrashGuard(folder + "-never-written").clear()  # nothing to forget: no error
+
+
+def test_work_that_raises_charges_no_one_and_leaves_no_record(folder) -> None:
+    """An error is the stage's to report, not a death: whole or careful, the attempt's
+    records go, and no input is charged."""
+
+    class Broken(Stage):
+        def __call__(self, rows):
+            if "b" in rows["source"]:
+                raise OSError("storage refused the write")
+            return super().__call__(rows)
+
+    guard, rows = CrashGuard(folder, tries=1), batch("a", "b")
+    with pytest.raises(OSError):
+        guard("write", rows, Broken())  # whole
+    assert storage.list_files(folder) == []
+    with pytest.raises(Died):
+        guard("write", rows, Stage(kills={"a"}))  # whole, then a death
+    with pytest.raises(OSError):
+        guard("write", rows, Broken())  # careful: a done, b raises
+    assert storage.list_files(folder) == []
+    stage = Stage()
+    guard("write", rows, stage)  # whole again: nothing was charged
+    assert stage.calls == [[("a", "pending"), ("b", "pending")]]
+
+
+def test_rows_named_by_another_column_and_without_status_or_reason(folder) -> None:
+    """evaluate's rows: named by `key`, to do while their reason is empty or absent; a row
+    given up gains the reason, and every row the column, so the outputs join."""
+    guard = CrashGuard(folder, tries=1, key="key")
+    rows = {"key": np.array(["p", "q"], dtype=object), "label": np.array([3, 4])}
+
+    def work(part):  # passes the columns through, as a stage may
+        if "q" in part["key"] and not ("reason" in part and part["reason"][0]):
+            raise Died("q")
+        return dict(part)
+
+    for _ in range(2):  # whole, then q alone
+        with pytest.raises(Died):
+            guard("measure", rows, work)
+    out = guard("measure", rows, work)
+    assert list(out["key"]) == ["p", "q"] and list(out["label"]) == [3, 4]
+    assert list(out["reason"][:1]) == [""] and "died each of the 1 times" in out["reason"][1]
+
+
+def test_a_batch_with_nothing_to_do_is_not_recorded(folder) -> None:
+    """Rows already failed cannot kill the stage: no records (a split archive's error rows
+    share their archive's name, so batches of them would share a record)."""
+    guard = CrashGuard(folder)
+    stage = Stage(kills={"x"})
+    assert list(guard("write", batch("x", "x", status="error"), stage)["status"]) == ["error"] * 2
+    assert not storage.exists(folder) or storage.list_files(folder) == []
