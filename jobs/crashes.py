@@ -102,8 +102,10 @@ class CrashGuard:
         with self.batch(stage, to_do) as careful:
             if careful is None:
                 return work(batch)
-            if "reason" not in batch:  # every row's columns alike, a given-up row's too
-                batch = {**batch, "reason": np.full(len(names), "", dtype=object)}
+            # A column for every row's reason, a given-up row's too (so that the outputs
+            # join), of objects (a fixed-width string column would cut a reason short).
+            reasons = batch.get("reason", np.full(len(names), "", dtype=object))
+            batch = {**batch, "reason": reasons.astype(object)}
             outs = []
             for i, name in enumerate(names):
                 row = {k: v[i : i + 1].copy() for k, v in batch.items()}

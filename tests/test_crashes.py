@@ -154,3 +154,15 @@ def test_a_batch_with_nothing_to_do_is_not_recorded(folder) -> None:
     stage = Stage(kills={"x"})
     assert list(guard("write", batch("x", "x", status="error"), stage)["status"]) == ["error"] * 2
     assert not storage.exists(folder) or storage.list_files(folder) == []
+
+
+def test_a_reason_is_whole_in_a_column_of_fixed_width_strings(folder) -> None:
+    guard = CrashGuard(folder, tries=1)
+    # numpy's own strings, of the width of their longest: <U1, <U7
+    rows = {"source": np.array(["a", "b"]), "status": np.array(["pending"] * 2)}
+    rows["reason"] = np.array(["", ""])
+    for _ in range(2):
+        with pytest.raises(Died):
+            guard("model", rows, Stage(kills={"b"}))
+    out = guard("model", rows, lambda part: dict(part))
+    assert out["reason"][1].startswith("the process that worked on it died each of the 1")
