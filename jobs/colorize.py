@@ -34,7 +34,9 @@ ends up exactly once. An archive read to its end also leaves a row of its own (s
 error breaks off is opened again and read on (`read_unit`). A large zip or Parquet file is
 read by several tasks at once, in parts the driver splits it into (`split_archive`).
 Bad inputs (empty, truncated, not images, above ``--max-pixels``, archive members whose paths
-leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job.
+leave OUTPUT, unreadable archives) become manifest rows with a reason and never stop the job;
+so does an input that kills the process working on it, after ``--crash-tries`` deaths
+(`jobs.crashes`: Ray itself would try it again for ever).
 At the end ``inputs = outputs + errors`` is printed and checked against the written files, and
 the manifest is written to ``OUTPUT/_colorize/manifest.parquet`` (or ``.csv``).
 
