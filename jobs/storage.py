@@ -611,16 +611,20 @@ def remove(urls: Sequence[str], s3: S3Options | None = None) -> None:
                 with_retries(lambda path=path: fs.rm_file(path), what=f"remove {path}")
 
 
+DELETE_OBJECTS_MAX_KEYS = 1000  # S3's limit on the keys of one DeleteObjects request
+
+
 def _delete_s3_objects(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
-    """S3 DeleteObjects in requests of up to 1,000 keys, failing on any key it could not
-    delete (s3fs's own bulk delete drops those errors)."""
+    """S3 DeleteObjects in requests of up to DELETE_OBJECTS_MAX_KEYS keys, failing on any
+    key it could not delete (s3fs's own bulk delete drops those errors)."""
     by_bucket: dict[str, list[str]] = {}
     for path in paths:
         bucket, key = path.split("/", 1)
         by_bucket.setdefault(bucket, []).append(key)
     for bucket, keys in by_bucket.items():
-        for start in range(0, len(keys), 1000):
-            objects = [{"Key": k} for k in keys[start : start + 1000]]
+        step = DELETE_OBJECTS_MAX_KEYS
+        for start in range(0, len(keys), step):
+            objects = [{"Key": k} for k in keys[start : start + step]]
             with_retries(
                 functools.partial(_delete_s3_batch, fs, bucket, objects),
                 what=f"delete {len(objects)} objects in s3://{bucket}",
