@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +18,8 @@ from PIL import Image, JpegImagePlugin
 from jobs import prepare, storage, tars
 from jobs.dataset import Manifest, validate_shard_table
 from tests.support import encode, photo_rgb, tar_bytes, write_image_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def planted_corpus() -> dict[str, bytes]:
@@ -504,3 +509,13 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         1
     ]
     assert sorted(i["key"] for i in group["items"]) == ["1/a/x", "1/b.v2/x", "1/loose"]
+
+
+def test_the_conversion_tasks_do_not_load_torch() -> None:
+    """`jobs.prepare` and what its tasks run, imported in a fresh interpreter, leave torch
+    unloaded: a conversion worker spares its import (about a second) and its memory."""
+    code = "import sys, jobs.prepare; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
