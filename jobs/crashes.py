@@ -109,14 +109,14 @@ class CrashGuard:
             outs = []
             for i, name in enumerate(names):
                 row = {k: v[i : i + 1].copy() for k, v in batch.items()}
-                if _to_do(row, 0) and (reason := careful.given_up(name)):
-                    row["reason"][0] = reason
-                    if "status" in row:
-                        row["status"][0] = "error"
                 if not _to_do(row, 0):
                     outs.append(work(row))
                     continue
-                with careful.attempt(name):
+                with careful.attempt(name) as reason:
+                    if reason:  # given up: passed on as an error
+                        row["reason"][0] = reason
+                        if "status" in row:
+                            row["status"][0] = "error"
                     outs.append(work(row))
             return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
@@ -134,44 +134,38 @@ class CrashGuard:
 @dataclass
 class Careful:
     """The careful working of a batch whose attempt before died: each input's attempts are
-    counted (`attempt`), and an input whose count reached the guard's tries is given up."""
+    counted, and an input whose count reached the guard's tries is given up (`attempt`)."""
 
     guard: CrashGuard
     stage: str
     given_up_records: list[str] = field(default_factory=list)
-    deaths: dict[str, int] = field(default_factory=dict)  # as `given_up` read them
-
-    def given_up(self, name: str) -> str | None:
-        """The reason `name` is given up, or None where it is to be tried (again)."""
-        record = self._record(name)
-        deaths = self.deaths[name] = int((_read(record, self.guard.s3) or {}).get("attempts", 0))
-        if deaths < self.guard.tries:
-            return None
-        self.given_up_records.append(record)
-        reason = (
-            f"the process that {self.guard.doing} it died each of the {deaths} times it took "
-            f"this input alone (a crash in a decoder, or killed for memory){self.guard.hint}"
-        )
-        log.warning("%s: gave up %s: %s", self.stage, name, reason)
-        return reason
 
     @contextlib.contextmanager
-    def attempt(self, name: str) -> Iterator[None]:
-        """Around the work on one input that `given_up` let through (it is asked first):
-        counted before, and the count gone after (the input is not charged for a later
-        input's death)."""
-        record = self._record(name)
-        attempt = {"name": name, "attempts": self.deaths.pop(name) + 1}
+    def attempt(self, name: str) -> Iterator[str | None]:
+        """Around the work on one input: yields None to work on it, counted before and the
+        count gone after (the input is not charged for a later input's death, nor for an
+        error, which is not a death); or the reason it is given up, not to work on it (its
+        count then stays until the batch is done)."""
+        record = self.guard._url(self.stage, [name], ".one")
+        deaths = int((_read(record, self.guard.s3) or {}).get("attempts", 0))
+        if deaths >= self.guard.tries:
+            self.given_up_records.append(record)
+            reason = (
+                f"the process that {self.guard.doing} it died each of the {deaths} times it "
+                f"took this input alone (a crash in a decoder, or killed for memory)"
+                f"{self.guard.hint}"
+            )
+            log.warning("%s: gave up %s: %s", self.stage, name, reason)
+            yield reason
+            return
+        attempt = {"name": name, "attempts": deaths + 1}
         storage.write_bytes(record, json.dumps(attempt).encode(), self.guard.s3)
         try:
-            yield
-        except Exception:  # an error, not a death: not charged
+            yield None
+        except Exception:
             storage.remove([record], self.guard.s3)
             raise
         storage.remove([record], self.guard.s3)
-
-    def _record(self, name: str) -> str:
-        return self.guard._url(self.stage, [name], ".one")
 
 
 def _to_do(batch: Batch, i: int) -> bool:

@@ -405,9 +405,7 @@ def _process_group(index: int, group: dict, cfg: PrepareConfig, careful: Careful
         # The records' reads and writes outside the input's `try`: storage failing them fails
         # the group (a re-run reads it again), not the input.
         read = not isinstance(data, Exception)
-        given_up = careful.given_up(source) if careful and read else None
-        counted = careful and read and not given_up
-        with careful.attempt(source) if counted else contextlib.nullcontext():
+        with careful.attempt(source) if careful and read else contextlib.nullcontext() as given_up:
             try:
                 if not read:
                     raise data
