@@ -603,9 +603,9 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
     from jobs.lease import DriverLease
 
     counts = (cfg.sample_images, max(3, cfg.sample_images // 10))
-    made = [(u, c, s) for u, c, s in zip((cfg.data, cfg.val_data), counts, (0, 1), strict=True)
-            if u is not None]  # fmt: skip
-    for url, count, seed in made:
+    datasets = [(u, c, s) for u, c, s in zip((cfg.data, cfg.val_data), counts, (0, 1), strict=True)
+                if u is not None]  # fmt: skip
+    for url, count, seed in datasets:
         needed = [storage.join(url, "manifest.json")]
         if url == cfg.data:
             needed.append(cfg.prior_url)
