@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# The whole test suite, in two phases (two Ray instances on one machine break each other):
-#   1. in-process tests sharing one local Ray instance and one moto S3 server;
-#   2. tests that start their own Ray cluster or job processes (marker `subprocess`).
-# Extra arguments go to both pytest runs (`-k quantize`): a phase they select no test of is
-# passed over, and the script fails only where they select none at all.
+# The whole test suite, in three runs (two Ray instances on one machine break each other):
+#   - tests without Ray, in the background beside the next run: the Ray tests leave a third
+#     of the cores idle, waiting on processes that start and stop;
+#   - tests sharing one local Ray instance (marker `ray`, set by tests/conftest.py);
+#   - then tests that start their own Ray cluster or job processes (marker `subprocess`).
+# Extra arguments go to every run (`-k quantize`): a run they select no test of is passed
+# over, and the script fails only where they select none at all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled
 VENV=${VENV:-.venv}  # as scripts/setup.sh made it
 "$VENV/bin/ruff" check colorcore jobs tests bench scripts
-selected=0
-for phase in "not subprocess" subprocess; do
+
+# --durations: the slowest tests, to keep the suite within its 15 minutes on 2 cores
+run() { "$VENV/bin/pytest" -m "$1" --durations=12 "${@:2}"; }
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+run "not ray and not subprocess" "$@" > "$log" 2>&1 &
+beside=$!
+statuses=()
+for phase in "ray and not subprocess" subprocess; do
   status=0
-  # --durations: the slowest tests, to keep the suite within its 15 minutes on 2 cores
-  "$VENV/bin/pytest" -m "$phase" --durations=12 "$@" || status=$?
+  run "$phase" "$@" || status=$?
+  statuses+=("$status")
+  [ "$status" -eq 0 ] || [ "$status" -eq 5 ] || break
+done
+status=0
+wait "$beside" || status=$?
+echo "=== tests without Ray (run beside the Ray tests) ==="
+cat "$log"
+statuses+=("$status")
+
+selected=0
+for status in "${statuses[@]}"; do
   if [ "$status" -eq 5 ]; then continue; fi  # pytest's "no tests collected"
   [ "$status" -eq 0 ] || exit "$status"
   selected=1

@@ -1,8 +1,11 @@
 """Shared fixtures: a real S3 endpoint (moto server on loopback), one local Ray instance per
 test session, the published reference tables and tiny image trees.
 
-Tests marked `subprocess` start their own Ray cluster or job processes; `.ci/run` runs them
-in a second phase, after this phase's Ray instance has shut down.
+Tests that use the session's Ray instance (its fixture, directly or through another) are
+marked `ray` here; tests marked `subprocess` start their own Ray cluster or job processes.
+`scripts/test.sh` runs the tests without Ray beside the `ray` ones, and the `subprocess` ones
+after this phase's Ray instance has shut down. A test outside the `ray` marker that starts
+Ray fails: beside the session's instance it would be a second one on the machine.
 """
 
 from __future__ import annotations
@@ -26,6 +29,29 @@ set_local_ray_env()  # as a job's own local instance has it
 os.environ.setdefault("COLORCORE_STORAGE_ATTEMPTS", "3")
 
 TEST_BUCKET = "colorcore-test"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_through_its_fixture(request: pytest.FixtureRequest) -> None:
+    """`ray.init` refused to a test that is neither `ray` nor `subprocess`: one that started
+    Ray of its own would run a second instance beside the session's."""
+    if request.node.get_closest_marker("ray") or request.node.get_closest_marker("subprocess"):
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "this test starts Ray: ask for the ray_session fixture (or mark it subprocess)"
+        )
+
+    request.getfixturevalue("monkeypatch").setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="session")
