@@ -378,11 +378,10 @@ def test_folder_of_files_and_archives_on_s3(ci_run, s3_server, ray_session) -> N
     assert storage.list_files(colorize_manifest.parts_url(dst)) == parts
 
 
-@pytest.mark.parametrize("stages", ["auto", "split"])  # auto: fused here (no GPU)
-def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) -> None:
+def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session) -> None:
     """A run that stopped part-way (some outputs and manifest parts missing) is completed by
-    the same command, every member exactly once; with the stages fused into the model actors
-    and split around them."""
+    the same command, every member exactly once. (What is left to do is planned before the
+    stages are laid out: the split stages' archives are the next test's.)"""
     model = tmp_path / "tiny.pt"
     torch.manual_seed(0)
     from colorcore import weights
@@ -393,7 +392,7 @@ def test_tar_input_resumes_after_a_partial_run(tmp_path, ray_session, stages) ->
     archive = tmp_path / "roll.tar"
     archive.write_bytes(tar_bytes(members))
     dst = tmp_path / "out"
-    cfg = config(str(archive), str(dst), str(model), batch_size=2, stages=stages)
+    cfg = config(str(archive), str(dst), str(model), batch_size=2)
     first = colorize.main(cfg)
     assert (first.outputs, first.errors) == (10, 1)
     assert sorted(o for o in first.table.column("output").to_pylist() if o) == sorted(
@@ -428,7 +427,7 @@ def test_an_input_that_kills_its_process_is_given_up_and_the_job_ends(
     """Ray tries a task or an actor's call whose process died again, for ever: an input
     whose decoding kills the process (a format the session's workers die on) is recorded as
     an error after crash_tries deaths while it was worked on alone, and its batch's other
-    inputs are colorized."""
+    inputs are colorized, an archive's members among them (one refused for its path)."""
     from colorcore import weights
     from tests.crashing_format import MAGIC
 
@@ -439,13 +438,20 @@ def test_an_input_that_kills_its_process_is_given_up_and_the_job_ends(
     for i in range(3):
         (src / f"{i}.jpg").write_bytes(encode(gray((20, 16 + i))))
     (src / "1-crashes.png").write_bytes(MAGIC + bytes(64))  # batched with 1.jpg
+    member = encode(gray((18, 20)))
+    (src / "roll.tar").write_bytes(tar_bytes({"r/a.jpg": member, "../out.jpg": member}))
     cfg = config(str(src), str(dst), str(model), batch_size=2, stages=stages, crash_tries=1)
     summary = colorize.main(cfg)
-    assert (summary.inputs, summary.outputs, summary.errors) == (4, 3, 1)
-    (error,) = summary.table.filter(pc.equal(summary.table.column("status"), "error")).to_pylist()
-    assert error["source"] == str(src / "1-crashes.png")
-    assert "died each of the 1 times it took this input alone" in error["reason"]
+    assert (summary.inputs, summary.outputs, summary.errors) == (6, 4, 2)
+    errors = summary.table.filter(pc.equal(summary.table.column("status"), "error")).to_pylist()
+    reasons = {row["source"]: row["reason"] for row in errors}
+    crashes, escapes = str(src / "1-crashes.png"), str(src / "roll.tar") + "!../out.jpg"
+    assert reasons.keys() == {crashes, escapes}
+    assert "died each of the 1 times it took this input alone" in reasons[crashes]
+    assert "escapes the output folder" in reasons[escapes]
     assert sorted(p.name for p in dst.glob("*.jpg")) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert Image.open(dst / "roll.tar" / "r" / "a.jpg").size == (20, 18)
+    assert not (tmp_path / "out.jpg").exists()
     assert not list((dst / colorize_manifest.WORK_DIR / "crashes").iterdir())  # records gone
 
 

@@ -153,6 +153,10 @@ def test_data_jobs_as_commands_prepare_prior_and_evaluate(workdir) -> None:
     job = [sys.executable, "-m"]
     out = run([*job, "jobs.prepare", str(src), str(data)], cwd=ROOT)
     assert "5 inputs -> 4 images in 1 shards + 1 errors" in out, out[-3000:]
+    missing = [*job, "jobs.evaluate", "--model", str(workdir / "nope"), str(data)]
+    # (read at the end: it fails before Ray starts, beside the jobs below)
+    refused = subprocess.Popen(missing, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     run([*job, "jobs.prior", str(data)], cwd=ROOT)
     model = workdir / "tiny.safetensors"
     model.write_bytes(to_safetensors(ColorizationNet(ModelConfig(width=1 / 16))))
@@ -162,10 +166,9 @@ def test_data_jobs_as_commands_prepare_prior_and_evaluate(workdir) -> None:
     for name in ("table.md", "auc_curves.png", "best_worst.png"):
         assert (report / name).stat().st_size > 0, name
 
-    missing = [*job, "jobs.evaluate", "--model", str(workdir / "nope"), str(data)]
-    done = subprocess.run(missing, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("python -m jobs.evaluate: error: ")
+    _, stderr = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("python -m jobs.evaluate: error: --model ")
 
 
 def _free_port() -> int:
