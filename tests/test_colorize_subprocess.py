@@ -33,7 +33,7 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights.save_checkpoint(str(tmp_path / "tiny.pt"), ColorizationNet(ModelConfig(width=1 / 16)))
     src = tmp_path / "scans"
-    for i in range(24):
+    for i in range(12):
         (src / f"box{i % 3}").mkdir(parents=True, exist_ok=True)
         (src / f"box{i % 3}" / f"scan{i:02d}.jpg").write_bytes(encode(gray((20 + i, 24))))
     members = {
@@ -44,7 +44,7 @@ def test_killed_run_completed_by_the_same_command(tmp_path: Path) -> None:
         for i in range(8):
             album.writestr(f"page{i}.png", encode(photo_rgb("chelsea", 16 + i), "PNG"))
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff")
-    expected_inputs = 24 + 8 + 8 + 1
+    expected_inputs = 12 + 8 + 8 + 1
     dst = tmp_path / "colour"
     command = [
         sys.executable, "-m", "jobs.colorize", str(src), str(dst),

@@ -153,11 +153,11 @@ def test_data_jobs_as_commands_prepare_prior_and_evaluate(workdir) -> None:
     job = [sys.executable, "-m"]
     out = run([*job, "jobs.prepare", str(src), str(data)], cwd=ROOT)
     assert "5 inputs -> 4 images in 1 shards + 1 errors" in out, out[-3000:]
+    run([*job, "jobs.prior", str(data)], cwd=ROOT)
     missing = [*job, "jobs.evaluate", "--model", str(workdir / "nope"), str(data)]
-    # (read at the end: it fails before Ray starts, beside the jobs below)
+    # (read at the end: it fails before Ray starts, beside the evaluation below)
     refused = subprocess.Popen(missing, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    run([*job, "jobs.prior", str(data)], cwd=ROOT)
     model = workdir / "tiny.safetensors"
     model.write_bytes(to_safetensors(ColorizationNet(ModelConfig(width=1 / 16))))
     run([*job, "jobs.evaluate", "--model", str(model), str(data), "--output", str(report)], ROOT)
