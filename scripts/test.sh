@@ -17,9 +17,9 @@ VENV=${VENV:-.venv}  # as scripts/setup.sh made it
 run() { "$VENV/bin/pytest" -m "$1" --durations=12 "${@:2}"; }
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 run "not ray and not subprocess" "$@" > "$log" 2>&1 &
 beside=$!
+trap 'kill "$beside" 2> /dev/null || true; rm -f "$log"' EXIT  # (it has ended, unless interrupted)
 statuses=()
 for phase in "ray and not subprocess" subprocess; do
   status=0

@@ -9,6 +9,7 @@ millions of pixels fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -81,6 +82,7 @@ def test_bins_equal_the_published_table() -> None:
     assert quantize.ab_bins()[0].tolist() == published_Q2[0].tolist()
 
 
+@functools.cache  # (about 2.5 s; its callers only read it)
 def _every_srgb_ab() -> torch.Tensor:
     """(2, 256^3) ab of every 8-bit sRGB colour."""
     levels = torch.arange(256, dtype=torch.float32) / 255
