@@ -39,7 +39,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _ray_only_through_its_fixture(request: pytest.FixtureRequest) -> None:
+def _ray_only_through_its_fixture(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`ray.init` refused to a test that is neither `ray` nor `subprocess`: one that started
     Ray of its own would run a second instance beside the session's."""
     if request.node.get_closest_marker("ray") or request.node.get_closest_marker("subprocess"):
@@ -51,7 +53,7 @@ def _ray_only_through_its_fixture(request: pytest.FixtureRequest) -> None:
             "this test starts Ray: ask for the ray_session fixture (or mark it subprocess)"
         )
 
-    request.getfixturevalue("monkeypatch").setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+ROOT = Path(__file__).resolve().parents[1]  # the repository's checkout
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 
 
 def train_workers() -> list[int]:

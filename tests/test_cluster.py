@@ -30,9 +30,8 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support import reference_path
+from tests.support import ROOT, reference_path
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "cluster"
 DOCKERFILE = CLUSTER_DIR / "Dockerfile"
 CLUSTER_README = CLUSTER_DIR / "README.md"

@@ -33,7 +33,7 @@ from colorcore.model import ColorizationNet, ModelConfig
 from jobs import colorize, colorize_manifest, picture_files, storage, tars
 from jobs.config import run_cli
 from jobs.runtime import Precision
-from tests.support import encode, photo_rgb, tar_bytes
+from tests.support import ROOT, encode, photo_rgb, tar_bytes
 from tests.test_icc import input_only
 
 INFER_PX = 64  # small network input: the tests check plumbing, not colour quality
@@ -1779,8 +1779,7 @@ def test_one_local_image_is_colorized_without_importing_ray(tmp_path) -> None:
         "    runpy.run_module('jobs.colorize', run_name='__main__')\n"
         "finally:\n    print('ray imported:', 'ray' in sys.modules)"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "a.png").exists()
     assert done.stdout.strip().splitlines()[-1] == "ray imported: False"

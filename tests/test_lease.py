@@ -11,14 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from jobs import lease, storage
 from jobs.lease import LEASE_DIR, DriverLease
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -10,7 +10,6 @@ import logging
 import subprocess
 import sys
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +30,7 @@ from jobs.loader import (
     epoch_orders,
     epoch_windows,
 )
-from tests.support import ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, ROW_GROUP_ROWS, encode, photo_rgb, write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,9 +16,7 @@ from PIL import Image, JpegImagePlugin
 
 from jobs import prepare, storage, tars
 from jobs.dataset import Manifest, validate_shard_table
-from tests.support import encode, photo_rgb, tar_bytes, write_image_tree
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, encode, photo_rgb, tar_bytes, write_image_tree
 
 
 def planted_corpus() -> dict[str, bytes]:

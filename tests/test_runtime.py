@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs import runtime
-from tests.support import Commands
+from tests.support import ROOT, Commands
 
 
 def test_init_ray_reuses_the_running_instance(ray_session) -> None:
@@ -199,7 +199,7 @@ def gpu_runs(tmp_path_factory) -> Iterator[tuple[Commands, dict[str, Path]]]:
                          str(folders[case] / "out")],
         }[job]  # fmt: skip
         commands[case] = [sys.executable, "-m", f"jobs.{job}", *flags, *outputs]
-    runs = Commands(commands, env=env, cwd=Path(__file__).resolve().parents[1])
+    runs = Commands(commands, env=env, cwd=ROOT)
     yield runs, folders
     runs.close()
 

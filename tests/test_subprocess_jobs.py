@@ -24,9 +24,9 @@ import pytest
 
 from jobs import storage, train
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
+from tests.support import ROOT
 
 pytestmark = pytest.mark.subprocess
-ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 

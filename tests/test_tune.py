@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +18,7 @@ from jobs.config import ConfigError, load_config_file, parse_config, save_config
 from jobs.lease import LEASE_DIR, DriverLease
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
 from jobs.train import TrainConfig
-from tests.support import train_workers
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, train_workers
 
 
 def test_schedules_parse_to_budget_fractions() -> None:
