@@ -24,6 +24,7 @@ import pytest
 
 from jobs import storage, train
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
+from jobs.tune import TUNE_STATE_PREFIX
 from tests.support import ROOT
 
 pytestmark = pytest.mark.subprocess
@@ -251,20 +252,17 @@ def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> N
         "1",
     ]
     finished = f"trials/*/{checkpoint_dir_name(40)}/{CHECKPOINT_FILE}"
+    # Tune saves its state at least every 10 s by default; here every second, so that it
+    # records the first trial as finished soon after it is
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+        command, cwd=ROOT, env=ENV | {"TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     deadline = time.monotonic() + 400
     while proc.poll() is None and time.monotonic() < deadline:
-        # One trial at a time here: once a second trial has checkpointed, Tune has recorded
-        # the first as finished.
-        trials = list(search_url.glob("trials/*"))
-        if list(search_url.glob(finished)) and any(
-            (t / checkpoint_dir_name(10)).exists() and not (t / checkpoint_dir_name(40)).exists()
-            for t in trials
-        ):
+        if "TERMINATED" in _saved_trial_statuses(search_url):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     kill_tree(proc.pid)
     proc.wait()
     done_before = {p.parts[-3] for p in search_url.glob(finished)}
@@ -276,6 +274,17 @@ def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> N
     assert started and not started & done_before, (started, done_before)
     rows = [line for line in out.splitlines() if re.match(r"\| \w+_\d{5} \|", line)]
     assert len(rows) == 2 and all(line.rstrip().endswith("| completed |") for line in rows), rows
+
+
+def _saved_trial_statuses(search: Path) -> list[str]:
+    """The trials' statuses in Tune's newest saved state of the search (none while it has
+    saved none, or while one is being written)."""
+    states = sorted(search.glob(f"{TUNE_STATE_PREFIX}*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+        return [json.loads(state)["status"] for state, _ in trials]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def test_a_resumed_run_ends_as_the_same_run_uninterrupted(workdir) -> None:
