@@ -1461,9 +1461,10 @@ def _run_on_ray(
 ) -> int:
     import ray
 
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_accelerator_type, init_ray
 
     init_ray(paths=[cfg.input, cfg.output, cfg.model])
+    check_accelerator_type(cfg.accelerator_type, "colorize --accelerator-type")
     resources = ray.cluster_resources()
     gpus = _gpus(cfg, int(resources.get("GPU", 0)))
     actors = _model_actors(cfg, gpus, resources.get("CPU", 1))

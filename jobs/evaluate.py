@@ -1413,7 +1413,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     from jobs.lease import DriverLease
     from jobs.models import load_model
-    from jobs.runtime import check_gpus, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, init_ray
 
     check_gpus(1 if cfg.use_gpu else 0, "evaluation with use_gpu")  # actors start as GPUs allow
     start = time.monotonic()
@@ -1443,6 +1443,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         earlier = evaluate_parts.resume(cfg.output, record, cfg.s3)
         crash_guard(cfg).clear()  # a killed run's: its batches need not recur
         init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
+        check_accelerator_type(cfg.accelerator_type, "evaluate --accelerator-type")
 
         inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
 

@@ -129,6 +129,73 @@ def describe_nodes(nodes: Sequence[Mapping[str, float]]) -> str:
     return ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)
 
 
+ACCELERATOR_TYPE = "accelerator_type:"
+"""Ray's node resource naming a node's GPU type (``accelerator_type:H100``)."""
+
+
+def check_accelerator_type(name: str | None, what: str) -> None:
+    """Fails when `what` asks for GPUs of type `name` (`--accelerator-type`) that no node of
+    the Ray instance joined has and none can get: Ray would wait for such a node in silence,
+    for ever, and the usual cause is a misspelt type. Where an autoscaler may start one but
+    does not say which types its node types have (Ray's autoscaler v2 says), the job says
+    what it waits for and goes on."""
+    if not name:
+        return
+    nodes, node_types = alive_node_resources(), _node_type_resources()
+    cluster = bool(os.environ.get("RAY_ADDRESS"))
+    problem = missing_accelerator_type(name, nodes, node_types, cluster=cluster)
+    if problem and cluster and node_types is None:
+        print(f"warning: {what}: {problem}; waiting for the autoscaler to start such a node "
+              "(stop the job if the type is misspelt)", file=sys.stderr)  # fmt: skip
+    elif problem:
+        raise ValueError(f"{what}: {problem}")
+
+
+def missing_accelerator_type(
+    name: str,
+    nodes: Sequence[Mapping[str, float]],
+    node_types: Mapping[str, float] | None,
+    *,
+    cluster: bool,
+) -> str | None:
+    """Why GPUs of type `name` may never come, or None where a live node (`nodes`: their
+    resources) has one or the autoscaler can add one. `node_types` is what the autoscaler
+    can add (each resource summed over its node types at their most nodes), None where
+    unknown: a cluster's autoscaler may then add one yet, while the local instance a job
+    starts (not `cluster`) has no autoscaler."""
+    wanted = ACCELERATOR_TYPE + name
+    if any(n.get(wanted, 0) > 0 for n in [*nodes, node_types or {}]):
+        return None
+    offered = sorted({
+        key[len(ACCELERATOR_TYPE):]
+        for n in [*nodes, node_types or {}]
+        for key, amount in n.items()
+        if key.startswith(ACCELERATOR_TYPE) and amount > 0
+    })  # fmt: skip
+    types = ", ".join(offered) or "none"
+    if not cluster:
+        where = "on this machine's local Ray instance, which has no autoscaler"
+    elif node_types is None:
+        where = "on any live node of the cluster"
+    else:
+        where = "on any node type of the cluster"
+    return f"there is no GPU of type {name!r} {where} (types there: {types})"
+
+
+def _node_type_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler may give it, summed over its node
+    types at their most nodes, as the cluster's autoscaler reports them (Ray's autoscaler
+    v2; Ray Train checks its workers against the same figures); None where it reports none:
+    another autoscaler, or none. Ray's state API for it is internal: read where it is."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception as error:  # an internal API: its absence or failure means unknown
+        log.debug("no node types from the cluster's autoscaler: %s", error)
+        return None
+
+
 def check_gpus(needed: int, what: str, address: str | None = None) -> None:
     """Fails now when `what` needs `needed` GPUs and would start a private local Ray instance
     (no address, Ray not started) on a machine where torch sees fewer: that instance has no

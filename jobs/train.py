@@ -630,7 +630,7 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run; returns the final metrics."""
     from jobs.lease import DriverLease
-    from jobs.runtime import check_gpus, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, init_ray
 
     cfg = with_absolute_paths(cfg)
     check_gpus(cfg.num_workers if cfg.use_gpu else 0, "training with use_gpu")
@@ -641,6 +641,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         if data_ready:
             check_resumable(cfg)
         init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
+        check_accelerator_type(cfg.accelerator_type, "train --accelerator-type")
         if not os.environ.get("RAY_ADDRESS"):
             check_workers_fit(cfg)
         if cfg.make_sample_data:

@@ -925,7 +925,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     (Ctrl-C) writes the table of what it has, marks the trials it had not finished, and
     writes no best config: the same command continues it."""
     from jobs.lease import DriverLease
-    from jobs.runtime import check_gpus, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, init_ray
 
     base = train.with_absolute_paths(search.train)
     _check_searcher(search)
@@ -934,6 +934,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     started = _check_same_search(search)  # a refused change fails before Ray starts
     with DriverLease(search.url, search.train.s3, what=f"search {search.name}"):
         init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])
+        check_accelerator_type(base.accelerator_type, "tune --train.accelerator-type")
         if base.make_sample_data:
             train.ensure_sample_data(base)
             train.preflight(dataclasses.replace(base, make_sample_data=False))

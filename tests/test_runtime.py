@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import runtime
+from jobs import runtime, storage
 from tests.support import ROOT, Commands
 
 
@@ -216,3 +216,76 @@ def test_a_job_that_needs_gpus_fails_at_once_without_them(case, gpu_runs) -> Non
     assert status != 0
     assert message in err, err[-2000:]
     assert "cannot add any" in err and not list(folders[case].iterdir())
+
+
+def test_a_gpu_type_is_missing_where_no_node_has_it_nor_can_get_it() -> None:
+    h100 = {"CPU": 16, "GPU": 8, "accelerator_type:H100": 1}
+    l40s_types = {"CPU": 160, "GPU": 10, "accelerator_type:L40S": 10, "accelerator_type:A10G": 0}
+    missing = runtime.missing_accelerator_type
+    assert missing("H100", [{"CPU": 4}, h100], None, cluster=True) is None  # a node has it
+    assert missing("L40S", [{"CPU": 4}], l40s_types, cluster=True) is None  # a type has it
+    assert missing("H100", [h100], None, cluster=False) is None  # this machine has it
+    # a type misspelt, or one the cluster's node types give none of (A10G at most 0 nodes)
+    for name in ("H1OO", "A10G"):
+        assert missing(name, [h100], l40s_types, cluster=True) == (
+            f"there is no GPU of type {name!r} on any node type of the cluster "
+            "(types there: H100, L40S)"
+        )
+    # an autoscaler that does not say what its node types have: it may yet start one
+    assert "on any live node of the cluster (types there: H100)" in missing(
+        "H1OO", [h100], None, cluster=True
+    )
+    # the local instance a job starts has no autoscaler
+    assert missing("L40S", [h100], None, cluster=False) == (
+        "there is no GPU of type 'L40S' on this machine's local Ray instance, which has no "
+        "autoscaler (types there: H100)"
+    )
+
+
+def test_a_gpu_type_the_local_instance_lacks_fails_before_any_work(
+    ray_session, ci_config, tmp_path
+) -> None:
+    """Each job that takes --accelerator-type refuses one no node has, where no autoscaler
+    can start one, before its work (Ray would wait for it in silence, for ever)."""
+    import dataclasses
+
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.weights import to_safetensors
+    from jobs import colorize, evaluate, evaluate_parts, train, tune
+
+    refused = r"there is no GPU of type 'H1OO' on this machine's local Ray instance"
+    runtime.check_accelerator_type(None, "a job")  # no type asked for: nothing to check
+    with pytest.raises(ValueError, match=r"^a job: " + refused + r".*\(types there: none\)$"):
+        runtime.check_accelerator_type("H1OO", "a job")
+
+    model = tmp_path / "tiny.safetensors"
+    model.write_bytes(to_safetensors(ColorizationNet(ModelConfig(width=1 / 16))))
+    (tmp_path / "in").mkdir()
+    colorize_cfg = colorize.ColorizeConfig(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(model),
+        accelerator_type="H1OO", model_actors=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="colorize --accelerator-type: " + refused):
+        colorize._run_on_ray([], colorize_cfg, colorize._provenance("0" * 64, colorize_cfg))
+    evaluate_cfg = evaluate.EvaluateConfig(
+        data=ci_config.val_data, prior=ci_config.prior_url, model=str(model),
+        output=str(tmp_path / "eval"), use_gpu=True, accelerator_type="H1OO",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="evaluate --accelerator-type: " + refused):
+        evaluate.main(evaluate_cfg)
+    train_cfg = dataclasses.replace(ci_config, use_gpu=True, accelerator_type="H1OO", name="h1oo")
+    with pytest.raises(ValueError, match="train --accelerator-type: " + refused):
+        train.main(train_cfg)
+    search = dataclasses.replace(tune.ci(), train=train_cfg, storage=str(tmp_path / "searches"))
+    with pytest.raises(ValueError, match="tune --train.accelerator-type: " + refused):
+        tune.main(search)
+    assert not storage.list_files(search.url)
+    # Nothing written but the records of what the evaluation and run are (each start before
+    # any result rewrites them)
+    assert not (tmp_path / "out").exists()
+    assert storage.list_files(str(tmp_path / "eval")) == [
+        storage.join(evaluate_parts.folder(str(tmp_path / "eval")), evaluate_parts.RUN_FILE)
+    ]
+    assert storage.list_files(train_cfg.run_url) == [
+        storage.join(train_cfg.run_url, train.RUN_FILE)
+    ]
