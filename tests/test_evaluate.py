@@ -360,9 +360,18 @@ def _ci_evaluation(ci_run, output: str, **kw) -> evaluate.EvaluateConfig:
     )
 
 
-def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, s3_server) -> None:
-    cfg = _ci_evaluation(ci_run, s3_server.url("eval", "ci"))
-    result = evaluate.main(cfg)
+@pytest.fixture(scope="module")
+def ci_evaluation(ci_run, s3_server) -> tuple[evaluate.EvaluateConfig, dict]:
+    """The session's ci model measured on its whole validation set, in fp32 (an image's
+    figures then do not depend on the batch it is measured in): (config, result)."""
+    cfg = _ci_evaluation(ci_run, s3_server.url("eval", "ci"), precision="fp32")
+    return cfg, evaluate.main(cfg)
+
+
+def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(
+    ci_evaluation, s3_server
+) -> None:
+    cfg, result = ci_evaluation
     table = {row["method"]: row for row in result["table"]}
 
     raw, rebalanced, psnr, images = _direct_gray_row(cfg)
@@ -379,9 +388,7 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
     assert saved["table"][1]["auc_raw"] == pytest.approx(raw, abs=1e-9)
     assert saved["table"][0]["psnr_db"] is None  # ground truth: infinite PSNR, null in JSON
     assert len(saved["images"]) == images and "resized to 96x96" in saved["protocol"]
-    ran = "bf16" if runtime.choose_precision("cpu").autocast_dtype else "fp32"  # precision auto
-    assert saved["network_dtype"] == [ran]
-    assert f"the network in {ran}" in saved["protocol"]
+    assert saved["network_dtype"] == ["fp32"] and "the network in fp32" in saved["protocol"]
     for kind in ("raw", "rebalanced"):  # the pooled curves integrate to the pooled AuC
         for row in result["table"]:
             curve = torch.tensor(result["curves"][kind][row["method"]], dtype=torch.float64)
@@ -398,10 +405,12 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
         pq.read_table(f"{root}/{s.name}", filesystem=fs) for s in Manifest.load(cfg.data).shards
     ]
     keys = [k for table in tables for k in table.column("key").to_pylist()]
-    limited = evaluate.main(
-        dataclasses.replace(cfg, max_images=5, output=s3_server.url("eval", "ci-first5"))
-    )
+    first5 = s3_server.url("eval", "ci-first5")  # and precision auto
+    limited = evaluate.main(dataclasses.replace(cfg, max_images=5, output=first5, precision="auto"))
     assert limited["counts"]["measured"] + limited["counts"]["grayscale"] == 5
+    ran = "bf16" if runtime.choose_precision("cpu").autocast_dtype else "fp32"
+    first5_saved = json.loads(storage.read_bytes(storage.join(first5, "results.json")))
+    assert first5_saved["network_dtype"] == [ran]
     assert {r["key"] for r in limited["images"]} <= set(keys[:5])
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(out("table.csv")).decode())))
     assert [r["method"] for r in rows] == list(evaluate.METHODS)
@@ -412,7 +421,9 @@ def test_ci_model_beats_gray_and_the_gray_row_is_the_direct_computation(ci_run, 
         assert Image.open(io.BytesIO(storage.read_bytes(out(name)))).size[0] > 200
 
 
-def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server, capsys) -> None:
+def test_an_evaluation_stopped_part_way_measures_only_the_rest(
+    ci_evaluation, s3_server, capsys
+) -> None:
     """A re-run takes the batches an earlier run of the evaluation kept, measures the other
     inputs, and reports the figures of one whole run; batches kept by an evaluation that
     decides the figures otherwise are measured anew."""
@@ -420,9 +431,7 @@ def test_an_evaluation_stopped_part_way_measures_only_the_rest(ci_run, s3_server
 
     from jobs.dataset import Manifest
 
-    # fp32: an image's figures do not depend on the batch it is measured in
-    cfg = _ci_evaluation(ci_run, s3_server.url("eval", "whole"), precision="fp32")
-    whole = evaluate.main(cfg)
+    cfg, whole = ci_evaluation  # (in fp32: an image's figures do not depend on its batch)
     fs, root = storage.arrow_filesystem(cfg.data)
     shard = Manifest.load(cfg.data).shards[0]
     first = pq.read_table(f"{root}/{shard.name}", filesystem=fs).slice(0, 8).to_pydict()
