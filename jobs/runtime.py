@@ -136,9 +136,11 @@ ACCELERATOR_TYPE = "accelerator_type:"
 def check_accelerator_type(name: str | None, what: str) -> None:
     """Fails when `what` asks for GPUs of type `name` (`--accelerator-type`) that no node of
     the Ray instance joined has and none can get: Ray would wait for such a node in silence,
-    for ever, and the usual cause is a misspelt type. Where an autoscaler may start one but
-    does not say which types its node types have (Ray's autoscaler v2 says), the job says
-    what it waits for and goes on."""
+    for ever, and the usual cause is a misspelt type. That is known of the local instance a
+    job starts (no autoscaler), and of a cluster whose autoscaler publishes its node types
+    (`_node_type_resources`). Where one may start such a node but does not say (the
+    autoscalers of Ray 2.60, on VMs and KubeRay), the job warns what it waits for and goes
+    on."""
     if not name:
         return
     nodes, node_types = alive_node_resources(), _node_type_resources()
@@ -184,9 +186,10 @@ def missing_accelerator_type(
 
 def _node_type_resources() -> dict[str, float] | None:
     """The most of each resource the cluster's autoscaler may give it, summed over its node
-    types at their most nodes, as the cluster's autoscaler reports them (Ray's autoscaler
-    v2; Ray Train checks its workers against the same figures); None where it reports none:
-    another autoscaler, or none. Ray's state API for it is internal: read where it is."""
+    types at their most nodes, where the autoscaler publishes its cluster config in the GCS
+    (Ray Train checks its workers against the same figures, and Ray Data scales by them);
+    None where it does not: no autoscaler, or one that keeps them to itself, as Ray 2.60's
+    own do. Ray's state API for it is internal: read where it is."""
     try:
         from ray._private.state import state
 

@@ -255,7 +255,10 @@ def test_a_gpu_type_the_local_instance_lacks_fails_before_any_work(
 
     refused = r"there is no GPU of type 'H1OO' on this machine's local Ray instance"
     runtime.check_accelerator_type(None, "a job")  # no type asked for: nothing to check
-    with pytest.raises(ValueError, match=r"^a job: " + refused + r".*\(types there: none\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^a job: " + refused + r", which has no autoscaler \(types there: [^)]*\)$",
+    ):
         runtime.check_accelerator_type("H1OO", "a job")
 
     model = tmp_path / "tiny.safetensors"

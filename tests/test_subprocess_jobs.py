@@ -252,8 +252,8 @@ def test_killed_search_continues_without_rerunning_finished_trials(workdir) -> N
         "1",
     ]
     finished = f"trials/*/{checkpoint_dir_name(40)}/{CHECKPOINT_FILE}"
-    # Tune saves its state at least every 10 s by default; here every second, so that it
-    # records the first trial as finished soon after it is
+    # Tune's saves of its state are at least 10 s apart by default; here a second, so that
+    # it records the first trial as finished soon after it is
     proc = subprocess.Popen(
         command, cwd=ROOT, env=ENV | {"TUNE_GLOBAL_CHECKPOINT_S": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
