@@ -165,16 +165,15 @@ def missing_accelerator_type(
     can add (each resource summed over its node types at their most nodes), None where
     unknown: a cluster's autoscaler may then add one yet, while the local instance a job
     starts (not `cluster`) has no autoscaler."""
-    wanted = ACCELERATOR_TYPE + name
-    if any(n.get(wanted, 0) > 0 for n in [*nodes, node_types or {}]):
-        return None
-    offered = sorted({
+    offered = {
         key[len(ACCELERATOR_TYPE):]
         for n in [*nodes, node_types or {}]
         for key, amount in n.items()
         if key.startswith(ACCELERATOR_TYPE) and amount > 0
-    })  # fmt: skip
-    types = ", ".join(offered) or "none"
+    }  # fmt: skip
+    if name in offered:
+        return None
+    types = ", ".join(sorted(offered)) or "none"
     if not cluster:
         where = "on this machine's local Ray instance, which has no autoscaler"
     elif node_types is None:
