@@ -101,6 +101,13 @@ def jpeg_cut_short(data: bytes) -> bool:
     return False  # no scan found: the decoder judges
 
 
+def refuse_cut_short_jpeg(data: bytes) -> None:
+    """`BadImage` for a JPEG cut short and padded (`jpeg_cut_short`): decoded, it would pass
+    as a whole picture, gray below the cut."""
+    if jpeg_cut_short(data):
+        raise BadImage("truncated JPEG: its data ends in zeros before the end-of-image marker")
+
+
 def _safe_formats() -> list[str]:
     """Every format Pillow reads but EPS, whose reader runs Ghostscript on the file."""
     Image.init()
@@ -193,8 +200,10 @@ def jpeg_length(data: memoryview | bytes) -> int | None:
 
 def _decode_upright(data: bytes, max_pixels: int, min_side_px: int | None) -> Image.Image:
     image = open_image(data, max_pixels=max_pixels)
+    if image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more after
+        refuse_cut_short_jpeg(data)
     try:
-        if min_side_px and image.format in ("JPEG", "MPO"):  # MPO: a JPEG with more after
+        if min_side_px and image.format in ("JPEG", "MPO"):
             w, h = image.size
             scale = min_side_px / min(w, h)
             if scale < 1:

@@ -41,9 +41,9 @@ from jobs.images import (
     exif_orientation,
     float_top,
     gray_in_unit_range,
-    jpeg_cut_short,
     open_image,
     out_of_memory,
+    refuse_cut_short_jpeg,
     unpadded_length,
     upright_image,
 )
@@ -474,8 +474,8 @@ def decode(data: bytes, max_pixels: int, min_page_px: int = 0) -> Decoded:
             return found
         raise
     fmt = "JPEG" if image.format == "MPO" else image.format
-    if fmt == "JPEG" and jpeg_cut_short(data):
-        raise BadImage("truncated JPEG: its data ends in zeros before the end-of-image marker")
+    if fmt == "JPEG":
+        refuse_cut_short_jpeg(data)
     pages, total = [], 0
     try:
         if fmt == "PNG":  # reading its EXIF, which may follow the pixels, decodes them: a

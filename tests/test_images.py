@@ -110,3 +110,24 @@ def test_running_out_of_memory_is_not_called_a_corrupt_image(monkeypatch) -> Non
     monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
     with pytest.raises(MemoryError):
         load_rgb(encoded(Image.fromarray(gray_rgb(8, 8)), "JPEG"))
+
+
+def test_a_jpeg_cut_short_and_padded_is_refused_by_every_jobs_decoding() -> None:
+    """The cut file decodes without an error, gray below the cut: prepare, prior and
+    evaluate refuse it as colorize does, rather than train on, count or score that gray."""
+    from jobs.evaluate import decode_for_eval
+    from jobs.images import BadImage, decode_3hw
+    from jobs.prepare import PrepareConfig, convert
+    from jobs.prior import histogram_of
+
+    rng = np.random.default_rng(1)
+    whole = encoded(Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)), "JPEG")
+    cut = whole[: len(whole) // 2] + bytes(len(whole) - len(whole) // 2)
+    assert Image.open(io.BytesIO(cut)).load() is not None  # Pillow's decoder takes it
+    for decode in (load_rgb, decode_3hw, lambda d: convert(d, PrepareConfig(src="in", dst="out")),
+                   lambda d: decode_for_eval(d, 64)):  # fmt: skip
+        with pytest.raises(BadImage, match="truncated JPEG"):
+            decode(cut)
+        decode(whole)
+    counted = histogram_of([whole, cut])
+    assert (counted.images, counted.unreadable) == (1, 1)
