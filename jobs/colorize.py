@@ -1461,7 +1461,7 @@ def _run_on_ray(
 ) -> int:
     import ray
 
-    from jobs.runtime import check_accelerator_type, init_ray
+    from jobs.runtime import check_accelerator_type, check_local_fit, init_ray
 
     init_ray(paths=[cfg.input, cfg.output, cfg.model])
     check_accelerator_type(cfg.accelerator_type, "colorize --accelerator-type")
@@ -1471,6 +1471,14 @@ def _run_on_ray(
     cfg = _resolve_jpeg_path(cfg, gpus > 0)
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or (64 if gpus else 8))
     fused = cfg.stages == "fused" or (cfg.stages == "auto" and not gpus)
+    check_local_fit(
+        f"colorize needs {actors} model actor(s) of {cfg.actor_cpus:g} CPUs"
+        f"{' and a GPU' if gpus else ''} each",
+        {"CPU": cfg.actor_cpus, "GPU": 1 if gpus else 0},
+        actors,
+        beside={"CPU": cfg.task_cpus / 2 if fused else cfg.task_cpus},  # the reads, or stages
+        hint="lower --model-actors or --actor-cpus",
+    )
     where = "on the model's device" if cfg.jpeg_path == "device" else "on CPUs"
     print(
         f"colorize: {actors} model actor(s) on {'GPU' if gpus else 'CPU'}"

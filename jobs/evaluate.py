@@ -89,6 +89,8 @@ NUM_THRESHOLDS = metrics.AUC_MAX_DIST + 1
 THUMB_PX = 128
 THUMB_ASPECT_MAX = 8  # a panorama's strip stays a few thousand pixels wide (JPEG: 65,500)
 READ_THREADS = 8  # concurrent object-store reads per read task
+FILE_READ_CPUS = 0.25  # a task reading a batch of files (mostly waiting on storage)
+PARQUET_READ_CPUS = 1.0  # a prepared dataset's read task (Ray Data's read tasks' default)
 NO_LABEL = -1
 MISSING_FILE = "missing file"
 UNREADABLE = "unreadable: "
@@ -990,7 +992,7 @@ def input_dataset(cfg: EvaluateConfig, plan: InputPlan, measured: frozenset[str]
             _read_files,
             fn_kwargs={"s3": cfg.s3, "max_bytes": cfg.max_file_mb * 2**20},
             batch_format="numpy",
-            num_cpus=0.25,
+            num_cpus=FILE_READ_CPUS,
         )
     fs, _ = storage.arrow_filesystem(cfg.data, cfg.s3)
     ds = ray.data.read_parquet(plan.shard_paths, filesystem=fs, partitioning=None).select_columns(
@@ -1413,7 +1415,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
     from jobs.lease import DriverLease
     from jobs.models import load_model
-    from jobs.runtime import check_accelerator_type, check_gpus, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, check_local_fit, init_ray
 
     check_gpus(1 if cfg.use_gpu else 0, "evaluation with use_gpu")  # actors start as GPUs allow
     start = time.monotonic()
@@ -1444,6 +1446,15 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         crash_guard(cfg).clear()  # a killed run's: its batches need not recur
         init_ray(paths=[cfg.data, loaded.url, cfg.classifier_weights, cfg.output])
         check_accelerator_type(cfg.accelerator_type, "evaluate --accelerator-type")
+        gpu = {"GPU": 1} if cfg.use_gpu else {}
+        check_local_fit(
+            f"evaluate needs {cfg.num_actors} model actor(s) of {cfg.cpus_per_actor:g} CPUs"
+            f"{' and a GPU' * cfg.use_gpu} each",
+            {"CPU": cfg.cpus_per_actor} | gpu,
+            cfg.num_actors,
+            beside={"CPU": FILE_READ_CPUS if plan.files is not None else PARQUET_READ_CPUS},
+            hint="lower --num-actors or --cpus-per-actor",
+        )
 
         inputs = None if plan.files is None else {f["key"] for f in plan.files[: cfg.max_images]}
 

@@ -125,7 +125,7 @@ def _count_batch(batch: dict[str, np.ndarray], cfg: PriorConfig) -> dict[str, np
 def main(cfg: PriorConfig) -> AbHistogram:
     import ray
 
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_local_fit, init_ray
 
     start = time.monotonic()
     manifest = Manifest.load(cfg.dataset, cfg.s3)
@@ -133,6 +133,8 @@ def main(cfg: PriorConfig) -> AbHistogram:
     fs, root = storage.arrow_filesystem(cfg.dataset, cfg.s3)
     paths = [f"{root}/{s.name}" for s in manifest.shards]
     init_ray(paths=[cfg.dataset, cfg.output_url])  # (the head's disk may go with the cluster)
+    check_local_fit(f"prior needs counting tasks of {cfg.cpus_per_task:g} CPUs",
+                    {"CPU": cfg.cpus_per_task}, hint="lower --cpus-per-task")  # fmt: skip
     results = (
         ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
         .select_columns(["key", "jpeg", "grayscale"])

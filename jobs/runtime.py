@@ -124,6 +124,37 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
+def check_local_fit(
+    what: str,
+    needs: Mapping[str, float],
+    count: int = 1,
+    *,
+    beside: Mapping[str, float] | None = None,
+    hint: str,
+) -> None:
+    """Fails where the Ray instance a job started itself (no RAY_ADDRESS) cannot hold `count`
+    of `needs` (a worker's, actor's or task's resources), each on one node, with `beside`
+    (the tasks that must run alongside, such as the reads feeding actors) left free on the
+    node: that instance has no autoscaler, and Ray would wait for them in silence, for ever.
+    `what` names them ("evaluate needs 3 model actors of 0.5 CPUs each"). Joining a cluster,
+    nothing is checked: its autoscaler may start nodes for them."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    nodes = alive_node_resources()
+    left = [{k: v - (beside or {}).get(k, 0) for k, v in n.items()} for n in nodes]
+    fits = workers_fit({k: v for k, v in needs.items() if v > 0}, left)
+    if fits < count:
+        also = "" if not beside else f" beside {_resources_text(beside)} for other tasks"
+        raise ValueError(
+            f"{what} (each on one node{also}), and the local Ray instance holds "
+            f"{max(fits, 0)} ({describe_nodes(nodes)}): {hint}, or run on a cluster (RAY_ADDRESS)"
+        )
+
+
+def _resources_text(resources: Mapping[str, float]) -> str:
+    return " and ".join(f"{v:g} {k}s" for k, v in resources.items())
+
+
 def describe_nodes(nodes: Sequence[Mapping[str, float]]) -> str:
     """The nodes' CPUs and GPUs, for messages: ``4 CPUs, 0 GPUs, 8 CPUs, 1 GPUs``."""
     return ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)

@@ -578,23 +578,6 @@ def kept(started: Any, now: Any) -> bool:
     return started == now
 
 
-def check_workers_fit(cfg: TrainConfig) -> None:
-    """Fails when the nodes of the Ray instance cannot hold the run's workers, each on one
-    node. For an instance with no autoscaler (the one a job starts when it joins no
-    cluster): the trainer would wait for them forever. A cluster may start nodes for them."""
-    from jobs.runtime import alive_node_resources, describe_nodes, workers_fit
-
-    nodes = alive_node_resources()
-    fits = workers_fit(cfg.worker_needs, nodes)
-    if fits < cfg.num_workers:
-        raise ValueError(
-            f"training needs {cfg.workers_text()}, each worker on one node, and the local "
-            f"Ray instance holds {fits} ("
-            f"{describe_nodes(nodes)}): lower num_workers or cpus_per_worker, or run on a "
-            "cluster (RAY_ADDRESS)"
-        )
-
-
 def ensure_sample_data(cfg: TrainConfig) -> None:
     """Create the synthetic sample train/val datasets and the prior where missing. Made
     once: a run that starts while another makes them waits for it (the lease of each
@@ -630,7 +613,7 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) the run; returns the final metrics."""
     from jobs.lease import DriverLease
-    from jobs.runtime import check_accelerator_type, check_gpus, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, check_local_fit, init_ray
 
     cfg = with_absolute_paths(cfg)
     check_gpus(cfg.num_workers if cfg.use_gpu else 0, "training with use_gpu")
@@ -642,8 +625,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
             check_resumable(cfg)
         init_ray(paths=[cfg.storage, cfg.data, cfg.val_data, cfg.prior_url])
         check_accelerator_type(cfg.accelerator_type, "train --accelerator-type")
-        if not os.environ.get("RAY_ADDRESS"):
-            check_workers_fit(cfg)
+        check_local_fit(f"training needs {cfg.workers_text()}", cfg.worker_needs,
+                        cfg.num_workers, hint="lower num_workers or cpus_per_worker")  # fmt: skip
         if cfg.make_sample_data:
             ensure_sample_data(cfg)
             preflight(dataclasses.replace(cfg, make_sample_data=False))

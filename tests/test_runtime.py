@@ -292,3 +292,42 @@ def test_a_gpu_type_the_local_instance_lacks_fails_before_any_work(
     assert storage.list_files(train_cfg.run_url) == [
         storage.join(train_cfg.run_url, train.RUN_FILE)
     ]
+
+
+def test_actors_and_tasks_the_local_instance_cannot_hold_fail_before_any_work(
+    ray_session, ci_config, tmp_path
+) -> None:
+    """The session's instance has 2 CPUs and no autoscaler: model actors that take them all
+    leave none for the reads that feed them, and a task larger than the node never starts.
+    Ray would wait in silence, for ever; each job says so at once."""
+    from colorcore.model import ColorizationNet, ModelConfig
+    from colorcore.weights import to_safetensors
+    from jobs import colorize, evaluate, prior
+
+    model = tmp_path / "tiny.safetensors"
+    model.write_bytes(to_safetensors(ColorizationNet(ModelConfig(width=1 / 16))))
+    (tmp_path / "in").mkdir()
+    colorize_cfg = colorize.ColorizeConfig(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(model),
+        model_actors=4,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^colorize needs 4 model actor\(s\) of 0.5 CPUs each \(each on one node beside "
+        r"0.25 CPUs for other tasks\), and the local Ray instance holds 3 \(2 CPUs, 0 GPUs\): "
+        r"lower --model-actors or --actor-cpus, or run on a cluster \(RAY_ADDRESS\)$",
+    ):
+        colorize._run_on_ray([], colorize_cfg, colorize._provenance("0" * 64, colorize_cfg))
+    runtime.check_local_fit("3 of them", {"CPU": 0.5}, 3, beside={"CPU": 0.25}, hint="")  # fit
+    evaluate_cfg = evaluate.EvaluateConfig(
+        data=ci_config.val_data, prior=ci_config.prior_url, model=str(model),
+        output=str(tmp_path / "eval"), num_actors=3,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"evaluate needs 3 model actor\(s\) .* holds 2 \("):
+        evaluate.main(evaluate_cfg)
+    prior_cfg = prior.PriorConfig(
+        dataset=ci_config.data, output=str(tmp_path / "prior.npz"), cpus_per_task=3, s3=ci_config.s3
+    )
+    with pytest.raises(ValueError, match=r"prior needs counting tasks of 3 CPUs .* holds 0 \("):
+        prior.main(prior_cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prior.npz").exists()
