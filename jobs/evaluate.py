@@ -55,7 +55,7 @@ import json
 import math
 import posixpath
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -922,6 +922,7 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
         if entries is None:
             return InputPlan(None, paths, None, manifest.num_rows, [])
         split_labels, missing = _listed_keys(entries, _dataset_keys(cfg, paths), cfg.data)
+        _refuse_none_found(cfg, split_labels, missing)
         listed = len(split_labels) + len(missing)
         return InputPlan(None, paths, split_labels, listed, missing, len(entries) - listed)
     if entries is None:
@@ -929,10 +930,21 @@ def plan_inputs(cfg: EvaluateConfig) -> InputPlan:
     # Every file: a line names what to measure, and one that is no image is an error row
     sizes = storage.sized_files(cfg.data, cfg.s3)
     found, missing = resolve_split(entries, cfg.data, sorted(sizes))
+    _refuse_none_found(cfg, found, missing)
     for entry in found:
         entry["size"] = sizes[entry["url"]]
     listed = len(found) + len(missing)
     return InputPlan(found, [], None, listed, missing, len(entries) - listed)
+
+
+def _refuse_none_found(cfg: EvaluateConfig, found: Sized, missing: list[str]) -> None:
+    """A split none of whose lines is found in DATA names another dataset (ctest10k over the
+    train folder, say): refused before any work, not measured as nothing but missing rows."""
+    if missing and not found:
+        raise ValueError(
+            f"none of the {len(missing)} images --split {cfg.split} lists is in {cfg.data} "
+            f"(such as {missing[0]!r}): is DATA the dataset the split is of?"
+        )
 
 
 def _read_files(

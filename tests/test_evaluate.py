@@ -196,6 +196,13 @@ def test_a_split_over_a_prepared_dataset_keeps_its_images_with_its_labels(tmp_pa
     plan = evaluate.plan_inputs(cfg)
     assert evaluate._keep_listed(batch, plan.split_labels)["label"].tolist() == [1, 0]
 
+    # A split of another dataset (none of its lines there) is refused, over files too
+    split.write_text("val/ILSVRC2012_val_00000001.JPEG 65\nval/gone.JPEG 3\n")
+    for data in (tmp_path / "ds", tmp_path):
+        with pytest.raises(ValueError, match=r"none of the 2 images --split .*split.txt lists "
+                           r"is in .* \(such as 'val/ILSVRC2012_val_00000001.JPEG'\)"):  # fmt: skip
+            evaluate.plan_inputs(dataclasses.replace(cfg, data=str(data)))
+
     # Keys have lost their extension already: a dot left in one is part of the name.
     dotted = ["c/photo.2019", "c/photo"]
     assert evaluate._listed_keys([("val/photo.2019.JPEG", 5)], dotted, "d") == (
