@@ -248,14 +248,15 @@ class SearchConfig:
             problems.append("first_rung_fraction must lie in (0, 1]")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             problems.append("max_concurrent must be >= 1")
-        points = len(self.lrs) * len(self.lambdas) * len(self.schedules)
         learning = self.search_alg not in ("grid", "random")
-        if learning and self.discrete and points and self.num_samples > points:
+        if learning and self.discrete and self.num_samples > 1:
             problems.append(
-                f"{self.search_alg} over {points} points would run {self.num_samples} trials, "
-                "repeating points with one seed: --search-alg grid or random repeat each "
-                "point with a seed of its own"
+                f"{self.search_alg} over choices only (no lr_range or lambda_range) may draw a "
+                "point twice, the trials then copies with one seed: --search-alg grid runs "
+                "each point once, random repeats a point with a seed of its own; or give a range"
             )
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must lie in [0, 2**32), got {self.seed}")
         if self.final_steps is not None and self.final_steps < 1:
             problems.append("final_steps must be >= 1")
         if self.max_gpus is not None and self.gpus_per_trial > self.max_gpus:
@@ -426,8 +427,8 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
     }
     if search.search_alg == "random" and search.discrete and search.num_samples > 1:
         # Draws of choices repeat points: each trial with a seed of its own, as a grid's
-        # repeats (a learning searcher would model the seed: it is refused more trials
-        # than points instead, see SearchConfig).
+        # repeats (a learning searcher would model the seed: it is refused choices only,
+        # see SearchConfig).
         seed = search.train.seed
         space["seed"] = tune.randint(seed, seed + RANDOM_SEEDS)
     return space

@@ -180,7 +180,7 @@ def test_the_objective_plot_draws_any_table() -> None:
 
 def test_a_searcher_not_installed_fails_before_ray(monkeypatch) -> None:
     monkeypatch.setitem(tune.SEARCHER_PACKAGES, "optuna", ("no_such_searcher", "no-such"))
-    search = dataclasses.replace(tune.ci(), search_alg="optuna")
+    search = dataclasses.replace(tune.ci(), search_alg="optuna", lrs=(), lr_range=(1e-4, 1e-3))
     with pytest.raises(ValueError, match="needs the no-such package: pip install no-such"):
         tune.main(search)
 
@@ -225,7 +225,8 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         ),
         (["--train.use-gpu", "--train.num-workers", "4", "--max-gpus", "2"], "needs 4 GPUs"),
         (["--search-alg", "annealing"], "is not one of"),
-        (["--search-alg", "optuna", "--num-samples", "5"], "over 4 points would run 5 trials"),
+        (["--search-alg", "optuna", "--num-samples", "2"], "optuna over choices only (no lr_"),
+        (["--search-alg", "hyperopt", "--seed", "-1"], "seed must lie in [0, 2**32), got -1"),
         (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
         (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
         (["--final-steps", "2", "--schedules", "0.3:0.3,0.6:0.3"], "drops at steps [1, 1] of 2"),
