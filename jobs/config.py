@@ -12,7 +12,8 @@ module derives, with no per-job code:
 - ``--dry-run``: build and validate the config, print it as JSON and exit without Ray.
 
 Precedence: dataclass defaults < preset < ``--config`` file < flags. A bad value fails with
-a clear message before any cluster resource is used.
+a clear message before any cluster resource is used, and so does a flag of a field the job
+sets itself (a config class's ``SET_BY_THE_JOB``: a search's trials' learning rates).
 """
 
 from __future__ import annotations
@@ -407,6 +408,9 @@ def parse_config(
                 f"--{name.replace('_', '-')}"
             )
         flat[name] = given
+    for path, instead in getattr(cls, "SET_BY_THE_JOB", {}).items():
+        if path in flat:  # (a value a config file holds is the file's writer's, not a flag)
+            parser.error(f"{_flag(path)} is set by the job for each run it starts: {instead}")
     try:
         preset = getattr(ns, "preset", None) or default_preset
         base = presets[preset]() if presets and preset else None

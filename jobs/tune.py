@@ -44,7 +44,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from jobs import storage, train
 from jobs.config import (
@@ -177,6 +177,19 @@ class SearchConfig:
     final_steps: int | None = None
     """Step budget of best_config.yaml, its drops at the same fractions of it (default: the
     trials' budget, train.max_steps)."""
+
+    SET_BY_THE_JOB: ClassVar[dict[str, str]] = {
+        "train.lr": "give --lrs or --lr-range",
+        "train.rebalance_lambda": "give --lambdas or --lambda-range",
+        "train.lr_drop_steps": "give --schedules (fractions of the budget)",
+        "train.lr_drop_factors": "give --schedules (fractions of the budget)",
+        "train.checkpoint_every_steps": "give --reports-per-trial",
+        "train.val_every_steps": "give --reports-per-trial",
+        "train.name": "trials are named by their id (--name names the search)",
+        "train.storage": "trials go under the search's folder (--storage)",
+    }
+    """The training fields each trial sets (`trial_config`): their flags are refused rather
+    than ignored."""
 
     def __post_init__(self) -> None:
         problems = choice_problems(self)

@@ -239,6 +239,8 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         (["--lr-range", "1e-5", "inf", "--search-alg", "random"], "low < high < inf"),
         (["--reduction-factor", "nan"], "reduction_factor > 1, finite"),
         (["--name", ".."], "name must be a non-empty folder name"),
+        (["--train.lr", "0.5"], "--train.lr is set by the job for each run it starts: give --lrs"),
+        (["--train.lr-drop-steps", "5"], "--train.lr-drop-steps is set by the job"),
     ],
 )
 def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None:
