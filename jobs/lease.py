@@ -17,8 +17,9 @@ creating the next generation, which of two drivers racing for it only one can: o
 machine at once, its process being gone; from another machine once its lease has gone
 `EXPIRE_S` without a renewal, watched from here rather than read off timestamps, which the
 two machines' clocks may write apart. A holder stops its job where another driver may have
-the folder: its lease taken over (a newer generation, or its own rewritten), or its renewals
-failing for `FENCE_S`, past which a watcher elsewhere may take over before it can tell.
+the folder: its lease taken over (a newer generation, or its own rewritten), or its lease
+unrenewed for `FENCE_S` (renewals failing, or one stuck in a storage call), past which a
+watcher elsewhere may take over before it can tell.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class DriverLease:
         self.folder, self.s3, self.what = storage.join(url, LEASE_DIR), s3, what
         self.wait, self.on_lost = wait, on_lost
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._renewed = 0.0  # time.monotonic() of the last renewal
+        self._losing, self._lost = threading.Lock(), False
         self._url: str | None = None  # the generation held
         self._renewals = 0
         self._made: list[str] = []
@@ -135,14 +138,20 @@ class DriverLease:
                 self._made.append(path)
                 path = os.path.dirname(path)
         self._take()
-        self._thread = threading.Thread(target=self._renew, name="driver-lease", daemon=True)
-        self._thread.start()
+        self._renewed = time.monotonic()
+        self._threads = [
+            threading.Thread(target=work, name=f"driver-lease-{work.__name__[1:]}", daemon=True)
+            for work in (self._renew, self._fence)
+        ]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        with self._losing:
+            self._stop.set()
+        for thread in self._threads:  # a renewal under way first ends: not written after
+            thread.join()
         with contextlib.suppress(Exception):  # a lease left behind lapses by itself
             if self._url and self._ours(self._read(self._url)):
                 storage.remove([self._url], self.s3)
@@ -259,27 +268,40 @@ class DriverLease:
         )
 
     def _renew(self) -> None:
-        renewed = time.monotonic()
+        """Renews the lease every `RENEW_S`, noting when it last did for the fence."""
         while not self._stop.wait(RENEW_S):
             try:
                 newest = self._generations()[-1:]
                 if newest != [self._url] or not self._ours(self._read(self._url)):
-                    log.error("%s: another driver took the folder over (%s): this job stops",
-                              self.what, newest[0] if newest else "its lease gone")  # fmt: skip
-                    self.on_lost()
+                    self._lose(f"another driver took the folder over "
+                               f"({newest[0] if newest else 'its lease gone'})")  # fmt: skip
                     return
                 self._renewals += 1
                 storage.write_bytes(self._url, self._content(), self.s3)
-                renewed = time.monotonic()
+                self._renewed = time.monotonic()
             except Exception as error:  # the next renewal may pass
                 log.warning("%s: renewing the lease failed: %s: %s", self.what,
                             type(error).__name__, error)  # fmt: skip
-                if time.monotonic() - renewed > FENCE_S and not self._stop.is_set():
-                    log.error("%s: the lease went unrenewed for %.1f s, and a driver elsewhere "
-                              "may take the folder over: this job stops", self.what,
-                              time.monotonic() - renewed)  # fmt: skip
-                    self.on_lost()
-                    return
+
+    def _fence(self) -> None:
+        """Stops the job once the lease has gone `FENCE_S` unrenewed, however long the
+        renewal under way takes (a storage call retried with long time-outs may take
+        minutes, and a driver elsewhere takes the folder over after `EXPIRE_S`)."""
+        while not self._stop.wait(min(1.0, FENCE_S / 10)):
+            unrenewed = time.monotonic() - self._renewed
+            if unrenewed > FENCE_S:
+                self._lose(f"the lease went unrenewed for {unrenewed:.1f} s, and a driver "
+                           "elsewhere may take the folder over")  # fmt: skip
+                return
+
+    def _lose(self, why: str) -> None:
+        """`on_lost`, once, unless the block has ended meanwhile."""
+        with self._losing:
+            if self._lost or self._stop.is_set():
+                return
+            self._lost = True
+        log.error("%s: %s: this job stops", self.what, why)
+        self.on_lost()
 
 
 def _generation(url: str) -> int:

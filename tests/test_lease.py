@@ -278,6 +278,22 @@ def test_a_holder_stops_when_its_lease_is_rewritten_or_goes_unrenewed(folder, mo
         monkeypatch.setattr(storage, "list_files", unreachable)
         assert lost.wait(30)
         monkeypatch.undo()
+    # A renewal whose storage call hangs (retried with long time-outs) is not waited for
+    lost.clear()
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    monkeypatch.setattr(lease, "FENCE_S", 0.3)
+    release = threading.Event()
+    with DriverLease(folder, what="run r", on_lost=lost.set):
+        listed = storage.list_files
+
+        def hanging(*args, **kwargs):
+            release.wait(60)
+            return listed(*args, **kwargs)
+
+        monkeypatch.setattr(storage, "list_files", hanging)
+        assert lost.wait(30)
+        release.set()
+    monkeypatch.undo()
 
 
 def test_a_driver_that_lost_its_lease_ends_at_once(tmp_path) -> None:
