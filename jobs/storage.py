@@ -109,14 +109,20 @@ def _check_endpoint(endpoint: str, where: str) -> str:
     # takes the host and port only
     rest = parsed.path.strip("/") or parsed.params or parsed.query or parsed.fragment
     if parsed.scheme not in ("http", "https") or not parsed.netloc or rest:
-        raise ValueError(f"{where} must be http(s)://host[:port], got {endpoint!r}")
+        # (what follows the host unechoed: a query may hold a token)
+        more = " and more after it" if rest else ""
+        raise ValueError(
+            f"{where} must be http(s)://host[:port], got {parsed.scheme}://{parsed.netloc}{more}"
+        )
     return endpoint
 
 
 def _redacted(url: str) -> str:
     """`url` for a message: everything before the last ``@`` after its scheme, or without
     one (``user:secret@host/...``) before it (a user and a password, which may itself hold
-    ``/`` or ``@``), replaced by ``***``."""
+    ``/`` or ``@``), and a query (a presigned URL's signature), replaced by ``***``."""
+    if "?" in url:
+        url = url.partition("?")[0] + "?***"
     scheme, sep, rest = url.partition("://")
     if sep and "@" in rest:
         return f"{scheme}://***@{rest.rpartition('@')[2]}"

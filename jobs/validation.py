@@ -189,7 +189,7 @@ def validate(
 
 def format_summary(result: ValidationResult, precision: str = "fp32") -> str:
     return (
-        f"held-out ({result.images} images, {precision}): rebalanced AuC model {result.auc_rebalanced:.4f} "
-        f"vs gray {result.gray_auc_rebalanced:.4f}; raw AuC model {result.auc_raw:.4f} vs gray "
-        f"{result.gray_auc_raw:.4f}; loss {result.loss:.1f} per image"
+        f"held-out ({result.images} images, {precision}): rebalanced AuC model "
+        f"{result.auc_rebalanced:.4f} vs gray {result.gray_auc_rebalanced:.4f}; raw AuC model "
+        f"{result.auc_raw:.4f} vs gray {result.gray_auc_raw:.4f}; loss {result.loss:.1f} per image"
     )
