@@ -71,6 +71,12 @@ S3_TRANSIENT_REPLIES = frozenset({
     "EC2ThrottledException",
 })  # fmt: skip
 S3_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # not 501, Not Implemented
+# pyarrow's S3 filesystem (the manifest's Parquet, Ray's reads) raises a plain OSError
+# whose text names the AWS SDK's error type, or its number and the HTTP status; of the
+# types, these may pass if the request is made again.
+_ARROW_S3_ERROR = re.compile(r"AWS Error (\[code \d+\]|[A-Z_]+)(?: \(HTTP status (\d+)\))? during")
+ARROW_S3_TRANSIENT = frozenset({"INTERNAL_FAILURE", "NETWORK_CONNECTION", "SERVICE_UNAVAILABLE",
+                                "THROTTLING", "SLOW_DOWN", "REQUEST_TIMEOUT"})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +245,11 @@ def is_transient(error: BaseException) -> bool:
     code, status = _s3_reply(error)
     if code is not None or status is not None:  # S3's answer
         return code in S3_TRANSIENT_REPLIES or status in S3_TRANSIENT_STATUS
+    if type(error) is OSError and (arrow := _ARROW_S3_ERROR.search(str(error))):
+        kind, status = arrow[1], arrow[2] and int(arrow[2])
+        if not kind.startswith("["):
+            return kind in ARROW_S3_TRANSIENT or status in S3_TRANSIENT_STATUS
+        return not status or status in S3_TRANSIENT_STATUS  # a type pyarrow does not name
     return not (isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import http.server
 import os
+import socket
 import stat
 import threading
 import time
@@ -594,3 +595,35 @@ def test_a_folders_special_files_are_left_out_of_its_listing(tmp_path, caplog) -
         ]  # fmt: skip
         assert storage.file_sizes(str(tmp_path)) == {"a/photo.jpg": 1, "a/x-loop.jpg": 0}
     assert "pipe.jpg" in caplog.text
+
+
+def test_pyarrow_s3_refusals_are_not_retried_and_its_network_failures_are(
+    s3_server, monkeypatch
+) -> None:
+    """pyarrow's S3 filesystem (the manifest's Parquet, Ray's reads) raises plain OSErrors
+    naming the AWS SDK's error type: a refusal fails at once, not after minutes of back-off."""
+    import pyarrow.fs
+
+    pauses = []
+    monkeypatch.setattr(storage.time, "sleep", pauses.append)
+    fs, _ = storage.arrow_filesystem(s3_server.url())
+    with pytest.raises(OSError, match="AWS Error NO_SUCH_BUCKET during") as refused:
+        storage.with_retries(lambda: fs.open_output_stream("no-such-bucket-x/a").close(),
+                             what="write")  # fmt: skip
+    assert pauses == [] and not storage.is_transient(refused.value)
+    unreachable = pyarrow.fs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{_closed_port()}", scheme="http", region="us-east-1",
+        retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )  # fmt: skip
+    with pytest.raises(OSError, match="AWS Error NETWORK_CONNECTION during") as down:
+        unreachable.open_input_file("bucket/a")
+    assert storage.is_transient(down.value)
+    status = "When reading 'k': AWS Error [code 99] (HTTP status {}) during GetObject operation"
+    assert storage.is_transient(OSError(status.format(503)))
+    assert not storage.is_transient(OSError(status.format(403)))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
