@@ -309,7 +309,7 @@ def with_retries(
     """Call `fn`, retrying transient I/O errors with exponential backoff and jitter
     (`RETRY_ATTEMPTS` tries and `RETRY_DELAY_S` unless given)."""
     if attempts is None:
-        attempts = RETRY_ATTEMPTS or int(os.environ.get("COLORCORE_STORAGE_ATTEMPTS", 7))
+        attempts = RETRY_ATTEMPTS or _attempts_from_environment()
     base_delay_s = RETRY_DELAY_S[0] if base_delay_s is None else base_delay_s
     max_delay_s = RETRY_DELAY_S[1] if max_delay_s is None else max_delay_s
     for attempt in range(1, attempts + 1):
@@ -323,6 +323,14 @@ def with_retries(
                         attempt, attempts - 1, delay)  # fmt: skip
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _attempts_from_environment() -> int:
+    """`COLORCORE_STORAGE_ATTEMPTS`, tries of a storage call (default 7)."""
+    text = os.environ.get("COLORCORE_STORAGE_ATTEMPTS", "7")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"COLORCORE_STORAGE_ATTEMPTS must be a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def read_bytes(url: str, s3: S3Options | None = None) -> bytes:
@@ -402,15 +410,14 @@ def write_bytes(url: str, data: bytes, s3: S3Options | None = None) -> None:
         with_retries(lambda: fs.pipe_file(path, data), what=f"write {url}")
 
 
-def _write_synced(path: str, data: bytes, mode: str = "wb") -> None:
+def _write_synced(path: str, data: bytes) -> None:
     """Writes a new local file (its folders made as needed) and has its content on disk, so
     that a rename or link that then publishes it survives a crash of the machine: without
     this a file system may commit the rename first, and leave an empty file under the final
     name (ext4 does for a new file), though the job went on as if it were written. A file
-    system that cannot sync (some FUSE mounts) is written as before, unsynced. `mode` "xb":
-    only where no file has the name."""
+    system that cannot sync (some FUSE mounts) is written as before, unsynced."""
     _make_folders(os.path.dirname(path))
-    with open(path, mode) as f:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         _sync(f.fileno())
@@ -452,10 +459,17 @@ def _sync_folder(path: str) -> None:
             os.close(folder)
 
 
+NAME_MAX = 255  # bytes of a file's name on the usual local file systems
+
+
 def temporary_beside(path: str) -> str:
     """A local file's temporary name while it is written (`STALE_TEMPORARY`): its writer's
-    machine (`MACHINE`) and process id in it."""
-    return f"{path}.tmp-{MACHINE}-{os.getpid()}-{random.randrange(1 << 30):x}"
+    machine (`MACHINE`) and process id in it, after as much of the file's name as leaves
+    the whole within `NAME_MAX` bytes (a name the file system takes has a temporary it takes)."""
+    folder, name = os.path.split(path)
+    suffix = f".tmp-{MACHINE}-{os.getpid()}-{random.randrange(1 << 30):x}"
+    kept = os.fsencode(name)[: NAME_MAX - len(suffix)]
+    return os.path.join(folder, os.fsdecode(kept) + suffix)
 
 
 def _machine() -> str:
@@ -559,10 +573,19 @@ def _create_local(path: str, data: bytes) -> bool:
         if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
             raise
         try:  # no hard links here: created exclusively, written in place
-            _write_synced(path, data, "xb")
-            return True
+            f = open(path, "xb")  # noqa: SIM115 (removed below where its writing fails)
         except FileExistsError:
             return False
+        try:
+            with f:
+                f.write(data)
+                f.flush()
+                _sync(f.fileno())
+        except BaseException:  # what was written would read as the file, another's create
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
+        return True
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)

@@ -70,11 +70,39 @@ def test_exclusive_creation_without_hard_links_and_a_bare_412(tmp_path, monkeypa
     url = str(tmp_path / "claim" / "config.json")
     assert storage.create_bytes(url, b"first") and not storage.create_bytes(url, b"second")
     assert storage.read_bytes(url) == b"first" and os.listdir(tmp_path / "claim") == ["config.json"]
+    # A write that fails part way (a full disk) leaves no part to be taken for the file
+    failing = str(tmp_path / "claim" / "lease.json")
+    synced = storage._sync
+
+    def full_disk(fd: int) -> None:  # the temporary file is written, the file itself not
+        if os.readlink(f"/proc/self/fd/{fd}") == failing:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        synced(fd)
+
+    monkeypatch.setattr(storage, "_sync", full_disk)
+    with pytest.raises(OSError, match="no space"):
+        storage.create_bytes(failing, b"x")
+    monkeypatch.undo()
+    assert not os.path.exists(failing) and storage.create_bytes(failing, b"again")
     reply = {"Error": {"Code": "PreconditionFailed"}, "ResponseMetadata": {"HTTPStatusCode": 412}}
     bare = OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold")
     bare.__cause__ = ClientError(reply, "PutObject")
     assert storage._precondition_failed(bare)
     assert not storage._precondition_failed(OSError(errno.EIO, "reset"))
+
+
+def test_a_local_name_at_the_file_systems_limit_is_written_as_on_s3(tmp_path) -> None:
+    """The temporary name a write takes first keeps within NAME_MAX bytes: a name the file
+    system takes is written, created and cached alike."""
+    name = "é" * 120 + ".png"  # 244 bytes
+    for write in (storage.write_bytes, storage.create_bytes):
+        url = str(tmp_path / write.__name__ / name)
+        write(url, b"data")
+        assert storage.read_bytes(url) == b"data"
+        assert os.listdir(tmp_path / write.__name__) == [name]
+    temporary = os.path.basename(storage.temporary_beside(str(tmp_path / name)))
+    assert len(os.fsencode(temporary)) <= storage.NAME_MAX
+    assert storage.STALE_TEMPORARY.search(temporary)
 
 
 def test_read_each_left_part_way_waits_for_no_read(monkeypatch) -> None:
@@ -462,6 +490,13 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not() -> None:
     with pytest.raises(TimeoutError):
         storage.with_retries(always_down, what="down", attempts=4, base_delay_s=0.001)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "three"])
+def test_a_bad_number_of_storage_attempts_is_said_so(monkeypatch, value) -> None:
+    monkeypatch.setenv("COLORCORE_STORAGE_ATTEMPTS", value)
+    with pytest.raises(ValueError, match=f"COLORCORE_STORAGE_ATTEMPTS must be .* got '{value}'"):
+        storage.with_retries(lambda: None, what="a call")
 
 
 class _FailingStore(http.server.BaseHTTPRequestHandler):
