@@ -223,7 +223,10 @@ class ColorizeConfig:
             storage.split_url, (self.input, self.output)
         )
         inside = lambda a, b: (a.rstrip("/") + "/").startswith(b.rstrip("/") + "/")  # noqa: E731
-        if in_scheme == out_scheme and (inside(out_path, in_path) or inside(in_path, out_path)):
+        pairs = [(in_path, out_path)]
+        if in_scheme == "file":  # and as the links on the way resolve (OUTPUT in a link to INPUT)
+            pairs.append((os.path.realpath(in_path), os.path.realpath(out_path)))
+        if in_scheme == out_scheme and any(inside(o, i) or inside(i, o) for i, o in pairs):
             # Outputs mirror INPUT's paths below OUTPUT: around INPUT, one could be an input's
             # (one image's output in its own folder; x.jpg's of INPUT/x's x.jpg, where x is
             # INPUT's own name).
@@ -428,9 +431,16 @@ def plan(
             mark = source + _separator(kind)
             tops[source] = _starting_with(sources_sorted, mark)
             named_like.update(mark + top for top in tops[source])
+    names_sorted = sorted(inputs)
     for rel, url, source, (name, refusal) in zip(rels, urls, sources, names, strict=True):
         kind = _kind(url)
-        if kind != "image" and not refusal:  # else refused whole, as a file
+        archive = kind != "image" and not refusal and name not in named
+        # its members' outputs go in a folder of its name: not where others' go
+        if archive and rel and (beside := _starting_with(names_sorted, name + "/")):
+            refusal = (f"its members' outputs would go in {name + '/'!r}, where another "
+                       f"input's output {name + '/' + beside[0]!r} is")  # fmt: skip
+        if archive and not refusal:  # else refused whole, as a file
+            named.add(name)
             prefix = name if rel else ""
             members = _members(source, kind, done_sorted, sources_sorted)
             if source in done_set:  # the archive itself failed: nothing more to read in it

@@ -192,9 +192,14 @@ def test_model_actor_count_leaves_ray_data_room_for_the_reads() -> None:
     assert colorize._gpus(dataclasses.replace(defaults, dtype="int8"), 4) == 0  # CPU actors
 
 
-def test_config_is_validated_and_parses(capsys) -> None:
+def test_config_is_validated_and_parses(capsys, tmp_path) -> None:
     with pytest.raises(ValueError, match="inside"):
         colorize.ColorizeConfig(input="s3://b/in", output="s3://b/in/out", model="m")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")  # OUTPUT inside INPUT, through a link
+    with pytest.raises(ValueError, match="inside"):
+        colorize.ColorizeConfig(input=str(tmp_path / "in"), output=str(tmp_path / "link" / "out"),
+                                model="m")  # fmt: skip
     with pytest.raises(ValueError, match="inside"):
         colorize.ColorizeConfig(input="/data/in/", output="/data/in", model="m")
     colorize.ColorizeConfig(input="/data/in", output="/data/in-colour", model="m")  # a sibling
@@ -1014,6 +1019,36 @@ def test_names_that_are_not_utf8_are_colorized_under_latin1_names(tmp_path) -> N
     refused = [r for r in rows if r["status"] == "error"]
     assert len(refused) == 1 and "reads as 'caf\u00e9.jpg' too" in refused[0]["reason"]
     assert len({r["source"] for r in rows}) == len(rows) == 4  # each input a row of its own
+
+
+def test_an_archive_whose_members_folder_is_taken_is_refused(tmp_path, s3_server) -> None:
+    """A member's output goes in a folder of its archive's name: an archive named as another
+    reads (a Latin-1 name beside its UTF-8 twin), or one beside keys in that folder (S3 has
+    `x.zip` and `x.zip/m.png` at once), is refused whole, not written over their outputs."""
+    member = zip_bytes({"m.png": save(Image.fromarray(gray((8, 8))), "PNG")})
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "\u00e9.zip").write_bytes(member)
+    with open(os.path.join(os.fsencode(src), b"\xe9.zip"), "wb") as f:
+        f.write(member)
+    cfg = config(str(src), str(tmp_path / "o"), "m.pt")
+    units, _, _ = colorize.plan(cfg, [])
+    rows = [r for u in units for r in colorize.read_unit({"unit": json.dumps(u)}, cfg)]
+    outputs = [r["rel"] for r in rows if r["status"] == "pending"]
+    refused = [r for r in rows if r["status"] == "error"]
+    assert outputs == ["\u00e9.zip/m.png"] and len(refused) == 1
+    assert "another input's name reads as '\u00e9.zip' too" in refused[0]["reason"]
+
+    root = s3_server.url("taken-folder")
+    storage.write_bytes(storage.join(root, "x.zip"), member)
+    storage.write_bytes(storage.join(root, "x.zip", "m.png"), save(Image.new("L", (4, 4)), "PNG"))
+    cfg = config(root, s3_server.url("taken-folder-out"), "m.pt")
+    units, _, _ = colorize.plan(cfg, [])
+    items = {i["rel"]: i for u in units for i in u["items"]}
+    assert set(items) == {"x.zip", "x.zip/m.png"} and "error" not in items["x.zip/m.png"]
+    assert items["x.zip"]["error"] == (
+        "its members' outputs would go in 'x.zip/', where another input's output 'x.zip/m.png' is"
+    )
 
 
 def test_a_repeated_member_name_resumes_each_copy_apart(tmp_path) -> None:
