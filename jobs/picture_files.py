@@ -840,11 +840,9 @@ def output_format(decoded: Decoded, choice: str) -> str:
     if len(decoded.pages) > 1:  # pages: a TIFF's, or frames into a format without them
         return "TIFF16" if any(page.bits == 16 for page in decoded.pages) else "TIFF"
     page = decoded.pages[0]
-    if page.bits == 16 and fmt in ("PNG", "TIFF"):
-        return fmt + "16"
-    if page.alpha is not None and fmt == "JPEG":
-        return "PNG"
-    return fmt
+    if page.alpha is not None and fmt == "JPEG":  # which has no alpha
+        fmt = "PNG"
+    return fmt + "16" if page.bits == 16 and fmt in ("PNG", "TIFF") else fmt
 
 
 def encode(

@@ -1283,6 +1283,7 @@ def test_16bit_gray_with_alpha_png_keeps_16_bits() -> None:
     expected = torch.from_numpy(gray16.astype(np.float32) / 65535).expand(3, -1, -1)
     torch.testing.assert_close(page.rgb[0], expected, rtol=0, atol=1e-7)
     assert picture_files.output_format(decoded, "png") == "PNG16"
+    assert picture_files.output_format(decoded, "jpeg") == "PNG16"  # alpha: a PNG all the same
 
 
 @pytest.mark.parametrize("maxval", [65535, 1023])
