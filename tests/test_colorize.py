@@ -1541,12 +1541,17 @@ def test_8bit_tiff_outputs_carry_provenance_and_metadata() -> None:
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_16bit_alpha_goes_into_8bit_formats_at_the_nearest_level(fmt: str) -> None:
+    """WebP holds 8 bits: the alpha's nearest level. A JPEG cannot hold the alpha at all:
+    a PNG is written instead, and then at 16 bits, as the picture has them."""
     rgb16, alpha16 = scan16(3)
     png = picture_files.encode_png16(rgb16, picture_files.Metadata(), b"", "p", alpha16)
     decoded = picture_files.decode(png, 10**6)
     chosen = picture_files.output_format(decoded, fmt.lower())
-    assert chosen == ("PNG" if fmt == "JPEG" else "WEBP")  # a JPEG cannot keep the alpha
+    assert chosen == ("PNG16" if fmt == "JPEG" else "WEBP")
     out = picture_files.encode([rgb16], decoded, chosen, "p", 100)
+    if chosen == "PNG16":
+        assert np.array_equal(picture_files.decode(out, 10**6).pages[0].alpha, alpha16)
+        return
     alpha = np.asarray(Image.open(io.BytesIO(out)).getchannel("A"))
     assert np.array_equal(alpha, np.round(alpha16 / 257).astype(np.uint8))  # not its top byte
 
