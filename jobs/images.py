@@ -79,25 +79,27 @@ def _unread_format(data: bytes) -> str:
     return "not an image (unrecognised format)"
 
 
-def jpeg_cut_short(data: bytes) -> bool:
+def jpeg_cut_short(data: bytes | memoryview) -> bool:
     """Whether a JPEG file ends in zeros without an end-of-image marker after its first scan:
     one cut short and padded (as disk recovery and preallocating downloads leave them),
     which decoders take as whole, gray below the cut. Cut without zeros, the decoder finds
-    the end itself; a whole file's scans end with the marker, data may follow it."""
-    stripped = data.rstrip(b"\0")
-    if len(stripped) == len(data):
+    the end itself; a whole file's scans end with the marker, data may follow it. Any
+    buffer (a shard's bytes as Arrow gives them); only a padded file's scan is copied."""
+    end = unpadded_length(data)
+    if end == len(data):
         return False
+    view = memoryview(data).cast("B")
     pos = 2  # after SOI: the marker segments before the first scan, each with its length
-    while pos + 4 <= len(stripped) and stripped[pos] == 0xFF:
-        marker = stripped[pos + 1]
+    while pos + 4 <= end and view[pos] == 0xFF:
+        marker = view[pos + 1]
         if marker == 0xDA:  # start of scan: its entropy-coded data holds no other FFD9
-            return stripped.find(b"\xff\xd9", pos) < 0
+            return bytes(view[pos:end]).find(b"\xff\xd9") < 0
         if marker == 0xFF:  # fill byte
             pos += 1
         elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             pos += 2
         else:
-            pos += 2 + int.from_bytes(stripped[pos + 2 : pos + 4], "big")
+            pos += 2 + int.from_bytes(view[pos + 2 : pos + 4], "big")
     return False  # no scan found: the decoder judges
 
 

@@ -126,8 +126,10 @@ def test_a_jpeg_cut_short_and_padded_is_refused_by_every_jobs_decoding() -> None
     assert Image.open(io.BytesIO(cut)).load() is not None  # Pillow's decoder takes it
     for decode in (load_rgb, decode_3hw, lambda d: convert(d, PrepareConfig(src="in", dst="out")),
                    lambda d: decode_for_eval(d, 64)):  # fmt: skip
-        with pytest.raises(BadImage, match="truncated JPEG"):
-            decode(cut)
+        for data in (cut, memoryview(cut)):  # (a shard's bytes as Arrow gives them)
+            with pytest.raises(BadImage, match="truncated JPEG"):
+                decode(data)
         decode(whole)
+        decode(memoryview(whole + bytes(100)))  # whole, its end marker before the zeros
     counted = histogram_of([whole, cut])
     assert (counted.images, counted.unreadable) == (1, 1)
