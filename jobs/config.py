@@ -143,9 +143,9 @@ def from_dict(
     validation runs as it is constructed.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # (a file's key may be a number)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[_where + k for k in unknown]}")
+        raise ConfigError(f"unknown config key(s) {[_where + str(k) for k in unknown]}")
     types_ = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():

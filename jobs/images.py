@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,6 +79,23 @@ def _unread_format(data: bytes) -> str:
     return "not an image (unrecognised format)"
 
 
+def _segments_before_scan(view: memoryview, end: int) -> Iterator[tuple[int, int]]:
+    """(marker, position) of each marker segment of a JPEG's bytes `view[:end]` after its
+    start, up to and with its first scan's."""
+    pos = 2  # after SOI: the marker segments before the first scan, each with its length
+    while pos + 4 <= end and view[pos] == 0xFF:
+        marker = view[pos + 1]
+        yield marker, pos
+        if marker == 0xDA:  # start of scan
+            return
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(view[pos + 2 : pos + 4], "big")
+
+
 def jpeg_cut_short(data: bytes | memoryview) -> bool:
     """Whether a JPEG file ends in zeros without an end-of-image marker after its first scan:
     one cut short and padded (as disk recovery and preallocating downloads leave them),
@@ -89,18 +106,27 @@ def jpeg_cut_short(data: bytes | memoryview) -> bool:
     if end == len(data):
         return False
     view = memoryview(data).cast("B")
-    pos = 2  # after SOI: the marker segments before the first scan, each with its length
-    while pos + 4 <= end and view[pos] == 0xFF:
-        marker = view[pos + 1]
-        if marker == 0xDA:  # start of scan: its entropy-coded data holds no other FFD9
+    for marker, pos in _segments_before_scan(view, end):
+        if marker == 0xDA:  # its entropy-coded data holds no other FFD9
             return bytes(view[pos:end]).find(b"\xff\xd9") < 0
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(view[pos + 2 : pos + 4], "big")
     return False  # no scan found: the decoder judges
+
+
+_START_OF_FRAME = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7,
+                             0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # fmt: skip
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) a JPEG's frame header gives, read without decoding it; None where
+    there is none before its first scan."""
+    view = memoryview(data).cast("B")
+    if bytes(view[:2]) != b"\xff\xd8":
+        return None
+    for marker, pos in _segments_before_scan(view, len(view)):
+        if marker in _START_OF_FRAME and pos + 9 <= len(view):
+            h, w = (int.from_bytes(view[i : i + 2], "big") for i in (pos + 5, pos + 7))
+            return h, w
+    return None
 
 
 def refuse_cut_short_jpeg(data: bytes) -> None:

@@ -78,7 +78,7 @@ import torch
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import decode_rgb, each_or_none, whole_jpeg
+from jobs.images import DEFAULT_MAX_PIXELS, decode_rgb, each_or_none, jpeg_size, whole_jpeg
 
 if TYPE_CHECKING:
     from jobs.node_cache import NodeCache
@@ -443,7 +443,7 @@ def _crop_into(
     try:
         rgb_HW3 = _decode_jpeg(data)
         if rgb_HW3 is None:  # not a JPEG OpenCV reads: the checked decoder, and its error
-            rgb_HW3 = np.asarray(decode_rgb(data))
+            rgb_HW3 = np.asarray(decode_rgb(bytes(data)))
     except Exception as error:
         undecodable(where, error)
         out_3HW.zero_()
@@ -637,6 +637,18 @@ def _crops_in_process(
 NOT_WHOLE_JPEG = "not a whole JPEG: cut short, or empty"
 
 
+def _jpeg_problem(data: memoryview) -> str | None:
+    """Why a shard's file is not handed to a JPEG decoder of no checks of its own (OpenCV's,
+    nvJPEG): cut short (it would decode gray below the cut), or larger than the pixel limit
+    `jobs.prepare` holds images to (a damaged frame header: gigabytes, seconds of decoding)."""
+    if not whole_jpeg(data):
+        return NOT_WHOLE_JPEG
+    size = jpeg_size(data)
+    if size is None or size[0] * size[1] > DEFAULT_MAX_PIXELS:
+        return f"its frame header gives {size[1]}x{size[0]} pixels" if size else "no frame header"
+    return None
+
+
 def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     """A shard's JPEG as (H, W, 3) uint8 RGB, upright, through OpenCV: the pixels of
     `decode_rgb` (the same libjpeg-turbo decoding, EXIF orientation applied), from one call
@@ -646,8 +658,8 @@ def _decode_jpeg(data: memoryview) -> np.ndarray | None:
     JPEGs (`jobs.prepare` re-encodes the rest), for which the two agree."""
     import cv2
 
-    if not whole_jpeg(data):
-        return None  # not a JPEG, or one cut short: OpenCV would fill in what is missing
+    if _jpeg_problem(data):
+        return None  # not a JPEG, one cut short (OpenCV would fill in what is missing) or huge
     bgr_HW3 = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     return None if bgr_HW3 is None else bgr_HW3[..., ::-1]
 
@@ -860,7 +872,8 @@ class TrainLoader:
 
             # A file cut short, or empty (its row group damaged), is not handed to nvJPEG:
             # it would decode the first gray below the cut, and refuse the second outright.
-            whole = [whole_jpeg(d) for d in data]
+            problems = [_jpeg_problem(d) for d in data]
+            whole = [p is None for p in problems]
             kept = itertools.compress(data, whole)
             frames = [torch.frombuffer(d, dtype=torch.uint8) for d in kept]
             # On the loader's own stream: torchvision makes the caller's current stream wait
@@ -880,9 +893,9 @@ class TrainLoader:
                     else []
                 )
                 images = [next(decoded) if ok else None for ok in whole]
-                for image, ok, place in zip(images, whole, where, strict=True):
+                for image, problem, place in zip(images, problems, where, strict=True):
                     if image is None:
-                        _undecodable(place, "nvJPEG refuses it" if ok else NOT_WHOLE_JPEG)
+                        _undecodable(place, problem or "nvJPEG refuses it")
                 device = torch.device("cuda", torch.cuda.current_device())
                 crops = _device_crops(images, self.crop_px, rngs, device)
                 ready = torch.cuda.Event()

@@ -140,6 +140,8 @@ def test_bad_values_exit_with_a_clear_message(argv, message, capsys) -> None:
     [
         ("lr: 1\nbatch: 4\n", "unknown config key(s) ['batch']"),
         ("model:\n  depth: 3\n", "unknown config key(s) ['model.depth']"),
+        ("lr: 1\n1: 2\nbatch: 4\n", "unknown config key(s) ['1', 'batch']"),  # not a name
+        ("model:\n  true: 1\n", "unknown config key(s) ['model.True']"),
         ("lr: fast\n", "lr: expected float"),
         ("model:\n  frozen: 3\n", "model.frozen: expected true or false"),
         ("lr_drop_steps: 5\n", "lr_drop_steps: expected a list"),

@@ -398,6 +398,27 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
     assert not make_targets(out[None]).nongray_N.any()  # no weight in the loss
 
 
+def test_a_training_jpeg_whose_header_claims_a_huge_picture_is_not_decoded(caplog) -> None:
+    """Damage to a frame header's size would have OpenCV decode gigabytes for seconds in each
+    of the decoding threads at once: above the pixel limit, it is a black crop."""
+    from jobs.images import DEFAULT_MAX_PIXELS, jpeg_size
+    from jobs.loader import _crop_into, _jpeg_problem
+
+    data = encode(photo_rgb("coffee")[:60, :90])
+    assert jpeg_size(data) == (60, 90) and jpeg_size(b"\x89PNG") is None
+    assert _jpeg_problem(memoryview(data)) is None
+    frame = data.index(b"\xff\xc0")  # its height and width after the marker, length, precision
+    huge = bytearray(data)
+    huge[frame + 5 : frame + 9] = (30_000).to_bytes(2, "big") * 2
+    assert 30_000**2 > DEFAULT_MAX_PIXELS
+    out = torch.full((3, 48, 48), 7, dtype=torch.uint8)
+    with caplog.at_level(logging.WARNING, logger="jobs.loader"):
+        _crop_into(out, memoryview(bytes(huge)), np.random.default_rng(0), "shard-2 row 9")
+    assert not out.any() and "shard-2 row 9 does not decode" in caplog.text
+    assert "30000x30000 pixels > limit" in caplog.text  # the checked decoder's refusal
+    assert _jpeg_problem(memoryview(bytes(huge))) == "its frame header gives 30000x30000 pixels"
+
+
 ON_CUDA = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
