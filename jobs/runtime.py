@@ -141,13 +141,13 @@ def check_local_fit(
     if os.environ.get("RAY_ADDRESS"):
         return
     nodes = alive_node_resources()
-    left = [{k: v - (beside or {}).get(k, 0) for k, v in n.items()} for n in nodes]
+    left = [{k: max(0.0, v - (beside or {}).get(k, 0)) for k, v in n.items()} for n in nodes]
     fits = workers_fit({k: v for k, v in needs.items() if v > 0}, left)
     if fits < count:
         also = "" if not beside else f" beside {_resources_text(beside)} for other tasks"
         raise ValueError(
             f"{what} (each on one node{also}), and the local Ray instance holds "
-            f"{max(fits, 0)} ({describe_nodes(nodes)}): {hint}, or run on a cluster (RAY_ADDRESS)"
+            f"{fits} ({describe_nodes(nodes)}): {hint}, or run on a cluster (RAY_ADDRESS)"
         )
 
 
