@@ -129,7 +129,7 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
-def refuse_cut_short_jpeg(data: bytes) -> None:
+def refuse_cut_short_jpeg(data: bytes | memoryview) -> None:
     """`BadImage` for a JPEG cut short and padded (`jpeg_cut_short`): decoded, it would pass
     as a whole picture, gray below the cut."""
     if jpeg_cut_short(data):
