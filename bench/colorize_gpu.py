@@ -177,7 +177,9 @@ def stage_ms(
         "prepare": median_ms(lambda: prepare(rgb_N3HW, 256), 5, sync=sync),
         "network": median_ms(network, 5, sync=sync),
         "finish_chroma": median_ms(lambda: finish(l_N1HW, ab_N2ss).contiguous(), 5, sync=sync),
-        "finish_clip": median_ms(lambda: finish_clipped(l_N1HW, ab_N2ss), 5, sync=sync),
+        "finish_clip": median_ms(
+            lambda: finish_clipped(l_N1HW, ab_N2ss).contiguous(), 5, sync=sync
+        ),
         "encode": median_ms(lambda: codec.encode(images, QUALITY), 5, sync=sync),
     }
     if threads:

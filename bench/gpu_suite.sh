@@ -13,7 +13,8 @@
 #              default CPU threads (in pieces also with every other piece on the threads
 #              whole), then gpu_colorize_anchor.py
 #   tests      the tests marked gpu (nvJPEG codec and loader, CUDA vs CPU colour maths and
-#              encoding, compiled Lab steps, the compiled loss backward and BatchNorm averages)
+#              encoding, compiled Lab steps, the compiled loss backward and BatchNorm averages,
+#              the evaluation's VGG-16 classifier)
 #   train      bench/loader.py (nvJPEG, CPU threads 1, 2, 4, ... up to every core, CPU
 #              processes), bench/train_step.py compiled bf16, synthetic and from JPEG shards
 #              (decoded by nvJPEG, by the CPU threads, by CPU processes), then the anchor's
@@ -21,11 +22,15 @@
 #   targets    bench/targets.py: targets and loss of a batch of 256, with the compiled
 #              run's kernels listed (--profile)
 # Needs python3 with torch, torchvision, pillow, opencv-python-headless, scikit-image, pyarrow,
-# pyyaml and pytest; not Ray.
+# pyyaml, imagecodecs and pytest; not Ray.
 # JSON results go to $OUT (default: a temporary folder) when the scripts write any.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-anchors=$(cd "${1:?usage: bash bench/gpu_suite.sh ANCHORS [PART ...]}" && pwd)
+if [ $# -lt 1 ] || [ ! -f "$1/gpu_anchor.py" ]; then  # before any GPU time is spent
+  echo "usage: bash bench/gpu_suite.sh ANCHORS [PART ...] (ANCHORS: a copy of shared/bench)"
+  exit 2
+fi
+anchors=$(cd "$1" && pwd)
 shift
 parts=${*:-colorize tests train targets}
 export PYTHONPATH=. OUT=${OUT:-$(mktemp -d)}
@@ -44,9 +49,12 @@ done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for part in $parts; do
   case $part in
-    tests) run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
-      tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py \
-      tests/test_loss.py tests/test_model.py ;;
+    tests)
+      run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
+        tests/test_quantize.py tests/test_color.py tests/test_colorize.py tests/test_loader.py \
+        tests/test_loss.py tests/test_model.py
+      # apart: its imports (the evaluation job's) failing there leaves the others' results
+      run python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_evaluate.py ;;
     targets) run python3 bench/targets.py --profile ;;
     train)
       run python3 bench/loader.py

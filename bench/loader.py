@@ -146,9 +146,10 @@ def loader_epoch(
     batches = iter(loader)
 
     def epoch(steps: int) -> None:
+        rgb_N3HW = None
         for _ in range(steps):
             rgb_N3HW = next(batches).rgb_N3HW
-        if rgb_N3HW.is_cuda:
+        if rgb_N3HW is not None and rgb_N3HW.is_cuda:
             torch.cuda.synchronize()
 
     epoch(loader.steps_in_epoch(0))
@@ -354,8 +355,8 @@ def main() -> None:
         print(f"{name:36s} {cores:5d} {ips:9.0f} {per_core:9.0f} {per_core / plain:8.2f}x "
               f"{cpu_us:17.0f}")  # fmt: skip
     if torch.cuda.is_available():
-        print("nvJPEG decode of 256 files, ms (alone / beside matrix products): "
-              + "; ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))  # fmt: skip
+        print(f"nvJPEG decode of {min(256, len(jpegs))} files, ms (alone / beside matrix "
+              "products): " + "; ".join(f"{k} {v:.1f}" for k, v in decode_ms.items()))  # fmt: skip
     print(f"\n{args.workers} workers of one machine, one epoch ({column_bytes / 1e6:.1f} MB "
           f"of JPEG column chunks), {threads} decoding threads each:")  # fmt: skip
     for share, (read, seconds) in machine.items():

@@ -164,6 +164,7 @@ def run_mode(mode: str, batches, rebalance_Q, cfg: TrainConfig, args, device) ->
 
     start = time.perf_counter()
     step()
+    sync(device)
     first_s = time.perf_counter() - start  # includes compilation and autotuning
     for _ in range(args.warmup - 1):
         step()
