@@ -391,13 +391,10 @@ def process_group(index: int, group: dict, cfg: PrepareConfig) -> dict:
     Where an attempt at the group died with its process, each input is converted carefully,
     and one whose conversion killed the process crash_tries times is an error row
     (`jobs.crashes`)."""
-    with _crash_guard(cfg).batch("group", [f"group {index}"]) as careful:
+    guard = CrashGuard(storage.join(cfg.dst, WORK_DIR, "crashes"), cfg.s3, cfg.crash_tries,
+                       doing="converted")  # fmt: skip
+    with guard.batch("group", [f"group {index}"]) as careful:
         return _process_group(index, group, cfg, careful)
-
-
-def _crash_guard(cfg: PrepareConfig) -> CrashGuard:
-    return CrashGuard(storage.join(cfg.dst, WORK_DIR, "crashes"), cfg.s3, cfg.crash_tries,
-                      doing="converted")  # fmt: skip
 
 
 def _process_group(index: int, group: dict, cfg: PrepareConfig, careful: Careful | None) -> dict:
@@ -537,7 +534,6 @@ def main(cfg: PrepareConfig, *, leased: bool = False) -> Manifest:
             f"prepare: {len(groups)} groups from {cfg.src} ({len(groups) - len(todo)} already done)"
         )
         if todo:
-            _crash_guard(cfg).clear()  # a killed run's: its groups need not die again
             init_ray(paths=[cfg.src, cfg.dst])
             rows = [{"index": i, "group": json.dumps(groups[i])} for i in todo]
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
