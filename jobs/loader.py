@@ -78,7 +78,7 @@ import torch
 from colorcore.data import crop_box, random_crop_flip
 from jobs import storage
 from jobs.dataset import Manifest
-from jobs.images import DEFAULT_MAX_PIXELS, decode_rgb, each_or_none, jpeg_size, whole_jpeg
+from jobs.images import decode_rgb, each_or_none, jpeg_size, whole_jpeg
 
 if TYPE_CHECKING:
     from jobs.node_cache import NodeCache
@@ -637,15 +637,22 @@ def _crops_in_process(
 NOT_WHOLE_JPEG = "not a whole JPEG: cut short, or empty"
 
 
+JPEG_PIXELS_PER_BYTE_MAX = 1024
+"""More pixels a byte than a JPEG can code: a block of 8x8 takes a bit at the least (512 a
+byte), whatever the picture; a frame header that claims more was damaged."""
+
+
 def _jpeg_problem(data: memoryview) -> str | None:
     """Why a shard's file is not handed to a JPEG decoder of no checks of its own (OpenCV's,
-    nvJPEG): cut short (it would decode gray below the cut), or larger than the pixel limit
-    `jobs.prepare` holds images to (a damaged frame header: gigabytes, seconds of decoding)."""
+    nvJPEG): cut short (it would decode gray below the cut), or a frame header claiming more
+    pixels than its bytes can code (damaged: gigabytes and seconds of decoding, of nothing)."""
     if not whole_jpeg(data):
         return NOT_WHOLE_JPEG
-    size = jpeg_size(data)
-    if size is None or size[0] * size[1] > DEFAULT_MAX_PIXELS:
-        return f"its frame header gives {size[1]}x{size[0]} pixels" if size else "no frame header"
+    size = jpeg_size(data)  # (None: no frame header found, which the decoder judges)
+    if size and size[0] * size[1] > JPEG_PIXELS_PER_BYTE_MAX * len(data):
+        return (
+            f"its frame header gives {size[1]}x{size[0]} pixels, more than {len(data)} bytes hold"
+        )
     return None
 
 

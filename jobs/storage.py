@@ -115,11 +115,9 @@ def _check_endpoint(endpoint: str, where: str) -> str:
     # takes the host and port only
     rest = parsed.path.strip("/") or parsed.params or parsed.query or parsed.fragment
     if parsed.scheme not in ("http", "https") or not parsed.netloc or rest:
-        # (what follows the host unechoed: a query may hold a token)
-        more = " and more after it" if rest else ""
-        raise ValueError(
-            f"{where} must be http(s)://host[:port], got {parsed.scheme}://{parsed.netloc}{more}"
-        )
+        shown = endpoint.partition("?")[0].partition("#")[0]  # a query may hold a token
+        more = " and more after it" if shown != endpoint else ""
+        raise ValueError(f"{where} must be http(s)://host[:port], got {shown!r}{more}")
     return endpoint
 
 

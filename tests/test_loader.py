@@ -400,7 +400,8 @@ def test_a_truncated_training_jpeg_is_a_black_crop_not_filled_in(caplog) -> None
 
 def test_a_training_jpeg_whose_header_claims_a_huge_picture_is_not_decoded(caplog) -> None:
     """Damage to a frame header's size would have OpenCV decode gigabytes for seconds in each
-    of the decoding threads at once: above the pixel limit, it is a black crop."""
+    of the decoding threads at once: a header claiming more pixels than the file's bytes can
+    code goes to the checked decoder, which refuses it, and the crop is black."""
     from jobs.images import DEFAULT_MAX_PIXELS, jpeg_size
     from jobs.loader import _crop_into, _jpeg_problem
 
@@ -416,7 +417,12 @@ def test_a_training_jpeg_whose_header_claims_a_huge_picture_is_not_decoded(caplo
         _crop_into(out, memoryview(bytes(huge)), np.random.default_rng(0), "shard-2 row 9")
     assert not out.any() and "shard-2 row 9 does not decode" in caplog.text
     assert "30000x30000 pixels > limit" in caplog.text  # the checked decoder's refusal
-    assert _jpeg_problem(memoryview(bytes(huge))) == "its frame header gives 30000x30000 pixels"
+    assert _jpeg_problem(memoryview(bytes(huge))) == (
+        f"its frame header gives 30000x30000 pixels, more than {len(huge)} bytes hold"
+    )
+    # the most a JPEG codes a byte: one bit for each 8x8 block of a uniform picture
+    uniform = encode(np.full((512, 512, 3), 128, np.uint8))
+    assert 512 * 512 / len(uniform) < 512 and _jpeg_problem(memoryview(uniform)) is None
 
 
 ON_CUDA = [

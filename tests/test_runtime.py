@@ -309,7 +309,7 @@ def test_actors_and_tasks_the_local_instance_cannot_hold_fail_before_any_work(
     (tmp_path / "in").mkdir()
     colorize_cfg = colorize.ColorizeConfig(
         input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(model),
-        model_actors=4,
+        model_actors=4, device="cpu",  # (the session's instance has a machine's GPUs)
     )  # fmt: skip
     with pytest.raises(
         ValueError,
