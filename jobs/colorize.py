@@ -222,11 +222,8 @@ class ColorizeConfig:
         (in_scheme, in_path), (out_scheme, out_path) = map(
             storage.split_url, (self.input, self.output)
         )
-        inside = lambda a, b: (a.rstrip("/") + "/").startswith(b.rstrip("/") + "/")  # noqa: E731
-        pairs = [(in_path, out_path)]
-        if in_scheme == "file":  # and as the links on the way resolve (OUTPUT in a link to INPUT)
-            pairs.append((os.path.realpath(in_path), os.path.realpath(out_path)))
-        if in_scheme == out_scheme and any(inside(o, i) or inside(i, o) for i, o in pairs):
+        inside = _inside_local if in_scheme == "file" else _inside_by_name
+        if in_scheme == out_scheme and (inside(out_path, in_path) or inside(in_path, out_path)):
             # Outputs mirror INPUT's paths below OUTPUT: around INPUT, one could be an input's
             # (one image's output in its own folder; x.jpg's of INPUT/x's x.jpg, where x is
             # INPUT's own name).
@@ -282,6 +279,28 @@ class ColorizeConfig:
 
 
 # ---------------------------------------------------------------- the colour math
+
+
+def _inside_by_name(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it, by their names."""
+    return (path.rstrip("/") + "/").startswith(folder.rstrip("/") + "/")
+
+
+def _inside_local(path: str, folder: str) -> bool:
+    """Whether the local `path` is `folder` or below it: by name, or as the file system finds
+    the folders on its way (a link to `folder`, another spelling on a file system that
+    ignores case, a second mount of it)."""
+    if _inside_by_name(path, folder):
+        return True
+    if not os.path.exists(folder):
+        return False
+    at = os.path.realpath(path)
+    while True:
+        if os.path.exists(at) and os.path.samefile(at, folder):
+            return True
+        if (parent := os.path.dirname(at)) == at:
+            return False
+        at = parent
 
 
 def network_input(rgb_N3HW: torch.Tensor, infer_px: int) -> tuple[torch.Tensor, torch.Tensor]:
