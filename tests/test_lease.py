@@ -27,9 +27,9 @@ def folder(request, tmp_path) -> str:
 
 
 def leases(url: str) -> list[str]:
-    """The lease files' names, oldest first."""
+    """The lease files' names, oldest first (not a renewal's temporary file, being written)."""
     found = storage.list_files(storage.join(url, LEASE_DIR))
-    return sorted(u.rpartition("/")[2] for u in found)
+    return sorted(u.rpartition("/")[2] for u in found if lease._generation(u))
 
 
 def holder(url: str) -> dict | None:
