@@ -29,7 +29,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import posixpath
 import tarfile
 import time
@@ -514,7 +513,7 @@ def main(cfg: PrepareConfig, *, leased: bool = False) -> Manifest:
     import ray
 
     from jobs.lease import DriverLease
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_local_fit, init_ray
 
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "src", "dst", "labels_file")
@@ -542,8 +541,12 @@ def main(cfg: PrepareConfig, *, leased: bool = False) -> Manifest:
             # of the context: other datasets of the process keep theirs.)
             ds.context.max_errored_blocks = -1
             memory = task_memory(groups, cfg)  # Ray admits no more tasks to a node than fit
-            if not os.environ.get("RAY_ADDRESS"):  # no autoscaler to add a larger node
-                _check_a_node_holds(memory, cfg)
+            check_local_fit(
+                f"a conversion task asks for {cfg.cpus_per_task:g} CPUs (--cpus-per-task) and "
+                f"{memory / 2**30:.1f} GiB (`task_memory`)",
+                {"CPU": cfg.cpus_per_task, "memory": memory},
+                hint="lower --cpus-per-task, --max-pixels or --shard-mb",
+            )
             # A task killed (its node lost, or out of memory) is tried again, a few times: Ray
             # Data's default would try one that cannot fit for ever.
             ds.map(
@@ -586,24 +589,6 @@ def _check_readable(groups: list[dict], cfg: PrepareConfig) -> None:
         raise PermissionError(
             f"{cfg.src}: the first {len(urls)} files to convert refuse to be read ({urls[0]}: "
             f"{refusals[0]}): nothing was converted; give credentials that can read them"
-        )
-
-
-def _check_a_node_holds(memory: int, cfg: PrepareConfig) -> None:
-    """Fails when no node of the Ray instance holds one conversion task: Ray would wait for
-    one for ever."""
-    from jobs.runtime import alive_node_resources, workers_fit
-
-    nodes = alive_node_resources()
-    if not workers_fit({"CPU": cfg.cpus_per_task, "memory": memory}, nodes):
-        have = ", ".join(
-            f"{n.get('CPU', 0):g} CPUs and {n.get('memory', 0) / 2**30:.1f} GiB" for n in nodes
-        )
-        raise ValueError(
-            f"a conversion task asks for {cfg.cpus_per_task:g} CPUs (--cpus-per-task) and "
-            f"{memory / 2**30:.1f} GiB (`task_memory`), and no node here has both ({have} "
-            "for tasks): lower --cpus-per-task, --max-pixels or --shard-mb, or run on a "
-            "cluster (RAY_ADDRESS)"
         )
 
 

@@ -147,7 +147,8 @@ def check_local_fit(
         also = "" if not beside else f" beside {_resources_text(beside)} for other tasks"
         raise ValueError(
             f"{what} (each on one node{also}), and the local Ray instance holds "
-            f"{fits} ({describe_nodes(nodes)}): {hint}, or run on a cluster (RAY_ADDRESS)"
+            f"{fits} ({describe_nodes(nodes, memory='memory' in needs)}): {hint}, or run on a "
+            "cluster (RAY_ADDRESS)"
         )
 
 
@@ -155,9 +156,14 @@ def _resources_text(resources: Mapping[str, float]) -> str:
     return " and ".join(f"{v:g} {k}s" for k, v in resources.items())
 
 
-def describe_nodes(nodes: Sequence[Mapping[str, float]]) -> str:
-    """The nodes' CPUs and GPUs, for messages: ``4 CPUs, 0 GPUs, 8 CPUs, 1 GPUs``."""
-    return ", ".join(f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs" for n in nodes)
+def describe_nodes(nodes: Sequence[Mapping[str, float]], *, memory: bool = False) -> str:
+    """The nodes' CPUs and GPUs (and the memory Ray gives their tasks), for messages:
+    ``4 CPUs, 0 GPUs; 8 CPUs, 1 GPUs`` (``4 CPUs, 0 GPUs, 5.3 GiB; ...``)."""
+    return "; ".join(
+        f"{n.get('CPU', 0):g} CPUs, {n.get('GPU', 0):g} GPUs"
+        + (f", {n.get('memory', 0) / 2**30:.1f} GiB" if memory else "")
+        for n in nodes
+    )
 
 
 ACCELERATOR_TYPE = "accelerator_type:"
