@@ -10,6 +10,8 @@ multiplied the same logits by 2.606 before its softmax, i.e. T = 1 / 2.606 = 0.3
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,7 @@ from colorcore.color import lab_to_rgb, outside_autocast, rgb_to_lightness
 from colorcore.quantize import ab_bins
 
 ANNEALED_MEAN_T = 0.38  # paper, Sec. 2.3
+TEMPERATURE_MIN = 1e-3  # the mode already, to a thousandth of an ab unit; below, fp32 overflows
 DEPLOY_LOGIT_SCALE = 2.606  # released Caffe deploy net: logits scaled before the softmax
 INFER_PX = 256  # released demo: the network sees the L channel resized to 256 x 256
 
@@ -43,8 +46,8 @@ def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torc
     out. The bins are the innermost axis, which costs nothing for the channels_last logits
     the network returns: 2.7x faster than softmax and einsum on a CPU core (8 x 64 x 64).
     """
-    if not T > 0:
-        raise ValueError(f"temperature must be > 0, got {T}")
+    if problem := temperature_problem(T):
+        raise ValueError(problem)
     bins = _bins_like(logits_NQhw)
     n, q, h, w = logits_NQhw.shape
     z_PQ = logits_NQhw.permute(0, 2, 3, 1).reshape(-1, q)
@@ -57,6 +60,15 @@ def annealed_mean(logits_NQhw: torch.Tensor, T: float = ANNEALED_MEAN_T) -> torc
     sums_P3 = e_PQ @ torch.cat([bins, bins.new_ones(q, 1)], dim=1)
     ab_P2 = sums_P3[:, :2] / sums_P3[:, 2:]
     return ab_P2.reshape(n, h, w, 2).permute(0, 3, 1, 2).contiguous()  # 2 small planes
+
+
+def temperature_problem(T: float) -> str | None:
+    """Why `annealed_mean` refuses the temperature `T`, or None: it must be finite and at
+    least `TEMPERATURE_MIN` (smaller ones overflow fp32 into NaN colours, for no other
+    result than the mode's)."""
+    if TEMPERATURE_MIN <= T < math.inf:
+        return None
+    return f"temperature must be finite and >= {TEMPERATURE_MIN:g} (the mode), got {T}"
 
 
 def mean(logits_NQhw: torch.Tensor) -> torch.Tensor:

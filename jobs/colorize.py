@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import stat
 import sys
 import tarfile
@@ -75,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from colorcore.color import lab_to_rgb, rgb_to_lightness
-from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean
+from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, temperature_problem
 from colorcore.int8 import Int8ColorizationNet, Int8Plan
 from jobs import colorize_manifest as manifest
 from jobs import icc, storage, tars
@@ -111,12 +112,15 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 REASSEMBLY_BAND_PX = 1 << 18  # pixels through the CPU path's Lab steps at a time
 WHOLE_STAGE_PIXELS = 1 << 26  # full-size pixels (4 bytes each) a fused stage holds at once
 PARQUET_KEY_COLUMNS = ("path", "key", "name", "filename", "id")
+PARQUET_KEY_BYTES = 4096  # a row's name at most, on average (PATH_MAX)
+PARQUET_BATCH_BYTES = 256 * 2**20  # of images decompressed at a time, as the file declares
 TAR_NOT_FILE = tars.NOT_A_FILE
 ZIP_NOT_FILE = "archive member is not a regular file (link)"
 READ_BLOCK_BYTES = 2 << 20  # of input files a block of rows holds: about a batch of scans
 INDEX_REREADS = 0.05  # of a split archive's size, at most, read again as its parts' indexes
 INDEX_REREADS_FLOOR = 1 << 26  # bytes of index re-reads allowed whatever the archive's size
 ZIP_ENTRY_BYTES = 46  # fixed part of a zip central-directory entry (APPNOTE 4.3.12)
+ZIP_LOCAL_HEADER_BYTES = 30  # fixed part of a zip member's local header (APPNOTE 4.3.7)
 MEMBER_SLACK_BYTES = 1024  # a member's local header or a row's key, beside its data
 ARCHIVE_READ_ATTEMPTS = 3  # readings of an archive that storage errors break off
 ARCHIVE_RETRY_DELAY_S = 2.0  # times the attempt number, before reading on
@@ -213,7 +217,7 @@ class ColorizeConfig:
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
-        from jobs.config import choice_problems
+        from jobs.config import CPUS_MIN, choice_problems, cpus_problems, positive_problems
 
         if not self.input or not self.output or not self.model:
             raise ValueError("INPUT, OUTPUT and --model are required")
@@ -231,16 +235,21 @@ class ColorizeConfig:
                 f"OUTPUT {self.output} and INPUT {self.input} must be apart: neither the same "
                 "folder nor one inside the other"
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if problem := temperature_problem(self.temperature):
+            raise ValueError(problem)
         if self.infer_px < 16 or self.infer_px % 8:
             raise ValueError(f"infer_px must be a multiple of 8, >= 16, got {self.infer_px}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
         if min(self.max_pixels, self.files_per_task) < 1 or self.batch_size < 0:
             raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
-        if min(self.max_file_mb, self.archive_part_mb, self.actor_cpus, self.task_cpus) <= 0:
-            raise ValueError("max_file_mb, archive_part_mb, actor_cpus and task_cpus must be > 0")
+        problems = positive_problems(self, "max_file_mb", "archive_part_mb")
+        if self.task_cpus < 2 * CPUS_MIN:  # (reads ask half of it)
+            problems.append(f"task_cpus must be >= {2 * CPUS_MIN:g}, got {self.task_cpus}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if problems := problems + cpus_problems(self, "actor_cpus", "task_cpus"):
+            raise ValueError("; ".join(problems))
         if self.encode_threads is not None and self.encode_threads < 0:
             raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.encode_threads and self.jpeg_path == "cpu":
@@ -731,6 +740,22 @@ def _read_tar(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
             raise tarfile.ReadError(damage)
 
 
+def _zip_members(archive: zipfile.ZipFile, size: int) -> list[zipfile.ZipInfo]:
+    """The members of the zip `archive` of `size` bytes; `zipfile.BadZipFile` where their
+    stored data overlap, or do not fit in the file: members that share their compressed
+    data (a zip bomb of 2 MB may hold terabytes this way) each pass the size check."""
+    infos = archive.infolist()
+    ends = 0  # where the member before ends, at the least
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < ends:
+            raise zipfile.BadZipFile(f"members overlap in the archive (at {info.filename!r})")
+        name = len(info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"))
+        ends = info.header_offset + ZIP_LOCAL_HEADER_BYTES + name + info.compress_size
+        if ends > size:
+            raise zipfile.BadZipFile(f"member {info.filename!r} ends past the archive's end")
+    return infos
+
+
 def _zip_kind(info: zipfile.ZipInfo) -> str:
     if info.is_dir():
         return "dir"
@@ -767,7 +792,7 @@ def _unchanged(unit: dict, f, names: Callable[[], Iterable[str]]) -> None:
 def _read_zip(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     decide = _decider(unit, cfg)
     with zipfile.ZipFile(f) as archive:
-        infos = archive.infolist()
+        infos = _zip_members(archive, f.seek(0, io.SEEK_END))
         rows = _in_part(unit, len(infos))
         _unchanged(unit, f, lambda: (info.filename for info in infos))
         for i in rows:
@@ -821,11 +846,60 @@ def _row_name(key: str, value, number: int) -> str:
     return str(value) if key and value is not None else f"{number:09d}"
 
 
-def _row_names(table, key: str) -> list[str]:
-    """The name of every row of the `pyarrow.parquet.ParquetFile` `table`."""
+def _row_names(f, table, key: str) -> list[str]:
+    """The name of every row of the `pyarrow.parquet.ParquetFile` `table` of file `f`;
+    `ValueError` where they hold more than `PARQUET_KEY_BYTES` a row (`_check_names`)."""
+    import pyarrow.parquet as pq
+
+    _check_names(table, key)
     count = table.metadata.num_rows
-    values = table.read(columns=[key]).column(0).to_pylist() if key else [None] * count
-    return [_row_name(key, value, n) for n, value in enumerate(values)]
+    if not key:
+        return [_row_name(key, None, n) for n in range(count)]
+    # Names of a dictionary-encoded column kept as its dictionary until counted: one long
+    # name declared once may stand for every row
+    names = pq.ParquetFile(f, read_dictionary=[key]).read(columns=[key]).column(0)
+    if pa.types.is_dictionary(names.type):
+        held = sum(pc.sum(pc.binary_length(c.dictionary).take(c.indices)).as_py() or 0
+                   for c in names.chunks)  # fmt: skip
+        if held > _names_bound(count):
+            raise ValueError(f"column {key!r} holds {held} bytes of names for {count} rows")
+    return [_row_name(key, value, n) for n, value in enumerate(names.to_pylist())]
+
+
+def _names_bound(rows: int) -> int:
+    return max(PARQUET_KEY_BYTES * rows, PARQUET_BATCH_BYTES)
+
+
+def _check_names(table, key: str) -> None:
+    """`ValueError` where the key column `key` of `table` declares more than
+    `PARQUET_KEY_BYTES` a row: names no file system takes, of which a small compressed file
+    may hold gigabytes."""
+    count = table.metadata.num_rows
+    held = _uncompressed(table, range(table.num_row_groups), key) if key else 0
+    if held > _names_bound(count):
+        raise ValueError(f"column {key!r} holds {held} bytes of names for {count} rows")
+
+
+def _row_bytes_bound(table, group: int, column: str) -> float:
+    """The most bytes a row of row `group` of `table` may hold in `column`, by the sizes
+    the file declares: the chunk's whole where it is dictionary-encoded (one value declared
+    once may be every row's), else a row's share of it."""
+    chunks = table.metadata.row_group(group)
+    declared = _uncompressed(table, [group], column)
+    dictionary = any(chunks.column(c).has_dictionary_page for c in range(chunks.num_columns)
+                     if _leaf_of(chunks.column(c).path_in_schema, column))  # fmt: skip
+    return declared if dictionary else declared / chunks.num_rows
+
+
+def _uncompressed(table, groups: Iterable[int], column: str) -> int:
+    """The bytes the row `groups` of `table` declare `column` holds uncompressed."""
+    return sum(
+        chunk.total_uncompressed_size
+        for g in groups
+        for group in [table.metadata.row_group(g)]
+        for chunk in (group.column(c) for c in range(group.num_columns))
+        if _leaf_of(chunk.path_in_schema, column)
+    )
 
 
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
@@ -834,17 +908,38 @@ def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
     decide, table = _decider(unit, cfg), pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
     rows = _in_part(unit, table.metadata.num_rows)
-    _unchanged(unit, f, lambda: _row_names(table, key))
-    groups, number = _row_groups(table, rows), rows.start
-    batches = table.iter_batches(
-        batch_size=64, row_groups=groups, columns=[column] + ([key] if key else [])
-    )
-    for batch in batches:
-        for row in batch.to_pylist():
-            if decided := decide(number, _row_name(key, row.get(key), number), "file"):
-                data = _row_bytes(row[column])
-                yield _member_row(decided, len(data), lambda d=data: d, cfg)
+    _unchanged(unit, f, lambda: _row_names(f, table, key))
+    _check_names(table, key)
+    number = rows.start
+    for group in _row_groups(table, rows):
+        count = table.metadata.row_group(group).num_rows
+        declared = _uncompressed(table, [group], column)
+        if count == 1 and declared > cfg.max_file_mb * 2**20 + MEMBER_SLACK_BYTES:  # unread
+            if decided := decide(number, _row_name(key, _first_key(table, group, key), number),
+                                 "file"):  # fmt: skip
+                source, _, reason = decided
+                yield _row(source, reason=reason or f"file too large: its row declares {declared} "
+                           "bytes")  # fmt: skip
             number += 1
+            continue
+        # Batches of about PARQUET_BATCH_BYTES by the declared sizes: rows of images are
+        # decompressed a batch at a time
+        per_row = sum(_row_bytes_bound(table, group, c) for c in (column, key) if c)
+        batch_rows = max(1, min(64, int(PARQUET_BATCH_BYTES // max(per_row, 1))))
+        batches = table.iter_batches(
+            batch_size=batch_rows, row_groups=[group], columns=[column] + ([key] if key else [])
+        )
+        for batch in batches:
+            for row in batch.to_pylist():
+                if decided := decide(number, _row_name(key, row.get(key), number), "file"):
+                    data = _row_bytes(row[column])
+                    yield _member_row(decided, len(data), lambda d=data: d, cfg)
+                number += 1
+
+
+def _first_key(table, group: int, key: str):
+    """The key column's value in the first row of row `group` of `table` (None: no key)."""
+    return table.read_row_group(group, columns=[key]).column(0)[0].as_py() if key else None
 
 
 def _row_groups(table, rows: range) -> list[int]:
@@ -1041,7 +1136,7 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
     members one by one, Parquet row groups."""
     if kind == "zip":
         with zipfile.ZipFile(f) as archive:
-            infos = archive.infolist()
+            infos = _zip_members(archive, f.seek(0, io.SEEK_END))
         members = [(info.filename, _zip_kind(info)) for info in infos]
         blocks = [(i, info.compress_size) for i, info in enumerate(infos)]
         entries = (len(i.orig_filename) + len(i.extra) + len(i.comment) for i in infos)
@@ -1050,7 +1145,7 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
 
     table = pq.ParquetFile(f)
     column, key = _parquet_columns(table, cfg)
-    members = [(name, "file") for name in _row_names(table, key)]
+    members = [(name, "file") for name in _row_names(f, table, key)]
     blocks, first, keys = [], 0, 0
     for g in range(table.num_row_groups):
         group = table.metadata.row_group(g)
@@ -1490,8 +1585,11 @@ def _run_on_ray(
 ) -> int:
     import ray
 
-    from jobs.runtime import check_accelerator_type, check_local_fit, init_ray
+    from jobs.runtime import check_accelerator_type, check_gpus, check_local_fit, init_ray
 
+    what = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
+    wanted = _gpus(cfg, cluster_gpus=0)
+    check_gpus(wanted, f"{what} ({wanted} model actor(s), a GPU each)")
     init_ray(paths=[cfg.input, cfg.output, cfg.model])
     check_accelerator_type(cfg.accelerator_type, "colorize --accelerator-type")
     resources = ray.cluster_resources()
@@ -1612,7 +1710,8 @@ def main(cfg: ColorizeConfig) -> Summary:
     from jobs.models import load_model
     from jobs.runtime import check_gpus
 
-    # A local Ray instance has no autoscaler: GPU actors would wait for a GPU forever.
+    # A local Ray instance has no autoscaler: GPU actors would wait for a GPU forever (one
+    # image, in this process, needs one; the actors of a Ray run one each: `_run_on_ray`).
     what = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
     check_gpus(min(_gpus(cfg, cluster_gpus=0), 1), what)
     start = time.monotonic()

@@ -40,7 +40,7 @@ import torch
 
 from jobs import icc
 from jobs.colorize import network_input, predict_ab, reassemble
-from jobs.images import each_or_none, whole_jpeg
+from jobs.images import each_or_none, jpeg_size, whole_jpeg
 from jobs.picture_files import page_profile, upright, with_segments
 from jobs.runtime import Precision
 
@@ -54,8 +54,11 @@ def eligible(data: bytes, image) -> bool:
     back (a gray profile, or a matrix one: `jobs.icc.lookup`). CMYK and YCCK JPEGs,
     multi-picture MPO files and pictures of other profiles (tables of colours) are the CPU
     path's; so are files cut short, which nvJPEG would decode without complaint (gray below
-    the cut) and the CPU path reports."""
+    the cut) and the CPU path reports, and files whose first frame header (nvJPEG's) is not
+    the one Pillow read and the pixel limit checked (its last)."""
     if not (image.format == "JPEG" and image.mode in ("L", "RGB")):
+        return False
+    if jpeg_size(data) != image.size[::-1]:
         return False
     profile = page_profile(image)
     return whole_jpeg(data) and (not icc.converts(profile) or icc.lookup(profile) is not None)
@@ -254,7 +257,8 @@ class JpegColorizer:
         self.decode_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.compute_stream = torch.cuda.Stream(precision.device) if cuda else None
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encode")
-        self.profiles: dict[bytes, torch.Tensor | icc.Shaper] = {}  # `icc.lookup`s, on the device
+        # `icc.lookup`s on the device, of the profiles used last (a few an archive, as a rule)
+        self.profiles: icc.ProfileCache[torch.Tensor | icc.Shaper] = icc.ProfileCache(16)
 
     def __call__(
         self,
@@ -351,12 +355,7 @@ class JpegColorizer:
         return groups, lightness, ab_N2ss
 
     def _lookup(self, profile: bytes, device: torch.device) -> torch.Tensor | icc.Shaper:
-        if (found := self.profiles.pop(profile, None)) is None:  # made once, kept in use order
-            if len(self.profiles) >= 16:  # a few profiles in an archive, as a rule
-                del self.profiles[next(iter(self.profiles))]  # the least recently used
-            found = icc.lookup(profile).to(device)
-        self.profiles[profile] = found
-        return found
+        return self.profiles.get(profile, lambda p: icc.lookup(p).to(device))
 
     def _in_srgb(self, image: torch.Tensor, profile: bytes) -> torch.Tensor:
         """A uint8 (3, H, W) image in the space of `profile` (sRGB's where empty) as sRGB in

@@ -25,6 +25,7 @@ import functools
 import inspect
 import itertools
 import json
+import math
 import re
 import sys
 import textwrap
@@ -75,6 +76,28 @@ def choice_problems(cfg: Any) -> list[str]:
         if typing.get_origin(tp) is typing.Literal and value not in choices:
             problems.append(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return problems
+
+
+CPUS_MIN = 1e-4
+"""The fewest CPUs a task or actor may ask of Ray, which counts them in ten-thousandths."""
+
+
+def positive_problems(cfg: Any, *names: str) -> list[str]:
+    """Fields of `cfg` among `names` that are not finite and > 0 (NaN included)."""
+    return [f"{n} must be finite and > 0, got {v}" for n in names
+            if not 0 < (v := getattr(cfg, n)) < math.inf]  # fmt: skip
+
+
+def cpus_problems(cfg: Any, *names: str) -> list[str]:
+    """Fields of `cfg` among `names`, CPUs asked of Ray, that are not finite and at least
+    `CPUS_MIN`."""
+    return [f"{n} must be finite and >= {CPUS_MIN:g} (Ray's unit), got {v}" for n in names
+            if not CPUS_MIN <= (v := getattr(cfg, n)) < math.inf]  # fmt: skip
+
+
+def empty_problems(cfg: Any, *names: str) -> list[str]:
+    """Fields of `cfg` among `names`, paths or URLs, that are given but empty."""
+    return [f"{n} is empty: give a path or URL" for n in names if getattr(cfg, n) == ""]
 
 
 @functools.cache
@@ -282,17 +305,25 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _add_field_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    docs = field_docs(cls)
+def _add_field_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    set_by_the_job: Mapping[str, str] | None = None,
+) -> None:
+    docs, set_by_the_job = field_docs(cls), set_by_the_job or getattr(cls, "SET_BY_THE_JOB", {})
     for f in dataclasses.fields(cls):
         tp, path = _field_types(cls)[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            _add_field_flags(parser, tp, prefix=path + ".")
+            _add_field_flags(parser, tp, prefix=path + ".", set_by_the_job=set_by_the_job)
             continue
+        instead = set_by_the_job.get(path)
         kwargs: dict[str, Any] = {
             "dest": path,
             "default": argparse.SUPPRESS,
-            "help": _with_default(docs.get(f.name), f),
+            "help": f"refused: set by the job for each run; {instead}"
+            if instead
+            else _with_default(docs.get(f.name), f),
         }
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         optional = origin in (typing.Union, types.UnionType) and type(None) in args
@@ -417,11 +448,23 @@ def parse_config(
         data = _nest(flat)
         if ns.config:
             s3 = _s3_options(cls, data, base)  # the command line's: the file is read first
-            data = _over(cls, load_config_file(ns.config, s3), data)
+            data = _over(cls, file := load_config_file(ns.config, s3), data)
+            if held := [_flag(p) for p in getattr(cls, "SET_BY_THE_JOB", {}) if _holds(file, p)]:
+                print(f"{parser.prog}: note: {ns.config} sets {', '.join(held)}, which the job "
+                      "sets for each run it starts: those values are not used",
+                      file=sys.stderr)  # fmt: skip
         cfg = from_dict(cls, data, base=base)  # validated once, whole
     except (ValueError, OSError) as e:
         parser.error(str(e))
     return cfg, ns
+
+
+def _holds(data: Mapping[str, Any], path: str) -> bool:
+    """Whether nested config `data` holds the field at dotted `path` (``train.lr``)."""
+    head, _, rest = path.partition(".")
+    if head not in data:
+        return False
+    return not rest or (isinstance(data[head], Mapping) and _holds(data[head], rest))
 
 
 def _over(cls: type, below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, Any]:

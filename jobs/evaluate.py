@@ -68,12 +68,19 @@ from torch import nn
 from colorcore import metrics
 from colorcore.color import lab_to_rgb, rgb_to_lab
 from colorcore.data import make_targets
-from colorcore.decode import ANNEALED_MEAN_T, INFER_PX, annealed_mean, mean, mode
+from colorcore.decode import (
+    ANNEALED_MEAN_T,
+    INFER_PX,
+    annealed_mean,
+    mean,
+    mode,
+    temperature_problem,
+)
 from colorcore.int8 import Int8Plan
 from colorcore.loss import rebalanced_cross_entropy
 from colorcore.quantize import NUM_AB_BINS, nearest_bin
 from jobs import evaluate_parts, storage
-from jobs.config import choice_problems, presets_of
+from jobs.config import choice_problems, cpus_problems, empty_problems, presets_of
 from jobs.crashes import CrashGuard
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, load_rgb, out_of_memory
@@ -156,14 +163,13 @@ class EvaluateConfig:
             problems.append("DATA and --model are required")
         if self.eval_px % 8 or self.eval_px < 16:
             problems.append(f"eval_px must be a multiple of 8 and >= 16, got {self.eval_px}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if problem := temperature_problem(self.temperature):
+            problems.append(problem)
         if self.max_images is not None and self.max_images < 1:
             problems.append(f"max_images must be >= 1, got {self.max_images}")
         if min(self.batch_size, self.num_actors, self.grid_images, self.crash_tries) < 1:
             problems.append("batch_size, num_actors, grid_images and crash_tries must be >= 1")
-        if self.cpus_per_actor <= 0:
-            problems.append("cpus_per_actor must be > 0")
+        problems += cpus_problems(self, "cpus_per_actor") + empty_problems(self, "output")
         if not self.max_file_mb > 0:
             problems.append(f"max_file_mb must be > 0, got {self.max_file_mb}")
         if self.accelerator_type and not self.use_gpu:
@@ -346,7 +352,11 @@ def classifier_from(name: str, weights: bytes | None) -> Classifier:
     module_name, _, attr = name.partition(":")
     if not attr:
         raise ValueError(f"classifier {name!r}: use {sorted(CLASSIFIERS)} or package.module:fn")
-    return getattr(importlib.import_module(module_name), attr)(weights)
+    try:
+        build = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"classifier {name!r}: {type(e).__name__}: {e}") from None
+    return build(weights)
 
 
 # ---------------------------------------------------------------- measuring one batch
@@ -1429,7 +1439,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     from jobs.models import load_model
     from jobs.runtime import check_accelerator_type, check_gpus, check_local_fit, init_ray
 
-    check_gpus(1 if cfg.use_gpu else 0, "evaluation with use_gpu")  # actors start as GPUs allow
+    check_gpus(cfg.num_actors if cfg.use_gpu else 0,
+               f"evaluation with use_gpu (--num-actors {cfg.num_actors}, a GPU each)")  # fmt: skip
     start = time.monotonic()
     cfg = storage.with_absolute_paths(
         cfg, "data", "model", "output", "classifier_weights", "split", "prior"

@@ -30,9 +30,12 @@ profile.
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Iterator
-from typing import NamedTuple
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ class Profile(NamedTuple):
 
 
 _UNUSABLE = Profile(0, False, False)
+T = TypeVar("T")
 
 
 @functools.cache
@@ -93,14 +97,59 @@ def _transform(pixels: np.ndarray, source: bytes, target: bytes, dtype=np.uint16
     )
 
 
-@functools.lru_cache(maxsize=16)
+class ProfileCache(Generic[T]):
+    """Results of a function of ICC profiles for the `size` profiles used last, keyed by a
+    profile's SHA-256, not its bytes: a PNG may carry 16 MB of profile, a TIFF more, and a
+    result is small whatever the profile. Safe across threads."""
+
+    def __init__(self, size: int) -> None:
+        self._size, self._items = size, collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, icc: bytes | None, make: Callable[[bytes | None], T]) -> T:
+        """`make(icc)`, made once while `icc` stays among the profiles used last."""
+        key = icc if icc is None else hashlib.sha256(icc).digest()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make(icc)  # (outside the lock: measuring a profile takes a while)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def _cached(size: int) -> Callable[[Callable[[bytes], T]], Callable[[bytes], T]]:
+    """A function of a profile, its results kept in a `ProfileCache` of `size` (its
+    `cache_clear` empties it)."""
+
+    def wrap(function: Callable[[bytes], T]) -> Callable[[bytes], T]:
+        cache: ProfileCache[T] = ProfileCache(size)
+
+        @functools.wraps(function)
+        def cached(icc: bytes) -> T:
+            return cache.get(icc, function)
+
+        cached.cache_clear = cache.clear  # type: ignore[attr-defined]
+        return cached
+
+    return wrap
+
+
+@_cached(16)
 def _gray_table(icc: bytes) -> np.ndarray:
     """sRGB gray in [0, 1] (float32) of each of a gray profile's 65,536 16-bit levels."""
     levels = np.arange(65536, dtype=np.uint16)[None]
     return _transform(levels, icc, _srgb(), np.float32)[0, :, 1].clip(0, 1)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached(64)
 def read(icc: bytes | None) -> Profile:
     """What an ICC profile does to pixels, found by converting a grid of 16-bit colours into
     sRGB (and back) once a process."""
@@ -157,7 +206,7 @@ class Shaper(NamedTuple):
         return light_3P.sqrt_().mul_(_INVERSE_STEPS - 1).round_().long()
 
 
-@functools.lru_cache(maxsize=16)
+@_cached(16)
 def _shaper(icc: bytes) -> Shaper | None:
     """The `Shaper` of an RGB profile that converts; None where the profile is not one (its
     conversions of a grid of colours differ from LittleCMS's: into sRGB, and out of it where

@@ -62,6 +62,8 @@ _UNREAD_FORMATS = (  # (what the bytes start with, the format's name)
     (b"MM\0+", "TIFF"),
     (b"%PDF", "PDF"),
     (b"8BPS", "Photoshop"),
+    (b"\0\0\1\0", "Windows icon (ICO)"),
+    (b"icns", "Apple icon (ICNS)"),
 )
 # ISO media files (an "ftyp" box first) by their brand: pictures; a video's is no image
 _ISO_BRANDS = dict.fromkeys(
@@ -136,10 +138,17 @@ def refuse_cut_short_jpeg(data: bytes | memoryview) -> None:
         raise BadImage("truncated JPEG: its data ends in zeros before the end-of-image marker")
 
 
+_UNSAFE_FORMATS = ("EPS", "ICO", "ICNS")
+"""Formats Pillow reads that are refused: EPS, whose reader runs Ghostscript on the file,
+and the icon files, whose pictures inside are decoded at a size of their own, not the one
+`open_image` checks (ICO's as the file is opened): a small icon file may hold a PNG of
+gigapixels."""
+
+
 def _safe_formats() -> list[str]:
-    """Every format Pillow reads but EPS, whose reader runs Ghostscript on the file."""
+    """Every format Pillow reads but `_UNSAFE_FORMATS`."""
     Image.init()
-    return [f for f in Image.OPEN if f != "EPS"]
+    return [f for f in Image.OPEN if f not in _UNSAFE_FORMATS]
 
 
 def exif_orientation(image: Image.Image) -> int:

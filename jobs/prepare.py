@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs import storage, tars
+from jobs.config import cpus_problems, positive_problems
 from jobs.crashes import Careful, CrashGuard
 from jobs.dataset import (
     SHARD_SCHEMA,
@@ -109,16 +110,17 @@ class PrepareConfig:
             storage.split_url(self.src),
             storage.split_url(self.dst),
         )
-        if src_scheme == dst_scheme and (dst + "/").startswith(src + "/"):
+        if src_scheme == dst_scheme and (dst + "/").startswith(src.rstrip("/") + "/"):
             raise ValueError("DST must not be SRC or inside it (a re-run would read it)")
         if self.short_side_px < 16:
             raise ValueError(f"short_side_px must be >= 16, got {self.short_side_px}")
-        if min(self.shard_mb, self.max_group_images, self.max_pixels, self.max_file_mb) <= 0:
-            raise ValueError("shard_mb, max_group_images, max_pixels and max_file_mb must be > 0")
+        if min(self.max_group_images, self.max_pixels) < 1:
+            raise ValueError("max_group_images and max_pixels must be >= 1")
+        problems = positive_problems(self, "shard_mb", "max_file_mb")
+        if problems := problems + cpus_problems(self, "cpus_per_task"):
+            raise ValueError("; ".join(problems))
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.cpus_per_task <= 0:
-            raise ValueError("cpus_per_task must be > 0")
         if self.crash_tries < 1:
             raise ValueError(f"crash_tries must be >= 1, got {self.crash_tries}")
 

@@ -29,6 +29,7 @@ from colorcore.loss import nongray_mask
 from colorcore.prior import AbHistogram
 from colorcore.quantize import NUM_AB_BINS
 from jobs import storage
+from jobs.config import cpus_problems, empty_problems
 from jobs.dataset import PRIOR_FILE, Manifest
 from jobs.images import BadImage, decode_3hw
 from jobs.plots import figure_png, pyplot
@@ -57,8 +58,11 @@ class PriorConfig:
             raise ValueError(f"pixel_stride must be >= 1, got {self.pixel_stride}")
         if not 0 < self.sample_fraction <= 1:
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
-        if self.batch_size < 1 or self.cpus_per_task <= 0:
-            raise ValueError("batch_size and cpus_per_task must be positive")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if problems := cpus_problems(self, "cpus_per_task") + empty_problems(self, "output"):
+            raise ValueError("; ".join(problems))
+        storage.split_url(self.output_url)  # (a URL it cannot write fails now, not after the count)
 
     @property
     def output_url(self) -> str:

@@ -114,6 +114,10 @@ def _check_endpoint(endpoint: str, where: str) -> str:
     # a path, query or fragment would reach s3fs but not pyarrow (Ray's uploads), which
     # takes the host and port only
     rest = parsed.path.strip("/") or parsed.params or parsed.query or parsed.fragment
+    try:
+        parsed.port  # noqa: B018 (a port not a number, or out of range, raises)
+    except ValueError:
+        rest = "a bad port"
     if parsed.scheme not in ("http", "https") or not parsed.netloc or rest:
         shown = endpoint.partition("?")[0].partition("#")[0]  # a query may hold a token
         more = " and more after it" if shown != endpoint else ""
@@ -158,7 +162,7 @@ def split_url(url: str) -> tuple[str, str]:
                 f"a {scheme}:// URL must not carry credentials: give them in the environment"
             )
         if not bucket:
-            raise ValueError(f"{url!r}: no bucket")
+            raise ValueError(f"{_redacted(url)!r}: no bucket")
         return protocol, f"{bucket}/{key.lstrip('/')}".rstrip("/")
     parsed = urlparse(url)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # len 1: a Windows drive

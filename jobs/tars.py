@@ -12,9 +12,24 @@ import struct
 import tarfile
 from typing import IO
 
+EXTENDED_HEADER_MAX_BYTES = 2**20
+"""The largest extended header (a GNU long name or link, a pax header) read: `tarfile`
+reads one whole before its member, at any size it declares, and a small compressed archive
+may declare gigabytes. A longer one is damage: the listing ends there."""
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+             tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+
 
 class _NotedTarInfo(tarfile.TarInfo):
-    """A TarInfo whose failed header reads leave their reason on the archive."""
+    """A TarInfo whose failed header reads leave their reason on the archive, and whose
+    extended headers are read only up to `EXTENDED_HEADER_MAX_BYTES`."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > EXTENDED_HEADER_MAX_BYTES:
+            raise tarfile.InvalidHeaderError(
+                f"an extended header of {self.size} bytes, above {EXTENDED_HEADER_MAX_BYTES}"
+            )
+        return super()._proc_member(archive)
 
     @classmethod
     def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:

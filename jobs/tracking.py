@@ -398,11 +398,14 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def _without_password(text: str, uri: str | None = None) -> str:
     """`text` fit for a log line: where `uri` (default: `text` itself, a tracking URI) has
-    user info, its password, or a token given as the user, is masked wherever it appears.
-    The user info runs to the URI's last ``@``: a raw ``@``, ``/`` or ``#`` in a password
-    is masked with it (and an ``@`` in a path masks more than it needs, never less)."""
-    found = re.match(r"[A-Za-z][\w+.-]*://(.*)@", uri or text)
-    if not found or not found[1]:
-        return text
-    user, colon, _ = found[1].partition(":")
-    return text.replace(found[1], f"{user}:***" if colon else "***")
+    user info, its password, or a token given as the user, is masked wherever it appears,
+    and so is its query (``?password=...``, ``?token=...``). The user info runs to the URI's
+    last ``@``: a raw ``@``, ``/`` or ``#`` in a password is masked with it (and an ``@`` in
+    a path masks more than it needs, never less)."""
+    uri = uri or text
+    if (found := re.match(r"[A-Za-z][\w+.-]*://(.*)@", uri)) and found[1]:
+        user, colon, _ = found[1].partition(":")
+        text = text.replace(found[1], f"{user}:***" if colon else "***")
+    if query := re.match(r"[A-Za-z][\w+.-]*://[^?#]*\?([^#]+)", uri):
+        text = text.replace("?" + query[1], "?***")
+    return text

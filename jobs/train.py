@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,10 +39,10 @@ from colorcore.model import ModelConfig
 from colorcore.prior import PRIOR_SMOOTHING_SIGMA, REBALANCE_LAMBDA, AbHistogram, rebalance_weights
 from colorcore.quantize import SOFT_ENCODE_K, SOFT_ENCODE_SIGMA
 from jobs import storage, synthetic
-from jobs.config import choice_problems, presets_of, run_name_problem, to_dict
-from jobs.dataset import MANIFEST_FILE, PRIOR_FILE, SHARD_ROW_GROUP_ROWS
+from jobs.config import choice_problems, empty_problems, presets_of, run_name_problem, to_dict
+from jobs.dataset import MANIFEST_FILE, PRIOR_FILE, SHARD_ROW_GROUP_ROWS, Manifest
 from jobs.loader import WINDOW_IMAGES, too_few_images
-from jobs.storage import S3Options
+from jobs.storage import S3Options, split_url
 
 METRICS_FILE = "metrics.csv"
 DIVERGED_FILE = "diverged.json"  # where a run whose loss went non-finite stopped (train_loop)
@@ -53,6 +54,7 @@ RESUME_FIELDS = (
 RESUME_DEFAULTS = {"read_groups": 1}  # what runs recorded before these fields existed had
 RETIRED_RESUME_FIELDS = ("window_shards",)  # windows of whole shards: the order before row groups
 TRACKERS = ("tensorboard", "mlflow")  # where jobs.tracking can send the metrics table
+SIGMA_RANGE = (1e-3, 1e3)  # of the soft encoding and the prior's smoothing (the paper's: 5 each)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +179,8 @@ class TrainConfig:
             0 < f < math.inf for f in self.lr_drop_factors
         ):
             problems.append("lr_drop_steps must increase and lr_drop_factors be finite and > 0")
+        if any(step < 1 for step in self.lr_drop_steps):  # (past max_steps: a longer run's)
+            problems.append(f"lr_drop_steps must be >= 1, got {list(self.lr_drop_steps)}")
         if min(self.num_workers, self.grad_accum_steps, self.max_steps, self.batch_size) < 1:
             problems.append("num_workers, grad_accum_steps, max_steps and batch_size must be >= 1")
         if min(self.num_workers, self.grad_accum_steps) >= 1 and self.batch_size % (
@@ -190,12 +194,15 @@ class TrainConfig:
             problems.append(f"seed must be >= 0 and < 2**63, got {self.seed}")
         if self.crop_px % 8 or self.crop_px < 16:
             problems.append(f"crop_px must be a multiple of 8 and >= 16, got {self.crop_px}")
+        lo, hi = SIGMA_RANGE
         if not (
             1 <= self.soft_encode_k <= 313
-            and 0 < self.soft_encode_sigma < math.inf
-            and 0 < self.prior_sigma < math.inf
+            and lo <= self.soft_encode_sigma <= hi
+            and lo <= self.prior_sigma <= hi
         ):
-            problems.append("soft_encode_k must be in [1, 313]; sigmas must be finite and > 0")
+            problems.append(
+                f"soft_encode_k must be in [1, 313]; sigmas finite and in [{lo:g}, {hi:g}]"
+            )
         if min(self.checkpoint_every_steps, self.val_every_steps, self.log_every_steps) < 1:
             problems.append("checkpoint, validation and log intervals must be >= 1")
         if (
@@ -208,7 +215,8 @@ class TrainConfig:
             )
         if self.val_data and self.val_images < 1:
             problems.append(f"val_images must be >= 1 with val_data, got {self.val_images}")
-        if self.val_data and self.val_data.rstrip("/") == self.data.rstrip("/"):
+        problems += empty_problems(self, "data", "val_data", "storage", "prior")
+        if self.val_data and self.data and split_url(self.val_data) == split_url(self.data):
             problems.append("val_data is the training data: validation needs a held-out set")
         if self.window_images < 1 or self.warmup_steps < 0:
             problems.append("window_images must be >= 1 and warmup_steps >= 0")
@@ -309,6 +317,8 @@ def ci() -> TrainConfig:
     return dataclasses.replace(
         smoke(),
         name="ci",
+        data="runs/sample-data/ci/train",  # smoke's has other images: twice as many
+        val_data="runs/sample-data/ci/val",
         sample_images=300,
         model=ModelConfig(width=1 / 16, bn_moving_average=0.9),
         batch_size=16,
@@ -484,11 +494,17 @@ def preflight(cfg: TrainConfig) -> None:
     from jobs.tracking import trackers
 
     trackers(cfg.tracking)  # a tracker asked for but not installed
-    if cfg.make_sample_data:
-        return  # the data (and its prior) are created next if missing
-    from jobs.dataset import Manifest
+    storage.check_reachable(cfg.storage, cfg.s3)
+    if cfg.make_sample_data:  # the data (and its prior) are created next if missing
+        if problem := too_few_images(cfg.sample_images, cfg.batch_size, cfg.read_groups,
+                                     SHARD_ROW_GROUP_ROWS):  # fmt: skip
+            raise ValueError(f"the sample data would hold {problem}: raise --sample-images")
+        return
 
     manifest = Manifest.load(cfg.data, cfg.s3)
+    if cfg.crop_px > (short := manifest.config.get("short_side_px", cfg.crop_px)):
+        print(f"warning: crop_px {cfg.crop_px} is above the short side of {cfg.data}'s images "
+              f"({short}): every crop is scaled up first", file=sys.stderr)  # fmt: skip
     colour = manifest.num_rows - manifest.num_grayscale
     # Row groups as jobs.prepare writes them: the workers check the ones the shards hold.
     if problem := too_few_images(colour, cfg.batch_size, cfg.read_groups, SHARD_ROW_GROUP_ROWS):
@@ -507,7 +523,6 @@ def preflight(cfg: TrainConfig) -> None:
                 f"({held_out.num_grayscale} grayscale): give --val-data a set with colour "
                 "images, or none"
             )
-    storage.check_reachable(cfg.storage, cfg.s3)
 
 
 def check_resumable(cfg: TrainConfig) -> None:
@@ -560,7 +575,6 @@ def check_resumable(cfg: TrainConfig) -> None:
 def input_digests(cfg: TrainConfig, *, validation: bool = False) -> dict[str, str]:
     """SHA-256 of the prior's file and of the training data's shards (by name, size and
     checksum: wherever they have moved), and with `validation` of the validation data's."""
-    from jobs.dataset import Manifest
 
     prior = hashlib.sha256(storage.read_bytes(cfg.prior_url, cfg.s3)).hexdigest()
     digests = {"prior_sha256": prior}
@@ -589,25 +603,30 @@ def ensure_sample_data(cfg: TrainConfig) -> None:
     datasets = [(u, c, s) for u, c, s in zip((cfg.data, cfg.val_data), counts, (0, 1), strict=True)
                 if u is not None]  # fmt: skip
     for url, count, seed in datasets:
-        needed = [storage.join(url, "manifest.json")]
+        needed = [storage.join(url, MANIFEST_FILE)]
         if url == cfg.data:
             needed.append(cfg.prior_url)
-        if all(storage.exists(u, cfg.s3) for u in needed):
-            continue
-        with DriverLease(url, cfg.s3, what=f"the sample data {url}", wait=True):
-            if not storage.exists(needed[0], cfg.s3):
-                images = url.rstrip("/") + "-images"  # beside the dataset, same storage
-                synthetic.main(
-                    synthetic.SyntheticConfig(dst=images, num_images=count, seed=seed, s3=cfg.s3)
-                )
-                prepare.main(
-                    prepare.PrepareConfig(src=images, dst=url, max_group_images=200,
-                                          cpus_per_task=0.5, s3=cfg.s3),
-                    leased=True,
-                )  # fmt: skip
-            if url == cfg.data and not storage.exists(cfg.prior_url, cfg.s3):
-                prior.main(prior.PriorConfig(dataset=cfg.data, output=cfg.prior_url,
-                                             cpus_per_task=0.5, s3=cfg.s3))  # fmt: skip
+        if not all(storage.exists(u, cfg.s3) for u in needed):
+            with DriverLease(url, cfg.s3, what=f"the sample data {url}", wait=True):
+                if not storage.exists(needed[0], cfg.s3):
+                    images = url.rstrip("/") + "-images"  # beside the dataset, same storage
+                    synthetic.main(
+                        synthetic.SyntheticConfig(
+                            dst=images, num_images=count, seed=seed, s3=cfg.s3
+                        )
+                    )
+                    prepare.main(
+                        prepare.PrepareConfig(src=images, dst=url, max_group_images=200,
+                                              cpus_per_task=0.5, s3=cfg.s3),
+                        leased=True,
+                    )  # fmt: skip
+                if url == cfg.data and not storage.exists(cfg.prior_url, cfg.s3):
+                    prior.main(prior.PriorConfig(dataset=cfg.data, output=cfg.prior_url,
+                                                 cpus_per_task=0.5, s3=cfg.s3))  # fmt: skip
+        if (made := Manifest.load(url, cfg.s3).num_inputs) != count:
+            print(f"warning: {url} holds {made} sample images, made before, not the {count} "
+                  "--sample-images asks: training on them (another --data and --val-data "
+                  f"would get {count})", file=sys.stderr)  # fmt: skip
 
 
 def main(cfg: TrainConfig) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from jobs import storage, train
 from jobs.config import (
     ConfigError,
     choice_problems,
+    empty_problems,
     from_dict,
     presets_of,
     run_name_problem,
@@ -270,6 +271,10 @@ class SearchConfig:
             )
         if not 0 <= self.seed < 2**32:
             problems.append(f"seed must lie in [0, 2**32), got {self.seed}")
+        if self.train.seed + (added := max(self.num_samples, RANDOM_SEEDS)) >= 2**63:
+            problems.append(f"train.seed must be < 2**63 - {added} (trials add to it), "
+                            f"got {self.train.seed}")  # fmt: skip
+        problems += empty_problems(self, "storage")
         if self.final_steps is not None and self.final_steps < 1:
             problems.append("final_steps must be >= 1")
         if self.max_gpus is not None and self.gpus_per_trial > self.max_gpus:
@@ -944,6 +949,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     base = train.with_absolute_paths(search.train)
     _check_searcher(search)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
+    storage.check_reachable(search.storage, search.train.s3)  # (train.storage is not used)
     train.preflight(base)
     started = _check_same_search(search)  # a refused change fails before Ray starts
     with DriverLease(search.url, search.train.s3, what=f"search {search.name}"):

@@ -8,6 +8,7 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -210,6 +211,14 @@ def test_config_is_validated_and_parses(capsys, tmp_path) -> None:
         colorize.ColorizeConfig(input="/a", output="/b")
     with pytest.raises(ValueError, match="temperature"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", temperature=0)
+    bad = [({"temperature": 1e-8}, "temperature must be finite and >= 0.001"),  # NaN colours
+           ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N"),
+           ({"max_file_mb": math.nan}, "max_file_mb must be finite and > 0"),
+           ({"archive_part_mb": math.nan}, "archive_part_mb must be finite and > 0"),
+           ({"actor_cpus": 1e-9}, "actor_cpus must be finite and >= 0.0001")]  # fmt: skip
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            colorize.ColorizeConfig(input="/a", output="/b", model="m", **fields)
     with pytest.raises(ValueError, match="batch_size >= 0"):
         colorize.ColorizeConfig(input="/a", output="/b", model="m", batch_size=-1)
     with pytest.raises(ValueError, match="accelerator_type names a GPU"):
@@ -567,6 +576,22 @@ def test_archives_unreadable_to_zipfile_or_in_the_jobs_folder_are_error_rows(tmp
     assert "inside the job's own folder" in reasons[f"{colorize.WORK_DIR}/b.tar"]
 
 
+def test_a_zip_whose_members_share_their_data_is_an_error_row(tmp_path) -> None:
+    """Members whose stored data overlap (a zip bomb of a few megabytes holds terabytes this
+    way, each member within the size limit) are not read: the archive is refused whole."""
+    png = encode(gray((8, 8)), "PNG")
+    data = bytearray(zip_bytes({"a.png": png, "b.png": png}))
+    entry = data.rindex(b"PK\x01\x02")  # b.png's central directory entry: its data a.png's
+    data[entry + 42 : entry + 46] = (0).to_bytes(4, "little")
+    archive = tmp_path / "z.zip"
+    archive.write_bytes(bytes(data))
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "zip", "url": str(archive), "prefix": "z.zip", "done": [], "size": 1}
+    [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert row["source"] == str(archive) and row["status"] == "error"
+    assert "members overlap in the archive (at 'b.png')" in row["reason"]
+
+
 def read_members(unit: dict, cfg: colorize.ColorizeConfig) -> list[dict]:
     """The rows `read_unit` gives for an archive's members, after checking that it ends with
     the archive's own row saying it was read through, counting them and those done before."""
@@ -832,6 +857,29 @@ def test_a_tar_damaged_in_a_later_header_records_the_archive(tmp_path, suffix) -
     )
 
 
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_a_tar_declaring_a_huge_extended_header_records_the_archive(tmp_path, kind) -> None:
+    """A long name's (or pax) header declaring more than `tars.EXTENDED_HEADER_MAX_BYTES` is
+    not read (a few compressed megabytes may declare gigabytes): the members before it are
+    read, and the archive gets an error row."""
+    jpeg = encode(gray((8, 8)))
+    member = tarfile.TarInfo("0.jpg")
+    member.size = len(jpeg)
+    first = member.tobuf() + jpeg + bytes(-len(jpeg) % tarfile.BLOCKSIZE)
+    declared = tars.EXTENDED_HEADER_MAX_BYTES + 1
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = kind, declared
+    huge = header.tobuf(tarfile.GNU_FORMAT) + bytes(declared + (-declared % tarfile.BLOCKSIZE))
+    archive = tmp_path / "t.tar.gz"
+    archive.write_bytes(gzip.compress(first + huge + bytes(2 * tarfile.BLOCKSIZE)))
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt")
+    unit = {"kind": "tar", "url": str(archive), "prefix": archive.name, "done": [], "size": 1}
+    read, last = list(colorize.read_unit({"unit": json.dumps(unit)}, cfg))
+    assert read["source"].endswith("!0.jpg") and read["status"] != "error"
+    assert last["source"] == str(archive) and last["status"] == "error"
+    assert f"an extended header of {declared} bytes" in last["reason"]
+
+
 @pytest.mark.parametrize("cut", [3, 11])  # in the gzip header, in its FEXTRA field
 def test_a_tar_gz_cut_in_its_gzip_header_is_an_error_row(tmp_path, cut) -> None:
     """tarfile's stream reader fails with a TypeError on such a header: an error row all the
@@ -890,6 +938,57 @@ def test_parquet_rows_of_null_names_and_hugging_face_image_structs(tmp_path) -> 
     unit["size"] = archive.stat().st_size
     [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
     assert row["status"] == "error" and "no column of image bytes" in row["reason"]
+
+
+def test_parquet_rows_are_decompressed_in_bounded_batches_and_huge_ones_not_at_all(
+    tmp_path, monkeypatch
+) -> None:
+    """A few compressed kilobytes may declare gigabytes of rows: rows are read in batches of
+    about `PARQUET_BATCH_BYTES` as the file declares them, a row group of one row above the
+    size limit is refused unread, and a key column of names longer than any path is
+    refused whole."""
+    import pyarrow as pa
+
+    jpeg = encode(gray((8, 8)))
+    rows = [jpeg + bytes(2**18 - len(jpeg))] * 8  # 256 KiB each, of a few bytes compressed
+    archive = tmp_path / "p.parquet"
+    with pq.ParquetWriter(archive, pa.schema([("image", pa.binary()), ("path", pa.string())]),
+                          compression="zstd", use_dictionary=False) as writer:  # fmt: skip
+        writer.write_table(pa.table({"image": rows, "path": [f"{i}.jpg" for i in range(8)]}))
+        writer.write_table(pa.table({"image": [bytes(2**21)], "path": ["huge.jpg"]}))
+    assert archive.stat().st_size < 20_000
+    read = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spied(self, batch_size, row_groups, columns):
+        read.append((row_groups, batch_size))
+        return iter_batches(self, batch_size=batch_size, row_groups=row_groups, columns=columns)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spied)
+    monkeypatch.setattr(colorize, "PARQUET_BATCH_BYTES", 2**20)
+    cfg = config(str(archive), str(tmp_path / "o"), "m.pt", max_file_mb=1)
+    unit = {"kind": "parquet", "url": str(archive), "prefix": archive.name, "done": [], "size": 1}
+    *members, last = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    [(groups, batch_rows)] = read  # the second group never read
+    assert groups == [0] and batch_rows in (3, 4)  # rows of 256 KiB (and their headers)
+    assert [r["data"] for r in members[:8]] == rows and last["status"] == colorize_manifest.READ
+    assert members[8]["source"].endswith("huge.jpg") and members[8]["status"] == "error"
+    assert members[8]["reason"].startswith("file too large: its row declares 2097")
+    # Dictionary-encoded (pyarrow's default), one value declared once stands for every row
+    pq.write_table(pa.table({"image": rows * 4, "path": [f"{i}.jpg" for i in range(32)]}),
+                   archive, compression="zstd")  # fmt: skip
+    unit["size"], read[:] = archive.stat().st_size, []
+    *members, _ = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert len(members) == 32 and all(r["status"] != "error" for r in members)
+    assert [batch_rows for _, batch_rows in read] == [3]  # not 32 of the one declared value
+    pq.write_table(pa.table({"image": [jpeg], "path": ["x" * 2**21]}), archive)
+    unit["size"] = archive.stat().st_size
+    [row] = colorize.read_unit({"unit": json.dumps(unit)}, cfg)
+    assert row["status"] == "error" and "column 'path' holds 2097" in row["reason"]
+    # One long name, dictionary-encoded, declared once for every row: counted as every row's
+    pq.write_table(pa.table({"image": [jpeg] * 300, "path": ["x" * 2**13] * 300}), archive)
+    with archive.open("rb") as f, pytest.raises(ValueError, match="holds 2457600 bytes of"):
+        colorize._row_names(f, pq.ParquetFile(f), "path")
 
 
 class _BreakingFile(io.RawIOBase):

@@ -277,6 +277,9 @@ def test_every_job_prints_its_help(module: str, help_runs: Commands) -> None:
     status, out, err = help_runs.result(module)
     assert status == 0, err[-2000:]
     assert f"python -m jobs.{module}" in out and "--dry-run" in out
+    if module == "tune":  # the training fields each trial sets: their flags said refused
+        words = " ".join(out.split())
+        assert "--train.lr TRAIN.LR refused: set by the job for each run; give --lrs" in words
 
 
 def test_a_config_built_in_code_is_held_to_its_fields_choices() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,8 +56,11 @@ def test_temperature_limits() -> None:
     torch.testing.assert_close(decode.annealed_mean(z + margin, 1e-2), mode, atol=1e-3, rtol=0)
     gaps = [(decode.annealed_mean(z, t) - mode).abs().mean() for t in (1.0, 0.38, 0.1)]
     assert gaps[0] > gaps[1] > gaps[2]
-    with pytest.raises(ValueError, match="temperature"):
-        decode.annealed_mean(z, 0.0)
+    lowest = decode.annealed_mean(100 * (z + margin), decode.TEMPERATURE_MIN)  # no overflow
+    torch.testing.assert_close(lowest, mode, atol=1e-3, rtol=0)
+    for t in (0.0, decode.TEMPERATURE_MIN / 2, math.inf, math.nan):  # NaN colours, or none
+        with pytest.raises(ValueError, match=r"temperature must be finite and >= 0.001"):
+            decode.annealed_mean(z, t)
     with pytest.raises(ValueError, match="313 bin logits"):
         decode.mode(torch.zeros(1, 10, 2, 2))
 

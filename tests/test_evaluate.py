@@ -261,6 +261,11 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
         evaluate.EvaluateConfig(data="d", model="m", eval_px=100)
     with pytest.raises(ValueError, match="accelerator_type names a GPU"):
         evaluate.EvaluateConfig(data="d", model="m", accelerator_type="L40S")
+    for fields, message in [({"temperature": 1e-8}, "temperature must be finite and >= 0.001"),
+                            ({"cpus_per_actor": math.nan}, "cpus_per_actor must be finite"),
+                            ({"output": ""}, "output is empty: give a path or URL")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            evaluate.EvaluateConfig(data="d", model="m", **fields)
     with pytest.raises(ValueError, match="pass --split"):
         evaluate.plan_inputs(evaluate.EvaluateConfig(data=str(tmp_path), model="m"))
     # a prepared dataset of no images (every input failed): said so, before Ray starts
@@ -504,6 +509,15 @@ def _train_classifier() -> evaluate.SmallConvNet:
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name, error",
+    [("nosuchpkg.mod:build", "ModuleNotFoundError"), ("json:nosuch", "AttributeError")],
+)
+def test_a_classifier_that_does_not_import_is_named(name, error) -> None:
+    with pytest.raises(ValueError, match=f"^classifier {name!r}: {error}: "):
+        evaluate.classifier_from(name, None)
 
 
 def test_a_datasets_own_labels_are_refused_for_a_classifier_of_other_classes(tmp_path) -> None:

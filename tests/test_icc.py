@@ -164,6 +164,23 @@ def test_profiles_are_told_apart_and_srgb_ones_passed_over() -> None:
     assert icc.output_profile(one_way) is None
 
 
+def test_a_profile_is_measured_once_and_kept_by_its_digest(monkeypatch) -> None:
+    """Each picture brings its profile as bytes of its own (a PNG's may be 16 MB): the
+    findings are kept by the profile's SHA-256, for the profiles used last."""
+    calls = []
+    transform = icc._transform
+    monkeypatch.setattr(icc, "_transform", lambda *a, **k: calls.append(1) or transform(*a, **k))
+    icc.read.cache_clear()
+    for _ in range(3):
+        assert icc.read(bytes(WIDE)) == icc.Profile(3, converts=True, reversible=True)
+    assert len(calls) == 2  # into sRGB and back, once
+    made = []
+    cache = icc.ProfileCache(2)
+    for profile in (b"a", b"b", b"a", b"c", b"b", None, None):
+        assert cache.get(profile, lambda p: made.append(p) or len(made)) >= 1
+    assert made == [b"a", b"b", b"c", b"b", None]  # b went as c came (a was used after it)
+
+
 @pytest.mark.parametrize("kind", ["png8", "png16", "tiff8", "jpeg_rgb_profile_on_gray"])
 def test_tagged_colour_pictures_are_read_into_srgb(kind: str, conversion: str) -> None:
     wide = photo_rgb("coffee", 40).astype(np.float64) / 255
@@ -352,6 +369,19 @@ def test_a_profile_of_another_space_than_the_pixels_keeps_no_jpeg_off_the_device
     gray = Image.fromarray(photo_rgb("coffee", 16)[..., 0])
     data = save(gray, "JPEG", icc_profile=WIDE)
     assert eligible(data, open_image(data, max_pixels=10**6))
+
+
+def test_a_jpeg_of_two_frame_headers_keeps_off_the_device() -> None:
+    """Pillow takes a JPEG's last frame header, nvJPEG (and `jpeg_size`) the first: a file
+    whose first claims 60000 x 60000 passes the pixel limit by the last, and would cost the
+    device what the first claims. It goes to the CPU path, which refuses it."""
+    data = save(Image.fromarray(photo_rgb("coffee", 16)), "JPEG")
+    image = open_image(data, max_pixels=10**6)
+    assert eligible(data, image)
+    sof = b"\xff\xc0\x00\x11\x08" + struct.pack(">HH", 60000, 60000) + b"\x03\x01\x22\x00"
+    forged = data[:2] + sof + b"\x02\x11\x01\x03\x11\x01" + data[2:]
+    image = open_image(forged, max_pixels=10**6)
+    assert image.size == (16, 16) and not eligible(forged, image)
 
 
 @pytest.mark.parametrize("bits", [8, 16])

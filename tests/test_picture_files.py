@@ -184,6 +184,8 @@ def test_metadata_stored_as_text_or_large_is_carried_over() -> None:
         (b"\xff\x0a\xe8\x30\x10", "JPEG XL"),
         (b"II*\0\x08\0\0\0\0\0", "TIFF (or camera raw)"),
         (b"%PDF-1.7\n", "PDF"),
+        (b"\0\0\1\0\1\0", "Windows icon (ICO)"),
+        (b"icns\0\0\0\x48", "Apple icon (ICNS)"),
     ],
 )
 def test_a_format_the_job_does_not_read_is_named_in_the_reason(start: bytes, name: str) -> None:
@@ -192,6 +194,20 @@ def test_a_format_the_job_does_not_read_is_named_in_the_reason(start: bytes, nam
         picture_files.decode(start + bytes(64), 10**6)
     with pytest.raises(BadImage, match="not an image"):
         picture_files.decode(b"plain text, " + start, 10**6)
+
+
+def test_an_icon_file_holding_a_picture_larger_than_its_header_says_is_refused() -> None:
+    """An icon's pictures inside are decoded at their own size, not the one checked: a small
+    ICO file whose directory says 16x16 holding a 4-megapixel PNG (a gigapixel one is as
+    small) is refused before it is decoded."""
+    buffer = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22)
+    icon = struct.pack("<HHH", 0, 1, 1) + entry + png
+    assert len(icon) < 20_000
+    with pytest.raises(BadImage, match=r"^a Windows icon \(ICO\) file of a kind"):
+        picture_files.decode(icon, 10**6)
 
 
 def test_a_video_is_not_an_image() -> None:

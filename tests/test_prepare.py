@@ -446,6 +446,13 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
     for dst in (str(tmp_path) + "/", str(tmp_path / "out"), str(tmp_path) + "/x/../out"):
         with pytest.raises(ValueError, match="DST must not be SRC or inside it"):
             prepare.PrepareConfig(src=str(tmp_path), dst=dst)
+    with pytest.raises(ValueError, match="DST must not be SRC or inside it"):  # the root's
+        prepare.PrepareConfig(src="/", dst=str(tmp_path / "out"))
+    for problem in (["shard_mb", "nan"], ["max_file_mb", "inf"], ["cpus_per_task", "1e-9"]):
+        name, value = problem
+        with pytest.raises(ValueError, match=f"{name} must be finite and "):
+            prepare.PrepareConfig(src=str(tmp_path), dst=str(tmp_path) + "-out",
+                                  **{name: float(value)})  # fmt: skip
     for src in ("nope", "nope.tar"):  # a folder, and an ILSVRC tar of tars
         with pytest.raises(ValueError, match=r"SRC .*nope(\.tar)?: no such file or folder"):
             prepare.plan(config(str(tmp_path / src), str(tmp_path) + "-out"))

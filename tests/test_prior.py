@@ -298,6 +298,22 @@ def test_a_batch_counts_its_colour_rows_in_the_fixed_sample() -> None:
     assert np.array_equal(half["counts_Q"][0], expected.counts_Q.numpy())
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"cpus_per_task": 1e-9}, "cpus_per_task must be finite and >= 0.0001"),
+        ({"output": ""}, "output is empty: give a path or URL"),
+        ({"output": "ftp://host/prior.npz"}, "unsupported storage URL"),  # not after the count
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(fields, message) -> None:
+    from jobs.prior import PriorConfig
+
+    with pytest.raises(ValueError, match=message):
+        PriorConfig(dataset="d", **fields)
+
+
 def test_the_prior_job_counts_every_colour_row_of_its_dataset(ci_config) -> None:
     """The `ci` dataset's prior.npz (written by `jobs.prior` on Ray when the session made
     the sample data) holds the counts of all its rows, counted here in one process."""

@@ -169,7 +169,10 @@ def test_cpu_units_are_read_from_the_cpus_flags(monkeypatch) -> None:
 GPU_CASES = {  # job's flags: (GPUs it needs, its message)
     "train --preset ci --use-gpu": (2, "training with use_gpu needs 2 GPU(s)"),
     "tune --preset ci --train.use-gpu": (2, "a trial (train.use_gpu) needs 2"),
-    "evaluate --use-gpu --model m.pt --data d": (1, "needs 1 GPU(s)"),
+    "evaluate --use-gpu --num-actors 2 --model m.pt --data d": (
+        2,
+        "use_gpu (--num-actors 2, a GPU each) needs 2 GPU(s)",
+    ),
     "colorize --model m.pt --device cuda": (1, "--device cuda needs 1"),
     "colorize --model m.pt --accelerator-type L40S --model-actors 1": (
         1,

@@ -410,11 +410,14 @@ def test_split_url_forms(tmp_path) -> None:
         storage.split_url("ftp://host/x")
     with pytest.raises(ValueError, match="no bucket"):
         storage.split_url("s3:///x")
+    with pytest.raises(ValueError, match=r"^'s3:///x\?\*\*\*': no bucket$"):  # no signature shown
+        storage.split_url("s3:///x?X-Amz-Signature=SECRET")
     assert storage.split_url(f"file://localhost{tmp_path}/x") == ("file", f"{tmp_path}/x")
     with pytest.raises(ValueError, match="credentials"):
         storage.S3Options(endpoint_url="http://user:pw@host:9000")
     # s3fs would take a path, pyarrow (Ray's checkpoint uploads) the host and port only
-    for endpoint in ("https://gw.example/s3", "http://host:9000/?x=1", "ftp://host"):
+    for endpoint in ("https://gw.example/s3", "http://host:9000/?x=1", "ftp://host",
+                     "http://host:abc", "http://host:99999"):  # fmt: skip
         with pytest.raises(ValueError, match=r"must be http\(s\)://host\[:port\]"):
             storage.S3Options(endpoint_url=endpoint)
     assert storage.S3Options(endpoint_url="http://host:9000/").endpoint_url == "http://host:9000/"

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from jobs import tracking
 from jobs.tracking import MetricsTracker, MLflowSink
 from jobs.train_loop import _csv
 
@@ -116,6 +117,23 @@ def test_a_diverged_run_ends_failed(store, tmp_path) -> None:
     # Resumed with other settings (a lower --lr): running again
     sink(store, str(run_url)).write(rows(10, 20, 30))
     assert history(store)[:2] == ([10, 20, 30], "RUNNING")
+
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("https://colorcore:s3cret@mlflow.example.com", "https://colorcore:***@mlflow.example.com"),
+        ("https://mlflow.example.com/?token=s3cret", "https://mlflow.example.com/?***"),
+        ("http://mlflow:5000/?a", "http://mlflow:5000/?***"),  # "a" kept elsewhere
+        ("postgresql://me@db/mlflow?password=s3cret#x", "postgresql://***@db/mlflow?***#x"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_a_tracking_uris_password_and_query_are_masked_wherever_they_appear(uri, shown):
+    text = f"could not reach {uri}: a refused connection ({uri})"
+    expected = f"could not reach {shown}: a refused connection ({shown})"
+    assert tracking._without_password(text, uri) == expected
+    assert tracking._without_password(uri) == shown
 
 
 def test_a_run_recorded_without_its_params_gets_them(store, tmp_path) -> None:

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import struct
 import threading
@@ -463,13 +464,22 @@ def test_every_rank_finds_weights_broken_on_one_rank(tmp_path) -> None:
         (["--adam-beta1", "1.0"], "adam betas must be in [0, 1)"),
         (["--weight-decay", "nan"], "weight_decay must be finite"),
         (["--batch-size", "0"], "batch_size must be >= 1"),
-        (["--soft-encode-sigma", "nan"], "sigmas must be finite and > 0"),
-        (["--prior-sigma", "inf"], "sigmas must be finite and > 0"),
+        (["--soft-encode-sigma", "nan"], "sigmas finite and in [0.001, 1000]"),
+        (["--prior-sigma", "inf"], "sigmas finite and in [0.001, 1000]"),
+        (["--prior-sigma", "1e200"], "sigmas finite and in [0.001, 1000]"),  # overflows
+        (["--soft-encode-sigma", "1e-30"], "sigmas finite and in [0.001, 1000]"),  # NaN targets
+        (
+            ["--lr-drop-steps", "-5", "0", "--lr-drop-factors", "1", "1"],
+            "lr_drop_steps must be >= 1",
+        ),
+        (["--val-data", "./runs/sample-data/ci/train"], "needs a held-out set"),
+        (["--storage", ""], "storage is empty: give a path or URL"),
+        (["--val-data", ""], "val_data is empty: give a path or URL"),
         (["--lr-drop-factors", "inf"], "lr_drop_factors be finite and > 0"),
         (["--cpus-per-worker", "inf"], "cpus_per_worker finite and >= 0.0001"),
         (["--cpus-per-worker", "0.00001"], "cpus_per_worker finite and >= 0.0001"),
         (["--val-images", "0"], "val_images must be >= 1"),
-        (["--val-data", "runs/sample-data/train/"], "needs a held-out set"),
+        (["--val-data", "runs/sample-data/ci/train/"], "needs a held-out set"),
         (["--name", ".."], "name must be a non-empty folder name"),
         (["--model.bn-moving-average", "1"], "bn_moving_average must be in [0, 1)"),
         (["--rebalance-lambda", "1.5"], "rebalance_lambda must be in [0, 1]"),
@@ -494,6 +504,49 @@ def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> N
     with pytest.raises(SystemExit):
         parse_config(train.TrainConfig, ["--preset", "ci", *flags], presets=train.PRESETS)
     assert message in capsys.readouterr().err
+
+
+def test_sample_data_smaller_than_a_batch_fails_before_it_is_made(tmp_path) -> None:
+    cfg = dataclasses.replace(
+        train.ci(), storage=str(tmp_path / "runs"), data=str(tmp_path / "train"), batch_size=512
+    )
+    with pytest.raises(ValueError, match=r"sample data would hold 300 colour images, fewer "
+                       r"than one batch \(512\): raise --sample-images"):  # fmt: skip
+        train.preflight(cfg)
+    assert not (tmp_path / "train").exists()
+    train.preflight(dataclasses.replace(cfg, sample_images=512))
+
+
+def test_crops_larger_than_the_prepared_images_are_said_to_be(tmp_path, capsys) -> None:
+    from jobs.dataset import Manifest
+
+    Manifest(classes=(), shards=(), num_inputs=0, num_errors=0,
+             config={"short_side_px": 64}).save(str(tmp_path / "train"))  # fmt: skip
+    cfg = dataclasses.replace(train.ci(), data=str(tmp_path / "train"), make_sample_data=False,
+                              storage=str(tmp_path / "runs"), crop_px=72)  # fmt: skip
+    with pytest.raises(ValueError, match="0 colour images, fewer than one batch"):  # on
+        train.preflight(cfg)
+    assert re.search(r"crop_px 72 is above the short side .* \(64\): every crop is scaled up",
+                     capsys.readouterr().err)  # fmt: skip
+    with pytest.raises(ValueError, match="0 colour images, fewer than one batch"):
+        train.preflight(dataclasses.replace(cfg, crop_px=64))
+    assert "crop_px" not in capsys.readouterr().err
+
+
+def test_sample_data_made_for_another_run_is_said_to_be(tmp_path, capsys) -> None:
+    """smoke's sample data is twice ci's: a run finding other sample data where its own
+    would go says so as it trains on it."""
+    from jobs.dataset import Manifest
+
+    cfg = dataclasses.replace(train.ci(), data=str(tmp_path / "train"), val_data=None,
+                              prior=str(tmp_path / "prior.npz"))  # fmt: skip
+    Manifest(classes=(), shards=(), num_inputs=600, num_errors=600).save(cfg.data)
+    (tmp_path / "prior.npz").write_bytes(b"")  # (found, not read)
+    train.ensure_sample_data(cfg)
+    warned = "holds 600 sample images, made before, not the 300 --sample-images asks"
+    assert warned in capsys.readouterr().err
+    train.ensure_sample_data(dataclasses.replace(cfg, sample_images=600))
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_missing_prior_and_unreachable_storage_fail_before_workers(ci_config, tmp_path) -> None:

@@ -227,6 +227,8 @@ def test_grid_repeats_differ_by_their_seed() -> None:
         (["--search-alg", "annealing"], "is not one of"),
         (["--search-alg", "optuna", "--num-samples", "2"], "optuna over choices only (no lr_"),
         (["--search-alg", "hyperopt", "--seed", "-1"], "seed must lie in [0, 2**32), got -1"),
+        (["--train.seed", str(2**63 - 2)], "train.seed must be < 2**63 - 1048576"),
+        (["--storage", ""], "storage is empty: give a path or URL"),
         (["--schedules", "0.9:0.3,0.5:0.3"], "fractions must increase"),
         (["--schedules", "0.99:0.3"], "drops at steps [40] of 40"),
         (["--final-steps", "2", "--schedules", "0.3:0.3,0.6:0.3"], "drops at steps [1, 1] of 2"),
@@ -247,6 +249,23 @@ def test_bad_search_spaces_fail_before_any_trial(flags, message, capsys) -> None
     with pytest.raises(SystemExit):
         parse_config(tune.SearchConfig, ["--preset", "ci", *flags], presets=tune.PRESETS)
     assert message in capsys.readouterr().err
+
+
+def test_a_config_file_setting_what_each_trial_sets_is_said_to_be_unused(tmp_path, capsys):
+    """A saved search config may hold the training fields each trial sets: they are not
+    refused (the file's writer need not have meant them), and not used, as said."""
+    saved = tmp_path / "search.yaml"
+    saved.write_text("train:\n  lr: 0.1\n  batch_size: 32\n")
+    search, _ = parse_config(tune.SearchConfig, ["--preset", "ci", "--config", str(saved)],
+                             presets=tune.PRESETS)  # fmt: skip
+    assert search.train.batch_size == 32 and search.train.lr == 0.1  # (each trial's lr its own)
+    err = capsys.readouterr().err
+    assert f"{saved} sets --train.lr, which the job sets for each run it starts" in err
+    assert "--train.batch-size" not in err
+    saved.write_text("train:\n  batch_size: 32\n")
+    parse_config(tune.SearchConfig, ["--preset", "ci", "--config", str(saved)],
+                 presets=tune.PRESETS)  # fmt: skip
+    assert "note" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", sorted(tune.PRESETS))
