@@ -396,6 +396,7 @@ def build_parser(
         prog=prog,
         description=inspect.getdoc(sys.modules[cls.__module__]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--batch 32` is no flag: a typo, not --batch-size
     )
     docs = field_docs(cls)
     for name in positionals:  # beside its --flag, apart: given both ways, they must agree

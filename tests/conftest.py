@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from jobs.runtime import set_local_ray_env
-from tests.support import reference_path, write_image_tree
+from tests.support import free_ports, reference_path, write_image_tree
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 set_local_ray_env()  # as a job's own local instance has it
@@ -61,12 +60,6 @@ def reference_dir() -> Path:
     return reference_path("")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class S3Server:
     endpoint_url: str
@@ -85,7 +78,7 @@ def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
+    [port] = free_ports()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,36 @@ class Commands:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+class Beside(threading.Thread):
+    """A daemon thread running `target` beside the test (a killer waiting for a checkpoint):
+    `join` raises what it raised, which a plain thread would leave to a log line."""
+
+    def __init__(self, target: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._run, self._error = target, None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:
+            self._error = error
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct loopback ports that were free a moment ago (held open together while
+    chosen, so that no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

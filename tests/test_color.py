@@ -363,7 +363,8 @@ def test_lightness_alone_is_the_l_of_the_full_conversion() -> None:
 def test_network_input_and_targets_equal_converting_everything_then_picking() -> None:
     """L at full size and ab at every 4th pixel (the released target) without converting the
     pixels in between, eagerly and traced whole by torch.compile."""
-    rgb_N3HW = torch.randint(0, 256, (2, 3, 18, 23), dtype=torch.uint8)
+    seeded = torch.Generator().manual_seed(5)
+    rgb_N3HW = torch.randint(0, 256, (2, 3, 18, 23), dtype=torch.uint8, generator=seeded)
     lab_N3HW = rgb_to_lab(rgb_N3HW.float() / 255)
     expected = (lab_N3HW[:, :1], lab_N3HW[:, 1:, ::4, ::4])
     for fn in (

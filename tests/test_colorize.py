@@ -1720,6 +1720,8 @@ def test_a_file_of_more_pages_than_a_batch_colorizes_as_in_one(tmp_path) -> None
         assert list(out["pages"]) == [5]
         ab.append(torch.from_numpy(np.frombuffer(out["ab_small"][0], np.float32).copy()))
     torch.testing.assert_close(ab[1], ab[0], rtol=1e-5, atol=1e-6)
+    each = ab[0].view(5, -1)  # each page's own: none the same as the page before it
+    assert all(not torch.allclose(each[i], each[i + 1], atol=1e-3) for i in range(4))
 
 
 def test_the_model_stage_passes_on_rows_no_longer_pending(tmp_path) -> None:

@@ -44,10 +44,12 @@ def test_manifest_round_trip_and_reconciliation(where, tmp_path, request) -> Non
         shards=(ShardInfo(name="shards/train-00000.parquet", num_rows=3, sha256="ab" * 32),),
         num_inputs=5,
         num_errors=2,
+        num_grayscale=1,
         config={"short_side_px": 256},
     )
     manifest.save(root)
     assert Manifest.load(root) == manifest
+    assert Manifest.load(root).shards_sha256 == manifest.shards_sha256
     assert manifest.num_rows == 3
     with pytest.raises(ValueError, match="does not reconcile"):
         Manifest(classes=(), shards=manifest.shards, num_inputs=4, num_errors=2)

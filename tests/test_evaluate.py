@@ -536,8 +536,14 @@ def test_a_datasets_own_labels_are_refused_for_a_classifier_of_other_classes(tmp
     for lines, refused in (("c/000.jpg 2\nc/001.jpg 0", False), ("c/000.jpg\nc/001.jpg", True)):
         (tmp_path / "split.txt").write_text(lines)
         listed = dataclasses.replace(cfg, split=str(tmp_path / "split.txt"))
-        with pytest.raises(ValueError) if refused else contextlib.nullcontext():
-            evaluate._check_label_numbering(listed, evaluate.plan_inputs(listed), three)
+        plan = evaluate.plan_inputs(listed)
+        other_numbering = r"labels number its own 2 classes, and the classifier has 3 outputs"
+        with (
+            pytest.raises(ValueError, match=other_numbering)
+            if refused
+            else contextlib.nullcontext()
+        ):
+            evaluate._check_label_numbering(listed, plan, three)
 
 
 def test_split_folder_with_bad_inputs_and_classifier(ci_run, s3_server) -> None:
@@ -721,7 +727,9 @@ def test_torchvision_is_imported_only_on_the_vgg16_path() -> None:
         "import sys, jobs.evaluate as e; "
         "assert 'torchvision' not in sys.modules; "
         "x = e.imagenet_preprocess(__import__('torch').rand(2, 3, 256, 300)); "
-        "assert tuple(x.shape) == (2, 3, 224, 224)"
+        "assert tuple(x.shape) == (2, 3, 224, 224); "
+        "e.SmallConvNet(3)(e.SmallConvNet.preprocess(x)); "
+        "assert 'torchvision' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     with pytest.raises(ValueError, match="classifier-weights"):

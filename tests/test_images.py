@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jobs import images
 from jobs.images import GRAY_CHECK_ROWS, load_rgb
 
 
@@ -79,12 +80,17 @@ def test_a_mode_that_does_not_convert_is_a_bad_image(monkeypatch) -> None:
         load_rgb(palette)
 
 
-def test_gray_modes_are_gray_without_reading_their_pixels_again() -> None:
+def test_gray_modes_are_gray_without_reading_their_pixels_again(monkeypatch) -> None:
+    scanned = []
+    scan = images._image_is_gray
+    monkeypatch.setattr(images, "_image_is_gray", lambda rgb: scanned.append(1) or scan(rgb))
     sixteen = Image.fromarray(np.arange(60, dtype=np.uint16).reshape(6, 10) * 1000)
     image, gray = load_rgb(encoded(sixteen))
     levels = np.asarray(image)
-    assert gray and image.mode == "RGB"
+    assert gray and image.mode == "RGB" and not scanned
     assert levels[0, 0, 0] == 0 and levels[-1, -1, 0] == round(59_000 / 65535 * 255)
+    assert load_rgb(encoded(Image.new("L", (6, 4), 90)))[1] and not scanned
+    assert load_rgb(encoded(Image.new("RGB", (6, 4), (90, 90, 90))))[1] and scanned  # read
 
 
 def test_a_multi_picture_jpeg_decodes_at_a_reduced_scale_as_a_jpeg_does() -> None:

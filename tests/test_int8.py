@@ -4,6 +4,7 @@ says, calibration is fixed, and the error figure is the one the job checks."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 from colorcore.datainit import data_dependent_init
 from colorcore.decode import annealed_mean
 from colorcore.int8 import (
+    CALIBRATION_BATCH,
     AbError,
     Int8ColorizationNet,
     _Int8Upsample,
@@ -98,6 +100,29 @@ def test_int8_kernels_compute_the_quantisation_scheme(net, calibration) -> None:
     simulation_gap = ((got - want).pow(2).mean().sqrt() / scale).item()
     int8_gap = ((got - fp32).pow(2).mean().sqrt() / scale).item()
     assert simulation_gap < 0.2 and int8_gap > 4 * simulation_gap, (simulation_gap, int8_gap)
+
+
+@torch.no_grad()
+def test_calibration_takes_each_int8_layers_input_range_over_every_photo(net, calibration):
+    """The range each int8 layer's input is quantised over is what that input spans over all
+    the calibration photos, batch after batch (as `_fake_quantised` picks the layers)."""
+    int8, _ = quantize(net, calibration)
+    seen: dict[nn.Module, list[float]] = {}
+
+    def spans(module, args) -> None:
+        lo, hi = seen.setdefault(module, [math.inf, -math.inf])
+        seen[module] = [min(lo, args[0].min().item()), max(hi, args[0].max().item())]
+
+    layers = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)
+              or (isinstance(m, nn.Conv2d) and m.kernel_size[0] == 3)]  # fmt: skip
+    hooks = [layer.register_forward_pre_hook(spans) for layer in layers]
+    try:
+        for part in calibration.split(CALIBRATION_BATCH):
+            net(part)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert list(int8.input_ranges) == [tuple(seen[layer]) for layer in layers]
 
 
 @torch.no_grad()

@@ -232,25 +232,42 @@ from jobs import lease
 lease.RENEW_S = float(sys.argv[2])
 with lease.DriverLease(sys.argv[1], what="run r"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[3]))
+    if float(sys.argv[3]) < 0:  # until told
+        sys.stdin.readline()
+    else:
+        time.sleep(float(sys.argv[3]))
 """
 
 
 def hold_in_a_child(folder: str, renew_s: float = 15.0, hold_s: float = 600.0):
-    """Another driver of this machine holding `folder`, once it has said so."""
+    """Another driver of this machine holding `folder`, once it has said so (`hold_s` < 0:
+    until a line on its stdin)."""
     child = subprocess.Popen([sys.executable, "-c", HOLDER, folder, str(renew_s), str(hold_s)],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert child.stdout.readline().strip() == "held", child.stderr.read()
     return child
 
 
-def test_a_driver_that_waits_takes_the_folder_once_the_other_gives_it_back(folder) -> None:
-    """(As runs sharing the sample data wait for the one making it.) One that would wait for
-    itself is refused instead."""
-    child = hold_in_a_child(folder, hold_s=0.5)
+def test_a_driver_that_waits_takes_the_folder_once_the_other_gives_it_back(
+    folder, monkeypatch, capsys
+) -> None:
+    """(As runs sharing the sample data wait for the one making it.) The other gives it back
+    once this one waits. One that would wait for itself is refused instead."""
+    child = hold_in_a_child(folder, hold_s=-1)
+    waiting = threading.Event()
+    describe = lease._describe  # named as the wait starts
+    monkeypatch.setattr(lease, "_describe", lambda held: waiting.set() or describe(held))
+
+    def give_back() -> None:
+        waiting.wait(60)
+        child.stdin.write("done\n")
+        child.stdin.flush()
+
+    threading.Thread(target=give_back, daemon=True).start()
     with DriverLease(folder, what="the sample data", wait=True) as waited:
-        assert child.wait() == 0
+        assert waiting.is_set() and child.wait(60) == 0
+        assert f"the sample data: waiting for process {child.pid}" in capsys.readouterr().out
         assert holder(folder)["token"] == waited._me["token"]
         with pytest.raises(ValueError, match="held by this driver itself, which would wait"):
             DriverLease(folder, what="the sample data", wait=True).__enter__()

@@ -306,6 +306,16 @@ def test_targets_shapes_and_ranges(dataset) -> None:
     assert t.nongray_N.dtype == torch.bool and t.nongray_N.all()
     gray = make_targets(batch.rgb_N3HW.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255)
     assert not gray.nongray_N.any()
+    # The values: L of every pixel, ab of every 4th encoded with the k and sigma asked for
+    from colorcore.color import rgb_to_lab
+    from colorcore.quantize import soft_encode
+
+    lab_N3HW = rgb_to_lab(batch.rgb_N3HW.float() / 255)
+    bins, weights = soft_encode(lab_N3HW[:, 1:, ::4, ::4], k=5, sigma=2.0)
+    t5 = make_targets(batch.rgb_N3HW, k=5, sigma=2.0)
+    torch.testing.assert_close(t5.l_N1HW, lab_N3HW[:, :1], rtol=0, atol=1e-4)
+    assert torch.equal(t5.bins_NkHW, bins) and t5.bins_NkHW.shape[1] == 5
+    torch.testing.assert_close(t5.weights_NkHW, weights)
 
 
 def test_targets_traced_whole_equal_the_exact_targets(dataset) -> None:

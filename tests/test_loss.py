@@ -146,7 +146,7 @@ def test_the_overwritten_and_the_scattered_gradient_agree(logits_dtype: torch.dt
     logits = batch["logits_NQhw"].to(logits_dtype)
     bins_NkHW = batch["bins_NkHW"].clone()
     bins_NkHW[0, 3] = bins_NkHW[0, 1]  # the first image's pixels list their second bin twice
-    scale_N1hw = torch.rand(N, 1, H, W)
+    scale_N1hw = torch.rand(N, 1, H, W, generator=torch.Generator().manual_seed(7))
     lse_Nhw = torch.logsumexp(logits.float(), dim=1)
     args = (logits, bins_NkHW, batch["weights_NkHW"], scale_N1hw)
     scattered = loss._gradient_by_scatter(*args)
@@ -165,7 +165,7 @@ def test_the_log_sum_exp_kept_for_the_backward_holds_when_a_logit_lies_far_below
     batch = _batch(seed=9)
     logits = batch["logits_NQhw"].clone()
     logits[:, 0] = far
-    v_Nhw = torch.rand(N, H, W)
+    v_Nhw = torch.rand(N, H, W, generator=torch.Generator().manual_seed(8))
     target = (batch["bins_NkHW"], batch["weights_NkHW"])
     out = loss._SparseCrossEntropy.apply(logits.requires_grad_(), *target, v_Nhw)
     kept_lse_Nhw = out.grad_fn.saved_tensors[-1]

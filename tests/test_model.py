@@ -124,6 +124,13 @@ def test_bf16_autocast_agrees_with_fp32() -> None:
     # probabilities, not raw logits, are what decoding uses
     assert (low - ref).abs().max() < 2e-2
     assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    # An untrained net's probabilities are nearly flat: its logits, against their spread
+    # (measured 0.0022; halved logits 0.5, another net's 1.4)
+    with torch.no_grad():
+        logits = model(light)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gap = (model(light).float() - logits).pow(2).mean().sqrt() / logits.std()
+    assert gap < 0.02, gap
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
 from jobs import picture_files
@@ -399,6 +400,10 @@ def test_an_animation_cut_short_keeps_the_frames_before_the_cut() -> None:
     first_of_third = len(animation("GIF", 2, duration=100)) - 1  # the trailer byte, 0x3B
     decoded = picture_files.decode(data[: first_of_third + 200], 10**6)
     assert len(decoded.pages) == 2 and decoded.frame_ms == [100, 100]
+    whole = picture_files.decode(data, 10**6).pages
+    for page, read in zip(decoded.pages, whole[:2], strict=True):  # the frames, as they are
+        assert torch.equal(page.rgb, read.rgb)
+    assert not torch.equal(whole[0].rgb, whole[1].rgb)
     with pytest.raises(BadImage, match="corrupt or truncated"):  # the first frame: no picture
         picture_files.decode(data[: len(animation("GIF", 1)) // 2], 10**6)
 
@@ -441,7 +446,8 @@ def test_a_still_gif_padded_with_zeros_is_read() -> None:
     Image.fromarray(photo(20, 30)).convert("P").save(still, "GIF")
     data = still.getvalue()[:-1] + bytes(8 << 20)  # the trailer byte, 0x3B, gone
     (page,) = picture_files.decode(data, 10**6).pages
-    assert page.rgb.shape[-2:] == (20, 30)
+    (whole,) = picture_files.decode(still.getvalue(), 10**6).pages
+    assert page.rgb.shape[-2:] == (20, 30) and torch.equal(page.rgb, whole.rgb)
     assert len(picture_files.decode(animation("GIF", 3) + bytes(5000), 10**6).pages) == 3
 
 

@@ -517,9 +517,19 @@ def test_bad_configs_fail_before_any_work(tmp_path) -> None:
 
 
 def test_the_conversion_tasks_do_not_load_torch() -> None:
-    """`jobs.prepare` and what its tasks run, imported in a fresh interpreter, leave torch
+    """`jobs.prepare` imported and its conversion run in a fresh interpreter leave torch
     unloaded: a conversion worker spares its import (about a second) and its memory."""
-    code = "import sys, jobs.prepare; print('torch' in sys.modules)"
+    code = (
+        "import io, sys\n"
+        "from PIL import Image\n"
+        "import jobs.prepare as prepare\n"
+        "cfg = prepare.PrepareConfig(src='/in', dst='/out')\n"
+        "for fmt in ('JPEG', 'PNG'):  # converted as a task does: decoded, resized, encoded\n"
+        "    buffer = io.BytesIO()\n"
+        "    Image.new('RGB', (400, 300), (200, 90, 30)).save(buffer, fmt)\n"
+        "    prepare.convert(buffer.getvalue(), cfg)\n"
+        "print('torch' in sys.modules)\n"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import pytest
 from jobs import storage, train
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
 from jobs.tune import TUNE_STATE_PREFIX
-from tests.support import ROOT
+from tests.support import ROOT, free_ports
 
 pytestmark = pytest.mark.subprocess
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -119,6 +118,7 @@ def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> No
     while not whole(first) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert whole(first), "no checkpoint before the deadline"
+    assert proc.poll() is None, "the job ended before it could be interrupted"
     kill_tree(proc.pid)
     proc.wait()
 
@@ -127,7 +127,7 @@ def test_interrupted_job_resumes_when_the_same_command_runs_again(workdir) -> No
     history = train.read_metrics(str(workdir / "runs" / "interrupted"))
     assert [int(r["step"]) for r in history] == [10, 20, 30, 40]  # nothing repeated or lost
     resumed_at = re.search(r"train: resumed from step (\d+)", out)
-    assert resumed_at and int(resumed_at[1]) >= 20, out[-3000:]  # not from step 0
+    assert resumed_at and 20 <= int(resumed_at[1]) < 40, out[-3000:]  # not from 0, nor done
 
     # The same run with other batches is refused before Ray starts.
     changed = subprocess.run(
@@ -172,15 +172,9 @@ def test_data_jobs_as_commands_prepare_prior_and_evaluate(workdir) -> None:
     assert stderr.strip().splitlines()[-1].startswith("python -m jobs.evaluate: error: --model ")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_a_started_cluster(workdir) -> None:
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_ports(2)
     env_bin = str(Path(sys.executable).parent)
     env = ENV | {"PATH": f"{env_bin}:{ENV['PATH']}"}
     start = [

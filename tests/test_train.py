@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from colorcore.quantize import ab_bins
 from jobs import models, node_cache, storage, train
 from jobs.config import parse_config
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name, load_model
-from tests.support import train_workers, write_dataset
+from tests.support import Beside, train_workers, write_dataset
 
 
 def test_ci_run_completes_with_checkpoints_in_the_bucket(ci_run) -> None:
@@ -286,7 +285,7 @@ def test_a_killed_worker_is_restarted_and_the_run_is_exact(ci_config) -> None:
         os.kill(workers[-1], signal.SIGKILL)
         killed.append(workers[-1])
 
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer = Beside(kill_a_worker)
     killer.start()
     metrics = train.main(cfg)
     killer.join()
@@ -498,6 +497,7 @@ def test_every_rank_finds_weights_broken_on_one_rank(tmp_path) -> None:
         (["--tracking", "tensorboard,tensorboard"], "tracking names a tracker twice"),
         (["--grad-accum-steps", "0"], "num_workers, grad_accum_steps, max_steps and batch_size"),
         (["--decode", "nvjpeg"], "it needs use_gpu"),
+        (["--batch", "32"], "unrecognized arguments: --batch 32"),  # not --batch-size
     ],
 )
 def test_bad_values_are_refused_by_the_command_line(flags, message, capsys) -> None:

@@ -18,7 +18,7 @@ from jobs.config import ConfigError, load_config_file, parse_config, save_config
 from jobs.lease import LEASE_DIR, DriverLease
 from jobs.models import CHECKPOINT_FILE, checkpoint_dir_name
 from jobs.train import TrainConfig
-from tests.support import ROOT, train_workers
+from tests.support import ROOT, Beside, train_workers
 
 
 def test_schedules_parse_to_budget_fractions() -> None:
@@ -474,7 +474,6 @@ def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
     here: one worker killed ends it); Tune's own restart of the trial, there for a trial
     function lost with its node, fails at once instead of training it again."""
     import signal
-    import threading
     import time
 
     train_cfg = dataclasses.replace(one_worker(ci_config), max_failures=0)
@@ -495,7 +494,7 @@ def test_a_trial_whose_training_failed_is_not_trained_again_by_tunes_restart(
                 return
             time.sleep(0.2)
 
-    thread = threading.Thread(target=kill_the_worker, daemon=True)
+    thread = Beside(kill_the_worker)
     thread.start()
     (row,) = tune.main(search)
     thread.join()
@@ -511,7 +510,6 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
     ResumableASHA it restores (whose refilled rungs the unit test below checks; a second
     trial, started by the continued search, the killed search's subprocess test)."""
     import signal
-    import threading
     import time
 
     search = dataclasses.replace(
@@ -533,7 +531,7 @@ def test_an_interrupted_search_is_said_to_be_and_continues(ci_config, s3_server)
 
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)  # what Tune restores after
     try:
-        thread = threading.Thread(target=interrupt, daemon=True)
+        thread = Beside(interrupt)
         thread.start()
         rows = tune.main(search)
         thread.join()

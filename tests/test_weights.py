@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -198,13 +199,17 @@ def test_model_url_detects_all_three_forms(model_root) -> None:
         )
     storage.write_bytes(storage.join(run, "metrics.csv"), b"step,loss\n")
 
+    def sha256(url: str) -> str:  # what jobs compare to refuse a model changed mid-run
+        return hashlib.sha256(storage.read_bytes(url)).hexdigest()
+
     loaded = load_model(released)
     assert loaded.kind == "released" and loaded.model.config == ModelConfig()
-    assert len(loaded.sha256) == 64
+    assert loaded.sha256 == sha256(released)
 
     single = storage.join(run, checkpoint_dir_name(20), CHECKPOINT_FILE)
     loaded = load_model(single)
     assert loaded.kind == "checkpoint" and loaded.checkpoint.extra == {"step": 20}
+    assert loaded.sha256 == sha256(single)
 
     assert checkpoint_files(run)[-1].endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
     loaded = load_model(run)
@@ -222,6 +227,7 @@ def test_model_url_detects_all_three_forms(model_root) -> None:
     loaded = load_model(run)
     assert loaded.checkpoint.extra == {"step": 100}
     assert loaded.url.endswith(f"{checkpoint_dir_name(100)}/{CHECKPOINT_FILE}")
+    assert loaded.sha256 == sha256(loaded.url)  # step 100's, not the torn newest file's
     with pytest.raises(ValueError, match="holds no checkpoint_"):
         load_model(model_root)  # the runs' parent is no run
 
