@@ -217,7 +217,7 @@ class ColorizeConfig:
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
     def __post_init__(self) -> None:
-        from jobs.config import CPUS_MIN, choice_problems, cpus_problems, positive_problems
+        from jobs.config import choice_problems, cpus_problems, positive_problems
 
         if not self.input or not self.output or not self.model:
             raise ValueError("INPUT, OUTPUT and --model are required")
@@ -244,11 +244,10 @@ class ColorizeConfig:
         if min(self.max_pixels, self.files_per_task) < 1 or self.batch_size < 0:
             raise ValueError("max_pixels and files_per_task must be >= 1, batch_size >= 0")
         problems = positive_problems(self, "max_file_mb", "archive_part_mb")
-        if self.task_cpus < 2 * CPUS_MIN:  # (reads ask half of it)
-            problems.append(f"task_cpus must be >= {2 * CPUS_MIN:g}, got {self.task_cpus}")
+        problems += cpus_problems(self, "task_cpus", share=0.5)  # (reads ask half of it)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if problems := problems + cpus_problems(self, "actor_cpus", "task_cpus"):
+        if problems := problems + cpus_problems(self, "actor_cpus"):
             raise ValueError("; ".join(problems))
         if self.encode_threads is not None and self.encode_threads < 0:
             raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
@@ -884,22 +883,23 @@ def _row_bytes_bound(table, group: int, column: str) -> float:
     """The most bytes a row of row `group` of `table` may hold in `column`, by the sizes
     the file declares: the chunk's whole where it is dictionary-encoded (one value declared
     once may be every row's), else a row's share of it."""
-    chunks = table.metadata.row_group(group)
-    declared = _uncompressed(table, [group], column)
-    dictionary = any(chunks.column(c).has_dictionary_page for c in range(chunks.num_columns)
-                     if _leaf_of(chunks.column(c).path_in_schema, column))  # fmt: skip
-    return declared if dictionary else declared / chunks.num_rows
+    chunks = _column_chunks(table, group, column)
+    declared = sum(c.total_uncompressed_size for c in chunks)
+    if any(c.has_dictionary_page for c in chunks):
+        return declared
+    return declared / table.metadata.row_group(group).num_rows
 
 
 def _uncompressed(table, groups: Iterable[int], column: str) -> int:
     """The bytes the row `groups` of `table` declare `column` holds uncompressed."""
-    return sum(
-        chunk.total_uncompressed_size
-        for g in groups
-        for group in [table.metadata.row_group(g)]
-        for chunk in (group.column(c) for c in range(group.num_columns))
-        if _leaf_of(chunk.path_in_schema, column)
-    )
+    return sum(c.total_uncompressed_size for g in groups for c in _column_chunks(table, g, column))
+
+
+def _column_chunks(table, group: int, column: str) -> list:
+    """The column chunks' metadata of `column` (all its leaves) in row `group` of `table`."""
+    chunks = table.metadata.row_group(group)
+    return [chunks.column(c) for c in range(chunks.num_columns)
+            if _leaf_of(chunks.column(c).path_in_schema, column)]  # fmt: skip
 
 
 def _read_parquet(unit: dict, cfg: ColorizeConfig, f) -> Iterator[dict]:
@@ -1148,12 +1148,10 @@ def _archive_index(kind: str, f, cfg: ColorizeConfig) -> tuple[list, list, int]:
     members = [(name, "file") for name in _row_names(f, table, key)]
     blocks, first, keys = [], 0, 0
     for g in range(table.num_row_groups):
-        group = table.metadata.row_group(g)
-        chunks = [group.column(c) for c in range(group.num_columns)]
-        size = sum(c.total_compressed_size for c in chunks if _leaf_of(c.path_in_schema, column))
-        keys += sum(c.total_compressed_size for c in chunks if _leaf_of(c.path_in_schema, key))
+        size = sum(c.total_compressed_size for c in _column_chunks(table, g, column))
+        keys += sum(c.total_compressed_size for c in _column_chunks(table, g, key))
         blocks.append((first, size))
-        first += group.num_rows
+        first += table.metadata.row_group(g).num_rows
     return members, blocks, table.metadata.serialized_size + keys  # each part reads the keys
 
 
@@ -1566,6 +1564,11 @@ def _gpus(cfg: ColorizeConfig, cluster_gpus: int) -> int:
     return cluster_gpus if cfg.device == "auto" and cfg.dtype != "int8" else 0
 
 
+def _gpu_flag(cfg: ColorizeConfig) -> str:
+    """The flag that asks for GPUs, for messages."""
+    return "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
+
+
 def _model_actors(cfg: ColorizeConfig, gpus: int, cpus: float) -> int:
     """One per GPU; on CPUs, where the actors do every stage but reading (`WholeStage`),
     as many as half the CPUs hold in Ray's accounting: with more, Ray Data starves the read
@@ -1587,9 +1590,8 @@ def _run_on_ray(
 
     from jobs.runtime import check_accelerator_type, check_gpus, check_local_fit, init_ray
 
-    what = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
     wanted = _gpus(cfg, cluster_gpus=0)
-    check_gpus(wanted, f"{what} ({wanted} model actor(s), a GPU each)")
+    check_gpus(wanted, f"{_gpu_flag(cfg)} ({wanted} model actor(s), a GPU each)")
     init_ray(paths=[cfg.input, cfg.output, cfg.model])
     check_accelerator_type(cfg.accelerator_type, "colorize --accelerator-type")
     resources = ray.cluster_resources()
@@ -1712,8 +1714,7 @@ def main(cfg: ColorizeConfig) -> Summary:
 
     # A local Ray instance has no autoscaler: GPU actors would wait for a GPU forever (one
     # image, in this process, needs one; the actors of a Ray run one each: `_run_on_ray`).
-    what = "--device cuda" if cfg.device.startswith("cuda") else "--accelerator-type"
-    check_gpus(min(_gpus(cfg, cluster_gpus=0), 1), what)
+    check_gpus(min(_gpus(cfg, cluster_gpus=0), 1), _gpu_flag(cfg))
     start = time.monotonic()
     cfg = storage.with_absolute_paths(cfg, "input", "output")
     loaded = load_model(cfg.model, cfg.s3)

@@ -88,11 +88,12 @@ def positive_problems(cfg: Any, *names: str) -> list[str]:
             if not 0 < (v := getattr(cfg, n)) < math.inf]  # fmt: skip
 
 
-def cpus_problems(cfg: Any, *names: str) -> list[str]:
-    """Fields of `cfg` among `names`, CPUs asked of Ray, that are not finite and at least
-    `CPUS_MIN`."""
-    return [f"{n} must be finite and >= {CPUS_MIN:g} (Ray's unit), got {v}" for n in names
-            if not CPUS_MIN <= (v := getattr(cfg, n)) < math.inf]  # fmt: skip
+def cpus_problems(cfg: Any, *names: str, share: float = 1.0) -> list[str]:
+    """Fields of `cfg` among `names`, CPUs asked of Ray (`share` of them by each task), that
+    are not finite and at least `CPUS_MIN` a task."""
+    least = CPUS_MIN / share
+    return [f"{n} must be finite and >= {least:g} (Ray's unit), got {v}" for n in names
+            if not least <= (v := getattr(cfg, n)) < math.inf]  # fmt: skip
 
 
 def empty_problems(cfg: Any, *names: str) -> list[str]:
