@@ -101,14 +101,16 @@ def test_a_lease_whose_holder_ended_on_this_machine_is_taken_over_at_once(folder
 
 
 def test_another_machines_lease_is_taken_over_once_it_goes_unrenewed(folder, monkeypatch):
-    # (long beside the renewals below: this process may wait for a core that long)
-    monkeypatch.setattr(lease, "EXPIRE_S", 2.0)
+    monkeypatch.setattr(lease, "EXPIRE_S", 0.3)
     monkeypatch.setattr(lease, "WATCH_S", 0.05)
     other = {"machine": "0badf00d-x", "host": "node-7", "pid": 1, "ray_job": "raysubmit_x"}
     plant(folder, **other, renewals=5)
     with DriverLease(folder, what="run r"):  # it ended: its lease stays as it was
         assert holder(folder)["pid"] == os.getpid()
 
+    # A renewal ends the watch as soon as it is seen; the watch is long, since the renewals
+    # come from a thread of this process, which waits for a core as long as the watch does.
+    monkeypatch.setattr(lease, "EXPIRE_S", 60.0)
     plant(folder, 7, **other, renewals=5)
     renewing = threading.Event()
 
@@ -328,7 +330,7 @@ def test_a_driver_that_lost_its_lease_ends_at_once(tmp_path) -> None:
 
 def test_a_newer_lease_met_while_watching_is_read_next(folder, monkeypatch) -> None:
     """Another driver took an ended holder's folder over while this one watched it."""
-    monkeypatch.setattr(lease, "EXPIRE_S", 5.0)
+    monkeypatch.setattr(lease, "EXPIRE_S", 60.0)  # (ends when the newer lease is seen)
     monkeypatch.setattr(lease, "WATCH_S", 0.05)
     plant(folder, 1, machine="0badf00d-x", host="node-7", pid=1)
     renewing = threading.Event()
