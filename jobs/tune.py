@@ -946,11 +946,11 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     from jobs.lease import DriverLease
     from jobs.runtime import check_accelerator_type, check_gpus, init_ray
 
-    base = train.with_absolute_paths(search.train)
+    # the trials' config as they run it: under the search's folder, not train.storage
+    base = dataclasses.replace(train.with_absolute_paths(search.train), storage=search.storage)
     _check_searcher(search)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
-    storage.check_reachable(search.storage, search.train.s3)  # (train.storage is not used)
-    train.preflight(base)
+    train.preflight(base)  # (the search's storage first)
     started = _check_same_search(search)  # a refused change fails before Ray starts
     with DriverLease(search.url, search.train.s3, what=f"search {search.name}"):
         init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])

@@ -328,11 +328,14 @@ def _direct_gray_row(cfg: evaluate.EvaluateConfig) -> tuple[float, float, float,
     """The gray row computed without the job: PIL decode, resize, Lab, ab = 0."""
     import pyarrow.parquet as pq
 
+    from colorcore.prior import AbHistogram
     from jobs.dataset import Manifest
 
     manifest = Manifest.load(cfg.data)
     fs, root = storage.arrow_filesystem(cfg.data)
-    w_Q = evaluate.load_rebalance0(cfg.prior_url)
+    # lambda 0 (the paper's eq. 4): w = 1 / (Q p) of the smoothed prior, whose mean under p is 1
+    p_Q = AbHistogram.load(io.BytesIO(storage.read_bytes(cfg.prior_url))).smoothed_probabilities()
+    w_Q = 1.0 / (len(p_Q) * p_Q.double())
     raw, rebalanced, psnr, mass = [], [], [], []
     for shard in manifest.shards:
         for data in pq.read_table(f"{root}/{shard.name}", filesystem=fs).column("jpeg").to_pylist():

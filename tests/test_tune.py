@@ -275,6 +275,27 @@ def test_every_preset_parses_and_validates(preset) -> None:
         assert search.first_rung() < search.train.max_steps
 
 
+def test_a_search_checks_its_own_storage_and_not_train_storage(s3_server, monkeypatch) -> None:
+    """Trials write under the search's folder: a bucket missing there fails before Ray starts,
+    and one missing in train.storage, which no trial uses, is no reason to refuse."""
+    from jobs import runtime
+
+    missing = "s3://no-such-bucket/runs"
+    with pytest.raises(ValueError, match="s3://no-such-bucket/runs is not reachable"):
+        tune.main(dataclasses.replace(tune.ci(), storage=missing, name="unreachable"))
+
+    def starts_ray(*args, **kwargs):
+        raise RuntimeError("Ray is started next")
+
+    monkeypatch.setattr(runtime, "init_ray", starts_ray)
+    search = dataclasses.replace(
+        tune.ci(), train=dataclasses.replace(tune.ci().train, storage=missing),
+        storage=s3_server.url("searches"), name="train-storage-unused",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="Ray is started next"):
+        tune.main(search)
+
+
 def test_a_search_continues_only_on_the_prior_and_data_it_started_with(tmp_path) -> None:
     from jobs.dataset import Manifest, ShardInfo
 
