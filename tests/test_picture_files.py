@@ -211,6 +211,26 @@ def test_an_icon_file_holding_a_picture_larger_than_its_header_says_is_refused()
         picture_files.decode(icon, 10**6)
 
 
+def test_a_png_of_many_colour_profiles_is_refused_before_they_are_inflated() -> None:
+    """Each iCCP chunk inflates up to 16 MB, however small: the format allows one, and a
+    file of many would cost a thousand times its size in inflation."""
+    from PIL import ImageCms
+
+    from jobs.images import load_rgb
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 40, 10)).save(buffer, "PNG", icc_profile=srgb)
+    png = buffer.getvalue()
+    start = png.index(b"iCCP") - 4  # its length, then its type
+    end = start + 12 + int.from_bytes(png[start : start + 4], "big")
+    assert picture_files.decode(png, 10**6).pages[0].rgb.shape == (1, 3, 6, 8)  # one: read
+    many = png[:end] + png[start:end] * 2 + png[end:]
+    for decode in (lambda data: picture_files.decode(data, 10**6), load_rgb):
+        with pytest.raises(BadImage, match=r"^a PNG with 3 colour profiles \(iCCP chunks\)"):
+            decode(many)
+
+
 def test_a_video_is_not_an_image() -> None:
     """An MP4 or QuickTime file (an ISO media file too, of a video's brand) beside the photos."""
     for brand in (b"isom", b"qt  "):
