@@ -950,7 +950,7 @@ def main(search: SearchConfig) -> list[dict[str, Any]]:
     base = dataclasses.replace(train.with_absolute_paths(search.train), storage=search.storage)
     _check_searcher(search)
     check_gpus(search.gpus_per_trial, "a trial (train.use_gpu)")
-    train.preflight(base)  # (the search's storage first)
+    train.preflight(base)  # (the search's storage among its checks)
     started = _check_same_search(search)  # a refused change fails before Ray starts
     with DriverLease(search.url, search.train.s3, what=f"search {search.name}"):
         init_ray(paths=[search.storage, base.data, base.val_data, base.prior_url])

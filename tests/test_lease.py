@@ -279,15 +279,15 @@ def test_a_holder_stops_when_its_lease_is_rewritten_or_goes_unrenewed(folder, mo
     """Rewritten by a driver on a store that overwrites; unrenewed past `FENCE_S`, after
     which a driver elsewhere may take the folder over before this one can tell."""
     monkeypatch.setattr(lease, "RENEW_S", 0.05)
-    monkeypatch.setattr(lease, "FENCE_S", 0.3)
     monkeypatch.setattr(lease, "EXPIRE_S", 0.3)  # the rewriter's lease, ended: taken over
     monkeypatch.setattr(lease, "WATCH_S", 0.05)
     lost = threading.Event()
-    with DriverLease(folder, what="run r", on_lost=lost.set):
+    with DriverLease(folder, what="run r", on_lost=lost.set):  # (FENCE_S as it is: 45 s)
         other = {"machine": "0badf00d-x", "host": "node-7", "pid": 1, "token": "t"}
         plant(folder, 1, **other)  # its own generation, written over
         assert lost.wait(30)
     assert holder(folder) == other  # left to its writer
+    monkeypatch.setattr(lease, "FENCE_S", 0.3)
     lost.clear()
     with DriverLease(folder, what="run r", on_lost=lost.set):
 
@@ -329,7 +329,8 @@ def test_a_driver_that_lost_its_lease_ends_at_once(tmp_path) -> None:
 
 
 def test_a_newer_lease_met_while_watching_is_read_next(folder, monkeypatch) -> None:
-    """Another driver took an ended holder's folder over while this one watched it."""
+    """Another driver took an ended holder's folder over while this one watched it: the watch
+    ends at the newer lease, which is judged next (renewed here: held), and none is made."""
     monkeypatch.setattr(lease, "EXPIRE_S", 60.0)  # (ends when the newer lease is seen)
     monkeypatch.setattr(lease, "WATCH_S", 0.05)
     plant(folder, 1, machine="0badf00d-x", host="node-7", pid=1)
@@ -342,13 +343,27 @@ def test_a_newer_lease_met_while_watching_is_read_next(folder, monkeypatch) -> N
             plant(folder, 2, machine="0badf00d-y", host="node-8", pid=2, renewals=n)
 
     thread = threading.Thread(target=take_over_and_renew, daemon=True)
-    thread.start()
+    watched, ended = [], DriverLease._ended
+
+    def watch(self, url, holder, **kwargs):  # the other driver takes over once this one watches
+        watched.append(url.rpartition("/")[2])
+        if len(watched) == 1:
+            thread.start()
+        return ended(self, url, holder, **kwargs)
+
+    def create(self, url):
+        raise AssertionError(f"a lease was made ({url}) beside a held one")
+
+    monkeypatch.setattr(DriverLease, "_ended", watch)
+    monkeypatch.setattr(DriverLease, "_create", create)
     try:
         with pytest.raises(ValueError, match="process 2 on node-8"):
             DriverLease(folder, what="run r").__enter__()
     finally:
         renewing.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
+    assert watched == ["000001.json", "000002.json"]
 
 
 def test_a_host_of_the_same_name_booted_apart_is_another_machine(folder, monkeypatch) -> None:

@@ -211,10 +211,10 @@ def test_an_icon_file_holding_a_picture_larger_than_its_header_says_is_refused()
         picture_files.decode(icon, 10**6)
 
 
-def test_a_png_of_many_colour_profiles_is_refused_before_they_are_inflated() -> None:
+def test_a_png_of_many_colour_profiles_is_refused_before_they_are_inflated(monkeypatch) -> None:
     """Each iCCP chunk inflates up to 16 MB, however small: the format allows one, and a
     file of many would cost a thousand times its size in inflation."""
-    from PIL import ImageCms
+    from PIL import ImageCms, PngImagePlugin
 
     from jobs.images import load_rgb
 
@@ -226,6 +226,11 @@ def test_a_png_of_many_colour_profiles_is_refused_before_they_are_inflated() -> 
     end = start + 12 + int.from_bytes(png[start : start + 4], "big")
     assert picture_files.decode(png, 10**6).pages[0].rgb.shape == (1, 3, 6, 8)  # one: read
     many = png[:end] + png[start:end] * 2 + png[end:]
+
+    def inflated(*args):
+        raise AssertionError("a profile was inflated")
+
+    monkeypatch.setattr(PngImagePlugin.PngStream, "chunk_iCCP", inflated)
     for decode in (lambda data: picture_files.decode(data, 10**6), load_rgb):
         with pytest.raises(BadImage, match=r"^a PNG with 3 colour profiles \(iCCP chunks\)"):
             decode(many)
