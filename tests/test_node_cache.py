@@ -332,7 +332,7 @@ def test_a_row_group_that_cannot_be_kept_is_read_without_waiting(tmp_path) -> No
 
     def slow_read() -> JpegFiles:
         first_reading.set()
-        release.wait(timeout=10)
+        release.wait(timeout=60)
         return files_of(b"slow")
 
     slow = threading.Thread(target=lambda: caches[0].get("k-0", slow_read, 1))
@@ -344,7 +344,7 @@ def test_a_row_group_that_cannot_be_kept_is_read_without_waiting(tmp_path) -> No
             target=lambda: done.append(caches[1].get("k-0", lambda: files_of(b"x"), 1))
         )
         other.start()
-        other.join(timeout=5)
+        other.join(timeout=30)  # (a get that waited for the first would take its 60 s)
         assert done and contents(done[0]) == [b"x"]  # while the first still reads
     finally:
         release.set()
