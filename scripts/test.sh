@@ -18,8 +18,8 @@ run() { "$VENV/bin/pytest" -m "$1" --durations=12 "${@:2}"; }
 
 log=$(mktemp)
 # At the idle priority (SCHED_IDLE; nice 19 where chrt fails): they run on the cores the
-# Ray tests leave idle and yield them at once. Under nice 10 they took about a tenth of a busy
-# core, and the Ray tests, many short waits on each other's processes, took 25-50% longer.
+# Ray tests leave idle and yield them at once. Ray starts its workers at nice 15: at nice 10
+# these tests came before them, and the Ray tests took 25-50% longer.
 idle() { chrt --idle -p 0 "$BASHPID" > /dev/null 2>&1 || renice -n 19 -p "$BASHPID" > /dev/null; }
 ({ idle || echo "scripts/test.sh: at the normal priority" >&2; }; run "not ray and not subprocess" "$@") \
   > "$log" 2>&1 &
