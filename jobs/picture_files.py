@@ -35,6 +35,7 @@ import torch
 from jobs import icc as profiles
 from jobs.images import (
     EXIF_ORIENTATION,
+    PNG_SIGNATURE,
     BadImage,
     as_8bit,
     as_16bit,
@@ -791,7 +792,7 @@ def encode_png16(
         chunks.append(_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + meta.xmp))
     chunks.append(_png_chunk(b"tEXt", b"Software\0" + provenance.encode("latin-1", "replace")))
     chunks.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
+    return PNG_SIGNATURE + b"".join(chunks) + _png_chunk(b"IEND", b"")
 
 
 def _tiff_text(meta: Metadata, provenance: str) -> dict[int, str]:
